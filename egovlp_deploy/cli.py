@@ -1,0 +1,132 @@
+"""The `egovlp-deploy` command. Each subcommand is a `main(argv)`-callable function, so tests drive it directly."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import platform
+import sys
+from importlib import metadata
+
+PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "onnx", "onnxruntime",
+            "onnxruntime-gpu", "onnxscript", "tensorrt", "decord", "av", "numpy")
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _environment() -> dict:
+    import torch
+
+    env = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+    }
+    try:
+        import onnxruntime
+
+        env["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        env["onnxruntime_providers"] = []
+    try:
+        native = importlib.import_module("egovlp_deploy._native")
+        env["native_extension"] = dict(native.build_info())
+    except ImportError as exc:
+        env["native_extension"] = f"not built ({exc})"
+    return env
+
+
+def _model_config(args):
+    from .config import EgoVLPv2Config
+
+    if args.config_file:
+        return EgoVLPv2Config.from_json_file(args.config_file).with_num_frames(args.frames or 4), "file"
+    if args.model == "base":
+        return EgoVLPv2Config.base(num_frames=args.frames or 4, projection=args.projection), "base"
+    return EgoVLPv2Config.tiny(num_frames=args.frames or 4), "tiny"
+
+
+def cmd_info(args) -> int:
+    from .compute import compute_report
+
+    env = _environment()
+    config, name = _model_config(args)
+    report = compute_report(config, text_length=args.text_length, config_name=name)
+    if args.json:
+        print(json.dumps({"environment": env, "model": {
+            "config": name, "num_frames": report.num_frames, "text_length": report.text_length,
+            "params": report.params, "gmacs": report.gmacs, "cross_attention_gmacs": report.cross_attention_gmacs,
+        }}, indent=2))
+        return 0
+    print("egovlp-deploy environment")
+    print(f"  python            {env['python']} on {env['platform']}")
+    for pkg, ver in env["packages"].items():
+        print(f"  {pkg:<17} {ver or '-'}")
+    devices = ", ".join(env["cuda_devices"]) or "none"
+    print(f"  CUDA              {'yes' if env['cuda_available'] else 'no'} (devices: {devices})")
+    print(f"  CPU threads       {env['cpu_threads']}")
+    print(f"  ORT providers     {', '.join(env['onnxruntime_providers']) or '-'}")
+    native = env["native_extension"]
+    if isinstance(native, dict):
+        native = f"{native['compiler']}, C++{str(native['cplusplus'])[2:4]}, OpenMP {'on' if native['openmp'] else 'off'}"
+    print(f"  native extension  {native}")
+    print()
+    print(f"model: {name} ({config.projection} projection), {report.num_frames} frames of "
+          f"{config.video.img_size}px, text length {report.text_length}, batch 1")
+    width = max(len(label) for label, _ in report.rows())
+    for label, value in report.rows():
+        print(f"  {label:<{width}}  {value:>10}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egovlp-deploy",
+        description="EgoVLPv2 as a dual or fusion encoder: model info, and (as they land) training, export, "
+                    "on-device runtime and benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = sub.add_parser("info", help="versions, devices, backends, and the model's parameter and GMAC counts",
+                          description="Print package versions, available devices and ONNX Runtime providers, the "
+                                      "native extension's build, and parameter/GMAC counts of the dual and fusion "
+                                      "forwards (batch 1, counted on the meta device: no weights are allocated).")
+    model = info.add_argument_group("model")
+    model.add_argument("--model", choices=("base", "tiny"), default="base",
+                       help="paper-size model or the tiny CPU model (default: base)")
+    model.add_argument("--config-file", metavar="JSON", help="a model config.json instead of --model")
+    model.add_argument("--projection", choices=("big", "small"), default="big",
+                       help="base model's EgoNCE projection: big 4096 (EgoVLPv2.pth) or small 256 (default: big)")
+    model.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: 4, the pre-training count)")
+    model.add_argument("--text-length", type=int, default=15, metavar="L",
+                       help="tokens per sentence (default: 15, the pre-training length)")
+    info.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "frames", None) is not None and args.frames <= 0:
+        parser.error("--frames must be positive")
+    if getattr(args, "text_length", 1) <= 0:
+        parser.error("--text-length must be positive")
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:  # our errors are ValueErrors that name the problem
+        print(f"egovlp-deploy {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""Typed model configuration for EgoVLPv2, stored as JSON beside every checkpoint.
+
+Sizes follow the official code (EGOVLPV2_SPEC.md §1-§4). Loading a config is strict: an unknown or missing key,
+or a value of the wrong kind, raises `ConfigError` naming the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROJECTIONS = ("big", "small")
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed or inconsistent."""
+
+
+@dataclass
+class VideoConfig:
+    """The Frozen-in-Time SpaceTimeTransformer (divided space-time attention, one clip-level CLS)."""
+
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_frames: int = 4  # the pos table is built for exactly this many frames (official VideoPatchEmbed asserts it)
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    layer_norm_eps: float = 1e-5  # not ViT's 1e-6: the official norm_layer default is nn.LayerNorm (hazard 8)
+
+    @property
+    def patches_per_frame(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def num_tokens(self) -> int:
+        return 1 + self.num_frames * self.patches_per_frame
+
+
+@dataclass
+class TextConfig:
+    """RoBERTa sizes; `to_roberta_config()` gives the matching `transformers.RobertaConfig`."""
+
+    vocab_size: int = 50265
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 514
+    type_vocab_size: int = 1
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 0
+    eos_token_id: int = 2
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    hidden_act: str = "gelu"
+
+    @property
+    def max_text_length(self) -> int:
+        # fairseq position ids start at pad_token_id + 1, so the table holds pad_token_id + 1 fewer tokens.
+        return self.max_position_embeddings - self.pad_token_id - 1
+
+    def to_roberta_config(self):
+        from transformers import RobertaConfig
+
+        return RobertaConfig(**dataclasses.asdict(self))
+
+
+@dataclass
+class EgoVLPv2Config:
+    """The whole model: both towers, the fusion depth and the heads."""
+
+    video: VideoConfig = field(default_factory=VideoConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    num_fuse_blocks: int = 6  # top layers of BOTH towers that carry gated cross-attention
+    projection: str = "big"  # "big": 768-4096-4096-4096 MLP (EgoVLPv2.pth); "small": 256 linear (smallproj)
+    projection_dim: int = 4096
+    fusion_layer_norm_eps: float = 1e-6  # FrozenInTime.norm, the fusion-mode final norm (hazard 1)
+    mlm_layer_norm_eps: float = 1e-12  # RobertaConfig's default, used by the MLM head transform (hazard 8)
+
+    def __post_init__(self):
+        self.validate()
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def base(cls, num_frames: int = 4, projection: str = "big") -> "EgoVLPv2Config":
+        """The paper's model (ViT-B/16 video tower, roberta-base text tower, fusion in the top 6 layers)."""
+        return cls(
+            video=VideoConfig(num_frames=num_frames),
+            text=TextConfig(),
+            num_fuse_blocks=6,
+            projection=projection,
+            projection_dim=4096 if projection == "big" else 256,
+        )
+
+    @classmethod
+    def tiny(cls, num_frames: int = 4, vocab_size: int = 1000) -> "EgoVLPv2Config":
+        """A small model for CPU tests and the demo: 32 px frames, width 64, 4 layers, fusion in the top half."""
+        return cls(
+            video=VideoConfig(img_size=32, patch_size=8, num_frames=num_frames, width=64, depth=4, heads=4),
+            text=TextConfig(
+                vocab_size=vocab_size,
+                hidden_size=64,
+                num_hidden_layers=4,
+                num_attention_heads=4,
+                intermediate_size=256,
+                max_position_embeddings=66,
+            ),
+            num_fuse_blocks=2,
+            projection="big",
+            projection_dim=128,
+        )
+
+    def with_num_frames(self, num_frames: int) -> "EgoVLPv2Config":
+        return dataclasses.replace(self, video=dataclasses.replace(self.video, num_frames=num_frames))
+
+    # -- checks -------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        v, t = self.video, self.text
+        positive = {
+            "video.img_size": v.img_size, "video.patch_size": v.patch_size, "video.in_chans": v.in_chans,
+            "video.num_frames": v.num_frames, "video.width": v.width, "video.depth": v.depth,
+            "video.heads": v.heads, "text.vocab_size": t.vocab_size, "text.hidden_size": t.hidden_size,
+            "text.num_hidden_layers": t.num_hidden_layers, "text.num_attention_heads": t.num_attention_heads,
+            "text.intermediate_size": t.intermediate_size, "projection_dim": self.projection_dim,
+        }
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if v.img_size % v.patch_size:
+            raise ConfigError(f"video.img_size {v.img_size} is not a multiple of video.patch_size {v.patch_size}")
+        if v.width % v.heads:
+            raise ConfigError(f"video.width {v.width} is not divisible by video.heads {v.heads}")
+        if t.hidden_size % t.num_attention_heads:
+            raise ConfigError(
+                f"text.hidden_size {t.hidden_size} is not divisible by text.num_attention_heads {t.num_attention_heads}"
+            )
+        if t.max_text_length < 2:
+            raise ConfigError(f"text.max_position_embeddings {t.max_position_embeddings} leaves no room for <s> </s>")
+        if not 0 <= self.num_fuse_blocks <= min(v.depth, t.num_hidden_layers):
+            raise ConfigError(
+                f"num_fuse_blocks {self.num_fuse_blocks} must be in [0, min(video.depth, text.num_hidden_layers)]"
+            )
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+
+    # -- (de)serialisation --------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EgoVLPv2Config":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
+        top = _strict_fields(cls, data, "config", nested={"video", "text"})
+        return cls(
+            video=VideoConfig(**_strict_fields(VideoConfig, data["video"], "video")),
+            text=TextConfig(**_strict_fields(TextConfig, data["text"], "text")),
+            **top,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json_file(cls, path: str | Path) -> "EgoVLPv2Config":
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        return cls.from_dict(data)
+
+
+def _strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset()) -> dict[str, Any]:
+    """Check `data` has exactly the dataclass's fields with values of the declared kind; return the flat ones."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = sorted(set(data) - set(names))
+    missing = sorted(set(names) - set(data))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}")
+    if missing:
+        raise ConfigError(f"{where}: missing key(s) {missing}")
+    out = {}
+    for name, f in names.items():
+        if name in nested:
+            continue
+        value = data[name]
+        expected = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
+        if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+            raise ConfigError(f"{where}.{name} must be {f.type}, got {value!r}")
+        out[name] = float(value) if f.type == "float" else value
+    return out

@@ -1,0 +1,173 @@
+"""Text tower: RoBERTa (sizes from `transformers.RobertaConfig`) with EgoVLPv2's gated text<-video cross-attention.
+
+Written here rather than subclassed from `transformers`, whose attention internals change between releases; the
+official layer's changes (EGOVLPV2_SPEC.md §2-§3) are:
+- the attention output LayerNorm + residual is applied in the layer, after the gated cross-attention is added;
+- the cross-attention query is the self-attention output before residual/LN, its keys/values the raw video stream
+  (no LN, no mask), and its output has no LayerNorm;
+- the pooler has no dense layer (and no parameters), so it is omitted.
+Parameter names equal the official ones (`text_model.encoder.layer.{i}.crossattention_t2i.self.query`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .attention import merge_heads, split_heads
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pad_token_id = cfg.pad_token_id
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(
+            cfg.max_position_embeddings, cfg.hidden_size, padding_idx=cfg.pad_token_id
+        )
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        # fairseq position ids: pad tokens keep pad_token_id, the others count from pad_token_id + 1 (hazard 18)
+        not_pad = input_ids.ne(self.pad_token_id).long()
+        position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(torch.zeros_like(input_ids))
+            + self.position_embeddings(position_ids)
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class MultiHeadAttention(nn.Module):
+    """RoBERTa attention core: softmax(Q K^T / sqrt(d) + bias) V with dropout on the probabilities."""
+
+    def __init__(self, cfg, kv_width: int):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(kv_width, cfg.hidden_size)
+        self.value = nn.Linear(kv_width, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+
+    def forward(self, x, kv, bias=None):
+        q = split_heads(self.query(x), self.heads)  # (B, h, L, d)
+        k = split_heads(self.key(kv), self.heads)  # (B, h, S, d)
+        v = split_heads(self.value(kv), self.heads)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+        if bias is not None:
+            scores = scores + bias
+        return merge_heads(self.dropout(scores.softmax(dim=-1)) @ v)  # (B, L, D)
+
+
+class AttentionOutput(nn.Module):
+    """dense -> dropout. The LayerNorm is owned here (for the official key name) but applied by the layer."""
+
+    def __init__(self, cfg, with_layer_norm: bool):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        if with_layer_norm:
+            self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x):
+        return self.dropout(self.dense(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, kv_width: int, with_layer_norm: bool):
+        super().__init__()
+        self.self = MultiHeadAttention(cfg, kv_width)
+        self.output = AttentionOutput(cfg, with_layer_norm)
+
+    def forward(self, x, kv, bias=None):
+        return self.output(self.self(x, kv, bias))
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.act = ACT2FN[cfg.hidden_act]
+
+    def forward(self, x):
+        return self.act(self.dense(x))
+
+
+class Output(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, residual):
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class TextLayer(nn.Module):
+    def __init__(self, cfg, video_width: int | None):
+        super().__init__()
+        self.attention = Attention(cfg, cfg.hidden_size, with_layer_norm=True)
+        self.has_cross = video_width is not None
+        if self.has_cross:
+            self.crossattention_t2i = Attention(cfg, video_width, with_layer_norm=False)
+            self.alpha_t2i = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (hazard 5)
+        self.intermediate = Intermediate(cfg)
+        self.output = Output(cfg)
+
+    def forward(self, x, bias, video=None):
+        # x: (B, L, D); bias: (B, 1, 1, L); video: (B, T, Dv) raw residual stream, or None in dual mode
+        a = self.attention(x, x, bias)
+        if video is not None:
+            if not self.has_cross:
+                raise RuntimeError("video states were passed to a text layer without cross-attention")
+            a = self.alpha_t2i * self.crossattention_t2i(a, video) + a  # unmasked, query = a (hazard 6)
+        a = self.attention.output.LayerNorm(a + x)
+        return self.output(self.intermediate(a), a)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg, num_fuse_blocks: int, video_width: int):
+        super().__init__()
+        first_fused = cfg.num_hidden_layers - num_fuse_blocks
+        self.layer = nn.ModuleList(
+            [TextLayer(cfg, video_width if i >= first_fused else None) for i in range(cfg.num_hidden_layers)]
+        )
+        self.first_fused = first_fused
+
+
+class RobertaTextModel(nn.Module):
+    def __init__(self, roberta_config, num_fuse_blocks: int, video_width: int):
+        super().__init__()
+        self.config = roberta_config
+        self.embeddings = Embeddings(roberta_config)
+        self.encoder = Encoder(roberta_config, num_fuse_blocks, video_width)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # HF RobertaPreTrainedModel._init_weights: N(0, initializer_range) weights, zero bias, LN 1/0, pad row 0.
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids, attention_bias):
+        """Dual mode: the last hidden states (B, L, D); no cross-attention runs."""
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layer:
+            x = layer(x, attention_bias)
+        return x

@@ -1,0 +1,72 @@
+"""RoBERTa byte-level BPE tokenizers: the real one from a local directory, or a small demo one trained here.
+
+Nothing is downloaded unless the caller names a hub id and passes `allow_download=True`.
+The demo tokenizer keeps RoBERTa's special-token layout (<s>=0, <pad>=1, </s>=2, <unk>=3, then <mask>) and its
+post-processing (`<s> text </s>`), so code written against roberta-base works unchanged with it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+DEMO_VOCAB_SIZE = 1000
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded or does not fit the model."""
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False):
+    """A `transformers` fast tokenizer from a local directory (or a hub id when `allow_download`)."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).is_dir()
+    if not local and not allow_download:
+        raise TokenizerError(
+            f"{name_or_path}: no such tokenizer directory (hub ids are only fetched with allow_download=True)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True, local_files_only=not allow_download)
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{name_or_path}: cannot load a tokenizer ({exc})") from exc
+
+
+def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = None,
+                         vocab_size: int = DEMO_VOCAB_SIZE):
+    """Train a byte-level BPE on `texts` (default: the synthetic world's narrations), save it, and return it."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import RobertaTokenizerFast
+
+    from .vocabulary import corpus
+
+    bpe = ByteLevelBPETokenizer(add_prefix_space=False, lowercase=False)
+    bpe.train_from_iterator(texts or corpus(), vocab_size=vocab_size, min_frequency=1,
+                            special_tokens=list(ROBERTA_SPECIALS), show_progress=False)
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
+    for i, token in enumerate(ROBERTA_SPECIALS):
+        assert bpe.token_to_id(token) == i, "special tokens must keep RoBERTa's ids"
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                     cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                     model_max_length=64)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Save into a sibling temp dir, then rename: a reader never sees half a tokenizer.
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tokenizer.save_pretrained(str(tmp))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return tokenizer
+
+
+def check_tokenizer_fits(tokenizer, vocab_size: int, pad_token_id: int) -> None:
+    """Raise if the tokenizer would emit ids the model's embedding table does not have."""
+    if len(tokenizer) > vocab_size:
+        raise TokenizerError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary only {vocab_size}")
+    if tokenizer.pad_token_id != pad_token_id:
+        raise TokenizerError(f"tokenizer pad id {tokenizer.pad_token_id} differs from the model's {pad_token_id}")

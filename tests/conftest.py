@@ -1,0 +1,58 @@
+"""Shared fixtures. Triton kernels run in the interpreter where there is no GPU, so set it before any import."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config  # noqa: E402
+
+from official_format import randomize_  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def tiny_config():
+    return EgoVLPv2Config.tiny()
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    """A tiny model with every weight random and non-zero gates, so every path matters."""
+    model = EgoVLPv2(tiny_config)
+    randomize_(model, seed=7)
+    return model.eval()
+
+
+def make_inputs(config, batch=2, length=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v, t = config.video, config.text
+    video = torch.randn(batch, v.num_frames, v.in_chans, v.img_size, v.img_size, generator=g)
+    ids = torch.randint(5, t.vocab_size, (batch, length), generator=g)
+    ids[:, 0] = t.bos_token_id
+    ids[:, -1] = t.eos_token_id
+    if batch > 1:  # the last row is padded
+        ids[-1, length - 3] = t.eos_token_id
+        ids[-1, length - 2:] = t.pad_token_id
+    return video, ids, ids.ne(t.pad_token_id).long()
+
+
+@pytest.fixture
+def tiny_inputs(tiny_config):
+    return make_inputs(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_dir(tmp_path_factory):
+    from egovlp_deploy.tokenizer import train_demo_tokenizer
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_demo_tokenizer(path)
+    return path
