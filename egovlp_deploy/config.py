@@ -158,10 +158,10 @@ class EgoVLPv2Config:
     def from_dict(cls, data: dict[str, Any]) -> "EgoVLPv2Config":
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-        top = _strict_fields(cls, data, "config", nested={"video", "text"})
+        top = strict_fields(cls, data, "config", nested={"video", "text"})
         return cls(
-            video=VideoConfig(**_strict_fields(VideoConfig, data["video"], "video")),
-            text=TextConfig(**_strict_fields(TextConfig, data["text"], "text")),
+            video=VideoConfig(**strict_fields(VideoConfig, data["video"], "video")),
+            text=TextConfig(**strict_fields(TextConfig, data["text"], "text")),
             **top,
         )
 
@@ -177,8 +177,26 @@ class EgoVLPv2Config:
         return cls.from_dict(data)
 
 
-def _strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset()) -> dict[str, Any]:
-    """Check `data` has exactly the dataclass's fields with values of the declared kind; return the flat ones."""
+_KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _fits(value: Any, annotation: str) -> bool:
+    """Does `value` (from JSON) fit a simple annotation such as 'int', 'float | None', 'bool', 'list[int]'?"""
+    for option in (a.strip() for a in annotation.split("|")):
+        if option == "None" and value is None:
+            return True
+        kinds = _KINDS.get(option)
+        if kinds is not None and isinstance(value, kinds) and (option == "bool" or not isinstance(value, bool)):
+            return True
+        if option.startswith("list") and isinstance(value, list):
+            return True
+    return annotation not in _KINDS and not any(o.strip() in _KINDS for o in annotation.split("|"))
+
+
+def strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset(),
+                  allow_missing: bool = False) -> dict[str, Any]:
+    """Check `data` has only the dataclass's fields (all of them unless `allow_missing`), each with a value of the
+    declared kind; return the flat (non-nested) ones."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} must be a JSON object, got {type(data).__name__}")
     names = {f.name: f for f in dataclasses.fields(klass)}
@@ -186,15 +204,14 @@ def _strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset())
     missing = sorted(set(names) - set(data))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {unknown}")
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError(f"{where}: missing key(s) {missing}")
     out = {}
     for name, f in names.items():
-        if name in nested:
+        if name in nested or name not in data:
             continue
         value = data[name]
-        expected = {"int": int, "float": (int, float), "str": str}.get(str(f.type))
-        if expected is not None and (not isinstance(value, expected) or isinstance(value, bool)):
+        if not _fits(value, str(f.type)):
             raise ConfigError(f"{where}.{name} must be {f.type}, got {value!r}")
-        out[name] = float(value) if f.type == "float" else value
+        out[name] = float(value) if str(f.type) == "float" else value
     return out

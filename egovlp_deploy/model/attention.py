@@ -6,6 +6,14 @@ Shapes: B batch, h heads, d head dim, F frames, N patches per frame, T = 1 + F*N
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
+
+
+def run_layer(layer: torch.nn.Module, *args, checkpoint: bool = False, **kwargs):
+    """Call a transformer layer, recomputing its activations in backward when `checkpoint` (saves memory)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):

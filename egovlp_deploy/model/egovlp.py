@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..config import EgoVLPv2Config
-from .attention import extended_attention_mask
+from .attention import extended_attention_mask, run_layer
 from .heads import MLMHead, Pooler, VTMHead, projections
 from .text import RobertaTextModel
 from .video import SpaceTimeTransformer
@@ -75,6 +75,16 @@ class EgoVLPv2(nn.Module):
         for head in (self.cross_modal_text_transform, self.cross_modal_video_transform, self.cross_modal_text_pooler,
                      self.cross_modal_video_pooler, self.mlm_score, self.itm_score):
             _init_head(head)
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return self.video_model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute layer activations in backward (official `use_checkpoint`): less memory, ~30% more compute."""
+        self.video_model.gradient_checkpointing = bool(enabled)
+        self.text_model.gradient_checkpointing = bool(enabled)
 
     # -- input checks -------------------------------------------------------------------------------------------
     @property
@@ -152,15 +162,17 @@ class EgoVLPv2(nn.Module):
         vm, tm, F = self.video_model, self.text_model, self.config.video.num_frames
         bias = extended_attention_mask(attention_mask, self.dtype)  # (B, 1, 1, L)
 
+        ckpt = self.gradient_checkpointing
         v = vm.embed(video, self.cls_token)  # (B, T, Dv)
         for block in vm.blocks[: vm.first_fused]:
-            v = block(v, F)
+            v = run_layer(block, v, F, checkpoint=ckpt)
         t = tm.embeddings(input_ids)  # (B, L, Dt)
         for layer in tm.encoder.layer[: tm.encoder.first_fused]:
-            t = layer(t, bias)
+            t = run_layer(layer, t, bias, checkpoint=ckpt)
         for block, layer in zip(vm.blocks[vm.first_fused :], tm.encoder.layer[tm.encoder.first_fused :]):
             # simultaneous update: both read the other stream's previous-layer output
-            v, t = block(v, F, text=t, text_bias=bias), layer(t, bias, video=v)
+            v, t = (run_layer(block, v, F, text=t, text_bias=bias, checkpoint=ckpt),
+                    run_layer(layer, t, bias, video=v, checkpoint=ckpt))
         return self.norm(v)[:, 0], t
 
     def vtm_head(self, video_cls: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:

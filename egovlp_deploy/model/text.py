@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import merge_heads, split_heads
+from .attention import merge_heads, run_layer, split_heads
 
 
 class Embeddings(nn.Module):
@@ -148,6 +148,7 @@ class RobertaTextModel(nn.Module):
         self.config = roberta_config
         self.embeddings = Embeddings(roberta_config)
         self.encoder = Encoder(roberta_config, num_fuse_blocks, video_width)
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -169,5 +170,5 @@ class RobertaTextModel(nn.Module):
         """Dual mode: the last hidden states (B, L, D); no cross-attention runs."""
         x = self.embeddings(input_ids)
         for layer in self.encoder.layer:
-            x = layer(x, attention_bias)
+            x = run_layer(layer, x, attention_bias, checkpoint=self.gradient_checkpointing)
         return x

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import VideoConfig
-from .attention import SoftmaxAttention, divided_attention, merge_heads, split_heads
+from .attention import SoftmaxAttention, divided_attention, merge_heads, run_layer, split_heads
 
 
 class DividedSelfAttention(nn.Module):
@@ -108,6 +108,7 @@ class SpaceTimeTransformer(nn.Module):
         )
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.first_fused = first_fused
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -133,5 +134,5 @@ class SpaceTimeTransformer(nn.Module):
         """Dual mode: the clip CLS after the final norm, (B, D)."""
         x = self.embed(video, self.cls_token)
         for block in self.blocks:
-            x = block(x, self.cfg.num_frames)
+            x = run_layer(block, x, self.cfg.num_frames, checkpoint=self.gradient_checkpointing)
         return self.norm(x)[:, 0]

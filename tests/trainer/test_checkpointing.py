@@ -1,0 +1,79 @@
+"""Training checkpoints: exact round trip without pickle, atomic directories, corrupt ones skipped."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from egovlp_deploy import CheckpointError, EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy.trainer.checkpointing import (flatten_state, latest_valid_checkpoint, list_checkpoints,
+                                                 load_checkpoint, save_checkpoint, unflatten_state)
+
+
+def _optimizer_state():
+    model = EgoVLPv2(EgoVLPv2Config.tiny())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    v = torch.randn(1, 4, 3, 32, 32)
+    model.encode_video(v).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_nested_state_round_trip_is_exact():
+    _, opt = _optimizer_state()
+    state = {"optimizer": opt.state_dict(), "python": [3, tuple(range(5)), None], "step": 7, "lr": 0.5}
+    tensors = {}
+    skeleton = flatten_state(state, tensors)
+    json.dumps(skeleton)  # JSON-serialisable
+    back = unflatten_state(json.loads(json.dumps(skeleton)), tensors)
+    assert back["python"] == [3, tuple(range(5)), None] and back["step"] == 7
+    for pid, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(back["optimizer"]["state"][pid][k], v, rtol=0, atol=0)
+    assert back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
+    with pytest.raises(TypeError, match="cannot store"):
+        flatten_state({"x": object()}, {})
+
+
+def test_save_load_keep_last_and_fallback(tmp_path):
+    model, opt = _optimizer_state()
+    for step in (1, 2, 3, 4):
+        save_checkpoint(tmp_path, step, model, {"step": step, "optimizer": opt.state_dict()}, {"seed": 0}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003", "step_00000004"]
+    weights, state, run = load_checkpoint(latest_valid_checkpoint(tmp_path))
+    assert state["step"] == 4 and run == {"seed": 0}
+    for k, v in model.state_dict().items():
+        assert torch.equal(weights[k], v)
+    # corrupt the newest: truncated weights -> warning and fall back to step 3
+    newest = tmp_path / "step_00000004" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="truncated"):
+        assert latest_valid_checkpoint(tmp_path).name == "step_00000003"
+    # same size but flipped bytes -> checksum
+    state_file = tmp_path / "step_00000003" / "state.json"
+    data = bytearray(state_file.read_bytes())
+    data[5] ^= 1
+    state_file.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert latest_valid_checkpoint(tmp_path) is None
+    assert any("checksum" in str(w.message) for w in caught)
+    with pytest.raises(CheckpointError, match="checksum"):
+        load_checkpoint(tmp_path / "step_00000003")
+
+
+def test_interrupted_save_leaves_no_checkpoint(tmp_path):
+    model, _ = _optimizer_state()
+
+    class Boom:
+        def __getstate__(self):
+            raise RuntimeError
+
+    with pytest.raises(TypeError):
+        save_checkpoint(tmp_path, 5, model, {"bad": Boom()}, {})
+    assert list_checkpoints(tmp_path) == [] and list(tmp_path.iterdir()) == []
+    # a half-written directory (no manifest) is never taken
+    (tmp_path / "step_00000009").mkdir()
+    with pytest.warns(UserWarning, match="did not finish"):
+        assert latest_valid_checkpoint(tmp_path) is None

@@ -1,0 +1,49 @@
+"""The training config schema: shipped configs load, unknown keys and bad values are errors, overrides parse."""
+
+import json
+
+import pytest
+
+from egovlp_deploy import ConfigError
+from egovlp_deploy.trainer.config import SHIPPED, TrainConfig
+from egovlp_deploy.trainer.train import apply_overrides
+
+
+def test_shipped_configs_load():
+    names = sorted(p.name for p in SHIPPED.glob("*.json"))
+    assert "pretrain_egoclip.json" in names and "tiny_synthetic.json" in names
+    official = TrainConfig.load(SHIPPED / "pretrain_egoclip.json")
+    assert (official.optim.lr, official.optim.lr_mult_head, official.optim.lr_mult_cross_modal) == (3e-5, 4.0, 4.0)
+    assert (official.objective.egonce_weight, official.objective.mlm_weight, official.objective.vtm_weight) == (1, 1, 2)
+    assert official.schedule.epochs == 20 and official.data.neg_window == 60 and official.data.text_max_length == 15
+    assert TrainConfig.load("tiny_synthetic.json").model.preset == "tiny"  # a shipped config by name
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"optim": {"lr": 1e-4, "learning_rate": 1}}, "unknown key"),
+    ({"schedulee": {}}, "unknown key"),
+    ({"schedule": {"epochs": "ten"}}, "schedule.epochs must be int"),
+    ({"schedule": {"precision": "fp8"}}, "precision"),
+    ({"schedule": {"batch_size": 10, "grad_accum_steps": 3}}, "divisible"),
+    ({"model": {"preset": "huge"}}, "preset"),
+])
+def test_bad_configs(data, match):
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_dict(data)
+
+
+def test_malformed_file(tmp_path):
+    (tmp_path / "c.json").write_text("{")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        TrainConfig.load(tmp_path / "c.json")
+    with pytest.raises(ConfigError, match="no such config"):
+        TrainConfig.load(tmp_path / "missing.json")
+
+
+def test_overrides():
+    data = apply_overrides(TrainConfig().to_dict(), ["schedule.epochs=2", "data.root=/x", "optim.grad_clip=null"])
+    cfg = TrainConfig.from_dict(data)
+    assert cfg.schedule.epochs == 2 and cfg.data.root == "/x" and cfg.optim.grad_clip is None
+    assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["epochs"])

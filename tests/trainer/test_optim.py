@@ -1,0 +1,62 @@
+"""Parameter groups and schedule against the official set_schedule rules (spec §5, hazard 5)."""
+
+import math
+
+import pytest
+import torch
+
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy.trainer.optim import build_optimizer, build_scheduler, cosine_with_warmup, parameter_groups
+
+
+def _official_group(name: str) -> tuple[str, bool]:
+    """The official membership test, written out independently from its six list comprehensions."""
+    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
+                "norm1.weight", "norm2.bias", "norm2.weight"]
+    heads = ["mlm_score", "itm_score", "txt_proj", "vid_proj"]
+    cross = ["cross_modal", "i2t", "t2i"]
+    kind = "head" if any(h in name for h in heads) else "cross_modal" if any(c in name for c in cross) else "backbone"
+    return kind, not any(nd in name for nd in no_decay)
+
+
+def test_groups_follow_the_official_rules():
+    model = EgoVLPv2(EgoVLPv2Config.tiny())
+    groups = parameter_groups(model, lr=1.0, weight_decay=0.01, lr_mult_head=4, lr_mult_cross_modal=5)
+    seen = {}
+    for g in groups:
+        kind, decay = g["group"].split("/")
+        for name in g["names"]:
+            seen[name] = (kind, decay == "decay")
+            assert g["lr"] == {"head": 4.0, "cross_modal": 5.0, "backbone": 1.0}[kind]
+            assert g["weight_decay"] == (0.01 if decay == "decay" else 0.0)
+    assert set(seen) == {n for n, _ in model.named_parameters()}  # nothing dropped
+    for name in seen:
+        assert seen[name] == _official_group(name), name
+    # the hazards, spelled out
+    assert seen["video_model.blocks.3.attn.alpha_i2t"] == ("cross_modal", True)  # gates are decayed, x mult
+    assert seen["text_model.encoder.layer.3.alpha_t2i"] == ("cross_modal", True)
+    assert seen["video_model.blocks.0.norm3.weight"] == ("backbone", True)  # norm3 is not in the no-decay list
+    assert seen["video_model.blocks.0.norm1.weight"] == ("backbone", False)
+    assert seen["cls_token"] == ("backbone", True) and seen["video_model.temporal_embed"] == ("backbone", True)
+    assert seen["mlm_score.bias"] == ("head", False)
+
+
+def test_optimizer_hyperparameters():
+    opt = build_optimizer(EgoVLPv2(EgoVLPv2Config.tiny()), 3e-5, 0.01, 4, 4)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert all(g["betas"] == (0.9, 0.98) and g["eps"] == 1e-8 for g in opt.param_groups)
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([3e-5, 1.2e-4])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_cosine_schedule_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    p = torch.nn.Parameter(torch.zeros(1))
+    ours = build_scheduler(torch.optim.SGD([p], lr=1.0), warmup_steps=10, total_steps=100)
+    ref = transformers.get_cosine_schedule_with_warmup(torch.optim.SGD([p], lr=1.0), 10, 100)
+    for _ in range(100):
+        assert ours.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+        ours.step()
+        ref.step()
+    assert cosine_with_warmup(0, 10, 100) == 0 and cosine_with_warmup(10, 10, 100) == 1
+    assert cosine_with_warmup(55, 10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))

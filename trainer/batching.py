@@ -1,0 +1,73 @@
+"""From dataset items to a `StepBatch`: scene negatives interleaved, tokenised, MLM-masked.
+
+All randomness is seeded per pair by (seed, epoch, dataset index, positive/negative), never by the global RNG, so a
+batch is the same however many processes or workers build it and whether or not the run was resumed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from .objectives import StepBatch
+
+
+class IndexedDataset(Dataset):
+    """Returns (index, item), so the collator can seed per-item randomness by dataset index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return index, self.dataset[index]
+
+
+def pair_seed(seed: int, epoch: int, index: int, negative: bool) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + 2 * index + int(negative)) % (2**63 - 1)
+
+
+class PretrainCollator:
+    """Tokenises as the official trainer (padding to max_length, truncation) and masks 15% of tokens for MLM with
+    `transformers.DataCollatorForLanguageModeling` (80% <mask>, 10% random, 10% kept; special tokens never)."""
+
+    def __init__(self, tokenizer, max_length: int = 15, mlm_probability: float = 0.15, seed: int = 0):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.tokenizer, self.max_length, self.seed, self.epoch = tokenizer, max_length, seed, 0
+        self.masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def mask(self, input_ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = self.masker([{"input_ids": input_ids.tolist()}])
+        return out["input_ids"][0], out["labels"][0]
+
+    def __call__(self, items) -> StepBatch:
+        videos, texts, verbs, nouns, seeds = [], [], [], [], []
+        for index, item in items:
+            for negative, suffix in ((False, ""), (True, "_neg")):
+                if negative and "video_neg" not in item:
+                    continue
+                videos.append(item["video" + suffix])
+                texts.append(item["text" + suffix])
+                verbs.append(item["verb" + suffix])
+                nouns.append(item["noun" + suffix])
+                seeds.append(pair_seed(self.seed, self.epoch, index, negative))
+        enc = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
+                             return_tensors="pt")
+        masked = [self.mask(ids, s) for ids, s in zip(enc["input_ids"], seeds)]
+        return StepBatch(
+            video=torch.stack(videos),
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            verb=torch.stack(verbs),
+            noun=torch.stack(nouns),
+            mlm_input_ids=torch.stack([m[0] for m in masked]),
+            mlm_labels=torch.stack([m[1] for m in masked]),
+        )

@@ -1,0 +1,161 @@
+"""Training checkpoints that never lose work and never unpickle.
+
+A checkpoint is a directory `step_00000100/` holding
+- `model.safetensors` + `config.json`  (an `EgoVLPv2.from_pretrained` directory, usable for export as is)
+- `state.safetensors` + `state.json`   (optimizer, scheduler, scaler, RNG states, step, epoch, data position:
+                                        tensors in safetensors, everything else JSON)
+- `run.json`                            (the training config of the run)
+- `MANIFEST.json`                       (sha256 + size of every file, written last)
+It is built in a temp directory and renamed into place, so a crash leaves either the whole checkpoint or none.
+On resume the newest directory whose manifest verifies is taken; a truncated or corrupt one is reported and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+
+MANIFEST = "MANIFEST.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+# -- nested state <-> (JSON skeleton, tensors) ------------------------------------------------------------------
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s") -> Any:
+    """Replace every tensor in a nested dict/list structure by {"__tensor__": key}; collect them in `tensors`."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"cannot store dict keys of types {sorted({type(k).__name__ for k in obj})}")
+        # JSON keys are strings: remember which were ints (optimizer states are keyed by parameter index)
+        return {"__dict__": [[k, flatten_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"__list__": [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
+                "tuple": isinstance(obj, tuple)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__list__" in obj:
+            items = [unflatten_state(v, tensors) for v in obj["__list__"]]
+            return tuple(items) if obj.get("tuple") else items
+    return obj
+
+
+# -- files -----------------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(directory: str | os.PathLike, step: int, model, state: dict, run_config: dict,
+                    keep_last: int = 3) -> Path:
+    """Write checkpoint `step` atomically under `directory` and prune all but the newest `keep_last`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}."))
+    try:
+        model.save_pretrained(tmp)
+        tensors: dict[str, torch.Tensor] = {}
+        skeleton = flatten_state(state, tensors)
+        save_safetensors(tensors, tmp / "state.safetensors")
+        atomic_write_bytes(tmp / "state.json", json.dumps(skeleton).encode())
+        atomic_write_bytes(tmp / "run.json", json.dumps(run_config, indent=2, sort_keys=True).encode())
+        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        atomic_write_bytes(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2).encode())
+        _fsync_dir(tmp)
+        if final.exists():  # a re-run of the same step (e.g. the final save) replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories by step, oldest first (temp directories of interrupted saves are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file of the manifest is present with its size and checksum."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({exc})") from exc
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{path}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} bytes)")
+        if _sha256(file) != meta["sha256"]:
+            raise CheckpointError(f"{path}: {name} fails its checksum (corrupt)")
+
+
+def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that verifies; broken newer ones are reported with a warning and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint {exc}; falling back to the previous one", stacklevel=2)
+    return None
+
+
+def load_checkpoint(path: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(model state dict, training state, run config) of a verified checkpoint directory."""
+    verify_checkpoint(path)
+    weights = load_safetensors(path / "model.safetensors", map_location)
+    tensors = load_safetensors(path / "state.safetensors", map_location)
+    state = unflatten_state(json.loads((path / "state.json").read_text()), tensors)
+    run_config = json.loads((path / "run.json").read_text())
+    return weights, state, run_config

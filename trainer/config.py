@@ -1,0 +1,167 @@
+"""The training run config: one validated schema, JSON on disk, stored inside every checkpoint.
+
+Unknown keys are errors; omitted keys take the defaults below (which are the official pre-training recipe where the
+official code has one: EGOVLPV2_SPEC.md §5). Shipped configs: `egovlp_deploy/configs/pretrain_egoclip.json`
+(the official recipe) and `egovlp_deploy/configs/tiny_synthetic.json` (the CPU demo recipe).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egovlp_deploy.config import ConfigError, strict_fields
+
+SHIPPED = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class ModelSection:
+    preset: str = "base"  # "base" (paper sizes) or "tiny"
+    num_frames: int = 4
+    projection: str = "big"
+    config_file: str | None = None  # a model config.json instead of the preset
+    init_from: str | None = None  # an official .pth or a save_pretrained directory to start from
+    text_dropout: float | None = None  # override RoBERTa's hidden/attention dropout (0.1)
+
+
+@dataclass
+class DataSection:
+    root: str | None = None  # a dataset directory (e.g. from `egovlp-deploy synth`); other paths are relative to it
+    egoclip_csv: str = "egoclip.csv"
+    video_root: str = "videos"
+    egomcq_json: str | None = "egomcq.json"
+    meta_json: str | None = "meta.json"  # synthetic data: verb/noun class counts
+    num_verbs: int = 118  # Ego4D taxonomy sizes; meta.json overrides them
+    num_nouns: int = 582
+    neg_window: int | None = 60  # scene-aware negatives from the same 60 s bucket (None: off)
+    strict: bool = True
+    backend: str = "auto"
+    tokenizer: str = "demo"  # a local tokenizer dir, "demo" (trained on the synthetic vocabulary) or a hub id
+    allow_download: bool = False
+    text_max_length: int = 15
+    num_workers: int = 0
+
+
+@dataclass
+class ObjectiveSection:
+    egonce_weight: float = 1.0
+    mlm_weight: float = 1.0
+    vtm_weight: float = 2.0
+    temperature: float = 0.05
+    verb: bool = True  # action-aware positives (both off = InfoNCE)
+    noun: bool = True
+    mlm_probability: float = 0.15
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    lr_mult_head: float = 4.0
+    lr_mult_cross_modal: float = 4.0
+    warmup_fraction: float = 0.1
+    grad_clip: float | None = None
+
+
+@dataclass
+class ScheduleSection:
+    epochs: int = 20
+    batch_size: int = 32  # clips per global step (each brings its scene negative, so 2x pairs)
+    grad_accum_steps: int = 1
+    max_samples_per_epoch: int | None = None  # official: 500000 clips per "epoch" of EgoClip's 3.8 M
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    max_minutes: float | None = None  # wall-clock budget: the schedule is still planned for all epochs
+    precision: str = "auto"  # auto: bf16 on GPUs that have it, else fp16 with a scaler; fp32 on CPU
+    gradient_checkpointing: bool = False
+    max_skipped_steps: int = 20  # NaN/inf guard: stop after this many skipped steps
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class EvalSection:
+    every_epochs: int = 1
+    num_frames: int | None = None  # evaluate at a different frame count (paper: 16); None = training frames
+    batch_size: int = 4  # questions per step
+    max_questions: int | None = None
+
+
+@dataclass
+class LogSection:
+    every_steps: int = 10
+    tensorboard: bool = False
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    log: LogSection = field(default_factory=LogSection)
+    seed: int = 0
+
+    SECTIONS = {"model": ModelSection, "data": DataSection, "objective": ObjectiveSection, "optim": OptimSection,
+                "schedule": ScheduleSection, "checkpoint": CheckpointSection, "eval": EvalSection, "log": LogSection}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        top = strict_fields(cls, data, "train config", nested=set(cls.SECTIONS), allow_missing=True)
+        sections = {name: klass(**strict_fields(klass, data.get(name, {}), name, allow_missing=True))
+                    for name, klass in cls.SECTIONS.items()}
+        config = cls(**sections, **top)
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file() and (SHIPPED / path.name).is_file() and path.parent == Path("."):
+            path = SHIPPED / path.name  # a shipped config by name
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such config (shipped: {sorted(p.name for p in SHIPPED.glob('*.json'))})") from exc
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        s, m, d, o = self.schedule, self.model, self.data, self.optim
+        checks = [
+            (m.preset in ("base", "tiny"), f"model.preset must be 'base' or 'tiny', got {m.preset!r}"),
+            (m.num_frames > 0, "model.num_frames must be positive"),
+            (s.epochs > 0 and s.batch_size > 0 and s.grad_accum_steps > 0, "schedule sizes must be positive"),
+            (s.batch_size % s.grad_accum_steps == 0, "schedule.batch_size must be divisible by grad_accum_steps"),
+            (s.precision in ("auto", "fp32", "bf16", "fp16"), f"schedule.precision {s.precision!r} is not one of "
+                                                              "auto, fp32, bf16, fp16"),
+            (0 <= o.warmup_fraction < 1, "optim.warmup_fraction must be in [0, 1)"),
+            (o.lr > 0, "optim.lr must be positive"),
+            (d.text_max_length >= 3, "data.text_max_length must be at least 3"),
+            (self.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def resolve(self, name: str | None) -> Path | None:
+        """A data path: absolute, or relative to data.root."""
+        if name is None:
+            return None
+        path = Path(name)
+        return path if path.is_absolute() or self.data.root is None else Path(self.data.root) / path

@@ -1,0 +1,85 @@
+"""One pre-training step's losses: EgoNCE (dual) + MLM (fusion) + VTM with hard negatives (fusion).
+
+`PretrainObjective` is the module DDP wraps, so a single `forward` runs all three objectives (DDP needs its own
+forward to be called). Every loss is computed over the GLOBAL batch exactly as one process would compute it:
+- EgoNCE on all-gathered embeddings (gradient-carrying gather);
+- MLM as the mean cross-entropy over all masked tokens of all ranks (per-token losses gathered);
+- VTM pairs drawn over the global batch with a generator seeded by (seed, step) on every rank, each rank
+  running the fusion encoder on its own slice; the per-pair losses are gathered.
+So the losses, and the step, do not depend on how many processes share the batch (the scale-out test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from egovlp_deploy.losses import egonce_loss, sample_vtm_pairs, sim_matrix
+
+from .distributed import gather, gather_with_grad
+
+
+@dataclass
+class StepBatch:
+    """This rank's pairs: clips and their scene negatives interleaved (pair 2i = clip i, 2i+1 = its negative)."""
+
+    video: torch.Tensor  # (b, F, 3, S, S)
+    input_ids: torch.Tensor  # (b, L)
+    attention_mask: torch.Tensor  # (b, L)
+    verb: torch.Tensor  # (b, num_verbs) multi-hot
+    noun: torch.Tensor  # (b, num_nouns) multi-hot
+    mlm_input_ids: torch.Tensor  # (b, L) with 15% of tokens masked
+    mlm_labels: torch.Tensor  # (b, L), -100 where not masked
+
+    def to(self, device) -> "StepBatch":
+        return StepBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+class PretrainObjective(torch.nn.Module):
+    def __init__(self, model, temperature: float = 0.05, verb: bool = True, noun: bool = True,
+                 weights: tuple[float, float, float] = (1.0, 1.0, 2.0), seed: int = 0):
+        super().__init__()
+        self.model = model
+        self.temperature, self.verb, self.noun = temperature, verb, noun
+        self.weights, self.seed = weights, seed
+
+    def forward(self, batch: StepBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model, b = self.model, batch.video.shape[0]
+
+        # EgoNCE over the global batch: rows = text, columns = video
+        video_emb = gather_with_grad(model.encode_video(batch.video))  # (N, P)
+        text_emb = gather_with_grad(model.encode_text(batch.input_ids, batch.attention_mask))  # (N, P)
+        verbs, nouns = gather(batch.verb.float()), gather(batch.noun.float())
+        sim = sim_matrix(text_emb, video_emb)  # (N, N)
+        egonce, positives, temperature = egonce_loss(
+            sim, sim_matrix(verbs, verbs), sim_matrix(nouns, nouns), self.temperature, noun=self.noun, verb=self.verb
+        )
+
+        # MLM on this rank's pairs, averaged over every masked token of the global batch
+        logits = model.mlm_logits(batch.video, batch.mlm_input_ids, batch.attention_mask)  # (b, L, V)
+        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.mlm_labels.flatten(),
+                                     ignore_index=-100, reduction="none").view(b, -1)
+        token_loss = gather_with_grad(token_loss)
+        masked = gather(batch.mlm_labels.ne(-100))
+        mlm = (token_loss * masked).sum() / masked.sum().clamp_min(1)
+
+        # VTM: hard negatives drawn from the whole global batch (the same draws on every rank)
+        all_video, all_ids, all_mask = gather(batch.video), gather(batch.input_ids), gather(batch.attention_mask)
+        n_global = all_video.shape[0]
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        pairs = sample_vtm_pairs(sim.detach(), positives, 0, n_global, temperature, generator)
+        rank = 0 if n_global == b else torch.distributed.get_rank()
+        mine = slice(rank * b, (rank + 1) * b)
+        video_idx = pairs.video_index[mine].to(all_video.device)
+        text_idx = pairs.text_index[mine].to(all_ids.device)
+        labels = pairs.labels[mine].to(all_video.device)
+        vtm_logits = model.fuse(all_video[video_idx], all_ids[text_idx], all_mask[text_idx]).vtm_logits
+        vtm = gather_with_grad(F.cross_entropy(vtm_logits.float(), labels, reduction="none")).mean()
+
+        w_nce, w_mlm, w_vtm = self.weights
+        total = w_nce * egonce + w_mlm * mlm + w_vtm * vtm
+        parts = {"loss": total.detach(), "egonce": egonce.detach(), "mlm": mlm.detach(), "vtm": vtm.detach(),
+                 "vtm_accuracy": gather((vtm_logits.argmax(-1) == labels).float()).mean()}
+        return total, parts

@@ -1,0 +1,61 @@
+"""AdamW with the official parameter groups and the cosine schedule with warm-up (EGOVLPV2_SPEC.md §5).
+
+Groups (official `set_schedule`): {backbone, heads, cross-modal} x {decay, no decay}.
+- no decay: names containing bias, LayerNorm.*, norm.*, norm1.*, norm2.* (so norm3, norm_i2t_i, cls tokens,
+  pos/temporal embeddings and the gates alpha_i2t / alpha_t2i DO get weight decay: hazard 5);
+- heads (mlm_score, itm_score, txt_proj, vid_proj): lr x lr_mult_head;
+- cross-modal (cross_modal*, *i2t*, *t2i*, the gates included): lr x lr_mult_cross_modal.
+The optimizer is torch's AdamW (eps 1e-8, betas 0.9/0.98); the official one is transformers' deprecated AdamW, which
+applies the decoupled decay after rather than before the Adam step (a difference of order lr^2 * wd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
+            "norm1.weight", "norm2.bias", "norm2.weight")
+HEADS = ("mlm_score", "itm_score", "txt_proj", "vid_proj")
+CROSS_MODAL = ("cross_modal", "i2t", "t2i")
+
+
+def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult_head: float,
+                     lr_mult_cross_modal: float) -> list[dict]:
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        head = any(h in name for h in HEADS)
+        cross = any(c in name for c in CROSS_MODAL)
+        if head and cross:  # the official grouping drops such a parameter silently; none exist, keep it that way
+            raise ValueError(f"parameter {name} is both a head and cross-modal")
+        kind = "head" if head else "cross_modal" if cross else "backbone"
+        decay = not any(nd in name for nd in NO_DECAY)
+        mult = {"head": lr_mult_head, "cross_modal": lr_mult_cross_modal, "backbone": 1.0}[kind]
+        group = groups.setdefault((kind, decay), {"params": [], "names": [], "lr": lr * mult,
+                                                  "weight_decay": weight_decay if decay else 0.0,
+                                                  "group": f"{kind}/{'decay' if decay else 'no_decay'}"})
+        group["params"].append(param)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups)]
+
+
+def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal) -> torch.optim.AdamW:
+    groups = parameter_groups(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal)
+    for g in groups:
+        del g["names"]
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-8, betas=(0.9, 0.98))
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
+    """transformers' get_cosine_schedule_with_warmup factor (num_cycles 0.5)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup_steps, total_steps))

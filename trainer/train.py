@@ -1,0 +1,422 @@
+"""`egovlp-deploy train`: pre-train EgoVLPv2 with EgoNCE + MLM + VTM (hard negatives), on one CPU or many GPUs.
+
+    egovlp-deploy train --config tiny_synthetic.json --output runs/tiny            # one process
+    torchrun --nproc-per-node 8 -m egovlp_deploy.trainer.train --config pretrain_egoclip.json --output runs/pt
+
+The loop, top to bottom: build tokenizer, model, data; then per optimizer step: forward the three objectives on
+`grad_accum_steps` micro-batches (DDP syncs gradients on the last one), guard against NaN/inf, step AdamW and the
+cosine schedule, log, and checkpoint every N steps; evaluate on EgoMCQ every epoch. Every checkpoint stores what an
+exact resume needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resume` continues from the
+newest valid one and reaches the same weights, bit for bit, as a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from egovlp_deploy.config import ConfigError, EgoVLPv2Config
+from egovlp_deploy.model import EgoVLPv2
+
+from . import distributed as D
+from .batching import IndexedDataset, PretrainCollator
+from .checkpointing import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .evaluate import evaluate_egomcq, model_at_frames
+from .objectives import PretrainObjective
+from .optim import build_optimizer, build_scheduler
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (diverged, or the data and the model do not fit)."""
+
+
+# -- building blocks ---------------------------------------------------------------------------------------------
+def build_tokenizer(cfg: TrainConfig, output_dir: Path, info: D.DistInfo):
+    from egovlp_deploy.tokenizer import load_tokenizer, train_demo_tokenizer
+
+    if cfg.data.tokenizer != "demo":
+        return load_tokenizer(cfg.data.tokenizer, allow_download=cfg.data.allow_download)
+    path = output_dir / "tokenizer"
+    if info.is_main and not (path / "tokenizer.json").is_file():
+        train_demo_tokenizer(path)
+    D.barrier()
+    return load_tokenizer(path)
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
+    m = cfg.model
+    if m.init_from:
+        path = Path(m.init_from)
+        model = (EgoVLPv2.from_pretrained(path) if path.is_dir()
+                 else EgoVLPv2.from_official_checkpoint(path, num_frames=m.num_frames))
+        if model.config.video.num_frames != m.num_frames:
+            model = model_at_frames(model, m.num_frames)
+        return model.train()
+    if m.config_file:
+        config = EgoVLPv2Config.from_json_file(m.config_file).with_num_frames(m.num_frames)
+    elif m.preset == "tiny":
+        config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
+    else:
+        config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
+    if m.text_dropout is not None:
+        config.text.hidden_dropout_prob = config.text.attention_probs_dropout_prob = m.text_dropout
+    return EgoVLPv2(config).train()
+
+
+def class_counts(cfg: TrainConfig) -> tuple[int, int]:
+    meta = cfg.resolve(cfg.data.meta_json)
+    if meta is not None and meta.is_file():
+        data = json.loads(meta.read_text())
+        return int(data["num_verbs"]), int(data["num_nouns"])
+    return cfg.data.num_verbs, cfg.data.num_nouns
+
+
+def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: int):
+    from egovlp_deploy.data.egoclip import EgoClipDataset
+    from egovlp_deploy.data.egomcq import EgoMCQDataset
+
+    num_verbs, num_nouns = class_counts(cfg)
+    d, size = cfg.data, model_config.video.img_size
+    train = EgoClipDataset(cfg.resolve(d.egoclip_csv), cfg.resolve(d.video_root), model_config.video.num_frames,
+                           size, split="train", num_verbs=num_verbs, num_nouns=num_nouns, neg_window=d.neg_window,
+                           strict=d.strict, backend=d.backend, seed=cfg.seed)
+    mcq_path = cfg.resolve(d.egomcq_json)
+    evaluation = None
+    if mcq_path is not None and mcq_path.is_file():
+        evaluation = EgoMCQDataset(mcq_path, cfg.resolve(d.video_root), eval_frames, size, num_verbs=num_verbs,
+                                   num_nouns=num_nouns, strict=d.strict, backend=d.backend)
+    return train, evaluation
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32. On CPU everything runs in fp32 (CPU autocast would only slow the tiny model down)."""
+    if device.type != "cuda" or precision == "fp32":
+        return None
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class MetricsLog:
+    """Append-only JSONL (rank 0), flushed per line; optional TensorBoard mirror."""
+
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.file = open(path, "a", buffering=1) if enabled else None
+        self.writer = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise TrainingError("log.tensorboard is on but the tensorboard package is not installed") from exc
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        if self.writer is not None:
+            for key, value in _flat(record).items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.writer:
+            self.writer.close()
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+# -- the run -----------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, output_dir: str | Path, resume: bool = False, device: str = "auto",
+          progress: bool = True) -> dict:
+    output_dir = Path(output_dir)
+    info = D.setup(device)
+    try:
+        return _train(cfg, output_dir, resume, info, progress)
+    finally:
+        D.teardown()
+
+
+def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
+    if info.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    D.barrier()
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    tokenizer = build_tokenizer(cfg, output_dir, info)
+    model = build_model(cfg, len(tokenizer)).to(info.device)
+    if len(tokenizer) > model.config.text.vocab_size or tokenizer.pad_token_id != model.config.text.pad_token_id:
+        raise TrainingError(f"the tokenizer ({len(tokenizer)} tokens, pad {tokenizer.pad_token_id}) does not fit the "
+                            f"model (vocabulary {model.config.text.vocab_size}, pad {model.config.text.pad_token_id})")
+    model.gradient_checkpointing = cfg.schedule.gradient_checkpointing
+    eval_frames = cfg.eval.num_frames or model.config.video.num_frames
+    train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
+
+    s = cfg.schedule
+    micro_batch = s.batch_size // s.grad_accum_steps
+    sampler = D.GlobalBatchSampler(len(train_set), micro_batch, info.rank, info.world_size, seed=cfg.seed)
+    steps_per_epoch = len(sampler) // s.grad_accum_steps
+    if s.max_samples_per_epoch is not None:
+        steps_per_epoch = min(steps_per_epoch, s.max_samples_per_epoch // s.batch_size)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(train_set)} clips give no full step of batch_size {s.batch_size}")
+    total_steps = steps_per_epoch * s.epochs
+    if s.max_steps is not None:
+        total_steps = min(total_steps, s.max_steps)
+    collator = PretrainCollator(tokenizer, cfg.data.text_max_length, cfg.objective.mlm_probability, cfg.seed)
+    loader_rng = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG
+    loader = torch.utils.data.DataLoader(IndexedDataset(train_set), batch_sampler=sampler, collate_fn=collator,
+                                         num_workers=cfg.data.num_workers, generator=loader_rng,
+                                         pin_memory=info.device.type == "cuda")
+
+    objective = PretrainObjective(model, cfg.objective.temperature, cfg.objective.verb, cfg.objective.noun,
+                                  (cfg.objective.egonce_weight, cfg.objective.mlm_weight, cfg.objective.vtm_weight),
+                                  seed=cfg.seed)
+    wrapped = objective
+    if info.distributed:
+        wrapped = torch.nn.parallel.DistributedDataParallel(
+            objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    o = cfg.optim
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal)
+    scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps)
+    amp_dtype = resolve_precision(s.precision, info.device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+
+    step, epoch, next_micro, skipped, consecutive_skips = 0, 0, 0, 0, 0
+    ckpt_dir = output_dir / "checkpoints"
+    if resume:
+        found = latest_valid_checkpoint(ckpt_dir)
+        if found is None:
+            raise TrainingError(f"--resume: no valid checkpoint under {ckpt_dir}")
+        weights, state, run_config = load_checkpoint(found, map_location=info.device)
+        if run_config != cfg.to_dict() and info.is_main:
+            print(f"note: the config differs from the one {found.name} was trained with", file=sys.stderr)
+        model.load_state_dict(weights)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, next_micro = state["step"], state["epoch"], state["next_micro"]
+        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
+        set_rng_state(state["rng"])
+        if info.is_main:
+            print(f"resumed from {found} (step {step}, epoch {epoch})")
+
+    log = MetricsLog(output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard)
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+
+    def checkpoint() -> None:
+        state = {"step": step, "epoch": epoch, "next_micro": next_micro, "skipped": skipped,
+                 "consecutive_skips": consecutive_skips, "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
+                 "rng": rng_state()}
+        if info.is_main:
+            save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
+        D.barrier()
+
+    def evaluate() -> dict | None:
+        if eval_set is None:
+            return None
+        eval_model = model_at_frames(model, eval_frames)
+        result = evaluate_egomcq(eval_model, eval_set, tokenizer, info.device, cfg.eval.batch_size,
+                                 cfg.data.num_workers, cfg.eval.max_questions, progress=False)
+        log.write({"step": step, "epoch": epoch, "egomcq": result})
+        if bar is not None:
+            bar.write(f"[epoch {epoch} step {step}] EgoMCQ " + "  ".join(
+                f"{m}: inter {r['Inter-video']:.1f} intra {r['Intra-video']:.1f}" for m, r in result.items()))
+        return result
+
+    started, last_eval = time.time(), None
+    window_clips, window_start = 0, time.time()
+    done = step >= total_steps
+    while not done and epoch < s.epochs:
+        sampler.set_epoch(epoch, start_batch=next_micro)
+        collator.set_epoch(epoch)
+        if hasattr(train_set, "set_epoch"):
+            train_set.set_epoch(epoch)
+        micro = next_micro
+        for batch in loader:
+            if micro >= steps_per_epoch * s.grad_accum_steps:
+                break  # leftover micro-batches that do not fill an optimizer step
+            batch = batch.to(info.device)
+            last_micro = (micro + 1) % s.grad_accum_steps == 0
+            sync = contextlib.nullcontext() if last_micro or not info.distributed else wrapped.no_sync()
+            autocast = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
+                        else contextlib.nullcontext())
+            with sync, autocast:
+                loss, parts = wrapped(batch, step)
+            (scaler.scale(loss) if scaler else loss).div(s.grad_accum_steps).backward()
+            micro += 1
+            window_clips += batch.video.shape[0] * info.world_size
+            if not last_micro:
+                continue
+
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            max_norm = o.grad_clip if o.grad_clip is not None else math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.update()
+                skipped += 1
+                consecutive_skips += 1
+                log.write({"step": step, "epoch": epoch, "skipped_nonfinite": skipped})
+                if consecutive_skips > s.max_skipped_steps:
+                    raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient; "
+                                        "stopping (lower the learning rate or use fp32/bf16)")
+                continue
+            consecutive_skips = 0
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            next_micro = micro
+
+            if step % cfg.log.every_steps == 0 or step == total_steps:
+                elapsed = time.time() - window_start
+                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "clips_per_s": window_clips / max(elapsed, 1e-9)}
+                record |= {k: float(v) for k, v in parts.items()}
+                log.write(record)
+                window_clips, window_start = 0, time.time()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                    clips_s=f"{record['clips_per_s']:.1f}")
+            if bar is not None:
+                bar.update(1)
+            out_of_time = s.max_minutes is not None and (time.time() - started) / 60 >= s.max_minutes
+            done = step >= total_steps or out_of_time
+            if step % cfg.checkpoint.every_steps == 0 and not done:
+                checkpoint()
+            if done:
+                break
+        if not done:
+            epoch, next_micro = epoch + 1, 0
+            if (epoch % cfg.eval.every_epochs == 0) and epoch < s.epochs:
+                last_eval = evaluate()
+                checkpoint()  # the data position is now the start of the next epoch
+    checkpoint()
+    final_eval = evaluate()
+    if bar is not None:
+        bar.close()
+    log.close()
+    summary = {"steps": step, "epochs_started": epoch + 1 if done else epoch, "minutes": (time.time() - started) / 60,
+               "skipped_steps": skipped, "egomcq": final_eval or last_eval, "output_dir": str(output_dir),
+               "world_size": info.world_size}
+    if info.is_main:
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`section.key=value` overrides; the value is parsed as JSON when it can be (numbers, true/false, null)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        target = data
+        *path, last = key.split(".")
+        for part in path:
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"--set {key}: {part} is not a section")
+        target[last] = value
+    return data
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, metavar="JSON",
+                        help="run config: a path, or the name of a shipped one (tiny_synthetic.json, "
+                             "pretrain_egoclip.json)")
+    parser.add_argument("--output", required=True, metavar="DIR",
+                        help="run directory: checkpoints/, metrics.jsonl, summary.json, the demo tokenizer")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest valid checkpoint in DIR/checkpoints (corrupt ones are skipped)")
+    parser.add_argument("--data", metavar="DIR", help="dataset root (overrides data.root)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set schedule.epochs=2 (repeatable)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+
+
+def run(args) -> int:
+    path = Path(args.config)
+    cfg = TrainConfig.load(path)  # validates the file itself
+    data = cfg.to_dict()
+    if args.data:
+        data["data"]["root"] = args.data
+    cfg = TrainConfig.from_dict(apply_overrides(data, args.set))
+    summary = train(cfg, args.output, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if summary["egomcq"] and int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained {summary['steps']} steps in {summary['minutes']:.1f} min -> {summary['output_dir']}")
+        print(f"{'EgoMCQ (%)':<12}{'inter':>8}{'intra':>8}")
+        for mode, r in summary["egomcq"].items():
+            print(f"{mode:<12}{r['Inter-video']:>8.1f}{r['Intra-video']:>8.1f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="egovlp-deploy train", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
