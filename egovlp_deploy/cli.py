@@ -91,8 +91,8 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egovlp-deploy",
-        description="EgoVLPv2 as a dual or fusion encoder: model info, and (as they land) training, export, "
-                    "on-device runtime and benchmarks.",
+        description="EgoVLPv2 as a dual or fusion encoder: model info, synthetic data, training and evaluation "
+                    "(export, on-device runtime and benchmarks arrive with later releases).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -111,6 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per sentence (default: 15, the pre-training length)")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     info.set_defaults(func=cmd_info)
+
+    from .data import synth
+
+    p = sub.add_parser("synth", help="render the built-in synthetic egocentric dataset (EgoClip/EgoMCQ format)",
+                       description=synth.DESCRIPTION, epilog=synth.EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    synth.add_arguments(p)
+    p.set_defaults(func=synth.run)
+
+    from .trainer import evaluate, train
+
+    p = sub.add_parser("train", help="pre-train EgoVLPv2 (EgoNCE + MLM + VTM); resumable; torchrun for many GPUs",
+                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(p)
+    p.set_defaults(func=train.run)
+
+    p = sub.add_parser("eval", help="EgoMCQ accuracy in dual, fusion and ensemble mode",
+                       description="Evaluate a model on EgoMCQ (inter- and intra-video accuracy) in the three modes "
+                                   "of the official validation: dual (cosine), fusion (VTM probability), ensemble.")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.run)
     return parser
 
 

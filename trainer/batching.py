@@ -49,8 +49,9 @@ class PretrainCollator:
         return out["input_ids"][0], out["labels"][0]
 
     def __call__(self, items) -> StepBatch:
-        videos, texts, verbs, nouns, seeds = [], [], [], [], []
+        videos, texts, verbs, nouns, seeds, failures = [], [], [], [], [], 0
         for index, item in items:
+            failures += int(item.get("load_failed", 0))
             for negative, suffix in ((False, ""), (True, "_neg")):
                 if negative and "video_neg" not in item:
                     continue
@@ -70,4 +71,5 @@ class PretrainCollator:
             noun=torch.stack(nouns),
             mlm_input_ids=torch.stack([m[0] for m in masked]),
             mlm_labels=torch.stack([m[1] for m in masked]),
+            load_failures=torch.tensor(failures),
         )

@@ -76,3 +76,54 @@ def evaluate_egomcq(model: EgoVLPv2, dataset, tokenizer, device, batch_size: int
         local = {k: torch.cat([s[k] for s in shards if s[k].numel()]) for k in local}
     model.train(was_training)
     return {m: egomcq_accuracy(local[m], local["answer"], local["type"]) for m in MODES}
+
+
+# -- command line ---------------------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", required=True, metavar="PATH",
+                        help="a save_pretrained directory, a training checkpoint (runs/x/checkpoints/step_N) or an "
+                             "official .pth file")
+    parser.add_argument("--egomcq", required=True, metavar="JSON", help="EgoMCQ questions (official format)")
+    parser.add_argument("--video-root", required=True, metavar="DIR", help="chunked videos: DIR/{video_uid}/{chunk}.mp4")
+    parser.add_argument("--tokenizer", required=True, metavar="DIR",
+                        help="tokenizer directory (a training run keeps its demo tokenizer in RUN/tokenizer)")
+    parser.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: the model's; paper: 16)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="Q", help="questions per step (default: 4)")
+    parser.add_argument("--max-questions", type=int, metavar="N", help="evaluate only the first N questions")
+    parser.add_argument("--lax", action="store_true", help="black frames instead of an error for unreadable videos")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from egovlp_deploy.data.egomcq import EgoMCQDataset
+    from egovlp_deploy.tokenizer import load_tokenizer
+
+    path = Path(args.model)
+    model = (EgoVLPv2.from_pretrained(path) if path.is_dir()
+             else EgoVLPv2.from_official_checkpoint(path, num_frames=args.frames))
+    frames = args.frames or model.config.video.num_frames
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    model = model_at_frames(model, frames).to(device)
+    dataset = EgoMCQDataset(args.egomcq, args.video_root, frames, model.config.video.img_size,
+                            strict=not args.lax)
+    result = evaluate_egomcq(model, dataset, load_tokenizer(args.tokenizer), device, args.batch_size,
+                             max_questions=args.max_questions, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"EgoMCQ on {len(dataset) if args.max_questions is None else args.max_questions} questions, "
+              f"{frames} frames")
+        print(format_table(result))
+    return 0
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'mode':<10}{'inter %':>9}{'intra %':>9}"]
+    for mode, r in result.items():
+        lines.append(f"{mode:<10}{r.get('Inter-video', float('nan')):>9.1f}{r.get('Intra-video', float('nan')):>9.1f}")
+    return "\n".join(lines)

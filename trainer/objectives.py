@@ -32,6 +32,7 @@ class StepBatch:
     noun: torch.Tensor  # (b, num_nouns) multi-hot
     mlm_input_ids: torch.Tensor  # (b, L) with 15% of tokens masked
     mlm_labels: torch.Tensor  # (b, L), -100 where not masked
+    load_failures: torch.Tensor  # () clips of this batch that could not be read (lax mode: black frames)
 
     def to(self, device) -> "StepBatch":
         return StepBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})

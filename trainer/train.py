@@ -1,7 +1,7 @@
 """`egovlp-deploy train`: pre-train EgoVLPv2 with EgoNCE + MLM + VTM (hard negatives), on one CPU or many GPUs.
 
     egovlp-deploy train --config tiny_synthetic.json --output runs/tiny            # one process
-    torchrun --nproc-per-node 8 -m egovlp_deploy.trainer.train --config pretrain_egoclip.json --output runs/pt
+    torchrun --nproc-per-node 8 --no-python egovlp-deploy train --config pretrain_egoclip.json --output runs/pt
 
 The loop, top to bottom: build tokenizer, model, data; then per optimizer step: forward the three objectives on
 `grad_accum_steps` micro-batches (DDP syncs gradients on the last one), guard against NaN/inf, step AdamW and the
@@ -32,7 +32,7 @@ from . import distributed as D
 from .batching import IndexedDataset, PretrainCollator
 from .checkpointing import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .evaluate import evaluate_egomcq, model_at_frames
+from .evaluate import evaluate_egomcq, format_table, model_at_frames
 from .objectives import PretrainObjective
 from .optim import build_optimizer, build_scheduler
 
@@ -62,16 +62,21 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
                  else EgoVLPv2.from_official_checkpoint(path, num_frames=m.num_frames))
         if model.config.video.num_frames != m.num_frames:
             model = model_at_frames(model, m.num_frames)
-        return model.train()
-    if m.config_file:
-        config = EgoVLPv2Config.from_json_file(m.config_file).with_num_frames(m.num_frames)
-    elif m.preset == "tiny":
-        config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
     else:
-        config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
+        if m.config_file:
+            config = EgoVLPv2Config.from_json_file(m.config_file).with_num_frames(m.num_frames)
+        elif m.preset == "tiny":
+            config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
+        else:
+            config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
+        model = EgoVLPv2(config)
     if m.text_dropout is not None:
-        config.text.hidden_dropout_prob = config.text.attention_probs_dropout_prob = m.text_dropout
-    return EgoVLPv2(config).train()
+        t = model.config.text
+        t.hidden_dropout_prob = t.attention_probs_dropout_prob = m.text_dropout
+        for module in model.text_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = m.text_dropout
+    return model.train()
 
 
 def class_counts(cfg: TrainConfig) -> tuple[int, int]:
@@ -194,6 +199,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     model.gradient_checkpointing = cfg.schedule.gradient_checkpointing
     eval_frames = cfg.eval.num_frames or model.config.video.num_frames
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
+    skipped_rows = len(getattr(train_set, "skipped_rows", []))
+    if info.is_main:
+        print(f"data: {len(train_set)} training clips ({skipped_rows} bad rows skipped), "
+              f"{len(eval_set) if eval_set is not None else 0} EgoMCQ questions")
 
     s = cfg.schedule
     micro_batch = s.batch_size // s.grad_accum_steps
@@ -269,10 +278,12 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                                  cfg.data.num_workers, cfg.eval.max_questions, progress=False)
         log.write({"step": step, "epoch": epoch, "egomcq": result})
         if bar is not None:
-            bar.write(f"[epoch {epoch} step {step}] EgoMCQ " + "  ".join(
-                f"{m}: inter {r['Inter-video']:.1f} intra {r['Intra-video']:.1f}" for m, r in result.items()))
+            bar.write(f"[epoch {epoch} step {step}] EgoMCQ\n{format_table(result)}")
         return result
 
+    log.write({"step": step, "epoch": epoch, "data": {"clips": len(train_set), "skipped_rows": skipped_rows,
+                                                      "skip_counts": dict(getattr(train_set, "skip_counts", {}))}})
+    load_failures = 0
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
     done = step >= total_steps
@@ -286,6 +297,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             if micro >= steps_per_epoch * s.grad_accum_steps:
                 break  # leftover micro-batches that do not fill an optimizer step
             batch = batch.to(info.device)
+            load_failures += int(batch.load_failures)
             last_micro = (micro + 1) % s.grad_accum_steps == 0
             sync = contextlib.nullcontext() if last_micro or not info.distributed else wrapped.no_sync()
             autocast = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
@@ -326,7 +338,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "load_failures": load_failures,
                           "grad_norm": float(grad_norm), "clips_per_s": window_clips / max(elapsed, 1e-9)}
                 record |= {k: float(v) for k, v in parts.items()}
                 log.write(record)
@@ -353,7 +365,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         bar.close()
     log.close()
     summary = {"steps": step, "epochs_started": epoch + 1 if done else epoch, "minutes": (time.time() - started) / 60,
-               "skipped_steps": skipped, "egomcq": final_eval or last_eval, "output_dir": str(output_dir),
+               "skipped_steps": skipped, "skipped_rows": skipped_rows, "load_failures": load_failures, "egomcq": final_eval or last_eval, "output_dir": str(output_dir),
                "world_size": info.world_size}
     if info.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -404,11 +416,10 @@ def run(args) -> int:
         data["data"]["root"] = args.data
     cfg = TrainConfig.from_dict(apply_overrides(data, args.set))
     summary = train(cfg, args.output, resume=args.resume, device=args.device, progress=not args.no_progress)
-    if summary["egomcq"] and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps in {summary['minutes']:.1f} min -> {summary['output_dir']}")
-        print(f"{'EgoMCQ (%)':<12}{'inter':>8}{'intra':>8}")
-        for mode, r in summary["egomcq"].items():
-            print(f"{mode:<12}{r['Inter-video']:>8.1f}{r['Intra-video']:>8.1f}")
+        if summary["egomcq"]:
+            print(format_table(summary["egomcq"]))
     return 0
 
 

@@ -1,0 +1,249 @@
+"""Charades-Ego (first-person videos) for zero-shot / fine-tuned action recognition with class-name prompts.
+
+Files (EgoVLPv2/data_loader/CharadesEgo_dataset.py, trainer/trainer_charades.py, utils/charades_meta.py):
+- test/val: CharadesEgo_v1_test_only1st.csv, comma-separated with a header; used columns `id`, `script` (the
+  official caption, column 6) and `actions`, e.g. "c092 11.90 21.20;c147 0.00 12.60" (class, start s, end s; empty
+  for no action). The target is the 157-class multi-hot of the classes named in `actions`; the whole video is read
+  with 'uniform' sampling (segment middles over all its frames).
+- train: metadata_train.csv as written by utils/charades_meta.py: TAB-separated `id, cls, t_start, t_end,
+  narration`, one row per action; the clip [t_start, t_end] is read at the video's own fps with 'rand' sampling.
+- Charades_v1_classes.txt: lines "c000 Holding some clothes"; the prompt is the line from character 5 on
+  (`line[5:]`), of its first comma-separated field, as the official csv.reader / pd.read_csv do.
+Videos: {video_root}/{id}.mp4. Prompts are padded to 30 tokens (trainer_charades).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .egoclip import SharedEpoch, item_seeds, multi_hot, pad_frames, parse_number
+from .errors import DataError, RowFilter, RowProblem
+
+NUM_CLASSES = 157
+CHARADES_MAX_TEXT_LENGTH = 30
+_CLASS_ID = re.compile(r"c(\d{3})")
+
+CharadesReader = Callable[..., torch.Tensor]
+
+
+def parse_class_id(token: str, num_classes: int) -> int:
+    match = _CLASS_ID.fullmatch(token)
+    if not match:
+        raise RowProblem("bad class", f"{token!r} is not a class id like c092")
+    cls = int(match.group(1))
+    if cls >= num_classes:
+        raise RowProblem("unknown class id", f"{token} is outside [0, {num_classes})")
+    return cls
+
+
+def parse_actions(value: str, num_classes: int = NUM_CLASSES) -> list[tuple[int, float, float]]:
+    """'c092 11.90 21.20;c147 0.00 12.60' -> [(92, 11.9, 21.2), (147, 0.0, 12.6)]; '' -> []."""
+    if not value.strip():
+        return []
+    actions = []
+    for action in value.split(";"):
+        parts = action.split()
+        if len(parts) != 3:
+            raise RowProblem("bad actions", f"{action!r} is not 'cNNN start end'")
+        actions.append((parse_class_id(parts[0], num_classes), parse_number(parts[1], "action start"),
+                        parse_number(parts[2], "action end")))
+    return actions
+
+
+def load_charades_classes(path: str | os.PathLike, num_classes: int = NUM_CLASSES) -> list[str]:
+    """Charades_v1_classes.txt -> the num_classes prompts, in class order (checked against the c### ids)."""
+    prompts = []
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line_no, fields in enumerate(csv.reader(f), start=1):
+                if not fields or not fields[0].strip():
+                    continue
+                first = fields[0]
+                if first[:4] != f"c{len(prompts):03d}" or not first[5:].strip():
+                    raise DataError(path, f"line {line_no}", f"expected 'c{len(prompts):03d} <class name>', got "
+                                                             f"{first!r}")
+                prompts.append(first[5:])
+    except OSError as e:
+        raise DataError(path, "open", str(e)) from e
+    if len(prompts) != num_classes:
+        raise DataError(path, "all lines", f"{len(prompts)} classes, expected {num_classes}")
+    return prompts
+
+
+def read_charades_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float | None, num_frames: int,
+                       sample: str, rng: random.Random | None = None, backend: str = "auto") -> torch.Tensor:
+    """uint8 (K<=F,H,W,3): the whole video when the times are None (official test), else [start_sec, end_sec]
+    at the file's fps (official read_frames_cv2_charades); the dataset zero-pads to F after the transform."""
+    from egovlp_deploy.video import read_clip
+
+    return read_clip(path, start_sec, end_sec, num_frames, sample, backend=backend, rng=rng)[0]
+
+
+def _open_rows(path: str | os.PathLike, rows: RowFilter, delimiter: str, required: tuple[str, ...]):
+    try:
+        f = open(path, newline="", encoding="utf-8")
+    except OSError as e:
+        raise rows.fail("open", str(e)) from e
+    # charades_meta.py writes metadata_train.csv unquoted (QUOTE_NONE); the official test CSV is quoted CSV.
+    reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+    try:
+        header = next(reader, None)
+    except (csv.Error, UnicodeDecodeError) as e:
+        f.close()
+        raise rows.fail("line 1", f"unreadable header: {e}") from e
+    if header is None:
+        f.close()
+        raise rows.fail("line 1", "the file is empty (no header)")
+    missing = [c for c in required if c not in header]
+    if missing:
+        f.close()
+        raise rows.fail("line 1", f"missing columns {missing}; header: {header}")
+    return f, reader, header
+
+
+class CharadesEgoDataset(torch.utils.data.Dataset):
+    """Charades-Ego -> dict(video=float (F,3,S,S), text=str, target=float (num_classes,) multi-hot, index=int,
+    load_failed=int). In train the target is the one-hot of the row's `cls` (the official returns the int).
+
+    Strict/lax as EgoClipDataset (bad rows: malformed fields, unknown class ids, non-numeric or empty clip times,
+    empty narrations in train, missing videos). `clip_reader(path, start_sec|None, end_sec|None, num_frames,
+    sample, rng=random.Random|None)` -> uint8 (F,H,W,3) replaces the video reader (tests).
+    Prompts for evaluation: `load_charades_classes(classes_path)`, or `dataset.prompts` when classes_path is given.
+    """
+
+    MAX_TEXT_LENGTH = CHARADES_MAX_TEXT_LENGTH
+
+    def __init__(self, csv_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
+                 split: str = "test", classes_path: str | os.PathLike | None = None,
+                 num_classes: int = NUM_CLASSES, strict: bool = True, backend: str = "auto", seed: int = 0,
+                 clip_reader: CharadesReader | None = None, check_files: bool = True):
+        from egovlp_deploy.video import ClipLoader
+
+        if num_frames < 1 or size < 1 or seed < 0:
+            raise ValueError(f"need num_frames, size >= 1 and seed >= 0, got {num_frames}, {size}, {seed}")
+        self.csv_path, self.video_root = str(csv_path), str(video_root)
+        self.num_frames, self.size, self.split, self.strict, self.seed = num_frames, size, split, strict, seed
+        self.num_classes, self.train = num_classes, split == "train"
+        self.prompts = load_charades_classes(classes_path, num_classes) if classes_path is not None else None
+
+        rows = RowFilter(csv_path, strict)
+        self._items = self._read_train(rows) if self.train else self._read_test(rows)
+        if check_files:
+            exists: dict[Path, bool] = {}
+            kept = []
+            for item in self._items:
+                path = item["path"]
+                if path not in exists:
+                    exists[path] = path.is_file()
+                if exists[path]:
+                    kept.append(item)
+                else:
+                    rows.reject(item["line"], RowProblem("missing video", f"{path} does not exist"))
+            self._items = kept
+        if not self._items:
+            raise rows.fail("all rows", f"no usable row ({len(rows.skipped_rows)} skipped)")
+        self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
+        self._loader = ClipLoader(strict=strict, backend=backend)
+        self.failures = self._loader.failures
+        self._read = clip_reader or read_charades_clip  # ClipLoader passes backend=
+        self._epoch = SharedEpoch()
+
+    def _rows(self, rows: RowFilter, delimiter: str, required: tuple[str, ...]):
+        """Yield (line, fields) of well-formed rows; malformed ones go to `rows`."""
+        f, reader, header = _open_rows(self.csv_path, rows, delimiter, required)
+        with f:
+            while True:
+                try:
+                    values = next(reader)
+                except StopIteration:
+                    return
+                except (csv.Error, UnicodeDecodeError) as e:
+                    rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
+                    continue
+                if len(values) != len(header):
+                    rows.reject(reader.line_num,
+                                RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}"))
+                    continue
+                yield reader.line_num, dict(zip(header, values))
+
+    def _check_id(self, vid: str) -> Path:
+        if not vid.strip() or "/" in vid or vid in (".", ".."):
+            raise RowProblem("bad id", f"{vid!r} is not a video id")
+        return Path(self.video_root, f"{vid}.mp4")
+
+    def _read_test(self, rows: RowFilter) -> list[dict[str, Any]]:
+        items = []
+        for line, fields in self._rows(rows, ",", ("id", "actions")):
+            try:
+                path = self._check_id(fields["id"])
+                classes = sorted({cls for cls, _, _ in parse_actions(fields["actions"], self.num_classes)})
+            except RowProblem as problem:
+                rows.reject(line, problem)
+                continue
+            items.append({"line": line, "path": path, "text": fields.get("script", ""), "classes": classes,
+                          "start": None, "end": None})
+        return items
+
+    def _read_train(self, rows: RowFilter) -> list[dict[str, Any]]:
+        items = []
+        for line, fields in self._rows(rows, "\t", ("id", "cls", "t_start", "t_end", "narration")):
+            try:
+                path = self._check_id(fields["id"])
+                try:
+                    cls = int(fields["cls"])
+                except ValueError:
+                    raise RowProblem("bad class", f"cls {fields['cls']!r} is not an integer") from None
+                if not 0 <= cls < self.num_classes:
+                    raise RowProblem("unknown class id", f"cls {cls} is outside [0, {self.num_classes})")
+                start, end = parse_number(fields["t_start"], "t_start"), parse_number(fields["t_end"], "t_end")
+                if start < 0 or end <= start:
+                    raise RowProblem("bad clip times", f"[{start}, {end}] s is not a clip")
+                if not fields["narration"].strip():
+                    raise RowProblem("empty narration", "narration is empty")
+            except RowProblem as problem:
+                rows.reject(line, problem)
+                continue
+            items.append({"line": line, "path": path, "text": fields["narration"], "classes": [cls],
+                          "start": start, "end": end})
+        return items
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
+        from egovlp_deploy.video import VideoReadError
+
+        item = self._items[index]
+        s_frames, s_crop = item_seeds(self.seed, self.epoch, index, 2)
+        sample = "rand" if self.train else "uniform"
+        try:
+            frames = self._loader.load(self._read, item["path"], item["start"], item["end"], self.num_frames, sample,
+                                       rng=random.Random(s_frames) if self.train else None)
+        except VideoReadError as e:
+            raise DataError(self.csv_path, f"line {item['line']}", f"video: {e}") from e
+        if frames is None:
+            video, failed = black_clip(self.num_frames, self.size), 1
+        else:
+            if self.train:
+                video = train_transform(frames, self.size, generator=torch.Generator().manual_seed(s_crop))
+            else:
+                video = eval_transform(frames, self.size, variant="egoclip")
+            video, failed = pad_frames(video, self.num_frames), 0
+        return {"video": video, "text": item["text"], "target": multi_hot(item["classes"], self.num_classes),
+                "index": index, "load_failed": failed}

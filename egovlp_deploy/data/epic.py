@@ -1,0 +1,294 @@
+"""EPIC-KITCHENS-100 multi-instance retrieval (EK-100 MIR) from the official annotation files.
+
+Files (EgoVLPv2/data_loader/EpicKitchens_MIR_dataset.py; epic-kitchens-100-annotations/retrieval_annotations):
+- EPIC_100_retrieval_{train,test}.csv: comma-separated with a header. Used columns: narration_id, participant_id,
+  video_id, start_timestamp, stop_timestamp ("HH:MM:SS.ff"), narration (the official reads them by position 0-2,
+  4, 5, 8; we read them by name, and start_frame/stop_frame are ignored as by the official code).
+- EPIC_100_retrieval_{train,test}_sentence.csv: the de-duplicated captions, columns (narration_id, narration) by
+  position.
+- relevancy/caption_relevancy_EPIC_100_retrieval_{train,test}.pkl: a pickled numpy array (rows: CSV rows, columns:
+  sentences). We never unpickle data files: convert it once, in an environment you trust, with
+        python -c "import pickle, numpy as np; np.save('caption_relevancy_EPIC_100_retrieval_test.npy', \
+np.asarray(pickle.load(open('caption_relevancy_EPIC_100_retrieval_test.pkl', 'rb'))))"
+  and pass the .npy (or an .npz holding one array, or the array under 'relevancy').
+Videos: {video_root}/{participant_id}/{video_id}.MP4 (the 256-px resized copies), read with the file's real fps:
+start/end frame = round/ceil(fps * timestamp), then LaViLa-style segment frame ids (`epic_frame_indices`),
+jittered in train. Pixels are normalised with the 'epic' eval transform; text is padded to 30 tokens.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .egoclip import SharedEpoch, item_seeds, pad_frames
+from .errors import DataError, RowFilter, RowProblem
+
+EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
+EPIC_MAX_TEXT_LENGTH = 30   # trainer_epic pads/truncates captions to 30 tokens (spec §10 hazard 18)
+RELEVANCY_THRESHOLD = 0.1   # official self.relevancy: a sentence is a positive when relevancy > 0.1
+
+EpicReader = Callable[..., torch.Tensor]
+
+
+def timestamp_seconds(value: str, name: str) -> float:
+    """'HH:MM:SS.ff' -> seconds, as the official datetime2sec, but rejecting anything else."""
+    parts = value.strip().split(":")
+    try:
+        if len(parts) != 3:
+            raise ValueError
+        hours, minutes, seconds = int(parts[0]), int(parts[1]), float(parts[2])
+    except ValueError:
+        raise RowProblem(f"bad {name}", f"{value!r} is not HH:MM:SS.ff") from None
+    if hours < 0 or not 0 <= minutes < 60 or not 0 <= seconds < 60:
+        raise RowProblem(f"bad {name}", f"{value!r} is not HH:MM:SS.ff")
+    return hours * 3600 + minutes * 60 + seconds
+
+
+def epic_video_path(video_root: str | os.PathLike, participant_id: str, video_id: str) -> Path:
+    return Path(video_root, participant_id, f"{video_id}.MP4")
+
+
+def read_epic_clip(path: str | os.PathLike, start_sec: float, stop_sec: float, num_frames: int, jitter: bool,
+                   rng: random.Random | None = None, backend: str = "auto") -> torch.Tensor:
+    """One EK-100 segment -> uint8 (num_frames, H, W, 3), frames chosen as the official __getitem__ does.
+
+    Raises VideoReadError for an unreadable file or frames outside the video (official: decord IndexError)."""
+    from egovlp_deploy.video import OUT_OF_RANGE, VideoReadError, epic_frame_indices, epic_frame_range, \
+        read_frames, video_info
+
+    _, fps = video_info(path, backend=backend)
+    start_frame, end_frame = epic_frame_range(start_sec, stop_sec, fps)
+    try:
+        ids = epic_frame_indices(start_frame, end_frame, num_frames, jitter, rng=rng)
+    except ValueError as e:  # a segment shorter than one frame at this fps
+        raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {stop_sec}] s: {e}") from e
+    return read_frames(path, ids, backend=backend)
+
+
+def load_relevancy(path: str | os.PathLike) -> np.ndarray:
+    """The (num_videos, num_sentences) relevancy matrix from .npy/.npz, never through pickle."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise DataError(path, "file", f"not a readable .npy/.npz without pickle ({e}); convert the official .pkl "
+                                      "once as described in egovlp_deploy/data/epic.py") from e
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            names = list(loaded.files)
+            if len(names) != 1 and "relevancy" not in names:
+                raise DataError(path, "file", f"expected one array or one named 'relevancy', found {names}")
+            loaded = loaded["relevancy" if "relevancy" in names else names[0]]
+    if loaded.ndim != 2 or not np.issubdtype(loaded.dtype, np.number):
+        raise DataError(path, "file", f"expected a 2-D numeric matrix, got {loaded.dtype} {loaded.shape}")
+    if not np.isfinite(loaded).all():
+        raise DataError(path, "file", "the relevancy matrix has NaN or inf entries")
+    return loaded
+
+
+def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The sentence CSV -> (narration ids, sentences). Any bad row is fatal, lax or not: its position is a column
+    of the relevancy matrix, so skipping it would misalign every later sentence."""
+    ids, texts = [], []
+    try:
+        f = open(path, newline="", encoding="utf-8")
+    except OSError as e:
+        raise DataError(path, "open", str(e)) from e
+    with f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+            if header is None or len(header) < 2:
+                raise DataError(path, "line 1", f"expected a header with at least 2 columns, got {header}")
+            for values in reader:
+                if len(values) < 2 or not values[0].strip() or not values[1].strip():
+                    raise DataError(path, f"line {reader.line_num}",
+                                    f"expected a narration id and a non-empty narration, got {values}")
+                ids.append(values[0])
+                texts.append(values[1])
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise DataError(path, f"line {reader.line_num}", f"malformed CSV: {e}") from e
+    if not ids:
+        raise DataError(path, "all rows", "no sentence")
+    return ids, texts
+
+
+def read_epic_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | None,
+                   rows: RowFilter) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
+    """Valid rows as (line number, data-row index, fields) and the total number of data rows."""
+    out = []
+    exists: dict[Path, bool] = {}
+    try:
+        f = open(csv_path, newline="", encoding="utf-8")
+    except OSError as e:
+        raise rows.fail("open", str(e)) from e
+    with f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, None)
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise rows.fail("line 1", f"unreadable header: {e}") from e
+        if header is None:
+            raise rows.fail("line 1", "the file is empty (no header)")
+        missing = [c for c in EPIC_COLUMNS if c not in header]
+        if missing:
+            raise rows.fail("line 1", f"missing columns {missing}; header: {header}")
+        position = -1   # the data-row index: the row of the relevancy matrix, counted over bad rows too
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                break
+            except (csv.Error, UnicodeDecodeError) as e:
+                position += 1
+                rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
+                continue
+            position += 1
+            line = reader.line_num
+            try:
+                if len(values) != len(header):
+                    raise RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}")
+                fields = dict(zip(header, values))
+                start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
+                stop = timestamp_seconds(fields["stop_timestamp"], "stop_timestamp")
+                if stop <= start:
+                    raise RowProblem("bad clip times", f"stop_timestamp {fields['stop_timestamp']} is not after "
+                                                       f"start_timestamp {fields['start_timestamp']}")
+                if not fields["narration"].strip():
+                    raise RowProblem("empty narration", "narration is empty")
+                for name in ("narration_id", "participant_id", "video_id"):
+                    if not fields[name].strip() or "/" in fields[name]:
+                        raise RowProblem(f"bad {name}", f"{fields[name]!r}")
+                if video_root is not None:
+                    path = epic_video_path(video_root, fields["participant_id"], fields["video_id"])
+                    if path not in exists:
+                        exists[path] = path.is_file()
+                    if not exists[path]:
+                        raise RowProblem("missing video", f"{path} does not exist")
+            except RowProblem as problem:
+                rows.reject(line, problem)
+                continue
+            out.append((line, position, {"narration_id": fields["narration_id"], "start": start, "stop": stop,
+                                         "participant_id": fields["participant_id"], "video_id": fields["video_id"],
+                                         "narration": fields["narration"]}))
+    return out, position + 1
+
+
+class EpicMIRDataset(torch.utils.data.Dataset):
+    """EK-100 MIR rows -> dict(video=float (F,3,S,S), text=str, relation=float, index=int (the CSV data row, the
+    official item_v), text_index=int (the sentence column, official item_t: -1 outside train), load_failed=int).
+
+    split 'train': the caption is a random sentence whose relevancy to the row is > 0.1 (official _get_caption;
+    the row's own narration with relation 1 and text_index 0 when there is none, as the official), frame ids are
+    jittered, train_transform; needs `sentence_csv` and `relevancy_path`. Other splits: the row's narration,
+    segment-middle frames, eval_transform('epic'). Both files are optional there and exposed (`sentence_ids`,
+    `sentences`, `relevancy`) for the metrics.
+
+    Lax mode skips bad rows, so `index` (the row of the relevancy matrix) differs from the item number: evaluate
+    on `relevancy[dataset.row_indices]`. `clip_reader(path, start_sec, stop_sec, num_frames, jitter, rng=...)`
+    -> uint8 (F,H,W,3) replaces the video reader (tests); the default is `read_epic_clip`.
+    """
+
+    MAX_TEXT_LENGTH = EPIC_MAX_TEXT_LENGTH
+
+    def __init__(self, csv_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
+                 split: str = "test", sentence_csv: str | os.PathLike | None = None,
+                 relevancy_path: str | os.PathLike | None = None, strict: bool = True, backend: str = "auto",
+                 seed: int = 0, clip_reader: EpicReader | None = None, check_files: bool = True):
+        from egovlp_deploy.video import ClipLoader
+
+        if num_frames < 1 or size < 1 or seed < 0:
+            raise ValueError(f"need num_frames, size >= 1 and seed >= 0, got {num_frames}, {size}, {seed}")
+        self.csv_path, self.video_root = str(csv_path), str(video_root)
+        self.num_frames, self.size, self.split, self.strict, self.seed = num_frames, size, split, strict, seed
+        self.train = split == "train"
+        if self.train and (sentence_csv is None or relevancy_path is None):
+            raise ValueError("split 'train' samples captions from the sentence CSV by relevancy: pass sentence_csv "
+                             "and relevancy_path")
+
+        rows = RowFilter(csv_path, strict)
+        parsed, num_rows = read_epic_rows(csv_path, video_root if check_files else None, rows)
+        if not parsed:
+            raise rows.fail("all rows", f"no usable row ({len(rows.skipped_rows)} skipped)")
+        self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
+        self._lines = [line for line, _, _ in parsed]
+        self.row_indices = np.array([pos for _, pos, _ in parsed], dtype=np.int64)
+        self.narration_ids = [r["narration_id"] for _, _, r in parsed]
+        self._rows = [r for _, _, r in parsed]
+        for r in self._rows:
+            r["path"] = epic_video_path(video_root, r.pop("participant_id"), r.pop("video_id"))
+
+        self.sentence_ids = self.sentences = self.relevancy = None
+        if sentence_csv is not None:
+            self.sentence_ids, self.sentences = read_sentences(sentence_csv)
+        if relevancy_path is not None:
+            self.relevancy = load_relevancy(relevancy_path)
+            expected = (num_rows, len(self.sentences) if self.sentences is not None else self.relevancy.shape[1])
+            if self.relevancy.shape != expected:
+                raise DataError(relevancy_path, "shape", f"{self.relevancy.shape}, expected (CSV data rows, "
+                                                         f"sentences) = {expected}")
+
+        self._loader = ClipLoader(strict=strict, backend=backend)
+        self.failures = self._loader.failures
+        self._read = clip_reader or read_epic_clip  # ClipLoader passes backend=
+        self._epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def sentence_row_indices(self) -> np.ndarray:
+        """For each sentence, the CSV data row with the same narration_id (official mir_metrics_vtc `indexes`,
+        which prints and drops a missing id, misaligning the matrix; here it is an error)."""
+        if self.sentence_ids is None:
+            raise ValueError("no sentence_csv was given")
+        where = {nid: int(pos) for nid, pos in zip(self.narration_ids, self.row_indices)}
+        missing = [s for s in self.sentence_ids if s not in where]
+        if missing:
+            raise DataError(self.csv_path, "narration_id", f"{len(missing)} sentence ids have no (usable) row, "
+                                                           f"e.g. {missing[:3]}")
+        return np.array([where[s] for s in self.sentence_ids], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
+        from egovlp_deploy.video import VideoReadError
+
+        row, position = self._rows[index], int(self.row_indices[index])
+        s_text, s_frames, s_crop = item_seeds(self.seed, self.epoch, index, 3)
+        text, relation, text_index = row["narration"], 1.0, -1
+        if self.train:
+            positives = np.flatnonzero(self.relevancy[position] > RELEVANCY_THRESHOLD)
+            if len(positives):
+                text_index = int(positives[random.Random(s_text).randrange(len(positives))])
+                text, relation = self.sentences[text_index], float(self.relevancy[position, text_index])
+            else:
+                text_index = 0   # the official returns 0 here (not -1), and its training mask reads it
+        try:
+            frames = self._loader.load(self._read, row["path"], row["start"], row["stop"], self.num_frames,
+                                       self.train, rng=random.Random(s_frames))
+        except VideoReadError as e:
+            raise DataError(self.csv_path, f"line {self._lines[index]}", f"video: {e}") from e
+        if frames is None:
+            video, failed = black_clip(self.num_frames, self.size), 1
+        else:
+            if self.train:
+                video = train_transform(frames, self.size, generator=torch.Generator().manual_seed(s_crop),
+                                        variant="epic")
+            else:
+                video = eval_transform(frames, self.size, variant="epic")
+            video, failed = pad_frames(video, self.num_frames), 0
+        return {"video": video, "text": text, "relation": relation, "index": position, "text_index": text_index,
+                "load_failed": failed}

@@ -1,0 +1,460 @@
+"""Video reading: which frames the official EgoVLPv2 loaders sample, and decoding them with decord or PyAV.
+
+The module reads top to bottom:
+  1. `VideoReadError`, the one exception a bad file raises (its message names the file, `.reason` classifies it).
+  2. Frame-index rules, pure functions: `sample_frame_indices` (official `sample_frames_start_end`, EgoClip / EgoMCQ /
+     Charades) and `epic_frame_indices` (the LaViLa-style EK-100 `get_frame_ids`).
+  3. Backends: decord (default where importable) and PyAV (the fallback: decord has no aarch64 wheel).
+  4. Public readers: `video_info`, `read_frames`, `read_clip` (the file's real fps, like the official Charades reader).
+  5. The chunked EgoClip layout `{root}/{video_uid}/{chunk}.mp4` (600 s chunks): `egoclip_chunk`, `read_egoclip_clip`.
+  6. `ClipLoader`: the strict/lax policy of the official datasets, with failure counts.
+
+Frames are torch.uint8 (F, H, W, 3), RGB, as decord returns them. Deliberate differences from the official readers
+(EGOVLPV2_SPEC.md §7, hazard 17) are listed in `read_egoclip_clip`.
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import math
+import os
+from collections import OrderedDict
+import random as _random
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+BACKENDS = ("auto", "decord", "pyav")
+EGOCLIP_CHUNK_SEC = 600  # utils/video_chunk.py cuts every Ego4D video into 600-second files
+
+# Failure reasons (the keys of `ClipLoader.failures`).
+MISSING = "missing"            # no such file
+CORRUPT = "corrupt"            # cannot be opened or decoded (truncated, not a video, ...)
+OUT_OF_RANGE = "out_of_range"  # clip times (or frame indices) outside the video
+EMPTY = "empty"                # the video, or the clip, has zero frames
+TOO_SHORT = "too_short"        # 'rand' sampling found an empty segment (the official code raises IndexError)
+
+
+# -- 1. errors --------------------------------------------------------------------------------------------------
+class VideoReadError(ValueError):
+    """A video cannot be read as asked. `str(err)` names the file; `err.reason` is one of the reasons above."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str):
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {detail} [{reason}]")
+
+    def __reduce__(self):  # keep the exception picklable (DataLoader workers send it to the main process)
+        return type(self), (self.path, self.reason, self.detail)
+
+
+# -- 2. frame-index rules ---------------------------------------------------------------------------------------
+def sample_frame_indices(num_frames: int, start_frame: int, end_frame: int, sample: str,
+                         rng: _random.Random | None = None, fix_start: int | None = None) -> list[int]:
+    """The official `sample_frames_start_end` (EgoVLPv2/base/base_dataset.py), reproduced with its edge cases.
+
+    K = min(num_frames, end_frame) frames -- `end_frame`, not the clip length, so a clip that ends in the first
+    F frames of the video yields fewer than F indices (and end_frame == 0 yields none). The boundaries are
+    `linspace(start, end, K + 1)` truncated to int; segment i is [b_i, b_{i+1} - 1].
+      'rand'    (training): `rng.choice(range(b_i, b_{i+1} - 1))`, i.e. uniform on [b_i, b_{i+1} - 2]; a segment
+                narrower than 2 frames has nothing to choose from and raises ValueError (official: IndexError).
+                `fix_start` is ignored, as in the official code.
+      fix_start (with 'uniform'): b_i + fix_start.
+      'uniform' (evaluation): the segment middle (b_i + b_{i+1} - 1) // 2.
+    `rng` defaults to the global `random` module, which the official code uses.
+    """
+    if sample not in ("rand", "uniform"):
+        raise ValueError(f"sample must be 'rand' or 'uniform', got {sample!r}")
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if start_frame < 0 or end_frame < start_frame:
+        raise ValueError(f"need 0 <= start_frame <= end_frame, got [{start_frame}, {end_frame}]")
+    count = min(num_frames, end_frame)
+    bounds = np.linspace(start=start_frame, stop=end_frame, num=count + 1).astype(int).tolist()
+    segments = [(bounds[i], bounds[i + 1] - 1) for i in range(count)]
+    if sample == "rand":
+        rng = _random if rng is None else rng
+        indices = []
+        for first, last in segments:
+            if last - first < 1:
+                raise ValueError(f"frames [{start_frame}, {end_frame}) are too few for {count} 'rand' segments "
+                                 f"(segment [{first}, {last}] has no frame to choose)")
+            indices.append(rng.choice(range(first, last)))
+        return indices
+    if fix_start is not None:
+        return [first + fix_start for first, _ in segments]
+    return [(first + last) // 2 for first, last in segments]
+
+
+def epic_frame_indices(start_frame: int, end_frame: int, num_segments: int, jitter: bool,
+                       rng: _random.Random | None = None) -> list[int]:
+    """EK-100 `get_frame_ids` (LaViLa style, data_loader/EpicKitchens_MIR_dataset.py).
+
+    The span is cut into `num_segments` segments of (end - start - 1) / n frames; segment i covers
+    [round(s*i) + start, min(round(s*(i+1)) + start, end)] (numpy round: half to even). jitter (training): a
+    uniform frame in that closed range (official: np.random.randint(lo, hi + 1)); otherwise its middle (lo+hi)//2.
+    Note the last index may equal `end_frame` itself, as in the official code.
+    """
+    if num_segments < 1:
+        raise ValueError(f"num_segments must be >= 1, got {num_segments}")
+    if start_frame < 0 or end_frame <= start_frame:
+        raise ValueError(f"need 0 <= start_frame < end_frame, got [{start_frame}, {end_frame}]")
+    rng = _random if rng is None else rng
+    seg_size = float(end_frame - start_frame - 1) / num_segments
+    indices = []
+    for i in range(num_segments):
+        lo = int(np.round(seg_size * i) + start_frame)
+        hi = min(int(np.round(seg_size * (i + 1)) + start_frame), end_frame)
+        indices.append(rng.randint(lo, hi) if jitter else (lo + hi) // 2)
+    return indices
+
+
+def epic_frame_range(start_sec: float, end_sec: float, fps: float) -> tuple[int, int]:
+    """EK-100 start/end frame from timestamps: round(fps * start), ceil(fps * end) (official __getitem__)."""
+    return int(np.round(fps * start_sec)), int(np.ceil(fps * end_sec))
+
+
+# -- 3. backends ------------------------------------------------------------------------------------------------
+def _decord_available() -> bool:
+    try:
+        import decord  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """'auto' -> 'decord' when importable, else 'pyav'. An explicitly named backend must be importable."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "decord" if _decord_available() else "pyav"
+    if backend == "decord" and not _decord_available():
+        raise ImportError("backend 'decord' was asked for but decord is not installed (no aarch64 wheel: "
+                          "use backend='pyav')")
+    return backend
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]  # decord appends a long C++ stack trace
+
+
+class _DecordVideo:
+    """decord.VideoReader behind the small interface both backends share: num_frames, fps, get(indices)."""
+
+    def __init__(self, path: Path):
+        import decord
+
+        self._errors = (RuntimeError, decord.DECORDError)
+        self.path = path
+        try:
+            self._reader = decord.VideoReader(str(path), num_threads=1)
+            self.num_frames = len(self._reader)
+            self.fps = float(self._reader.get_avg_fps())
+        except self._errors as exc:
+            raise VideoReadError(path, CORRUPT, f"cannot open the video ({_first_line(exc)})") from exc
+
+    def get(self, indices: Sequence[int]) -> np.ndarray:
+        """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
+        try:
+            return self._reader.get_batch(list(indices)).asnumpy()
+        except self._errors as exc:
+            raise VideoReadError(self.path, CORRUPT, f"cannot decode frames {list(indices)} "
+                                 f"({_first_line(exc)})") from exc
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class _PyAVVideo:
+    """PyAV with seeking: a frame's index is its presentation time x fps (decord numbers frames the same way for
+    constant-rate video). Seeking keeps a read from a 600 s chunk from decoding every frame before the clip."""
+
+    SEEK_GAP = 64  # frames; a nearer target is reached by decoding on (about one GOP of a 30 fps Ego4D video)
+
+    def __init__(self, path: Path):
+        import av
+
+        self._errors = (av.error.FFmpegError, OSError, EOFError)
+        self.path = path
+        try:
+            self._container = av.open(str(path))
+            if not self._container.streams.video:
+                raise VideoReadError(path, CORRUPT, "the file has no video stream")
+            stream = self._stream = self._container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.codec_context.framerate
+            if not rate:
+                raise VideoReadError(path, CORRUPT, "the video stream declares no frame rate")
+            self._rate = Fraction(rate)
+            self._time_base = Fraction(stream.time_base)
+            self._start = stream.start_time or 0
+            self.fps = float(self._rate)
+            self.num_frames = stream.frames or self._count_packets()
+        except VideoReadError:
+            self.close()
+            raise
+        except self._errors as exc:
+            self.close()
+            raise VideoReadError(path, CORRUPT, f"cannot open the video ({_first_line(exc)})") from exc
+
+    def _count_packets(self) -> int:
+        """Containers without a frame count (webm, mkv): count the stream's packets, as decord does."""
+        count = sum(1 for packet in self._container.demux(self._stream) if packet.size > 0)
+        self._container.seek(0)
+        return count
+
+    def _index_of(self, frame) -> int:
+        return round((frame.pts - self._start) * self._time_base * self._rate)
+
+    def _seek(self, index: int):
+        target_pts = self._start + math.floor(Fraction(index) / (self._rate * self._time_base))
+        self._container.seek(target_pts, stream=self._stream, backward=True, any_frame=False)
+        return self._container.decode(self._stream)
+
+    def get(self, indices: Sequence[int]) -> np.ndarray:
+        """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
+        out = []
+        decoded = None  # the frame iterator; restarted by every seek
+        current = None  # (index, frame) of the last decoded frame
+        try:
+            for target in indices:
+                if current is None or target < current[0] or target - current[0] > self.SEEK_GAP:
+                    decoded, current = self._seek(target), None
+                while current is None or current[0] < target:
+                    frame = next(decoded, None)
+                    if frame is None:
+                        reached = "no frame" if current is None else f"frame {current[0]}"
+                        raise VideoReadError(self.path, CORRUPT, f"the stream ends at {reached} before frame "
+                                             f"{target} of {self.num_frames} (truncated?)")
+                    if frame.pts is not None:
+                        current = (self._index_of(frame), frame)
+                # A timestamp gap (variable frame rate) gives the next frame that exists.
+                out.append(current[1].to_ndarray(format="rgb24"))
+        except self._errors as exc:
+            raise VideoReadError(self.path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
+        return np.stack(out)
+
+    def close(self) -> None:
+        container = getattr(self, "_container", None)
+        if container is not None:
+            container.close()
+            self._container = None
+
+
+class _open_video:
+    """Context manager: the opened video (missing file and zero frames raise VideoReadError).
+
+    Opened readers are kept in a small per-process LRU cache keyed by path, size and mtime: re-opening costs more
+    than the read itself (decord: ~2 ms to open and ~5 ms for the first seek, vs ~2 ms for a 4-frame read on an open
+    reader), and training reads many clips of the same chunk files. A changed file gets a fresh reader.
+    """
+
+    CAPACITY = 32
+    _cache: OrderedDict = OrderedDict()
+    _pid = os.getpid()
+
+    def __init__(self, path: str | os.PathLike, backend: str):
+        self.path, self.backend = Path(path), resolve_backend(backend)
+
+    @classmethod
+    def _evict_all(cls) -> None:
+        while cls._cache:
+            cls._cache.popitem(last=False)[1].close()
+
+    def __enter__(self) -> _DecordVideo | _PyAVVideo:
+        cache = type(self)
+        if cache._pid != os.getpid():  # a forked DataLoader worker: never share the parent's decoder state
+            cache._cache, cache._pid = OrderedDict(), os.getpid()
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            raise VideoReadError(self.path, MISSING, "no such video file") from None
+        if not self.path.is_file():
+            raise VideoReadError(self.path, MISSING, "no such video file")
+        key = (self.backend, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
+        video = cache._cache.pop(key, None)
+        if video is None:
+            video = (_DecordVideo if self.backend == "decord" else _PyAVVideo)(self.path)
+            if video.num_frames <= 0:
+                video.close()
+                raise VideoReadError(self.path, EMPTY, "the video has zero frames")
+        cache._cache[key] = video  # most recently used last
+        while len(cache._cache) > cache.CAPACITY:
+            cache._cache.popitem(last=False)[1].close()
+        self.video = video
+        return video
+
+    def __exit__(self, exc_type, *exc_info) -> None:
+        if exc_type is not None:  # a reader that failed may be in a bad state: drop it
+            for key, video in list(type(self)._cache.items()):
+                if video is self.video:
+                    del type(self)._cache[key]
+            self.video.close()
+
+
+def _gather(video, indices: Sequence[int]) -> torch.Tensor:
+    """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), H, W, 3); each frame decoded once."""
+    bad = [i for i in indices if not 0 <= i < video.num_frames]
+    if bad:
+        raise VideoReadError(video.path, OUT_OF_RANGE, f"frame indices {bad[:5]} outside the video's "
+                             f"{video.num_frames} frames")
+    unique = sorted(set(indices))
+    frames = video.get(unique)                       # (U, H, W, 3)
+    where = {index: row for row, index in enumerate(unique)}
+    return torch.from_numpy(frames[[where[i] for i in indices]])  # (len(indices), H, W, 3)
+
+
+# -- 4. public readers ------------------------------------------------------------------------------------------
+def video_info(path: str | os.PathLike, backend: str = "auto") -> tuple[int, float]:
+    """(num_frames, fps) of a video file, as the backend reports them (decord: len(), get_avg_fps())."""
+    with _open_video(path, backend) as video:
+        return video.num_frames, video.fps
+
+
+def read_frames(path: str | os.PathLike, indices: list[int], backend: str = "auto") -> torch.Tensor:
+    """Decode the frames at `indices` (0-based, any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB."""
+    if len(indices) == 0:
+        raise ValueError("read_frames needs at least one frame index")
+    with _open_video(path, backend) as video:
+        return _gather(video, indices)
+
+
+def _sample_or_raise(path, num_frames, start_f, end_f, sample, rng) -> list[int]:
+    try:
+        indices = sample_frame_indices(num_frames, start_f, end_f, sample, rng=rng)
+    except ValueError as exc:
+        raise VideoReadError(path, TOO_SHORT, str(exc)) from exc
+    if not indices:  # K = min(F, end_f) = 0
+        raise VideoReadError(path, EMPTY, f"frames [{start_f}, {end_f}) give zero sampled frames")
+    return indices
+
+
+def read_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float | None, num_frames: int,
+              sample: str, backend: str = "auto", rng: _random.Random | None = None
+              ) -> tuple[torch.Tensor, list[int]]:
+    """Sample and decode the clip [start_sec, end_sec] of one video file at the file's real fps.
+
+    Returns (uint8 (K, H, W, 3), the K frame indices) with K = min(num_frames, end_frame) <= num_frames (official
+    K rule; the official datasets zero-pad to F after the transform). Official `read_frames_cv2_charades` rules:
+    start_frame = max(0, int(start_sec * fps)), end_frame = min(int(end_sec * fps), num_frames); no times (None,
+    or both 0 as in the official `if not start_sec and not end_sec`) means the whole video.
+    Raises VideoReadError: missing / corrupt file, zero frames, a clip that starts at or after the end of the
+    video or ends before it starts, or a clip too short for 'rand'.
+    """
+    with _open_video(path, backend) as video:
+        if end_sec is None or (not start_sec and not end_sec):
+            start_f, end_f = 0, video.num_frames
+        else:
+            start_sec = start_sec or 0.0
+            duration = video.num_frames / video.fps
+            if end_sec < start_sec or end_sec < 0:
+                raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {end_sec}] s ends before it starts")
+            start_f = max(0, int(start_sec * video.fps))
+            end_f = min(int(end_sec * video.fps), video.num_frames)
+            if start_f >= video.num_frames:
+                raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {end_sec}] s starts after the end of "
+                                     f"the video ({video.num_frames} frames at {video.fps:g} fps = {duration:.3f} s)")
+        indices = _sample_or_raise(path, num_frames, start_f, end_f, sample, rng)
+        return _gather(video, indices), indices
+
+
+# -- 5. the chunked EgoClip layout ------------------------------------------------------------------------------
+def egoclip_chunk(video_root: str | os.PathLike, video_uid: str, start_sec: float, end_sec: float,
+                  chunk_sec: int = EGOCLIP_CHUNK_SEC) -> tuple[list[Path], list[float], float]:
+    """Official `EgoClip_EgoMCQ._get_video_path`: ([start chunk file, end chunk file], [start, end] clamped at 0,
+    the end time of the start chunk). Chunk c holds [c * chunk_sec, (c + 1) * chunk_sec) s of the video."""
+    start = max(float(start_sec), 0.0)
+    end = max(float(end_sec), 0.0)
+    first, last = int(start // chunk_sec), int(end // chunk_sec)
+    root = Path(video_root) / video_uid
+    return [root / f"{first}.mp4", root / f"{last}.mp4"], [start, end], float((first + 1) * chunk_sec)
+
+
+def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: float, end_sec: float,
+                      num_frames: int, sample: str, rng: _random.Random | None = None, backend: str = "auto",
+                      chunk_sec: int = EGOCLIP_CHUNK_SEC) -> torch.Tensor:
+    """Official `read_frames_cv2_egoclip` on the chunked layout -> uint8 (num_frames, H, W, 3).
+
+    Frame indices are sampled on the whole video's timeline (start_f = int(start * fps), end_f = int(end * fps),
+    `sample_frame_indices`); a frame at or after the chunk boundary comes from the next chunk file. Frames past
+    the end of a chunk file are clamped to its last frame, and fewer than num_frames frames (K = min(F, end_f))
+    are padded by repeating the last one, as in the official reader.
+    Deliberate differences (EGOVLPV2_SPEC.md §7, hazard 17):
+      * fps is the start chunk file's real fps, not an assumed 30 (chunk c starts at frame int(c * chunk_sec * fps));
+      * frame i is frame i: the official OpenCV seek `CAP_PROP_POS_FRAMES = i - 1` reads one frame earlier;
+      * the frame exactly at the boundary comes from the next chunk (official `index > bound_f` sends it to the
+        first file, where `index % 18000` wraps to that chunk's frame 0);
+      * strict errors instead of OpenCV's silently skipped reads: a missing chunk file, a clip starting after the
+        end of its chunk, a clip spanning more than two chunks.
+    """
+    paths, (start, end), bound_sec = egoclip_chunk(video_root, video_uid, start_sec, end_sec, chunk_sec)
+    first_chunk, last_chunk = int(start // chunk_sec), int(end // chunk_sec)
+    if end < start:
+        raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s ends before it starts")
+    if last_chunk > first_chunk + 1:
+        raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s spans more than two "
+                             f"{chunk_sec} s chunks")
+    for path in paths:
+        if not path.is_file():
+            raise VideoReadError(path, MISSING, f"no such chunk file (clip [{start}, {end}] s of {video_uid})")
+    with _open_video(paths[0], backend) as first:
+        fps = first.fps
+        start_f, end_f = max(0, int(start * fps)), max(0, int(end * fps))
+        # int() like start_f, so start_f >= offset for any fps (official: bound_f = int(bound_sec * 30))
+        bound_f = int(bound_sec * fps)                 # first frame of the next chunk
+        offset = int((bound_sec - chunk_sec) * fps)    # first frame of the start chunk
+        if start_f - offset >= first.num_frames:
+            raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s starts after the end of the "
+                                 f"chunk ({first.num_frames} frames at {fps:g} fps)")
+        indices = _sample_or_raise(paths[0], num_frames, start_f, end_f, sample, rng)
+        in_first = [i for i in indices if i < bound_f]
+        in_second = [i for i in indices if i >= bound_f]
+        parts = []
+        if in_first:
+            parts.append(_gather(first, [min(i - offset, first.num_frames - 1) for i in in_first]))
+        if in_second:
+            with _open_video(paths[1], backend) as second:
+                parts.append(_gather(second, [min(i - bound_f, second.num_frames - 1) for i in in_second]))
+    if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
+        raise VideoReadError(paths[1], CORRUPT, f"frame size {tuple(parts[1].shape[1:3])} differs from the "
+                             f"previous chunk's {tuple(parts[0].shape[1:3])}")
+    frames = torch.cat(parts)                        # (K, H, W, 3), indices are increasing so order is kept
+    if frames.shape[0] < num_frames:                 # official: frames.append(frames[-1]) until F
+        frames = torch.cat([frames, frames[-1:].expand(num_frames - frames.shape[0], -1, -1, -1)])
+    return frames
+
+
+# -- 6. strict / lax policy -------------------------------------------------------------------------------------
+class ClipLoader:
+    """The official `video_params['loading']` policy around any reader of this module.
+
+    strict: a VideoReadError propagates (its message names the file).
+    lax:    `load` returns None and counts the failure by reason; the caller substitutes
+            `transforms.black_clip(F, size)` (the official black frame, normalised, zero-padded to F).
+    Only VideoReadError is absorbed: a programming error still raises in lax mode.
+    """
+
+    def __init__(self, strict: bool = True, backend: str = "auto"):
+        self.strict = strict
+        self.backend = resolve_backend(backend)
+        self.failures: collections.Counter[str] = collections.Counter()
+        self.first_errors: dict[str, str] = {}  # reason -> the first message seen, for the run report
+        self.loads = 0
+
+    def load(self, loader_fn: Callable[..., Any], *args, **kwargs) -> Any:
+        """loader_fn(*args, **kwargs), with backend= set to this loader's backend when loader_fn takes one."""
+        if "backend" not in kwargs and "backend" in inspect.signature(loader_fn).parameters:
+            kwargs["backend"] = self.backend
+        self.loads += 1
+        try:
+            return loader_fn(*args, **kwargs)
+        except VideoReadError as exc:
+            if self.strict:
+                raise
+            self.failures[exc.reason] += 1
+            self.first_errors.setdefault(exc.reason, str(exc))
+            return None
