@@ -77,7 +77,8 @@ def cmd_info(args) -> int:
     print(f"  ORT providers     {', '.join(env['onnxruntime_providers']) or '-'}")
     native = env["native_extension"]
     if isinstance(native, dict):
-        native = f"{native['compiler']}, C++{str(native['cplusplus'])[2:4]}, OpenMP {'on' if native['openmp'] else 'off'}"
+        openmp = "on" if native["openmp"] else "off"
+        native = f"{native['compiler']}, C++{str(native['cplusplus'])[2:4]}, OpenMP {openmp}"
     print(f"  native extension  {native}")
     print()
     print(f"model: {name} ({config.projection} projection), {report.num_frames} frames of "

@@ -132,7 +132,8 @@ class TrainConfig:
         try:
             return cls.from_dict(json.loads(path.read_text()))
         except FileNotFoundError as exc:
-            raise ConfigError(f"{path}: no such config (shipped: {sorted(p.name for p in SHIPPED.glob('*.json'))})") from exc
+            shipped = sorted(p.name for p in SHIPPED.glob("*.json"))
+            raise ConfigError(f"{path}: no such config (shipped: {shipped})") from exc
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         except ConfigError as exc:

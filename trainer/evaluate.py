@@ -84,7 +84,8 @@ def add_arguments(parser) -> None:
                         help="a save_pretrained directory, a training checkpoint (runs/x/checkpoints/step_N) or an "
                              "official .pth file")
     parser.add_argument("--egomcq", required=True, metavar="JSON", help="EgoMCQ questions (official format)")
-    parser.add_argument("--video-root", required=True, metavar="DIR", help="chunked videos: DIR/{video_uid}/{chunk}.mp4")
+    parser.add_argument("--video-root", required=True, metavar="DIR",
+                        help="chunked videos: DIR/{video_uid}/{chunk}.mp4")
     parser.add_argument("--tokenizer", required=True, metavar="DIR",
                         help="tokenizer directory (a training run keeps its demo tokenizer in RUN/tokenizer)")
     parser.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: the model's; paper: 16)")

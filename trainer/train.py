@@ -338,7 +338,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "load_failures": load_failures,
+                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
+                          "load_failures": load_failures,
                           "grad_norm": float(grad_norm), "clips_per_s": window_clips / max(elapsed, 1e-9)}
                 record |= {k: float(v) for k, v in parts.items()}
                 log.write(record)
@@ -365,7 +366,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         bar.close()
     log.close()
     summary = {"steps": step, "epochs_started": epoch + 1 if done else epoch, "minutes": (time.time() - started) / 60,
-               "skipped_steps": skipped, "skipped_rows": skipped_rows, "load_failures": load_failures, "egomcq": final_eval or last_eval, "output_dir": str(output_dir),
+               "skipped_steps": skipped, "skipped_rows": skipped_rows, "load_failures": load_failures,
+               "egomcq": final_eval or last_eval, "output_dir": str(output_dir),
                "world_size": info.world_size}
     if info.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .egoclip import SharedEpoch, item_seeds, multi_hot, pad_frames, parse_number
+from .egoclip import EpochSeededDataset, item_seeds, multi_hot, pad_frames, parse_number
 from .errors import DataError, RowFilter, RowProblem
 
 NUM_CLASSES = 157
@@ -109,7 +109,7 @@ def _open_rows(path: str | os.PathLike, rows: RowFilter, delimiter: str, require
     return f, reader, header
 
 
-class CharadesEgoDataset(torch.utils.data.Dataset):
+class CharadesEgoDataset(EpochSeededDataset):
     """Charades-Ego -> dict(video=float (F,3,S,S), text=str, target=float (num_classes,) multi-hot, index=int,
     load_failed=int). In train the target is the one-hot of the row's `cls` (the official returns the int).
 
@@ -154,7 +154,7 @@ class CharadesEgoDataset(torch.utils.data.Dataset):
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
         self._read = clip_reader or read_charades_clip  # ClipLoader passes backend=
-        self._epoch = SharedEpoch()
+        EpochSeededDataset.__init__(self)
 
     def _rows(self, rows: RowFilter, delimiter: str, required: tuple[str, ...]):
         """Yield (line, fields) of well-formed rows; malformed ones go to `rows`."""
@@ -215,12 +215,6 @@ class CharadesEgoDataset(torch.utils.data.Dataset):
                           "start": start, "end": end})
         return items
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.set(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
 
     def __len__(self) -> int:
         return len(self._items)

@@ -164,6 +164,21 @@ class SharedEpoch:
         return int(self._value)
 
 
+class EpochSeededDataset(torch.utils.data.Dataset):
+    """A dataset whose random draws are a pure function of (seed, epoch, index); `set_epoch` selects the epoch."""
+
+    def __init__(self):
+        self._epoch = SharedEpoch()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose random draws __getitem__ makes (call before iterating each epoch)."""
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+
 class PackedStrings:
     """A read-only list of strings stored as one utf-8 buffer + offsets: no per-string Python objects to copy."""
 
@@ -246,7 +261,7 @@ def read_egoclip_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike
     return out
 
 
-class EgoClipDataset(torch.utils.data.Dataset):
+class EgoClipDataset(EpochSeededDataset):
     """EgoClip rows -> dict(video=float (F,3,S,S), text=str, verb=float (num_verbs,), noun=float (num_nouns,),
     [neg_window set:] video_neg, text_neg, verb_neg, noun_neg, and index=int, load_failed=int).
 
@@ -311,15 +326,8 @@ class EgoClipDataset(torch.utils.data.Dataset):
         if clip_reader is None:
             from egovlp_deploy.video import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
         self._read = clip_reader
-        self._epoch = SharedEpoch()
+        EpochSeededDataset.__init__(self)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose random draws __getitem__ makes (call before iterating each epoch)."""
-        self._epoch.set(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
 
     def __len__(self) -> int:
         return len(self._line)

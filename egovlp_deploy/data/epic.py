@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .egoclip import SharedEpoch, item_seeds, pad_frames
+from .egoclip import EpochSeededDataset, item_seeds, pad_frames
 from .errors import DataError, RowFilter, RowProblem
 
 EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
@@ -181,7 +181,7 @@ def read_epic_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | 
     return out, position + 1
 
 
-class EpicMIRDataset(torch.utils.data.Dataset):
+class EpicMIRDataset(EpochSeededDataset):
     """EK-100 MIR rows -> dict(video=float (F,3,S,S), text=str, relation=float, index=int (the CSV data row, the
     official item_v), text_index=int (the sentence column, official item_t: -1 outside train), load_failed=int).
 
@@ -238,14 +238,8 @@ class EpicMIRDataset(torch.utils.data.Dataset):
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
         self._read = clip_reader or read_epic_clip  # ClipLoader passes backend=
-        self._epoch = SharedEpoch()
+        EpochSeededDataset.__init__(self)
 
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch.set(epoch)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch.get()
 
     def __len__(self) -> int:
         return len(self._rows)

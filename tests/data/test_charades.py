@@ -11,22 +11,10 @@ import torch
 
 from egovlp_deploy.data import CharadesEgoDataset, DataError, load_charades_classes, parse_actions
 
-FPS, SIDE, STEP = 10, 64, 8   # frame i is a flat colour with red = STEP * i + 4
+from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
 HEADER = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length"
 
 
-def write_video(path: Path, num_frames: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width = stream.height = SIDE
-        stream.pix_fmt = "yuv420p"
-        for i in range(num_frames):
-            img = np.zeros((SIDE, SIDE, 3), np.uint8)
-            img[..., 0], img[..., 1] = STEP * i + 4, 128
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(stream.encode())
-    return path
 
 
 def test_row(vid="AB12EGO", actions="c092 11.90 21.20;c147 0.00 12.60", script="A person opens a door."):

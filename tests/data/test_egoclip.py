@@ -14,21 +14,9 @@ import torch
 from egovlp_deploy.data import DataError, EgoClipDataset
 from egovlp_deploy.data.egoclip import EGOCLIP_COLUMNS
 
-FPS, SIDE, STEP = 10, 64, 8   # frame i is a flat colour with red = STEP * i + 4: decoded frames reveal their index
+from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
 
 
-def write_video(path: Path, num_frames: int, fps: int = FPS) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width = stream.height = SIDE
-        stream.pix_fmt = "yuv420p"
-        for i in range(num_frames):
-            img = np.zeros((SIDE, SIDE, 3), np.uint8)
-            img[..., 0], img[..., 1] = STEP * i + 4, 128
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(stream.encode())
-    return path
 
 
 def frame_ids(frames: torch.Tensor) -> list[int]:

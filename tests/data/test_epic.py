@@ -12,23 +12,11 @@ import torch
 
 from egovlp_deploy.data import DataError, EpicMIRDataset, load_relevancy
 
-FPS, SIDE, STEP = 10, 64, 8   # frame i is a flat colour with red = STEP * i + 4
+from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
 HEADER = ("narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,"
           "stop_frame,narration,verb,verb_class,noun,noun_class,all_nouns,all_noun_classes")
 
 
-def write_video(path: Path, num_frames: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=FPS)
-        stream.width = stream.height = SIDE
-        stream.pix_fmt = "yuv420p"
-        for i in range(num_frames):
-            img = np.zeros((SIDE, SIDE, 3), np.uint8)
-            img[..., 0], img[..., 1] = STEP * i + 4, 128
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
-        out.mux(stream.encode())
-    return path
 
 
 def line(nid="P01_01_0", start="00:00:00.50", stop="00:00:02.50", text="open drawer", pid="P01", vid="P01_01"):
