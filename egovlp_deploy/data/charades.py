@@ -25,7 +25,8 @@ from typing import Any
 import torch
 
 from .egoclip import EpochSeededDataset, item_seeds, multi_hot, pad_frames, parse_number
-from .errors import DataError, RowFilter, RowProblem
+from .csv_rows import csv_records
+from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 NUM_CLASSES = 157
 CHARADES_MAX_TEXT_LENGTH = 30
@@ -87,28 +88,6 @@ def read_charades_clip(path: str | os.PathLike, start_sec: float | None, end_sec
     return read_clip(path, start_sec, end_sec, num_frames, sample, backend=backend, rng=rng)[0]
 
 
-def _open_rows(path: str | os.PathLike, rows: RowFilter, delimiter: str, required: tuple[str, ...]):
-    try:
-        f = open(path, newline="", encoding="utf-8")
-    except OSError as e:
-        raise rows.fail("open", str(e)) from e
-    # charades_meta.py writes metadata_train.csv unquoted (QUOTE_NONE); the official test CSV is quoted CSV.
-    reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
-    try:
-        header = next(reader, None)
-    except (csv.Error, UnicodeDecodeError) as e:
-        f.close()
-        raise rows.fail("line 1", f"unreadable header: {e}") from e
-    if header is None:
-        f.close()
-        raise rows.fail("line 1", "the file is empty (no header)")
-    missing = [c for c in required if c not in header]
-    if missing:
-        f.close()
-        raise rows.fail("line 1", f"missing columns {missing}; header: {header}")
-    return f, reader, header
-
-
 class CharadesEgoDataset(EpochSeededDataset):
     """Charades-Ego -> dict(video=float (F,3,S,S), text=str, target=float (num_classes,) multi-hot, index=int,
     load_failed=int). In train the target is the one-hot of the row's `cls` (the official returns the int).
@@ -137,13 +116,11 @@ class CharadesEgoDataset(EpochSeededDataset):
         rows = RowFilter(csv_path, strict)
         self._items = self._read_train(rows) if self.train else self._read_test(rows)
         if check_files:
-            exists: dict[Path, bool] = {}
+            files = FileCheck()
             kept = []
             for item in self._items:
                 path = item["path"]
-                if path not in exists:
-                    exists[path] = path.is_file()
-                if exists[path]:
+                if files.exists(path):
                     kept.append(item)
                 else:
                     rows.reject(item["line"], RowProblem("missing video", f"{path} does not exist"))
@@ -158,21 +135,10 @@ class CharadesEgoDataset(EpochSeededDataset):
 
     def _rows(self, rows: RowFilter, delimiter: str, required: tuple[str, ...]):
         """Yield (line, fields) of well-formed rows; malformed ones go to `rows`."""
-        f, reader, header = _open_rows(self.csv_path, rows, delimiter, required)
-        with f:
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    return
-                except (csv.Error, UnicodeDecodeError) as e:
-                    rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
-                    continue
-                if len(values) != len(header):
-                    rows.reject(reader.line_num,
-                                RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}"))
-                    continue
-                yield reader.line_num, dict(zip(header, values))
+        # charades_meta.py writes metadata_train.csv unquoted (QUOTE_NONE); the official test CSV is quoted CSV.
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        for line, _, fields in csv_records(self.csv_path, rows, required, delimiter, quoting):
+            yield line, fields
 
     def _check_id(self, vid: str) -> Path:
         if not vid.strip() or "/" in vid or vid in (".", ".."):

@@ -17,7 +17,6 @@ Differences from the official reader, all deliberate:
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import math
 import os
@@ -30,7 +29,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DataError, RowFilter, RowProblem
+from .csv_rows import csv_records
+from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 EGOCLIP_COLUMNS = ("video_uid", "video_dur", "narration_source", "narration_ind", "narration_time", "clip_start",
                    "clip_end", "clip_text", "tag_verb", "tag_noun")
@@ -215,49 +215,21 @@ def read_egoclip_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike
     With `video_root`, a row whose chunk file(s) are missing is bad too (checked once per file).
     """
     out: list[tuple[int, ClipRow]] = []
-    exists: dict[Path, bool] = {}
-    try:
-        f = open(csv_path, newline="", encoding="utf-8")
-    except OSError as e:
-        raise rows.fail("open", str(e)) from e
-    with f:
-        # The official pd.read_csv(sep='\t') quotes with '"' too, so a narration containing tabs can be quoted.
-        reader = csv.reader(f, delimiter="\t")
+    files = FileCheck()
+    # The official pd.read_csv(sep='\t') quotes with '"' too, so a narration containing tabs can be quoted.
+    for line, _, fields in csv_records(csv_path, rows, EGOCLIP_COLUMNS, delimiter="\t",
+                                       hint=" (is it TAB-separated?)"):
         try:
-            header = next(reader, None)
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise rows.fail("line 1", f"unreadable header: {e}") from e
-        if header is None:
-            raise rows.fail("line 1", "the file is empty (no header)")
-        missing = [c for c in EGOCLIP_COLUMNS if c not in header]
-        if missing:
-            raise rows.fail("line 1", f"missing columns {missing} (is it TAB-separated?); header: {header}")
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                break
-            except (csv.Error, UnicodeDecodeError) as e:
-                rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
-                continue
-            line = reader.line_num
-            if len(values) != len(header):
-                rows.reject(line, RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}"))
-                continue
-            try:
-                row = parse_clip_row(dict(zip(header, values)), num_verbs, num_nouns)
-                if row.narration_time is None:
-                    raise RowProblem("bad narration_time", "narration_time is empty")
-                if video_root is not None:
-                    for path in chunk_paths(video_root, row):
-                        if path not in exists:
-                            exists[path] = path.is_file()
-                        if not exists[path]:
-                            raise RowProblem("missing video", f"{path} does not exist")
-            except RowProblem as problem:
-                rows.reject(line, problem)
-                continue
-            out.append((line, row))
+            row = parse_clip_row(fields, num_verbs, num_nouns)
+            if row.narration_time is None:
+                raise RowProblem("bad narration_time", "narration_time is empty")
+            if video_root is not None:
+                for path in chunk_paths(video_root, row):
+                    files.require(path)
+        except RowProblem as problem:
+            rows.reject(line, problem)
+            continue
+        out.append((line, row))
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .egoclip import NUM_NOUNS, NUM_VERBS, ClipReader, ClipRow, chunk_paths, parse_clip_row, parse_tag_list, \
     pad_frames
-from .errors import DataError, RowFilter, RowProblem
+from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 MCQ_TYPES = {1: "inter", 2: "intra"}
 
@@ -91,7 +91,7 @@ def read_egomcq(json_path: str | os.PathLike, video_root: str | os.PathLike | No
             keyed.append((int(key), key))
         except ValueError:
             rows.reject(key, RowProblem("bad key", "the key is not an integer"))
-    exists: dict[Path, bool] = {}
+    files = FileCheck()
     out = []
     for _, key in sorted(keyed):
         try:
@@ -99,10 +99,7 @@ def read_egomcq(json_path: str | os.PathLike, video_root: str | os.PathLike | No
             if video_root is not None:
                 for i, row in enumerate(entry.choices):
                     for path in chunk_paths(video_root, row):
-                        if path not in exists:
-                            exists[path] = path.is_file()
-                        if not exists[path]:
-                            raise RowProblem("missing video", f"choice {i}: {path} does not exist")
+                        files.require(path, prefix=f"choice {i}: ")
         except RowProblem as problem:
             rows.reject(key, problem)
             continue

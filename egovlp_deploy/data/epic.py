@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from .egoclip import EpochSeededDataset, item_seeds, pad_frames
-from .errors import DataError, RowFilter, RowProblem
+from .csv_rows import csv_records
+from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
 EPIC_MAX_TEXT_LENGTH = 30   # trainer_epic pads/truncates captions to 30 tokens (spec §10 hazard 18)
@@ -124,61 +125,30 @@ def read_epic_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | 
                    rows: RowFilter) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
     """Valid rows as (line number, data-row index, fields) and the total number of data rows."""
     out = []
-    exists: dict[Path, bool] = {}
-    try:
-        f = open(csv_path, newline="", encoding="utf-8")
-    except OSError as e:
-        raise rows.fail("open", str(e)) from e
-    with f:
-        reader = csv.reader(f)
+    files = FileCheck()
+    records = csv_records(csv_path, rows, EPIC_COLUMNS)
+    for line, position, fields in records:
         try:
-            header = next(reader, None)
-        except (csv.Error, UnicodeDecodeError) as e:
-            raise rows.fail("line 1", f"unreadable header: {e}") from e
-        if header is None:
-            raise rows.fail("line 1", "the file is empty (no header)")
-        missing = [c for c in EPIC_COLUMNS if c not in header]
-        if missing:
-            raise rows.fail("line 1", f"missing columns {missing}; header: {header}")
-        position = -1   # the data-row index: the row of the relevancy matrix, counted over bad rows too
-        while True:
-            try:
-                values = next(reader)
-            except StopIteration:
-                break
-            except (csv.Error, UnicodeDecodeError) as e:
-                position += 1
-                rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
-                continue
-            position += 1
-            line = reader.line_num
-            try:
-                if len(values) != len(header):
-                    raise RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}")
-                fields = dict(zip(header, values))
-                start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
-                stop = timestamp_seconds(fields["stop_timestamp"], "stop_timestamp")
-                if stop <= start:
-                    raise RowProblem("bad clip times", f"stop_timestamp {fields['stop_timestamp']} is not after "
-                                                       f"start_timestamp {fields['start_timestamp']}")
-                if not fields["narration"].strip():
-                    raise RowProblem("empty narration", "narration is empty")
-                for name in ("narration_id", "participant_id", "video_id"):
-                    if not fields[name].strip() or "/" in fields[name]:
-                        raise RowProblem(f"bad {name}", f"{fields[name]!r}")
-                if video_root is not None:
-                    path = epic_video_path(video_root, fields["participant_id"], fields["video_id"])
-                    if path not in exists:
-                        exists[path] = path.is_file()
-                    if not exists[path]:
-                        raise RowProblem("missing video", f"{path} does not exist")
-            except RowProblem as problem:
-                rows.reject(line, problem)
-                continue
-            out.append((line, position, {"narration_id": fields["narration_id"], "start": start, "stop": stop,
-                                         "participant_id": fields["participant_id"], "video_id": fields["video_id"],
-                                         "narration": fields["narration"]}))
-    return out, position + 1
+            start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
+            stop = timestamp_seconds(fields["stop_timestamp"], "stop_timestamp")
+            if stop <= start:
+                raise RowProblem("bad clip times", f"stop_timestamp {fields['stop_timestamp']} is not after "
+                                                   f"start_timestamp {fields['start_timestamp']}")
+            if not fields["narration"].strip():
+                raise RowProblem("empty narration", "narration is empty")
+            for name in ("narration_id", "participant_id", "video_id"):
+                if not fields[name].strip() or "/" in fields[name]:
+                    raise RowProblem(f"bad {name}", f"{fields[name]!r}")
+            if video_root is not None:
+                path = epic_video_path(video_root, fields["participant_id"], fields["video_id"])
+                files.require(path)
+        except RowProblem as problem:
+            rows.reject(line, problem)
+            continue
+        out.append((line, position, {"narration_id": fields["narration_id"], "start": start, "stop": stop,
+                                     "participant_id": fields["participant_id"], "video_id": fields["video_id"],
+                                     "narration": fields["narration"]}))
+    return out, records.data_rows
 
 
 class EpicMIRDataset(EpochSeededDataset):

@@ -60,3 +60,20 @@ class RowFilter:
 
 def describe_row(row: int | str) -> str:
     return f"line {row}" if isinstance(row, int) else f"key {row!r}"
+
+
+class FileCheck:
+    """Whether video files exist, each path asked of the file system once (metadata names a chunk many times)."""
+
+    def __init__(self):
+        self._known: dict = {}
+
+    def exists(self, path) -> bool:
+        if path not in self._known:
+            self._known[path] = path.is_file()
+        return self._known[path]
+
+    def require(self, path, prefix: str = "") -> None:
+        """Raise RowProblem('missing video') unless `path` is a file."""
+        if not self.exists(path):
+            raise RowProblem("missing video", f"{prefix}{path} does not exist")
