@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from .egoclip import EpochSeededDataset, item_seeds, multi_hot, pad_frames, parse_number
+from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number
 from .csv_rows import csv_records
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
@@ -186,7 +186,6 @@ class CharadesEgoDataset(EpochSeededDataset):
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
         from egovlp_deploy.video import VideoReadError
 
         item = self._items[index]
@@ -197,13 +196,6 @@ class CharadesEgoDataset(EpochSeededDataset):
                                        rng=random.Random(s_frames) if self.train else None)
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {item['line']}", f"video: {e}") from e
-        if frames is None:
-            video, failed = black_clip(self.num_frames, self.size), 1
-        else:
-            if self.train:
-                video = train_transform(frames, self.size, generator=torch.Generator().manual_seed(s_crop))
-            else:
-                video = eval_transform(frames, self.size, variant="egoclip")
-            video, failed = pad_frames(video, self.num_frames), 0
+        video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None)
         return {"video": video, "text": item["text"], "target": multi_hot(item["classes"], self.num_classes),
                 "index": index, "load_failed": failed}

@@ -333,7 +333,6 @@ class EgoClipDataset(EpochSeededDataset):
 
     def _clip(self, index: int, frame_seed: int, crop_seed: int) -> tuple[torch.Tensor, int]:
         """Row -> float (F,3,S,S) and 1 if it fell back to the lax black clip."""
-        from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
         from egovlp_deploy.video import VideoReadError
 
         uid = self._uids[self._uid[index]]
@@ -343,13 +342,25 @@ class EgoClipDataset(EpochSeededDataset):
                                        rng=random.Random(frame_seed))
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {self.line_of(index)}", f"video {uid}: {e}") from e
-        if frames is None:
-            return black_clip(self.num_frames, self.size), 1
-        if self.split == "train":
-            video = train_transform(frames, self.size, generator=torch.Generator().manual_seed(crop_seed))
-        else:
-            video = eval_transform(frames, self.size, variant="egoclip")
-        return pad_frames(video, self.num_frames), 0
+        return clip_tensor(frames, self.num_frames, self.size, crop_seed if self.split == "train" else None)
+
+
+def clip_tensor(frames: torch.Tensor | None, num_frames: int, size: int, crop_seed: int | None = None,
+                variant: str = "egoclip") -> tuple[torch.Tensor, int]:
+    """Decoded uint8 frames -> (float (num_frames,3,size,size), 1 if it is the lax black clip else 0).
+
+    `frames` None (a lax-mode read failure) gives the official black clip; `crop_seed` selects the train transform
+    (seeded crop and flip), None the eval transform; fewer frames than num_frames are zero-padded as official.
+    """
+    from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
+
+    if frames is None:
+        return black_clip(num_frames, size), 1
+    if crop_seed is not None:
+        video = train_transform(frames, size, generator=torch.Generator().manual_seed(crop_seed), variant=variant)
+    else:
+        video = eval_transform(frames, size, variant=variant)
+    return pad_frames(video, num_frames), 0
 
 
 def pad_frames(video: torch.Tensor, num_frames: int) -> torch.Tensor:

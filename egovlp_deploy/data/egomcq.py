@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .egoclip import NUM_NOUNS, NUM_VERBS, ClipReader, ClipRow, chunk_paths, parse_clip_row, parse_tag_list, \
-    pad_frames
+from .egoclip import (NUM_NOUNS, NUM_VERBS, ClipReader, ClipRow, chunk_paths, clip_tensor, parse_clip_row,
+                      parse_tag_list)
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 MCQ_TYPES = {1: "inter", 2: "intra"}
@@ -144,7 +144,6 @@ class EgoMCQDataset(torch.utils.data.Dataset):
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from egovlp_deploy.transforms import black_clip, eval_transform
         from egovlp_deploy.video import VideoReadError
 
         entry = self.entries[index]
@@ -157,9 +156,7 @@ class EgoMCQDataset(torch.utils.data.Dataset):
             except VideoReadError as e:
                 raise DataError(self.json_path, f"key {entry.key!r}", f"choice {i}, video {row.video_uid}: {e}") \
                     from e
-            if frames is None:
-                videos[i], failed = black_clip(self.num_frames, self.size), failed + 1
-            else:
-                videos[i] = pad_frames(eval_transform(frames, self.size, variant="egoclip"), self.num_frames)
+            videos[i], missed = clip_tensor(frames, self.num_frames, self.size)
+            failed += missed
         return {"text": entry.text, "videos": videos, "answer": entry.answer, "type": entry.type,
                 "key": entry.key, "load_failed": failed}

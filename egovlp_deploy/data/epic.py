@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .egoclip import EpochSeededDataset, item_seeds, pad_frames
+from .egoclip import EpochSeededDataset, clip_tensor, item_seeds
 from .csv_rows import csv_records
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
@@ -227,7 +227,6 @@ class EpicMIRDataset(EpochSeededDataset):
         return np.array([where[s] for s in self.sentence_ids], dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
         from egovlp_deploy.video import VideoReadError
 
         row, position = self._rows[index], int(self.row_indices[index])
@@ -245,14 +244,7 @@ class EpicMIRDataset(EpochSeededDataset):
                                        self.train, rng=random.Random(s_frames))
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {self._lines[index]}", f"video: {e}") from e
-        if frames is None:
-            video, failed = black_clip(self.num_frames, self.size), 1
-        else:
-            if self.train:
-                video = train_transform(frames, self.size, generator=torch.Generator().manual_seed(s_crop),
-                                        variant="epic")
-            else:
-                video = eval_transform(frames, self.size, variant="epic")
-            video, failed = pad_frames(video, self.num_frames), 0
+        video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None,
+                                    variant="epic")
         return {"video": video, "text": text, "relation": relation, "index": position, "text_index": text_index,
                 "load_failed": failed}
