@@ -133,7 +133,34 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of the official validation: dual (cosine), fusion (VTM probability), ensemble.")
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.run)
+
+    add_bench_commands(sub)
     return parser
+
+
+# `egovlp-deploy bench TARGET`: each target is a module with DESCRIPTION, add_arguments(parser) and run(args) -> int.
+BENCH_TARGETS = {
+    "kernels": ("egovlp_deploy.kernels.bench.kernel_bench", "Triton attention kernels vs reference, SDPA, compile"),
+    "preprocess": ("egovlp_deploy.kernels.bench.preprocess_bench", "C++ clip preprocessing vs the torch reference"),
+}
+
+
+def add_bench_commands(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks: JSON + markdown table + PNG plot per run",
+                           description="Run a benchmark; each writes JSON, a markdown table and a PNG plot, and "
+                                       "records the machine and device (protocol in BENCHMARKS.md).")
+    targets = bench.add_subparsers(dest="target", metavar="TARGET", required=True)
+    for name, (module_name, summary) in BENCH_TARGETS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not module_name.startswith(exc.name):
+                raise
+            continue  # not part of this build
+        p = targets.add_parser(name, help=summary, description=module.DESCRIPTION,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(func=module.run)
 
 
 def main(argv: list[str] | None = None) -> int:
