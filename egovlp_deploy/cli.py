@@ -38,7 +38,7 @@ def _environment() -> dict:
     except ImportError:
         env["onnxruntime_providers"] = []
     try:
-        native = importlib.import_module("egovlp_deploy._native")
+        native = importlib.import_module("egovlp_deploy._C")
         env["native_extension"] = dict(native.build_info())
     except ImportError as exc:
         env["native_extension"] = f"not built ({exc})"

@@ -164,6 +164,21 @@ def eval_transform(frames_uint8: torch.Tensor, size: int, variant: str = "egocli
     return normalize(clip, mean, std).contiguous()
 
 
+def eval_clip(frames_uint8: torch.Tensor, size: int, variant: str = "egoclip") -> torch.Tensor:
+    """`eval_transform` through the C++ extension when it is built, else this module's reference.
+
+    The two agree to float32 rounding (tests/test_preprocess.py holds them to 1e-5); the C++ path reads the uint8
+    frames in place instead of widening whole frames to float (~30x faster at 1080p, BENCHMARKS.md). The data
+    readers' eval path and the runtime call this; the reference stays reachable as `eval_transform`.
+    """
+    from . import preprocess  # lazy: preprocess imports this module's constants
+
+    if preprocess.available() and isinstance(frames_uint8, torch.Tensor) and frames_uint8.device.type == "cpu" \
+            and frames_uint8.dtype == torch.uint8:
+        return preprocess.preprocess_clip(frames_uint8, size, variant)
+    return eval_transform(frames_uint8, size, variant)
+
+
 def black_clip(num_frames: int, size: int) -> torch.Tensor:
     """The official lax-loading fallback, float32 (num_frames, 3, size, size).
 

@@ -52,7 +52,7 @@ def test_console_script_help():
 
 
 def test_native_extension_is_built():
-    from egovlp_deploy import _native
+    from egovlp_deploy import _C
 
-    info = _native.build_info()
+    info = _C.build_info()
     assert info["cplusplus"] >= 201703 and info["build_type"] == "release"

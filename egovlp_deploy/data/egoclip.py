@@ -350,16 +350,17 @@ def clip_tensor(frames: torch.Tensor | None, num_frames: int, size: int, crop_se
     """Decoded uint8 frames -> (float (num_frames,3,size,size), 1 if it is the lax black clip else 0).
 
     `frames` None (a lax-mode read failure) gives the official black clip; `crop_seed` selects the train transform
-    (seeded crop and flip), None the eval transform; fewer frames than num_frames are zero-padded as official.
+    (seeded crop and flip), None the eval transform (`transforms.eval_clip`: C++ when built); fewer frames than
+    num_frames are zero-padded as official.
     """
-    from egovlp_deploy.transforms import black_clip, eval_transform, train_transform
+    from egovlp_deploy.transforms import black_clip, eval_clip, train_transform
 
     if frames is None:
         return black_clip(num_frames, size), 1
     if crop_seed is not None:
         video = train_transform(frames, size, generator=torch.Generator().manual_seed(crop_seed), variant=variant)
     else:
-        video = eval_transform(frames, size, variant=variant)
+        video = eval_clip(frames, size, variant=variant)  # the C++ path when built
     return pad_frames(video, num_frames), 0
 
 
