@@ -11,13 +11,11 @@ Parameter names equal the official ones (`text_model.encoder.layer.{i}.crossatte
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .attention import merge_heads, run_layer, split_heads
+from .attention import gated_residual, multihead_attention, run_layer
 
 
 class Embeddings(nn.Module):
@@ -54,15 +52,13 @@ class MultiHeadAttention(nn.Module):
         self.key = nn.Linear(kv_width, cfg.hidden_size)
         self.value = nn.Linear(kv_width, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        self.scale = (cfg.hidden_size // self.heads) ** -0.5
+        self.attention_backend = "reference"  # set by EgoVLPv2.set_attention_backend
 
     def forward(self, x, kv, bias=None):
-        q = split_heads(self.query(x), self.heads)  # (B, h, L, d)
-        k = split_heads(self.key(kv), self.heads)  # (B, h, S, d)
-        v = split_heads(self.value(kv), self.heads)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-        if bias is not None:
-            scores = scores + bias
-        return merge_heads(self.dropout(scores.softmax(dim=-1)) @ v)  # (B, L, D)
+        # x: (B, L, D) queries; kv: (B, S, Dkv) keys/values source; bias: (B, 1, 1, S) or None -> (B, L, D)
+        return multihead_attention(self.query(x), self.key(kv), self.value(kv), self.heads, self.scale, bias,
+                                   self.attention_backend, self.dropout.p, self.training)
 
 
 class AttentionOutput(nn.Module):
@@ -120,6 +116,7 @@ class TextLayer(nn.Module):
             self.alpha_t2i = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (hazard 5)
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
+        self.attention_backend = "reference"  # set by EgoVLPv2.set_attention_backend
 
     def forward(self, x, bias, video=None):
         # x: (B, L, D); bias: (B, 1, 1, L); video: (B, T, Dv) raw residual stream, or None in dual mode
@@ -127,7 +124,8 @@ class TextLayer(nn.Module):
         if video is not None:
             if not self.has_cross:
                 raise RuntimeError("video states were passed to a text layer without cross-attention")
-            a = self.alpha_t2i * self.crossattention_t2i(a, video) + a  # unmasked, query = a (hazard 6)
+            # unmasked, query = a (hazard 6)
+            a = gated_residual(a, self.alpha_t2i, self.crossattention_t2i(a, video), self.attention_backend)
         a = self.attention.output.LayerNorm(a + x)
         return self.output(self.intermediate(a), a)
 

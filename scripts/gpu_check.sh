@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# GPU check of the Triton attention kernels (issue 4), one call on a GPU machine, under 8 minutes:
+#   install the package -> GPU kernel tests (no interpreter) -> `egovlp-deploy bench kernels` -> $OUT.
+# Usage (repository root, CUDA machine, no internet):  OUT=/some/dir bash scripts/gpu_check.sh
+# Outputs in $OUT: env.txt, install.log, pytest.log, bench.log, bench/kernels.{json,md,png}.
+# Each step has its own time limit; the benchmark writes its JSON/markdown after every case, so a cut-short run
+# still leaves its rows.
+set -uo pipefail
+: "${OUT:?set OUT to the output folder}"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+unset TRITON_INTERPRET  # compiled kernels, not the CPU interpreter
+mkdir -p "$OUT"
+start=$SECONDS
+
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+  git rev-parse HEAD 2>/dev/null
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# pybind11 + scikit-build-core are there; --no-deps: decord/av are not needed for the kernels.
+if ! timeout 180 "$PY" -m pip install -q --no-deps --no-build-isolation . > "$OUT/install.log" 2>&1; then
+  timeout 180 "$PY" -m pip install -q --user --no-deps --no-build-isolation . >> "$OUT/install.log" 2>&1 \
+    || { echo "install failed:"; tail -30 "$OUT/install.log"; exit 1; }
+fi
+echo "installed in $((SECONDS - start)) s"
+
+timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/kernels tests/model/test_attention_backend.py \
+  > "$OUT/pytest.log" 2>&1
+tests_rc=$?
+echo "tests rc=$tests_rc after $((SECONDS - start)) s"; tail -15 "$OUT/pytest.log"
+
+timeout $((450 - (SECONDS - start))) "$PY" -m egovlp_deploy.cli bench kernels --out "$OUT/bench" \
+  > "$OUT/bench.log" 2>&1
+bench_rc=$?
+echo "bench rc=$bench_rc after $((SECONDS - start)) s"
+tail -5 "$OUT/bench.log"
+# the table last: the device reply carries the end of the output
+grep -E "^\| (divided core|cross core|video encoder)" "$OUT/bench/kernels.md" | grep -E "triton|reference" | cut -c1-150
+exit $(( tests_rc != 0 || bench_rc != 0 ))

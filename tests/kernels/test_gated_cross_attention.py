@@ -1,0 +1,142 @@
+"""Fused cross-attention (both gated cross-attention branches) vs its plain-torch reference."""
+
+import pytest
+import torch
+
+from egovlp_deploy.kernels import gated_cross_attention as gca
+from egovlp_deploy.kernels._triton_common import poisoned_outputs
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+NEG = torch.finfo(torch.float32).min  # the HF extended mask value (hazard 20)
+
+
+def rel_err(out, ref):
+    return ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def inputs(B, H, D, Lq, Lk, dtype, mask=None, seed=0):
+    """q (B, Lq, HD); k, v the two halves of one (B, Lk, 2HD) Linear output (strided views); additive bias."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, H * D, generator=g).to(DEVICE, dtype)
+    k, v = torch.randn(B, Lk, 2 * H * D, generator=g).to(DEVICE, dtype).chunk(2, dim=-1)
+    bias = None
+    if mask is not None:
+        m = torch.ones(B, Lk)
+        if mask == "one":  # a single valid token per row
+            m[:, 1:] = 0
+        else:  # the last sentence padded
+            m[-1, max(1, Lk // 2):] = 0
+        bias = ((1 - m) * NEG).to(DEVICE)
+    return q, k, v, bias
+
+
+def check(q, k, v, bias, H, dtype):
+    D = q.shape[-1] // H
+    with poisoned_outputs():
+        out = gca.cross_attention(q, k, v, H, bias=bias)
+    assert out.shape == q.shape and out.dtype == dtype
+    assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
+    ref = gca.cross_attention_ref(q.float(), k.float(), v.float(), H, D ** -0.5, bias)
+    err = rel_err(out, ref)
+    assert err <= TOLERANCE[dtype], f"max rel err {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+# (B, H, D, Lq, Lk, mask): video side (many queries, few masked text keys), text side (few queries, many unmasked
+# video keys), L = 1, a single valid key, head dim below the dot tile
+CASES = [
+    (2, 3, 16, 37, 7, "pad"),
+    (2, 2, 16, 70, 15, "one"),
+    (1, 2, 16, 5, 133, None),
+    (2, 2, 64, 1, 1, "pad"),
+    (1, 2, 8, 3, 20, None),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("B,H,D,Lq,Lk,mask", CASES)
+def test_matches_reference(B, H, D, Lq, Lk, mask, dtype):
+    q, k, v, bias = inputs(B, H, D, Lq, Lk, dtype, mask)
+    check(q, k, v, bias, H, dtype)
+
+
+def test_non_contiguous_query_and_bias():
+    q, k, v, _ = inputs(2, 2, 16, 12, 9, torch.float32, seed=2)
+    q = torch.randn(12, 2, 2 * 16).to(DEVICE).transpose(0, 1)  # token-major storage
+    m = torch.ones(2, 1, 1, 9)
+    m[1, ..., 4:] = 0
+    bias = ((1 - m) * NEG).to(DEVICE)[:, 0, 0, :]  # a strided view of the (B, 1, 1, L) extended mask
+    check(q, k, v, bias, 2, torch.float32)
+
+
+def test_all_keys_masked_matches_the_official_uniform_average():
+    q, k, v, _ = inputs(1, 2, 16, 4, 5, torch.float32)
+    check(q, k, v, torch.full((1, 5), NEG, device=DEVICE), 2, torch.float32)
+
+
+@pytest.mark.skipif(CUDA, reason="the interpreter block sizes are fixed only on the CPU")
+def test_several_key_tiles(monkeypatch):
+    monkeypatch.setattr(gca, "FIXED_CONFIG", lambda lq, lk: {"BLOCK_M": 16, "BLOCK_N": 16})
+    q, k, v, bias = inputs(2, 2, 16, 20, 45, torch.float32, "pad", seed=4)
+    check(q, k, v, bias, 2, torch.float32)
+
+
+def test_gated_residual_is_h_plus_alpha_y():
+    h, y, alpha = torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor([0.3])
+    torch.testing.assert_close(gca.gated_residual(h, alpha, y), h + alpha * y)
+
+
+def test_argument_errors():
+    q, k, v, bias = inputs(2, 2, 16, 4, 5, torch.float32, "pad")
+    with pytest.raises(RuntimeError, match="bias"):
+        gca.cross_attention(q, k, v, 2, bias=bias[:, :3])
+    with pytest.raises(RuntimeError, match="k .* and v"):
+        gca.cross_attention(q, k[:, :, :-1], v, 2)
+    with pytest.raises(RuntimeError, match="dtype"):
+        gca.cross_attention(q, k.half(), v.half(), 2)
+
+
+def test_backward_raises_instead_of_a_wrong_gradient():
+    q, k, v, _ = inputs(1, 2, 16, 4, 5, torch.float32)
+    out = gca.cross_attention(q.requires_grad_(), k, v, 2)
+    with pytest.raises(RuntimeError, match="no backward"):
+        out.sum().backward()
+
+
+def test_opcheck_and_export():
+    q, k, v, bias = inputs(1, 2, 16, 4, 5, torch.float32, "pad")
+    torch.library.opcheck(torch.ops.egovlp.cross_attention.default, (q, k, v, bias, 2, 0.25),
+                          test_utils=("test_schema", "test_faketensor"))
+
+    class Cross(torch.nn.Module):
+        def forward(self, q, kv, bias):
+            k, v = kv.chunk(2, dim=-1)
+            return gca.cross_attention(q, k, v, 2, bias=bias)
+
+    kv = torch.cat((k, v), dim=-1)
+    ep = torch.export.export(Cross(), (q, kv, bias))
+    assert any(str(n.target) == "egovlp.cross_attention.default" for n in ep.graph.nodes)
+    with poisoned_outputs():
+        torch.testing.assert_close(ep.module()(q, kv, bias), Cross()(q, kv, bias))
+
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 tl.dot is wrong)")
+
+
+@gpu
+@pytest.mark.parametrize("Lq,Lk,mask", [(3137, 15, "pad"), (30, 3137, None)])
+def test_bf16(Lq, Lk, mask):
+    q, k, v, bias = inputs(2, 12, 64, Lq, Lk, torch.bfloat16, mask, seed=6)
+    with poisoned_outputs():
+        out = gca.cross_attention(q, k, v, 12, bias=bias)
+    ref32 = gca.cross_attention_ref(q.float(), k.float(), v.float(), 12, 0.125, bias)
+    torch_bf16 = gca.cross_attention_ref(q, k, v, 12, 0.125, None if bias is None else bias.bfloat16())
+    assert not torch.isnan(out).any()
+    assert rel_err(out, ref32) <= max(2 * rel_err(torch_bf16, ref32), 1e-2)
+
+
+@gpu
+def test_grid_beyond_65535():
+    q, k, v, bias = inputs(400, 12, 64, 1 + 4 * 196, 15, torch.float16, "pad", seed=7)  # 400*12*13 tiles > 65,535
+    check(q, k, v, bias, 12, torch.float16)
