@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 PROJECTIONS = ("big", "small")
+# How the attention cores run (model/attention.py): "reference" is the official math in plain torch, "sdpa" torch's
+# scaled_dot_product_attention with the official rearranges, "triton" the fused kernels (forward only; training
+# falls back to "reference"), "auto" = "triton" on CUDA, "reference" elsewhere.
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 
 class ConfigError(ValueError):
@@ -32,6 +36,11 @@ class VideoConfig:
     heads: int = 12
     mlp_ratio: float = 4.0
     layer_norm_eps: float = 1e-5  # not ViT's 1e-6: the official norm_layer default is nn.LayerNorm (hazard 8)
+    # Frozen-in-Time's `time_init`: "zeros" (official) zeroes the temporal attention's qkv so it starts as a no-op
+    # on top of an image ViT. From random weights that is a saddle: with q = k = 0 the query and key weights get
+    # exactly zero gradient, the temporal attention stays a uniform average over frames, and the model is blind to
+    # frame order (the EgoMCQ intra-video hazard). "rand" keeps the default Linear init there.
+    time_init: str = "zeros"
 
     @property
     def patches_per_frame(self) -> int:
@@ -83,6 +92,7 @@ class EgoVLPv2Config:
     projection_dim: int = 4096
     fusion_layer_norm_eps: float = 1e-6  # FrozenInTime.norm, the fusion-mode final norm (hazard 1)
     mlm_layer_norm_eps: float = 1e-12  # RobertaConfig's default, used by the MLM head transform (hazard 8)
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; switch at run time with model.set_attention_backend
 
     def __post_init__(self):
         self.validate()
@@ -149,6 +159,9 @@ class EgoVLPv2Config:
             )
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        check_attention_backend(self.attention_backend)
+        if v.time_init not in TIME_INITS:
+            raise ConfigError(f"video.time_init must be one of {TIME_INITS}, got {v.time_init!r}")
 
     # -- (de)serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -158,9 +171,14 @@ class EgoVLPv2Config:
     def from_dict(cls, data: dict[str, Any]) -> "EgoVLPv2Config":
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
+        if "attention_backend" not in data:  # configs written before the field existed
+            data = {**data, "attention_backend": "auto"}
         top = strict_fields(cls, data, "config", nested={"video", "text"})
+        video = data["video"]
+        if isinstance(video, dict) and "time_init" not in video:  # configs written before the field existed
+            video = {**video, "time_init": "zeros"}
         return cls(
-            video=VideoConfig(**strict_fields(VideoConfig, data["video"], "video")),
+            video=VideoConfig(**strict_fields(VideoConfig, video, "video")),
             text=TextConfig(**strict_fields(TextConfig, data["text"], "text")),
             **top,
         )
@@ -175,6 +193,15 @@ class EgoVLPv2Config:
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
         return cls.from_dict(data)
+
+
+TIME_INITS = ("zeros", "rand")
+
+
+def check_attention_backend(name: Any) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ConfigError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    return name
 
 
 _KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

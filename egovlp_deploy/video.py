@@ -174,7 +174,11 @@ class _PyAVVideo:
     """PyAV with seeking: a frame's index is its presentation time x fps (decord numbers frames the same way for
     constant-rate video). Seeking keeps a read from a 600 s chunk from decoding every frame before the clip."""
 
-    SEEK_GAP = 64  # frames; a nearer target is reached by decoding on (about one GOP of a 30 fps Ego4D video)
+    # A target at most this many frames ahead is reached by decoding on rather than seeking (one GOP of a 30 fps
+    # Ego4D video). Once two key frames have been seen, the observed key-frame interval replaces it: in an
+    # all-intra file a seek lands on the target itself, and decoding on past 15 frames made reads 5x slower.
+    SEEK_GAP = 64
+    _KEY_GAPS: dict[str, int] = {}  # path -> observed key-frame interval; outlives the readers the LRU cache closes
 
     def __init__(self, path: Path):
         import av
@@ -194,6 +198,8 @@ class _PyAVVideo:
             self._start = stream.start_time or 0
             self.fps = float(self._rate)
             self.num_frames = stream.frames or self._count_packets()
+            self._last_key = None  # index of the last key frame decoded
+            self._key_gap = self._KEY_GAPS.get(str(path), self.SEEK_GAP)  # frames between key frames, once seen
         except VideoReadError:
             self.close()
             raise
@@ -213,6 +219,7 @@ class _PyAVVideo:
     def _seek(self, index: int):
         target_pts = self._start + math.floor(Fraction(index) / (self._rate * self._time_base))
         self._container.seek(target_pts, stream=self._stream, backward=True, any_frame=False)
+        self._last_key = None  # key frames are consecutive only within one run of decoding
         return self._container.decode(self._stream)
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
@@ -222,7 +229,7 @@ class _PyAVVideo:
         current = None  # (index, frame) of the last decoded frame
         try:
             for target in indices:
-                if current is None or target < current[0] or target - current[0] > self.SEEK_GAP:
+                if current is None or target < current[0] or target - current[0] > max(self._key_gap, 1):
                     decoded, current = self._seek(target), None
                 while current is None or current[0] < target:
                     frame = next(decoded, None)
@@ -232,11 +239,18 @@ class _PyAVVideo:
                                              f"{target} of {self.num_frames} (truncated?)")
                     if frame.pts is not None:
                         current = (self._index_of(frame), frame)
+                        if frame.key_frame:
+                            self._note_key_frame(current[0])
                 # A timestamp gap (variable frame rate) gives the next frame that exists.
                 out.append(current[1].to_ndarray(format="rgb24"))
         except self._errors as exc:
             raise VideoReadError(self.path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
         return np.stack(out)
+
+    def _note_key_frame(self, index: int) -> None:
+        if self._last_key is not None and index > self._last_key:
+            self._key_gap = self._KEY_GAPS[str(self.path)] = index - self._last_key
+        self._last_key = index
 
     def close(self) -> None:
         container = getattr(self, "_container", None)

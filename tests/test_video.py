@@ -26,13 +26,15 @@ BACKENDS = ["pyav"] + (["decord"] if V._decord_available() else [])
 H, W = 32, 64
 
 
-def write_video(path, num_frames: int, fps: int, first_index: int = 0, gop: int = 8) -> None:
+def write_video(path, num_frames: int, fps: int, first_index: int = 0, gop: int = 8, scenecut: bool = True) -> None:
     """num_frames frames at fps; frame k carries the number first_index + k (mod 256) and random colour below."""
     path.parent.mkdir(parents=True, exist_ok=True)
     container = av.open(str(path), "w")
     stream = container.add_stream("libx264", rate=fps)
     stream.width, stream.height, stream.pix_fmt = W, H, "yuv420p"
     stream.options = {"qp": "0", "g": str(gop), "bf": "2", "preset": "veryfast"}
+    if not scenecut:  # random frames are all scene cuts: x264 would make every one a key frame
+        stream.options |= {"sc_threshold": "0", "x264-params": "scenecut=0"}
     noise = np.random.default_rng(first_index)
     for k in range(num_frames):
         img = noise.integers(0, 256, (H, W, 3), dtype=np.uint8)
@@ -168,8 +170,36 @@ def test_read_frames_any_order_with_repeats(videos, backend):
 
 def test_pyav_seeking_for_every_frame_gives_the_same_frames(videos, monkeypatch):
     monkeypatch.setattr(V._PyAVVideo, "SEEK_GAP", 0)  # seek before every frame instead of decoding on
+    monkeypatch.setattr(V._PyAVVideo, "_KEY_GAPS", {})  # forget key-frame intervals learned by earlier tests
     idx = [199, 0, 1, 2, 64, 63, 130]
     assert frame_numbers(read_frames(videos / "fps30.mp4", idx, "pyav")) == idx
+
+
+@pytest.mark.parametrize("gop", [1, 8])
+def test_pyav_learns_the_key_frame_interval_and_seeks_past_it(tmp_path, monkeypatch, gop):
+    """All-intra files (the synthetic dataset's) are read by seeking straight to each frame; sparser key frames by
+    decoding on within a GOP. Either way the frames are the ones asked for."""
+    path = tmp_path / f"gop{gop}.mp4"
+    write_video(path, 120, 30, gop=gop, scenecut=False)
+    monkeypatch.setattr(V._PyAVVideo, "_KEY_GAPS", {})
+    decoded = []
+    seek = V._PyAVVideo._seek
+
+    def counting_seek(self, index):
+        for frame in seek(self, index):
+            decoded.append(self._index_of(frame))
+            yield frame
+
+    monkeypatch.setattr(V._PyAVVideo, "_seek", counting_seek)
+    read_frames(path, [0, gop + 1], "pyav")  # decoding on over two key frames reveals the interval
+    assert V._PyAVVideo._KEY_GAPS == {str(path): gop}
+    decoded.clear()
+    idx = [10, 25, 40, 55, 100]
+    assert frame_numbers(read_frames(path, idx, "pyav")) == idx
+    if gop == 1:
+        assert decoded == idx  # one seek and one decoded frame per target
+    else:
+        assert len(decoded) > len(idx)  # decoding on from the key frame before each target
 
 
 @pytest.mark.skipif("decord" not in BACKENDS, reason="decord is not installed")

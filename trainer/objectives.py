@@ -58,8 +58,21 @@ class PretrainObjective(torch.nn.Module):
             sim, sim_matrix(verbs, verbs), sim_matrix(nouns, nouns), self.temperature, noun=self.noun, verb=self.verb
         )
 
+        # The fusion-mode video prefix (the blocks below the first fused one) depends only on the clip: computed once
+        # per clip of the global batch and shared by the MLM pass and every VTM pairing (the official code recomputes
+        # it for each of the 4 pairings; same values, 30% less video compute on the tiny recipe). Each rank computes
+        # it for the whole global batch: a rank's parameter gradients come only from its own pairs' losses, so where
+        # a prefix was computed does not change the (DDP-averaged) gradient.
+        all_video, all_ids, all_mask = gather(batch.video), gather(batch.input_ids), gather(batch.attention_mask)
+        n_global = all_video.shape[0]
+        rank = 0 if n_global == b else torch.distributed.get_rank()
+        mine = slice(rank * b, (rank + 1) * b)
+        video_prefix = model.fusion_video_prefix(all_video)  # (N, T, Dv)
+
         # MLM on this rank's pairs, averaged over every masked token of the global batch
-        logits = model.mlm_logits(batch.video, batch.mlm_input_ids, batch.attention_mask)  # (b, L, V)
+        _, fused_text = model.fused_from_prefixes(
+            video_prefix[mine], model.text_prefix(batch.mlm_input_ids, batch.attention_mask), batch.attention_mask)
+        logits = model.mlm_head(fused_text)  # (b, L, V)
         token_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.mlm_labels.flatten(),
                                      ignore_index=-100, reduction="none").view(b, -1)
         token_loss = gather_with_grad(token_loss)
@@ -67,16 +80,15 @@ class PretrainObjective(torch.nn.Module):
         mlm = (token_loss * masked).sum() / masked.sum().clamp_min(1)
 
         # VTM: hard negatives drawn from the whole global batch (the same draws on every rank)
-        all_video, all_ids, all_mask = gather(batch.video), gather(batch.input_ids), gather(batch.attention_mask)
-        n_global = all_video.shape[0]
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         pairs = sample_vtm_pairs(sim.detach(), positives, 0, n_global, temperature, generator)
-        rank = 0 if n_global == b else torch.distributed.get_rank()
-        mine = slice(rank * b, (rank + 1) * b)
         video_idx = pairs.video_index[mine].to(all_video.device)
         text_idx = pairs.text_index[mine].to(all_ids.device)
         labels = pairs.labels[mine].to(all_video.device)
-        vtm_logits = model.fuse(all_video[video_idx], all_ids[text_idx], all_mask[text_idx]).vtm_logits
+        pair_mask = all_mask[text_idx]
+        video_cls, fused_text = model.fused_from_prefixes(
+            video_prefix[video_idx], model.text_prefix(all_ids[text_idx], pair_mask), pair_mask)
+        vtm_logits = model.vtm_head(video_cls, fused_text)
         vtm = gather_with_grad(F.cross_entropy(vtm_logits.float(), labels, reduction="none")).mean()
 
         w_nce, w_mlm, w_vtm = self.weights

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -65,11 +66,19 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
     else:
         if m.config_file:
             config = EgoVLPv2Config.from_json_file(m.config_file).with_num_frames(m.num_frames)
-        elif m.preset == "tiny":
-            config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
         else:
-            config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
+            if m.preset == "tiny":
+                config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
+            else:
+                config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
+            config = dataclasses.replace(config, video=dataclasses.replace(config.video, time_init=m.time_init))
+            config.validate()
         model = EgoVLPv2(config)
+        if m.cross_gate_init:
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith(("alpha_i2t", "alpha_t2i")):
+                        param.fill_(m.cross_gate_init)
     if m.text_dropout is not None:
         t = model.config.text
         t.hidden_dropout_prob = t.attention_probs_dropout_prob = m.text_dropout

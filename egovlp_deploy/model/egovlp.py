@@ -75,6 +75,24 @@ class EgoVLPv2(nn.Module):
         for head in (self.cross_modal_text_transform, self.cross_modal_video_transform, self.cross_modal_text_pooler,
                      self.cross_modal_video_pooler, self.mlm_score, self.itm_score):
             _init_head(head)
+        self.set_attention_backend(config.attention_backend)
+
+    # -- attention backend --------------------------------------------------------------------------------------
+    @property
+    def attention_backend(self) -> str:
+        return self.config.attention_backend
+
+    def set_attention_backend(self, name: str) -> "EgoVLPv2":
+        """Choose how every attention core runs: 'auto', 'reference', 'sdpa' or 'triton' (see model/attention.py).
+        Takes effect on the next forward; stored in the config, so `save_pretrained` keeps it."""
+        from ..config import check_attention_backend
+
+        check_attention_backend(name)
+        self.config.attention_backend = name
+        for module in self.modules():
+            if hasattr(module, "attention_backend") and module is not self:
+                module.attention_backend = name
+        return self
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -156,24 +174,55 @@ class EgoVLPv2(nn.Module):
         return self.txt_proj(cls) if project else cls
 
     # -- fusion encoder -----------------------------------------------------------------------------------------
-    def fused_streams(self, video, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fusion-mode backbones: (video CLS after the fusion norm (B, Dv), text states (B, L, Dt))."""
-        self._check_pair(video, input_ids, attention_mask)
-        vm, tm, F = self.video_model, self.text_model, self.config.video.num_frames
-        bias = extended_attention_mask(attention_mask, self.dtype)  # (B, 1, 1, L)
-
-        ckpt = self.gradient_checkpointing
+    # The fusion encoder splits where the first fused layer begins. Below it, the video stream depends only on the
+    # clip (in fusion mode: with the fusion CLS token) and the text stream only on the sentence (the same states in
+    # dual and fusion mode), so both prefixes can be computed once and reused for every pairing: by the trainer's
+    # MLM and VTM passes over the same clips, and by a re-ranker over cached clips (the exported fusion head).
+    def fusion_video_prefix(self, video: torch.Tensor) -> torch.Tensor:
+        """(B, F, C, H, W) -> (B, 1 + F*N, Dv): fusion-mode video states after the last unfused block."""
+        self._check_video(video)
+        vm, F, ckpt = self.video_model, self.config.video.num_frames, self.gradient_checkpointing
         v = vm.embed(video, self.cls_token)  # (B, T, Dv)
         for block in vm.blocks[: vm.first_fused]:
             v = run_layer(block, v, F, checkpoint=ckpt)
+        return v
+
+    def text_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids and mask -> (B, L, Dt): text states after the last unfused layer (same in both modes)."""
+        self._check_text(input_ids, attention_mask)
+        tm, ckpt = self.text_model, self.gradient_checkpointing
+        bias = extended_attention_mask(attention_mask, self.dtype)  # (B, 1, 1, L)
         t = tm.embeddings(input_ids)  # (B, L, Dt)
         for layer in tm.encoder.layer[: tm.encoder.first_fused]:
             t = run_layer(layer, t, bias, checkpoint=ckpt)
+        return t
+
+    def fused_from_prefixes(self, video_prefix: torch.Tensor, text_prefix: torch.Tensor,
+                            attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused top layers over the two prefixes -> (video CLS after the fusion norm (B, Dv), text (B, L, Dt))."""
+        vm, tm, F = self.video_model, self.text_model, self.config.video.num_frames
+        expected_t = 1 + F * (self.config.video.img_size // self.config.video.patch_size) ** 2
+        if video_prefix.dim() != 3 or video_prefix.shape[1] != expected_t or video_prefix.shape[2] != self.config.video.width:
+            raise InputError(f"video_prefix must be (B, {expected_t}, {self.config.video.width}), "
+                             f"got {tuple(video_prefix.shape)}")
+        if text_prefix.dim() != 3 or text_prefix.shape[2] != self.config.text.hidden_size:
+            raise InputError(f"text_prefix must be (B, L, {self.config.text.hidden_size}), got {tuple(text_prefix.shape)}")
+        if attention_mask.shape != text_prefix.shape[:2] or video_prefix.shape[0] != text_prefix.shape[0]:
+            raise InputError(f"batch/length mismatch: video_prefix {tuple(video_prefix.shape)}, text_prefix "
+                             f"{tuple(text_prefix.shape)}, attention_mask {tuple(attention_mask.shape)}")
+        bias = extended_attention_mask(attention_mask, self.dtype)  # (B, 1, 1, L)
+        ckpt, v, t = self.gradient_checkpointing, video_prefix, text_prefix
         for block, layer in zip(vm.blocks[vm.first_fused :], tm.encoder.layer[tm.encoder.first_fused :]):
             # simultaneous update: both read the other stream's previous-layer output
             v, t = (run_layer(block, v, F, text=t, text_bias=bias, checkpoint=ckpt),
                     run_layer(layer, t, bias, video=v, checkpoint=ckpt))
         return self.norm(v)[:, 0], t
+
+    def fused_streams(self, video, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fusion-mode backbones: (video CLS after the fusion norm (B, Dv), text states (B, L, Dt))."""
+        self._check_pair(video, input_ids, attention_mask)
+        return self.fused_from_prefixes(self.fusion_video_prefix(video), self.text_prefix(input_ids, attention_mask),
+                                        attention_mask)
 
     def vtm_head(self, video_cls: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
         text_feat = self.cross_modal_text_pooler(self.cross_modal_text_transform(text_hidden[:, 0]))
@@ -188,6 +237,10 @@ class EgoVLPv2(nn.Module):
     def mlm_logits(self, video, input_ids, attention_mask) -> torch.Tensor:
         """(B, L, vocab) masked-language-model logits on fused text (official `infer(task_names='MLM')`)."""
         _, text_hidden = self.fused_streams(video, input_ids, attention_mask)
+        return self.mlm_head(text_hidden)
+
+    def mlm_head(self, text_hidden: torch.Tensor) -> torch.Tensor:
+        """Fused text states (B, L, Dt) -> (B, L, vocab) MLM logits."""
         return self.mlm_score(self.cross_modal_text_transform(text_hidden))
 
     # -- persistence --------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..config import VideoConfig
-from .attention import SoftmaxAttention, divided_attention, merge_heads, run_layer, split_heads
+from .attention import MultiHeadAttentionCore, divided_attention_tokens, gated_residual, run_layer
 
 
 class DividedSelfAttention(nn.Module):
@@ -25,31 +25,32 @@ class DividedSelfAttention(nn.Module):
         self.heads = heads
         self.mode = mode
         self.scale = (width // heads) ** -0.5
+        self.attention_backend = "reference"  # set by EgoVLPv2.set_attention_backend
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
         self.has_cross = text_width is not None
         if self.has_cross:
             self.qkv_text_i2t = nn.Linear(text_width, 2 * width)  # text keys and values
             self.qkv_i2t = nn.Linear(width, width)  # video queries
-            self.attn_i2t = SoftmaxAttention()
+            self.attn_i2t = MultiHeadAttentionCore(heads, self.scale)
             self.proj_i2t = nn.Linear(width, width)
             self.norm_i2t_i = nn.LayerNorm(width, eps=eps)
             self.alpha_i2t = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (hazard 5)
 
     def forward(self, x, num_frames: int, text=None, text_bias=None):
         # x: (B, T, D), T = 1 + F*N
-        q, k, v = (split_heads(t, self.heads) for t in self.qkv(x).chunk(3, dim=-1))  # 3 x (B, h, T, d)
-        out = divided_attention(q * self.scale, k, v, num_frames, self.mode)  # (B, h, T, d)
-        x = self.proj(merge_heads(out))  # (B, T, D)
+        qkv = self.qkv(x)  # (B, T, 3D), read in place by the fused kernel
+        out = divided_attention_tokens(qkv, self.heads, num_frames, self.mode, self.scale, self.attention_backend)
+        x = self.proj(out)  # (B, T, D)
         if text is None:
             return x
         if not self.has_cross:
             raise RuntimeError("text states were passed to a video attention without cross-attention")
         # Queries are ALL video tokens (CLS included) after norm_i2t_i; keys/values the raw text states (hazard 6).
-        k_t, v_t = (split_heads(t, self.heads) for t in self.qkv_text_i2t(text).chunk(2, dim=-1))  # (B, h, L, d)
-        q_v = split_heads(self.qkv_i2t(self.norm_i2t_i(x)), self.heads) * self.scale  # (B, h, T, d)
-        cross = merge_heads(self.attn_i2t(q_v, k_t, v_t, text_bias))  # (B, T, D)
-        return x + self.alpha_i2t * self.proj_i2t(cross)
+        k_t, v_t = self.qkv_text_i2t(text).chunk(2, dim=-1)  # 2 x (B, L, D), views of one Linear output
+        q_v = self.qkv_i2t(self.norm_i2t_i(x))  # (B, T, D)
+        cross = self.attn_i2t(q_v, k_t, v_t, text_bias)  # (B, T, D)
+        return gated_residual(x, self.alpha_i2t, self.proj_i2t(cross), self.attention_backend)
 
 
 class Mlp(nn.Module):
@@ -115,6 +116,8 @@ class SpaceTimeTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for block in self.blocks:
+            if self.cfg.time_init != "zeros":
+                continue  # "rand": the default Linear init (see VideoConfig.time_init)
             # time_init='zeros': the temporal pass starts as an exact zero (proj weight 1 is the official quirk, hazard 9)
             nn.init.zeros_(block.timeattn.qkv.weight)
             nn.init.zeros_(block.timeattn.qkv.bias)
