@@ -134,6 +134,16 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_arguments(p)
     p.set_defaults(func=evaluate.run)
 
+    from .export import cli as export_cli
+
+    p = sub.add_parser("export", help="validated ONNX / TensorRT / AOTInductor artifacts + manifest.json",
+                       description=export_cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    export_cli.add_arguments(p)
+    p.set_defaults(func=export_cli.run)
+
+    from .runtime import cli as runtime_cli
+
+    runtime_cli.register(sub)  # index, search, mcq, features, demo
     add_bench_commands(sub)
     return parser
 
@@ -142,6 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 BENCH_TARGETS = {
     "kernels": ("egovlp_deploy.kernels.bench.kernel_bench", "Triton attention kernels vs reference, SDPA, compile"),
     "preprocess": ("egovlp_deploy.kernels.bench.preprocess_bench", "C++ clip preprocessing vs the torch reference"),
+    "export": ("egovlp_deploy.export.bench", "exported artifacts at B=1: ONNX Runtime CPU fp32/int8 vs PyTorch eager"),
+    "e2e": ("egovlp_deploy.runtime.bench", "end to end: decode+preprocess, encoders, cached vs monolithic re-rank"),
 }
 
 

@@ -1,0 +1,87 @@
+"""AOTInductor packages (`.pt2`): torch.export + `torch._inductor.aoti_compile_and_package`, loaded with
+`torch._inductor.aoti_load_package` — a Python-light deployment path (the package runs from C++ too).
+
+Roles: video encoder, text encoder, video fusion prefix and fusion head (`specs.AOTI_ROLES`): the one-graph fusion
+is their composition. On CUDA the model runs the 'triton' attention backend when asked (`attention='triton'`), so
+the package carries the project's Triton kernels as custom ops; on the CPU the reference backend is used (Triton
+kernels need a GPU). A package is tied to the torch version that built it (the manifest loader refuses others).
+
+Compile cost on the 2-core CPU machines (tiny video encoder, load ~9): 135 s with the default O1 wrapper, 46 s
+with `opt_level='O0'` (the wrapper only launches kernels; the kernels keep their own optimisation), so tests use O0.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .onnx import dynamic_shapes, trace_sizes
+from .specs import AOTI_ROLES, ROLES, example_inputs, export_patches, role_module
+
+
+@dataclass
+class AotiExport:
+    role: str
+    path: Path
+    device: str
+    precision: str
+    seconds: float
+
+
+def export_aoti(model, role: str, path: str | os.PathLike, *, max_batch: int, max_text_len: int,
+                device: str = "cpu", precision: str = "fp32", attention: str = "reference",
+                wrapper_opt_level: str = "O1") -> AotiExport:
+    """Compile `role` into an AOTInductor package at `path` (written to a temp name, then renamed)."""
+    if role not in AOTI_ROLES:
+        raise ValueError(f"AOTInductor packages are built for {AOTI_ROLES}, not {role!r}")
+    if precision not in ("fp32", "fp16", "bf16"):
+        raise ValueError(f"AOTInductor precision must be fp32, fp16 or bf16, got {precision!r}")
+    if device == "cpu" and precision != "fp32":
+        raise ValueError("AOTInductor fp16/bf16 packages are built for CUDA only (CPU half kernels are slow and "
+                         "not a deployment target)")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("a CUDA AOTInductor package needs a CUDA device to compile on")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    batch, text_len = trace_sizes(max_batch, max_text_len)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    original = next(model.parameters())
+    work = model.to(device=device, dtype=dtype)
+    try:
+        inputs = example_inputs(work, role, batch, text_len, seed=1234, dtype=dtype, device=device)
+        with torch.no_grad(), export_patches(work, attention):
+            program = torch.export.export(role_module(work, role), (), kwargs=inputs, strict=False,
+                                          dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len))
+            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")  # the packager insists on .pt2
+            try:
+                torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(tmp),
+                    inductor_configs={"aot_inductor.compile_wrapper_opt_level": wrapper_opt_level})
+                os.replace(tmp, path)
+            finally:
+                if tmp.exists():
+                    tmp.unlink()
+    finally:
+        model.to(device=original.device, dtype=original.dtype)
+    return AotiExport(role, path, device, precision, time.perf_counter() - t0)
+
+
+def load_aoti(path: str | os.PathLike, role: str, device: str = "cpu"):
+    """A callable `run(numpy inputs) -> {output name: numpy}` over a package (for the validator)."""
+    import numpy as np
+
+    runner = torch._inductor.aoti_load_package(str(path))
+    spec = ROLES[role]
+
+    def run(inputs: dict) -> dict:
+        args = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device) for k, v in inputs.items()}
+        out = runner(**args)
+        out = out if isinstance(out, (list, tuple)) else [out]
+        return {name: t.detach().float().cpu().numpy() for name, t in zip(spec.output_names, out)}
+
+    return run

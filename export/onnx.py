@@ -1,0 +1,167 @@
+"""ONNX export of one role with the dynamo exporter (torch.export -> ONNX, opset >= 18).
+
+Dynamic axes are `torch.export.Dim`s named after the spec's symbols (`batch`, `text_len`), so the graph's
+dynamic dimensions carry those names. Tracing uses batch 3 and a text length of 11 (or the maximum when smaller):
+a dimension traced at size 0 or 1 is specialised by torch.export, and a trace size equal to a fixed size of the
+model (2 VTM classes, 4 frames, 4 heads...) invites shape unification. Validation then runs at other sizes.
+
+The graph gets `metadata_props` (role, precision, config hash) so the manifest loader can tell a swapped file
+from a corrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .specs import ROLES, example_inputs, export_patches, role_module
+
+DEFAULT_OPSET = 20
+MIN_OPSET = 18
+TRACE_BATCH = 3
+TRACE_TEXT_LEN = 11
+ATTENTION_ROUTES = ("reference", "custom-ops")
+
+
+class ExportError(RuntimeError):
+    """An artifact could not be produced (exporter failure, a graph that breaks a declared property)."""
+
+
+@dataclass
+class OnnxExport:
+    role: str
+    path: Path
+    opset: int
+    seconds: float
+    num_nodes: int
+    op_counts: dict[str, int]
+
+
+def trace_sizes(max_batch: int, max_text_len: int) -> tuple[int, int]:
+    if max_batch < 2 or max_text_len < 3:
+        raise ValueError(f"max batch must be >= 2 and max text length >= 3 (dynamic axes are traced above 1), "
+                         f"got {max_batch}, {max_text_len}")
+    return min(TRACE_BATCH, max_batch), min(TRACE_TEXT_LEN, max_text_len)
+
+
+def dynamic_shapes(role: str, max_batch: int, max_text_len: int) -> dict[str, dict[int, torch.export.Dim]]:
+    dims = {"batch": torch.export.Dim("batch", min=1, max=max_batch),
+            "text_len": torch.export.Dim("text_len", min=1, max=max_text_len)}
+    return {t.name: {i: dims[d] for i, d in enumerate(t.dims) if d in dims} for t in ROLES[role].inputs}
+
+
+def config_digest(config) -> str:
+    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+
+
+def _translation_table(attention: str):
+    """The custom-op route: the model runs the `egovlp::` Triton ops and the kernels package translates them into
+    standard ONNX ops. Optional: only when that package provides the table (checked, never assumed)."""
+    if attention == "reference":
+        return None
+    from egovlp_deploy import kernels
+
+    try:
+        from egovlp_deploy.kernels import onnx as kernel_onnx
+    except ImportError as exc:
+        raise ExportError(f"attention route 'custom-ops' needs egovlp_deploy.kernels.onnx ({exc})") from exc
+    if not hasattr(kernel_onnx, "translation_table"):
+        raise ExportError("egovlp_deploy.kernels.onnx has no translation_table(): use --attention reference")
+    del kernels
+    return kernel_onnx.translation_table()
+
+
+def export_onnx(model, role: str, path: str | os.PathLike, *, max_batch: int, max_text_len: int,
+                opset: int = DEFAULT_OPSET, attention: str = "reference", precision: str = "fp32") -> OnnxExport:
+    """Export `role` of `model` (fp32, eval) to `path` (written atomically); return what was written."""
+    import onnx
+
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization and the dynamo exporter need it)")
+    if attention not in ATTENTION_ROUTES:
+        raise ValueError(f"attention must be one of {ATTENTION_ROUTES}, got {attention!r}")
+    spec = ROLES[role]
+    batch, text_len = trace_sizes(max_batch, max_text_len)
+    backend = "reference" if attention == "reference" else "triton"
+    inputs = example_inputs(model, role, batch, text_len, seed=1234)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    table = _translation_table(attention)
+    with torch.no_grad(), export_patches(model, backend):
+        try:
+            program = torch.onnx.export(
+                role_module(model, role), (), kwargs=inputs, dynamo=True, opset_version=opset,
+                input_names=spec.input_names, output_names=spec.output_names,
+                dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len),
+                custom_translation_table=table, optimize=True, verbose=False)
+        except Exception as exc:  # the exporter raises many types; name the role and keep the cause
+            raise ExportError(f"ONNX export of {role} failed: {type(exc).__name__}: {exc}") from exc
+    proto = program.model_proto
+    _check_graph(proto, role)
+    set_metadata(proto, {"egovlp.role": role, "egovlp.precision": precision,
+                         "egovlp.config_sha256": config_digest(model.config)})
+    save_model(proto, path)
+    seconds = time.perf_counter() - t0
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return OnnxExport(role, path, opset_of(proto), seconds, len(proto.graph.node), ops)
+
+
+def _check_graph(proto, role: str) -> None:
+    """Declared properties of the graph: IO names as in the spec, no forbidden weights (no cross-attention in
+    the dual encoders: dual mode never runs it)."""
+    spec = ROLES[role]
+    got_in = [i.name for i in proto.graph.input]
+    got_out = [o.name for o in proto.graph.output]
+    if got_in != spec.input_names or got_out != spec.output_names:
+        raise ExportError(f"{role}: graph IO {got_in} -> {got_out} differs from the spec "
+                          f"{spec.input_names} -> {spec.output_names}")
+    for init in proto.graph.initializer:
+        for fragment in spec.forbidden_weights:
+            if fragment in init.name:
+                raise ExportError(f"{role}: graph holds {init.name!r}, a cross-attention weight this role must "
+                                  f"not contain")
+
+
+def opset_of(proto) -> int:
+    return max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
+
+
+def set_metadata(proto, values: dict[str, str]) -> None:
+    keep = [p for p in proto.metadata_props if p.key not in values]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    for key, value in values.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, str(value)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def save_model(proto, path: Path) -> None:
+    """Write a single-file model atomically (temp file + rename): a crash never leaves half an artifact under the
+    final name. ONNX protobufs are capped at 2 GiB; the paper model's largest graph (fusion, ~1.5 GB fp32) fits."""
+    import onnx
+
+    if proto.ByteSize() >= 2**31:
+        raise ExportError(f"{path.name}: {proto.ByteSize() / 2**30:.2f} GiB exceeds the 2 GiB protobuf limit")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        onnx.save_model(proto, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

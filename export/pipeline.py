@@ -1,0 +1,359 @@
+"""The export run: checkpoint -> artifacts of every requested format, precision and role -> validation -> manifest.
+
+Order: ONNX fp32 per role (each validated right after its export), then fp16/int8 derived from it (validated),
+ORT-optimized copies where they measure faster, task-level checks per precision, TensorRT engines from the ONNX,
+AOTInductor packages, and last `manifest.json` + `validation.json` + `validation.md`. Every artifact is written
+under a temp name and renamed, and the manifest is written last, so an interrupted run never leaves a manifest
+that lists a missing or partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .manifest import Manifest, io_entry, sha256_checkpoint
+from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
+from .validate import Check, random_task_set, task_agreement, validate_artifact, validation_sizes
+
+
+@dataclass
+class ExportOptions:
+    formats: tuple[str, ...] = ("onnx",)
+    precisions: tuple[str, ...] = ("fp32",)
+    roles: tuple[str, ...] = tuple(ROLES)
+    frames: int | None = None
+    max_batch: int = 8
+    max_text_len: int = 32
+    opset: int = 20
+    attention: str = "reference"  # or "custom-ops" (the kernels' ONNX translation table)
+    allow_mismatch: bool = False
+    ort_optimize: str = "auto"  # auto (keep where measured faster) | always | never
+    egomcq: str | None = None
+    video_root: str | None = None
+    tokenizer: str | None = None
+    max_questions: int = 24
+    task_checks: bool = True
+    aoti_device: str = "cpu"
+    aoti_opt_level: str = "O1"
+    trt_strongly_typed: bool = False
+    trt_refit: bool = False
+
+    def check(self) -> None:
+        for name, values, allowed in (("format", self.formats, FORMATS), ("precision", self.precisions, PRECISIONS)):
+            bad = [v for v in values if v not in allowed]
+            if bad or not values:
+                raise ValueError(f"unknown {name}(s) {bad or values}; choose from {list(allowed)}")
+        check_roles(self.roles)
+        if self.ort_optimize not in ("auto", "always", "never"):
+            raise ValueError(f"ort_optimize must be auto, always or never, got {self.ort_optimize!r}")
+        if (self.egomcq is None) != (self.video_root is None) or (self.egomcq and not self.tokenizer):
+            raise ValueError("--egomcq needs --video-root and --tokenizer")
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+def load_model(checkpoint: str, frames: int | None = None):
+    """(model, source info) from: a training checkpoint dir (step_N, verified against its MANIFEST.json), a run
+    dir (its newest valid checkpoint), a save_pretrained dir, an official .pth, or 'random:tiny' / 'random:base'
+    (seeded random weights, for benchmarks and smoke tests)."""
+    from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+    from egovlp_deploy.checkpoint import CheckpointError
+    from egovlp_deploy.trainer.checkpointing import MANIFEST, latest_valid_checkpoint, verify_checkpoint
+    from egovlp_deploy.trainer.evaluate import model_at_frames
+
+    if checkpoint.startswith("random:"):
+        name = checkpoint.split(":", 1)[1]
+        if name not in ("tiny", "base"):
+            raise ValueError(f"random checkpoints are 'random:tiny' or 'random:base', got {checkpoint!r}")
+        torch.manual_seed(0)
+        config = getattr(EgoVLPv2Config, name)(num_frames=frames or 4)
+        return EgoVLPv2(config).eval(), {"path": checkpoint, "kind": "random", "sha256": None}
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    kind = "official"
+    if path.is_dir():
+        if (path / "checkpoints").is_dir():  # a training run directory
+            step = latest_valid_checkpoint(path / "checkpoints")
+            if step is None:
+                raise CheckpointError(f"{path}: no valid checkpoint under checkpoints/")
+            path, kind = step, "trainer"
+        elif (path / MANIFEST).is_file():
+            verify_checkpoint(path)
+            kind = "trainer"
+        else:
+            kind = "pretrained"
+        model = EgoVLPv2.from_pretrained(path)
+        if frames:
+            model = model_at_frames(model, frames)
+    else:
+        model = EgoVLPv2.from_official_checkpoint(path, num_frames=frames)
+    return model.eval(), {"path": str(path), "kind": kind, "sha256": sha256_checkpoint(path)}
+
+
+# -- the run -------------------------------------------------------------------------------------------------------
+class Progress:
+    def __init__(self, total: int, stream=sys.stderr, quiet: bool = False):
+        self.total, self.done, self.stream, self.quiet = total, 0, stream, quiet
+        self.t0 = time.perf_counter()
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {what}")
+
+    def say(self, text: str) -> None:
+        if not self.quiet:
+            print(f"{time.perf_counter() - self.t0:7.1f}s  {text}", file=self.stream, flush=True)
+
+
+def _verdict(check: Check) -> str:
+    w = check.metrics.get("worst")
+    mark = "ok" if check.passed else "MISMATCH"
+    if w:
+        return f"{mark} (cos {w['min_cosine']:.7f}, max rel {w['max_rel']:.1e})"
+    return mark
+
+
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _ort_run(path: Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return lambda inputs: dict(zip(names, session.run(names, inputs)))
+
+
+def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: bool = False) -> ExportResult:
+    from . import onnx as onnx_export
+    from . import precision as prec
+    from .validate import egomcq_task_set
+
+    opts.check()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    roles = list(opts.roles)
+    want_onnx = "onnx" in opts.formats or "tensorrt" in opts.formats
+    n_steps = 1 + (len(roles) * len(opts.precisions) if want_onnx else 0) \
+        + (len(opts.precisions) if want_onnx and opts.task_checks else 0) \
+        + (len(roles) if "tensorrt" in opts.formats else 0) \
+        + (len([r for r in roles if r in AOTI_ROLES]) if "aoti" in opts.formats else 0) + 1
+    progress = Progress(n_steps, quiet=quiet)
+    model, source = load_model(checkpoint, opts.frames)
+    cfg = model.config
+    progress.step(f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
+                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)")
+    manifest = Manifest(source_checkpoint=source, model_config=cfg.to_dict(),
+                        export={"frames": cfg.video.num_frames, "max_batch": opts.max_batch,
+                                "max_text_len": opts.max_text_len, "opset": opts.opset,
+                                "attention": opts.attention, "formats": list(opts.formats),
+                                "precisions": list(opts.precisions), "roles": roles})
+    result = ExportResult(out, True, manifest=manifest)
+    sizes = validation_sizes(opts.max_batch, opts.max_text_len)
+    runs: dict[str, dict] = {p: {} for p in opts.precisions}
+
+    def record(check: Check) -> Check:
+        result.checks.append(check)
+        if not check.passed:
+            result.passed = False
+        return check
+
+    if want_onnx:
+        for role in roles:
+            fp32_path = out / "onnx" / "fp32" / f"{role}.onnx"
+            made = onnx_export.export_onnx(model, role, fp32_path, max_batch=opts.max_batch,
+                                           max_text_len=opts.max_text_len, opset=opts.opset,
+                                           attention=opts.attention)
+            for precision in opts.precisions:
+                path = out / "onnx" / precision / f"{role}.onnx"
+                t0 = time.perf_counter()
+                extra = {}
+                if precision == "fp16":
+                    extra = prec.to_fp16(fp32_path, path)
+                elif precision == "int8":
+                    extra = prec.to_int8(fp32_path, path)
+                seconds = made.seconds + time.perf_counter() - t0
+                run = _ort_run(path)
+                check = record(validate_artifact(model, role, run, precision, sizes))
+                runs[precision][role] = run
+                entry = manifest.add(out, path, role=role, format="onnx", precision=precision, opset=made.opset,
+                                     io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
+                                     export_seconds=round(seconds, 2),
+                                     validation={"passed": check.passed, **check.metrics["worst"]})
+                if extra:
+                    entry.validation["graph"] = extra
+                progress.step(f"onnx {precision:<4} {role:<20} {seconds:6.1f}s  {_verdict(check)}")
+                if precision in ("fp32", "int8") and opts.ort_optimize != "never":
+                    _maybe_optimized(model, role, path, precision, made.opset, opts, cfg, out, manifest, progress)
+            if "fp32" not in opts.precisions:  # only the source of the derived precisions: not an artifact
+                fp32_path.unlink()
+        if opts.task_checks:
+            tasks = (egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
+                     if opts.egomcq else random_task_set(model))
+            for precision in opts.precisions:
+                check = record(task_agreement(model, runs[precision], precision, tasks, opts.max_batch))
+                manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
+                progress.step(f"task checks {precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
+                              f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check))
+
+    if "tensorrt" in opts.formats:
+        _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
+
+    if "aoti" in opts.formats:
+        from .aoti import export_aoti, load_aoti
+
+        for role in [r for r in roles if r in AOTI_ROLES]:
+            precision = "fp32" if opts.aoti_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
+            path = out / "aoti" / f"{opts.aoti_device.split(':')[0]}_{precision}" / f"{role}.pt2"
+            made = export_aoti(model, role, path, max_batch=opts.max_batch, max_text_len=opts.max_text_len,
+                               device=opts.aoti_device, precision=precision, wrapper_opt_level=opts.aoti_opt_level)
+            check = record(validate_artifact(model, role, load_aoti(path, role, opts.aoti_device), "fp32"
+                                             if precision == "fp32" else "fp16", sizes))
+            manifest.add(out, path, role=role, format="aoti", precision=precision, device=opts.aoti_device,
+                         io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
+                         export_seconds=round(made.seconds, 2),
+                         validation={"passed": check.passed, **check.metrics["worst"]})
+            progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)}")
+
+    manifest.validation["passed"] = result.passed
+    manifest.validation["errors"] = result.errors
+    write_report(out, result)
+    manifest.save(out)
+    progress.step(f"manifest.json, validation.json, validation.md written to {out}")
+    return result
+
+
+def _task_summary(check: Check) -> str:
+    parts = []
+    r = check.metrics.get("retrieval")
+    if r:
+        parts.append(f"retrieval t2v/v2t top-1 agreement {r['t2v_top1_agreement']:.2f}/{r['v2t_top1_agreement']:.2f} "
+                     f"(decisive {r['t2v_decisive']:.2f}/{r['v2t_decisive']:.2f})")
+    e = check.metrics.get("egomcq")
+    if e:
+        parts.append("EgoMCQ answers agree " + "/".join(f"{e[m]['answer_agreement']:.2f}"
+                                                        for m in ("dual", "fusion", "ensemble")))
+    h = check.metrics.get("fusion_head_vs_fusion")
+    if h:
+        parts.append(f"head vs fusion {h['max_abs_vs_fusion_graph']:.1e}")
+    return (": " + "; ".join(parts)) if parts else ""
+
+
+def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manifest, progress) -> None:
+    """Save ORT's offline-optimized graph beside `path` where it helps (or always).
+
+    A session optimizes its graph at every load anyway (ORT_ENABLE_ALL by default), so the saved graph mainly
+    saves load time; it is kept when loading it is faster and running it at batch 1 is not slower (measured)."""
+    from .precision import ort_optimize
+    from .specs import example_inputs
+    from .validate import as_numpy_inputs
+
+    opt_path = path.with_name(f"{role}.ort.onnx")
+    ort_optimize(path, opt_path)
+    inputs = as_numpy_inputs(example_inputs(model, role, 1, min(15, opts.max_text_len), seed=3), precision)
+    measured = {}
+    for name, p in (("plain", path), ("optimized", opt_path)):
+        t0 = time.perf_counter()
+        run = _ort_run(p)
+        load_ms = (time.perf_counter() - t0) * 1e3
+        measured[name] = (load_ms, _median_ms(lambda: run(inputs)))
+    (load_plain, ms_plain), (load_opt, ms_opt) = measured["plain"], measured["optimized"]
+    keep = opts.ort_optimize == "always" or (load_opt < load_plain and ms_opt <= ms_plain * 1.05)
+    if keep:
+        manifest.add(out, opt_path, role=role, format="onnx", precision=precision, opset=opset,
+                     variant="ort-optimized", derived_from=str(path.relative_to(out)),
+                     io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
+                     validation={"ms_b1": ms_opt, "ms_b1_unoptimized": ms_plain, "load_ms": load_opt,
+                                 "load_ms_unoptimized": load_plain})
+    else:
+        opt_path.unlink()
+    progress.say(f"      ORT-optimized {precision} {role}: load {load_opt:.0f} vs {load_plain:.0f} ms, run "
+                 f"{ms_opt:.2f} vs {ms_plain:.2f} ms at B=1 -> {'kept' if keep else 'dropped'}")
+
+
+def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes) -> None:
+    from .tensorrt import BuildOptions, TensorRTUnavailable, build_engine, run_engine
+
+    precision = "fp16" if "fp16" in opts.precisions else "fp32"
+    source = "fp16" if opts.trt_strongly_typed and precision == "fp16" else "fp32"
+    build = BuildOptions(precision=precision, strongly_typed=opts.trt_strongly_typed, refit=opts.trt_refit,
+                         max_batch=opts.max_batch, max_text_len=opts.max_text_len,
+                         opt_text_len=min(16, opts.max_text_len), timing_cache=str(out / "tensorrt" / "timing.cache"))
+    for role in roles:
+        onnx_path = out / "onnx" / source / f"{role}.onnx"
+        engine = out / "tensorrt" / precision / f"{role}.engine"
+        engine.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            facts = build_engine(onnx_path, engine, role, model.config, build, progress=not progress.quiet)
+            check = validate_artifact(model, role, run_engine(engine, role), precision, sizes)
+        except TensorRTUnavailable as exc:
+            result.errors.append(str(exc))
+            result.passed = False
+            progress.step(f"tensorrt {role}: unavailable: {exc}")
+            return
+        result.checks.append(check)
+        result.passed &= check.passed
+        entry = manifest.add(out, engine, role=role, format="tensorrt", precision=precision, device="cuda",
+                             io=io_entry(role, model.config, "fp32", opts.max_batch, opts.max_text_len),
+                             derived_from=str(onnx_path.relative_to(out)), export_seconds=facts["build_seconds"],
+                             validation={"passed": check.passed, **check.metrics["worst"]})
+        entry.validation["build"] = facts
+        progress.step(f"tensorrt {precision} {role} {facts['build_seconds']:.1f}s  {_verdict(check)}")
+
+
+# -- report ----------------------------------------------------------------------------------------------------------
+def write_report(out: Path, result: ExportResult) -> None:
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    data = {"passed": result.passed, "errors": result.errors, "checks": [c.to_dict() for c in result.checks]}
+    atomic_write_bytes(out / "validation.json", json.dumps(data, indent=2).encode())
+    atomic_write_bytes(out / "validation.md", format_report(result).encode())
+
+
+def format_report(result: ExportResult) -> str:
+    lines = [f"# Export validation: {'PASSED' if result.passed else 'FAILED'}", "",
+             "| check | verdict | min cosine | max rel err | max abs err |", "|---|---|---:|---:|---:|"]
+    for c in result.checks:
+        w = c.metrics.get("worst")
+        if w:
+            lines.append(f"| {c.name} | {'ok' if c.passed else 'FAIL'} | {w['min_cosine']:.7f} | "
+                         f"{w['max_rel']:.2e} | {w['max_abs']:.2e} |")
+    for c in result.checks:
+        if not c.metrics.get("worst"):
+            lines += ["", f"**{c.name}** ({'ok' if c.passed else 'FAIL'}){_task_summary(c)}"]
+    problems = [f for c in result.checks for f in c.failures] + result.errors
+    if problems:
+        lines += ["", "## Problems", ""] + [f"- {p}" for p in problems]
+    return "\n".join(lines) + "\n"
+
+
+def summary_dict(result: ExportResult) -> dict:
+    return {"out": str(result.out), "passed": result.passed, "errors": result.errors,
+            "checks": [{"name": c.name, "passed": c.passed, "failures": c.failures} for c in result.checks],
+            "artifacts": [asdict(a) for a in (result.manifest.artifacts if result.manifest else [])]}

@@ -1,0 +1,81 @@
+"""A small ONNX Runtime session over one manifest artifact that checks its inputs before running.
+
+The exported graphs have no Python checks (the export patcher removes them: they are data-dependent), and ORT's
+own errors on a bad input are C++ messages about node names. Here every input is checked against the manifest:
+names, rank, fixed sizes, the dynamic axes' bounds and their consistency across inputs (one `batch`), dtype.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .manifest import open_artifact
+
+
+class ArtifactInputError(ValueError):
+    """An input does not fit the artifact (name, shape, dtype, dynamic bound)."""
+
+
+def check_inputs(io: dict, inputs: dict, where: str = "") -> None:
+    specs = {t["name"]: t for t in io["inputs"]}
+    missing = [n for n in specs if n not in inputs]
+    unexpected = [n for n in inputs if n not in specs]
+    if missing or unexpected:
+        raise ArtifactInputError(f"{where}inputs {sorted(inputs)} do not match the artifact's {list(specs)} "
+                                 f"(missing {missing}, unexpected {unexpected})")
+    bound: dict[str, int] = {}
+    for name, spec in specs.items():
+        x = inputs[name]
+        if not isinstance(x, np.ndarray):
+            raise ArtifactInputError(f"{where}{name} must be a numpy array, got {type(x).__name__}")
+        if x.dtype != np.dtype(spec["dtype"]):
+            raise ArtifactInputError(f"{where}{name} has dtype {x.dtype}, the artifact takes {spec['dtype']}")
+        if x.ndim != len(spec["shape"]):
+            raise ArtifactInputError(f"{where}{name} has shape {x.shape}, the artifact takes {spec['shape']}")
+        for axis, (size, want) in enumerate(zip(x.shape, spec["shape"])):
+            if isinstance(want, int):
+                if size != want:
+                    raise ArtifactInputError(f"{where}{name} has shape {x.shape}: axis {axis} must be {want} "
+                                             f"(artifact shape {spec['shape']})")
+                continue
+            lo, hi = io["dynamic"].get(want, [1, None])
+            if size < lo or (hi is not None and size > hi):
+                raise ArtifactInputError(f"{where}{name} axis {axis} ({want}) is {size}, outside the exported "
+                                         f"range [{lo}, {hi}]")
+            if bound.setdefault(want, size) != size:
+                raise ArtifactInputError(f"{where}{name} axis {axis} ({want}) is {size} but another input has "
+                                         f"{want} = {bound[want]}")
+
+
+class OrtArtifact:
+    """`OrtArtifact(export_dir, role, precision)`: verified load, checked run.
+
+    `run(**inputs)` -> {output name: array}. Providers default to CPU; pass e.g. ["CUDAExecutionProvider",
+    "CPUExecutionProvider"] with onnxruntime-gpu (and check `session.get_providers()`: ORT falls back silently).
+    """
+
+    def __init__(self, export_dir: str | os.PathLike, role: str, precision: str = "fp32", variant: str = "",
+                 providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        from .manifest import ArtifactError
+
+        self.path, self.entry, self.manifest = open_artifact(export_dir, role, precision, "onnx", variant)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts,
+                                                providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.role, self.precision = role, precision
+        self.output_names = [t["name"] for t in self.entry.io["outputs"]]
+
+    def run(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        check_inputs(self.entry.io, inputs, where=f"{self.role}/{self.precision}: ")
+        return dict(zip(self.output_names, self.session.run(self.output_names, inputs)))
+
+    __call__ = run
