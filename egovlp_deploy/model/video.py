@@ -115,6 +115,9 @@ class SpaceTimeTransformer(nn.Module):
     def reset_parameters(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.cfg.time_init == "rand":
+            # a zero temporal embedding leaves the network invariant to frame order (VideoConfig.time_init)
+            nn.init.trunc_normal_(self.temporal_embed, std=0.02)
         for block in self.blocks:
             if self.cfg.time_init != "zeros":
                 continue  # "rand": the default Linear init (see VideoConfig.time_init)

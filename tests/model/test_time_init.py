@@ -50,3 +50,15 @@ def test_time_init_round_trips_validates_and_defaults_for_old_configs():
     bad["video"]["time_init"] = "ones"
     with pytest.raises(ConfigError, match="time_init"):
         EgoVLPv2Config.from_dict(bad).validate()
+
+
+def test_zeros_is_blind_to_frame_order_and_rand_is_not():
+    """With a zero temporal embedding and a no-op temporal attention, a clip and the same clip played backwards
+    (picks up / puts down in the synthetic world) get the same embedding: frame order is invisible."""
+    torch.manual_seed(2)
+    video = torch.randn(1, 4, 3, 32, 32)
+    backwards = video.flip(1)
+    with torch.no_grad():
+        zeros, rand = _model("zeros").eval(), _model("rand").eval()
+        torch.testing.assert_close(zeros.encode_video(backwards), zeros.encode_video(video), rtol=1e-5, atol=1e-6)
+        assert (rand.encode_video(backwards) - rand.encode_video(video)).abs().max() > 1e-3
