@@ -1,0 +1,340 @@
+"""`egovlp-deploy bench e2e`: end-to-end latency of the runtime stages, per backend and precision, at F in {4, 16}.
+
+Stages (batch 1 unless stated): decode+preprocess of one clip from an mp4 (the runtime's ClipPipeline: decord/PyAV +
+C++ preprocessing), video encode, text encode (tokenize + text encoder), and fusion re-ranking of k in {5, 20}
+clips against one query two ways: `cached` (the fusion head over the clips' cached video prefixes and the query's
+text prefix, what `search --rerank` runs) and `monolithic` (the whole fusion graph from the preprocessed clips and
+the token ids, the path without a cache). Both return the same scores (checked every run: max |difference|).
+
+Per stage: p50/p90/p99 over --iters timed calls after --warmup untimed ones; cold start = engine load + first
+call; peak memory = the process's peak RSS while the stage runs (sampled every 2 ms; on CUDA also
+torch.cuda.max_memory_allocated). Engines are exported from seeded random weights (`random:tiny` or
+`random:base`) into OUT/engines_f<F> once and reused. Also the GMAC comparison of EgoVLPv2's fusion in the backbone
+against stacking the same cross-attention layers as extra fusion layers on top of complete dual towers.
+Writes OUT/e2e.json, OUT/e2e.md and OUT/e2e.png (and `--quick` runs a plumbing check in seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+DESCRIPTION = __doc__
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (engines are cached here too)")
+    p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="model size (default: tiny)")
+    p.add_argument("--frames", dest="frame_list", default="4,16", metavar="LIST", help="frames per clip (default: 4,16)")
+    p.add_argument("--backends", default="onnxruntime,torch", metavar="LIST",
+                   help="comma list of onnxruntime, torch, aoti, tensorrt (default: onnxruntime,torch)")
+    p.add_argument("--precisions", default="fp32", metavar="LIST", help="comma list of fp32, fp16, int8 "
+                                                                         "(default: fp32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--ks", default="5,20", metavar="LIST", help="re-ranked clip counts (default: 5,20)")
+    p.add_argument("--iters", type=int, default=30, help="timed calls per stage (default: 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
+    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: runtime default)")
+    p.add_argument("--quick", action="store_true", help="F=4, k=5, 3 iterations, onnxruntime only (tests)")
+    p.add_argument("--engines", metavar="DIR", help="use this export folder instead of exporting (one F)")
+
+
+def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return float(np.median(times))
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (a sampling thread; Linux /proc)."""
+
+    def __init__(self, every_s: float = 0.002):
+        self.every, self.peak, self._stop = every_s, 0, threading.Event()
+
+    @staticmethod
+    def now() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.now())
+            time.sleep(self.every)
+
+    def __enter__(self):
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
+
+
+def _timed(fn, iters: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    with PeakRSS() as mem:
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    t = np.array(times)
+    return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
+            "p99": float(np.percentile(t, 99)), "mean": float(t.mean()), "iters": iters,
+            "peak_rss_mib": round(mem.peak / 2**20, 1)}
+
+
+def write_test_video(path: Path, frames: int = 64, size: tuple[int, int] = (320, 240), fps: int = 30) -> Path:
+    """A small mp4 (moving gradient) written with PyAV: the decode stage reads a real H.264 file."""
+    import av
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        yy, xx = np.mgrid[0:h, 0:w]
+        for i in range(frames):
+            img = np.stack([(xx + 4 * i) % 256, (yy + 2 * i) % 256, np.full_like(xx, (8 * i) % 256)], -1)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img.astype(np.uint8), format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+def _engines(out: Path, model: str, frames: int, max_batch: int) -> Path:
+    from egovlp_deploy.export.pipeline import ExportOptions, run_export
+
+    d = out / f"engines_{model}_f{frames}"
+    if (d / "manifest.json").is_file():
+        return d
+    opts = ExportOptions(frames=frames, max_batch=max_batch, task_checks=False, ort_optimize="never")
+    result = run_export(f"random:{model}", d, opts, quiet=True)
+    if not result.passed:
+        raise ValueError(f"export of random:{model} at F={frames} failed validation: {result.errors}")
+    return d
+
+
+def gmac_comparison(model: str = "base", frames=(4, 16), text_length: int = 15) -> list[dict]:
+    """Fusion in the backbone (EgoVLPv2: the top layers of the towers carry the cross-attention) vs stacking the
+    same cross-attention as extra fusion layers on top of complete dual towers (the usual fusion encoder: all
+    unfused layers run, then as many fused layers again). Per video-text pair, batch 1, meta device."""
+    import torch
+
+    from egovlp_deploy.compute import _count
+    from egovlp_deploy.config import EgoVLPv2Config
+    from egovlp_deploy.model import EgoVLPv2
+
+    rows = []
+    for f in frames:
+        config = getattr(EgoVLPv2Config, model)(num_frames=f)
+        with torch.device("meta"):
+            m = EgoVLPv2(config).eval()
+            v = config.video
+            video = torch.zeros(1, f, v.in_chans, v.img_size, v.img_size)
+            ids = torch.zeros(1, text_length, dtype=torch.long)
+            mask = torch.ones(1, text_length, dtype=torch.long)
+        m._check_text = lambda *a: None  # the meta device has no values for the id-range check
+        fused, cross = _count(lambda: m.fuse(video, ids, mask))
+        dual_v, _ = _count(lambda: m.encode_video(video, project=False))
+        dual_t, _ = _count(lambda: m.encode_text(ids, mask, project=False))
+        prefix_v, _ = _count(lambda: m.fusion_video_prefix(video))
+        prefix_t, _ = _count(lambda: m.text_prefix(ids, mask))
+        # Stacked: the complete dual towers, then the fused layers (identical to EgoVLPv2's top layers) on top.
+        stacked = fused + (dual_v - prefix_v) + (dual_t - prefix_t)
+        rows.append({"model": model, "frames": f, "text_length": text_length, "fusion_in_backbone_gmacs": fused,
+                     "stacked_gmacs": stacked, "cross_attention_gmacs": cross,
+                     "saving_pct": 100 * (1 - fused / stacked)})
+    return rows
+
+
+def run(args) -> int:
+    import torch
+
+    from .engines import Runtime
+    from .pipeline import ClipPipeline, plan_windows
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    frames = [4] if args.quick else [int(x) for x in csv(args.frame_list)]
+    ks = [5] if args.quick else [int(x) for x in csv(args.ks)]
+    backends = ["onnxruntime"] if args.quick else csv(args.backends)
+    precisions = csv(args.precisions)
+    iters, warmup = (3, 1) if args.quick else (args.iters, args.warmup)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    video = write_test_video(out / "bench_video.mp4")
+    rows, parity = [], []
+    for f in frames:
+        engines = Path(args.engines) if args.engines else _engines(out, args.model, f, max(ks + [8]))
+        probe = Runtime(engines, warmup=False)
+        cfg = probe.folder.config
+        if cfg.video.num_frames != f:
+            raise ValueError(f"{engines}: exported for {cfg.video.num_frames} frames, asked {f}")
+        pipe = ClipPipeline(f, cfg.video.img_size)
+        windows, _ = plan_windows(video, f, window_sec=1.0, stride_sec=1.0)
+        stat = _timed(lambda: pipe.clips(video, windows[:1]), iters, warmup)
+        rows.append({"stage": "decode+preprocess", "backend": "-", "precision": "-", "frames": f, "k": 1, **stat,
+                     "note": pipe.preprocessing})
+        clips = pipe.clips(video, windows[:1])
+        for backend in backends:
+            for precision in precisions:
+                try:
+                    rows += _bench_backend(engines, backend, precision, args.device, args.threads, f, ks, clips,
+                                           iters, warmup, parity)
+                except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
+                    rows.append({"stage": "unavailable", "backend": backend, "precision": precision, "frames": f,
+                                 "note": str(exc)[:300]})
+    gmacs = gmac_comparison("base", (4, 16))
+    meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
+            "torch_threads": torch.get_num_threads(), "device": args.device, "model": args.model,
+            "load_avg": os.getloadavg(), "git_sha": _git_sha(), "iters": iters, "warmup": warmup,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    result = {"meta": meta, "rows": rows, "rerank_parity": parity, "gmacs": gmacs, "speedups": _speedups(rows)}
+    (out / "e2e.json").write_text(json.dumps(result, indent=1))
+    (out / "e2e.md").write_text(format_markdown(result))
+    plot(result, out / "e2e.png")
+    print(format_markdown(result))
+    return 0
+
+
+def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, iters, warmup, parity) -> list[dict]:
+    import torch
+
+    from .engines import Runtime
+
+    rows = []
+    rt = Runtime(engines, backend=backend, precision=precision, device=device, threads=threads, warmup=False)
+    query_ids = np.array([[0] + list(range(10, 21)) + [2]], np.int64)  # 13 tokens, a typical narration length
+    query_mask = np.ones_like(query_ids)
+    tag = {"backend": backend, "precision": precision, "frames": f}
+
+    def cold(role, inputs):
+        t0 = time.perf_counter()
+        with PeakRSS() as mem:
+            r = rt.runner(role)
+            r(**inputs)
+        return {"cold_start_ms": (time.perf_counter() - t0) * 1e3, "load_peak_rss_mib": round(mem.peak / 2**20, 1),
+                "provider": r.provider}
+
+    info = cold("video_encoder", {"video": clips})
+    rows.append({"stage": "video encode", "k": 1, **tag, **info,
+                 **_timed(lambda: rt.runner("video_encoder")(video=clips), iters, warmup)})
+    info = cold("text_encoder", {"input_ids": query_ids, "attention_mask": query_mask})
+    rows.append({"stage": "text encode", "k": 1, **tag, **info,
+                 **_timed(lambda: rt.runner("text_encoder")(input_ids=query_ids, attention_mask=query_mask),
+                          iters, warmup)})
+    text = rt.runner("text_encoder")(input_ids=query_ids, attention_mask=query_mask)
+    have_fusion = backend in ("onnxruntime", "torch", "tensorrt")  # AOTInductor has no one-graph fusion role
+    for k in ks:
+        batch = np.repeat(clips, k, axis=0) + np.random.default_rng(k).normal(0, 0.1, (k, *clips.shape[1:])) \
+            .astype(np.float32)
+        prefixes = rt.video_encoder.fusion_prefix(batch)  # split by the exported max batch
+        info = cold("fusion_head", {"video_prefix": prefixes[:1], "text_prefix": text["text_prefix"],
+                                    "attention_mask": query_mask})
+        cached = lambda: rt.fusion.score_prefixes(prefixes, text["text_prefix"], query_mask)  # noqa: E731
+        rows.append({"stage": "re-rank cached", "k": k, **tag, **info, **_timed(cached, iters, warmup)})
+        if have_fusion:
+            info = cold("fusion", {"video": batch[:1], "input_ids": query_ids, "attention_mask": query_mask})
+            mono = lambda: rt.fusion.score_clips(batch, query_ids, query_mask)  # noqa: E731
+            rows.append({"stage": "re-rank monolithic", "k": k, **tag, **info, **_timed(mono, iters, warmup)})
+            parity.append({**tag, "k": k, "max_abs_diff": float(np.abs(cached() - mono()).max())})
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        rows[-1]["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return rows
+
+
+def _speedups(rows) -> list[dict]:
+    out = []
+    for r in rows:
+        if r["stage"] != "re-rank cached":
+            continue
+        mono = [m for m in rows if m["stage"] == "re-rank monolithic" and
+                all(m[key] == r[key] for key in ("backend", "precision", "frames", "k"))]
+        if mono:
+            out.append({key: r[key] for key in ("backend", "precision", "frames", "k")} |
+                       {"cached_p50": r["p50"], "monolithic_p50": mono[0]["p50"],
+                        "speedup": mono[0]["p50"] / r["p50"]})
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def format_markdown(result: dict) -> str:
+    m = result["meta"]
+    lines = [f"End-to-end latency ({m['model']} model, device {m['device']}, {m['cpu_count']} CPUs, torch threads "
+             f"{m['torch_threads']}, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}, {m['iters']} "
+             f"iterations after {m['warmup']} warm-up, git {m['git_sha']})", "",
+             "| stage | backend | precision | F | k | p50 ms | p90 ms | p99 ms | cold start ms | peak RSS MiB |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        if r["stage"] == "unavailable":
+            lines.append(f"| unavailable | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | "
+                         f"{r['note'][:80]} |")
+            continue
+        cold = f"{r['cold_start_ms']:.0f}" if "cold_start_ms" in r else "-"
+        lines.append(f"| {r['stage']} | {r['backend']}{' / ' + r['provider'] if r.get('provider') else ''} | "
+                     f"{r['precision']} | {r['frames']} | {r['k']} | {r['p50']:.2f} | {r['p90']:.2f} | "
+                     f"{r['p99']:.2f} | {cold} | {r['peak_rss_mib']:.0f} |")
+    if result["speedups"]:
+        lines += ["", "| re-rank | backend | F | k | cached p50 ms | monolithic p50 ms | speedup | max abs diff |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for s in result["speedups"]:
+            d = [p["max_abs_diff"] for p in result["rerank_parity"]
+                 if all(p[key] == s[key] for key in ("backend", "precision", "frames", "k"))]
+            lines.append(f"| {s['precision']} | {s['backend']} | {s['frames']} | {s['k']} | {s['cached_p50']:.2f} | "
+                         f"{s['monolithic_p50']:.2f} | {s['speedup']:.2f}x | {d[0] if d else float('nan'):.1e} |")
+    lines += ["", "| GMACs per pair (base) | F | fusion in backbone | stacked fusion layers | saving |",
+              "|---|---:|---:|---:|---:|"]
+    for g in result["gmacs"]:
+        lines.append(f"| {g['model']}, text {g['text_length']} | {g['frames']} | {g['fusion_in_backbone_gmacs']:.1f} | "
+                     f"{g['stacked_gmacs']:.1f} | {g['saving_pct']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["stage"] != "unavailable"]
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    labels = [f"{r['stage']}\n{r['backend']} {r['precision']} F{r['frames']} k{r['k']}" for r in rows]
+    ax.barh(range(len(rows)), [r["p50"] for r in rows], xerr=[[0] * len(rows),
+                                                               [r["p90"] - r["p50"] for r in rows]], color="#4c72b0")
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("ms (p50, bar to p90)")
+    ax.set_title("egovlp-deploy end to end")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,280 @@
+"""`egovlp-deploy index | search | mcq | features | demo`: argument definitions and runners (registered in
+egovlp_deploy/cli.py). Each `run_*(args)` returns an exit code; errors are ValueErrors that name the problem."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import warnings
+from pathlib import Path
+
+INDEX_DESCRIPTION = """Index videos for text search: sliding clip windows (or annotated segments) -> dual embeddings
+with timestamps (+ fusion prefixes for re-ranking), in INDEX/ as safetensors shards + index.json.
+
+Incremental: run it again with more videos to extend the index; videos already indexed are skipped, changed files
+re-indexed. A killed run resumes where it stopped (at most --commit-every windows are recomputed) and never
+leaves a corrupt index. The index records the model it was built with and refuses another model's engines."""
+
+SEARCH_DESCRIPTION = """Search an index in words: the top moments (video, start-end seconds) by dual cosine
+similarity; --rerank K re-scores the top K with the fusion encoder over the cached prefixes (index built with
+--prefixes), by the VTM match probability or the official ensemble (cosine + probability)."""
+
+MCQ_DESCRIPTION = """Answer EgoMCQ-style questions (official egomcq.json format: a narration and 5 candidate clips)
+with the exported engines, in dual, fusion and ensemble mode; prints accuracy when answers are given."""
+
+FEATURES_DESCRIPTION = """Extract per-window features of your own videos for downstream heads: --mode dual gives
+projected dual video embeddings per window (EgoMQ / VSGN layout: features (T, P) + timestamps (T, 2)); --mode
+fusion gives the fused video CLS and fused text tokens per window and query (EgoNLQ / VSLNet, the EgoVLPv2 recipe:
+video_cls (Q, T, Dv), text_tokens (Q, T, L, Dt), text_mask (Q, L), timestamps). Windows of --frames source frames
+every --stride frames; one output per video, written atomically; finished videos are skipped on a rerun."""
+
+
+# -- shared options ---------------------------------------------------------------------------------------------
+def _engine_options(parser, required: bool = True) -> None:
+    g = parser.add_argument_group("engines")
+    g.add_argument("--engines", required=required, metavar="DIR",
+                   help="an export folder (manifest.json + artifacts from `egovlp-deploy export`)"
+                        + ("" if required else "; default: the one the index was built with"))
+    g.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+                   help="onnxruntime (default), torch (eager; weights from the checkpoint the manifest names), "
+                        "aoti (AOTInductor packages), tensorrt (engines; needs TensorRT and a GPU)")
+    g.add_argument("--device", default="cpu",
+                   help="cpu (default), cuda, or tensorrt (onnxruntime's TensorRT execution provider)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
+                   help="which exported precision to run (default: fp32)")
+    g.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: the runtime's choice)")
+    g.add_argument("--tokenizer", metavar="DIR",
+                   help="tokenizer directory (default: ENGINES/tokenizer, else the training run's RUN/tokenizer)")
+    g.add_argument("--checkpoint", metavar="CKPT", help="torch backend only: the checkpoint (default: the one the "
+                                                        "manifest names; its sha256 must match)")
+
+
+def _runtime(args, engines: str | None = None):
+    from .engines import ProviderFallbackWarning, Runtime
+
+    warnings.simplefilter("always", ProviderFallbackWarning)
+    return Runtime(engines or args.engines, backend=args.backend, precision=args.precision, device=args.device,
+                   threads=args.threads, tokenizer=args.tokenizer, checkpoint=getattr(args, "checkpoint", None))
+
+
+def _print_backend(rt, stream=sys.stderr) -> None:
+    for r in rt.describe():
+        print(f"  {r['role']:<20} {r['backend']} / {r['provider']} / {r['precision']}", file=stream)
+
+
+# -- index ------------------------------------------------------------------------------------------------------
+def add_index_arguments(p) -> None:
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (mp4, mkv, ...)")
+    p.add_argument("--out", required=True, metavar="INDEX", help="index directory (created, or extended)")
+    _engine_options(p)
+    w = p.add_argument_group("windows")
+    w.add_argument("--window", type=float, default=2.0, metavar="SEC", help="clip window length (default: 2.0 s)")
+    w.add_argument("--stride", type=float, default=1.0, metavar="SEC", help="window start step (default: 1.0 s)")
+    w.add_argument("--segments", metavar="CSV",
+                   help="index annotated segments instead of sliding windows: an EgoClip-format TAB file "
+                        "(video_uid, clip_start, clip_end, clip_text); a video matches a row by its file stem or, "
+                        "for ROOT/<uid>/0.mp4, its folder name")
+    w.add_argument("--prefixes", action="store_true",
+                   help="also store each clip's fusion prefix (enables search --rerank; larger index)")
+    w.add_argument("--prefix-dtype", choices=("float32", "float16"), default="float32",
+                   help="storage of the prefixes (float16 halves the size; default: float32)")
+    w.add_argument("--batch", type=int, default=8, metavar="B", help="windows per encoder call (default: 8)")
+    w.add_argument("--commit-every", type=int, default=32, metavar="N",
+                   help="windows per shard/commit: at most N are recomputed after a kill (default: 32)")
+    w.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto",
+                   help="video decoder (default: auto = decord where installed, else PyAV)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
+    """{video path: [(start, end, text)]} from an EgoClip TAB file, matching rows to the given files by uid."""
+    by_uid: dict[str, list] = {}
+    try:
+        with open(csv_path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f, delimiter="\t"):
+                by_uid.setdefault(row["video_uid"], []).append(
+                    (float(row["clip_start"]), float(row["clip_end"]), row.get("clip_text")))
+    except FileNotFoundError as exc:
+        raise ValueError(f"{csv_path}: no such segments file") from exc
+    except (KeyError, ValueError) as exc:
+        raise ValueError(f"{csv_path}: not an EgoClip-format TAB file ({exc})") from exc
+    out = {}
+    for v in videos:
+        p = Path(v)
+        uid = p.parent.name if p.stem.isdigit() else p.stem
+        if uid not in by_uid:
+            raise ValueError(f"{v}: no segment of video_uid {uid!r} in {csv_path}")
+        out[str(p)] = by_uid[uid]
+    return out
+
+
+def run_index(args) -> int:
+    from .index import IndexSettings, build_index
+
+    rt = _runtime(args)
+    settings = IndexSettings(frames=rt.folder.config.video.num_frames, window_sec=args.window, stride_sec=args.stride,
+                             prefixes=args.prefixes, prefix_dtype=args.prefix_dtype,
+                             mode="segments" if args.segments else "windows", batch=args.batch,
+                             commit_every=args.commit_every)
+    if args.segments:
+        settings.window_sec = settings.stride_sec = 0.0  # not used: the segments give the windows
+    segments = read_segments(args.segments, args.videos) if args.segments else None
+    summary = build_index(args.out, args.videos, rt, settings, segments=segments,
+                          progress=not (args.quiet or args.json), decode_backend=args.decoder)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"index {summary['index']}: {summary['videos']} videos, {summary['windows']} clips "
+          f"({summary['new_windows']} new) in {summary['seconds']:.1f} s")
+    print(f"  preprocessing: {summary['preprocessing']}")
+    print("  ms per clip: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_clip"].items()))
+    _print_backend(rt, sys.stdout)
+    return 0
+
+
+# -- search -----------------------------------------------------------------------------------------------------
+def add_search_arguments(p) -> None:
+    p.add_argument("index", metavar="INDEX", help="an index directory from `egovlp-deploy index`")
+    p.add_argument("query", nargs="+", metavar="QUERY", help="what to look for, in words (several: one search each)")
+    p.add_argument("--top", type=int, default=5, metavar="N", help="moments to show (default: 5)")
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="re-score the dual top K with the fusion encoder over cached prefixes (default: 0 = off)")
+    p.add_argument("--rerank-score", choices=("ensemble", "vtm"), default="ensemble",
+                   help="ensemble: cosine + VTM probability (official EgoMCQ ensemble, default); vtm: probability")
+    _engine_options(p, required=False)
+    p.add_argument("--json", action="store_true", help="print hits as JSON")
+
+
+def format_hits(query: str, hits, show_label: bool = True) -> str:
+    lines = [f'"{query}"']
+    for h in hits:
+        extra = f"  vtm {h.vtm:.3f}" if h.vtm is not None else ""
+        label = f"  [{h.label}]" if show_label and h.label else ""
+        lines.append(f"  {h.rank:>2}. {h.uid:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
+                     f"cos {h.dual:.3f}{extra}{label}")
+    return "\n".join(lines)
+
+
+def run_search(args) -> int:
+    from .index import MomentIndex
+
+    index = MomentIndex(args.index)
+    rt = _runtime(args, args.engines or index.data["engines"])
+    out = {}
+    for q in args.query:
+        hits = index.search(rt, q, top=args.top, rerank=args.rerank, rerank_score=args.rerank_score)
+        out[q] = hits
+        if not args.json:
+            print(format_hits(q, hits))
+    if args.json:
+        print(json.dumps({q: [h.to_dict() for h in hs] for q, hs in out.items()}, indent=2))
+    else:
+        _print_backend(rt)
+    return 0
+
+
+# -- mcq --------------------------------------------------------------------------------------------------------
+def add_mcq_arguments(p) -> None:
+    p.add_argument("questions", metavar="JSON", help="EgoMCQ questions (official egomcq.json format)")
+    p.add_argument("--video-root", required=True, metavar="DIR", help="videos as DIR/<video_uid>/<chunk>.mp4")
+    _engine_options(p)
+    p.add_argument("--max-questions", type=int, metavar="N", help="answer only the first N")
+    p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="video decoder")
+    p.add_argument("--out", metavar="FILE", help="write every answer and score as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def format_mcq(summary: dict) -> str:
+    lines = [f"{'mode':<10}{'all %':>8}{'inter %':>9}{'intra %':>9}"]
+    for mode, acc in summary["accuracy"].items():
+        lines.append(f"{mode:<10}{acc.get('all', float('nan')):>8.1f}{acc.get('Inter-video', float('nan')):>9.1f}"
+                     f"{acc.get('Intra-video', float('nan')):>9.1f}")
+    return "\n".join(lines)
+
+
+def run_mcq(args) -> int:
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    from .mcq import answer_mcq
+
+    rt = _runtime(args)
+    summary = answer_mcq(args.questions, args.video_root, rt, args.max_questions, progress=not args.json,
+                         decode_backend=args.decoder)
+    if args.out:
+        atomic_write_bytes(Path(args.out), json.dumps(summary, indent=1).encode())
+    if args.json:
+        print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
+        return 0
+    print(f"EgoMCQ: {summary['questions']} questions in {summary['seconds']:.1f} s (chance 20%)")
+    print(format_mcq(summary))
+    _print_backend(rt)
+    return 0
+
+
+# -- features ---------------------------------------------------------------------------------------------------
+def add_features_arguments(p) -> None:
+    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (one file set per video)")
+    p.add_argument("--mode", choices=("dual", "fusion"), default="dual",
+                   help="dual: EgoMQ features (default); fusion: EgoNLQ features per query")
+    p.add_argument("--frames", type=int, default=16, metavar="F",
+                   help="window length in source frames (default: 16, the official feature convention)")
+    p.add_argument("--stride", type=int, default=16, metavar="S", help="window step in source frames (default: 16)")
+    p.add_argument("--query", action="append", default=[], metavar="TEXT", help="fusion mode: a query (repeatable)")
+    p.add_argument("--queries", metavar="FILE", help="fusion mode: a text file with one query per line")
+    p.add_argument("--format", choices=("safetensors", "npy"), default="safetensors",
+                   help="safetensors (default: one file per video) or one .npy per tensor")
+    p.add_argument("--batch", type=int, default=8, metavar="B", help="windows per call (default: 8)")
+    p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="video decoder")
+    _engine_options(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def run_features(args) -> int:
+    from .features import extract_features
+
+    queries = list(args.query)
+    if args.queries:
+        try:
+            queries += [line.strip() for line in Path(args.queries).read_text().splitlines() if line.strip()]
+        except FileNotFoundError as exc:
+            raise ValueError(f"{args.queries}: no such queries file") from exc
+    rt = _runtime(args)
+    summary = extract_features(args.videos, rt, args.out, args.mode, args.frames, args.stride, queries,
+                               args.format, args.batch, progress=not (args.quiet or args.json),
+                               decode_backend=args.decoder)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"features ({summary['mode']}) -> {summary['out']}: {summary['written']} videos written "
+              f"({summary['windows']} windows), {summary['skipped']} already done, {summary['seconds']:.1f} s")
+    return 0
+
+
+# -- registration -----------------------------------------------------------------------------------------------
+def register(sub) -> None:
+    """Add index, search, mcq, features and demo to the `egovlp-deploy` subparsers."""
+    raw = argparse.RawDescriptionHelpFormatter
+    for name, summary, desc, add, run in (
+        ("index", "index videos for text search (clip embeddings + timestamps, resumable)", INDEX_DESCRIPTION,
+         add_index_arguments, run_index),
+        ("search", "text -> top moments of an index, optional fusion re-ranking", SEARCH_DESCRIPTION,
+         add_search_arguments, run_search),
+        ("mcq", "answer EgoMCQ-style questions with the exported engines", MCQ_DESCRIPTION, add_mcq_arguments,
+         run_mcq),
+        ("features", "per-window EgoMQ (dual) / EgoNLQ (fusion) features of your videos", FEATURES_DESCRIPTION,
+         add_features_arguments, run_features),
+    ):
+        p = sub.add_parser(name, help=summary, description=desc, formatter_class=raw)
+        add(p)
+        p.set_defaults(func=run)
+    from . import demo
+
+    p = sub.add_parser("demo", help="synthetic data -> train -> export -> index/search/MCQ -> latency, in minutes",
+                       description=demo.DESCRIPTION, formatter_class=raw)
+    demo.add_arguments(p)
+    p.set_defaults(func=demo.run)

@@ -1,0 +1,538 @@
+"""One interface over the inference backends: an export folder (manifest.json + artifacts) -> encoders and scorer.
+
+    rt = Runtime("engines/", backend="onnxruntime")          # or "torch", "aoti", "tensorrt"
+    v = rt.video_encoder.encode(clips)                       # (B, F, 3, S, S) float -> (B, P)
+    t = rt.text_encoder.encode(["#C C picks up the cup"])    # .embedding (B, P), .prefix (B, L, Dt), .mask
+    p = rt.video_encoder.fusion_prefix(clips)                # (B, 1 + F*N, Dv): cache it per clip
+    s = rt.fusion.score_prefixes(p, t.prefix[:1], t.mask[:1])  # VTM match probability per clip (B,)
+
+Every artifact is found through the manifest and verified before it is loaded (present, size, sha256, the role and
+precision stored inside the file, the tool versions it needs): a missing or swapped file is an `EngineError` naming
+it. What really runs is reported per role (`Runtime.describe()`), because ONNX Runtime silently falls back to the
+CPU when the CUDA/TensorRT libraries are missing (TOOLCHAIN.md): the requested providers are compared with
+`session.get_providers()` and a `ProviderFallbackWarning` is raised when they differ.
+
+Backends, all lazily imported so a missing one is an error only when it is asked for:
+- `onnxruntime`: CPU, CUDA or TensorRT execution providers; on CUDA the inputs and outputs go through IOBinding
+  (device buffers, no host round trip for the outputs that stay on the device).
+- `torch`: the model in eager PyTorch (optionally `torch.compile`), with the Triton attention kernels on CUDA. It
+  needs the weights, which an export folder does not hold: they come from the checkpoint the manifest names (or
+  `checkpoint=`), and its sha256 must equal the manifest's, so the torch backend computes the same model.
+- `aoti`: AOTInductor packages listed in the manifest (`egovlp-deploy export --format aoti`).
+- `tensorrt`: TensorRT engines listed in the manifest (needs the tensorrt package and a GPU).
+Each role session is warmed up once at load (batch 1), so the first user call does not pay for lazy allocation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
+PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+class EngineError(ValueError):
+    """The export folder cannot serve what was asked (no manifest, missing/corrupt artifact, backend missing)."""
+
+
+class QueryError(ValueError):
+    """A text query cannot be encoded (empty, or nothing left after tokenization)."""
+
+
+class ProviderFallbackWarning(RuntimeWarning):
+    """ONNX Runtime runs on other execution providers than requested (usually: CUDA libraries missing -> CPU)."""
+
+
+# -- the export folder ------------------------------------------------------------------------------------------
+class EngineFolder:
+    """An export directory read through its manifest; nothing else in it is trusted."""
+
+    def __init__(self, path: str | os.PathLike):
+        from egovlp_deploy.export.manifest import ManifestError, load_manifest
+
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise EngineError(f"{self.path}: no such engine folder (run `egovlp-deploy export ... --out DIR`)")
+        try:
+            self.manifest = load_manifest(self.path)
+        except ManifestError as exc:
+            raise EngineError(str(exc)) from exc
+        from egovlp_deploy.config import EgoVLPv2Config
+
+        self.config = EgoVLPv2Config.from_dict(self.manifest.model_config)
+        self.max_batch = int(self.manifest.export.get("max_batch", 1))
+        self.max_text_len = int(self.manifest.export.get("max_text_len", self.config.text.max_text_length))
+
+    @cached_property
+    def model_id(self) -> str:
+        """The identity of the model behind these engines: sha256 of the source checkpoint's hash (or its name for
+        seeded random weights) and the model config. An index records it and refuses engines of another model;
+        re-exporting the same checkpoint in another format or precision keeps it."""
+        src = self.manifest.source_checkpoint
+        key = {"checkpoint": src.get("sha256") or src.get("path"), "config": self.manifest.model_config}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    def artifact(self, role: str, precision: str, format: str):
+        """(verified path, manifest entry); the ORT-optimized variant of an ONNX graph is preferred (loads faster,
+        same numbers: the exporter validated it)."""
+        from egovlp_deploy.export.manifest import ArtifactError, ManifestError, verify_artifact
+
+        candidates = [a for a in self.manifest.artifacts
+                      if (a.role, a.precision, a.format) == (role, precision, format)]
+        if not candidates:
+            have = sorted({f"{a.format}/{a.precision}/{a.role}" for a in self.manifest.artifacts})
+            raise EngineError(f"{self.path}: the manifest lists no {format} {precision} artifact for role {role!r} "
+                              f"(it has {have}); export it with `egovlp-deploy export --roles {role}`")
+        candidates.sort(key=lambda a: a.variant != "ort-optimized")
+        try:
+            return verify_artifact(self.path, candidates[0], self.manifest.tools), candidates[0]
+        except (ArtifactError, ManifestError) as exc:
+            raise EngineError(f"engine folder {self.path}: {exc}") from exc
+
+
+# -- role runners: numpy in, numpy out ----------------------------------------------------------------------------
+def _float_dtype(spec_dtype: str):
+    return np.float16 if spec_dtype == "float16" else np.float32
+
+
+class _Runner:
+    """Runs one role; `describe` says where. Inputs: numpy arrays keyed by the role's input names."""
+
+    role: str
+    backend: str
+    precision: str
+    provider: str = ""
+    io: dict
+    load_seconds: float = 0.0
+
+    def prepare(self, inputs: dict) -> dict:
+        """Cast float inputs to the artifact's float dtype (fp16 graphs take fp16) and ints to int64."""
+        out = {}
+        for spec in self.io["inputs"]:
+            x = np.asarray(inputs[spec["name"]]) if spec["name"] in inputs else None
+            if x is None:
+                raise EngineError(f"{self.role}: missing input {spec['name']!r}")
+            want = np.int64 if spec["dtype"] == "int64" else _float_dtype(spec["dtype"])
+            out[spec["name"]] = np.ascontiguousarray(x, dtype=want)
+        return out
+
+    def describe(self) -> dict:
+        return {"role": self.role, "backend": self.backend, "provider": self.provider, "precision": self.precision,
+                "load_seconds": round(self.load_seconds, 3)}
+
+
+class OrtRunner(_Runner):
+    backend = "onnxruntime"
+
+    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str, threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise EngineError(f"the onnxruntime backend needs the onnxruntime package ({exc})") from exc
+        t0 = time.perf_counter()
+        path, entry = folder.artifact(role, precision, "onnx")
+        self.role, self.precision, self.io, self.path = role, precision, entry.io, path
+        requested = PROVIDERS.get(device)
+        if requested is None:
+            raise EngineError(f"onnxruntime device must be one of {list(PROVIDERS)}, got {device!r}")
+        available = ort.get_available_providers()
+        missing = [p for p in requested if p not in available]
+        if missing and device != "cpu":
+            warnings.warn(f"{role}: this onnxruntime build has no {missing} (available {available}); "
+                          "it will run on what is left", ProviderFallbackWarning, stacklevel=3)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts,
+                                                providers=[p for p in requested if p in available] or
+                                                ["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own types (Fail, InvalidGraph, ...)
+            raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        active = self.session.get_providers()
+        self.provider = active[0]
+        if active[0] != requested[0]:
+            # The silent fallback: onnxruntime-gpu lists CUDA as available and then runs on the CPU when the CUDA
+            # libraries fail to load. Say it, once per role, and report the provider that really runs.
+            warnings.warn(f"{role}: requested {requested[0]} but ONNX Runtime runs {active} "
+                          "(missing CUDA/TensorRT libraries?)", ProviderFallbackWarning, stacklevel=3)
+        self.on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        self.output_names = [t["name"] for t in self.io["outputs"]]
+        self.load_seconds = time.perf_counter() - t0
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        from egovlp_deploy.export.session import ArtifactInputError, check_inputs
+
+        feed = self.prepare(inputs)
+        try:
+            check_inputs(self.io, feed, where=f"{self.role}/{self.precision}: ")
+        except ArtifactInputError as exc:
+            raise EngineError(str(exc)) from exc
+        if self.on_gpu:
+            # IOBinding: inputs copied to the device once, outputs allocated there by ORT and copied back once.
+            binding = self.session.io_binding()
+            for name, x in feed.items():
+                binding.bind_cpu_input(name, x)
+            for name in self.output_names:
+                binding.bind_output(name, "cuda")
+            self.session.run_with_iobinding(binding)
+            values = binding.copy_outputs_to_cpu()
+        else:
+            values = self.session.run(self.output_names, feed)
+        return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values)}
+
+
+class TorchRunner(_Runner):
+    """Eager PyTorch over the role modules of the export specs (the same forward the ONNX graphs were traced from)."""
+
+    backend = "torch"
+
+    def __init__(self, model, role: str, io: dict, precision: str, device: str, compile: bool):
+        import torch
+
+        from egovlp_deploy.export.specs import role_module
+
+        t0 = time.perf_counter()
+        self.role, self.precision, self.io = role, precision, io
+        self.torch, self.device = torch, torch.device(device)
+        self.dtype = next(model.parameters()).dtype  # fp16 only on CUDA (see Runtime.torch_model)
+        self.module = role_module(model, role)
+        self.call = torch.compile(self.module, dynamic=True) if compile else self.module
+        attention = model.attention_backend
+        self.provider = f"{self.device.type} eager" + (" + compile" if compile else "") + f" ({attention} attention)"
+        self.output_names = [t["name"] for t in io["outputs"]]
+        self.load_seconds = time.perf_counter() - t0
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        torch = self.torch
+        args = {}
+        for spec in self.io["inputs"]:
+            x = torch.from_numpy(np.ascontiguousarray(inputs[spec["name"]]))
+            x = x.to(self.device, torch.long if spec["dtype"] == "int64" else self.dtype, non_blocking=True)
+            args[spec["name"]] = x
+        with torch.inference_mode():
+            out = self.call(**args)
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return {n: t.float().cpu().numpy() for n, t in zip(self.output_names, out)}
+
+
+class AotiRunner(_Runner):
+    backend = "aoti"
+
+    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str):
+        from egovlp_deploy.export.aoti import load_aoti
+
+        t0 = time.perf_counter()
+        path, entry = folder.artifact(role, precision, "aoti")
+        if entry.device.split(":")[0] != device.split(":")[0]:
+            raise EngineError(f"{path}: an AOTInductor package for {entry.device}, asked to run on {device}")
+        self.role, self.precision, self.io, self.provider = role, precision, entry.io, f"aoti {device}"
+        try:
+            self.run = load_aoti(path, role, device)
+        except Exception as exc:  # torch raises RuntimeError with a C++ message on a package it cannot load
+            raise EngineError(f"{path}: cannot load the AOTInductor package ({exc})") from exc
+        self.load_seconds = time.perf_counter() - t0
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        return self.run(self.prepare(inputs))
+
+
+class TensorRTRunner(_Runner):
+    backend = "tensorrt"
+
+    def __init__(self, folder: EngineFolder, role: str, precision: str):
+        from egovlp_deploy.export.tensorrt import TensorRTUnavailable, import_tensorrt, run_engine
+
+        t0 = time.perf_counter()
+        try:
+            import_tensorrt()
+        except TensorRTUnavailable as exc:
+            raise EngineError(str(exc)) from exc
+        path, entry = folder.artifact(role, precision, "tensorrt")
+        self.role, self.precision, self.io, self.provider = role, precision, entry.io, "tensorrt cuda"
+        self.run = run_engine(path, role)
+        self.load_seconds = time.perf_counter() - t0
+
+    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+        return self.run(self.prepare(inputs))
+
+
+# -- the user-facing encoders -------------------------------------------------------------------------------------
+def _batches(n: int, size: int):
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _as_numpy(x) -> np.ndarray:
+    if hasattr(x, "detach"):  # a torch tensor
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+class VideoEncoder:
+    """Preprocessed clips (B, F, 3, S, S) -> dual embeddings (B, P) and cacheable fusion prefixes (B, T, Dv)."""
+
+    def __init__(self, runtime: "Runtime"):
+        self.rt = runtime
+        cfg = runtime.folder.config.video
+        self.clip_shape = (cfg.num_frames, cfg.in_chans, cfg.img_size, cfg.img_size)
+
+    def _check(self, clips) -> np.ndarray:
+        clips = _as_numpy(clips)
+        if clips.ndim == 4:
+            clips = clips[None]
+        if clips.ndim != 5 or tuple(clips.shape[1:]) != self.clip_shape:
+            raise EngineError(f"clips must be (B, {', '.join(map(str, self.clip_shape))}) (these engines were "
+                              f"exported for {self.clip_shape[0]} frames of {self.clip_shape[2]} px), got "
+                              f"{tuple(clips.shape)}")
+        if clips.shape[0] == 0:
+            raise EngineError("no clips to encode")
+        return clips
+
+    def _run(self, role: str, output: str, clips) -> np.ndarray:
+        clips = self._check(clips)
+        runner = self.rt.runner(role)
+        return np.concatenate([runner(video=clips[s])[output] for s in _batches(len(clips), self.rt.max_batch)])
+
+    def encode(self, clips) -> np.ndarray:
+        return self._run("video_encoder", "video_embedding", clips)
+
+    def fusion_prefix(self, clips) -> np.ndarray:
+        return self._run("video_fusion_prefix", "video_prefix", clips)
+
+
+@dataclass
+class TextOutput:
+    embedding: np.ndarray  # (B, P) dual text embedding
+    prefix: np.ndarray  # (B, L, Dt) text states after the last unfused layer (cacheable per sentence)
+    mask: np.ndarray  # (B, L) int64
+    input_ids: np.ndarray  # (B, L) int64
+
+
+class TextEncoder:
+    def __init__(self, runtime: "Runtime"):
+        self.rt = runtime
+
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise QueryError("no text to encode")
+        for t in texts:
+            if not isinstance(t, str) or not t.strip():
+                raise QueryError(f"empty query {t!r}: give the words to search for")
+        tok = self.rt.tokenizer
+        limit = min(self.rt.folder.max_text_len, self.rt.folder.config.text.max_text_length)
+        enc = tok(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="np")
+        ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        vocab = self.rt.folder.config.text.vocab_size
+        if ids.max() >= vocab:
+            raise QueryError(f"the tokenizer produced id {int(ids.max())}, the model's vocabulary has {vocab}: "
+                             f"wrong tokenizer for these engines?")
+        return ids, mask
+
+    def encode(self, texts) -> TextOutput:
+        ids, mask = self.tokenize(texts)
+        runner = self.rt.runner("text_encoder")
+        emb, pre = [], []
+        for s in _batches(len(ids), self.rt.max_batch):
+            out = runner(input_ids=ids[s], attention_mask=mask[s])
+            emb.append(out["text_embedding"])
+            pre.append(out["text_prefix"])
+        return TextOutput(np.concatenate(emb), np.concatenate(pre), mask, ids)
+
+
+def _match_probability(logits: np.ndarray) -> np.ndarray:
+    """softmax over the two VTM classes, class 1 = match (the official fusion score)."""
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e[:, 1] / e.sum(axis=-1)).astype(np.float32)
+
+
+class FusionScorer:
+    """VTM match probabilities of one sentence against K clips.
+
+    `score_prefixes` runs only the fused top layers over cached prefixes (the re-ranker's path: each clip's prefix
+    was stored at indexing, the sentence's comes with its text encoding); `score_clips` runs the whole fusion
+    graph from the clips (the monolithic path, the reference the cached one must equal)."""
+
+    def __init__(self, runtime: "Runtime"):
+        self.rt = runtime
+
+    def score_prefixes(self, video_prefix, text_prefix, mask) -> np.ndarray:
+        vp = _as_numpy(video_prefix)
+        tp, m = _as_numpy(text_prefix), _as_numpy(mask).astype(np.int64)
+        if tp.ndim == 2:
+            tp, m = tp[None], m[None]
+        k = len(vp)
+        if k == 0:
+            return np.zeros(0, np.float32)
+        if len(tp) == 1:  # one sentence against K clips: the text prefix is shared, broadcast without a copy
+            tp, m = np.broadcast_to(tp, (k, *tp.shape[1:])), np.broadcast_to(m, (k, m.shape[1]))
+        runner = self.rt.runner("fusion_head")
+        logits = [runner(video_prefix=vp[s], text_prefix=tp[s], attention_mask=m[s])["vtm_logits"]
+                  for s in _batches(k, self.rt.max_batch)]
+        return _match_probability(np.concatenate(logits))
+
+    def score_clips(self, clips, input_ids, mask) -> np.ndarray:
+        clips = self.rt.video_encoder._check(clips)
+        ids, m = _as_numpy(input_ids).astype(np.int64), _as_numpy(mask).astype(np.int64)
+        if ids.ndim == 1:
+            ids, m = ids[None], m[None]
+        k = len(clips)
+        if len(ids) == 1:
+            ids, m = np.broadcast_to(ids, (k, ids.shape[1])), np.broadcast_to(m, (k, m.shape[1]))
+        runner = self.rt.runner("fusion")
+        logits = [runner(video=clips[s], input_ids=ids[s], attention_mask=m[s])["vtm_logits"]
+                  for s in _batches(k, self.rt.max_batch)]
+        return _match_probability(np.concatenate(logits))
+
+
+# -- the runtime ----------------------------------------------------------------------------------------------------
+def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = None) -> Path:
+    """The tokenizer directory: `explicit`, else ENGINES/tokenizer, else the training run's RUN/tokenizer next to
+    the checkpoint the manifest names (the trainer keeps the demo tokenizer there)."""
+    if explicit:
+        return Path(explicit)
+    candidates = [folder.path / "tokenizer"]
+    src = folder.manifest.source_checkpoint.get("path")
+    if src and not str(src).startswith("random:"):
+        p = Path(src)
+        candidates += [q / "tokenizer" for q in (p, *p.parents[:3])]
+    for c in candidates:
+        if (c / "tokenizer.json").is_file() or (c / "vocab.json").is_file():
+            return c
+    raise EngineError(f"no tokenizer found for {folder.path} (looked in {[str(c) for c in candidates]}); pass "
+                      "--tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
+
+
+class Runtime:
+    """The engines of one export folder on one backend. Role sessions are created on first use and warmed up."""
+
+    def __init__(self, engines: str | os.PathLike, backend: str = "onnxruntime", precision: str = "fp32",
+                 device: str = "cpu", threads: int | None = None, tokenizer: str | os.PathLike | None = None,
+                 checkpoint: str | None = None, compile: bool = False, warmup: bool = True):
+        if backend not in BACKENDS:
+            raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        self.folder = EngineFolder(engines)
+        self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
+        self.checkpoint, self.compile, self.warmup = checkpoint, compile, warmup
+        self._tokenizer_dir = tokenizer
+        self._runners: dict[str, _Runner] = {}
+        self.max_batch = max(1, self.folder.max_batch)
+        self.video_encoder = VideoEncoder(self)
+        self.text_encoder = TextEncoder(self)
+        self.fusion = FusionScorer(self)
+
+    @property
+    def model_id(self) -> str:
+        return self.folder.model_id
+
+    @cached_property
+    def tokenizer(self):
+        from egovlp_deploy.tokenizer import TokenizerError, check_tokenizer_fits, load_tokenizer
+
+        path = find_tokenizer(self.folder, self._tokenizer_dir)
+        try:
+            tok = load_tokenizer(path)
+            t = self.folder.config.text
+            check_tokenizer_fits(tok, t.vocab_size, t.pad_token_id)
+        except TokenizerError as exc:
+            raise EngineError(str(exc)) from exc
+        return tok
+
+    @cached_property
+    def torch_model(self):
+        """The eager model for the torch backend, from the checkpoint the manifest names (hash-checked)."""
+        import torch
+
+        from egovlp_deploy.export.pipeline import load_model
+
+        src = self.folder.manifest.source_checkpoint
+        path = self.checkpoint or src.get("path")
+        if not path:
+            raise EngineError(f"{self.folder.path}: the manifest names no source checkpoint; pass checkpoint=")
+        try:
+            model, info = load_model(str(path), self.folder.config.video.num_frames)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"torch backend: cannot load the checkpoint {path} ({exc})") from exc
+        if info.get("sha256") != src.get("sha256") or (info["sha256"] is None and str(path) != src.get("path")):
+            raise EngineError(f"torch backend: checkpoint {path} (sha256 {info.get('sha256')}) is not the one these "
+                              f"engines were exported from ({src.get('path')}, sha256 {src.get('sha256')})")
+        cuda = self.device.startswith("cuda")
+        # 'auto' picks the Triton kernels on CUDA and the reference math on the CPU (model/attention.py).
+        model.set_attention_backend("auto")
+        model = model.to(self.device, torch.float16 if self.precision == "fp16" and cuda else torch.float32)
+        from egovlp_deploy.export.specs import export_patches
+
+        # The role modules skip the model's data-dependent input checks (the runner checks shapes instead), the
+        # same patch the exporters trace under; kept for the runtime's lifetime.
+        self._patches = export_patches(model, model.attention_backend)
+        self._patches.__enter__()
+        return model.eval()
+
+    def runner(self, role: str) -> _Runner:
+        if role in self._runners:
+            return self._runners[role]
+        if self.backend == "onnxruntime":
+            r = OrtRunner(self.folder, role, self.precision, self.device, self.threads)
+        elif self.backend == "torch":
+            from egovlp_deploy.export.manifest import io_entry
+
+            if self.threads:
+                import torch
+
+                torch.set_num_threads(self.threads)
+            io = io_entry(role, self.folder.config, self.precision, self.folder.max_batch, self.folder.max_text_len)
+            r = TorchRunner(self.torch_model, role, io, self.precision, self.device, self.compile)
+        elif self.backend == "aoti":
+            r = AotiRunner(self.folder, role, self.precision, self.device)
+        else:
+            r = TensorRTRunner(self.folder, role, self.precision)
+        if self.warmup:
+            t0 = time.perf_counter()
+            r(**self.example(role))
+            r.warmup_seconds = time.perf_counter() - t0
+        self._runners[role] = r
+        return r
+
+    def example(self, role: str, batch: int = 1, text_len: int = 8) -> dict[str, np.ndarray]:
+        """Deterministic inputs of a role at the given sizes (warm-up, benchmarks)."""
+        from egovlp_deploy.export.specs import ROLES, static_dims
+
+        sizes = {**static_dims(self.folder.config), "batch": batch, "text_len": text_len}
+        rng = np.random.default_rng(0)
+        out = {}
+        for t in ROLES[role].inputs:
+            shape = t.shape(sizes)
+            if t.dtype == "int64":
+                out[t.name] = (np.ones(shape, np.int64) if t.name == "attention_mask"
+                               else rng.integers(5, self.folder.config.text.vocab_size, shape).astype(np.int64))
+            else:
+                out[t.name] = rng.standard_normal(shape).astype(np.float32)
+        return out
+
+    def load(self, *roles: str) -> "Runtime":
+        for role in roles:
+            self.runner(role)
+        return self
+
+    def describe(self) -> list[dict]:
+        return [r.describe() for r in self._runners.values()]
+
+    def summary(self) -> str:
+        rows = self.describe()
+        if not rows:
+            return f"{self.backend} ({self.precision}), no role loaded yet"
+        return "; ".join(f"{r['role']}: {r['backend']} {r['provider']} {r['precision']}" for r in rows)

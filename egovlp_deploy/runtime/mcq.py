@@ -1,0 +1,100 @@
+"""EgoMCQ-style answering on the runtime: a narration and C candidate clips, pick the clip that shows it.
+
+Input: the official EgoMCQ JSON (`{"0": {"types", "query": {clip_text...}, "choices": {"0": {video_uid,
+clip_start, clip_end...}, ...}, "answer"}}`, `answer` optional here) with videos in the EgoClip chunked layout
+(ROOT/<video_uid>/<chunk>.mp4). Each choice is read as the official evaluation reads it ('uniform' sampling of the
+engine's F frames, eval transform), so the scores equal `egovlp-deploy eval` on the same checkpoint.
+
+Scores per choice, as the official validation: dual (cosine of the projected embeddings), fusion (VTM match
+probability over the clip's and the narration's prefixes) and ensemble (their sum).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .engines import Runtime
+from .pipeline import ClipPipeline
+
+MODES = ("dual", "fusion", "ensemble")
+
+
+def _load_questions(path: str | Path) -> list[dict]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise ValueError(f"{path}: no such questions file") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict) or not data:
+        raise ValueError(f"{path}: expected an EgoMCQ object keyed '0', '1', ...")
+    out = []
+    for key in sorted(data, key=lambda k: (len(k), k)):
+        q = data[key]
+        try:
+            text = q["query"]["clip_text"]
+            choices = [q["choices"][k] for k in sorted(q["choices"], key=lambda k: (len(k), k))]
+            rows = [(c["video_uid"], float(c["clip_start"]), float(c["clip_end"])) for c in choices]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: question {key!r} is malformed (missing or bad {exc})") from exc
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}: question {key!r} has an empty narration")
+        out.append({"key": key, "text": text, "choices": rows, "answer": q.get("answer"), "type": q.get("types")})
+    return out
+
+
+def answer_mcq(questions_json: str | Path, video_root: str | Path, runtime: Runtime, max_questions: int | None = None,
+               progress: bool = True, decode_backend: str = "auto") -> dict:
+    from egovlp_deploy.video import read_egoclip_clip
+
+    questions = _load_questions(questions_json)[:max_questions]
+    cfg = runtime.folder.config.video
+    pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)
+    it = questions
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(questions, desc="mcq", unit="question", dynamic_ncols=True)
+    results, t0 = [], time.perf_counter()
+    for q in it:
+        t = time.perf_counter()
+        frames = np.stack([read_egoclip_clip(video_root, uid, s, e, cfg.num_frames, "uniform",
+                                             backend=decode_backend).numpy() for uid, s, e in q["choices"]])
+        pipe.times.add("decode", time.perf_counter() - t, len(frames))
+        import torch
+
+        clips = pipe.preprocess(torch.from_numpy(frames))
+        text = runtime.text_encoder.encode([q["text"]])
+        v = runtime.video_encoder.encode(clips)
+        tv = text.embedding[0] / max(np.linalg.norm(text.embedding[0]), 1e-12)
+        dual = (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)) @ tv
+        fusion = runtime.fusion.score_prefixes(runtime.video_encoder.fusion_prefix(clips), text.prefix[:1],
+                                               text.mask[:1])
+        scores = {"dual": dual, "fusion": fusion, "ensemble": dual + fusion}
+        results.append({"key": q["key"], "text": q["text"], "answer": q["answer"], "type": q["type"],
+                        "predicted": {m: int(np.argmax(s)) for m, s in scores.items()},
+                        "scores": {m: [round(float(x), 5) for x in s] for m, s in scores.items()}})
+    summary = {"questions": len(results), "seconds": round(time.perf_counter() - t0, 2),
+               "backend": runtime.summary(), "accuracy": accuracy(results), "results": results}
+    return summary
+
+
+def accuracy(results: list[dict]) -> dict:
+    """{mode: {'all': %, 'Inter-video': %, 'Intra-video': %}} over the questions that have an answer."""
+    out = {}
+    for m in MODES:
+        groups: dict[str, list[bool]] = {}
+        for r in results:
+            if r["answer"] is None:
+                continue
+            ok = r["predicted"][m] == r["answer"]
+            groups.setdefault("all", []).append(ok)
+            name = {1: "Inter-video", 2: "Intra-video"}.get(r["type"])
+            if name:
+                groups.setdefault(name, []).append(ok)
+        out[m] = {k: round(100.0 * sum(v) / len(v), 1) for k, v in groups.items()}
+    return out

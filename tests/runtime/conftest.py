@@ -1,0 +1,68 @@
+"""Runtime fixtures: one tiny model with random non-zero weights (so cross-attention matters), exported once per
+session to ONNX (all five roles, fp32), a demo tokenizer beside the engines, and three short videos in the EgoClip
+chunked layout (ROOT/<uid>/0.mp4)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from official_format import randomize_
+from video_files import write_video
+
+
+@pytest.fixture(scope="session")
+def rt_model_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    model = randomize_(EgoVLPv2(EgoVLPv2Config.tiny()), seed=11).eval()
+    path = tmp_path_factory.mktemp("rt_ckpt") / "tiny"
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="session")
+def engines(tmp_path_factory, rt_model_dir):
+    from egovlp_deploy.export.pipeline import ExportOptions, run_export
+    from egovlp_deploy.tokenizer import train_demo_tokenizer
+
+    ckpt, model = rt_model_dir
+    out = tmp_path_factory.mktemp("rt_engines") / "engines"
+    result = run_export(str(ckpt), out, ExportOptions(max_batch=8, task_checks=False, ort_optimize="never"),
+                        quiet=True)
+    assert result.passed, result.errors
+    train_demo_tokenizer(out / "tokenizer")
+    return out
+
+
+@pytest.fixture
+def engines_copy(engines, tmp_path):
+    dst = tmp_path / "engines_copy"
+    shutil.copytree(engines, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def video_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt_videos")
+    for uid, frames in (("vid_a", 30), ("vid_b", 25), ("vid_c", 20)):
+        write_video(root / uid / "0.mp4", frames)  # 10 fps: 3.0, 2.5, 2.0 s
+    return root
+
+
+@pytest.fixture(scope="session")
+def mcq_json(tmp_path_factory, video_root):
+    def row(uid, start, end, text="#C C picks up the red cup"):
+        return {"video_uid": uid, "clip_start": start, "clip_end": end, "clip_text": text,
+                "tag_verb": "[0]", "tag_noun": "[0]"}
+
+    questions = {}
+    for q in range(2):
+        choices = [row("vid_a", 0.0, 1.0), row("vid_a", 1.0, 2.0), row("vid_b", 0.5, 1.5), row("vid_b", 1.5, 2.5),
+                   row("vid_c", 0.2, 1.2)]
+        questions[str(q)] = {"types": 1 + q, "query": row("vid_a", 0.0, 1.0, "#C C opens the blue box"),
+                             "choices": {str(i): c for i, c in enumerate(choices)}, "answer": q}
+    path = tmp_path_factory.mktemp("rt_mcq") / "egomcq.json"
+    path.write_text(json.dumps(questions))
+    return path

@@ -1,0 +1,67 @@
+"""CLI smoke: index -> search -> mcq -> features on three tiny videos, bench e2e --quick, --help everywhere."""
+
+import json
+
+import pytest
+from safetensors.numpy import load_file
+
+from egovlp_deploy.cli import main
+
+
+def test_help(capsys):
+    for cmd in ("index", "search", "mcq", "features", "demo"):
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+    assert "--rerank" in capsys.readouterr().out
+
+
+def test_index_search_mcq_features(engines, video_root, mcq_json, tmp_path, capsys):
+    vids = [str(video_root / u / "0.mp4") for u in ("vid_a", "vid_b", "vid_c")]
+    idx = str(tmp_path / "idx")
+    assert main(["index", *vids, "--engines", str(engines), "--out", idx, "--prefixes", "--quiet"]) == 0
+    assert "3 videos" in capsys.readouterr().out
+    assert main(["search", idx, "#C C opens the box", "--rerank", "5", "--top", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["#C C opens the box"]
+    assert len(hits) == 3 and all(h["vtm"] is not None for h in hits)
+    assert main(["search", idx, "  "]) == 2  # empty query: named error, exit 2
+    assert "empty query" in capsys.readouterr().err
+    out = tmp_path / "mcq.json"
+    assert main(["mcq", str(mcq_json), "--video-root", str(video_root), "--engines", str(engines), "--json",
+                 "--out", str(out)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["questions"] == 2 and set(summary["accuracy"]) == {"dual", "fusion", "ensemble"}
+    assert len(json.loads(out.read_text())["results"][0]["scores"]["ensemble"]) == 5
+    feats = tmp_path / "feats"
+    assert main(["features", *vids[:2], "--engines", str(engines), "--out", str(feats), "--frames", "8",
+                 "--stride", "8", "--quiet"]) == 0
+    capsys.readouterr()
+    a = load_file(str(feats / "vid_a.safetensors"))
+    assert a["features"].shape == (4, 128) and a["timestamps"].shape == (4, 2)  # 30 frames / 8, last one clipped
+    assert main(["features", *vids[:2], "--engines", str(engines), "--out", str(feats), "--frames", "8",
+                 "--stride", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 2  # a rerun resumes: both videos already done
+    assert main(["features", vids[2], "--engines", str(engines), "--out", str(feats), "--mode", "fusion",
+                 "--query", "#C C opens the box", "--query", "#C C pulls the cup", "--quiet"]) == 0
+    c = load_file(str(feats / "vid_c.safetensors"))
+    assert c["video_cls"].shape[:2] == (2, 2) and c["text_tokens"].shape[:2] == (2, 2)  # 20 frames / 16
+    assert main(["features", vids[2], "--engines", str(engines), "--out", str(feats), "--mode", "fusion"]) == 2
+
+
+def test_bad_engine_folder_and_missing_video(engines, video_root, tmp_path, capsys):
+    assert main(["index", str(tmp_path / "none.mp4"), "--engines", str(engines), "--out", str(tmp_path / "i")]) == 2
+    assert "no such video file" in capsys.readouterr().err
+    assert main(["index", str(video_root / "vid_a" / "0.mp4"), "--engines", str(tmp_path), "--out",
+                 str(tmp_path / "i")]) == 2
+    assert "manifest" in capsys.readouterr().err
+
+
+def test_bench_e2e_quick(engines, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert main(["bench", "e2e", "--quick", "--engines", str(engines), "--out", str(out)]) == 0
+    result = json.loads((out / "e2e.json").read_text())
+    stages = {r["stage"] for r in result["rows"]}
+    assert {"decode+preprocess", "video encode", "text encode", "re-rank cached", "re-rank monolithic"} <= stages
+    assert result["rerank_parity"][0]["max_abs_diff"] < 1e-5
+    assert (out / "e2e.md").is_file() and (out / "e2e.png").stat().st_size > 1000
+    assert 0 < result["gmacs"][0]["saving_pct"] < 100
