@@ -92,8 +92,9 @@ def cmd_info(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egovlp-deploy",
-        description="EgoVLPv2 as a dual or fusion encoder: model info, synthetic data, training and evaluation "
-                    "(export, on-device runtime and benchmarks arrive with later releases).",
+        description="EgoVLPv2 as a dual or fusion encoder: model info, synthetic data, training and evaluation, "
+                    "validated export (ONNX, TensorRT, AOTInductor), on-device retrieval with fusion re-ranking, "
+                    "feature extraction, the one-command demo, and benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 

