@@ -14,11 +14,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from egovlp_deploy.benchmarking import git_sha as _git_sha, median_ms as _median_ms
 
 DESCRIPTION = __doc__
 TARGET_VIDEO_SPEEDUP = 1.3  # issue acceptance: ORT fp32 >= 1.3x PyTorch eager for the video encoder
@@ -47,22 +47,6 @@ def add_arguments(parser) -> None:
     parser.add_argument("--text-len", type=int, default=15, help="text length (default: 15)")
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5, cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def bench_config(name: str, checkpoint: str, frames: int, roles: list[str], repeats: int, threads: int,

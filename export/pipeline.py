@@ -10,7 +10,6 @@ that lists a missing or partial file.
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,9 +17,12 @@ from pathlib import Path
 
 import torch
 
+from egovlp_deploy.benchmarking import median_ms as _median_ms
+
 from .manifest import Manifest, io_entry, sha256_checkpoint
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
 from .validate import Check, random_task_set, task_agreement, validate_artifact, validation_sizes
+
 
 
 @dataclass
@@ -128,15 +130,6 @@ def _verdict(check: Check) -> str:
         return f"{mark} (cos {w['min_cosine']:.7f}, max rel {w['max_rel']:.1e})"
     return mark
 
-
-def _median_ms(fn, repeats: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _ort_run(path: Path, threads: int | None = None):

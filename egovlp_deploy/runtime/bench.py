@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
+
+from ..benchmarking import git_sha as _git_sha, median_ms
 
 DESCRIPTION = __doc__
 
@@ -45,16 +46,6 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="F=4, k=5, 3 iterations, onnxruntime only (tests)")
     p.add_argument("--engines", metavar="DIR", help="use this export folder instead of exporting (one F)")
 
-
-def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times))
 
 
 class PeakRSS:
@@ -278,13 +269,6 @@ def _speedups(rows) -> list[dict]:
                         "speedup": mono[0]["p50"] / r["p50"]})
     return out
 
-
-def _git_sha() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def format_markdown(result: dict) -> str:

@@ -15,10 +15,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from egovlp_deploy.benchmarking import git_sha as _git_sha
 
 DESCRIPTION = __doc__
 
@@ -222,14 +223,6 @@ def _encoder_case(quick, dtype, device, backends):
 
 
 # -- report ---------------------------------------------------------------------------------------------------------
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def _markdown(meta: dict, rows: list[Row]) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)

@@ -16,13 +16,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from egovlp_deploy.benchmarking import git_sha
 
 DESCRIPTION = __doc__
 INPUTS = {"256p": (256, 455), "480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
@@ -83,18 +84,6 @@ def _machine() -> dict:
             "extension": native}
 
 
-def _git_sha() -> str:
-    here = Path(__file__).resolve().parent
-    for cwd in (Path.cwd(), here):
-        try:
-            sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                   capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            continue
-        if sha.returncode == 0:
-            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return "unknown"
 
 
 def _write_clip(path: Path, height: int, width: int, frames: int) -> None:
@@ -254,7 +243,7 @@ def run(args) -> int:
     finally:
         torch.set_num_threads(previous_threads)
 
-    report = {"benchmark": "preprocess", "git_sha": _git_sha(), "threads": threads, "machine": _machine(),
+    report = {"benchmark": "preprocess", "git_sha": git_sha(short=False), "threads": threads, "machine": _machine(),
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_before": load_before,
               "load_average_after": os.getloadavg(),
               "config": {"size": size, "variant": args.variant, "repeats": repeats, "warmup": warmup,

@@ -1,0 +1,40 @@
+"""What every benchmark shares: a median wall-clock timer and the provenance (git sha) stamped on its results.
+
+Kept apart from the benchmarks themselves (kernels/bench, export/bench.py, runtime/bench.py) so that they time and
+label their rows the same way.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+
+def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
+    """Median milliseconds of `repeats` timed calls of `fn()` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(statistics.median(times))
+
+
+def git_sha(short: bool = True) -> str:
+    """The checkout's commit (+dirty when tracked files changed), looked up from the working directory and then from
+    this file's folder; 'unknown' outside a git checkout (an installed wheel run elsewhere)."""
+    for cwd in (Path.cwd(), Path(__file__).resolve().parent):
+        try:
+            sha = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=cwd,
+                                 capture_output=True, text=True, timeout=10)
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                   capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if sha.returncode == 0 and sha.stdout.strip():
+            return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    return "unknown"
