@@ -42,6 +42,17 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+def saved_random_tiny(directory, seed: int):
+    """A tiny EgoVLPv2 with every weight random and non-zero gates (so cross-attention matters), written with
+    save_pretrained to `directory`; returns (directory, model in eval mode)."""
+    from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+
+    torch.manual_seed(0)
+    model = randomize_(EgoVLPv2(EgoVLPv2Config.tiny()), seed=seed).eval()
+    model.save_pretrained(directory)
+    return directory, model
+
+
 def write_official_checkpoint(state_dict: dict[str, torch.Tensor], path, max_positions: int) -> None:
     """`torch.save` in the official layout: DDP keys, the persistent position_ids buffer, a pickled config object."""
     official = {"module." + k: v for k, v in state_dict.items()}

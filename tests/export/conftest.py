@@ -4,20 +4,14 @@ part, ~1.5 min on 2 loaded cores), validated and listed in a manifest. Tests tha
 import shutil
 
 import pytest
-import torch
 
-from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-from official_format import randomize_
+from official_format import saved_random_tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_trained_like(tmp_path_factory):
     """A tiny model with every weight random and non-zero gates (so cross-attention matters), saved to disk."""
-    torch.manual_seed(0)
-    model = randomize_(EgoVLPv2(EgoVLPv2Config.tiny()), seed=7).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny"
-    model.save_pretrained(path)
-    return path, model
+    return saved_random_tiny(tmp_path_factory.mktemp("ckpt") / "tiny", seed=7)
 
 
 @pytest.fixture(scope="session")

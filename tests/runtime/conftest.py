@@ -6,20 +6,14 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-from official_format import randomize_
+from official_format import saved_random_tiny
 from video_files import write_video
 
 
 @pytest.fixture(scope="session")
 def rt_model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    model = randomize_(EgoVLPv2(EgoVLPv2Config.tiny()), seed=11).eval()
-    path = tmp_path_factory.mktemp("rt_ckpt") / "tiny"
-    model.save_pretrained(path)
-    return path, model
+    return saved_random_tiny(tmp_path_factory.mktemp("rt_ckpt") / "tiny", seed=11)
 
 
 @pytest.fixture(scope="session")
