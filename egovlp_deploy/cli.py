@@ -115,38 +115,37 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     from .data import synth
-
-    p = sub.add_parser("synth", help="render the built-in synthetic egocentric dataset (EgoClip/EgoMCQ format)",
-                       description=synth.DESCRIPTION, epilog=synth.EPILOG,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    synth.add_arguments(p)
-    p.set_defaults(func=synth.run)
-
+    from .export import cli as export_cli
     from .trainer import evaluate, train
 
-    p = sub.add_parser("train", help="pre-train EgoVLPv2 (EgoNCE + MLM + VTM); resumable; torchrun for many GPUs",
-                       description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(p)
-    p.set_defaults(func=train.run)
-
-    p = sub.add_parser("eval", help="EgoMCQ accuracy in dual, fusion and ensemble mode",
+    add_module_command(sub, "synth", synth, "render the built-in synthetic egocentric dataset (EgoClip/EgoMCQ format)",
+                       epilog=synth.EPILOG)
+    add_module_command(sub, "train", train,
+                       "pre-train EgoVLPv2 (EgoNCE + MLM + VTM); resumable; torchrun for many GPUs",
+                       description=train.__doc__)
+    add_module_command(sub, "eval", evaluate, "EgoMCQ accuracy in dual, fusion and ensemble mode",
                        description="Evaluate a model on EgoMCQ (inter- and intra-video accuracy) in the three modes "
-                                   "of the official validation: dual (cosine), fusion (VTM probability), ensemble.")
-    evaluate.add_arguments(p)
-    p.set_defaults(func=evaluate.run)
-
-    from .export import cli as export_cli
-
-    p = sub.add_parser("export", help="validated ONNX / TensorRT / AOTInductor artifacts + manifest.json",
-                       description=export_cli.DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    export_cli.add_arguments(p)
-    p.set_defaults(func=export_cli.run)
+                                   "of the official validation: dual (cosine), fusion (VTM probability), ensemble.",
+                       raw=False)
+    add_module_command(sub, "export", export_cli, "validated ONNX / TensorRT / AOTInductor artifacts + manifest.json")
 
     from .runtime import cli as runtime_cli
 
     runtime_cli.register(sub)  # index, search, mcq, features, demo
     add_bench_commands(sub)
     return parser
+
+
+def add_module_command(sub, name: str, module, help: str, description: str | None = None,
+                       epilog: str | None = None, raw: bool = True):
+    """A subcommand served by a module with add_arguments(parser) and run(args) -> int (and, by default, its
+    DESCRIPTION as the --help text, printed as written)."""
+    formatter = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
+    p = sub.add_parser(name, help=help, description=module.DESCRIPTION if description is None else description,
+                       epilog=epilog, formatter_class=formatter)
+    module.add_arguments(p)
+    p.set_defaults(func=module.run)
+    return p
 
 
 # `egovlp-deploy bench TARGET`: each target is a module with DESCRIPTION, add_arguments(parser) and run(args) -> int.
@@ -170,10 +169,7 @@ def add_bench_commands(sub) -> None:
             if exc.name is None or not module_name.startswith(exc.name):
                 raise
             continue  # not part of this build
-        p = targets.add_parser(name, help=summary, description=module.DESCRIPTION,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
-        p.set_defaults(func=module.run)
+        add_module_command(targets, name, module, summary)
 
 
 def main(argv: list[str] | None = None) -> int:

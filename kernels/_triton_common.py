@@ -97,6 +97,18 @@ def dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, input_precision=PRECISION)
 
 
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One key/value tile of the streaming softmax. s (BM, BN) scores, -inf where masked; v (BN, D). Returns the
+    running row max, denominator and unnormalised output (BM, D); exp(-inf) = 0 on the first tile."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
+    return m_new, l_i, acc
+
+
 def autotuning() -> bool:
     """Autotune on the GPU unless EGOVLP_TRITON_AUTOTUNE=0 (quick GPU test runs); never in the interpreter, which
     has no GPU timer (TOOLCHAIN.md)."""

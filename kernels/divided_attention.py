@@ -36,6 +36,7 @@ from ._triton_common import (
     launch_skipped,
     new_output,
     next_pow2,
+    online_softmax_step,
     tuned,
 )
 
@@ -180,12 +181,7 @@ def _group_tile(qkv_ptr, out_ptr, b, h, tile, HD, num_groups, group_size, group_
         v = tl.load(base + col_tok[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
         s = dot(q, tl.trans(k), UPCAST, PRECISION)  # (BM, BM)
         s = tl.where(cmask[None, :] & (row_lg[:, None] == col_lg[None, :]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, PRECISION)
     else:
         g0 = tile // tl.cdiv(group_size, BLOCK_M)
         for start in range(0, group_size, BLOCK_N):
@@ -197,12 +193,7 @@ def _group_tile(qkv_ptr, out_ptr, b, h, tile, HD, num_groups, group_size, group_
             v = tl.load(base + col_tok[:, None] * stride_qs + v_cols[None, :], mask=kv_mask, other=0.0)
             s = dot(q, tl.trans(k), UPCAST, PRECISION)  # (BM, BN)
             s = tl.where(cmask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
-            m_i = m_new
+            m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, PRECISION)
 
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + row_tok[:, None] * stride_os + ((h * HEAD_DIM + offs_d) * stride_oc)[None, :],

@@ -33,6 +33,7 @@ from ._triton_common import (
     fixed_launch,
     launch_skipped,
     new_output,
+    online_softmax_step,
     tuned,
 )
 
@@ -119,12 +120,7 @@ def _cross_attention_kernel(
             bias = tl.load(bias_ptr + b * stride_bb + cols64 * stride_bl, mask=cmask, other=0.0).to(tl.float32)
             s = s + bias[None, :]
         s = tl.where(cmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)  # exp(-inf) = 0 on the first tile
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_ol + (ch * stride_oc)[None, :],
              out.to(out_ptr.dtype.element_ty), mask=qd_mask)

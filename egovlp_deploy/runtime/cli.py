@@ -272,9 +272,8 @@ def register(sub) -> None:
         p = sub.add_parser(name, help=summary, description=desc, formatter_class=raw)
         add(p)
         p.set_defaults(func=run)
+    from ..cli import add_module_command
     from . import demo
 
-    p = sub.add_parser("demo", help="synthetic data -> train -> export -> index/search/MCQ -> latency, in minutes",
-                       description=demo.DESCRIPTION, formatter_class=raw)
-    demo.add_arguments(p)
-    p.set_defaults(func=demo.run)
+    add_module_command(sub, "demo", demo,
+                       "synthetic data -> train -> export -> index/search/MCQ -> latency, in minutes")
