@@ -4,7 +4,9 @@ Groups (official `set_schedule`): {backbone, heads, cross-modal} x {decay, no de
 - no decay: names containing bias, LayerNorm.*, norm.*, norm1.*, norm2.* (so norm3, norm_i2t_i, cls tokens,
   pos/temporal embeddings and the gates alpha_i2t / alpha_t2i DO get weight decay: hazard 5);
 - heads (mlm_score, itm_score, txt_proj, vid_proj): lr x lr_mult_head;
-- cross-modal (cross_modal*, *i2t*, *t2i*, the gates included): lr x lr_mult_cross_modal.
+- cross-modal (cross_modal*, *i2t*, *t2i*, the gates included): lr x lr_mult_cross_modal;
+- ours, 1 (official) unless set: the text tower (text_model.* outside cross-attention, txt_proj) x lr_mult_text,
+  on top of the above (trainer/text_warmup.py says when it helps).
 The optimizer is torch's AdamW (eps 1e-8, betas 0.9/0.98); the official one is transformers' deprecated AdamW, which
 applies the decoupled decay after rather than before the Adam step (a difference of order lr^2 * wd).
 """
@@ -22,8 +24,8 @@ CROSS_MODAL = ("cross_modal", "i2t", "t2i")
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult_head: float,
-                     lr_mult_cross_modal: float) -> list[dict]:
-    groups: dict[tuple[str, bool], dict] = {}
+                     lr_mult_cross_modal: float, lr_mult_text: float = 1.0) -> list[dict]:
+    groups: dict[tuple[str, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -34,16 +36,20 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
         kind = "head" if head else "cross_modal" if cross else "backbone"
         decay = not any(nd in name for nd in NO_DECAY)
         mult = {"head": lr_mult_head, "cross_modal": lr_mult_cross_modal, "backbone": 1.0}[kind]
-        group = groups.setdefault((kind, decay), {"params": [], "names": [], "lr": lr * mult,
-                                                  "weight_decay": weight_decay if decay else 0.0,
-                                                  "group": f"{kind}/{'decay' if decay else 'no_decay'}"})
+        text = lr_mult_text != 1.0 and not cross and name.startswith(("text_model.", "txt_proj."))
+        if text:
+            mult *= lr_mult_text
+        group = groups.setdefault((kind, decay, text), {
+            "params": [], "names": [], "lr": lr * mult, "weight_decay": weight_decay if decay else 0.0,
+            "group": f"{kind}{'/text' if text else ''}/{'decay' if decay else 'no_decay'}"})
         group["params"].append(param)
         group["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal) -> torch.optim.AdamW:
-    groups = parameter_groups(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal)
+def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal,
+                    lr_mult_text: float = 1.0) -> torch.optim.AdamW:
+    groups = parameter_groups(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text)
     for g in groups:
         del g["names"]
     return torch.optim.AdamW(groups, lr=lr, eps=1e-8, betas=(0.9, 0.98))

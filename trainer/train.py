@@ -36,6 +36,7 @@ from .config import TrainConfig
 from .evaluate import evaluate_egomcq, format_table, model_at_frames
 from .objectives import PretrainObjective
 from .optim import build_optimizer, build_scheduler
+from .text_warmup import simcse_warmup
 
 
 class TrainingError(RuntimeError):
@@ -74,6 +75,9 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
             config = dataclasses.replace(config, video=dataclasses.replace(config.video, time_init=m.time_init))
             config.validate()
         model = EgoVLPv2(config)
+        if m.temporal_embed_std and not m.config_file:
+            std = m.temporal_embed_std
+            torch.nn.init.trunc_normal_(model.video_model.temporal_embed, std=std, a=-2 * std, b=2 * std)
         if m.cross_gate_init:
             with torch.no_grad():
                 for name, param in model.named_parameters():
@@ -212,6 +216,13 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     if info.is_main:
         print(f"data: {len(train_set)} training clips ({skipped_rows} bad rows skipped), "
               f"{len(eval_set) if eval_set is not None else 0} EgoMCQ questions")
+    if cfg.model.text_warmup_steps and not cfg.model.init_from and not resume:  # on resume the weights come back
+        t0 = time.perf_counter()
+        losses = simcse_warmup(model, tokenizer, train_set.narrations(), cfg.model.text_warmup_steps, cfg.optim.lr,
+                               cfg.data.text_max_length, cfg.seed)
+        if info.is_main:
+            print(f"text warm-up (SimCSE, {cfg.model.text_warmup_steps} steps): loss {losses[0]:.2f} -> "
+                  f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s")
 
     s = cfg.schedule
     micro_batch = s.batch_size // s.grad_accum_steps
@@ -238,7 +249,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         wrapped = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text)
     scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps)
     amp_dtype = resolve_precision(s.precision, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None

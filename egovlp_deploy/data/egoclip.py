@@ -304,6 +304,10 @@ class EgoClipDataset(EpochSeededDataset):
     def __len__(self) -> int:
         return len(self._line)
 
+    def narrations(self) -> list[str]:
+        """Every row's narration (clip_text), in item order."""
+        return [self._text[i] for i in range(len(self))]
+
     def line_of(self, index: int) -> int:
         """The CSV line number of item `index` (skipped rows make it differ from index + 2)."""
         return int(self._line[index])

@@ -150,7 +150,7 @@ def _train(out: Path, steps: int, minutes: float, quick: bool) -> dict:
     apply_overrides(data, [f"schedule.max_steps={steps}", f"schedule.max_minutes={minutes}",
                            "data.egomcq_json=null",  # the demo answers EgoMCQ with the exported engines instead
                            "checkpoint.every_steps=100000", "data.num_workers=0" if quick else "data.num_workers=1"]
-                    + (["schedule.batch_size=4"] if quick else []))
+                    + (["schedule.batch_size=4", "model.text_warmup_steps=10"] if quick else []))
     result = train(TrainConfig.from_dict(data), out / "run", progress=True)
     return {"steps": result["steps"], "minutes": round(result["minutes"], 2)}
 

@@ -26,6 +26,9 @@ def test_shipped_configs_load():
     ({"schedule": {"precision": "fp8"}}, "precision"),
     ({"schedule": {"batch_size": 10, "grad_accum_steps": 3}}, "divisible"),
     ({"model": {"preset": "huge"}}, "preset"),
+    ({"model": {"text_warmup_steps": -1}}, "text_warmup_steps"),
+    ({"model": {"temporal_embed_std": -0.1}}, "temporal_embed_std"),
+    ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
 ])
 def test_bad_configs(data, match):
     with pytest.raises(ConfigError, match=match):

@@ -41,6 +41,23 @@ def test_groups_follow_the_official_rules():
     assert seen["mlm_score.bias"] == ("head", False)
 
 
+def test_text_multiplier_scales_the_text_tower_only():
+    model = EgoVLPv2(EgoVLPv2Config.tiny())
+    plain = {n: g["lr"] for g in parameter_groups(model, 1.0, 0.01, 4, 5) for n in g["names"]}
+    scaled = {n: g["lr"] for g in parameter_groups(model, 1.0, 0.01, 4, 5, lr_mult_text=0.1) for n in g["names"]}
+    assert set(plain) == set(scaled)
+    for name, lr in plain.items():
+        text = name.startswith(("text_model.", "txt_proj.")) and not any(c in name for c in ("cross_modal", "i2t", "t2i"))
+        assert scaled[name] == pytest.approx(lr * 0.1 if text else lr), name
+    # spelled out: RoBERTa layers and the text projection slow down; cross-attention, heads and video do not
+    assert scaled["text_model.embeddings.word_embeddings.weight"] == pytest.approx(0.1)
+    assert scaled[next(n for n in scaled if n.startswith("txt_proj."))] == pytest.approx(0.4)  # head x4, text x0.1
+    assert scaled["text_model.encoder.layer.3.alpha_t2i"] == 5.0 and scaled["mlm_score.bias"] == 4.0
+    assert scaled["video_model.temporal_embed"] == 1.0
+    # the default keeps the official groups exactly (no extra group)
+    assert len(parameter_groups(model, 1.0, 0.01, 4, 5)) == len(parameter_groups(model, 1.0, 0.01, 4, 5, 1.0))
+
+
 def test_optimizer_hyperparameters():
     opt = build_optimizer(EgoVLPv2(EgoVLPv2Config.tiny()), 3e-5, 0.01, 4, 4)
     assert isinstance(opt, torch.optim.AdamW)
