@@ -39,6 +39,10 @@ def add_arguments(p) -> None:
     p.add_argument("--precisions", default="fp32", metavar="LIST", help="comma list of fp32, fp16, int8 "
                                                                          "(default: fp32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--torch-attention", default="auto", metavar="LIST",
+                   help="comma list of attention paths for the torch backend: auto (Triton kernels on CUDA, "
+                        "reference math on CPU), reference (plain eager PyTorch), sdpa, triton; each is its own row, "
+                        "labelled torch/<path> unless auto (default: auto)")
     p.add_argument("--ks", default="5,20", metavar="LIST", help="re-ranked clip counts (default: 5,20)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per stage (default: 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
@@ -189,13 +193,15 @@ def run(args) -> int:
         rows.append({"stage": "decode+preprocess", "backend": "-", "precision": "-", "frames": f, "k": 1, **stat,
                      "note": pipe.preprocessing})
         clips = pipe.clips(video, windows[:1])
-        for backend in backends:
+        runs = [(b, a) for b in backends for a in (csv(args.torch_attention) if b == "torch" else ["auto"])]
+        for backend, attention in runs:
+            label = backend if attention == "auto" else f"{backend}/{attention}"
             for precision in precisions:
                 try:
                     rows += _bench_backend(engines, backend, precision, args.device, args.threads, f, ks, clips,
-                                           iters, warmup, parity)
+                                           iters, warmup, parity, attention=attention, label=label)
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
-                    rows.append({"stage": "unavailable", "backend": backend, "precision": precision, "frames": f,
+                    rows.append({"stage": "unavailable", "backend": label, "precision": precision, "frames": f,
                                  "note": str(exc)[:300]})
     gmacs = gmac_comparison("base", (4, 16))
     meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
@@ -210,16 +216,18 @@ def run(args) -> int:
     return 0
 
 
-def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, iters, warmup, parity) -> list[dict]:
+def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, iters, warmup, parity,
+                   attention: str = "auto", label: str | None = None) -> list[dict]:
     import torch
 
     from .engines import Runtime
 
     rows = []
-    rt = Runtime(engines, backend=backend, precision=precision, device=device, threads=threads, warmup=False)
+    rt = Runtime(engines, backend=backend, precision=precision, device=device, threads=threads, warmup=False,
+                 attention=attention)
     query_ids = np.array([[0] + list(range(10, 21)) + [2]], np.int64)  # 13 tokens, a typical narration length
     query_mask = np.ones_like(query_ids)
-    tag = {"backend": backend, "precision": precision, "frames": f}
+    tag = {"backend": label or backend, "precision": precision, "frames": f}
 
     def cold(role, inputs):
         t0 = time.perf_counter()

@@ -417,14 +417,21 @@ def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = No
                       "--tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
 
 
+TORCH_ATTENTION = ("auto", "reference", "sdpa", "triton")
+
+
 class Runtime:
     """The engines of one export folder on one backend. Role sessions are created on first use and warmed up."""
 
     def __init__(self, engines: str | os.PathLike, backend: str = "onnxruntime", precision: str = "fp32",
                  device: str = "cpu", threads: int | None = None, tokenizer: str | os.PathLike | None = None,
-                 checkpoint: str | None = None, compile: bool = False, warmup: bool = True):
+                 checkpoint: str | None = None, compile: bool = False, warmup: bool = True,
+                 attention: str = "auto"):
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if attention not in TORCH_ATTENTION:
+            raise EngineError(f"attention must be one of {TORCH_ATTENTION}, got {attention!r}")
+        self.attention = attention  # the torch backend's attention path (model/attention.py)
         self.folder = EngineFolder(engines)
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
         self.checkpoint, self.compile, self.warmup = checkpoint, compile, warmup
@@ -471,8 +478,9 @@ class Runtime:
             raise EngineError(f"torch backend: checkpoint {path} (sha256 {info.get('sha256')}) is not the one these "
                               f"engines were exported from ({src.get('path')}, sha256 {src.get('sha256')})")
         cuda = self.device.startswith("cuda")
-        # 'auto' picks the Triton kernels on CUDA and the reference math on the CPU (model/attention.py).
-        model.set_attention_backend("auto")
+        # 'auto' picks the Triton kernels on CUDA and the reference math on the CPU (model/attention.py);
+        # 'reference' is plain eager PyTorch everywhere (the GPU baseline of `bench e2e --torch-attention`).
+        model.set_attention_backend(self.attention)
         model = model.to(self.device, torch.float16 if self.precision == "fp16" and cuda else torch.float32)
         from egovlp_deploy.export.specs import export_patches
 

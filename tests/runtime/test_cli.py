@@ -65,3 +65,24 @@ def test_bench_e2e_quick(engines, tmp_path, capsys):
     assert result["rerank_parity"][0]["max_abs_diff"] < 1e-5
     assert (out / "e2e.md").is_file() and (out / "e2e.png").stat().st_size > 1000
     assert 0 < result["gmacs"][0]["saving_pct"] < 100
+
+
+def test_bench_e2e_torch_attention_rows(engines, tmp_path):
+    """--torch-attention gives one torch row set per attention path, labelled, each with exact re-rank parity."""
+    out = tmp_path / "bench_attn"
+    assert main(["bench", "e2e", "--engines", str(engines), "--frames", "4", "--backends", "torch",
+                 "--torch-attention", "auto,reference", "--ks", "5", "--iters", "2", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "e2e.json").read_text())
+    encode = {r["backend"]: r for r in result["rows"] if r["stage"] == "video encode"}
+    assert set(encode) == {"torch", "torch/reference"}
+    assert "reference attention" in encode["torch/reference"]["provider"]
+    assert {p["backend"] for p in result["rerank_parity"]} == {"torch", "torch/reference"}
+    assert all(p["max_abs_diff"] < 1e-5 for p in result["rerank_parity"])
+
+
+def test_runtime_rejects_an_unknown_attention_path(engines):
+    from egovlp_deploy.runtime.engines import EngineError, Runtime
+
+    with pytest.raises(EngineError, match="attention must be one of"):
+        Runtime(engines, backend="torch", attention="flash")
