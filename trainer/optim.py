@@ -23,6 +23,11 @@ HEADS = ("mlm_score", "itm_score", "txt_proj", "vid_proj")
 CROSS_MODAL = ("cross_modal", "i2t", "t2i")
 
 
+def is_text_tower(name: str) -> bool:
+    """The dual text path: RoBERTa outside cross-attention, and the text projection (lr_mult_text, text warm-up)."""
+    return name.startswith(("text_model.", "txt_proj.")) and not any(c in name for c in CROSS_MODAL)
+
+
 def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult_head: float,
                      lr_mult_cross_modal: float, lr_mult_text: float = 1.0) -> list[dict]:
     groups: dict[tuple[str, bool, bool], dict] = {}
@@ -36,7 +41,7 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
         kind = "head" if head else "cross_modal" if cross else "backbone"
         decay = not any(nd in name for nd in NO_DECAY)
         mult = {"head": lr_mult_head, "cross_modal": lr_mult_cross_modal, "backbone": 1.0}[kind]
-        text = lr_mult_text != 1.0 and not cross and name.startswith(("text_model.", "txt_proj."))
+        text = lr_mult_text != 1.0 and is_text_tower(name)
         if text:
             mult *= lr_mult_text
         group = groups.setdefault((kind, decay, text), {

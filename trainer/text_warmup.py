@@ -21,12 +21,12 @@ import torch.nn.functional as F
 
 from egovlp_deploy.model import EgoVLPv2
 
+from .optim import is_text_tower
+
 
 def text_tower_parameters(model: EgoVLPv2) -> list[torch.nn.Parameter]:
     """The dual text path: RoBERTa layers and embeddings (cross-attention excluded) and the text projection."""
-    return [p for name, p in model.named_parameters()
-            if (name.startswith("text_model.") and not any(c in name for c in ("cross_modal", "i2t", "t2i")))
-            or name.startswith("txt_proj.")]
+    return [p for name, p in model.named_parameters() if is_text_tower(name)]
 
 
 def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int, lr: float, max_length: int,

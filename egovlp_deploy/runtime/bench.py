@@ -195,14 +195,13 @@ def run(args) -> int:
         clips = pipe.clips(video, windows[:1])
         runs = [(b, a) for b in backends for a in (csv(args.torch_attention) if b == "torch" else ["auto"])]
         for backend, attention in runs:
-            label = backend if attention == "auto" else f"{backend}/{attention}"
             for precision in precisions:
                 try:
                     rows += _bench_backend(engines, backend, precision, args.device, args.threads, f, ks, clips,
-                                           iters, warmup, parity, attention=attention, label=label)
+                                           iters, warmup, parity, attention=attention)
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
-                    rows.append({"stage": "unavailable", "backend": label, "precision": precision, "frames": f,
-                                 "note": str(exc)[:300]})
+                    rows.append({"stage": "unavailable", "backend": _label(backend, attention),
+                                 "precision": precision, "frames": f, "note": str(exc)[:300]})
     gmacs = gmac_comparison("base", (4, 16))
     meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
             "torch_threads": torch.get_num_threads(), "device": args.device, "model": args.model,
@@ -216,8 +215,13 @@ def run(args) -> int:
     return 0
 
 
+def _label(backend: str, attention: str) -> str:
+    """A row's backend column: torch/<path> when the torch backend runs a non-default attention path."""
+    return backend if attention == "auto" else f"{backend}/{attention}"
+
+
 def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, iters, warmup, parity,
-                   attention: str = "auto", label: str | None = None) -> list[dict]:
+                   attention: str = "auto") -> list[dict]:
     import torch
 
     from .engines import Runtime
@@ -227,7 +231,7 @@ def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, i
                  attention=attention)
     query_ids = np.array([[0] + list(range(10, 21)) + [2]], np.int64)  # 13 tokens, a typical narration length
     query_mask = np.ones_like(query_ids)
-    tag = {"backend": label or backend, "precision": precision, "frames": f}
+    tag = {"backend": _label(backend, attention), "precision": precision, "frames": f}
 
     def cold(role, inputs):
         t0 = time.perf_counter()

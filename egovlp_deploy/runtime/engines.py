@@ -417,9 +417,6 @@ def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = No
                       "--tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
 
 
-TORCH_ATTENTION = ("auto", "reference", "sdpa", "triton")
-
-
 class Runtime:
     """The engines of one export folder on one backend. Role sessions are created on first use and warmed up."""
 
@@ -429,8 +426,10 @@ class Runtime:
                  attention: str = "auto"):
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if attention not in TORCH_ATTENTION:
-            raise EngineError(f"attention must be one of {TORCH_ATTENTION}, got {attention!r}")
+        from egovlp_deploy.config import ATTENTION_BACKENDS
+
+        if attention not in ATTENTION_BACKENDS:
+            raise EngineError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         self.attention = attention  # the torch backend's attention path (model/attention.py)
         self.folder = EngineFolder(engines)
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
