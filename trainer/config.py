@@ -26,6 +26,12 @@ class ModelSection:
     config_file: str | None = None  # a model config.json instead of the preset
     init_from: str | None = None  # an official .pth or a save_pretrained directory to start from
     text_dropout: float | None = None  # override RoBERTa's hidden/attention dropout (0.1)
+    # Frame and patch size instead of the preset's (None: keep them). Ignored with init_from and config_file.
+    # E.g. 64/16 on the 64 px synthetic videos: the tiny preset's 16 tokens per frame, each patch seeing 4x the
+    # pixels of 32/8 (measured on the tiny recipe: a linear probe read the acted object's colour from the trained
+    # video tower on held-out clips at 86% vs 60%; README "Does it learn?" has what it did to EgoMCQ).
+    img_size: int | None = None
+    patch_size: int | None = None
     # Start value of the cross-attention gates (alpha_i2t, alpha_t2i) for a model trained from scratch. The official
     # 0 suits its pretrained towers; from random towers a zero gate keeps the fusion path text-blind for hundreds
     # of steps (measured on the tiny recipe). Ignored with init_from (the checkpoint's gates are kept).
@@ -168,6 +174,8 @@ class TrainConfig:
         checks = [
             (m.preset in ("base", "tiny"), f"model.preset must be 'base' or 'tiny', got {m.preset!r}"),
             (m.num_frames > 0, "model.num_frames must be positive"),
+            (m.img_size is None or m.img_size > 0, f"model.img_size must be positive, got {m.img_size}"),
+            (m.patch_size is None or m.patch_size > 0, f"model.patch_size must be positive, got {m.patch_size}"),
             (m.time_init in ("zeros", "rand"), f"model.time_init must be 'zeros' or 'rand', got {m.time_init!r}"),
             (m.text_warmup_steps >= 0, f"model.text_warmup_steps must be >= 0, got {m.text_warmup_steps}"),
             (o.lr_mult_text > 0, f"optim.lr_mult_text must be positive, got {o.lr_mult_text}"),

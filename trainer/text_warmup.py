@@ -30,8 +30,13 @@ def text_tower_parameters(model: EgoVLPv2) -> list[torch.nn.Parameter]:
 
 
 def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int, lr: float, max_length: int,
-                  seed: int, batch_size: int = 64, temperature: float = 0.05, log=None) -> list[float]:
-    """Train the text tower with unsupervised SimCSE on the distinct `narrations`; returns the per-step losses."""
+                  seed: int, batch_size: int = 64, temperature: float = 0.05, dropout: float = 0.1,
+                  log=None) -> list[float]:
+    """Train the text tower with unsupervised SimCSE on the distinct `narrations`; returns the per-step losses.
+
+    `dropout` is SimCSE's augmentation (its paper's 0.1): the text tower's dropout runs at this rate during the
+    warm-up whatever the model's own rate (a run with `model.text_dropout: 0` would otherwise compare each narration
+    with an identical copy of itself, and the warm-up would learn nothing about the words)."""
     texts = sorted(set(narrations))
     if len(texts) < 2:
         raise ValueError(f"the text warm-up needs at least 2 distinct narrations, got {len(texts)}")
@@ -40,6 +45,10 @@ def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int,
     device = next(model.parameters()).device
     was_training = model.training
     model.train()  # dropout is the augmentation
+    dropouts = [m for m in model.text_model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in dropouts]
+    for m in dropouts:
+        m.p = dropout
     losses = []
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -60,6 +69,8 @@ def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int,
             if log is not None and (step + 1) % 50 == 0:
                 log(f"text warm-up {step + 1}/{steps}: SimCSE loss {losses[-1]:.3f}")
     model.train(was_training)
+    for m, rate in zip(dropouts, rates):
+        m.p = rate
     for p in params:  # no optimizer state or gradient leaks into the main run
         p.grad = None
     return losses

@@ -72,8 +72,14 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
                 config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
             else:
                 config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
-            config = dataclasses.replace(config, video=dataclasses.replace(config.video, time_init=m.time_init))
-            config.validate()
+            try:
+                video = dataclasses.replace(config.video, time_init=m.time_init,
+                                            img_size=m.img_size or config.video.img_size,
+                                            patch_size=m.patch_size or config.video.patch_size)
+                config = dataclasses.replace(config, video=video)
+                config.validate()
+            except ConfigError as exc:
+                raise ConfigError(f"model: {exc}") from exc
         model = EgoVLPv2(config)
         if m.temporal_embed_std and not m.config_file:
             std = m.temporal_embed_std

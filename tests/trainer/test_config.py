@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from egovlp_deploy import ConfigError
 from egovlp_deploy.trainer.config import SHIPPED, TrainConfig
@@ -29,6 +30,8 @@ def test_shipped_configs_load():
     ({"model": {"text_warmup_steps": -1}}, "text_warmup_steps"),
     ({"model": {"temporal_embed_std": -0.1}}, "temporal_embed_std"),
     ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
+    ({"model": {"img_size": 0}}, "model.img_size"),
+    ({"model": {"patch_size": -8}}, "model.patch_size"),
 ])
 def test_bad_configs(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -50,3 +53,16 @@ def test_overrides():
     assert json.loads(json.dumps(cfg.to_dict())) == cfg.to_dict()
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_overrides({}, ["epochs"])
+
+
+def test_frame_and_patch_size_override_the_preset():
+    from egovlp_deploy.trainer.train import build_model
+
+    model = build_model(TrainConfig.from_dict({"model": {"preset": "tiny", "img_size": 64, "patch_size": 16}}), 1000)
+    v = model.config.video
+    assert (v.img_size, v.patch_size, v.num_tokens) == (64, 16, 1 + 4 * 16)  # same 16 tokens per frame as 32/8
+    assert model.encode_video(torch.zeros(1, 4, 3, 64, 64)).shape == (1, model.config.projection_dim)
+    plain = build_model(TrainConfig.from_dict({"model": {"preset": "tiny"}}), 1000).config.video
+    assert (plain.img_size, plain.patch_size) == (32, 8)
+    with pytest.raises(ConfigError, match="model: video.img_size 60 is not a multiple of video.patch_size 16"):
+        build_model(TrainConfig.from_dict({"model": {"preset": "tiny", "img_size": 60, "patch_size": 16}}), 1000)

@@ -51,6 +51,23 @@ def test_warmup_separates_time_reversed_narrations_and_touches_only_the_text_tow
     assert not any("alpha" in n or "cross_modal" in n for n, p in model.named_parameters() if id(p) in text)
 
 
+def test_warmup_uses_its_own_dropout_when_the_model_has_none(demo_tokenizer_dir):
+    """With model.text_dropout 0 the two SimCSE views would be identical; the warm-up still separates the pairs
+    (dropout 0.1 during the warm-up only) and hands the model back with its own rate."""
+    tok = load_tokenizer(demo_tokenizer_dir)
+    corpus = [t for p in PAIRS for t in p] + vocab.corpus()[:120]
+    model = _model()
+    dropouts = [m for m in model.text_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts
+    for m in dropouts:
+        m.p = 0.0
+    cos_before = _pair_cosine(model, tok)
+    losses = simcse_warmup(model, tok, corpus, steps=150, lr=1e-3, max_length=16, seed=0)
+    assert all(m.p == 0.0 for m in dropouts)
+    assert _pair_cosine(model, tok) < cos_before - 0.3
+    assert losses[-1] > 0.1  # identical views would drive the loss to ~0 (measured: 0.00)
+
+
 def test_warmup_is_deterministic_and_rng_neutral(demo_tokenizer_dir):
     tok = load_tokenizer(demo_tokenizer_dir)
     corpus = vocab.corpus()[:100]
