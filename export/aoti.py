@@ -50,7 +50,10 @@ def export_aoti(model, role: str, path: str | os.PathLike, *, max_batch: int, ma
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    original = next(model.parameters())
+    # Read now: `Module.to` converts parameters in place, so a parameter object read after it reports the new
+    # device and dtype (the first GPU run restored the model as fp16 on CUDA and failed validation).
+    param = next(model.parameters())
+    original_device, original_dtype = param.device, param.dtype
     work = model.to(device=device, dtype=dtype)
     try:
         inputs = example_inputs(work, role, batch, text_len, seed=1234, dtype=dtype, device=device)
@@ -67,7 +70,7 @@ def export_aoti(model, role: str, path: str | os.PathLike, *, max_batch: int, ma
                 if tmp.exists():
                     tmp.unlink()
     finally:
-        model.to(device=original.device, dtype=original.dtype)
+        model.to(device=original_device, dtype=original_dtype)
     return AotiExport(role, path, device, precision, time.perf_counter() - t0)
 
 

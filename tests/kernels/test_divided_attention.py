@@ -23,13 +23,15 @@ def rel_err(out, ref):
 def qkv_input(B, H, D, F, N, dtype, layout="contiguous", seed=0):
     g = torch.Generator().manual_seed(seed)
     S, C = 1 + F * N, 3 * H * D
+
+    def rnd(*shape):  # moved to the device BEFORE the view is taken: `.to(device)` of a view copies it densely
+        return torch.randn(*shape, generator=g).to(device=DEVICE, dtype=dtype)
+
     if layout == "contiguous":
-        x = torch.randn(B, S, C, generator=g)
-    elif layout == "sliced":  # a column window of a wider buffer: row stride > C
-        x = torch.randn(B, S, C + 24, generator=g)[:, :, 8:8 + C]
-    else:  # "transposed": token-major storage (S, B, C) seen as (B, S, C)
-        x = torch.randn(S, B, C, generator=g).transpose(0, 1)
-    return x.to(device=DEVICE, dtype=dtype)
+        return rnd(B, S, C)
+    if layout == "sliced":  # a column window of a wider buffer: row stride > C
+        return rnd(B, S, C + 24)[:, :, 8:8 + C]
+    return rnd(S, B, C).transpose(0, 1)  # "transposed": token-major storage (S, B, C) seen as (B, S, C)
 
 
 def check(qkv, H, F, mode, dtype):

@@ -17,6 +17,10 @@ from egovlp_deploy.model.attention import (
 from conftest import make_inputs
 from official_format import randomize_
 
+# The Triton backend runs compiled on a GPU, and in the interpreter on the CPU (conftest sets TRITON_INTERPRET=1
+# only when there is no GPU): every tensor that may reach a kernel lives on this device.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
 
 def test_config_field_default_validation_and_json(tmp_path):
     config = EgoVLPv2Config.tiny()
@@ -42,10 +46,12 @@ def test_set_attention_backend_validates_and_is_saved(tiny_model, tmp_path):
     assert loaded.video_model.blocks[0].timeattn.attention_backend == "sdpa"
 
 
-def test_auto_is_reference_on_cpu_and_triton_yields_to_autograd():
-    x = torch.randn(2, 3)
-    assert resolve_backend("auto", x) == "reference"
-    assert resolve_backend("triton", x) == "triton"  # the interpreter is on in the tests
+def test_auto_picks_by_device_and_triton_yields_to_autograd():
+    assert resolve_backend("auto", torch.randn(2, 3)) == "reference"  # a CPU tensor
+    if torch.cuda.is_available():
+        assert resolve_backend("auto", torch.randn(2, 3, device="cuda")) == "triton"
+    x = torch.randn(2, 3, device=DEVICE)
+    assert resolve_backend("triton", x) == "triton"  # compiled on the GPU; on the CPU the tests' interpreter
     assert resolve_backend("triton", x.requires_grad_()) == "reference"
     with torch.no_grad():
         assert resolve_backend("triton", x) == "triton"
@@ -60,9 +66,9 @@ def test_sdpa_divided_attention_matches_reference(mode):
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
 def test_multihead_attention_backends_match_reference(backend):
-    q, kv = torch.randn(2, 5, 32), torch.randn(2, 7, 64)
+    q, kv = torch.randn(2, 5, 32, device=DEVICE), torch.randn(2, 7, 64, device=DEVICE)
     k, v = kv.chunk(2, dim=-1)
-    bias = torch.zeros(2, 1, 1, 7)
+    bias = torch.zeros(2, 1, 1, 7, device=DEVICE)
     bias[1, ..., 3:] = torch.finfo(torch.float32).min
     ref = multihead_attention(q, k, v, 2, 0.25, bias, "reference")
     torch.testing.assert_close(multihead_attention(q, k, v, 2, 0.25, bias, backend), ref, rtol=1e-5, atol=1e-6)
@@ -71,8 +77,8 @@ def test_multihead_attention_backends_match_reference(backend):
 @pytest.fixture(scope="module")
 def model_and_inputs():
     config = EgoVLPv2Config.tiny()
-    model = randomize_(EgoVLPv2(config), seed=7).eval()
-    return model, make_inputs(config)
+    model = randomize_(EgoVLPv2(config), seed=7).eval().to(DEVICE)
+    return model, tuple(t.to(DEVICE) for t in make_inputs(config))
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
