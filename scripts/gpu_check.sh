@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# GPU check, one call on a GPU machine, about 9 minutes (run with timeout_s 600). In order of what matters most:
-#   install the package -> GPU kernel tests (compiled Triton, fixed tiles) -> end to end at F=16 fp16, batch 1
-#   (issue 7): ONNX + AOTInductor CUDA export of the tiny model, then `bench e2e` for torch with the Triton kernels,
-#   eager PyTorch (reference attention) and the AOTInductor packages -> `bench kernels` at B=1, F=16 with the full
-#   base video encoder (issue 4) -> the rest of the kernel shape sweep, for the time that is left.
+# GPU check, one call on a GPU machine, about 9.5 minutes (run with timeout_s 600). In order of what matters most:
+#   install the package -> GPU kernel tests (compiled Triton, fixed tiles; in the background) -> end to end at F=16
+#   fp16, batch 1 (issue 7): `bench e2e` of torch with the Triton kernels next to eager PyTorch (reference
+#   attention), then AOTInductor CUDA packages of the tiny model and their `bench e2e` -> `bench kernels` at B=1,
+#   F=16 with the full base video encoder (issue 4) -> the rest of the kernel shape sweep, for the time left.
 # Usage (repository root, CUDA machine, no internet):  OUT=/some/dir bash scripts/gpu_check.sh
-#   STEPS=tests,e2e,kernels,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the tests (pytest -k);
-#   AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (much faster to compile, slower host code; default O1).
+#   STEPS=tests,e2e,aoti,kernels,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the tests (pytest -k);
+#   AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to build, slower host code; default O1; the one O0
+#   CUDA build tried, on an H100 on 2026-11-27, died with a segmentation fault).
 # Wheels the image lacks (PyAV, for the decode stage) may travel in .whl/ (see BENCHMARKS.md); they are installed
 # into /tmp/site first.
-# Outputs in $OUT: env.txt, install.log, pytest.log, e2e_export.log + e2e_validation.md, e2e.log, e2e/e2e.{json,md,png},
-# bench_main.log + bench_main/kernels.{json,md,png}, bench_sweep.log + bench_sweep/kernels.{json,md,png}.
+# Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
+# e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
+# bench_sweep.log + bench_sweep/kernels.{json,md,png}.
 # Every step has a deadline (seconds since the start); the kernel benchmark writes its JSON/markdown after every
 # case, so a step cut short still leaves its rows.
 set -uo pipefail
@@ -19,10 +21,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 unset TRITON_INTERPRET  # compiled kernels, not the CPU interpreter
 mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+# The device tool returns at most 8 files from $OUT: every result goes to a work folder, packed into
+# $OUT/gpu_check.tgz at exit (also after a failed step), with the printed summary beside it.
+RESULTS=$(cd "$OUT" && pwd)
+OUT=$(mktemp -d /tmp/gpu_check.XXXXXX)
+pack() { tar czf "$RESULTS/gpu_check.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT/env.txt" "$RESULTS/" 2>/dev/null; }
+trap pack EXIT
 REPO=$(pwd)
 start=$SECONDS
-STEPS=",${STEPS:-tests,e2e,kernels,sweep},"
+STEPS=",${STEPS:-tests,e2e,aoti,kernels,sweep},"
 want() { [[ $STEPS == *",$1,"* ]]; }
 left() { echo $(( $1 - (SECONDS - start) )); }  # seconds until deadline $1
 step() { echo "$1 rc=$2 after $((SECONDS - start)) s"; }
@@ -61,21 +68,32 @@ if want tests; then
   tests_pid=$!
 fi
 
-# End to end (issue 7), tiny model at F=16 fp16: AOTInductor CUDA packages (the image's onnxruntime is CPU-only, so
-# no ONNX here), kept outside $OUT (the reply carries a limited number of files). Known on the CPU: a process that
-# ran AOTInductor CPU packages can abort or hang at interpreter exit AFTER writing its results, hence the timeouts.
+# End to end (issue 7), tiny model at F=16 fp16, batch 1. Two parts, so a failing AOTInductor build cannot take the
+# torch rows with it: (1) torch with the Triton kernels next to plain eager PyTorch (the torch backend needs only an
+# export folder's manifest: a text-encoder ONNX export, seconds); (2) AOTInductor CUDA packages (minutes to build;
+# the image's onnxruntime is CPU-only, so no ONNX rows here). Export folders stay outside $OUT (the reply carries a
+# limited number of files). Known on the CPU: a process that ran AOTInductor CPU packages can abort or hang at
+# interpreter exit AFTER writing its results, hence the timeouts.
+E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 5,20 --iters 100 --warmup 10)
 if want e2e; then
-  ENGINES=/tmp/e2e_engines
-  timeout "$(left 300)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format aoti \
-    --aoti-device cuda --aoti-opt-level "${AOTI_OPT:-O1}" --precision fp16 --out "$ENGINES" \
-    > "$OUT/e2e_export.log" 2>&1
-  step "e2e export" $?; grep -E "^ +[0-9.]+s +\[" "$OUT/e2e_export.log" | cut -c1-150
-  cp "$ENGINES/validation.md" "$OUT/e2e_validation.md" 2>/dev/null
-  timeout "$(left 380)" "$PY" -m egovlp_deploy.cli bench e2e --device cuda \
-    --engines "$ENGINES" --frames 16 --backends torch,aoti --torch-attention auto,reference \
-    --precisions fp16 --ks 5,20 --iters 100 --warmup 10 --out "$OUT/e2e" > "$OUT/e2e.log" 2>&1
-  step "e2e bench" $?; tail -3 "$OUT/e2e.log"
-  rm -f "$OUT/e2e/bench_video.mp4"
+  timeout "$(left 200)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \
+    --roles text_encoder --ort-optimize never --out /tmp/e2e_torch_engines > "$OUT/e2e_torch_export.log" 2>&1
+  step "e2e torch export" $?
+  timeout "$(left 260)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
+    --backends torch --torch-attention auto,reference --out "$OUT/e2e_torch" > "$OUT/e2e_torch.log" 2>&1
+  step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
+  rm -f "$OUT/e2e_torch/bench_video.mp4"
+fi
+if want aoti; then
+  timeout "$(left 430)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format aoti \
+    --aoti-device cuda --aoti-opt-level "${AOTI_OPT:-O1}" --precision fp16 --out /tmp/e2e_aoti_engines \
+    > "$OUT/e2e_aoti_export.log" 2>&1
+  step "e2e aoti export" $?; grep -E "^ +[0-9.]+s +\[" "$OUT/e2e_aoti_export.log" | cut -c1-150
+  cp /tmp/e2e_aoti_engines/validation.md "$OUT/e2e_aoti_validation.md" 2>/dev/null
+  timeout "$(left 470)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_aoti_engines \
+    --backends aoti --out "$OUT/e2e_aoti" > "$OUT/e2e_aoti.log" 2>&1
+  step "e2e aoti bench" $?; tail -3 "$OUT/e2e_aoti.log"
+  rm -f "$OUT/e2e_aoti/bench_video.mp4"
 fi
 if want tests; then
   wait "$tests_pid"; tests_rc=$?
@@ -86,19 +104,19 @@ fi
 # sweep over the other shapes for what time is left.
 bench_rc=0
 if want kernels; then
-  timeout "$(left 470)" "$PY" -m egovlp_deploy.cli bench kernels --batches 1 --frames 16 --text-lengths 30 \
+  timeout "$(left 540)" "$PY" -m egovlp_deploy.cli bench kernels --batches 1 --frames 16 --text-lengths 30 \
     --out "$OUT/bench_main" > "$OUT/bench_main.log" 2>&1
   bench_rc=$?
   step "bench kernels B=1 F=16" $bench_rc; tail -3 "$OUT/bench_main.log"
 fi
 if want sweep; then
-  timeout "$(left 545)" "$PY" -m egovlp_deploy.cli bench kernels --batches 8,32 --frames 4,16 \
+  timeout "$(left 560)" "$PY" -m egovlp_deploy.cli bench kernels --batches 8,32 --frames 4,16 \
     --text-lengths 15,30 --no-encoder --out "$OUT/bench_sweep" > "$OUT/bench_sweep.log" 2>&1
   step "bench kernels sweep" $?
 fi
 
 # the tables last: the device reply carries the end of the output
-grep -E "^\| (video encode|text encode|re-rank cached)" "$OUT/e2e/e2e.md" 2>/dev/null | cut -c1-120
+cat "$OUT"/e2e_*/e2e.md 2>/dev/null | grep -E "^\| (video encode|text encode|re-rank cached)" | cut -c1-120
 cat "$OUT/bench_main/kernels.md" 2>/dev/null | grep -E "^\|" | cut -c1-140
 echo "sweep: $(grep -c '^|' "$OUT/bench_sweep/kernels.md" 2>/dev/null) table lines"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

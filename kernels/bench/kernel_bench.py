@@ -5,7 +5,9 @@ zeros); medians of `triton.testing.do_bench` on the GPU (CPU --quick: medians of
 the plumbing). Reported per row: ms, speedup over `reference`, bytes moved (each aten op's tensor inputs and outputs
 counted once, a no-cache upper estimate; the fused op counts exactly its inputs + output) against the minimum (inputs
 read once, output written once), and achieved GB/s (minimum bytes / time) as a fraction of the card's measured
-device-to-device copy bandwidth.
+device-to-device copy bandwidth. On the GPU each backend is also timed as the replay of a CUDA graph captured from
+it (`graph ms`): the same GPU work without the host launch path (Python, op dispatch, Triton's launcher), so the two
+columns together say whether a small case is bound by the GPU or by the host.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Row:
     max_rel_err: float | None = None  # vs the reference backend's output on the same inputs
     gbps: float | None = None  # min_bytes / time
     copy_fraction: float | None = None  # gbps / measured copy bandwidth
+    graph_ms: float | None = None  # replay of a CUDA graph of the same call (GPU only)
     note: str = ""
 
 
@@ -77,6 +80,22 @@ def _timer(device: str, quick: bool):
         return statistics.median(times)
 
     return cpu
+
+
+def graph_replay(fn):
+    """A CUDA graph of one call of fn (already warmed up: autotuning and compilation done), as a replay function.
+    Warm-up on a side stream before capture, as torch.cuda.graphs requires."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def copy_bandwidth(device: str, timer) -> float:
@@ -229,11 +248,13 @@ def _markdown(meta: dict, rows: list[Row]) -> str:
 
     lines = [f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, triton {meta['triton']}; "
              f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; git {meta['git_sha']}; {meta['mode']}", "",
-             "| case | shape | backend | ms | speedup | max rel err | bytes moved / min | GB/s | of copy BW | note |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| case | shape | backend | ms | graph ms | speedup | max rel err | bytes moved / min | GB/s | of copy BW "
+             "| note |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ratio = None if r.bytes_moved is None or not r.min_bytes else r.bytes_moved / r.min_bytes
-        lines.append(f"| {r.case} | {r.shape} | {r.backend} | {f(r.ms, '.4f')} | {f(r.speedup, '.2f')} | "
+        lines.append(f"| {r.case} | {r.shape} | {r.backend} | {f(r.ms, '.4f')} | {f(r.graph_ms, '.4f')} | "
+                     f"{f(r.speedup, '.2f')} | "
                      f"{f(r.max_rel_err, '.1e')} | {f(ratio, '.1f')} | {f(r.gbps, '.0f')} | "
                      f"{f(r.copy_fraction, '.0%')} | {r.note} |")
     return "\n".join(lines) + "\n"
@@ -322,6 +343,11 @@ def run(args) -> int:
                         got = fns[backend]().float()
                         row.max_rel_err = ((got - expected).abs().max() / expected.abs().max()).item()
                     row.ms = timer(fns[backend])
+                    if device == "cuda":
+                        try:
+                            row.graph_ms = timer(graph_replay(fns[backend]))
+                        except Exception as exc:  # e.g. an op that cannot be captured: the eager time stands
+                            row.note = f"no graph: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
                     if backend != "compile" and min_bytes is not None:
                         row.bytes_moved = bytes_moved(fns[backend])
             except Exception as exc:  # a backend failing at a shape is a result (e.g. SDPA's grid limit)
