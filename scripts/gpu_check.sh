@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check, one call on a GPU machine, about 9.5 minutes (run with timeout_s 600). In order of what matters most:
+# GPU check, one call on a GPU machine, at most 9.5 minutes (run with timeout_s 600). In order of what matters most:
 #   install the package -> GPU kernel tests (compiled Triton, fixed tiles; in the background) -> end to end at F=16
 #   fp16, batch 1 (issue 7): `bench e2e` of torch with the Triton kernels next to eager PyTorch (reference
 #   attention), then AOTInductor CUDA packages of the tiny model and their `bench e2e` -> `bench kernels` at B=1,
@@ -13,8 +13,9 @@
 # Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
 # e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
 # bench_sweep.log + bench_sweep/kernels.{json,md,png}.
-# Every step has a deadline (seconds since the start); the kernel benchmark writes its JSON/markdown after every
-# case, so a step cut short still leaves its rows.
+# Every step has its own time cap, and all together stop by GPU_CHECK_SECONDS (default 570); the kernel benchmark
+# writes its JSON/markdown after every case, so a step cut short still leaves its rows. A full run needs about
+# 9.5 minutes; with 15 minutes of device time, STEPS=tests,e2e,aoti then STEPS=kernels,sweep is the safer split.
 set -uo pipefail
 : "${OUT:?set OUT to the output folder}"
 cd "$(dirname "$0")/.."
@@ -31,7 +32,9 @@ REPO=$(pwd)
 start=$SECONDS
 STEPS=",${STEPS:-tests,e2e,aoti,kernels,sweep},"
 want() { [[ $STEPS == *",$1,"* ]]; }
-left() { echo $(( $1 - (SECONDS - start) )); }  # seconds until deadline $1
+TOTAL=${GPU_CHECK_SECONDS:-570}
+# A step's time limit: its own cap, or what is left of TOTAL if less (at least 1 s: `timeout 0` means no limit).
+cap() { local rest=$((TOTAL - (SECONDS - start))); local t=$(( $1 < rest ? $1 : rest )); echo $(( t > 1 ? t : 1 )); }
 step() { echo "$1 rc=$2 after $((SECONDS - start)) s"; }
 
 {
@@ -62,7 +65,7 @@ cd "$OUT"
 # They run in the background, beside the AOTInductor export (16 CPU cores; both are mostly compiling).
 tests_rc=0
 if want tests; then
-  EGOVLP_TRITON_AUTOTUNE=0 timeout "$(left 150)" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
+  EGOVLP_TRITON_AUTOTUNE=0 timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
     ${PYTEST_K:+-k "$PYTEST_K"} "$REPO/tests/kernels" "$REPO/tests/model/test_attention_backend.py" \
     > "$OUT/pytest.log" 2>&1 &
   tests_pid=$!
@@ -76,21 +79,21 @@ fi
 # interpreter exit AFTER writing its results, hence the timeouts.
 E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 5,20 --iters 100 --warmup 10)
 if want e2e; then
-  timeout "$(left 200)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \
+  timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \
     --roles text_encoder --ort-optimize never --out /tmp/e2e_torch_engines > "$OUT/e2e_torch_export.log" 2>&1
   step "e2e torch export" $?
-  timeout "$(left 260)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
+  timeout "$(cap 100)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
     --backends torch --torch-attention auto,reference --out "$OUT/e2e_torch" > "$OUT/e2e_torch.log" 2>&1
   step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
   rm -f "$OUT/e2e_torch/bench_video.mp4"
 fi
 if want aoti; then
-  timeout "$(left 430)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format aoti \
+  timeout "$(cap 330)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format aoti \
     --aoti-device cuda --aoti-opt-level "${AOTI_OPT:-O1}" --precision fp16 --out /tmp/e2e_aoti_engines \
     > "$OUT/e2e_aoti_export.log" 2>&1
   step "e2e aoti export" $?; grep -E "^ +[0-9.]+s +\[" "$OUT/e2e_aoti_export.log" | cut -c1-150
   cp /tmp/e2e_aoti_engines/validation.md "$OUT/e2e_aoti_validation.md" 2>/dev/null
-  timeout "$(left 470)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_aoti_engines \
+  timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_aoti_engines \
     --backends aoti --out "$OUT/e2e_aoti" > "$OUT/e2e_aoti.log" 2>&1
   step "e2e aoti bench" $?; tail -3 "$OUT/e2e_aoti.log"
   rm -f "$OUT/e2e_aoti/bench_video.mp4"
@@ -104,13 +107,13 @@ fi
 # sweep over the other shapes for what time is left.
 bench_rc=0
 if want kernels; then
-  timeout "$(left 540)" "$PY" -m egovlp_deploy.cli bench kernels --batches 1 --frames 16 --text-lengths 30 \
+  timeout "$(cap 130)" "$PY" -m egovlp_deploy.cli bench kernels --batches 1 --frames 16 --text-lengths 30 \
     --out "$OUT/bench_main" > "$OUT/bench_main.log" 2>&1
   bench_rc=$?
   step "bench kernels B=1 F=16" $bench_rc; tail -3 "$OUT/bench_main.log"
 fi
 if want sweep; then
-  timeout "$(left 560)" "$PY" -m egovlp_deploy.cli bench kernels --batches 8,32 --frames 4,16 \
+  timeout "$(cap 600)" "$PY" -m egovlp_deploy.cli bench kernels --batches 8,32 --frames 4,16 \
     --text-lengths 15,30 --no-encoder --out "$OUT/bench_sweep" > "$OUT/bench_sweep.log" 2>&1
   step "bench kernels sweep" $?
 fi
