@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .jsonfile import read_json
+
 PROJECTIONS = ("big", "small")
 # How the attention cores run (model/attention.py): "reference" is the official math in plain torch, "sdpa" torch's
 # scaled_dot_product_attention with the official rearranges, "triton" the fused kernels (forward only; training
@@ -191,11 +193,7 @@ class EgoVLPv2Config:
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "EgoVLPv2Config":
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data)
+        return cls.from_dict(read_json(path, ConfigError, expect=dict))
 
 
 TIME_INITS = ("zeros", "rand")

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+from egovlp_deploy.jsonfile import read_json
+
 from .specs import ROLES, static_dims
 
 MANIFEST = "manifest.json"
@@ -134,12 +136,7 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
     path = directory / MANIFEST if directory.is_dir() else directory
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest (not an egovlp-deploy export directory)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ManifestError(f"{path}: expected a JSON object")
+    data = read_json(path, ManifestError, expect=dict)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ManifestError(f"{path}: manifest format_version {version!r}, this egovlp-deploy reads "

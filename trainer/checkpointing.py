@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
+from egovlp_deploy.jsonfile import read_json
 
 MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -125,11 +126,9 @@ def verify_checkpoint(path: Path) -> None:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path}: unreadable {MANIFEST} ({exc})") from exc
+    files = read_json(manifest_path, CheckpointError, expect=dict).get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path}: no 'files' table of name -> size and checksum")
     for name, meta in files.items():
         file = path / name
         if not file.is_file():

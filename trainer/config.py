@@ -8,12 +8,12 @@ official code has one: EGOVLPV2_SPEC.md §5). Shipped configs: `egovlp_deploy/co
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from egovlp_deploy.config import ConfigError, strict_fields
+from egovlp_deploy.jsonfile import read_json
 
 SHIPPED = Path(__file__).resolve().parent.parent / "configs"
 
@@ -156,13 +156,10 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file() and (SHIPPED / path.name).is_file() and path.parent == Path("."):
             path = SHIPPED / path.name  # a shipped config by name
+        shipped = sorted(p.name for p in SHIPPED.glob("*.json"))
+        data = read_json(path, ConfigError, expect=dict, missing=f"{path}: no such config (shipped: {shipped})")
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except FileNotFoundError as exc:
-            shipped = sorted(p.name for p in SHIPPED.glob("*.json"))
-            raise ConfigError(f"{path}: no such config (shipped: {shipped})") from exc
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from exc
+            return cls.from_dict(data)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from exc
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
+from egovlp_deploy.jsonfile import read_json
 from egovlp_deploy.model import EgoVLPv2
 
 from . import distributed as D
@@ -101,8 +102,11 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
 def class_counts(cfg: TrainConfig) -> tuple[int, int]:
     meta = cfg.resolve(cfg.data.meta_json)
     if meta is not None and meta.is_file():
-        data = json.loads(meta.read_text())
-        return int(data["num_verbs"]), int(data["num_nouns"])
+        data = read_json(meta, ConfigError, expect=dict)
+        try:
+            return int(data["num_verbs"]), int(data["num_nouns"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{meta}: needs integer num_verbs and num_nouns ({exc!r})") from exc
     return cfg.data.num_verbs, cfg.data.num_nouns
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..jsonfile import read_json
 from .engines import EngineError, Runtime
 from .pipeline import ClipPipeline, StageTimes, Window, check_video_file, plan_windows, segment_windows
 
@@ -69,10 +70,7 @@ def read_index_json(directory: Path) -> dict:
     path = directory / INDEX_FILE
     if not path.is_file():
         raise IndexError_(f"{directory}: not an index (no {INDEX_FILE}; build one with `egovlp-deploy index`)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IndexError_(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path, IndexError_)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise IndexError_(f"{path}: not an egovlp-deploy index")
     if data.get("version") != VERSION:

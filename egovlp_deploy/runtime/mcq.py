@@ -11,12 +11,12 @@ probability over the clip's and the narration's prefixes) and ensemble (their su
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from ..jsonfile import read_json
 from .engines import Runtime
 from .pipeline import ClipPipeline
 
@@ -24,12 +24,7 @@ MODES = ("dual", "fusion", "ensemble")
 
 
 def _load_questions(path: str | Path) -> list[dict]:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise ValueError(f"{path}: no such questions file") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    data = read_json(path, ValueError, missing=f"{path}: no such questions file")
     if not isinstance(data, dict) or not data:
         raise ValueError(f"{path}: expected an EgoMCQ object keyed '0', '1', ...")
     out = []

@@ -77,3 +77,17 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path):
     (tmp_path / "step_00000009").mkdir()
     with pytest.warns(UserWarning, match="did not finish"):
         assert latest_valid_checkpoint(tmp_path) is None
+
+
+@pytest.mark.parametrize("manifest", [b"\xff\xfe\x00garbage", b'{"step": 3, "fi', b"[1, 2]", b'{"files": [1]}'])
+def test_a_corrupt_manifest_falls_back_to_the_previous_checkpoint(tmp_path, manifest):
+    """Binary noise (not UTF-8), a truncated write, the wrong JSON kind: each is a CheckpointError, so resume warns
+    and takes the older checkpoint instead of crashing on a UnicodeDecodeError or AttributeError."""
+    model, opt = _optimizer_state()
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, {"step": step}, {"seed": 0}, keep_last=2)
+    (tmp_path / "step_00000002" / "MANIFEST.json").write_bytes(manifest)
+    with pytest.warns(UserWarning, match="MANIFEST.json"):
+        assert latest_valid_checkpoint(tmp_path).name == "step_00000001"
+    with pytest.raises(CheckpointError, match="MANIFEST.json"):
+        load_checkpoint(tmp_path / "step_00000002")
