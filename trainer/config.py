@@ -90,6 +90,10 @@ class OptimSection:
     # 1 is official. Below 1 keeps a from-scratch, warmed-up text tower from re-merging narrations the video tower
     # cannot yet tell apart (trainer/text_warmup.py).
     lr_mult_text: float = 1.0
+    # Holds the text tower still (learning rate 0) for the first N optimizer steps, then lr_mult_text applies. 0 is
+    # official. With a from-scratch text tower, the narrations a warm-up spread apart stay apart until the video tower
+    # can tell them apart too; a lower lr_mult_text only slows their re-merging (trainer/text_warmup.py).
+    text_freeze_steps: int = 0
     warmup_fraction: float = 0.1
     grad_clip: float | None = None
 
@@ -176,6 +180,7 @@ class TrainConfig:
             (m.time_init in ("zeros", "rand"), f"model.time_init must be 'zeros' or 'rand', got {m.time_init!r}"),
             (m.text_warmup_steps >= 0, f"model.text_warmup_steps must be >= 0, got {m.text_warmup_steps}"),
             (o.lr_mult_text > 0, f"optim.lr_mult_text must be positive, got {o.lr_mult_text}"),
+            (o.text_freeze_steps >= 0, f"optim.text_freeze_steps must be >= 0, got {o.text_freeze_steps}"),
             (m.temporal_embed_std >= 0, f"model.temporal_embed_std must be >= 0, got {m.temporal_embed_std}"),
             (s.epochs > 0 and s.batch_size > 0 and s.grad_accum_steps > 0, "schedule sizes must be positive"),
             (s.batch_size % s.grad_accum_steps == 0, "schedule.batch_size must be divisible by grad_accum_steps"),

@@ -6,7 +6,7 @@ Groups (official `set_schedule`): {backbone, heads, cross-modal} x {decay, no de
 - heads (mlm_score, itm_score, txt_proj, vid_proj): lr x lr_mult_head;
 - cross-modal (cross_modal*, *i2t*, *t2i*, the gates included): lr x lr_mult_cross_modal;
 - ours, 1 (official) unless set: the text tower (text_model.* outside cross-attention, txt_proj) x lr_mult_text,
-  on top of the above (trainer/text_warmup.py says when it helps).
+  on top of the above, and held at lr 0 for the first text_freeze_steps (trainer/text_warmup.py says when they help).
 The optimizer is torch's AdamW (eps 1e-8, betas 0.9/0.98); the official one is transformers' deprecated AdamW, which
 applies the decoupled decay after rather than before the Adam step (a difference of order lr^2 * wd).
 """
@@ -29,7 +29,9 @@ def is_text_tower(name: str) -> bool:
 
 
 def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult_head: float,
-                     lr_mult_cross_modal: float, lr_mult_text: float = 1.0) -> list[dict]:
+                     lr_mult_cross_modal: float, lr_mult_text: float = 1.0, split_text: bool = False) -> list[dict]:
+    """The optimizer groups; the text tower gets groups of its own ('<kind>/text/...') when lr_mult_text != 1 or
+    split_text (a schedule of its own: text_freeze_steps)."""
     groups: dict[tuple[str, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -41,7 +43,7 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
         kind = "head" if head else "cross_modal" if cross else "backbone"
         decay = not any(nd in name for nd in NO_DECAY)
         mult = {"head": lr_mult_head, "cross_modal": lr_mult_cross_modal, "backbone": 1.0}[kind]
-        text = lr_mult_text != 1.0 and is_text_tower(name)
+        text = (lr_mult_text != 1.0 or split_text) and is_text_tower(name)
         if text:
             mult *= lr_mult_text
         group = groups.setdefault((kind, decay, text), {
@@ -52,9 +54,9 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal,
-                    lr_mult_text: float = 1.0) -> torch.optim.AdamW:
-    groups = parameter_groups(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text)
+def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text: float = 1.0,
+                    split_text: bool = False) -> torch.optim.AdamW:
+    groups = parameter_groups(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text, split_text)
     for g in groups:
         del g["names"]
     return torch.optim.AdamW(groups, lr=lr, eps=1e-8, betas=(0.9, 0.98))
@@ -68,5 +70,18 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def build_scheduler(optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, warmup_steps, total_steps))
+def build_scheduler(optimizer, warmup_steps: int, total_steps: int,
+                    text_freeze_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Cosine with warm-up for every group; the text tower's groups ('/text/' in their name) at 0 for the first
+    text_freeze_steps steps, then back on the same curve."""
+    def factor(step: int) -> float:
+        return cosine_with_warmup(step, warmup_steps, total_steps)
+
+    def frozen_then_factor(step: int) -> float:
+        return 0.0 if step < text_freeze_steps else factor(step)
+
+    if text_freeze_steps and not any("/text/" in g.get("group", "") for g in optimizer.param_groups):
+        raise ValueError("text_freeze_steps needs the text tower in groups of its own (build_optimizer split_text)")
+    lambdas = [frozen_then_factor if text_freeze_steps and "/text/" in g.get("group", "") else factor
+               for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

@@ -259,8 +259,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         wrapped = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     o = cfg.optim
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text)
-    scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps)
+    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text,
+                                split_text=o.text_freeze_steps > 0)
+    scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps, o.text_freeze_steps)
     amp_dtype = resolve_precision(s.precision, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 

@@ -30,6 +30,7 @@ def test_shipped_configs_load():
     ({"model": {"text_warmup_steps": -1}}, "text_warmup_steps"),
     ({"model": {"temporal_embed_std": -0.1}}, "temporal_embed_std"),
     ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
+    ({"optim": {"text_freeze_steps": -1}}, "text_freeze_steps"),
     ({"model": {"img_size": 0}}, "model.img_size"),
     ({"model": {"patch_size": -8}}, "model.patch_size"),
 ])

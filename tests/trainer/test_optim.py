@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-from egovlp_deploy.trainer.optim import build_optimizer, build_scheduler, cosine_with_warmup, parameter_groups
+from egovlp_deploy.trainer.optim import (build_optimizer, build_scheduler, cosine_with_warmup, is_text_tower,
+                                         parameter_groups)
 
 
 def _official_group(name: str) -> tuple[str, bool]:
@@ -77,3 +78,42 @@ def test_cosine_schedule_matches_transformers():
         ref.step()
     assert cosine_with_warmup(0, 10, 100) == 0 and cosine_with_warmup(10, 10, 100) == 1
     assert cosine_with_warmup(55, 10, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_text_freeze_holds_the_text_tower_then_releases_it():
+    """optim.text_freeze_steps: for the first N steps the text tower's learning rate is 0 (its weights stay bit-exact
+    while everything else trains), then it follows the others' cosine curve times lr_mult_text."""
+    torch.manual_seed(0)
+    model = EgoVLPv2(EgoVLPv2Config.tiny())
+    opt = build_optimizer(model, 1e-2, 0.01, 4, 4, lr_mult_text=0.5, split_text=True)
+    sched = build_scheduler(opt, warmup_steps=2, total_steps=20, text_freeze_steps=3)
+    text = {n: p for n, p in model.named_parameters() if is_text_tower(n)}
+    video = {n: p for n, p in model.named_parameters() if n.startswith("video_model.blocks.0.")}
+    assert text and video
+    start_text = {n: p.detach().clone() for n, p in text.items()}
+    ids = torch.tensor([[0, 10, 11, 12, 2]])
+    for step in range(5):
+        before_video = {n: p.detach().clone() for n, p in video.items()}
+        lrs = {g["group"]: g["lr"] for g in opt.param_groups}
+        loss = model.encode_text(ids, torch.ones_like(ids)).square().sum() + \
+            model.encode_video(torch.randn(1, 4, 3, 32, 32)).square().sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        frozen = step < 3
+        assert all(lr == 0 for g, lr in lrs.items() if "/text/" in g) == frozen
+        assert all(lr > 0 for g, lr in lrs.items() if "/text/" not in g) or step == 0  # warm-up starts at 0
+        if step > 0:
+            assert any(not torch.equal(before_video[n], p) for n, p in video.items())
+        moved = [n for n, p in text.items() if not torch.equal(start_text[n], p)]
+        assert (not moved) if frozen else moved
+    # after the freeze: the text groups run at lr_mult_text x the backbone's lr at the same step
+    lrs = {g["group"]: g["lr"] for g in opt.param_groups}
+    assert lrs["backbone/text/decay"] == pytest.approx(0.5 * lrs["backbone/decay"])
+
+
+def test_text_freeze_needs_text_groups():
+    opt = build_optimizer(EgoVLPv2(EgoVLPv2Config.tiny()), 1e-3, 0.01, 4, 4)  # no text groups
+    with pytest.raises(ValueError, match="split_text"):
+        build_scheduler(opt, 2, 20, text_freeze_steps=3)
