@@ -58,9 +58,8 @@ def build(kernel, pointers, dtype: str, constants: dict, config, arch: int):
                                                         "fp32" if n == "scale" else "i32") for n in names}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = triton_compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": config.num_warps, "num_stages": config.num_stages})
-    return compiled
+    return triton_compile(source, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
 
 
 def resources(ptx: str, arch: int) -> dict:

@@ -30,8 +30,8 @@ def is_text_tower(name: str) -> bool:
 
 def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult_head: float,
                      lr_mult_cross_modal: float, lr_mult_text: float = 1.0, split_text: bool = False) -> list[dict]:
-    """The optimizer groups; the text tower gets groups of its own ('<kind>/text/...') when lr_mult_text != 1 or
-    split_text (a schedule of its own: text_freeze_steps)."""
+    """The optimizer groups; the text tower gets groups of its own (`text_tower: True`, named '<kind>/text/...') when
+    lr_mult_text != 1 or split_text (a schedule of its own: text_freeze_steps)."""
     groups: dict[tuple[str, bool, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -48,6 +48,7 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
             mult *= lr_mult_text
         group = groups.setdefault((kind, decay, text), {
             "params": [], "names": [], "lr": lr * mult, "weight_decay": weight_decay if decay else 0.0,
+            "text_tower": text,
             "group": f"{kind}{'/text' if text else ''}/{'decay' if decay else 'no_decay'}"})
         group["params"].append(param)
         group["names"].append(name)
@@ -72,7 +73,7 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
 
 def build_scheduler(optimizer, warmup_steps: int, total_steps: int,
                     text_freeze_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine with warm-up for every group; the text tower's groups ('/text/' in their name) at 0 for the first
+    """Cosine with warm-up for every group; the text tower's groups (`text_tower`) at 0 for the first
     text_freeze_steps steps, then back on the same curve."""
     def factor(step: int) -> float:
         return cosine_with_warmup(step, warmup_steps, total_steps)
@@ -80,8 +81,8 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int,
     def frozen_then_factor(step: int) -> float:
         return 0.0 if step < text_freeze_steps else factor(step)
 
-    if text_freeze_steps and not any("/text/" in g.get("group", "") for g in optimizer.param_groups):
+    if text_freeze_steps and not any(g.get("text_tower") for g in optimizer.param_groups):
         raise ValueError("text_freeze_steps needs the text tower in groups of its own (build_optimizer split_text)")
-    lambdas = [frozen_then_factor if text_freeze_steps and "/text/" in g.get("group", "") else factor
+    lambdas = [frozen_then_factor if text_freeze_steps and g.get("text_tower") else factor
                for g in optimizer.param_groups]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
