@@ -75,6 +75,13 @@ class ObjectiveSection:
     mlm_weight: float = 1.0
     vtm_weight: float = 2.0
     temperature: float = 0.05
+    # Temperature of the softmax the VTM hard negatives are drawn from (None: the EgoNCE temperature, official).
+    # With from-scratch towers, 0.05 draws nearly every negative from the few clips the dual encoder already confuses
+    # (the time-reversed verb, the scene's other object): pairs the fusion layers cannot yet separate either, so VTM
+    # sits at ln 2 and gives them no gradient. A higher value mixes in easier negatives (trainer/objectives.py).
+    vtm_negative_temperature: float | None = None
+    # Anneal that temperature geometrically to the EgoNCE one over the run (easy negatives first, hard at the end).
+    vtm_negative_anneal: bool = False
     verb: bool = True  # action-aware positives (both off = InfoNCE)
     noun: bool = True
     mlm_probability: float = 0.15
@@ -181,6 +188,10 @@ class TrainConfig:
             (m.text_warmup_steps >= 0, f"model.text_warmup_steps must be >= 0, got {m.text_warmup_steps}"),
             (o.lr_mult_text > 0, f"optim.lr_mult_text must be positive, got {o.lr_mult_text}"),
             (o.text_freeze_steps >= 0, f"optim.text_freeze_steps must be >= 0, got {o.text_freeze_steps}"),
+            (self.objective.vtm_negative_temperature is None or self.objective.vtm_negative_temperature > 0,
+             f"objective.vtm_negative_temperature must be positive, got {self.objective.vtm_negative_temperature}"),
+            (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
+             "objective.vtm_negative_anneal needs objective.vtm_negative_temperature (the start value)"),
             (m.temporal_embed_std >= 0, f"model.temporal_embed_std must be >= 0, got {m.temporal_embed_std}"),
             (s.epochs > 0 and s.batch_size > 0 and s.grad_accum_steps > 0, "schedule sizes must be positive"),
             (s.batch_size % s.grad_accum_steps == 0, "schedule.batch_size must be divisible by grad_accum_steps"),

@@ -40,11 +40,25 @@ class StepBatch:
 
 class PretrainObjective(torch.nn.Module):
     def __init__(self, model, temperature: float = 0.05, verb: bool = True, noun: bool = True,
-                 weights: tuple[float, float, float] = (1.0, 1.0, 2.0), seed: int = 0):
+                 weights: tuple[float, float, float] = (1.0, 1.0, 2.0), seed: int = 0,
+                 vtm_negative_temperature: float | None = None, vtm_negative_anneal_steps: int = 0):
         super().__init__()
         self.model = model
+        self.vtm_negative_temperature = vtm_negative_temperature  # None: the EgoNCE temperature (official)
+        self.vtm_negative_anneal_steps = vtm_negative_anneal_steps
         self.temperature, self.verb, self.noun = temperature, verb, noun
         self.weights, self.seed = weights, seed
+
+    def draw_temperature(self, egonce_temperature: float, step: int) -> float:
+        """The temperature VTM negatives are drawn at: the EgoNCE one (official), a set one, or a set one annealed
+        geometrically to the EgoNCE one over `vtm_negative_anneal_steps`."""
+        start = self.vtm_negative_temperature
+        if start is None:
+            return egonce_temperature
+        if self.vtm_negative_anneal_steps <= 0:
+            return start
+        progress = min(step / self.vtm_negative_anneal_steps, 1.0)
+        return start * (egonce_temperature / start) ** progress
 
     def forward(self, batch: StepBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model, b = self.model, batch.video.shape[0]
@@ -81,7 +95,8 @@ class PretrainObjective(torch.nn.Module):
 
         # VTM: hard negatives drawn from the whole global batch (the same draws on every rank)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        pairs = sample_vtm_pairs(sim.detach(), positives, 0, n_global, temperature, generator)
+        draw_temperature = self.draw_temperature(float(temperature), step)
+        pairs = sample_vtm_pairs(sim.detach(), positives, 0, n_global, draw_temperature, generator)
         video_idx = pairs.video_index[mine].to(all_video.device)
         text_idx = pairs.text_index[mine].to(all_ids.device)
         labels = pairs.labels[mine].to(all_video.device)

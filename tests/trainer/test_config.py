@@ -32,6 +32,8 @@ def test_shipped_configs_load():
     ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
     ({"optim": {"text_freeze_steps": -1}}, "text_freeze_steps"),
     ({"model": {"img_size": 0}}, "model.img_size"),
+    ({"objective": {"vtm_negative_temperature": 0}}, "vtm_negative_temperature"),
+    ({"objective": {"vtm_negative_anneal": True}}, "needs objective.vtm_negative_temperature"),
     ({"model": {"patch_size": -8}}, "model.patch_size"),
 ])
 def test_bad_configs(data, match):
