@@ -6,7 +6,7 @@ import torch
 from egovlp_deploy.losses import sample_vtm_pairs
 from egovlp_deploy.trainer import objectives
 from egovlp_deploy.trainer.objectives import PretrainObjective, StepBatch
-from tests.conftest import make_inputs
+from conftest import make_inputs
 
 
 def _batch(config, b=12):
