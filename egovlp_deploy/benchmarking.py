@@ -6,6 +6,7 @@ label their rows the same way.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import time
@@ -26,7 +27,10 @@ def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
 
 def git_sha(short: bool = True) -> str:
     """The checkout's commit (+dirty when tracked files changed), looked up from the working directory and then from
-    this file's folder; 'unknown' outside a git checkout (an installed wheel run elsewhere)."""
+    this file's folder; 'unknown' outside a git checkout (an installed wheel run elsewhere). EGOVLP_GIT_SHA, when
+    set, wins: a script that runs an installed copy away from the checkout (scripts/gpu_check.sh) stamps it."""
+    if os.environ.get("EGOVLP_GIT_SHA"):
+        return os.environ["EGOVLP_GIT_SHA"]
     for cwd in (Path.cwd(), Path(__file__).resolve().parent):
         try:
             sha = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=cwd,

@@ -28,5 +28,13 @@ def test_median_ms_times_each_call_after_the_warm_up(monkeypatch):
 
 def test_git_sha_outside_a_checkout_says_unknown(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EGOVLP_GIT_SHA", raising=False)
     monkeypatch.setattr(benchmarking, "__file__", str(tmp_path / "benchmarking.py"))
     assert benchmarking.git_sha() == "unknown"
+
+
+def test_git_sha_takes_the_stamp_a_script_hands_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside any checkout: without the stamp this says 'unknown'
+    monkeypatch.setattr(benchmarking, "__file__", str(tmp_path / "benchmarking.py"))
+    monkeypatch.setenv("EGOVLP_GIT_SHA", "b04ce06")
+    assert benchmarking.git_sha() == "b04ce06"
