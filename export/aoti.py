@@ -13,6 +13,9 @@ with `opt_level='O0'` (the wrapper only launches kernels; the kernels keep their
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +75,41 @@ def export_aoti(model, role: str, path: str | os.PathLike, *, max_batch: int, ma
     finally:
         model.to(device=original_device, dtype=original_dtype)
     return AotiExport(role, path, device, precision, time.perf_counter() - t0)
+
+
+class AotiLoadError(RuntimeError):
+    """A package AOTInductor built that its own loader cannot load."""
+
+
+# A fresh interpreter that only loads the package: what a deployment does first.
+_LOAD_ONLY = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
+
+
+def check_loads_in_child(path: str | os.PathLike, timeout_s: float = 180.0,
+                         command: list[str] | None = None) -> float:
+    """Load the package in a child process first; seconds taken, or AotiLoadError naming how the loader failed.
+
+    Why: on an H100 (torch 2.11.0+cu130, 2026-11-28) the loader of a freshly built CUDA package died with SIGSEGV
+    inside the exporting process and did not return in a fresh one. In-process, that kills the export and every
+    artifact it has not recorded yet; in a child it is one named failure, and the export goes on. `command` replaces
+    the child's interpreter command (tests)."""
+    argv = (command or [sys.executable, "-c", _LOAD_ONLY]) + [str(path)]
+    t0 = time.perf_counter()
+    where = f"{path}: torch {torch.__version__}'s AOTInductor loader"
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AotiLoadError(f"{where} did not return within {timeout_s:.0f} s in a fresh process") from None
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = f"signal {-done.returncode}"
+        raise AotiLoadError(f"{where} died with {name} in a fresh process")
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise AotiLoadError(f"{where} failed in a fresh process (exit {done.returncode}): {last}")
+    return time.perf_counter() - t0
 
 
 def load_aoti(path: str | os.PathLike, role: str, device: str = "cpu"):

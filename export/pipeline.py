@@ -219,13 +219,21 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
         _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
 
     if "aoti" in opts.formats:
-        from .aoti import export_aoti, load_aoti
+        from .aoti import AotiLoadError, check_loads_in_child, export_aoti, load_aoti
 
         for role in [r for r in roles if r in AOTI_ROLES]:
             precision = "fp32" if opts.aoti_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
             path = out / "aoti" / f"{opts.aoti_device.split(':')[0]}_{precision}" / f"{role}.pt2"
             made = export_aoti(model, role, path, max_batch=opts.max_batch, max_text_len=opts.max_text_len,
                                device=opts.aoti_device, precision=precision, wrapper_opt_level=opts.aoti_opt_level)
+            if opts.aoti_device != "cpu":  # CUDA loads were seen to crash or hang (check_loads_in_child)
+                try:
+                    check_loads_in_child(path)
+                except AotiLoadError as exc:
+                    result.errors.append(str(exc))
+                    result.passed = False
+                    progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  NOT LOADABLE: {exc}")
+                    continue
             check = record(validate_artifact(model, role, load_aoti(path, role, opts.aoti_device), "fp32"
                                              if precision == "fp32" else "fp16", sizes))
             manifest.add(out, path, role=role, format="aoti", precision=precision, device=opts.aoti_device,

@@ -1,10 +1,13 @@
 """AOTInductor on the CPU: every role it builds, from the tiny model, with the O0 wrapper (a package compile costs
 tens of seconds on the 2-core machines)."""
 
+import json
+import sys
+
 import pytest
 import torch
 
-from egovlp_deploy.export.aoti import export_aoti, load_aoti
+from egovlp_deploy.export.aoti import AotiLoadError, AotiExport, check_loads_in_child, export_aoti, load_aoti
 from egovlp_deploy.export.specs import AOTI_ROLES
 from egovlp_deploy.export.validate import validate_artifact, validation_sizes
 
@@ -15,6 +18,53 @@ def test_cpu_package_builds_loads_and_matches(tiny_model, tmp_path, role):
                        wrapper_opt_level="O0")
     check = validate_artifact(tiny_model, role, load_aoti(made.path, role), "fp32", validation_sizes(8, 32))
     assert check.passed, check.failures
+    if role == AOTI_ROLES[0]:  # one child interpreter is enough to show a good package passes the fresh-process load
+        assert check_loads_in_child(made.path) > 0
+
+
+def test_a_package_the_loader_rejects_is_a_named_error(tmp_path):
+    bad = tmp_path / "video_encoder.pt2"
+    bad.write_bytes(b"PK\x03\x04 not really a package")
+    with pytest.raises(AotiLoadError, match=r"video_encoder.pt2: torch .* failed in a fresh process \(exit 1\)"):
+        check_loads_in_child(bad)
+
+
+def test_a_loader_that_crashes_or_hangs_is_a_named_error(tmp_path):
+    """What the H100 showed (torch 2.11.0+cu130): SIGSEGV in the loader, or no return. Stand-in children do both."""
+    crash = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"]
+    with pytest.raises(AotiLoadError, match="died with SIGSEGV in a fresh process"):
+        check_loads_in_child(tmp_path / "v.pt2", command=crash)
+    hang = [sys.executable, "-c", "import time; time.sleep(60)"]
+    with pytest.raises(AotiLoadError, match="did not return within 1 s"):
+        check_loads_in_child(tmp_path / "v.pt2", timeout_s=1, command=hang)
+
+
+def test_an_unloadable_cuda_package_fails_the_export_and_keeps_the_rest(tmp_path, monkeypatch, capsys):
+    """The export records the loader's failure, skips that package, writes the ONNX artifacts' manifest and exits 1.
+    The CUDA build and the child load are stand-ins (no GPU here); the ONNX export is real."""
+    from egovlp_deploy.cli import main
+    from egovlp_deploy.export import aoti
+
+    def fake_build(model, role, path, **kw):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"built")
+        return AotiExport(role, path, "cuda", "fp32", 1.0)
+
+    def fake_child_load(path, timeout_s=180.0, command=None):
+        raise AotiLoadError(f"{path}: torch X's AOTInductor loader died with SIGSEGV in a fresh process")
+
+    monkeypatch.setattr(aoti, "export_aoti", fake_build)
+    monkeypatch.setattr(aoti, "check_loads_in_child", fake_child_load)
+    out = tmp_path / "out"
+    code = main(["export", "--checkpoint", "random:tiny", "--out", str(out), "--roles", "text_encoder",
+                 "--format", "onnx,aoti", "--aoti-device", "cuda", "--max-text-len", "16", "--ort-optimize", "never",
+                 "--quiet"])
+    assert code == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [a["format"] for a in manifest["artifacts"]] == ["onnx"]
+    assert not manifest["validation"]["passed"]
+    assert any("died with SIGSEGV" in e for e in manifest["validation"]["errors"])
+    assert "died with SIGSEGV" in (out / "validation.md").read_text()
 
 
 def test_refuses_what_it_does_not_build(tiny_model, tmp_path):
