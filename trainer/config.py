@@ -101,8 +101,15 @@ class OptimSection:
     # official. With a from-scratch text tower, the narrations a warm-up spread apart stay apart until the video tower
     # can tell them apart too; a lower lr_mult_text only slows their re-merging (trainer/text_warmup.py).
     text_freeze_steps: int = 0
+    # The same hold as a fraction of the run's optimizer steps (0 <= f < 1; not with text_freeze_steps), so a recipe
+    # keeps its shape when a run is cut short (the demo trains the tiny recipe for 400 steps instead of 1,200).
+    text_freeze_fraction: float = 0.0
     warmup_fraction: float = 0.1
     grad_clip: float | None = None
+
+    def freeze_steps(self, total_steps: int) -> int:
+        """Optimizer steps the text tower is held still for, in a run of total_steps."""
+        return self.text_freeze_steps or int(self.text_freeze_fraction * total_steps)
 
 
 @dataclass
@@ -188,6 +195,10 @@ class TrainConfig:
             (m.text_warmup_steps >= 0, f"model.text_warmup_steps must be >= 0, got {m.text_warmup_steps}"),
             (o.lr_mult_text > 0, f"optim.lr_mult_text must be positive, got {o.lr_mult_text}"),
             (o.text_freeze_steps >= 0, f"optim.text_freeze_steps must be >= 0, got {o.text_freeze_steps}"),
+            (0 <= o.text_freeze_fraction < 1,
+             f"optim.text_freeze_fraction must be in [0, 1), got {o.text_freeze_fraction}"),
+            (not (o.text_freeze_steps and o.text_freeze_fraction),
+             "set optim.text_freeze_steps or optim.text_freeze_fraction, not both"),
             (self.objective.vtm_negative_temperature is None or self.objective.vtm_negative_temperature > 0,
              f"objective.vtm_negative_temperature must be positive, got {self.objective.vtm_negative_temperature}"),
             (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,

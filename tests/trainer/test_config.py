@@ -31,6 +31,8 @@ def test_shipped_configs_load():
     ({"model": {"temporal_embed_std": -0.1}}, "temporal_embed_std"),
     ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
     ({"optim": {"text_freeze_steps": -1}}, "text_freeze_steps"),
+    ({"optim": {"text_freeze_fraction": 1.0}}, r"text_freeze_fraction must be in \[0, 1\)"),
+    ({"optim": {"text_freeze_steps": 300, "text_freeze_fraction": 0.25}}, "not both"),
     ({"model": {"img_size": 0}}, "model.img_size"),
     ({"objective": {"vtm_negative_temperature": 0}}, "vtm_negative_temperature"),
     ({"objective": {"vtm_negative_anneal": True}}, "needs objective.vtm_negative_temperature"),
@@ -69,3 +71,11 @@ def test_frame_and_patch_size_override_the_preset():
     assert (plain.img_size, plain.patch_size) == (32, 8)
     with pytest.raises(ConfigError, match="model: video.img_size 60 is not a multiple of video.patch_size 16"):
         build_model(TrainConfig.from_dict({"model": {"preset": "tiny", "img_size": 60, "patch_size": 16}}), 1000)
+
+
+def test_the_text_freeze_scales_with_the_run_when_given_as_a_fraction():
+    as_fraction = TrainConfig.from_dict({"optim": {"text_freeze_fraction": 0.25}}).optim
+    assert [as_fraction.freeze_steps(n) for n in (1200, 400, 3)] == [300, 100, 0]
+    as_steps = TrainConfig.from_dict({"optim": {"text_freeze_steps": 300}}).optim
+    assert [as_steps.freeze_steps(n) for n in (1200, 400)] == [300, 300]
+    assert TrainConfig.from_dict({}).optim.freeze_steps(1200) == 0  # official: no hold
