@@ -16,11 +16,13 @@ Frames are torch.uint8 (F, H, W, 3), RGB, as decord returns them. Deliberate dif
 from __future__ import annotations
 
 import collections
+import ctypes
 import inspect
 import math
 import os
 from collections import OrderedDict
 import random as _random
+import sys
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -118,9 +120,33 @@ def epic_frame_range(start_sec: float, end_sec: float, fps: float) -> tuple[int,
 
 
 # -- 3. backends ------------------------------------------------------------------------------------------------
+_STDCXX: ctypes.CDLL | bool | None = None  # the system libstdc++, made global before decord loads
+
+
+def import_decord():
+    """`import decord`, with the system libstdc++ in the process's global symbol scope first.
+
+    Why: libdecord.so carries its own copy of `__cxa_thread_atexit` (a static libstdc++) and decord loads it with
+    RTLD_GLOBAL, so C++ code loaded after it — AOTInductor packages — registered its thread_local destructors with
+    decord's copy, and the process died at exit ("double free or corruption" / SIGSEGV inside decord's exit handler,
+    after `bench e2e` had written its results; BENCHMARKS.md). A global libstdc++ loaded first wins those lookups.
+    Only effective when decord is first imported through here."""
+    global _STDCXX
+    if _STDCXX is None:
+        _STDCXX = False
+        if sys.platform.startswith("linux"):
+            try:
+                _STDCXX = ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+            except OSError:  # no system libstdc++ (a static-only environment): nothing to put first
+                pass
+    import decord
+
+    return decord
+
+
 def _decord_available() -> bool:
     try:
-        import decord  # noqa: F401
+        import_decord()
     except ImportError:
         return False
     return True
@@ -147,8 +173,7 @@ class _DecordVideo:
     """decord.VideoReader behind the small interface both backends share: num_frames, fps, get(indices)."""
 
     def __init__(self, path: Path):
-        import decord
-
+        decord = import_decord()
         self._errors = (RuntimeError, decord.DECORDError)
         self.path = path
         try:

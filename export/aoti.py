@@ -112,29 +112,11 @@ def check_loads_in_child(path: str | os.PathLike, timeout_s: float = 180.0,
     return time.perf_counter() - t0
 
 
-# Every package loaded in this process, kept until it exits. Freeing a loaded package and loading more corrupts the
-# heap (CPU packages, torch 2.13, 2026-11-28: load A, load A again so the first is freed, load any package -> "double
-# free or corruption" or SIGSEGV at interpreter exit, seen by decord's exit handler; `bench e2e` hit it through its
-# per-backend runtimes). Loading each file once and never freeing it avoids the pattern; a rewritten file (new size or
-# mtime) is loaded anew, the old one stays in memory.
-_LOADED: dict[tuple[str, int, int], object] = {}
-
-
-def load_package(path: str | os.PathLike):
-    """`torch._inductor.aoti_load_package` once per file and process (see _LOADED for why)."""
-    path = Path(path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _LOADED:
-        _LOADED[key] = torch._inductor.aoti_load_package(str(path))
-    return _LOADED[key]
-
-
 def load_aoti(path: str | os.PathLike, role: str, device: str = "cpu"):
-    """A callable `run(numpy inputs) -> {output name: numpy}` over a package (for the validator and the runtime)."""
+    """A callable `run(numpy inputs) -> {output name: numpy}` over a package (for the validator)."""
     import numpy as np
 
-    runner = load_package(path)
+    runner = torch._inductor.aoti_load_package(str(path))
     spec = ROLES[role]
 
     def run(inputs: dict) -> dict:

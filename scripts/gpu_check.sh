@@ -72,8 +72,8 @@ cd "$OUT"
 # torch rows with it: (1) torch with the Triton kernels next to plain eager PyTorch (the torch backend needs only an
 # export folder's manifest: a text-encoder ONNX export, seconds); (2) AOTInductor CUDA packages (minutes to build;
 # the image's onnxruntime is CPU-only, so no ONNX rows here). Export folders stay outside $OUT (the reply carries a
-# limited number of files). Known on the CPU: a process that ran AOTInductor CPU packages can abort or hang at
-# interpreter exit AFTER writing its results, hence the timeouts.
+# limited number of files). Every step runs under a timeout: a native crash or hang must not take the later
+# steps with it.
 E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 5,20 --iters 100 --warmup 10)
 if want e2e; then
   timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \

@@ -94,7 +94,12 @@ def test_every_clip_lies_inside_a_decodable_video(dataset):
     for a, b in zip(dataset["train"], dataset["train"][1:]):  # no frame (int(sec * fps), spec §7) in two clips
         if a["video_uid"] == b["video_uid"]:
             assert int(float(a["clip_end"]) * fps) < int(float(b["clip_start"]) * fps)
-    decord = pytest.importorskip("decord")  # the default backend of our readers agrees on the frame count
+    try:  # the default backend of our readers agrees on the frame count
+        from egovlp_deploy.video import import_decord
+
+        decord = import_decord()
+    except ImportError:
+        pytest.skip("decord is not installed (no aarch64 wheel)")
     for uid, frames in dataset["videos"].items():
         vr = decord.VideoReader(str(dataset["out"] / "videos" / uid / "0.mp4"))
         assert len(vr) == len(frames) and round(vr.get_avg_fps()) == fps

@@ -22,27 +22,6 @@ def test_cpu_package_builds_loads_and_matches(tiny_model, tmp_path, role):
         assert check_loads_in_child(made.path) > 0
 
 
-def test_each_package_file_is_loaded_once_per_process(tmp_path, monkeypatch):
-    """Freeing a loaded package and loading again corrupted the heap (export/aoti.py: _LOADED), so a second load of
-    the same file reuses the first; a rewritten file (other size or mtime) is loaded anew."""
-    import os
-
-    import torch._inductor
-
-    from egovlp_deploy.export import aoti
-
-    calls = []
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda p: calls.append(p) or object())
-    monkeypatch.setattr(aoti, "_LOADED", {})
-    pkg = tmp_path / "video_encoder.pt2"
-    pkg.write_bytes(b"package v1")
-    first = aoti.load_package(pkg)
-    assert aoti.load_package(tmp_path / "." / "video_encoder.pt2") is first and len(calls) == 1
-    pkg.write_bytes(b"package v2, longer")
-    os.utime(pkg, ns=(1, 1))
-    assert aoti.load_package(pkg) is not first and len(calls) == 2
-
-
 def test_a_package_the_loader_rejects_is_a_named_error(tmp_path):
     bad = tmp_path / "video_encoder.pt2"
     bad.write_bytes(b"PK\x03\x04 not really a package")
