@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import functools
 import inspect
 import math
 import os
@@ -120,7 +121,14 @@ def epic_frame_range(start_sec: float, end_sec: float, fps: float) -> tuple[int,
 
 
 # -- 3. backends ------------------------------------------------------------------------------------------------
-_STDCXX: ctypes.CDLL | bool | None = None  # the system libstdc++, made global before decord loads
+@functools.cache
+def _libstdcxx_global() -> None:
+    """The system libstdc++ into the process's global symbol scope (once; Linux; absent is fine)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
+        except OSError:  # no system libstdc++ (a static-only environment): nothing to put first
+            pass
 
 
 def import_decord():
@@ -131,14 +139,7 @@ def import_decord():
     decord's copy, and the process died at exit ("double free or corruption" / SIGSEGV inside decord's exit handler,
     after `bench e2e` had written its results; BENCHMARKS.md). A global libstdc++ loaded first wins those lookups.
     Only effective when decord is first imported through here."""
-    global _STDCXX
-    if _STDCXX is None:
-        _STDCXX = False
-        if sys.platform.startswith("linux"):
-            try:
-                _STDCXX = ctypes.CDLL("libstdc++.so.6", mode=ctypes.RTLD_GLOBAL)
-            except OSError:  # no system libstdc++ (a static-only environment): nothing to put first
-                pass
+    _libstdcxx_global()
     import decord
 
     return decord

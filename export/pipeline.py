@@ -67,6 +67,11 @@ class ExportResult:
     errors: list[str] = field(default_factory=list)
     manifest: Manifest | None = None
 
+    def fail(self, error: str) -> None:
+        """An artifact that could not be made or loaded: the export fails, naming why."""
+        self.errors.append(error)
+        self.passed = False
+
 
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 def load_model(checkpoint: str, frames: int | None = None):
@@ -230,8 +235,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
                 try:
                     check_loads_in_child(path)
                 except AotiLoadError as exc:
-                    result.errors.append(str(exc))
-                    result.passed = False
+                    result.fail(str(exc))
                     progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  NOT LOADABLE: {exc}")
                     continue
             check = record(validate_artifact(model, role, load_aoti(path, role, opts.aoti_device), "fp32"
@@ -314,8 +318,7 @@ def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
             facts = build_engine(onnx_path, engine, role, model.config, build, progress=not progress.quiet)
             check = validate_artifact(model, role, run_engine(engine, role), precision, sizes)
         except TensorRTUnavailable as exc:
-            result.errors.append(str(exc))
-            result.passed = False
+            result.fail(str(exc))
             progress.step(f"tensorrt {role}: unavailable: {exc}")
             return
         result.checks.append(check)

@@ -64,9 +64,6 @@ step install 0
 # Everything that imports the package runs from $OUT: `python -m` puts the working directory first on sys.path,
 # and the source folder lacks the compiled extension and the mapped subpackages (kernels, export, trainer).
 cd "$OUT"
-# Fixed tiles (no autotuning): the tests that pick tile sizes get them, and 70 tests compile few variants. The
-# autotuned configs are checked by the benchmark's error column at the real shapes.
-# They run in the background, beside the AOTInductor export (16 CPU cores; both are mostly compiling).
 
 # End to end (issue 7), tiny model at F=16 fp16, batch 1. Two parts, so a failing AOTInductor build cannot take the
 # torch rows with it: (1) torch with the Triton kernels next to plain eager PyTorch (the torch backend needs only an
@@ -84,8 +81,11 @@ if want e2e; then
   step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
   rm -f "$OUT/e2e_torch/bench_video.mp4"
 fi
-# Tests start only now, so that their compiling does not share the host with the latency rows above (2026-11-28:
-# run beside them, the batch-1 p50s moved by up to 30%); they run beside the AOTInductor build.
+# GPU tests with fixed tiles (no autotuning): the tests that pick tile sizes get them, and 70 tests compile few
+# variants; the autotuned configs are checked by the benchmark's error column at the real shapes. They start only
+# now, so that their compiling does not share the host with the latency rows above (2026-11-28: run beside them, the
+# batch-1 p50s moved by up to 30%), and run in the background beside the AOTInductor build (16 CPU cores; both are
+# mostly compiling).
 tests_rc=0
 if want tests; then
   EGOVLP_TRITON_AUTOTUNE=0 timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" \

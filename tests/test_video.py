@@ -339,10 +339,9 @@ def test_decord_leaves_later_cpp_code_the_real_thread_atexit():
     packages) registered thread_local destructors there and the process crashed at exit (`bench e2e`, 3 of 3 runs;
     BENCHMARKS.md). Through `import_decord` the global lookup must find libstdc++'s. The plain import shows the hazard
     is real in this environment (fresh interpreters: the symbol scope is per process)."""
+    import importlib.util
     import subprocess
     import sys
-
-    import importlib.util
 
     if importlib.util.find_spec("decord") is None:  # found, not imported: this process keeps its symbol scope
         pytest.skip("decord is not installed (no aarch64 wheel)")
@@ -355,4 +354,3 @@ def test_decord_leaves_later_cpp_code_the_real_thread_atexit():
 
     assert not global_lookup_is_libstdcxx("plain")
     assert global_lookup_is_libstdcxx("ours")
-

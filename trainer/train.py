@@ -260,10 +260,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         wrapped = torch.nn.parallel.DistributedDataParallel(
             objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
     o = cfg.optim
+    freeze_steps = o.freeze_steps(total_steps)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text,
-                                split_text=o.freeze_steps(total_steps) > 0)
-    scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps,
-                                o.freeze_steps(total_steps))
+                                split_text=freeze_steps > 0)
+    scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps, freeze_steps)
     amp_dtype = resolve_precision(s.precision, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 

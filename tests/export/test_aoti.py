@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from egovlp_deploy.export.aoti import AotiLoadError, AotiExport, check_loads_in_child, export_aoti, load_aoti
+from egovlp_deploy.export.aoti import AotiExport, AotiLoadError, check_loads_in_child, export_aoti, load_aoti
 from egovlp_deploy.export.specs import AOTI_ROLES
 from egovlp_deploy.export.validate import validate_artifact, validation_sizes
 
@@ -39,7 +39,7 @@ def test_a_loader_that_crashes_or_hangs_is_a_named_error(tmp_path):
         check_loads_in_child(tmp_path / "v.pt2", timeout_s=1, command=hang)
 
 
-def test_an_unloadable_cuda_package_fails_the_export_and_keeps_the_rest(tmp_path, monkeypatch, capsys):
+def test_an_unloadable_cuda_package_fails_the_export_and_keeps_the_rest(tmp_path, monkeypatch):
     """The export records the loader's failure, skips that package, writes the ONNX artifacts' manifest and exits 1.
     The CUDA build and the child load are stand-ins (no GPU here); the ONNX export is real."""
     from egovlp_deploy.cli import main
