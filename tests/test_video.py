@@ -297,6 +297,74 @@ def test_video_read_error_survives_pickling():
     assert isinstance(err, ValueError) and err.reason == V.CORRUPT and str(err).startswith("/data/x.mp4: ")
 
 
+def test_a_forked_process_keeps_the_readers_it_inherited(videos, monkeypatch):
+    """A DataLoader worker must not destroy the readers its parent had open: decord's destructor joins a decoding
+    thread that does not exist in the fork (a trainer's worker hung in the test suite that way)."""
+    import gc
+    import weakref
+
+    read_frames(videos / "fps10.mp4", [0], "pyav")
+    inherited = [weakref.ref(r) for r in V._open_video._cache.values()]
+    assert inherited
+    monkeypatch.setattr(V._open_video, "_inherited", [])
+    monkeypatch.setattr(V._open_video, "_pid", -1)  # what a forked child sees: another process's cache
+    assert frame_numbers(read_frames(videos / "fps10.mp4", [1], "pyav")) == [1]  # read with a fresh reader
+    gc.collect()
+    assert all(ref() is not None for ref in inherited)
+    assert all(ref() not in V._open_video._cache.values() for ref in inherited)
+
+
+# -- the decoded-frame cache ------------------------------------------------------------------------------------
+@pytest.fixture
+def decoded_cache(monkeypatch):
+    cache = V._DecodedCache()
+    monkeypatch.setattr(V, "_DECODED", cache)
+    return cache
+
+
+def _chunk_clip(videos, backend, seed, **kw):
+    return read_egoclip_clip(videos / "chunks", "uid", 1.0, 3.5, 4, "rand", rng=random.Random(seed),
+                             backend=backend, chunk_sec=2, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frame_cache_gives_the_same_frames_and_stops_reading_the_file(videos, backend, decoded_cache, monkeypatch):
+    budget = 2**20
+    plain = [_chunk_clip(videos, backend, seed) for seed in range(6)]
+    for seed in range(6):
+        assert torch.equal(_chunk_clip(videos, backend, seed, frame_cache_bytes=budget), plain[seed]), seed
+    assert decoded_cache.nbytes == (20 + 20) * H * W * 3  # chunks 0 and 1, every frame
+    loaded = ClipLoader(backend=backend, frame_cache_bytes=budget).load(read_clip, videos / "fps10.mp4", 1.0, 2.0, 4,
+                                                                        "uniform")
+    assert frame_numbers(loaded[0]) == [10, 13, 15, 18]  # the loader passes its budget on: fps10 is cached too
+    assert decoded_cache.nbytes == (20 + 20 + 40) * H * W * 3
+    reader = V._DecordVideo if backend == "decord" else V._PyAVVideo
+    monkeypatch.setattr(reader, "get", lambda self, indices: pytest.fail("the cached video was read again"))
+    for seed in range(6):
+        assert torch.equal(_chunk_clip(videos, backend, seed, frame_cache_bytes=budget), plain[seed]), seed
+
+
+def test_frame_cache_keeps_to_its_budget(videos, decoded_cache):
+    one_chunk = 20 * H * W * 3
+    _chunk_clip(videos, "pyav", 0, frame_cache_bytes=one_chunk + 100)  # reads chunks 0 and 1: only one fits
+    assert decoded_cache.nbytes == one_chunk and len(decoded_cache._videos) == 1
+    plain, idx = read_clip(videos / "fps30.mp4", 1.0, 2.0, 4, "uniform", backend="pyav")
+    cached, _ = read_clip(videos / "fps30.mp4", 1.0, 2.0, 4, "uniform", backend="pyav", frame_cache_bytes=one_chunk)
+    assert torch.equal(cached, plain) and frame_numbers(cached) == idx  # 200 frames: too large, read from the file
+    assert decoded_cache.nbytes == one_chunk
+
+
+def test_frame_cache_falls_back_to_the_file_when_a_video_cannot_be_decoded_whole(videos, decoded_cache, monkeypatch):
+    def broken(self, reader):
+        raise VideoReadError(reader.path, V.CORRUPT, "the stream ends at frame 12 before frame 13")
+
+    monkeypatch.setattr(V._DecodedVideo, "__init__", broken)
+    clip, idx = read_clip(videos / "fps10.mp4", 1.0, 2.0, 4, "uniform", backend="pyav", frame_cache_bytes=2**20)
+    assert frame_numbers(clip) == idx == [10, 13, 15, 18] and decoded_cache.nbytes == 0
+    with pytest.raises(ValueError, match="frame_cache_bytes"):
+        ClipLoader(frame_cache_bytes=-1)
+
+
 # -- strict / lax policy ----------------------------------------------------------------------------------------
 def test_clip_loader_lax_counts_failures_by_reason(videos):
     loader = ClipLoader(strict=False, backend="pyav")

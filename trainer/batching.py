@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset
 
+from egovlp_deploy.data.egoclip import SharedEpoch
+
 from .objectives import StepBatch
 
 
@@ -36,11 +38,16 @@ class PretrainCollator:
     def __init__(self, tokenizer, max_length: int = 15, mlm_probability: float = 0.15, seed: int = 0):
         from transformers import DataCollatorForLanguageModeling
 
-        self.tokenizer, self.max_length, self.seed, self.epoch = tokenizer, max_length, seed, 0
+        self.tokenizer, self.max_length, self.seed = tokenizer, max_length, seed
+        self._epoch = SharedEpoch()  # the collator runs in the DataLoader workers, which persist across epochs
         self.masker = DataCollatorForLanguageModeling(tokenizer, mlm=True, mlm_probability=mlm_probability)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self._epoch.set(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
 
     def mask(self, input_ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.random.fork_rng(devices=[]):
@@ -50,7 +57,7 @@ class PretrainCollator:
         return out["input_ids"][0], out["labels"][0]
 
     def __call__(self, items) -> StepBatch:
-        videos, texts, verbs, nouns, seeds, failures = [], [], [], [], [], 0
+        videos, texts, verbs, nouns, seeds, failures, epoch = [], [], [], [], [], 0, self.epoch
         for index, item in items:
             failures += int(item.get("load_failed", 0))
             for negative, suffix in ((False, ""), (True, "_neg")):
@@ -60,7 +67,7 @@ class PretrainCollator:
                 texts.append(item["text" + suffix])
                 verbs.append(item["verb" + suffix])
                 nouns.append(item["noun" + suffix])
-                seeds.append(pair_seed(self.seed, self.epoch, index, negative))
+                seeds.append(pair_seed(self.seed, epoch, index, negative))
         enc = self.tokenizer(texts, padding="max_length", max_length=self.max_length, truncation=True,
                              return_tensors="pt")
         masked = [self.mask(ids, s) for ids, s in zip(enc["input_ids"], seeds)]

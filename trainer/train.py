@@ -29,6 +29,7 @@ import torch
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
 from egovlp_deploy.jsonfile import read_json
 from egovlp_deploy.model import EgoVLPv2
+from egovlp_deploy.video import release_frame_cache
 
 from . import distributed as D
 from .batching import IndexedDataset, PretrainCollator
@@ -118,7 +119,8 @@ def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: 
     d, size = cfg.data, model_config.video.img_size
     train = EgoClipDataset(cfg.resolve(d.egoclip_csv), cfg.resolve(d.video_root), model_config.video.num_frames,
                            size, split="train", num_verbs=num_verbs, num_nouns=num_nouns, neg_window=d.neg_window,
-                           strict=d.strict, backend=d.backend, seed=cfg.seed)
+                           strict=d.strict, backend=d.backend, seed=cfg.seed,
+                           frame_cache_bytes=d.frame_cache_mb * 2**20)
     mcq_path = cfg.resolve(d.egomcq_json)
     evaluation = None
     if mcq_path is not None and mcq_path.is_file():
@@ -249,7 +251,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG
     loader = torch.utils.data.DataLoader(IndexedDataset(train_set), batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.data.num_workers, generator=loader_rng,
-                                         pin_memory=info.device.type == "cuda")
+                                         pin_memory=info.device.type == "cuda",
+                                         # Workers outlive the epoch (the epoch reaches them through shared memory):
+                                         # no re-fork per epoch, and their open-video caches stay warm.
+                                         persistent_workers=cfg.data.num_workers > 0)
 
     objective = PretrainObjective(model, cfg.objective.temperature, cfg.objective.verb, cfg.objective.noun,
                                   (cfg.objective.egonce_weight, cfg.objective.mlm_weight, cfg.objective.vtm_weight),
@@ -394,6 +399,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 last_eval = evaluate()
                 checkpoint()  # the data position is now the start of the next epoch
     checkpoint()
+    release_frame_cache()  # no-op unless data.frame_cache_mb and num_workers=0 put the videos in this process
     final_eval = evaluate()
     if bar is not None:
         bar.close()

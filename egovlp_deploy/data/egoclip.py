@@ -249,7 +249,8 @@ class EgoClipDataset(EpochSeededDataset):
 
     `clip_reader(video_root, video_uid, start_sec, end_sec, num_frames, sample, rng=random.Random)` -> uint8
     (F,H,W,3) replaces the video reader (tests); the default is egovlp_deploy.video.read_egoclip_clip.
-    `check_files` verifies at construction that every row's chunk files exist.
+    `check_files` verifies at construction that every row's chunk files exist. `frame_cache_bytes` > 0 keeps whole
+    decoded videos in each worker process up to that many bytes (`video.read_egoclip_clip`), for small datasets.
     """
 
     MAX_TEXT_LENGTH = EGOCLIP_MAX_TEXT_LENGTH
@@ -257,7 +258,7 @@ class EgoClipDataset(EpochSeededDataset):
     def __init__(self, csv_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
                  split: str = "train", num_verbs: int = NUM_VERBS, num_nouns: int = NUM_NOUNS,
                  neg_window: int | None = 60, strict: bool = True, backend: str = "auto", seed: int = 0,
-                 clip_reader: ClipReader | None = None, check_files: bool = True):
+                 clip_reader: ClipReader | None = None, check_files: bool = True, frame_cache_bytes: int = 0):
         from egovlp_deploy.video import ClipLoader
 
         if num_frames < 1 or size < 1:
@@ -293,7 +294,7 @@ class EgoClipDataset(EpochSeededDataset):
             self._group, self._members, self._offsets = _segments(self._uid, bucket)
         del parsed
 
-        self._loader = ClipLoader(strict=strict, backend=backend)
+        self._loader = ClipLoader(strict=strict, backend=backend, frame_cache_bytes=frame_cache_bytes)
         self.failures = self._loader.failures
         if clip_reader is None:
             from egovlp_deploy.video import read_egoclip_clip as clip_reader  # ClipLoader passes backend=

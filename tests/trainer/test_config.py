@@ -33,6 +33,8 @@ def test_shipped_configs_load():
     ({"optim": {"text_freeze_steps": -1}}, "text_freeze_steps"),
     ({"optim": {"text_freeze_fraction": 1.0}}, r"text_freeze_fraction must be in \[0, 1\)"),
     ({"optim": {"text_freeze_steps": 300, "text_freeze_fraction": 0.25}}, "not both"),
+    ({"data": {"frame_cache_mb": -1}}, "data.frame_cache_mb must be >= 0"),
+    ({"data": {"num_workers": -2}}, "data.num_workers must be >= 0"),
     ({"model": {"img_size": 0}}, "model.img_size"),
     ({"objective": {"vtm_negative_temperature": 0}}, "vtm_negative_temperature"),
     ({"objective": {"vtm_negative_anneal": True}}, "needs objective.vtm_negative_temperature"),

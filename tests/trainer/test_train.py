@@ -34,7 +34,7 @@ def small_data(tmp_path_factory):
 def _config(root, **schedule):
     return {
         "model": {"preset": "tiny", "num_frames": 4},
-        "data": {"root": str(root), "tokenizer": "demo", "text_max_length": 16},
+        "data": {"root": str(root), "tokenizer": "demo", "text_max_length": 16, "num_workers": 1},
         "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.1},
         "schedule": {"epochs": 2, "batch_size": 4, "precision": "fp32"} | schedule,
         "checkpoint": {"every_steps": 2, "keep_last": 10},
