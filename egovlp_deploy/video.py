@@ -425,9 +425,10 @@ class _open_video:
             try:
                 if _DECODED.worth_trying(key, video, self.frame_cache_bytes):
                     video = _DECODED.add(key, _DecodedVideo(video), self.frame_cache_bytes)
-            except VideoReadError:
-                # Not decodable to the end (truncated?): never cached; clips before the damage still read from
-                # the file, as without the cache. The reader that failed starts afresh.
+            except (VideoReadError, ValueError, MemoryError):
+                # Not decodable to the end (truncated? the frame size changes midway, which np.stack refuses? too
+                # large after all?): never cached; its clips read from the file, as without the cache. The reader
+                # that failed starts afresh.
                 _DECODED.refuse(key)
                 self._drop(video)
                 return self.__enter__()
@@ -609,7 +610,10 @@ class ClipLoader:
     def load(self, loader_fn: Callable[..., Any], *args, **kwargs) -> Any:
         """loader_fn(*args, **kwargs), with backend= and frame_cache_bytes= set to this loader's when loader_fn
         takes them."""
-        takes = _parameters(loader_fn)
+        try:
+            takes = _parameters(loader_fn)
+        except TypeError:  # an unhashable callable (e.g. a dataclass instance with __call__)
+            takes = frozenset(inspect.signature(loader_fn).parameters)
         if "backend" not in kwargs and "backend" in takes:
             kwargs["backend"] = self.backend
         if self.frame_cache_bytes and "frame_cache_bytes" not in kwargs and "frame_cache_bytes" in takes:

@@ -354,13 +354,21 @@ def test_frame_cache_keeps_to_its_budget(videos, decoded_cache):
     assert decoded_cache.nbytes == one_chunk
 
 
-def test_frame_cache_falls_back_to_the_file_when_a_video_cannot_be_decoded_whole(videos, decoded_cache, monkeypatch):
+@pytest.mark.parametrize("failure", [VideoReadError("x.mp4", V.CORRUPT, "the stream ends at frame 12 before frame 13"),
+                                     ValueError("all input arrays must have the same shape")])
+def test_frame_cache_falls_back_to_the_file_when_a_video_cannot_be_decoded_whole(videos, decoded_cache, monkeypatch,
+                                                                                 failure):
+    tries = []
+
     def broken(self, reader):
-        raise VideoReadError(reader.path, V.CORRUPT, "the stream ends at frame 12 before frame 13")
+        tries.append(reader.path)
+        raise failure
 
     monkeypatch.setattr(V._DecodedVideo, "__init__", broken)
     clip, idx = read_clip(videos / "fps10.mp4", 1.0, 2.0, 4, "uniform", backend="pyav", frame_cache_bytes=2**20)
     assert frame_numbers(clip) == idx == [10, 13, 15, 18] and decoded_cache.nbytes == 0
+    clip, idx = read_clip(videos / "fps10.mp4", 2.0, 3.0, 4, "uniform", backend="pyav", frame_cache_bytes=2**20)
+    assert frame_numbers(clip) == idx and len(tries) == 1  # refused once: read from the file, not tried again
     with pytest.raises(ValueError, match="frame_cache_bytes"):
         ClipLoader(frame_cache_bytes=-1)
 
@@ -379,6 +387,14 @@ def test_clip_loader_lax_counts_failures_by_reason(videos):
     # only VideoReadError is absorbed: a wrong call still raises
     with pytest.raises(TypeError):
         loader.load(read_clip, videos / "fps10.mp4")
+    # an unhashable callable object is inspected without the signature cache
+    class Reader:
+        __hash__ = None
+
+        def __call__(self, path, backend="auto"):
+            return read_frames(path, [3], backend)
+
+    assert frame_numbers(ClipLoader(backend="pyav").load(Reader(), videos / "fps10.mp4")) == [3]
     # a loader function without a backend parameter is called as is
     assert loader.load(lambda p: read_frames(p, [2]), videos / "fps10.mp4").shape == (1, H, W, 3)
 

@@ -399,6 +399,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 last_eval = evaluate()
                 checkpoint()  # the data position is now the start of the next epoch
     checkpoint()
+    del loader  # stops the persistent workers, with their decoded videos, before the final evaluation
     release_frame_cache()  # no-op unless data.frame_cache_mb and num_workers=0 put the videos in this process
     final_eval = evaluate()
     if bar is not None:
