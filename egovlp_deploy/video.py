@@ -424,7 +424,9 @@ class _open_video:
         if self.frame_cache_bytes > 0:
             try:
                 if _DECODED.worth_trying(key, video, self.frame_cache_bytes):
-                    video = _DECODED.add(key, _DecodedVideo(video), self.frame_cache_bytes)
+                    decoded = _DECODED.add(key, _DecodedVideo(video), self.frame_cache_bytes)
+                    self._drop(video)  # every frame is in memory now: the open reader would only hold a slot
+                    video = decoded
             except (VideoReadError, ValueError, MemoryError):
                 # Not decodable to the end (truncated? the frame size changes midway, which np.stack refuses? too
                 # large after all?): never cached; its clips read from the file, as without the cache. The reader

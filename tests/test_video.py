@@ -334,6 +334,8 @@ def test_frame_cache_gives_the_same_frames_and_stops_reading_the_file(videos, ba
     for seed in range(6):
         assert torch.equal(_chunk_clip(videos, backend, seed, frame_cache_bytes=budget), plain[seed]), seed
     assert decoded_cache.nbytes == (20 + 20) * H * W * 3  # chunks 0 and 1, every frame
+    open_paths = {key[1] for key in V._open_video._cache}
+    assert not any(str((videos / "chunks" / "uid" / f"{c}.mp4").resolve()) in open_paths for c in (0, 1))
     loaded = ClipLoader(backend=backend, frame_cache_bytes=budget).load(read_clip, videos / "fps10.mp4", 1.0, 2.0, 4,
                                                                         "uniform")
     assert frame_numbers(loaded[0]) == [10, 13, 15, 18]  # the loader passes its budget on: fps10 is cached too
