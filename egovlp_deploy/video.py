@@ -418,22 +418,25 @@ class _open_video:
             if video.num_frames <= 0:
                 video.close()
                 raise VideoReadError(self.path, EMPTY, "the video has zero frames")
-        cache._cache[key] = video  # most recently used last
-        while len(cache._cache) > cache.CAPACITY:
-            cache._cache.popitem(last=False)[1].close()
+        # The reader is out of the LRU here (new, or popped): a video that goes whole into the decoded cache never
+        # takes a slot there, so it pushes out no reader still in use.
         if self.frame_cache_bytes > 0:
             try:
                 if _DECODED.worth_trying(key, video, self.frame_cache_bytes):
                     decoded = _DECODED.add(key, _DecodedVideo(video), self.frame_cache_bytes)
-                    self._drop(video)  # every frame is in memory now: the open reader would only hold a slot
-                    video = decoded
+                    video.close()  # every frame is in memory now
+                    self.video = decoded
+                    return decoded
             except (VideoReadError, ValueError, MemoryError):
                 # Not decodable to the end (truncated? the frame size changes midway, which np.stack refuses? too
                 # large after all?): never cached; its clips read from the file, as without the cache. The reader
                 # that failed starts afresh.
                 _DECODED.refuse(key)
-                self._drop(video)
+                video.close()
                 return self.__enter__()
+        cache._cache[key] = video  # most recently used last
+        while len(cache._cache) > cache.CAPACITY:
+            cache._cache.popitem(last=False)[1].close()
         self.video = video
         return video
 

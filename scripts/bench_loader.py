@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per setting (default 2)")
     args = parser.parse_args(argv)
     from egovlp_deploy.benchmarking import git_sha
+    from egovlp_deploy.checkpoint import atomic_write_bytes
 
     torch.set_num_threads(1)
     load_before = os.getloadavg()
@@ -93,18 +94,14 @@ def main(argv: list[str] | None = None) -> int:
             "load_avg_after": os.getloadavg(), "python": sys.version.split()[0]}
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "conversion": conversion, "loading": loading}
-    tmp = args.out / "loader.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out / "loader.json")
+    atomic_write_bytes(args.out / "loader.json", json.dumps(result, indent=2).encode())
     lines = ["| PyAV RGB conversion | ms per frame |", "|---|---:|"]
     lines += [f"| {r['conversion']} | {r['ms_per_frame']:.3f} |" for r in conversion]
     lines += ["", "| frame cache (MiB) | epoch | ms per batch (16 clips + 16 negatives, collated) |", "|---:|---:|---:|"]
     lines += [f"| {r['frame_cache_mb']} | {r['epoch']} | {r['ms_per_batch']:.1f} |" for r in loading]
     lines += ["", f"{meta['machine']}, {meta['cpu_count']} CPUs, torch {meta['torch']}, git {meta['git_sha']}, "
                   f"load average {load_before[0]:.2f} before / {meta['load_avg_after'][0]:.2f} after"]
-    tmp = args.out / "loader.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(args.out / "loader.md")
+    atomic_write_bytes(args.out / "loader.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return 0
 
