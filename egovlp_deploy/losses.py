@@ -9,6 +9,7 @@ torch.distributed).
     sample_vtm_pairs(x, mask_bool, row_offset, b, T, generator)
                                                        the official 'ITM' block's hard-negative sampling
     mlm_loss(logits, labels), vtm_loss(logits, labels), total_loss(egonce, mlm, vtm, weights=(1, 1, 2))
+    simcse_loss(a, b, same_text, T)                    unsupervised SimCSE (ours: from-scratch text towers only)
 """
 
 from __future__ import annotations
@@ -217,6 +218,33 @@ def vtm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             f"vtm_loss expects (b, 2) logits and (b,) labels, got {tuple(logits.shape)}, {tuple(labels.shape)}"
         )
     return F.cross_entropy(logits.float(), labels.long())
+
+
+def simcse_loss(a: torch.Tensor, b: torch.Tensor, same_text: torch.Tensor | None = None,
+                temperature: float = 0.05) -> torch.Tensor:
+    """Unsupervised SimCSE (Gao et al., 2021): row i of `a` and row i of `b` are one text under two dropout masks;
+    every other row of `b` is a negative. Not part of EgoVLPv2 (its text tower starts pretrained).
+
+    `same_text` (N, N) bool marks pairs that are the same narration (a batch may hold a clip and a scene negative
+    narrated alike): those off-diagonal entries are dropped from the softmax rather than pushed apart.
+    """
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"simcse_loss expects two (N, D) embeddings of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"simcse_loss: temperature must be > 0, got {temperature}")
+    logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
+    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
+    if same_text is not None:
+        if same_text.shape != logits.shape:
+            raise ValueError(f"simcse_loss: same_text {tuple(same_text.shape)} must be {tuple(logits.shape)}")
+        logits = logits.masked_fill(same_text.to(a.device) & ~eye, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
+
+
+def same_text_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(N, N) bool: rows i, j hold the same tokens (padding ignored)."""
+    ids = input_ids.masked_fill(attention_mask == 0, -1)
+    return (ids[:, None, :] == ids[None, :, :]).all(-1)
 
 
 def total_loss(

@@ -265,3 +265,30 @@ def test_vtm_loss_and_total_loss():
     assert float(total_loss(e, m, v)) == 1.5 + 0.25 + 2 * 0.125
     assert float(total_loss(e, None, v, weights=(1.0, 0.0, 3.0))) == 1.5 + 3 * 0.125
     assert float(total_loss(e)) == 1.5
+
+
+def test_simcse_loss_matches_a_hand_computed_case():
+    from egovlp_deploy.losses import same_text_mask, simcse_loss
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    b = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
+    t = 0.5
+    an = [r / r.norm() for r in a]
+    bn = [r / r.norm() for r in b]
+    expected = 0.0
+    for i in range(3):
+        logits = [float(an[i] @ bn[j]) / t for j in range(3)]
+        expected += -(logits[i] - math.log(sum(math.exp(x) for x in logits)))
+    assert simcse_loss(a, b, temperature=t).item() == pytest.approx(expected / 3, rel=1e-6)
+
+    # rows 0 and 2 are the same narration: their cross entries leave the softmax instead of being pushed apart
+    ids = torch.tensor([[0, 5, 6, 2, 1], [0, 7, 2, 1, 1], [0, 5, 6, 2, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])  # row 2's last token is padding
+    same = same_text_mask(ids, mask)
+    assert same.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
+    expected = 0.0
+    for i, keep in enumerate([[0, 1], [0, 1, 2], [1, 2]]):
+        logits = {j: float(an[i] @ bn[j]) / t for j in keep}
+        expected += -(logits[i] - math.log(sum(math.exp(x) for x in logits.values())))
+    assert simcse_loss(a, b, same, temperature=t).item() == pytest.approx(expected / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="same_text"):
+        simcse_loss(a, b, same[:2], temperature=t)

@@ -29,7 +29,7 @@ class ModelSection:
     # Frame and patch size instead of the preset's (None: keep them). Ignored with init_from and config_file.
     # E.g. 64/16 on the 64 px synthetic videos: the tiny preset's 16 tokens per frame, each patch seeing 4x the
     # pixels of 32/8 (measured on the tiny recipe: a linear probe read the acted object's colour from the trained
-    # video tower on held-out clips at 86% vs 60%; README "Does it learn?" has what it did to EgoMCQ).
+    # video tower on held-out clips at 86% vs 60%; TRAINING_LOG.md has what it did to EgoMCQ). The tiny recipe uses 48/12.
     img_size: int | None = None
     patch_size: int | None = None
     # Start value of the cross-attention gates (alpha_i2t, alpha_t2i) for a model trained from scratch. The official
@@ -85,6 +85,10 @@ class ObjectiveSection:
     vtm_negative_temperature: float | None = None
     # Anneal that temperature geometrically to the EgoNCE one over the run (easy negatives first, hard at the end).
     vtm_negative_anneal: bool = False
+    # Weight of an unsupervised SimCSE term on the batch's narrations (0: official, no such term). For a
+    # from-scratch text tower: EgoNCE alone lets it merge narrations the video tower cannot yet tell apart
+    # ("picks up X" / "puts down X"), and the video tower then never gets a frame-order target.
+    text_simcse_weight: float = 0.0
     verb: bool = True  # action-aware positives (both off = InfoNCE)
     noun: bool = True
     mlm_probability: float = 0.15
@@ -105,7 +109,7 @@ class OptimSection:
     # can tell them apart too; a lower lr_mult_text only slows their re-merging (trainer/text_warmup.py).
     text_freeze_steps: int = 0
     # The same hold as a fraction of the run's optimizer steps (0 <= f < 1; not with text_freeze_steps), so a recipe
-    # keeps its shape when a run is cut short (the demo trains the tiny recipe for 400 steps instead of 1,200).
+    # keeps its shape when a run is cut short (e.g. the demo's 400-step run of the tiny recipe).
     text_freeze_fraction: float = 0.0
     warmup_fraction: float = 0.1
     grad_clip: float | None = None
@@ -204,6 +208,8 @@ class TrainConfig:
              "set optim.text_freeze_steps or optim.text_freeze_fraction, not both"),
             (self.objective.vtm_negative_temperature is None or self.objective.vtm_negative_temperature > 0,
              f"objective.vtm_negative_temperature must be positive, got {self.objective.vtm_negative_temperature}"),
+            (self.objective.text_simcse_weight >= 0,
+             f"objective.text_simcse_weight must be >= 0, got {self.objective.text_simcse_weight}"),
             (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
              "objective.vtm_negative_anneal needs objective.vtm_negative_temperature (the start value)"),
             (m.temporal_embed_std >= 0, f"model.temporal_embed_std must be >= 0, got {m.temporal_embed_std}"),

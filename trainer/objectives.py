@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from egovlp_deploy.losses import egonce_loss, sample_vtm_pairs, sim_matrix
+from egovlp_deploy.losses import egonce_loss, sample_vtm_pairs, same_text_mask, sim_matrix, simcse_loss
 
 from .distributed import gather, gather_with_grad
 
@@ -41,8 +41,10 @@ class StepBatch:
 class PretrainObjective(torch.nn.Module):
     def __init__(self, model, temperature: float = 0.05, verb: bool = True, noun: bool = True,
                  weights: tuple[float, float, float] = (1.0, 1.0, 2.0), seed: int = 0,
-                 vtm_negative_temperature: float | None = None, vtm_negative_anneal_steps: int = 0):
+                 vtm_negative_temperature: float | None = None, vtm_negative_anneal_steps: int = 0,
+                 text_simcse_weight: float = 0.0):
         super().__init__()
+        self.text_simcse_weight = text_simcse_weight  # 0: official (no SimCSE term)
         self.model = model
         self.vtm_negative_temperature = vtm_negative_temperature  # None: the EgoNCE temperature (official)
         self.vtm_negative_anneal_steps = vtm_negative_anneal_steps
@@ -110,4 +112,13 @@ class PretrainObjective(torch.nn.Module):
         total = w_nce * egonce + w_mlm * mlm + w_vtm * vtm
         parts = {"loss": total.detach(), "egonce": egonce.detach(), "mlm": mlm.detach(), "vtm": vtm.detach(),
                  "vtm_accuracy": gather((vtm_logits.argmax(-1) == labels).float()).mean()}
+
+        # Optional (ours, off in the official recipe): SimCSE on the batch's narrations, text_emb being the first
+        # dropout view. Keeps a from-scratch text tower from merging narrations the video tower cannot yet tell
+        # apart (time-reversed pairs), which EgoNCE alone rewards (trainer/text_warmup.py).
+        if self.text_simcse_weight > 0:
+            second_view = gather_with_grad(model.encode_text(batch.input_ids, batch.attention_mask))
+            simcse = simcse_loss(text_emb, second_view, same_text_mask(all_ids, all_mask), self.temperature)
+            total = total + self.text_simcse_weight * simcse
+            parts["loss"], parts["simcse"] = total.detach(), simcse.detach()
         return total, parts

@@ -10,7 +10,8 @@ dropout masks, the batch's other narrations as negatives) spreads the narrations
 text-only steps; `optim.lr_mult_text` then slows the text tower's collapsing them again before the video tower
 catches up, and `optim.text_freeze_steps` stops it outright for the first steps. Measured (tiny recipe, three seeds,
 step 1,200): where frame order was not learned, time-reversed narrations had re-merged (text cosine 0.99-1.00);
-where it was, they stayed apart (0.2-0.27).
+where it was, they stayed apart (0.2-0.27). `objective.text_simcse_weight` keeps the same loss on during
+pre-training (trainer/objectives.py), which the tiny recipe uses instead of the freeze.
 
 Deterministic and RNG-neutral: the warm-up runs under a forked global RNG seeded from `seed`, so it draws the same
 batches and dropout masks on every rank and leaves the training run's random stream untouched (resume stays exact).
@@ -19,8 +20,8 @@ batches and dropout masks on every rank and leaves the training run's random str
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from egovlp_deploy.losses import simcse_loss
 from egovlp_deploy.model import EgoVLPv2
 
 from .optim import is_text_tower
@@ -61,9 +62,7 @@ def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int,
             enc = tokenizer([texts[i] for i in pick], padding="max_length", max_length=max_length, truncation=True,
                             return_tensors="pt")
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
-            a = F.normalize(model.encode_text(ids, mask), dim=-1)
-            b = F.normalize(model.encode_text(ids, mask), dim=-1)
-            loss = F.cross_entropy(a @ b.T / temperature, torch.arange(len(pick), device=device))
+            loss = simcse_loss(model.encode_text(ids, mask), model.encode_text(ids, mask), temperature=temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -261,7 +261,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     objective = PretrainObjective(model, cfg.objective.temperature, cfg.objective.verb, cfg.objective.noun,
                                   (cfg.objective.egonce_weight, cfg.objective.mlm_weight, cfg.objective.vtm_weight),
                                   seed=cfg.seed, vtm_negative_temperature=cfg.objective.vtm_negative_temperature,
-                                  vtm_negative_anneal_steps=total_steps if cfg.objective.vtm_negative_anneal else 0)
+                                  vtm_negative_anneal_steps=total_steps if cfg.objective.vtm_negative_anneal else 0,
+                                  text_simcse_weight=cfg.objective.text_simcse_weight)
     wrapped = objective
     if info.distributed:
         wrapped = torch.nn.parallel.DistributedDataParallel(

@@ -38,6 +38,7 @@ def test_shipped_configs_load():
     ({"model": {"img_size": 0}}, "model.img_size"),
     ({"objective": {"vtm_negative_temperature": 0}}, "vtm_negative_temperature"),
     ({"objective": {"vtm_negative_anneal": True}}, "needs objective.vtm_negative_temperature"),
+    ({"objective": {"text_simcse_weight": -1}}, "text_simcse_weight must be >= 0"),
     ({"model": {"patch_size": -8}}, "model.patch_size"),
 ])
 def test_bad_configs(data, match):

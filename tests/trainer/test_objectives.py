@@ -54,3 +54,34 @@ def test_draw_temperature_schedule(tiny_model):
     assert annealed.draw_temperature(0.05, 50) == pytest.approx(0.05 ** 0.5)  # geometric: halfway in log space
     assert annealed.draw_temperature(0.05, 100) == pytest.approx(0.05)
     assert annealed.draw_temperature(0.05, 150) == pytest.approx(0.05)  # held at the end
+
+
+def test_text_simcse_term_adds_weighted_simcse_over_the_batch_narrations(tiny_model):
+    """With dropout off (eval mode) both SimCSE views are the dual text embedding: the added term is then the
+    cross-entropy of its own cosine matrix / T against the diagonal, duplicates of a narration left out."""
+    batch = _batch(tiny_model.config)
+    batch.input_ids[3], batch.attention_mask[3] = batch.input_ids[0], batch.attention_mask[0]  # a repeated narration
+    batch.mlm_input_ids = batch.input_ids
+    official = PretrainObjective(tiny_model, temperature=0.05, seed=2)
+    with_simcse = PretrainObjective(tiny_model, temperature=0.05, seed=2, text_simcse_weight=0.5)
+    total, parts = official(batch, step=5)
+    total_s, parts_s = with_simcse(batch, step=5)
+    for key in ("egonce", "mlm", "vtm"):
+        assert torch.equal(parts[key], parts_s[key])
+
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(tiny_model.encode_text(batch.input_ids, batch.attention_mask), dim=-1)
+    logits = e @ e.T / 0.05
+    expected = []
+    for i in range(len(logits)):
+        keep = [j for j in range(len(logits)) if j == i or {i, j} != {0, 3}]
+        expected.append(-(logits[i, i] - torch.logsumexp(logits[i, keep], 0)))
+    expected = torch.stack(expected).mean()
+    assert parts_s["simcse"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (total_s - total).item() == pytest.approx(0.5 * expected.item(), rel=1e-4)
+
+    # the term trains the text tower
+    tiny_model.zero_grad()
+    (total_s - total).backward()
+    grads = [p.grad for n, p in tiny_model.named_parameters() if n.startswith("text_model.embeddings")]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
