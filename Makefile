@@ -34,7 +34,7 @@ test: setup
 	$(VENV)/bin/pytest -q
 
 # The one-command tour: synthetic data -> short training -> ONNX export -> index/search/MCQ -> latency table,
-# everything under demo_out/ (about 3.5 minutes on a quiet 2-core CPU). DEMO_ARGS=--quick for a plumbing check.
+# everything under demo_out/ (about 4 minutes on a quiet 2-core CPU). DEMO_ARGS=--quick for a plumbing check.
 DEMO_OUT ?= demo_out
 DEMO_ARGS ?=
 demo: setup

@@ -31,8 +31,9 @@ def add_arguments(p) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     # Measured on the quiet 2-core CPU: 96 videos / 300 steps ran 168 s but reached only 35% EgoMCQ inter; 200
-    # videos / 450 steps reached 52% in 232 s. These defaults sit between, so setup + demo stay under 5 minutes.
-    g = p.add_argument_group("sizes (defaults: about 3.5 minutes on a quiet 2-core CPU)")
+    # videos / 450 steps reached 52% in 232 s. These defaults sit between (at 32 px then; the 48 px recipe
+    # since: ~4 minutes of demo, ~5 with a fresh clone's setup, the training stopped by its 2.2 minutes near step 340).
+    g = p.add_argument_group("sizes (defaults: about 4 minutes on a quiet 2-core CPU)")
     g.add_argument("--train-videos", type=int, default=200, metavar="N",
                    help="synthetic training videos (default: 200)")
     g.add_argument("--eval-videos", type=int, default=6, metavar="N", help="held-out videos (default: 6)")
