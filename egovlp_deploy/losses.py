@@ -229,14 +229,15 @@ def simcse_loss(a: torch.Tensor, b: torch.Tensor, same_text: torch.Tensor | None
     narrated alike): those off-diagonal entries are dropped from the softmax rather than pushed apart.
     """
     if a.ndim != 2 or a.shape != b.shape:
-        raise ValueError(f"simcse_loss expects two (N, D) embeddings of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+        raise ValueError(
+            f"simcse_loss expects two (N, D) embeddings of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
     if not temperature > 0:
         raise ValueError(f"simcse_loss: temperature must be > 0, got {temperature}")
     logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
-    eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
     if same_text is not None:
         if same_text.shape != logits.shape:
             raise ValueError(f"simcse_loss: same_text {tuple(same_text.shape)} must be {tuple(logits.shape)}")
+        eye = torch.eye(a.shape[0], dtype=torch.bool, device=a.device)
         logits = logits.masked_fill(same_text.to(a.device) & ~eye, float("-inf"))
     return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device))
 

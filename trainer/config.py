@@ -29,7 +29,8 @@ class ModelSection:
     # Frame and patch size instead of the preset's (None: keep them). Ignored with init_from and config_file.
     # E.g. 64/16 on the 64 px synthetic videos: the tiny preset's 16 tokens per frame, each patch seeing 4x the
     # pixels of 32/8 (measured on the tiny recipe: a linear probe read the acted object's colour from the trained
-    # video tower on held-out clips at 86% vs 60%; TRAINING_LOG.md has what it did to EgoMCQ). The tiny recipe uses 48/12.
+    # video tower on held-out clips at 86% vs 60%; TRAINING_LOG.md has what it did to EgoMCQ). The tiny recipe
+    # uses 48/12.
     img_size: int | None = None
     patch_size: int | None = None
     # Start value of the cross-attention gates (alpha_i2t, alpha_t2i) for a model trained from scratch. The official
@@ -87,7 +88,8 @@ class ObjectiveSection:
     vtm_negative_anneal: bool = False
     # Weight of an unsupervised SimCSE term on the batch's narrations (0: official, no such term). For a
     # from-scratch text tower: EgoNCE alone lets it merge narrations the video tower cannot yet tell apart
-    # ("picks up X" / "puts down X"), and the video tower then never gets a frame-order target.
+    # ("picks up X" / "puts down X"), and the video tower then never gets a frame-order target. Its softmax
+    # temperature is `temperature` (EgoNCE's; 0.05 is also SimCSE's own).
     text_simcse_weight: float = 0.0
     verb: bool = True  # action-aware positives (both off = InfoNCE)
     noun: bool = True
