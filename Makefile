@@ -1,28 +1,32 @@
-# Two commands on a fresh machine: `make test` (and `make demo`, which arrives with the runtime issue).
-# Both create .venv, install torch first, then the package with its C++ extension, then run.
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install the locked versions
+# (requirements.lock): torch first, then the build tools, then the package with its C++ extension.
+# `make lock` regenerates the lock; `make test-latest` runs the tests on the newest versions pyproject.toml allows.
 
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 # The CPU machines carry a local torch 2.13.0 CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-# On a GPU machine, e.g.: make test TORCH_SPEC='torch==2.11.0'
+# On a GPU machine, e.g.: make test TORCH_SPEC='torch==2.11.0'. The lock leaves torch to TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,cpu
+LOCK := requirements.lock
+# Every install below is held to the lock; `make test-latest` empties this.
+CONSTRAINTS ?= --constraint $(LOCK)
 DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP := $(VENV)/.package-installed
 SOURCES := $(shell find egovlp_deploy kernels export trainer -type f -not -path '*/__pycache__/*' 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 
-.PHONY: setup test demo clean
+.PHONY: setup test demo lock test-latest clean
 
 setup: $(PKG_STAMP)
 
-$(DEPS_STAMP): pyproject.toml
+$(DEPS_STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet "$(TORCH_SPEC)" numpy
-	$(PIP) install --quiet "$(TORCH_SPEC)" "scikit-build-core>=0.10" "pybind11>=2.12"
-	$(PIP) install --quiet --no-build-isolation "$(TORCH_SPEC)" ".[$(EXTRAS)]"
+	$(PIP) install --quiet $(CONSTRAINTS) "$(TORCH_SPEC)" numpy
+	$(PIP) install --quiet $(CONSTRAINTS) "$(TORCH_SPEC)" "scikit-build-core>=0.10,<2" "pybind11>=2.12,<4"
+	$(PIP) install --quiet $(CONSTRAINTS) --no-build-isolation "$(TORCH_SPEC)" ".[$(EXTRAS)]"
 	touch $@
 
 # Reinstall (not editable) whenever a source changes: tests run against the real wheel layout.
@@ -40,5 +44,25 @@ DEMO_ARGS ?=
 demo: setup
 	$(VENV)/bin/egovlp-deploy demo --out $(DEMO_OUT) --force $(DEMO_ARGS)
 
+# The lock: every package `make setup` installs (the extras dev and cpu, the build tools), resolved by uv for
+# Linux x86_64 and this Python, against the local torch build where PIP_FIND_LINKS points (its dependencies, not
+# a CUDA build's); torch itself stays with TORCH_SPEC. Review the diff, then `make test`.
+UV_SPEC ?= uv==0.13.9
+LOCK_VENV := .venv-lock
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet --disable-pip-version-check "$(UV_SPEC)"
+	$(LOCK_VENV)/bin/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' > $(LOCK_VENV)/build.in
+	echo "$(TORCH_SPEC)" >> $(LOCK_VENV)/build.in
+	$(LOCK_VENV)/bin/uv pip compile --quiet pyproject.toml $(LOCK_VENV)/build.in --extra dev --extra cpu \
+	    --python $(LOCK_VENV)/bin/python --python-platform x86_64-manylinux_2_28 \
+	    $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) --no-emit-package torch \
+	    --custom-compile-command "make lock" --output-file $(LOCK)
+
+# The newest versions pyproject.toml allows, in a fresh venv of their own: moving the lock is a tested step.
+test-latest:
+	rm -rf .venv-latest
+	$(MAKE) test VENV=.venv-latest CONSTRAINTS=
+
 clean:
-	rm -rf $(VENV) build dist
+	rm -rf $(VENV) .venv-latest $(LOCK_VENV) build dist

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .activations import ACTIVATION_NAMES
 from .jsonfile import read_json
 
 PROJECTIONS = ("big", "small")
@@ -165,6 +166,8 @@ class EgoVLPv2Config:
         if self.projection not in PROJECTIONS:
             raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
         check_attention_backend(self.attention_backend)
+        if t.hidden_act not in ACTIVATION_NAMES:
+            raise ConfigError(f"text.hidden_act must be one of {ACTIVATION_NAMES}, got {t.hidden_act!r}")
         if v.time_init not in TIME_INITS:
             raise ConfigError(f"video.time_init must be one of {TIME_INITS}, got {v.time_init!r}")
 

@@ -60,7 +60,7 @@ class EgoVLPv2(nn.Module):
         self.config = config
         v, t = config.video, config.text
         self.video_model = SpaceTimeTransformer(v, config.num_fuse_blocks, text_width=t.hidden_size)
-        self.text_model = RobertaTextModel(t.to_roberta_config(), config.num_fuse_blocks, video_width=v.width)
+        self.text_model = RobertaTextModel(t, config.num_fuse_blocks, video_width=v.width)
         self.txt_proj, self.vid_proj = projections(config.projection, v.width, t.hidden_size, config.projection_dim)
 
         hidden = t.hidden_size

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
+
+from ..activations import activation
 
 
 def projections(kind: str, video_width: int, text_width: int, dim: int) -> tuple[nn.Sequential, nn.Sequential]:
@@ -52,7 +53,7 @@ class PredictionTransform(nn.Module):
     def __init__(self, width: int, act: str, eps: float):
         super().__init__()
         self.dense = nn.Linear(width, width)
-        self.act = ACT2FN[act]
+        self.act = activation(act)
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
 
     def forward(self, x):

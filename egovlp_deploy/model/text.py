@@ -1,4 +1,4 @@
-"""Text tower: RoBERTa (sizes from `transformers.RobertaConfig`) with EgoVLPv2's gated text<-video cross-attention.
+"""Text tower: RoBERTa (sizes from `egovlp_deploy.config.TextConfig`) with EgoVLPv2's gated text<-video cross-attention.
 
 Written here rather than subclassed from `transformers`, whose attention internals change between releases; the
 official layer's changes (EGOVLPV2_SPEC.md §2-§3) are:
@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
+from ..activations import activation
 from .attention import gated_residual, multihead_attention, run_layer
 
 
@@ -89,7 +89,7 @@ class Intermediate(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.act = ACT2FN[cfg.hidden_act]
+        self.act = activation(cfg.hidden_act)
 
     def forward(self, x):
         return self.act(self.dense(x))
@@ -140,18 +140,23 @@ class Encoder(nn.Module):
         self.first_fused = first_fused
 
 
+# The std of RoBERTa's initial weights: `initializer_range` in every RoBERTa config (roberta-base included).
+INITIALIZER_RANGE = 0.02
+
+
 class RobertaTextModel(nn.Module):
-    def __init__(self, roberta_config, num_fuse_blocks: int, video_width: int):
+    def __init__(self, cfg, num_fuse_blocks: int, video_width: int):
+        """`cfg`: the sizes (egovlp_deploy.config.TextConfig, or anything with the same attributes)."""
         super().__init__()
-        self.config = roberta_config
-        self.embeddings = Embeddings(roberta_config)
-        self.encoder = Encoder(roberta_config, num_fuse_blocks, video_width)
+        self.config = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg, num_fuse_blocks, video_width)
         self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
         # HF RobertaPreTrainedModel._init_weights: N(0, initializer_range) weights, zero bias, LN 1/0, pad row 0.
-        std = self.config.initializer_range
+        std = INITIALIZER_RANGE
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, std=std)
