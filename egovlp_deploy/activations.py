@@ -4,7 +4,7 @@ needs no `transformers` import. Each entry computes exactly what `transformers.a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -15,7 +15,7 @@ PROBE=$(cd "$(dirname "$0")" && pwd)/aoti_load_probe.py
 WAIT=${LOAD_WAIT:-60}
 RESULTS=$(cd "$OUT" && pwd); W=$(mktemp -d /tmp/aoti_probe.XXXXXX)
 trap 'tar czf "$RESULTS/aoti_probe.tgz" -C "$W" --exclude="*-cache" --exclude="*.pt2" .' EXIT
-cd "$W"  # not the source folder: it lacks the compiled extension and the mapped subpackages
+cd "$W"  # the probe's packages and logs stay in the scratch folder
 export TORCHINDUCTOR_CACHE_DIR="$W/inductor-cache" TRITON_CACHE_DIR="$W/triton-cache"
 under_gdb() {  # log name, probe args...: the probe under cuda-gdb, interrupted after $WAIT s, then every stack
   local name=$1; shift

@@ -5,7 +5,7 @@ in the export process, right after the build, with the model moved back to CPU f
                                                              to CPU first) | on_cuda (model left on CUDA fp16) |
                                                              single (fresh, run_single_threaded=True)
   python -X faulthandler aoti_load_probe.py build PKG load   build, then load in the same process
-Run from outside the source folder (scripts/aoti_crash_probe.sh does). PROBE_DEVICE=cpu checks the script itself."""
+scripts/aoti_crash_probe.sh runs it in a scratch folder. PROBE_DEVICE=cpu checks the script itself."""
 import os
 import sys
 import time

@@ -61,8 +61,7 @@ if ! timeout 150 "$PY" -m pip install -q --no-deps --no-build-isolation . > "$OU
 fi
 step install 0
 
-# Everything that imports the package runs from $OUT: `python -m` puts the working directory first on sys.path,
-# and the source folder lacks the compiled extension and the mapped subpackages (kernels, export, trainer).
+# Everything that imports the package runs in $OUT, where its outputs are collected.
 cd "$OUT"
 
 # End to end (issue 7), tiny model at F=16 fp16, batch 1. Two parts, so a failing AOTInductor build cannot take the

@@ -2,28 +2,24 @@
 
 The interpreter that runs the other kernel tests on the CPU accepts programs the GPU compiler rejects, so this
 builds the real cubins, as the H100 would. It runs in a subprocess without TRITON_INTERPRET (set for this test
-session by conftest), which would turn the kernels into Python functions, and outside the repository (`python -m`
-puts the working directory first on sys.path, and the source folder lacks the mapped subpackages).
+session by conftest), which would turn the kernels into Python functions.
 """
 
 import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
 
 from egovlp_deploy.kernels.aot_check import DOT_PRECISION
 
-OUTSIDE_REPO = tempfile.gettempdir()
-
 
 def aot_check(*args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "egovlp_deploy.kernels.aot_check", *args], env=env,
-                          cwd=OUTSIDE_REPO, capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not records and "ptxas" in proc.stderr:
         pytest.skip(f"no ptxas for Triton's ahead-of-time build: {proc.stderr.strip()[-300:]}")
@@ -49,7 +45,7 @@ def test_bf16_and_fp32_compile_for_sm90():
 
 def test_interpreter_is_refused():
     proc = subprocess.run([sys.executable, "-m", "egovlp_deploy.kernels.aot_check"],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=OUTSIDE_REPO, capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
 

@@ -88,8 +88,7 @@ def test_killed_run_resumes_consistently(engines, video_root, tmp_path):
     vids = _videos(video_root)
     idx = tmp_path / "idx"
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(engines), str(idx), "8", *vids],
-                          capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)  # not the repo root: import the installed package, not the sources
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     partial = MomentIndex(idx)  # readable as it is: index.json names only complete shards
     assert len(partial) == 9  # commits of 2 per video: 2, 4, 5 (vid_a), 7, 9 (vid_b): killed after 9
