@@ -22,16 +22,25 @@ SOURCES := $(shell find egovlp_deploy kernels export trainer -type f -not -path 
 
 setup: $(PKG_STAMP)
 
+# The dependencies: with the lock and the default extras, exactly the lock's list (nothing to resolve, and the
+# package itself is built once, below); otherwise resolved from pyproject.toml (held to the lock where it applies).
+DEFAULT_EXTRAS := dev,cpu
+ifeq ($(CONSTRAINTS)|$(EXTRAS),--constraint $(LOCK)|$(DEFAULT_EXTRAS))
+DEPS := --requirement $(LOCK)
+else
+DEPS := --no-build-isolation ".[$(EXTRAS)]"
+endif
+
 $(DEPS_STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet $(CONSTRAINTS) "$(TORCH_SPEC)" numpy
-	$(PIP) install --quiet $(CONSTRAINTS) "$(TORCH_SPEC)" "scikit-build-core>=0.10,<2" "pybind11>=2.12,<4"
-	$(PIP) install --quiet $(CONSTRAINTS) --no-build-isolation "$(TORCH_SPEC)" ".[$(EXTRAS)]"
+	$(PIP) install --quiet $(CONSTRAINTS) "$(TORCH_SPEC)" numpy "scikit-build-core>=0.10,<2" "pybind11>=2.12,<4"
+	$(PIP) install --quiet $(CONSTRAINTS) "$(TORCH_SPEC)" $(DEPS)
 	touch $@
 
 # Reinstall (not editable) whenever a source changes: tests run against the real wheel layout.
 $(PKG_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) install --quiet --no-deps --no-build-isolation --force-reinstall .
+	$(PIP) check  # every requirement of the package met: a lock left behind by pyproject.toml stops here
 	touch $@
 
 test: setup
