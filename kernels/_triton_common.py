@@ -11,6 +11,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 # dtypes the kernels accept; accumulation is always fp32.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,3 +126,95 @@ def tuned(kernel, configs: list[triton.Config], key: list[str]):
 def fixed_launch(config: dict) -> dict:
     """Launch arguments for a fixed (non-autotuned) config; on the GPU with the usual 4 warps."""
     return dict(config) if interpreting() else {**config, "num_warps": 4, "num_stages": 2}
+
+
+# -- split keys (flash-decoding) ----------------------------------------------------------------------------------
+# A side with few query rows (the clip CLS over all 1 + F*N tokens, the text queries over 3,137 video tokens) gives
+# few programs, each walking every key in series: the GPU is mostly idle. Its keys are split over several programs
+# instead; each writes its partial softmax state (row max, denominator, unnormalised output, fp32) to a workspace,
+# and `combine_splits` merges them by log-sum-exp. Keys per program stay above SPLIT_MIN_KEYS so each still streams
+# whole tiles; the number of programs aims at SPLIT_TARGET_PROGRAMS (two waves on an H100's 132 SMs).
+SPLIT_TARGET_PROGRAMS = 264
+SPLIT_MIN_KEYS = 128
+MAX_SPLITS = 64
+
+
+def split_count(programs, keys) -> int:
+    """How many key splits for `programs` unsplit programs over `keys` keys each. A symbolic size (dynamic-shape
+    tracing) keeps one split: choosing by it would put a guard on the shape."""
+    if not (isinstance(programs, int) and isinstance(keys, int)):
+        return 1
+    if programs >= SPLIT_TARGET_PROGRAMS or keys < 2 * SPLIT_MIN_KEYS:
+        return 1
+    return max(1, min(triton.cdiv(SPLIT_TARGET_PROGRAMS, programs), keys // SPLIT_MIN_KEYS, MAX_SPLITS))
+
+
+def split_plan(keys: int, splits: int) -> tuple[int, int]:
+    """(splits, keys per split) with no empty split: `splits` is lowered where an even share leaves one empty."""
+    per_split = triton.cdiv(keys, max(1, min(int(splits), keys)))
+    return triton.cdiv(keys, per_split), per_split
+
+
+def split_workspace(rows: int, splits: int, block_d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Partial row max, denominator (rows*splits,) and output (rows*splits, block_d), fp32, indexed
+    [(bh * splits + split) * R + r]: `rows` = B*H*R."""
+    n = rows * splits
+    fill = torch.full if _POISON["on"] else (lambda shape, value, **kw: torch.empty(shape, **kw))  # NaN: see _POISON
+    return tuple(fill(shape, float("nan"), dtype=torch.float32, device=device) for shape in ((n,), (n,), (n, block_d)))
+
+
+@triton.jit
+def store_split(m_ws, l_ws, acc_ws, slot, rmask, m_i, l_i, acc, BLOCK_D: tl.constexpr):
+    """Write one program's partial state: slot (BM,) int64 workspace rows."""
+    tl.store(m_ws + slot, m_i, mask=rmask)
+    tl.store(l_ws + slot, l_i, mask=rmask)
+    offs_d = tl.arange(0, BLOCK_D)
+    tl.store(acc_ws + slot[:, None] * BLOCK_D + offs_d[None, :], acc, mask=rmask[:, None])
+
+
+@triton.jit
+def _combine_splits_kernel(m_ws, l_ws, acc_ws, out_ptr, H, R, splits, row0, stride_ob, stride_or, stride_oc,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """out[b, row0 + r, h*D:(h+1)*D] = merge over the splits of (m, l, acc) for (b, h, r)."""
+    pid = tl.program_id(0).to(tl.int64)
+    r_tiles = tl.cdiv(R, BLOCK_R)
+    rt = pid % r_tiles
+    bh = pid // r_tiles
+    b = bh // H
+    h = bh % H
+    rows = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    offs_d = tl.arange(0, BLOCK_D)
+    m_run = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    l_run = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for s in range(0, splits):
+        slot = (bh * splits + s) * R + rows
+        m = tl.load(m_ws + slot, mask=rmask, other=float("-inf"))
+        l = tl.load(l_ws + slot, mask=rmask, other=0.0)
+        a = tl.load(acc_ws + slot[:, None] * BLOCK_D + offs_d[None, :], mask=rmask[:, None], other=0.0)
+        m_new = tl.maximum(m_run, m)
+        # a row whose every score so far is -inf keeps weight 0 (exp(-inf - -inf) would be NaN)
+        alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_run - m_new))
+        beta = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
+        l_run = l_run * alpha + l * beta
+        acc = acc * alpha[:, None] + a * beta[:, None]
+        m_run = m_new
+    out = acc / l_run[:, None]
+    dmask = offs_d < HEAD_DIM
+    dst = out_ptr + b * stride_ob + (row0 + rows[:, None]) * stride_or + ((h * HEAD_DIM + offs_d) * stride_oc)[None, :]
+    tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+
+
+COMBINE_BLOCK_R = 16
+
+
+def combine_splits(workspace, out: torch.Tensor, batch: int, heads: int, rows: int, splits: int, head_dim: int,
+                   block_d: int, row0: int = 0) -> None:
+    """Merge the partial states into out[:, row0:row0 + rows] (out: (B, T, H*D), any strides)."""
+    m_ws, l_ws, acc_ws = workspace
+    grid = (batch * heads * triton.cdiv(rows, COMBINE_BLOCK_R),)
+    wrap_triton(_combine_splits_kernel)[grid](
+        m_ws, l_ws, acc_ws, out, heads, rows, splits, row0, *out.stride(),
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=COMBINE_BLOCK_R,
+    )

@@ -4,11 +4,10 @@ mixes, layouts) before any GPU time is spent.
 
     python -m egovlp_deploy.kernels.aot_check [--arch 90] [--dtypes fp16,bf16,fp32] [--all-configs] [--resources]
 
-Must run WITHOUT TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions); the tests call it in a
-subprocess. Prints one JSON line per kernel variant ({"kernel", "dtype", "config", "ok", "error", "cubin_bytes"}, and with
---resources the registers per thread and spill bytes that `ptxas -v` reports)
-and exits 1 if any failed. First used by hand before the first GPU run (2026-11-27, H100): every config compiled,
-and the compiled kernels then passed their tests on the GPU.
+Must run WITHOUT TRITON_INTERPRET=1 (the interpreter replaces the kernels by Python functions); the tests call it
+in a subprocess. Prints one JSON line per kernel variant ({"kernel", "dtype", "config", "ok", "error",
+"cubin_bytes"}, and with --resources the registers per thread and spill bytes that `ptxas -v` reports) and exits 1
+if any failed.
 """
 
 from __future__ import annotations
@@ -28,6 +27,9 @@ DOT_PRECISION = {"fp16": "tf32", "bf16": "tf32", "fp32": "ieee"}
 
 def variants(dtypes: list[str], all_configs: bool):
     """(kernel name, kernel, pointer args, dtype, constexprs, config) for every variant to build."""
+    import triton
+
+    from . import _triton_common as common
     from . import divided_attention as da
     from . import gated_cross_attention as gca
 
@@ -36,26 +38,37 @@ def variants(dtypes: list[str], all_configs: bool):
         for config in da._CONFIGS if all_configs else da._CONFIGS[:1]:
             for packed in (True, False):
                 for head_dim in (64, 16):
-                    yield ("divided_attention", da._divided_attention_kernel, ("qkv_ptr", "out_ptr"), dtype,
-                           dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PACKED=packed, UPCAST=False,
-                                PRECISION=precision, **config.kwargs), config)
+                    for split in (False, True):
+                        yield ("divided_attention", da._divided_attention_kernel, ("qkv_ptr", "out_ptr"), dtype,
+                               dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PACKED=packed, SPLIT_CLS=split,
+                                    UPCAST=False, PRECISION=precision, **config.kwargs), config)
         for config in gca._CONFIGS if all_configs else gca._CONFIGS[:1]:
             for has_bias in (True, False):
-                yield ("cross_attention", gca._cross_attention_kernel,
-                       ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr"), dtype,
-                       dict(HAS_BIAS=has_bias, HEAD_DIM=64, BLOCK_D=64, UPCAST=False, PRECISION=precision,
-                            **config.kwargs), config)
+                for split in (False, True):
+                    yield ("cross_attention", gca._cross_attention_kernel,
+                           ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr"), dtype,
+                           dict(HAS_BIAS=has_bias, HEAD_DIM=64, BLOCK_D=64, SPLIT=split, UPCAST=False,
+                                PRECISION=precision, **config.kwargs), config)
+        for head_dim in (64, 16):
+            yield ("combine_splits", common._combine_splits_kernel, ("out_ptr",), dtype,
+                   dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=common.COMBINE_BLOCK_R),
+                   triton.Config({}, num_warps=4, num_stages=2))
+
+
+# The split-key workspaces: fp32 whatever the input dtype.
+FP32_POINTERS = ("m_ws", "l_ws", "acc_ws")
 
 
 def build(kernel, pointers, dtype: str, constants: dict, config, arch: int):
     """The compiled variant (`.asm` holds ptx and cubin): integer arguments as i32, `scale` as fp32, pointers of
-    `dtype`."""
+    `dtype`, workspace pointers fp32."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
     names = kernel.arg_names
-    signature = {n: "constexpr" if n in constants else ("*" + dtype if n in pointers else
-                                                        "fp32" if n == "scale" else "i32") for n in names}
+    signature = {n: "constexpr" if n in constants else ("*" + dtype if n in pointers else "*fp32"
+                                                        if n in FP32_POINTERS else "fp32" if n == "scale" else "i32")
+                 for n in names}
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(k),): v for k, v in constants.items()})
     return triton_compile(source, target=GPUTarget("cuda", arch, 32),

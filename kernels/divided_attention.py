@@ -16,6 +16,10 @@ attends to [CLS] + its own group, so one kernel serves both passes.
 What the kernel saves over the reference (einops rearranges, a repeat + cat of the CLS key/value into every group,
 two batched matmuls, a softmax): qkv is read once and the output written once; the CLS key/value is an extra
 online-softmax step, never materialised.
+
+The CLS query is one row over all S keys: as one program per (b, h) it is the longest program of the launch (3,137
+keys at 16 frames). Its keys are split over several programs and the partial results merged by log-sum-exp
+(`_triton_common.split_count`, flash-decoding), a second small launch.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from torch.library import triton_op, wrap_triton
 from ._triton_common import (
     MIN_DOT,
     check_tensor,
+    combine_splits,
     dot,
     dot_flags,
     head_block,
@@ -37,6 +42,10 @@ from ._triton_common import (
     new_output,
     next_pow2,
     online_softmax_step,
+    split_count,
+    split_plan,
+    split_workspace,
+    store_split,
     tuned,
 )
 
@@ -63,6 +72,9 @@ def _fixed_config(group_size: int) -> dict:
 
 
 FIXED_CONFIG = _fixed_config
+
+# How many programs share the CLS row's keys: (unsplit CLS programs, keys) -> splits. Tests may replace this.
+CLS_SPLITS = split_count
 
 
 # -- reference ----------------------------------------------------------------------------------------------------
@@ -99,9 +111,11 @@ def divided_attention_ref(qkv: torch.Tensor, heads: int, num_frames: int, mode: 
 
 # -- kernels --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _cls_row(qkv_ptr, out_ptr, b, h, S, HD, stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc,
-             scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Token 0 of (b, h) attends to all S tokens: one query row, so CUDA-core dot products, not tl.dot."""
+def _cls_row(qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, b, h, H, split, splits, keys_per_split, S, HD,
+             stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
+             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_CLS: tl.constexpr):
+    """Token 0 of (b, h) attends to tokens [split * keys_per_split, + keys_per_split) of S: one query row, so
+    CUDA-core dot products, not tl.dot. SPLIT_CLS: the partial state goes to the workspace, not the output."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
     base = qkv_ptr + b * stride_qb
@@ -112,9 +126,11 @@ def _cls_row(qkv_ptr, out_ptr, b, h, S, HD, stride_qb, stride_qs, stride_qc, str
     m_i = tl.full((), float("-inf"), tl.float32)
     l_i = tl.full((), 0.0, tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for start in range(0, S, BLOCK_N):
+    k_lo = split * keys_per_split
+    k_hi = tl.minimum(k_lo + keys_per_split, S)
+    for start in range(k_lo, k_hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
-        nmask = offs_n < S
+        nmask = offs_n < k_hi
         rows = offs_n.to(tl.int64) * stride_qs
         kv_mask = nmask[:, None] & dmask[None, :]
         k = tl.load(base + rows[:, None] + k_cols[None, :], mask=kv_mask, other=0.0).to(tl.float32)  # (BN, D)
@@ -127,9 +143,15 @@ def _cls_row(qkv_ptr, out_ptr, b, h, S, HD, stride_qb, stride_qs, stride_qc, str
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
-    out = acc / l_i
-    tl.store(out_ptr + b * stride_ob + (h * HEAD_DIM + offs_d) * stride_oc, out.to(out_ptr.dtype.element_ty),
-             mask=dmask)
+    if SPLIT_CLS:
+        one = tl.arange(0, 1)
+        slot = (b * H + h) * splits + split + one  # (1,): the workspace is indexed [(bh * splits + split) * 1 + 0]
+        store_split(m_ws, l_ws, acc_ws, slot, one == 0, m_i + tl.zeros((1,), tl.float32),
+                    l_i + tl.zeros((1,), tl.float32), acc[None, :], BLOCK_D)
+    else:
+        out = acc / l_i
+        tl.store(out_ptr + b * stride_ob + (h * HEAD_DIM + offs_d) * stride_oc, out.to(out_ptr.dtype.element_ty),
+                 mask=dmask)
 
 
 @triton.jit
@@ -202,18 +224,21 @@ def _group_tile(qkv_ptr, out_ptr, b, h, tile, HD, num_groups, group_size, group_
 
 @triton.jit
 def _divided_attention_kernel(
-    qkv_ptr, out_ptr, H, S, num_cls, num_groups, group_size, group_stride, inner_stride,
-    stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
+    qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, H, S, num_cls, cls_splits, cls_keys_per_split, num_groups, group_size,
+    group_stride, inner_stride, stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    PACKED: tl.constexpr, SPLIT_CLS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # One flat grid on axis 0 (limit 2^31 - 1): B*H*groups easily passes the 65,535 limit of axes 1-2
-    # (pytorch #146704). The B*H CLS rows come first: they are the longest programs, so they start first.
+    # (pytorch #146704). The num_cls = B*H*cls_splits CLS programs come first: they are the longest, so they start
+    # first.
     pid = tl.program_id(0).to(tl.int64)
     HD = H * HEAD_DIM
     if pid < num_cls:
-        _cls_row(qkv_ptr, out_ptr, pid // H, pid % H, S, HD, stride_qb, stride_qs, stride_qc,
-                 stride_ob, stride_os, stride_oc, scale, HEAD_DIM, BLOCK_D, BLOCK_N)
+        bh = pid // cls_splits
+        _cls_row(qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, bh // H, bh % H, H, pid % cls_splits, cls_splits,
+                 cls_keys_per_split, S, HD, stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
+                 HEAD_DIM, BLOCK_D, BLOCK_N, SPLIT_CLS)
     else:
         if PACKED:
             tiles_per_head = tl.cdiv(num_groups, BLOCK_M // group_size)
@@ -227,7 +252,8 @@ def _divided_attention_kernel(
                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PACKED, UPCAST, PRECISION)
 
 
-_tuned_kernel = tuned(_divided_attention_kernel, _CONFIGS, key=["group_size", "num_groups", "HEAD_DIM"])
+_tuned_kernel = tuned(_divided_attention_kernel, _CONFIGS,
+                      key=["group_size", "num_groups", "cls_splits", "HEAD_DIM"])
 
 
 # -- launcher + custom op -------------------------------------------------------------------------------------------
@@ -255,20 +281,26 @@ def _divided_attention_op(qkv: torch.Tensor, heads: int, num_frames: int, mode: 
     else:
         num_groups, group_size, group_stride, inner_stride = F, N, N, 1
     packed = group_size <= PACK_LIMIT
-    num_cls = B * heads
     meta = {} if autotuning() else fixed_launch(FIXED_CONFIG(group_size))
 
     if launch_skipped(qkv):
         return out
 
+    cls_splits, cls_keys_per_split = split_plan(S, CLS_SPLITS(B * heads, S))
+    num_cls = B * heads * cls_splits
+    block_d = head_block(D)
+    workspace = split_workspace(B * heads, cls_splits, block_d, qkv.device) if cls_splits > 1 else (out, out, out)
+
     def grid(m):
         return (num_cls + B * heads * _tiles_per_head(num_groups, group_size, packed, m["BLOCK_M"]),)
 
     wrap_triton(_tuned_kernel)[grid](
-        qkv, out, heads, S, num_cls, num_groups, group_size, group_stride, inner_stride,
-        *qkv.stride(), *out.stride(), scale,
-        HEAD_DIM=D, BLOCK_D=head_block(D), PACKED=packed, **dot_flags(qkv.dtype), **meta,
+        qkv, out, *workspace, heads, S, num_cls, cls_splits, cls_keys_per_split, num_groups, group_size,
+        group_stride, inner_stride, *qkv.stride(), *out.stride(), scale,
+        HEAD_DIM=D, BLOCK_D=block_d, PACKED=packed, SPLIT_CLS=cls_splits > 1, **dot_flags(qkv.dtype), **meta,
     )
+    if cls_splits > 1:
+        combine_splits(workspace, out, B, heads, 1, cls_splits, D, block_d)
     return out
 
 

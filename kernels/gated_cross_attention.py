@@ -10,6 +10,10 @@ place through their strides (EGOVLPV2_SPEC.md §3, hazard 6):
   the product; here q is scaled first, which is exact for D = 64 (a power-of-two scale commutes with rounding).
 The gated residual h + alpha * proj(attn) follows (`gated_residual`).
 
+The text side has few query tiles (B*H*ceil(Lq/BLOCK_M) programs: 12 at batch 1) over thousands of keys, so its keys
+are split over several programs and the partial results merged by log-sum-exp (`_triton_common.split_count`,
+flash-decoding); the video side, with many queries over a few text keys, runs unsplit.
+
 Why the projection is not fused into the attention kernel: proj contracts over all H*D channels, while an attention
 program owns one head; fusing it would need either a cross-head reduction (atomics, non-deterministic) or one
 program per query tile holding all heads plus the (H*D)^2 weight, i.e. a GEMM inside the attention kernel. The
@@ -26,6 +30,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton_common import (
     check_tensor,
+    combine_splits,
     dot,
     dot_flags,
     head_block,
@@ -34,6 +39,10 @@ from ._triton_common import (
     launch_skipped,
     new_output,
     online_softmax_step,
+    split_count,
+    split_plan,
+    split_workspace,
+    store_split,
     tuned,
 )
 
@@ -51,6 +60,9 @@ def _fixed_config(q_len: int, k_len: int) -> dict:
 
 
 FIXED_CONFIG = _fixed_config
+
+# How many programs share one query tile's keys: (unsplit programs, keys) -> splits. Tests may replace this.
+KEY_SPLITS = split_count
 
 
 # -- reference --------------------------------------------------------------------------------------------------------
@@ -78,14 +90,18 @@ def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> tor
 # -- kernel -----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, H, Lq, Lk,
+    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, m_ws, l_ws, acc_ws, H, Lq, Lk, splits, keys_per_split,
     stride_qb, stride_ql, stride_qc, stride_kb, stride_kl, stride_kc, stride_vb, stride_vl, stride_vc,
     stride_bb, stride_bl, stride_ob, stride_ol, stride_oc, scale,
     HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    # Flat grid on axis 0 (B*H*query-tiles can pass 65,535); query tiles fastest so neighbours share k/v in L2.
+    # Flat grid on axis 0 (B*H*query-tiles*splits can pass 65,535); splits, then query tiles, fastest so that
+    # neighbours share k/v in L2. SPLIT: this program covers keys [split * keys_per_split, + keys_per_split) and
+    # writes its partial state to the workspace (m_ws, l_ws, acc_ws) instead of the output.
     pid = tl.program_id(0).to(tl.int64)
+    split = pid % splits
+    pid = pid // splits
     q_tiles = tl.cdiv(Lq, BLOCK_M)
     mt = pid % q_tiles
     bh = pid // q_tiles
@@ -104,9 +120,11 @@ def _cross_attention_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    for start in range(0, Lk, BLOCK_N):
+    k_lo = split * keys_per_split
+    k_hi = tl.minimum(k_lo + keys_per_split, Lk)
+    for start in range(k_lo, k_hi, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
-        cmask = cols < Lk
+        cmask = cols < k_hi
         kv_mask = cmask[:, None] & dmask[None, :]
         cols64 = cols.to(tl.int64)
         k = tl.load(k_ptr + b * stride_kb + cols64[:, None] * stride_kl + (ch * stride_kc)[None, :], mask=kv_mask,
@@ -121,12 +139,15 @@ def _cross_attention_kernel(
             s = s + bias[None, :]
         s = tl.where(cmask[None, :], s, float("-inf"))
         m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, PRECISION)
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_ol + (ch * stride_oc)[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    if SPLIT:
+        store_split(m_ws, l_ws, acc_ws, (bh * splits + split) * Lq + rows, rmask, m_i, l_i, acc, BLOCK_D)
+    else:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_ol + (ch * stride_oc)[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=qd_mask)
 
 
-_tuned_kernel = tuned(_cross_attention_kernel, _CONFIGS, key=["Lq", "Lk", "HEAD_DIM"])
+_tuned_kernel = tuned(_cross_attention_kernel, _CONFIGS, key=["Lq", "Lk", "splits", "HEAD_DIM"])
 
 
 # -- launcher + custom op -------------------------------------------------------------------------------------------
@@ -147,20 +168,30 @@ def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
         torch._check(bias.is_floating_point(), lambda: f"bias must be an additive float mask, got {bias.dtype}")
     D = C // heads
     out = new_output((B, Lq, C), q)
-    meta = {} if autotuning() else fixed_launch(FIXED_CONFIG(Lq, Lk))
+    config = FIXED_CONFIG(Lq, Lk)
+    meta = {} if autotuning() else fixed_launch(config)
 
     if launch_skipped(q):
         return out
 
+    # Split before the autotuner picks a tile: the workspace is indexed by query row, so the plan fits every config
+    # (the program count assumes the fixed config's query tile).
+    splits, keys_per_split = split_plan(Lk, KEY_SPLITS(B * heads * triton.cdiv(Lq, config["BLOCK_M"]), Lk))
+    block_d = head_block(D)
+    workspace = split_workspace(B * heads * Lq, splits, block_d, q.device) if splits > 1 else (out, out, out)
+
     def grid(m):
-        return (B * heads * triton.cdiv(Lq, m["BLOCK_M"]),)
+        return (B * heads * triton.cdiv(Lq, m["BLOCK_M"]) * splits,)
 
     bias_arg = bias if bias is not None else q  # never read when HAS_BIAS is False
     bias_strides = bias.stride() if bias is not None else (0, 0)
     wrap_triton(_tuned_kernel)[grid](
-        q, k, v, bias_arg, out, heads, Lq, Lk, *q.stride(), *k.stride(), *v.stride(), *bias_strides, *out.stride(),
-        scale, HAS_BIAS=bias is not None, HEAD_DIM=D, BLOCK_D=head_block(D), **dot_flags(q.dtype), **meta,
+        q, k, v, bias_arg, out, *workspace, heads, Lq, Lk, splits, keys_per_split, *q.stride(), *k.stride(),
+        *v.stride(), *bias_strides, *out.stride(), scale, HAS_BIAS=bias is not None, HEAD_DIM=D, BLOCK_D=block_d,
+        SPLIT=splits > 1, **dot_flags(q.dtype), **meta,
     )
+    if splits > 1:
+        combine_splits(workspace, out, B, heads, Lq, splits, D, block_d)
     return out
 
 

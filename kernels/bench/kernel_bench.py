@@ -7,7 +7,9 @@ counted once, a no-cache upper estimate; the fused op counts exactly its inputs 
 read once, output written once), and achieved GB/s (minimum bytes / time) as a fraction of the card's measured
 device-to-device copy bandwidth. On the GPU each backend is also timed as the replay of a CUDA graph captured from
 it (`graph ms`): the same GPU work without the host launch path (Python, op dispatch, Triton's launcher), so the two
-columns together say whether a small case is bound by the GPU or by the host.
+columns together say whether a small case is bound by the GPU or by the host. `triton-1split` is the Triton kernel
+with the few-query sides unsplit (the CLS row of the divided core, the text queries of the text<-video core: one
+program per query tile walks every key), next to `triton`, which splits their keys over several programs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +28,28 @@ from egovlp_deploy.benchmarking import git_sha as _git_sha
 
 DESCRIPTION = __doc__
 
-BACKENDS = ("reference", "sdpa", "compile", "triton")
+BACKENDS = ("reference", "sdpa", "compile", "triton", "triton-1split")
+
+
+@contextmanager
+def _one_split():
+    """The Triton kernels with their few-query sides unsplit, for `triton-1split`."""
+    from .. import divided_attention as da
+    from .. import gated_cross_attention as gca
+
+    saved = da.CLS_SPLITS, gca.KEY_SPLITS
+    da.CLS_SPLITS = gca.KEY_SPLITS = lambda programs, keys: 1
+    try:
+        yield
+    finally:
+        da.CLS_SPLITS, gca.KEY_SPLITS = saved
+
+
+def _unsplit(fn):
+    def call():
+        with _one_split():
+            return fn()
+    return call
 
 
 @dataclass
@@ -156,6 +180,9 @@ def _cases(B, F, N, L, width, heads, dtype, device, backends, divided=True):
         if "compile" in backends:
             fns["compile"] = _compiled(lambda x, mode=mode: divided_attention_tokens(x, heads, F, mode, scale),
                                        qkv)
+        if "triton-1split" in backends:
+            fns["triton-1split"] = _unsplit(lambda mode=mode: divided_attention_tokens(qkv, heads, F, mode, scale,
+                                                                                     "triton"))
         yield f"divided core {mode}", f"B={B} F={F} N={N}", fns, 4 * B * S * width * es
 
     # Whole divided block: LN + qkv + time attention + proj, then LN + qkv + space attention + proj (no MLP).
@@ -189,6 +216,8 @@ def _cases(B, F, N, L, width, heads, dtype, device, backends, divided=True):
            for b in ("reference", "sdpa", "triton") if b in backends}
     if "compile" in backends:
         fns["compile"] = _compiled(lambda q: multihead_attention(q, vk, vv, heads, scale), q_t)
+    if "triton-1split" in backends:
+        fns["triton-1split"] = _unsplit(lambda: multihead_attention(q_t, vk, vv, heads, scale, None, "triton"))
     yield "cross core text<-video", shape + " (Lk=S)", fns, (2 * B * L * width + 2 * B * S * width) * es
 
     # The video-side cross-attention branch: text k/v Linear, LN + q Linear, core, proj, gated residual.

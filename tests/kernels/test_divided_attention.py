@@ -153,3 +153,31 @@ def test_torch_compile():
     qkv = qkv_input(2, 12, 64, 4, 196, torch.float16, seed=9)
     compiled = torch.compile(lambda x: da.divided_attention(x, 12, 4, "time") + 1, fullgraph=True)
     torch.testing.assert_close(compiled(qkv), da.divided_attention(qkv, 12, 4, "time") + 1)
+
+
+# -- split CLS keys (flash-decoding): the CLS row's keys over several programs, merged by log-sum-exp ----------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2, 5, 9])
+@pytest.mark.parametrize("mode", ["time", "space"])
+def test_split_cls_matches_reference(monkeypatch, mode, splits, dtype):
+    """S = 1 + 3*70 = 211 keys: odd split counts, a last split shorter than the rest, one split (the unsplit path)."""
+    monkeypatch.setattr(da, "CLS_SPLITS", lambda programs, keys: splits)
+    check(qkv_input(2, 2, 16, 3, 70, dtype, seed=splits), 2, 3, mode, dtype)
+
+
+def test_split_cls_more_splits_than_keys(monkeypatch):
+    monkeypatch.setattr(da, "CLS_SPLITS", lambda programs, keys: 64)
+    check(qkv_input(1, 2, 16, 2, 3, torch.float32), 2, 2, "space", torch.float32)  # S = 7: 7 splits of one key
+
+
+def test_split_plan_leaves_no_split_empty():
+    from egovlp_deploy.kernels._triton_common import split_plan
+
+    assert split_plan(9, 4) == (3, 3)  # 3 + 3 + 3: a fourth split of 3 would start past the end
+    assert split_plan(10, 4) == (4, 3)  # 3 + 3 + 3 + 1
+    assert split_plan(7, 64) == (7, 1)
+    assert split_plan(3137, 1) == (1, 3137)
+    for keys in range(1, 60):
+        for want in range(1, 12):
+            splits, per = split_plan(keys, want)
+            assert 1 <= splits <= want and (splits - 1) * per < keys <= splits * per

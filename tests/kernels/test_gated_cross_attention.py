@@ -140,3 +140,34 @@ def test_bf16(Lq, Lk, mask):
 def test_grid_beyond_65535():
     q, k, v, bias = inputs(400, 12, 64, 1 + 4 * 196, 15, torch.float16, "pad", seed=7)  # 400*12*13 tiles > 65,535
     check(q, k, v, bias, 12, torch.float16)
+
+
+# -- split keys (flash-decoding): forced split counts, partial results merged by log-sum-exp -----------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+@pytest.mark.parametrize("B,H,D,Lq,Lk,mask", [(1, 2, 16, 5, 133, None), (2, 2, 16, 3, 61, "pad"),
+                                              (2, 2, 64, 1, 37, "one"), (1, 2, 8, 17, 50, None)])
+def test_split_keys_match_reference(monkeypatch, B, H, D, Lq, Lk, mask, splits, dtype):
+    """Odd split counts, a last split shorter than the others and than a key tile, a masked tail, a single valid key
+    (every other split sees only masked keys), several query tiles, one split (the unsplit path)."""
+    monkeypatch.setattr(gca, "KEY_SPLITS", lambda programs, keys: splits)
+    q, k, v, bias = inputs(B, H, D, Lq, Lk, dtype, mask, seed=splits)
+    check(q, k, v, bias, H, dtype)
+
+
+def test_split_keys_with_every_key_masked(monkeypatch):
+    monkeypatch.setattr(gca, "KEY_SPLITS", lambda programs, keys: 3)
+    q, k, v, _ = inputs(1, 2, 16, 4, 40, torch.float32)
+    check(q, k, v, torch.full((1, 40), NEG, device=DEVICE), 2, torch.float32)
+
+
+def test_text_side_splits_by_default():
+    """The text side at batch 1 (few query tiles, thousands of keys) is split without being told to."""
+    from egovlp_deploy.kernels._triton_common import split_count, split_plan
+
+    splits, per_split = split_plan(3137, split_count(1 * 12 * 1, 3137))
+    assert splits > 1 and (splits - 1) * per_split < 3137 <= splits * per_split
+    assert split_count(12 * 200, 3137) == 1  # the video side: enough programs already
+    q, k, v, _ = inputs(1, 2, 16, 3, 300, torch.float32, seed=9)
+    assert split_count(2, 300) == 2
+    check(q, k, v, None, 2, torch.float32)

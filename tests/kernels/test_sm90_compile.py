@@ -32,15 +32,17 @@ def aot_check(*args: str) -> list[dict]:
 
 def test_every_fp16_autotuning_config_compiles_for_sm90():
     records = aot_check("--dtypes", "fp16", "--all-configs")
-    # 6 divided configs x (packed, not) x (D=64, D=16) + 6 cross configs x (bias, no bias)
-    assert len(records) == 6 * 2 * 2 + 6 * 2
+    # 6 divided configs x (packed, not) x (D=64, D=16) x (CLS split, not) + 6 cross configs x (bias, no bias) x
+    # (split, not) + the split combine at D=64, D=16
+    assert len(records) == 6 * 2 * 2 * 2 + 6 * 2 * 2 + 2
     assert all(r["cubin_bytes"] > 1000 for r in records)
 
 
 def test_bf16_and_fp32_compile_for_sm90():
     records = aot_check("--dtypes", "bf16,fp32")
     assert {r["dtype"] for r in records} == {"bf16", "fp32"}
-    assert {r["config"]["PRECISION"] for r in records if r["dtype"] == "fp32"} == {"ieee"}
+    assert {r["config"]["PRECISION"] for r in records if r["dtype"] == "fp32" and r["kernel"] != "combine_splits"} \
+        == {"ieee"}  # the split combine has no dot
 
 
 def test_interpreter_is_refused():
