@@ -43,6 +43,8 @@ def add_arguments(p) -> None:
                    help="comma list of attention paths for the torch backend: auto (Triton kernels on CUDA, "
                         "reference math on CPU), reference (plain eager PyTorch), sdpa, triton; each is its own row, "
                         "labelled torch/<path> unless auto (default: auto)")
+    p.add_argument("--torch-graphs", default=None, metavar="LIST",
+                   help="torch backend: off, on or off,on (CUDA graphs; default: off,on on cuda, off elsewhere)")
     p.add_argument("--ks", default="5,20", metavar="LIST", help="re-ranked clip counts (default: 5,20)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per stage (default: 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
@@ -193,14 +195,19 @@ def run(args) -> int:
         rows.append({"stage": "decode+preprocess", "backend": "-", "precision": "-", "frames": f, "k": 1, **stat,
                      "note": pipe.preprocessing})
         clips = pipe.clips(video, windows[:1])
-        runs = [(b, a) for b in backends for a in (csv(args.torch_attention) if b == "torch" else ["auto"])]
-        for backend, attention in runs:
+        graph_modes = csv(args.torch_graphs or ("off,on" if args.device.startswith("cuda") else "off"))
+        if set(graph_modes) - {"off", "on"}:
+            raise ValueError(f"--torch-graphs takes off, on or off,on; got {args.torch_graphs!r}")
+        runs = [(b, a, g == "on") for b in backends
+                for a in (csv(args.torch_attention) if b == "torch" else ["auto"])
+                for g in (graph_modes if b == "torch" else ["off"])]
+        for backend, attention, graphs in runs:
             for precision in precisions:
                 try:
                     rows += _bench_backend(engines, backend, precision, args.device, args.threads, f, ks, clips,
-                                           iters, warmup, parity, attention=attention)
+                                           iters, warmup, parity, attention=attention, graphs=graphs)
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
-                    rows.append({"stage": "unavailable", "backend": _label(backend, attention),
+                    rows.append({"stage": "unavailable", "backend": _label(backend, attention, graphs),
                                  "precision": precision, "frames": f, "note": str(exc)[:300]})
     gmacs = gmac_comparison("base", (4, 16))
     meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
@@ -215,31 +222,33 @@ def run(args) -> int:
     return 0
 
 
-def _label(backend: str, attention: str) -> str:
-    """A row's backend column: torch/<path> when the torch backend runs a non-default attention path."""
-    return backend if attention == "auto" else f"{backend}/{attention}"
+def _label(backend: str, attention: str, graphs: bool = False) -> str:
+    """A row's backend column: torch/<path> when the torch backend runs a non-default attention path, +graphs when
+    its calls replay CUDA graphs."""
+    return (backend if attention == "auto" else f"{backend}/{attention}") + ("+graphs" if graphs else "")
 
 
 def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, iters, warmup, parity,
-                   attention: str = "auto") -> list[dict]:
+                   attention: str = "auto", graphs: bool = False) -> list[dict]:
     import torch
 
     from .engines import Runtime
 
     rows = []
     rt = Runtime(engines, backend=backend, precision=precision, device=device, threads=threads, warmup=False,
-                 attention=attention)
+                 attention=attention, graphs=graphs)
     query_ids = np.array([[0] + list(range(10, 21)) + [2]], np.int64)  # 13 tokens, a typical narration length
     query_mask = np.ones_like(query_ids)
-    tag = {"backend": _label(backend, attention), "precision": precision, "frames": f}
+    tag = {"backend": _label(backend, attention, graphs), "precision": precision, "frames": f}
 
     def cold(role, inputs):
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             r = rt.runner(role)
             r(**inputs)
+        provider = r.provider + (f" ({r.graphs.status()})" if getattr(r, "graphs", None) else "")
         return {"cold_start_ms": (time.perf_counter() - t0) * 1e3, "load_peak_rss_mib": round(mem.peak / 2**20, 1),
-                "provider": r.provider}
+                "provider": provider}
 
     info = cold("video_encoder", {"video": clips})
     rows.append({"stage": "video encode", "k": 1, **tag, **info,

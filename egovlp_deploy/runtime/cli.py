@@ -49,6 +49,9 @@ def _engine_options(parser, required: bool = True) -> None:
                    help="tokenizer directory (default: ENGINES/tokenizer, else the training run's RUN/tokenizer)")
     g.add_argument("--checkpoint", metavar="CKPT", help="torch backend only: the checkpoint (default: the one the "
                                                         "manifest names; its sha256 must match)")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="torch backend only: capture each call once per input shape into a CUDA graph and replay it "
+                        "(on a CPU device it runs eagerly and says so)")
 
 
 def _runtime(args, engines: str | None = None):
@@ -56,12 +59,14 @@ def _runtime(args, engines: str | None = None):
 
     warnings.simplefilter("always", ProviderFallbackWarning)
     return Runtime(engines or args.engines, backend=args.backend, precision=args.precision, device=args.device,
-                   threads=args.threads, tokenizer=args.tokenizer, checkpoint=getattr(args, "checkpoint", None))
+                   threads=args.threads, tokenizer=args.tokenizer, checkpoint=getattr(args, "checkpoint", None),
+                   graphs=getattr(args, "cuda_graphs", False))
 
 
 def _print_backend(rt, stream=sys.stderr) -> None:
     for r in rt.describe():
-        print(f"  {r['role']:<20} {r['backend']} / {r['provider']} / {r['precision']}", file=stream)
+        graphs = f" / {r['graphs']}" if "graphs" in r else ""
+        print(f"  {r['role']:<20} {r['backend']} / {r['provider']} / {r['precision']}{graphs}", file=stream)
 
 
 # -- index ------------------------------------------------------------------------------------------------------

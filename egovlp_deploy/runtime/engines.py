@@ -15,7 +15,8 @@ CPU when the CUDA/TensorRT libraries are missing (TOOLCHAIN.md): the requested p
 Backends, all lazily imported so a missing one is an error only when it is asked for:
 - `onnxruntime`: CPU, CUDA or TensorRT execution providers; on CUDA the inputs and outputs go through IOBinding
   (device buffers, no host round trip for the outputs that stay on the device).
-- `torch`: the model in eager PyTorch (optionally `torch.compile`), with the Triton attention kernels on CUDA. It
+- `torch`: the model in eager PyTorch (optionally `torch.compile`), with the Triton attention kernels on CUDA, and
+  with `graphs=True` each call captured once per input shape into a CUDA graph and replayed (runtime/graphs.py). It
   needs the weights, which an export folder does not hold: they come from the checkpoint the manifest names (or
   `checkpoint=`), and its sha256 must equal the manifest's, so the torch backend computes the same model.
 - `aoti`: AOTInductor packages listed in the manifest (`egovlp-deploy export --format aoti`).
@@ -194,14 +195,21 @@ class OrtRunner(_Runner):
 
 
 class TorchRunner(_Runner):
-    """Eager PyTorch over the role modules of the export specs (the same forward the ONNX graphs were traced from)."""
+    """Eager PyTorch over the role modules of the export specs (the same forward the ONNX graphs were traced from).
+
+    With `graphs`, calls go through a `GraphCache`: the text length of text inputs is padded up to a bucket first
+    (padding token, mask 0, zero states: the padded keys get zero attention weight), and text-length outputs are cut
+    back, so one graph serves every query length of its bucket."""
 
     backend = "torch"
 
-    def __init__(self, model, role: str, io: dict, precision: str, device: str, compile: bool):
+    def __init__(self, model, role: str, io: dict, precision: str, device: str, compile: bool,
+                 graphs: bool = False, max_graphs: int = 8):
         import torch
 
         from egovlp_deploy.export.specs import role_module
+
+        from .graphs import GraphCache
 
         t0 = time.perf_counter()
         self.role, self.precision, self.io = role, precision, io
@@ -209,10 +217,38 @@ class TorchRunner(_Runner):
         self.dtype = next(model.parameters()).dtype  # fp16 only on CUDA (see Runtime.torch_model)
         self.module = role_module(model, role)
         self.call = torch.compile(self.module, dynamic=True) if compile else self.module
+        self.graphs = GraphCache(self.call, self.device, max_graphs) if graphs else None
+        self.pad_token_id = model.config.text.pad_token_id
+        self.max_text_len = int(io.get("dynamic", {}).get("text_len", [1, model.config.text.max_text_length])[1])
         attention = model.attention_backend
         self.provider = f"{self.device.type} eager" + (" + compile" if compile else "") + f" ({attention} attention)"
         self.output_names = [t["name"] for t in io["outputs"]]
         self.load_seconds = time.perf_counter() - t0
+
+    def describe(self) -> dict:
+        info = super().describe()
+        if self.graphs is not None:
+            info["graphs"] = self.graphs.status()
+        return info
+
+    def _pad_text(self, args: dict) -> int | None:
+        """Pads every text-length input to the bucket of its length; returns the true length (None: no text)."""
+        from .graphs import bucket_length
+
+        length = None
+        for spec in self.io["inputs"]:
+            if "text_len" not in spec["shape"]:
+                continue
+            axis = spec["shape"].index("text_len")
+            x = args[spec["name"]]
+            length = x.shape[axis]
+            pad = bucket_length(length, self.max_text_len) - length
+            if pad:
+                fill = (self.pad_token_id if spec["name"] == "input_ids" else 0)
+                shape = list(x.shape)
+                shape[axis] = pad
+                args[spec["name"]] = self.torch.cat((x, x.new_full(shape, fill)), dim=axis)
+        return length
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         torch = self.torch
@@ -221,10 +257,16 @@ class TorchRunner(_Runner):
             x = torch.from_numpy(np.ascontiguousarray(inputs[spec["name"]]))
             x = x.to(self.device, torch.long if spec["dtype"] == "int64" else self.dtype, non_blocking=True)
             args[spec["name"]] = x
+        length = self._pad_text(args) if self.graphs is not None else None
         with torch.inference_mode():
-            out = self.call(**args)
+            out = (self.graphs or self.call)(**args)
         out = out if isinstance(out, (tuple, list)) else (out,)
-        return {n: t.float().cpu().numpy() for n, t in zip(self.output_names, out)}
+        result = {}
+        for spec, t in zip(self.io["outputs"], out):
+            if length is not None and "text_len" in spec["shape"]:
+                t = t.narrow(spec["shape"].index("text_len"), 0, length)
+            result[spec["name"]] = t.float().cpu().numpy()  # a copy: graph outputs are reused by the next call
+        return result
 
 
 class AotiRunner(_Runner):
@@ -423,9 +465,14 @@ class Runtime:
     def __init__(self, engines: str | os.PathLike, backend: str = "onnxruntime", precision: str = "fp32",
                  device: str = "cpu", threads: int | None = None, tokenizer: str | os.PathLike | None = None,
                  checkpoint: str | None = None, compile: bool = False, warmup: bool = True,
-                 attention: str = "auto"):
+                 attention: str = "auto", graphs: bool = False, max_graphs: int = 8):
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if graphs and backend != "torch":
+            raise EngineError(f"CUDA graphs are a torch-backend option (runtime/graphs.py), not {backend!r}'s")
+        if max_graphs < 1:
+            raise EngineError(f"max_graphs must be >= 1, got {max_graphs}")
+        self.graphs, self.max_graphs = graphs, max_graphs
         from egovlp_deploy.config import ATTENTION_BACKENDS
 
         if attention not in ATTENTION_BACKENDS:
@@ -502,7 +549,8 @@ class Runtime:
 
                 torch.set_num_threads(self.threads)
             io = io_entry(role, self.folder.config, self.precision, self.folder.max_batch, self.folder.max_text_len)
-            r = TorchRunner(self.torch_model, role, io, self.precision, self.device, self.compile)
+            r = TorchRunner(self.torch_model, role, io, self.precision, self.device, self.compile,
+                            graphs=self.graphs, max_graphs=self.max_graphs)
         elif self.backend == "aoti":
             r = AotiRunner(self.folder, role, self.precision, self.device)
         else:
