@@ -151,6 +151,7 @@ def add_module_command(sub, name: str, module, help: str, description: str | Non
 # `egovlp-deploy bench TARGET`: each target is a module with DESCRIPTION, add_arguments(parser) and run(args) -> int.
 BENCH_TARGETS = {
     "kernels": ("egovlp_deploy.kernels.bench.kernel_bench", "Triton attention kernels vs reference, SDPA, compile"),
+    "profile": ("egovlp_deploy.kernels.bench.encoder_profile", "where the dual video encoder's time goes (profiler)"),
     "preprocess": ("egovlp_deploy.kernels.bench.preprocess_bench", "C++ clip preprocessing vs the torch reference"),
     "export": ("egovlp_deploy.export.bench", "exported artifacts at B=1: ONNX Runtime CPU fp32/int8 vs PyTorch eager"),
     "e2e": ("egovlp_deploy.runtime.bench", "end to end: decode+preprocess, encoders, cached vs monolithic re-rank"),

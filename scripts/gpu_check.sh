@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # GPU check, one call on a GPU machine, at most 9.5 minutes (run with timeout_s 600). In order of what matters most:
-#   install the package -> end to end at F=16 fp16, batch 1 (issue 7): `bench e2e` of torch with the Triton
-#   kernels next to eager PyTorch (reference attention) -> GPU kernel tests (compiled Triton, fixed tiles; in the
+#   install the package -> `bench profile` of the base video encoder at B=1, F=16, fp16 (where the time goes) ->
+#   end to end at F=16 fp16, batch 1: `bench e2e` of torch with the Triton kernels next to eager PyTorch (reference
+#   attention), each with and without CUDA graphs -> GPU tests (compiled Triton, fixed tiles, CUDA graphs; in the
 #   background from here on) beside the AOTInductor CUDA packages of the tiny model and their `bench e2e` ->
-#   `bench kernels` at B=1, F=16 with the full base video encoder (issue 4) -> the rest of the kernel sweep.
+#   `bench kernels` at B=1, F=16 with the full base video encoder (split keys vs `triton-1split`) -> the sweep.
 # Known (H100, torch 2.11.0+cu130, 2026-11-28): the AOTInductor CUDA packages build but do not load (SIGSEGV in the
 # building process, no return in a fresh one; BENCHMARKS.md); scripts/aoti_crash_probe.sh gets the native stacks.
 # Usage (repository root, CUDA machine, no internet):  OUT=/some/dir bash scripts/gpu_check.sh
@@ -12,7 +13,8 @@
 #   CUDA build tried, on an H100 on 2026-11-27, died with a segmentation fault).
 # Wheels the image lacks (PyAV, for the decode stage) may travel in .whl/ (see BENCHMARKS.md); they are installed
 # into /tmp/site first.
-# Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
+# Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, profile{.log,/profile.{json,md,png}},
+# pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
 # e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
 # bench_sweep.log + bench_sweep/kernels.{json,md,png}.
 # Every step has its own time cap, and all together stop by GPU_CHECK_SECONDS (default 570); the kernel benchmark
@@ -34,7 +36,7 @@ REPO=$(pwd)
 # The benchmarks stamp their JSON with this: they run an installed copy from $OUT, away from the checkout.
 EGOVLP_GIT_SHA=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) && export EGOVLP_GIT_SHA
 start=$SECONDS
-STEPS=",${STEPS:-tests,e2e,aoti,kernels,sweep},"
+STEPS=",${STEPS:-profile,tests,e2e,aoti,kernels,sweep},"
 want() { [[ $STEPS == *",$1,"* ]]; }
 TOTAL=${GPU_CHECK_SECONDS:-570}
 # A step's time limit: its own cap, or what is left of TOTAL if less (at least 1 s: `timeout 0` means no limit).
@@ -70,13 +72,20 @@ cd "$OUT"
 # the image's onnxruntime is CPU-only, so no ONNX rows here). Export folders stay outside $OUT (the reply carries a
 # limited number of files). Every step runs under a timeout: a native crash or hang must not take the later
 # steps with it.
+if want profile; then
+  timeout "$(cap 90)" "$PY" -m egovlp_deploy.cli bench profile --model base --frames 16 --batch 1 --dtype fp16 \
+    --attention triton --iters 20 --out "$OUT/profile" > "$OUT/profile.log" 2>&1
+  step "profile base video encoder" $?; grep -E "^\|" "$OUT/profile/profile.md" 2>/dev/null | head -12 | cut -c1-140
+fi
+
 E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 5,20 --iters 100 --warmup 10)
 if want e2e; then
   timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \
     --roles text_encoder --ort-optimize never --out /tmp/e2e_torch_engines > "$OUT/e2e_torch_export.log" 2>&1
   step "e2e torch export" $?
-  timeout "$(cap 100)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
-    --backends torch --torch-attention auto,reference --out "$OUT/e2e_torch" > "$OUT/e2e_torch.log" 2>&1
+  timeout "$(cap 150)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
+    --backends torch --torch-attention auto,reference --torch-graphs off,on --out "$OUT/e2e_torch" \
+    > "$OUT/e2e_torch.log" 2>&1
   step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
   rm -f "$OUT/e2e_torch/bench_video.mp4"
 fi
@@ -89,6 +98,7 @@ tests_rc=0
 if want tests; then
   EGOVLP_TRITON_AUTOTUNE=0 timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
     ${PYTEST_K:+-k "$PYTEST_K"} "$REPO/tests/kernels" "$REPO/tests/model/test_attention_backend.py" \
+    "$REPO/tests/runtime/test_graphs.py" \
     > "$OUT/pytest.log" 2>&1 &
   tests_pid=$!
 fi
