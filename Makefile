@@ -11,8 +11,11 @@ PIP := $(PY) -m pip --disable-pip-version-check
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,cpu
 LOCK := requirements.lock
-# Every install below is held to the lock; `make test-latest` empties this.
-CONSTRAINTS ?= --constraint $(LOCK)
+# The lock was resolved for Linux x86_64 with this torch: every install below is held to it there. With another
+# torch (a CUDA build pins its own triton) or on another machine (no decord wheel on aarch64) the versions are
+# resolved from pyproject.toml instead; `make test-latest` empties this too.
+LOCKED_TORCH := torch==2.13.0
+CONSTRAINTS ?= $(if $(and $(filter $(LOCKED_TORCH),$(TORCH_SPEC)),$(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m))),--constraint $(LOCK))
 DEPS_STAMP := $(VENV)/.deps-installed
 PKG_STAMP := $(VENV)/.package-installed
 SOURCES := $(shell find egovlp_deploy kernels export trainer -type f -not -path '*/__pycache__/*' 2>/dev/null) \

@@ -36,9 +36,14 @@ _installed = _installed_copy_spec()
 if _installed is not None:
     from importlib.util import module_from_spec as _module_from_spec
 
-    # The import statement returns whatever sys.modules holds under this name once this file has run.
+    # The import statement returns whatever sys.modules holds under this name once this file has run. Edits to the
+    # source folder reach this process only through a rebuild (`make setup`) or an editable install.
     _sys.modules[__name__] = _module = _module_from_spec(_installed)
-    _installed.loader.exec_module(_module)
+    _installed._initializing = True  # what the import system marks while a module runs (other threads wait)
+    try:
+        _installed.loader.exec_module(_module)
+    finally:
+        _installed._initializing = False
 else:
     from .checkpoint import CheckpointError
     from .config import ConfigError, EgoVLPv2Config

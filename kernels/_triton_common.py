@@ -141,7 +141,7 @@ MAX_SPLITS = 64
 
 def split_count(programs, keys) -> int:
     """How many key splits for `programs` unsplit programs over `keys` keys each. A symbolic size (dynamic-shape
-    tracing) keeps one split: choosing by it would put a guard on the shape."""
+    export, `torch.compile(dynamic=True)`) keeps one split: choosing by it would put a guard on the shape."""
     if not (isinstance(programs, int) and isinstance(keys, int)):
         return 1
     if programs >= SPLIT_TARGET_PROGRAMS or keys < 2 * SPLIT_MIN_KEYS:
@@ -149,9 +149,12 @@ def split_count(programs, keys) -> int:
     return max(1, min(triton.cdiv(SPLIT_TARGET_PROGRAMS, programs), keys // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
-def split_plan(keys: int, splits: int) -> tuple[int, int]:
-    """(splits, keys per split) with no empty split: `splits` is lowered where an even share leaves one empty."""
-    per_split = triton.cdiv(keys, max(1, min(int(splits), keys)))
+def split_plan(keys, splits: int) -> tuple[int, int]:
+    """(splits, keys per split) with no empty split: `splits` is lowered where an even share leaves one empty.
+    One split is (1, keys) without arithmetic on `keys`, which may be symbolic."""
+    if splits <= 1:
+        return 1, keys
+    per_split = triton.cdiv(keys, min(int(splits), keys))
     return triton.cdiv(keys, per_split), per_split
 
 
@@ -165,7 +168,12 @@ def split_workspace(rows: int, splits: int, block_d: int, device) -> tuple[torch
 
 @triton.jit
 def store_split(m_ws, l_ws, acc_ws, slot, rmask, m_i, l_i, acc, BLOCK_D: tl.constexpr):
-    """Write one program's partial state: slot (BM,) int64 workspace rows."""
+    """Write one program's partial state: slot (BM,) int64 workspace rows. A row whose keys in this split all
+    scored -inf (an -inf bias) carries NaN from exp(-inf - -inf); it is stored as the empty state (l = 0, acc = 0)
+    so the merge gives it weight 0 instead of NaN."""
+    empty = m_i == float("-inf")
+    l_i = tl.where(empty, 0.0, l_i)
+    acc = tl.where(empty[:, None], 0.0, acc)
     tl.store(m_ws + slot, m_i, mask=rmask)
     tl.store(l_ws + slot, l_i, mask=rmask)
     offs_d = tl.arange(0, BLOCK_D)

@@ -286,7 +286,9 @@ def _divided_attention_op(qkv: torch.Tensor, heads: int, num_frames: int, mode: 
     if launch_skipped(qkv):
         return out
 
-    cls_splits, cls_keys_per_split = split_plan(S, CLS_SPLITS(B * heads, S))
+    # Symbolic sizes (dynamic-shape export) keep one split, decided without touching them (no shape guard).
+    wanted = CLS_SPLITS(B * heads, S) if isinstance(B, int) and isinstance(S, int) else 1
+    cls_splits, cls_keys_per_split = split_plan(S, wanted)
     num_cls = B * heads * cls_splits
     block_d = head_block(D)
     workspace = split_workspace(B * heads, cls_splits, block_d, qkv.device) if cls_splits > 1 else (out, out, out)

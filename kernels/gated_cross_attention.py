@@ -168,15 +168,18 @@ def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
         torch._check(bias.is_floating_point(), lambda: f"bias must be an additive float mask, got {bias.dtype}")
     D = C // heads
     out = new_output((B, Lq, C), q)
-    config = FIXED_CONFIG(Lq, Lk)
-    meta = {} if autotuning() else fixed_launch(config)
+    meta = {} if autotuning() else fixed_launch(FIXED_CONFIG(Lq, Lk))
 
     if launch_skipped(q):
         return out
 
     # Split before the autotuner picks a tile: the workspace is indexed by query row, so the plan fits every config
-    # (the program count assumes the fixed config's query tile).
-    splits, keys_per_split = split_plan(Lk, KEY_SPLITS(B * heads * triton.cdiv(Lq, config["BLOCK_M"]), Lk))
+    # (the program count assumes the fixed config's query tile). Symbolic sizes (dynamic-shape export) keep one
+    # split, decided without touching them: any comparison would put a guard on the shape.
+    wanted = 1
+    if all(isinstance(n, int) for n in (B, Lq, Lk)):
+        wanted = KEY_SPLITS(B * heads * triton.cdiv(Lq, FIXED_CONFIG(Lq, Lk)["BLOCK_M"]), Lk)
+    splits, keys_per_split = split_plan(Lk, wanted)
     block_d = head_block(D)
     workspace = split_workspace(B * heads * Lq, splits, block_d, q.device) if splits > 1 else (out, out, out)
 

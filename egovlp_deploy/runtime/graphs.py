@@ -8,9 +8,9 @@ every signature (input names, shapes, dtypes) gets its own graph with its own st
     graphs = GraphCache(fn, device)          # fn(**tensors) -> tensor or tuple of tensors
     out = graphs(video=x)                    # capture on the first call of this signature, replay after
 
-The outputs are the static buffers: valid until the next call (copy them before calling again). At most
-`max_graphs` signatures are kept (least recently used first out), since each holds its activations' memory; a
-signature whose capture failed runs eagerly from then on, and `status()` says why. On a CPU device nothing is
+The outputs are the static buffers: valid until the next call (copy them before calling again). The graphs of one
+cache share one memory pool (replays never overlap), and at most `max_graphs` signatures are kept (least recently
+used first out); a signature whose capture failed runs eagerly from then on, and `status()` says why. On a CPU device nothing is
 captured. The text length varies with every query: `bucket_length` pads it to a multiple of `TEXT_BUCKET` so a
 few graphs serve all queries (`TorchRunner` pads and cuts back).
 """
@@ -109,6 +109,10 @@ class GraphCache:
         while len(self.graphs) >= self.max_graphs:
             self.graphs.popitem(last=False)
             self.counts["evictions"] += 1
+        if not self.graphs:
+            # A pool whose graphs are all gone cannot take a new capture while a block of it is still held (e.g.
+            # by a caller keeping the last outputs): start a new one.
+            self._pool = None
         static = {name: x.clone() for name, x in inputs.items()}
         try:
             if self._pool is None and self.device.type == "cuda":

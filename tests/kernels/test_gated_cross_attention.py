@@ -171,3 +171,47 @@ def test_text_side_splits_by_default():
     q, k, v, _ = inputs(1, 2, 16, 3, 300, torch.float32, seed=9)
     assert split_count(2, 300) == 2
     check(q, k, v, None, 2, torch.float32)
+
+
+_DYNAMIC_EXPORT = """
+import torch
+from egovlp_deploy.kernels import divided_attention as da, gated_cross_attention as gca
+from egovlp_deploy.kernels._triton_common import autotuning
+assert autotuning()  # the GPU's launch path (the interpreter returns before planning splits)
+
+class Both(torch.nn.Module):
+    def forward(self, video_q, text_kv, bias, text_q, video_kv, qkv):
+        video_side = gca.cross_attention(video_q, *text_kv.chunk(2, dim=-1), 2, bias=bias)
+        text_side = gca.cross_attention(text_q, *video_kv.chunk(2, dim=-1), 2)
+        return video_side, text_side, da.divided_attention(qkv, 2, 4, "space")
+
+B, L = torch.export.Dim("batch", min=1, max=8), torch.export.Dim("text_len", min=1, max=64)
+args = (torch.randn(2, 37, 32), torch.randn(2, 7, 64), torch.zeros(2, 7), torch.randn(2, 7, 32),
+        torch.randn(2, 301, 64), torch.randn(2, 1 + 4 * 75, 96))
+shapes = ({0: B}, {0: B, 1: L}, {0: B, 1: L}, {0: B, 1: L}, {0: B}, {0: B})
+ep = torch.export.export(Both(), args, dynamic_shapes=shapes, strict=False)
+print("ops", sum("egovlp" in str(n.target) for n in ep.graph.nodes))
+"""
+
+
+def test_dynamic_shape_export_plans_no_splits_on_symbolic_sizes():
+    """With a symbolic batch and text length, the ops trace without a guard on them (one split is chosen without
+    comparing symbolic sizes). Runs the GPU's launch path, i.e. without the interpreter, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EGOVLP_TRITON_AUTOTUNE")}
+    out = subprocess.run([sys.executable, "-c", _DYNAMIC_EXPORT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "ops 3"
+
+
+def test_split_keys_with_minus_infinity_bias(monkeypatch):
+    """An -inf bias (the op accepts any float mask) over whole splits: those splits are empty states, not NaN."""
+    monkeypatch.setattr(gca, "KEY_SPLITS", lambda programs, keys: 4)
+    q, k, v, _ = inputs(2, 2, 16, 5, 80, torch.float32, seed=8)
+    bias = torch.zeros(2, 80, device=DEVICE)
+    bias[:, 30:] = float("-inf")  # splits 2-4 (keys 20-79) are masked from key 30 on, the last two entirely
+    check(q, k, v, bias, 2, torch.float32)

@@ -165,3 +165,17 @@ def test_cuda_graphs_equal_eager_on_the_gpu(engines, precision):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-3, err_msg=name)
     status = graphed.runner("video_encoder").describe()["graphs"]
     assert "captured" in status and "eager" not in status, status
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (graph capture)")
+def test_cuda_graph_eviction_with_outputs_still_held():
+    """max_graphs=1: every new signature evicts the only graph while the caller still holds its outputs; the next
+    capture must not reuse the emptied pool (a PyTorch assert, which would silently turn the cache eager)."""
+    cache = GraphCache(lambda x: (x * 2 + 1,), "cuda", max_graphs=1)
+    held = []
+    for n in (3, 5, 3, 7):
+        x = torch.randn(n, 64, device="cuda")
+        out = cache(x=x)[0]
+        assert torch.equal(out, x * 2 + 1)
+        held.append(out)
+    assert cache.counts["captures"] == 4 and not cache.failed, cache.status()
