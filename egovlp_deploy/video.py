@@ -177,11 +177,23 @@ class _DecordVideo:
         decord = import_decord()
         self._errors = (RuntimeError, decord.DECORDError)
         self.path = path
+        self._fd = None
+        name = str(path)
+        if not _utf8(name):
+            # decord hands the name to C as UTF-8, which a name in another encoding (os.fsdecode's surrogates)
+            # cannot be: open the file and give decord the descriptor's ASCII /proc path instead (Linux).
+            self._fd = os.open(path, os.O_RDONLY)
+            name = f"/proc/self/fd/{self._fd}"
+            if not os.path.exists(name):
+                self.close()
+                raise VideoReadError(path, CORRUPT, "decord cannot open a file whose name is not UTF-8 on this "
+                                                    "system; use the PyAV decoder")
         try:
-            self._reader = decord.VideoReader(str(path), num_threads=1)
+            self._reader = decord.VideoReader(name, num_threads=1)
             self.num_frames = len(self._reader)
             self.fps = float(self._reader.get_avg_fps())
         except self._errors as exc:
+            self.close()
             raise VideoReadError(path, CORRUPT, f"cannot open the video ({_first_line(exc)})") from exc
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
@@ -194,6 +206,17 @@ class _DecordVideo:
 
     def close(self) -> None:
         self._reader = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class _PyAVVideo:

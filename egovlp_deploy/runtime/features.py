@@ -11,15 +11,20 @@
 Windows: `--frames F --stride S` in source frames (the official feature convention: 16-frame windows, stride 16, at
 the video's own rate); the engine's own frame count is sampled uniformly inside each window.
 
-Output: OUT/<video stem>.safetensors (or .npz-free `.npy` files per tensor with --format npy), written atomically;
-the run skips videos whose output exists with the same settings and model (resumable), and rewrites the others.
+Output: OUT/<name>.safetensors (or `.npy` files per tensor with --format npy) and the sidecar OUT/<name>.json,
+written atomically. <name> is the video's stem (`<folder>_<stem>` for the EgoClip chunk layout `<uid>/<n>.mp4`),
+with `-<8 hex of the source path's sha256>` appended where two inputs of the run share it or OUT already holds that
+name for another source, so no two videos ever share an output. A video is skipped only when its output exists
+for the same source file (path, size, mtime) with the same settings and model (resumable); the others are written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +35,36 @@ from .pipeline import ClipPipeline, check_video_file, plan_windows
 MODES = ("dual", "fusion")
 
 
-def _output_name(path: Path) -> str:
-    # The EgoClip chunked layout names files <uid>/0.mp4: use the folder name there.
-    return path.parent.name if path.stem.isdigit() else path.stem
+def _base_name(path: Path) -> str:
+    # The EgoClip chunked layout names files <uid>/<n>.mp4: the stem alone would not say which video.
+    return f"{path.parent.name}_{path.stem}" if path.stem.isdigit() else path.stem
+
+
+def _source(path: Path) -> dict:
+    """What identifies a source file: its resolved path, size and modification time."""
+    st = path.stat()
+    return {"path": str(path.resolve()), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _recorded_source(out: Path, name: str) -> str | None:
+    try:
+        return json.loads((out / f"{name}.json").read_text()).get("source", {}).get("path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
+    """A distinct output name per input path (see the module docstring); the same file given twice is one input."""
+    base = {p: _base_name(p) for p in paths}
+    shared = Counter(base.values())
+    names = {}
+    for p, name in base.items():
+        source = str(p.resolve())
+        recorded = _recorded_source(out, name)
+        if shared[name] > 1 or (recorded is not None and recorded != source):
+            name = f"{name}-{hashlib.sha256(os.fsencode(source)).hexdigest()[:8]}"
+        names[p] = name
+    return names
 
 
 def _settings(runtime: Runtime, mode: str, frames: int, stride: int, queries: list[str]) -> dict:
@@ -40,15 +72,17 @@ def _settings(runtime: Runtime, mode: str, frames: int, stride: int, queries: li
             "engine_frames": runtime.folder.config.video.num_frames, "queries": queries if mode == "fusion" else []}
 
 
-def _done(out: Path, name: str, fmt: str, settings: dict) -> bool:
+def _done(out: Path, name: str, fmt: str, settings: dict, source: dict) -> bool:
     meta = out / f"{name}.json"
-    data_file = out / (f"{name}.safetensors" if fmt == "safetensors" else f"{name}.features.npy")
+    key = "features" if settings["mode"] == "dual" else "video_cls"
+    data_file = out / (f"{name}.safetensors" if fmt == "safetensors" else f"{name}.{key}.npy")
     if not (meta.is_file() and data_file.is_file()):
         return False
     try:
-        return json.loads(meta.read_text()).get("settings") == settings
+        recorded = json.loads(meta.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return False
+    return recorded.get("settings") == settings and recorded.get("source") == source
 
 
 def _write(out: Path, name: str, fmt: str, tensors: dict[str, np.ndarray], meta: dict) -> None:
@@ -85,28 +119,32 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
         raise ValueError("fusion features depend on the query: give --query TEXT (repeatable) or --queries FILE")
     if not videos:
         raise ValueError("no videos given")
-    paths = [check_video_file(v) for v in videos]
+    paths = list(dict.fromkeys(check_video_file(v) for v in videos))  # the same path twice is one input
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = runtime.folder.config.video
     pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)
     settings = _settings(runtime, mode, frames, stride, queries)
     text = runtime.text_encoder.encode(queries) if mode == "fusion" else None
+    names = output_names(paths, out)
+    todo, skipped = [], 0
+    for path in paths:
+        source = _source(path)
+        if _done(out, names[path], fmt, settings, source):
+            skipped += 1
+            continue
+        windows, fps = plan_windows(path, cfg.num_frames, window_frames=frames, stride_frames=stride,
+                                    backend=decode_backend)
+        todo.append((path, source, windows, fps))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(paths), unit="video", desc=f"features ({mode})", dynamic_ncols=True)
-    written, skipped, windows_total, t0 = 0, 0, 0, time.perf_counter()
-    for path in paths:
-        name = _output_name(path)
-        if _done(out, name, fmt, settings):
-            skipped += 1
-            if bar is not None:
-                bar.update(1)
-            continue
-        windows, fps = plan_windows(path, cfg.num_frames, window_frames=frames, stride_frames=stride,
-                                    backend=decode_backend)
+        bar = tqdm(total=sum(len(w) for _, _, w, _ in todo), unit="window", desc=f"features ({mode})",
+                   dynamic_ncols=True)
+    written, windows_total, t0 = 0, 0, time.perf_counter()
+    for path, source, windows, fps in todo:
+        name = names[path]
         tensors: dict[str, list] = {}
         for i in range(0, len(windows), batch):
             clips = pipe.clips(path, windows[i:i + batch])
@@ -121,22 +159,22 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
                     tok.append(t)
                 tensors.setdefault("video_cls", []).append(np.stack(cls))  # (Q, b, Dv)
                 tensors.setdefault("text_tokens", []).append(np.stack(tok))  # (Q, b, L, Dt)
+            if bar is not None:
+                bar.update(len(clips))
         axis = 0 if mode == "dual" else 1
         result = {k: np.concatenate(v, axis=axis).astype(np.float32) for k, v in tensors.items()}
         result["timestamps"] = np.array([[w.start_sec, w.end_sec] for w in windows], np.float64)
         if mode == "fusion":
             result["text_mask"] = text.mask.astype(np.int64)
-        meta = {"video": str(path.resolve()), "fps": fps, "windows": len(windows), "settings": settings,
-                "shapes": {k: list(v.shape) for k, v in result.items()}}
+        meta = {"video": source["path"], "source": source, "fps": fps, "windows": len(windows),
+                "settings": settings, "shapes": {k: list(v.shape) for k, v in result.items()}}
         _write(out, name, fmt, result, meta)
         written += 1
         windows_total += len(windows)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(windows=windows_total)
     if bar is not None:
         bar.close()
     return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total, "mode": mode,
+            "outputs": {str(p): names[p] for p in paths},
             "seconds": round(time.perf_counter() - t0, 2), "backend": runtime.summary()}
 
 

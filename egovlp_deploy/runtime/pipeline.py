@@ -114,7 +114,7 @@ class ClipPipeline:
         """uint8 (B, F, H, W, 3); every distinct frame decoded once."""
         t0 = time.perf_counter()
         flat = [i for w in windows for i in w.indices]
-        frames = read_frames(path, flat)  # (B*F, H, W, 3)
+        frames = read_frames(path, flat, self.backend)  # (B*F, H, W, 3)
         out = frames.view(len(windows), self.frames, *frames.shape[1:])
         self.times.add("decode", time.perf_counter() - t0, len(windows))
         return out

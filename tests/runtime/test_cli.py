@@ -36,14 +36,14 @@ def test_index_search_mcq_features(engines, video_root, mcq_json, tmp_path, caps
     assert main(["features", *vids[:2], "--engines", str(engines), "--out", str(feats), "--frames", "8",
                  "--stride", "8", "--quiet"]) == 0
     capsys.readouterr()
-    a = load_file(str(feats / "vid_a.safetensors"))
+    a = load_file(str(feats / "vid_a_0.safetensors"))
     assert a["features"].shape == (4, 128) and a["timestamps"].shape == (4, 2)  # 30 frames / 8, last one clipped
     assert main(["features", *vids[:2], "--engines", str(engines), "--out", str(feats), "--frames", "8",
                  "--stride", "8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 2  # a rerun resumes: both videos already done
     assert main(["features", vids[2], "--engines", str(engines), "--out", str(feats), "--mode", "fusion",
                  "--query", "#C C opens the box", "--query", "#C C pulls the cup", "--quiet"]) == 0
-    c = load_file(str(feats / "vid_c.safetensors"))
+    c = load_file(str(feats / "vid_c_0.safetensors"))
     assert c["video_cls"].shape[:2] == (2, 2) and c["text_tokens"].shape[:2] == (2, 2)  # 20 frames / 16
     assert main(["features", vids[2], "--engines", str(engines), "--out", str(feats), "--mode", "fusion"]) == 2
 
