@@ -63,6 +63,24 @@ def _runtime(args, engines: str | None = None):
                    graphs=getattr(args, "cuda_graphs", False))
 
 
+def _failure_options(parser) -> None:
+    parser.add_argument("--allow-failures", action="store_true",
+                        help="exit 0 even when some inputs could not be read (they are still reported)")
+    parser.add_argument("--verbose", action="store_true", help="with each unreadable input, the decoder's message")
+
+
+def _report_failures(summary: dict, args) -> int:
+    """Unreadable inputs, one line each on stderr; the exit status (1 when any, unless --allow-failures)."""
+    failed = summary.get("failed", [])
+    if not failed:
+        return 0
+    print(f"{len(failed)} input(s) could not be read (the others were processed):", file=sys.stderr)
+    for f in failed:
+        detail = f" ({f['detail']})" if args.verbose and f.get("detail") else ""
+        print(f"  {f['path']}: {f['reason']}{detail}", file=sys.stderr)
+    return 0 if args.allow_failures else 1
+
+
 def _print_backend(rt, stream=sys.stderr) -> None:
     for r in rt.describe():
         graphs = f" / {r['graphs']}" if "graphs" in r else ""
@@ -71,8 +89,10 @@ def _print_backend(rt, stream=sys.stderr) -> None:
 
 # -- index ------------------------------------------------------------------------------------------------------
 def add_index_arguments(p) -> None:
-    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (mp4, mkv, ...)")
+    p.add_argument("videos", nargs="+", metavar="VIDEO",
+                   help="video files, folders (searched recursively for video files) or glob patterns")
     p.add_argument("--out", required=True, metavar="INDEX", help="index directory (created, or extended)")
+    _failure_options(p)
     _engine_options(p)
     w = p.add_argument_group("windows")
     w.add_argument("--window", type=float, default=2.0, metavar="SEC", help="clip window length (default: 2.0 s)")
@@ -131,13 +151,13 @@ def run_index(args) -> int:
                           progress=not (args.quiet or args.json), decode_backend=args.decoder)
     if args.json:
         print(json.dumps(summary, indent=2))
-        return 0
+        return _report_failures(summary, args)
     print(f"index {summary['index']}: {summary['videos']} videos, {summary['windows']} clips "
           f"({summary['new_windows']} new) in {summary['seconds']:.1f} s")
     print(f"  preprocessing: {summary['preprocessing']}")
     print("  ms per clip: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_clip"].items()))
     _print_backend(rt, sys.stdout)
-    return 0
+    return _report_failures(summary, args)
 
 
 # -- search -----------------------------------------------------------------------------------------------------
@@ -221,7 +241,9 @@ def run_mcq(args) -> int:
 
 # -- features ---------------------------------------------------------------------------------------------------
 def add_features_arguments(p) -> None:
-    p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
+    p.add_argument("videos", nargs="+", metavar="VIDEO",
+                   help="video files, folders (searched recursively for video files) or glob patterns")
+    _failure_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (one file set per video)")
     p.add_argument("--mode", choices=("dual", "fusion"), default="dual",
                    help="dual: EgoMQ features (default); fusion: EgoNLQ features per query")
@@ -257,7 +279,7 @@ def run_features(args) -> int:
     else:
         print(f"features ({summary['mode']}) -> {summary['out']}: {summary['written']} videos written "
               f"({summary['windows']} windows), {summary['skipped']} already done, {summary['seconds']:.1f} s")
-    return 0
+    return _report_failures(summary, args)
 
 
 # -- registration -----------------------------------------------------------------------------------------------

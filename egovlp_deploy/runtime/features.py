@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from .engines import EngineError, Runtime
-from .pipeline import ClipPipeline, check_video_file, plan_windows
+from egovlp_deploy.video import VideoReadError
+
+from .pipeline import ClipPipeline, expand_inputs, failure_of, plan_windows
 
 MODES = ("dual", "fusion")
 
@@ -119,7 +121,9 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
         raise ValueError("fusion features depend on the query: give --query TEXT (repeatable) or --queries FILE")
     if not videos:
         raise ValueError("no videos given")
-    paths = list(dict.fromkeys(check_video_file(v) for v in videos))  # the same path twice is one input
+    paths, failures = expand_inputs(videos)
+    if not paths:
+        raise ValueError("no video files: " + "; ".join(f.line() for f in failures))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = runtime.folder.config.video
@@ -133,8 +137,12 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
         if _done(out, names[path], fmt, settings, source):
             skipped += 1
             continue
-        windows, fps = plan_windows(path, cfg.num_frames, window_frames=frames, stride_frames=stride,
-                                    backend=decode_backend)
+        try:
+            windows, fps = plan_windows(path, cfg.num_frames, window_frames=frames, stride_frames=stride,
+                                        backend=decode_backend)
+        except VideoReadError as exc:  # this file cannot be read: report it, do the others
+            failures.append(failure_of(path, exc))
+            continue
         todo.append((path, source, windows, fps))
     bar = None
     if progress:
@@ -147,7 +155,14 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
         name = names[path]
         tensors: dict[str, list] = {}
         for i in range(0, len(windows), batch):
-            clips = pipe.clips(path, windows[i:i + batch])
+            try:
+                clips = pipe.clips(path, windows[i:i + batch])
+            except VideoReadError as exc:
+                failures.append(failure_of(path, exc))
+                if bar is not None:
+                    bar.total -= len(windows) - i
+                    bar.refresh()
+                break
             if mode == "dual":
                 tensors.setdefault("features", []).append(runtime.video_encoder.encode(clips))
             else:
@@ -161,21 +176,28 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
                 tensors.setdefault("text_tokens", []).append(np.stack(tok))  # (Q, b, L, Dt)
             if bar is not None:
                 bar.update(len(clips))
-        axis = 0 if mode == "dual" else 1
-        result = {k: np.concatenate(v, axis=axis).astype(np.float32) for k, v in tensors.items()}
-        result["timestamps"] = np.array([[w.start_sec, w.end_sec] for w in windows], np.float64)
-        if mode == "fusion":
-            result["text_mask"] = text.mask.astype(np.int64)
-        meta = {"video": source["path"], "source": source, "fps": fps, "windows": len(windows),
-                "settings": settings, "shapes": {k: list(v.shape) for k, v in result.items()}}
-        _write(out, name, fmt, result, meta)
-        written += 1
-        windows_total += len(windows)
+        else:  # every window encoded
+            _finish(out, name, fmt, mode, tensors, windows, text, source, fps, settings)
+            written += 1
+            windows_total += len(windows)
     if bar is not None:
         bar.close()
     return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total, "mode": mode,
             "outputs": {str(p): names[p] for p in paths},
+            "failed": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in failures],
             "seconds": round(time.perf_counter() - t0, 2), "backend": runtime.summary()}
+
+
+def _finish(out, name, fmt, mode, tensors, windows, text, source, fps, settings) -> None:
+    """Concatenate one video's batches and write its output."""
+    axis = 0 if mode == "dual" else 1
+    result = {k: np.concatenate(v, axis=axis).astype(np.float32) for k, v in tensors.items()}
+    result["timestamps"] = np.array([[w.start_sec, w.end_sec] for w in windows], np.float64)
+    if mode == "fusion":
+        result["text_mask"] = text.mask.astype(np.int64)
+    meta = {"video": source["path"], "source": source, "fps": fps, "windows": len(windows),
+            "settings": settings, "shapes": {k: list(v.shape) for k, v in result.items()}}
+    _write(out, name, fmt, result, meta)
 
 
 def _fused(runtime: Runtime, video_prefix: np.ndarray, text_prefix: np.ndarray, mask: np.ndarray):

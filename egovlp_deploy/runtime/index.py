@@ -30,7 +30,9 @@ import numpy as np
 
 from ..jsonfile import read_json
 from .engines import EngineError, Runtime
-from .pipeline import ClipPipeline, StageTimes, Window, check_video_file, plan_windows, segment_windows
+from egovlp_deploy.video import VideoReadError
+
+from .pipeline import ClipPipeline, StageTimes, Window, expand_inputs, failure_of, plan_windows, segment_windows
 
 INDEX_FILE = "index.json"
 FORMAT = "egovlp-deploy-index"
@@ -110,7 +112,9 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
         raise ValueError(f"prefix_dtype must be float32 or float16, got {settings.prefix_dtype!r}")
     if not videos:
         raise ValueError("no videos to index")
-    paths = [check_video_file(v) for v in videos]  # a missing file fails before any work
+    paths, failures = expand_inputs(videos)
+    if not paths:
+        raise ValueError("no video files to index: " + "; ".join(f.line() for f in failures))
     if out.exists() and not out.is_dir():
         raise IndexError_(f"{out}: exists and is not a directory")
     (out / "shards").mkdir(parents=True, exist_ok=True)
@@ -143,44 +147,57 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     new_windows = 0
     committed = sum(v["done"] for v in data["videos"])
     for path in paths:
-        key = str(path.resolve())
-        if settings.mode == "segments":
-            segs = (segments or {}).get(str(path)) or (segments or {}).get(key)
-            if not segs:
-                raise ValueError(f"{path}: no segments given for this video")
-            windows, fps = segment_windows(path, segs, settings.frames, decode_backend)
-        else:
-            windows, fps = plan_windows(path, settings.frames, settings.window_sec, settings.stride_sec,
-                                        backend=decode_backend)
-        entry = by_path.get(key)
-        if entry is not None and (entry["fingerprint"] != _fingerprint(path) or entry["windows"] != len(windows)):
-            _drop_video(out, data, entry)  # the file changed since it was indexed: index it again
-            entry = None
-        if entry is None:
-            entry = {"path": key, "uid": path.stem if path.stem not in ("0",) else path.parent.name,
-                     "fingerprint": _fingerprint(path), "fps": fps, "windows": len(windows), "done": 0,
-                     "shards": [], "labels": [w.label for w in windows] if settings.mode == "segments" else None,
-                     "number": max([v["number"] for v in data["videos"]], default=-1) + 1}
-            data["videos"].append(entry)
-            by_path[key] = entry
-        if bar is not None:
-            bar.total += len(windows)
-            bar.update(entry["done"])
-        while entry["done"] < entry["windows"]:
-            part = windows[entry["done"]: entry["done"] + settings.commit_every]
-            tensors = _encode(runtime, pipe, path, part, settings)
-            name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
-            _save_shard(out / name, tensors, {"model_id": runtime.model_id, "video": key})
-            entry["shards"].append({"file": name, "start": entry["done"], "count": len(part)})
-            entry["done"] += len(part)
-            data["updated"] = _now()
-            _write_json(out / INDEX_FILE, data)  # the commit: from here on the shard is part of the index
-            new_windows += len(part)
-            committed += len(part)
+        entry = None
+        try:
+            key = str(path.resolve())
+            if settings.mode == "segments":
+                segs = (segments or {}).get(str(path)) or (segments or {}).get(key)
+                if not segs:
+                    raise ValueError(f"{path}: no segments given for this video")
+                windows, fps = segment_windows(path, segs, settings.frames, decode_backend)
+            else:
+                windows, fps = plan_windows(path, settings.frames, settings.window_sec, settings.stride_sec,
+                                            backend=decode_backend)
+            entry = by_path.get(key)
+            if entry is not None and (entry["fingerprint"] != _fingerprint(path) or entry["windows"] != len(windows)):
+                _drop_video(out, data, entry)  # the file changed since it was indexed: index it again
+                entry = None
+            if entry is None:
+                entry = {"path": key, "uid": path.stem if path.stem not in ("0",) else path.parent.name,
+                         "fingerprint": _fingerprint(path), "fps": fps, "windows": len(windows), "done": 0,
+                         "shards": [], "labels": [w.label for w in windows] if settings.mode == "segments" else None,
+                         "number": max([v["number"] for v in data["videos"]], default=-1) + 1}
+                data["videos"].append(entry)
+                by_path[key] = entry
             if bar is not None:
-                bar.update(len(part))
-            if on_commit is not None:
-                on_commit(committed)
+                bar.total += len(windows)
+                bar.update(entry["done"])
+            while entry["done"] < entry["windows"]:
+                part = windows[entry["done"]: entry["done"] + settings.commit_every]
+                tensors = _encode(runtime, pipe, path, part, settings)
+                name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
+                # safetensors metadata must be UTF-8: a file name in another encoding keeps its bytes as \x escapes
+                _save_shard(out / name, tensors, {"model_id": runtime.model_id,
+                                                  "video": os.fsencode(key).decode("utf-8", "backslashreplace")})
+                entry["shards"].append({"file": name, "start": entry["done"], "count": len(part)})
+                entry["done"] += len(part)
+                data["updated"] = _now()
+                _write_json(out / INDEX_FILE, data)  # the commit: from here on the shard is part of the index
+                new_windows += len(part)
+                committed += len(part)
+                if bar is not None:
+                    bar.update(len(part))
+                if on_commit is not None:
+                    on_commit(committed)
+        except VideoReadError as exc:  # this file cannot be read: report it, index the others
+            failure = failure_of(path, exc)
+            if entry is not None and entry["done"]:
+                failure.reason += f" (indexed {entry['done']} of {entry['windows']} windows before that)"
+            failures.append(failure)
+            if bar is not None and entry is not None:
+                bar.total -= entry["windows"] - entry["done"]
+                bar.refresh()
+            continue
         if not (out / INDEX_FILE).exists():  # a video with zero windows still registers the index
             _write_json(out / INDEX_FILE, data)
     if bar is not None:
@@ -189,7 +206,8 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     return {"index": str(out), "videos": len(data["videos"]), "windows": sum(v["done"] for v in data["videos"]),
             "new_windows": new_windows, "seconds": round(seconds, 2), "backend": runtime.summary(),
             "preprocessing": pipe.preprocessing,
-            "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds}}
+            "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds},
+            "failed": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in failures]}
 
 
 def _encode(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: list[Window], s: IndexSettings) -> dict:

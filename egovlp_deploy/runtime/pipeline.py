@@ -140,11 +140,63 @@ class ClipPipeline:
         return self.clips(path, windows)[0]
 
 
-def check_video_file(path: str | os.PathLike) -> Path:
-    """A clear error before any work for a missing path or a directory."""
-    p = Path(path)
-    if not p.exists():
-        raise VideoReadError(p, "missing", "no such video file")
-    if not p.is_file():
-        raise VideoReadError(p, "missing", "not a file")
-    return p
+# -- inputs: files, folders and globs ----------------------------------------------------------------------------
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
+                    ".3gp", ".wmv", ".flv")
+
+# VideoReadError.reason -> what a user reads; the decoder's own message only with --verbose.
+PLAIN_REASONS = {
+    "missing": "no such file",
+    "corrupt": "not a readable video (damaged, truncated, not a video, or no video stream)",
+    "empty": "the video has no frames",
+    "out_of_range": "the requested times lie outside the video",
+    "too_short": "too short for the requested clip",
+}
+
+
+@dataclass
+class InputFailure:
+    path: str
+    reason: str  # plain words
+    detail: str = ""  # the decoder's message
+
+    def line(self, verbose: bool = False) -> str:
+        return f"{self.path}: {self.reason}" + (f" ({self.detail})" if verbose and self.detail else "")
+
+
+def failure_of(path, exc: Exception) -> InputFailure:
+    if isinstance(exc, VideoReadError):
+        return InputFailure(str(path), PLAIN_REASONS.get(exc.reason, exc.reason), exc.detail)
+    return InputFailure(str(path), "could not be processed", f"{type(exc).__name__}: {exc}")
+
+
+def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[InputFailure]]:
+    """Video files from files (any extension), folders (recursively, the files with a video extension, in sorted
+    order) and glob patterns; the same file reached twice is listed once. Paths that are not there are failures."""
+    import glob
+
+    paths: dict[Path, None] = {}
+    failures = []
+    for item in items:
+        p = Path(item)
+        if p.is_file():
+            paths[p] = None
+        elif p.is_dir():
+            for f in sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_EXTENSIONS and q.is_file()):
+                paths[f] = None
+        elif any(c in str(item) for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            for m in matches:
+                if m.is_file():
+                    paths[m] = None
+            if not matches:
+                failures.append(InputFailure(str(item), "no file matches this pattern"))
+        else:
+            failures.append(InputFailure(str(item), "no such file or folder"))
+    seen, unique = set(), []
+    for p in paths:
+        key = p.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique, failures

@@ -50,7 +50,7 @@ def test_index_search_mcq_features(engines, video_root, mcq_json, tmp_path, caps
 
 def test_bad_engine_folder_and_missing_video(engines, video_root, tmp_path, capsys):
     assert main(["index", str(tmp_path / "none.mp4"), "--engines", str(engines), "--out", str(tmp_path / "i")]) == 2
-    assert "no such video file" in capsys.readouterr().err
+    assert "no such file or folder" in capsys.readouterr().err
     assert main(["index", str(video_root / "vid_a" / "0.mp4"), "--engines", str(tmp_path), "--out",
                  str(tmp_path / "i")]) == 2
     assert "manifest" in capsys.readouterr().err

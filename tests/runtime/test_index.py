@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from egovlp_deploy.runtime import IndexError_, IndexSettings, MomentIndex, Runtime, build_index
-from egovlp_deploy.video import VideoReadError
 
 
 def _settings(**kw):
@@ -65,12 +64,14 @@ def test_incremental_and_refuses_other_model(engines, engines_copy, video_root, 
 
 def test_bad_videos(engines, video_root, tmp_path):
     rt = Runtime(engines)
-    with pytest.raises(VideoReadError, match="no such video file"):
+    with pytest.raises(ValueError, match="no video files to index: .*missing.mp4: no such file or folder"):
         build_index(tmp_path / "idx", [str(tmp_path / "missing.mp4")], rt, _settings(), progress=False)
+    assert not (tmp_path / "idx").exists()
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(2000))
-    with pytest.raises(VideoReadError, match="corrupt.mp4"):
-        build_index(tmp_path / "idx2", [str(corrupt)], rt, _settings(), progress=False)
+    summary = build_index(tmp_path / "idx2", [str(corrupt)], rt, _settings(), progress=False)
+    assert summary["windows"] == 0 and [f["path"] for f in summary["failed"]] == [str(corrupt)]
+    assert summary["failed"][0]["reason"].startswith("not a readable video")
 
 
 KILL_SCRIPT = """

@@ -1,0 +1,87 @@
+"""`index` and `features` over real folder layouts with hostile files: every good file is processed, every bad one
+is reported by name with a plain reason, and the exit status says so."""
+
+import json
+import os
+import shutil
+
+import av
+import numpy as np
+import pytest
+
+from egovlp_deploy.cli import main
+from egovlp_deploy.runtime.pipeline import expand_inputs
+
+from video_files import write_video
+
+
+def write_audio_only(path):
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=16000)
+        for i in range(20):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 16000, i * 1024
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile") / "videos"
+    good = [write_video(root / "day1" / "walk.mp4", 20), write_video(root / "day2" / "cook.mp4", 24)]
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "notes.mp4").write_text("this is a text file, not a video\n")
+    write_audio_only(root / "voice.mp4")
+    data = write_video(root / "src_truncated.mp4", 30).read_bytes()
+    (root / "src_truncated.mp4").unlink()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    (root / "readme.txt").write_text("not a video extension: ignored when a folder is given\n")
+    latin1 = os.path.join(os.fsencode(root), b"caf\xe9.mp4")
+    shutil.copy(write_video(root.parent / "tmp.mp4", 16), latin1)
+    good.append(root / os.fsdecode(b"caf\xe9.mp4"))
+    bad = {root / "empty.mp4", root / "notes.mp4", root / "voice.mp4"}
+    return root, good, bad
+
+
+def test_folders_globs_and_missing_paths(hostile, tmp_path):
+    root, good, bad = hostile
+    paths, failures = expand_inputs([str(root), str(root / "day*" / "*.mp4"), str(tmp_path / "nope.mp4"),
+                                     str(tmp_path / "*.mkv")])
+    assert set(paths) == set(good) | bad | {root / "truncated.mp4"}  # each once, readme.txt left out
+    assert [f.reason for f in failures] == ["no such file or folder", "no file matches this pattern"]
+
+
+@pytest.mark.parametrize("command", ["index", "features"])
+def test_good_files_are_processed_and_bad_ones_reported(engines, hostile, tmp_path, capsys, command):
+    root, good, bad = hostile
+    out = tmp_path / "out"
+    args = [command, str(root), str(tmp_path / "missing.mp4"), "--engines", str(engines), "--out", str(out),
+            "--json"]
+    if command == "features":
+        args += ["--frames", "8", "--stride", "8"]
+    assert main(args) == 1  # some inputs failed
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
+    failed = {f["path"]: f["reason"] for f in summary["failed"]}
+    for f in bad | {tmp_path / "missing.mp4"}:
+        assert str(f) in failed, (f, failed)
+        assert "Check failed" not in failed[str(f)] and "st_nb" not in failed[str(f)]  # plain words
+        assert str(f) in captured.err
+    assert all(str(g) not in failed for g in good)
+    if command == "index":
+        indexed = {v["path"] for v in json.loads((out / "index.json").read_text())["videos"] if v["done"]}
+        assert {str(g.resolve()) for g in good} <= indexed
+    else:
+        written = {p for p, name in summary["outputs"].items() if (out / f"{name}.json").is_file()}
+        assert {str(g) for g in good} <= written
+    assert main(args + ["--allow-failures"]) == 0  # reported again, exit 0
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_nothing_readable_is_an_error(engines, tmp_path, capsys):
+    assert main(["index", str(tmp_path / "nope"), "--engines", str(engines), "--out", str(tmp_path / "i")]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()
