@@ -40,6 +40,7 @@ CORRUPT = "corrupt"            # cannot be opened or decoded (truncated, not a v
 OUT_OF_RANGE = "out_of_range"  # clip times (or frame indices) outside the video
 EMPTY = "empty"                # the video, or the clip, has zero frames
 TOO_SHORT = "too_short"        # 'rand' sampling found an empty segment (the official code raises IndexError)
+UNREADABLE = "unreadable"      # the file is there but cannot be opened (permissions)
 
 
 # -- 1. errors --------------------------------------------------------------------------------------------------
@@ -182,7 +183,10 @@ class _DecordVideo:
         if not _utf8(name):
             # decord hands the name to C as UTF-8, which a name in another encoding (os.fsdecode's surrogates)
             # cannot be: open the file and give decord the descriptor's ASCII /proc path instead (Linux).
-            self._fd = os.open(path, os.O_RDONLY)
+            try:
+                self._fd = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise VideoReadError(path, UNREADABLE, f"cannot open the file ({exc.strerror})") from exc
             name = f"/proc/self/fd/{self._fd}"
             if not os.path.exists(name):
                 self.close()
@@ -425,8 +429,12 @@ class _open_video:
             cache._cache, cache._pid = OrderedDict(), os.getpid()
         try:
             stat = self.path.stat()
+            if self.path.is_file() and not os.access(self.path, os.R_OK):
+                raise PermissionError(13, "Permission denied")
         except FileNotFoundError:
             raise VideoReadError(self.path, MISSING, "no such video file") from None
+        except OSError as exc:
+            raise VideoReadError(self.path, UNREADABLE, f"cannot open the file ({exc.strerror})") from None
         if not self.path.is_file():
             raise VideoReadError(self.path, MISSING, "no such video file")
         key = (self.backend, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)

@@ -199,13 +199,13 @@ def _combine_splits_kernel(m_ws, l_ws, acc_ws, out_ptr, H, R, splits, row0, stri
     for s in range(0, splits):
         slot = (bh * splits + s) * R + rows
         m = tl.load(m_ws + slot, mask=rmask, other=float("-inf"))
-        l = tl.load(l_ws + slot, mask=rmask, other=0.0)
+        den = tl.load(l_ws + slot, mask=rmask, other=0.0)
         a = tl.load(acc_ws + slot[:, None] * BLOCK_D + offs_d[None, :], mask=rmask[:, None], other=0.0)
         m_new = tl.maximum(m_run, m)
         # a row whose every score so far is -inf keeps weight 0 (exp(-inf - -inf) would be NaN)
         alpha = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_run - m_new))
         beta = tl.where(m_new == float("-inf"), 0.0, tl.exp(m - m_new))
-        l_run = l_run * alpha + l * beta
+        l_run = l_run * alpha + den * beta
         acc = acc * alpha[:, None] + a * beta[:, None]
         m_run = m_new
     out = acc / l_run[:, None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -69,16 +70,23 @@ def _failure_options(parser) -> None:
     parser.add_argument("--verbose", action="store_true", help="with each unreadable input, the decoder's message")
 
 
+def printable(text: str) -> str:
+    """A file name for the terminal: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\x escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
 def _report_failures(summary: dict, args) -> int:
-    """Unreadable inputs, one line each on stderr; the exit status (1 when any, unless --allow-failures)."""
+    """Unreadable inputs, one line each on stderr; the exit status: 1 when any failed, unless --allow-failures and
+    at least one input was processed (or already done)."""
     failed = summary.get("failed", [])
     if not failed:
         return 0
-    print(f"{len(failed)} input(s) could not be read (the others were processed):", file=sys.stderr)
+    print(f"{len(failed)} input(s) could not be read ({summary.get('succeeded', 0)} processed or already done):",
+          file=sys.stderr)
     for f in failed:
         detail = f" ({f['detail']})" if args.verbose and f.get("detail") else ""
-        print(f"  {f['path']}: {f['reason']}{detail}", file=sys.stderr)
-    return 0 if args.allow_failures else 1
+        print(f"  {printable(f['path'])}: {f['reason']}{detail}", file=sys.stderr)
+    return 0 if args.allow_failures and summary.get("succeeded", 0) else 1
 
 
 def _print_backend(rt, stream=sys.stderr) -> None:
@@ -127,12 +135,11 @@ def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
     except (KeyError, ValueError) as exc:
         raise ValueError(f"{csv_path}: not an EgoClip-format TAB file ({exc})") from exc
     out = {}
-    for v in videos:
+    for v in videos:  # a video with no rows is left out: the index reports it as a failed input
         p = Path(v)
         uid = p.parent.name if p.stem.isdigit() else p.stem
-        if uid not in by_uid:
-            raise ValueError(f"{v}: no segment of video_uid {uid!r} in {csv_path}")
-        out[str(p)] = by_uid[uid]
+        if uid in by_uid:
+            out[str(p)] = by_uid[uid]
     return out
 
 
@@ -146,7 +153,11 @@ def run_index(args) -> int:
                              commit_every=args.commit_every)
     if args.segments:
         settings.window_sec = settings.stride_sec = 0.0  # not used: the segments give the windows
-    segments = read_segments(args.segments, args.videos) if args.segments else None
+    segments = None
+    if args.segments:
+        from .pipeline import expand_inputs
+
+        segments = read_segments(args.segments, [str(p) for p in expand_inputs(args.videos)[0]])
     summary = build_index(args.out, args.videos, rt, settings, segments=segments,
                           progress=not (args.quiet or args.json), decode_backend=args.decoder)
     if args.json:
@@ -178,7 +189,8 @@ def format_hits(query: str, hits, show_label: bool = True) -> str:
     for h in hits:
         extra = f"  vtm {h.vtm:.3f}" if h.vtm is not None else ""
         label = f"  [{h.label}]" if show_label and h.label else ""
-        lines.append(f"  {h.rank:>2}. {h.uid:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
+        name = printable(h.uid)
+        lines.append(f"  {h.rank:>2}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
                      f"cos {h.dual:.3f}{extra}{label}")
     return "\n".join(lines)
 

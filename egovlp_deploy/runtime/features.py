@@ -49,23 +49,31 @@ def _source(path: Path) -> dict:
 
 
 def _recorded_source(out: Path, name: str) -> str | None:
+    """The source path the output `name` in `out` was written for (None: no such output)."""
     try:
-        return json.loads((out / f"{name}.json").read_text()).get("source", {}).get("path")
+        meta = json.loads((out / f"{name}.json").read_text())
+        return (meta.get("source") or {}).get("path") or meta.get("video")
     except (OSError, ValueError, AttributeError):
         return None
 
 
 def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
-    """A distinct output name per input path (see the module docstring); the same file given twice is one input."""
+    """A distinct output name per input path (see the module docstring). A source keeps the name it was written
+    under before, whichever inputs come with it now; a new one takes its base name unless another input of this
+    run or an existing output claims it."""
     base = {p: _base_name(p) for p in paths}
     shared = Counter(base.values())
     names = {}
     for p, name in base.items():
         source = str(p.resolve())
+        hashed = f"{name}-{hashlib.sha256(os.fsencode(source)).hexdigest()[:8]}"
         recorded = _recorded_source(out, name)
-        if shared[name] > 1 or (recorded is not None and recorded != source):
-            name = f"{name}-{hashlib.sha256(os.fsencode(source)).hexdigest()[:8]}"
-        names[p] = name
+        if recorded == source:
+            names[p] = name
+        elif _recorded_source(out, hashed) == source or recorded is not None or shared[name] > 1:
+            names[p] = hashed
+        else:
+            names[p] = name
     return names
 
 
@@ -183,7 +191,7 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
     if bar is not None:
         bar.close()
     return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total, "mode": mode,
-            "outputs": {str(p): names[p] for p in paths},
+            "succeeded": written + skipped, "outputs": {str(p): names[p] for p in paths},
             "failed": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in failures],
             "seconds": round(time.perf_counter() - t0, 2), "backend": runtime.summary()}
 

@@ -10,9 +10,9 @@ every signature (input names, shapes, dtypes) gets its own graph with its own st
 
 The outputs are the static buffers: valid until the next call (copy them before calling again). The graphs of one
 cache share one memory pool (replays never overlap), and at most `max_graphs` signatures are kept (least recently
-used first out); a signature whose capture failed runs eagerly from then on, and `status()` says why. On a CPU device nothing is
-captured. The text length varies with every query: `bucket_length` pads it to a multiple of `TEXT_BUCKET` so a
-few graphs serve all queries (`TorchRunner` pads and cuts back).
+used first out); a signature whose capture failed runs eagerly from then on, and `status()` says why. On a CPU
+device nothing is captured. The text length varies with every query: `bucket_length` pads it to a multiple of
+`TEXT_BUCKET` so a few graphs serve all queries (`TorchRunner` pads and cuts back).
 """
 
 from __future__ import annotations

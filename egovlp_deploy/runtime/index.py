@@ -146,6 +146,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     t_start = time.perf_counter()
     new_windows = 0
     committed = sum(v["done"] for v in data["videos"])
+    succeeded = 0
     for path in paths:
         entry = None
         try:
@@ -153,7 +154,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             if settings.mode == "segments":
                 segs = (segments or {}).get(str(path)) or (segments or {}).get(key)
                 if not segs:
-                    raise ValueError(f"{path}: no segments given for this video")
+                    raise VideoReadError(path, "no_segments", "no segments given for this video")
                 windows, fps = segment_windows(path, segs, settings.frames, decode_backend)
             else:
                 windows, fps = plan_windows(path, settings.frames, settings.window_sec, settings.stride_sec,
@@ -197,7 +198,11 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             if bar is not None and entry is not None:
                 bar.total -= entry["windows"] - entry["done"]
                 bar.refresh()
+            if entry is not None and not entry["done"]:  # nothing of it was committed: it is not in the index
+                data["videos"].remove(entry)
+                by_path.pop(key, None)
             continue
+        succeeded += 1
         if not (out / INDEX_FILE).exists():  # a video with zero windows still registers the index
             _write_json(out / INDEX_FILE, data)
     if bar is not None:
@@ -207,6 +212,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             "new_windows": new_windows, "seconds": round(seconds, 2), "backend": runtime.summary(),
             "preprocessing": pipe.preprocessing,
             "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds},
+            "succeeded": succeeded,
             "failed": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in failures]}
 
 

@@ -151,6 +151,8 @@ PLAIN_REASONS = {
     "empty": "the video has no frames",
     "out_of_range": "the requested times lie outside the video",
     "too_short": "too short for the requested clip",
+    "unreadable": "cannot be opened (permissions?)",
+    "no_segments": "no segments given for this video",
 }
 
 
@@ -170,6 +172,12 @@ def failure_of(path, exc: Exception) -> InputFailure:
     return InputFailure(str(path), "could not be processed", f"{type(exc).__name__}: {exc}")
 
 
+def _videos_in(folder: Path) -> list[Path]:
+    """The video files under `folder`, sorted; macOS resource-fork twins (`._name.mp4`) are not videos."""
+    return sorted(q for q in folder.rglob("*")
+                  if q.suffix.lower() in VIDEO_EXTENSIONS and not q.name.startswith("._") and q.is_file())
+
+
 def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[InputFailure]]:
     """Video files from files (any extension), folders (recursively, the files with a video extension, in sorted
     order) and glob patterns; the same file reached twice is listed once. Paths that are not there are failures."""
@@ -182,13 +190,14 @@ def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[Inpu
         if p.is_file():
             paths[p] = None
         elif p.is_dir():
-            for f in sorted(q for q in p.rglob("*") if q.suffix.lower() in VIDEO_EXTENSIONS and q.is_file()):
-                paths[f] = None
+            found = _videos_in(p)
+            paths.update(dict.fromkeys(found))
+            if not found:
+                failures.append(InputFailure(str(item), "no video files in this folder"))
         elif any(c in str(item) for c in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
             for m in matches:
-                if m.is_file():
-                    paths[m] = None
+                paths.update(dict.fromkeys([m] if m.is_file() else _videos_in(m)))
             if not matches:
                 failures.append(InputFailure(str(item), "no file matches this pattern"))
         else:

@@ -99,3 +99,18 @@ def test_the_chosen_decoder_decodes(monkeypatch, tmp_path):
     monkeypatch.setattr(video_module._DecordVideo, "__init__", refuse)
     video_module._open_video._evict_all()
     np.testing.assert_array_equal(ClipPipeline(4, 32, "pyav").clips(path, windows), expected)
+
+
+def test_names_do_not_depend_on_the_other_inputs(engines, layout, tmp_path):
+    """A alone, then A + B (same stem), then B alone, then A alone: A keeps its first name and is never redone,
+    B gets its own and keeps it."""
+    _, files = layout
+    a, b = files[0], files[1]
+    out = tmp_path / "feats"
+    first = _run(engines, [a], out)
+    both = _run(engines, [a, b], out)
+    assert both["outputs"][str(a)] == first["outputs"][str(a)] == "clip"
+    assert both["written"] == 1 and both["skipped"] == 1 and both["outputs"][str(b)].startswith("clip-")
+    assert _run(engines, [b], out)["skipped"] == 1
+    assert _run(engines, [a], out)["skipped"] == 1
+    assert sorted(p.name for p in out.glob("*.json")) == sorted(f"{n}.json" for n in both["outputs"].values())

@@ -4,6 +4,7 @@ is reported by name with a plain reason, and the exit status says so."""
 import json
 import os
 import shutil
+from pathlib import Path
 
 import av
 import numpy as np
@@ -72,11 +73,14 @@ def test_good_files_are_processed_and_bad_ones_reported(engines, hostile, tmp_pa
         assert str(f) in captured.err
     assert all(str(g) not in failed for g in good)
     if command == "index":
-        indexed = {v["path"] for v in json.loads((out / "index.json").read_text())["videos"] if v["done"]}
-        assert {str(g.resolve()) for g in good} <= indexed
+        processed = {v["path"] for v in json.loads((out / "index.json").read_text())["videos"]}
+        assert not {str(f.resolve()) for f in bad} & processed  # failed files leave no entry behind
     else:
-        written = {p for p, name in summary["outputs"].items() if (out / f"{name}.json").is_file()}
-        assert {str(g) for g in good} <= written
+        processed = {str(Path(p).resolve()) for p, name in summary["outputs"].items()
+                     if (out / f"{name}.json").is_file()}
+    assert {str(g.resolve()) for g in good} <= processed
+    truncated = root / "truncated.mp4"
+    assert str(truncated) in failed or str(truncated.resolve()) in processed  # never dropped silently
     assert main(args + ["--allow-failures"]) == 0  # reported again, exit 0
     assert "could not be read" in capsys.readouterr().err
 
@@ -85,3 +89,19 @@ def test_nothing_readable_is_an_error(engines, tmp_path, capsys):
     assert main(["index", str(tmp_path / "nope"), "--engines", str(engines), "--out", str(tmp_path / "i")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "i").exists()
+
+
+def test_segments_with_a_folder_and_a_video_without_rows(engines, video_root, tmp_path, capsys):
+    """--segments matches the expanded files by uid; a video with no rows is reported, the others indexed."""
+    rows = ["video_uid\tclip_start\tclip_end\tclip_text", "vid_a\t0.0\t1.5\t#C C opens the box",
+            "vid_b\t0.5\t2.0\t#C C pulls the cup"]
+    (tmp_path / "segments.tsv").write_text("\n".join(rows) + "\n")
+    args = ["index", str(video_root), "--segments", str(tmp_path / "segments.tsv"), "--engines", str(engines),
+            "--out", str(tmp_path / "idx"), "--json"]
+    assert main(args) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["windows"] == 2 and summary["succeeded"] == 2
+    assert [(os.path.basename(os.path.dirname(f["path"])), f["reason"]) for f in summary["failed"]] == [
+        ("vid_c", "no segments given for this video")]
+    assert {v["uid"] for v in json.loads((tmp_path / "idx" / "index.json").read_text())["videos"]} == {
+        "vid_a", "vid_b"}
