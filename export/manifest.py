@@ -103,6 +103,8 @@ class Manifest:
     tools: dict = field(default_factory=tool_versions)
     artifacts: list[ArtifactEntry] = field(default_factory=list)
     validation: dict = field(default_factory=dict)
+    # The tokenizer copied into the folder: {"dir": "tokenizer", "files": {name: sha256}} ({} when none was found).
+    tokenizer: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
@@ -129,6 +131,48 @@ class Manifest:
         path = Path(directory) / MANIFEST
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode())
         return path
+
+
+# Files a Hugging Face / demo tokenizer directory holds; copied into an export so it runs anywhere.
+TOKENIZER_SUFFIXES = (".json", ".txt", ".model")
+TOKENIZER_MAX_BYTES = 64 << 20
+
+
+def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, name: str = "tokenizer") -> dict:
+    """Copy the tokenizer files of `source` into directory/name; returns the manifest entry (file hashes)."""
+    import shutil
+
+    source, target = Path(source), Path(directory) / name
+    files = sorted(p for p in source.iterdir()
+                   if p.is_file() and not p.is_symlink() and p.suffix in TOKENIZER_SUFFIXES)
+    if not files:
+        raise ManifestError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_SUFFIXES)}) to copy")
+    target.mkdir(parents=True, exist_ok=True)
+    hashes = {}
+    for p in files:
+        if p.stat().st_size > TOKENIZER_MAX_BYTES:
+            raise ManifestError(f"{p}: {p.stat().st_size} bytes is not a tokenizer file")
+        if p.resolve() != (target / p.name).resolve():
+            shutil.copyfile(p, target / p.name)
+        hashes[p.name] = sha256_file(target / p.name)
+    return {"dir": name, "files": hashes}
+
+
+def verify_tokenizer(directory: str | os.PathLike, entry: dict) -> Path:
+    """The tokenizer folder of an export, every listed file present with its recorded sha256 (ArtifactError)."""
+    name = entry.get("dir", "")
+    folder = Path(directory) / name
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ManifestError(f"{directory}: tokenizer dir {name!r} is not a folder inside the export")
+    for file, digest in sorted(entry.get("files", {}).items()):
+        path = folder / file
+        if Path(file).name != file:
+            raise ManifestError(f"{directory}: tokenizer file {file!r} is not a plain file name")
+        if not path.is_file():
+            raise ArtifactError(f"{path}: listed in the manifest but missing")
+        if sha256_file(path) != digest:
+            raise ArtifactError(f"{path}: sha256 differs from the manifest (changed or swapped tokenizer file)")
+    return folder
 
 
 def load_manifest(directory: str | os.PathLike) -> Manifest:

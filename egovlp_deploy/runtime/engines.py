@@ -443,10 +443,18 @@ class FusionScorer:
 
 # -- the runtime ----------------------------------------------------------------------------------------------------
 def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = None) -> Path:
-    """The tokenizer directory: `explicit`, else ENGINES/tokenizer, else the training run's RUN/tokenizer next to
-    the checkpoint the manifest names (the trainer keeps the demo tokenizer there)."""
+    """The tokenizer directory: `explicit`, else the one the export copied in (its files hash-checked against the
+    manifest), else ENGINES/tokenizer, else the training run's RUN/tokenizer next to the checkpoint the manifest
+    names (exports made before tokenizers were copied in)."""
     if explicit:
         return Path(explicit)
+    if folder.manifest.tokenizer:
+        from egovlp_deploy.export.manifest import ArtifactError, ManifestError, verify_tokenizer
+
+        try:
+            return verify_tokenizer(folder.path, folder.manifest.tokenizer)
+        except (ArtifactError, ManifestError) as exc:
+            raise EngineError(f"engine folder {folder.path}: {exc}") from exc
     candidates = [folder.path / "tokenizer"]
     src = folder.manifest.source_checkpoint.get("path")
     if src and not str(src).startswith("random:"):

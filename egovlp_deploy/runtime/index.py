@@ -128,7 +128,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                               "use the same settings or another --out")
     else:
         data = {"format": FORMAT, "version": VERSION, "model_id": runtime.model_id,
-                "manifest_source": runtime.folder.manifest.source_checkpoint, "engines": str(runtime.folder.path),
+                "manifest_source": runtime.folder.manifest.source_checkpoint, "engines": str(runtime.folder.path.resolve()),
                 "backend": runtime.backend, "precision": runtime.precision, "settings": wanted,
                 "embed_dim": runtime.folder.config.projection_dim, "created": _now(), "videos": []}
     _remove_unlisted_shards(out, data)
