@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import platform
+import signal
 import sys
+import threading
 from importlib import metadata
 
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "onnx", "onnxruntime",
@@ -180,11 +183,40 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames must be positive")
     if getattr(args, "text_length", 1) <= 0:
         parser.error("--text-length must be positive")
+    previous = _stop_on_sigterm()
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:  # our errors are ValueErrors that name the problem
         print(f"egovlp-deploy {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated) as exc:
+        # Every job writes atomically and commits as it goes: what was committed stays, a rerun continues there.
+        code = 143 if isinstance(exc, Terminated) else 130
+        print(f"\negovlp-deploy {args.command}: interrupted; finished work is kept, rerun the same command to "
+              "continue", file=sys.stderr)
+        return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(Exception):
+    """SIGTERM, raised where the main thread is, so the command stops like on Ctrl-C."""
+
+
+def _stop_on_sigterm():
+    """SIGTERM raises Terminated in the main thread; returns the previous handler (None off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:  # a forked worker inherited the handler: die as SIGTERM means
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 if __name__ == "__main__":
