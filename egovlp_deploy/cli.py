@@ -205,8 +205,10 @@ class Terminated(Exception):
 
 
 def _stop_on_sigterm():
-    """SIGTERM raises Terminated in the main thread; returns the previous handler (None off the main thread)."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM raises Terminated in the main thread; returns the previous handler (None: left as it is). Under
+    torchrun (LOCAL_RANK set) SIGTERM keeps its default: the launcher stops a failed job's workers with it, and a
+    worker blocked in a collective could not run a Python handler anyway."""
+    if threading.current_thread() is not threading.main_thread() or "LOCAL_RANK" in os.environ:
         return None
     pid = os.getpid()
 
