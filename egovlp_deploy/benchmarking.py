@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 
-def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
-    """Median milliseconds of `repeats` timed calls of `fn()` after `warmup` untimed ones."""
+def times_ms(fn, repeats: int = 7, warmup: int = 1) -> list[float]:
+    """Milliseconds of each of `repeats` timed calls of `fn()` (at least one) after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -22,7 +22,12 @@ def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return float(statistics.median(times))
+    return times
+
+
+def median_ms(fn, repeats: int = 7, warmup: int = 1) -> float:
+    """Median milliseconds of `repeats` timed calls of `fn()` after `warmup` untimed ones."""
+    return float(statistics.median(times_ms(fn, repeats, warmup)))
 
 
 def git_sha(short: bool = True) -> str:

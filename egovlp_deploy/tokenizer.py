@@ -19,6 +19,19 @@ class TokenizerError(ValueError):
     """A tokenizer cannot be loaded or does not fit the model."""
 
 
+def is_tokenizer_dir(path: str | os.PathLike) -> bool:
+    """A saved fast (tokenizer.json) or BPE (vocab.json) tokenizer lives in `path`."""
+    path = Path(path)
+    return (path / "tokenizer.json").is_file() or (path / "vocab.json").is_file()
+
+
+def tokenizer_beside(checkpoint: str | os.PathLike) -> Path | None:
+    """The tokenizer a training run keeps beside its checkpoints: RUN/tokenizer, found from a checkpoint path at
+    most three folders down (RUN/checkpoints/step_N)."""
+    p = Path(checkpoint)
+    return next((q / "tokenizer" for q in (p, *p.parents[:3]) if is_tokenizer_dir(q / "tokenizer")), None)
+
+
 def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False):
     """A `transformers` fast tokenizer from a local directory (or a hub id when `allow_download`)."""
     from transformers import AutoTokenizer

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from egovlp_deploy.benchmarking import median_ms as _median_ms
+from egovlp_deploy.tokenizer import tokenizer_beside
 
 from .manifest import Manifest, copy_tokenizer, io_entry, sha256_checkpoint
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
@@ -112,18 +113,6 @@ def load_model(checkpoint: str, frames: int | None = None):
         model = EgoVLPv2.from_official_checkpoint(path, num_frames=frames)
     # absolute: the manifest is read from wherever the export folder ends up
     return model.eval(), {"path": str(path.resolve()), "kind": kind, "sha256": sha256_checkpoint(path)}
-
-
-def _tokenizer_beside(source: dict) -> Path | None:
-    """The tokenizer a training run keeps beside its checkpoints (RUN/tokenizer, up to three folders up)."""
-    if source.get("kind") == "random" or not source.get("path"):
-        return None
-    p = Path(source["path"])
-    for folder in (p, *p.parents[:3]):
-        candidate = folder / "tokenizer"
-        if (candidate / "tokenizer.json").is_file() or (candidate / "vocab.json").is_file():
-            return candidate
-    return None
 
 
 # -- the run -------------------------------------------------------------------------------------------------------
@@ -261,7 +250,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
 
     manifest.validation["passed"] = result.passed
     manifest.validation["errors"] = result.errors
-    tokenizer = opts.tokenizer or _tokenizer_beside(source)
+    tokenizer = opts.tokenizer or (tokenizer_beside(source["path"]) if source["kind"] != "random" else None)
     if tokenizer:  # the folder then runs text queries anywhere, without the training run
         manifest.tokenizer = copy_tokenizer(tokenizer, out)
     write_report(out, result)

@@ -455,16 +455,16 @@ def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = No
             return verify_tokenizer(folder.path, folder.manifest.tokenizer)
         except (ArtifactError, ManifestError) as exc:
             raise EngineError(f"engine folder {folder.path}: {exc}") from exc
-    candidates = [folder.path / "tokenizer"]
+    from egovlp_deploy.tokenizer import is_tokenizer_dir, tokenizer_beside
+
+    if is_tokenizer_dir(folder.path / "tokenizer"):
+        return folder.path / "tokenizer"
     src = folder.manifest.source_checkpoint.get("path")
-    if src and not str(src).startswith("random:"):
-        p = Path(src)
-        candidates += [q / "tokenizer" for q in (p, *p.parents[:3])]
-    for c in candidates:
-        if (c / "tokenizer.json").is_file() or (c / "vocab.json").is_file():
-            return c
-    raise EngineError(f"no tokenizer found for {folder.path} (looked in {[str(c) for c in candidates]}); pass "
-                      "--tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
+    beside = tokenizer_beside(src) if src and not str(src).startswith("random:") else None
+    if beside is not None:
+        return beside
+    raise EngineError(f"no tokenizer found for {folder.path} (looked in {folder.path / 'tokenizer'} and beside the "
+                      f"checkpoint {src}); pass --tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
 
 
 class Runtime:

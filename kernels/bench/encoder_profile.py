@@ -16,10 +16,10 @@ import json
 import platform
 import re
 import statistics
-import time
 from pathlib import Path
 
 from egovlp_deploy.benchmarking import git_sha as _git_sha
+from egovlp_deploy.benchmarking import times_ms
 from egovlp_deploy.checkpoint import atomic_write_bytes
 
 DESCRIPTION = __doc__
@@ -69,13 +69,7 @@ def profile_tower(tower, video, iters: int, device: str) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    for _ in range(3):
-        call()
-    walls = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        call()
-        walls.append((time.perf_counter() - t0) * 1e3)
+    walls = times_ms(call, iters, warmup=3)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         for _ in range(iters):

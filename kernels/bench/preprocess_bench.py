@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.benchmarking import git_sha
+from egovlp_deploy.benchmarking import git_sha, median_ms, times_ms
 
 DESCRIPTION = __doc__
 INPUTS = {"256p": (256, 455), "480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
@@ -50,21 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="a seconds-long smoke run (48x64 input, 2 frames, S=32, 2 repeats) for tests")
     parser.add_argument("--out", type=Path, default=Path("bench_results/preprocess"), metavar="DIR",
                         help="where preprocess.json/.md/.png go (default: bench_results/preprocess)")
-
-
-def _times_ms(fn, repeats: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def _median_ms(fn, repeats: int, warmup: int) -> float:
-    return statistics.median(_times_ms(fn, repeats, warmup))
 
 
 def _machine() -> dict:
@@ -115,7 +100,7 @@ def _decode_ms(path: Path, num_frames: int, repeats: int, warmup: int) -> dict:
     for backend in ("decord", "pyav"):
         try:
             video.video_info(path, backend)  # open once: the reader cache keeps it
-            result[backend] = _median_ms(lambda: video.read_frames(path, indices, backend), repeats, warmup)
+            result[backend] = median_ms(lambda: video.read_frames(path, indices, backend), repeats, warmup)
         except (ImportError, ValueError, RuntimeError) as exc:  # decord has no aarch64 wheel
             result[backend] = None
             result[f"{backend}_error"] = str(exc).splitlines()[0]
@@ -219,10 +204,10 @@ def run(args) -> int:
                 for t in frame_counts:
                     g = torch.Generator().manual_seed(t * 10000 + height)
                     frames = torch.randint(0, 256, (t, height, width, 3), dtype=torch.uint8, generator=g)
-                    ref = _times_ms(lambda: eval_transform(frames, size, args.variant), repeats, warmup)
-                    fp32 = _times_ms(lambda: preprocess.preprocess_clip(frames, size, args.variant,
+                    ref = times_ms(lambda: eval_transform(frames, size, args.variant), repeats, warmup)
+                    fp32 = times_ms(lambda: preprocess.preprocess_clip(frames, size, args.variant,
                                                                         num_threads=threads), repeats, warmup)
-                    fp16 = _times_ms(lambda: preprocess.preprocess_clip(frames, size, args.variant,
+                    fp16 = times_ms(lambda: preprocess.preprocess_clip(frames, size, args.variant,
                                                                         dtype=torch.float16,
                                                                         num_threads=threads), repeats, warmup)
                     ref_ms, fp32_ms, fp16_ms = (statistics.median(x) for x in (ref, fp32, fp16))
