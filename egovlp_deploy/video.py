@@ -429,14 +429,14 @@ class _open_video:
             cache._cache, cache._pid = OrderedDict(), os.getpid()
         try:
             stat = self.path.stat()
-            if self.path.is_file() and not os.access(self.path, os.R_OK):
-                raise PermissionError(13, "Permission denied")
         except FileNotFoundError:
             raise VideoReadError(self.path, MISSING, "no such video file") from None
         except OSError as exc:
             raise VideoReadError(self.path, UNREADABLE, f"cannot open the file ({exc.strerror})") from None
         if not self.path.is_file():
             raise VideoReadError(self.path, MISSING, "no such video file")
+        if not os.access(self.path, os.R_OK):
+            raise VideoReadError(self.path, UNREADABLE, "cannot open the file (Permission denied)")
         key = (self.backend, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
         if self.frame_cache_bytes > 0:
             decoded = _DECODED.get(key, self.frame_cache_bytes)

@@ -257,7 +257,8 @@ class TorchRunner(_Runner):
             x = torch.from_numpy(np.ascontiguousarray(inputs[spec["name"]]))
             x = x.to(self.device, torch.long if spec["dtype"] == "int64" else self.dtype, non_blocking=True)
             args[spec["name"]] = x
-        length = self._pad_text(args) if self.graphs is not None else None
+        # buckets only serve graphs that are captured: an eager call keeps the query's own length
+        length = self._pad_text(args) if self.graphs is not None and self.graphs.capturing else None
         with torch.inference_mode():
             out = (self.graphs or self.call)(**args)
         out = out if isinstance(out, (tuple, list)) else (out,)

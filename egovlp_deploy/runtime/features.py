@@ -32,7 +32,7 @@ import numpy as np
 from .engines import EngineError, Runtime
 from egovlp_deploy.video import VideoReadError
 
-from .pipeline import ClipPipeline, expand_inputs, failure_of, plan_windows
+from .pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
 
 MODES = ("dual", "fusion")
 
@@ -192,7 +192,7 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
         bar.close()
     return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total, "mode": mode,
             "succeeded": written + skipped, "outputs": {str(p): names[p] for p in paths},
-            "failed": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in failures],
+            "failed": failures_summary(failures),
             "seconds": round(time.perf_counter() - t0, 2), "backend": runtime.summary()}
 
 

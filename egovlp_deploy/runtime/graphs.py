@@ -83,22 +83,23 @@ class GraphCache:
     def signature(inputs: dict) -> tuple:
         return tuple((name, tuple(t.shape), str(t.dtype)) for name, t in sorted(inputs.items()))
 
+    @property
+    def capturing(self) -> bool:
+        """Whether calls can be captured at all (False on a CPU device)."""
+        return self.disabled is None
+
     def __call__(self, **inputs):
-        if self.disabled:
+        entry = None
+        if self.capturing:
+            key = self.signature(inputs)
+            entry = self.graphs.get(key)
+            if entry is not None:
+                self.graphs.move_to_end(key)
+            elif key not in self.failed:
+                entry = self._new_graph(key, inputs)
+        if entry is None:  # no CUDA device, or this signature's capture failed
             self.counts["eager"] += 1
             return self.fn(**inputs)
-        key = self.signature(inputs)
-        entry = self.graphs.get(key)
-        if entry is None:
-            if key in self.failed:
-                self.counts["eager"] += 1
-                return self.fn(**inputs)
-            entry = self._new_graph(key, inputs)
-            if entry is None:
-                self.counts["eager"] += 1
-                return self.fn(**inputs)
-        else:
-            self.graphs.move_to_end(key)
         for name, x in inputs.items():
             entry.inputs[name].copy_(x)
         entry.replay()
@@ -132,7 +133,7 @@ class GraphCache:
 
     def status(self) -> str:
         """One line for `describe()`: what is captured, replayed, and why anything is not."""
-        if self.disabled:
+        if not self.capturing:
             return self.disabled
         c = self.counts
         text = (f"CUDA graphs: {len(self.graphs)} captured (max {self.max_graphs}), {c['replays']} replays, "

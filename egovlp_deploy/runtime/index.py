@@ -32,7 +32,8 @@ from ..jsonfile import read_json
 from .engines import EngineError, Runtime
 from egovlp_deploy.video import VideoReadError
 
-from .pipeline import ClipPipeline, StageTimes, Window, expand_inputs, failure_of, plan_windows, segment_windows
+from .pipeline import (ClipPipeline, StageTimes, Window, expand_inputs, failure_of, failures_summary, plan_windows,
+                       segment_windows)
 
 INDEX_FILE = "index.json"
 FORMAT = "egovlp-deploy-index"
@@ -128,7 +129,8 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                               "use the same settings or another --out")
     else:
         data = {"format": FORMAT, "version": VERSION, "model_id": runtime.model_id,
-                "manifest_source": runtime.folder.manifest.source_checkpoint, "engines": str(runtime.folder.path.resolve()),
+                "manifest_source": runtime.folder.manifest.source_checkpoint,
+                "engines": str(runtime.folder.path.resolve()),
                 "backend": runtime.backend, "precision": runtime.precision, "settings": wanted,
                 "embed_dim": runtime.folder.config.projection_dim, "created": _now(), "videos": []}
     _remove_unlisted_shards(out, data)
@@ -213,7 +215,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             "preprocessing": pipe.preprocessing,
             "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds},
             "succeeded": succeeded,
-            "failed": [{"path": f.path, "reason": f.reason, "detail": f.detail} for f in failures]}
+            "failed": failures_summary(failures)}
 
 
 def _encode(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: list[Window], s: IndexSettings) -> dict:

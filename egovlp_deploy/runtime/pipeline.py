@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -162,14 +162,17 @@ class InputFailure:
     reason: str  # plain words
     detail: str = ""  # the decoder's message
 
-    def line(self, verbose: bool = False) -> str:
-        return f"{self.path}: {self.reason}" + (f" ({self.detail})" if verbose and self.detail else "")
+    def line(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
-def failure_of(path, exc: Exception) -> InputFailure:
-    if isinstance(exc, VideoReadError):
-        return InputFailure(str(path), PLAIN_REASONS.get(exc.reason, exc.reason), exc.detail)
-    return InputFailure(str(path), "could not be processed", f"{type(exc).__name__}: {exc}")
+def failure_of(path, exc: VideoReadError) -> InputFailure:
+    return InputFailure(str(path), PLAIN_REASONS.get(exc.reason, exc.reason), exc.detail)
+
+
+def failures_summary(failures: list[InputFailure]) -> list[dict]:
+    """The `failed` list of an index/features summary (the CLI prints it, --json emits it)."""
+    return [asdict(f) for f in failures]
 
 
 def _videos_in(folder: Path) -> list[Path]:
@@ -183,29 +186,28 @@ def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[Inpu
     order) and glob patterns; the same file reached twice is listed once. Paths that are not there are failures."""
     import glob
 
-    paths: dict[Path, None] = {}
+    found: dict[Path, Path] = {}  # resolved -> as given, first reached first
     failures = []
+
+    def add(files):
+        for f in files:
+            found.setdefault(f.resolve(), f)
+
     for item in items:
         p = Path(item)
         if p.is_file():
-            paths[p] = None
+            add([p])
         elif p.is_dir():
-            found = _videos_in(p)
-            paths.update(dict.fromkeys(found))
-            if not found:
+            videos = _videos_in(p)
+            add(videos)
+            if not videos:
                 failures.append(InputFailure(str(item), "no video files in this folder"))
         elif any(c in str(item) for c in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
             for m in matches:
-                paths.update(dict.fromkeys([m] if m.is_file() else _videos_in(m)))
+                add([m] if m.is_file() else _videos_in(m))
             if not matches:
                 failures.append(InputFailure(str(item), "no file matches this pattern"))
         else:
             failures.append(InputFailure(str(item), "no such file or folder"))
-    seen, unique = set(), []
-    for p in paths:
-        key = p.resolve()
-        if key not in seen:
-            seen.add(key)
-            unique.append(p)
-    return unique, failures
+    return list(found.values()), failures
