@@ -54,7 +54,7 @@ class MultiHeadAttentionCore(torch.nn.Module):
 
 
 def divided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, mode: str) -> torch.Tensor:
-    """Frozen-in-Time divided attention with one clip-level CLS token (EGOVLPV2_SPEC.md §1, hazard 3).
+    """Frozen-in-Time divided attention with one clip-level CLS token (the official `VarAttention`).
 
     q, k, v: (B, h, 1 + F*N, d), tokens frame-major, q already multiplied by d**-0.5.
     - The CLS query attends to all 1 + F*N keys.

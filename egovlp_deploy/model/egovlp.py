@@ -1,11 +1,11 @@
 """EgoVLPv2: one set of weights, run as a dual encoder or as a fusion encoder.
 
 Dual mode (`encode_video`, `encode_text`) runs each tower alone, with no cross-attention work at all.
-Fusion mode (`fuse`, `mlm_logits`) runs the official `FrozenInTime.infer` path (EGOVLPV2_SPEC.md §3):
-- the video stream starts from its own CLS token (`self.cls_token`, not `video_model.cls_token`, hazard 1);
+Fusion mode (`fuse`, `mlm_logits`) runs the official `FrozenInTime.infer` path:
+- the video stream starts from its own CLS token (`self.cls_token`, not `video_model.cls_token`);
 - the lower layers of both towers run independently;
 - in the top `num_fuse_blocks` layers the update is simultaneous: layer l of each tower attends to the other
-  tower's layer l-1 output (hazard 7);
+  tower's layer l-1 output;
 - the video output is `self.norm` (eps 1e-6) of the CLS, not `video_model.norm` (eps 1e-5).
 """
 
@@ -227,7 +227,7 @@ class EgoVLPv2(nn.Module):
     def vtm_head(self, video_cls: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
         text_feat = self.cross_modal_text_pooler(self.cross_modal_text_transform(text_hidden[:, 0]))
         video_feat = self.cross_modal_video_pooler(self.cross_modal_video_transform(video_cls))
-        return self.itm_score(torch.cat((text_feat, video_feat), dim=-1))  # text first (hazard 12)
+        return self.itm_score(torch.cat((text_feat, video_feat), dim=-1))  # text first: the official order
 
     def fuse(self, video, input_ids, attention_mask) -> FusionOutput:
         """Fusion-encoder forward (official `infer(task_names='ITM')`)."""

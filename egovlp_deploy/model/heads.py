@@ -1,4 +1,4 @@
-"""Heads on top of the towers (EGOVLPV2_SPEC.md §4): EgoNCE projections, fusion poolers, VTM and MLM.
+"""Heads on top of the towers: EgoNCE projections, fusion poolers, VTM and MLM.
 
 `nn.Sequential` indices and attribute names follow the official state dict (`txt_proj.0`, `mlm_score.decoder`, ...).
 """
@@ -22,7 +22,7 @@ def projections(kind: str, video_width: int, text_width: int, dim: int) -> tuple
 
         return mlp(text_width), mlp(video_width)
     if kind == "small":
-        # The ReLU before the text Linear is the EgoVLP-v1 layout the smallproj checkpoints were trained with (hazard 11).
+        # The ReLU before the text Linear is the EgoVLP-v1 layout the smallproj checkpoints were trained with.
         return nn.Sequential(nn.ReLU(), nn.Linear(text_width, dim)), nn.Sequential(nn.Linear(video_width, dim))
     raise ValueError(f"unknown projection kind {kind!r}")
 
@@ -39,7 +39,7 @@ class Pooler(nn.Module):
 
 
 class VTMHead(nn.Module):
-    """Video-text matching logits (B, 2); input is [text, video] features, class 1 = match (hazard 12)."""
+    """Video-text matching logits (B, 2); input is [text, video] features, class 1 = match (the official order)."""
 
     def __init__(self, width: int):
         super().__init__()

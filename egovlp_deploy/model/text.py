@@ -1,7 +1,7 @@
 """Text tower: RoBERTa (sizes from `egovlp_deploy.config.TextConfig`) with EgoVLPv2's gated text<-video cross-attention.
 
 Written here rather than subclassed from `transformers`, whose attention internals change between releases; the
-official layer's changes (EGOVLPV2_SPEC.md §2-§3) are:
+official layer's changes are:
 - the attention output LayerNorm + residual is applied in the layer, after the gated cross-attention is added;
 - the cross-attention query is the self-attention output before residual/LN, its keys/values the raw video stream
   (no LN, no mask), and its output has no LayerNorm;
@@ -31,7 +31,7 @@ class Embeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # fairseq position ids: pad tokens keep pad_token_id, the others count from pad_token_id + 1 (hazard 18)
+        # fairseq position ids: pad tokens keep pad_token_id, the others count from pad_token_id + 1
         not_pad = input_ids.ne(self.pad_token_id).long()
         position_ids = torch.cumsum(not_pad, dim=1) * not_pad + self.pad_token_id
         x = (
@@ -113,7 +113,7 @@ class TextLayer(nn.Module):
         self.has_cross = video_width is not None
         if self.has_cross:
             self.crossattention_t2i = Attention(cfg, video_width, with_layer_norm=False)
-            self.alpha_t2i = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (hazard 5)
+            self.alpha_t2i = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (as the official checkpoints)
         self.intermediate = Intermediate(cfg)
         self.output = Output(cfg)
         self.attention_backend = "reference"  # set by EgoVLPv2.set_attention_backend
@@ -124,7 +124,7 @@ class TextLayer(nn.Module):
         if video is not None:
             if not self.has_cross:
                 raise RuntimeError("video states were passed to a text layer without cross-attention")
-            # unmasked, query = a (hazard 6)
+            # unmasked, query = a: the official layer's order
             a = gated_residual(a, self.alpha_t2i, self.crossattention_t2i(a, video), self.attention_backend)
         a = self.attention.output.LayerNorm(a + x)
         return self.output(self.intermediate(a), a)

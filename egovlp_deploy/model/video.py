@@ -1,7 +1,7 @@
 """Video tower: the Frozen-in-Time SpaceTimeTransformer with gated video<-text cross-attention in its top blocks.
 
 Module and parameter names equal the official ones (`video_model.blocks.{i}.attn.qkv_i2t`, ...), so an official
-state dict maps onto this module one to one (EGOVLPV2_SPEC.md §6).
+state dict maps onto this module one to one.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class DividedSelfAttention(nn.Module):
             self.attn_i2t = MultiHeadAttentionCore(heads, self.scale)
             self.proj_i2t = nn.Linear(width, width)
             self.norm_i2t_i = nn.LayerNorm(width, eps=eps)
-            self.alpha_i2t = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (hazard 5)
+            self.alpha_i2t = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (as the official checkpoints)
 
     def forward(self, x, num_frames: int, text=None, text_bias=None):
         # x: (B, T, D), T = 1 + F*N
@@ -46,7 +46,7 @@ class DividedSelfAttention(nn.Module):
             return x
         if not self.has_cross:
             raise RuntimeError("text states were passed to a video attention without cross-attention")
-        # Queries are ALL video tokens (CLS included) after norm_i2t_i; keys/values the raw text states (hazard 6).
+        # Queries are ALL video tokens (CLS included) after norm_i2t_i; keys/values the raw text states.
         k_t, v_t = self.qkv_text_i2t(text).chunk(2, dim=-1)  # 2 x (B, L, D), views of one Linear output
         q_v = self.qkv_i2t(self.norm_i2t_i(x))  # (B, T, D)
         cross = self.attn_i2t(q_v, k_t, v_t, text_bias)  # (B, T, D)
@@ -65,7 +65,7 @@ class Mlp(nn.Module):
 
 
 class SpaceTimeBlock(nn.Module):
-    """x' = x + Space(LN1(x + Time(LN3(x)))); out = x' + MLP(LN2(x')). The residual base is x, not x + Time (hazard 2)."""
+    """x' = x + Space(LN1(x + Time(LN3(x)))); out = x' + MLP(LN2(x')). The residual base is x, not x + Time."""
 
     def __init__(self, cfg: VideoConfig, text_width: int | None):
         super().__init__()
@@ -121,7 +121,7 @@ class SpaceTimeTransformer(nn.Module):
         for block in self.blocks:
             if self.cfg.time_init != "zeros":
                 continue  # "rand": the default Linear init (see VideoConfig.time_init)
-            # time_init='zeros': the temporal pass starts as an exact zero (proj weight 1 is the official quirk, hazard 9)
+            # time_init='zeros': the temporal pass starts as an exact zero (proj weight 1 is the official quirk)
             nn.init.zeros_(block.timeattn.qkv.weight)
             nn.init.zeros_(block.timeattn.qkv.bias)
             nn.init.ones_(block.timeattn.proj.weight)
