@@ -18,7 +18,9 @@ from __future__ import annotations
 import collections
 import ctypes
 import functools
+import bisect
 import inspect
+import itertools
 import math
 import os
 from collections import OrderedDict
@@ -26,7 +28,7 @@ import random as _random
 import sys
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -121,6 +123,66 @@ def epic_frame_range(start_sec: float, end_sec: float, fps: float) -> tuple[int,
     return int(np.round(fps * start_sec)), int(np.ceil(fps * end_sec))
 
 
+# -- 2b. presentation times -------------------------------------------------------------------------------------
+class Timeline:
+    """When each frame of a video is shown: `times[i]` is frame i's presentation time in seconds, frames in
+    presentation order (the order both backends number them), time 0 at the first frame.
+
+    Constant-rate files (every frame within a quarter frame of i / fps) keep the exact grid i / fps, so their frame
+    numbers are the official `int(t * fps)` ones. Variable-rate files (phones, wearables) use the container's
+    timestamps: frame i is not at i / fps there, and a time maps to the frames actually shown then.
+    """
+
+    # Timestamps closer than this to a window edge count as on it (decord reports float32 seconds).
+    EPS = 1e-4
+
+    def __init__(self, times: Sequence[float] | np.ndarray, fps: float):
+        times = np.asarray(times, dtype=np.float64)
+        if times.ndim != 1 or fps <= 0 or not math.isfinite(fps):
+            raise ValueError(f"a timeline needs 1-D times and a positive fps, got shape {times.shape}, fps {fps}")
+        self.fps, self.num_frames = float(fps), len(times)
+        grid = np.arange(self.num_frames, dtype=np.float64) / self.fps
+        relative = times - times[0] if self.num_frames else times
+        increasing = bool(np.all(np.diff(relative) > 0)) and bool(np.all(np.isfinite(relative)))
+        # Timestamps that do not increase (missing or broken in the container) say nothing: the rate grid it is.
+        self.constant_rate = (not increasing or self.num_frames < 2
+                              or float(np.max(np.abs(relative - grid))) <= 0.25 / self.fps)
+        self.times = grid if self.constant_rate else relative
+        if self.constant_rate or self.num_frames < 2:
+            self.duration = self.num_frames / self.fps
+        else:  # the last frame lasts as long as the interval before it
+            self.duration = float(2 * self.times[-1] - self.times[-2])
+
+    @classmethod
+    def constant(cls, num_frames: int, fps: float) -> "Timeline":
+        return cls(np.arange(num_frames) / fps, fps)
+
+    def first_at_or_after(self, t: float) -> int:
+        """Index of the first frame shown at or after time t (num_frames when none is)."""
+        return int(np.searchsorted(self.times, t - self.EPS, side="left"))
+
+    def frames_in(self, start_sec: float, end_sec: float) -> tuple[int, int]:
+        """[a, b): the frames whose presentation time lies in [start_sec, end_sec)."""
+        return self.first_at_or_after(start_sec), self.first_at_or_after(end_sec)
+
+    def official_range(self, start_sec: float, end_sec: float) -> tuple[int, int]:
+        """[a, b) of a clip by the official readers' rule on constant-rate files (a = max(0, int(start * fps)),
+        b = min(int(end * fps), num_frames): the frame on screen at `start` up to the one on screen at `end`,
+        exclusive); the frames shown in [start, end) on variable-rate files."""
+        if self.constant_rate:
+            return max(0, int(start_sec * self.fps)), min(int(end_sec * self.fps), self.num_frames)
+        return self.frames_in(start_sec, end_sec)
+
+    def time_of(self, index: int) -> float:
+        """Start time of frame `index`; num_frames gives the end of the video."""
+        return float(self.times[index]) if index < self.num_frames else self.duration
+
+    def truncated(self, num_frames: int) -> "Timeline":
+        """The first `num_frames` frames (a file that decodes only so far)."""
+        return Timeline(self.times[:num_frames] if not self.constant_rate else np.arange(num_frames) / self.fps,
+                        self.fps) if num_frames < self.num_frames else self
+
+
 # -- 3. backends ------------------------------------------------------------------------------------------------
 @functools.cache
 def _libstdcxx_global() -> None:
@@ -196,17 +258,27 @@ class _DecordVideo:
             self._reader = decord.VideoReader(name, num_threads=1)
             self.num_frames = len(self._reader)
             self.fps = float(self._reader.get_avg_fps())
+            times = self._reader.get_frame_timestamp(np.arange(self.num_frames))[:, 0] if self.num_frames else []
+            self.timeline = Timeline(times, self.fps if self.fps > 0 else 30.0)
         except self._errors as exc:
             self.close()
             raise VideoReadError(path, CORRUPT, f"cannot open the video ({_first_line(exc)})") from exc
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
+        # decord's rotation filter miscomputes the buffer of some rotated frame sizes (a 48x64 frame turned by 90
+        # degrees fails its size check, a 64x48 one comes back as (64, 48, 4)); PyAV rotates those correctly.
+        rotated_hint = "decord cannot rotate this video's frames; decode it with the PyAV decoder (--decoder pyav)"
         try:
-            return self._reader.get_batch(list(indices)).asnumpy()
+            frames = self._reader.get_batch(list(indices)).asnumpy()
         except self._errors as exc:
+            if "size must exactly match" in str(exc):
+                raise VideoReadError(self.path, CORRUPT, rotated_hint) from exc
             raise VideoReadError(self.path, CORRUPT, f"cannot decode frames {list(indices)} "
                                  f"({_first_line(exc)})") from exc
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise VideoReadError(self.path, CORRUPT, f"{rotated_hint} (frames of shape {frames.shape[1:]})")
+        return frames
 
     def close(self) -> None:
         self._reader = None
@@ -223,9 +295,20 @@ def _utf8(name: str) -> bool:
     return True
 
 
+def _upright_rgb(reformatter, frame) -> np.ndarray:
+    """A PyAV frame -> uint8 (H, W, 3) RGB, turned as its display matrix says (a portrait phone clip is stored
+    landscape with a rotation the player applies)."""
+    rgb = reformatter.reformat(frame, format="rgb24").to_ndarray()
+    turns = round(getattr(frame, "rotation", 0) / 90) % 4  # the display matrix's counter-clockwise angle
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+
+
 class _PyAVVideo:
-    """PyAV with seeking: a frame's index is its presentation time x fps (decord numbers frames the same way for
-    constant-rate video). Seeking keeps a read from a 600 s chunk from decoding every frame before the clip."""
+    """PyAV with seeking. Frame i is the i-th frame in presentation order, as decord numbers them: the stream's
+    packet timestamps, sorted, give each frame's index and time (`timeline`), read once when the file opens (the
+    demuxer reads packets without decoding them, as decord does when it opens a file). Seeking keeps a read from a
+    600 s chunk from decoding every frame before the clip. Rotation metadata (a phone's portrait clip) is applied,
+    as decord does."""
 
     # A target at most this many frames ahead is reached by decoding on rather than seeking (one GOP of a 30 fps
     # Ego4D video). Once two key frames have been seen, the observed key-frame interval replaces it: in an
@@ -252,9 +335,17 @@ class _PyAVVideo:
                 raise VideoReadError(path, CORRUPT, "the video stream declares no frame rate")
             self._rate = Fraction(rate)
             self._time_base = Fraction(stream.time_base)
-            self._start = stream.start_time or 0
             self.fps = float(self._rate)
-            self.num_frames = stream.frames or self._count_packets()
+            self._pts = self._packet_times()  # sorted presentation timestamps, or None (the stream has none)
+            if self._pts is None:
+                self._start = stream.start_time or 0
+                self.num_frames = stream.frames or self._packets
+                self.timeline = Timeline.constant(self.num_frames, self.fps)
+            else:
+                self._start = self._pts[0] if self._pts else 0
+                self._index_by_pts = {pts: i for i, pts in enumerate(self._pts)}
+                self.num_frames = len(self._pts)
+                self.timeline = Timeline([float((p - self._start) * self._time_base) for p in self._pts], self.fps)
             self._last_key = None  # index of the last key frame decoded
             self._key_gap = self._KEY_GAPS.get(str(path), self.SEEK_GAP)  # frames between key frames, once seen
         except VideoReadError:
@@ -264,20 +355,45 @@ class _PyAVVideo:
             self.close()
             raise VideoReadError(path, CORRUPT, f"cannot open the video ({_first_line(exc)})") from exc
 
-    def _count_packets(self) -> int:
-        """Containers without a frame count (webm, mkv): count the stream's packets, as decord does."""
-        count = sum(1 for packet in self._container.demux(self._stream) if packet.size > 0)
+    def _packet_times(self) -> list[int] | None:
+        """The video packets' presentation timestamps, sorted and distinct (None when a packet has none, as in raw
+        elementary streams); `_packets` counts the packets. Only packets the demuxer can read are counted, so a
+        truncated file lists the frames that are there."""
+        times, missing, count = set(), False, 0
+        try:
+            for packet in self._container.demux(self._stream):
+                if packet.size > 0:
+                    count += 1
+                    if packet.pts is None:
+                        missing = True
+                    else:
+                        times.add(packet.pts)
+        except self._errors:  # a damaged tail: the packets before it are the video
+            pass
+        self._packets = count
         self._container.seek(0)
-        return count
+        return None if missing else sorted(times)
 
     def _index_of(self, frame) -> int:
-        return round((frame.pts - self._start) * self._time_base * self._rate)
+        if self._pts is None:
+            return round((frame.pts - self._start) * self._time_base * self._rate)
+        index = self._index_by_pts.get(frame.pts)
+        if index is None:  # a frame whose timestamp no packet declared: the last listed one at or before it
+            index = max(0, bisect.bisect_right(self._pts, frame.pts) - 1)
+        return index
+
+    def _pts_of(self, index: int) -> int:
+        if self._pts is None:
+            return self._start + math.floor(Fraction(index) / (self._rate * self._time_base))
+        return self._pts[min(index, len(self._pts) - 1)]
 
     def _seek(self, index: int):
-        target_pts = self._start + math.floor(Fraction(index) / (self._rate * self._time_base))
-        self._container.seek(target_pts, stream=self._stream, backward=True, any_frame=False)
+        self._container.seek(self._pts_of(index), stream=self._stream, backward=True, any_frame=False)
         self._last_key = None  # key frames are consecutive only within one run of decoding
         return self._container.decode(self._stream)
+
+    def _rgb(self, frame) -> np.ndarray:
+        return _upright_rgb(self._reformatter, frame)
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
@@ -298,8 +414,8 @@ class _PyAVVideo:
                         current = (self._index_of(frame), frame)
                         if frame.key_frame:
                             self._note_key_frame(current[0])
-                # A timestamp gap (variable frame rate) gives the next frame that exists.
-                out.append(self._reformatter.reformat(current[1], format="rgb24").to_ndarray())
+                # A timestamp gap (frames the decoder drops) gives the next frame that exists.
+                out.append(self._rgb(current[1]))
         except self._errors as exc:
             raise VideoReadError(self.path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
         return np.stack(out)
@@ -320,7 +436,7 @@ class _DecodedVideo:
     """Every frame of a video, decoded once (front to back, no seeks) and kept as uint8 (N, H, W, 3)."""
 
     def __init__(self, reader: _DecordVideo | _PyAVVideo):
-        self.path, self.fps, self.num_frames = reader.path, reader.fps, reader.num_frames
+        self.path, self.fps, self.num_frames, self.timeline = reader.path, reader.fps, reader.num_frames, reader.timeline
         self.frames = reader.get(range(reader.num_frames))
 
     @property
@@ -408,10 +524,14 @@ class _open_video:
     CAPACITY = 32
     _cache: OrderedDict = OrderedDict()
     _inherited: list = []  # readers a forked process got from its parent: kept, never used or closed
+    _decord_refused: set = set()  # files decord could not open and PyAV could (backend 'auto' reads them with PyAV)
     _pid = os.getpid()
 
     def __init__(self, path: str | os.PathLike, backend: str, frame_cache_bytes: int = 0):
         self.path, self.backend = Path(path), resolve_backend(backend)
+        # 'auto' may fall back per file: a file decord cannot open (a truncated mp4 whose index lists frames that
+        # are not there) is often still readable by PyAV as far as its data goes.
+        self.fallback = backend == "auto" and self.backend == "decord"
         self.frame_cache_bytes = frame_cache_bytes
 
     @classmethod
@@ -438,6 +558,8 @@ class _open_video:
         if not os.access(self.path, os.R_OK):
             raise VideoReadError(self.path, UNREADABLE, "cannot open the file (Permission denied)")
         key = (self.backend, str(self.path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if self.fallback and key in cache._decord_refused:
+            key = ("pyav", *key[1:])
         if self.frame_cache_bytes > 0:
             decoded = _DECODED.get(key, self.frame_cache_bytes)
             if decoded is not None:
@@ -445,7 +567,9 @@ class _open_video:
                 return decoded
         video = cache._cache.pop(key, None)
         if video is None:
-            video = (_DecordVideo if self.backend == "decord" else _PyAVVideo)(self.path)
+            video = self._new_reader(key)
+            if isinstance(video, _PyAVVideo):
+                key = ("pyav", *key[1:])
             if video.num_frames <= 0:
                 video.close()
                 raise VideoReadError(self.path, EMPTY, "the video has zero frames")
@@ -470,6 +594,21 @@ class _open_video:
             cache._cache.popitem(last=False)[1].close()
         self.video = video
         return video
+
+    def _new_reader(self, key) -> _DecordVideo | _PyAVVideo:
+        if key[0] == "pyav":
+            return _PyAVVideo(self.path)
+        try:
+            return _DecordVideo(self.path)
+        except VideoReadError as exc:
+            if not self.fallback or exc.reason != CORRUPT:
+                raise
+            try:
+                video = _PyAVVideo(self.path)
+            except VideoReadError:
+                raise exc from None  # neither decoder reads it: decord's reason stands
+            type(self)._decord_refused.add(key)
+            return video
 
     @classmethod
     def _drop(cls, video) -> None:
@@ -502,12 +641,139 @@ def video_info(path: str | os.PathLike, backend: str = "auto") -> tuple[int, flo
         return video.num_frames, video.fps
 
 
+def video_timeline(path: str | os.PathLike, backend: str = "auto") -> Timeline:
+    """The presentation time of every frame of a video file (`Timeline`), as the backend numbers the frames."""
+    with _open_video(path, backend) as video:
+        return video.timeline
+
+
+def decodable_frames(path: str | os.PathLike, backend: str = "auto") -> int:
+    """How many frames, from the first, actually decode (the container may list more: a truncated or damaged
+    file). The last frame is tried first (one seek), so an intact file costs one read; otherwise a binary search
+    over single-frame reads finds the first frame that fails. 0 when not even the first frame decodes."""
+    with _open_video(path, backend) as video:
+        n = video.num_frames
+
+    def decodes(index: int) -> bool:
+        try:
+            with _open_video(path, backend) as video:  # a fresh reader after a failure (__exit__ drops it)
+                video.get([index])
+            return True
+        except VideoReadError:
+            return False
+
+    if decodes(n - 1):
+        return n
+    good, bad = -1, n - 1  # invariant: frame `good` decodes (or -1), frame `bad` does not
+    while bad - good > 1:
+        middle = (good + bad) // 2
+        good, bad = (middle, bad) if decodes(middle) else (good, middle)
+    return good + 1
+
+
 def read_frames(path: str | os.PathLike, indices: list[int], backend: str = "auto") -> torch.Tensor:
     """Decode the frames at `indices` (0-based, any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB."""
     if len(indices) == 0:
         raise ValueError("read_frames needs at least one frame index")
     with _open_video(path, backend) as video:
         return _gather(video, indices)
+
+
+def whole_video_backend(backend: str = "auto") -> str:
+    """The decoder for work that reads whole videos front to back (the runtime's index, features and demo): 'auto'
+    is PyAV there, whose single threaded pass is faster than decord's reads between seeks (bench index), and
+    which opens files decord refuses (a truncated mp4). Both number and decode frames identically."""
+    return "pyav" if backend == "auto" else resolve_backend(backend)
+
+
+def stream_frames(path: str | os.PathLike, indices: Sequence[int], backend: str = "auto", threads: int = 0
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+    """Every distinct frame of `indices`, decoded in one pass front to back: yields (index, uint8 (H, W, 3) RGB) in
+    increasing index order. For many frames of one video (indexing, features), where `read_frames`' seeks and
+    per-call set-up would dominate.
+
+    PyAV (and 'auto', which streams with PyAV: one sequential pass with the codec's own frame threading is the
+    fastest way through a whole file, and both decoders number and decode frames identically) starts at the key
+    frame before the first wanted frame, decodes every frame once with `threads` decoder threads (0: FFmpeg's
+    choice) and converts only the wanted ones to RGB. decord reads the wanted frames in increasing chunks from one
+    reader, which decodes on between them."""
+    wanted = sorted(set(indices))
+    if not wanted:
+        return
+    backend = whole_video_backend(backend)
+    with _open_video(path, backend) as video:
+        if wanted[0] < 0 or wanted[-1] >= video.num_frames:
+            raise VideoReadError(path, OUT_OF_RANGE, f"frame indices {wanted[0]}..{wanted[-1]} outside the video's "
+                                 f"{video.num_frames} frames")
+        if backend == "decord":
+            for first in range(0, len(wanted), 32):
+                chunk = wanted[first:first + 32]
+                yield from zip(chunk, video.get(chunk))
+            return
+        timing = video  # the reader's packet-time table numbers the frames
+    yield from _stream_pyav(Path(path), timing, wanted, threads)
+
+
+def _stream_pyav(path: Path, timing: _PyAVVideo, wanted: list[int], threads: int):
+    import av
+    from av.video.reformatter import VideoReformatter
+
+    errors = (av.error.FFmpegError, OSError, EOFError)
+    reformatter, pos, current = VideoReformatter(), 0, None
+    wanted_pts = None if timing._pts is None else {timing._pts_of(i) for i in wanted}
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # frame + slice threads
+            stream.codec_context.thread_count = threads
+            nal_length = _avc_nal_length_size(stream)
+            if wanted[0] > 0:
+                container.seek(timing._pts_of(wanted[0]), stream=stream, backward=True, any_frame=False)
+            for packet in itertools.chain(container.demux(stream), [None]):
+                if packet is not None and (packet.size == 0 or (
+                        nal_length and wanted_pts is not None and packet.pts not in wanted_pts
+                        and _unreferenced_h264(bytes(packet), nal_length))):
+                    continue  # a frame nothing else is predicted from, and not wanted: never decoded
+                for frame in stream.decode(packet):  # None flushes the decoder at the end
+                    if frame.pts is None:
+                        continue
+                    current = timing._index_of(frame)
+                    if current < wanted[pos]:
+                        continue
+                    rgb = _upright_rgb(reformatter, frame)
+                    # A wanted index this frame passed (a timestamp the decoder skipped) gets the next frame there is.
+                    while pos < len(wanted) and wanted[pos] <= current:
+                        yield wanted[pos], rgb
+                        pos += 1
+                    if pos == len(wanted):
+                        return
+    except errors as exc:
+        raise VideoReadError(path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
+    reached = "no frame" if current is None else f"frame {current}"
+    raise VideoReadError(path, CORRUPT, f"the stream ends at {reached} before frame {wanted[pos]} of "
+                         f"{timing.num_frames} (truncated?)")
+
+
+def _avc_nal_length_size(stream) -> int:
+    """Bytes of each NAL unit's length prefix in an H.264 stream stored as in mp4/mkv (an avcC record as extradata);
+    0 for anything else (other codecs, Annex-B byte streams as in .ts files), whose packets are never inspected."""
+    extradata = bytes(stream.codec_context.extradata or b"")
+    if stream.codec_context.name != "h264" or len(extradata) < 7 or extradata[0] != 1:
+        return 0
+    return (extradata[4] & 3) + 1
+
+
+def _unreferenced_h264(data: bytes, nal_length: int) -> bool:
+    """Whether an H.264 access unit is a picture no other picture is predicted from (its slices' nal_ref_idc is 0,
+    as for most B-frames): such a frame can be left undecoded without changing any other frame."""
+    at = 0
+    while at + nal_length < len(data):
+        size = int.from_bytes(data[at:at + nal_length], "big")
+        header = data[at + nal_length]
+        if header & 0x1F in (1, 5):  # the first slice: non-IDR or IDR
+            return header & 0x60 == 0
+        at += nal_length + size
+    return False
 
 
 def _sample_or_raise(path, num_frames, start_f, end_f, sample, rng) -> list[int]:
@@ -526,9 +792,10 @@ def read_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float |
     """Sample and decode the clip [start_sec, end_sec] of one video file at the file's real fps.
 
     Returns (uint8 (K, H, W, 3), the K frame indices) with K = min(num_frames, end_frame) <= num_frames (official
-    K rule; the official datasets zero-pad to F after the transform). Official `read_frames_cv2_charades` rules:
-    start_frame = max(0, int(start_sec * fps)), end_frame = min(int(end_sec * fps), num_frames); no times (None,
-    or both 0 as in the official `if not start_sec and not end_sec`) means the whole video.
+    K rule; the official datasets zero-pad to F after the transform). Official `read_frames_cv2_charades` rules on
+    constant-rate files: start_frame = max(0, int(start_sec * fps)), end_frame = min(int(end_sec * fps),
+    num_frames); on variable-rate files the frames shown in [start_sec, end_sec) (`Timeline.official_range`). No
+    times (None, or both 0 as in the official `if not start_sec and not end_sec`) means the whole video.
     Raises VideoReadError: missing / corrupt file, zero frames, a clip that starts at or after the end of the
     video or ends before it starts, or a clip too short for 'rand'.
     `frame_cache_bytes` > 0: keep whole decoded videos in this process, up to that many bytes (`_DecodedCache`).
@@ -538,14 +805,13 @@ def read_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float |
             start_f, end_f = 0, video.num_frames
         else:
             start_sec = start_sec or 0.0
-            duration = video.num_frames / video.fps
             if end_sec < start_sec or end_sec < 0:
                 raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {end_sec}] s ends before it starts")
-            start_f = max(0, int(start_sec * video.fps))
-            end_f = min(int(end_sec * video.fps), video.num_frames)
+            start_f, end_f = video.timeline.official_range(start_sec, end_sec)
             if start_f >= video.num_frames:
                 raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {end_sec}] s starts after the end of "
-                                     f"the video ({video.num_frames} frames at {video.fps:g} fps = {duration:.3f} s)")
+                                     f"the video ({video.num_frames} frames at {video.fps:g} fps = "
+                                     f"{video.timeline.duration:.3f} s)")
         indices = _sample_or_raise(path, num_frames, start_f, end_f, sample, rng)
         return _gather(video, indices), indices
 
@@ -591,7 +857,15 @@ def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: 
     for path in paths:
         if not path.is_file():
             raise VideoReadError(path, MISSING, f"no such chunk file (clip [{start}, {end}] s of {video_uid})")
+    spans = last_chunk > first_chunk
     with _open_video(paths[0], backend, frame_cache_bytes) as first:
+        variable = not first.timeline.constant_rate
+        if spans and not variable:
+            with _open_video(paths[1], backend, frame_cache_bytes) as second:
+                variable = not second.timeline.constant_rate
+        if variable:
+            return _egoclip_clip_by_time(paths, start, end, bound_sec - chunk_sec, bound_sec, spans, num_frames,
+                                         sample, rng, backend, frame_cache_bytes)
         fps = first.fps
         start_f, end_f = max(0, int(start * fps)), max(0, int(end * fps))
         # int() like start_f, so start_f >= offset for any fps (official: bound_f = int(bound_sec * 30))
@@ -614,6 +888,37 @@ def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: 
                              f"previous chunk's {tuple(parts[0].shape[1:3])}")
     frames = torch.cat(parts)                        # (K, H, W, 3), indices are increasing so order is kept
     if frames.shape[0] < num_frames:                 # official: frames.append(frames[-1]) until F
+        frames = torch.cat([frames, frames[-1:].expand(num_frames - frames.shape[0], -1, -1, -1)])
+    return frames
+
+
+def _egoclip_clip_by_time(paths, start, end, chunk_start, bound_sec, spans, num_frames, sample, rng, backend,
+                          frame_cache_bytes) -> torch.Tensor:
+    """`read_egoclip_clip` on variable-rate chunk files: the frames shown in [start, end) s of the whole video (chunk
+    c's frame at time t is at c * chunk_sec + t), sampled by the official rule over that list of frames."""
+    shown = []  # (chunk position 0/1, frame index in that chunk file), in presentation order
+    with _open_video(paths[0], backend, frame_cache_bytes) as first:
+        a, b = first.timeline.frames_in(start - chunk_start, end - chunk_start)
+        shown += [(0, i) for i in range(a, b)]
+        if a >= first.num_frames:
+            raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s starts after the end of the "
+                                 f"chunk ({first.timeline.duration:.3f} s)")
+    if spans:
+        with _open_video(paths[1], backend, frame_cache_bytes) as second:
+            a, b = second.timeline.frames_in(0.0, end - bound_sec)
+            shown += [(1, i) for i in range(a, b)]
+    picks = [shown[k] for k in _sample_or_raise(paths[0], num_frames, 0, len(shown), sample, rng)]
+    parts = []
+    for chunk in (0, 1):
+        wanted = [i for c, i in picks if c == chunk]
+        if wanted:
+            with _open_video(paths[chunk], backend, frame_cache_bytes) as video:
+                parts.append(_gather(video, wanted))
+    if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
+        raise VideoReadError(paths[1], CORRUPT, f"frame size {tuple(parts[1].shape[1:3])} differs from the "
+                             f"previous chunk's {tuple(parts[0].shape[1:3])}")
+    frames = torch.cat(parts)
+    if frames.shape[0] < num_frames:  # official: the last frame repeated until F
         frames = torch.cat([frames, frames[-1:].expand(num_frames - frames.shape[0], -1, -1, -1)])
     return frames
 

@@ -11,7 +11,8 @@ Files (EgoVLPv2/data_loader/EpicKitchens_MIR_dataset.py; epic-kitchens-100-annot
         python -c "import pickle, numpy as np; np.save('caption_relevancy_EPIC_100_retrieval_test.npy', \
 np.asarray(pickle.load(open('caption_relevancy_EPIC_100_retrieval_test.pkl', 'rb'))))"
   and pass the .npy (or an .npz holding one array, or the array under 'relevancy').
-Videos: {video_root}/{participant_id}/{video_id}.MP4 (the 256-px resized copies), read with the file's real fps:
+Videos: {video_root}/{participant_id}/{video_id}.MP4 (the 256-px resized copies), read with the file's real fps
+(presentation times on variable-rate files):
 start/end frame = round/ceil(fps * timestamp), then LaViLa-style segment frame ids (`epic_frame_indices`),
 jittered in train. Pixels are normalised with the 'epic' eval transform; text is padded to 30 tokens.
 """
@@ -63,10 +64,14 @@ def read_epic_clip(path: str | os.PathLike, start_sec: float, stop_sec: float, n
 
     Raises VideoReadError for an unreadable file or frames outside the video (official: decord IndexError)."""
     from egovlp_deploy.video import OUT_OF_RANGE, VideoReadError, epic_frame_indices, epic_frame_range, \
-        read_frames, video_info
+        read_frames, video_timeline
 
-    _, fps = video_info(path, backend=backend)
-    start_frame, end_frame = epic_frame_range(start_sec, stop_sec, fps)
+    timeline = video_timeline(path, backend=backend)
+    if timeline.constant_rate:
+        start_frame, end_frame = epic_frame_range(start_sec, stop_sec, timeline.fps)
+    else:  # variable frame rate: the frames shown in [start, stop) (the official range's last index is inclusive)
+        start_frame, stop_frame = timeline.frames_in(start_sec, stop_sec)
+        end_frame = stop_frame - 1
     try:
         ids = epic_frame_indices(start_frame, end_frame, num_frames, jitter, rng=rng)
     except ValueError as e:  # a segment shorter than one frame at this fps

@@ -1,9 +1,10 @@
 """Video file -> decoded frames -> preprocessed clips -> encoder: for whole videos (sliding windows with timestamps)
 and for single clips.
 
-Windows are planned on the file's own timeline (its real fps, `video.video_info`); each window's F model frames are
-the official 'uniform' samples of its frame range (segment middles, `video.sample_frame_indices`), so a window that
-is an annotated clip gives exactly the frames the EgoMCQ/EgoClip evaluation readers give. Decoding goes through
+Windows are planned on the file's own timeline (each frame's presentation time, `video.Timeline`), so their labels
+hold on variable-frame-rate files; each window's F model frames are the official 'uniform' samples of its frame
+range (segment middles, `video.sample_frame_indices`), so a window that is an annotated clip gives exactly the
+frames the EgoMCQ/EgoClip evaluation readers give. Decoding goes through
 `egovlp_deploy.video` (decord, PyAV where decord is missing), one open reader per file for all its windows; the
 preprocessing is the C++ extension when built (`preprocess.preprocess_clips`: all B x F frames of a batch in one
 parallel call) and the torch reference transform otherwise, with the same numbers (1e-5).
@@ -11,15 +12,20 @@ parallel call) and the torch reference transform otherwise, with the same number
 
 from __future__ import annotations
 
+import itertools
 import os
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from egovlp_deploy.video import VideoReadError, read_frames, sample_frame_indices, video_info
+from egovlp_deploy.video import (Timeline, VideoReadError, decodable_frames, read_frames, sample_frame_indices,
+                                 stream_frames, video_timeline, whole_video_backend)
 
 
 @dataclass(frozen=True)
@@ -30,28 +36,58 @@ class Window:
     label: str | None = None  # the narration of an annotated segment
 
 
+def decodable_timeline(path: str | os.PathLike, backend: str = "auto", notes: list[str] | None = None) -> Timeline:
+    """The file's timeline, cut to the frames that decode: a truncated or damaged file is used as far as it decodes
+    (with a line saying so appended to `notes`); nothing decodable raises VideoReadError."""
+    whole = video_timeline(path, backend)
+    usable = decodable_frames(path, backend)
+    if usable == 0:
+        raise VideoReadError(path, "corrupt", "not even the first frame decodes")
+    if usable == whole.num_frames:
+        return whole
+    timeline = whole.truncated(usable)
+    if notes is not None:
+        notes.append(f"only the first {timeline.duration:.2f} s of {whole.duration:.2f} s decode ({usable} of "
+                     f"{whole.num_frames} frames; damaged or truncated file): used those")
+    return timeline
+
+
 def plan_windows(path: str | os.PathLike, frames: int, window_sec: float | None = None,
                  stride_sec: float | None = None, window_frames: int | None = None,
-                 stride_frames: int | None = None, backend: str = "auto") -> tuple[list[Window], float]:
+                 stride_frames: int | None = None, backend: str = "auto",
+                 notes: list[str] | None = None) -> tuple[list[Window], float]:
     """Sliding windows over a whole video -> ([Window], fps).
 
-    Give the window and stride in seconds (`window_sec`, `stride_sec`) or in source frames (`window_frames`,
-    `stride_frames`, the EgoMQ/EgoNLQ feature convention). The last window is clipped at the end of the video; a
-    video shorter than one window gives one window over all of it."""
-    n, fps = video_info(path, backend)
+    In seconds (`window_sec`, `stride_sec`): window k is [k * stride, k * stride + window) s of presentation time
+    and samples only frames shown in it, so its label is true on variable-frame-rate files too; a window no frame
+    falls in (a gap in a variable-rate recording) is left out. In source frames (`window_frames`,
+    `stride_frames`, the EgoMQ/EgoNLQ feature convention): windows of that many frames, labelled with the real
+    times of their first frame and of the frame after their last. The last window is clipped at the end of the
+    video; a video shorter than one window gives one window over all of it. A file that decodes only partly is
+    windowed as far as it decodes (`decodable_timeline`; the reason goes to `notes`)."""
+    timeline = decodable_timeline(path, whole_video_backend(backend), notes)
+    n, fps = timeline.num_frames, timeline.fps
+    out = []
     if window_frames is None:
         if not window_sec or window_sec <= 0 or not stride_sec or stride_sec <= 0:
             raise ValueError(f"window and stride must be positive, got {window_sec} s, {stride_sec} s")
-        window_frames, stride_frames = max(1, round(window_sec * fps)), max(1, round(stride_sec * fps))
+        for k in itertools.count():
+            start_sec = k * stride_sec
+            end_sec = min(start_sec + window_sec, timeline.duration)
+            first, stop = timeline.frames_in(start_sec, end_sec)
+            if stop > first:
+                out.append(Window(round(start_sec, 4), round(end_sec, 4), _uniform(frames, first, stop)))
+            if end_sec >= timeline.duration - Timeline.EPS:  # this window reaches the end of the video
+                break
+        return out, fps
     if window_frames < 1 or not stride_frames or stride_frames < 1:
         raise ValueError(f"window and stride must be positive, got {window_frames}, {stride_frames} frames")
-    out = []
     for start in range(0, max(1, n - window_frames + stride_frames), stride_frames):
         end = min(n, start + window_frames)
         if end <= start:
             break
-        idx = _uniform(frames, start, end)
-        out.append(Window(round(start / fps, 4), round(end / fps, 4), idx))
+        out.append(Window(round(timeline.time_of(start), 4), round(timeline.time_of(end), 4),
+                          _uniform(frames, start, end)))
         if end >= n:
             break
     return out, fps
@@ -66,16 +102,18 @@ def _uniform(frames: int, start: int, end: int) -> tuple[int, ...]:
 
 
 def segment_windows(path: str | os.PathLike, segments: list[tuple[float, float, str | None]], frames: int,
-                    backend: str = "auto") -> tuple[list[Window], float]:
-    """Windows at given (start_sec, end_sec, label) segments, frame ranges by the official rule
-    (start = int(start_sec * fps), end = min(int(end_sec * fps), frames))."""
-    n, fps = video_info(path, backend)
+                    backend: str = "auto", notes: list[str] | None = None) -> tuple[list[Window], float]:
+    """Windows at given (start_sec, end_sec, label) segments, with the frame ranges the evaluation readers use
+    (`Timeline.official_range`: start = int(start_sec * fps), end = min(int(end_sec * fps), frames) on
+    constant-rate files; the frames shown in the segment on variable-rate ones)."""
+    timeline = decodable_timeline(path, whole_video_backend(backend), notes)
+    n, fps = timeline.num_frames, timeline.fps
     out = []
     for start_sec, end_sec, label in segments:
-        start_f, end_f = max(0, int(start_sec * fps)), min(int(end_sec * fps), n)
+        start_f, end_f = timeline.official_range(start_sec, end_sec)
         if start_f >= n or end_f <= start_f:
             raise VideoReadError(path, "out_of_range", f"segment [{start_sec}, {end_sec}] s is outside the video "
-                                 f"({n} frames at {fps:g} fps)")
+                                 f"({n} frames, {timeline.duration:.3f} s)")
         out.append(Window(float(start_sec), float(end_sec), _uniform(frames, start_f, end_f), label))
     return out, fps
 
@@ -102,7 +140,8 @@ class ClipPipeline:
                  times: StageTimes | None = None):
         from egovlp_deploy import preprocess
 
-        self.frames, self.size, self.backend, self.variant = frames, size, backend, variant
+        self.frames, self.size, self.variant = frames, size, variant
+        self.backend = whole_video_backend(backend)  # the decoder that planned the windows numbers their frames
         self.native = preprocess.available()
         self.times = times or StageTimes()
 
@@ -134,10 +173,80 @@ class ClipPipeline:
     def clips(self, path: str | os.PathLike, windows: list[Window]) -> np.ndarray:
         return self.preprocess(self.decode(path, windows))
 
+    def batches(self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0
+                ) -> Iterator[tuple[int, np.ndarray]]:
+        """(number of the batch's first window, float32 clips (b, F, 3, S, S)) for consecutive batches of `windows`.
+
+        Windows in time order (sliding windows) are decoded in one pass over the file (`video.stream_frames`, each
+        frame once, `threads` decoder threads) and decoded + preprocessed in a background thread while the caller
+        encodes the batch before: the caller's engine and the decoder run at the same time. Windows in any other
+        order (annotated segments) are read batch by batch, as `clips` does."""
+        if batch < 1:
+            raise ValueError(f"batch must be >= 1, got {batch}")
+        starts = [min(w.indices) for w in windows]
+        if starts != sorted(starts):
+            return ((first, self.clips(path, windows[first:first + batch])) for first in range(0, len(windows), batch))
+        return in_background(self._streamed_batches(path, windows, batch, threads))
+
+    def _streamed_batches(self, path, windows: list[Window], batch: int, threads: int):
+        frames: dict[int, np.ndarray] = {}  # decoded frames some window not yet emitted still needs
+        stream = stream_frames(path, [i for w in windows for i in w.indices], self.backend, threads)
+        for first in range(0, len(windows), batch):
+            group = windows[first:first + batch]
+            last = max(max(w.indices) for w in group)
+            t0 = time.perf_counter()
+            while last not in frames:  # frames arrive in increasing order: all of the group's are in then
+                index, frame = next(stream)
+                frames[index] = frame
+            decoded = torch.from_numpy(np.stack([frames[i] for w in group for i in w.indices]))
+            self.times.add("decode", time.perf_counter() - t0, len(group))
+            if first + batch < len(windows):
+                keep_from = min(min(w.indices) for w in windows[first + batch:])
+                for index in [i for i in frames if i < keep_from]:
+                    del frames[index]
+            yield first, self.preprocess(decoded.view(len(group), self.frames, *decoded.shape[1:]))
+
     def clip(self, path: str | os.PathLike, start_sec: float, end_sec: float) -> np.ndarray:
         """One clip [start_sec, end_sec] of a file -> float32 (F, 3, S, S)."""
         windows, _ = segment_windows(path, [(start_sec, end_sec, None)], self.frames, self.backend)
         return self.clips(path, windows)[0]
+
+
+def in_background(items: Iterator, depth: int = 2) -> Iterator:
+    """`items`, produced by a background thread up to `depth` ahead of the consumer (decoding while the caller
+    encodes; decoders and the C++ preprocessing release the GIL). An exception in the producer is raised in the
+    consumer; a consumer that stops early (an error, Ctrl-C) stops the producer at its next item."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            slots.put((done, exc))
+
+    worker = threading.Thread(target=produce, name="egovlp-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 # -- inputs: files, folders and globs ----------------------------------------------------------------------------
