@@ -59,6 +59,10 @@ def _model_config(args):
 
 
 def cmd_info(args) -> int:
+    if args.path:
+        return describe_artifact(args)
+    if args.engines:
+        raise ValueError("--engines compares an index with an engines folder: give the index as PATH")
     from .compute import compute_report
 
     env = _environment()
@@ -92,6 +96,19 @@ def cmd_info(args) -> int:
     return 0
 
 
+def describe_artifact(args) -> int:
+    """`info PATH`: a checkpoint, an engines folder or an index, described from its JSON files and safetensors
+    headers (artifact_info.py documents the --json fields in `describe`)."""
+    from .artifact_info import describe, format_description
+
+    description = describe(args.path, engines=args.engines)
+    if args.json:
+        print(json.dumps(description, indent=2))
+    else:  # file names that are not UTF-8 keep their bytes as \x escapes
+        print(os.fsencode(format_description(description)).decode("utf-8", "backslashreplace"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egovlp-deploy",
@@ -101,10 +118,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    info = sub.add_parser("info", help="versions, devices, backends, and the model's parameter and GMAC counts",
-                          description="Print package versions, available devices and ONNX Runtime providers, the "
-                                      "native extension's build, and parameter/GMAC counts of the dual and fusion "
-                                      "forwards (batch 1, counted on the meta device: no weights are allocated).")
+    info = sub.add_parser("info", help="versions, devices and model counts; or what a checkpoint, an engines "
+                                       "folder or an index holds",
+                          description="Without PATH: print package versions, available devices and ONNX Runtime "
+                                      "providers, the native extension's build, and parameter/GMAC counts of the "
+                                      "dual and fusion forwards (batch 1, counted on the meta device: no weights are "
+                                      "allocated). With PATH: describe a checkpoint (a save_pretrained folder, a "
+                                      "trainer step_N, or a training run: its newest checkpoint), an engines folder "
+                                      "(roles, precisions, inputs/outputs, model id, validation, tokenizer) or an "
+                                      "index (videos, clips, model id, settings, engines), reading only JSON files "
+                                      "and safetensors headers.")
+    info.add_argument("path", nargs="?", metavar="PATH",
+                      help="a checkpoint folder, training run, engines folder or index to describe")
+    info.add_argument("--engines", metavar="DIR",
+                      help="with an index as PATH: compare it with these engines (default: the ones it records)")
     model = info.add_argument_group("model")
     model.add_argument("--model", choices=("base", "tiny"), default="base",
                        help="paper-size model or the tiny CPU model (default: base)")
@@ -158,6 +185,7 @@ BENCH_TARGETS = {
     "preprocess": ("egovlp_deploy.kernels.bench.preprocess_bench", "C++ clip preprocessing vs the torch reference"),
     "export": ("egovlp_deploy.export.bench", "exported artifacts at B=1: ONNX Runtime CPU fp32/int8 vs PyTorch eager"),
     "e2e": ("egovlp_deploy.runtime.bench", "end to end: decode+preprocess, encoders, cached vs monolithic re-rank"),
+    "index": ("egovlp_deploy.runtime.index_bench", "indexing a 720p H.264 file vs the decoder's own speed"),
 }
 
 

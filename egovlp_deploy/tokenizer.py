@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -83,3 +84,35 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, pad_token_id: int) -> None:
         raise TokenizerError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary only {vocab_size}")
     if tokenizer.pad_token_id != pad_token_id:
         raise TokenizerError(f"tokenizer pad id {tokenizer.pad_token_id} differs from the model's {pad_token_id}")
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """A text longer than the model's token limit: what is encoded of it."""
+
+    text: str
+    tokens: int  # the whole text's length in tokens, special tokens included
+    limit: int
+    kept: str  # the text the first `limit` tokens stand for
+
+    def message(self) -> str:
+        dropped = self.text[len(self.kept):].strip() if self.text.startswith(self.kept) else ""
+        if len(dropped) > 60:
+            dropped = dropped[:57] + "..."
+        rest = f'; not encoded: "{dropped}"' if dropped else ""
+        return (f'query truncated to {self.limit} tokens: "{self.kept.strip()}" ({self.tokens} tokens given'
+                f'{rest})')
+
+
+def truncated_texts(tokenizer, texts: list[str], max_length: int) -> list[Truncation]:
+    """The texts that tokenize to more than `max_length` tokens (special tokens included), each with its kept part."""
+    if not texts:
+        return []
+    # verbose=False: no transformers log line about sequences longer than the model's maximum, counted on purpose
+    lengths = [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+    out = []
+    for text, n in zip(texts, lengths):
+        if n > max_length:
+            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
+            out.append(Truncation(text, n, max_length, tokenizer.decode(ids, skip_special_tokens=True)))
+    return out

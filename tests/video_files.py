@@ -1,4 +1,5 @@
-"""Test helper: tiny mp4 files whose frames reveal their index (frame i is a flat colour with red = STEP * i + 4)."""
+"""Test helper: tiny mp4 files whose frames reveal their index (frame i is a flat colour with red = STEP * i + 4; the
+ramp wraps modulo 256, so only the first 32 frames are told apart by colour)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ def write_video(path: Path, num_frames: int, fps: int = FPS) -> Path:
         stream.pix_fmt = "yuv420p"
         for i in range(num_frames):
             img = np.zeros((SIDE, SIDE, 3), np.uint8)
-            img[..., 0], img[..., 1] = STEP * i + 4, 128
+            img[..., 0], img[..., 1] = (STEP * i + 4) % 256, 128
             out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(stream.encode())
     return path

@@ -4,7 +4,9 @@ egovlp_deploy/cli.py). Each `run_*(args)` returns an exit code; errors are Value
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import json
 import os
 import sys
@@ -29,7 +31,8 @@ FEATURES_DESCRIPTION = """Extract per-window features of your own videos for dow
 projected dual video embeddings per window (EgoMQ / VSGN layout: features (T, P) + timestamps (T, 2)); --mode
 fusion gives the fused video CLS and fused text tokens per window and query (EgoNLQ / VSLNet, the EgoVLPv2 recipe:
 video_cls (Q, T, Dv), text_tokens (Q, T, L, Dt), text_mask (Q, L), timestamps). Windows of --frames source frames
-every --stride frames; one output per video, written atomically; finished videos are skipped on a rerun."""
+every --stride frames; one output per video, written atomically; finished videos are skipped on a rerun, and a
+killed run resumes inside the video it was on (at most --commit-every windows are recomputed)."""
 
 
 # -- shared options ---------------------------------------------------------------------------------------------
@@ -64,6 +67,35 @@ def _runtime(args, engines: str | None = None):
                    graphs=getattr(args, "cuda_graphs", False))
 
 
+@contextlib.contextmanager
+def query_warnings():
+    """Show each QueryTruncatedWarning as one line on stderr, `warning: query truncated to N tokens: ...` (the text
+    encoder reports a query once); other warnings are shown as before."""
+    from .engines import QueryTruncatedWarning
+
+    with warnings.catch_warnings():
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, QueryTruncatedWarning):
+                print(f"warning: {message}", file=sys.stderr)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
+        warnings.simplefilter("always", QueryTruncatedWarning)
+        warnings.showwarning = show
+        yield
+
+
+def reports_truncated_queries(run):
+    """A runner whose truncated queries are reported by `query_warnings`."""
+    @functools.wraps(run)
+    def wrapped(args) -> int:
+        with query_warnings():
+            return run(args)
+    return wrapped
+
+
 def _failure_options(parser) -> None:
     parser.add_argument("--allow-failures", action="store_true",
                         help="exit 0 even when some inputs could not be read (they are still reported)")
@@ -73,6 +105,12 @@ def _failure_options(parser) -> None:
 def printable(text: str) -> str:
     """A file name for the terminal: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\x escapes."""
     return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def _report_notes(summary: dict) -> None:
+    """Inputs used only in part (a truncated file, indexed as far as it decodes), one line each on stderr."""
+    for n in summary.get("notes", []):
+        print(f"note: {printable(n['path'])}: {n['note']}", file=sys.stderr)
 
 
 def _report_failures(summary: dict, args) -> int:
@@ -89,7 +127,8 @@ def _report_failures(summary: dict, args) -> int:
     return 0 if args.allow_failures and summary.get("succeeded", 0) else 1
 
 
-def _print_backend(rt, stream=sys.stderr) -> None:
+def _print_backend(rt, stream=None) -> None:
+    stream = stream or sys.stderr  # looked up per call: sys.stderr may be replaced after import
     for r in rt.describe():
         graphs = f" / {r['graphs']}" if "graphs" in r else ""
         print(f"  {r['role']:<20} {r['backend']} / {r['provider']} / {r['precision']}{graphs}", file=stream)
@@ -117,7 +156,8 @@ def add_index_arguments(p) -> None:
     w.add_argument("--commit-every", type=int, default=32, metavar="N",
                    help="windows per shard/commit: at most N are recomputed after a kill (default: 32)")
     w.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto",
-                   help="video decoder (default: auto = decord where installed, else PyAV)")
+                   help="video decoder (default: auto = PyAV, which streams whole videos fastest and reads "
+                        "files decord refuses; decord numbers and decodes frames identically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -162,12 +202,15 @@ def run_index(args) -> int:
                           progress=not (args.quiet or args.json), decode_backend=args.decoder)
     if args.json:
         print(json.dumps(summary, indent=2))
+        _report_notes(summary)
         return _report_failures(summary, args)
     print(f"index {summary['index']}: {summary['videos']} videos, {summary['windows']} clips "
           f"({summary['new_windows']} new) in {summary['seconds']:.1f} s")
     print(f"  preprocessing: {summary['preprocessing']}")
-    print("  ms per clip: " + ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_clip"].items()))
+    print("  ms per clip (steady state, each encoder's first batch left out as warm-up): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_clip"].items()))
     _print_backend(rt, sys.stdout)
+    _report_notes(summary)
     return _report_failures(summary, args)
 
 
@@ -189,17 +232,21 @@ def format_hits(query: str, hits, show_label: bool = True) -> str:
     for h in hits:
         extra = f"  vtm {h.vtm:.3f}" if h.vtm is not None else ""
         label = f"  [{h.label}]" if show_label and h.label else ""
-        name = printable(h.uid)
+        name = printable(h.name)
         lines.append(f"  {h.rank:>2}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
                      f"cos {h.dual:.3f}{extra}{label}")
     return "\n".join(lines)
 
 
+@reports_truncated_queries
 def run_search(args) -> int:
-    from .index import MomentIndex
+    from .index import MomentIndex, other_export
 
     index = MomentIndex(args.index)
     rt = _runtime(args, args.engines or index.data["engines"])
+    note = other_export(index.data, rt)
+    if note:
+        print(note, file=sys.stderr)
     out = {}
     for q in args.query:
         hits = index.search(rt, q, top=args.top, rerank=args.rerank, rerank_score=args.rerank_score)
@@ -232,6 +279,7 @@ def format_mcq(summary: dict) -> str:
     return "\n".join(lines)
 
 
+@reports_truncated_queries
 def run_mcq(args) -> int:
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
@@ -267,12 +315,15 @@ def add_features_arguments(p) -> None:
     p.add_argument("--format", choices=("safetensors", "npy"), default="safetensors",
                    help="safetensors (default: one file per video) or one .npy per tensor")
     p.add_argument("--batch", type=int, default=8, metavar="B", help="windows per call (default: 8)")
+    p.add_argument("--commit-every", type=int, default=32, metavar="N",
+                   help="windows per committed part of a video: at most N are recomputed after a kill (default: 32)")
     p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="video decoder")
     _engine_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+@reports_truncated_queries
 def run_features(args) -> int:
     from .features import extract_features
 
@@ -285,12 +336,13 @@ def run_features(args) -> int:
     rt = _runtime(args)
     summary = extract_features(args.videos, rt, args.out, args.mode, args.frames, args.stride, queries,
                                args.format, args.batch, progress=not (args.quiet or args.json),
-                               decode_backend=args.decoder)
+                               decode_backend=args.decoder, commit_every=args.commit_every)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         print(f"features ({summary['mode']}) -> {summary['out']}: {summary['written']} videos written "
               f"({summary['windows']} windows), {summary['skipped']} already done, {summary['seconds']:.1f} s")
+    _report_notes(summary)
     return _report_failures(summary, args)
 
 

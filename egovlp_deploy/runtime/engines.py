@@ -55,6 +55,10 @@ class ProviderFallbackWarning(RuntimeWarning):
     """ONNX Runtime runs on other execution providers than requested (usually: CUDA libraries missing -> CPU)."""
 
 
+class QueryTruncatedWarning(UserWarning):
+    """A query has more tokens than the engines take: the words beyond the limit are not encoded."""
+
+
 # -- the export folder ------------------------------------------------------------------------------------------
 class EngineFolder:
     """An export directory read through its manifest; nothing else in it is trusted."""
@@ -83,6 +87,14 @@ class EngineFolder:
         src = self.manifest.source_checkpoint
         key = {"checkpoint": src.get("sha256") or src.get("path"), "config": self.manifest.model_config}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+    @cached_property
+    def manifest_sha256(self) -> str:
+        """sha256 of manifest.json as stored: which export this is. Another export of the same model (another
+        format or precision, or exported again) has the same `model_id` and another manifest hash."""
+        from egovlp_deploy.export.manifest import MANIFEST, sha256_file
+
+        return sha256_file(self.path / MANIFEST)
 
     def artifact(self, role: str, precision: str, format: str):
         """(verified path, manifest entry); the ORT-optimized variant of an ONNX graph is preferred (loads faster,
@@ -366,6 +378,7 @@ class TextOutput:
 class TextEncoder:
     def __init__(self, runtime: "Runtime"):
         self.rt = runtime
+        self._warned: set[str] = set()  # queries already reported as truncated
 
     def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if isinstance(texts, str):
@@ -377,6 +390,7 @@ class TextEncoder:
                 raise QueryError(f"empty query {t!r}: give the words to search for")
         tok = self.rt.tokenizer
         limit = min(self.rt.folder.max_text_len, self.rt.folder.config.text.max_text_length)
+        self._warn_truncated(texts, limit)
         enc = tok(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="np")
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
         vocab = self.rt.folder.config.text.vocab_size
@@ -384,6 +398,15 @@ class TextEncoder:
             raise QueryError(f"the tokenizer produced id {int(ids.max())}, the model's vocabulary has {vocab}: "
                              f"wrong tokenizer for these engines?")
         return ids, mask
+
+    def _warn_truncated(self, texts: list[str], limit: int) -> None:
+        """A QueryTruncatedWarning per query longer than `limit` tokens, once per query and encoder."""
+        from egovlp_deploy.tokenizer import truncated_texts
+
+        for t in truncated_texts(self.rt.tokenizer, [t for t in dict.fromkeys(texts) if t not in self._warned],
+                                 limit):
+            self._warned.add(t.text)
+            warnings.warn(QueryTruncatedWarning(t.message()), stacklevel=4)
 
     def encode(self, texts) -> TextOutput:
         ids, mask = self.tokenize(texts)

@@ -14,8 +14,19 @@ the video's own rate); the engine's own frame count is sampled uniformly inside 
 Output: OUT/<name>.safetensors (or `.npy` files per tensor with --format npy) and the sidecar OUT/<name>.json,
 written atomically. <name> is the video's stem (`<folder>_<stem>` for the EgoClip chunk layout `<uid>/<n>.mp4`),
 with `-<8 hex of the source path's sha256>` appended where two inputs of the run share it or OUT already holds that
-name for another source, so no two videos ever share an output. A video is skipped only when its output exists
-for the same source file (path, size, mtime) with the same settings and model (resumable); the others are written.
+name (an output, or a partial one as below) for another source, so no two videos ever share an output. A video is
+skipped only when its output exists for the same source file (path, size, mtime) with the same settings and model;
+the others are written.
+
+Resuming inside a video: a video is encoded in parts of `commit_every` windows (--commit-every, default 32), and
+every part but the last is committed to the work folder OUT/.partial/<name>/: part-NNNNN.safetensors (temp file +
+rename), then progress.json (also temp + rename, the commit point), which lists the parts and records the source
+file, settings, model and window plan they were made with. A killed run so loses at most the part in progress: the
+next run of the same source with the same settings and model continues from the first window not committed and
+writes the same output, bit for bit, as an uninterrupted run; a record of another file, settings or model is
+discarded. The output is assembled from the parts and written as above, then the work folder is removed. Only the
+names this tool writes there (parts, progress.json, their temp files) are ever deleted; any other file stays, and
+so does its folder.
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,6 +47,14 @@ from egovlp_deploy.video import VideoReadError
 from .pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
 
 MODES = ("dual", "fusion")
+COMMIT_EVERY = 32  # windows per committed part: at most this many are recomputed after a kill
+PARTIAL = ".partial"  # OUT/.partial/<name>/: the committed parts of a video not finished yet
+RECORD = "progress.json"
+RECORD_FORMAT = "egovlp-deploy-features-progress"
+# The only names deleted in a work folder: parts, the record, and the temp files of their atomic writes.
+_NAMES = r"(part-\d{5}\.safetensors|progress\.json)"
+_OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\..+\.tmp")
+_PART = re.compile(r"part-\d{5}\.safetensors")
 
 
 def _base_name(path: Path) -> str:
@@ -49,12 +69,16 @@ def _source(path: Path) -> dict:
 
 
 def _recorded_source(out: Path, name: str) -> str | None:
-    """The source path the output `name` in `out` was written for (None: no such output)."""
-    try:
-        meta = json.loads((out / f"{name}.json").read_text())
-        return (meta.get("source") or {}).get("path") or meta.get("video")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """The source path the output `name` in `out` was written, or partly written, for (None: neither)."""
+    for meta_file in (out / f"{name}.json", out / PARTIAL / name / RECORD):
+        try:
+            meta = json.loads(meta_file.read_text())
+            path = (meta.get("source") or {}).get("path") or meta.get("video")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if path:
+            return path
+    return None
 
 
 def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
@@ -115,15 +139,105 @@ def _write(out: Path, name: str, fmt: str, tensors: dict[str, np.ndarray], meta:
     atomic_write_bytes(out / f"{name}.json", json.dumps(meta, indent=1).encode())
 
 
+# -- the work folder of a video in progress ----------------------------------------------------------------------
+def _work(out: Path, name: str) -> Path:
+    return out / PARTIAL / name
+
+
+def _clear(work: Path, keep: frozenset[str] = frozenset()) -> None:
+    """Delete what this tool writes in a work folder (parts, the record, their temp files) but `keep`, then the
+    folder and OUT/.partial where that leaves them empty. Any other file stays, and so does its folder."""
+    if not work.is_dir():
+        return
+    for p in work.iterdir():
+        if _OURS.fullmatch(p.name) and p.name not in keep and not p.is_dir():
+            p.unlink()
+    for folder in (work, work.parent):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty
+            break
+
+
+def _part_rows(path: Path, mode: str) -> int | None:
+    """The number of windows in a part file (None: missing, unreadable, or not a part of this mode)."""
+    from safetensors import SafetensorError, safe_open
+
+    keys, axis = (("features",), 0) if mode == "dual" else (("video_cls", "text_tokens"), 1)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            rows = {f.get_slice(k).get_shape()[axis] for k in keys}
+    except (OSError, SafetensorError, IndexError):
+        return None
+    return rows.pop() if len(rows) == 1 else None
+
+
+def _intact(work: Path, record: dict, mode: str) -> bool:
+    """Every part the record lists is there, with its windows, and together they are the first record['done']."""
+    start = 0
+    for p in record["parts"]:
+        if not _PART.fullmatch(p["file"]) or p["start"] != start or _part_rows(work / p["file"], mode) != p["count"]:
+            return False
+        start += p["count"]
+    return start == record["done"]
+
+
+def _resume(work: Path, source: dict, settings: dict, windows: int, fps: float) -> dict:
+    """The progress record to continue from: the work folder's, when it was made for the same source file,
+    settings, model and window plan and its parts are intact; otherwise a new one, and the old parts are deleted."""
+    new = {"format": RECORD_FORMAT, "source": source, "settings": settings, "fps": fps, "windows": windows,
+           "done": 0, "parts": []}
+    try:
+        record = json.loads((work / RECORD).read_text())
+        usable = (record.get("format") == RECORD_FORMAT
+                  and all(record.get(k) == new[k] for k in ("source", "settings", "fps", "windows"))
+                  and _intact(work, record, settings["mode"]))
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):  # none, or not a record of ours
+        usable = False
+    if not usable:
+        _clear(work)
+        return new
+    _clear(work, frozenset([RECORD, *(p["file"] for p in record["parts"])]))  # what a killed run left uncommitted
+    return record
+
+
+def _commit(work: Path, record: dict, tensors: dict[str, np.ndarray], count: int) -> None:
+    """Write one part of `count` windows, then list it in the record: from then on it is committed."""
+    from safetensors.numpy import save
+
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    work.mkdir(parents=True, exist_ok=True)
+    name = f"part-{len(record['parts']):05d}.safetensors"
+    atomic_write_bytes(work / name, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+    record["parts"].append({"file": name, "start": record["done"], "count": count})
+    record["done"] += count
+    atomic_write_bytes(work / RECORD, json.dumps(record, indent=1).encode())
+
+
+def _load_parts(work: Path, parts: list[dict]) -> list[dict[str, np.ndarray]]:
+    from safetensors.numpy import load_file
+
+    return [load_file(str(work / p["file"])) for p in parts]
+
+
 def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str | os.PathLike, mode: str = "dual",
                      frames: int = 16, stride: int = 16, queries: list[str] | None = None, fmt: str = "safetensors",
-                     batch: int = 8, progress: bool = True, decode_backend: str = "auto") -> dict:
+                     batch: int = 8, progress: bool = True, decode_backend: str = "auto",
+                     commit_every: int = COMMIT_EVERY, on_commit=None) -> dict:
+    """Write the features of `videos` into `out` (see the module docstring); returns a summary dict.
+
+    commit_every: windows per committed part of a long video (at most this many are recomputed after a kill).
+    on_commit(n) is called each time windows are committed (a part, or a finished video's output) with the number
+    of windows this run has committed so far (progress reporting, tests)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if fmt not in ("safetensors", "npy"):
         raise ValueError(f"format must be safetensors or npy, got {fmt!r}")
     if frames < 1 or stride < 1:
         raise ValueError(f"--frames and --stride must be positive, got {frames}, {stride}")
+    if commit_every < 1:
+        raise ValueError(f"--commit-every must be positive, got {commit_every}")
     queries = list(queries or [])
     if mode == "fusion" and not queries:
         raise ValueError("fusion features depend on the query: give --query TEXT (repeatable) or --queries FILE")
@@ -139,67 +253,105 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
     settings = _settings(runtime, mode, frames, stride, queries)
     text = runtime.text_encoder.encode(queries) if mode == "fusion" else None
     names = output_names(paths, out)
-    todo, skipped = [], 0
+    todo, skipped, notes = [], 0, []
     for path in paths:
         source = _source(path)
+        work = _work(out, names[path])
         if _done(out, names[path], fmt, settings, source):
+            _clear(work)  # parts of a run killed after it wrote the output
             skipped += 1
             continue
+        said: list[str] = []
         try:
             windows, fps = plan_windows(path, cfg.num_frames, window_frames=frames, stride_frames=stride,
-                                        backend=decode_backend)
+                                        backend=decode_backend, notes=said)
         except VideoReadError as exc:  # this file cannot be read: report it, do the others
             failures.append(failure_of(path, exc))
             continue
-        todo.append((path, source, windows, fps))
+        notes += [{"path": str(path), "note": note} for note in said]  # a truncated file: used as far as it decodes
+        todo.append((path, source, windows, fps, work, _resume(work, source, settings, len(windows), fps)))
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(w) for _, _, w, _ in todo), unit="window", desc=f"features ({mode})",
+        bar = tqdm(total=sum(len(t[2]) for t in todo), unit="window", desc=f"features ({mode})",
                    dynamic_ncols=True)
-    written, windows_total, t0 = 0, 0, time.perf_counter()
-    for path, source, windows, fps in todo:
-        name = names[path]
-        tensors: dict[str, list] = {}
-        for i in range(0, len(windows), batch):
-            try:
-                clips = pipe.clips(path, windows[i:i + batch])
-            except VideoReadError as exc:
-                failures.append(failure_of(path, exc))
+    written, windows_total, encoded, resumed, committed = 0, 0, 0, 0, 0
+    t0 = time.perf_counter()
+    for path, source, windows, fps, work, record in todo:
+        earlier = list(record["parts"])  # committed by an earlier run
+        done = record["done"]
+        counted = bar.n if bar is not None else 0
+        if bar is not None:
+            bar.update(done)
+        chunks = []  # this run's parts: {tensor name: array with the part's windows}
+        try:
+            # One decoding pass over the rest of the video (in a background thread), batches cut at the parts.
+            batches: dict[str, list] = {}  # the current part's encoded batches
+            in_part = 0
+            for _, clips in pipe.batches(path, windows[done:], batch, cut_every=commit_every):
+                for key, value in _encode(runtime, mode, clips, text).items():
+                    batches.setdefault(key, []).append(value)
+                encoded += len(clips)
+                in_part += len(clips)
                 if bar is not None:
-                    bar.total -= len(windows) - i
-                    bar.refresh()
-                break
-            if mode == "dual":
-                tensors.setdefault("features", []).append(runtime.video_encoder.encode(clips))
-            else:
-                prefix = runtime.video_encoder.fusion_prefix(clips)  # (b, T, Dv), shared by every query
-                cls, tok = [], []
-                for q in range(len(queries)):
-                    c, t = _fused(runtime, prefix, text.prefix[q], text.mask[q])
-                    cls.append(c)
-                    tok.append(t)
-                tensors.setdefault("video_cls", []).append(np.stack(cls))  # (Q, b, Dv)
-                tensors.setdefault("text_tokens", []).append(np.stack(tok))  # (Q, b, L, Dt)
+                    bar.update(len(clips))
+                if in_part < commit_every and done + in_part < len(windows):
+                    continue
+                tensors = {k: np.concatenate(v, axis=0 if mode == "dual" else 1) for k, v in batches.items()}
+                done += in_part
+                if done < len(windows):  # the last part goes straight into the output
+                    _commit(work, record, tensors, in_part)
+                    committed += in_part
+                    if on_commit is not None:
+                        on_commit(committed)
+                chunks.append(tensors)
+                batches, in_part = {}, 0
+        except VideoReadError as exc:  # the committed parts stay for a rerun
+            failure = failure_of(path, exc)
+            if record["done"]:
+                failure.reason += f" (its first {record['done']} of {len(windows)} windows are committed)"
+            failures.append(failure)
             if bar is not None:
-                bar.update(len(clips))
-        else:  # every window encoded
-            _finish(out, name, fmt, mode, tensors, windows, text, source, fps, settings)
-            written += 1
-            windows_total += len(windows)
+                bar.total -= len(windows) - (bar.n - counted)
+                bar.refresh()
+            continue
+        chunks = _load_parts(work, earlier) + chunks
+        _finish(out, names[path], fmt, mode, chunks, windows, text, source, fps, settings)
+        _clear(work)
+        written += 1
+        windows_total += len(windows)
+        resumed += sum(p["count"] for p in earlier)
+        committed += len(windows) - record["done"]
+        if on_commit is not None:
+            on_commit(committed)
     if bar is not None:
         bar.close()
-    return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total, "mode": mode,
+    return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total,
+            "encoded": encoded, "resumed": resumed, "mode": mode,
             "succeeded": written + skipped, "outputs": {str(p): names[p] for p in paths},
-            "failed": failures_summary(failures),
+            "failed": failures_summary(failures), "notes": notes,
             "seconds": round(time.perf_counter() - t0, 2), "backend": runtime.summary()}
 
 
-def _finish(out, name, fmt, mode, tensors, windows, text, source, fps, settings) -> None:
-    """Concatenate one video's batches and write its output."""
-    axis = 0 if mode == "dual" else 1
-    result = {k: np.concatenate(v, axis=axis).astype(np.float32) for k, v in tensors.items()}
+def _encode(runtime: Runtime, mode: str, clips, text) -> dict[str, np.ndarray]:
+    """One batch of clips -> dual `features` (b, P), or fusion `video_cls` (Q, b, Dv) and `text_tokens`
+    (Q, b, L, Dt) for every query."""
+    if mode == "dual":
+        return {"features": runtime.video_encoder.encode(clips)}
+    prefix = runtime.video_encoder.fusion_prefix(clips)  # (b, T, Dv), shared by every query
+    cls, tok = [], []
+    for q in range(len(text.mask)):
+        c, t = _fused(runtime, prefix, text.prefix[q], text.mask[q])
+        cls.append(c)
+        tok.append(t)
+    return {"video_cls": np.stack(cls), "text_tokens": np.stack(tok)}
+
+
+def _finish(out, name, fmt, mode, chunks, windows, text, source, fps, settings) -> None:
+    """Concatenate one video's parts (in window order) and write its output."""
+    keys, axis = (("features",), 0) if mode == "dual" else (("video_cls", "text_tokens"), 1)
+    result = {k: np.concatenate([c[k] for c in chunks], axis=axis).astype(np.float32) for k in keys if chunks}
     result["timestamps"] = np.array([[w.start_sec, w.end_sec] for w in windows], np.float64)
     if mode == "fusion":
         result["text_mask"] = text.mask.astype(np.int64)

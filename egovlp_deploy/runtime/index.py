@@ -15,6 +15,10 @@ first window not yet listed, so a killed run never re-encodes committed windows 
 
 The index records its model identity (`EngineFolder.model_id`: the source checkpoint's sha256 and the model config,
 as the manifest states them) and refuses engines of another model, whose embeddings would live in another space.
+It also records which export built it (`engines_manifest_sha256`, the sha256 of the engines' manifest.json): any
+export of the same model may search it (another precision, or the same checkpoint exported again), and where the
+export differs from the recorded one, `search` says so and `egovlp-deploy info INDEX` shows both hashes. Indexes
+written before the hash was recorded have no such field and are read as they are.
 """
 
 from __future__ import annotations
@@ -81,6 +85,17 @@ def read_index_json(directory: Path) -> dict:
     return data
 
 
+def other_export(data: dict, runtime: Runtime) -> str | None:
+    """A note when `runtime` runs the index's model from another export than the one that built the index (None:
+    the same export, another model, or an index that did not record its export)."""
+    recorded = data.get("engines_manifest_sha256")
+    if recorded is None or data["model_id"] != runtime.model_id or recorded == runtime.folder.manifest_sha256:
+        return None
+    return (f"note: the engines at {runtime.folder.path} are another export of the index's model (manifest sha256 "
+            f"{runtime.folder.manifest_sha256[:12]}, the index was built with {recorded[:12]} from "
+            f"{data.get('engines')}); the embeddings are comparable, scores may differ slightly")
+
+
 def check_model(data: dict, runtime: Runtime, where: str) -> None:
     if data["model_id"] != runtime.model_id:
         raise IndexError_(f"{where}: the index was built by another model (model hash {data['model_id']}, from "
@@ -105,6 +120,11 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                 segments: dict[str, list[tuple[float, float, str | None]]] | None = None, progress: bool = True,
                 on_commit=None, decode_backend: str = "auto") -> dict:
     """Create or extend the index at `out` with `videos`; returns a summary dict.
+
+    Every video is planned (opened, its windows listed) before any is encoded, so the progress bar counts all the
+    windows of the run from the start. The summary's `ms_per_clip` is the steady state per stage: each encoder's
+    first batch of the run (session creation, first allocations at the batch size) is left out, and a stage that
+    ran only that batch is not listed.
 
     segments: {video path: [(start_sec, end_sec, label)]} for mode 'segments' (annotated clips instead of sliding
     windows). on_commit(n_committed_windows) is called after each commit (progress reporting, tests)."""
@@ -131,6 +151,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
         data = {"format": FORMAT, "version": VERSION, "model_id": runtime.model_id,
                 "manifest_source": runtime.folder.manifest.source_checkpoint,
                 "engines": str(runtime.folder.path.resolve()),
+                "engines_manifest_sha256": runtime.folder.manifest_sha256,
                 "backend": runtime.backend, "precision": runtime.precision, "settings": wanted,
                 "embed_dim": runtime.folder.config.projection_dim, "created": _now(), "videos": []}
     _remove_unlisted_shards(out, data)
@@ -140,27 +161,23 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     if settings.frames != cfg.num_frames:
         raise IndexError_(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
     by_path = {v["path"]: v for v in data["videos"]}
+    planned, unreadable, notes = _plan(paths, settings, segments, decode_backend, progress)
+    failures += unreadable
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=0, unit="clip", desc="index", dynamic_ncols=True)
+        bar = tqdm(total=sum(len(windows) for _, windows, _ in planned), unit="clip", desc="index",
+                   dynamic_ncols=True)
     t_start = time.perf_counter()
     new_windows = 0
     committed = sum(v["done"] for v in data["videos"])
     succeeded = 0
-    for path in paths:
+    warmed: set[str] = set()  # the encoder stages that ran their first batch
+    for path, windows, fps in planned:
         entry = None
+        key = str(path.resolve())
         try:
-            key = str(path.resolve())
-            if settings.mode == "segments":
-                segs = (segments or {}).get(str(path)) or (segments or {}).get(key)
-                if not segs:
-                    raise VideoReadError(path, "no_segments", "no segments given for this video")
-                windows, fps = segment_windows(path, segs, settings.frames, decode_backend)
-            else:
-                windows, fps = plan_windows(path, settings.frames, settings.window_sec, settings.stride_sec,
-                                            backend=decode_backend)
             entry = by_path.get(key)
             if entry is not None and (entry["fingerprint"] != _fingerprint(path) or entry["windows"] != len(windows)):
                 _drop_video(out, data, entry)  # the file changed since it was indexed: index it again
@@ -173,11 +190,8 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                 data["videos"].append(entry)
                 by_path[key] = entry
             if bar is not None:
-                bar.total += len(windows)
                 bar.update(entry["done"])
-            while entry["done"] < entry["windows"]:
-                part = windows[entry["done"]: entry["done"] + settings.commit_every]
-                tensors = _encode(runtime, pipe, path, part, settings)
+            for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"]:], settings, warmed):
                 name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
                 # safetensors metadata must be UTF-8: a file name in another encoding keeps its bytes as \x escapes
                 _save_shard(out / name, tensors, {"model_id": runtime.model_id,
@@ -197,8 +211,8 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             if entry is not None and entry["done"]:
                 failure.reason += f" (indexed {entry['done']} of {entry['windows']} windows before that)"
             failures.append(failure)
-            if bar is not None and entry is not None:
-                bar.total -= entry["windows"] - entry["done"]
+            if bar is not None:
+                bar.total -= len(windows) - (entry["done"] if entry is not None else 0)
                 bar.refresh()
             if entry is not None and not entry["done"]:  # nothing of it was committed: it is not in the index
                 data["videos"].remove(entry)
@@ -214,27 +228,71 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             "new_windows": new_windows, "seconds": round(seconds, 2), "backend": runtime.summary(),
             "preprocessing": pipe.preprocessing,
             "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds},
-            "succeeded": succeeded,
+            "succeeded": succeeded, "notes": notes,
             "failed": failures_summary(failures)}
 
 
-def _encode(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: list[Window], s: IndexSettings) -> dict:
-    emb, pre = [], []
-    for i in range(0, len(windows), s.batch):
-        clips = pipe.clips(path, windows[i:i + s.batch])
-        t0 = time.perf_counter()
-        e = runtime.video_encoder.encode(clips)
-        pipe.times.add("video_encode", time.perf_counter() - t0, len(clips))
+def _plan(paths: list[Path], settings: IndexSettings, segments: dict | None, decode_backend: str,
+          progress: bool) -> tuple[list[tuple[Path, list[Window], float]], list, list[dict]]:
+    """(path, windows, fps) of every video that opens, the failures of those that do not, and notes on those that
+    open only partly ({path, note}: a truncated file is indexed as far as it decodes)."""
+    planned, failures, notes = [], [], []
+    if progress:
+        from tqdm import tqdm
+
+        paths = tqdm(paths, unit="video", desc="plan", dynamic_ncols=True, leave=False)
+    for path in paths:
+        said: list[str] = []
+        try:
+            if settings.mode == "segments":
+                segs = (segments or {}).get(str(path)) or (segments or {}).get(str(path.resolve()))
+                if not segs:
+                    raise VideoReadError(path, "no_segments", "no segments given for this video")
+                windows, fps = segment_windows(path, segs, settings.frames, decode_backend, notes=said)
+            else:
+                windows, fps = plan_windows(path, settings.frames, settings.window_sec, settings.stride_sec,
+                                            backend=decode_backend, notes=said)
+        except VideoReadError as exc:  # this file cannot be read: report it, index the others
+            failures.append(failure_of(path, exc))
+            continue
+        planned.append((path, windows, fps))
+        notes += [{"path": str(path), "note": note} for note in said]
+    return planned, failures, notes
+
+
+def _timed(pipe: ClipPipeline, warmed: set[str], stage: str, call, clips: np.ndarray) -> np.ndarray:
+    """call(clips), its time per clip added to the stage's steady state unless it is the stage's first call of the
+    run: that one creates the session and allocates at the batch size (warm-up, not throughput)."""
+    t0 = time.perf_counter()
+    out = call(clips)
+    if stage in warmed:
+        pipe.times.add(stage, time.perf_counter() - t0, len(clips))
+    warmed.add(stage)
+    return out
+
+
+def _encoded_parts(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: list[Window], s: IndexSettings,
+                   warmed: set[str]):
+    """(windows of a part, its shard tensors) for consecutive parts of `commit_every` windows: one decoding pass
+    over the file (`ClipPipeline.batches`: decoded in a background thread while the engines encode), batches of
+    `s.batch` cut at the parts."""
+    emb, pre, first = [], [], 0
+    for start, clips in pipe.batches(path, windows, s.batch, cut_every=s.commit_every):
+        e = _timed(pipe, warmed, "video_encode", runtime.video_encoder.encode, clips)
         emb.append(e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12))
         if s.prefixes:
-            t0 = time.perf_counter()
-            pre.append(runtime.video_encoder.fusion_prefix(clips).astype(s.prefix_dtype))
-            pipe.times.add("video_prefix", time.perf_counter() - t0, len(clips))
-    tensors = {"embeddings": np.concatenate(emb).astype(np.float32),
-               "timestamps": np.array([[w.start_sec, w.end_sec] for w in windows], np.float64)}
-    if s.prefixes:
-        tensors["video_prefix"] = np.concatenate(pre)
-    return tensors
+            prefix = _timed(pipe, warmed, "video_prefix", runtime.video_encoder.fusion_prefix, clips)
+            pre.append(prefix.astype(s.prefix_dtype))
+        end = start + len(clips)
+        if end - first < s.commit_every and end < len(windows):
+            continue
+        part = windows[first:end]
+        tensors = {"embeddings": np.concatenate(emb).astype(np.float32),
+                   "timestamps": np.array([[w.start_sec, w.end_sec] for w in part], np.float64)}
+        if s.prefixes:
+            tensors["video_prefix"] = np.concatenate(pre)
+        yield part, tensors
+        emb, pre, first = [], [], end
 
 
 def _remove_unlisted_shards(out: Path, data: dict) -> None:
@@ -253,11 +311,25 @@ def _drop_video(out: Path, data: dict, entry: dict) -> None:
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
+def display_names(paths: list[str]) -> dict[str, str]:
+    """A name per indexed video for listings: its path relative to the folder all the videos share, so that
+    a/bikes.mp4 and b/bikes.mp4 stay apart; the full path where they share nothing but the filesystem root (or
+    lie on different drives)."""
+    try:
+        common = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
+    except ValueError:  # different drives, or absolute and relative paths mixed
+        common = ""
+    if not common or os.path.dirname(common) == common:
+        return {p: p for p in paths}
+    return {p: os.path.relpath(p, common) for p in paths}
+
+
 @dataclass
 class Hit:
     rank: int
     video: str
     uid: str
+    name: str  # the video's path relative to the indexed videos' common folder (`display_names`)
     start_sec: float
     end_sec: float
     score: float  # the final score (dual cosine, or the re-ranking score)
@@ -296,6 +368,7 @@ class MomentIndex:
         self.embeddings = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
         self.timestamps = np.concatenate(ts) if ts else np.zeros((0, 2))
         self.has_prefixes = bool(self.data["settings"].get("prefixes"))
+        self.names = display_names([v["path"] for v in self.data["videos"]])
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -321,8 +394,8 @@ class MomentIndex:
         vi = self.rows[row][0]
         v = self.data["videos"][vi]
         start, end = self.timestamps[row]
-        return Hit(rank, v["path"], v["uid"], float(start), float(end), float(score), float(dual),
-                   None if vtm is None else float(vtm), self.label(row))
+        return Hit(rank, v["path"], v["uid"], self.names[v["path"]], float(start), float(end), float(score),
+                   float(dual), None if vtm is None else float(vtm), self.label(row))
 
     def search(self, runtime: Runtime, query: str, top: int = 5, rerank: int = 0,
                rerank_score: str = "ensemble", text=None) -> list[Hit]:

@@ -173,26 +173,34 @@ class ClipPipeline:
     def clips(self, path: str | os.PathLike, windows: list[Window]) -> np.ndarray:
         return self.preprocess(self.decode(path, windows))
 
-    def batches(self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0
-                ) -> Iterator[tuple[int, np.ndarray]]:
-        """(number of the batch's first window, float32 clips (b, F, 3, S, S)) for consecutive batches of `windows`.
+    def batches(self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0,
+                cut_every: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """(number of the batch's first window, float32 clips (b, F, 3, S, S)) for consecutive batches of up to
+        `batch` windows; no batch spans a multiple of `cut_every` (a caller's commit boundary).
 
         Windows in time order (sliding windows) are decoded in one pass over the file (`video.stream_frames`, each
         frame once, `threads` decoder threads) and decoded + preprocessed in a background thread while the caller
         encodes the batch before: the caller's engine and the decoder run at the same time. Windows in any other
         order (annotated segments) are read batch by batch, as `clips` does."""
-        if batch < 1:
-            raise ValueError(f"batch must be >= 1, got {batch}")
+        if batch < 1 or (cut_every is not None and cut_every < 1):
+            raise ValueError(f"batch and cut_every must be >= 1, got {batch}, {cut_every}")
+        ranges, first = [], 0
+        while first < len(windows):
+            end = min(first + batch, len(windows))
+            if cut_every is not None:
+                end = min(end, (first // cut_every + 1) * cut_every)
+            ranges.append((first, end))
+            first = end
         starts = [min(w.indices) for w in windows]
         if starts != sorted(starts):
-            return ((first, self.clips(path, windows[first:first + batch])) for first in range(0, len(windows), batch))
-        return in_background(self._streamed_batches(path, windows, batch, threads))
+            return ((first, self.clips(path, windows[first:end])) for first, end in ranges)
+        return in_background(self._streamed_batches(path, windows, ranges, threads))
 
-    def _streamed_batches(self, path, windows: list[Window], batch: int, threads: int):
+    def _streamed_batches(self, path, windows: list[Window], ranges: list[tuple[int, int]], threads: int):
         frames: dict[int, np.ndarray] = {}  # decoded frames some window not yet emitted still needs
         stream = stream_frames(path, [i for w in windows for i in w.indices], self.backend, threads)
-        for first in range(0, len(windows), batch):
-            group = windows[first:first + batch]
+        for first, end in ranges:
+            group = windows[first:end]
             last = max(max(w.indices) for w in group)
             t0 = time.perf_counter()
             while last not in frames:  # frames arrive in increasing order: all of the group's are in then
@@ -200,8 +208,8 @@ class ClipPipeline:
                 frames[index] = frame
             decoded = torch.from_numpy(np.stack([frames[i] for w in group for i in w.indices]))
             self.times.add("decode", time.perf_counter() - t0, len(group))
-            if first + batch < len(windows):
-                keep_from = min(min(w.indices) for w in windows[first + batch:])
+            if end < len(windows):
+                keep_from = min(min(w.indices) for w in windows[end:])
                 for index in [i for i in frames if i < keep_from]:
                     del frames[index]
             yield first, self.preprocess(decoded.view(len(group), self.frames, *decoded.shape[1:]))

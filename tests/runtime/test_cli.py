@@ -86,3 +86,17 @@ def test_runtime_rejects_an_unknown_attention_path(engines):
 
     with pytest.raises(EngineError, match="attention must be one of"):
         Runtime(engines, backend="torch", attention="flash")
+
+
+def test_bench_index_quick(engines, tmp_path, capsys):
+    """bench index: the decode-only row and one index row per decoder, from the same run, in JSON/markdown/PNG."""
+    out = tmp_path / "bench_index"
+    assert main(["bench", "index", "--quick", "--engines", str(engines), "--decoders", "auto,pyav",
+                 "--out", str(out)]) == 0
+    result = json.loads((out / "index.json").read_text())
+    rows = {r["what"]: r for r in result["rows"]}
+    assert "decode only (PyAV, 2 threads)" in rows
+    for decoder in ("auto", "pyav"):
+        row = rows[f"index --decoder {decoder}"]
+        assert row["windows"] == 3 and row["peak_rss_mib"] > 0 and row["vs_decode"] > 0  # 4 s: 2 s windows, 1 s apart
+    assert (out / "index.md").is_file() and (out / "index.png").stat().st_size > 1000

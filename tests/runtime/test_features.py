@@ -1,9 +1,15 @@
 """`features` output identity: one output per source file whatever the folder layout, "already done" only for the
-same source with the same settings, and the chosen decoder used for the pixels."""
+same source with the same settings, and the chosen decoder used for the pixels; a run killed inside a video resumes
+there and writes what an uninterrupted run writes."""
 
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -114,3 +120,119 @@ def test_names_do_not_depend_on_the_other_inputs(engines, layout, tmp_path):
     assert _run(engines, [b], out)["skipped"] == 1
     assert _run(engines, [a], out)["skipped"] == 1
     assert sorted(p.name for p in out.glob("*.json")) == sorted(f"{n}.json" for n in both["outputs"].values())
+
+
+# -- resuming inside a video ----------------------------------------------------------------------------------------
+BIN = Path(sys.executable).parent
+
+
+class Killed(Exception):
+    """Stands in for a kill right after a commit."""
+
+
+def _kill_after(commits):
+    def on_commit(n):
+        if on_commit.calls == commits:
+            raise Killed(n)
+        on_commit.calls += 1
+
+    on_commit.calls = 0
+    return on_commit
+
+
+def _count_windows(rt, method):
+    """Wrap rt.video_encoder.<method> to count the windows it encodes."""
+    real = getattr(rt.video_encoder, method)
+    seen = []
+
+    def counting(clips):
+        seen.append(len(clips))
+        return real(clips)
+
+    setattr(rt.video_encoder, method, counting)
+    return seen
+
+
+def _extract(engines, video, out, rt=None, **kw):
+    return extract_features([str(video)], rt or Runtime(engines, warmup=False), out, progress=False, **kw)
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_killed_run_resumes_inside_the_video(engines, tmp_path):
+    """SIGKILL after the first committed part of a 32-window video: the rerun encodes only the windows not committed
+    and writes exactly the files an uninterrupted run writes."""
+    video = write_video(tmp_path / "v" / "long.mp4", 64)
+    cmd = [str(BIN / "egovlp-deploy"), "features", str(video), "--engines", str(engines), "--frames", "2",
+           "--stride", "2", "--batch", "1", "--commit-every", "1", "--quiet"]
+    out, ref = tmp_path / "feats", tmp_path / "ref"
+    record = out / ".partial" / "long" / "progress.json"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not record.is_file():  # the first commit
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "long.safetensors").exists() and not (out / "long.json").exists()
+    committed = json.loads(record.read_text())["done"]
+    assert 1 <= committed < 32
+    rerun = subprocess.run(cmd + ["--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    summary = json.loads(rerun.stdout)
+    assert summary["written"] == 1 and summary["windows"] == 32
+    assert summary["resumed"] == committed and summary["encoded"] == 32 - committed  # nothing committed redone
+    assert not (out / ".partial").exists()
+    whole = subprocess.run(cmd + ["--out", str(ref), "--json"], capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    assert json.loads(whole.stdout)["resumed"] == 0
+    assert _files(out) == _files(ref) and set(_files(out)) == {"long.safetensors", "long.json"}
+
+
+def test_fusion_resumes_bit_for_bit(engines, tmp_path):
+    """Fusion features for two queries in npy files, killed after two parts of 3 windows (a part size that is not a
+    multiple of the batch): the rerun encodes the other 4 windows and its files equal an uninterrupted run's."""
+    video = write_video(tmp_path / "v" / "take.mp4", 40)  # 10 windows of 4 frames
+    kw = dict(mode="fusion", queries=["C opens the box", "C picks up a cup"], fmt="npy", batch=2, commit_every=3,
+              frames=4, stride=4)
+    out, ref = tmp_path / "feats", tmp_path / "ref"
+    with pytest.raises(Killed):
+        _extract(engines, video, out, on_commit=_kill_after(1), **kw)
+    assert [p.name for p in sorted((out / ".partial" / "take").iterdir())] == [
+        "part-00000.safetensors", "part-00001.safetensors", "progress.json"]
+    rt = Runtime(engines, warmup=False)
+    seen = _count_windows(rt, "fusion_prefix")
+    summary = _extract(engines, video, out, rt, **kw)
+    assert summary["resumed"] == 6 and sum(seen) == summary["encoded"] == 4
+    _extract(engines, video, ref, **kw)
+    files = _files(out)
+    assert files == _files(ref)
+    assert set(files) == {f"take.{k}.npy" for k in ("video_cls", "text_tokens", "text_mask", "timestamps")} | {
+        "take.json"}
+    assert np.load(out / "take.video_cls.npy").shape[:2] == (2, 10)
+
+
+def test_stale_parts_are_discarded_and_foreign_files_kept(engines, tmp_path):
+    """Parts made with other settings are not resumed but deleted; a file the tool did not write stays."""
+    video = write_video(tmp_path / "v" / "take.mp4", 40)
+    out, ref = tmp_path / "feats", tmp_path / "ref"
+    with pytest.raises(Killed):
+        _extract(engines, video, out, commit_every=2, batch=2, frames=4, stride=4, on_commit=_kill_after(0))
+    work = out / ".partial" / "take"
+    (work / "notes.txt").write_text("mine")
+    rt = Runtime(engines, warmup=False)
+    seen = _count_windows(rt, "encode")
+    summary = _extract(engines, video, out, rt, frames=4, stride=8, commit_every=2, batch=2)
+    assert summary["resumed"] == 0 and sum(seen) == summary["encoded"] == summary["windows"] == 5
+    assert [p.name for p in work.iterdir()] == ["notes.txt"] and (work / "notes.txt").read_text() == "mine"
+    _extract(engines, video, ref, frames=4, stride=8, commit_every=2, batch=2)
+    assert _files(ref) == {k: v for k, v in _files(out).items() if not k.startswith(".partial/")}
+    # a run killed between writing the output and removing its parts: the rerun skips the video and removes them
+    (work / "notes.txt").unlink()
+    (work / "part-00000.safetensors").write_bytes(b"left over")
+    assert _extract(engines, video, out, frames=4, stride=8)["skipped"] == 1
+    assert not (out / ".partial").exists()

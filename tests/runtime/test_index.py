@@ -121,3 +121,85 @@ def test_changed_video_is_reindexed(engines, video_root, tmp_path):
     s = build_index(tmp_path / "idx", [str(src)], rt, _settings(), progress=False)
     assert s["windows"] == 5 and len(MomentIndex(tmp_path / "idx")) == 5
     assert len(list((tmp_path / "idx" / "shards").iterdir())) == 3  # the old shards are gone
+
+
+def test_progress_total_is_known_from_the_start(engines, video_root, tmp_path, capsys):
+    """Every video is planned before any is encoded: the bar shows 12 clips from its first line, never 5/5 then
+    9/9 as videos are reached."""
+    import re
+
+    build_index(tmp_path / "idx", _videos(video_root), Runtime(engines), _settings(), progress=True)
+    err = capsys.readouterr().err
+    totals = {int(m.group(1)) for m in re.finditer(r"index:[^\r\n]*?\d+/(\d+)", err)}
+    assert totals == {12}, err
+
+
+def test_ms_per_clip_is_steady_state(engines, video_root, tmp_path):
+    """Each encoder's first batch of a run (session creation, first allocations) is not in ms_per_clip; a stage
+    that ran only that batch is not listed."""
+    import time
+
+    rt = Runtime(engines)
+    encode = rt.video_encoder.encode
+    calls = []
+
+    def slow_first_call(clips):
+        if not calls:
+            time.sleep(2.0)  # 1000 ms per clip of the first batch (2 clips): would dominate any average
+        calls.append(len(clips))
+        return encode(clips)
+
+    rt.video_encoder.encode = slow_first_call
+    summary = build_index(tmp_path / "idx", _videos(video_root), rt, _settings(), progress=False)
+    assert len(calls) == 7 and summary["ms_per_clip"]["video_encode"] < 100  # commits of 2: 2+2+1, 2+2, 2+1
+    assert set(summary["ms_per_clip"]) == {"decode", "preprocess", "video_encode", "video_prefix"}
+    one_batch = build_index(tmp_path / "idx2", _videos(video_root)[2:], rt, _settings(commit_every=32),
+                            progress=False)
+    assert "video_encode" not in one_batch["ms_per_clip"] and "decode" in one_batch["ms_per_clip"]
+
+
+def test_search_names_videos_by_their_path_under_the_common_folder(engines, video_root, tmp_path, capsys):
+    import shutil
+
+    from egovlp_deploy.cli import main
+    from egovlp_deploy.runtime.index import display_names
+
+    for folder in ("a", "b"):
+        (tmp_path / "videos" / folder).mkdir(parents=True)
+        shutil.copy(video_root / "vid_c" / "0.mp4", tmp_path / "videos" / folder / "bikes.mp4")
+    idx = str(tmp_path / "idx")
+    assert main(["index", str(tmp_path / "videos"), "--engines", str(engines), "--out", idx, "--quiet"]) == 0
+    assert "ms per clip (steady state" in capsys.readouterr().out
+    assert main(["search", idx, "#C C opens the box", "--top", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "a/bikes.mp4" in out and "b/bikes.mp4" in out
+    assert main(["search", idx, "#C C opens the box", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["#C C opens the box"]
+    assert {h["name"] for h in hits} == {"a/bikes.mp4", "b/bikes.mp4"}
+    assert display_names(["/x/bikes.mp4", "/y/bikes.mp4"]) == {"/x/bikes.mp4": "/x/bikes.mp4",
+                                                             "/y/bikes.mp4": "/y/bikes.mp4"}  # only / in common
+    assert display_names(["/data/v/one.mp4"]) == {"/data/v/one.mp4": "one.mp4"}
+
+
+def test_a_truncated_file_is_indexed_as_far_as_it_decodes(engines, tmp_path):
+    """A 'faststart' mp4 cut short lists frames its data no longer holds: the frames that decode are indexed and
+    the summary says so (decord refuses such a file whole; 'auto' reads it with PyAV)."""
+    import av
+
+    whole = tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width = stream.height = 64
+        stream.pix_fmt = "yuv420p"
+        for i in range(60):
+            img = np.random.default_rng(i).integers(0, 256, (64, 64, 3), np.uint8)
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(stream.encode())
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: int(whole.stat().st_size * 0.6)])
+    summary = build_index(tmp_path / "idx", [str(cut)], Runtime(engines), _settings(), progress=False)
+    assert summary["failed"] == [] and summary["succeeded"] == 1
+    (note,) = summary["notes"]
+    assert note["path"] == str(cut) and "truncated" in note["note"]
+    ends = MomentIndex(tmp_path / "idx").timestamps[:, 1]
+    assert 0 < len(ends) and ends.max() < 6.0  # the whole file would be 6 s
