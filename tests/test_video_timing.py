@@ -286,3 +286,31 @@ def test_the_stream_leaves_unreferenced_b_frames_undecoded(vfr_video, monkeypatc
     sent = len([p for p in decoded if p is not None])
     assert sent < len(flags) and sent <= len(flags) - sum(flags) + len(picks)  # wanted B-frames are decoded
     assert np.array_equal(np.stack(streamed), read_frames(vfr_video, picks, "pyav").numpy())
+
+
+# -- the datasets' clip readers on variable-rate files ------------------------------------------------------------
+def test_egoclip_chunks_by_presentation_time(tmp_path):
+    """Two 3 s chunk files of one variable-rate video; a clip across the boundary gets only frames shown in it."""
+    from egovlp_deploy.video import read_egoclip_clip
+
+    first = [i / 25 for i in range(25)] + [1.0 + 0.1 * i for i in range(1, 20)]          # 0 .. 2.9 s
+    second = [0.2 * i for i in range(15)]                                                  # 3.0 .. 5.8 s
+    (tmp_path / "uid").mkdir()
+    write_timed_video(tmp_path / "uid" / "0.mp4", first)
+    write_timed_video(tmp_path / "uid" / "1.mp4", second)
+    shown = [(0, n, t) for n, t in enumerate(first)] + [(1, n, 3.0 + t) for n, t in enumerate(second)]
+    for backend in BACKENDS:
+        frames = read_egoclip_clip(tmp_path, "uid", 2.05, 4.1, 6, "uniform", backend=backend, chunk_sec=3)
+        got = numbers(frames)
+        # each frame is one of those shown in [2.05, 4.1): numbers 35..43 of the first file, 0..5 of the second
+        candidates = {n for _, n, t in shown if 2.05 <= t < 4.1}
+        assert len(got) == 6 and set(got) <= candidates, (backend, got)
+        assert any(n < 10 for n in got) and any(n >= 10 for n in got)  # frames from both chunk files
+
+
+def test_epic_clip_by_presentation_time(vfr_video):
+    from egovlp_deploy.data.epic import read_epic_clip
+
+    for backend in BACKENDS:
+        frames = read_epic_clip(vfr_video, 2.3, 3.5, 4, jitter=False, backend=backend)
+        assert all(2.3 <= VFR_TIMES[n] < 3.5 for n in numbers(frames)), backend
