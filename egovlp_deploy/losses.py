@@ -1,4 +1,5 @@
-"""Pre-training objectives of EgoVLPv2: EgoNCE, MLM, VTM with hard negatives, and their weighted sum.
+"""Training objectives of EgoVLPv2: EgoNCE, MLM, VTM with hard negatives and their weighted sum (pre-training), and the
+fine-tuning losses of the EK-100 and Charades-Ego recipes.
 
 Rows of every similarity matrix here are TEXT and columns are VIDEO, as in the official `sim_matrix(text, video)`
 (spec §5). The functions take already all-gathered tensors; gathering is the trainer's job (only `trainer` touches
@@ -10,6 +11,11 @@ torch.distributed).
                                                        the official 'ITM' block's hard-negative sampling
     mlm_loss(logits, labels), vtm_loss(logits, labels), total_loss(egonce, mlm, vtm, weights=(1, 1, 2))
     simcse_loss(a, b, same_text, T)                    unsupervised SimCSE (ours: from-scratch text towers only)
+
+Fine-tuning objectives (the official downstream recipes):
+
+    adaptive_max_margin_loss(x, relevancy, margin)      EK-100 multi-instance retrieval
+    norm_softmax_loss(x, T)                             Charades-Ego
 """
 
 from __future__ import annotations
@@ -261,3 +267,42 @@ def total_loss(
     if vtm is not None:
         loss = loss + weights[2] * vtm
     return loss
+
+
+# -- fine-tuning objectives ----------------------------------------------------------------------------------------
+def norm_softmax_loss(sim: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Charades-Ego fine-tuning: symmetric InfoNCE over an (N, N) cosine-similarity matrix whose diagonal holds the
+    positive pairs — the mean over rows of -log softmax(sim / T)[i, i] plus the same over columns (the official
+    `NormSoftmaxLoss`, which also returns T; this returns the loss only)."""
+    if sim.ndim != 2 or sim.shape[0] != sim.shape[1] or sim.shape[0] < 1:
+        raise ValueError(f"norm_softmax_loss expects a square (N, N) matrix, got {tuple(sim.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"norm_softmax_loss: temperature must be > 0, got {temperature}")
+    logits = sim / temperature
+    rows = F.log_softmax(logits, dim=1).diagonal().mean()
+    cols = F.log_softmax(logits.T, dim=1).diagonal().mean()
+    return -rows - cols
+
+
+def adaptive_max_margin_loss(sim: torch.Tensor, relevancy: torch.Tensor, margin: float = 0.2) -> torch.Tensor:
+    """EK-100 multi-instance retrieval fine-tuning: a max-margin ranking loss whose margin scales with how relevant
+    each pair's caption is (the official `AdaptiveMaxMarginRankingLoss` with fix_norm).
+
+    sim: (N, N) similarities of N texts (rows) and their N videos (columns), positives on the diagonal; relevancy: (N,)
+    the relevancy of pair i's caption to its video (1 for its own narration, the relevancy-matrix entry for a sampled
+    positive caption). Every off-diagonal entry j of row i and of column i contributes
+    relu(relevancy[i] * margin - (sim[i, i] - sim[i, j])) (resp. sim[j, i]); the loss is the mean over all 2 N (N - 1)
+    of them. N = 1 has no negatives: the loss is 0 (the official mean over nothing is NaN)."""
+    n = sim.shape[0]
+    if sim.ndim != 2 or sim.shape[1] != n or n < 1:
+        raise ValueError(f"adaptive_max_margin_loss expects a square (N, N) matrix, got {tuple(sim.shape)}")
+    if relevancy.shape != (n,):
+        raise ValueError(f"adaptive_max_margin_loss: relevancy must be ({n},), got {tuple(relevancy.shape)}")
+    if n == 1:
+        return sim.sum() * 0.0
+    positive = sim.diagonal()[:, None]                          # (N, 1): sim[i, i]
+    wanted = relevancy.to(sim.dtype)[:, None] * margin          # (N, 1): the margin of row/column i
+    off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
+    by_text = F.relu(wanted - (positive - sim))[off]            # text i against the other videos
+    by_video = F.relu(wanted - (positive - sim.T))[off]         # video i against the other texts
+    return (by_text.sum() + by_video.sum()) / (2 * n * (n - 1))

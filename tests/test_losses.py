@@ -292,3 +292,59 @@ def test_simcse_loss_matches_a_hand_computed_case():
     assert simcse_loss(a, b, same, temperature=t).item() == pytest.approx(expected / 3, rel=1e-6)
     with pytest.raises(ValueError, match="same_text"):
         simcse_loss(a, b, same[:2], temperature=t)
+
+
+# -- fine-tuning losses ------------------------------------------------------------------------------------------
+# Golden values: the official EgoVLPv2 `AdaptiveMaxMarginRankingLoss(margin)(x, w)` and `NormSoftmaxLoss(T)(x)[0]`
+# (model/loss.py), run outside this repository on exactly the inputs the tests below generate.
+FINETUNE_GOLDEN_F64 = {2: (0.0, 0.00011391933334450593), 5: (0.3025478853273145, 21.668218077831092),
+                       16: (0.31592995606069746, 34.58299444839573)}  # n: (adaptive margin 0.2, norm softmax 0.05)
+FINETUNE_GOLDEN_F32 = (0.10688602924346924, 5.9740190505981445)  # margin 0.4, T 0.05, relevancy with 1s
+
+
+def test_finetune_losses_match_the_official_functions():
+    from egovlp_deploy.losses import adaptive_max_margin_loss, norm_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    for n, (margin_loss, softmax_loss) in FINETUNE_GOLDEN_F64.items():
+        x = torch.rand(n, n, generator=g, dtype=torch.float64) * 2 - 1
+        w = torch.rand(n, generator=g, dtype=torch.float64)
+        assert abs(adaptive_max_margin_loss(x, w, margin=0.2).item() - margin_loss) < 1e-12
+        assert abs(norm_softmax_loss(x, 0.05).item() - softmax_loss) < 1e-12
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(8, 8, generator=g) * 2 - 1
+    w = torch.where(torch.rand(8, generator=g) > 0.5, torch.ones(8), torch.rand(8, generator=g))
+    assert abs(adaptive_max_margin_loss(x, w, margin=0.4).item() - FINETUNE_GOLDEN_F32[0]) < 1e-6
+    assert abs(norm_softmax_loss(x, 0.05).item() - FINETUNE_GOLDEN_F32[1]) < 1e-6
+
+
+def test_adaptive_max_margin_loss_against_a_loop_and_by_hand():
+    from egovlp_deploy.losses import adaptive_max_margin_loss
+
+    x = torch.tensor([[0.9, 0.1, 0.8], [0.3, 0.5, 0.6], [0.0, 0.2, 0.7]], dtype=torch.float64)
+    w = torch.tensor([1.0, 0.5, 0.2], dtype=torch.float64)
+    terms = []
+    for i in range(3):
+        for j in range(3):
+            if i != j:
+                terms.append(max(0.0, w[i].item() * 0.4 - (x[i, i].item() - x[i, j].item())))  # text i vs video j
+                terms.append(max(0.0, w[i].item() * 0.4 - (x[i, i].item() - x[j, i].item())))  # video i vs text j
+    assert adaptive_max_margin_loss(x, w, 0.4).item() == pytest.approx(sum(terms) / len(terms), abs=1e-15)
+    # by hand: row 0 (margin 0.4): video 2 at 0.8 is within 0.4 of 0.9 -> 0.3; column 0: all below 0.5 -> 0
+    assert terms[2] == pytest.approx(0.3)
+    one = torch.tensor([[0.3]], requires_grad=True)
+    loss = adaptive_max_margin_loss(one, torch.ones(1))
+    loss.backward()
+    assert loss.item() == 0.0 and one.grad is not None  # no negatives: zero, not the official NaN
+    with pytest.raises(ValueError, match="relevancy"):
+        adaptive_max_margin_loss(x, w[:2])
+
+
+def test_norm_softmax_loss_is_symmetric_infonce():
+    from egovlp_deploy.losses import norm_softmax_loss
+
+    x = torch.randn(6, 6, dtype=torch.float64)
+    expected = (F.cross_entropy(x / 0.05, torch.arange(6)) + F.cross_entropy(x.T / 0.05, torch.arange(6)))
+    assert norm_softmax_loss(x, 0.05).item() == pytest.approx(expected.item(), abs=1e-12)
+    with pytest.raises(ValueError, match="temperature"):
+        norm_softmax_loss(x, 0.0)
