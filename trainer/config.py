@@ -8,6 +8,8 @@ official code has one: EGOVLPV2_SPEC.md §5). Shipped configs: `egovlp_deploy/co
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,9 @@ from typing import Any
 from egovlp_deploy.config import ConfigError, strict_fields
 from egovlp_deploy.jsonfile import read_json
 
-SHIPPED = Path(__file__).resolve().parent.parent / "configs"
+# The package's configs folder, found through the package itself: in an editable install this module lives in the
+# checkout's top-level trainer/ folder, not beside egovlp_deploy/configs.
+SHIPPED = Path(importlib.import_module("egovlp_deploy").__file__).resolve().parent / "configs"
 
 
 @dataclass
@@ -172,8 +176,11 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         top = strict_fields(cls, data, "train config", nested=set(cls.SECTIONS), allow_missing=True)
-        sections = {name: klass(**strict_fields(klass, data.get(name, {}), name, allow_missing=True))
-                    for name, klass in cls.SECTIONS.items()}
+        sections = {}
+        for name, klass in cls.SECTIONS.items():
+            section = data.get(name, {})
+            check_float_sizes(klass, section, name)
+            sections[name] = klass(**strict_fields(klass, section, name, allow_missing=True))
         config = cls(**sections, **top)
         config.validate()
         return config
@@ -194,41 +201,45 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def validate(self) -> None:
-        s, m, d, o = self.schedule, self.model, self.data, self.optim
+        """Every field against its declared type and range (RULES), then the rules that tie fields together."""
+        for name, rule in RULES[""].items():
+            rule.check(name, getattr(self, name), _annotation(type(self), name))
+        for section_name, klass in self.SECTIONS.items():
+            section = getattr(self, section_name)
+            if not isinstance(section, klass):
+                raise ConfigError(f"{section_name} must be a {klass.__name__}, got {type(section).__name__}")
+            for f in dataclasses.fields(klass):
+                RULES[section_name][f.name].check(f"{section_name}.{f.name}", getattr(section, f.name), str(f.type))
+        s, m, o = self.schedule, self.model, self.optim
         checks = [
-            (m.preset in ("base", "tiny"), f"model.preset must be 'base' or 'tiny', got {m.preset!r}"),
-            (m.num_frames > 0, "model.num_frames must be positive"),
-            (m.img_size is None or m.img_size > 0, f"model.img_size must be positive, got {m.img_size}"),
-            (m.patch_size is None or m.patch_size > 0, f"model.patch_size must be positive, got {m.patch_size}"),
-            (m.time_init in ("zeros", "rand"), f"model.time_init must be 'zeros' or 'rand', got {m.time_init!r}"),
-            (m.text_warmup_steps >= 0, f"model.text_warmup_steps must be >= 0, got {m.text_warmup_steps}"),
-            (o.lr_mult_text > 0, f"optim.lr_mult_text must be positive, got {o.lr_mult_text}"),
-            (o.text_freeze_steps >= 0, f"optim.text_freeze_steps must be >= 0, got {o.text_freeze_steps}"),
-            (0 <= o.text_freeze_fraction < 1,
-             f"optim.text_freeze_fraction must be in [0, 1), got {o.text_freeze_fraction}"),
             (not (o.text_freeze_steps and o.text_freeze_fraction),
              "set optim.text_freeze_steps or optim.text_freeze_fraction, not both"),
-            (self.objective.vtm_negative_temperature is None or self.objective.vtm_negative_temperature > 0,
-             f"objective.vtm_negative_temperature must be positive, got {self.objective.vtm_negative_temperature}"),
-            (self.objective.text_simcse_weight >= 0,
-             f"objective.text_simcse_weight must be >= 0, got {self.objective.text_simcse_weight}"),
             (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
              "objective.vtm_negative_anneal needs objective.vtm_negative_temperature (the start value)"),
-            (m.temporal_embed_std >= 0, f"model.temporal_embed_std must be >= 0, got {m.temporal_embed_std}"),
-            (s.epochs > 0 and s.batch_size > 0 and s.grad_accum_steps > 0, "schedule sizes must be positive"),
-            (s.batch_size % s.grad_accum_steps == 0, "schedule.batch_size must be divisible by grad_accum_steps"),
-            (s.precision in ("auto", "fp32", "bf16", "fp16"), f"schedule.precision {s.precision!r} is not one of "
-                                                              "auto, fp32, bf16, fp16"),
-            (0 <= o.warmup_fraction < 1, "optim.warmup_fraction must be in [0, 1)"),
-            (o.lr > 0, "optim.lr must be positive"),
-            (d.text_max_length >= 3, "data.text_max_length must be at least 3"),
-            (d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}"),
-            (d.frame_cache_mb >= 0, f"data.frame_cache_mb must be >= 0, got {d.frame_cache_mb}"),
-            (self.checkpoint.every_steps > 0, "checkpoint.every_steps must be positive"),
+            (s.batch_size % s.grad_accum_steps == 0,
+             f"schedule.batch_size {s.batch_size} must be divisible by schedule.grad_accum_steps "
+             f"{s.grad_accum_steps}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if not m.init_from and not m.config_file:
+            self._check_preset_sizes()
+
+    def _check_preset_sizes(self) -> None:
+        """Frame and patch size, and the text length, against the preset model they build (init_from and
+        config_file bring their own sizes, checked when the model is built)."""
+        from egovlp_deploy.config import EgoVLPv2Config
+
+        m = self.model
+        preset = EgoVLPv2Config.tiny() if m.preset == "tiny" else EgoVLPv2Config.base()
+        img_size = m.img_size or preset.video.img_size
+        patch_size = m.patch_size or preset.video.patch_size
+        if img_size % patch_size:
+            raise ConfigError(f"model.img_size {img_size} is not a multiple of model.patch_size {patch_size}")
+        if self.data.text_max_length > preset.text.max_text_length:
+            raise ConfigError(f"data.text_max_length must be in [3, {preset.text.max_text_length}] for the "
+                              f"{m.preset} model, got {self.data.text_max_length}")
 
     def resolve(self, name: str | None) -> Path | None:
         """A data path: absolute, or relative to data.root."""
@@ -236,3 +247,126 @@ class TrainConfig:
             return None
         path = Path(name)
         return path if path.is_absolute() or self.data.root is None else Path(self.data.root) / path
+
+
+# -- declared ranges ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rule:
+    """What one field allows beyond its declared type (int, float, str, bool, or null where the type says so).
+
+    A number is always finite and within [low, high] (an end is open where low_open/high_open says so, absent where
+    None); a string is non-empty and, with `choices`, one of them."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    choices: tuple[str, ...] = ()
+
+    def describe(self, annotation: str) -> str:
+        kinds = [a.strip() for a in annotation.split("|")]
+        if "bool" in kinds:
+            text = "true or false"
+        elif "str" in kinds:
+            text = f"one of {list(self.choices)}" if self.choices else "a non-empty string"
+        else:
+            noun = "an integer" if "int" in kinds else "a finite number"
+            if self.low is not None and self.high is not None:
+                text = (f"{noun} in {'(' if self.low_open else '['}{self.low:g}, "
+                        f"{self.high:g}{')' if self.high_open else ']'}")
+            elif self.low is not None:
+                text = f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+            elif self.high is not None:
+                text = f"{noun} {'<' if self.high_open else '<='} {self.high:g}"
+            else:
+                text = noun
+        return text + (" or null" if "None" in kinds else "")
+
+    def allows(self, value: Any, annotation: str) -> bool:
+        kinds = [a.strip() for a in annotation.split("|")]
+        if value is None:
+            return "None" in kinds
+        if isinstance(value, bool) or "bool" in kinds:
+            return isinstance(value, bool) and "bool" in kinds
+        if "str" in kinds:
+            return isinstance(value, str) and bool(value.strip()) and (not self.choices or value in self.choices)
+        if "int" in kinds:
+            if not isinstance(value, int):
+                return False
+        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def check(self, key: str, value: Any, annotation: str) -> None:
+        if not self.allows(value, annotation):
+            raise ConfigError(f"{key} must be {self.describe(annotation)}, got {value!r}")
+
+
+ANY = Rule()  # the declared type alone (bools, free numbers)
+TEXT = Rule()  # a non-empty string (paths, tokenizer names)
+POSITIVE = Rule(low=0, low_open=True)
+NON_NEGATIVE = Rule(low=0)
+FRACTION = Rule(low=0, high=1, high_open=True)  # [0, 1)
+PROBABILITY = Rule(low=0, high=1)
+
+# Every field of every section, by section name ("": the top-level fields).
+RULES: dict[str, dict[str, Rule]] = {
+    "": {"seed": Rule(low=0, high=2**32 - 1)},  # numpy's seed range
+    "model": {
+        "preset": Rule(choices=("base", "tiny")), "num_frames": POSITIVE, "projection": Rule(choices=("big", "small")),
+        "config_file": TEXT, "init_from": TEXT, "text_dropout": FRACTION, "img_size": POSITIVE,
+        "patch_size": POSITIVE, "cross_gate_init": ANY, "time_init": Rule(choices=("zeros", "rand")),
+        "temporal_embed_std": NON_NEGATIVE, "text_warmup_steps": NON_NEGATIVE,
+    },
+    "data": {
+        "root": TEXT, "egoclip_csv": TEXT, "video_root": TEXT, "egomcq_json": TEXT, "meta_json": TEXT,
+        "num_verbs": POSITIVE, "num_nouns": POSITIVE, "neg_window": POSITIVE, "strict": ANY,
+        "backend": Rule(choices=("auto", "decord", "pyav")), "tokenizer": TEXT, "allow_download": ANY,
+        "text_max_length": Rule(low=3), "num_workers": NON_NEGATIVE, "frame_cache_mb": NON_NEGATIVE,
+    },
+    "objective": {
+        "egonce_weight": NON_NEGATIVE, "mlm_weight": NON_NEGATIVE, "vtm_weight": NON_NEGATIVE,
+        # A softmax temperature below 1e-4 overflows the similarity logits (|cosine| / T) in fp16 and bf16.
+        "temperature": Rule(low=1e-4, high=100), "vtm_negative_temperature": Rule(low=1e-4, high=100),
+        "vtm_negative_anneal": ANY, "text_simcse_weight": NON_NEGATIVE, "verb": ANY, "noun": ANY,
+        "mlm_probability": PROBABILITY,
+    },
+    "optim": {
+        # AdamW moves each weight by about lr per step: above 1 a run diverges in a few steps.
+        "lr": Rule(low=0, high=1, low_open=True), "weight_decay": PROBABILITY,
+        "lr_mult_head": Rule(low=0, high=1000, low_open=True),
+        "lr_mult_cross_modal": Rule(low=0, high=1000, low_open=True),
+        "lr_mult_text": Rule(low=0, high=1000, low_open=True), "text_freeze_steps": NON_NEGATIVE,
+        "text_freeze_fraction": FRACTION, "warmup_fraction": FRACTION,
+        "grad_clip": POSITIVE,  # a norm: 0 would zero every gradient, a negative one flips its sign
+    },
+    "schedule": {
+        "epochs": POSITIVE, "batch_size": POSITIVE, "grad_accum_steps": POSITIVE, "max_samples_per_epoch": POSITIVE,
+        "max_steps": POSITIVE, "max_minutes": POSITIVE, "precision": Rule(choices=("auto", "fp32", "bf16", "fp16")),
+        "gradient_checkpointing": ANY, "max_skipped_steps": NON_NEGATIVE,
+    },
+    "checkpoint": {"every_steps": POSITIVE, "keep_last": NON_NEGATIVE},  # keep_last 0: keep every checkpoint
+    "eval": {"every_epochs": POSITIVE, "num_frames": POSITIVE, "batch_size": POSITIVE, "max_questions": POSITIVE},
+    "log": {"every_steps": POSITIVE, "tensorboard": ANY},
+}
+
+
+def _annotation(klass, name: str) -> str:
+    return next(str(f.type) for f in dataclasses.fields(klass) if f.name == name)
+
+
+def check_float_sizes(klass, data: Any, where: str) -> None:
+    """An integer given for a float field must fit a float (strict_fields converts it; 1e400 written as an integer
+    would raise OverflowError there)."""
+    if not isinstance(data, dict):
+        return
+    for f in dataclasses.fields(klass):
+        value = data.get(f.name)
+        if "float" in str(f.type) and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)
+            except OverflowError:
+                raise ConfigError(f"{where}.{f.name} must be {RULES[where][f.name].describe(str(f.type))}, "
+                                  f"got an integer of {len(str(abs(value)))} digits") from None
