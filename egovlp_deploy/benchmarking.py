@@ -47,3 +47,16 @@ def git_sha(short: bool = True) -> str:
         if sha.returncode == 0 and sha.stdout.strip():
             return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux; platform's guess elsewhere), for a benchmark's machine record."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

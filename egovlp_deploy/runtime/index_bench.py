@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from egovlp_deploy.benchmarking import git_sha
+from egovlp_deploy.benchmarking import cpu_model, git_sha
 
 DESCRIPTION = __doc__
 WIDTH, HEIGHT, FPS = 1280, 720, 30
@@ -169,14 +169,7 @@ def run(args) -> int:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     import av
 
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.benchmarking import git_sha, median_ms, times_ms
+from egovlp_deploy.benchmarking import cpu_model, git_sha, median_ms, times_ms
 
 DESCRIPTION = __doc__
 INPUTS = {"256p": (256, 455), "480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
@@ -53,14 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     from egovlp_deploy import preprocess
 
     native = dict(preprocess._C.build_info()) if preprocess.available() else None
