@@ -10,6 +10,7 @@ import platform
 import signal
 import sys
 import threading
+import traceback
 from importlib import metadata
 
 PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "onnx", "onnxruntime",
@@ -205,6 +206,11 @@ def add_bench_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. An expected failure is one line on stderr and an exit status: 2 for a bad input (our errors
+    are ValueErrors that name the problem; OSErrors name the file), 1 for a training run that cannot go on
+    (TrainingError), 130/143 for Ctrl-C/SIGTERM. EGOVLP_DEBUG=1 prints the traceback as well."""
+    from .trainer.train import TrainingError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "frames", None) is not None and args.frames <= 0:
@@ -214,9 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_on_sigterm()
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:  # our errors are ValueErrors that name the problem
+    except (ValueError, OSError, TrainingError) as exc:
+        if os.environ.get("EGOVLP_DEBUG"):
+            traceback.print_exc()
         print(f"egovlp-deploy {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, TrainingError) else 2
     except (KeyboardInterrupt, Terminated) as exc:
         # Every job writes atomically and commits as it goes: what was committed stays, a rerun continues there.
         code = 143 if isinstance(exc, Terminated) else 130

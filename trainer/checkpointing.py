@@ -6,7 +6,8 @@ A checkpoint is a directory `step_00000100/` holding
                                         tensors in safetensors, everything else JSON)
 - `run.json`                            (the training config of the run)
 - `MANIFEST.json`                       (sha256 + size of every file, written last)
-It is built in a temp directory and renamed into place, so a crash leaves either the whole checkpoint or none.
+It is built in a temp directory `.step_00000100.<random>` and renamed into place, so a crash leaves either the
+whole checkpoint or none; a killed save's temp directory is removed at the next start (`remove_stale_temp_dirs`).
 On resume the newest directory whose manifest verifies is taken; a truncated or corrupt one is reported and skipped.
 """
 
@@ -29,6 +30,8 @@ from egovlp_deploy.jsonfile import read_json
 
 MANIFEST = "MANIFEST.json"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# The temp directory a save builds in: tempfile.mkdtemp(prefix=".step_<8 digits>.") adds 8 letters, digits or "_".
+TEMP_DIR = re.compile(r"^\.step_\d{8}\.[a-z0-9_]{8}$")
 
 
 # -- nested state <-> (JSON skeleton, tensors) ------------------------------------------------------------------
@@ -110,6 +113,18 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model, state: dict,
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temp_dirs(directory: str | os.PathLike) -> list[Path]:
+    """Remove the temp directories of saves that were killed before their rename (only names save_checkpoint
+    creates); returns them. Call it before any save starts: a running save's temp directory has the same form."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir() if TEMP_DIR.match(p.name) and p.is_dir() and not p.is_symlink()]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[Path]:

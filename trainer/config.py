@@ -29,6 +29,12 @@ class ModelSection:
     projection: str = "big"
     config_file: str | None = None  # a model config.json instead of the preset
     init_from: str | None = None  # an official .pth or a save_pretrained directory to start from
+    # The official pre-training's starting point for a new model (local files, relative to the working directory):
+    # the video tower's spatial layers from an image ViT-B/16 (timm .pth/.safetensors or Google .npz; temporal
+    # attention, fusion and projections keep their own init) and the text tower from a Hugging Face roberta-base
+    # folder (the fused layers' cross-attention keeps its init, the gates 0). Not with init_from.
+    init_video: str | None = None
+    init_text: str | None = None
     text_dropout: float | None = None  # override RoBERTa's hidden/attention dropout (0.1)
     # Frame and patch size instead of the preset's (None: keep them). Ignored with init_from and config_file.
     # E.g. 64/16 on the 64 px synthetic videos: the tiny preset's 16 tokens per frame, each patch seeing 4x the
@@ -216,6 +222,9 @@ class TrainConfig:
              "set optim.text_freeze_steps or optim.text_freeze_fraction, not both"),
             (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
              "objective.vtm_negative_anneal needs objective.vtm_negative_temperature (the start value)"),
+            (not (m.init_from and (m.init_video or m.init_text)),
+             "model.init_from loads a whole model; model.init_video / model.init_text start a new one from "
+             "pretrained towers: set one or the other"),
             (s.batch_size % s.grad_accum_steps == 0,
              f"schedule.batch_size {s.batch_size} must be divisible by schedule.grad_accum_steps "
              f"{s.grad_accum_steps}"),
@@ -272,12 +281,12 @@ class Rule:
         else:
             noun = "an integer" if "int" in kinds else "a finite number"
             if self.low is not None and self.high is not None:
-                text = (f"{noun} in {'(' if self.low_open else '['}{self.low:g}, "
-                        f"{self.high:g}{')' if self.high_open else ']'}")
+                text = (f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'} "
+                        f"({noun})")
             elif self.low is not None:
-                text = f"{noun} {'>' if self.low_open else '>='} {self.low:g}"
+                text = f"{'>' if self.low_open else '>='} {self.low} ({noun})"
             elif self.high is not None:
-                text = f"{noun} {'<' if self.high_open else '<='} {self.high:g}"
+                text = f"{'<' if self.high_open else '<='} {self.high} ({noun})"
             else:
                 text = noun
         return text + (" or null" if "None" in kinds else "")
@@ -293,7 +302,7 @@ class Rule:
         if "int" in kinds:
             if not isinstance(value, int):
                 return False
-        elif not isinstance(value, (int, float)) or not math.isfinite(value):
+        elif not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
             return False
         if self.low is not None and (value <= self.low if self.low_open else value < self.low):
             return False
@@ -316,7 +325,7 @@ RULES: dict[str, dict[str, Rule]] = {
     "": {"seed": Rule(low=0, high=2**32 - 1)},  # numpy's seed range
     "model": {
         "preset": Rule(choices=("base", "tiny")), "num_frames": POSITIVE, "projection": Rule(choices=("big", "small")),
-        "config_file": TEXT, "init_from": TEXT, "text_dropout": FRACTION, "img_size": POSITIVE,
+        "config_file": TEXT, "init_from": TEXT, "init_video": TEXT, "init_text": TEXT, "text_dropout": FRACTION, "img_size": POSITIVE,
         "patch_size": POSITIVE, "cross_gate_init": ANY, "time_init": Rule(choices=("zeros", "rand")),
         "temporal_embed_std": NON_NEGATIVE, "text_warmup_steps": NON_NEGATIVE,
     },
@@ -328,17 +337,15 @@ RULES: dict[str, dict[str, Rule]] = {
     },
     "objective": {
         "egonce_weight": NON_NEGATIVE, "mlm_weight": NON_NEGATIVE, "vtm_weight": NON_NEGATIVE,
-        # A softmax temperature below 1e-4 overflows the similarity logits (|cosine| / T) in fp16 and bf16.
-        "temperature": Rule(low=1e-4, high=100), "vtm_negative_temperature": Rule(low=1e-4, high=100),
+        "temperature": POSITIVE, "vtm_negative_temperature": POSITIVE,
         "vtm_negative_anneal": ANY, "text_simcse_weight": NON_NEGATIVE, "verb": ANY, "noun": ANY,
         "mlm_probability": PROBABILITY,
     },
     "optim": {
         # AdamW moves each weight by about lr per step: above 1 a run diverges in a few steps.
         "lr": Rule(low=0, high=1, low_open=True), "weight_decay": PROBABILITY,
-        "lr_mult_head": Rule(low=0, high=1000, low_open=True),
-        "lr_mult_cross_modal": Rule(low=0, high=1000, low_open=True),
-        "lr_mult_text": Rule(low=0, high=1000, low_open=True), "text_freeze_steps": NON_NEGATIVE,
+        "lr_mult_head": POSITIVE, "lr_mult_cross_modal": POSITIVE, "lr_mult_text": POSITIVE,
+        "text_freeze_steps": NON_NEGATIVE,
         "text_freeze_fraction": FRACTION, "warmup_fraction": FRACTION,
         "grad_clip": POSITIVE,  # a norm: 0 would zero every gradient, a negative one flips its sign
     },

@@ -98,7 +98,12 @@ class PretrainObjective(torch.nn.Module):
         # VTM: hard negatives drawn from the whole global batch (the same draws on every rank)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
         draw_temperature = self.draw_temperature(float(temperature), step)
-        pairs = sample_vtm_pairs(sim.detach(), positives, 0, n_global, draw_temperature, generator)
+        # Non-finite similarities (weights a too-large step made inf/NaN) would stop the draw with a multinomial
+        # error; drawn from zeros instead, the step's loss is still non-finite and the trainer's NaN guard skips it.
+        draw_sim = sim.detach()
+        if not torch.isfinite(draw_sim).all():
+            draw_sim = torch.zeros_like(draw_sim)
+        pairs = sample_vtm_pairs(draw_sim, positives, 0, n_global, draw_temperature, generator)
         video_idx = pairs.video_index[mine].to(all_video.device)
         text_idx = pairs.text_index[mine].to(all_ids.device)
         labels = pairs.labels[mine].to(all_video.device)

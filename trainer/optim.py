@@ -57,6 +57,9 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
 
 def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text: float = 1.0,
                     split_text: bool = False) -> torch.optim.AdamW:
+    # torch's AdamW checks only its default weight decay, not the per-group ones: a negative one would grow weights
+    if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
+        raise ValueError(f"AdamW needs a finite lr > 0 and weight_decay >= 0, got lr {lr}, weight_decay {weight_decay}")
     groups = parameter_groups(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text, split_text)
     for g in groups:
         del g["names"]

@@ -8,6 +8,10 @@ The loop, top to bottom: build tokenizer, model, data; then per optimizer step: 
 cosine schedule, log, and checkpoint every N steps; evaluate on EgoMCQ every epoch. Every checkpoint stores what an
 exact resume needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resume` continues from the
 newest valid one and reaches the same weights, bit for bit, as a run that was never interrupted.
+
+Exit status: 0 done; 1 the run cannot go on (it diverged, `--resume` found no valid checkpoint, the tokenizer and the
+model do not fit); 2 a bad config, data file or argument (checked before any work starts); 130/143 interrupted
+(Ctrl-C/SIGTERM; rerun with --resume). Errors are one line; EGOVLP_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from egovlp_deploy.video import release_frame_cache
 
 from . import distributed as D
 from .batching import IndexedDataset, PretrainCollator
-from .checkpointing import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from .checkpointing import latest_valid_checkpoint, load_checkpoint, remove_stale_temp_dirs, save_checkpoint
 from .config import TrainConfig
 from .evaluate import evaluate_egomcq, format_table, model_at_frames
 from .objectives import PretrainObjective
@@ -58,7 +62,11 @@ def build_tokenizer(cfg: TrainConfig, output_dir: Path, info: D.DistInfo):
     return load_tokenizer(path)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
+def build_model(cfg: TrainConfig, vocab_size: int, init_reports: list | None = None,
+                pretrained: bool = True) -> EgoVLPv2:
+    """The model a run trains: loaded (model.init_from), or new from the preset/config file, its towers filled from
+    pretrained files (model.init_video / init_text; each report appended to `init_reports`; skipped with
+    pretrained=False, when a resumed checkpoint overwrites them anyway)."""
     m = cfg.model
     if m.init_from:
         path = Path(m.init_from)
@@ -83,6 +91,14 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> EgoVLPv2:
             except ConfigError as exc:
                 raise ConfigError(f"model: {exc}") from exc
         model = EgoVLPv2(config)
+        if pretrained and (m.init_video or m.init_text):
+            from egovlp_deploy.pretrained_init import init_text_tower, init_video_tower
+
+            for path, fill in ((m.init_video, init_video_tower), (m.init_text, init_text_tower)):
+                if path:
+                    report = fill(model, path)
+                    if init_reports is not None:
+                        init_reports.append(report)
         if m.temporal_embed_std and not m.config_file:
             std = m.temporal_embed_std
             torch.nn.init.trunc_normal_(model.video_model.temporal_embed, std=std, a=-2 * std, b=2 * std)
@@ -203,6 +219,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def train(cfg: TrainConfig, output_dir: str | Path, resume: bool = False, device: str = "auto",
           progress: bool = True) -> dict:
     output_dir = Path(output_dir)
+    cfg.validate()  # a config built in code gets the checks a loaded one had
     info = D.setup(device)
     try:
         return _train(cfg, output_dir, resume, info, progress)
@@ -211,6 +228,13 @@ def train(cfg: TrainConfig, output_dir: str | Path, resume: bool = False, device
 
 
 def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
+    ckpt_dir = output_dir / "checkpoints"
+    if info.is_main:
+        for path in remove_stale_temp_dirs(ckpt_dir):  # no save is running yet: these are from killed ones
+            print(f"removed {path}, the temp directory of a checkpoint save that did not finish", file=sys.stderr)
+    found = latest_valid_checkpoint(ckpt_dir) if resume else None
+    if resume and found is None:  # before any work: nothing to continue from
+        raise TrainingError(f"--resume: no valid checkpoint under {ckpt_dir}")
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     D.barrier()
@@ -219,7 +243,11 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     torch.manual_seed(cfg.seed)
 
     tokenizer = build_tokenizer(cfg, output_dir, info)
-    model = build_model(cfg, len(tokenizer)).to(info.device)
+    init_reports: list = []
+    model = build_model(cfg, len(tokenizer), init_reports, pretrained=not resume).to(info.device)
+    if info.is_main:
+        for report in init_reports:
+            print(report.summary(), file=sys.stderr if report.missing_from_file else sys.stdout)
     if len(tokenizer) > model.config.text.vocab_size or tokenizer.pad_token_id != model.config.text.pad_token_id:
         raise TrainingError(f"the tokenizer ({len(tokenizer)} tokens, pad {tokenizer.pad_token_id}) does not fit the "
                             f"model (vocabulary {model.config.text.vocab_size}, pad {model.config.text.pad_token_id})")
@@ -276,15 +304,15 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     step, epoch, next_micro, skipped, consecutive_skips = 0, 0, 0, 0, 0
-    ckpt_dir = output_dir / "checkpoints"
-    if resume:
-        found = latest_valid_checkpoint(ckpt_dir)
-        if found is None:
-            raise TrainingError(f"--resume: no valid checkpoint under {ckpt_dir}")
+    if found is not None:
         weights, state, run_config = load_checkpoint(found, map_location=info.device)
         if run_config != cfg.to_dict() and info.is_main:
             print(f"note: the config differs from the one {found.name} was trained with", file=sys.stderr)
-        model.load_state_dict(weights)
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:  # torch lists every mismatched tensor: the first line says what happened
+            raise TrainingError(f"--resume: {found} does not fit the model this config builds "
+                                f"({str(exc).splitlines()[0]})") from exc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):

@@ -28,17 +28,22 @@ class csv_records:  # noqa: N801 -- used like a generator function
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str]]]:
         rows = self.rows
         try:
-            f = open(self.path, newline="", encoding="utf-8")
+            # surrogateescape: a byte that is not UTF-8 stays in its row (as a lone surrogate) instead of failing the
+            # whole read buffer, so it is reported on its own line and lax mode skips only that row
+            f = open(self.path, newline="", encoding="utf-8", errors="surrogateescape")
         except OSError as e:
             raise rows.fail("open", str(e)) from e
         with f:
             reader = csv.reader(f, delimiter=self.delimiter, quoting=self.quoting)
             try:
                 header = next(reader, None)
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise rows.fail("line 1", f"unreadable header: {e}") from e
+            except csv.Error as e:
+                raise rows.fail(f"line {reader.line_num}", f"unreadable header: {e}") from e
             if header is None:
                 raise rows.fail("line 1", "the file is empty (no header)")
+            bad = _not_utf8(header)
+            if bad:
+                raise rows.fail(f"line {reader.line_num}", f"unreadable header: {bad}")
             missing = [c for c in self.required if c not in header]
             if missing:
                 raise rows.fail("line 1", f"missing columns {missing}{self.hint}; header: {header}")
@@ -47,13 +52,26 @@ class csv_records:  # noqa: N801 -- used like a generator function
                     values = next(reader)
                 except StopIteration:
                     return
-                except (csv.Error, UnicodeDecodeError) as e:
+                except csv.Error as e:
                     self.data_rows += 1
                     rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
                     continue
                 self.data_rows += 1
+                bad = _not_utf8(values)
+                if bad:
+                    rows.reject(reader.line_num, RowProblem("malformed row", bad))
+                    continue
                 if len(values) != len(header):
                     rows.reject(reader.line_num,
                                 RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}"))
                     continue
                 yield reader.line_num, self.data_rows - 1, dict(zip(header, values))
+
+
+def _not_utf8(values: list[str]) -> str | None:
+    """Why a row read with errors='surrogateescape' is not UTF-8 (its first undecodable byte), or None."""
+    for column, value in enumerate(values, 1):
+        for ch in value:
+            if "\udc80" <= ch <= "\udcff":
+                return f"not UTF-8: byte 0x{ord(ch) - 0xDC00:02x} in field {column}"
+    return None

@@ -5,6 +5,9 @@ Format (EgoVLPv2/data_loader/EgoClip_EgoMCQ_dataset.py `_get_val_item`):
 type 1 = inter-video, 2 = intra-video. The query contributes only its narration; each choice's clip is read with
 'uniform' sampling (segment middles) and the eval transform, in the order of the choice keys 0..C-1 (`answer`
 indexes that order, as the official enumerate over the JSON object does).
+
+`read_egomcq` is the one parser and validator of the format: `egovlp-deploy eval` (EgoMCQDataset) and the runtime's
+`mcq` both read through it, so they accept and reject the same files, with the same messages naming the key.
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ class MCQEntry:
     key: str
     text: str
     choices: tuple[ClipRow, ...]
-    answer: int
+    answer: int | None  # None only where the reader allows unanswered questions (the runtime's mcq)
     type: int
 
 
-def parse_mcq_entry(key: str, entry: Any, num_choices: int, num_verbs: int, num_nouns: int) -> MCQEntry:
+def parse_mcq_entry(key: str, entry: Any, num_choices: int, num_verbs: int, num_nouns: int,
+                    require_answer: bool = True) -> MCQEntry:
+    """One entry, validated; `require_answer=False` lets `answer` be absent (a present one is still checked)."""
     if not isinstance(entry, Mapping):
         raise RowProblem("malformed entry", f"expected an object, got {type(entry).__name__}")
-    missing = [k for k in ("types", "query", "choices", "answer") if k not in entry]
+    required = ("types", "query", "choices", "answer") if require_answer else ("types", "query", "choices")
+    missing = [k for k in required if k not in entry]
     if missing:
         raise RowProblem("malformed entry", f"missing fields {missing}")
     kind = entry["types"]
@@ -67,15 +73,18 @@ def parse_mcq_entry(key: str, entry: Any, num_choices: int, num_verbs: int, num_
             rows.append(parse_clip_row(choices[k], num_verbs, num_nouns))
         except RowProblem as problem:
             raise RowProblem(problem.kind, f"choice {k}: {problem.detail}") from None
-    answer = entry["answer"]
+    answer = entry.get("answer")
+    if answer is None and not require_answer:
+        return MCQEntry(key, text, tuple(rows), None, kind)
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < num_choices:
         raise RowProblem("bad answer", f"answer {answer!r} is not a choice index in [0, {num_choices})")
     return MCQEntry(key, text, tuple(rows), answer, kind)
 
 
 def read_egomcq(json_path: str | os.PathLike, video_root: str | os.PathLike | None, num_choices: int,
-                num_verbs: int, num_nouns: int, rows: RowFilter) -> list[MCQEntry]:
-    """Every valid entry, ordered by integer key; bad entries go to `rows` (raise or record, by JSON key)."""
+                num_verbs: int, num_nouns: int, rows: RowFilter, require_answer: bool = True) -> list[MCQEntry]:
+    """Every valid entry, ordered by integer key; bad entries go to `rows` (raise or record, by JSON key). With
+    `video_root`, every choice's video chunks must exist."""
     try:
         with open(json_path, encoding="utf-8") as f:
             data = json.load(f)
@@ -95,7 +104,7 @@ def read_egomcq(json_path: str | os.PathLike, video_root: str | os.PathLike | No
     out = []
     for _, key in sorted(keyed):
         try:
-            entry = parse_mcq_entry(key, data[key], num_choices, num_verbs, num_nouns)
+            entry = parse_mcq_entry(key, data[key], num_choices, num_verbs, num_nouns, require_answer)
             if video_root is not None:
                 for i, row in enumerate(entry.choices):
                     for path in chunk_paths(video_root, row):

@@ -5,6 +5,10 @@ clip_start, clip_end...}, ...}, "answer"}}`, `answer` optional here) with videos
 (ROOT/<video_uid>/<chunk>.mp4). Each choice is read as the official evaluation reads it ('uniform' sampling of the
 engine's F frames, eval transform), so the scores equal `egovlp-deploy eval` on the same checkpoint.
 
+The file is read and checked by the EgoMCQ reader `egovlp-deploy eval` uses (data/egomcq.py), before any video is
+read: a file one of them rejects, the other rejects with the same DataError naming the question's key. The one
+difference: a question may leave out `answer` here (it is answered, not scored).
+
 Scores per choice, as the official validation: dual (cosine of the projected embeddings), fusion (VTM match
 probability over the clip's and the narration's prefixes) and ensemble (their sum).
 """
@@ -16,37 +20,35 @@ from pathlib import Path
 
 import numpy as np
 
-from ..jsonfile import read_json
 from .engines import Runtime
 from .pipeline import ClipPipeline
 
 MODES = ("dual", "fusion", "ensemble")
+NUM_CHOICES = 5  # EgoMCQ's, as `egovlp-deploy eval` requires
 
 
-def _load_questions(path: str | Path) -> list[dict]:
-    data = read_json(path, ValueError, missing=f"{path}: no such questions file")
-    if not isinstance(data, dict) or not data:
-        raise ValueError(f"{path}: expected an EgoMCQ object keyed '0', '1', ...")
-    out = []
-    for key in sorted(data, key=lambda k: (len(k), k)):
-        q = data[key]
-        try:
-            text = q["query"]["clip_text"]
-            choices = [q["choices"][k] for k in sorted(q["choices"], key=lambda k: (len(k), k))]
-            rows = [(c["video_uid"], float(c["clip_start"]), float(c["clip_end"])) for c in choices]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: question {key!r} is malformed (missing or bad {exc})") from exc
-        if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}: question {key!r} has an empty narration")
-        out.append({"key": key, "text": text, "choices": rows, "answer": q.get("answer"), "type": q.get("types")})
-    return out
+def _load_questions(path: str | Path, video_root: str | Path | None = None) -> list[dict]:
+    """The questions in key order, each {key, text, choices: [(video_uid, start, end)], answer, type}; raises
+    DataError (strict) on the first bad entry and when a choice's video chunk is missing under `video_root`."""
+    from ..data.egoclip import NUM_NOUNS, NUM_VERBS
+    from ..data.egomcq import read_egomcq
+    from ..data.errors import RowFilter
+
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such questions file")
+    rows = RowFilter(path, strict=True)
+    entries = read_egomcq(path, video_root, NUM_CHOICES, NUM_VERBS, NUM_NOUNS, rows, require_answer=False)
+    if not entries:
+        raise rows.fail("all entries", "no question (expected an EgoMCQ object keyed '0', '1', ...)")
+    return [{"key": e.key, "text": e.text, "choices": [(c.video_uid, c.start_sec, c.end_sec) for c in e.choices],
+             "answer": e.answer, "type": e.type} for e in entries]
 
 
 def answer_mcq(questions_json: str | Path, video_root: str | Path, runtime: Runtime, max_questions: int | None = None,
                progress: bool = True, decode_backend: str = "auto") -> dict:
     from egovlp_deploy.video import read_egoclip_clip
 
-    questions = _load_questions(questions_json)[:max_questions]
+    questions = _load_questions(questions_json, video_root)[:max_questions]
     cfg = runtime.folder.config.video
     pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)
     it = questions

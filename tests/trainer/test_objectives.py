@@ -85,3 +85,14 @@ def test_text_simcse_term_adds_weighted_simcse_over_the_batch_narrations(tiny_mo
     (total_s - total).backward()
     grads = [p.grad for n, p in tiny_model.named_parameters() if n.startswith("text_model.embeddings")]
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_non_finite_weights_give_a_non_finite_loss_for_the_nan_guard(tiny_model):
+    """A too-large step can leave inf/NaN weights: the VTM draw must not crash on the NaN similarities (it did, in
+    multinomial, past the trainer's NaN guard); the loss is non-finite and the guard skips the step."""
+    with torch.no_grad():
+        for name, param in tiny_model.named_parameters():
+            if name.startswith("vid_proj"):
+                param.fill_(float("nan"))
+    loss, parts = PretrainObjective(tiny_model, seed=2)(_batch(tiny_model.config, b=4), step=1)
+    assert not torch.isfinite(loss) and not torch.isfinite(parts["egonce"])

@@ -1,0 +1,72 @@
+"""Failures at the start of a run: `--resume` without a checkpoint is one line and exit 1 before any work, and the
+temp directories of killed checkpoint saves are removed at the next start (only those)."""
+
+import json
+import os
+
+import pytest
+
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy.cli import main
+from egovlp_deploy.trainer import checkpointing
+from egovlp_deploy.trainer.checkpointing import list_checkpoints, remove_stale_temp_dirs, save_checkpoint
+from egovlp_deploy.trainer.config import TrainConfig
+from egovlp_deploy.trainer.train import TrainingError, train
+
+
+def test_resume_without_a_checkpoint_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("EGOVLP_DEBUG", raising=False)
+    (tmp_path / "c.json").write_text(json.dumps({"data": {"root": str(tmp_path / "no_data")}}))
+    code = main(["train", "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run"), "--resume",
+                 "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert err == [f"egovlp-deploy train: error: --resume: no valid checkpoint under {checkpoints}"]
+    assert not (tmp_path / "run").exists()  # checked before any work (no tokenizer, model or data built)
+
+
+def test_egovlp_debug_adds_the_traceback(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("EGOVLP_DEBUG", "1")
+    (tmp_path / "c.json").write_text("{}")
+    assert main(["train", "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run"), "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and err.strip().endswith(f"no valid checkpoint under {tmp_path / 'run' / 'checkpoints'}")
+
+
+def killed_save(directory, step: int) -> None:
+    """A save killed (os._exit, as by SIGKILL) after it wrote the model: it leaves its temp directory behind."""
+    model = EgoVLPv2(EgoVLPv2Config.tiny())
+    pid = os.fork()
+    if pid == 0:
+        try:
+            checkpointing.save_safetensors = lambda *args, **kwargs: os._exit(9)
+            save_checkpoint(directory, step, model, {"step": step}, {})
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+
+
+def test_the_next_start_removes_only_killed_saves_temp_directories(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "checkpoints"
+    killed_save(ckpt, 4)
+    (leftover,) = [p for p in ckpt.iterdir()]
+    assert leftover.name.startswith(".step_00000004.") and (leftover / "model.safetensors").is_file()
+    keep = [ckpt / ".step_notes", ckpt / "step_00000002", ckpt / "other", ckpt / ".step_00000005.abc"]
+    for path in keep:
+        path.mkdir()
+    (ckpt / ".step_00000006.abcdefgh").write_text("a file, not a save's directory")
+    keep.append(ckpt / ".step_00000006.abcdefgh")
+    (ckpt / ".step_00000007.linkdirx").symlink_to(tmp_path)
+    keep.append(ckpt / ".step_00000007.linkdirx")
+
+    with pytest.raises(TrainingError, match="no valid checkpoint"):  # the resume check comes after the cleanup
+        with pytest.warns(UserWarning, match="did not finish"):  # the manifest-less step_00000002
+            train(TrainConfig(), tmp_path / "run", resume=True, device="cpu", progress=False)
+    assert not leftover.exists()
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(p.name for p in keep)
+    assert f"removed {leftover}" in capsys.readouterr().err
+    assert remove_stale_temp_dirs(ckpt) == [] and remove_stale_temp_dirs(tmp_path / "missing") == []
+    assert [p.name for p in list_checkpoints(ckpt)] == ["step_00000002"]
+
