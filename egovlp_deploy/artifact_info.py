@@ -218,12 +218,12 @@ def _engines_now(data: dict, engines: str | os.PathLike | None) -> dict:
 
 
 def _index(folder: Path, engines: str | os.PathLike | None) -> dict:
-    from .runtime.index import display_names, read_index_json
+    from .runtime.index import display_names, read_index_json, shard_path
 
     data = read_index_json(folder)
     videos = data.get("videos", [])
     names = display_names([v["path"] for v in videos])
-    shard_files = [folder / s["file"] for v in videos for s in v.get("shards", [])]
+    shard_files = [shard_path(folder, s.get("file")) for v in videos for s in v.get("shards", [])]  # confined
     return {"index_version": data.get("version"), "created": data.get("created"), "updated": data.get("updated"),
             "model_id": data.get("model_id"), "engines": data.get("engines"),
             "engines_manifest_sha256": data.get("engines_manifest_sha256"),

@@ -18,7 +18,9 @@ with timestamps (+ fusion prefixes for re-ranking), in INDEX/ as safetensors sha
 
 Incremental: run it again with more videos to extend the index; videos already indexed are skipped, changed files
 re-indexed. A killed run resumes where it stopped (at most --commit-every windows are recomputed) and never
-leaves a corrupt index. The index records the model it was built with and refuses another model's engines."""
+leaves a corrupt index; a shard deleted or damaged since is encoded again by the same command. The index records
+the model it was built with and refuses another model's engines. --out is a new or empty folder, or an existing
+index: a folder holding anything else is refused, and nothing `index` did not write is ever deleted."""
 
 SEARCH_DESCRIPTION = """Search an index in words: the top moments (video, start-end seconds) by dual cosine
 similarity; --rerank K re-scores the top K with the fusion encoder over the cached prefixes (index built with
@@ -138,7 +140,8 @@ def _print_backend(rt, stream=None) -> None:
 def add_index_arguments(p) -> None:
     p.add_argument("videos", nargs="+", metavar="VIDEO",
                    help="video files, folders (searched recursively for video files) or glob patterns")
-    p.add_argument("--out", required=True, metavar="INDEX", help="index directory (created, or extended)")
+    p.add_argument("--out", required=True, metavar="INDEX",
+                   help="index directory: new or empty (created), or an existing index (extended)")
     _failure_options(p)
     _engine_options(p)
     w = p.add_argument_group("windows")
@@ -215,12 +218,24 @@ def run_index(args) -> int:
 
 
 # -- search -----------------------------------------------------------------------------------------------------
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a negative count is an error, never silently 'off')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def add_search_arguments(p) -> None:
     p.add_argument("index", metavar="INDEX", help="an index directory from `egovlp-deploy index`")
     p.add_argument("query", nargs="+", metavar="QUERY", help="what to look for, in words (several: one search each)")
     p.add_argument("--top", type=int, default=5, metavar="N", help="moments to show (default: 5)")
-    p.add_argument("--rerank", type=int, default=0, metavar="K",
-                   help="re-score the dual top K with the fusion encoder over cached prefixes (default: 0 = off)")
+    p.add_argument("--rerank", type=non_negative_int, default=0, metavar="K",
+                   help="re-score the dual top K with the fusion encoder over cached prefixes (index built with "
+                        "--prefixes); 0 turns re-ranking off (default: 0)")
     p.add_argument("--rerank-score", choices=("ensemble", "vtm"), default="ensemble",
                    help="ensemble: cosine + VTM probability (official EgoMCQ ensemble, default); vtm: probability")
     _engine_options(p, required=False)

@@ -11,7 +11,15 @@ Layout (safe formats only: JSON and safetensors, nothing is unpickled):
 Crash safety: a shard is written under a temp name and renamed, and only then is index.json rewritten (also temp +
 rename) to list it. index.json therefore only ever names complete shards; a run killed at any point leaves at most
 one unlisted shard, which the next run overwrites (same name) or removes. Resuming continues each video from its
-first window not yet listed, so a killed run never re-encodes committed windows and never duplicates them.
+first window not yet listed, so a killed run never re-encodes committed windows and never duplicates them. A listed
+shard that is missing or unreadable (deleted, truncated, another model's) is uncommitted by the next run over its
+video, from that shard on, and those windows are encoded again: rerunning the same `index` command repairs it.
+
+Ownership: a folder is an index only if it holds index.json in this format, written before anything else. `index`
+refuses a non-empty folder without it, and in an index deletes only the files it writes itself (shard names and
+the temp names of interrupted writes) that index.json does not list. Every path read from index.json stays inside
+the index folder (relative, no `..`, no symlink leading out), and each shard records the model that wrote it,
+which must be the index's.
 
 The index records its model identity (`EngineFolder.model_id`: the source checkpoint's sha256 and the model config,
 as the manifest states them) and refuses engines of another model, whose embeddings would live in another space.
@@ -26,6 +34,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +52,12 @@ INDEX_FILE = "index.json"
 FORMAT = "egovlp-deploy-index"
 VERSION = 1
 SETTINGS = ("frames", "window_sec", "stride_sec", "prefixes", "prefix_dtype", "mode")
+# The files `index` writes: shards/<video>-<part>.safetensors, and the temp files of atomic_write_bytes
+# (egovlp_deploy/checkpoint.py: tempfile.mkstemp beside the target, `.<name>.<8 random characters>.tmp`).
+SHARD_NAME = re.compile(r"\d{5,}-\d{5,}\.safetensors")
+SHARD_TEMP = re.compile(r"\.\d{5,}-\d{5,}\.safetensors\.[a-z0-9_]{8}\.tmp")
+INDEX_TEMP = re.compile(r"\.index\.json\.[a-z0-9_]{8}\.tmp")
+REPAIR = "rerun the same `egovlp-deploy index` command (the same videos and --out) to encode its windows again"
 
 
 class IndexError_(ValueError):
@@ -71,6 +86,76 @@ def _save_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+
+
+def _printable(text: str) -> str:
+    """A file name for a message: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\x escapes."""
+    return os.fsencode(text).decode("utf-8", "backslashreplace")
+
+
+def shard_path(directory: Path, file) -> Path:
+    """The path of a shard that index.json lists, confined to the index folder: a relative path without `..` that
+    does not resolve (through symlinks) outside the folder. An index is a folder of files, never a pointer to
+    files elsewhere."""
+    where = directory / INDEX_FILE
+    if not isinstance(file, str) or not file:
+        raise IndexError_(f"{where}: shard entry {file!r} is not a file name")
+    rel = Path(file)
+    if rel.is_absolute() or "\\" in file or ".." in rel.parts:
+        raise IndexError_(f"{where}: shard path {file!r} leaves the index folder; an index only reads its own "
+                          "shards/ (rebuild the index)")
+    path = directory / rel
+    root = directory.resolve()
+    resolved = path.resolve()
+    if root not in resolved.parents:
+        raise IndexError_(f"{path}: resolves to {resolved}, outside the index folder; an index only reads its own "
+                          "shards/ (rebuild the index)")
+    return path
+
+
+def _shard_file_of_ours(directory: Path, file) -> Path | None:
+    """The path of a listed shard when it is one this module writes (shards/<video>-<part>.safetensors inside the
+    folder), else None: only such files are ever deleted."""
+    try:
+        path = shard_path(directory, file)
+    except IndexError_:
+        return None
+    parts = Path(file).parts
+    if len(parts) != 2 or parts[0] != "shards" or not SHARD_NAME.fullmatch(parts[1]) or path.is_symlink():
+        return None
+    return path
+
+
+def read_shard(directory: Path, data: dict, video: dict, shard: dict, keys: tuple[str, ...] = (),
+               advice: str = f"; {REPAIR}") -> dict:
+    """The tensors `keys` of one listed shard, after checking that it is there, readable, written by the index's
+    model and of the shape index.json states (keys=(): only the check, from the header). Raises IndexError_
+    naming the shard and its video, followed by `advice` (how to repair it)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = shard_path(directory, shard.get("file"))
+    of = f"shard of {_printable(video['path'])}"
+    if not path.is_file():
+        raise IndexError_(f"{path}: missing {of}{advice}")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            model = (f.metadata() or {}).get("model_id")
+            if model != data["model_id"]:
+                raise IndexError_(f"{path}: a {of} written by another model ({model or 'none recorded'}; the index "
+                                  f"is model {data['model_id']}), copied from another index?{advice}")
+            names = set(f.keys())
+            wanted = {"embeddings", "timestamps"} | ({"video_prefix"} if data["settings"].get("prefixes") else set())
+            if not wanted <= names:
+                raise IndexError_(f"{path}: {of} lacks {', '.join(sorted(wanted - names))}{advice}")
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in wanted}
+            rows = {k: v[0] if v else None for k, v in shapes.items()}
+            if set(rows.values()) != {shard["count"]} or shapes["embeddings"][1:] != (data["embed_dim"],) \
+                    or shapes["timestamps"][1:] != (2,):
+                raise IndexError_(f"{path}: {of} holds {shapes}, index.json says {shard['count']} rows of "
+                                  f"{data['embed_dim']} dims{advice}")
+            return {k: f.get_tensor(k) for k in keys}
+    except (OSError, SafetensorError) as exc:  # SafetensorError is no ValueError (safetensors >= 0.5)
+        raise IndexError_(f"{path}: unreadable {of} ({exc}){advice}") from exc
 
 
 def read_index_json(directory: Path) -> dict:
@@ -138,9 +223,15 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
         raise ValueError("no video files to index: " + "; ".join(f.line() for f in failures))
     if out.exists() and not out.is_dir():
         raise IndexError_(f"{out}: exists and is not a directory")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
+    cfg = runtime.folder.config.video
+    if settings.frames != cfg.num_frames:
+        raise IndexError_(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
     wanted = {k: getattr(settings, k) for k in SETTINGS}
-    if (out / INDEX_FILE).exists():
+    fresh = not (out / INDEX_FILE).exists()
+    if fresh and out.is_dir() and any(out.iterdir()):
+        raise IndexError_(f"{out}: not empty and not an egovlp-deploy index (no {INDEX_FILE}); nothing in it is "
+                          "touched. Give --out a new or empty folder, or the folder of an existing index")
+    if not fresh:
         data = read_index_json(out)
         check_model(data, runtime, str(out))
         differ = {k: (data["settings"].get(k), v) for k, v in wanted.items() if data["settings"].get(k) != v}
@@ -154,12 +245,16 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                 "engines_manifest_sha256": runtime.folder.manifest_sha256,
                 "backend": runtime.backend, "precision": runtime.precision, "settings": wanted,
                 "embed_dim": runtime.folder.config.projection_dim, "created": _now(), "videos": []}
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / INDEX_FILE, data)  # the marker first: from here on the folder is an index, ours to manage
+    shards = out / "shards"
+    if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
+        raise IndexError_(f"{shards}: not a folder of this index (a link or a file); an index writes only inside "
+                          "its own folder")
+    shards.mkdir(exist_ok=True)
     _remove_unlisted_shards(out, data)
-    cfg = runtime.folder.config.video
     times = StageTimes()
     pipe = ClipPipeline(settings.frames, cfg.img_size, decode_backend, times=times)
-    if settings.frames != cfg.num_frames:
-        raise IndexError_(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
     by_path = {v["path"]: v for v in data["videos"]}
     planned, unreadable, notes = _plan(paths, settings, segments, decode_backend, progress)
     failures += unreadable
@@ -182,6 +277,10 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
             if entry is not None and (entry["fingerprint"] != _fingerprint(path) or entry["windows"] != len(windows)):
                 _drop_video(out, data, entry)  # the file changed since it was indexed: index it again
                 entry = None
+            if entry is not None:
+                repaired = _uncommit_broken_shards(out, data, entry)
+                if repaired:
+                    notes.append({"path": str(path), "note": repaired})
             if entry is None:
                 entry = {"path": key, "uid": path.stem if path.stem not in ("0",) else path.parent.name,
                          "fingerprint": _fingerprint(path), "fps": fps, "windows": len(windows), "done": 0,
@@ -219,8 +318,6 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                 by_path.pop(key, None)
             continue
         succeeded += 1
-        if not (out / INDEX_FILE).exists():  # a video with zero windows still registers the index
-            _write_json(out / INDEX_FILE, data)
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
@@ -296,18 +393,38 @@ def _encoded_parts(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: li
 
 
 def _remove_unlisted_shards(out: Path, data: dict) -> None:
-    """Shards a killed run wrote but never committed, and temp files of interrupted writes."""
-    listed = {s["file"] for v in data["videos"] for s in v["shards"]}
-    for p in (out / "shards").iterdir():
-        if f"shards/{p.name}" not in listed:
-            p.unlink()
+    """Shards a killed run wrote but never committed, and temp files of interrupted writes: only files named as
+    this module names them and not listed in index.json; anything else in the folder stays."""
+    listed = {s.get("file") for v in data["videos"] for s in v["shards"]}
+    for folder, names in ((out / "shards", (SHARD_NAME, SHARD_TEMP)), (out, (INDEX_TEMP,))):
+        for p in folder.iterdir():
+            if (any(n.fullmatch(p.name) for n in names) and f"shards/{p.name}" not in listed and p.is_file()
+                    and not p.is_symlink()):
+                p.unlink()
+
+
+def _uncommit_broken_shards(out: Path, data: dict, entry: dict) -> str | None:
+    """Uncommit a video's shards from its first missing or unreadable one on (index.json is rewritten first; the
+    run then encodes those windows again under the same names); a note saying so, or None when all are sound.
+    Windows are committed in order, so the video resumes from the broken shard's first window."""
+    for i, s in enumerate(entry["shards"]):
+        try:
+            read_shard(out, data, entry, s, advice="")
+        except IndexError_ as exc:
+            entry["shards"] = entry["shards"][:i]
+            entry["done"] = sum(k["count"] for k in entry["shards"])
+            _write_json(out / INDEX_FILE, data)
+            return f"encoding windows {entry['done']}-{entry['windows'] - 1} again ({exc})"
+    return None
 
 
 def _drop_video(out: Path, data: dict, entry: dict) -> None:
     data["videos"] = [v for v in data["videos"] if v is not entry]
     _write_json(out / INDEX_FILE, data)  # uncommit first, then delete: a crash in between leaves only orphans
     for s in entry["shards"]:
-        (out / s["file"]).unlink(missing_ok=True)
+        path = _shard_file_of_ours(out, s.get("file"))  # a path elsewhere, or a name not ours, is left alone
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
@@ -345,8 +462,6 @@ class MomentIndex:
     """A read-only view of an index: all embeddings in memory, prefixes read on demand per hit."""
 
     def __init__(self, directory: str | os.PathLike):
-        from safetensors.numpy import load_file
-
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise IndexError_(f"{self.dir}: no such index directory")
@@ -354,13 +469,7 @@ class MomentIndex:
         emb, ts, self.rows = [], [], []  # rows: (video number in data['videos'], shard file, row in shard, window)
         for vi, v in enumerate(self.data["videos"]):
             for s in v["shards"]:
-                path = self.dir / s["file"]
-                try:
-                    t = load_file(str(path))
-                except (OSError, ValueError) as exc:  # safetensors raises SafetensorError (a ValueError subclass)
-                    raise IndexError_(f"{path}: unreadable shard ({exc}); rebuild the index") from exc
-                if len(t["embeddings"]) != s["count"]:
-                    raise IndexError_(f"{path}: {len(t['embeddings'])} rows, index.json says {s['count']}")
+                t = read_shard(self.dir, self.data, v, s, ("embeddings", "timestamps"))
                 emb.append(t["embeddings"])
                 ts.append(t["timestamps"])
                 self.rows += [(vi, s["file"], r, s["start"] + r) for r in range(s["count"])]
@@ -379,15 +488,19 @@ class MomentIndex:
         return labels[w] if labels else None
 
     def prefixes(self, rows: list[int]) -> np.ndarray:
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
         if not self.has_prefixes:
             raise IndexError_(f"{self.dir}: built without fusion prefixes; rebuild it with --prefixes to re-rank")
         out = []
         for r in rows:
             _, file, i, _ = self.rows[r]
-            with safe_open(str(self.dir / file), framework="numpy") as f:
-                out.append(f.get_slice("video_prefix")[i:i + 1])
+            path = shard_path(self.dir, file)
+            try:  # checked at load; read again here, so a shard changed since then is reported, not a crash
+                with safe_open(str(path), framework="numpy") as f:
+                    out.append(f.get_slice("video_prefix")[i:i + 1])
+            except (OSError, SafetensorError) as exc:
+                raise IndexError_(f"{path}: unreadable shard ({exc}); {REPAIR}") from exc
         return np.concatenate(out).astype(np.float32)
 
     def hit(self, rank: int, row: int, score: float, dual: float, vtm: float | None = None) -> Hit:
@@ -407,6 +520,8 @@ class MomentIndex:
             raise ValueError(f"rerank_score must be 'vtm' or 'ensemble', got {rerank_score!r}")
         if top < 1:
             raise ValueError(f"--top must be at least 1, got {top}")
+        if rerank < 0:
+            raise ValueError(f"--rerank must be 0 (off) or more, got {rerank}")
         if len(self) == 0:
             return []
         text = text or runtime.text_encoder.encode([query])
