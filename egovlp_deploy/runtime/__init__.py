@@ -1,6 +1,6 @@
 """On-device runtime: exported engines (through their manifest) -> video/text encoders and the fusion re-ranker,
 the video pipeline (decode -> C++ preprocessing -> encoder), the moment index, EgoMCQ answering, feature extraction,
-the one-command demo and the end-to-end benchmark. Reads only exported artifacts and their manifest (STYLE.md)."""
+the one-command demo and the end-to-end benchmark. Reads only exported artifacts and their manifest."""
 
 from .engines import (BACKENDS, EngineError, EngineFolder, FusionScorer, ProviderFallbackWarning, QueryError,
                       Runtime, TextEncoder, TextOutput, VideoEncoder)
