@@ -4,13 +4,22 @@ Official files are `torch.save({'state_dict': {'module.' + k: v}, 'config': <pic
 archives (EGOVLPV2_SPEC.md §6). We read the archive ourselves: `data.pkl` goes through a restricted unpickler that
 resolves only the handful of globals that rebuild tensors and containers, and turns every other global (the
 pickled config object, or `os.system` in a malicious file) into an inert placeholder that is never called.
+
+Sizes are checked before anything is allocated or decompressed: each storage's declared size against its zip entry,
+all storages together against the archive's size on disk (torch writes storages uncompressed, so a zip bomb cannot
+hide behind a small file) and a ceiling, and each tensor view against the bytes of its storage. Archive members are
+decompressed as a stream that stops at the declared size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import math
 import os
 import pickle
+import struct
 import tempfile
 import zipfile
 import zlib
@@ -21,21 +30,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .config import EgoVLPv2Config, TextConfig, VideoConfig
+from .config import EgoVLPv2Config, TextConfig, VideoConfig, check_num_frames
 
 
 class CheckpointError(ValueError):
     """A checkpoint is unreadable, truncated, foreign, or does not fit the model."""
 
 
+# What a torch zip checkpoint may unpack to: its storages and data.pkl together hold at most EXPANSION times the
+# archive's bytes on disk plus SLACK (torch stores members uncompressed: a genuine file unpacks to less than its
+# size), and never more than MAX_STORAGE_BYTES (EGOVLP_MAX_CHECKPOINT_BYTES raises it).
+EXPANSION = 8
+SLACK = 64 << 20
+MAX_STORAGE_BYTES = int(os.environ.get("EGOVLP_MAX_CHECKPOINT_BYTES", 64 << 30))
+
+
 # -- atomic writes ----------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temp file in the same directory, fsync, then rename: readers never see a partial file."""
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:
+    """Write to a temp file in the same directory, fsync, then rename: readers never see a partial file.
+    `data` is one bytes-like object or a list of them, written in order."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for part in data if isinstance(data, list) else [data]:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -45,20 +64,74 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+# -- safetensors with a checksum ----------------------------------------------------------------------------------
+# Our safetensors files carry the sha256 of their data section (every tensor's bytes) in the header's metadata, so a
+# file is checked on load even where no manifest covers it. Files written by other tools have no digest and load
+# unchecked (`safetensors_digest` says which).
+DIGEST_KEY = "egovlp.data_sha256"
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit on the header
+
+
+def _split(blob) -> tuple[dict, memoryview]:
+    view = memoryview(blob)
+    (n,) = struct.unpack("<Q", view[:8])
+    return json.loads(bytes(view[8:8 + n])), view[8 + n:]
+
+
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    atomic_write_bytes(path, save(tensors, metadata=metadata))
+    header, data = _split(save(tensors, metadata=metadata))
+    header["__metadata__"] = {**(header.get("__metadata__") or {}), DIGEST_KEY: hashlib.sha256(data).hexdigest()}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section stays 8-byte aligned, as the library writes it
+    atomic_write_bytes(path, [struct.pack("<Q", len(raw)), raw, data])
 
 
-def load_safetensors(path: str | os.PathLike, map_location="cpu") -> dict[str, torch.Tensor]:
+def safetensors_digest(path: str | os.PathLike) -> str | None:
+    """The data digest a safetensors file declares (header only, nothing hashed), or None."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+            header = json.loads(f.read(n)) if 0 < n <= _MAX_HEADER else None
+    except (OSError, ValueError):
+        return None  # unreadable or not JSON: the library's load names the problem
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    digest = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
+def _check_digest(path: Path) -> None:
+    digest = safetensors_digest(path)
+    if digest is None:
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        f.seek(8 + n)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != digest:
+        raise CheckpointError(f"{path}: the tensor data fails its sha256 (the file is corrupt)")
+
+
+def load_safetensors(path: str | os.PathLike, map_location="cpu",
+                     check_digest: bool = True) -> dict[str, torch.Tensor]:
+    """The file's tensors. With `check_digest`, a file that declares a data digest is hashed and a mismatch raises
+    CheckpointError (pass False only where a verified manifest already covers the file)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
-        return load_file(str(path), device=str(map_location))
-    except (SafetensorError, OSError, ValueError) as exc:
+        tensors = load_file(str(path), device=str(map_location))  # the structure first: truncation is named so
+        if check_digest:
+            _check_digest(Path(path))
+        return tensors
+    except (SafetensorError, OSError, ValueError, struct.error) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
@@ -131,7 +204,28 @@ class _StorageType:
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, *rest):
     if not isinstance(storage, torch.Tensor):
         raise CheckpointError("malformed checkpoint: a tensor refers to something that is not a storage")
+    _check_view(storage.numel(), storage_offset, size, stride)
     return storage.as_strided(tuple(size), tuple(stride), storage_offset)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_view(available: int, offset, size, stride) -> None:
+    """A tensor view may address only its storage's elements and may not declare more elements than the storage
+    holds: a stride-0 view of 8 bytes declaring 4e9 elements would cost 32 GB in the first op that copies it."""
+    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) == len(stride)
+            and all(map(_is_count, size)) and all(map(_is_count, stride)) and _is_count(offset)):
+        raise CheckpointError(f"malformed checkpoint: a tensor has size {size!r:.80}, stride {stride!r:.80}, "
+                              f"offset {offset!r:.40}")
+    numel = math.prod(size)
+    if numel == 0:
+        return
+    last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+    if numel > available - offset or last >= available:
+        raise CheckpointError(f"malformed checkpoint: a tensor of shape {tuple(size)} (stride {tuple(stride)}, "
+                              f"offset {offset}) does not fit its storage of {available} elements")
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *rest):
@@ -152,10 +246,49 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class _Budget:
+    """The bytes an archive may still unpack to; `take` checks a member before it is read."""
+
+    def __init__(self, path: Path, archive_bytes: int):
+        self.path = path
+        self.left = min(EXPANSION * archive_bytes + SLACK, MAX_STORAGE_BYTES)
+        self.limit = self.left
+
+    def take(self, name: str, nbytes: int) -> None:
+        if nbytes > self.left:
+            raise CheckpointError(f"{self.path}: {name} would unpack past {self.limit} bytes in all (at most "
+                                  f"{EXPANSION}x the file's {self.path.stat().st_size} bytes + {SLACK >> 20} MiB, "
+                                  f"ceiling {MAX_STORAGE_BYTES}); refusing a corrupt or hostile checkpoint")
+        self.left -= nbytes
+
+
+def _read_member(archive: zipfile.ZipFile, name: str, expected: int | None, budget: _Budget) -> bytearray:
+    """The member's bytes, decompressed as a stream into one buffer of the size its entry declares (checked against
+    `expected` and the budget first); a stream that runs past that size is an error, never a bigger buffer."""
+    info = archive.getinfo(name)
+    if expected is not None and info.file_size != expected:
+        raise CheckpointError(f"{budget.path}: truncated or corrupt checkpoint: {name} holds {info.file_size} bytes, "
+                              f"its tensor needs {expected}")
+    budget.take(name, info.file_size)
+    out = bytearray(info.file_size)
+    view, filled = memoryview(out), 0
+    with archive.open(info) as member:
+        while filled < len(out):
+            chunk = member.read(min(1 << 20, len(out) - filled))
+            if not chunk:
+                raise CheckpointError(f"{budget.path}: truncated checkpoint: {name} ends after {filled} of "
+                                      f"{len(out)} bytes")
+            view[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        if member.read(1):
+            raise CheckpointError(f"{budget.path}: corrupt checkpoint: {name} is longer than its entry declares")
+    return out
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, budget: _Budget):
         super().__init__(file)
-        self.archive, self.prefix, self.storages = archive, prefix, {}
+        self.archive, self.prefix, self.storages, self.budget = archive, prefix, {}, budget
         self.foreign: list[str] = []
 
     def find_class(self, module, name):
@@ -173,16 +306,15 @@ class _RestrictedUnpickler(pickle.Unpickler):
             raise CheckpointError(f"malformed checkpoint: unknown persistent id {pid!r:.80}")
         _, storage_type, key, _location, numel = pid[:5]
         dtype = storage_type.dtype if isinstance(storage_type, _StorageType) else torch.uint8
+        if not isinstance(key, str) or not _is_count(numel):
+            raise CheckpointError(f"malformed checkpoint: storage key {key!r:.40} with {numel!r:.40} elements")
         if key not in self.storages:
+            expected = numel * torch.empty((), dtype=dtype).element_size()
             try:
-                raw = self.archive.read(f"{self.prefix}/data/{key}")
+                raw = _read_member(self.archive, f"{self.prefix}/data/{key}", expected, self.budget)
             except KeyError as exc:
                 raise CheckpointError(f"truncated checkpoint: storage {key} is missing") from exc
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            if len(raw) != numel * itemsize:
-                raise CheckpointError(f"truncated checkpoint: storage {key} has {len(raw)} bytes, expected "
-                                      f"{numel * itemsize}")
-            self.storages[key] = torch.frombuffer(bytearray(raw), dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
         return self.storages[key]
 
 
@@ -203,15 +335,18 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
             raise CheckpointError(f"{path}: not a torch checkpoint (expected one data.pkl, found {len(pickles)})")
         prefix = pickles[0][: -len("/data.pkl")]
         byteorder = f"{prefix}/byteorder"
-        if byteorder in archive.namelist() and archive.read(byteorder).strip() not in (b"little", b""):
-            raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+        budget = _Budget(path, path.stat().st_size)
         try:
-            unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), archive, prefix)
+            if byteorder in archive.namelist() and _read_member(archive, byteorder, None, budget).strip() not in (
+                    b"little", b""):
+                raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
+            data = _read_member(archive, pickles[0], None, budget)
+            unpickler = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, budget)
             return unpickler.load()
         except CheckpointError:
             raise
         except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, RuntimeError, zlib.error) as exc:
+                AttributeError, RuntimeError, NotImplementedError, zlib.error) as exc:
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
@@ -222,13 +357,16 @@ _DERIVED_BUFFERS = ("text_model.embeddings.position_ids",)  # persistent in the 
 def official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The official file's state dict with DDP's `module.` prefix removed, checked to be EgoVLPv2."""
     obj = read_torch_checkpoint(path)
-    state_dict = obj.get("state_dict") if isinstance(obj, dict) else None
-    if state_dict is None and isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    # dict's own methods, not the object's: a pickle can set attributes on the OrderedDicts it builds, `items`
+    # included, and those would shadow the methods
+    state_dict = dict.get(obj, "state_dict") if isinstance(obj, dict) else None
+    if state_dict is None and isinstance(obj, dict) and obj and all(
+            isinstance(v, torch.Tensor) for v in dict.values(obj)):
         state_dict = obj  # a bare state dict
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: not an EgoVLPv2 checkpoint (no 'state_dict' entry; found {type(obj).__name__})")
     out = {}
-    for key, value in state_dict.items():
+    for key, value in dict.items(state_dict):
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: state_dict entry {key!r:.60} is not a named tensor")
         out[key[len("module."):] if key.startswith("module.") else key] = value
@@ -281,6 +419,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_frames: int, head_di
 def resize_temporal_embed(temporal_embed: torch.Tensor, num_frames: int) -> torch.Tensor:
     """The official `_inflate_positional_embeds`: truncate if the checkpoint has more frames, else bilinear
     interpolation with align_corners=True over (frames, dim), which is linear interpolation along time."""
+    check_num_frames(num_frames)  # before a table of num_frames rows is allocated
     loaded = temporal_embed.shape[1]
     if loaded == num_frames:
         return temporal_embed
@@ -295,8 +434,8 @@ def load_official_state_dict(path, num_frames: int | None = None, config: EgoVLP
     """(state dict ready for `EgoVLPv2(config)`, config) from an official checkpoint file."""
     sd = official_state_dict(path)
     ckpt_frames = sd["video_model.temporal_embed"].shape[1]
-    if num_frames is not None and (not isinstance(num_frames, int) or num_frames <= 0):
-        raise CheckpointError(f"num_frames must be a positive integer, got {num_frames!r}")
+    if num_frames is not None:
+        check_num_frames(num_frames)
     frames = num_frames or (config.video.num_frames if config is not None else ckpt_frames)
     if config is None:
         config = config_from_state_dict(sd, frames)

@@ -2,12 +2,17 @@
 
 Sizes follow the official code (EGOVLPV2_SPEC.md §1-§4). Loading a config is strict: an unknown or missing key,
 or a value of the wrong kind, raises `ConfigError` naming the key, so a typo never silently falls back to a default.
+Every field also has a declared range (`validate`): finite, positive where a size, within a ceiling (`LIMITS`), in a
+set where a name. An out-of-range value raises `ConfigError` naming the key, the value and the allowed range before
+any module is built, so a bad `config.json` costs milliseconds and never a large allocation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +29,39 @@ ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
 
 class ConfigError(ValueError):
     """A configuration is malformed or inconsistent."""
+
+
+# Ceilings on the sizes a config may ask for, far above every released model (ViT-B/16, roberta-base, 16 frames) and
+# low enough that a config never asks for unbounded memory or time. "params" bounds the estimated parameter count of
+# the whole model (`estimated_parameters`; the paper's model has about 0.4e9). Raise one for an experiment with the
+# environment variable EGOVLP_MAX_<NAME> (EGOVLP_MAX_FRAMES=1024) or by assigning to LIMITS in Python.
+DEFAULT_LIMITS = {
+    "frames": 512,  # video.num_frames (the paper evaluates at 16)
+    "img_size": 2048,  # video.img_size
+    "video_tokens": 65_536,  # 1 + num_frames * patches per frame: the attention sequence of the video tower
+    "depth": 128,  # video.depth, text.num_hidden_layers
+    "width": 16_384,  # video.width, text.hidden_size, projection_dim, video.in_chans
+    "mlp_width": 65_536,  # video.width * mlp_ratio, text.intermediate_size
+    "heads": 256,  # video.heads, text.num_attention_heads
+    "vocab_size": 1_000_000,  # text.vocab_size, text.type_vocab_size
+    "positions": 65_536,  # text.max_position_embeddings
+    "params": 8_000_000_000,  # estimated_parameters(config): 32 GB of float32 weights
+}
+
+
+def _limits_from_environment() -> dict[str, int]:
+    limits = dict(DEFAULT_LIMITS)
+    for name in limits:
+        value = os.environ.get(f"EGOVLP_MAX_{name.upper()}")
+        if value is not None:
+            try:
+                limits[name] = int(value)
+            except ValueError:
+                raise ConfigError(f"EGOVLP_MAX_{name.upper()} must be an integer, got {value!r}") from None
+    return limits
+
+
+LIMITS = _limits_from_environment()
 
 
 @dataclass
@@ -138,38 +176,64 @@ class EgoVLPv2Config:
 
     # -- checks -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        v, t = self.video, self.text
-        positive = {
-            "video.img_size": v.img_size, "video.patch_size": v.patch_size, "video.in_chans": v.in_chans,
-            "video.num_frames": v.num_frames, "video.width": v.width, "video.depth": v.depth,
-            "video.heads": v.heads, "text.vocab_size": t.vocab_size, "text.hidden_size": t.hidden_size,
-            "text.num_hidden_layers": t.num_hidden_layers, "text.num_attention_heads": t.num_attention_heads,
-            "text.intermediate_size": t.intermediate_size, "projection_dim": self.projection_dim,
-        }
-        for name, value in positive.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        """Raise ConfigError naming the key, the value and the allowed range for the first field out of range."""
+        v, t, top = self.video, self.text, LIMITS
+        if not isinstance(v, VideoConfig) or not isinstance(t, TextConfig):
+            raise ConfigError(f"video and text must be a VideoConfig and a TextConfig, got {type(v).__name__} and "
+                              f"{type(t).__name__}")
+        _int_in("video.img_size", v.img_size, 1, top["img_size"])
+        _int_in("video.patch_size", v.patch_size, 1, v.img_size)
         if v.img_size % v.patch_size:
             raise ConfigError(f"video.img_size {v.img_size} is not a multiple of video.patch_size {v.patch_size}")
+        _int_in("video.in_chans", v.in_chans, 1, top["width"])
+        check_num_frames(v.num_frames, "video.num_frames")
+        if v.num_tokens > top["video_tokens"]:
+            raise ConfigError(f"video.num_frames {v.num_frames} x {v.patches_per_frame} patches per frame gives "
+                              f"{v.num_tokens} video tokens, above the ceiling {top['video_tokens']} "
+                              f"(EGOVLP_MAX_VIDEO_TOKENS)")
+        _int_in("video.width", v.width, 1, top["width"])
+        _int_in("video.depth", v.depth, 1, top["depth"])
+        _int_in("video.heads", v.heads, 1, min(v.width, top["heads"]))
         if v.width % v.heads:
             raise ConfigError(f"video.width {v.width} is not divisible by video.heads {v.heads}")
+        _float_in("video.mlp_ratio", v.mlp_ratio, 0.0, float(top["mlp_width"]), low_open=True)
+        if not 1 <= int(v.width * v.mlp_ratio) <= top["mlp_width"]:
+            raise ConfigError(f"video.mlp_ratio {v.mlp_ratio!r} gives an MLP of int(width * mlp_ratio) = "
+                              f"{int(v.width * v.mlp_ratio)} channels; allowed: [1, {top['mlp_width']}]")
+        _float_in("video.layer_norm_eps", v.layer_norm_eps, *EPS_RANGE)
+        _choice("video.time_init", v.time_init, TIME_INITS)
+
+        _int_in("text.vocab_size", t.vocab_size, 1, top["vocab_size"])
+        _int_in("text.hidden_size", t.hidden_size, 1, top["width"])
+        _int_in("text.num_hidden_layers", t.num_hidden_layers, 1, top["depth"])
+        _int_in("text.num_attention_heads", t.num_attention_heads, 1, min(t.hidden_size, top["heads"]))
         if t.hidden_size % t.num_attention_heads:
             raise ConfigError(
                 f"text.hidden_size {t.hidden_size} is not divisible by text.num_attention_heads {t.num_attention_heads}"
             )
+        _int_in("text.intermediate_size", t.intermediate_size, 1, top["mlp_width"])
+        _int_in("text.max_position_embeddings", t.max_position_embeddings, 1, top["positions"])
+        _int_in("text.type_vocab_size", t.type_vocab_size, 1, top["vocab_size"])
+        _float_in("text.layer_norm_eps", t.layer_norm_eps, *EPS_RANGE)
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # rows of the word embedding
+            _int_in(f"text.{name}", getattr(t, name), 0, t.vocab_size - 1)
         if t.max_text_length < 2:
-            raise ConfigError(f"text.max_position_embeddings {t.max_position_embeddings} leaves no room for <s> </s>")
-        if not 0 <= self.num_fuse_blocks <= min(v.depth, t.num_hidden_layers):
-            raise ConfigError(
-                f"num_fuse_blocks {self.num_fuse_blocks} must be in [0, min(video.depth, text.num_hidden_layers)]"
-            )
-        if self.projection not in PROJECTIONS:
-            raise ConfigError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+            raise ConfigError(f"text.max_position_embeddings {t.max_position_embeddings} leaves no room for <s> </s> "
+                              f"(positions start at text.pad_token_id + 1 = {t.pad_token_id + 1})")
+        _float_in("text.hidden_dropout_prob", t.hidden_dropout_prob, 0.0, 1.0, high_open=True)
+        _float_in("text.attention_probs_dropout_prob", t.attention_probs_dropout_prob, 0.0, 1.0, high_open=True)
+        _choice("text.hidden_act", t.hidden_act, ACTIVATION_NAMES)
+
+        _int_in("num_fuse_blocks", self.num_fuse_blocks, 0, min(v.depth, t.num_hidden_layers))
+        _choice("projection", self.projection, PROJECTIONS)
+        _int_in("projection_dim", self.projection_dim, 1, top["width"])
+        _float_in("fusion_layer_norm_eps", self.fusion_layer_norm_eps, *EPS_RANGE)
+        _float_in("mlm_layer_norm_eps", self.mlm_layer_norm_eps, *EPS_RANGE)
         check_attention_backend(self.attention_backend)
-        if t.hidden_act not in ACTIVATION_NAMES:
-            raise ConfigError(f"text.hidden_act must be one of {ACTIVATION_NAMES}, got {t.hidden_act!r}")
-        if v.time_init not in TIME_INITS:
-            raise ConfigError(f"video.time_init must be one of {TIME_INITS}, got {v.time_init!r}")
+        params = estimated_parameters(self)
+        if params > top["params"]:
+            raise ConfigError(f"the config describes a model of about {params:.3g} parameters, above the ceiling "
+                              f"{top['params']:.3g} (EGOVLP_MAX_PARAMS)")
 
     # -- (de)serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -200,12 +264,52 @@ class EgoVLPv2Config:
 
 
 TIME_INITS = ("zeros", "rand")
+# LayerNorm eps: positive and representable in float16 and float32 (1e-12 is RoBERTa's MLM default); at most 1.
+EPS_RANGE = (1e-12, 1.0)
 
 
 def check_attention_backend(name: Any) -> str:
-    if name not in ATTENTION_BACKENDS:
-        raise ConfigError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {name!r}")
+    _choice("attention_backend", name, ATTENTION_BACKENDS)
     return name
+
+
+def check_num_frames(value: Any, name: str = "num_frames") -> int:
+    """`value` if it is a frame count in [1, LIMITS['frames']], else ConfigError (before any tensor is sized by it)."""
+    _int_in(name, value, 1, LIMITS["frames"], hint="EGOVLP_MAX_FRAMES")
+    return value
+
+
+def _int_in(name: str, value: Any, low: int, high: int, hint: str | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r:.80}"
+                          + (f" (ceiling: {hint})" if hint and isinstance(value, int) and value > high else ""))
+
+
+def _float_in(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (low < value if low_open else low <= value) and (value < high if high_open else value <= high)
+    if not ok:
+        bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{name} must be a finite number in {bounds}, got {value!r:.80}")
+
+
+def _choice(name: str, value: Any, options: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in options:
+        raise ConfigError(f"{name} must be one of {options}, got {value!r:.80}")
+
+
+def estimated_parameters(config: EgoVLPv2Config) -> int:
+    """The parameter count of `EgoVLPv2(config)` to within a few percent, from the sizes alone (no module built)."""
+    v, t = config.video, config.text
+    w, h, d, fused = v.width, t.hidden_size, config.projection_dim, config.num_fuse_blocks
+    mlp = int(w * v.mlp_ratio)
+    video = (v.in_chans * v.patch_size ** 2 * w + (1 + v.patches_per_frame + v.num_frames) * w
+             + v.depth * (8 * w * w + 2 * w * mlp) + fused * (2 * h * w + 2 * w * w))
+    text = ((t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * h
+            + t.num_hidden_layers * (4 * h * h + 2 * h * t.intermediate_size) + fused * (2 * h * h + 2 * w * h))
+    proj = (h + w) * d + (4 * d * d if config.projection == "big" else 0)
+    heads = 4 * h * h + w * h + h * t.vocab_size
+    return video + text + proj + heads
 
 
 _KINDS = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
@@ -244,5 +348,9 @@ def strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset(),
         value = data[name]
         if not _fits(value, str(f.type)):
             raise ConfigError(f"{where}.{name} must be {f.type}, got {value!r}")
-        out[name] = float(value) if str(f.type) == "float" else value
+        try:
+            out[name] = float(value) if str(f.type) == "float" else value
+        except OverflowError:  # a JSON integer beyond float range
+            raise ConfigError(f"{where}.{name} must be a finite number, got an integer of {len(str(value))} digits") \
+                from None
     return out

@@ -19,6 +19,7 @@ torch tensors; `out=` writes into a caller's contiguous tensor instead (e.g. a p
 from __future__ import annotations
 
 import importlib
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,10 @@ from .transforms import EVAL_CROP_OVER_SIZE, IMAGENET_MEAN, IMAGENET_STD, VARIAN
 
 LAYOUTS = ("TCHW", "CTHW")  # per clip: (T, 3, S, S) as the model takes it, or (3, T, S, S) as 3D-conv models do
 DTYPES = (torch.float32, torch.float16)
+# Ceilings checked before the output is allocated: sides far above any model input (224 px), and an output size
+# (one call's tensor) that keeps a bad argument a ValueError instead of an allocation failure. Assign to raise them.
+MAX_SIDE = 16_384
+MAX_OUTPUT_BYTES = 16 << 30
 
 
 def _load_extension():
@@ -78,8 +83,9 @@ class ClipSpec:
     def check(self) -> None:
         for name in ("size", "crop", "short_side"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+                raise ValueError(f"{name} must be a positive int at most {MAX_SIDE} (preprocess.MAX_SIDE), "
+                                 f"got {value!r:.40}")
         if self.crop > self.short_side:
             raise ValueError(f"cannot center-crop {self.crop}x{self.crop} from a frame whose short side is resized "
                              f"to {self.short_side}")
@@ -126,6 +132,10 @@ def _output(shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None
     if dtype not in DTYPES:
         raise TypeError(f"dtype must be torch.float32 or torch.float16, got {dtype}")
     if out is None:
+        nbytes = math.prod(shape) * (4 if dtype == torch.float32 else 2)
+        if nbytes > MAX_OUTPUT_BYTES:
+            raise ValueError(f"the output {shape} {dtype} would take {nbytes} bytes, above preprocess.MAX_OUTPUT_BYTES "
+                             f"= {MAX_OUTPUT_BYTES}; preprocess fewer frames per call")
         return torch.empty(shape, dtype=dtype)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")

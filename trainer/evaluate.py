@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset
 
 from egovlp_deploy.checkpoint import resize_temporal_embed
 from egovlp_deploy.losses import sim_matrix
-from egovlp_deploy.metrics import egomcq_accuracy
+from egovlp_deploy.metrics import charades_map, egomcq_accuracy, mir_metrics
 from egovlp_deploy.model import EgoVLPv2
 
 MODES = ("dual", "fusion", "ensemble")
@@ -78,6 +78,118 @@ def evaluate_egomcq(model: EgoVLPv2, dataset, tokenizer, device, batch_size: int
     return {m: egomcq_accuracy(local[m], local["answer"], local["type"]) for m in MODES}
 
 
+# -- EK-100 MIR and Charades-Ego (zero-shot, dual encoder) ---------------------------------------------------------
+EPIC_FRAMES = 16  # the official EK-100 MIR evaluation config's num_frames
+CHARADES_FRAMES = 32  # the official Charades-Ego evaluation config's num_frames
+CHARADES_TEXT_LENGTH = 30  # class prompts are padded / truncated to 30 tokens, as official
+
+
+def _clip_batches(dataset, batch_size: int, num_workers: int, progress: bool, desc: str):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)  # dataset order, no shuffling
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=desc, leave=False)
+    return loader
+
+
+def epic_test_dataset(annotations, video_root, num_frames: int, size: int, strict: bool = True):
+    """The EK-100 MIR test split from the official retrieval annotation directory: EPIC_100_retrieval_test.csv,
+    EPIC_100_retrieval_test_sentence.csv and relevancy/caption_relevancy_EPIC_100_retrieval_test.npy (or .npz: the
+    official .pkl converted once, as egovlp_deploy/data/epic.py describes)."""
+    from pathlib import Path
+
+    from egovlp_deploy.data.epic import EpicMIRDataset
+    from egovlp_deploy.data.errors import DataError
+
+    root = Path(annotations)
+    stem = root / "relevancy" / "caption_relevancy_EPIC_100_retrieval_test"
+    relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
+    if relevancy is None:
+        raise DataError(stem.with_suffix(".npy"), "file", "missing (the official .pkl is read only once converted "
+                                                          "to .npy, as egovlp_deploy/data/epic.py describes)")
+    return EpicMIRDataset(root / "EPIC_100_retrieval_test.csv", video_root, num_frames, size, split="test",
+                          sentence_csv=root / "EPIC_100_retrieval_test_sentence.csv", relevancy_path=relevancy,
+                          strict=strict)
+
+
+def charades_test_dataset(annotations, video_root, num_frames: int, size: int, num_classes: int = 157,
+                          strict: bool = True):
+    """The Charades-Ego test split from the official annotation directory: CharadesEgo_v1_test_only1st.csv and
+    Charades_v1_classes.txt (the class prompts, `dataset.prompts`)."""
+    from pathlib import Path
+
+    from egovlp_deploy.data.charades import CharadesEgoDataset
+
+    root = Path(annotations)
+    return CharadesEgoDataset(root / "CharadesEgo_v1_test_only1st.csv", video_root, num_frames, size, split="test",
+                              classes_path=root / "Charades_v1_classes.txt", num_classes=num_classes, strict=strict)
+
+
+@torch.no_grad()
+def evaluate_epic_mir(model: EgoVLPv2, dataset, tokenizer, device, batch_size: int = 16, num_workers: int = 0,
+                      progress: bool = False) -> dict[str, float]:
+    """Zero-shot EK-100 multi-instance retrieval: {'nDCG_V2T', 'nDCG_T2V', 'nDCG_AVG', 'mAP_V2T', 'mAP_T2V',
+    'mAP_AVG'} in percent (`metrics.mir_metrics`).
+
+    As the official validation: every test clip gives a video embedding (segment-middle frames) and its narration a
+    text embedding (dynamic padding, truncated to the model's text length), both projected by the dual encoder; the
+    cosine matrix (texts x videos) in dataset order is scored against the relevancy matrix, each sentence by the
+    caption of the first clip with its narration id. Rows skipped in lax mode leave the matrix with their relevancy
+    rows, and sentences whose clip was skipped leave it with their columns.
+    """
+    import numpy as np
+
+    if dataset.relevancy is None or dataset.sentence_ids is None:
+        raise ValueError("EK-100 MIR evaluation needs the dataset's sentence CSV and relevancy matrix")
+    was_training = model.training
+    model.eval()
+    texts, videos = [], []
+    for batch in _clip_batches(dataset, batch_size, num_workers, progress, "EK-100 MIR"):
+        enc = tokenizer(batch["text"], padding=True, truncation=True, max_length=model.config.text.max_text_length,
+                        return_tensors="pt")
+        texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+        videos.append(model.encode_video(batch["video"].to(device)).float().cpu())
+    model.train(was_training)
+    usable = set(dataset.narration_ids)
+    keep = [j for j, nid in enumerate(dataset.sentence_ids) if nid in usable]
+    relevancy = dataset.relevancy[dataset.row_indices][:, keep]
+    similarity = sim_matrix(torch.cat(texts), torch.cat(videos))
+    return mir_metrics(similarity, np.arange(len(dataset)), relevancy, dataset.narration_ids,
+                       [dataset.sentence_ids[j] for j in keep])
+
+
+@torch.no_grad()
+def evaluate_charades(model: EgoVLPv2, dataset, tokenizer, device, prompts: list[str] | None = None,
+                      batch_size: int = 16, num_workers: int = 0, progress: bool = False) -> dict[str, float]:
+    """Zero-shot Charades-Ego action recognition: {'mAP': percent} (`metrics.charades_map` x 100).
+
+    As the official validation: each class name (`prompts`, default `dataset.prompts`: Charades_v1_classes.txt from
+    character 5 on) is embedded by the dual text encoder, padded / truncated to 30 tokens; each test video (the
+    whole video, 'uniform' frames) by the dual video encoder; a video's class scores are the cosine similarities.
+    """
+    prompts = dataset.prompts if prompts is None else prompts
+    if not prompts:
+        raise ValueError("Charades-Ego evaluation needs the class prompts (the dataset's classes_path)")
+    was_training = model.training
+    model.eval()
+    length = min(CHARADES_TEXT_LENGTH, model.config.text.max_text_length)
+    enc = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    classes = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+    videos, targets = [], []
+    for batch in _clip_batches(dataset, batch_size, num_workers, progress, "Charades-Ego"):
+        videos.append(model.encode_video(batch["video"].to(device)).float().cpu())
+        targets.append(batch["target"])
+    model.train(was_training)
+    scores = sim_matrix(classes, torch.cat(videos)).T  # (videos, classes)
+    return {"mAP": 100 * charades_map(scores, torch.cat(targets))}
+
+
+def format_retrieval(name: str, result: dict[str, float]) -> str:
+    """One line per metric, as 'name  metric  value'."""
+    return "\n".join(f"{name:<12}{metric:<10}{value:>8.2f}" for metric, value in result.items())
+
+
 # -- command line ---------------------------------------------------------------------------------------------------
 def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
@@ -100,9 +212,12 @@ def run(args) -> int:
     import json
     from pathlib import Path
 
+    from egovlp_deploy.config import check_num_frames
     from egovlp_deploy.data.egomcq import EgoMCQDataset
     from egovlp_deploy.tokenizer import load_tokenizer
 
+    if args.frames is not None:
+        check_num_frames(args.frames, "--frames")  # before the model is loaded or resized to that many frames
     path = Path(args.model)
     model = (EgoVLPv2.from_pretrained(path) if path.is_dir()
              else EgoVLPv2.from_official_checkpoint(path, num_frames=args.frames))

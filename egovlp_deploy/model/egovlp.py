@@ -12,6 +12,7 @@ Fusion mode (`fuse`, `mlm_logits`) runs the official `FrozenInTime.infer` path:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,19 +257,31 @@ class EgoVLPv2(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "EgoVLPv2":
-        """Load a directory written by `save_pretrained` (safetensors + JSON; nothing is unpickled)."""
-        from ..checkpoint import CheckpointError, load_safetensors
+        """Load a directory written by `save_pretrained` (safetensors + JSON; nothing is unpickled).
+
+        A training checkpoint (a directory with MANIFEST.json) is verified against its manifest first: every file
+        listed there with its size and sha256, else CheckpointError. Elsewhere the weights file's own data digest
+        is checked; weights that neither covers (written by another tool) load with a warning that corruption
+        cannot be detected."""
+        from ..checkpoint import CheckpointError, load_safetensors, safetensors_digest
         from ..config import ConfigError
+        from ..trainer.checkpointing import MANIFEST, verify_checkpoint
 
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
             if not (directory / name).is_file():
                 raise CheckpointError(f"{directory}: missing {name} (not a directory written by save_pretrained)")
+        manifest = (directory / MANIFEST).is_file()
+        if manifest:
+            verify_checkpoint(directory)
+        elif safetensors_digest(directory / WEIGHTS_FILE) is None:
+            warnings.warn(f"{directory / WEIGHTS_FILE} carries no checksum and no {MANIFEST} covers it: corruption "
+                          "of the weights cannot be detected", stacklevel=2)
         try:
             config = EgoVLPv2Config.from_json_file(directory / CONFIG_FILE)
         except ConfigError as exc:
             raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from exc
-        state_dict = load_safetensors(directory / WEIGHTS_FILE, map_location)
+        state_dict = load_safetensors(directory / WEIGHTS_FILE, map_location, check_digest=not manifest)
         return cls._from_state_dict(config, state_dict, str(directory))
 
     @classmethod
