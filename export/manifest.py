@@ -1,13 +1,24 @@
 """`manifest.json`: what an export directory holds, and the loader that refuses what does not match it.
 
 One entry per artifact: file (relative), role, format, precision, opset, IO names/shapes/dtypes (shape symbols
-`batch` and `text_len` with their bounds), sha256 and size, validation verdict; plus the source checkpoint's
-sha256, the model config and the tool versions of the export. Written atomically (temp file + rename).
+`batch` and `text_len` with their bounds), sha256 and size, the external data files of an ONNX graph (file, bytes,
+sha256 each; [] for a single-file graph), validation verdict; plus the source checkpoint's sha256, the model
+config, the tool versions of the export and the copied tokenizer's file hashes. Written atomically (temp file +
+rename).
+
+Every path the manifest names (artifact files, `derived_from`, external data, the tokenizer folder and files) and
+every external data location inside an ONNX graph is confined to the export folder (`inside`): an absolute path, a
+`..` part or a path that resolves through a symlink to outside the folder is refused, naming the key and the path.
+An engines folder is data from anywhere (copied, downloaded); nothing it names may make the loader read elsewhere.
 
 Loading an artifact checks, in this order, and raises `ArtifactError` naming the file and the mismatch:
-present -> size and sha256 (corrupt or swapped file) -> the role/precision stored inside the file (a file from
-another export under this name) -> tool versions the format depends on (an AOTInductor package runs only with the
-torch it was built by; a TensorRT engine only with its TensorRT; ONNX needs a runtime that knows its opset).
+inside the folder -> present -> size and sha256 (corrupt or swapped file) -> for ONNX, the role/precision stored
+inside the file (a file from another export under this name) and each external data file it reads: recorded in
+the manifest, inside the folder, size and sha256 -> tool versions the format depends on (an AOTInductor package
+runs only with the torch it was built by; a TensorRT engine only with its TensorRT; ONNX needs a runtime that knows
+its opset). A graph that reads external data under a manifest that records none (written before external data was
+recorded) is refused with a request to re-export: nothing would vouch for those bytes. The exporter itself writes
+single-file graphs, so the manifests it wrote before keep loading.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from egovlp_deploy.jsonfile import read_json
 
@@ -43,6 +54,67 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# Files from this size on are hashed once per process and file state (sha256 runs at ~1.2 GB/s on one core here: a
+# 1.5 GB graph or its external data costs ~1.3 s per load). Smaller ones are hashed every time (microseconds).
+HASH_CACHE_MIN_BYTES = 8 << 20
+_HASHES: dict[tuple, str] = {}
+
+
+def sha256_verified(path: str | os.PathLike) -> str:
+    """sha256_file, remembered per (real path, device, inode, size, mtime, ctime): any write changes mtime and
+    ctime, and ctime cannot be set back, so an edited file is hashed again; loading the same engines a second time
+    in a process (another Runtime, the index after a search) does not read gigabytes again."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    if st.st_size < HASH_CACHE_MIN_BYTES:
+        return sha256_file(real)
+    key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = sha256_file(real)
+    return _HASHES[key]
+
+
+def inside(folder: str | os.PathLike, name, key: str, base: str | os.PathLike | None = None,
+           error: type[Exception] | None = None) -> Path:
+    """`name`, a relative path read from a manifest (or from an artifact), as a path inside `folder`.
+
+    Refused (`error`, default ManifestError, naming `key` and the path): anything but a non-empty string, an absolute
+    path (POSIX or Windows form), a `..` part, and a path that resolves (symlinks followed, at any depth) to outside
+    the folder or to the folder itself. `base`: the folder `name` is relative to (default `folder`; an ONNX external
+    data location is relative to the graph's folder). Returns the path unresolved (as given, under `folder`): a
+    symlink that stays inside the folder is allowed."""
+    error = error or ManifestError
+    folder = Path(folder)
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise error(f"{folder}: {key} {name!r} is not a path (a relative path inside the folder was expected)")
+    why = None
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        why = "is absolute"
+    elif ".." in PureWindowsPath(name).parts:  # splits on '/' and '\\' both
+        why = "contains '..'"
+    if why:
+        raise error(f"{folder}: {key} {name!r} {why}: paths an engines folder names are relative to it and stay "
+                    f"inside it")
+    path = Path(base if base is not None else folder) / name
+    root, real = folder.resolve(), path.resolve()
+    if real == root:
+        raise error(f"{folder}: {key} {name!r} names the folder itself, not a file or folder in it")
+    if not real.is_relative_to(root):
+        raise error(f"{folder}: {key} {name!r} resolves to {real}, outside the folder {root} (a symlink out of it)")
+    return path
+
+
+def _check_file(path: Path, size: int, digest: str, what: str = "") -> None:
+    """Present, `size` bytes, sha256 `digest`; ArtifactError naming the file otherwise."""
+    if not path.is_file():
+        raise ArtifactError(f"{path}: {what}listed in the manifest but missing")
+    got = path.stat().st_size
+    if got != size:
+        raise ArtifactError(f"{path}: {what}{got} bytes, the manifest says {size} (truncated or replaced)")
+    if sha256_verified(path) != digest:
+        raise ArtifactError(f"{path}: sha256 differs from the manifest ({what}corrupt or replaced file)")
 
 
 def sha256_checkpoint(path: str | os.PathLike) -> str:
@@ -88,6 +160,9 @@ class ArtifactEntry:
     bytes: int
     io: dict
     opset: int | None = None
+    # ONNX external data: [{"file": relative to the export folder, "bytes": n, "sha256": hex}], [] for a single-file
+    # graph; None for the other formats and in manifests written before it was recorded (see verify_artifact).
+    external_data: list[dict] | None = None
     device: str = "cpu"
     variant: str = ""  # e.g. "ort-optimized"
     derived_from: str | None = None
@@ -109,8 +184,12 @@ class Manifest:
     created: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
     def add(self, directory: Path, path: Path, **kw) -> ArtifactEntry:
+        """Record the artifact at `path` (inside `directory`): its hash and size, and for an ONNX graph the hash
+        and size of each external data file it reads (the bytes a runtime loads with it)."""
         entry = ArtifactEntry(file=str(Path(path).relative_to(directory)), sha256=sha256_file(path),
                               bytes=Path(path).stat().st_size, **kw)
+        if entry.format == "onnx":
+            entry.external_data = external_data_entries(directory, path)
         self.artifacts = [a for a in self.artifacts if a.file != entry.file] + [entry]
         return entry
 
@@ -138,8 +217,24 @@ TOKENIZER_SUFFIXES = (".json", ".txt", ".model")
 TOKENIZER_MAX_BYTES = 64 << 20
 
 
+def external_data_entries(directory: str | os.PathLike, path: str | os.PathLike) -> list[dict]:
+    """The manifest record of the external data files the ONNX graph at `path` reads: file (relative to the export
+    folder), bytes, sha256; [] when its weights are all inside the graph file."""
+    from .onnx import read_header
+
+    directory, path = Path(directory), Path(path)
+    out = []
+    for location in read_header(path)[1]:
+        data = inside(directory, location, f"{path.name}: external data location", base=path.parent)
+        out.append({"file": str(data.relative_to(directory)), "bytes": data.stat().st_size,
+                    "sha256": sha256_file(data)})
+    return out
+
+
 def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, name: str = "tokenizer") -> dict:
-    """Copy the tokenizer files of `source` into directory/name; returns the manifest entry (file hashes)."""
+    """Copy the tokenizer files of `source` into directory/name; returns the manifest entry (file hashes).
+    Other files left in directory/name (an earlier export's) are removed: the loader reads every file there it
+    knows, and only the listed ones are checked (verify_tokenizer refuses the others)."""
     import shutil
 
     source, target = Path(source), Path(directory) / name
@@ -155,23 +250,43 @@ def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, name
         if p.resolve() != (target / p.name).resolve():
             shutil.copyfile(p, target / p.name)
         hashes[p.name] = sha256_file(target / p.name)
+    if source.resolve() != target.resolve():
+        for stale in target.iterdir():
+            if stale.name not in hashes and (stale.is_file() or stale.is_symlink()):
+                stale.unlink()
     return {"dir": name, "files": hashes}
 
 
-def verify_tokenizer(directory: str | os.PathLike, entry: dict) -> Path:
-    """The tokenizer folder of an export, every listed file present with its recorded sha256 (ArtifactError)."""
-    name = entry.get("dir", "")
-    folder = Path(directory) / name
-    if not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ManifestError(f"{directory}: tokenizer dir {name!r} is not a folder inside the export")
+def _tokenizer_paths(directory: Path, entry: dict) -> tuple[Path, dict[Path, str]]:
+    """The tokenizer folder and {file path: sha256} of a manifest's `tokenizer` entry, every path inside the export
+    (ManifestError naming the key otherwise)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("files", {}), dict):
+        raise ManifestError(f"{directory}: manifest key tokenizer is not {{'dir': ..., 'files': {{name: sha256}}}}")
+    folder = inside(directory, entry.get("dir", ""), "manifest key tokenizer.dir")
+    files = {}
     for file, digest in sorted(entry.get("files", {}).items()):
-        path = folder / file
-        if Path(file).name != file:
-            raise ManifestError(f"{directory}: tokenizer file {file!r} is not a plain file name")
+        path = inside(directory, file, "manifest key tokenizer.files", base=folder)
+        if path.parent != folder:
+            raise ManifestError(f"{directory}: manifest key tokenizer.files {file!r} is not a plain file name")
+        files[path] = digest
+    return folder, files
+
+
+def verify_tokenizer(directory: str | os.PathLike, entry: dict) -> Path:
+    """The tokenizer folder of an export: inside it, every listed file present with its recorded sha256, and no
+    file the manifest does not list (the tokenizer loader would read it unchecked; hidden files such as .DS_Store
+    are no tokenizer's) (ArtifactError)."""
+    folder, files = _tokenizer_paths(Path(directory), entry)
+    if not folder.is_dir():
+        raise ArtifactError(f"{folder}: tokenizer folder listed in the manifest but missing")
+    for path, digest in files.items():
         if not path.is_file():
             raise ArtifactError(f"{path}: listed in the manifest but missing")
-        if sha256_file(path) != digest:
+        if sha256_verified(path) != digest:
             raise ArtifactError(f"{path}: sha256 differs from the manifest (changed or swapped tokenizer file)")
+    for extra in sorted(p for p in folder.iterdir() if p not in files and not p.name.startswith(".")):
+        raise ArtifactError(f"{extra}: in the tokenizer folder but not listed in the manifest (an added file the "
+                            f"tokenizer loader would read unchecked): remove it or re-export")
     return folder
 
 
@@ -193,32 +308,76 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
     for a in artifacts:
         if a.role not in ROLES:
             raise ManifestError(f"{path}: artifact {a.file} has unknown role {a.role!r}")
+        _check_entry_paths(path.parent, a)
+    if manifest.tokenizer:
+        _tokenizer_paths(path.parent, manifest.tokenizer)
     return manifest
 
 
+def entry_key(entry: ArtifactEntry) -> str:
+    """How errors name an artifact's manifest entry: artifacts[role/format/precision(/variant)]."""
+    return f"artifacts[{'/'.join(x for x in (entry.role, entry.format, entry.precision, entry.variant) if x)}]"
+
+
+def _check_entry_paths(directory: Path, entry: ArtifactEntry) -> list[tuple[Path, dict]]:
+    """Every path of one artifact entry inside the folder (ManifestError); returns its external data as (path,
+    record) pairs."""
+    key = f"manifest key {entry_key(entry)}"
+    inside(directory, entry.file, f"{key}.file")
+    if entry.derived_from is not None:
+        inside(directory, entry.derived_from, f"{key}.derived_from")
+    if entry.external_data is None:
+        return []
+    if not isinstance(entry.external_data, list):
+        raise ManifestError(f"{directory}: {key}.external_data is not a list")
+    out = []
+    for i, rec in enumerate(entry.external_data):
+        if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) \
+                or not isinstance(rec.get("sha256"), str):
+            raise ManifestError(f"{directory}: {key}.external_data[{i}] is not {{'file', 'bytes', 'sha256'}}")
+        out.append((inside(directory, rec.get("file"), f"{key}.external_data[{i}].file"), rec))
+    return out
+
+
 def verify_artifact(directory: str | os.PathLike, entry: ArtifactEntry, manifest_tools: dict | None = None) -> Path:
-    """Raise ArtifactError unless the file matches its entry; return its path."""
-    path = Path(directory) / entry.file
-    if not path.is_file():
-        raise ArtifactError(f"{path}: listed in the manifest but missing")
-    size = path.stat().st_size
-    if size != entry.bytes:
-        raise ArtifactError(f"{path}: {size} bytes, the manifest says {entry.bytes} (truncated or replaced)")
-    if sha256_file(path) != entry.sha256:
-        raise ArtifactError(f"{path}: sha256 differs from the manifest (corrupt or replaced file)")
+    """Raise ArtifactError (ManifestError for a path leaving the folder) unless the file and every file it reads
+    match the entry; return its path."""
+    directory = Path(directory)
+    external = _check_entry_paths(directory, entry)
+    path = directory / entry.file
+    _check_file(path, entry.bytes, entry.sha256)
     if entry.format == "onnx":
-        _check_onnx_identity(path, entry)
+        _check_onnx(directory, path, entry, external)
     check_tool_versions(entry, manifest_tools=manifest_tools)
     return path
 
 
-def _check_onnx_identity(path: Path, entry: ArtifactEntry) -> None:
-    from .onnx import read_metadata
+def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: list[tuple[Path, dict]]) -> None:
+    """The role and precision stored in the graph, and its external data: each location it names inside the
+    folder and recorded in the entry, each recorded file of the recorded size and sha256."""
+    from .onnx import read_header
 
     try:
-        meta = read_metadata(path)
+        meta, locations = read_header(path)
     except Exception as exc:  # onnx raises DecodeError and others on garbage
         raise ArtifactError(f"{path}: not a readable ONNX model ({exc})") from exc
+    _check_onnx_identity(path, entry, meta)
+    if locations and entry.external_data is None:
+        raise ArtifactError(f"{path}: the graph reads external data ({', '.join(map(repr, locations))}) that this "
+                            f"manifest does not record (written before external data was hashed): re-export the "
+                            f"engines folder")
+    recorded = {p.resolve() for p, _ in external}
+    for location in locations:
+        data = inside(directory, location, f"{entry.file}: external data location", base=path.parent,
+                      error=ArtifactError)
+        if data.resolve() not in recorded:
+            raise ArtifactError(f"{data}: external data of {entry.file} not recorded in the manifest "
+                                f"{entry_key(entry)}.external_data: re-export the engines folder")
+    for data, rec in external:
+        _check_file(data, rec["bytes"], rec["sha256"], what=f"external data of {entry.file}: ")
+
+
+def _check_onnx_identity(path: Path, entry: ArtifactEntry, meta: dict[str, str]) -> None:
     role, precision = meta.get("egovlp.role"), meta.get("egovlp.precision")
     if role != entry.role:
         raise ArtifactError(f"{path}: the file is a {role!r} graph but the manifest lists it as {entry.role!r} "

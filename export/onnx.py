@@ -144,10 +144,48 @@ def set_metadata(proto, values: dict[str, str]) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    return read_header(path)[0]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
+    """(metadata_props, external data locations) of an ONNX file in one parse; external data is not read."""
     import onnx
 
     proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}
+    return {p.key: p.value for p in proto.metadata_props}, external_data_locations(proto)
+
+
+def external_data_locations(proto) -> list[str]:
+    """The files the model's tensors keep their data in (`location`, relative to the model file's folder; "" for a
+    tensor marked external without one), sorted. Every tensor counts: initializers, sparse initializers, tensor
+    attributes (Constant), those of subgraphs (If/Loop/Scan bodies) and of local functions."""
+    from onnx import TensorProto
+
+    def graph_tensors(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            yield from node_tensors(node)
+
+    def node_tensors(node):
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            for sparse in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors):
+                yield from (sparse.values, sparse.indices)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from graph_tensors(sub)
+
+    def all_tensors():
+        yield from graph_tensors(proto.graph)
+        for function in proto.functions:
+            for node in function.node:
+                yield from node_tensors(node)
+
+    return sorted({next((kv.value for kv in t.external_data if kv.key == "location"), "")
+                   for t in all_tensors() if t.data_location == TensorProto.EXTERNAL})
 
 
 def save_model(proto, path: Path) -> None:

@@ -6,11 +6,12 @@
     p = rt.video_encoder.fusion_prefix(clips)                # (B, 1 + F*N, Dv): cache it per clip
     s = rt.fusion.score_prefixes(p, t.prefix[:1], t.mask[:1])  # VTM match probability per clip (B,)
 
-Every artifact is found through the manifest and verified before it is loaded (present, size, sha256, the role and
-precision stored inside the file, the tool versions it needs): a missing or swapped file is an `EngineError` naming
-it. What really runs is reported per role (`Runtime.describe()`), because ONNX Runtime silently falls back to the
-CPU when the CUDA/TensorRT libraries are missing (TOOLCHAIN.md): the requested providers are compared with
-`session.get_providers()` and a `ProviderFallbackWarning` is raised when they differ.
+Every artifact is found through the manifest and verified before it is loaded (inside the folder, present, size,
+sha256, the role and precision stored inside the file, the external data files an ONNX graph reads, the tool versions
+it needs): a missing, swapped or out-of-folder file is an `EngineError` naming it. What really runs is reported per
+role (`Runtime.describe()`), because ONNX Runtime silently falls back to the CPU when the CUDA/TensorRT libraries are
+missing (TOOLCHAIN.md): the requested providers are compared with `session.get_providers()` and a
+`ProviderFallbackWarning` is raised when they differ.
 
 Backends, all lazily imported so a missing one is an error only when it is asked for:
 - `onnxruntime`: CPU, CUDA or TensorRT execution providers; on CUDA the inputs and outputs go through IOBinding
@@ -388,6 +389,14 @@ class TextEncoder:
         for t in texts:
             if not isinstance(t, str) or not t.strip():
                 raise QueryError(f"empty query {t!r}: give the words to search for")
+            try:  # bytes that are not UTF-8 reach sys.argv as lone surrogates, which no tokenizer takes
+                t.encode("utf-8")
+            except UnicodeEncodeError:
+                try:  # the bytes as given, the undecodable ones as \x escapes
+                    shown = t.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                except UnicodeEncodeError:  # surrogates that stand for no byte
+                    shown = t.encode("utf-8", "backslashreplace").decode()
+                raise QueryError(f"query '{shown}' is not valid UTF-8 text: give the words in UTF-8") from None
         tok = self.rt.tokenizer
         limit = min(self.rt.folder.max_text_len, self.rt.folder.config.text.max_text_length)
         self._warn_truncated(texts, limit)
@@ -482,13 +491,27 @@ def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = No
     from egovlp_deploy.tokenizer import is_tokenizer_dir, tokenizer_beside
 
     if is_tokenizer_dir(folder.path / "tokenizer"):
-        return folder.path / "tokenizer"
+        return _unrecorded_tokenizer(folder)
     src = folder.manifest.source_checkpoint.get("path")
     beside = tokenizer_beside(src) if src and not str(src).startswith("random:") else None
     if beside is not None:
         return beside
     raise EngineError(f"no tokenizer found for {folder.path} (looked in {folder.path / 'tokenizer'} and beside the "
                       f"checkpoint {src}); pass --tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
+
+
+def _unrecorded_tokenizer(folder: EngineFolder) -> Path:
+    """ENGINES/tokenizer of an export that did not record it: no hashes to check, but the folder and its files must
+    be inside the engines folder (no symlink out of it)."""
+    from egovlp_deploy.export.manifest import ManifestError, inside
+
+    try:
+        path = inside(folder.path, "tokenizer", "the tokenizer folder")
+        for file in sorted(path.iterdir()):
+            inside(folder.path, file.name, "tokenizer file", base=path)
+    except ManifestError as exc:
+        raise EngineError(f"engine folder {folder.path}: {exc}") from exc
+    return path
 
 
 class Runtime:

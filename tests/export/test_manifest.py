@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -76,3 +77,100 @@ def test_tool_version_mismatch_is_refused(tiny_export):
     entry.format = "tensorrt"
     with pytest.raises(ArtifactError, match="TensorRT 9.0"):
         check_tool_versions(entry, tools={"tensorrt": None}, manifest_tools={"tensorrt": "9.0"})
+
+
+# -- paths confined to the folder, external data hashed (no export needed: hand-made files) -----------------------
+def _tiny_graph(role="video_encoder", precision="fp32"):
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from egovlp_deploy.export.onnx import set_metadata
+
+    w = numpy_helper.from_array(np.arange(1024, dtype=np.float32).reshape(32, 32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [w])
+    model = helper.make_model(graph)
+    set_metadata(model, {"egovlp.role": role, "egovlp.precision": precision})
+    return model
+
+
+def test_inside_refuses_paths_leaving_the_folder(tmp_path):
+    from egovlp_deploy.export.manifest import inside
+
+    folder = tmp_path / "engines"
+    (folder / "onnx").mkdir(parents=True)
+    (tmp_path / "outside.onnx").write_bytes(b"x")
+    assert inside(folder, "onnx/a.onnx", "k") == folder / "onnx" / "a.onnx"
+    for name, why in [("/etc/passwd", "is absolute"), ("C:\\x.onnx", "is absolute"), ("\\\\host\\x", "absolute"),
+                      ("onnx/../../outside.onnx", "contains '..'"), ("..\\outside.onnx", "contains '..'"),
+                      ("", "not a path"), (3, "not a path"), (None, "not a path"), (".", "the folder itself")]:
+        with pytest.raises(ManifestError, match=f"manifest key k {re.escape(repr(name))} .*{re.escape(why)}"):
+            inside(folder, name, "manifest key k")
+    (folder / "onnx" / "out.onnx").symlink_to(tmp_path / "outside.onnx")
+    with pytest.raises(ManifestError, match="resolves to .*outside.onnx, outside the folder"):
+        inside(folder, "onnx/out.onnx", "k")
+    (folder / "onnx" / "in.onnx").symlink_to(folder / "onnx" / "a.onnx")  # a link that stays inside is fine
+    assert inside(folder, "onnx/in.onnx", "k") == folder / "onnx" / "in.onnx"
+    with pytest.raises(ArtifactError, match="k 'out.onnx' resolves to .*outside the folder"):  # relative to base
+        inside(folder, "out.onnx", "k", base=folder / "onnx", error=ArtifactError)
+
+
+def test_add_records_external_data_and_verify_checks_it(tmp_path):
+    import onnx
+
+    from egovlp_deploy.export.manifest import Manifest, sha256_file, verify_artifact
+
+    out = tmp_path / "out"
+    (out / "onnx").mkdir(parents=True)
+    onnx.save_model(_tiny_graph(), str(out / "onnx" / "inline.onnx"))
+    onnx.save_model(_tiny_graph(), str(out / "onnx" / "split.onnx"), save_as_external_data=True,
+                    location="split.onnx.data", size_threshold=0)
+    data = out / "onnx" / "split.onnx.data"
+    m = Manifest(source_checkpoint={}, model_config={}, export={})
+    kw = dict(role="video_encoder", format="onnx", precision="fp32", io={})
+    assert m.add(out, out / "onnx" / "inline.onnx", **kw).external_data == []
+    entry = m.add(out, out / "onnx" / "split.onnx", **kw)
+    assert entry.external_data == [{"file": "onnx/split.onnx.data", "bytes": 4096, "sha256": sha256_file(data)}]
+    m.save(out)
+    assert load_manifest(out).artifacts[1].external_data == entry.external_data  # survives the JSON round trip
+    assert verify_artifact(out, entry) == out / "onnx" / "split.onnx"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 1
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="split.onnx.data: sha256 differs"):
+        verify_artifact(out, entry)
+
+
+def test_add_refuses_external_data_outside_the_folder(tmp_path):
+    import onnx
+
+    from egovlp_deploy.export.manifest import Manifest
+
+    out = tmp_path / "out"
+    (out / "onnx").mkdir(parents=True)
+    path = out / "onnx" / "split.onnx"
+    onnx.save_model(_tiny_graph(), str(path), save_as_external_data=True, location="w.data", size_threshold=0)
+    proto = onnx.load(str(path), load_external_data=False)
+    next(kv for kv in proto.graph.initializer[0].external_data if kv.key == "location").value = "../../w.data"
+    path.write_bytes(proto.SerializeToString())
+    with pytest.raises(ManifestError, match="split.onnx: external data location '../../w.data' contains '..'"):
+        Manifest(source_checkpoint={}, model_config={}, export={}).add(
+            out, path, role="video_encoder", format="onnx", precision="fp32", io={})
+
+
+def test_copied_tokenizer_is_the_only_content_of_its_folder(tmp_path):
+    from egovlp_deploy.export.manifest import copy_tokenizer, verify_tokenizer
+
+    source, out = tmp_path / "run_tokenizer", tmp_path / "out"
+    source.mkdir()
+    (source / "tokenizer.json").write_text("{}")
+    (source / "tokenizer_config.json").write_text("{}")
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "vocab.json").write_text("{}")  # an earlier export's file: the loader would read it
+    entry = copy_tokenizer(source, out)
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    assert verify_tokenizer(out, entry) == out / "tokenizer"
+    (out / "tokenizer" / "special_tokens_map.json").write_text("{}")
+    with pytest.raises(ArtifactError, match="special_tokens_map.json: in the tokenizer folder but not listed"):
+        verify_tokenizer(out, entry)
