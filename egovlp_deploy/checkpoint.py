@@ -1,7 +1,7 @@
 """Checkpoint I/O: our safetensors format, and the official `.pth` files read without executing pickled code.
 
 Official files are `torch.save({'state_dict': {'module.' + k: v}, 'config': <pickled ConfigParser>, ...})` zip
-archives (EGOVLPV2_SPEC.md §6). We read the archive ourselves: `data.pkl` goes through a restricted unpickler that
+archives (torch.save's zip format). We read the archive ourselves: `data.pkl` goes through a restricted unpickler that
 resolves only the handful of globals that rebuild tensors and containers, and turns every other global (the
 pickled config object, or `os.system` in a malicious file) into an inert placeholder that is never called.
 

@@ -1,6 +1,6 @@
 """Typed model configuration for EgoVLPv2, stored as JSON beside every checkpoint.
 
-Sizes follow the official code (EGOVLPV2_SPEC.md §1-§4). Loading a config is strict: an unknown or missing key,
+Sizes follow the official code (model/model.py, video_transformer.py and the RoBERTa config it loads). Loading a config is strict: an unknown or missing key,
 or a value of the wrong kind, raises `ConfigError` naming the key, so a typo never silently falls back to a default.
 Every field also has a declared range (`validate`): finite, positive where a size, within a ceiling (`LIMITS`), in a
 set where a name. An out-of-range value raises `ConfigError` naming the key, the value and the allowed range before
@@ -76,7 +76,7 @@ class VideoConfig:
     depth: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
-    layer_norm_eps: float = 1e-5  # not ViT's 1e-6: the official norm_layer default is nn.LayerNorm (hazard 8)
+    layer_norm_eps: float = 1e-5  # not ViT's 1e-6: the official norm_layer default is nn.LayerNorm
     # Frozen-in-Time's `time_init`: "zeros" (official) zeroes the temporal attention's qkv so it starts as a no-op
     # on top of an image ViT. From random weights that is a saddle: with q = k = 0 the query and key weights get
     # exactly zero gradient, the temporal attention stays a uniform average over frames, and the model is blind to
@@ -134,8 +134,8 @@ class EgoVLPv2Config:
     num_fuse_blocks: int = 6  # top layers of BOTH towers that carry gated cross-attention
     projection: str = "big"  # "big": 768-4096-4096-4096 MLP (EgoVLPv2.pth); "small": 256 linear (smallproj)
     projection_dim: int = 4096
-    fusion_layer_norm_eps: float = 1e-6  # FrozenInTime.norm, the fusion-mode final norm (hazard 1)
-    mlm_layer_norm_eps: float = 1e-12  # RobertaConfig's default, used by the MLM head transform (hazard 8)
+    fusion_layer_norm_eps: float = 1e-6  # FrozenInTime.norm, the fusion-mode final norm
+    mlm_layer_norm_eps: float = 1e-12  # RobertaConfig's default, used by the MLM head transform
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; switch at run time with model.set_attention_backend
 
     def __post_init__(self):

@@ -2,7 +2,7 @@
 fine-tuning losses of the EK-100 and Charades-Ego recipes.
 
 Rows of every similarity matrix here are TEXT and columns are VIDEO, as in the official `sim_matrix(text, video)`
-(spec §5). The functions take already all-gathered tensors; gathering is the trainer's job (only `trainer` touches
+(official model.py). The functions take already all-gathered tensors; gathering is the trainer's job (only `trainer` touches
 torch.distributed).
 
     sim_matrix(a, b)                                   cosine similarity with the official max(norm, eps) rule
@@ -25,9 +25,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-EGONCE_TEMPERATURE = 0.05  # fixed, not learnable (spec §5, hazard 11)
+EGONCE_TEMPERATURE = 0.05  # fixed in the official EgoNCE, not learnable
 VTM_SAMPLING_EPS = 1e-9  # added to the (unnormalised, masked) weights before multinomial, as official
-LOSS_WEIGHTS = (1.0, 1.0, 2.0)  # EgoNCE, MLM, VTM as in the code, not the paper's gamma/delta (hazard 14)
+LOSS_WEIGHTS = (1.0, 1.0, 2.0)  # EgoNCE, MLM, VTM as the official code sums them (not the paper's gamma/delta)
 MLM_IGNORE_INDEX = -100  # the HF data collator's label for unmasked tokens
 
 
@@ -113,7 +113,7 @@ def _mean_log_positive_probability(logits: torch.Tensor, positives: torch.Tensor
 class VTMPairs(NamedTuple):
     """The pairs fed to the fusion encoder for VTM, as indices into the GLOBAL (all-gathered) batch.
 
-    labels: (b,) int64, 1 = matched pair, 0 = hard negative (the ITM head's class 1 = match, hazard 12).
+    labels: (b,) int64, 1 = matched pair, 0 = hard negative (the ITM head's class 1 = match, as in the official head).
     video_index, text_index: (b,) int64 rows of all_video / all_text to use for each local item.
     """
 
@@ -142,14 +142,14 @@ def sample_vtm_pairs(
     Returns:
         VTMPairs of CPU int64 tensors of shape (b,).
 
-    Semantics (spec §5 VTM):
+    Semantics (the official VTM block):
       * labels = [1] * floor(b/2) + [0] * ceil(b/2), randomly permuted;
       * row r = row_offset + i; w_text = softmax(x[r] / T) and w_video = softmax(x^T[r] / T), both with
         mask_bool[r] set to 0 and NOT renormalised; draws use multinomial(w + 1e-9);
       * label 1: (video r, text r);
       * label 0, with probability 1/2: (video j, text r), j ~ w_video;  otherwise (video r, text j), j ~ w_text.
 
-    Transposed-naming hazard (hazard 13): the official calls x "sim_v2t" and x^T "sim_t2v". The video replacement
+    Transposed naming: the official calls x "sim_v2t" and x^T "sim_t2v". The video replacement
     draws j from x^T[r], i.e. from the similarities of VIDEO r to all texts, and then takes video j (the video paired
     with a text similar to video r); the text replacement draws j from x[r] (text r against all videos) and takes
     text j. This is the reverse of ALBEF's convention and is reproduced literally, as is the use of mask_bool[r]
@@ -202,7 +202,7 @@ def sample_vtm_pairs(
 
 
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Masked-language-model loss: cross-entropy over (..., V) logits, labels -100 ignored (spec §5 MLM).
+    """Masked-language-model loss: cross-entropy over (..., V) logits, labels -100 ignored (the official MLM).
 
     When no token is masked (possible with tiny batches of short texts) the official mean over zero targets is NaN;
     we return a zero that keeps the graph instead, so such a batch contributes no MLM signal rather than poisoning

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the EgoVLPv2 benchmarks, with the official definitions (spec §8).
+"""Evaluation metrics of the EgoVLPv2 benchmarks, with the official definitions.
 
     egomcq_accuracy(preds, labels, types)      EgoMCQ 5-way accuracy per group, percent
     mir_metrics(sim, idx_arr, relevancy, video_ids, text_ids)

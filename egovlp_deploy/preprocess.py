@@ -1,6 +1,6 @@
 """Clip preprocessing through the C++ extension `egovlp_deploy._C`: decoded uint8 frames -> model input in one call.
 
-The numbers are those of `egovlp_deploy.transforms.eval_transform` (the reference, EGOVLPV2_SPEC.md §7) to float32
+The numbers are those of `egovlp_deploy.transforms.eval_transform` (the reference: the official eval transform) to float32
 rounding (measured max abs error about 2e-6 after normalisation; the tests hold it to 1e-5): resize the short side,
 center-crop, resize to S x S, bilinear without antialias, ImageNet normalisation. The extension reads the uint8
 frames in place (any strides, no float copy of the full frame), computes only the crop window of the intermediate

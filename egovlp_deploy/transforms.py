@@ -1,6 +1,6 @@
 """Clip transforms of the official EgoVLPv2 data loaders, in plain torch (the reference for the C++ fast path).
 
-Facts (EGOVLPV2_SPEC.md §7, hazard 16; EgoVLPv2/data_loader/transforms.py, EpicKitchens_MIR_dataset.py), with the
+Facts (the official EgoVLPv2/data_loader/transforms.py and EpicKitchens_MIR_dataset.py), with the
 torchvision 0.14 semantics they rely on (torchvision itself is not a dependency):
   * EgoClip / EgoMCQ / Charades pixels are uint8 / 255; EK-100 pixels stay 0..255 and are normalised with the
     ImageNet statistics x 255 (numerically the same result).

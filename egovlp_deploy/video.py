@@ -10,7 +10,7 @@ The module reads top to bottom:
   6. `ClipLoader`: the strict/lax policy of the official datasets, with failure counts.
 
 Frames are torch.uint8 (F, H, W, 3), RGB, as decord returns them. Deliberate differences from the official readers
-(EGOVLPV2_SPEC.md §7, hazard 17) are listed in `read_egoclip_clip`.
+are listed in `read_egoclip_clip`.
 """
 
 from __future__ import annotations
@@ -837,7 +837,7 @@ def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: 
     `sample_frame_indices`); a frame at or after the chunk boundary comes from the next chunk file. Frames past
     the end of a chunk file are clamped to its last frame, and fewer than num_frames frames (K = min(F, end_f))
     are padded by repeating the last one, as in the official reader.
-    Deliberate differences (EGOVLPV2_SPEC.md §7, hazard 17):
+    Deliberate differences from the official OpenCV reader:
       * fps is the start chunk file's real fps, not an assumed 30 (chunk c starts at frame int(c * chunk_sec * fps));
       * frame i is frame i: the official OpenCV seek `CAP_PROP_POS_FRAMES = i - 1` reads one frame earlier;
       * the frame exactly at the boundary comes from the next chunk (official `index > bound_f` sends it to the

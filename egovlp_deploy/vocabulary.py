@@ -3,7 +3,7 @@
 Narrations follow EgoClip's style (`#C C picks up the red cup`). The demo tokenizer is trained on sentences built
 from these words, so every narration of the synthetic data tokenizes into short, whole-word pieces.
 
-Every verb is a motion that survives the training transform's horizontal flip (EgoVLPv2 train transform, spec §7):
+Every verb is a motion that survives the training transform's horizontal flip (the EgoVLPv2 train transform):
 up/down, away/toward (shrink/grow), spin, lid or cover opening. Left/right motions would be flipped into their
 opposite, so there are none.
 """

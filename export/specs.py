@@ -4,7 +4,7 @@ One table (`ROLES`) declares every artifact's IO names, symbolic shapes and dtyp
 AOTInductor exporters, the validator, the manifest and the session wrapper all read it, so an IO name is written
 in exactly one place.
 
-The split follows how a device uses the model (EGOVLPV2_SPEC.md §3): the dual encoders index clips and sentences
+The split follows how a device uses the model: the dual encoders index clips and sentences
 cheaply; the fusion encoder splits where the first fused layer begins, so a re-ranker caches each clip's
 `video_prefix` and each sentence's `text_prefix` (from the text encoder, identical in both modes) and runs only
 the fused top layers (`fusion_head`) per pair. `fusion` is the whole fusion pass in one graph, for simple use.

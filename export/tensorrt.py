@@ -11,7 +11,7 @@
 - Build progress through an `IProgressMonitor`.
 - Validation runs the engine and ONNX Runtime on the same inputs (`run_engine`).
 
-tensorrt cannot be installed on the project's machines (TOOLCHAIN.md): it is imported lazily, and every entry point
+tensorrt cannot be installed on the project's machines (too large for them): it is imported lazily, and every entry point
 that needs it raises `TensorRTUnavailable` with that reason.
 """
 

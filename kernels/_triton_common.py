@@ -84,7 +84,7 @@ def new_output(shape, like: torch.Tensor) -> torch.Tensor:
 
 # -- dot products --------------------------------------------------------------------------------------------------
 def dot_flags(dtype: torch.dtype) -> dict:
-    """Constexprs for `dot`: the interpreter's tl.dot is wrong on bf16 (TOOLCHAIN.md), so it computes every dot on
+    """Constexprs for `dot`: the interpreter's tl.dot is wrong on bf16 (Triton 3.x on CPU), so it computes every dot on
     fp32 copies of the operands (rounded to the input dtype first, as the GPU sees them); on the GPU fp32 inputs use
     IEEE fp32 dots, because TF32's ~3e-4 error would break the 1e-5 fp32 contract."""
     return {"UPCAST": interpreting(), "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
@@ -112,7 +112,7 @@ def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, PRECISION: tl
 
 def autotuning() -> bool:
     """Autotune on the GPU unless EGOVLP_TRITON_AUTOTUNE=0 (quick GPU test runs); never in the interpreter, which
-    has no GPU timer (TOOLCHAIN.md)."""
+    has no GPU timer."""
     return not interpreting() and os.environ.get("EGOVLP_TRITON_AUTOTUNE", "1") != "0"
 
 

@@ -4,7 +4,7 @@ Input: the block's qkv Linear output `qkv` (B, S, 3*H*D), S = 1 + F*N tokens, fr
 `which*H*D + h*D + d` (einops 'b n (h d)' after `chunk(3)`), read in place through its strides.
 Output: (B, S, H*D), ready for the output projection.
 
-Math (EGOVLPV2_SPEC.md §1, hazards 3-4), per batch b and head h, with q already multiplied by `scale` (= D**-0.5,
+Math (the official VarAttention of video_transformer.py), per batch b and head h, with q already multiplied by `scale` (= D**-0.5,
 rounded to the input dtype as the official `q *= scale`), no attention dropout:
 - token 0 (the clip CLS) attends to all S tokens;
 - mode "time":  patch (f, n) attends to [CLS] + the F patches (g, n), g = 0..F-1;
@@ -64,7 +64,7 @@ _CONFIGS = [
 
 
 def _fixed_config(group_size: int) -> dict:
-    """Used when not autotuning. The interpreter's cost is grid size x loop trips: large tiles (TOOLCHAIN.md).
+    """Used when not autotuning. The interpreter's cost is grid size x loop trips: large tiles.
     Tests may replace this."""
     if group_size <= PACK_LIMIT:
         return {"BLOCK_M": 16, "BLOCK_N": 16}

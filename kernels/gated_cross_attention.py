@@ -1,7 +1,7 @@
 """Fused cross-attention for EgoVLPv2's gated cross-attention branches, and their gated residual epilogue.
 
 Both towers run the same core, softmax((q * scale) k^T + bias) v per head, on token-major (B, L, H*D) views read in
-place through their strides (EGOVLPV2_SPEC.md §3, hazard 6):
+place through their strides (the official fusion layers' order):
 - video side (`attn` of the top video blocks): q = qkv_i2t(norm_i2t_i(h)) for ALL video tokens (CLS included),
   k, v = the two halves of qkv_text_i2t(text) (views of one Linear output), bias = the text padding mask
   (additive, HF extended mask (1 - m) * finfo.min, given as (B, L));
@@ -54,7 +54,7 @@ _CONFIGS = [
 
 
 def _fixed_config(q_len: int, k_len: int) -> dict:
-    """Used when not autotuning. Large tiles: the interpreter's cost is grid size x loop trips (TOOLCHAIN.md).
+    """Used when not autotuning. Large tiles: the interpreter's cost is grid size x loop trips.
     Tests may replace this."""
     return {"BLOCK_M": 64 if q_len > 32 else 16, "BLOCK_N": 64}
 
@@ -83,7 +83,7 @@ def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
 
 
 def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """h + alpha * y in one pass (the gates are plain scalars, no tanh: hazard 5)."""
+    """h + alpha * y in one pass (the gates are plain scalars, no tanh, as in the official layers)."""
     return torch.addcmul(h, alpha, y)
 
 

@@ -1,7 +1,7 @@
 """ONNX translations of the `egovlp::` custom ops into standard ONNX operators (the reference math).
 
 Use: `torch.onnx.export(model, args, dynamo=True, custom_translation_table=translation_table())`. Each translation
-is a plain Python function of onnxscript ops (an `@onnxscript.script` one failed with onnx-ir 1.1, TOOLCHAIN.md);
+is a plain Python function of onnxscript ops (an `@onnxscript.script` one failed with onnx-ir 1.1);
 it receives the op's tensors as graph values and its int/float/str arguments as Python values. The graph is the
 official math (reshape/transpose, CLS repeat, MatMul, Softmax), so any runtime with the standard opset runs it;
 a runtime-specific fused kernel (ORT custom op, TensorRT plugin) can replace it later.

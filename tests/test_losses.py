@@ -170,7 +170,7 @@ def test_vtm_labels_indices_and_masked_positives():
 def test_vtm_row_and_column_convention_is_forced():
     """Global batch of 4 (2 ranks x 2), rank 1. Rows 2 and 3 are mutual positives, so each may only draw 0 or 1.
 
-    x[r, j] (text r vs video j) decides the TEXT replacement, x[j, r] (column r) the VIDEO replacement (hazard 13):
+    x[r, j] (text r vs video j) decides the TEXT replacement, x[j, r] (column r) the VIDEO replacement (the official names are transposed):
     text 2 loves video 0 -> text replacement of item 2 takes text 0; text 1 loves video 2 -> its video replacement
     takes video 1. ALBEF's convention would give the opposite choices.
     """

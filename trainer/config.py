@@ -1,7 +1,7 @@
 """The training run config: one validated schema, JSON on disk, stored inside every checkpoint.
 
 Unknown keys are errors; omitted keys take the defaults below (which are the official pre-training recipe where the
-official code has one: EGOVLPV2_SPEC.md §5). Shipped configs: `egovlp_deploy/configs/pretrain_egoclip.json`
+official code has one). Shipped configs: `egovlp_deploy/configs/pretrain_egoclip.json`
 (the official recipe) and `egovlp_deploy/configs/tiny_synthetic.json` (the CPU demo recipe).
 """
 

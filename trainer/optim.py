@@ -1,8 +1,8 @@
-"""AdamW with the official parameter groups and the cosine schedule with warm-up (EGOVLPV2_SPEC.md §5).
+"""AdamW with the official parameter groups and the cosine schedule with warm-up (official set_schedule and trainer).
 
 Groups (official `set_schedule`): {backbone, heads, cross-modal} x {decay, no decay}.
 - no decay: names containing bias, LayerNorm.*, norm.*, norm1.*, norm2.* (so norm3, norm_i2t_i, cls tokens,
-  pos/temporal embeddings and the gates alpha_i2t / alpha_t2i DO get weight decay: hazard 5);
+  pos/temporal embeddings and the gates alpha_i2t / alpha_t2i DO get weight decay, as in the official groups);
 - heads (mlm_score, itm_score, txt_proj, vid_proj): lr x lr_mult_head;
 - cross-modal (cross_modal*, *i2t*, *t2i*, the gates included): lr x lr_mult_cross_modal;
 - ours, 1 (official) unless set: the text tower (text_model.* outside cross-attention, txt_proj) x lr_mult_text,

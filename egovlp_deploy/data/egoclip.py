@@ -1,6 +1,6 @@
 """EgoClip pre-training rows (the official `egoclip.csv`) as a torch Dataset with scene-aware negatives.
 
-Format (EgoVLPv2/data_loader/EgoClip_EgoMCQ_dataset.py, spec §7): TAB-separated, one header line, columns
+Format (EgoVLPv2/data_loader/EgoClip_EgoMCQ_dataset.py): TAB-separated, one header line, columns
 video_uid, video_dur, narration_source, narration_ind, narration_time, clip_start, clip_end, clip_text, tag_verb,
 tag_noun; the tags are Python list strings such as "[3, 17]" (118 verb and 582 noun classes of the Ego4D taxonomy).
 Videos use the chunked layout {video_root}/{video_uid}/{chunk}.mp4 with 600-s chunks.
@@ -36,7 +36,7 @@ EGOCLIP_COLUMNS = ("video_uid", "video_dur", "narration_source", "narration_ind"
                    "clip_end", "clip_text", "tag_verb", "tag_noun")
 NUM_VERBS, NUM_NOUNS = 118, 582   # Ego4D taxonomy sizes (official noun_dim / verb_dim)
 CHUNK_SEC = 600                   # official chunk_sec: videos are cut into 600-s files (utils/video_chunk.py)
-EGOCLIP_MAX_TEXT_LENGTH = 15      # the trainer pads pre-training narrations to 15 tokens (spec §10 hazard 18)
+EGOCLIP_MAX_TEXT_LENGTH = 15      # the official trainer pads pre-training narrations to 15 tokens
 
 ClipReader = Callable[..., torch.Tensor]
 

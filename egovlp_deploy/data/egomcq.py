@@ -121,7 +121,7 @@ class EgoMCQDataset(torch.utils.data.Dataset):
     key=str (the JSON key), load_failed=int (choices that fell back to the black clip)).
 
     Strict/lax and `clip_reader` as in EgoClipDataset (the reader gets sample='uniform' and rng=None).
-    Text length is dynamic in the official evaluation (padding=True, no max_length; spec §10 hazard 18).
+    Text length is dynamic in the official evaluation (padding=True, no max_length).
     """
 
     MAX_TEXT_LENGTH = None

@@ -34,7 +34,7 @@ from .csv_rows import csv_records
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
-EPIC_MAX_TEXT_LENGTH = 30   # trainer_epic pads/truncates captions to 30 tokens (spec §10 hazard 18)
+EPIC_MAX_TEXT_LENGTH = 30   # the official trainer_epic pads/truncates captions to 30 tokens
 RELEVANCY_THRESHOLD = 0.1   # official self.relevancy: a sentence is a positive when relevancy > 0.1
 
 EpicReader = Callable[..., torch.Tensor]

@@ -10,7 +10,7 @@ Every artifact is found through the manifest and verified before it is loaded (i
 sha256, the role and precision stored inside the file, the external data files an ONNX graph reads, the tool versions
 it needs): a missing, swapped or out-of-folder file is an `EngineError` naming it. What really runs is reported per
 role (`Runtime.describe()`), because ONNX Runtime silently falls back to the CPU when the CUDA/TensorRT libraries are
-missing (TOOLCHAIN.md): the requested providers are compared with `session.get_providers()` and a
+missing (onnxruntime-gpu without its CUDA libraries): the requested providers are compared with `session.get_providers()` and a
 `ProviderFallbackWarning` is raised when they differ.
 
 Backends, all lazily imported so a missing one is an error only when it is asked for:

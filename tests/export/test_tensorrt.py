@@ -29,7 +29,7 @@ def test_missing_tensorrt_gives_a_clear_error():
         import_tensorrt()
 
 
-@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installable on this project's machines (TOOLCHAIN.md): "
+@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installable on this project's machines : "
                                          "engine builds are tested on a machine with TensorRT and a GPU")
 def test_build_and_validate_engine(tiny_export, tmp_path):
     from egovlp_deploy.export.tensorrt import build_engine, run_engine

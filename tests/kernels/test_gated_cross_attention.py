@@ -9,7 +9,7 @@ from egovlp_deploy.kernels._triton_common import autotuning, poisoned_outputs
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
-NEG = torch.finfo(torch.float32).min  # the HF extended mask value (hazard 20)
+NEG = torch.finfo(torch.float32).min  # the HF extended mask value
 
 
 def rel_err(out, ref):

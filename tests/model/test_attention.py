@@ -1,4 +1,4 @@
-"""Divided attention against an independent, per-query implementation of the official token sets (spec §1)."""
+"""Divided attention against an independent, per-query implementation of the official token sets."""
 
 import pytest
 import torch

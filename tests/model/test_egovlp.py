@@ -30,7 +30,7 @@ def test_projection_layouts():
     small = EgoVLPv2(dataclasses.replace(EgoVLPv2Config.tiny(), projection="small", projection_dim=32))
     keys = set(small.state_dict())
     assert {"txt_proj.1.weight", "vid_proj.0.weight"} <= keys and "txt_proj.0.weight" not in keys
-    assert isinstance(small.txt_proj[0], torch.nn.ReLU)  # ReLU before the text Linear (hazard 11)
+    assert isinstance(small.txt_proj[0], torch.nn.ReLU)  # ReLU before the text Linear, as in the official small projection
     big = EgoVLPv2(EgoVLPv2Config.tiny())
     assert big.txt_proj[0].bias is None and big.txt_proj[2].bias is not None
 
@@ -64,7 +64,7 @@ def test_dual_mode_gmacs_contain_no_cross_attention():
 
 def test_base_model_counts_match_the_hand_computed_spec():
     report = compute_report(EgoVLPv2Config.base(), text_length=15)
-    # EGOVLPV2_SPEC.md §4: video 128.35 M (cross 14.18 M), text 138.23 M (cross 14.17 M), total 381.6 M
+    # the official model's counts: video 128.35 M (cross 14.18 M), text 138.23 M (cross 14.17 M), total 381.6 M
     assert round(report.params["video tower"] / 1e6, 2) == 128.35
     assert round(report.params["video tower, cross-attention"] / 1e6, 2) == 14.18
     assert round(report.params["text tower"] / 1e6, 2) == 138.23

@@ -1,4 +1,4 @@
-"""Video tower invariants from the official SpaceTimeTransformer (spec §1, hazards 2, 3, 9)."""
+"""Video tower invariants from the official SpaceTimeTransformer."""
 
 import torch
 
@@ -43,7 +43,7 @@ def test_dual_tower_returns_the_normed_clip_cls():
     for block in tower.blocks:
         x = block(x, cfg.num_frames)
     torch.testing.assert_close(tower(video), tower.norm(x)[:, 0])
-    assert tower.norm.eps == 1e-5  # video_model.norm keeps nn.LayerNorm's default (hazard 8)
+    assert tower.norm.eps == 1e-5  # video_model.norm keeps nn.LayerNorm's default (official norm_layer)
 
 
 def test_positions_are_frame_major_with_temporal_embedding():

@@ -1,4 +1,4 @@
-"""Parameter groups and schedule against the official set_schedule rules (spec §5, hazard 5)."""
+"""Parameter groups and schedule against the official set_schedule rules."""
 
 import math
 
