@@ -154,9 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_module_command(sub, "train", train,
                        "pre-train EgoVLPv2 (EgoNCE + MLM + VTM); resumable; torchrun for many GPUs",
                        description=train.__doc__)
-    add_module_command(sub, "eval", evaluate, "EgoMCQ accuracy in dual, fusion and ensemble mode",
+    add_module_command(sub, "eval", evaluate,
+                       "EgoMCQ accuracy (dual, fusion, ensemble); zero-shot EK-100 MIR and Charades-Ego",
                        description="Evaluate a model on EgoMCQ (inter- and intra-video accuracy) in the three modes "
-                                   "of the official validation: dual (cosine), fusion (VTM probability), ensemble.",
+                                   "of the official validation: dual (cosine), fusion (VTM probability), ensemble; "
+                                   "and zero-shot, with the dual encoder, on the official EK-100 multi-instance "
+                                   "retrieval test split (nDCG and mAP) and Charades-Ego test split (mAP over the "
+                                   "class prompts).",
                        raw=False)
     add_module_command(sub, "export", export_cli, "validated ONNX / TensorRT / AOTInductor artifacts + manifest.json")
 

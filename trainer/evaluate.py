@@ -1,5 +1,7 @@
-"""EgoMCQ evaluation in the three modes of the official validation (EGOVLPV2_SPEC.md §8, hazard 15):
+"""EgoMCQ evaluation in the three modes of the official validation:
 dual (cosine of the projected embeddings), fusion (VTM match probability), and ensemble (their sum).
+Zero-shot EK-100 multi-instance retrieval (nDCG, mAP) and Charades-Ego action recognition (mAP over the class
+prompts) on their official test files, with the dual encoder at the official evaluation frame counts.
 """
 
 from __future__ import annotations
@@ -195,17 +197,36 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", required=True, metavar="PATH",
                         help="a save_pretrained directory, a training checkpoint (runs/x/checkpoints/step_N) or an "
                              "official .pth file")
-    parser.add_argument("--egomcq", required=True, metavar="JSON", help="EgoMCQ questions (official format)")
-    parser.add_argument("--video-root", required=True, metavar="DIR",
-                        help="chunked videos: DIR/{video_uid}/{chunk}.mp4")
+    parser.add_argument("--egomcq", metavar="JSON", help="EgoMCQ questions (official format)")
+    parser.add_argument("--video-root", metavar="DIR",
+                        help="EgoMCQ's chunked videos: DIR/{video_uid}/{chunk}.mp4 (needed with --egomcq)")
+    parser.add_argument("--epic-mir", metavar="DIR",
+                        help="zero-shot EK-100 multi-instance retrieval on the test split of this retrieval "
+                             "annotation directory: EPIC_100_retrieval_test.csv, EPIC_100_retrieval_test_sentence.csv, "
+                             "relevancy/caption_relevancy_EPIC_100_retrieval_test.npy (the .pkl converted once)")
+    parser.add_argument("--epic-video-root", metavar="DIR",
+                        help="EK-100 videos: DIR/{participant_id}/{video_id}.MP4 (default: DIR/videos of --epic-mir)")
+    parser.add_argument("--charades", metavar="DIR",
+                        help="zero-shot Charades-Ego action recognition on the test split of this annotation "
+                             "directory: CharadesEgo_v1_test_only1st.csv and Charades_v1_classes.txt (the prompts)")
+    parser.add_argument("--charades-video-root", metavar="DIR",
+                        help="Charades-Ego videos: DIR/{id}.mp4 (default: DIR/videos of --charades)")
+    parser.add_argument("--charades-classes", type=int, default=157, metavar="N",
+                        help="number of classes in Charades_v1_classes.txt (default: 157)")
     parser.add_argument("--tokenizer", required=True, metavar="DIR",
                         help="tokenizer directory (a training run keeps its demo tokenizer in RUN/tokenizer)")
-    parser.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: the model's; paper: 16)")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="Q", help="questions per step (default: 4)")
+    parser.add_argument("--frames", type=int, metavar="F",
+                        help=f"frames per clip for every benchmark (default: the model's for EgoMCQ, paper: 16; "
+                             f"{EPIC_FRAMES} for EK-100 MIR and {CHARADES_FRAMES} for Charades-Ego, as the official "
+                             f"evaluation configs)")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="Q",
+                        help="EgoMCQ questions, or EK-100 / Charades-Ego clips, per step (default: 4)")
     parser.add_argument("--max-questions", type=int, metavar="N", help="evaluate only the first N questions")
     parser.add_argument("--lax", action="store_true", help="black frames instead of an error for unreadable videos")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as JSON: EgoMCQ's alone, else {'egomcq', 'epic_mir', 'charades'} "
+                             "for the benchmarks run")
 
 
 def run(args) -> int:
@@ -216,6 +237,7 @@ def run(args) -> int:
     from egovlp_deploy.data.egomcq import EgoMCQDataset
     from egovlp_deploy.tokenizer import load_tokenizer
 
+    check_benchmark_arguments(args)  # before the model is loaded
     if args.frames is not None:
         check_num_frames(args.frames, "--frames")  # before the model is loaded or resized to that many frames
     path = Path(args.model)
@@ -225,17 +247,46 @@ def run(args) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     model = model_at_frames(model, frames).to(device)
-    dataset = EgoMCQDataset(args.egomcq, args.video_root, frames, model.config.video.img_size,
-                            strict=not args.lax)
-    result = evaluate_egomcq(model, dataset, load_tokenizer(args.tokenizer), device, args.batch_size,
-                             max_questions=args.max_questions, progress=not args.json)
+    tokenizer, size, strict = load_tokenizer(args.tokenizer), model.config.video.img_size, not args.lax
+    results, report = {}, []
+    if args.egomcq:
+        dataset = EgoMCQDataset(args.egomcq, args.video_root, frames, size, strict=strict)
+        results["egomcq"] = evaluate_egomcq(model, dataset, tokenizer, device, args.batch_size,
+                                            max_questions=args.max_questions, progress=not args.json)
+        report += [f"EgoMCQ on {len(dataset) if args.max_questions is None else args.max_questions} questions, "
+                   f"{frames} frames", format_table(results["egomcq"])]
+    if args.epic_mir:
+        epic_frames = args.frames or EPIC_FRAMES
+        dataset = epic_test_dataset(args.epic_mir, args.epic_video_root or Path(args.epic_mir, "videos"),
+                                    epic_frames, size, strict=strict)
+        results["epic_mir"] = evaluate_epic_mir(model_at_frames(model, epic_frames), dataset, tokenizer, device,
+                                                args.batch_size, progress=not args.json)
+        report += [f"EK-100 MIR (zero-shot) on {len(dataset)} clips, {epic_frames} frames, dual encoder, percent",
+                   format_retrieval("epic_mir", results["epic_mir"])]
+    if args.charades:
+        charades_frames = args.frames or CHARADES_FRAMES
+        dataset = charades_test_dataset(args.charades, args.charades_video_root or Path(args.charades, "videos"),
+                                        charades_frames, size, args.charades_classes, strict=strict)
+        results["charades"] = evaluate_charades(model_at_frames(model, charades_frames), dataset, tokenizer, device,
+                                                batch_size=args.batch_size, progress=not args.json)
+        report += [f"Charades-Ego (zero-shot) on {len(dataset)} videos, {args.charades_classes} classes, "
+                   f"{charades_frames} frames, dual encoder, percent",
+                   format_retrieval("charades", results["charades"])]
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(json.dumps(results["egomcq"] if list(results) == ["egomcq"] else results, indent=2))
     else:
-        print(f"EgoMCQ on {len(dataset) if args.max_questions is None else args.max_questions} questions, "
-              f"{frames} frames")
-        print(format_table(result))
+        print("\n".join(report))
     return 0
+
+
+def check_benchmark_arguments(args) -> None:
+    """At least one benchmark, with the inputs it needs (ValueError: the CLI prints it and exits 2)."""
+    if not (args.egomcq or args.epic_mir or args.charades):
+        raise ValueError("nothing to evaluate: give --egomcq, --epic-mir and/or --charades")
+    if args.egomcq and not args.video_root:
+        raise ValueError("--egomcq needs --video-root (the chunked EgoClip videos)")
+    if args.charades_classes < 1:
+        raise ValueError(f"--charades-classes must be positive, got {args.charades_classes}")
 
 
 def format_table(result: dict) -> str:

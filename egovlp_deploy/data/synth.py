@@ -9,19 +9,21 @@ skin-coloured hand, its arm entering from the bottom edge as in head-mounted foo
     rotate               the object spins a full turn (either way; the flip augmentation mirrors the direction anyway)
     open / close         a lid rises off / onto a box or jar; a book's covers spread / fold
 
-Every motion is vertical, a scale change or a spin, so the train transform's horizontal flip (spec §7) never turns a
+Every motion is vertical, a scale change or a spin, so the train transform's horizontal flip (official train transform) never turns a
 verb into another. Each motion runs monotonically over the whole clip, so any 4 frames sampled one per quarter
-(`sample_frames_start_end`, spec §7) show its direction. The pairs pick up/put down, push/pull and open/close are
+(`sample_frames_start_end`) show its direction. The pairs pick up/put down, push/pull and open/close are
 rendered as exact time reversals of each other and come back to back on the same object, so an intra-video EgoMCQ
 question whose choices hold both can only be answered from temporal order, as in the real benchmark.
 
-Output layout (read unchanged by `EgoClipDataset` / `EgoMCQDataset`):
+Output layout (read unchanged by `EgoClipDataset` / `EgoMCQDataset`, `EpicMIRDataset`, `CharadesEgoDataset`):
 
     OUT/videos/{video_uid}/0.mp4   one scene-video per uid (< 600 s: chunk 0 of the EgoClip chunked layout)
     OUT/egoclip.csv                training clips, TAB-separated, the official columns
     OUT/egoclip_eval.csv           the held-out videos' clips, same format (for retrieval on the held-out split)
     OUT/egomcq.json                EgoMCQ questions built from held-out videos only, official format
     OUT/meta.json                  class lists (tag ids index them), sizes, seed, generator version
+    OUT/epic/, OUT/charades/       EK-100 MIR and Charades-Ego files of the same clips, official formats, test split
+                                   = the held-out videos (`synth_downstream`)
 
 Determinism: every video draws from its own PCG64 stream seeded by (seed, split, index), so the same seed gives
 byte-identical CSV/JSON and identical frames, and changing --train-videos leaves the held-out videos unchanged.
@@ -47,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import vocabulary as vocab
+from .synth_downstream import write_downstream
 
 GENERATOR = "egovlp-deploy synth"
 GENERATOR_VERSION = "1.1"
@@ -383,7 +386,7 @@ def _sec(frame: float, fps: int) -> float:
 
 def clip_rows(plan: VideoPlan) -> list[dict]:
     """One EgoClip row per action. The clip sits inside its segment with a small margin, so the frames any reader
-    takes (int(sec * fps), spec §7) never come from a neighbouring action."""
+    takes (int(sec * fps)) never come from a neighbouring action."""
     margin = max(1, round(0.05 * plan.fps))
     dur = _sec(plan.num_frames, plan.fps)
     rows = []
@@ -537,11 +540,13 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
         (tmp / "egoclip_eval.csv").write_text(_csv_text([r for rs in rows["eval"] for r in rs]))
         (tmp / "egomcq.json").write_text(json.dumps(mcq, indent=1) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        downstream = write_downstream(tmp, rows, {p.uid: (p.scene, [o.noun for o in p.objects])
+                                                  for ps in plans.values() for p in ps}, sizes["fps"])
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "seed": seed, **counts, "frames": frames, "codec": codec,
+    return {"out": str(out), "seed": seed, **counts, **downstream, "frames": frames, "codec": codec,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -587,10 +592,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 DESCRIPTION = ("Render the built-in synthetic egocentric dataset: scene-videos of a hand picking up, putting down, "
                "pushing, pulling, rotating, opening and closing coloured objects, with EgoClip-format narrations "
-               "(egoclip.csv, TAB-separated) and EgoMCQ questions (egomcq.json) built only from held-out videos. "
-               "Same seed, same bytes.")
+               "(egoclip.csv, TAB-separated) and EgoMCQ questions (egomcq.json) built only from held-out videos, "
+               "plus EK-100 MIR (epic/) and Charades-Ego (charades/) files of the same clips in the official formats, "
+               "their test split from the held-out videos. Same seed, same bytes.")
 EPILOG = ("Layout: OUT/videos/<video_uid>/0.mp4, OUT/egoclip.csv (train), OUT/egoclip_eval.csv (held-out clips), "
-          "OUT/egomcq.json (held-out), OUT/meta.json (class lists, sizes, seed, version).")
+          "OUT/egomcq.json (held-out), OUT/meta.json (class lists, sizes, seed, version), "
+          "OUT/epic/EPIC_100_retrieval_{train,test}[_sentence].csv + relevancy/*.npy + videos/<participant>/<id>.MP4, "
+          "OUT/charades/CharadesEgo_v1_{train,test}_only1st.csv + metadata_train.csv + Charades_v1_classes.txt + "
+          "videos/<id>.mp4 (videos are symlinks into OUT/videos).")
 
 
 def build_parser(prog: str = "egovlp-deploy synth") -> argparse.ArgumentParser:
@@ -613,7 +622,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {summary['out']}: {summary['train_videos']} train videos ({summary['train_clips']} clips), "
               f"{summary['eval_videos']} held-out videos ({summary['eval_clips']} clips), EgoMCQ "
               f"{summary['mcq_inter']} inter + {summary['mcq_intra']} intra, {summary['frames']} frames "
-              f"({summary['codec']}) in {summary['seconds']} s")
+              f"({summary['codec']}) in {summary['seconds']} s; EK-100 MIR test {summary['epic_test_rows']} clips / "
+              f"{summary['epic_test_sentences']} sentences, Charades-Ego {summary['charades_classes']} classes")
     return 0
 
 

@@ -60,8 +60,8 @@ def _object(row) -> str:
 
 def test_layout_columns_and_types(dataset):
     out, meta, mcq = dataset["out"], dataset["meta"], dataset["mcq"]
-    assert sorted(p.name for p in out.iterdir()) == ["egoclip.csv", "egoclip_eval.csv", "egomcq.json", "meta.json",
-                                                     "videos"]
+    assert sorted(p.name for p in out.iterdir()) == ["charades", "egoclip.csv", "egoclip_eval.csv", "egomcq.json",
+                                                     "epic", "meta.json", "videos"]
     for row in dataset["train"] + dataset["held"]:
         float(row["video_dur"]), float(row["narration_time"]), int(row["narration_ind"])
         assert row["narration_source"] == "narration_pass_1"
@@ -91,7 +91,7 @@ def test_every_clip_lies_inside_a_decodable_video(dataset):
         assert len(frames) == round(dur * fps), row["video_uid"]
         assert int(end * fps) < len(frames)  # the official reader's last frame index exists
         assert frames.shape[1:] == (64, 64, 3)
-    for a, b in zip(dataset["train"], dataset["train"][1:]):  # no frame (int(sec * fps), spec §7) in two clips
+    for a, b in zip(dataset["train"], dataset["train"][1:]):  # no frame (int(sec * fps)) in two clips
         if a["video_uid"] == b["video_uid"]:
             assert int(float(a["clip_end"]) * fps) < int(float(b["clip_start"]) * fps)
     try:  # the default backend of our readers agrees on the frame count
@@ -160,7 +160,7 @@ def test_inter_distractors_come_from_other_videos(dataset):
 
 
 def _frames_at_quarters(dataset, row) -> tuple[np.ndarray, np.ndarray]:
-    """The frames the 'uniform' sampler takes from the first and last of 4 segments (official sampling, spec §7)."""
+    """The frames the 'uniform' sampler takes from the first and last of 4 segments (official sampling)."""
     fps = dataset["meta"]["fps"]
     start, end = int(float(row["clip_start"]) * fps), int(float(row["clip_end"]) * fps)
     iv = np.linspace(start, end, 5).astype(int)
@@ -242,7 +242,9 @@ def test_opposite_verbs_are_time_reversals(dataset):
 def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
     again = tmp_path / "again"
     synth.generate(again, seed=SEED, workers=2, **TINY)  # the worker count must not matter
-    for name in ("egoclip.csv", "egoclip_eval.csv", "egomcq.json", "meta.json"):
+    for name in ("egoclip.csv", "egoclip_eval.csv", "egomcq.json", "meta.json", "epic/EPIC_100_retrieval_test.csv",
+                 "epic/relevancy/caption_relevancy_EPIC_100_retrieval_train.npy",
+                 "charades/CharadesEgo_v1_test_only1st.csv", "charades/metadata_train.csv"):
         assert (again / name).read_bytes() == (dataset["out"] / name).read_bytes(), name
     for uid, frames in dataset["videos"].items():
         assert np.array_equal(_decode(again / "videos" / uid / "0.mp4"), frames), uid
