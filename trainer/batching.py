@@ -1,4 +1,5 @@
-"""From dataset items to a `StepBatch`: scene negatives interleaved, tokenised, MLM-masked.
+"""From dataset items to a `StepBatch` (pre-training: scene negatives interleaved, tokenised, MLM-masked) or a
+`FinetuneBatch` (fine-tuning: clips, tokenised captions and their relevancy).
 
 All randomness is seeded per pair by (seed, epoch, dataset index, positive/negative), never by the global RNG, so a
 batch is the same however many processes or workers build it and whether or not the run was resumed.
@@ -11,7 +12,7 @@ from torch.utils.data import Dataset
 
 from egovlp_deploy.data.egoclip import SharedEpoch
 
-from .objectives import StepBatch
+from .objectives import FinetuneBatch, StepBatch
 
 
 class IndexedDataset(Dataset):
@@ -80,4 +81,28 @@ class PretrainCollator:
             mlm_input_ids=torch.stack([m[0] for m in masked]),
             mlm_labels=torch.stack([m[1] for m in masked]),
             load_failures=torch.tensor(failures),
+        )
+
+
+class FinetuneCollator:
+    """Fine-tuning items (EpicMIRDataset / CharadesEgoDataset) -> a `FinetuneBatch`: captions tokenised as the
+    official fine-tuning trainers (padding to max_length: 30 for EK-100, 15 for Charades-Ego; truncation), the
+    relevancy of each caption (`relation`; 1 where the dataset has none). Deterministic: nothing to seed."""
+
+    def __init__(self, tokenizer, max_length: int):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def set_epoch(self, epoch: int) -> None:  # the loop's collator interface; the items carry their own seeds
+        pass
+
+    def __call__(self, items) -> FinetuneBatch:
+        items = [item for _, item in items]
+        enc = self.tokenizer([it["text"] for it in items], padding="max_length", max_length=self.max_length,
+                             truncation=True, return_tensors="pt")
+        return FinetuneBatch(
+            video=torch.stack([it["video"] for it in items]),
+            input_ids=enc["input_ids"],
+            attention_mask=enc["attention_mask"],
+            relation=torch.tensor([float(it.get("relation", 1.0)) for it in items]),
+            load_failures=torch.tensor(sum(int(it.get("load_failed", 0)) for it in items)),
         )

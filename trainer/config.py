@@ -1,8 +1,12 @@
 """The training run config: one validated schema, JSON on disk, stored inside every checkpoint.
 
 Unknown keys are errors; omitted keys take the defaults below (which are the official pre-training recipe where the
-official code has one). Shipped configs: `egovlp_deploy/configs/pretrain_egoclip.json`
-(the official recipe) and `egovlp_deploy/configs/tiny_synthetic.json` (the CPU demo recipe).
+official code has one). `task` picks what a run trains: "pretrain" (EgoClip, EgoNCE + MLM + VTM, EgoMCQ evaluation),
+"epic_mir" (EK-100 multi-instance retrieval fine-tuning, nDCG/mAP evaluation) or "charades" (Charades-Ego
+fine-tuning, mAP evaluation). Shipped configs: `egovlp_deploy/configs/pretrain_egoclip.json` (the official
+pre-training recipe), `tiny_synthetic.json` (the CPU demo recipe), `finetune_epic_mir.json` and
+`finetune_charades.json` (the official fine-tuning recipes) and `finetune_epic_mir_tiny.json` (a CPU fine-tuning
+recipe on the synthetic EK-100 files, from a tiny pre-trained checkpoint).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from egovlp_deploy.jsonfile import read_json
 # The package's configs folder, found through the package itself: in an editable install this module lives in the
 # checkout's top-level trainer/ folder, not beside egovlp_deploy/configs.
 SHIPPED = Path(importlib.import_module("egovlp_deploy").__file__).resolve().parent / "configs"
+TASKS = ("pretrain", "epic_mir", "charades")  # what a run trains (TrainConfig.task)
 
 
 @dataclass
@@ -28,7 +33,9 @@ class ModelSection:
     num_frames: int = 4
     projection: str = "big"
     config_file: str | None = None  # a model config.json instead of the preset
-    init_from: str | None = None  # an official .pth or a save_pretrained directory to start from
+    # An official .pth or a save_pretrained directory (a training checkpoint step_N) to start from; fine-tuning
+    # needs one. Its temporal embedding is resized to num_frames by the official rule (frame inflation).
+    init_from: str | None = None
     # The official pre-training's starting point for a new model (local files, relative to the working directory):
     # the video tower's spatial layers from an image ViT-B/16 (timm .pth/.safetensors or Google .npz; temporal
     # attention, fusion and projections keep their own init) and the text tower from a Hugging Face roberta-base
@@ -80,7 +87,15 @@ class DataSection:
     num_workers: int = 0
     # Decoded training videos kept in each DataLoader worker, in MiB (0: off). For small datasets that are read
     # again every epoch (the synthetic one: 1.8 GB at 64 px); a video larger than this is read from the file.
+    # Pre-training only.
     frame_cache_mb: int = 0
+    # Fine-tuning: the task's annotation directory (relative to root), which fine-tuning needs. epic_mir: the EK-100
+    # retrieval annotations (EPIC_100_retrieval_{train,test}.csv, their _sentence.csv and
+    # relevancy/caption_relevancy_EPIC_100_retrieval_{train,test}.npy, the .pkl converted once as
+    # egovlp_deploy/data/epic.py describes); charades: metadata_train.csv, CharadesEgo_v1_test_only1st.csv and
+    # Charades_v1_classes.txt. The videos are under video_root.
+    annotations: str | None = None
+    num_classes: int = 157  # charades: the classes of Charades_v1_classes.txt
 
 
 @dataclass
@@ -104,6 +119,9 @@ class ObjectiveSection:
     verb: bool = True  # action-aware positives (both off = InfoNCE)
     noun: bool = True
     mlm_probability: float = 0.15
+    # epic_mir fine-tuning: the margin of the adaptive max-margin ranking loss, scaled per pair by its relevancy
+    # (official 0.2). charades fine-tuning uses `temperature` for its symmetric softmax loss (official 0.05).
+    margin: float = 0.2
 
 
 @dataclass
@@ -154,7 +172,7 @@ class CheckpointSection:
 class EvalSection:
     every_epochs: int = 1
     num_frames: int | None = None  # evaluate at a different frame count (paper: 16); None = training frames
-    batch_size: int = 4  # questions per step
+    batch_size: int = 4  # EgoMCQ questions, or EK-100 / Charades-Ego clips, per step
     max_questions: int | None = None
 
 
@@ -175,6 +193,7 @@ class TrainConfig:
     eval: EvalSection = field(default_factory=EvalSection)
     log: LogSection = field(default_factory=LogSection)
     seed: int = 0
+    task: str = "pretrain"  # one of TASKS
 
     SECTIONS = {"model": ModelSection, "data": DataSection, "objective": ObjectiveSection, "optim": OptimSection,
                 "schedule": ScheduleSection, "checkpoint": CheckpointSection, "eval": EvalSection, "log": LogSection}
@@ -217,7 +236,13 @@ class TrainConfig:
             for f in dataclasses.fields(klass):
                 RULES[section_name][f.name].check(f"{section_name}.{f.name}", getattr(section, f.name), str(f.type))
         s, m, o = self.schedule, self.model, self.optim
+        finetune = self.task != "pretrain"
         checks = [
+            (not finetune or m.init_from is not None,
+             f"task {self.task} fine-tunes a model: set model.init_from (an official .pth or one of our checkpoints)"),
+            (not finetune or self.data.annotations is not None,
+             f"task {self.task} reads its files from data.annotations (the annotation directory): set it"),
+            (not finetune or m.text_warmup_steps == 0, "model.text_warmup_steps is for pre-training only"),
             (not (o.text_freeze_steps and o.text_freeze_fraction),
              "set optim.text_freeze_steps or optim.text_freeze_fraction, not both"),
             (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
@@ -322,7 +347,8 @@ PROBABILITY = Rule(low=0, high=1)
 
 # Every field of every section, by section name ("": the top-level fields).
 RULES: dict[str, dict[str, Rule]] = {
-    "": {"seed": Rule(low=0, high=2**32 - 1)},  # numpy's seed range
+    "": {"seed": Rule(low=0, high=2**32 - 1),  # numpy's seed range
+         "task": Rule(choices=TASKS)},
     "model": {
         "preset": Rule(choices=("base", "tiny")), "num_frames": POSITIVE, "projection": Rule(choices=("big", "small")),
         "config_file": TEXT, "init_from": TEXT, "init_video": TEXT, "init_text": TEXT, "text_dropout": FRACTION, "img_size": POSITIVE,
@@ -334,12 +360,14 @@ RULES: dict[str, dict[str, Rule]] = {
         "num_verbs": POSITIVE, "num_nouns": POSITIVE, "neg_window": POSITIVE, "strict": ANY,
         "backend": Rule(choices=("auto", "decord", "pyav")), "tokenizer": TEXT, "allow_download": ANY,
         "text_max_length": Rule(low=3), "num_workers": NON_NEGATIVE, "frame_cache_mb": NON_NEGATIVE,
+        "annotations": TEXT, "num_classes": POSITIVE,
     },
     "objective": {
         "egonce_weight": NON_NEGATIVE, "mlm_weight": NON_NEGATIVE, "vtm_weight": NON_NEGATIVE,
         "temperature": POSITIVE, "vtm_negative_temperature": POSITIVE,
         "vtm_negative_anneal": ANY, "text_simcse_weight": NON_NEGATIVE, "verb": ANY, "noun": ANY,
         "mlm_probability": PROBABILITY,
+        "margin": NON_NEGATIVE,  # below 0 a pair could rank below the others at no cost
     },
     "optim": {
         # AdamW moves each weight by about lr per step: above 1 a run diverges in a few steps.

@@ -7,6 +7,9 @@ forward to be called). Every loss is computed over the GLOBAL batch exactly as o
 - VTM pairs drawn over the global batch with a generator seeded by (seed, step) on every rank, each rank
   running the fusion encoder on its own slice; the per-pair losses are gathered.
 So the losses, and the step, do not depend on how many processes share the batch (the scale-out test).
+
+`FinetuneObjective` is the fine-tuning step (EK-100 MIR, Charades-Ego): the dual encoder's (texts x videos) cosine
+matrix over the all-gathered global batch, scored by the task's loss, as the official fine-tuning trainers do.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from egovlp_deploy.losses import egonce_loss, sample_vtm_pairs, same_text_mask, sim_matrix, simcse_loss
+from egovlp_deploy.losses import (adaptive_max_margin_loss, egonce_loss, norm_softmax_loss, sample_vtm_pairs,
+                                  same_text_mask, sim_matrix, simcse_loss)
 
 from .distributed import gather, gather_with_grad
 
@@ -127,3 +131,43 @@ class PretrainObjective(torch.nn.Module):
             total = total + self.text_simcse_weight * simcse
             parts["loss"], parts["simcse"] = total.detach(), simcse.detach()
         return total, parts
+
+
+@dataclass
+class FinetuneBatch:
+    """This rank's fine-tuning pairs: each clip with its caption (EK-100: a sampled positive sentence; Charades-Ego:
+    the action's narration) and the caption's relevancy to the clip (EK-100; 1 for Charades-Ego)."""
+
+    video: torch.Tensor  # (b, F, 3, S, S)
+    input_ids: torch.Tensor  # (b, L)
+    attention_mask: torch.Tensor  # (b, L)
+    relation: torch.Tensor  # (b,) float
+    load_failures: torch.Tensor  # () clips of this batch that could not be read (lax mode: black frames)
+
+    def to(self, device) -> "FinetuneBatch":
+        return FinetuneBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+
+class FinetuneObjective(torch.nn.Module):
+    """The dual-encoder fine-tuning loss over the global batch (rows = texts, columns = videos, pairs on the
+    diagonal): "epic_mir" the adaptive max-margin ranking loss with each pair's relevancy (all-gathered like the
+    embeddings), "charades" the symmetric softmax (NormSoftmax) loss. Only the towers and their projections get
+    gradients; the fusion layers and heads are not used."""
+
+    def __init__(self, model, task: str, margin: float = 0.2, temperature: float = 0.05):
+        super().__init__()
+        if task not in ("epic_mir", "charades"):
+            raise ValueError(f"no fine-tuning loss for task {task!r}")
+        self.model, self.task, self.margin, self.temperature = model, task, margin, temperature
+
+    def forward(self, batch: FinetuneBatch, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        video_emb = gather_with_grad(self.model.encode_video(batch.video))  # (N, P)
+        text_emb = gather_with_grad(self.model.encode_text(batch.input_ids, batch.attention_mask))  # (N, P)
+        sim = sim_matrix(text_emb, video_emb).float()  # (N, N)
+        if self.task == "epic_mir":
+            loss = adaptive_max_margin_loss(sim, gather(batch.relation.float()), self.margin)
+        else:
+            loss = norm_softmax_loss(sim, self.temperature)
+        with torch.no_grad():  # how often a text's own video ranks first among the batch's videos
+            accuracy = (sim.argmax(1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
+        return loss, {"loss": loss.detach(), "batch_t2v_accuracy": accuracy}

@@ -1,13 +1,19 @@
-"""`egovlp-deploy train`: pre-train EgoVLPv2 with EgoNCE + MLM + VTM (hard negatives), on one CPU or many GPUs.
+"""`egovlp-deploy train`: pre-train EgoVLPv2 with EgoNCE + MLM + VTM (hard negatives), or fine-tune it for EK-100
+multi-instance retrieval or Charades-Ego, on one CPU or many GPUs.
 
     egovlp-deploy train --config tiny_synthetic.json --output runs/tiny            # one process
     torchrun --nproc-per-node 8 --no-python egovlp-deploy train --config pretrain_egoclip.json --output runs/pt
+    torchrun --nproc-per-node 8 --no-python egovlp-deploy train --config finetune_epic_mir.json --output runs/epic
 
-The loop, top to bottom: build tokenizer, model, data; then per optimizer step: forward the three objectives on
+The loop, top to bottom: build tokenizer, model, data; then per optimizer step: forward the task's objectives on
 `grad_accum_steps` micro-batches (DDP syncs gradients on the last one), guard against NaN/inf, step AdamW and the
-cosine schedule, log, and checkpoint every N steps; evaluate on EgoMCQ every epoch. Every checkpoint stores what an
-exact resume needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resume` continues from the
-newest valid one and reaches the same weights, bit for bit, as a run that was never interrupted.
+cosine schedule, log, and checkpoint every N steps; evaluate every epoch. The config's `task` picks the objectives,
+the data and the evaluation: "pretrain" EgoNCE + MLM + VTM on EgoClip, evaluated on EgoMCQ (sharded over the
+ranks); "epic_mir" the adaptive max-margin ranking loss on EK-100 MIR, evaluated by nDCG/mAP on its test split;
+"charades" the symmetric softmax loss on Charades-Ego, evaluated by mAP on its test split (both fine-tuning
+evaluations run on rank 0 while the other ranks wait at a barrier). Every checkpoint stores what an exact resume
+needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resume` continues from the newest valid
+one and reaches the same weights, bit for bit, as a run that was never interrupted.
 
 Exit status: 0 done; 1 the run cannot go on (it diverged, `--resume` found no valid checkpoint, the tokenizer and the
 model do not fit); 2 a bad config, data file or argument (checked before any work starts); 130/143 interrupted
@@ -36,11 +42,12 @@ from egovlp_deploy.model import EgoVLPv2
 from egovlp_deploy.video import release_frame_cache
 
 from . import distributed as D
-from .batching import IndexedDataset, PretrainCollator
+from .batching import FinetuneCollator, IndexedDataset, PretrainCollator
 from .checkpointing import latest_valid_checkpoint, load_checkpoint, remove_stale_temp_dirs, save_checkpoint
 from .config import TrainConfig
-from .evaluate import evaluate_egomcq, format_table, model_at_frames
-from .objectives import PretrainObjective
+from .evaluate import (charades_test_dataset, epic_test_dataset, evaluate_charades, evaluate_egomcq,
+                       evaluate_epic_mir, format_retrieval, format_table, model_at_frames)
+from .objectives import FinetuneObjective, PretrainObjective
 from .optim import build_optimizer, build_scheduler
 from .text_warmup import simcse_warmup
 
@@ -127,7 +134,15 @@ def class_counts(cfg: TrainConfig) -> tuple[int, int]:
     return cfg.data.num_verbs, cfg.data.num_nouns
 
 
+EVAL_NAMES = {"pretrain": "EgoMCQ", "epic_mir": "EK-100 MIR", "charades": "Charades-Ego"}
+
+
 def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: int):
+    """(training set, evaluation set or None) of the config's task."""
+    if cfg.task == "epic_mir":
+        return build_epic_datasets(cfg, model_config, eval_frames)
+    if cfg.task == "charades":
+        return build_charades_datasets(cfg, model_config, eval_frames)
     from egovlp_deploy.data.egoclip import EgoClipDataset
     from egovlp_deploy.data.egomcq import EgoMCQDataset
 
@@ -143,6 +158,40 @@ def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: 
         evaluation = EgoMCQDataset(mcq_path, cfg.resolve(d.video_root), eval_frames, size, num_verbs=num_verbs,
                                    num_nouns=num_nouns, strict=d.strict, backend=d.backend)
     return train, evaluation
+
+
+def build_epic_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: int):
+    """EK-100 MIR: the train split (captions sampled by relevancy, jittered frames) and the test split, which the
+    official fine-tuning validates on (EK-100 MIR has no separate validation split)."""
+    from egovlp_deploy.data.epic import EpicMIRDataset
+    from egovlp_deploy.data.errors import DataError
+
+    d, size = cfg.data, model_config.video.img_size
+    root, video_root = cfg.resolve(d.annotations), cfg.resolve(d.video_root)
+    stem = root / "relevancy" / "caption_relevancy_EPIC_100_retrieval_train"
+    relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
+    if relevancy is None:
+        raise DataError(stem.with_suffix(".npy"), "file", "missing (the official .pkl is read only once converted "
+                                                          "to .npy, as egovlp_deploy/data/epic.py describes)")
+    train = EpicMIRDataset(root / "EPIC_100_retrieval_train.csv", video_root, model_config.video.num_frames, size,
+                           split="train", sentence_csv=root / "EPIC_100_retrieval_train_sentence.csv",
+                           relevancy_path=relevancy, strict=d.strict, backend=d.backend, seed=cfg.seed)
+    test = epic_test_dataset(root, video_root, eval_frames, size, strict=d.strict)
+    return train, test
+
+
+def build_charades_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: int):
+    """Charades-Ego: one training clip per action of metadata_train.csv and the test split with the class prompts
+    (the official fine-tuning validates on the test split)."""
+    from egovlp_deploy.data.charades import CharadesEgoDataset
+
+    d, size = cfg.data, model_config.video.img_size
+    root, video_root = cfg.resolve(d.annotations), cfg.resolve(d.video_root)
+    train = CharadesEgoDataset(root / "metadata_train.csv", video_root, model_config.video.num_frames, size,
+                               split="train", num_classes=d.num_classes, strict=d.strict, backend=d.backend,
+                               seed=cfg.seed)
+    test = charades_test_dataset(root, video_root, eval_frames, size, d.num_classes, strict=d.strict)
+    return train, test
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -251,13 +300,18 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     if len(tokenizer) > model.config.text.vocab_size or tokenizer.pad_token_id != model.config.text.pad_token_id:
         raise TrainingError(f"the tokenizer ({len(tokenizer)} tokens, pad {tokenizer.pad_token_id}) does not fit the "
                             f"model (vocabulary {model.config.text.vocab_size}, pad {model.config.text.pad_token_id})")
+    if cfg.data.text_max_length > model.config.text.max_text_length:
+        raise ConfigError(f"data.text_max_length {cfg.data.text_max_length} is longer than the model's text "
+                          f"({model.config.text.max_text_length} tokens)")
     model.gradient_checkpointing = cfg.schedule.gradient_checkpointing
     eval_frames = cfg.eval.num_frames or model.config.video.num_frames
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
     skipped_rows = len(getattr(train_set, "skipped_rows", []))
+    finetune = cfg.task != "pretrain"
     if info.is_main:
+        unit = "clips" if finetune else "questions"
         print(f"data: {len(train_set)} training clips ({skipped_rows} bad rows skipped), "
-              f"{len(eval_set) if eval_set is not None else 0} EgoMCQ questions")
+              f"{len(eval_set) if eval_set is not None else 0} {EVAL_NAMES[cfg.task]} {unit}")
     if cfg.model.text_warmup_steps and not cfg.model.init_from and not resume:  # on resume the weights come back
         t0 = time.perf_counter()
         losses = simcse_warmup(model, tokenizer, train_set.narrations(), cfg.model.text_warmup_steps, cfg.optim.lr,
@@ -277,7 +331,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     total_steps = steps_per_epoch * s.epochs
     if s.max_steps is not None:
         total_steps = min(total_steps, s.max_steps)
-    collator = PretrainCollator(tokenizer, cfg.data.text_max_length, cfg.objective.mlm_probability, cfg.seed)
+    if finetune:
+        collator = FinetuneCollator(tokenizer, cfg.data.text_max_length)
+    else:
+        collator = PretrainCollator(tokenizer, cfg.data.text_max_length, cfg.objective.mlm_probability, cfg.seed)
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG
     loader = torch.utils.data.DataLoader(IndexedDataset(train_set), batch_sampler=sampler, collate_fn=collator,
                                          num_workers=cfg.data.num_workers, generator=loader_rng,
@@ -286,15 +343,22 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                                          # no re-fork per epoch, and their open-video caches stay warm.
                                          persistent_workers=cfg.data.num_workers > 0)
 
-    objective = PretrainObjective(model, cfg.objective.temperature, cfg.objective.verb, cfg.objective.noun,
-                                  (cfg.objective.egonce_weight, cfg.objective.mlm_weight, cfg.objective.vtm_weight),
-                                  seed=cfg.seed, vtm_negative_temperature=cfg.objective.vtm_negative_temperature,
-                                  vtm_negative_anneal_steps=total_steps if cfg.objective.vtm_negative_anneal else 0,
-                                  text_simcse_weight=cfg.objective.text_simcse_weight)
+    if finetune:
+        objective = FinetuneObjective(model, cfg.task, cfg.objective.margin, cfg.objective.temperature)
+    else:
+        objective = PretrainObjective(model, cfg.objective.temperature, cfg.objective.verb, cfg.objective.noun,
+                                      (cfg.objective.egonce_weight, cfg.objective.mlm_weight,
+                                       cfg.objective.vtm_weight), seed=cfg.seed,
+                                      vtm_negative_temperature=cfg.objective.vtm_negative_temperature,
+                                      vtm_negative_anneal_steps=total_steps if cfg.objective.vtm_negative_anneal else 0,
+                                      text_simcse_weight=cfg.objective.text_simcse_weight)
     wrapped = objective
     if info.distributed:
+        # Fine-tuning trains the dual encoder alone: the fusion layers and heads get no gradient, which DDP must
+        # be told of.
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+            objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=finetune)
     o = cfg.optim
     freeze_steps = o.freeze_steps(total_steps)
     optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text,
@@ -343,11 +407,21 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         if eval_set is None:
             return None
         eval_model = model_at_frames(model, eval_frames)
-        result = evaluate_egomcq(eval_model, eval_set, tokenizer, info.device, cfg.eval.batch_size,
-                                 cfg.data.num_workers, cfg.eval.max_questions, progress=False)
-        log.write({"step": step, "epoch": epoch, "egomcq": result})
+        if not finetune:
+            result = evaluate_egomcq(eval_model, eval_set, tokenizer, info.device, cfg.eval.batch_size,
+                                     cfg.data.num_workers, cfg.eval.max_questions, progress=False)
+            text = format_table(result)
+        else:  # rank 0 scores the whole test split (the metrics need every clip at once); the others wait
+            result = None
+            if info.is_main:
+                run_eval = evaluate_epic_mir if cfg.task == "epic_mir" else evaluate_charades
+                result = run_eval(eval_model, eval_set, tokenizer, info.device, batch_size=cfg.eval.batch_size,
+                                  num_workers=cfg.data.num_workers)
+                text = format_retrieval(cfg.task, result)
+            D.barrier()
+        log.write({"step": step, "epoch": epoch, cfg.task: result})
         if bar is not None:
-            bar.write(f"[epoch {epoch} step {step}] EgoMCQ\n{format_table(result)}")
+            bar.write(f"[epoch {epoch} step {step}] {EVAL_NAMES[cfg.task]}\n{text}")
         return result
 
     log.write({"step": step, "epoch": epoch, "data": {"clips": len(train_set), "skipped_rows": skipped_rows,
@@ -436,10 +510,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     if bar is not None:
         bar.close()
     log.close()
-    summary = {"steps": step, "epochs_started": epoch + 1 if done else epoch, "minutes": (time.time() - started) / 60,
-               "skipped_steps": skipped, "skipped_rows": skipped_rows, "load_failures": load_failures,
-               "egomcq": final_eval or last_eval, "output_dir": str(output_dir),
-               "world_size": info.world_size}
+    summary = {"task": cfg.task, "steps": step, "epochs_started": epoch + 1 if done else epoch,
+               "minutes": (time.time() - started) / 60, "skipped_steps": skipped, "skipped_rows": skipped_rows,
+               "load_failures": load_failures, "output_dir": str(output_dir), "world_size": info.world_size}
+    summary["egomcq" if cfg.task == "pretrain" else cfg.task] = final_eval or last_eval
     if info.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -469,7 +543,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, metavar="JSON",
                         help="run config: a path, or the name of a shipped one (tiny_synthetic.json, "
-                             "pretrain_egoclip.json)")
+                             "pretrain_egoclip.json, finetune_epic_mir.json, finetune_charades.json, "
+                             "finetune_epic_mir_tiny.json)")
     parser.add_argument("--output", required=True, metavar="DIR",
                         help="run directory: checkpoints/, metrics.jsonl, summary.json, the demo tokenizer")
     parser.add_argument("--resume", action="store_true",
@@ -491,8 +566,11 @@ def run(args) -> int:
     summary = train(cfg, args.output, resume=args.resume, device=args.device, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"trained {summary['steps']} steps in {summary['minutes']:.1f} min -> {summary['output_dir']}")
-        if summary["egomcq"]:
+        if summary.get("egomcq"):
             print(format_table(summary["egomcq"]))
+        for task in ("epic_mir", "charades"):
+            if summary.get(task):
+                print(format_retrieval(task, summary[task]))
     return 0
 
 

@@ -162,7 +162,9 @@ def test_external_data_is_recorded_and_loads(engines, engines_copy):
     entry = load_manifest(engines_copy).find("text_encoder")
     assert entry.external_data == [{"file": "onnx/fp32/text_encoder.onnx.data", "bytes": data.stat().st_size,
                                     "sha256": manifest_module.sha256_file(data)}]
-    assert entry.bytes < data.stat().st_size / 4  # the weights really moved out of the graph file
+    # the weights really moved out of the graph file (measured: a 0.3 MB graph, its integer constants inline, beside
+    # 1.2 MB of float weights)
+    assert entry.bytes < data.stat().st_size / 2
     got, want = _text_outputs(engines_copy), _text_outputs(engines)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])

@@ -1,0 +1,155 @@
+"""Fine-tuning as a trainer task (`task`: "epic_mir", "charades"): the config's rules, a few steps on the synthetic
+EK-100 MIR and Charades-Ego files in the official formats from a tiny checkpoint, evaluation each epoch, and an exact
+resume after the run dies right after a checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("av")
+
+from egovlp_deploy.config import ConfigError  # noqa: E402
+from egovlp_deploy.data import synth, synth_downstream  # noqa: E402
+from egovlp_deploy.trainer import train as train_module  # noqa: E402
+from egovlp_deploy.trainer.config import TrainConfig  # noqa: E402
+from egovlp_deploy.trainer.train import train  # noqa: E402
+
+from official_format import saved_random_tiny  # noqa: E402
+
+TINY = dict(train_videos=2, eval_videos=2, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
+METRICS = {"nDCG_V2T", "nDCG_T2V", "nDCG_AVG", "mAP_V2T", "mAP_T2V", "mAP_AVG"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "ds"
+    synth.generate(out, seed=5, workers=1, **TINY)
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny model saved at 4 frames: the runs below inflate it to 8 (the frame inflation rule)."""
+    path, _ = saved_random_tiny(tmp_path_factory.mktemp("init") / "tiny", seed=3)
+    return path
+
+
+def _config(task, data, checkpoint, tokenizer, **schedule) -> dict:
+    annotations = "epic" if task == "epic_mir" else "charades"
+    return {
+        "task": task,
+        "model": {"preset": "tiny", "num_frames": 8, "init_from": str(checkpoint)},
+        "data": {"root": str(data), "annotations": annotations, "video_root": f"{annotations}/videos",
+                 "num_classes": len(synth_downstream.charades_classes()), "egomcq_json": None, "meta_json": None,
+                 "backend": "pyav", "tokenizer": str(tokenizer), "text_max_length": 30 if task == "epic_mir" else 15,
+                 "num_workers": 0},
+        "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.1},
+        "schedule": {"epochs": 2, "batch_size": 4, "precision": "fp32"} | schedule,
+        "checkpoint": {"every_steps": 1, "keep_last": 0},
+        "eval": {"every_epochs": 1, "batch_size": 4},
+        "log": {"every_steps": 1},
+        "seed": 2,
+    }
+
+
+def _records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+# -- config ------------------------------------------------------------------------------------------------------
+def test_shipped_finetune_configs_hold_the_official_recipes():
+    epic = TrainConfig.load("finetune_epic_mir.json")
+    assert (epic.task, epic.model.num_frames, epic.model.projection, epic.data.text_max_length) == \
+        ("epic_mir", 16, "small", 30)
+    assert (epic.optim.lr, epic.objective.margin, epic.schedule.epochs, epic.schedule.batch_size) == \
+        (2e-4, 0.2, 100, 128)
+    charades = TrainConfig.load("finetune_charades.json")
+    assert (charades.task, charades.model.num_frames, charades.data.text_max_length, charades.data.num_classes) == \
+        ("charades", 32, 15, 157)
+    assert (charades.optim.lr, charades.objective.temperature, charades.schedule.epochs) == (1.5e-5, 0.05, 20)
+    tiny = TrainConfig.load("finetune_epic_mir_tiny.json")
+    assert (tiny.task, tiny.model.num_frames, tiny.model.preset) == ("epic_mir", 16, "tiny")
+    assert TrainConfig().task == "pretrain"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"task": "vqa"}, r"task must be one of \['pretrain', 'epic_mir', 'charades'\]"),
+    ({"task": "epic_mir", "data": {"annotations": "epic"}}, "set model.init_from"),
+    ({"task": "charades", "model": {"init_from": "x.pth"}}, "data.annotations"),
+    ({"task": "epic_mir", "model": {"init_from": "x.pth", "text_warmup_steps": 5}, "data": {"annotations": "e"}},
+     "text_warmup_steps is for pre-training only"),
+    ({"objective": {"margin": -0.1}}, r"objective.margin must be >= 0"),
+    ({"data": {"num_classes": 0}}, r"data.num_classes must be > 0"),
+    ({"data": {"annotations": ""}}, r"data.annotations must be a non-empty string"),
+])
+def test_finetune_config_rules(change, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.from_dict(change)
+
+
+# -- runs --------------------------------------------------------------------------------------------------------
+def test_epic_mir_finetuning_runs_and_evaluates_each_epoch(data, checkpoint, demo_tokenizer_dir, tmp_path):
+    summary = train(TrainConfig.from_dict(_config("epic_mir", data, checkpoint, demo_tokenizer_dir)), tmp_path / "run",
+                    progress=False)
+    assert summary["task"] == "epic_mir" and summary["steps"] == 4  # 8 clips / 4 per step x 2 epochs
+    assert set(summary["epic_mir"]) == METRICS and "egomcq" not in summary
+    records = _records(tmp_path / "run")
+    losses = [r for r in records if "loss" in r]
+    assert [r["step"] for r in losses] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["loss"] >= 0 and math.isfinite(r["grad_norm"]) for r in losses)
+    evals = [r for r in records if "epic_mir" in r]
+    assert [r["step"] for r in evals] == [2, 4]  # after epoch 1 and at the end
+    assert all(0 < v <= 100 for r in evals for v in r["epic_mir"].values())
+    weights = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert weights["video_model.temporal_embed"].shape[1] == 8  # trained at 8 frames from a 4-frame checkpoint
+
+
+def test_charades_finetuning_runs_and_reports_map(data, checkpoint, demo_tokenizer_dir, tmp_path, capsys):
+    path = tmp_path / "charades.json"
+    path.write_text(json.dumps(_config("charades", data, checkpoint, demo_tokenizer_dir, epochs=1)))
+    assert train_module.main(["--config", str(path), "--output", str(tmp_path / "run"), "--no-progress",
+                              "--device", "cpu"]) == 0
+    assert "charades    mAP" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["task"] == "charades" and summary["steps"] == 2  # 8 actions / 4 per step
+    assert set(summary["charades"]) == {"mAP"} and 0 < summary["charades"]["mAP"] <= 100
+    assert all(math.isfinite(r["loss"]) for r in _records(tmp_path / "run") if "loss" in r)
+
+
+class _Killed(BaseException):
+    """The run dies right after a checkpoint is on disk (what SIGKILL after a save leaves behind)."""
+
+
+def test_finetuning_resume_is_bitwise_exact(data, checkpoint, demo_tokenizer_dir, tmp_path, monkeypatch):
+    config = TrainConfig.from_dict(_config("epic_mir", data, checkpoint, demo_tokenizer_dir))
+    train(config, tmp_path / "straight", progress=False)
+
+    save = train_module.save_checkpoint
+
+    def save_then_die(ckpt_dir, step, *args, **kwargs):
+        save(ckpt_dir, step, *args, **kwargs)
+        if step == 3:  # mid-epoch 2, after epoch 1's evaluation
+            raise _Killed
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        train(config, tmp_path / "killed", progress=False)
+    monkeypatch.setattr(train_module, "save_checkpoint", save)
+    assert not (tmp_path / "killed" / "checkpoints" / "step_00000004").exists()
+    summary = train(config, tmp_path / "killed", resume=True, progress=False)
+    assert summary["steps"] == 4
+
+    a = load_file(str(tmp_path / "straight" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "checkpoints" / "step_00000004" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    straight = {r["step"]: r for r in _records(tmp_path / "straight") if "loss" in r}
+    resumed = {r["step"]: r for r in _records(tmp_path / "killed") if "loss" in r}
+    assert straight[4]["loss"] == resumed[4]["loss"]
+    assert _records(tmp_path / "straight")[-1]["epic_mir"] == _records(tmp_path / "killed")[-1]["epic_mir"]
