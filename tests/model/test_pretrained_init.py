@@ -158,6 +158,7 @@ def test_video_from_google_npz_computes_what_jax_computes(model, tmp_path, big_v
     p = "params/" if big_vision else ""
     assert report.ignored == sorted(p + k for k in ("head/bias", "head/kernel", "pre_logits/bias", "pre_logits/kernel"))
     assert len(report.filled) == 54
+    check_golden(report, "video", "tiny")  # the same names as the official loading of the timm .pth
     for key in set(before) - set(report.filled):
         assert torch.equal(model.state_dict()[key], before[key]), key
     a = {k[len(p):]: torch.from_numpy(x) for k, x in arrays.items()}
@@ -450,3 +451,95 @@ def test_trainer_builds_a_new_model_from_pretrained_towers(tmp_path):
                                              vit["blocks.0.attn.qkv.weight"])
     with pytest.raises(ConfigError, match="init_from"):
         TrainConfig.from_dict({"model": {"preset": "tiny", "init_from": "x.pth", "init_video": "vit.pth"}})
+
+
+# -- parity with the official loading code -----------------------------------------------------------------------
+# Golden values produced by running the official EgoVLPv2 loading code on random-weight files of the layouts above,
+# at the tiny and base sizes (the official code's own sizes are its constructor arguments; its fused-layer indices
+# were set to the same top `num_fuse_blocks` layers): the video tower built as its pre-training does
+# (SpaceTimeTransformer with time_init='zeros', `head` and `pre_logits` replaced by nn.Identity, then
+# state_dict_data_parallel_fix and load_state_dict(strict=False) on a timm .pth, plain and with `module.` names),
+# and its fused RobertaModel.from_pretrained on a Hugging Face directory (with and without the `roberta.` prefix).
+# Each entry: (count, sha256 of the sorted names joined by "\n") of the official parameter names (ours without the
+# `video_model.` / `text_model.` prefix) that the official code filled from the file, and of those it left at its
+# init. There, the filled values equalled the file's bit for bit, and the file's `head.*`, `pooler.dense.*` and
+# `lm_head.*` filled nothing. (The official text model also holds a persistent `embeddings.position_ids` buffer,
+# an arange whatever the file says; ours has no such buffer, so the text sets are of parameters only.)
+OFFICIAL_GOLDEN = {
+    ("video", "tiny"): {"filled": (54, "d9d6fb0cd433654e502a969e6f64b1242a437159d0b8e10ed0eb2537fa8f1191"),
+                        "left_at_init": (43, "76c0d783630d7c9dd0c54210c3d7517af0d51418d4aa34e857e45465b06b5919")},
+    ("video", "base"): {"filled": (150, "90642ba8810056d8cf9798abed5bad2433f0a7a4eb837efec7a521653d8192f1"),
+                        "left_at_init": (127, "65465d07fb5508e08a3f6e446cbfc394170304ae8962d8822b1720928e2ca1c3")},
+    ("text", "tiny"): {"filled": (69, "fa0ce8d4df1d02aba9df88669e90173af952afa4f69f7a8ea4063fb34170df40"),
+                       "left_at_init": (18, "817aeea60a58061ad104e30f980d189151ca9d0a6ef8e1ddd9d0e7665f43eb38")},
+    ("text", "base"): {"filled": (197, "0d89fc851e19f1d19cc4412a106e63a373e835d2eb192fb95926b55cbf9e6561"),
+                       "left_at_init": (54, "5dd44b3044a9018ccb2f346d70b561d2cf0220cf4a2954771f2e7db5c5d09a9d")},
+}
+# The constant values the official constructors give the video parameters left at init (the others there keep
+# torch's default Linear init); the text gates alpha_t2i start at 0 and keep it (_init_weights skips them).
+OFFICIAL_VIDEO_CONSTANT_INIT = {"norm3.weight": 1.0, "norm3.bias": 0.0, "timeattn.qkv.weight": 0.0,
+                                "timeattn.qkv.bias": 0.0, "timeattn.proj.weight": 1.0, "timeattn.proj.bias": 0.0,
+                                "attn.alpha_i2t": 0.0, "attn.norm_i2t_i.weight": 1.0, "attn.norm_i2t_i.bias": 0.0,
+                                "temporal_embed": 0.0}
+
+
+def name_digest(names, prefix):
+    import hashlib
+
+    stripped = sorted(n[len(prefix):] for n in names)
+    return len(stripped), hashlib.sha256("\n".join(stripped).encode()).hexdigest()
+
+
+def check_golden(report, tower, size):
+    prefix = tower + "_model."
+    golden = OFFICIAL_GOLDEN[(tower, size)]
+    assert name_digest(report.filled, prefix) == golden["filled"]
+    assert name_digest(report.left_at_init, prefix) == golden["left_at_init"]
+
+
+def test_video_init_matches_the_official_loading(tmp_path):
+    config = EgoVLPv2Config.tiny()
+    sd = random_tensors(timm_vit_shapes(config.video), seed=11)
+    torch.save(sd, tmp_path / "vit.pth")
+    torch.save({"module." + k: v for k, v in sd.items()}, tmp_path / "module.pth", _use_new_zipfile_serialization=False)
+    save_safetensors(sd, tmp_path / "vit.safetensors")
+    for name in ("vit.pth", "module.pth", "vit.safetensors"):
+        torch.manual_seed(0)
+        model = EgoVLPv2(config)
+        report = init_video_tower(model, tmp_path / name)
+        check_golden(report, "video", "tiny")
+        state = model.state_dict()
+        for key in report.filled:
+            assert torch.equal(state[key], sd[key[len("video_model."):]]), key
+        for key in report.left_at_init:
+            constant = [c for suffix, c in OFFICIAL_VIDEO_CONSTANT_INIT.items() if key.endswith(suffix)]
+            if constant:
+                assert torch.equal(state[key], torch.full_like(state[key], constant[0])), key
+    base = EgoVLPv2Config.base(num_frames=4)
+    with torch.device("meta"):
+        model = EgoVLPv2(base)
+        vit = {k: torch.empty(s) for k, s in timm_vit_shapes(base.video).items()}
+    check_golden(fill_by_name(model, "video_model.", vit, "video", "ViT-B/16", VIDEO_OWN_INIT), "video", "base")
+
+
+def test_text_init_matches_the_official_loading(tmp_path):
+    config = EgoVLPv2Config.tiny()
+    for weights_name, prefix in (("model.safetensors", "roberta."), ("pytorch_model.bin", "")):
+        directory = tmp_path / weights_name
+        sd, _ = write_hf_dir(directory, config.text, weights_name, prefix, seed=12)
+        torch.manual_seed(0)
+        model = EgoVLPv2(config)
+        report = init_text_tower(model, directory)
+        check_golden(report, "text", "tiny")
+        state = model.state_dict()
+        for key in report.filled:
+            assert torch.equal(state[key], sd[prefix + key[len("text_model."):]]), key
+        for key in report.left_at_init:
+            if key.endswith("alpha_t2i"):
+                assert state[key].item() == 0.0, key
+    base = EgoVLPv2Config.base(num_frames=4)
+    with torch.device("meta"):
+        model = EgoVLPv2(base)
+        roberta = {k: torch.empty(s) for k, s in hf_roberta_shapes(base.text, "roberta.").items()}
+    roberta = {k[len("roberta."):]: v for k, v in roberta.items()}  # as init_text_tower strips the prefix
+    check_golden(fill_by_name(model, "text_model.", roberta, "text", "roberta-base", TEXT_OWN_INIT), "text", "base")
