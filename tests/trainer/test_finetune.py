@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -153,3 +154,62 @@ def test_finetuning_resume_is_bitwise_exact(data, checkpoint, demo_tokenizer_dir
     resumed = {r["step"]: r for r in _records(tmp_path / "killed") if "loss" in r}
     assert straight[4]["loss"] == resumed[4]["loss"]
     assert _records(tmp_path / "straight")[-1]["epic_mir"] == _records(tmp_path / "killed")[-1]["epic_mir"]
+
+
+# -- bad input ---------------------------------------------------------------------------------------------------
+def _broken_copy(data, tmp_path, task, edit):
+    """A copy of the synthetic annotations of `task` (videos linked, not copied) with one file edited."""
+    import shutil
+
+    root = tmp_path / "ds"
+    root.mkdir()
+    for entry in data.iterdir():
+        if entry.name in ("epic", "charades"):
+            shutil.copytree(entry, root / entry.name, symlinks=True)
+        else:
+            (root / entry.name).symlink_to(entry.resolve())
+    edit(root / ("epic" if task == "epic_mir" else "charades"))
+    return root
+
+
+def _edit_csv_row(path, column, value, row=0):
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    rows[row + 1][column] = value
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+@pytest.mark.parametrize("task, edit, names", [
+    ("epic_mir", lambda d: _edit_csv_row(d / "EPIC_100_retrieval_train.csv", 2, "no_such_video"),
+     "EPIC_100_retrieval_train.csv"),
+    ("epic_mir", lambda d: np.save(d / "relevancy" / "caption_relevancy_EPIC_100_retrieval_train.npy",
+                                   np.zeros((3, 2), np.float32)), "relevancy"),
+    ("charades", lambda d: _edit_csv_row(d / "CharadesEgo_v1_test_only1st.csv", 9, "c999 0.00 1.00"),
+     "CharadesEgo_v1_test_only1st.csv"),
+])
+def test_bad_annotations_are_one_line_errors_naming_the_file(data, checkpoint, demo_tokenizer_dir, tmp_path, capsys,
+                                                             task, edit, names):
+    root = _broken_copy(data, tmp_path, task, edit)
+    config = _config(task, root, checkpoint, demo_tokenizer_dir, epochs=1)
+    config["data"]["strict"] = True
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    from egovlp_deploy.cli import main as cli_main
+
+    code = cli_main(["train", "--config", str(path), "--output", str(tmp_path / "run"), "--no-progress",
+                     "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and names in err and "Traceback" not in err, err  # strict: the file (and row) named, no run
+
+
+def test_lax_loading_skips_and_counts_a_bad_row(data, checkpoint, demo_tokenizer_dir, tmp_path, capsys):
+    root = _broken_copy(data, tmp_path, "epic_mir",
+                        lambda d: _edit_csv_row(d / "EPIC_100_retrieval_train.csv", 2, "no_such_video"))
+    config = _config("epic_mir", root, checkpoint, demo_tokenizer_dir, epochs=1)
+    config["data"]["strict"] = False
+    summary = train(TrainConfig.from_dict(config), tmp_path / "run", progress=False)
+    assert summary["steps"] == 1  # 7 readable clips of 8: one full batch of 4 per epoch
+    assert "(1 bad rows skipped)" in capsys.readouterr().out
