@@ -87,12 +87,14 @@ def test_resume_after_sigkill_is_bitwise_exact(small_data, tmp_path):
     victim = _cli(config, tmp_path / "killed", wait=False)
     target = tmp_path / "killed" / "checkpoints" / "step_00000006"
     deadline = time.time() + 300
-    while not (target / "MANIFEST.json").is_file():
-        assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
+    try:
+        while not (target / "MANIFEST.json").is_file():
+            assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:  # killed in every case: a failed wait must not leave a training process behind
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
     assert not (tmp_path / "killed" / "checkpoints" / "step_00000012").exists(), "killed too late to test resume"
     _cli(config, tmp_path / "killed", "--resume")
     a, b = _weights(tmp_path / "straight", 12), _weights(tmp_path / "killed", 12)
