@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
-# The CPU machines carry a local torch 2.13.0 CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+# The default is the torch the lock was resolved against, as a local CPU wheel where one is provided; an unpinned
+# torch would pull a multi-GB CUDA build.
 # On a GPU machine, e.g.: make test TORCH_SPEC='torch==2.11.0'. The lock leaves torch to TORCH_SPEC.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,cpu
@@ -21,7 +22,7 @@ PKG_STAMP := $(VENV)/.package-installed
 SOURCES := $(shell find egovlp_deploy kernels export trainer -type f -not -path '*/__pycache__/*' 2>/dev/null) \
            CMakeLists.txt pyproject.toml
 
-.PHONY: setup test demo lock test-latest clean
+.PHONY: setup test format demo lock test-latest clean
 
 setup: $(PKG_STAMP)
 
@@ -46,8 +47,15 @@ $(PKG_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) check  # every requirement of the package met: a lock left behind by pyproject.toml stops here
 	touch $@
 
+# Lint and format check first (ruff, configured in pyproject.toml; `make format` applies both), then the tests.
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 # The one-command tour: synthetic data -> short training -> ONNX export -> index/search/MCQ -> latency table,
 # everything under demo_out/ (about 4 minutes on a quiet 2-core CPU). DEMO_ARGS=--quick for a plumbing check.

@@ -45,9 +45,14 @@ if _installed is not None:
     finally:
         _installed._initializing = False
 else:
+    from importlib import metadata as _metadata
+
     from .checkpoint import CheckpointError
     from .config import ConfigError, EgoVLPv2Config
     from .model import EgoVLPv2, FusionOutput, InputError
 
-    __version__ = "0.1.0"
+    try:  # pyproject.toml holds the version; the installed distribution's metadata carries it here
+        __version__ = _metadata.version("egovlp-deploy")
+    except _metadata.PackageNotFoundError:  # a checkout that was never installed
+        __version__ = "0+unknown"
     __all__ = ["EgoVLPv2", "EgoVLPv2Config", "FusionOutput", "InputError", "CheckpointError", "ConfigError"]

@@ -13,10 +13,10 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import MANIFEST as CHECKPOINT_MANIFEST
 from .export.manifest import MANIFEST as ENGINES_MANIFEST
 from .model.egovlp import CONFIG_FILE, WEIGHTS_FILE
 from .runtime.index import INDEX_FILE
-from .trainer.checkpointing import MANIFEST as CHECKPOINT_MANIFEST
 
 FORMAT_VERSION = 1
 KINDS = ("checkpoint", "engines", "index")
@@ -32,8 +32,10 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
         raise ValueError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix in (".pth", ".pt"):
-            raise ValueError(f"{path}: a torch .pth file; info reads only safetensors checkpoints (reading a .pth "
-                             "means unpickling it): describe the save_pretrained folder or training run instead")
+            raise ValueError(
+                f"{path}: a torch .pth file; info reads only safetensors checkpoints (reading a .pth "
+                "means unpickling it): describe the save_pretrained folder or training run instead"
+            )
         if path.name not in MARKER_FILES:
             raise ValueError(f"{path}: not a checkpoint, an engines folder or an index")
         path = path.parent
@@ -43,8 +45,10 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
         return "checkpoint", path
     if (path / ENGINES_MANIFEST).is_file():
         return "engines", path
-    raise ValueError(f"{path}: not a checkpoint, an engines folder or an index (no {WEIGHTS_FILE}, checkpoints/, "
-                     f"{ENGINES_MANIFEST} or {INDEX_FILE} in it)")
+    raise ValueError(
+        f"{path}: not a checkpoint, an engines folder or an index (no {WEIGHTS_FILE}, checkpoints/, "
+        f"{ENGINES_MANIFEST} or {INDEX_FILE} in it)"
+    )
 
 
 def describe(path: str | os.PathLike, engines: str | os.PathLike | None = None) -> dict:
@@ -137,15 +141,20 @@ def _weights(path: Path) -> dict:
         module = name.split(".", 1)[0]
         by_module[module] = by_module.get(module, 0) + count
         total += count
-    return {"file": path.name, "bytes": path.stat().st_size, "tensors": len(tensors), "parameters": total,
-            "dtypes": dict(sorted(dtypes.items())), "parameters_by_module": by_module}
+    return {
+        "file": path.name,
+        "bytes": path.stat().st_size,
+        "tensors": len(tensors),
+        "parameters": total,
+        "dtypes": dict(sorted(dtypes.items())),
+        "parameters_by_module": by_module,
+    }
 
 
 def _checkpoint(folder: Path) -> dict:
-    from .checkpoint import CheckpointError
+    from .checkpoint import STEP_DIR, CheckpointError, list_checkpoints
     from .jsonfile import read_json
     from .tokenizer import tokenizer_beside
-    from .trainer.checkpointing import STEP_DIR, list_checkpoints
 
     run = None
     if (folder / "checkpoints").is_dir():  # a training run: its newest checkpoint
@@ -166,11 +175,19 @@ def _checkpoint(folder: Path) -> dict:
         files = manifest.get("files") or {}
         complete = bool(files) and all(
             (folder / name).is_file() and (folder / name).stat().st_size == meta.get("bytes")
-            for name, meta in files.items())
+            for name, meta in files.items()
+        )
     tokenizer = tokenizer_beside(folder)
-    return {"path": str(folder.resolve()), "checkpoint_kind": checkpoint_kind, "step": step, "complete": complete,
-            "run": run, "config": read_json(folder / CONFIG_FILE, CheckpointError, expect=dict),
-            "weights": _weights(folder / WEIGHTS_FILE), "tokenizer": str(tokenizer.resolve()) if tokenizer else None}
+    return {
+        "path": str(folder.resolve()),
+        "checkpoint_kind": checkpoint_kind,
+        "step": step,
+        "complete": complete,
+        "run": run,
+        "config": read_json(folder / CONFIG_FILE, CheckpointError, expect=dict),
+        "weights": _weights(folder / WEIGHTS_FILE),
+        "tokenizer": str(tokenizer.resolve()) if tokenizer else None,
+    }
 
 
 # -- engines ----------------------------------------------------------------------------------------------------
@@ -183,21 +200,42 @@ def _engines(folder: Path) -> dict:
 
     engines = EngineFolder(folder)
     m = engines.manifest
-    artifacts = [{"file": a.file, "role": a.role, "format": a.format, "precision": a.precision,
-                  "variant": a.variant, "bytes": a.bytes, "passed": a.validation.get("passed"),
-                  "inputs": _tensors(a.io.get("inputs", [])), "outputs": _tensors(a.io.get("outputs", []))}
-                 for a in m.artifacts]
+    artifacts = [
+        {
+            "file": a.file,
+            "role": a.role,
+            "format": a.format,
+            "precision": a.precision,
+            "variant": a.variant,
+            "bytes": a.bytes,
+            "passed": a.validation.get("passed"),
+            "inputs": _tensors(a.io.get("inputs", [])),
+            "outputs": _tensors(a.io.get("outputs", [])),
+        }
+        for a in m.artifacts
+    ]
     checks = {name: v.get("passed") for name, v in m.validation.items() if isinstance(v, dict)}
     tokenizer = {"dir": m.tokenizer.get("dir"), "files": sorted(m.tokenizer.get("files", {}))} if m.tokenizer else None
-    return {"manifest_format_version": m.format_version, "created": m.created, "model_id": engines.model_id,
-            "manifest_sha256": engines.manifest_sha256,
-            "source_checkpoint": {k: m.source_checkpoint.get(k) for k in ("path", "kind", "sha256")},
-            "config": m.model_config, "max_batch": engines.max_batch, "max_text_len": engines.max_text_len,
-            "roles": sorted({a.role for a in m.artifacts}), "formats": sorted({a.format for a in m.artifacts}),
-            "precisions": sorted({a.precision for a in m.artifacts}), "artifacts": artifacts,
-            "validation": {"passed": m.validation.get("passed"), "errors": list(m.validation.get("errors", [])),
-                           "checks": checks},
-            "tokenizer": tokenizer}
+    return {
+        "manifest_format_version": m.format_version,
+        "created": m.created,
+        "model_id": engines.model_id,
+        "manifest_sha256": engines.manifest_sha256,
+        "source_checkpoint": {k: m.source_checkpoint.get(k) for k in ("path", "kind", "sha256")},
+        "config": m.model_config,
+        "max_batch": engines.max_batch,
+        "max_text_len": engines.max_text_len,
+        "roles": sorted({a.role for a in m.artifacts}),
+        "formats": sorted({a.format for a in m.artifacts}),
+        "precisions": sorted({a.precision for a in m.artifacts}),
+        "artifacts": artifacts,
+        "validation": {
+            "passed": m.validation.get("passed"),
+            "errors": list(m.validation.get("errors", [])),
+            "checks": checks,
+        },
+        "tokenizer": tokenizer,
+    }
 
 
 # -- indexes ----------------------------------------------------------------------------------------------------
@@ -212,9 +250,13 @@ def _engines_now(data: dict, engines: str | os.PathLike | None) -> dict:
     except (EngineError, OSError, TypeError) as exc:
         return {"path": str(path), "error": str(exc)}
     recorded = data.get("engines_manifest_sha256")
-    return {"path": str(Path(path).resolve()), "model_id": model_id, "manifest_sha256": sha,
-            "same_model": model_id == data.get("model_id"),
-            "same_export": None if recorded is None else sha == recorded}
+    return {
+        "path": str(Path(path).resolve()),
+        "model_id": model_id,
+        "manifest_sha256": sha,
+        "same_model": model_id == data.get("model_id"),
+        "same_export": None if recorded is None else sha == recorded,
+    }
 
 
 def _index(folder: Path, engines: str | os.PathLike | None) -> dict:
@@ -224,15 +266,25 @@ def _index(folder: Path, engines: str | os.PathLike | None) -> dict:
     videos = data.get("videos", [])
     names = display_names([v["path"] for v in videos])
     shard_files = [shard_path(folder, s.get("file")) for v in videos for s in v.get("shards", [])]  # confined
-    return {"index_version": data.get("version"), "created": data.get("created"), "updated": data.get("updated"),
-            "model_id": data.get("model_id"), "engines": data.get("engines"),
-            "engines_manifest_sha256": data.get("engines_manifest_sha256"),
-            "engines_now": _engines_now(data, engines),
-            "backend": data.get("backend"), "precision": data.get("precision"), "settings": data.get("settings"),
-            "embed_dim": data.get("embed_dim"), "windows": sum(v.get("done", 0) for v in videos),
-            "shards": {"count": len(shard_files), "bytes": sum(p.stat().st_size for p in shard_files if p.is_file())},
-            "videos": [{"path": v["path"], "name": names[v["path"]], "windows": v.get("windows"),
-                        "indexed": v.get("done")} for v in videos]}
+    return {
+        "index_version": data.get("version"),
+        "created": data.get("created"),
+        "updated": data.get("updated"),
+        "model_id": data.get("model_id"),
+        "engines": data.get("engines"),
+        "engines_manifest_sha256": data.get("engines_manifest_sha256"),
+        "engines_now": _engines_now(data, engines),
+        "backend": data.get("backend"),
+        "precision": data.get("precision"),
+        "settings": data.get("settings"),
+        "embed_dim": data.get("embed_dim"),
+        "windows": sum(v.get("done", 0) for v in videos),
+        "shards": {"count": len(shard_files), "bytes": sum(p.stat().st_size for p in shard_files if p.is_file())},
+        "videos": [
+            {"path": v["path"], "name": names[v["path"]], "windows": v.get("windows"), "indexed": v.get("done")}
+            for v in videos
+        ],
+    }
 
 
 # -- text -------------------------------------------------------------------------------------------------------
@@ -242,10 +294,12 @@ def _mb(n: int) -> str:
 
 def _model_line(config: dict) -> str:
     v, t = config.get("video", {}), config.get("text", {})
-    return (f"video {v.get('num_frames')} frames of {v.get('img_size')} px (patch {v.get('patch_size')}, width "
-            f"{v.get('width')}, depth {v.get('depth')}); text {t.get('num_hidden_layers')} layers of "
-            f"{t.get('hidden_size')}, vocabulary {t.get('vocab_size')}; fusion in the top "
-            f"{config.get('num_fuse_blocks')}; {config.get('projection')} projection to {config.get('projection_dim')}")
+    return (
+        f"video {v.get('num_frames')} frames of {v.get('img_size')} px (patch {v.get('patch_size')}, width "
+        f"{v.get('width')}, depth {v.get('depth')}); text {t.get('num_hidden_layers')} layers of "
+        f"{t.get('hidden_size')}, vocabulary {t.get('vocab_size')}; fusion in the top "
+        f"{config.get('num_fuse_blocks')}; {config.get('projection')} projection to {config.get('projection_dim')}"
+    )
 
 
 def _io(specs: list[dict]) -> str:
@@ -260,26 +314,46 @@ def format_description(d: dict, max_videos: int = 20) -> str:
         if d["step"] is not None:
             what += f", step {d['step']}"
         if d["complete"] is not None:
-            what += ", complete (every file of MANIFEST.json, by size)" if d["complete"] else \
-                ", INCOMPLETE (a file of MANIFEST.json is missing or has another size)"
+            what += (
+                ", complete (every file of MANIFEST.json, by size)"
+                if d["complete"]
+                else ", INCOMPLETE (a file of MANIFEST.json is missing or has another size)"
+            )
         rows.append(("kind", what))
         if d["run"]:
             steps = d["run"]["steps"]
-            rows.append(("run", f"{d['run']['path']}: {len(steps)} checkpoint(s), steps "
-                                f"{', '.join(map(str, steps))}; described: the newest"))
+            rows.append(
+                (
+                    "run",
+                    f"{d['run']['path']}: {len(steps)} checkpoint(s), steps "
+                    f"{', '.join(map(str, steps))}; described: the newest",
+                )
+            )
         rows.append(("model", _model_line(d["config"])))
         w = d["weights"]
         dtypes = ", ".join(f"{k} {n}" for k, n in w["dtypes"].items())
-        rows.append(("weights", f"{w['file']}, {_mb(w['bytes'])}, {w['tensors']} tensors ({dtypes}), "
-                                f"{w['parameters']:,} parameters"))
+        rows.append(
+            (
+                "weights",
+                f"{w['file']}, {_mb(w['bytes'])}, {w['tensors']} tensors ({dtypes}), {w['parameters']:,} parameters",
+            )
+        )
         rows.append(("by module", ", ".join(f"{k} {n:,}" for k, n in w["parameters_by_module"].items())))
         rows.append(("tokenizer", d["tokenizer"] or "none beside it (export then needs --tokenizer)"))
     elif d["kind"] == "engines":
         src = d["source_checkpoint"]
-        rows.append(("model id", f"{d['model_id']} (from {src['kind']} checkpoint {src['path']}, sha256 "
-                                 f"{(src['sha256'] or '-')[:16]})"))
-        rows.append(("manifest", f"format {d['manifest_format_version']}, sha256 {d['manifest_sha256']}, "
-                                 f"created {d['created']}"))
+        rows.append(
+            (
+                "model id",
+                f"{d['model_id']} (from {src['kind']} checkpoint {src['path']}, sha256 {(src['sha256'] or '-')[:16]})",
+            )
+        )
+        rows.append(
+            (
+                "manifest",
+                f"format {d['manifest_format_version']}, sha256 {d['manifest_sha256']}, created {d['created']}",
+            )
+        )
         rows.append(("model", _model_line(d["config"])))
         rows.append(("limits", f"batch up to {d['max_batch']}, text up to {d['max_text_len']} tokens"))
         rows.append(("roles", ", ".join(d["roles"])))
@@ -287,31 +361,49 @@ def format_description(d: dict, max_videos: int = 20) -> str:
         val = d["validation"]
         verdict = {True: "passed", False: "FAILED", None: "not recorded"}[val["passed"]]
         checks = ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in val["checks"].items())
-        rows.append(("validation", verdict + (f" ({checks})" if checks else "")
-                     + "".join(f"; {e}" for e in val["errors"])))
+        rows.append(
+            ("validation", verdict + (f" ({checks})" if checks else "") + "".join(f"; {e}" for e in val["errors"]))
+        )
         tok = d["tokenizer"]
         rows.append(("tokenizer", f"{tok['dir']}/ ({len(tok['files'])} files)" if tok else "none copied in"))
     else:
         rows.append(("model id", d["model_id"]))
         sha = d["engines_manifest_sha256"]
-        rows.append(("built with", f"{d['engines']} ({d['backend']}, {d['precision']}; manifest sha256 "
-                                   f"{sha or 'not recorded'})"))
+        rows.append(
+            (
+                "built with",
+                f"{d['engines']} ({d['backend']}, {d['precision']}; manifest sha256 {sha or 'not recorded'})",
+            )
+        )
         now = d["engines_now"]
         if "error" in now:
             rows.append(("engines now", f"{now['path']}: cannot be read ({now['error']})"))
         else:
-            same = ("the same export" if now["same_export"] else
-                    "another export of the same model" if now["same_export"] is False and now["same_model"] else
-                    "the same model" if now["same_model"] else
-                    f"ANOTHER MODEL ({now['model_id']}): search refuses it")
+            same = (
+                "the same export"
+                if now["same_export"]
+                else "another export of the same model"
+                if now["same_export"] is False and now["same_model"]
+                else "the same model"
+                if now["same_model"]
+                else f"ANOTHER MODEL ({now['model_id']}): search refuses it"
+            )
             rows.append(("engines now", f"{now['path']}: {same} (manifest sha256 {now['manifest_sha256']})"))
         s = d["settings"] or {}
-        windows = ("annotated segments" if s.get("mode") == "segments" else
-                   f"windows of {s.get('window_sec')} s every {s.get('stride_sec')} s")
+        windows = (
+            "annotated segments"
+            if s.get("mode") == "segments"
+            else f"windows of {s.get('window_sec')} s every {s.get('stride_sec')} s"
+        )
         prefixes = f"fusion prefixes ({s.get('prefix_dtype')})" if s.get("prefixes") else "no fusion prefixes"
         rows.append(("settings", f"{windows}, {s.get('frames')} frames per clip, {prefixes}"))
-        rows.append(("contents", f"{len(d['videos'])} videos, {d['windows']} clips, {d['embed_dim']}-d embeddings, "
-                                 f"{d['shards']['count']} shards ({_mb(d['shards']['bytes'])})"))
+        rows.append(
+            (
+                "contents",
+                f"{len(d['videos'])} videos, {d['windows']} clips, {d['embed_dim']}-d embeddings, "
+                f"{d['shards']['count']} shards ({_mb(d['shards']['bytes'])})",
+            )
+        )
         rows.append(("created", f"{d['created']}, updated {d['updated'] or '-'}"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{d['kind']} {d['path']} (info format {d['format_version']})"]
@@ -321,8 +413,9 @@ def format_description(d: dict, max_videos: int = 20) -> str:
         for a in d["artifacts"]:
             variant = f" {a['variant']}" if a["variant"] else ""
             passed = {True: "ok", False: "FAILED", None: "-"}[a["passed"]]
-            lines.append(f"    {a['role']:<20} {a['format']} {a['precision']}{variant}  {_mb(a['bytes'])}  {passed}  "
-                         f"{a['file']}")
+            lines.append(
+                f"    {a['role']:<20} {a['format']} {a['precision']}{variant}  {_mb(a['bytes'])}  {passed}  {a['file']}"
+            )
             lines.append(f"      {_io(a['inputs'])} -> {_io(a['outputs'])}")
     elif d["kind"] == "index":
         lines.append("  videos")

@@ -1,6 +1,6 @@
 """What every benchmark shares: a median wall-clock timer and the provenance (git sha) stamped on its results.
 
-Kept apart from the benchmarks themselves (kernels/bench, export/bench.py, runtime/bench.py) so that they time and
+Kept apart from the benchmarks themselves (kernels/bench, export/bench.py, bench_e2e.py) so that they time and
 label their rows the same way.
 """
 
@@ -38,10 +38,20 @@ def git_sha(short: bool = True) -> str:
         return os.environ["EGOVLP_GIT_SHA"]
     for cwd in (Path.cwd(), Path(__file__).resolve().parent):
         try:
-            sha = subprocess.run(["git", "rev-parse", *(["--short"] if short else []), "HEAD"], cwd=cwd,
-                                 capture_output=True, text=True, timeout=10)
-            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                                   capture_output=True, text=True, timeout=10)
+            sha = subprocess.run(
+                ["git", "rev-parse", *(["--short"] if short else []), "HEAD"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
         except (OSError, subprocess.SubprocessError):
             continue
         if sha.returncode == 0 and sha.stdout.strip():

@@ -19,8 +19,10 @@ import json
 import math
 import os
 import pickle
+import re
 import struct
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections import OrderedDict
@@ -31,6 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import EgoVLPv2Config, TextConfig, VideoConfig, check_num_frames
+from .hashing import sha256_file
+from .jsonfile import read_json
 
 
 class CheckpointError(ValueError):
@@ -43,6 +47,51 @@ class CheckpointError(ValueError):
 EXPANSION = 8
 SLACK = 64 << 20
 MAX_STORAGE_BYTES = int(os.environ.get("EGOVLP_MAX_CHECKPOINT_BYTES", 64 << 30))
+
+
+# -- training checkpoint directories ------------------------------------------------------------------------------
+# A trainer checkpoint is a folder `step_00000100/` whose MANIFEST.json, written last, lists the sha256 and size of
+# every file in it (trainer/training_state.py writes them); reading one verifies it first.
+MANIFEST = "MANIFEST.json"
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint directories by step, oldest first (temp directories of interrupted saves are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file of the manifest is present with its size and checksum."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
+    files = read_json(manifest_path, CheckpointError, expect=dict).get("files")
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{manifest_path}: no 'files' table of name -> size and checksum")
+    for name, meta in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{path}: {name} is missing")
+        if file.stat().st_size != meta["bytes"]:
+            raise CheckpointError(f"{path}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} bytes)")
+        if sha256_file(file) != meta["sha256"]:
+            raise CheckpointError(f"{path}: {name} fails its checksum (corrupt)")
+
+
+def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The newest checkpoint that verifies; broken newer ones are reported with a warning and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as exc:
+            warnings.warn(f"skipping checkpoint {exc}; falling back to the previous one", stacklevel=2)
+    return None
 
 
 # -- atomic writes ----------------------------------------------------------------------------------------------
@@ -75,7 +124,7 @@ _MAX_HEADER = 100 << 20  # the safetensors library's own limit on the header
 def _split(blob) -> tuple[dict, memoryview]:
     view = memoryview(blob)
     (n,) = struct.unpack("<Q", view[:8])
-    return json.loads(bytes(view[8:8 + n])), view[8 + n:]
+    return json.loads(bytes(view[8 : 8 + n])), view[8 + n :]
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
@@ -107,18 +156,13 @@ def _check_digest(path: Path) -> None:
     digest = safetensors_digest(path)
     if digest is None:
         return
-    h = hashlib.sha256()
     with open(path, "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + n)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    if h.hexdigest() != digest:
+    if sha256_file(path, offset=8 + n) != digest:
         raise CheckpointError(f"{path}: the tensor data fails its sha256 (the file is corrupt)")
 
 
-def load_safetensors(path: str | os.PathLike, map_location="cpu",
-                     check_digest: bool = True) -> dict[str, torch.Tensor]:
+def load_safetensors(path: str | os.PathLike, map_location="cpu", check_digest: bool = True) -> dict[str, torch.Tensor]:
     """The file's tensors. With `check_digest`, a file that declares a data digest is hashed and a mismatch raises
     CheckpointError (pass False only where a verified manifest already covers the file)."""
     from safetensors import SafetensorError
@@ -135,8 +179,9 @@ def load_safetensors(path: str | os.PathLike, map_location="cpu",
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
-def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                           assign: bool = False) -> None:
+def load_state_dict_strict(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
+) -> None:
     """Load every key exactly; on any mismatch raise one error that lists missing, unexpected and misshapen keys.
 
     Tensors are cast to the model's dtypes (a half-precision file loads into an fp32 model). `assign=True` adopts
@@ -162,9 +207,16 @@ def load_state_dict_strict(model: torch.nn.Module, state_dict: dict[str, torch.T
 
 # -- safe reading of torch zip checkpoints ---------------------------------------------------------------------
 _STORAGE_DTYPES = {
-    "DoubleStorage": torch.float64, "FloatStorage": torch.float32, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+    "DoubleStorage": torch.float64,
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
 }
 
 
@@ -215,17 +267,26 @@ def _is_count(value) -> bool:
 def _check_view(available: int, offset, size, stride) -> None:
     """A tensor view may address only its storage's elements and may not declare more elements than the storage
     holds: a stride-0 view of 8 bytes declaring 4e9 elements would cost 32 GB in the first op that copies it."""
-    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list)) and len(size) == len(stride)
-            and all(map(_is_count, size)) and all(map(_is_count, stride)) and _is_count(offset)):
-        raise CheckpointError(f"malformed checkpoint: a tensor has size {size!r:.80}, stride {stride!r:.80}, "
-                              f"offset {offset!r:.40}")
+    if not (
+        isinstance(size, (tuple, list))
+        and isinstance(stride, (tuple, list))
+        and len(size) == len(stride)
+        and all(map(_is_count, size))
+        and all(map(_is_count, stride))
+        and _is_count(offset)
+    ):
+        raise CheckpointError(
+            f"malformed checkpoint: a tensor has size {size!r:.80}, stride {stride!r:.80}, offset {offset!r:.40}"
+        )
     numel = math.prod(size)
     if numel == 0:
         return
     last = offset + sum((n - 1) * st for n, st in zip(size, stride))
     if numel > available - offset or last >= available:
-        raise CheckpointError(f"malformed checkpoint: a tensor of shape {tuple(size)} (stride {tuple(stride)}, "
-                              f"offset {offset}) does not fit its storage of {available} elements")
+        raise CheckpointError(
+            f"malformed checkpoint: a tensor of shape {tuple(size)} (stride {tuple(stride)}, "
+            f"offset {offset}) does not fit its storage of {available} elements"
+        )
 
 
 def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, *rest):
@@ -256,9 +317,11 @@ class _Budget:
 
     def take(self, name: str, nbytes: int) -> None:
         if nbytes > self.left:
-            raise CheckpointError(f"{self.path}: {name} would unpack past {self.limit} bytes in all (at most "
-                                  f"{EXPANSION}x the file's {self.path.stat().st_size} bytes + {SLACK >> 20} MiB, "
-                                  f"ceiling {MAX_STORAGE_BYTES}); refusing a corrupt or hostile checkpoint")
+            raise CheckpointError(
+                f"{self.path}: {name} would unpack past {self.limit} bytes in all (at most "
+                f"{EXPANSION}x the file's {self.path.stat().st_size} bytes + {SLACK >> 20} MiB, "
+                f"ceiling {MAX_STORAGE_BYTES}); refusing a corrupt or hostile checkpoint"
+            )
         self.left -= nbytes
 
 
@@ -267,8 +330,10 @@ def _read_member(archive: zipfile.ZipFile, name: str, expected: int | None, budg
     `expected` and the budget first); a stream that runs past that size is an error, never a bigger buffer."""
     info = archive.getinfo(name)
     if expected is not None and info.file_size != expected:
-        raise CheckpointError(f"{budget.path}: truncated or corrupt checkpoint: {name} holds {info.file_size} bytes, "
-                              f"its tensor needs {expected}")
+        raise CheckpointError(
+            f"{budget.path}: truncated or corrupt checkpoint: {name} holds {info.file_size} bytes, "
+            f"its tensor needs {expected}"
+        )
     budget.take(name, info.file_size)
     out = bytearray(info.file_size)
     view, filled = memoryview(out), 0
@@ -276,9 +341,10 @@ def _read_member(archive: zipfile.ZipFile, name: str, expected: int | None, budg
         while filled < len(out):
             chunk = member.read(min(1 << 20, len(out) - filled))
             if not chunk:
-                raise CheckpointError(f"{budget.path}: truncated checkpoint: {name} ends after {filled} of "
-                                      f"{len(out)} bytes")
-            view[filled:filled + len(chunk)] = chunk
+                raise CheckpointError(
+                    f"{budget.path}: truncated checkpoint: {name} ends after {filled} of {len(out)} bytes"
+                )
+            view[filled : filled + len(chunk)] = chunk
             filled += len(chunk)
         if member.read(1):
             raise CheckpointError(f"{budget.path}: corrupt checkpoint: {name} is longer than its entry declares")
@@ -338,15 +404,28 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
         budget = _Budget(path, path.stat().st_size)
         try:
             if byteorder in archive.namelist() and _read_member(archive, byteorder, None, budget).strip() not in (
-                    b"little", b""):
+                b"little",
+                b"",
+            ):
                 raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
             data = _read_member(archive, pickles[0], None, budget)
             unpickler = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, budget)
             return unpickler.load()
         except CheckpointError:
             raise
-        except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError,
-                AttributeError, RuntimeError, NotImplementedError, zlib.error) as exc:
+        except (
+            zipfile.BadZipFile,
+            EOFError,
+            pickle.UnpicklingError,
+            ValueError,
+            TypeError,
+            KeyError,
+            IndexError,
+            AttributeError,
+            RuntimeError,
+            NotImplementedError,
+            zlib.error,
+        ) as exc:
             raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
@@ -360,8 +439,12 @@ def official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     # dict's own methods, not the object's: a pickle can set attributes on the OrderedDicts it builds, `items`
     # included, and those would shadow the methods
     state_dict = dict.get(obj, "state_dict") if isinstance(obj, dict) else None
-    if state_dict is None and isinstance(obj, dict) and obj and all(
-            isinstance(v, torch.Tensor) for v in dict.values(obj)):
+    if (
+        state_dict is None
+        and isinstance(obj, dict)
+        and obj
+        and all(isinstance(v, torch.Tensor) for v in dict.values(obj))
+    ):
         state_dict = obj  # a bare state dict
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"{path}: not an EgoVLPv2 checkpoint (no 'state_dict' entry; found {type(obj).__name__})")
@@ -369,15 +452,19 @@ def official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     for key, value in dict.items(state_dict):
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: state_dict entry {key!r:.60} is not a named tensor")
-        out[key[len("module."):] if key.startswith("module.") else key] = value
-    for needed in ("video_model.pos_embed", "video_model.temporal_embed", "text_model.embeddings.word_embeddings.weight"):
+        out[key[len("module.") :] if key.startswith("module.") else key] = value
+    for needed in (
+        "video_model.pos_embed",
+        "video_model.temporal_embed",
+        "text_model.embeddings.word_embeddings.weight",
+    ):
         if needed not in out:
             raise CheckpointError(f"{path}: not an EgoVLPv2 checkpoint (no {needed}; keys start {sorted(out)[:3]})")
     return out
 
 
 def _count(state_dict, prefix: str) -> int:
-    indices = {k[len(prefix):].split(".")[0] for k in state_dict if k.startswith(prefix)}
+    indices = {k[len(prefix) :].split(".")[0] for k in state_dict if k.startswith(prefix)}
     return len([i for i in indices if i.isdigit()])
 
 
@@ -387,7 +474,7 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_frames: int, head_di
         width = sd["video_model.pos_embed"].shape[-1]
         patches = sd["video_model.pos_embed"].shape[1] - 1
         patch = sd["video_model.patch_embed.proj.weight"].shape[-1]
-        side = int(round(patches ** 0.5))
+        side = int(round(patches**0.5))
         vocab, hidden = sd["text_model.embeddings.word_embeddings.weight"].shape
         if "txt_proj.0.weight" in sd:
             projection, proj_dim = "big", sd["txt_proj.0.weight"].shape[0]
@@ -396,20 +483,28 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], num_frames: int, head_di
         else:
             raise CheckpointError("no txt_proj weights (neither the big nor the small projection)")
         video = VideoConfig(
-            img_size=side * patch, patch_size=patch, in_chans=sd["video_model.patch_embed.proj.weight"].shape[1],
-            num_frames=num_frames, width=width, depth=_count(sd, "video_model.blocks."), heads=width // head_dim,
+            img_size=side * patch,
+            patch_size=patch,
+            in_chans=sd["video_model.patch_embed.proj.weight"].shape[1],
+            num_frames=num_frames,
+            width=width,
+            depth=_count(sd, "video_model.blocks."),
+            heads=width // head_dim,
             mlp_ratio=sd["video_model.blocks.0.mlp.fc1.weight"].shape[0] / width,
         )
         text = TextConfig(
-            vocab_size=vocab, hidden_size=hidden, num_hidden_layers=_count(sd, "text_model.encoder.layer."),
+            vocab_size=vocab,
+            hidden_size=hidden,
+            num_hidden_layers=_count(sd, "text_model.encoder.layer."),
             num_attention_heads=hidden // head_dim,
             intermediate_size=sd["text_model.encoder.layer.0.intermediate.dense.weight"].shape[0],
             max_position_embeddings=sd["text_model.embeddings.position_embeddings.weight"].shape[0],
             type_vocab_size=sd["text_model.embeddings.token_type_embeddings.weight"].shape[0],
         )
         fused = {k.split(".")[3] for k in sd if k.startswith("text_model.encoder.layer.") and k.endswith(".alpha_t2i")}
-        return EgoVLPv2Config(video=video, text=text, num_fuse_blocks=len(fused), projection=projection,
-                              projection_dim=proj_dim)
+        return EgoVLPv2Config(
+            video=video, text=text, num_fuse_blocks=len(fused), projection=projection, projection_dim=proj_dim
+        )
     except KeyError as exc:
         raise CheckpointError(f"not an EgoVLPv2 checkpoint: missing {exc.args[0]}") from exc
     except ValueError as exc:  # ConfigError from inconsistent shapes
@@ -426,8 +521,11 @@ def resize_temporal_embed(temporal_embed: torch.Tensor, num_frames: int) -> torc
     if loaded > num_frames:
         return temporal_embed[:, :num_frames]
     dim = temporal_embed.shape[2]
-    return F.interpolate(temporal_embed.unsqueeze(0).float(), (num_frames, dim), mode="bilinear",
-                         align_corners=True).squeeze(0).to(temporal_embed.dtype)
+    return (
+        F.interpolate(temporal_embed.unsqueeze(0).float(), (num_frames, dim), mode="bilinear", align_corners=True)
+        .squeeze(0)
+        .to(temporal_embed.dtype)
+    )
 
 
 def load_official_state_dict(path, num_frames: int | None = None, config: EgoVLPv2Config | None = None):

@@ -13,8 +13,21 @@ import threading
 import traceback
 from importlib import metadata
 
-PACKAGES = ("torch", "triton", "transformers", "tokenizers", "safetensors", "onnx", "onnxruntime",
-            "onnxruntime-gpu", "onnxscript", "tensorrt", "decord", "av", "numpy")
+PACKAGES = (
+    "torch",
+    "triton",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "onnx",
+    "onnxruntime",
+    "onnxruntime-gpu",
+    "onnxscript",
+    "tensorrt",
+    "decord",
+    "av",
+    "numpy",
+)
 
 
 def _version(dist: str) -> str | None:
@@ -70,10 +83,22 @@ def cmd_info(args) -> int:
     config, name = _model_config(args)
     report = compute_report(config, text_length=args.text_length, config_name=name)
     if args.json:
-        print(json.dumps({"environment": env, "model": {
-            "config": name, "num_frames": report.num_frames, "text_length": report.text_length,
-            "params": report.params, "gmacs": report.gmacs, "cross_attention_gmacs": report.cross_attention_gmacs,
-        }}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "environment": env,
+                    "model": {
+                        "config": name,
+                        "num_frames": report.num_frames,
+                        "text_length": report.text_length,
+                        "params": report.params,
+                        "gmacs": report.gmacs,
+                        "cross_attention_gmacs": report.cross_attention_gmacs,
+                    },
+                },
+                indent=2,
+            )
+        )
         return 0
     print("egovlp-deploy environment")
     print(f"  python            {env['python']} on {env['platform']}")
@@ -89,8 +114,10 @@ def cmd_info(args) -> int:
         native = f"{native['compiler']}, C++{str(native['cplusplus'])[2:4]}, OpenMP {openmp}"
     print(f"  native extension  {native}")
     print()
-    print(f"model: {name} ({config.projection} projection), {report.num_frames} frames of "
-          f"{config.video.img_size}px, text length {report.text_length}, batch 1")
+    print(
+        f"model: {name} ({config.projection} projection), {report.num_frames} frames of "
+        f"{config.video.img_size}px, text length {report.text_length}, batch 1"
+    )
     width = max(len(label) for label, _ in report.rows())
     for label, value in report.rows():
         print(f"  {label:<{width}}  {value:>10}")
@@ -114,70 +141,115 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egovlp-deploy",
         description="EgoVLPv2 as a dual or fusion encoder: model info, synthetic data, training and evaluation, "
-                    "validated export (ONNX, TensorRT, AOTInductor), on-device retrieval with fusion re-ranking, "
-                    "feature extraction, the one-command demo, and benchmarks.",
+        "validated export (ONNX, TensorRT, AOTInductor), on-device retrieval with fusion re-ranking, "
+        "feature extraction, the one-command demo, and benchmarks.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    info = sub.add_parser("info", help="versions, devices and model counts; or what a checkpoint, an engines "
-                                       "folder or an index holds",
-                          description="Without PATH: print package versions, available devices and ONNX Runtime "
-                                      "providers, the native extension's build, and parameter/GMAC counts of the "
-                                      "dual and fusion forwards (batch 1, counted on the meta device: no weights are "
-                                      "allocated). With PATH: describe a checkpoint (a save_pretrained folder, a "
-                                      "trainer step_N, or a training run: its newest checkpoint), an engines folder "
-                                      "(roles, precisions, inputs/outputs, model id, validation, tokenizer) or an "
-                                      "index (videos, clips, model id, settings, engines), reading only JSON files "
-                                      "and safetensors headers.")
-    info.add_argument("path", nargs="?", metavar="PATH",
-                      help="a checkpoint folder, training run, engines folder or index to describe")
-    info.add_argument("--engines", metavar="DIR",
-                      help="with an index as PATH: compare it with these engines (default: the ones it records)")
+    info = sub.add_parser(
+        "info",
+        help="versions, devices and model counts; or what a checkpoint, an engines folder or an index holds",
+        description="Without PATH: print package versions, available devices and ONNX Runtime "
+        "providers, the native extension's build, and parameter/GMAC counts of the "
+        "dual and fusion forwards (batch 1, counted on the meta device: no weights are "
+        "allocated). With PATH: describe a checkpoint (a save_pretrained folder, a "
+        "trainer step_N, or a training run: its newest checkpoint), an engines folder "
+        "(roles, precisions, inputs/outputs, model id, validation, tokenizer) or an "
+        "index (videos, clips, model id, settings, engines), reading only JSON files "
+        "and safetensors headers.",
+    )
+    info.add_argument(
+        "path", nargs="?", metavar="PATH", help="a checkpoint folder, training run, engines folder or index to describe"
+    )
+    info.add_argument(
+        "--engines",
+        metavar="DIR",
+        help="with an index as PATH: compare it with these engines (default: the ones it records)",
+    )
     model = info.add_argument_group("model")
-    model.add_argument("--model", choices=("base", "tiny"), default="base",
-                       help="paper-size model or the tiny CPU model (default: base)")
+    model.add_argument(
+        "--model",
+        choices=("base", "tiny"),
+        default="base",
+        help="paper-size model or the tiny CPU model (default: base)",
+    )
     model.add_argument("--config-file", metavar="JSON", help="a model config.json instead of --model")
-    model.add_argument("--projection", choices=("big", "small"), default="big",
-                       help="base model's EgoNCE projection: big 4096 (EgoVLPv2.pth) or small 256 (default: big)")
+    model.add_argument(
+        "--projection",
+        choices=("big", "small"),
+        default="big",
+        help="base model's EgoNCE projection: big 4096 (EgoVLPv2.pth) or small 256 (default: big)",
+    )
     model.add_argument("--frames", type=int, metavar="F", help="frames per clip (default: 4, the pre-training count)")
-    model.add_argument("--text-length", type=int, default=15, metavar="L",
-                       help="tokens per sentence (default: 15, the pre-training length)")
+    model.add_argument(
+        "--text-length",
+        type=int,
+        default=15,
+        metavar="L",
+        help="tokens per sentence (default: 15, the pre-training length)",
+    )
     info.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
     info.set_defaults(func=cmd_info)
 
     from .data import synth
-    from .export import cli as export_cli
+    from .export import commands as export_commands
     from .trainer import evaluate, train
 
-    add_module_command(sub, "synth", synth, "render the built-in synthetic egocentric dataset (EgoClip/EgoMCQ format)",
-                       epilog=synth.EPILOG)
-    add_module_command(sub, "train", train,
-                       "pre-train EgoVLPv2 (EgoNCE + MLM + VTM); resumable; torchrun for many GPUs",
-                       description=train.__doc__)
-    add_module_command(sub, "eval", evaluate,
-                       "EgoMCQ accuracy (dual, fusion, ensemble); zero-shot EK-100 MIR and Charades-Ego",
-                       description="Evaluate a model on EgoMCQ (inter- and intra-video accuracy) in the three modes "
-                                   "of the official validation: dual (cosine), fusion (VTM probability), ensemble; "
-                                   "and zero-shot, with the dual encoder, on the official EK-100 multi-instance "
-                                   "retrieval test split (nDCG and mAP) and Charades-Ego test split (mAP over the "
-                                   "class prompts).",
-                       raw=False)
-    add_module_command(sub, "export", export_cli, "validated ONNX / TensorRT / AOTInductor artifacts + manifest.json")
+    add_module_command(
+        sub,
+        "synth",
+        synth,
+        "render the built-in synthetic egocentric dataset (EgoClip/EgoMCQ format)",
+        epilog=synth.EPILOG,
+    )
+    add_module_command(
+        sub,
+        "train",
+        train,
+        "pre-train EgoVLPv2 (EgoNCE + MLM + VTM); resumable; torchrun for many GPUs",
+        description=train.__doc__,
+    )
+    add_module_command(
+        sub,
+        "eval",
+        evaluate,
+        "EgoMCQ accuracy (dual, fusion, ensemble); zero-shot EK-100 MIR and Charades-Ego",
+        description="Evaluate a model on EgoMCQ (inter- and intra-video accuracy) in the three modes "
+        "of the official validation: dual (cosine), fusion (VTM probability), ensemble; "
+        "and zero-shot, with the dual encoder, on the official EK-100 multi-instance "
+        "retrieval test split (nDCG and mAP) and Charades-Ego test split (mAP over the "
+        "class prompts).",
+        raw=False,
+    )
+    add_module_command(
+        sub, "export", export_commands, "validated ONNX / TensorRT / AOTInductor artifacts + manifest.json"
+    )
 
-    from .runtime import cli as runtime_cli
+    from .runtime import commands as runtime_commands
 
-    runtime_cli.register(sub)  # index, search, mcq, features, demo
+    runtime_commands.register(sub)  # index, search, mcq, features
+    from . import demo
+
+    add_module_command(
+        sub, "demo", demo, "synthetic data -> train -> export -> index/search/MCQ -> latency, in minutes"
+    )
     add_bench_commands(sub)
     return parser
 
 
-def add_module_command(sub, name: str, module, help: str, description: str | None = None,
-                       epilog: str | None = None, raw: bool = True):
+def add_module_command(
+    sub, name: str, module, help: str, description: str | None = None, epilog: str | None = None, raw: bool = True
+):
     """A subcommand served by a module with add_arguments(parser) and run(args) -> int (and, by default, its
     DESCRIPTION as the --help text, printed as written)."""
     formatter = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
-    p = sub.add_parser(name, help=help, description=module.DESCRIPTION if description is None else description,
-                       epilog=epilog, formatter_class=formatter)
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=module.DESCRIPTION if description is None else description,
+        epilog=epilog,
+        formatter_class=formatter,
+    )
     module.add_arguments(p)
     p.set_defaults(func=module.run)
     return p
@@ -189,15 +261,18 @@ BENCH_TARGETS = {
     "profile": ("egovlp_deploy.kernels.bench.encoder_profile", "where the dual video encoder's time goes (profiler)"),
     "preprocess": ("egovlp_deploy.kernels.bench.preprocess_bench", "C++ clip preprocessing vs the torch reference"),
     "export": ("egovlp_deploy.export.bench", "exported artifacts at B=1: ONNX Runtime CPU fp32/int8 vs PyTorch eager"),
-    "e2e": ("egovlp_deploy.runtime.bench", "end to end: decode+preprocess, encoders, cached vs monolithic re-rank"),
-    "index": ("egovlp_deploy.runtime.index_bench", "indexing a 720p H.264 file vs the decoder's own speed"),
+    "e2e": ("egovlp_deploy.bench_e2e", "end to end: decode+preprocess, encoders, cached vs monolithic re-rank"),
+    "index": ("egovlp_deploy.bench_index", "indexing a 720p H.264 file vs the decoder's own speed"),
 }
 
 
 def add_bench_commands(sub) -> None:
-    bench = sub.add_parser("bench", help="benchmarks: JSON + markdown table + PNG plot per run",
-                           description="Run a benchmark; each writes JSON, a markdown table and a PNG plot, and "
-                                       "records the machine and device (protocol in BENCHMARKS.md).")
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks: JSON + markdown table + PNG plot per run",
+        description="Run a benchmark; each writes JSON, a markdown table and a PNG plot, and "
+        "records the machine and device (protocol in BENCHMARKS.md).",
+    )
     targets = bench.add_subparsers(dest="target", metavar="TARGET", required=True)
     for name, (module_name, summary) in BENCH_TARGETS.items():
         try:
@@ -232,8 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, Terminated) as exc:
         # Every job writes atomically and commits as it goes: what was committed stays, a rerun continues there.
         code = 143 if isinstance(exc, Terminated) else 130
-        print(f"\negovlp-deploy {args.command}: interrupted; finished work is kept, rerun the same command to "
-              "continue", file=sys.stderr)
+        print(
+            f"\negovlp-deploy {args.command}: interrupted; finished work is kept, rerun the same command to continue",
+            file=sys.stderr,
+        )
         return code
     finally:
         if previous is not None:

@@ -93,7 +93,11 @@ def compute_report(config: EgoVLPv2Config, text_length: int = 15, config_name: s
         num_frames=v.num_frames,
         text_length=text_length,
         params=parameter_groups(model),
-        gmacs={"dual video": video_macs, "dual text": text_macs, "dual video + text": video_macs + text_macs,
-               "fusion (VTM)": fuse_macs},
+        gmacs={
+            "dual video": video_macs,
+            "dual text": text_macs,
+            "dual video + text": video_macs + text_macs,
+            "fusion (VTM)": fuse_macs,
+        },
         cross_attention_gmacs={"dual video": video_cross, "dual text": text_cross, "fusion (VTM)": fuse_cross},
     )

@@ -1,10 +1,11 @@
 """Typed model configuration for EgoVLPv2, stored as JSON beside every checkpoint.
 
-Sizes follow the official code (model/model.py, video_transformer.py and the RoBERTa config it loads). Loading a config is strict: an unknown or missing key,
-or a value of the wrong kind, raises `ConfigError` naming the key, so a typo never silently falls back to a default.
-Every field also has a declared range (`validate`): finite, positive where a size, within a ceiling (`LIMITS`), in a
-set where a name. An out-of-range value raises `ConfigError` naming the key, the value and the allowed range before
-any module is built, so a bad `config.json` costs milliseconds and never a large allocation.
+Sizes follow the official code (model/model.py, video_transformer.py and the RoBERTa config it loads). Loading a config
+is strict: an unknown or missing key, or a value of the wrong kind, raises `ConfigError` naming the key, so a typo never
+silently falls back to a default. Every field also has a declared range (`validate`): finite, positive where a size,
+within a ceiling (`LIMITS`), in a set where a name. An out-of-range value raises `ConfigError` naming the key, the value
+and the allowed range before any module is built, so a bad `config.json` costs milliseconds and never a large
+allocation.
 """
 
 from __future__ import annotations
@@ -80,11 +81,15 @@ class VideoConfig:
     # Frozen-in-Time's `time_init`: "zeros" (official) zeroes the temporal attention's qkv so it starts as a no-op
     # on top of an image ViT. From random weights that is a saddle: with q = k = 0 the query and key weights get
     # exactly zero gradient, the temporal attention stays a uniform average over frames, and the model is blind to
-    # frame order (the EgoMCQ intra-video hazard). "rand" keeps the default Linear init there and gives the
-    # temporal embedding the spatial one's trunc-normal(0.02) init: a zero temporal embedding makes the whole
-    # network invariant to the order of the frames (measured: the tiny recipe's intra-video errors were all
-    # time-reversed pairs such as picks up / puts down).
+    # frame order (which EgoMCQ's intra-video questions test). "rand" keeps the default Linear init there and gives
+    # the temporal embedding the spatial one's trunc-normal(0.02) init: a zero temporal embedding makes the whole
+    # network invariant to the order of the frames, so a clip and its time reversal (picks up / puts down) look the
+    # same to it.
     time_init: str = "zeros"
+    # Std of a trunc-normal(-2 std, 2 std) init of the temporal embedding, drawn after every other init of a new
+    # model (0: keep time_init's). Zeros suit a pretrained image tower; from random weights a temporal embedding at
+    # about the patch tokens' scale (0.5) lets the frame-order features form early (TRAINING_LOG.md).
+    temporal_embed_std: float = 0.0
 
     @property
     def patches_per_frame(self) -> int:
@@ -137,13 +142,17 @@ class EgoVLPv2Config:
     fusion_layer_norm_eps: float = 1e-6  # FrozenInTime.norm, the fusion-mode final norm
     mlm_layer_norm_eps: float = 1e-12  # RobertaConfig's default, used by the MLM head transform
     attention_backend: str = "auto"  # one of ATTENTION_BACKENDS; switch at run time with model.set_attention_backend
+    # Start value of every cross-attention gate (alpha_i2t, alpha_t2i) of a new model. The official 0 suits
+    # pretrained towers; from random towers a zero gate keeps each fused layer blind to the other modality, and its
+    # cross-attention weights without gradient, until the gate itself grows.
+    cross_gate_init: float = 0.0
 
     def __post_init__(self):
         self.validate()
 
     # -- constructors -------------------------------------------------------------------------------------------
     @classmethod
-    def base(cls, num_frames: int = 4, projection: str = "big") -> "EgoVLPv2Config":
+    def base(cls, num_frames: int = 4, projection: str = "big") -> EgoVLPv2Config:
         """The paper's model (ViT-B/16 video tower, roberta-base text tower, fusion in the top 6 layers)."""
         return cls(
             video=VideoConfig(num_frames=num_frames),
@@ -154,7 +163,7 @@ class EgoVLPv2Config:
         )
 
     @classmethod
-    def tiny(cls, num_frames: int = 4, vocab_size: int = 1000) -> "EgoVLPv2Config":
+    def tiny(cls, num_frames: int = 4, vocab_size: int = 1000) -> EgoVLPv2Config:
         """A small model for CPU tests and the demo: 32 px frames, width 64, 4 layers, fusion in the top half."""
         return cls(
             video=VideoConfig(img_size=32, patch_size=8, num_frames=num_frames, width=64, depth=4, heads=4),
@@ -171,7 +180,7 @@ class EgoVLPv2Config:
             projection_dim=128,
         )
 
-    def with_num_frames(self, num_frames: int) -> "EgoVLPv2Config":
+    def with_num_frames(self, num_frames: int) -> EgoVLPv2Config:
         return dataclasses.replace(self, video=dataclasses.replace(self.video, num_frames=num_frames))
 
     # -- checks -------------------------------------------------------------------------------------------------
@@ -179,8 +188,9 @@ class EgoVLPv2Config:
         """Raise ConfigError naming the key, the value and the allowed range for the first field out of range."""
         v, t, top = self.video, self.text, LIMITS
         if not isinstance(v, VideoConfig) or not isinstance(t, TextConfig):
-            raise ConfigError(f"video and text must be a VideoConfig and a TextConfig, got {type(v).__name__} and "
-                              f"{type(t).__name__}")
+            raise ConfigError(
+                f"video and text must be a VideoConfig and a TextConfig, got {type(v).__name__} and {type(t).__name__}"
+            )
         _int_in("video.img_size", v.img_size, 1, top["img_size"])
         _int_in("video.patch_size", v.patch_size, 1, v.img_size)
         if v.img_size % v.patch_size:
@@ -188,9 +198,11 @@ class EgoVLPv2Config:
         _int_in("video.in_chans", v.in_chans, 1, top["width"])
         check_num_frames(v.num_frames, "video.num_frames")
         if v.num_tokens > top["video_tokens"]:
-            raise ConfigError(f"video.num_frames {v.num_frames} x {v.patches_per_frame} patches per frame gives "
-                              f"{v.num_tokens} video tokens, above the ceiling {top['video_tokens']} "
-                              f"(EGOVLP_MAX_VIDEO_TOKENS)")
+            raise ConfigError(
+                f"video.num_frames {v.num_frames} x {v.patches_per_frame} patches per frame gives "
+                f"{v.num_tokens} video tokens, above the ceiling {top['video_tokens']} "
+                f"(EGOVLP_MAX_VIDEO_TOKENS)"
+            )
         _int_in("video.width", v.width, 1, top["width"])
         _int_in("video.depth", v.depth, 1, top["depth"])
         _int_in("video.heads", v.heads, 1, min(v.width, top["heads"]))
@@ -198,10 +210,13 @@ class EgoVLPv2Config:
             raise ConfigError(f"video.width {v.width} is not divisible by video.heads {v.heads}")
         _float_in("video.mlp_ratio", v.mlp_ratio, 0.0, float(top["mlp_width"]), low_open=True)
         if not 1 <= int(v.width * v.mlp_ratio) <= top["mlp_width"]:
-            raise ConfigError(f"video.mlp_ratio {v.mlp_ratio!r} gives an MLP of int(width * mlp_ratio) = "
-                              f"{int(v.width * v.mlp_ratio)} channels; allowed: [1, {top['mlp_width']}]")
+            raise ConfigError(
+                f"video.mlp_ratio {v.mlp_ratio!r} gives an MLP of int(width * mlp_ratio) = "
+                f"{int(v.width * v.mlp_ratio)} channels; allowed: [1, {top['mlp_width']}]"
+            )
         _float_in("video.layer_norm_eps", v.layer_norm_eps, *EPS_RANGE)
         _choice("video.time_init", v.time_init, TIME_INITS)
+        _float_in("video.temporal_embed_std", v.temporal_embed_std, 0.0, 10.0)
 
         _int_in("text.vocab_size", t.vocab_size, 1, top["vocab_size"])
         _int_in("text.hidden_size", t.hidden_size, 1, top["width"])
@@ -218,8 +233,10 @@ class EgoVLPv2Config:
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):  # rows of the word embedding
             _int_in(f"text.{name}", getattr(t, name), 0, t.vocab_size - 1)
         if t.max_text_length < 2:
-            raise ConfigError(f"text.max_position_embeddings {t.max_position_embeddings} leaves no room for <s> </s> "
-                              f"(positions start at text.pad_token_id + 1 = {t.pad_token_id + 1})")
+            raise ConfigError(
+                f"text.max_position_embeddings {t.max_position_embeddings} leaves no room for <s> </s> "
+                f"(positions start at text.pad_token_id + 1 = {t.pad_token_id + 1})"
+            )
         _float_in("text.hidden_dropout_prob", t.hidden_dropout_prob, 0.0, 1.0, high_open=True)
         _float_in("text.attention_probs_dropout_prob", t.attention_probs_dropout_prob, 0.0, 1.0, high_open=True)
         _choice("text.hidden_act", t.hidden_act, ACTIVATION_NAMES)
@@ -230,25 +247,28 @@ class EgoVLPv2Config:
         _float_in("fusion_layer_norm_eps", self.fusion_layer_norm_eps, *EPS_RANGE)
         _float_in("mlm_layer_norm_eps", self.mlm_layer_norm_eps, *EPS_RANGE)
         check_attention_backend(self.attention_backend)
+        _float_in("cross_gate_init", self.cross_gate_init, -10.0, 10.0)
         params = estimated_parameters(self)
         if params > top["params"]:
-            raise ConfigError(f"the config describes a model of about {params:.3g} parameters, above the ceiling "
-                              f"{top['params']:.3g} (EGOVLP_MAX_PARAMS)")
+            raise ConfigError(
+                f"the config describes a model of about {params:.3g} parameters, above the ceiling "
+                f"{top['params']:.3g} (EGOVLP_MAX_PARAMS)"
+            )
 
     # -- (de)serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EgoVLPv2Config":
+    def from_dict(cls, data: dict[str, Any]) -> EgoVLPv2Config:
         if not isinstance(data, dict):
             raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
-        if "attention_backend" not in data:  # configs written before the field existed
-            data = {**data, "attention_backend": "auto"}
+        # Configs written before a field existed leave it out: it takes its default.
+        data = {**_LATER_FIELDS, **data}
         top = strict_fields(cls, data, "config", nested={"video", "text"})
         video = data["video"]
-        if isinstance(video, dict) and "time_init" not in video:  # configs written before the field existed
-            video = {**video, "time_init": "zeros"}
+        if isinstance(video, dict):
+            video = {**_LATER_VIDEO_FIELDS, **video}
         return cls(
             video=VideoConfig(**strict_fields(VideoConfig, video, "video")),
             text=TextConfig(**strict_fields(TextConfig, data["text"], "text")),
@@ -259,11 +279,13 @@ class EgoVLPv2Config:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json_file(cls, path: str | Path) -> "EgoVLPv2Config":
+    def from_json_file(cls, path: str | Path) -> EgoVLPv2Config:
         return cls.from_dict(read_json(path, ConfigError, expect=dict))
 
 
 TIME_INITS = ("zeros", "rand")
+_LATER_FIELDS = {"attention_backend": "auto", "cross_gate_init": 0.0}
+_LATER_VIDEO_FIELDS = {"time_init": "zeros", "temporal_embed_std": 0.0}
 # LayerNorm eps: positive and representable in float16 and float32 (1e-12 is RoBERTa's MLM default); at most 1.
 EPS_RANGE = (1e-12, 1.0)
 
@@ -281,8 +303,10 @@ def check_num_frames(value: Any, name: str = "num_frames") -> int:
 
 def _int_in(name: str, value: Any, low: int, high: int, hint: str | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise ConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r:.80}"
-                          + (f" (ceiling: {hint})" if hint and isinstance(value, int) and value > high else ""))
+        raise ConfigError(
+            f"{name} must be an integer in [{low}, {high}], got {value!r:.80}"
+            + (f" (ceiling: {hint})" if hint and isinstance(value, int) and value > high else "")
+        )
 
 
 def _float_in(name: str, value: Any, low: float, high: float, low_open: bool = False, high_open: bool = False) -> None:
@@ -303,10 +327,17 @@ def estimated_parameters(config: EgoVLPv2Config) -> int:
     v, t = config.video, config.text
     w, h, d, fused = v.width, t.hidden_size, config.projection_dim, config.num_fuse_blocks
     mlp = int(w * v.mlp_ratio)
-    video = (v.in_chans * v.patch_size ** 2 * w + (1 + v.patches_per_frame + v.num_frames) * w
-             + v.depth * (8 * w * w + 2 * w * mlp) + fused * (2 * h * w + 2 * w * w))
-    text = ((t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * h
-            + t.num_hidden_layers * (4 * h * h + 2 * h * t.intermediate_size) + fused * (2 * h * h + 2 * w * h))
+    video = (
+        v.in_chans * v.patch_size**2 * w
+        + (1 + v.patches_per_frame + v.num_frames) * w
+        + v.depth * (8 * w * w + 2 * w * mlp)
+        + fused * (2 * h * w + 2 * w * w)
+    )
+    text = (
+        (t.vocab_size + t.max_position_embeddings + t.type_vocab_size) * h
+        + t.num_hidden_layers * (4 * h * h + 2 * h * t.intermediate_size)
+        + fused * (2 * h * h + 2 * w * h)
+    )
     proj = (h + w) * d + (4 * d * d if config.projection == "big" else 0)
     heads = 4 * h * h + w * h + h * t.vocab_size
     return video + text + proj + heads
@@ -328,8 +359,9 @@ def _fits(value: Any, annotation: str) -> bool:
     return annotation not in _KINDS and not any(o.strip() in _KINDS for o in annotation.split("|"))
 
 
-def strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset(),
-                  allow_missing: bool = False) -> dict[str, Any]:
+def strict_fields(
+    klass, data: Any, where: str, nested: set[str] = frozenset(), allow_missing: bool = False
+) -> dict[str, Any]:
     """Check `data` has only the dataclass's fields (all of them unless `allow_missing`), each with a value of the
     declared kind; return the flat (non-nested) ones."""
     if not isinstance(data, dict):
@@ -351,6 +383,7 @@ def strict_fields(klass, data: Any, where: str, nested: set[str] = frozenset(),
         try:
             out[name] = float(value) if str(f.type) == "float" else value
         except OverflowError:  # a JSON integer beyond float range
-            raise ConfigError(f"{where}.{name} must be a finite number, got an integer of {len(str(value))} digits") \
-                from None
+            raise ConfigError(
+                f"{where}.{name} must be a finite number, got an integer of {len(str(value))} digits"
+            ) from None
     return out

@@ -16,8 +16,13 @@ from typing import Any
 _KINDS = {dict: "a JSON object", list: "a JSON array"}
 
 
-def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, *, expect: type | None = None,
-              missing: str | None = None) -> Any:
+def read_json(
+    path: str | os.PathLike,
+    error: type[Exception] = ValueError,
+    *,
+    expect: type | None = None,
+    missing: str | None = None,
+) -> Any:
     """The parsed content of `path`; raises `error` naming the file and the problem.
 
     expect: dict or list, to require that top-level kind. missing: the message when the file does not exist

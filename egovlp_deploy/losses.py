@@ -2,8 +2,8 @@
 fine-tuning losses of the EK-100 and Charades-Ego recipes.
 
 Rows of every similarity matrix here are TEXT and columns are VIDEO, as in the official `sim_matrix(text, video)`
-(official model.py). The functions take already all-gathered tensors; gathering is the trainer's job (only `trainer` touches
-torch.distributed).
+(official model.py). The functions take already all-gathered tensors; gathering is the trainer's job (only `trainer`
+touches torch.distributed).
 
     sim_matrix(a, b)                                   cosine similarity with the official max(norm, eps) rule
     egonce_loss(x, mask_v, mask_n, T, noun, verb)      official `EgoNCE.forward` as a function, any device
@@ -226,8 +226,9 @@ def vtm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), labels.long())
 
 
-def simcse_loss(a: torch.Tensor, b: torch.Tensor, same_text: torch.Tensor | None = None,
-                temperature: float = 0.05) -> torch.Tensor:
+def simcse_loss(
+    a: torch.Tensor, b: torch.Tensor, same_text: torch.Tensor | None = None, temperature: float = 0.05
+) -> torch.Tensor:
     """Unsupervised SimCSE (Gao et al., 2021): row i of `a` and row i of `b` are one text under two dropout masks;
     every other row of `b` is a negative. Not part of EgoVLPv2 (its text tower starts pretrained).
 
@@ -236,7 +237,8 @@ def simcse_loss(a: torch.Tensor, b: torch.Tensor, same_text: torch.Tensor | None
     """
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(
-            f"simcse_loss expects two (N, D) embeddings of one shape, got {tuple(a.shape)}, {tuple(b.shape)}")
+            f"simcse_loss expects two (N, D) embeddings of one shape, got {tuple(a.shape)}, {tuple(b.shape)}"
+        )
     if not temperature > 0:
         raise ValueError(f"simcse_loss: temperature must be > 0, got {temperature}")
     logits = F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T / temperature
@@ -300,9 +302,9 @@ def adaptive_max_margin_loss(sim: torch.Tensor, relevancy: torch.Tensor, margin:
         raise ValueError(f"adaptive_max_margin_loss: relevancy must be ({n},), got {tuple(relevancy.shape)}")
     if n == 1:
         return sim.sum() * 0.0
-    positive = sim.diagonal()[:, None]                          # (N, 1): sim[i, i]
-    wanted = relevancy.to(sim.dtype)[:, None] * margin          # (N, 1): the margin of row/column i
+    positive = sim.diagonal()[:, None]  # (N, 1): sim[i, i]
+    wanted = relevancy.to(sim.dtype)[:, None] * margin  # (N, 1): the margin of row/column i
     off = ~torch.eye(n, dtype=torch.bool, device=sim.device)
-    by_text = F.relu(wanted - (positive - sim))[off]            # text i against the other videos
-    by_video = F.relu(wanted - (positive - sim.T))[off]         # video i against the other texts
+    by_text = F.relu(wanted - (positive - sim))[off]  # text i against the other videos
+    by_video = F.relu(wanted - (positive - sim.T))[off]  # video i against the other texts
     return (by_text.sum() + by_video.sum()) / (2 * n * (n - 1))

@@ -16,11 +16,15 @@ official bit for bit on the same machine, ties included; tied scores are rare wi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-EGOMCQ_GROUPS = {1: "Inter-video", 2: "Intra-video"}  # the `types` field of egomcq.json (after fix d89c2a0)
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+EGOMCQ_GROUPS = {1: "Inter-video", 2: "Intra-video"}  # the `types` field of egomcq.json
 
 
 def _to_numpy(a) -> np.ndarray:
@@ -36,15 +40,21 @@ def _to_tensor(a) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------- EgoMCQ
 
 
-def egomcq_accuracy(preds, labels, types) -> dict[str, float]:
+def egomcq_accuracy(
+    preds: torch.Tensor | ArrayLike,
+    labels: torch.Tensor | ArrayLike,
+    types: torch.Tensor | ArrayLike,
+    include_all: bool = False,
+) -> dict[str, float]:
     """EgoMCQ accuracy (percent) per group, as the official `egomcq_accuracy_metrics_ensemble` (and `_vtm`).
 
     Args:
         preds: (N, C) scores of the C (5) choices; the prediction is the argmax, ties going to the first choice.
         labels: (N,) index of the correct choice.
         types: (N,) 1 = inter-video, 2 = intra-video.
+        include_all: add 'all', the accuracy over every question.
     Returns:
-        {'Inter-video': %, 'Intra-video': %}, with a key only for the groups present in `types`.
+        {'Inter-video': %, 'Intra-video': %}, with a key only for the groups present in `types` (and 'all').
 
     The official pairs `torch.unique(types)` with the names in order, so if only type 2 were present it would be
     reported as 'Inter-video'; here each type maps to its own name.
@@ -68,7 +78,7 @@ def egomcq_accuracy(preds, labels, types) -> dict[str, float]:
         raise ValueError(f"egomcq_accuracy: labels outside [0, {num_choices})")
 
     correct = torch.argmax(preds_t, dim=1) == labels_t.long()  # argmax returns the first maximal index
-    metrics = {}
+    metrics = {"all": int(correct.sum()) / len(correct) * 100} if include_all else {}
     for type_id, name in EGOMCQ_GROUPS.items():
         in_group = types_t == type_id
         total = int(in_group.sum())
@@ -81,9 +91,9 @@ def egomcq_accuracy(preds, labels, types) -> dict[str, float]:
 
 
 def mir_metrics(
-    similarity_matrix,
-    idx_arr,
-    relevancy,
+    similarity_matrix: torch.Tensor | ArrayLike,
+    idx_arr: torch.Tensor | ArrayLike,
+    relevancy: torch.Tensor | ArrayLike,
     video_ids: Sequence[str],
     text_ids: Sequence[str],
 ) -> dict[str, float]:
@@ -190,8 +200,8 @@ def _mean_average_precision(scores: np.ndarray, rel: np.ndarray, query_name: str
 # --------------------------------------------------------------------------------------------------- Charades-Ego
 
 
-def charades_map(scores, targets) -> float:
-    """Charades-Ego mAP as the official `charades_metrics_vtc` (a fraction; the README's 26.2 is 100x this).
+def charades_map(scores: torch.Tensor | ArrayLike, targets: torch.Tensor | ArrayLike) -> float:
+    """Charades-Ego mAP as the official `charades_metrics_vtc` (a fraction; the official README's 26.2 is 100x this).
 
     Args:
         scores: (N videos, C classes) scores, e.g. `sim_matrix(class_text, video).T`.

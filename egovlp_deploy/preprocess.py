@@ -1,10 +1,10 @@
 """Clip preprocessing through the C++ extension `egovlp_deploy._C`: decoded uint8 frames -> model input in one call.
 
-The numbers are those of `egovlp_deploy.transforms.eval_transform` (the reference: the official eval transform) to float32
-rounding (measured max abs error about 2e-6 after normalisation; the tests hold it to 1e-5): resize the short side,
-center-crop, resize to S x S, bilinear without antialias, ImageNet normalisation. The extension reads the uint8
-frames in place (any strides, no float copy of the full frame), computes only the crop window of the intermediate
-image, writes each output value once, runs on several threads and releases the GIL.
+The numbers are those of `egovlp_deploy.transforms.eval_transform` (the reference: the official eval transform) to
+float32 rounding (the tests hold the max abs error after normalisation to 1e-5; BENCHMARKS.md): resize the short
+side, center-crop, resize to S x S, bilinear without antialias, ImageNet normalisation. The extension reads the uint8
+frames in place (any strides, no float copy of the full frame), computes only the crop window of the intermediate image,
+writes each output value once, runs on several threads and releases the GIL.
 
     from egovlp_deploy import preprocess
     clip = preprocess.preprocess_clip(frames)                     # uint8 (T, H, W, 3) -> float32 (T, 3, 224, 224)
@@ -13,7 +13,7 @@ image, writes each output value once, runs on several threads and releases the G
 
 Inputs are torch uint8 CPU tensors, numpy arrays, or any object with `__dlpack__` (read zero-copy). Outputs are
 torch tensors; `out=` writes into a caller's contiguous tensor instead (e.g. a pinned staging buffer).
-`available()` says whether the extension is built; `egovlp_deploy.transforms.eval_clip` picks it or the reference.
+`available()` says whether the extension is built; `eval_clip` picks it or the reference.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .transforms import EVAL_CROP_OVER_SIZE, IMAGENET_MEAN, IMAGENET_STD, VARIANTS
+from .transforms import EVAL_CROP_OVER_SIZE, IMAGENET_MEAN, IMAGENET_STD, VARIANTS, eval_transform
 
 LAYOUTS = ("TCHW", "CTHW")  # per clip: (T, 3, S, S) as the model takes it, or (3, T, S, S) as 3D-conv models do
 DTYPES = (torch.float32, torch.float16)
@@ -76,19 +76,23 @@ class ClipSpec:
             crop = round(size * EVAL_CROP_OVER_SIZE)
             return cls(size, crop, crop, 1.0 / 255.0, IMAGENET_MEAN, IMAGENET_STD)
         if variant == "epic":
-            return cls(size, size, size, 1.0, tuple(m * 255 for m in IMAGENET_MEAN),
-                       tuple(s * 255 for s in IMAGENET_STD))
+            return cls(
+                size, size, size, 1.0, tuple(m * 255 for m in IMAGENET_MEAN), tuple(s * 255 for s in IMAGENET_STD)
+            )
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
     def check(self) -> None:
         for name in ("size", "crop", "short_side"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
-                raise ValueError(f"{name} must be a positive int at most {MAX_SIDE} (preprocess.MAX_SIDE), "
-                                 f"got {value!r:.40}")
+                raise ValueError(
+                    f"{name} must be a positive int at most {MAX_SIDE} (preprocess.MAX_SIDE), got {value!r:.40}"
+                )
         if self.crop > self.short_side:
-            raise ValueError(f"cannot center-crop {self.crop}x{self.crop} from a frame whose short side is resized "
-                             f"to {self.short_side}")
+            raise ValueError(
+                f"cannot center-crop {self.crop}x{self.crop} from a frame whose short side is resized "
+                f"to {self.short_side}"
+            )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean!r} and {self.std!r}")
         if any(s == 0 for s in self.std):
@@ -97,8 +101,10 @@ class ClipSpec:
 
 def _require_extension() -> None:
     if _C is None:
-        raise RuntimeError("the C++ extension egovlp_deploy._C is not built (reinstall the package with a C++17 "
-                           f"compiler and CMake; use egovlp_deploy.transforms for the reference): {_IMPORT_ERROR}")
+        raise RuntimeError(
+            "the C++ extension egovlp_deploy._C is not built (reinstall the package with a C++17 "
+            f"compiler and CMake; use egovlp_deploy.transforms for the reference): {_IMPORT_ERROR}"
+        )
 
 
 def _frames_array(frames, name: str) -> np.ndarray:
@@ -134,8 +140,10 @@ def _output(shape: tuple[int, ...], dtype: torch.dtype, out: torch.Tensor | None
     if out is None:
         nbytes = math.prod(shape) * (4 if dtype == torch.float32 else 2)
         if nbytes > MAX_OUTPUT_BYTES:
-            raise ValueError(f"the output {shape} {dtype} would take {nbytes} bytes, above preprocess.MAX_OUTPUT_BYTES "
-                             f"= {MAX_OUTPUT_BYTES}; preprocess fewer frames per call")
+            raise ValueError(
+                f"the output {shape} {dtype} would take {nbytes} bytes, above preprocess.MAX_OUTPUT_BYTES "
+                f"= {MAX_OUTPUT_BYTES}; preprocess fewer frames per call"
+            )
         return torch.empty(shape, dtype=dtype)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
@@ -161,8 +169,14 @@ def _threads(num_threads: int | None) -> int:
 
 
 def _spec_kwargs(spec: ClipSpec) -> dict:
-    return dict(short_side=spec.short_side, crop=spec.crop, size=spec.size, pixel_scale=float(spec.pixel_scale),
-                mean=[float(m) for m in spec.mean], std=[float(s) for s in spec.std])
+    return dict(
+        short_side=spec.short_side,
+        crop=spec.crop,
+        size=spec.size,
+        pixel_scale=float(spec.pixel_scale),
+        mean=[float(m) for m in spec.mean],
+        std=[float(s) for s in spec.std],
+    )
 
 
 def _clip_shape(frames: int, size: int, layout: str) -> tuple[int, int, int, int]:
@@ -171,9 +185,17 @@ def _clip_shape(frames: int, size: int, layout: str) -> tuple[int, int, int, int
     return (frames, 3, size, size) if layout == "TCHW" else (3, frames, size, size)
 
 
-def preprocess_clip(frames, size: int = 224, variant: str = "egoclip", *, spec: ClipSpec | None = None,
-                    dtype: torch.dtype = torch.float32, layout: str = "TCHW", out: torch.Tensor | None = None,
-                    num_threads: int | None = None) -> torch.Tensor:
+def preprocess_clip(
+    frames: torch.Tensor | np.ndarray | object,
+    size: int = 224,
+    variant: str = "egoclip",
+    *,
+    spec: ClipSpec | None = None,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "TCHW",
+    out: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
     """uint8 frames (T, H, W, 3) of any size -> the eval transform, float (T, 3, S, S) or (3, T, S, S).
 
     size, variant: the official transform `transforms.eval_transform(frames, size, variant)`; `spec` replaces both
@@ -192,9 +214,17 @@ def preprocess_clip(frames, size: int = 224, variant: str = "egoclip", *, spec: 
     return result
 
 
-def preprocess_clips(clips: Sequence, size: int = 224, variant: str = "egoclip", *, spec: ClipSpec | None = None,
-                     dtype: torch.dtype = torch.float32, layout: str = "TCHW", out: torch.Tensor | None = None,
-                     num_threads: int | None = None) -> torch.Tensor:
+def preprocess_clips(
+    clips: Sequence,
+    size: int = 224,
+    variant: str = "egoclip",
+    *,
+    spec: ClipSpec | None = None,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "TCHW",
+    out: torch.Tensor | None = None,
+    num_threads: int | None = None,
+) -> torch.Tensor:
     """Many clips in one call: B uint8 clips (T, H, W, 3) with the same T -> (B, T, 3, S, S) or (B, 3, T, S, S).
 
     Frame sizes may differ between clips. All B x T frames share one parallel region, so a batch of short clips
@@ -213,8 +243,26 @@ def preprocess_clips(clips: Sequence, size: int = 224, variant: str = "egoclip",
     frames = arrays[0].shape[0]
     for i, a in enumerate(arrays):
         if a.shape[0] != frames:
-            raise ValueError(f"all clips must have the same number of frames: clips[0] has {frames}, "
-                             f"clips[{i}] has {a.shape[0]}")
+            raise ValueError(
+                f"all clips must have the same number of frames: clips[0] has {frames}, clips[{i}] has {a.shape[0]}"
+            )
     result = _output((len(arrays), *_clip_shape(frames, spec.size, layout)), dtype, out)
     _C.preprocess_batch(arrays, result.numpy(), layout=layout, threads=_threads(num_threads), **_spec_kwargs(spec))
     return result
+
+
+def eval_clip(frames_uint8: torch.Tensor, size: int, variant: str = "egoclip") -> torch.Tensor:
+    """`transforms.eval_transform` through the C++ extension when it is built, else the reference itself.
+
+    The two agree to float32 rounding (tests/test_preprocess.py holds them to 1e-5); the C++ path reads the uint8
+    frames in place instead of widening whole frames to float (far faster on large frames, BENCHMARKS.md). The data
+    readers' eval path and the runtime call this.
+    """
+    if (
+        available()
+        and isinstance(frames_uint8, torch.Tensor)
+        and frames_uint8.device.type == "cpu"
+        and frames_uint8.dtype == torch.uint8
+    ):
+        return preprocess_clip(frames_uint8, size, variant)
+    return eval_transform(frames_uint8, size, variant)

@@ -73,12 +73,19 @@ class InitReport:
             shown = ", ".join(items[:limit])
             return shown + (f", ... ({len(items)} in all)" if len(items) > limit else "")
 
-        return (f"{self.tower} tower from {self.source}: filled {len(self.filled)} tensors "
-                f"({self.filled_values / 1e6:.2f}M values); left at init {len(self.left_at_init)}"
-                + (f" ({names(_grouped(self.left_at_init))})" if self.left_at_init else "")
-                + f"; ignored {len(self.ignored)} file keys" + (f" ({names(self.ignored)})" if self.ignored else "")
-                + (f"; WARNING: {len(self.missing_from_file)} backbone tensors were not in the file "
-                   f"({names(self.missing_from_file)})" if self.missing_from_file else ""))
+        return (
+            f"{self.tower} tower from {self.source}: filled {len(self.filled)} tensors "
+            f"({self.filled_values / 1e6:.2f}M values); left at init {len(self.left_at_init)}"
+            + (f" ({names(_grouped(self.left_at_init))})" if self.left_at_init else "")
+            + f"; ignored {len(self.ignored)} file keys"
+            + (f" ({names(self.ignored)})" if self.ignored else "")
+            + (
+                f"; WARNING: {len(self.missing_from_file)} backbone tensors were not in the file "
+                f"({names(self.missing_from_file)})"
+                if self.missing_from_file
+                else ""
+            )
+        )
 
 
 def _grouped(names: list[str]) -> list[str]:
@@ -97,8 +104,14 @@ VIDEO_OWN_INIT = ("timeattn.", "norm3.", "temporal_embed", "_i2t")
 TEXT_OWN_INIT = ("crossattention_t2i.", "alpha_t2i")
 
 
-def fill_by_name(model: nn.Module, prefix: str, state_dict: dict[str, torch.Tensor], tower: str, source: str,
-                 own_init: tuple[str, ...] = ()) -> InitReport:
+def fill_by_name(
+    model: nn.Module,
+    prefix: str,
+    state_dict: dict[str, torch.Tensor],
+    tower: str,
+    source: str,
+    own_init: tuple[str, ...] = (),
+) -> InitReport:
     """Copy `state_dict[k]` into the model's `prefix + k` wherever that exists (strict=False semantics).
 
     A name present in both with different shapes raises, listing every such name, before anything is copied.
@@ -121,10 +134,13 @@ def fill_by_name(model: nn.Module, prefix: str, state_dict: dict[str, torch.Tens
     if misshapen:
         hint = ""
         if any(m.startswith("pos_embed:") for m in misshapen):
-            hint = (" (pos_embed is not resized, as in the official code: use a ViT made for this img_size and "
-                    "patch_size)")
-        raise PretrainedInitError(f"{source} does not fit the {tower} tower: {len(misshapen)} tensor(s) of another "
-                                  f"shape: " + "; ".join(misshapen) + hint)
+            hint = (
+                " (pos_embed is not resized, as in the official code: use a ViT made for this img_size and patch_size)"
+            )
+        raise PretrainedInitError(
+            f"{source} does not fit the {tower} tower: {len(misshapen)} tensor(s) of another "
+            f"shape: " + "; ".join(misshapen) + hint
+        )
     with torch.no_grad():
         for ours, target, value in pairs:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
@@ -164,18 +180,24 @@ class _LegacyUnpickler(_RestrictedUnpickler):
         if key not in self.storages:
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             if nbytes > self.bytes_left:
-                raise PretrainedInitError(f"malformed legacy checkpoint: storage {key!r:.40} declares {nbytes} bytes, "
-                                          f"more than the file holds")
+                raise PretrainedInitError(
+                    f"malformed legacy checkpoint: storage {key!r:.40} declares {nbytes} bytes, "
+                    f"more than the file holds"
+                )
             self.bytes_left -= nbytes
             self.storages[key] = torch.empty(numel, dtype=dtype)
         root = self.storages[key]
         if view is None:
             return root
-        if not (isinstance(view, tuple) and len(view) == 3 and all(isinstance(x, int) and x >= 0 for x in view[1:])
-                and view[1] + view[2] <= root.numel()):
+        if not (
+            isinstance(view, tuple)
+            and len(view) == 3
+            and all(isinstance(x, int) and x >= 0 for x in view[1:])
+            and view[1] + view[2] <= root.numel()
+        ):
             raise PretrainedInitError(f"malformed legacy checkpoint: storage view {view!r:.80} outside its storage")
         _view_key, offset, size = view
-        return root[offset: offset + size]
+        return root[offset : offset + size]
 
 
 def read_legacy_torch_file(path: Path):
@@ -209,8 +231,9 @@ def read_legacy_torch_file(path: Path):
                     raise PretrainedInitError(f"{path}: storage {key} has {numel} elements, expected {storage.numel()}")
                 raw = f.read(nbytes)
                 if len(raw) != nbytes:
-                    raise PretrainedInitError(f"truncated checkpoint {path}: storage {key} has {len(raw)} bytes, "
-                                              f"expected {nbytes}")
+                    raise PretrainedInitError(
+                        f"truncated checkpoint {path}: storage {key} has {len(raw)} bytes, expected {nbytes}"
+                    )
                 if nbytes:
                     storage.copy_(torch.frombuffer(bytearray(raw), dtype=storage.dtype))
             return result
@@ -218,8 +241,17 @@ def read_legacy_torch_file(path: Path):
         raise
     except CheckpointError as exc:
         raise PretrainedInitError(str(exc)) from exc
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            RuntimeError, struct.error) as exc:
+    except (
+        EOFError,
+        pickle.UnpicklingError,
+        ValueError,
+        TypeError,
+        KeyError,
+        IndexError,
+        AttributeError,
+        RuntimeError,
+        struct.error,
+    ) as exc:
         raise PretrainedInitError(f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {exc})") from exc
 
 
@@ -258,8 +290,10 @@ def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
         raise PretrainedInitError(f"{path}: not a state dict (found {type(obj).__name__})")
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
-            raise PretrainedInitError(f"{path}: entry {key!r:.60} is not a named tensor (found {value!r:.60}); "
-                                      f"objects other than tensors are never built from a pickle")
+            raise PretrainedInitError(
+                f"{path}: entry {key!r:.60} is not a named tensor (found {value!r:.60}); "
+                f"objects other than tensors are never built from a pickle"
+            )
     return dict(obj)
 
 
@@ -296,7 +330,7 @@ def _renamed(state_dict: dict[str, torch.Tensor], rename) -> tuple[dict[str, tor
 
 def _strip_module_prefix(key: str) -> str:
     """DDP's `module.` prefix off a name that has it (the official state_dict_data_parallel_fix)."""
-    return key[len("module."):] if key.startswith("module.") else key
+    return key[len("module.") :] if key.startswith("module.") else key
 
 
 # -- Google's .npz ViT (jax naming) -> timm names --------------------------------------------------------------
@@ -360,8 +394,9 @@ def read_vit_npz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list
     }
     if prefix + "cls" in w:
         sd["cls_token"] = get("cls", transpose=False)
-    sd["pos_embed"] = get("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding",
-                          transpose=False)
+    sd["pos_embed"] = get(
+        "pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding", transpose=False
+    )
 
     mha, mlp, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
     stacked = prefix + "Transformer/encoderblock/LayerNorm_0/scale" in w
@@ -379,9 +414,11 @@ def read_vit_npz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list
         sd[out + "norm1.bias"] = get(block + "LayerNorm_0/bias", index=index)
         # query/key/value kernels are (width, heads, head_dim): flatten to (width, width) and transpose to (out, in)
         sd[out + "attn.qkv.weight"] = torch.cat(
-            [get(f"{attn}{n}/kernel", transpose=False, index=index).flatten(1).t() for n in ("query", "key", "value")])
+            [get(f"{attn}{n}/kernel", transpose=False, index=index).flatten(1).t() for n in ("query", "key", "value")]
+        )
         sd[out + "attn.qkv.bias"] = torch.cat(
-            [get(f"{attn}{n}/bias", transpose=False, index=index).reshape(-1) for n in ("query", "key", "value")])
+            [get(f"{attn}{n}/bias", transpose=False, index=index).reshape(-1) for n in ("query", "key", "value")]
+        )
         sd[out + "attn.proj.weight"] = get(f"{attn}out/kernel", index=index).flatten(1)
         sd[out + "attn.proj.bias"] = get(f"{attn}out/bias", index=index)
         sd[out + "norm2.weight"] = get(f"{block}LayerNorm_{ln2}/scale", index=index)
@@ -415,8 +452,10 @@ def init_video_tower(model: nn.Module, path: str | os.PathLike) -> InitReport:
         hint = ""
         if any(k.startswith(("vit.", "encoder.layer.", "embeddings.patch_embeddings")) for k in state_dict):
             hint = " (this looks like a Hugging Face transformers ViTModel; use the timm weights of the same model)"
-        raise PretrainedInitError(f"{path}: not a ViT in timm names (no {VIT_MARKER} / patch_embed.proj.weight; "
-                                  f"names start {sorted(state_dict)[:4]}){hint}")
+        raise PretrainedInitError(
+            f"{path}: not a ViT in timm names (no {VIT_MARKER} / patch_embed.proj.weight; "
+            f"names start {sorted(state_dict)[:4]}){hint}"
+        )
     report = fill_by_name(model, "video_model.", state_dict, "video", str(path), VIDEO_OWN_INIT)
     report.ignored = sorted([original[k] for k in report.ignored] + npz_unused)
     return report
@@ -425,8 +464,18 @@ def init_video_tower(model: nn.Module, path: str | os.PathLike) -> InitReport:
 TEXT_MARKER = "encoder.layer.0.attention.self.query.weight"
 # config.json entries that fix the architecture; each must equal our TextConfig's value (heads cannot be seen in
 # the shapes, the others would otherwise fail later or silently change the computation)
-_CONFIG_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "max_position_embeddings", "type_vocab_size", "layer_norm_eps", "pad_token_id", "hidden_act")
+_CONFIG_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+    "layer_norm_eps",
+    "pad_token_id",
+    "hidden_act",
+)
 
 
 def _weights_in(directory: Path, names: tuple[str, ...]) -> Path:
@@ -446,18 +495,22 @@ def _check_text_config(directory: Path, text_config) -> None:
         raise PretrainedInitError(f"{config_path}: unreadable JSON ({exc})") from exc
     if not isinstance(hf, dict):
         raise PretrainedInitError(f"{config_path}: not a JSON object")
-    different = [f"{name}: file {hf[name]!r} vs model {getattr(text_config, name)!r}"
-                 for name in _CONFIG_FIELDS if name in hf and hf[name] != getattr(text_config, name)]
+    different = [
+        f"{name}: file {hf[name]!r} vs model {getattr(text_config, name)!r}"
+        for name in _CONFIG_FIELDS
+        if name in hf and hf[name] != getattr(text_config, name)
+    ]
     if different:
-        raise PretrainedInitError(f"{config_path} describes another RoBERTa than the model's text config: "
-                                  + "; ".join(different))
+        raise PretrainedInitError(
+            f"{config_path} describes another RoBERTa than the model's text config: " + "; ".join(different)
+        )
 
 
 def _hf_name(key: str, strip_prefix: bool) -> str:
     """A RobertaModel name as `from_pretrained` reads it: the `roberta.` prefix of a model-with-head checkpoint
     stripped, and the old `LayerNorm.gamma/beta` names read as `weight/bias`."""
     if strip_prefix and key.startswith("roberta."):
-        key = key[len("roberta."):]
+        key = key[len("roberta.") :]
     if key.endswith(".gamma"):
         key = key[: -len("gamma")] + "weight"
     elif key.endswith(".beta"):
@@ -470,20 +523,31 @@ def init_text_tower(model: nn.Module, path: str | os.PathLike) -> InitReport:
     or `pytorch_model.bin`; safetensors preferred). See the module docstring for the rules."""
     directory = Path(path)
     if not directory.is_dir():
-        raise PretrainedInitError(f"{directory}: not a directory (expected a Hugging Face model directory such as "
-                                  f"a local copy of roberta-base)")
+        raise PretrainedInitError(
+            f"{directory}: not a directory (expected a Hugging Face model directory such as "
+            f"a local copy of roberta-base)"
+        )
     _check_text_config(directory, model.config.text)
     weights = _weights_in(directory, ("model.safetensors", "pytorch_model.bin"))
     file_sd = read_state_dict(weights)
     strip_prefix = any(k.startswith("roberta.") for k in file_sd)
     state_dict, original = _renamed(file_sd, lambda key: _hf_name(key, strip_prefix))
     if TEXT_MARKER not in state_dict or "embeddings.word_embeddings.weight" not in state_dict:
-        raise PretrainedInitError(f"{weights}: not a RoBERTa/BERT encoder (no {TEXT_MARKER}; names start "
-                                  f"{sorted(state_dict)[:4]})")
+        raise PretrainedInitError(
+            f"{weights}: not a RoBERTa/BERT encoder (no {TEXT_MARKER}; names start {sorted(state_dict)[:4]})"
+        )
     report = fill_by_name(model, "text_model.", state_dict, "text", str(weights), TEXT_OWN_INIT)
     report.ignored = sorted(original[k] for k in report.ignored)
     return report
 
 
-__all__ = ["InitReport", "PretrainedInitError", "init_text_tower", "init_video_tower", "read_state_dict",
-           "read_vit_npz", "fill_by_name", "read_legacy_torch_file"]
+__all__ = [
+    "InitReport",
+    "PretrainedInitError",
+    "init_text_tower",
+    "init_video_tower",
+    "read_state_dict",
+    "read_vit_npz",
+    "fill_by_name",
+    "read_legacy_torch_file",
+]

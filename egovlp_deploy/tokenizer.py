@@ -48,8 +48,7 @@ def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False
         raise TokenizerError(f"{name_or_path}: cannot load a tokenizer ({exc})") from exc
 
 
-def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = None,
-                         vocab_size: int = DEMO_VOCAB_SIZE):
+def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = None, vocab_size: int = DEMO_VOCAB_SIZE):
     """Train a byte-level BPE on `texts` (default: the synthetic world's narrations), save it, and return it."""
     from tokenizers import ByteLevelBPETokenizer, processors
     from transformers import RobertaTokenizerFast
@@ -57,14 +56,27 @@ def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = N
     from .vocabulary import corpus
 
     bpe = ByteLevelBPETokenizer(add_prefix_space=False, lowercase=False)
-    bpe.train_from_iterator(texts or corpus(), vocab_size=vocab_size, min_frequency=1,
-                            special_tokens=list(ROBERTA_SPECIALS), show_progress=False)
+    bpe.train_from_iterator(
+        texts or corpus(),
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=list(ROBERTA_SPECIALS),
+        show_progress=False,
+    )
     bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), add_prefix_space=False)
     for i, token in enumerate(ROBERTA_SPECIALS):
         assert bpe.token_to_id(token) == i, "special tokens must keep RoBERTa's ids"
-    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", sep_token="</s>",
-                                     cls_token="<s>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                                     model_max_length=64)
+    tokenizer = RobertaTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        sep_token="</s>",
+        cls_token="<s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        model_max_length=64,
+    )
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Save into a sibling temp dir, then rename: a reader never sees half a tokenizer.
@@ -96,12 +108,11 @@ class Truncation:
     kept: str  # the text the first `limit` tokens stand for
 
     def message(self) -> str:
-        dropped = self.text[len(self.kept):].strip() if self.text.startswith(self.kept) else ""
+        dropped = self.text[len(self.kept) :].strip() if self.text.startswith(self.kept) else ""
         if len(dropped) > 60:
             dropped = dropped[:57] + "..."
         rest = f'; not encoded: "{dropped}"' if dropped else ""
-        return (f'query truncated to {self.limit} tokens: "{self.kept.strip()}" ({self.tokens} tokens given'
-                f'{rest})')
+        return f'query truncated to {self.limit} tokens: "{self.kept.strip()}" ({self.tokens} tokens given{rest})'
 
 
 def truncated_texts(tokenizer, texts: list[str], max_length: int) -> list[Truncation]:

@@ -24,11 +24,11 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TRAIN_SCALE = (0.5, 1.0)          # init_video_transform_dict(randcrop_scale=(0.5, 1.0))
+TRAIN_SCALE = (0.5, 1.0)  # init_video_transform_dict(randcrop_scale=(0.5, 1.0))
 TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default
-FLIP_P = 0.5                      # RandomHorizontalFlipVideo default
-CROP_ATTEMPTS = 10                # torchvision RandomResizedCrop.get_params
-EVAL_CROP_OVER_SIZE = 256 / 224   # Resize(256) -> CenterCrop(256) -> Resize(224), scaled to other sizes
+FLIP_P = 0.5  # RandomHorizontalFlipVideo default
+CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
+EVAL_CROP_OVER_SIZE = 256 / 224  # Resize(256) -> CenterCrop(256) -> Resize(224), scaled to other sizes
 VARIANTS = ("egoclip", "epic")
 
 
@@ -68,12 +68,16 @@ def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:
         raise ValueError(f"cannot center-crop {size}x{size} from a {height}x{width} image")
     top = int(round((height - size) / 2.0))
     left = int(round((width - size) / 2.0))
-    return clip[..., top:top + size, left:left + size]
+    return clip[..., top : top + size, left : left + size]
 
 
-def random_resized_crop_params(height: int, width: int, scale: tuple[float, float] = TRAIN_SCALE,
-                               ratio: tuple[float, float] = TRAIN_RATIO,
-                               generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+def random_resized_crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float] = TRAIN_SCALE,
+    ratio: tuple[float, float] = TRAIN_RATIO,
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params: (top, left, crop_h, crop_w).
 
     Up to 10 tries: area fraction ~ U(scale), log aspect (w/h) ~ U(log ratio); the first crop that fits wins and
@@ -84,8 +88,7 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
     log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision computes it
     for _ in range(CROP_ATTEMPTS):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(),
-                                                  generator=generator).item())
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator).item())
         crop_w = int(round(math.sqrt(target_area * aspect)))
         crop_h = int(round(math.sqrt(target_area / aspect)))
         if 0 < crop_w <= width and 0 < crop_h <= height:
@@ -104,7 +107,7 @@ def random_resized_crop_params(height: int, width: int, scale: tuple[float, floa
 
 def resized_crop(clip: torch.Tensor, top: int, left: int, crop_h: int, crop_w: int, size: int) -> torch.Tensor:
     """Crop (..., C, H, W) to the box, then bilinear-resize it to size x size (no antialias)."""
-    return resize(clip[..., top:top + crop_h, left:left + crop_w], size, size)
+    return resize(clip[..., top : top + crop_h, left : left + crop_w], size, size)
 
 
 def hflip(clip: torch.Tensor) -> torch.Tensor:
@@ -128,8 +131,9 @@ def _pixel_scale_and_stats(variant: str) -> tuple[float, tuple[float, ...], tupl
 
 
 # -- the official pipelines -------------------------------------------------------------------------------------
-def train_transform(frames_uint8: torch.Tensor, size: int, generator: torch.Generator | None = None,
-                    variant: str = "egoclip") -> torch.Tensor:
+def train_transform(
+    frames_uint8: torch.Tensor, size: int, generator: torch.Generator | None = None, variant: str = "egoclip"
+) -> torch.Tensor:
     """Official training transform: uint8 (F, H, W, 3) -> float32 (F, 3, size, size).
 
     'egoclip': RandomResizedCropVideo(size, scale=(0.5, 1)) -> RandomHorizontalFlipVideo(0.5) -> Normalize.
@@ -138,9 +142,9 @@ def train_transform(frames_uint8: torch.Tensor, size: int, generator: torch.Gene
     `random_resized_crop_params`), then one U(0, 1) for the flip, all from `generator`.
     """
     pixel_scale, mean, std = _pixel_scale_and_stats(variant)
-    clip = to_float_clip(frames_uint8, pixel_scale)                       # (F, 3, H, W)
+    clip = to_float_clip(frames_uint8, pixel_scale)  # (F, 3, H, W)
     top, left, crop_h, crop_w = random_resized_crop_params(clip.shape[-2], clip.shape[-1], generator=generator)
-    clip = resized_crop(clip, top, left, crop_h, crop_w, size)            # (F, 3, size, size)
+    clip = resized_crop(clip, top, left, crop_h, crop_w, size)  # (F, 3, size, size)
     if variant == "egoclip" and torch.rand(1, generator=generator).item() < FLIP_P:
         clip = hflip(clip)
     return normalize(clip, mean, std)
@@ -154,29 +158,14 @@ def eval_transform(frames_uint8: torch.Tensor, size: int, variant: str = "egocli
     'epic'    (EK-100): Resize(size) -> CenterCrop(size) -> Normalize(x255 stats) on 0..255 pixels.
     """
     pixel_scale, mean, std = _pixel_scale_and_stats(variant)
-    clip = to_float_clip(frames_uint8, pixel_scale)                       # (F, 3, H, W)
+    clip = to_float_clip(frames_uint8, pixel_scale)  # (F, 3, H, W)
     if variant == "egoclip":
         crop = round(size * EVAL_CROP_OVER_SIZE)
-        clip = center_crop(resize_short_side(clip, crop), crop)           # (F, 3, crop, crop)
-        clip = resize(clip, size, size)                                   # (F, 3, size, size)
+        clip = center_crop(resize_short_side(clip, crop), crop)  # (F, 3, crop, crop)
+        clip = resize(clip, size, size)  # (F, 3, size, size)
     else:
-        clip = center_crop(resize_short_side(clip, size), size)           # (F, 3, size, size)
+        clip = center_crop(resize_short_side(clip, size), size)  # (F, 3, size, size)
     return normalize(clip, mean, std).contiguous()
-
-
-def eval_clip(frames_uint8: torch.Tensor, size: int, variant: str = "egoclip") -> torch.Tensor:
-    """`eval_transform` through the C++ extension when it is built, else this module's reference.
-
-    The two agree to float32 rounding (tests/test_preprocess.py holds them to 1e-5); the C++ path reads the uint8
-    frames in place instead of widening whole frames to float (~30x faster at 1080p, BENCHMARKS.md). The data
-    readers' eval path and the runtime call this; the reference stays reachable as `eval_transform`.
-    """
-    from . import preprocess  # lazy: preprocess imports this module's constants
-
-    if preprocess.available() and isinstance(frames_uint8, torch.Tensor) and frames_uint8.device.type == "cpu" \
-            and frames_uint8.dtype == torch.uint8:
-        return preprocess.preprocess_clip(frames_uint8, size, variant)
-    return eval_transform(frames_uint8, size, variant)
 
 
 def black_clip(num_frames: int, size: int) -> torch.Tensor:

@@ -13,12 +13,24 @@ from __future__ import annotations
 import itertools
 
 VERBS = {  # base form (the class name in meta.json) -> third person, as narrated
-    "pick up": "picks up", "put down": "puts down", "push": "pushes", "pull": "pulls", "rotate": "rotates",
-    "open": "opens", "close": "closes",
+    "pick up": "picks up",
+    "put down": "puts down",
+    "push": "pushes",
+    "pull": "pulls",
+    "rotate": "rotates",
+    "open": "opens",
+    "close": "closes",
 }
-# Each pair differs only in the direction of time: one clip is the other played backwards (EgoMCQ intra hazard).
-OPPOSITE = {"pick up": "put down", "put down": "pick up", "push": "pull", "pull": "push",
-            "open": "close", "close": "open"}
+# Each pair differs only in the direction of time: one clip is the other played backwards (what EgoMCQ's
+# intra-video questions test).
+OPPOSITE = {
+    "pick up": "put down",
+    "put down": "pick up",
+    "push": "pull",
+    "pull": "push",
+    "open": "close",
+    "close": "open",
+}
 NOUNS = ("cup", "bowl", "box", "bottle", "plate", "pan", "book", "jar")
 OPENABLE = ("box", "book", "jar")  # the nouns that can be opened and closed
 COLOURS = ("red", "green", "blue", "yellow", "white", "orange", "purple", "cyan")
@@ -62,7 +74,10 @@ def corpus() -> list[str]:
     lines += [f"#C C {VERBS[v]} the {n} on the {s}" for v, n, s in itertools.product(VERBS, NOUNS, SCENES)]
     lines += [f"#O the person {VERBS[v]} a {c} {n}" for v, c, n in itertools.product(VERBS, COLOURS, NOUNS[:4])]
     verbs, nouns, colours = [*VERBS.values(), *EXTRA_VERBS.values()], NOUNS + EXTRA_NOUNS, COLOURS + EXTRA_COLOURS
-    lines += [f"#C C {v} the {c} {n}" for v, c, n in itertools.product(verbs, colours, nouns)
-              if v in EXTRA_VERBS.values() or n in EXTRA_NOUNS or c in EXTRA_COLOURS]
+    lines += [
+        f"#C C {v} the {c} {n}"
+        for v, c, n in itertools.product(verbs, colours, nouns)
+        if v in EXTRA_VERBS.values() or n in EXTRA_NOUNS or c in EXTRA_COLOURS
+    ]
     lines += [f"#C C {v} the {n}" for v, n in itertools.product(verbs, nouns)]
     return lines

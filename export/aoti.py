@@ -6,8 +6,8 @@ is their composition. On CUDA the model runs the 'triton' attention backend when
 the package carries the project's Triton kernels as custom ops; on the CPU the reference backend is used (Triton
 kernels need a GPU). A package is tied to the torch version that built it (the manifest loader refuses others).
 
-Compile cost on the 2-core CPU machines (tiny video encoder, load ~9): 135 s with the default O1 wrapper, 46 s
-with `opt_level='O0'` (the wrapper only launches kernels; the kernels keep their own optimisation), so tests use O0.
+The default O1 wrapper compiles several times slower than `opt_level='O0'`, and O0 costs little at run time (the
+wrapper only launches kernels; the kernels keep their own optimisation), so tests use O0.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .onnx import dynamic_shapes, trace_sizes
+from .onnx_export import dynamic_shapes, trace_sizes
 from .specs import AOTI_ROLES, ROLES, example_inputs, export_patches, role_module
 
 
@@ -35,17 +35,28 @@ class AotiExport:
     seconds: float
 
 
-def export_aoti(model, role: str, path: str | os.PathLike, *, max_batch: int, max_text_len: int,
-                device: str = "cpu", precision: str = "fp32", attention: str = "reference",
-                wrapper_opt_level: str = "O1") -> AotiExport:
+def export_aoti(
+    model,
+    role: str,
+    path: str | os.PathLike,
+    *,
+    max_batch: int,
+    max_text_len: int,
+    device: str = "cpu",
+    precision: str = "fp32",
+    attention: str = "reference",
+    wrapper_opt_level: str = "O1",
+) -> AotiExport:
     """Compile `role` into an AOTInductor package at `path` (written to a temp name, then renamed)."""
     if role not in AOTI_ROLES:
         raise ValueError(f"AOTInductor packages are built for {AOTI_ROLES}, not {role!r}")
     if precision not in ("fp32", "fp16", "bf16"):
         raise ValueError(f"AOTInductor precision must be fp32, fp16 or bf16, got {precision!r}")
     if device == "cpu" and precision != "fp32":
-        raise ValueError("AOTInductor fp16/bf16 packages are built for CUDA only (CPU half kernels are slow and "
-                         "not a deployment target)")
+        raise ValueError(
+            "AOTInductor fp16/bf16 packages are built for CUDA only (CPU half kernels are slow and "
+            "not a deployment target)"
+        )
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError("a CUDA AOTInductor package needs a CUDA device to compile on")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
@@ -54,20 +65,27 @@ def export_aoti(model, role: str, path: str | os.PathLike, *, max_batch: int, ma
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # Read now: `Module.to` converts parameters in place, so a parameter object read after it reports the new
-    # device and dtype (the first GPU run restored the model as fp16 on CUDA and failed validation).
+    # device and dtype, and the `finally` below would leave the model converted instead of restoring it.
     param = next(model.parameters())
     original_device, original_dtype = param.device, param.dtype
     work = model.to(device=device, dtype=dtype)
     try:
         inputs = example_inputs(work, role, batch, text_len, seed=1234, dtype=dtype, device=device)
         with torch.no_grad(), export_patches(work, attention):
-            program = torch.export.export(role_module(work, role), (), kwargs=inputs, strict=False,
-                                          dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len))
+            program = torch.export.export(
+                role_module(work, role),
+                (),
+                kwargs=inputs,
+                strict=False,
+                dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len),
+            )
             tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")  # the packager insists on .pt2
             try:
                 torch._inductor.aoti_compile_and_package(
-                    program, package_path=str(tmp),
-                    inductor_configs={"aot_inductor.compile_wrapper_opt_level": wrapper_opt_level})
+                    program,
+                    package_path=str(tmp),
+                    inductor_configs={"aot_inductor.compile_wrapper_opt_level": wrapper_opt_level},
+                )
                 os.replace(tmp, path)
             finally:
                 if tmp.exists():
@@ -85,14 +103,13 @@ class AotiLoadError(RuntimeError):
 _LOAD_ONLY = "import sys, torch; torch._inductor.aoti_load_package(sys.argv[1])"
 
 
-def check_loads_in_child(path: str | os.PathLike, timeout_s: float = 180.0,
-                         command: list[str] | None = None) -> float:
+def check_loads_in_child(path: str | os.PathLike, timeout_s: float = 180.0, command: list[str] | None = None) -> float:
     """Load the package in a child process first; seconds taken, or AotiLoadError naming how the loader failed.
 
-    Why: on an H100 (torch 2.11.0+cu130, 2026-11-28) the loader of a freshly built CUDA package died with SIGSEGV
-    inside the exporting process and did not return in a fresh one. In-process, that kills the export and every
-    artifact it has not recorded yet; in a child it is one named failure, and the export goes on. `command` replaces
-    the child's interpreter command (tests)."""
+    Why: the loader of a freshly built CUDA package can die with SIGSEGV inside the exporting process, or not return
+    in a fresh one (BENCHMARKS.md). In-process, that kills the export and every artifact it has not recorded yet; in
+    a child it is one named failure, and the export goes on. `command` replaces the child's interpreter command
+    (tests)."""
     argv = (command or [sys.executable, "-c", _LOAD_ONLY]) + [str(path)]
     t0 = time.perf_counter()
     where = f"{path}: torch {torch.__version__}'s AOTInductor loader"

@@ -14,14 +14,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from egovlp_deploy.benchmarking import git_sha as _git_sha, median_ms as _median_ms
+from egovlp_deploy.benchmarking import git_sha as _git_sha
+from egovlp_deploy.benchmarking import median_ms as _median_ms
+from egovlp_deploy.ort_session import ort_session
 
 DESCRIPTION = __doc__
-TARGET_VIDEO_SPEEDUP = 1.3  # issue acceptance: ORT fp32 >= 1.3x PyTorch eager for the video encoder
+TARGET_VIDEO_SPEEDUP = 1.3  # the export's speed target: ORT fp32 >= 1.3x PyTorch eager for the video encoder
 
 
 @dataclass
@@ -35,28 +36,34 @@ class Row:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="bench_results/export", metavar="DIR",
-                        help="folder for export.json, export.md, export.png (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="bench_results/export",
+        metavar="DIR",
+        help="folder for export.json, export.md, export.png (default: %(default)s)",
+    )
     parser.add_argument("--configs", default="tiny", help="comma list of tiny, base (random weights; default: tiny)")
     parser.add_argument("--checkpoint", metavar="CKPT", help="benchmark this checkpoint instead of --configs")
     parser.add_argument("--frames", type=int, default=4, metavar="F", help="frames per clip (default: 4)")
-    parser.add_argument("--roles", default="video_encoder,text_encoder,video_fusion_prefix,fusion_head,fusion",
-                        help="comma list of roles (default: all)")
+    parser.add_argument(
+        "--roles",
+        default="video_encoder,text_encoder,video_fusion_prefix,fusion_head,fusion",
+        help="comma list of roles (default: all)",
+    )
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per backend (default: 10)")
     parser.add_argument("--threads", type=int, default=0, help="threads for torch and ORT (default: torch's)")
     parser.add_argument("--text-len", type=int, default=15, help="text length (default: 15)")
 
 
-
-
-def bench_config(name: str, checkpoint: str, frames: int, roles: list[str], repeats: int, threads: int,
-                 text_len: int, work: Path) -> list[Row]:
+def bench_config(
+    name: str, checkpoint: str, frames: int, roles: list[str], repeats: int, threads: int, text_len: int, work: Path
+) -> list[Row]:
     import numpy as np
-    import onnxruntime as ort
     import torch
 
-    from .onnx import export_onnx
-    from .pipeline import load_model
+    from egovlp_deploy.model.factory import load_model
+
+    from .onnx_export import export_onnx
     from .precision import to_int8
     from .specs import example_inputs, export_patches, role_module
     from .validate import compare, torch_outputs
@@ -75,15 +82,16 @@ def bench_config(name: str, checkpoint: str, frames: int, roles: list[str], repe
             eager = _median_ms(lambda: module(**inputs), repeats)
         rows.append(Row(name, role, "torch-eager", eager, 1.0, 0.0))
         for backend, file in (("ort-fp32", path), ("ort-int8", path.with_name(f"{role}.int8.onnx"))):
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = threads
-            session = ort.InferenceSession(str(file), opts, providers=["CPUExecutionProvider"])
+            session = ort_session(file, threads=threads)
             out = session.run(None, np_inputs)
             err = max(compare(ref[n], np.asarray(o)).max_rel for n, o in zip(ref, out))
             ms = _median_ms(lambda: session.run(None, np_inputs), repeats)
             rows.append(Row(name, role, backend, ms, eager / ms, err))
-        print(f"{name:<5} {role:<20} eager {eager:8.2f} ms | " + " | ".join(
-            f"{r.backend} {r.ms:8.2f} ms x{r.speedup:.2f}" for r in rows[-2:]), flush=True)
+        print(
+            f"{name:<5} {role:<20} eager {eager:8.2f} ms | "
+            + " | ".join(f"{r.backend} {r.ms:8.2f} ms x{r.speedup:.2f}" for r in rows[-2:]),
+            flush=True,
+        )
     return rows
 
 
@@ -95,18 +103,30 @@ def run(args) -> int:
     threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     roles = [r.strip() for r in args.roles.split(",") if r.strip()]
-    configs = [("checkpoint", args.checkpoint)] if args.checkpoint else \
-        [(c.strip(), f"random:{c.strip()}") for c in args.configs.split(",") if c.strip()]
+    configs = (
+        [("checkpoint", args.checkpoint)]
+        if args.checkpoint
+        else [(c.strip(), f"random:{c.strip()}") for c in args.configs.split(",") if c.strip()]
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="egovlp-bench-export-") as work:
         for name, ckpt in configs:
             rows += bench_config(name, ckpt, args.frames, roles, args.repeats, threads, args.text_len, Path(work))
-    meta = {"machine": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "threads": threads, "load_avg": os.getloadavg(), "frames": args.frames, "text_len": args.text_len,
-            "repeats": args.repeats, "git_sha": _git_sha(), "torch": torch.__version__,
-            "onnxruntime": __import__("onnxruntime").__version__}
+    meta = {
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "load_avg": os.getloadavg(),
+        "frames": args.frames,
+        "text_len": args.text_len,
+        "repeats": args.repeats,
+        "git_sha": _git_sha(),
+        "torch": torch.__version__,
+        "onnxruntime": __import__("onnxruntime").__version__,
+    }
     (out / "export.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
     (out / "export.md").write_text(format_table(rows, meta))
     plot(rows, out / "export.png")
@@ -115,22 +135,29 @@ def run(args) -> int:
 
 
 def format_table(rows: list[Row], meta: dict) -> str:
-    lines = [f"Batch 1, {meta['frames']} frames, text length {meta['text_len']}, {meta['threads']} threads, "
-             f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, load average {meta['load_avg'][0]:.1f}",
-             "", "| config | role | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x eager) | max rel err fp32 / int8 |",
-             "|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Batch 1, {meta['frames']} frames, text length {meta['text_len']}, {meta['threads']} threads, "
+        f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, load average {meta['load_avg'][0]:.1f}",
+        "",
+        "| config | role | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x eager) | max rel err fp32 / int8 |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     by = {}
     for r in rows:
         by.setdefault((r.config, r.role), {})[r.backend] = r
     for (config, role), b in by.items():
         e, f, i = b["torch-eager"], b["ort-fp32"], b["ort-int8"]
-        lines.append(f"| {config} | {role} | {e.ms:.2f} | {f.ms:.2f} ({f.speedup:.2f}x) | {i.ms:.2f} "
-                     f"({i.speedup:.2f}x) | {f.max_rel_err:.1e} / {i.max_rel_err:.1e} |")
+        lines.append(
+            f"| {config} | {role} | {e.ms:.2f} | {f.ms:.2f} ({f.speedup:.2f}x) | {i.ms:.2f} "
+            f"({i.speedup:.2f}x) | {f.max_rel_err:.1e} / {i.max_rel_err:.1e} |"
+        )
     for (config, role), b in by.items():
         if role == "video_encoder":
             s = b["ort-fp32"].speedup
-            lines.append(f"\nTarget ORT fp32 >= {TARGET_VIDEO_SPEEDUP}x eager for the video encoder ({config}): "
-                         f"{s:.2f}x, {'met' if s >= TARGET_VIDEO_SPEEDUP else 'NOT met'}.")
+            lines.append(
+                f"\nTarget ORT fp32 >= {TARGET_VIDEO_SPEEDUP}x eager for the video encoder ({config}): "
+                f"{s:.2f}x, {'met' if s >= TARGET_VIDEO_SPEEDUP else 'NOT met'}."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -144,8 +171,7 @@ def plot(rows: list[Row], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 4))
     width = 0.38
     for k, backend in enumerate(("ort-fp32", "ort-int8")):
-        values = [next(r.speedup for r in rows if (r.config, r.role) == key and r.backend == backend)
-                  for key in keys]
+        values = [next(r.speedup for r in rows if (r.config, r.role) == key and r.backend == backend) for key in keys]
         ax.bar([i + (k - 0.5) * width for i in range(len(keys))], values, width, label=backend)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.axhline(TARGET_VIDEO_SPEEDUP, color="red", linestyle="--", linewidth=0.8, label="video target 1.3x")

@@ -24,13 +24,13 @@ single-file graphs, so the manifests it wrote before keep loading.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
+from egovlp_deploy.hashing import sha256_file
 from egovlp_deploy.jsonfile import read_json
 
 from .specs import ROLES, static_dims
@@ -48,16 +48,8 @@ class ArtifactError(ValueError):
     """An artifact does not match its manifest entry (missing, corrupt, wrong role, wrong tool versions)."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# Files from this size on are hashed once per process and file state (sha256 runs at ~1.2 GB/s on one core here: a
-# 1.5 GB graph or its external data costs ~1.3 s per load). Smaller ones are hashed every time (microseconds).
+# Files from this size on are hashed once per process and file state: sha256 of a graph or its external data costs
+# about a second per gigabyte, too much for every load. Smaller ones are hashed every time (milliseconds at most).
 HASH_CACHE_MIN_BYTES = 8 << 20
 _HASHES: dict[tuple, str] = {}
 
@@ -76,8 +68,13 @@ def sha256_verified(path: str | os.PathLike) -> str:
     return _HASHES[key]
 
 
-def inside(folder: str | os.PathLike, name, key: str, base: str | os.PathLike | None = None,
-           error: type[Exception] | None = None) -> Path:
+def inside(
+    folder: str | os.PathLike,
+    name,
+    key: str,
+    base: str | os.PathLike | None = None,
+    error: type[Exception] | None = None,
+) -> Path:
     """`name`, a relative path read from a manifest (or from an artifact), as a path inside `folder`.
 
     Refused (`error`, default ManifestError, naming `key` and the path): anything but a non-empty string, an absolute
@@ -95,8 +92,9 @@ def inside(folder: str | os.PathLike, name, key: str, base: str | os.PathLike | 
     elif ".." in PureWindowsPath(name).parts:  # splits on '/' and '\\' both
         why = "contains '..'"
     if why:
-        raise error(f"{folder}: {key} {name!r} {why}: paths an engines folder names are relative to it and stay "
-                    f"inside it")
+        raise error(
+            f"{folder}: {key} {name!r} {why}: paths an engines folder names are relative to it and stay inside it"
+        )
     path = Path(base if base is not None else folder) / name
     root, real = folder.resolve(), path.resolve()
     if real == root:
@@ -117,16 +115,6 @@ def _check_file(path: Path, size: int, digest: str, what: str = "") -> None:
         raise ArtifactError(f"{path}: sha256 differs from the manifest ({what}corrupt or replaced file)")
 
 
-def sha256_checkpoint(path: str | os.PathLike) -> str:
-    """A file's sha256, or for a directory the sha256 of its sorted (name, sha256) list of weight/config files."""
-    path = Path(path)
-    if path.is_file():
-        return sha256_file(path)
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
-    listing = "\n".join(f"{p.name} {sha256_file(p)}" for p in files)
-    return hashlib.sha256(listing.encode()).hexdigest()
-
-
 def tool_versions() -> dict[str, str | None]:
     out = {}
     for name in TOOLS:
@@ -142,12 +130,18 @@ def io_entry(role: str, config, precision: str, max_batch: int, max_text_len: in
     bounds = {"batch": [1, max_batch], "text_len": [1, max_text_len]}
 
     def tensor(t):
-        return {"name": t.name, "shape": [sizes.get(d, d) if isinstance(d, str) else d for d in t.dims],
-                "dtype": t.numpy_dtype(precision)}
+        return {
+            "name": t.name,
+            "shape": [sizes.get(d, d) if isinstance(d, str) else d for d in t.dims],
+            "dtype": t.numpy_dtype(precision),
+        }
 
     spec = ROLES[role]
-    return {"inputs": [tensor(t) for t in spec.inputs], "outputs": [tensor(t) for t in spec.outputs],
-            "dynamic": {k: v for k, v in bounds.items() if any(k in t.dims for t in spec.inputs)}}
+    return {
+        "inputs": [tensor(t) for t in spec.inputs],
+        "outputs": [tensor(t) for t in spec.outputs],
+        "dynamic": {k: v for k, v in bounds.items() if any(k in t.dims for t in spec.inputs)},
+    }
 
 
 @dataclass
@@ -186,8 +180,9 @@ class Manifest:
     def add(self, directory: Path, path: Path, **kw) -> ArtifactEntry:
         """Record the artifact at `path` (inside `directory`): its hash and size, and for an ONNX graph the hash
         and size of each external data file it reads (the bytes a runtime loads with it)."""
-        entry = ArtifactEntry(file=str(Path(path).relative_to(directory)), sha256=sha256_file(path),
-                              bytes=Path(path).stat().st_size, **kw)
+        entry = ArtifactEntry(
+            file=str(Path(path).relative_to(directory)), sha256=sha256_file(path), bytes=Path(path).stat().st_size, **kw
+        )
         if entry.format == "onnx":
             entry.external_data = external_data_entries(directory, path)
         self.artifacts = [a for a in self.artifacts if a.file != entry.file] + [entry]
@@ -198,8 +193,7 @@ class Manifest:
             if (a.role, a.precision, a.format, a.variant) == (role, precision, format, variant):
                 return a
         have = sorted({(a.role, a.precision, a.format) for a in self.artifacts})
-        raise ManifestError(f"the manifest lists no {format} {precision} artifact for role {role!r} "
-                            f"(it has: {have})")
+        raise ManifestError(f"the manifest lists no {format} {precision} artifact for role {role!r} (it has: {have})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -220,14 +214,15 @@ TOKENIZER_MAX_BYTES = 64 << 20
 def external_data_entries(directory: str | os.PathLike, path: str | os.PathLike) -> list[dict]:
     """The manifest record of the external data files the ONNX graph at `path` reads: file (relative to the export
     folder), bytes, sha256; [] when its weights are all inside the graph file."""
-    from .onnx import read_header
+    from .onnx_export import read_header
 
     directory, path = Path(directory), Path(path)
     out = []
     for location in read_header(path)[1]:
         data = inside(directory, location, f"{path.name}: external data location", base=path.parent)
-        out.append({"file": str(data.relative_to(directory)), "bytes": data.stat().st_size,
-                    "sha256": sha256_file(data)})
+        out.append(
+            {"file": str(data.relative_to(directory)), "bytes": data.stat().st_size, "sha256": sha256_file(data)}
+        )
     return out
 
 
@@ -238,8 +233,7 @@ def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, name
     import shutil
 
     source, target = Path(source), Path(directory) / name
-    files = sorted(p for p in source.iterdir()
-                   if p.is_file() and not p.is_symlink() and p.suffix in TOKENIZER_SUFFIXES)
+    files = sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink() and p.suffix in TOKENIZER_SUFFIXES)
     if not files:
         raise ManifestError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_SUFFIXES)}) to copy")
     target.mkdir(parents=True, exist_ok=True)
@@ -285,8 +279,10 @@ def verify_tokenizer(directory: str | os.PathLike, entry: dict) -> Path:
         if sha256_verified(path) != digest:
             raise ArtifactError(f"{path}: sha256 differs from the manifest (changed or swapped tokenizer file)")
     for extra in sorted(p for p in folder.iterdir() if p not in files and not p.name.startswith(".")):
-        raise ArtifactError(f"{extra}: in the tokenizer folder but not listed in the manifest (an added file the "
-                            f"tokenizer loader would read unchecked): remove it or re-export")
+        raise ArtifactError(
+            f"{extra}: in the tokenizer folder but not listed in the manifest (an added file the "
+            f"tokenizer loader would read unchecked): remove it or re-export"
+        )
     return folder
 
 
@@ -298,8 +294,7 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
     data = read_json(path, ManifestError, expect=dict)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
-        raise ManifestError(f"{path}: manifest format_version {version!r}, this egovlp-deploy reads "
-                            f"{FORMAT_VERSION}")
+        raise ManifestError(f"{path}: manifest format_version {version!r}, this egovlp-deploy reads {FORMAT_VERSION}")
     try:
         artifacts = [ArtifactEntry(**a) for a in data["artifacts"]]
         manifest = Manifest(**{**data, "artifacts": artifacts})
@@ -332,8 +327,7 @@ def _check_entry_paths(directory: Path, entry: ArtifactEntry) -> list[tuple[Path
         raise ManifestError(f"{directory}: {key}.external_data is not a list")
     out = []
     for i, rec in enumerate(entry.external_data):
-        if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) \
-                or not isinstance(rec.get("sha256"), str):
+        if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("sha256"), str):
             raise ManifestError(f"{directory}: {key}.external_data[{i}] is not {{'file', 'bytes', 'sha256'}}")
         out.append((inside(directory, rec.get("file"), f"{key}.external_data[{i}].file"), rec))
     return out
@@ -355,7 +349,7 @@ def verify_artifact(directory: str | os.PathLike, entry: ArtifactEntry, manifest
 def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: list[tuple[Path, dict]]) -> None:
     """The role and precision stored in the graph, and its external data: each location it names inside the
     folder and recorded in the entry, each recorded file of the recorded size and sha256."""
-    from .onnx import read_header
+    from .onnx_export import read_header
 
     try:
         meta, locations = read_header(path)
@@ -363,16 +357,21 @@ def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: lis
         raise ArtifactError(f"{path}: not a readable ONNX model ({exc})") from exc
     _check_onnx_identity(path, entry, meta)
     if locations and entry.external_data is None:
-        raise ArtifactError(f"{path}: the graph reads external data ({', '.join(map(repr, locations))}) that this "
-                            f"manifest does not record (written before external data was hashed): re-export the "
-                            f"engines folder")
+        raise ArtifactError(
+            f"{path}: the graph reads external data ({', '.join(map(repr, locations))}) that this "
+            f"manifest does not record (written before external data was hashed): re-export the "
+            f"engines folder"
+        )
     recorded = {p.resolve() for p, _ in external}
     for location in locations:
-        data = inside(directory, location, f"{entry.file}: external data location", base=path.parent,
-                      error=ArtifactError)
+        data = inside(
+            directory, location, f"{entry.file}: external data location", base=path.parent, error=ArtifactError
+        )
         if data.resolve() not in recorded:
-            raise ArtifactError(f"{data}: external data of {entry.file} not recorded in the manifest "
-                                f"{entry_key(entry)}.external_data: re-export the engines folder")
+            raise ArtifactError(
+                f"{data}: external data of {entry.file} not recorded in the manifest "
+                f"{entry_key(entry)}.external_data: re-export the engines folder"
+            )
     for data, rec in external:
         _check_file(data, rec["bytes"], rec["sha256"], what=f"external data of {entry.file}: ")
 
@@ -380,8 +379,10 @@ def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: lis
 def _check_onnx_identity(path: Path, entry: ArtifactEntry, meta: dict[str, str]) -> None:
     role, precision = meta.get("egovlp.role"), meta.get("egovlp.precision")
     if role != entry.role:
-        raise ArtifactError(f"{path}: the file is a {role!r} graph but the manifest lists it as {entry.role!r} "
-                            f"(wrong manifest or swapped files)")
+        raise ArtifactError(
+            f"{path}: the file is a {role!r} graph but the manifest lists it as {entry.role!r} "
+            f"(wrong manifest or swapped files)"
+        )
     if precision != entry.precision:
         raise ArtifactError(f"{path}: the file is {precision!r} but the manifest says {entry.precision!r}")
 
@@ -399,15 +400,20 @@ def check_tool_versions(entry: ArtifactEntry, tools: dict | None = None, manifes
         if entry.opset > onnx_opset_version():
             raise ArtifactError(f"{entry.file}: opset {entry.opset} is newer than this onnx ({onnx_opset_version()})")
     if entry.format == "aoti" and built.get("torch") and now.get("torch") != built["torch"]:
-        raise ArtifactError(f"{entry.file}: AOTInductor package built with torch {built['torch']}, running torch "
-                            f"{now.get('torch')}: rebuild it (packages are tied to the torch that built them)")
+        raise ArtifactError(
+            f"{entry.file}: AOTInductor package built with torch {built['torch']}, running torch "
+            f"{now.get('torch')}: rebuild it (packages are tied to the torch that built them)"
+        )
     if entry.format == "tensorrt" and built.get("tensorrt") and now.get("tensorrt") != built["tensorrt"]:
-        raise ArtifactError(f"{entry.file}: TensorRT engine built with TensorRT {built['tensorrt']}, this machine "
-                            f"has {now.get('tensorrt')}: rebuild it (engines are tied to the TensorRT version)")
+        raise ArtifactError(
+            f"{entry.file}: TensorRT engine built with TensorRT {built['tensorrt']}, this machine "
+            f"has {now.get('tensorrt')}: rebuild it (engines are tied to the TensorRT version)"
+        )
 
 
-def open_artifact(directory: str | os.PathLike, role: str, precision: str = "fp32", format: str = "onnx",
-                  variant: str = "") -> tuple[Path, ArtifactEntry, Manifest]:
+def open_artifact(
+    directory: str | os.PathLike, role: str, precision: str = "fp32", format: str = "onnx", variant: str = ""
+) -> tuple[Path, ArtifactEntry, Manifest]:
     """Find, verify and return (path, entry, manifest) for one artifact of an export directory."""
     manifest = load_manifest(directory)
     entry = manifest.find(role, precision, format, variant)

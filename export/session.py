@@ -23,8 +23,10 @@ def check_inputs(io: dict, inputs: dict, where: str = "") -> None:
     missing = [n for n in specs if n not in inputs]
     unexpected = [n for n in inputs if n not in specs]
     if missing or unexpected:
-        raise ArtifactInputError(f"{where}inputs {sorted(inputs)} do not match the artifact's {list(specs)} "
-                                 f"(missing {missing}, unexpected {unexpected})")
+        raise ArtifactInputError(
+            f"{where}inputs {sorted(inputs)} do not match the artifact's {list(specs)} "
+            f"(missing {missing}, unexpected {unexpected})"
+        )
     bound: dict[str, int] = {}
     for name, spec in specs.items():
         x = inputs[name]
@@ -37,16 +39,20 @@ def check_inputs(io: dict, inputs: dict, where: str = "") -> None:
         for axis, (size, want) in enumerate(zip(x.shape, spec["shape"])):
             if isinstance(want, int):
                 if size != want:
-                    raise ArtifactInputError(f"{where}{name} has shape {x.shape}: axis {axis} must be {want} "
-                                             f"(artifact shape {spec['shape']})")
+                    raise ArtifactInputError(
+                        f"{where}{name} has shape {x.shape}: axis {axis} must be {want} "
+                        f"(artifact shape {spec['shape']})"
+                    )
                 continue
             lo, hi = io["dynamic"].get(want, [1, None])
             if size < lo or (hi is not None and size > hi):
-                raise ArtifactInputError(f"{where}{name} axis {axis} ({want}) is {size}, outside the exported "
-                                         f"range [{lo}, {hi}]")
+                raise ArtifactInputError(
+                    f"{where}{name} axis {axis} ({want}) is {size}, outside the exported range [{lo}, {hi}]"
+                )
             if bound.setdefault(want, size) != size:
-                raise ArtifactInputError(f"{where}{name} axis {axis} ({want}) is {size} but another input has "
-                                         f"{want} = {bound[want]}")
+                raise ArtifactInputError(
+                    f"{where}{name} axis {axis} ({want}) is {size} but another input has {want} = {bound[want]}"
+                )
 
 
 class OrtArtifact:
@@ -56,21 +62,21 @@ class OrtArtifact:
     "CPUExecutionProvider"] with onnxruntime-gpu (and check `session.get_providers()`: ORT falls back silently).
     """
 
-    def __init__(self, export_dir: str | os.PathLike, role: str, precision: str = "fp32", variant: str = "",
-                 providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
+    def __init__(
+        self,
+        export_dir: str | os.PathLike,
+        role: str,
+        precision: str = "fp32",
+        variant: str = "",
+        providers: list[str] | None = None,
+        threads: int | None = None,
+    ):
+        from egovlp_deploy.ort_session import ort_session
 
         from .manifest import ArtifactError
 
         self.path, self.entry, self.manifest = open_artifact(export_dir, role, precision, "onnx", variant)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts,
-                                                providers=providers or ["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-            raise ArtifactError(f"{self.path}: ONNX Runtime cannot load it ({exc})") from exc
+        self.session = ort_session(self.path, providers, threads, error=ArtifactError)
         self.role, self.precision = role, precision
         self.output_names = [t["name"] for t in self.entry.io["outputs"]]
 

@@ -68,32 +68,60 @@ _IDS = TensorSpec("input_ids", ("batch", "text_len"), "int64")
 _MASK = TensorSpec("attention_mask", ("batch", "text_len"), "int64")
 _VIDEO_PREFIX = TensorSpec("video_prefix", ("batch", "video_tokens", "video_width"), FLOAT)
 _TEXT_PREFIX = TensorSpec("text_prefix", ("batch", "text_len", "text_width"), FLOAT)
-_FUSED = (TensorSpec("vtm_logits", ("batch", 2), FLOAT),
-          TensorSpec("video_cls", ("batch", "video_width"), FLOAT),
-          TensorSpec("text_hidden", ("batch", "text_len", "text_width"), FLOAT))
+_FUSED = (
+    TensorSpec("vtm_logits", ("batch", 2), FLOAT),
+    TensorSpec("video_cls", ("batch", "video_width"), FLOAT),
+    TensorSpec("text_hidden", ("batch", "text_len", "text_width"), FLOAT),
+)
 
-ROLES: dict[str, RoleSpec] = {r.name: r for r in (
-    RoleSpec("video_encoder", (_VIDEO,), (TensorSpec("video_embedding", ("batch", "embed_dim"), FLOAT),),
-             "video -> dual video embedding (no cross-attention in the graph)", forbidden_weights=("i2t",)),
-    RoleSpec("text_encoder", (_IDS, _MASK),
-             (TensorSpec("text_embedding", ("batch", "embed_dim"), FLOAT), _TEXT_PREFIX),
-             "ids, mask -> dual text embedding + text states after the last unfused layer",
-             forbidden_weights=("t2i",)),
-    RoleSpec("video_fusion_prefix", (_VIDEO,), (_VIDEO_PREFIX,),
-             "video -> fusion-mode video states after the last unfused block (cacheable per clip)",
-             forbidden_weights=("i2t", "t2i")),
-    RoleSpec("fusion_head", (_VIDEO_PREFIX, _TEXT_PREFIX, _MASK), _FUSED,
-             "cached video and text prefixes + mask -> vtm_logits, fused video CLS, fused text"),
-    RoleSpec("fusion", (_VIDEO, _IDS, _MASK), _FUSED, "video, ids, mask -> vtm_logits in one graph"),
-)}
+ROLES: dict[str, RoleSpec] = {
+    r.name: r
+    for r in (
+        RoleSpec(
+            "video_encoder",
+            (_VIDEO,),
+            (TensorSpec("video_embedding", ("batch", "embed_dim"), FLOAT),),
+            "video -> dual video embedding (no cross-attention in the graph)",
+            forbidden_weights=("i2t",),
+        ),
+        RoleSpec(
+            "text_encoder",
+            (_IDS, _MASK),
+            (TensorSpec("text_embedding", ("batch", "embed_dim"), FLOAT), _TEXT_PREFIX),
+            "ids, mask -> dual text embedding + text states after the last unfused layer",
+            forbidden_weights=("t2i",),
+        ),
+        RoleSpec(
+            "video_fusion_prefix",
+            (_VIDEO,),
+            (_VIDEO_PREFIX,),
+            "video -> fusion-mode video states after the last unfused block (cacheable per clip)",
+            forbidden_weights=("i2t", "t2i"),
+        ),
+        RoleSpec(
+            "fusion_head",
+            (_VIDEO_PREFIX, _TEXT_PREFIX, _MASK),
+            _FUSED,
+            "cached video and text prefixes + mask -> vtm_logits, fused video CLS, fused text",
+        ),
+        RoleSpec("fusion", (_VIDEO, _IDS, _MASK), _FUSED, "video, ids, mask -> vtm_logits in one graph"),
+    )
+}
 AOTI_ROLES = ("video_encoder", "text_encoder", "video_fusion_prefix", "fusion_head")
 
 
 def static_dims(config) -> dict[str, int]:
     """Sizes of the fixed shape symbols for a model config."""
     v, t = config.video, config.text
-    return {"frames": v.num_frames, "channels": v.in_chans, "size": v.img_size, "video_tokens": v.num_tokens,
-            "video_width": v.width, "text_width": t.hidden_size, "embed_dim": config.projection_dim}
+    return {
+        "frames": v.num_frames,
+        "channels": v.in_chans,
+        "size": v.img_size,
+        "video_tokens": v.num_tokens,
+        "video_width": v.width,
+        "text_width": t.hidden_size,
+        "embed_dim": config.projection_dim,
+    }
 
 
 def check_roles(names) -> list[str]:
@@ -106,7 +134,7 @@ def check_roles(names) -> list[str]:
 # -- the modules that compute each role ------------------------------------------------------------------------
 # Each is a thin nn.Module over the model's public API; its forward's argument names are the role's input names
 # (torch.onnx.export and torch.export key dynamic shapes by them).
-class VideoEncoder(nn.Module):
+class VideoEncoderGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -115,7 +143,7 @@ class VideoEncoder(nn.Module):
         return self.model.encode_video(video)  # (B, P)
 
 
-class TextEncoder(nn.Module):
+class TextEncoderGraph(nn.Module):
     """Both outputs from one pass: the lower layers run once (as `text_prefix`), the unfused top layers continue
     from the prefix in dual mode. Calling `encode_text` and `text_prefix` separately would put the lower layers in
     the graph twice."""
@@ -131,12 +159,12 @@ class TextEncoder(nn.Module):
         prefix = m.text_prefix(input_ids, attention_mask)  # (B, L, Dt)
         bias = extended_attention_mask(attention_mask, prefix.dtype)  # (B, 1, 1, L)
         x = prefix
-        for layer in m.text_model.encoder.layer[m.text_model.encoder.first_fused:]:
+        for layer in m.text_model.encoder.layer[m.text_model.encoder.first_fused :]:
             x = layer(x, bias)  # dual mode: no video states, no cross-attention
         return m.txt_proj(x[:, 0]), prefix  # (B, P), (B, L, Dt)
 
 
-class VideoFusionPrefix(nn.Module):
+class VideoFusionPrefixGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -145,7 +173,7 @@ class VideoFusionPrefix(nn.Module):
         return self.model.fusion_video_prefix(video)  # (B, T, Dv)
 
 
-class FusionHead(nn.Module):
+class FusionHeadGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -155,7 +183,7 @@ class FusionHead(nn.Module):
         return self.model.vtm_head(video_cls, text_hidden), video_cls, text_hidden
 
 
-class Fusion(nn.Module):
+class FusionGraph(nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
@@ -165,8 +193,13 @@ class Fusion(nn.Module):
         return out.vtm_logits, out.video_cls, out.text_hidden
 
 
-ROLE_MODULES = {"video_encoder": VideoEncoder, "text_encoder": TextEncoder,
-                "video_fusion_prefix": VideoFusionPrefix, "fusion_head": FusionHead, "fusion": Fusion}
+ROLE_MODULES = {
+    "video_encoder": VideoEncoderGraph,
+    "text_encoder": TextEncoderGraph,
+    "video_fusion_prefix": VideoFusionPrefixGraph,
+    "fusion_head": FusionHeadGraph,
+    "fusion": FusionGraph,
+}
 
 
 def role_module(model, role: str) -> nn.Module:
@@ -174,8 +207,9 @@ def role_module(model, role: str) -> nn.Module:
 
 
 # -- example inputs -------------------------------------------------------------------------------------------
-def example_inputs(model, role: str, batch: int, text_len: int, seed: int = 0,
-                   dtype: torch.dtype = torch.float32, device="cpu") -> dict[str, torch.Tensor]:
+def example_inputs(
+    model, role: str, batch: int, text_len: int, seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu"
+) -> dict[str, torch.Tensor]:
     """Random inputs of a role (never zeros); texts have `<s>` ... `</s>` and the last row is padded, so the mask
     matters. The prefixes of `fusion_head` are the model's own (random numbers would be off its distribution)."""
     cfg = model.config
@@ -200,8 +234,11 @@ def example_inputs(model, role: str, batch: int, text_len: int, seed: int = 0,
         return {"video": video, "input_ids": ids, "attention_mask": mask}
     if role == "fusion_head":
         with torch.no_grad(), export_patches(model):
-            return {"video_prefix": model.fusion_video_prefix(video), "text_prefix": model.text_prefix(ids, mask),
-                    "attention_mask": mask}
+            return {
+                "video_prefix": model.fusion_video_prefix(video),
+                "text_prefix": model.text_prefix(ids, mask),
+                "attention_mask": mask,
+            }
     raise ValueError(f"unknown role {role!r}")
 
 

@@ -11,8 +11,8 @@
 - Build progress through an `IProgressMonitor`.
 - Validation runs the engine and ONNX Runtime on the same inputs (`run_engine`).
 
-tensorrt cannot be installed on the project's machines (too large for them): it is imported lazily, and every entry point
-that needs it raises `TensorRTUnavailable` with that reason.
+tensorrt cannot be installed on the project's machines (too large for them): it is imported lazily, and every entry
+point that needs it raises `TensorRTUnavailable` with that reason.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ def import_tensorrt():
         raise TensorRTUnavailable(
             "TensorRT export needs the `tensorrt` Python package (>= 10) and an NVIDIA GPU. It is not installable on "
             "this project's CPU or GPU machines (PyPI's tensorrt downloads NVIDIA's libraries from NVIDIA's server); "
-            f"install it from NVIDIA on the target (e.g. JetPack on Jetson), then rerun. ({exc})") from exc
+            f"install it from NVIDIA on the target (e.g. JetPack on Jetson), then rerun. ({exc})"
+        ) from exc
     major = int(trt.__version__.split(".")[0])
     if major < 10:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} found, the builder needs >= 10")
@@ -79,8 +80,7 @@ def profile_shapes(role: str, config, opts: BuildOptions) -> dict[str, tuple[tup
     for t in ROLES[role].inputs:
         shapes = []
         for k in range(3):
-            shapes.append(tuple(d if isinstance(d, int) else ranges[d][k] if d in ranges else fixed[d]
-                                for d in t.dims))
+            shapes.append(tuple(d if isinstance(d, int) else ranges[d][k] if d in ranges else fixed[d] for d in t.dims))
         out[t.name] = tuple(shapes)
     return out
 
@@ -95,8 +95,11 @@ def _progress_monitor(trt, stream=sys.stderr):
 
         def phase_start(self, phase_name, parent_phase, num_steps):
             indent = "  " if parent_phase else ""
-            print(f"[trt {time.perf_counter() - self.t0:7.1f}s] {indent}{phase_name} ({num_steps} steps)",
-                  file=stream, flush=True)
+            print(
+                f"[trt {time.perf_counter() - self.t0:7.1f}s] {indent}{phase_name} ({num_steps} steps)",
+                file=stream,
+                flush=True,
+            )
 
         def step_complete(self, phase_name, step):
             return True  # False would cancel the build
@@ -107,8 +110,14 @@ def _progress_monitor(trt, stream=sys.stderr):
     return Progress()
 
 
-def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, role: str, config,
-                 opts: BuildOptions, progress: bool = True) -> dict:
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    role: str,
+    config,
+    opts: BuildOptions,
+    progress: bool = True,
+) -> dict:
     """Build and serialize an engine; returns build facts for the manifest."""
     trt = import_tensorrt()
     opts.check()
@@ -164,9 +173,14 @@ def build_engine(onnx_path: str | os.PathLike, engine_path: str | os.PathLike, r
         tmp = cache_path.with_name(f".{cache_path.name}.tmp{os.getpid()}")
         tmp.write_bytes(bytes(data))
         os.replace(tmp, cache_path)
-    return {"tensorrt": trt.__version__, "build_seconds": seconds, "precision": opts.precision,
-            "strongly_typed": opts.strongly_typed, "refit": opts.refit,
-            "profile": {k: [list(s) for s in v] for k, v in profile_shapes(role, config, opts).items()}}
+    return {
+        "tensorrt": trt.__version__,
+        "build_seconds": seconds,
+        "precision": opts.precision,
+        "strongly_typed": opts.strongly_typed,
+        "refit": opts.refit,
+        "profile": {k: [list(s) for s in v] for k, v in profile_shapes(role, config, opts).items()},
+    }
 
 
 def run_engine(engine_path: str | os.PathLike, role: str):
@@ -183,8 +197,13 @@ def run_engine(engine_path: str | os.PathLike, role: str):
         raise RuntimeError(f"{engine_path}: TensorRT cannot deserialize it (corrupt, or another TensorRT version)")
     context = engine.create_execution_context()
     spec = ROLES[role]
-    to_torch = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
-                trt.int64: torch.int64, trt.int32: torch.int32}
+    to_torch = {
+        trt.float32: torch.float32,
+        trt.float16: torch.float16,
+        trt.bfloat16: torch.bfloat16,
+        trt.int64: torch.int64,
+        trt.int32: torch.int32,
+    }
 
     def run(inputs: dict) -> dict:
         stream = torch.cuda.current_stream()

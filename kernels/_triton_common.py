@@ -181,8 +181,22 @@ def store_split(m_ws, l_ws, acc_ws, slot, rmask, m_i, l_i, acc, BLOCK_D: tl.cons
 
 
 @triton.jit
-def _combine_splits_kernel(m_ws, l_ws, acc_ws, out_ptr, H, R, splits, row0, stride_ob, stride_or, stride_oc,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+def _combine_splits_kernel(
+    m_ws,
+    l_ws,
+    acc_ws,
+    out_ptr,
+    H,
+    R,
+    splits,
+    row0,
+    stride_ob,
+    stride_or,
+    stride_oc,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     """out[b, row0 + r, h*D:(h+1)*D] = merge over the splits of (m, l, acc) for (b, h, r)."""
     pid = tl.program_id(0).to(tl.int64)
     r_tiles = tl.cdiv(R, BLOCK_R)
@@ -217,12 +231,31 @@ def _combine_splits_kernel(m_ws, l_ws, acc_ws, out_ptr, H, R, splits, row0, stri
 COMBINE_BLOCK_R = 16
 
 
-def combine_splits(workspace, out: torch.Tensor, batch: int, heads: int, rows: int, splits: int, head_dim: int,
-                   block_d: int, row0: int = 0) -> None:
+def combine_splits(
+    workspace,
+    out: torch.Tensor,
+    batch: int,
+    heads: int,
+    rows: int,
+    splits: int,
+    head_dim: int,
+    block_d: int,
+    row0: int = 0,
+) -> None:
     """Merge the partial states into out[:, row0:row0 + rows] (out: (B, T, H*D), any strides)."""
     m_ws, l_ws, acc_ws = workspace
     grid = (batch * heads * triton.cdiv(rows, COMBINE_BLOCK_R),)
     wrap_triton(_combine_splits_kernel)[grid](
-        m_ws, l_ws, acc_ws, out, heads, rows, splits, row0, *out.stride(),
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_R=COMBINE_BLOCK_R,
+        m_ws,
+        l_ws,
+        acc_ws,
+        out,
+        heads,
+        rows,
+        splits,
+        row0,
+        *out.stride(),
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        BLOCK_R=COMBINE_BLOCK_R,
     )

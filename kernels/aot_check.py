@@ -39,20 +39,50 @@ def variants(dtypes: list[str], all_configs: bool):
             for packed in (True, False):
                 for head_dim in (64, 16):
                     for split in (False, True):
-                        yield ("divided_attention", da._divided_attention_kernel, ("qkv_ptr", "out_ptr"), dtype,
-                               dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, PACKED=packed, SPLIT_CLS=split,
-                                    UPCAST=False, PRECISION=precision, **config.kwargs), config)
+                        yield (
+                            "divided_attention",
+                            da._divided_attention_kernel,
+                            ("qkv_ptr", "out_ptr"),
+                            dtype,
+                            dict(
+                                HEAD_DIM=head_dim,
+                                BLOCK_D=head_dim,
+                                PACKED=packed,
+                                SPLIT_CLS=split,
+                                UPCAST=False,
+                                PRECISION=precision,
+                                **config.kwargs,
+                            ),
+                            config,
+                        )
         for config in gca._CONFIGS if all_configs else gca._CONFIGS[:1]:
             for has_bias in (True, False):
                 for split in (False, True):
-                    yield ("cross_attention", gca._cross_attention_kernel,
-                           ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr"), dtype,
-                           dict(HAS_BIAS=has_bias, HEAD_DIM=64, BLOCK_D=64, SPLIT=split, UPCAST=False,
-                                PRECISION=precision, **config.kwargs), config)
+                    yield (
+                        "cross_attention",
+                        gca._cross_attention_kernel,
+                        ("q_ptr", "k_ptr", "v_ptr", "bias_ptr", "out_ptr"),
+                        dtype,
+                        dict(
+                            HAS_BIAS=has_bias,
+                            HEAD_DIM=64,
+                            BLOCK_D=64,
+                            SPLIT=split,
+                            UPCAST=False,
+                            PRECISION=precision,
+                            **config.kwargs,
+                        ),
+                        config,
+                    )
         for head_dim in (64, 16):
-            yield ("combine_splits", common._combine_splits_kernel, ("out_ptr",), dtype,
-                   dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=common.COMBINE_BLOCK_R),
-                   triton.Config({}, num_warps=4, num_stages=2))
+            yield (
+                "combine_splits",
+                common._combine_splits_kernel,
+                ("out_ptr",),
+                dtype,
+                dict(HEAD_DIM=head_dim, BLOCK_D=head_dim, BLOCK_R=common.COMBINE_BLOCK_R),
+                triton.Config({}, num_warps=4, num_stages=2),
+            )
 
 
 # The split-key workspaces: fp32 whatever the input dtype.
@@ -63,16 +93,22 @@ def build(kernel, pointers, dtype: str, constants: dict, config, arch: int):
     """The compiled variant (`.asm` holds ptx and cubin): integer arguments as i32, `scale` as fp32, pointers of
     `dtype`, workspace pointers fp32."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, compile as triton_compile
+    from triton.compiler import ASTSource
+    from triton.compiler import compile as triton_compile
 
     names = kernel.arg_names
-    signature = {n: "constexpr" if n in constants else ("*" + dtype if n in pointers else "*fp32"
-                                                        if n in FP32_POINTERS else "fp32" if n == "scale" else "i32")
-                 for n in names}
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(k),): v for k, v in constants.items()})
-    return triton_compile(source, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+    signature = {
+        n: "constexpr"
+        if n in constants
+        else ("*" + dtype if n in pointers else "*fp32" if n in FP32_POINTERS else "fp32" if n == "scale" else "i32")
+        for n in names
+    }
+    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
+    return triton_compile(
+        source,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+    )
 
 
 def resources(ptx: str, arch: int) -> dict:
@@ -85,25 +121,34 @@ def resources(ptx: str, arch: int) -> dict:
         src = Path(tmp) / "kernel.ptx"
         src.write_text(ptx)
         for ptxas in binaries:
-            out = subprocess.run([str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", str(src) + ".cubin"],
-                                 capture_output=True, text=True)
+            out = subprocess.run(
+                [str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", str(src) + ".cubin"],
+                capture_output=True,
+                text=True,
+            )
             if out.returncode == 0:
                 text = out.stdout + out.stderr
                 regs = re.search(r"Used (\d+) registers", text)
                 spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)
-                return {"registers": int(regs.group(1)) if regs else None,
-                        "spill_store_bytes": int(spills.group(1)) if spills else None,
-                        "spill_load_bytes": int(spills.group(2)) if spills else None}
+                return {
+                    "registers": int(regs.group(1)) if regs else None,
+                    "spill_store_bytes": int(spills.group(1)) if spills else None,
+                    "spill_load_bytes": int(spills.group(2)) if spills else None,
+                }
     return {"registers": None, "note": "no bundled ptxas accepted the PTX"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m egovlp_deploy.kernels.aot_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m egovlp_deploy.kernels.aot_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (default: 90, Hopper)")
     parser.add_argument("--dtypes", default="fp16,bf16,fp32", help="comma list (default: %(default)s)")
-    parser.add_argument("--all-configs", action="store_true",
-                        help="every autotuning config (default: the first of each kernel)")
+    parser.add_argument(
+        "--all-configs", action="store_true", help="every autotuning config (default: the first of each kernel)"
+    )
     parser.add_argument("--resources", action="store_true", help="also registers and spills (ptxas -v)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -114,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown dtypes {unknown}; choose from {sorted(DOT_PRECISION)}")
     failed = 0
     for name, kernel, pointers, dtype, constants, config in variants(dtypes, args.all_configs):
-        record = {"kernel": name, "dtype": dtype, "config": {**constants, "num_warps": config.num_warps,
-                                                             "num_stages": config.num_stages}}
+        record = {
+            "kernel": name,
+            "dtype": dtype,
+            "config": {**constants, "num_warps": config.num_warps, "num_stages": config.num_stages},
+        }
         try:
             compiled = build(kernel, pointers, dtype, constants, config, args.arch)
             record.update(ok=True, cubin_bytes=len(compiled.asm["cubin"]))

@@ -4,8 +4,8 @@ Input: the block's qkv Linear output `qkv` (B, S, 3*H*D), S = 1 + F*N tokens, fr
 `which*H*D + h*D + d` (einops 'b n (h d)' after `chunk(3)`), read in place through its strides.
 Output: (B, S, H*D), ready for the output projection.
 
-Math (the official VarAttention of video_transformer.py), per batch b and head h, with q already multiplied by `scale` (= D**-0.5,
-rounded to the input dtype as the official `q *= scale`), no attention dropout:
+Math (the official VarAttention of video_transformer.py), per batch b and head h, with q already multiplied by `scale`
+(= D**-0.5, rounded to the input dtype as the official `q *= scale`), no attention dropout:
 - token 0 (the clip CLS) attends to all S tokens;
 - mode "time":  patch (f, n) attends to [CLS] + the F patches (g, n), g = 0..F-1;
 - mode "space": patch (f, n) attends to [CLS] + the N patches (f, m), m = 0..N-1.
@@ -31,16 +31,15 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton_common import (
     MIN_DOT,
+    autotuning,
     check_tensor,
     combine_splits,
     dot,
     dot_flags,
-    head_block,
-    autotuning,
     fixed_launch,
+    head_block,
     launch_skipped,
     new_output,
-    next_pow2,
     online_softmax_step,
     split_count,
     split_plan,
@@ -58,8 +57,14 @@ PACK_LIMIT = MIN_DOT
 # Autotuned on the GPU (key: the group shape); every config is valid for both modes since BLOCK_M >= PACK_LIMIT.
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(16, 32, 2, 1), (32, 32, 2, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2),
-                         (128, 64, 8, 2)]
+    for bm, bn, w, s in [
+        (16, 32, 2, 1),
+        (32, 32, 2, 2),
+        (32, 64, 4, 2),
+        (64, 32, 4, 2),
+        (64, 64, 4, 2),
+        (128, 64, 8, 2),
+    ]
 ]
 
 
@@ -111,9 +116,32 @@ def divided_attention_ref(qkv: torch.Tensor, heads: int, num_frames: int, mode: 
 
 # -- kernels --------------------------------------------------------------------------------------------------------
 @triton.jit
-def _cls_row(qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, b, h, H, split, splits, keys_per_split, S, HD,
-             stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
-             HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_CLS: tl.constexpr):
+def _cls_row(
+    qkv_ptr,
+    out_ptr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    b,
+    h,
+    H,
+    split,
+    splits,
+    keys_per_split,
+    S,
+    HD,
+    stride_qb,
+    stride_qs,
+    stride_qc,
+    stride_ob,
+    stride_os,
+    stride_oc,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT_CLS: tl.constexpr,
+):
     """Token 0 of (b, h) attends to tokens [split * keys_per_split, + keys_per_split) of S: one query row, so
     CUDA-core dot products, not tl.dot. SPLIT_CLS: the partial state goes to the workspace, not the output."""
     offs_d = tl.arange(0, BLOCK_D)
@@ -146,19 +174,51 @@ def _cls_row(qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, b, h, H, split, splits, keys_
     if SPLIT_CLS:
         one = tl.arange(0, 1)
         slot = (b * H + h) * splits + split + one  # (1,): the workspace is indexed [(bh * splits + split) * 1 + 0]
-        store_split(m_ws, l_ws, acc_ws, slot, one == 0, m_i + tl.zeros((1,), tl.float32),
-                    l_i + tl.zeros((1,), tl.float32), acc[None, :], BLOCK_D)
+        store_split(
+            m_ws,
+            l_ws,
+            acc_ws,
+            slot,
+            one == 0,
+            m_i + tl.zeros((1,), tl.float32),
+            l_i + tl.zeros((1,), tl.float32),
+            acc[None, :],
+            BLOCK_D,
+        )
     else:
         out = acc / l_i
-        tl.store(out_ptr + b * stride_ob + (h * HEAD_DIM + offs_d) * stride_oc, out.to(out_ptr.dtype.element_ty),
-                 mask=dmask)
+        tl.store(
+            out_ptr + b * stride_ob + (h * HEAD_DIM + offs_d) * stride_oc, out.to(out_ptr.dtype.element_ty), mask=dmask
+        )
 
 
 @triton.jit
-def _group_tile(qkv_ptr, out_ptr, b, h, tile, HD, num_groups, group_size, group_stride, inner_stride,
-                stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                PACKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+def _group_tile(
+    qkv_ptr,
+    out_ptr,
+    b,
+    h,
+    tile,
+    HD,
+    num_groups,
+    group_size,
+    group_stride,
+    inner_stride,
+    stride_qb,
+    stride_qs,
+    stride_qc,
+    stride_ob,
+    stride_os,
+    stride_oc,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """One tile of patch queries of (b, h) against [CLS] + their group, online softmax in fp32."""
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HEAD_DIM
@@ -178,8 +238,9 @@ def _group_tile(qkv_ptr, out_ptr, b, h, tile, HD, num_groups, group_size, group_
         rmask = row_i < group_size
     row_tok = 1 + row_g.to(tl.int64) * group_stride + row_i.to(tl.int64) * inner_stride  # (BM,) token index
     qd_mask = rmask[:, None] & dmask[None, :]
-    q = tl.load(base + row_tok[:, None] * stride_qs + ((h * HEAD_DIM + offs_d) * stride_qc)[None, :],
-                mask=qd_mask, other=0.0)
+    q = tl.load(
+        base + row_tok[:, None] * stride_qs + ((h * HEAD_DIM + offs_d) * stride_qc)[None, :], mask=qd_mask, other=0.0
+    )
     q = (q.to(tl.float32) * scale).to(q.dtype)  # (BM, D) scaled in the input dtype, as the reference
     k_cols = (HD + h * HEAD_DIM + offs_d) * stride_qc
     v_cols = (2 * HD + h * HEAD_DIM + offs_d) * stride_qc
@@ -218,16 +279,44 @@ def _group_tile(qkv_ptr, out_ptr, b, h, tile, HD, num_groups, group_size, group_
             m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, UPCAST, PRECISION)
 
     out = acc / l_i[:, None]
-    tl.store(out_ptr + b * stride_ob + row_tok[:, None] * stride_os + ((h * HEAD_DIM + offs_d) * stride_oc)[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+    tl.store(
+        out_ptr + b * stride_ob + row_tok[:, None] * stride_os + ((h * HEAD_DIM + offs_d) * stride_oc)[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=qd_mask,
+    )
 
 
 @triton.jit
 def _divided_attention_kernel(
-    qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, H, S, num_cls, cls_splits, cls_keys_per_split, num_groups, group_size,
-    group_stride, inner_stride, stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PACKED: tl.constexpr, SPLIT_CLS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    qkv_ptr,
+    out_ptr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    H,
+    S,
+    num_cls,
+    cls_splits,
+    cls_keys_per_split,
+    num_groups,
+    group_size,
+    group_stride,
+    inner_stride,
+    stride_qb,
+    stride_qs,
+    stride_qc,
+    stride_ob,
+    stride_os,
+    stride_oc,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PACKED: tl.constexpr,
+    SPLIT_CLS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # One flat grid on axis 0 (limit 2^31 - 1): B*H*groups easily passes the 65,535 limit of axes 1-2
     # (pytorch #146704). The num_cls = B*H*cls_splits CLS programs come first: they are the longest, so they start
@@ -236,9 +325,32 @@ def _divided_attention_kernel(
     HD = H * HEAD_DIM
     if pid < num_cls:
         bh = pid // cls_splits
-        _cls_row(qkv_ptr, out_ptr, m_ws, l_ws, acc_ws, bh // H, bh % H, H, pid % cls_splits, cls_splits,
-                 cls_keys_per_split, S, HD, stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
-                 HEAD_DIM, BLOCK_D, BLOCK_N, SPLIT_CLS)
+        _cls_row(
+            qkv_ptr,
+            out_ptr,
+            m_ws,
+            l_ws,
+            acc_ws,
+            bh // H,
+            bh % H,
+            H,
+            pid % cls_splits,
+            cls_splits,
+            cls_keys_per_split,
+            S,
+            HD,
+            stride_qb,
+            stride_qs,
+            stride_qc,
+            stride_ob,
+            stride_os,
+            stride_oc,
+            scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_N,
+            SPLIT_CLS,
+        )
     else:
         if PACKED:
             tiles_per_head = tl.cdiv(num_groups, BLOCK_M // group_size)
@@ -247,13 +359,35 @@ def _divided_attention_kernel(
         t = pid - num_cls
         tile = t % tiles_per_head
         bh = t // tiles_per_head
-        _group_tile(qkv_ptr, out_ptr, bh // H, bh % H, tile, HD, num_groups, group_size, group_stride,
-                    inner_stride, stride_qb, stride_qs, stride_qc, stride_ob, stride_os, stride_oc, scale,
-                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, PACKED, UPCAST, PRECISION)
+        _group_tile(
+            qkv_ptr,
+            out_ptr,
+            bh // H,
+            bh % H,
+            tile,
+            HD,
+            num_groups,
+            group_size,
+            group_stride,
+            inner_stride,
+            stride_qb,
+            stride_qs,
+            stride_qc,
+            stride_ob,
+            stride_os,
+            stride_oc,
+            scale,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            BLOCK_N,
+            PACKED,
+            UPCAST,
+            PRECISION,
+        )
 
 
-_tuned_kernel = tuned(_divided_attention_kernel, _CONFIGS,
-                      key=["group_size", "num_groups", "cls_splits", "HEAD_DIM"])
+_tuned_kernel = tuned(_divided_attention_kernel, _CONFIGS, key=["group_size", "num_groups", "cls_splits", "HEAD_DIM"])
 
 
 # -- launcher + custom op -------------------------------------------------------------------------------------------
@@ -267,10 +401,13 @@ def _tiles_per_head(num_groups: int, group_size: int, packed: bool, block_m: int
 def _divided_attention_op(qkv: torch.Tensor, heads: int, num_frames: int, mode: str, scale: float) -> torch.Tensor:
     check_tensor("qkv", qkv, 3)
     B, S, C = qkv.shape
-    torch._check(heads > 0 and C % (3 * heads) == 0,
-                 lambda: f"qkv has {C} channels, not 3 * heads * head_dim for heads={heads}")
-    torch._check(num_frames > 0 and S > num_frames and (S - 1) % num_frames == 0,
-                 lambda: f"qkv has {S} tokens, not 1 + num_frames * N (N >= 1) for num_frames={num_frames}")
+    torch._check(
+        heads > 0 and C % (3 * heads) == 0, lambda: f"qkv has {C} channels, not 3 * heads * head_dim for heads={heads}"
+    )
+    torch._check(
+        num_frames > 0 and S > num_frames and (S - 1) % num_frames == 0,
+        lambda: f"qkv has {S} tokens, not 1 + num_frames * N (N >= 1) for num_frames={num_frames}",
+    )
     torch._check(mode in MODES, lambda: f"mode must be 'time' or 'space', got {mode!r}")
     D = C // (3 * heads)
     F = num_frames
@@ -297,9 +434,27 @@ def _divided_attention_op(qkv: torch.Tensor, heads: int, num_frames: int, mode: 
         return (num_cls + B * heads * _tiles_per_head(num_groups, group_size, packed, m["BLOCK_M"]),)
 
     wrap_triton(_tuned_kernel)[grid](
-        qkv, out, *workspace, heads, S, num_cls, cls_splits, cls_keys_per_split, num_groups, group_size,
-        group_stride, inner_stride, *qkv.stride(), *out.stride(), scale,
-        HEAD_DIM=D, BLOCK_D=block_d, PACKED=packed, SPLIT_CLS=cls_splits > 1, **dot_flags(qkv.dtype), **meta,
+        qkv,
+        out,
+        *workspace,
+        heads,
+        S,
+        num_cls,
+        cls_splits,
+        cls_keys_per_split,
+        num_groups,
+        group_size,
+        group_stride,
+        inner_stride,
+        *qkv.stride(),
+        *out.stride(),
+        scale,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        PACKED=packed,
+        SPLIT_CLS=cls_splits > 1,
+        **dot_flags(qkv.dtype),
+        **meta,
     )
     if cls_splits > 1:
         combine_splits(workspace, out, B, heads, 1, cls_splits, D, block_d)
@@ -319,8 +474,9 @@ _divided_attention_op.register_autograd(_no_backward)
 
 
 # -- public function --------------------------------------------------------------------------------------------------
-def divided_attention(qkv: torch.Tensor, heads: int, num_frames: int, mode: str,
-                      scale: float | None = None) -> torch.Tensor:
+def divided_attention(
+    qkv: torch.Tensor, heads: int, num_frames: int, mode: str, scale: float | None = None
+) -> torch.Tensor:
     """Fused divided attention on the qkv Linear output.
 
     qkv: (B, 1 + F*N, 3*H*D), any strides; fp32, fp16 or bf16; CUDA (or CPU under TRITON_INTERPRET=1).

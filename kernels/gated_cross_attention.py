@@ -29,13 +29,13 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from ._triton_common import (
+    autotuning,
     check_tensor,
     combine_splits,
     dot,
     dot_flags,
-    head_block,
-    autotuning,
     fixed_launch,
+    head_block,
     launch_skipped,
     new_output,
     online_softmax_step,
@@ -48,8 +48,14 @@ from ._triton_common import (
 
 _CONFIGS = [
     triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bm, bn, w, s in [(16, 64, 4, 2), (32, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2), (128, 32, 8, 2),
-                         (128, 64, 8, 2)]
+    for bm, bn, w, s in [
+        (16, 64, 4, 2),
+        (32, 64, 4, 2),
+        (64, 32, 4, 2),
+        (64, 64, 4, 2),
+        (128, 32, 8, 2),
+        (128, 64, 8, 2),
+    ]
 ]
 
 
@@ -66,8 +72,9 @@ KEY_SPLITS = split_count
 
 
 # -- reference --------------------------------------------------------------------------------------------------------
-def cross_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                        bias: torch.Tensor | None = None) -> torch.Tensor:
+def cross_attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax((q * scale) k^T + bias) v per head, plain torch. q (B, Lq, H*D), k/v (B, Lk, H*D), bias (B, Lk)."""
     B, Lq, C = q.shape
     Lk = k.shape[1]
@@ -90,11 +97,42 @@ def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor) -> tor
 # -- kernel -----------------------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_attention_kernel(
-    q_ptr, k_ptr, v_ptr, bias_ptr, out_ptr, m_ws, l_ws, acc_ws, H, Lq, Lk, splits, keys_per_split,
-    stride_qb, stride_ql, stride_qc, stride_kb, stride_kl, stride_kc, stride_vb, stride_vl, stride_vc,
-    stride_bb, stride_bl, stride_ob, stride_ol, stride_oc, scale,
-    HAS_BIAS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    bias_ptr,
+    out_ptr,
+    m_ws,
+    l_ws,
+    acc_ws,
+    H,
+    Lq,
+    Lk,
+    splits,
+    keys_per_split,
+    stride_qb,
+    stride_ql,
+    stride_qc,
+    stride_kb,
+    stride_kl,
+    stride_kc,
+    stride_vb,
+    stride_vl,
+    stride_vc,
+    stride_bb,
+    stride_bl,
+    stride_ob,
+    stride_ol,
+    stride_oc,
+    scale,
+    HAS_BIAS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Flat grid on axis 0 (B*H*query-tiles*splits can pass 65,535); splits, then query tiles, fastest so that
     # neighbours share k/v in L2. SPLIT: this program covers keys [split * keys_per_split, + keys_per_split) and
@@ -113,8 +151,7 @@ def _cross_attention_kernel(
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < Lq
     qd_mask = rmask[:, None] & dmask[None, :]
-    q = tl.load(q_ptr + b * stride_qb + rows[:, None] * stride_ql + (ch * stride_qc)[None, :], mask=qd_mask,
-                other=0.0)
+    q = tl.load(q_ptr + b * stride_qb + rows[:, None] * stride_ql + (ch * stride_qc)[None, :], mask=qd_mask, other=0.0)
     q = (q.to(tl.float32) * scale).to(q.dtype)  # (BM, D) scaled in the input dtype, as the reference
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -127,10 +164,12 @@ def _cross_attention_kernel(
         cmask = cols < k_hi
         kv_mask = cmask[:, None] & dmask[None, :]
         cols64 = cols.to(tl.int64)
-        k = tl.load(k_ptr + b * stride_kb + cols64[:, None] * stride_kl + (ch * stride_kc)[None, :], mask=kv_mask,
-                    other=0.0)  # (BN, D)
-        v = tl.load(v_ptr + b * stride_vb + cols64[:, None] * stride_vl + (ch * stride_vc)[None, :], mask=kv_mask,
-                    other=0.0)
+        k = tl.load(
+            k_ptr + b * stride_kb + cols64[:, None] * stride_kl + (ch * stride_kc)[None, :], mask=kv_mask, other=0.0
+        )  # (BN, D)
+        v = tl.load(
+            v_ptr + b * stride_vb + cols64[:, None] * stride_vl + (ch * stride_vc)[None, :], mask=kv_mask, other=0.0
+        )
         s = dot(q, tl.trans(k), UPCAST, PRECISION)  # (BM, BN)
         if HAS_BIAS:
             # finite padding bias (finfo.min), added in fp32 as the reference: a row with every key masked
@@ -143,8 +182,11 @@ def _cross_attention_kernel(
         store_split(m_ws, l_ws, acc_ws, (bh * splits + split) * Lq + rows, rmask, m_i, l_i, acc, BLOCK_D)
     else:
         out = acc / l_i[:, None]
-        tl.store(out_ptr + b * stride_ob + rows[:, None] * stride_ol + (ch * stride_oc)[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=qd_mask)
+        tl.store(
+            out_ptr + b * stride_ob + rows[:, None] * stride_ol + (ch * stride_oc)[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=qd_mask,
+        )
 
 
 _tuned_kernel = tuned(_cross_attention_kernel, _CONFIGS, key=["Lq", "Lk", "splits", "HEAD_DIM"])
@@ -152,15 +194,18 @@ _tuned_kernel = tuned(_cross_attention_kernel, _CONFIGS, key=["Lq", "Lk", "split
 
 # -- launcher + custom op -------------------------------------------------------------------------------------------
 @triton_op("egovlp::cross_attention", mutates_args=())
-def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, heads: int,
-                        scale: float) -> torch.Tensor:
+def _cross_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, heads: int, scale: float
+) -> torch.Tensor:
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 3)
     B, Lq, C = q.shape
     Lk = k.shape[1]
     torch._check(heads > 0 and C % heads == 0, lambda: f"q has {C} channels, not divisible by heads={heads}")
-    torch._check(k.shape == (B, Lk, C) and v.shape == (B, Lk, C),
-                 lambda: f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Lk, {C})")
+    torch._check(
+        k.shape == (B, Lk, C) and v.shape == (B, Lk, C),
+        lambda: f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Lk, {C})",
+    )
     torch._check(k.dtype == q.dtype and v.dtype == q.dtype, lambda: "q, k and v must share one dtype")
     torch._check(Lk > 0, lambda: "cross-attention needs at least one key")
     if bias is not None:
@@ -189,9 +234,29 @@ def _cross_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     bias_arg = bias if bias is not None else q  # never read when HAS_BIAS is False
     bias_strides = bias.stride() if bias is not None else (0, 0)
     wrap_triton(_tuned_kernel)[grid](
-        q, k, v, bias_arg, out, *workspace, heads, Lq, Lk, splits, keys_per_split, *q.stride(), *k.stride(),
-        *v.stride(), *bias_strides, *out.stride(), scale, HAS_BIAS=bias is not None, HEAD_DIM=D, BLOCK_D=block_d,
-        SPLIT=splits > 1, **dot_flags(q.dtype), **meta,
+        q,
+        k,
+        v,
+        bias_arg,
+        out,
+        *workspace,
+        heads,
+        Lq,
+        Lk,
+        splits,
+        keys_per_split,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *bias_strides,
+        *out.stride(),
+        scale,
+        HAS_BIAS=bias is not None,
+        HEAD_DIM=D,
+        BLOCK_D=block_d,
+        SPLIT=splits > 1,
+        **dot_flags(q.dtype),
+        **meta,
     )
     if splits > 1:
         combine_splits(workspace, out, B, heads, Lq, splits, D, block_d)
@@ -209,8 +274,14 @@ _cross_attention_op.register_autograd(_no_backward)
 
 
 # -- public functions -------------------------------------------------------------------------------------------------
-def cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float | None = None,
-                    bias: torch.Tensor | None = None) -> torch.Tensor:
+def cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    scale: float | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Fused multi-head cross-attention on token-major views.
 
     q: (B, Lq, H*D); k, v: (B, Lk, H*D) (e.g. the two halves of one Linear output, any strides); bias: additive

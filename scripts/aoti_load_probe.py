@@ -6,6 +6,7 @@ in the export process, right after the build, with the model moved back to CPU f
                                                              single (fresh, run_single_threaded=True)
   python -X faulthandler aoti_load_probe.py build PKG load   build, then load in the same process
 scripts/aoti_crash_probe.sh runs it in a scratch folder. PROBE_DEVICE=cpu checks the script itself."""
+
 import os
 import sys
 import time
@@ -13,8 +14,8 @@ import time
 import torch
 
 from egovlp_deploy.export.aoti import export_aoti
-from egovlp_deploy.export.pipeline import load_model
 from egovlp_deploy.export.specs import example_inputs
+from egovlp_deploy.model.factory import load_model
 
 ROLE = "video_encoder"
 DEV = os.environ.get("PROBE_DEVICE", "cuda")  # cpu: a plumbing check of this script (fp32)

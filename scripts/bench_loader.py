@@ -32,9 +32,13 @@ def conversion_rows(video: Path, frames: int) -> list[dict]:
             return [f for _, f in zip(range(frames), container.decode(video=0))]
 
     rows = []
-    for name, convert in [("to_ndarray(format='rgb24')", lambda f: f.to_ndarray(format="rgb24")),
-                          ("shared VideoReformatter", (lambda r: lambda f: r.reformat(f, format="rgb24")
-                                                       .to_ndarray())(VideoReformatter()))]:
+    for name, convert in [
+        ("to_ndarray(format='rgb24')", lambda f: f.to_ndarray(format="rgb24")),
+        (
+            "shared VideoReformatter",
+            (lambda r: lambda f: r.reformat(f, format="rgb24").to_ndarray())(VideoReformatter()),
+        ),
+    ]:
         fresh = decoded()  # fresh frames: a frame caches the converter it made, so a second pass would flatter it
         start = time.perf_counter()
         for frame in fresh:
@@ -45,9 +49,9 @@ def conversion_rows(video: Path, frames: int) -> list[dict]:
 
 def loader_rows(data: Path, batches: int, epochs: int) -> list[dict]:
     from egovlp_deploy.data.egoclip import EgoClipDataset
+    from egovlp_deploy.decoding import release_frame_cache
     from egovlp_deploy.tokenizer import load_tokenizer, train_demo_tokenizer
     from egovlp_deploy.trainer.batching import IndexedDataset, PretrainCollator
-    from egovlp_deploy.video import release_frame_cache
 
     tok_dir = Path(os.environ.get("TMPDIR", "/tmp")) / "egovlp-bench-tokenizer"
     if not (tok_dir / "tokenizer.json").is_file():
@@ -56,8 +60,9 @@ def loader_rows(data: Path, batches: int, epochs: int) -> list[dict]:
     rows = []
     for cache_mb in (0, 2048):
         release_frame_cache()
-        data_set = EgoClipDataset(data / "egoclip.csv", data / "videos", 4, 32, backend="pyav", seed=0,
-                                  frame_cache_bytes=cache_mb * 2**20)
+        data_set = EgoClipDataset(
+            data / "egoclip.csv", data / "videos", 4, 32, backend="pyav", seed=0, frame_cache_bytes=cache_mb * 2**20
+        )
         items = IndexedDataset(data_set)
         order = list(range(len(items)))
         random.Random(0).shuffle(order)
@@ -66,9 +71,15 @@ def loader_rows(data: Path, batches: int, epochs: int) -> list[dict]:
             data_set.set_epoch(epoch)
             start = time.perf_counter()
             for b in range(n):
-                collator([items[i] for i in order[b * 16:(b + 1) * 16]])
-            rows.append({"frame_cache_mb": cache_mb, "epoch": epoch, "batches": n,
-                         "ms_per_batch": (time.perf_counter() - start) / n * 1e3})
+                collator([items[i] for i in order[b * 16 : (b + 1) * 16]])
+            rows.append(
+                {
+                    "frame_cache_mb": cache_mb,
+                    "epoch": epoch,
+                    "batches": n,
+                    "ms_per_batch": (time.perf_counter() - start) / n * 1e3,
+                }
+            )
             print(rows[-1], flush=True)
     release_frame_cache()
     return rows
@@ -89,18 +100,32 @@ def main(argv: list[str] | None = None) -> int:
     video = next((args.data / "videos").rglob("*.mp4"))
     conversion = conversion_rows(video, 300)
     loading = loader_rows(args.data, args.batches, args.epochs)
-    meta = {"machine": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "git_sha": git_sha(), "load_avg_before": load_before,
-            "load_avg_after": os.getloadavg(), "python": sys.version.split()[0]}
+    meta = {
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "git_sha": git_sha(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "python": sys.version.split()[0],
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     result = {"meta": meta, "conversion": conversion, "loading": loading}
     atomic_write_bytes(args.out / "loader.json", json.dumps(result, indent=2).encode())
     lines = ["| PyAV RGB conversion | ms per frame |", "|---|---:|"]
     lines += [f"| {r['conversion']} | {r['ms_per_frame']:.3f} |" for r in conversion]
-    lines += ["", "| frame cache (MiB) | epoch | ms per batch (16 clips + 16 negatives, collated) |", "|---:|---:|---:|"]
+    lines += [
+        "",
+        "| frame cache (MiB) | epoch | ms per batch (16 clips + 16 negatives, collated) |",
+        "|---:|---:|---:|",
+    ]
     lines += [f"| {r['frame_cache_mb']} | {r['epoch']} | {r['ms_per_batch']:.1f} |" for r in loading]
-    lines += ["", f"{meta['machine']}, {meta['cpu_count']} CPUs, torch {meta['torch']}, git {meta['git_sha']}, "
-                  f"load average {load_before[0]:.2f} before / {meta['load_avg_after'][0]:.2f} after"]
+    lines += [
+        "",
+        f"{meta['machine']}, {meta['cpu_count']} CPUs, torch {meta['torch']}, git {meta['git_sha']}, "
+        f"load average {load_before[0]:.2f} before / {meta['load_avg_after'][0]:.2f} after",
+    ]
     atomic_write_bytes(args.out / "loader.md", ("\n".join(lines) + "\n").encode())
     print("\n".join(lines))
     return 0

@@ -9,7 +9,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config  # noqa: E402
-
 from official_format import randomize_  # noqa: E402
 
 
@@ -40,7 +39,7 @@ def make_inputs(config, batch=2, length=7, seed=0):
     ids[:, -1] = t.eos_token_id
     if batch > 1:  # the last row is padded
         ids[-1, length - 3] = t.eos_token_id
-        ids[-1, length - 2:] = t.pad_token_id
+        ids[-1, length - 2 :] = t.pad_token_id
     return video, ids, ids.ne(t.pad_token_id).long()
 
 

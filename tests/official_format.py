@@ -57,12 +57,23 @@ def write_official_checkpoint(state_dict: dict[str, torch.Tensor], path, max_pos
     """`torch.save` in the official layout: DDP keys, the persistent position_ids buffer, a pickled config object."""
     official = {"module." + k: v for k, v in state_dict.items()}
     official["module.text_model.embeddings.position_ids"] = torch.arange(max_positions).expand(1, -1)
-    torch.save({"arch": "FrozenInTime", "epoch": 10, "state_dict": official, "optimizer": {},
-                "monitor_best": 0.0, "config": ConfigParser()}, path)
+    torch.save(
+        {
+            "arch": "FrozenInTime",
+            "epoch": 10,
+            "state_dict": official,
+            "optimizer": {},
+            "monitor_best": 0.0,
+            "config": ConfigParser(),
+        },
+        path,
+    )
 
 
-GOLDEN_IDS = [[0, 713, 2335, 11, 5, 1275, 10275, 4, 8, 2],  # full length
-              [0, 100, 4716, 5, 2, 1, 1, 1, 1, 1]]  # padded (pad id 1)
+GOLDEN_IDS = [
+    [0, 713, 2335, 11, 5, 1275, 10275, 4, 8, 2],  # full length
+    [0, 100, 4716, 5, 2, 1, 1, 1, 1, 1],
+]  # padded (pad id 1)
 
 
 def golden_inputs(num_frames: int, batch: int, seed: int = 123):

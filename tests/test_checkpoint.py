@@ -8,11 +8,10 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import make_inputs
 
 from egovlp_deploy import CheckpointError, EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.checkpoint import read_torch_checkpoint, resize_temporal_embed
-
-from conftest import make_inputs
 from official_format import deterministic_state_dict, write_official_checkpoint
 
 
@@ -20,8 +19,14 @@ def _outputs(model, config, batch=2):
     video, ids, mask = make_inputs(config, batch=batch)
     with torch.no_grad():
         out = model.fuse(video, ids, mask)
-        return [model.encode_video(video), model.encode_text(ids, mask), out.video_cls, out.text_hidden,
-                out.vtm_logits, model.mlm_logits(video, ids, mask)]
+        return [
+            model.encode_video(video),
+            model.encode_text(ids, mask),
+            out.video_cls,
+            out.text_hidden,
+            out.vtm_logits,
+            model.mlm_logits(video, ids, mask),
+        ]
 
 
 @pytest.fixture
@@ -44,7 +49,7 @@ def test_save_and_load_pretrained_round_trip(tmp_path, tiny_model, tiny_config):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # safetensors: an 8-byte header length then JSON, nothing pickled
     raw = (tmp_path / "m" / "model.safetensors").read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert "video_model.pos_embed" in header
 
 
@@ -66,7 +71,9 @@ def test_from_pretrained_errors(tmp_path, tiny_model):
     del cfg["video"]["numframes"]
     cfg["video"]["width"] = 32
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match=r"wrong shapes: .*vid_proj\.0\.weight: checkpoint \(128, 64\) vs model \(128, 32\)"):
+    with pytest.raises(
+        CheckpointError, match=r"wrong shapes: .*vid_proj\.0\.weight: checkpoint \(128, 64\) vs model \(128, 32\)"
+    ):
         EgoVLPv2.from_pretrained(tmp_path / "m")
 
 
@@ -84,7 +91,8 @@ def test_official_checkpoint_config_is_read_from_the_weights(tmp_path):
         EgoVLPv2Config.tiny(),
         video=dataclasses.replace(EgoVLPv2Config.tiny().video, heads=1),
         text=dataclasses.replace(EgoVLPv2Config.tiny().text, num_attention_heads=1),
-        projection="small", projection_dim=32,
+        projection="small",
+        projection_dim=32,
     )
     model = EgoVLPv2(config)
     state = deterministic_state_dict(model, seed=3)
@@ -111,8 +119,9 @@ def test_official_checkpoint_at_more_frames(official_tiny, tiny_config):
     _, state, path = official_tiny
     model16 = EgoVLPv2.from_official_checkpoint(path, num_frames=16, config=tiny_config)
     assert model16.config.video.num_frames == 16
-    torch.testing.assert_close(model16.video_model.temporal_embed,
-                               resize_temporal_embed(state["video_model.temporal_embed"], 16))
+    torch.testing.assert_close(
+        model16.video_model.temporal_embed, resize_temporal_embed(state["video_model.temporal_embed"], 16)
+    )
     video, ids, mask = make_inputs(model16.config, batch=1)
     assert model16.encode_video(video).shape == (1, tiny_config.projection_dim)
 
@@ -190,8 +199,14 @@ def test_pickled_code_is_never_run(tmp_path, official_tiny, tiny_config):
 
 
 def test_reader_matches_torch_load_on_real_files(tmp_path):
-    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "c": torch.randn(4, 3).t(), "d": torch.ones(2).half(),
-               "e": torch.tensor([True, False]), "f": torch.randn(6)[2:]}
+    tensors = {
+        "a": torch.randn(3, 4),
+        "b": torch.arange(5),
+        "c": torch.randn(4, 3).t(),
+        "d": torch.ones(2).half(),
+        "e": torch.tensor([True, False]),
+        "f": torch.randn(6)[2:],
+    }
     torch.save({"state_dict": tensors, "nested": {"x": [torch.zeros(1)]}}, tmp_path / "t.pth")
     ours = read_torch_checkpoint(tmp_path / "t.pth")
     for k, v in tensors.items():

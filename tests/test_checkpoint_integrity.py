@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from egovlp_deploy import CheckpointError, EgoVLPv2
-from egovlp_deploy import checkpoint
+from egovlp_deploy import CheckpointError, EgoVLPv2, checkpoint
 from egovlp_deploy.cli import main
-from egovlp_deploy.trainer.checkpointing import save_checkpoint
+from egovlp_deploy.trainer.training_state import save_checkpoint
 
 
 @pytest.fixture
@@ -21,8 +20,17 @@ def step_dir(tmp_path, tiny_model):
 
 
 def eval_argv(model, tmp_path):
-    return ["eval", "--model", str(model), "--egomcq", str(tmp_path / "egomcq.json"), "--video-root", str(tmp_path),
-            "--tokenizer", str(tmp_path)]
+    return [
+        "eval",
+        "--model",
+        str(model),
+        "--egomcq",
+        str(tmp_path / "egomcq.json"),
+        "--video-root",
+        str(tmp_path),
+        "--tokenizer",
+        str(tmp_path),
+    ]
 
 
 def test_training_checkpoint_with_a_scaled_tensor_is_refused(step_dir, tmp_path, capsys):
@@ -62,7 +70,7 @@ def test_digest_leaves_the_file_a_plain_safetensors_file(tmp_path):
     plain = load_file(str(tmp_path / "t.safetensors"))  # the library reads it as is
     assert all(torch.equal(plain[k], v) for k, v in tensors.items())
     raw = (tmp_path / "t.safetensors").read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert header["__metadata__"]["format"] == "egovlp-deploy" and checkpoint.DIGEST_KEY in header["__metadata__"]
     assert (8 + int.from_bytes(raw[:8], "little")) % 8 == 0
     assert all(torch.equal(checkpoint.load_safetensors(tmp_path / "t.safetensors")[k], v) for k, v in tensors.items())

@@ -21,7 +21,6 @@ import torch
 
 from egovlp_deploy import CheckpointError, EgoVLPv2
 from egovlp_deploy.checkpoint import read_torch_checkpoint
-
 from official_format import saved_random_tiny, write_official_checkpoint
 
 MAX_SECONDS, MAX_GROWTH_MB = 1.0, 200
@@ -69,15 +68,22 @@ print(json.dumps(results))
 def measure(actions: dict[str, str], timeout: float = 300) -> dict:
     """Run each Python expression of `actions` in one fresh process; per name its error (or result), seconds and
     peak RSS growth in MB over the RSS just before it."""
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps(actions)], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).parent)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(actions)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=Path(__file__).parent,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def assert_refused_cheaply(out: dict, error: str | None, match: str) -> None:
-    print(f"{out['seconds'] * 1000:.1f} ms, peak +{out['growth_mb']:.1f} MB over {out['base_mb']:.0f} MB: "
-          f"{out['error'] or out['result']}")
+    print(
+        f"{out['seconds'] * 1000:.1f} ms, peak +{out['growth_mb']:.1f} MB over {out['base_mb']:.0f} MB: "
+        f"{out['error'] or out['result']}"
+    )
     if error is None:
         assert out["error"] is None and out["result"] == match, out
     else:
@@ -100,8 +106,10 @@ class _Tensor:
         self.storage, self.size, self.stride = storage, size, stride
 
     def __reduce__(self):
-        return (torch._utils._rebuild_tensor_v2,
-                (self.storage, 0, self.size, self.stride, False, collections.OrderedDict()))
+        return (
+            torch._utils._rebuild_tensor_v2,
+            (self.storage, 0, self.size, self.stride, False, collections.OrderedDict()),
+        )
 
 
 class _Pickler(pickle.Pickler):
@@ -155,8 +163,19 @@ def bombs(tmp_path_factory, tiny_state):
     actions["zip_bomb"] = f"read_torch_checkpoint({str(zip_bomb)!r})"
 
     model_dir, _ = saved_random_tiny(tmp / "model", seed=1)  # --frames 1e9: a 256 GB temporal embedding
-    argv = ["eval", "--model", str(model_dir), "--frames", str(10**9), "--egomcq", str(tmp / "q.json"),
-            "--video-root", str(tmp), "--tokenizer", str(tmp)]
+    argv = [
+        "eval",
+        "--model",
+        str(model_dir),
+        "--frames",
+        str(10**9),
+        "--egomcq",
+        str(tmp / "q.json"),
+        "--video-root",
+        str(tmp),
+        "--tokenizer",
+        str(tmp),
+    ]
     actions["eval_frames"] = f"egovlp_deploy.cli.main({argv!r})"
 
     plain = tmp / "official.pth"
@@ -184,13 +203,15 @@ def test_eval_with_a_billion_frames(bombs):
 
 
 def test_official_checkpoint_at_a_billion_frames(bombs):
-    assert_refused_cheaply(bombs["official_frames"], "ConfigError",
-                           "num_frames must be an integer in [1, 512], got 1000000000")
+    assert_refused_cheaply(
+        bombs["official_frames"], "ConfigError", "num_frames must be an integer in [1, 512], got 1000000000"
+    )
 
 
 def test_config_json_with_huge_depth(bombs):
-    assert_refused_cheaply(bombs["deep_config"], "CheckpointError",
-                           "video.depth must be an integer in [1, 128], got 100000")
+    assert_refused_cheaply(
+        bombs["deep_config"], "CheckpointError", "video.depth must be an integer in [1, 128], got 100000"
+    )
 
 
 # -- malformed containers ----------------------------------------------------------------------------------------
@@ -212,10 +233,12 @@ def test_state_dict_with_shadowed_items_method(tmp_path, tiny_state):
 
 
 def test_tensor_views_outside_their_storage(tmp_path):
-    for size, stride, match in [((11,), (1,), "does not fit its storage of 10 elements"),
-                                ((2, 5), (5, 2), "does not fit its storage"),
-                                ((-1,), (1,), "malformed checkpoint: a tensor has size"),
-                                ((3,), (-1,), "malformed checkpoint: a tensor has size")]:
+    for size, stride, match in [
+        ((11,), (1,), "does not fit its storage of 10 elements"),
+        ((2, 5), (5, 2), "does not fit its storage"),
+        ((-1,), (1,), "malformed checkpoint: a tensor has size"),
+        ((3,), (-1,), "malformed checkpoint: a tensor has size"),
+    ]:
         data = io.BytesIO()
         _Pickler(data, protocol=2).dump({"w": _Tensor(_Storage("0", 10), size, stride)})
         path = tmp_path / "view.pth"

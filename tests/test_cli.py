@@ -18,7 +18,8 @@ def test_info_json_tiny(capsys):
     assert model["config"] == "tiny" and model["text_length"] == 7
     assert model["cross_attention_gmacs"]["dual video"] == 0 and model["cross_attention_gmacs"]["fusion (VTM)"] > 0
     assert model["params"]["total"] == sum(
-        model["params"][k] for k in ("video tower", "text tower", "projections", "fusion heads (VTM, MLM, poolers)"))
+        model["params"][k] for k in ("video tower", "text tower", "projections", "fusion heads (VTM, MLM, poolers)")
+    )
 
 
 def test_info_table_base(capsys):

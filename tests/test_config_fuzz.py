@@ -22,20 +22,41 @@ from egovlp_deploy import config as config_module
 from egovlp_deploy.activations import ACTIVATION_NAMES
 
 EXAMPLES = 500 if os.environ.get("HYPOTHESIS_PROFILE") == "nightly" else 25
-FUZZ_LIMITS = {"frames": 8, "img_size": 64, "video_tokens": 300, "depth": 6, "width": 256, "mlp_width": 1024,
-               "heads": 64, "vocab_size": 5000, "positions": 4096, "params": 3_000_000}
-NAMES = sorted(set(ACTIVATION_NAMES) | set(config_module.TIME_INITS) | set(config_module.PROJECTIONS)
-               | set(config_module.ATTENTION_BACKENDS))
+FUZZ_LIMITS = {
+    "frames": 8,
+    "img_size": 64,
+    "video_tokens": 300,
+    "depth": 6,
+    "width": 256,
+    "mlp_width": 1024,
+    "heads": 64,
+    "vocab_size": 5000,
+    "positions": 4096,
+    "params": 3_000_000,
+}
+NAMES = sorted(
+    set(ACTIVATION_NAMES)
+    | set(config_module.TIME_INITS)
+    | set(config_module.PROJECTIONS)
+    | set(config_module.ATTENTION_BACKENDS)
+)
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(),
-    st.integers(-3, 300), st.integers(), st.sampled_from([0, 1, 2, 4, 8, 16, 64, 10**9, 10**30, 10**400]),
-    st.floats(allow_nan=True, allow_infinity=True), st.floats(0, 1), st.floats(1e-15, 10),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.integers(),
+    st.sampled_from([0, 1, 2, 4, 8, 16, 64, 10**9, 10**30, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(0, 1),
+    st.floats(1e-15, 10),
     st.sampled_from([float("nan"), float("inf"), -0.0, 5e-324, 1e-12, 1e300]),
-    st.text(max_size=6), st.sampled_from(NAMES),
+    st.text(max_size=6),
+    st.sampled_from(NAMES),
 )
-json_values = st.one_of(json_scalars, st.lists(json_scalars, max_size=2),
-                        st.dictionaries(st.text(max_size=3), json_scalars, max_size=2))
+json_values = st.one_of(
+    json_scalars, st.lists(json_scalars, max_size=2), st.dictionaries(st.text(max_size=3), json_scalars, max_size=2)
+)
 
 
 @contextlib.contextmanager
@@ -78,8 +99,11 @@ def load_or_config_error(data: dict) -> None:
 
 
 TINY = EgoVLPv2Config.tiny().to_dict()
-SECTIONS = {"video": sorted(TINY["video"]), "text": sorted(TINY["text"]),
-            None: sorted(k for k in TINY if k not in ("video", "text"))}
+SECTIONS = {
+    "video": sorted(TINY["video"]),
+    "text": sorted(TINY["text"]),
+    None: sorted(k for k in TINY if k not in ("video", "text")),
+}
 
 
 def plausible(value):
@@ -107,8 +131,9 @@ def mutations(section):
 def test_any_json_value_loads_and_runs_finite_or_raises_config_error(section):
     rare = st.integers(0, 9).map(lambda i: i == 9)  # about one example in ten drops a key, one adds an unknown one
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES < 100,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=EXAMPLES < 100, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(changes=mutations(section), drop=rare, extra=rare)
     def check(changes, drop, extra):
         data = json.loads(json.dumps(TINY))

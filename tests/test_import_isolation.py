@@ -21,8 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SOURCE_FOLDERS = [ROOT / name for name in ("egovlp_deploy", "kernels", "export", "trainer")]
 # What the installation maps these names to, as this process (pytest, which never puts the root on sys.path) sees
 # them: the wheel's files, or the checkout's files for an editable install.
-PACKAGE = ("egovlp_deploy", "egovlp_deploy.kernels", "egovlp_deploy.export", "egovlp_deploy.trainer",
-           "egovlp_deploy.runtime", "egovlp_deploy._C")
+PACKAGE = (
+    "egovlp_deploy",
+    "egovlp_deploy.kernels",
+    "egovlp_deploy.export",
+    "egovlp_deploy.trainer",
+    "egovlp_deploy.runtime",
+    "egovlp_deploy._C",
+)
 EXPECTED = {name: str(Path(importlib.import_module(name).__file__).resolve()) for name in PACKAGE}
 
 _REPORT = """
@@ -36,8 +42,14 @@ print(json.dumps({{name: getattr(module, "__file__", None) for name, module in s
 
 
 def _modules(cwd: Path, extra: str = "", env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, "-c", _REPORT.format(extra=extra)], cwd=cwd, capture_output=True,
-                         text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", _REPORT.format(extra=extra)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -76,11 +88,24 @@ def test_no_top_level_folder_shadows_a_distribution_of_the_same_name(tmp_path):
         assert Path(modules[name]).resolve() == (tmp_path / name / "__init__.py").resolve(), modules[name]
 
 
-@pytest.mark.parametrize("module", ["egovlp_deploy", "egovlp_deploy.model", "egovlp_deploy.runtime",
-                                    "egovlp_deploy.export.pipeline", "egovlp_deploy.kernels.divided_attention"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "egovlp_deploy",
+        "egovlp_deploy.model",
+        "egovlp_deploy.runtime",
+        "egovlp_deploy.export.runner",
+        "egovlp_deploy.kernels.divided_attention",
+    ],
+)
 def test_model_runtime_and_exporters_import_without_transformers(module, tmp_path):
-    out = subprocess.run([sys.executable, "-X", "importtime", "-c", f"import {module}"], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", f"import {module}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     imported = [line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")]
     assert module in imported

@@ -16,12 +16,15 @@ def test_reads_json(tmp_path):
     assert read_json(tmp_path / "a.json", MyError, expect=dict) == {"x": [1, 2.5, None]}
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"\xff\xfe\x00\x01", "not valid JSON"),  # not UTF-8
-    (b'{"x": 1', "not valid JSON"),  # truncated
-    (b"", "not valid JSON"),
-    (b"[1, 2]", "expected a JSON object, got list"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"\xff\xfe\x00\x01", "not valid JSON"),  # not UTF-8
+        (b'{"x": 1', "not valid JSON"),  # truncated
+        (b"", "not valid JSON"),
+        (b"[1, 2]", "expected a JSON object, got list"),
+    ],
+)
 def test_bad_files_raise_the_callers_error_naming_the_file(tmp_path, content, message):
     path = tmp_path / "bad.json"
     path.write_bytes(content)

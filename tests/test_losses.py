@@ -170,9 +170,9 @@ def test_vtm_labels_indices_and_masked_positives():
 def test_vtm_row_and_column_convention_is_forced():
     """Global batch of 4 (2 ranks x 2), rank 1. Rows 2 and 3 are mutual positives, so each may only draw 0 or 1.
 
-    x[r, j] (text r vs video j) decides the TEXT replacement, x[j, r] (column r) the VIDEO replacement (the official names are transposed):
-    text 2 loves video 0 -> text replacement of item 2 takes text 0; text 1 loves video 2 -> its video replacement
-    takes video 1. ALBEF's convention would give the opposite choices.
+    x[r, j] (text r vs video j) decides the TEXT replacement, x[j, r] (column r) the VIDEO replacement (the official
+    names are transposed): text 2 loves video 0 -> text replacement of item 2 takes text 0; text 1 loves video 2 -> its
+    video replacement takes video 1. ALBEF's convention would give the opposite choices.
     """
     x = torch.eye(4)
     x[2, 0] = x[1, 2] = x[3, 1] = x[0, 3] = 1.0
@@ -181,8 +181,9 @@ def test_vtm_row_and_column_convention_is_forced():
     expected = {(2, "text"): 0, (2, "video"): 1, (3, "text"): 1, (3, "video"): 0}
     seen = set()
     for seed in range(40):
-        pairs = sample_vtm_pairs(x, mask_bool, row_offset=2, local_batch=2, temperature=0.01,
-                                 generator=torch.Generator().manual_seed(seed))
+        pairs = sample_vtm_pairs(
+            x, mask_bool, row_offset=2, local_batch=2, temperature=0.01, generator=torch.Generator().manual_seed(seed)
+        )
         for i in range(2):
             r, v, t = 2 + i, int(pairs.video_index[i]), int(pairs.text_index[i])
             if pairs.labels[i] == 1:
@@ -269,6 +270,7 @@ def test_vtm_loss_and_total_loss():
 
 def test_simcse_loss_matches_a_hand_computed_case():
     from egovlp_deploy.losses import same_text_mask, simcse_loss
+
     a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
     b = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 1.0]])
     t = 0.5
@@ -297,8 +299,11 @@ def test_simcse_loss_matches_a_hand_computed_case():
 # -- fine-tuning losses ------------------------------------------------------------------------------------------
 # Golden values: the official EgoVLPv2 `AdaptiveMaxMarginRankingLoss(margin)(x, w)` and `NormSoftmaxLoss(T)(x)[0]`
 # (model/loss.py), run outside this repository on exactly the inputs the tests below generate.
-FINETUNE_GOLDEN_F64 = {2: (0.0, 0.00011391933334450593), 5: (0.3025478853273145, 21.668218077831092),
-                       16: (0.31592995606069746, 34.58299444839573)}  # n: (adaptive margin 0.2, norm softmax 0.05)
+FINETUNE_GOLDEN_F64 = {
+    2: (0.0, 0.00011391933334450593),
+    5: (0.3025478853273145, 21.668218077831092),
+    16: (0.31592995606069746, 34.58299444839573),
+}  # n: (adaptive margin 0.2, norm softmax 0.05)
 FINETUNE_GOLDEN_F32 = (0.10688602924346924, 5.9740190505981445)  # margin 0.4, T 0.05, relevancy with 1s
 
 
@@ -344,7 +349,7 @@ def test_norm_softmax_loss_is_symmetric_infonce():
     from egovlp_deploy.losses import norm_softmax_loss
 
     x = torch.randn(6, 6, dtype=torch.float64)
-    expected = (F.cross_entropy(x / 0.05, torch.arange(6)) + F.cross_entropy(x.T / 0.05, torch.arange(6)))
+    expected = F.cross_entropy(x / 0.05, torch.arange(6)) + F.cross_entropy(x.T / 0.05, torch.arange(6))
     assert norm_softmax_loss(x, 0.05).item() == pytest.approx(expected.item(), abs=1e-12)
     with pytest.raises(ValueError, match="temperature"):
         norm_softmax_loss(x, 0.0)

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-
 from official_format import deterministic_state_dict, golden_inputs, write_official_checkpoint
 
 GOLDEN = json.loads((Path(__file__).parent / "golden" / "official_base.json").read_text())
@@ -43,11 +42,14 @@ def _check(name, ours: torch.Tensor, ref: dict):
     assert abs(flat.sum().item() - ref["sum"]) / ref["abs_sum"] < REL_TOL, f"{name}: sum differs"
 
 
-@pytest.mark.parametrize("case,projection,frames,batch", [
-    ("big_4frames", "big", 4, 2),
-    ("small_4frames", "small", 4, 2),
-    ("big_16frames_from_4", "big", 16, 1),
-])
+@pytest.mark.parametrize(
+    "case,projection,frames,batch",
+    [
+        ("big_4frames", "big", 4, 2),
+        ("small_4frames", "small", 4, 2),
+        ("big_16frames_from_4", "big", 16, 1),
+    ],
+)
 def test_matches_official_outputs(official_files, case, projection, frames, batch):
     model = EgoVLPv2.from_official_checkpoint(official_files[projection], num_frames=frames)
     assert model.config.projection == projection and model.config.video.num_frames == frames

@@ -21,8 +21,10 @@ from egovlp_deploy.preprocess import ClipSpec, preprocess_clip, preprocess_clips
 from egovlp_deploy.transforms import eval_transform
 
 # A build without the extension skips; the sanitizer run (which sets EGOVLP_EXPECT_SANITIZED) must never skip.
-pytestmark = pytest.mark.skipif(not preprocess.available() and os.environ.get("EGOVLP_EXPECT_SANITIZED") != "1",
-                                reason="the C++ extension egovlp_deploy._C is not built")
+pytestmark = pytest.mark.skipif(
+    not preprocess.available() and os.environ.get("EGOVLP_EXPECT_SANITIZED") != "1",
+    reason="the C++ extension egovlp_deploy._C is not built",
+)
 
 FP32_ATOL = 1e-5  # the bar; measured worst case about 2e-6 (float rounding of a different summation order)
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -56,8 +58,13 @@ out_sizes = st.one_of(st.just(224), st.integers(1, 240))
 
 # -- float32 parity -------------------------------------------------------------------------------------------
 @SETTINGS
-@given(t=st.integers(1, 3), hw=frame_hw, size=out_sizes, variant=st.sampled_from(transforms.VARIANTS),
-       seed=st.integers(0, 2**16))
+@given(
+    t=st.integers(1, 3),
+    hw=frame_hw,
+    size=out_sizes,
+    variant=st.sampled_from(transforms.VARIANTS),
+    seed=st.integers(0, 2**16),
+)
 def test_fp32_matches_reference(t, hw, size, variant, seed):
     frames = frames_of(t, *hw, seed)
     ref = eval_transform(frames, size, variant)
@@ -94,8 +101,9 @@ def test_custom_spec_matches_reference_blocks(hw, data):
     short_side = data.draw(st.integers(1, 300))
     crop = data.draw(st.integers(1, short_side))
     size = data.draw(st.integers(1, 240))
-    spec = ClipSpec(size=size, crop=crop, short_side=short_side, pixel_scale=1 / 255, mean=(0.5, 0.4, 0.3),
-                    std=(0.2, 0.25, 0.3))
+    spec = ClipSpec(
+        size=size, crop=crop, short_side=short_side, pixel_scale=1 / 255, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)
+    )
     frames = frames_of(2, *hw, seed=hw[0] * 1000 + hw[1])
     clip = transforms.to_float_clip(frames, spec.pixel_scale)
     clip = transforms.center_crop(transforms.resize_short_side(clip, short_side), crop)
@@ -187,7 +195,7 @@ def strided_views():
     return {
         "row/col slices": base[:, 3::2, 1::3],
         "transposed frames": base.permute(0, 2, 1, 3),
-        "expanded last frame": base[-1:].expand(6, -1, -1, -1),  # how video.py pads short clips
+        "expanded last frame": base[-1:].expand(6, -1, -1, -1),  # how decoding.py pads short clips
         "every other frame": base[::2],
         "numpy BGR->RGB view": arr[..., ::-1],
         "numpy flipped rows": arr[:, ::-1],
@@ -219,19 +227,22 @@ def test_dlpack_input():
 
 
 # -- bad input: clear exceptions, never a crash ---------------------------------------------------------------------
-@pytest.mark.parametrize("frames, error, match", [
-    (torch.zeros(8, 8, 3, dtype=torch.uint8), ValueError, "4 dimensions"),
-    (torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), ValueError, "4 dimensions"),
-    (torch.zeros(2, 8, 8, 4, dtype=torch.uint8), ValueError, "3 channels"),
-    (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ValueError, "3 channels"),   # (T, C, H, W) by mistake
-    (torch.zeros(2, 8, 8, 3), TypeError, "uint8"),
-    (torch.zeros(2, 8, 8, 3, dtype=torch.bool), TypeError, "uint8"),
-    (np.zeros((2, 8, 8, 3), np.int16), TypeError, "uint8"),
-    (torch.zeros(0, 8, 8, 3, dtype=torch.uint8), ValueError, "empty clip"),
-    (torch.zeros(2, 0, 8, 3, dtype=torch.uint8), ValueError, "zero-size"),
-    (torch.zeros(2, 8, 0, 3, dtype=torch.uint8), ValueError, "zero-size"),
-    ([[1, 2, 3]], TypeError, "torch.Tensor, a numpy array"),
-])
+@pytest.mark.parametrize(
+    "frames, error, match",
+    [
+        (torch.zeros(8, 8, 3, dtype=torch.uint8), ValueError, "4 dimensions"),
+        (torch.zeros(1, 2, 8, 8, 3, dtype=torch.uint8), ValueError, "4 dimensions"),
+        (torch.zeros(2, 8, 8, 4, dtype=torch.uint8), ValueError, "3 channels"),
+        (torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ValueError, "3 channels"),  # (T, C, H, W) by mistake
+        (torch.zeros(2, 8, 8, 3), TypeError, "uint8"),
+        (torch.zeros(2, 8, 8, 3, dtype=torch.bool), TypeError, "uint8"),
+        (np.zeros((2, 8, 8, 3), np.int16), TypeError, "uint8"),
+        (torch.zeros(0, 8, 8, 3, dtype=torch.uint8), ValueError, "empty clip"),
+        (torch.zeros(2, 0, 8, 3, dtype=torch.uint8), ValueError, "zero-size"),
+        (torch.zeros(2, 8, 0, 3, dtype=torch.uint8), ValueError, "zero-size"),
+        ([[1, 2, 3]], TypeError, "torch.Tensor, a numpy array"),
+    ],
+)
 def test_bad_frames_raise(frames, error, match):
     with pytest.raises(error, match=match):
         preprocess_clip(frames)
@@ -274,17 +285,22 @@ def test_extension_checks_its_own_arguments():
         (lambda: _C.preprocess(np.zeros((0, 8, 8, 3), np.uint8), out[:0], **spec), ValueError, "empty"),
         (lambda: _C.preprocess(frames, np.zeros((2, 3, 8, 9), np.float32), **spec), ValueError, "shape"),
         (lambda: _C.preprocess(frames, np.zeros((2, 3, 8, 8), np.float64), **spec), TypeError, "float32 or float16"),
-        (lambda: _C.preprocess(frames, np.zeros((2, 3, 8, 16), np.float32)[..., ::2], **spec), ValueError,
-         "C-contiguous"),
-        (lambda: _C.preprocess(frames, np.broadcast_to(np.float32(0), (2, 3, 8, 8)), **spec), ValueError,
-         "writable"),
+        (
+            lambda: _C.preprocess(frames, np.zeros((2, 3, 8, 16), np.float32)[..., ::2], **spec),
+            ValueError,
+            "C-contiguous",
+        ),
+        (lambda: _C.preprocess(frames, np.broadcast_to(np.float32(0), (2, 3, 8, 8)), **spec), ValueError, "writable"),
         (lambda: _C.preprocess(frames, out, **{**spec, "crop": 300}), ValueError, "center-crop"),
         (lambda: _C.preprocess(frames, out, **{**spec, "size": -1}), ValueError, "positive"),
         (lambda: _C.preprocess(frames, out, **{**spec, "size": 10**6}), ValueError, "at most"),
         (lambda: _C.preprocess(frames, out, **{**spec, "std": [1.0, 0.0, 1.0]}), ValueError, "finite"),
         (lambda: _C.preprocess(frames, out, **spec, layout="HWC"), ValueError, "layout"),
-        (lambda: _C.preprocess_batch([frames, "x"], np.zeros((2, 2, 3, 8, 8), np.float32), **spec), TypeError,
-         "buffer protocol"),
+        (
+            lambda: _C.preprocess_batch([frames, "x"], np.zeros((2, 2, 3, 8, 8), np.float32), **spec),
+            TypeError,
+            "buffer protocol",
+        ),
         (lambda: _C.preprocess_batch([], np.zeros((0, 2, 3, 8, 8), np.float32), **spec), ValueError, "empty"),
     ]
     for call, error, match in bad:
@@ -315,9 +331,33 @@ def test_the_expected_build_is_loaded():
 def test_software_float16_rounding_matches_numpy():
     from egovlp_deploy import _C
 
-    special = np.array([0.0, -0.0, 1.0, -2.5, 65504.0, 65519.99, 65520.0, 1e6, -1e6, np.inf, -np.inf,
-                        2.0**-14, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-26, 1e-10, 2.0**-14 - 2.0**-25,
-                        1 + 2.0**-11, 1 + 3 * 2.0**-11, 2049.0, 2051.0], np.float32)
+    special = np.array(
+        [
+            0.0,
+            -0.0,
+            1.0,
+            -2.5,
+            65504.0,
+            65519.99,
+            65520.0,
+            1e6,
+            -1e6,
+            np.inf,
+            -np.inf,
+            2.0**-14,
+            2.0**-24,
+            2.0**-25,
+            3 * 2.0**-26,
+            2.0**-26,
+            1e-10,
+            2.0**-14 - 2.0**-25,
+            1 + 2.0**-11,
+            1 + 3 * 2.0**-11,
+            2049.0,
+            2051.0,
+        ],
+        np.float32,
+    )
     rng = np.random.default_rng(0)
     randoms = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32).view(np.float32)
     normals = (rng.standard_normal(50_000) * 3).astype(np.float32)
@@ -335,7 +375,7 @@ def test_eval_clip_uses_the_extension_and_falls_back_to_the_reference(monkeypatc
     from egovlp_deploy.data.egoclip import clip_tensor
 
     frames = frames_of(3, 144, 176)
-    fast = transforms.eval_clip(frames, 224)
+    fast = preprocess.eval_clip(frames, 224)
     assert torch.equal(fast, preprocess_clip(frames, 224))
     assert max_err(fast, eval_transform(frames, 224)) <= FP32_ATOL
     video, failed = clip_tensor(frames, 4, 224)
@@ -343,6 +383,6 @@ def test_eval_clip_uses_the_extension_and_falls_back_to_the_reference(monkeypatc
 
     monkeypatch.setattr(preprocess, "_C", None)  # a build without the extension
     assert not preprocess.available()
-    assert torch.equal(transforms.eval_clip(frames, 224, "epic"), eval_transform(frames, 224, "epic"))
+    assert torch.equal(preprocess.eval_clip(frames, 224, "epic"), eval_transform(frames, 224, "epic"))
     with pytest.raises(RuntimeError, match="not built"):
         preprocess_clip(frames)

@@ -11,8 +11,17 @@ import torch
 import torch.nn.functional as F
 
 from egovlp_deploy import transforms as T
-from egovlp_deploy.transforms import (IMAGENET_MEAN, IMAGENET_STD, black_clip, center_crop, eval_transform,
-                                      random_resized_crop_params, resize, short_side_size, train_transform)
+from egovlp_deploy.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    black_clip,
+    center_crop,
+    eval_transform,
+    random_resized_crop_params,
+    resize,
+    short_side_size,
+    train_transform,
+)
 
 
 def random_frames(num_frames=3, height=48, width=64, seed=0):
@@ -31,10 +40,9 @@ def test_bilinear_2x2_to_4x4_hand_computed():
     # align_corners=False: source x = (dst + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25 -> clamped weights
     # 0, 0.25, 0.75, 1 along each axis; value = 2 * wy + wx for the input [[0, 1], [2, 3]].
     img = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).view(1, 1, 2, 2)
-    expected = torch.tensor([[0.0, 0.25, 0.75, 1.0],
-                             [0.5, 0.75, 1.25, 1.5],
-                             [1.5, 1.75, 2.25, 2.5],
-                             [2.0, 2.25, 2.75, 3.0]])
+    expected = torch.tensor(
+        [[0.0, 0.25, 0.75, 1.0], [0.5, 0.75, 1.25, 1.5], [1.5, 1.75, 2.25, 2.5], [2.0, 2.25, 2.75, 3.0]]
+    )
     torch.testing.assert_close(resize(img, 4, 4)[0, 0], expected, rtol=0, atol=1e-6)
 
 
@@ -45,13 +53,16 @@ def test_downscale_has_no_antialias():
     torch.testing.assert_close(resize(row, 1, 2)[0, 0, 0], torch.tensor([9.0, 9.0]), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("hw, size, expected", [
-    ((240, 320), 256, (256, 341)),   # int(256 * 320 / 240) = int(341.33)
-    ((320, 240), 256, (341, 256)),   # portrait: the width is the short side
-    ((360, 640), 256, (256, 455)),
-    ((240, 320), 224, (224, 298)),   # int(298.67): truncation, not rounding
-    ((300, 300), 256, (256, 256)),
-])
+@pytest.mark.parametrize(
+    "hw, size, expected",
+    [
+        ((240, 320), 256, (256, 341)),  # int(256 * 320 / 240) = int(341.33)
+        ((320, 240), 256, (341, 256)),  # portrait: the width is the short side
+        ((360, 640), 256, (256, 455)),
+        ((240, 320), 224, (224, 298)),  # int(298.67): truncation, not rounding
+        ((300, 300), 256, (256, 256)),
+    ],
+)
 def test_short_side_size_matches_torchvision_resize_int(hw, size, expected):
     assert short_side_size(*hw, size) == expected
 
@@ -106,9 +117,10 @@ def test_eval_epic_is_resize_then_crop_on_0_255_pixels():
     frames = random_frames(2, 48, 80)
     out = eval_transform(frames, 32, variant="epic")
     # Resize(32): 48x80 -> 32x53; CenterCrop(32): left = round(21 / 2) = 10 (10.5 -> 10)
-    x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(32, 53), mode="bilinear",
-                      align_corners=False)[..., 10:42]
-    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)   # the official x255 statistics
+    x = F.interpolate(frames.permute(0, 3, 1, 2).float(), size=(32, 53), mode="bilinear", align_corners=False)[
+        ..., 10:42
+    ]
+    mean = torch.tensor([123.675, 116.28, 103.53]).view(1, 3, 1, 1)  # the official x255 statistics
     std = torch.tensor([58.395, 57.12, 57.375]).view(1, 3, 1, 1)
     torch.testing.assert_close(out, (x - mean) / std, rtol=0, atol=1e-5)
     assert out.shape == (2, 3, 32, 32)
@@ -135,10 +147,13 @@ def test_random_resized_crop_params_stay_within_scale_and_ratio():
         assert 3 / 4 <= (w + 0.5) / (h - 0.5) and (w - 0.5) / (h + 0.5) <= 4 / 3
 
 
-@pytest.mark.parametrize("hw, expected", [
-    ((4, 200), (0, 97, 4, 5)),     # too wide: h = 4, w = round(4 * 4/3) = 5, centred
-    ((200, 4), (97, 0, 5, 4)),     # too tall: w = 4, h = round(4 / (3/4)) = 5
-])
+@pytest.mark.parametrize(
+    "hw, expected",
+    [
+        ((4, 200), (0, 97, 4, 5)),  # too wide: h = 4, w = round(4 * 4/3) = 5, centred
+        ((200, 4), (97, 0, 5, 4)),  # too tall: w = 4, h = round(4 / (3/4)) = 5
+    ],
+)
 def test_random_resized_crop_falls_back_to_a_centre_crop(hw, expected):
     # no crop of >= half the area with aspect in [3/4, 4/3] fits, so all 10 attempts fail
     assert random_resized_crop_params(*hw, generator=torch.Generator().manual_seed(0)) == expected
@@ -159,12 +174,13 @@ def test_train_transform_draws_crop_then_flip_in_that_order():
         g = torch.Generator().manual_seed(seed)
         top, left, h, w = random_resized_crop_params(48, 64, generator=g)
         flip = torch.rand(1, generator=g).item() < 0.5
-        x = frames.permute(0, 3, 1, 2).float()[..., top:top + h, left:left + w] / 255
+        x = frames.permute(0, 3, 1, 2).float()[..., top : top + h, left : left + w] / 255
         x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         x = x.flip(-1) if flip else x
         x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        torch.testing.assert_close(train_transform(frames, 32, torch.Generator().manual_seed(seed)), x,
-                                   rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            train_transform(frames, 32, torch.Generator().manual_seed(seed)), x, rtol=0, atol=1e-5
+        )
 
 
 def test_one_crop_for_all_frames():
@@ -182,10 +198,10 @@ def test_flip_probability_is_one_half_and_epic_never_flips():
     flips = epic_flips = 0
     for seed in range(200):
         out = train_transform(ramp, 16, torch.Generator().manual_seed(seed))
-        flips += bool(out[0, 0, 0, 0] > out[0, 0, 0, -1])   # a flipped ramp decreases
+        flips += bool(out[0, 0, 0, 0] > out[0, 0, 0, -1])  # a flipped ramp decreases
         out = train_transform(ramp, 16, torch.Generator().manual_seed(seed), variant="epic")
         epic_flips += bool(out[0, 0, 0, 0] > out[0, 0, 0, -1])
-    assert 70 <= flips <= 130   # Binomial(200, 0.5): mean 100, sd 7
+    assert 70 <= flips <= 130  # Binomial(200, 0.5): mean 100, sd 7
     assert epic_flips == 0
 
 
@@ -200,10 +216,11 @@ def test_train_epic_normalises_0_255_pixels():
 def test_black_clip_is_the_official_transformed_black_frame_zero_padded():
     clip = black_clip(4, 32)
     assert clip.shape == (4, 3, 32, 32) and clip.dtype == torch.float32
-    black = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)   # official: Image.new('RGB', (res, res), (0, 0, 0))
+    black = torch.zeros(1, 32, 32, 3, dtype=torch.uint8)  # official: Image.new('RGB', (res, res), (0, 0, 0))
     torch.testing.assert_close(clip[:1], eval_transform(black, 32), rtol=0, atol=1e-6)
-    torch.testing.assert_close(clip[:1], train_transform(black, 32, torch.Generator().manual_seed(0)),
-                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        clip[:1], train_transform(black, 32, torch.Generator().manual_seed(0)), rtol=0, atol=1e-6
+    )
     assert math.isclose(clip[0, 0, 0, 0].item(), -0.485 / 0.229, rel_tol=1e-6)
     assert torch.count_nonzero(clip[1:]) == 0
 

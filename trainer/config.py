@@ -45,23 +45,22 @@ class ModelSection:
     text_dropout: float | None = None  # override RoBERTa's hidden/attention dropout (0.1)
     # Frame and patch size instead of the preset's (None: keep them). Ignored with init_from and config_file.
     # E.g. 64/16 on the 64 px synthetic videos: the tiny preset's 16 tokens per frame, each patch seeing 4x the
-    # pixels of 32/8 (measured on the tiny recipe: a linear probe read the acted object's colour from the trained
-    # video tower on held-out clips at 86% vs 60%; TRAINING_LOG.md has what it did to EgoMCQ). The tiny recipe
-    # uses 48/12.
+    # pixels of 32/8, so the small objects (1-2 patches at 32/8) reach the video tower in more detail at the same
+    # sequence length (TRAINING_LOG.md compares the sizes). The tiny recipe uses 48/12.
     img_size: int | None = None
     patch_size: int | None = None
     # Start value of the cross-attention gates (alpha_i2t, alpha_t2i) for a model trained from scratch. The official
-    # 0 suits its pretrained towers; from random towers a zero gate keeps the fusion path text-blind for hundreds
-    # of steps (measured on the tiny recipe). Ignored with init_from (the checkpoint's gates are kept).
+    # 0 suits its pretrained towers; from random towers a zero gate keeps each fused layer blind to the other
+    # modality, and its cross-attention weights without gradient, until the gate itself grows. Ignored with
+    # init_from (the checkpoint's gates are kept).
     cross_gate_init: float = 0.0
     # Temporal-attention init for a model trained from scratch (model config video.time_init): "zeros" (official,
     # meant for a pretrained image ViT) or "rand". Ignored with init_from and config_file.
     time_init: str = "zeros"
     # Std of a trunc-normal init of the temporal embedding for a model trained from scratch (0: keep time_init's).
     # The official zeros suit a pretrained tower; from random weights the frame-order features wait behind a long
-    # plateau. Measured on a supervised 7-verb probe of the tiny tower (fresh synthetic clips each step): std 0.5
-    # (about the patch tokens' scale) reaches 85-93% held-out at step 400, std 0.02 about 55% (the time-reversed verb
-    # pairs still confused) until step ~900. Ignored with init_from and config_file.
+    # plateau, which a std at about the patch tokens' scale (0.5) shortens most (TRAINING_LOG.md). Ignored with
+    # init_from and config_file.
     temporal_embed_std: float = 0.0
     # Steps of unsupervised SimCSE on the training narrations for a from-scratch text tower before pre-training
     # (trainer/text_warmup.py says why; 0: off, the official recipe's pretrained RoBERTa needs none). Ignored with
@@ -139,7 +138,7 @@ class OptimSection:
     # can tell them apart too; a lower lr_mult_text only slows their re-merging (trainer/text_warmup.py).
     text_freeze_steps: int = 0
     # The same hold as a fraction of the run's optimizer steps (0 <= f < 1; not with text_freeze_steps), so a recipe
-    # keeps its shape when a run is cut short (e.g. the demo's 400-step run of the tiny recipe).
+    # keeps its shape when schedule.max_steps cuts a run short (as the demo does).
     text_freeze_fraction: float = 0.0
     warmup_fraction: float = 0.1
     grad_clip: float | None = None
@@ -195,11 +194,19 @@ class TrainConfig:
     seed: int = 0
     task: str = "pretrain"  # one of TASKS
 
-    SECTIONS = {"model": ModelSection, "data": DataSection, "objective": ObjectiveSection, "optim": OptimSection,
-                "schedule": ScheduleSection, "checkpoint": CheckpointSection, "eval": EvalSection, "log": LogSection}
+    SECTIONS = {
+        "model": ModelSection,
+        "data": DataSection,
+        "objective": ObjectiveSection,
+        "optim": OptimSection,
+        "schedule": ScheduleSection,
+        "checkpoint": CheckpointSection,
+        "eval": EvalSection,
+        "log": LogSection,
+    }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         top = strict_fields(cls, data, "train config", nested=set(cls.SECTIONS), allow_missing=True)
         sections = {}
         for name, klass in cls.SECTIONS.items():
@@ -211,7 +218,7 @@ class TrainConfig:
         return config
 
     @classmethod
-    def load(cls, path: str | Path) -> "TrainConfig":
+    def load(cls, path: str | Path) -> TrainConfig:
         path = Path(path)
         if not path.is_file() and (SHIPPED / path.name).is_file() and path.parent == Path("."):
             path = SHIPPED / path.name  # a shipped config by name
@@ -238,21 +245,34 @@ class TrainConfig:
         s, m, o = self.schedule, self.model, self.optim
         finetune = self.task != "pretrain"
         checks = [
-            (not finetune or m.init_from is not None,
-             f"task {self.task} fine-tunes a model: set model.init_from (an official .pth or one of our checkpoints)"),
-            (not finetune or self.data.annotations is not None,
-             f"task {self.task} reads its files from data.annotations (the annotation directory): set it"),
+            (
+                not finetune or m.init_from is not None,
+                f"task {self.task} fine-tunes a model: set model.init_from "
+                "(an official .pth or one of our checkpoints)",
+            ),
+            (
+                not finetune or self.data.annotations is not None,
+                f"task {self.task} reads its files from data.annotations (the annotation directory): set it",
+            ),
             (not finetune or m.text_warmup_steps == 0, "model.text_warmup_steps is for pre-training only"),
-            (not (o.text_freeze_steps and o.text_freeze_fraction),
-             "set optim.text_freeze_steps or optim.text_freeze_fraction, not both"),
-            (not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
-             "objective.vtm_negative_anneal needs objective.vtm_negative_temperature (the start value)"),
-            (not (m.init_from and (m.init_video or m.init_text)),
-             "model.init_from loads a whole model; model.init_video / model.init_text start a new one from "
-             "pretrained towers: set one or the other"),
-            (s.batch_size % s.grad_accum_steps == 0,
-             f"schedule.batch_size {s.batch_size} must be divisible by schedule.grad_accum_steps "
-             f"{s.grad_accum_steps}"),
+            (
+                not (o.text_freeze_steps and o.text_freeze_fraction),
+                "set optim.text_freeze_steps or optim.text_freeze_fraction, not both",
+            ),
+            (
+                not self.objective.vtm_negative_anneal or self.objective.vtm_negative_temperature is not None,
+                "objective.vtm_negative_anneal needs objective.vtm_negative_temperature (the start value)",
+            ),
+            (
+                not (m.init_from and (m.init_video or m.init_text)),
+                "model.init_from loads a whole model; model.init_video / model.init_text start a new one from "
+                "pretrained towers: set one or the other",
+            ),
+            (
+                s.batch_size % s.grad_accum_steps == 0,
+                f"schedule.batch_size {s.batch_size} must be divisible by schedule.grad_accum_steps "
+                f"{s.grad_accum_steps}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -272,8 +292,10 @@ class TrainConfig:
         if img_size % patch_size:
             raise ConfigError(f"model.img_size {img_size} is not a multiple of model.patch_size {patch_size}")
         if self.data.text_max_length > preset.text.max_text_length:
-            raise ConfigError(f"data.text_max_length must be in [3, {preset.text.max_text_length}] for the "
-                              f"{m.preset} model, got {self.data.text_max_length}")
+            raise ConfigError(
+                f"data.text_max_length must be in [3, {preset.text.max_text_length}] for the "
+                f"{m.preset} model, got {self.data.text_max_length}"
+            )
 
     def resolve(self, name: str | None) -> Path | None:
         """A data path: absolute, or relative to data.root."""
@@ -306,8 +328,10 @@ class Rule:
         else:
             noun = "an integer" if "int" in kinds else "a finite number"
             if self.low is not None and self.high is not None:
-                text = (f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'} "
-                        f"({noun})")
+                text = (
+                    f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'} "
+                    f"({noun})"
+                )
             elif self.low is not None:
                 text = f"{'>' if self.low_open else '>='} {self.low} ({noun})"
             elif self.high is not None:
@@ -347,40 +371,80 @@ PROBABILITY = Rule(low=0, high=1)
 
 # Every field of every section, by section name ("": the top-level fields).
 RULES: dict[str, dict[str, Rule]] = {
-    "": {"seed": Rule(low=0, high=2**32 - 1),  # numpy's seed range
-         "task": Rule(choices=TASKS)},
+    "": {
+        "seed": Rule(low=0, high=2**32 - 1),  # numpy's seed range
+        "task": Rule(choices=TASKS),
+    },
     "model": {
-        "preset": Rule(choices=("base", "tiny")), "num_frames": POSITIVE, "projection": Rule(choices=("big", "small")),
-        "config_file": TEXT, "init_from": TEXT, "init_video": TEXT, "init_text": TEXT, "text_dropout": FRACTION, "img_size": POSITIVE,
-        "patch_size": POSITIVE, "cross_gate_init": ANY, "time_init": Rule(choices=("zeros", "rand")),
-        "temporal_embed_std": NON_NEGATIVE, "text_warmup_steps": NON_NEGATIVE,
+        "preset": Rule(choices=("base", "tiny")),
+        "num_frames": POSITIVE,
+        "projection": Rule(choices=("big", "small")),
+        "config_file": TEXT,
+        "init_from": TEXT,
+        "init_video": TEXT,
+        "init_text": TEXT,
+        "text_dropout": FRACTION,
+        "img_size": POSITIVE,
+        "patch_size": POSITIVE,
+        "cross_gate_init": ANY,
+        "time_init": Rule(choices=("zeros", "rand")),
+        "temporal_embed_std": NON_NEGATIVE,
+        "text_warmup_steps": NON_NEGATIVE,
     },
     "data": {
-        "root": TEXT, "egoclip_csv": TEXT, "video_root": TEXT, "egomcq_json": TEXT, "meta_json": TEXT,
-        "num_verbs": POSITIVE, "num_nouns": POSITIVE, "neg_window": POSITIVE, "strict": ANY,
-        "backend": Rule(choices=("auto", "decord", "pyav")), "tokenizer": TEXT, "allow_download": ANY,
-        "text_max_length": Rule(low=3), "num_workers": NON_NEGATIVE, "frame_cache_mb": NON_NEGATIVE,
-        "annotations": TEXT, "num_classes": POSITIVE,
+        "root": TEXT,
+        "egoclip_csv": TEXT,
+        "video_root": TEXT,
+        "egomcq_json": TEXT,
+        "meta_json": TEXT,
+        "num_verbs": POSITIVE,
+        "num_nouns": POSITIVE,
+        "neg_window": POSITIVE,
+        "strict": ANY,
+        "backend": Rule(choices=("auto", "decord", "pyav")),
+        "tokenizer": TEXT,
+        "allow_download": ANY,
+        "text_max_length": Rule(low=3),
+        "num_workers": NON_NEGATIVE,
+        "frame_cache_mb": NON_NEGATIVE,
+        "annotations": TEXT,
+        "num_classes": POSITIVE,
     },
     "objective": {
-        "egonce_weight": NON_NEGATIVE, "mlm_weight": NON_NEGATIVE, "vtm_weight": NON_NEGATIVE,
-        "temperature": POSITIVE, "vtm_negative_temperature": POSITIVE,
-        "vtm_negative_anneal": ANY, "text_simcse_weight": NON_NEGATIVE, "verb": ANY, "noun": ANY,
+        "egonce_weight": NON_NEGATIVE,
+        "mlm_weight": NON_NEGATIVE,
+        "vtm_weight": NON_NEGATIVE,
+        "temperature": POSITIVE,
+        "vtm_negative_temperature": POSITIVE,
+        "vtm_negative_anneal": ANY,
+        "text_simcse_weight": NON_NEGATIVE,
+        "verb": ANY,
+        "noun": ANY,
         "mlm_probability": PROBABILITY,
         "margin": NON_NEGATIVE,  # below 0 a pair could rank below the others at no cost
     },
     "optim": {
         # AdamW moves each weight by about lr per step: above 1 a run diverges in a few steps.
-        "lr": Rule(low=0, high=1, low_open=True), "weight_decay": PROBABILITY,
-        "lr_mult_head": POSITIVE, "lr_mult_cross_modal": POSITIVE, "lr_mult_text": POSITIVE,
+        "lr": Rule(low=0, high=1, low_open=True),
+        "weight_decay": PROBABILITY,
+        "lr_mult_head": POSITIVE,
+        "lr_mult_cross_modal": POSITIVE,
+        "lr_mult_text": POSITIVE,
         "text_freeze_steps": NON_NEGATIVE,
-        "text_freeze_fraction": FRACTION, "warmup_fraction": FRACTION,
+        "text_freeze_fraction": FRACTION,
+        "warmup_fraction": FRACTION,
         "grad_clip": POSITIVE,  # a norm: 0 would zero every gradient, a negative one flips its sign
     },
     "schedule": {
-        "epochs": POSITIVE, "batch_size": POSITIVE, "grad_accum_steps": POSITIVE, "max_samples_per_epoch": POSITIVE,
-        "max_steps": POSITIVE, "max_minutes": POSITIVE, "precision": Rule(choices=("auto", "fp32", "bf16", "fp16")),
-        "gradient_checkpointing": ANY, "max_skipped_steps": NON_NEGATIVE,
+        "epochs": POSITIVE,
+        "batch_size": POSITIVE,
+        "grad_accum_steps": POSITIVE,
+        "max_samples_per_epoch": POSITIVE,
+        "max_steps": POSITIVE,
+        "max_minutes": POSITIVE,
+        "precision": Rule(choices=("auto", "fp32", "bf16", "fp16")),
+        "gradient_checkpointing": ANY,
+        "max_skipped_steps": NON_NEGATIVE,
     },
     "checkpoint": {"every_steps": POSITIVE, "keep_last": NON_NEGATIVE},  # keep_last 0: keep every checkpoint
     "eval": {"every_epochs": POSITIVE, "num_frames": POSITIVE, "batch_size": POSITIVE, "max_questions": POSITIVE},
@@ -403,5 +467,7 @@ def check_float_sizes(klass, data: Any, where: str) -> None:
             try:
                 float(value)
             except OverflowError:
-                raise ConfigError(f"{where}.{f.name} must be {RULES[where][f.name].describe(str(f.type))}, "
-                                  f"got an integer of {len(str(abs(value)))} digits") from None
+                raise ConfigError(
+                    f"{where}.{f.name} must be {RULES[where][f.name].describe(str(f.type))}, "
+                    f"got an integer of {len(str(abs(value)))} digits"
+                ) from None

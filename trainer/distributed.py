@@ -73,7 +73,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        return grad[ctx.rank * ctx.size:(ctx.rank + 1) * ctx.size] * ctx.world
+        return grad[ctx.rank * ctx.size : (ctx.rank + 1) * ctx.size] * ctx.world
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -121,8 +121,9 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
     single process would see. `start_batch` resumes mid-epoch at a data position saved in a checkpoint.
     """
 
-    def __init__(self, num_items: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True):
+    def __init__(
+        self, num_items: int, global_batch: int, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True
+    ):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
         if num_items < global_batch:
@@ -146,4 +147,4 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
             order = list(range(self.num_items))
         for b in range(self.start_batch, self.num_items // self.global_batch):
             start = b * self.global_batch + self.rank * self.local_batch
-            yield order[start:start + self.local_batch]
+            yield order[start : start + self.local_batch]

@@ -19,8 +19,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from egovlp_deploy.losses import (adaptive_max_margin_loss, egonce_loss, norm_softmax_loss, sample_vtm_pairs,
-                                  same_text_mask, sim_matrix, simcse_loss)
+from egovlp_deploy.losses import (
+    adaptive_max_margin_loss,
+    egonce_loss,
+    norm_softmax_loss,
+    same_text_mask,
+    sample_vtm_pairs,
+    sim_matrix,
+    simcse_loss,
+)
 
 from .distributed import gather, gather_with_grad
 
@@ -38,15 +45,23 @@ class StepBatch:
     mlm_labels: torch.Tensor  # (b, L), -100 where not masked
     load_failures: torch.Tensor  # () clips of this batch that could not be read (lax mode: black frames)
 
-    def to(self, device) -> "StepBatch":
+    def to(self, device) -> StepBatch:
         return StepBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 
 class PretrainObjective(torch.nn.Module):
-    def __init__(self, model, temperature: float = 0.05, verb: bool = True, noun: bool = True,
-                 weights: tuple[float, float, float] = (1.0, 1.0, 2.0), seed: int = 0,
-                 vtm_negative_temperature: float | None = None, vtm_negative_anneal_steps: int = 0,
-                 text_simcse_weight: float = 0.0):
+    def __init__(
+        self,
+        model,
+        temperature: float = 0.05,
+        verb: bool = True,
+        noun: bool = True,
+        weights: tuple[float, float, float] = (1.0, 1.0, 2.0),
+        seed: int = 0,
+        vtm_negative_temperature: float | None = None,
+        vtm_negative_anneal_steps: int = 0,
+        text_simcse_weight: float = 0.0,
+    ):
         super().__init__()
         self.text_simcse_weight = text_simcse_weight  # 0: official (no SimCSE term)
         self.model = model
@@ -80,9 +95,9 @@ class PretrainObjective(torch.nn.Module):
 
         # The fusion-mode video prefix (the blocks below the first fused one) depends only on the clip: computed once
         # per clip of the global batch and shared by the MLM pass and every VTM pairing (the official code recomputes
-        # it for each of the 4 pairings; same values, 30% less video compute on the tiny recipe). Each rank computes
-        # it for the whole global batch: a rank's parameter gradients come only from its own pairs' losses, so where
-        # a prefix was computed does not change the (DDP-averaged) gradient.
+        # it for each of the 4 pairings, with the same values). Each rank computes it for the whole global batch: a
+        # rank's parameter gradients come only from its own pairs' losses, so where a prefix was computed does not
+        # change the (DDP-averaged) gradient.
         all_video, all_ids, all_mask = gather(batch.video), gather(batch.input_ids), gather(batch.attention_mask)
         n_global = all_video.shape[0]
         rank = 0 if n_global == b else torch.distributed.get_rank()
@@ -91,10 +106,12 @@ class PretrainObjective(torch.nn.Module):
 
         # MLM on this rank's pairs, averaged over every masked token of the global batch
         _, fused_text = model.fused_from_prefixes(
-            video_prefix[mine], model.text_prefix(batch.mlm_input_ids, batch.attention_mask), batch.attention_mask)
+            video_prefix[mine], model.text_prefix(batch.mlm_input_ids, batch.attention_mask), batch.attention_mask
+        )
         logits = model.mlm_head(fused_text)  # (b, L, V)
-        token_loss = F.cross_entropy(logits.flatten(0, 1).float(), batch.mlm_labels.flatten(),
-                                     ignore_index=-100, reduction="none").view(b, -1)
+        token_loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), batch.mlm_labels.flatten(), ignore_index=-100, reduction="none"
+        ).view(b, -1)
         token_loss = gather_with_grad(token_loss)
         masked = gather(batch.mlm_labels.ne(-100))
         mlm = (token_loss * masked).sum() / masked.sum().clamp_min(1)
@@ -113,14 +130,20 @@ class PretrainObjective(torch.nn.Module):
         labels = pairs.labels[mine].to(all_video.device)
         pair_mask = all_mask[text_idx]
         video_cls, fused_text = model.fused_from_prefixes(
-            video_prefix[video_idx], model.text_prefix(all_ids[text_idx], pair_mask), pair_mask)
+            video_prefix[video_idx], model.text_prefix(all_ids[text_idx], pair_mask), pair_mask
+        )
         vtm_logits = model.vtm_head(video_cls, fused_text)
         vtm = gather_with_grad(F.cross_entropy(vtm_logits.float(), labels, reduction="none")).mean()
 
         w_nce, w_mlm, w_vtm = self.weights
         total = w_nce * egonce + w_mlm * mlm + w_vtm * vtm
-        parts = {"loss": total.detach(), "egonce": egonce.detach(), "mlm": mlm.detach(), "vtm": vtm.detach(),
-                 "vtm_accuracy": gather((vtm_logits.argmax(-1) == labels).float()).mean()}
+        parts = {
+            "loss": total.detach(),
+            "egonce": egonce.detach(),
+            "mlm": mlm.detach(),
+            "vtm": vtm.detach(),
+            "vtm_accuracy": gather((vtm_logits.argmax(-1) == labels).float()).mean(),
+        }
 
         # Optional (ours, off in the official recipe): SimCSE on the batch's narrations, text_emb being the first
         # dropout view. Keeps a from-scratch text tower from merging narrations the video tower cannot yet tell
@@ -144,7 +167,7 @@ class FinetuneBatch:
     relation: torch.Tensor  # (b,) float
     load_failures: torch.Tensor  # () clips of this batch that could not be read (lax mode: black frames)
 
-    def to(self, device) -> "FinetuneBatch":
+    def to(self, device) -> FinetuneBatch:
         return FinetuneBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
 
 

@@ -17,8 +17,17 @@ import math
 
 import torch
 
-NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
-            "norm1.weight", "norm2.bias", "norm2.weight")
+NO_DECAY = (
+    "bias",
+    "LayerNorm.bias",
+    "LayerNorm.weight",
+    "norm.bias",
+    "norm.weight",
+    "norm1.bias",
+    "norm1.weight",
+    "norm2.bias",
+    "norm2.weight",
+)
 HEADS = ("mlm_score", "itm_score", "txt_proj", "vid_proj")
 CROSS_MODAL = ("cross_modal", "i2t", "t2i")
 
@@ -28,8 +37,15 @@ def is_text_tower(name: str) -> bool:
     return name.startswith(("text_model.", "txt_proj.")) and not any(c in name for c in CROSS_MODAL)
 
 
-def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_mult_head: float,
-                     lr_mult_cross_modal: float, lr_mult_text: float = 1.0, split_text: bool = False) -> list[dict]:
+def parameter_groups(
+    model: torch.nn.Module,
+    lr: float,
+    weight_decay: float,
+    lr_mult_head: float,
+    lr_mult_cross_modal: float,
+    lr_mult_text: float = 1.0,
+    split_text: bool = False,
+) -> list[dict]:
     """The optimizer groups; the text tower gets groups of its own (`text_tower: True`, named '<kind>/text/...') when
     lr_mult_text != 1 or split_text (a schedule of its own: text_freeze_steps)."""
     groups: dict[tuple[str, bool, bool], dict] = {}
@@ -46,17 +62,25 @@ def parameter_groups(model: torch.nn.Module, lr: float, weight_decay: float, lr_
         text = (lr_mult_text != 1.0 or split_text) and is_text_tower(name)
         if text:
             mult *= lr_mult_text
-        group = groups.setdefault((kind, decay, text), {
-            "params": [], "names": [], "lr": lr * mult, "weight_decay": weight_decay if decay else 0.0,
-            "text_tower": text,
-            "group": f"{kind}{'/text' if text else ''}/{'decay' if decay else 'no_decay'}"})
+        group = groups.setdefault(
+            (kind, decay, text),
+            {
+                "params": [],
+                "names": [],
+                "lr": lr * mult,
+                "weight_decay": weight_decay if decay else 0.0,
+                "text_tower": text,
+                "group": f"{kind}{'/text' if text else ''}/{'decay' if decay else 'no_decay'}",
+            },
+        )
         group["params"].append(param)
         group["names"].append(name)
     return [groups[k] for k in sorted(groups)]
 
 
-def build_optimizer(model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text: float = 1.0,
-                    split_text: bool = False) -> torch.optim.AdamW:
+def build_optimizer(
+    model, lr, weight_decay, lr_mult_head, lr_mult_cross_modal, lr_mult_text: float = 1.0, split_text: bool = False
+) -> torch.optim.AdamW:
     # torch's AdamW checks only its default weight decay, not the per-group ones: a negative one would grow weights
     if not (math.isfinite(lr) and lr > 0 and math.isfinite(weight_decay) and weight_decay >= 0):
         raise ValueError(f"AdamW needs a finite lr > 0 and weight_decay >= 0, got lr {lr}, weight_decay {weight_decay}")
@@ -74,10 +98,12 @@ def cosine_with_warmup(step: int, warmup_steps: int, total_steps: int) -> float:
     return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def build_scheduler(optimizer, warmup_steps: int, total_steps: int,
-                    text_freeze_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer, warmup_steps: int, total_steps: int, text_freeze_steps: int = 0
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine with warm-up for every group; the text tower's groups (`text_tower`) at 0 for the first
     text_freeze_steps steps, then back on the same curve."""
+
     def factor(step: int) -> float:
         return cosine_with_warmup(step, warmup_steps, total_steps)
 
@@ -86,6 +112,7 @@ def build_scheduler(optimizer, warmup_steps: int, total_steps: int,
 
     if text_freeze_steps and not any(g.get("text_tower") for g in optimizer.param_groups):
         raise ValueError("text_freeze_steps needs the text tower in groups of its own (build_optimizer split_text)")
-    lambdas = [frozen_then_factor if text_freeze_steps and g.get("text_tower") else factor
-               for g in optimizer.param_groups]
+    lambdas = [
+        frozen_then_factor if text_freeze_steps and g.get("text_tower") else factor for g in optimizer.param_groups
+    ]
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)

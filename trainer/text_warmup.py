@@ -1,17 +1,15 @@
 """An unsupervised warm-up of a from-scratch text tower (SimCSE) on the training narrations, before pre-training.
 
 Why: the official recipe starts from a pretrained RoBERTa, whose features already tell "picks up the cup" from "puts
-down the cup". A randomly initialised text tower does not (the tiny tower's embeddings of the two have cosine 0.97
-at init), and EgoNCE then keeps them together: while the video tower cannot yet see the direction of a motion, the
-fastest way to lower the loss is to make the text tower ignore the verb too, and the video tower never gets a
-direction target (measured on the tiny recipe: cosine 0.99+ between time-reversed narrations through 1,500 steps,
-and the video tower stayed blind to frame order). SimCSE (Gao et al., 2021: each narration against itself under two
-dropout masks, the batch's other narrations as negatives) spreads the narrations apart in a few hundred cheap
-text-only steps; `optim.lr_mult_text` then slows the text tower's collapsing them again before the video tower
-catches up, and `optim.text_freeze_steps` stops it outright for the first steps. Measured (tiny recipe, three seeds,
-step 1,200): where frame order was not learned, time-reversed narrations had re-merged (text cosine 0.99-1.00);
-where it was, they stayed apart (0.2-0.27). `objective.text_simcse_weight` keeps the same loss on during
-pre-training (trainer/objectives.py), which the tiny recipe uses instead of the freeze.
+down the cup". A randomly initialised text tower does not (its embeddings of the two start nearly parallel), and
+EgoNCE then keeps them together: while the video tower cannot yet see the direction of a motion, the fastest way to
+lower the loss is to make the text tower ignore the verb too, and the video tower never gets a direction target, so
+it stays blind to frame order. SimCSE (Gao et al., 2021: each narration against itself under two dropout masks, the
+batch's other narrations as negatives) spreads the narrations apart in a few hundred cheap text-only steps;
+`optim.lr_mult_text` then slows the text tower's collapsing them again before the video tower catches up, and
+`optim.text_freeze_steps` stops it outright for the first steps. The runs that learn frame order are those in which
+the time-reversed narrations stay apart (TRAINING_LOG.md). `objective.text_simcse_weight` keeps the same loss on
+during pre-training (trainer/objectives.py), which the tiny recipe uses instead of the freeze.
 
 Deterministic and RNG-neutral: the warm-up runs under a forked global RNG seeded from `seed`, so it draws the same
 batches and dropout masks on every rank and leaves the training run's random stream untouched (resume stays exact).
@@ -32,9 +30,19 @@ def text_tower_parameters(model: EgoVLPv2) -> list[torch.nn.Parameter]:
     return [p for name, p in model.named_parameters() if is_text_tower(name)]
 
 
-def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int, lr: float, max_length: int,
-                  seed: int, batch_size: int = 64, temperature: float = 0.05, dropout: float = 0.1,
-                  log=None) -> list[float]:
+def simcse_warmup(
+    model: EgoVLPv2,
+    tokenizer,
+    narrations: list[str],
+    steps: int,
+    lr: float,
+    max_length: int,
+    seed: int,
+    batch_size: int = 64,
+    temperature: float = 0.05,
+    dropout: float = 0.1,
+    log=None,
+) -> list[float]:
     """Train the text tower with unsupervised SimCSE on the distinct `narrations`; returns the per-step losses.
 
     `dropout` is SimCSE's augmentation (its paper's 0.1): the text tower's dropout runs at this rate during the
@@ -59,8 +67,13 @@ def simcse_warmup(model: EgoVLPv2, tokenizer, narrations: list[str], steps: int,
         generator = torch.Generator().manual_seed(seed)
         for step in range(steps):
             pick = torch.randperm(len(texts), generator=generator)[:batch_size].tolist()
-            enc = tokenizer([texts[i] for i in pick], padding="max_length", max_length=max_length, truncation=True,
-                            return_tensors="pt")
+            enc = tokenizer(
+                [texts[i] for i in pick],
+                padding="max_length",
+                max_length=max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
             ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
             loss = simcse_loss(model.encode_text(ids, mask), model.encode_text(ids, mask), temperature=temperature)
             optimizer.zero_grad(set_to_none=True)

@@ -36,20 +36,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from egovlp_deploy.checkpoint import latest_valid_checkpoint
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
+from egovlp_deploy.decoding import release_frame_cache
+from egovlp_deploy.evaluation import (
+    charades_test_dataset,
+    epic_test_dataset,
+    evaluate_charades,
+    evaluate_egomcq,
+    evaluate_epic_mir,
+    format_retrieval,
+    format_table,
+)
 from egovlp_deploy.jsonfile import read_json
 from egovlp_deploy.model import EgoVLPv2
-from egovlp_deploy.video import release_frame_cache
+from egovlp_deploy.model.factory import load_model, model_at_frames, new_model, preset_config
 
 from . import distributed as D
 from .batching import FinetuneCollator, IndexedDataset, PretrainCollator
-from .checkpointing import latest_valid_checkpoint, load_checkpoint, remove_stale_temp_dirs, save_checkpoint
 from .config import TrainConfig
-from .evaluate import (charades_test_dataset, epic_test_dataset, evaluate_charades, evaluate_egomcq,
-                       evaluate_epic_mir, format_retrieval, format_table, model_at_frames)
 from .objectives import FinetuneObjective, PretrainObjective
 from .optim import build_optimizer, build_scheduler
 from .text_warmup import simcse_warmup
+from .training_state import load_checkpoint, remove_stale_temp_dirs, save_checkpoint
 
 
 class TrainingError(RuntimeError):
@@ -69,51 +78,39 @@ def build_tokenizer(cfg: TrainConfig, output_dir: Path, info: D.DistInfo):
     return load_tokenizer(path)
 
 
-def build_model(cfg: TrainConfig, vocab_size: int, init_reports: list | None = None,
-                pretrained: bool = True) -> EgoVLPv2:
-    """The model a run trains: loaded (model.init_from), or new from the preset/config file, its towers filled from
+def build_model(
+    cfg: TrainConfig, vocab_size: int, init_reports: list | None = None, pretrained: bool = True
+) -> EgoVLPv2:
+    """The model a run trains (train mode), made by the model factory: loaded (model.init_from, at the run's frame
+    count), or new from the preset or model.config_file with the section's init options, its towers filled from
     pretrained files (model.init_video / init_text; each report appended to `init_reports`; skipped with
     pretrained=False, when a resumed checkpoint overwrites them anyway)."""
     m = cfg.model
     if m.init_from:
-        path = Path(m.init_from)
-        model = (EgoVLPv2.from_pretrained(path) if path.is_dir()
-                 else EgoVLPv2.from_official_checkpoint(path, num_frames=m.num_frames))
-        if model.config.video.num_frames != m.num_frames:
-            model = model_at_frames(model, m.num_frames)
+        model, _ = load_model(m.init_from, frames=m.num_frames)
     else:
-        if m.config_file:
-            config = EgoVLPv2Config.from_json_file(m.config_file).with_num_frames(m.num_frames)
-        else:
-            if m.preset == "tiny":
-                config = EgoVLPv2Config.tiny(num_frames=m.num_frames, vocab_size=max(vocab_size, 1000))
+        try:
+            if m.config_file:
+                config = EgoVLPv2Config.from_json_file(m.config_file).with_num_frames(m.num_frames)
             else:
-                config = EgoVLPv2Config.base(num_frames=m.num_frames, projection=m.projection)
-            try:
-                video = dataclasses.replace(config.video, time_init=m.time_init,
-                                            img_size=m.img_size or config.video.img_size,
-                                            patch_size=m.patch_size or config.video.patch_size)
-                config = dataclasses.replace(config, video=video)
+                config = preset_config(
+                    m.preset,
+                    m.num_frames,
+                    vocab_size=vocab_size,
+                    projection=m.projection,
+                    img_size=m.img_size,
+                    patch_size=m.patch_size,
+                    time_init=m.time_init,
+                    temporal_embed_std=m.temporal_embed_std,
+                )
+            if m.cross_gate_init:
+                config = dataclasses.replace(config, cross_gate_init=m.cross_gate_init)
                 config.validate()
-            except ConfigError as exc:
-                raise ConfigError(f"model: {exc}") from exc
-        model = EgoVLPv2(config)
-        if pretrained and (m.init_video or m.init_text):
-            from egovlp_deploy.pretrained_init import init_text_tower, init_video_tower
-
-            for path, fill in ((m.init_video, init_video_tower), (m.init_text, init_text_tower)):
-                if path:
-                    report = fill(model, path)
-                    if init_reports is not None:
-                        init_reports.append(report)
-        if m.temporal_embed_std and not m.config_file:
-            std = m.temporal_embed_std
-            torch.nn.init.trunc_normal_(model.video_model.temporal_embed, std=std, a=-2 * std, b=2 * std)
-        if m.cross_gate_init:
-            with torch.no_grad():
-                for name, param in model.named_parameters():
-                    if name.endswith(("alpha_i2t", "alpha_t2i")):
-                        param.fill_(m.cross_gate_init)
+        except ConfigError as exc:
+            raise ConfigError(f"model: {exc}") from exc
+        model, reports = new_model(config, *((m.init_video, m.init_text) if pretrained else (None, None)))
+        if init_reports is not None:
+            init_reports.extend(reports)
     if m.text_dropout is not None:
         t = model.config.text
         t.hidden_dropout_prob = t.attention_probs_dropout_prob = m.text_dropout
@@ -148,15 +145,33 @@ def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: 
 
     num_verbs, num_nouns = class_counts(cfg)
     d, size = cfg.data, model_config.video.img_size
-    train = EgoClipDataset(cfg.resolve(d.egoclip_csv), cfg.resolve(d.video_root), model_config.video.num_frames,
-                           size, split="train", num_verbs=num_verbs, num_nouns=num_nouns, neg_window=d.neg_window,
-                           strict=d.strict, backend=d.backend, seed=cfg.seed,
-                           frame_cache_bytes=d.frame_cache_mb * 2**20)
+    train = EgoClipDataset(
+        cfg.resolve(d.egoclip_csv),
+        cfg.resolve(d.video_root),
+        model_config.video.num_frames,
+        size,
+        split="train",
+        num_verbs=num_verbs,
+        num_nouns=num_nouns,
+        neg_window=d.neg_window,
+        strict=d.strict,
+        backend=d.backend,
+        seed=cfg.seed,
+        frame_cache_bytes=d.frame_cache_mb * 2**20,
+    )
     mcq_path = cfg.resolve(d.egomcq_json)
     evaluation = None
     if mcq_path is not None and mcq_path.is_file():
-        evaluation = EgoMCQDataset(mcq_path, cfg.resolve(d.video_root), eval_frames, size, num_verbs=num_verbs,
-                                   num_nouns=num_nouns, strict=d.strict, backend=d.backend)
+        evaluation = EgoMCQDataset(
+            mcq_path,
+            cfg.resolve(d.video_root),
+            eval_frames,
+            size,
+            num_verbs=num_verbs,
+            num_nouns=num_nouns,
+            strict=d.strict,
+            backend=d.backend,
+        )
     return train, evaluation
 
 
@@ -171,11 +186,23 @@ def build_epic_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_fra
     stem = root / "relevancy" / "caption_relevancy_EPIC_100_retrieval_train"
     relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
     if relevancy is None:
-        raise DataError(stem.with_suffix(".npy"), "file", "missing (the official .pkl is read only once converted "
-                                                          "to .npy, as egovlp_deploy/data/epic.py describes)")
-    train = EpicMIRDataset(root / "EPIC_100_retrieval_train.csv", video_root, model_config.video.num_frames, size,
-                           split="train", sentence_csv=root / "EPIC_100_retrieval_train_sentence.csv",
-                           relevancy_path=relevancy, strict=d.strict, backend=d.backend, seed=cfg.seed)
+        raise DataError(
+            stem.with_suffix(".npy"),
+            "file",
+            "missing (the official .pkl is read only once converted to .npy, as egovlp_deploy/data/epic.py describes)",
+        )
+    train = EpicMIRDataset(
+        root / "EPIC_100_retrieval_train.csv",
+        video_root,
+        model_config.video.num_frames,
+        size,
+        split="train",
+        sentence_csv=root / "EPIC_100_retrieval_train_sentence.csv",
+        relevancy_path=relevancy,
+        strict=d.strict,
+        backend=d.backend,
+        seed=cfg.seed,
+    )
     test = epic_test_dataset(root, video_root, eval_frames, size, strict=d.strict)
     return train, test
 
@@ -187,17 +214,24 @@ def build_charades_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval
 
     d, size = cfg.data, model_config.video.img_size
     root, video_root = cfg.resolve(d.annotations), cfg.resolve(d.video_root)
-    train = CharadesEgoDataset(root / "metadata_train.csv", video_root, model_config.video.num_frames, size,
-                               split="train", num_classes=d.num_classes, strict=d.strict, backend=d.backend,
-                               seed=cfg.seed)
+    train = CharadesEgoDataset(
+        root / "metadata_train.csv",
+        video_root,
+        model_config.video.num_frames,
+        size,
+        split="train",
+        num_classes=d.num_classes,
+        strict=d.strict,
+        backend=d.backend,
+        seed=cfg.seed,
+    )
     test = charades_test_dataset(root, video_root, eval_frames, size, d.num_classes, strict=d.strict)
     return train, test
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """None = fp32. On CPU everything runs in fp32, as the trainer's spec sets, although bf16 autocast is faster on a
-    CPU with AVX512-BF16 (forward + backward of the tiny model's towers and fusion layers ~20% less time, measured on
-    this project's 2-core EPYC)."""
+    """None = fp32. On CPU everything runs in fp32 whatever `precision` says; bf16 autocast would be faster on a CPU
+    with AVX512-BF16, and the CPU recipes keep fp32 all the same (TRAINING_LOG.md)."""
     if device.type != "cuda" or precision == "fp32":
         return None
     if precision == "auto":
@@ -207,8 +241,11 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -265,8 +302,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 # -- the run -----------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig, output_dir: str | Path, resume: bool = False, device: str = "auto",
-          progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig, output_dir: str | Path, resume: bool = False, device: str = "auto", progress: bool = True
+) -> dict:
     output_dir = Path(output_dir)
     cfg.validate()  # a config built in code gets the checks a loaded one had
     info = D.setup(device)
@@ -298,11 +336,15 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         for report in init_reports:
             print(report.summary(), file=sys.stderr if report.missing_from_file else sys.stdout)
     if len(tokenizer) > model.config.text.vocab_size or tokenizer.pad_token_id != model.config.text.pad_token_id:
-        raise TrainingError(f"the tokenizer ({len(tokenizer)} tokens, pad {tokenizer.pad_token_id}) does not fit the "
-                            f"model (vocabulary {model.config.text.vocab_size}, pad {model.config.text.pad_token_id})")
+        raise TrainingError(
+            f"the tokenizer ({len(tokenizer)} tokens, pad {tokenizer.pad_token_id}) does not fit the "
+            f"model (vocabulary {model.config.text.vocab_size}, pad {model.config.text.pad_token_id})"
+        )
     if cfg.data.text_max_length > model.config.text.max_text_length:
-        raise ConfigError(f"data.text_max_length {cfg.data.text_max_length} is longer than the model's text "
-                          f"({model.config.text.max_text_length} tokens)")
+        raise ConfigError(
+            f"data.text_max_length {cfg.data.text_max_length} is longer than the model's text "
+            f"({model.config.text.max_text_length} tokens)"
+        )
     model.gradient_checkpointing = cfg.schedule.gradient_checkpointing
     eval_frames = cfg.eval.num_frames or model.config.video.num_frames
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
@@ -310,15 +352,26 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     finetune = cfg.task != "pretrain"
     if info.is_main:
         unit = "clips" if finetune else "questions"
-        print(f"data: {len(train_set)} training clips ({skipped_rows} bad rows skipped), "
-              f"{len(eval_set) if eval_set is not None else 0} {EVAL_NAMES[cfg.task]} {unit}")
+        print(
+            f"data: {len(train_set)} training clips ({skipped_rows} bad rows skipped), "
+            f"{len(eval_set) if eval_set is not None else 0} {EVAL_NAMES[cfg.task]} {unit}"
+        )
     if cfg.model.text_warmup_steps and not cfg.model.init_from and not resume:  # on resume the weights come back
         t0 = time.perf_counter()
-        losses = simcse_warmup(model, tokenizer, train_set.narrations(), cfg.model.text_warmup_steps, cfg.optim.lr,
-                               cfg.data.text_max_length, cfg.seed)
+        losses = simcse_warmup(
+            model,
+            tokenizer,
+            train_set.narrations(),
+            cfg.model.text_warmup_steps,
+            cfg.optim.lr,
+            cfg.data.text_max_length,
+            cfg.seed,
+        )
         if info.is_main:
-            print(f"text warm-up (SimCSE, {cfg.model.text_warmup_steps} steps): loss {losses[0]:.2f} -> "
-                  f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s")
+            print(
+                f"text warm-up (SimCSE, {cfg.model.text_warmup_steps} steps): loss {losses[0]:.2f} -> "
+                f"{losses[-1]:.2f} in {time.perf_counter() - t0:.0f} s"
+            )
 
     s = cfg.schedule
     micro_batch = s.batch_size // s.grad_accum_steps
@@ -336,33 +389,46 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     else:
         collator = PretrainCollator(tokenizer, cfg.data.text_max_length, cfg.objective.mlm_probability, cfg.seed)
     loader_rng = torch.Generator().manual_seed(cfg.seed)  # keeps DataLoader seeding off the global RNG
-    loader = torch.utils.data.DataLoader(IndexedDataset(train_set), batch_sampler=sampler, collate_fn=collator,
-                                         num_workers=cfg.data.num_workers, generator=loader_rng,
-                                         pin_memory=info.device.type == "cuda",
-                                         # Workers outlive the epoch (the epoch reaches them through shared memory):
-                                         # no re-fork per epoch, and their open-video caches stay warm.
-                                         persistent_workers=cfg.data.num_workers > 0)
+    loader = torch.utils.data.DataLoader(
+        IndexedDataset(train_set),
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=cfg.data.num_workers,
+        generator=loader_rng,
+        pin_memory=info.device.type == "cuda",
+        # Workers outlive the epoch (the epoch reaches them through shared memory):
+        # no re-fork per epoch, and their open-video caches stay warm.
+        persistent_workers=cfg.data.num_workers > 0,
+    )
 
     if finetune:
         objective = FinetuneObjective(model, cfg.task, cfg.objective.margin, cfg.objective.temperature)
     else:
-        objective = PretrainObjective(model, cfg.objective.temperature, cfg.objective.verb, cfg.objective.noun,
-                                      (cfg.objective.egonce_weight, cfg.objective.mlm_weight,
-                                       cfg.objective.vtm_weight), seed=cfg.seed,
-                                      vtm_negative_temperature=cfg.objective.vtm_negative_temperature,
-                                      vtm_negative_anneal_steps=total_steps if cfg.objective.vtm_negative_anneal else 0,
-                                      text_simcse_weight=cfg.objective.text_simcse_weight)
+        objective = PretrainObjective(
+            model,
+            cfg.objective.temperature,
+            cfg.objective.verb,
+            cfg.objective.noun,
+            (cfg.objective.egonce_weight, cfg.objective.mlm_weight, cfg.objective.vtm_weight),
+            seed=cfg.seed,
+            vtm_negative_temperature=cfg.objective.vtm_negative_temperature,
+            vtm_negative_anneal_steps=total_steps if cfg.objective.vtm_negative_anneal else 0,
+            text_simcse_weight=cfg.objective.text_simcse_weight,
+        )
     wrapped = objective
     if info.distributed:
         # Fine-tuning trains the dual encoder alone: the fusion layers and heads get no gradient, which DDP must
         # be told of.
         wrapped = torch.nn.parallel.DistributedDataParallel(
-            objective, device_ids=[info.local_rank] if info.device.type == "cuda" else None,
-            find_unused_parameters=finetune)
+            objective,
+            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            find_unused_parameters=finetune,
+        )
     o = cfg.optim
     freeze_steps = o.freeze_steps(total_steps)
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text,
-                                split_text=freeze_steps > 0)
+    optimizer = build_optimizer(
+        model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text, split_text=freeze_steps > 0
+    )
     scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps, freeze_steps)
     amp_dtype = resolve_precision(s.precision, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -375,8 +441,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         try:
             model.load_state_dict(weights)
         except RuntimeError as exc:  # torch lists every mismatched tensor: the first line says what happened
-            raise TrainingError(f"--resume: {found} does not fit the model this config builds "
-                                f"({str(exc).splitlines()[0]})") from exc
+            raise TrainingError(
+                f"--resume: {found} does not fit the model this config builds ({str(exc).splitlines()[0]})"
+            ) from exc
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -395,10 +462,17 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     def checkpoint() -> None:
-        state = {"step": step, "epoch": epoch, "next_micro": next_micro, "skipped": skipped,
-                 "consecutive_skips": consecutive_skips, "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                 "rng": rng_state()}
+        state = {
+            "step": step,
+            "epoch": epoch,
+            "next_micro": next_micro,
+            "skipped": skipped,
+            "consecutive_skips": consecutive_skips,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler else None,
+            "rng": rng_state(),
+        }
         if info.is_main:
             save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
         D.barrier()
@@ -408,15 +482,29 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             return None
         eval_model = model_at_frames(model, eval_frames)
         if not finetune:
-            result = evaluate_egomcq(eval_model, eval_set, tokenizer, info.device, cfg.eval.batch_size,
-                                     cfg.data.num_workers, cfg.eval.max_questions, progress=False)
+            result = evaluate_egomcq(
+                eval_model,
+                eval_set,
+                tokenizer,
+                info.device,
+                cfg.eval.batch_size,
+                cfg.data.num_workers,
+                cfg.eval.max_questions,
+                progress=False,
+            )
             text = format_table(result)
         else:  # rank 0 scores the whole test split (the metrics need every clip at once); the others wait
             result = None
             if info.is_main:
                 run_eval = evaluate_epic_mir if cfg.task == "epic_mir" else evaluate_charades
-                result = run_eval(eval_model, eval_set, tokenizer, info.device, batch_size=cfg.eval.batch_size,
-                                  num_workers=cfg.data.num_workers)
+                result = run_eval(
+                    eval_model,
+                    eval_set,
+                    tokenizer,
+                    info.device,
+                    batch_size=cfg.eval.batch_size,
+                    num_workers=cfg.data.num_workers,
+                )
                 text = format_retrieval(cfg.task, result)
             D.barrier()
         log.write({"step": step, "epoch": epoch, cfg.task: result})
@@ -424,8 +512,17 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             bar.write(f"[epoch {epoch} step {step}] {EVAL_NAMES[cfg.task]}\n{text}")
         return result
 
-    log.write({"step": step, "epoch": epoch, "data": {"clips": len(train_set), "skipped_rows": skipped_rows,
-                                                      "skip_counts": dict(getattr(train_set, "skip_counts", {}))}})
+    log.write(
+        {
+            "step": step,
+            "epoch": epoch,
+            "data": {
+                "clips": len(train_set),
+                "skipped_rows": skipped_rows,
+                "skip_counts": dict(getattr(train_set, "skip_counts", {})),
+            },
+        }
+    )
     load_failures = 0
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
@@ -443,8 +540,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             load_failures += int(batch.load_failures)
             last_micro = (micro + 1) % s.grad_accum_steps == 0
             sync = contextlib.nullcontext() if last_micro or not info.distributed else wrapped.no_sync()
-            autocast = (torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None
-                        else contextlib.nullcontext())
+            autocast = (
+                torch.autocast(info.device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+            )
             with sync, autocast:
                 loss, parts = wrapped(batch, step)
             (scaler.scale(loss) if scaler else loss).div(s.grad_accum_steps).backward()
@@ -465,8 +563,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 consecutive_skips += 1
                 log.write({"step": step, "epoch": epoch, "skipped_nonfinite": skipped})
                 if consecutive_skips > s.max_skipped_steps:
-                    raise TrainingError(f"{consecutive_skips} consecutive steps had a non-finite loss or gradient; "
-                                        "stopping (lower the learning rate or use fp32/bf16)")
+                    raise TrainingError(
+                        f"{consecutive_skips} consecutive steps had a non-finite loss or gradient; "
+                        "stopping (lower the learning rate or use fp32/bf16)"
+                    )
                 continue
             consecutive_skips = 0
             if scaler is not None:
@@ -481,15 +581,21 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start
-                record = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0],
-                          "load_failures": load_failures,
-                          "grad_norm": float(grad_norm), "clips_per_s": window_clips / max(elapsed, 1e-9)}
+                record = {
+                    "step": step,
+                    "epoch": epoch,
+                    "lr": scheduler.get_last_lr()[0],
+                    "load_failures": load_failures,
+                    "grad_norm": float(grad_norm),
+                    "clips_per_s": window_clips / max(elapsed, 1e-9),
+                }
                 record |= {k: float(v) for k, v in parts.items()}
                 log.write(record)
                 window_clips, window_start = 0, time.time()
                 if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
-                                    clips_s=f"{record['clips_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", clips_s=f"{record['clips_per_s']:.1f}"
+                    )
             if bar is not None:
                 bar.update(1)
             out_of_time = s.max_minutes is not None and (time.time() - started) / 60 >= s.max_minutes
@@ -510,9 +616,17 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     if bar is not None:
         bar.close()
     log.close()
-    summary = {"task": cfg.task, "steps": step, "epochs_started": epoch + 1 if done else epoch,
-               "minutes": (time.time() - started) / 60, "skipped_steps": skipped, "skipped_rows": skipped_rows,
-               "load_failures": load_failures, "output_dir": str(output_dir), "world_size": info.world_size}
+    summary = {
+        "task": cfg.task,
+        "steps": step,
+        "epochs_started": epoch + 1 if done else epoch,
+        "minutes": (time.time() - started) / 60,
+        "skipped_steps": skipped,
+        "skipped_rows": skipped_rows,
+        "load_failures": load_failures,
+        "output_dir": str(output_dir),
+        "world_size": info.world_size,
+    }
     summary["egomcq" if cfg.task == "pretrain" else cfg.task] = final_eval or last_eval
     if info.is_main:
         (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -541,17 +655,33 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, metavar="JSON",
-                        help="run config: a path, or the name of a shipped one (tiny_synthetic.json, "
-                             "pretrain_egoclip.json, finetune_epic_mir.json, finetune_charades.json, "
-                             "finetune_epic_mir_tiny.json)")
-    parser.add_argument("--output", required=True, metavar="DIR",
-                        help="run directory: checkpoints/, metrics.jsonl, summary.json, the demo tokenizer")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest valid checkpoint in DIR/checkpoints (corrupt ones are skipped)")
+    parser.add_argument(
+        "--config",
+        required=True,
+        metavar="JSON",
+        help="run config: a path, or the name of a shipped one (tiny_synthetic.json, "
+        "pretrain_egoclip.json, finetune_epic_mir.json, finetune_charades.json, "
+        "finetune_epic_mir_tiny.json)",
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="run directory: checkpoints/, metrics.jsonl, summary.json, the demo tokenizer",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest valid checkpoint in DIR/checkpoints (corrupt ones are skipped)",
+    )
     parser.add_argument("--data", metavar="DIR", help="dataset root (overrides data.root)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override a config value, e.g. --set schedule.epochs=2 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set schedule.epochs=2 (repeatable)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 

@@ -11,6 +11,16 @@ from .egomcq import EgoMCQDataset
 from .epic import EpicMIRDataset, load_relevancy, read_sentences
 from .errors import DataError
 
-__all__ = ["DataError", "EgoClipDataset", "EgoMCQDataset", "EpicMIRDataset", "CharadesEgoDataset",
-           "load_charades_classes", "parse_actions", "parse_tag_list", "multi_hot", "load_relevancy",
-           "read_sentences"]
+__all__ = [
+    "DataError",
+    "EgoClipDataset",
+    "EgoMCQDataset",
+    "EpicMIRDataset",
+    "CharadesEgoDataset",
+    "load_charades_classes",
+    "parse_actions",
+    "parse_tag_list",
+    "multi_hot",
+    "load_relevancy",
+    "read_sentences",
+]

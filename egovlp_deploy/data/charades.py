@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number
 from .csv_rows import csv_records
+from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 NUM_CLASSES = 157
@@ -54,8 +54,13 @@ def parse_actions(value: str, num_classes: int = NUM_CLASSES) -> list[tuple[int,
         parts = action.split()
         if len(parts) != 3:
             raise RowProblem("bad actions", f"{action!r} is not 'cNNN start end'")
-        actions.append((parse_class_id(parts[0], num_classes), parse_number(parts[1], "action start"),
-                        parse_number(parts[2], "action end")))
+        actions.append(
+            (
+                parse_class_id(parts[0], num_classes),
+                parse_number(parts[1], "action start"),
+                parse_number(parts[2], "action end"),
+            )
+        )
     return actions
 
 
@@ -69,8 +74,9 @@ def load_charades_classes(path: str | os.PathLike, num_classes: int = NUM_CLASSE
                     continue
                 first = fields[0]
                 if first[:4] != f"c{len(prompts):03d}" or not first[5:].strip():
-                    raise DataError(path, f"line {line_no}", f"expected 'c{len(prompts):03d} <class name>', got "
-                                                             f"{first!r}")
+                    raise DataError(
+                        path, f"line {line_no}", f"expected 'c{len(prompts):03d} <class name>', got {first!r}"
+                    )
                 prompts.append(first[5:])
     except OSError as e:
         raise DataError(path, "open", str(e)) from e
@@ -79,11 +85,18 @@ def load_charades_classes(path: str | os.PathLike, num_classes: int = NUM_CLASSE
     return prompts
 
 
-def read_charades_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float | None, num_frames: int,
-                       sample: str, rng: random.Random | None = None, backend: str = "auto") -> torch.Tensor:
+def read_charades_clip(
+    path: str | os.PathLike,
+    start_sec: float | None,
+    end_sec: float | None,
+    num_frames: int,
+    sample: str,
+    rng: random.Random | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """uint8 (K<=F,H,W,3): the whole video when the times are None (official test), else [start_sec, end_sec]
     at the file's fps (official read_frames_cv2_charades); the dataset zero-pads to F after the transform."""
-    from egovlp_deploy.video import read_clip
+    from egovlp_deploy.decoding import read_clip
 
     return read_clip(path, start_sec, end_sec, num_frames, sample, backend=backend, rng=rng)[0]
 
@@ -100,11 +113,22 @@ class CharadesEgoDataset(EpochSeededDataset):
 
     MAX_TEXT_LENGTH = CHARADES_MAX_TEXT_LENGTH
 
-    def __init__(self, csv_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
-                 split: str = "test", classes_path: str | os.PathLike | None = None,
-                 num_classes: int = NUM_CLASSES, strict: bool = True, backend: str = "auto", seed: int = 0,
-                 clip_reader: CharadesReader | None = None, check_files: bool = True):
-        from egovlp_deploy.video import ClipLoader
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        video_root: str | os.PathLike,
+        num_frames: int,
+        size: int,
+        split: str = "test",
+        classes_path: str | os.PathLike | None = None,
+        num_classes: int = NUM_CLASSES,
+        strict: bool = True,
+        backend: str = "auto",
+        seed: int = 0,
+        clip_reader: CharadesReader | None = None,
+        check_files: bool = True,
+    ):
+        from egovlp_deploy.decoding import ClipLoader
 
         if num_frames < 1 or size < 1 or seed < 0:
             raise ValueError(f"need num_frames, size >= 1 and seed >= 0, got {num_frames}, {size}, {seed}")
@@ -154,8 +178,16 @@ class CharadesEgoDataset(EpochSeededDataset):
             except RowProblem as problem:
                 rows.reject(line, problem)
                 continue
-            items.append({"line": line, "path": path, "text": fields.get("script", ""), "classes": classes,
-                          "start": None, "end": None})
+            items.append(
+                {
+                    "line": line,
+                    "path": path,
+                    "text": fields.get("script", ""),
+                    "classes": classes,
+                    "start": None,
+                    "end": None,
+                }
+            )
         return items
 
     def _read_train(self, rows: RowFilter) -> list[dict[str, Any]]:
@@ -177,25 +209,37 @@ class CharadesEgoDataset(EpochSeededDataset):
             except RowProblem as problem:
                 rows.reject(line, problem)
                 continue
-            items.append({"line": line, "path": path, "text": fields["narration"], "classes": [cls],
-                          "start": start, "end": end})
+            items.append(
+                {"line": line, "path": path, "text": fields["narration"], "classes": [cls], "start": start, "end": end}
+            )
         return items
-
 
     def __len__(self) -> int:
         return len(self._items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from egovlp_deploy.video import VideoReadError
+        from egovlp_deploy.decoding import VideoReadError
 
         item = self._items[index]
         s_frames, s_crop = item_seeds(self.seed, self.epoch, index, 2)
         sample = "rand" if self.train else "uniform"
         try:
-            frames = self._loader.load(self._read, item["path"], item["start"], item["end"], self.num_frames, sample,
-                                       rng=random.Random(s_frames) if self.train else None)
+            frames = self._loader.load(
+                self._read,
+                item["path"],
+                item["start"],
+                item["end"],
+                self.num_frames,
+                sample,
+                rng=random.Random(s_frames) if self.train else None,
+            )
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {item['line']}", f"video: {e}") from e
         video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None)
-        return {"video": video, "text": item["text"], "target": multi_hot(item["classes"], self.num_classes),
-                "index": index, "load_failed": failed}
+        return {
+            "video": video,
+            "text": item["text"],
+            "target": multi_hot(item["classes"], self.num_classes),
+            "index": index,
+            "load_failed": failed,
+        }

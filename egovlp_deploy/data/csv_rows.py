@@ -19,8 +19,15 @@ class csv_records:  # noqa: N801 -- used like a generator function
     position is its row of the relevancy matrix.
     """
 
-    def __init__(self, path: str | os.PathLike, rows: RowFilter, required: tuple[str, ...], delimiter: str = ",",
-                 quoting: int = csv.QUOTE_MINIMAL, hint: str = ""):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        rows: RowFilter,
+        required: tuple[str, ...],
+        delimiter: str = ",",
+        quoting: int = csv.QUOTE_MINIMAL,
+        hint: str = "",
+    ):
         self.path, self.rows, self.required = path, rows, required
         self.delimiter, self.quoting, self.hint = delimiter, quoting, hint
         self.data_rows = 0
@@ -62,8 +69,10 @@ class csv_records:  # noqa: N801 -- used like a generator function
                     rows.reject(reader.line_num, RowProblem("malformed row", bad))
                     continue
                 if len(values) != len(header):
-                    rows.reject(reader.line_num,
-                                RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}"))
+                    rows.reject(
+                        reader.line_num,
+                        RowProblem("malformed row", f"{len(values)} fields, the header has {len(header)}"),
+                    )
                     continue
                 yield reader.line_num, self.data_rows - 1, dict(zip(header, values))
 

@@ -32,11 +32,21 @@ import torch
 from .csv_rows import csv_records
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
-EGOCLIP_COLUMNS = ("video_uid", "video_dur", "narration_source", "narration_ind", "narration_time", "clip_start",
-                   "clip_end", "clip_text", "tag_verb", "tag_noun")
-NUM_VERBS, NUM_NOUNS = 118, 582   # Ego4D taxonomy sizes (official noun_dim / verb_dim)
-CHUNK_SEC = 600                   # official chunk_sec: videos are cut into 600-s files (utils/video_chunk.py)
-EGOCLIP_MAX_TEXT_LENGTH = 15      # the official trainer pads pre-training narrations to 15 tokens
+EGOCLIP_COLUMNS = (
+    "video_uid",
+    "video_dur",
+    "narration_source",
+    "narration_ind",
+    "narration_time",
+    "clip_start",
+    "clip_end",
+    "clip_text",
+    "tag_verb",
+    "tag_noun",
+)
+NUM_VERBS, NUM_NOUNS = 118, 582  # Ego4D taxonomy sizes (official noun_dim / verb_dim)
+CHUNK_SEC = 600  # official chunk_sec: videos are cut into 600-s files (utils/video_chunk.py)
+EGOCLIP_MAX_TEXT_LENGTH = 15  # the official trainer pads pre-training narrations to 15 tokens
 
 ClipReader = Callable[..., torch.Tensor]
 
@@ -45,7 +55,7 @@ ClipReader = Callable[..., torch.Tensor]
 @dataclass(frozen=True)
 class ClipRow:
     video_uid: str
-    start_sec: float       # clamped at 0 like the official _get_video_path
+    start_sec: float  # clamped at 0 like the official _get_video_path
     end_sec: float
     text: str
     verbs: tuple[int, ...]
@@ -86,8 +96,9 @@ def parse_tag_list(value: Any, num_classes: int, name: str) -> tuple[int, ...]:
         if isinstance(tag, bool) or not isinstance(tag, int):
             raise RowProblem(f"bad {name}", f"{value!r}: {tag!r} is not an integer class id")
         if not 0 <= tag < num_classes:
-            raise RowProblem(f"unknown {name.removeprefix('tag_')} id",
-                             f"{tag} in {name} is outside [0, {num_classes})")
+            raise RowProblem(
+                f"unknown {name.removeprefix('tag_')} id", f"{tag} in {name} is outside [0, {num_classes})"
+            )
     return tuple(parsed)
 
 
@@ -122,12 +133,13 @@ def parse_clip_row(fields: Mapping[str, Any], num_verbs: int, num_nouns: int) ->
 
 def chunk_paths(video_root: str | os.PathLike, row: ClipRow) -> list[Path]:
     """The distinct chunk files a clip touches (official _get_video_path; a clip may span two 600-s chunks)."""
-    from egovlp_deploy.video import egoclip_chunk
+    from egovlp_deploy.decoding import egoclip_chunk
 
     paths, _, _ = egoclip_chunk(video_root, row.video_uid, row.start_sec, row.end_sec, CHUNK_SEC)
     if int(row.end_sec // CHUNK_SEC) > int(row.start_sec // CHUNK_SEC) + 1:
-        raise RowProblem("bad clip times", f"the clip [{row.start_sec}, {row.end_sec}] s spans more than two "
-                                           f"{CHUNK_SEC}-s chunks")
+        raise RowProblem(
+            "bad clip times", f"the clip [{row.start_sec}, {row.end_sec}] s spans more than two {CHUNK_SEC}-s chunks"
+        )
     return list(dict.fromkeys(paths))
 
 
@@ -192,7 +204,7 @@ class PackedStrings:
         return len(self._offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self._data[self._offsets[i]:self._offsets[i + 1]].tobytes().decode("utf-8")
+        return self._data[self._offsets[i] : self._offsets[i + 1]].tobytes().decode("utf-8")
 
 
 class PackedIds:
@@ -204,12 +216,13 @@ class PackedIds:
         self._flat = np.fromiter((i for x in lists for i in x), dtype=np.int32, count=int(self._offsets[-1]))
 
     def __getitem__(self, i: int) -> np.ndarray:
-        return self._flat[self._offsets[i]:self._offsets[i + 1]]
+        return self._flat[self._offsets[i] : self._offsets[i + 1]]
 
 
 # -- the CSV ---------------------------------------------------------------------------------------------------
-def read_egoclip_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | None, num_verbs: int,
-                      num_nouns: int, rows: RowFilter) -> list[tuple[int, ClipRow]]:
+def read_egoclip_rows(
+    csv_path: str | os.PathLike, video_root: str | os.PathLike | None, num_verbs: int, num_nouns: int, rows: RowFilter
+) -> list[tuple[int, ClipRow]]:
     """Every valid row of an egoclip.csv as (line number, ClipRow); bad rows go to `rows` (raise or record).
 
     With `video_root`, a row whose chunk file(s) are missing is bad too (checked once per file).
@@ -217,8 +230,7 @@ def read_egoclip_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike
     out: list[tuple[int, ClipRow]] = []
     files = FileCheck()
     # The official pd.read_csv(sep='\t') quotes with '"' too, so a narration containing tabs can be quoted.
-    for line, _, fields in csv_records(csv_path, rows, EGOCLIP_COLUMNS, delimiter="\t",
-                                       hint=" (is it TAB-separated?)"):
+    for line, _, fields in csv_records(csv_path, rows, EGOCLIP_COLUMNS, delimiter="\t", hint=" (is it TAB-separated?)"):
         try:
             row = parse_clip_row(fields, num_verbs, num_nouns)
             if row.narration_time is None:
@@ -248,18 +260,31 @@ class EgoClipDataset(EpochSeededDataset):
     sum the items' `load_failed` instead).
 
     `clip_reader(video_root, video_uid, start_sec, end_sec, num_frames, sample, rng=random.Random)` -> uint8
-    (F,H,W,3) replaces the video reader (tests); the default is egovlp_deploy.video.read_egoclip_clip.
+    (F,H,W,3) replaces the video reader (tests); the default is egovlp_deploy.decoding.read_egoclip_clip.
     `check_files` verifies at construction that every row's chunk files exist. `frame_cache_bytes` > 0 keeps whole
     decoded videos in each worker process up to that many bytes (`video.read_egoclip_clip`), for small datasets.
     """
 
     MAX_TEXT_LENGTH = EGOCLIP_MAX_TEXT_LENGTH
 
-    def __init__(self, csv_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
-                 split: str = "train", num_verbs: int = NUM_VERBS, num_nouns: int = NUM_NOUNS,
-                 neg_window: int | None = 60, strict: bool = True, backend: str = "auto", seed: int = 0,
-                 clip_reader: ClipReader | None = None, check_files: bool = True, frame_cache_bytes: int = 0):
-        from egovlp_deploy.video import ClipLoader
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        video_root: str | os.PathLike,
+        num_frames: int,
+        size: int,
+        split: str = "train",
+        num_verbs: int = NUM_VERBS,
+        num_nouns: int = NUM_NOUNS,
+        neg_window: int | None = 60,
+        strict: bool = True,
+        backend: str = "auto",
+        seed: int = 0,
+        clip_reader: ClipReader | None = None,
+        check_files: bool = True,
+        frame_cache_bytes: int = 0,
+    ):
+        from egovlp_deploy.decoding import ClipLoader
 
         if num_frames < 1 or size < 1:
             raise ValueError(f"num_frames and size must be positive, got {num_frames} and {size}")
@@ -297,10 +322,9 @@ class EgoClipDataset(EpochSeededDataset):
         self._loader = ClipLoader(strict=strict, backend=backend, frame_cache_bytes=frame_cache_bytes)
         self.failures = self._loader.failures
         if clip_reader is None:
-            from egovlp_deploy.video import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
+            from egovlp_deploy.decoding import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
         self._read = clip_reader
         EpochSeededDataset.__init__(self)
-
 
     def __len__(self) -> int:
         return len(self._line)
@@ -316,49 +340,66 @@ class EgoClipDataset(EpochSeededDataset):
     def segment_members(self, index: int) -> np.ndarray:
         """Item indices sharing item `index`'s (video_uid, narration_time // neg_window) bucket (itself included)."""
         g = self._group[index]
-        return self._members[self._offsets[g]:self._offsets[g + 1]]
+        return self._members[self._offsets[g] : self._offsets[g + 1]]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} rows")
         s_neg, s_frames, s_crop, s_frames_neg, s_crop_neg = item_seeds(self.seed, self.epoch, index, 5)
         video, failed = self._clip(index, s_frames, s_crop)
-        item = {"video": video, "text": self._text[index], "verb": multi_hot(self._verbs[index], self.num_verbs),
-                "noun": multi_hot(self._nouns[index], self.num_nouns), "index": index}
+        item = {
+            "video": video,
+            "text": self._text[index],
+            "verb": multi_hot(self._verbs[index], self.num_verbs),
+            "noun": multi_hot(self._nouns[index], self.num_nouns),
+            "index": index,
+        }
         if self.neg_window is not None:
             members = self.segment_members(index)
             neg = int(members[random.Random(s_neg).randrange(len(members))])
             video_neg, failed_neg = self._clip(neg, s_frames_neg, s_crop_neg)
             failed += failed_neg
-            item.update(video_neg=video_neg, text_neg=self._text[neg],
-                        verb_neg=multi_hot(self._verbs[neg], self.num_verbs),
-                        noun_neg=multi_hot(self._nouns[neg], self.num_nouns))
+            item.update(
+                video_neg=video_neg,
+                text_neg=self._text[neg],
+                verb_neg=multi_hot(self._verbs[neg], self.num_verbs),
+                noun_neg=multi_hot(self._nouns[neg], self.num_nouns),
+            )
         item["load_failed"] = failed
         return item
 
     def _clip(self, index: int, frame_seed: int, crop_seed: int) -> tuple[torch.Tensor, int]:
         """Row -> float (F,3,S,S) and 1 if it fell back to the lax black clip."""
-        from egovlp_deploy.video import VideoReadError
+        from egovlp_deploy.decoding import VideoReadError
 
         uid = self._uids[self._uid[index]]
         try:
-            frames = self._loader.load(self._read, self.video_root, uid, float(self._start[index]),
-                                       float(self._end[index]), self.num_frames, self.sample,
-                                       rng=random.Random(frame_seed))
+            frames = self._loader.load(
+                self._read,
+                self.video_root,
+                uid,
+                float(self._start[index]),
+                float(self._end[index]),
+                self.num_frames,
+                self.sample,
+                rng=random.Random(frame_seed),
+            )
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {self.line_of(index)}", f"video {uid}: {e}") from e
         return clip_tensor(frames, self.num_frames, self.size, crop_seed if self.split == "train" else None)
 
 
-def clip_tensor(frames: torch.Tensor | None, num_frames: int, size: int, crop_seed: int | None = None,
-                variant: str = "egoclip") -> tuple[torch.Tensor, int]:
+def clip_tensor(
+    frames: torch.Tensor | None, num_frames: int, size: int, crop_seed: int | None = None, variant: str = "egoclip"
+) -> tuple[torch.Tensor, int]:
     """Decoded uint8 frames -> (float (num_frames,3,size,size), 1 if it is the lax black clip else 0).
 
     `frames` None (a lax-mode read failure) gives the official black clip; `crop_seed` selects the train transform
-    (seeded crop and flip), None the eval transform (`transforms.eval_clip`: C++ when built); fewer frames than
+    (seeded crop and flip), None the eval transform (`preprocess.eval_clip`: C++ when built); fewer frames than
     num_frames are zero-padded as official.
     """
-    from egovlp_deploy.transforms import black_clip, eval_clip, train_transform
+    from egovlp_deploy.preprocess import eval_clip
+    from egovlp_deploy.transforms import black_clip, train_transform
 
     if frames is None:
         return black_clip(num_frames, size), 1
@@ -374,7 +415,7 @@ def pad_frames(video: torch.Tensor, num_frames: int) -> torch.Tensor:
     if video.shape[0] == num_frames:
         return video
     final = video.new_zeros((num_frames, *video.shape[1:]))
-    final[:min(num_frames, video.shape[0])] = video[:num_frames]
+    final[: min(num_frames, video.shape[0])] = video[:num_frames]
     return final
 
 

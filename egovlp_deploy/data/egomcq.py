@@ -16,13 +16,11 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .egoclip import (NUM_NOUNS, NUM_VERBS, ClipReader, ClipRow, chunk_paths, clip_tensor, parse_clip_row,
-                      parse_tag_list)
+from .egoclip import NUM_NOUNS, NUM_VERBS, ClipReader, ClipRow, chunk_paths, clip_tensor, parse_clip_row, parse_tag_list
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 MCQ_TYPES = {1: "inter", 2: "intra"}
@@ -37,8 +35,9 @@ class MCQEntry:
     type: int
 
 
-def parse_mcq_entry(key: str, entry: Any, num_choices: int, num_verbs: int, num_nouns: int,
-                    require_answer: bool = True) -> MCQEntry:
+def parse_mcq_entry(
+    key: str, entry: Any, num_choices: int, num_verbs: int, num_nouns: int, require_answer: bool = True
+) -> MCQEntry:
     """One entry, validated; `require_answer=False` lets `answer` be absent (a present one is still checked)."""
     if not isinstance(entry, Mapping):
         raise RowProblem("malformed entry", f"expected an object, got {type(entry).__name__}")
@@ -63,8 +62,9 @@ def parse_mcq_entry(key: str, entry: Any, num_choices: int, num_verbs: int, num_
         raise RowProblem("malformed entry", "choices is not an object")
     expected = [str(i) for i in range(num_choices)]
     if sorted(choices, key=lambda k: (len(k), k)) != expected:
-        raise RowProblem("wrong number of choices",
-                         f"choice keys {list(choices)}, expected {num_choices} keys 0..{num_choices - 1}")
+        raise RowProblem(
+            "wrong number of choices", f"choice keys {list(choices)}, expected {num_choices} keys 0..{num_choices - 1}"
+        )
     rows = []
     for k in expected:
         if not isinstance(choices[k], Mapping):
@@ -81,8 +81,15 @@ def parse_mcq_entry(key: str, entry: Any, num_choices: int, num_verbs: int, num_
     return MCQEntry(key, text, tuple(rows), answer, kind)
 
 
-def read_egomcq(json_path: str | os.PathLike, video_root: str | os.PathLike | None, num_choices: int,
-                num_verbs: int, num_nouns: int, rows: RowFilter, require_answer: bool = True) -> list[MCQEntry]:
+def read_egomcq(
+    json_path: str | os.PathLike,
+    video_root: str | os.PathLike | None,
+    num_choices: int,
+    num_verbs: int,
+    num_nouns: int,
+    rows: RowFilter,
+    require_answer: bool = True,
+) -> list[MCQEntry]:
     """Every valid entry, ordered by integer key; bad entries go to `rows` (raise or record, by JSON key). With
     `video_root`, every choice's video chunks must exist."""
     try:
@@ -126,46 +133,71 @@ class EgoMCQDataset(torch.utils.data.Dataset):
 
     MAX_TEXT_LENGTH = None
 
-    def __init__(self, json_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
-                 num_verbs: int = NUM_VERBS, num_nouns: int = NUM_NOUNS, strict: bool = True,
-                 backend: str = "auto", num_choices: int = 5, clip_reader: ClipReader | None = None,
-                 check_files: bool = True):
-        from egovlp_deploy.video import ClipLoader
+    def __init__(
+        self,
+        json_path: str | os.PathLike,
+        video_root: str | os.PathLike,
+        num_frames: int,
+        size: int,
+        num_verbs: int = NUM_VERBS,
+        num_nouns: int = NUM_NOUNS,
+        strict: bool = True,
+        backend: str = "auto",
+        num_choices: int = 5,
+        clip_reader: ClipReader | None = None,
+        check_files: bool = True,
+    ):
+        from egovlp_deploy.decoding import ClipLoader
 
         if num_frames < 1 or size < 1 or num_choices < 2:
-            raise ValueError(f"need num_frames, size >= 1 and num_choices >= 2, got {num_frames}, {size}, "
-                             f"{num_choices}")
+            raise ValueError(
+                f"need num_frames, size >= 1 and num_choices >= 2, got {num_frames}, {size}, {num_choices}"
+            )
         self.json_path, self.video_root = str(json_path), str(video_root)
         self.num_frames, self.size, self.num_choices, self.strict = num_frames, size, num_choices, strict
         rows = RowFilter(json_path, strict)
-        self.entries = read_egomcq(json_path, video_root if check_files else None, num_choices, num_verbs,
-                                   num_nouns, rows)
+        self.entries = read_egomcq(
+            json_path, video_root if check_files else None, num_choices, num_verbs, num_nouns, rows
+        )
         if not self.entries:
             raise rows.fail("all entries", f"no usable entry ({len(rows.skipped_rows)} skipped)")
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
         if clip_reader is None:
-            from egovlp_deploy.video import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
+            from egovlp_deploy.decoding import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
         self._read = clip_reader
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from egovlp_deploy.video import VideoReadError
+        from egovlp_deploy.decoding import VideoReadError
 
         entry = self.entries[index]
         videos = torch.zeros(self.num_choices, self.num_frames, 3, self.size, self.size)
         failed = 0
         for i, row in enumerate(entry.choices):
             try:
-                frames = self._loader.load(self._read, self.video_root, row.video_uid, row.start_sec, row.end_sec,
-                                           self.num_frames, "uniform", rng=None)
+                frames = self._loader.load(
+                    self._read,
+                    self.video_root,
+                    row.video_uid,
+                    row.start_sec,
+                    row.end_sec,
+                    self.num_frames,
+                    "uniform",
+                    rng=None,
+                )
             except VideoReadError as e:
-                raise DataError(self.json_path, f"key {entry.key!r}", f"choice {i}, video {row.video_uid}: {e}") \
-                    from e
+                raise DataError(self.json_path, f"key {entry.key!r}", f"choice {i}, video {row.video_uid}: {e}") from e
             videos[i], missed = clip_tensor(frames, self.num_frames, self.size)
             failed += missed
-        return {"text": entry.text, "videos": videos, "answer": entry.answer, "type": entry.type,
-                "key": entry.key, "load_failed": failed}
+        return {
+            "text": entry.text,
+            "videos": videos,
+            "answer": entry.answer,
+            "type": entry.type,
+            "key": entry.key,
+            "load_failed": failed,
+        }

@@ -29,13 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .egoclip import EpochSeededDataset, clip_tensor, item_seeds
 from .csv_rows import csv_records
+from .egoclip import EpochSeededDataset, clip_tensor, item_seeds
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
-EPIC_MAX_TEXT_LENGTH = 30   # the official trainer_epic pads/truncates captions to 30 tokens
-RELEVANCY_THRESHOLD = 0.1   # official self.relevancy: a sentence is a positive when relevancy > 0.1
+EPIC_MAX_TEXT_LENGTH = 30  # the official trainer_epic pads/truncates captions to 30 tokens
+RELEVANCY_THRESHOLD = 0.1  # official self.relevancy: a sentence is a positive when relevancy > 0.1
 
 EpicReader = Callable[..., torch.Tensor]
 
@@ -58,13 +58,26 @@ def epic_video_path(video_root: str | os.PathLike, participant_id: str, video_id
     return Path(video_root, participant_id, f"{video_id}.MP4")
 
 
-def read_epic_clip(path: str | os.PathLike, start_sec: float, stop_sec: float, num_frames: int, jitter: bool,
-                   rng: random.Random | None = None, backend: str = "auto") -> torch.Tensor:
+def read_epic_clip(
+    path: str | os.PathLike,
+    start_sec: float,
+    stop_sec: float,
+    num_frames: int,
+    jitter: bool,
+    rng: random.Random | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """One EK-100 segment -> uint8 (num_frames, H, W, 3), frames chosen as the official __getitem__ does.
 
     Raises VideoReadError for an unreadable file or frames outside the video (official: decord IndexError)."""
-    from egovlp_deploy.video import OUT_OF_RANGE, VideoReadError, epic_frame_indices, epic_frame_range, \
-        read_frames, video_timeline
+    from egovlp_deploy.decoding import (
+        OUT_OF_RANGE,
+        VideoReadError,
+        epic_frame_indices,
+        epic_frame_range,
+        read_frames,
+        video_timeline,
+    )
 
     timeline = video_timeline(path, backend=backend)
     if timeline.constant_rate:
@@ -84,8 +97,12 @@ def load_relevancy(path: str | os.PathLike) -> np.ndarray:
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise DataError(path, "file", f"not a readable .npy/.npz without pickle ({e}); convert the official .pkl "
-                                      "once as described in egovlp_deploy/data/epic.py") from e
+        raise DataError(
+            path,
+            "file",
+            f"not a readable .npy/.npz without pickle ({e}); convert the official .pkl "
+            "once as described in egovlp_deploy/data/epic.py",
+        ) from e
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             names = list(loaded.files)
@@ -115,8 +132,11 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
                 raise DataError(path, "line 1", f"expected a header with at least 2 columns, got {header}")
             for values in reader:
                 if len(values) < 2 or not values[0].strip() or not values[1].strip():
-                    raise DataError(path, f"line {reader.line_num}",
-                                    f"expected a narration id and a non-empty narration, got {values}")
+                    raise DataError(
+                        path,
+                        f"line {reader.line_num}",
+                        f"expected a narration id and a non-empty narration, got {values}",
+                    )
                 ids.append(values[0])
                 texts.append(values[1])
         except (csv.Error, UnicodeDecodeError) as e:
@@ -126,8 +146,9 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def read_epic_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | None,
-                   rows: RowFilter) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
+def read_epic_rows(
+    csv_path: str | os.PathLike, video_root: str | os.PathLike | None, rows: RowFilter
+) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
     """Valid rows as (line number, data-row index, fields) and the total number of data rows."""
     out = []
     files = FileCheck()
@@ -137,8 +158,11 @@ def read_epic_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | 
             start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
             stop = timestamp_seconds(fields["stop_timestamp"], "stop_timestamp")
             if stop <= start:
-                raise RowProblem("bad clip times", f"stop_timestamp {fields['stop_timestamp']} is not after "
-                                                   f"start_timestamp {fields['start_timestamp']}")
+                raise RowProblem(
+                    "bad clip times",
+                    f"stop_timestamp {fields['stop_timestamp']} is not after "
+                    f"start_timestamp {fields['start_timestamp']}",
+                )
             if not fields["narration"].strip():
                 raise RowProblem("empty narration", "narration is empty")
             for name in ("narration_id", "participant_id", "video_id"):
@@ -150,9 +174,20 @@ def read_epic_rows(csv_path: str | os.PathLike, video_root: str | os.PathLike | 
         except RowProblem as problem:
             rows.reject(line, problem)
             continue
-        out.append((line, position, {"narration_id": fields["narration_id"], "start": start, "stop": stop,
-                                     "participant_id": fields["participant_id"], "video_id": fields["video_id"],
-                                     "narration": fields["narration"]}))
+        out.append(
+            (
+                line,
+                position,
+                {
+                    "narration_id": fields["narration_id"],
+                    "start": start,
+                    "stop": stop,
+                    "participant_id": fields["participant_id"],
+                    "video_id": fields["video_id"],
+                    "narration": fields["narration"],
+                },
+            )
+        )
     return out, records.data_rows
 
 
@@ -173,11 +208,22 @@ class EpicMIRDataset(EpochSeededDataset):
 
     MAX_TEXT_LENGTH = EPIC_MAX_TEXT_LENGTH
 
-    def __init__(self, csv_path: str | os.PathLike, video_root: str | os.PathLike, num_frames: int, size: int,
-                 split: str = "test", sentence_csv: str | os.PathLike | None = None,
-                 relevancy_path: str | os.PathLike | None = None, strict: bool = True, backend: str = "auto",
-                 seed: int = 0, clip_reader: EpicReader | None = None, check_files: bool = True):
-        from egovlp_deploy.video import ClipLoader
+    def __init__(
+        self,
+        csv_path: str | os.PathLike,
+        video_root: str | os.PathLike,
+        num_frames: int,
+        size: int,
+        split: str = "test",
+        sentence_csv: str | os.PathLike | None = None,
+        relevancy_path: str | os.PathLike | None = None,
+        strict: bool = True,
+        backend: str = "auto",
+        seed: int = 0,
+        clip_reader: EpicReader | None = None,
+        check_files: bool = True,
+    ):
+        from egovlp_deploy.decoding import ClipLoader
 
         if num_frames < 1 or size < 1 or seed < 0:
             raise ValueError(f"need num_frames, size >= 1 and seed >= 0, got {num_frames}, {size}, {seed}")
@@ -185,8 +231,10 @@ class EpicMIRDataset(EpochSeededDataset):
         self.num_frames, self.size, self.split, self.strict, self.seed = num_frames, size, split, strict, seed
         self.train = split == "train"
         if self.train and (sentence_csv is None or relevancy_path is None):
-            raise ValueError("split 'train' samples captions from the sentence CSV by relevancy: pass sentence_csv "
-                             "and relevancy_path")
+            raise ValueError(
+                "split 'train' samples captions from the sentence CSV by relevancy: pass sentence_csv "
+                "and relevancy_path"
+            )
 
         rows = RowFilter(csv_path, strict)
         parsed, num_rows = read_epic_rows(csv_path, video_root if check_files else None, rows)
@@ -207,14 +255,14 @@ class EpicMIRDataset(EpochSeededDataset):
             self.relevancy = load_relevancy(relevancy_path)
             expected = (num_rows, len(self.sentences) if self.sentences is not None else self.relevancy.shape[1])
             if self.relevancy.shape != expected:
-                raise DataError(relevancy_path, "shape", f"{self.relevancy.shape}, expected (CSV data rows, "
-                                                         f"sentences) = {expected}")
+                raise DataError(
+                    relevancy_path, "shape", f"{self.relevancy.shape}, expected (CSV data rows, sentences) = {expected}"
+                )
 
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
         self._read = clip_reader or read_epic_clip  # ClipLoader passes backend=
         EpochSeededDataset.__init__(self)
-
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -227,12 +275,13 @@ class EpicMIRDataset(EpochSeededDataset):
         where = {nid: int(pos) for nid, pos in zip(self.narration_ids, self.row_indices)}
         missing = [s for s in self.sentence_ids if s not in where]
         if missing:
-            raise DataError(self.csv_path, "narration_id", f"{len(missing)} sentence ids have no (usable) row, "
-                                                           f"e.g. {missing[:3]}")
+            raise DataError(
+                self.csv_path, "narration_id", f"{len(missing)} sentence ids have no (usable) row, e.g. {missing[:3]}"
+            )
         return np.array([where[s] for s in self.sentence_ids], dtype=np.int64)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from egovlp_deploy.video import VideoReadError
+        from egovlp_deploy.decoding import VideoReadError
 
         row, position = self._rows[index], int(self.row_indices[index])
         s_text, s_frames, s_crop = item_seeds(self.seed, self.epoch, index, 3)
@@ -243,13 +292,25 @@ class EpicMIRDataset(EpochSeededDataset):
                 text_index = int(positives[random.Random(s_text).randrange(len(positives))])
                 text, relation = self.sentences[text_index], float(self.relevancy[position, text_index])
             else:
-                text_index = 0   # the official returns 0 here (not -1), and its training mask reads it
+                text_index = 0  # the official returns 0 here (not -1), and its training mask reads it
         try:
-            frames = self._loader.load(self._read, row["path"], row["start"], row["stop"], self.num_frames,
-                                       self.train, rng=random.Random(s_frames))
+            frames = self._loader.load(
+                self._read,
+                row["path"],
+                row["start"],
+                row["stop"],
+                self.num_frames,
+                self.train,
+                rng=random.Random(s_frames),
+            )
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {self._lines[index]}", f"video: {e}") from e
-        video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None,
-                                    variant="epic")
-        return {"video": video, "text": text, "relation": relation, "index": position, "text_index": text_index,
-                "load_failed": failed}
+        video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None, variant="epic")
+        return {
+            "video": video,
+            "text": text,
+            "relation": relation,
+            "index": position,
+            "text_index": text_index,
+            "load_failed": failed,
+        }

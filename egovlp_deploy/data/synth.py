@@ -9,9 +9,9 @@ skin-coloured hand, its arm entering from the bottom edge as in head-mounted foo
     rotate               the object spins a full turn (either way; the flip augmentation mirrors the direction anyway)
     open / close         a lid rises off / onto a box or jar; a book's covers spread / fold
 
-Every motion is vertical, a scale change or a spin, so the train transform's horizontal flip (official train transform) never turns a
-verb into another. Each motion runs monotonically over the whole clip, so any 4 frames sampled one per quarter
-(`sample_frames_start_end`) show its direction. The pairs pick up/put down, push/pull and open/close are
+Every motion is vertical, a scale change or a spin, so the train transform's horizontal flip (official train transform)
+never turns a verb into another. Each motion runs monotonically over the whole clip, so any 4 frames sampled one per
+quarter (`sample_frames_start_end`) show its direction. The pairs pick up/put down, push/pull and open/close are
 rendered as exact time reversals of each other and come back to back on the same object, so an intra-video EgoMCQ
 question whose choices hold both can only be answered from temporal order, as in the real benchmark.
 
@@ -53,28 +53,48 @@ from .synth_downstream import write_downstream
 
 GENERATOR = "egovlp-deploy synth"
 GENERATOR_VERSION = "1.1"
-COLUMNS = ("video_uid", "video_dur", "narration_source", "narration_ind", "narration_time", "clip_start", "clip_end",
-           "clip_text", "tag_verb", "tag_noun")
+COLUMNS = (
+    "video_uid",
+    "video_dur",
+    "narration_source",
+    "narration_ind",
+    "narration_time",
+    "clip_start",
+    "clip_end",
+    "clip_text",
+    "tag_verb",
+    "tag_noun",
+)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 SPLITS = {"train": 0, "eval": 1}  # split id in each video's seed
 
-# 240 training videos: with 48 the tiny model memorised the 480 clips and stalled near 55% inter-video accuracy on
-# held-out videos; with 240 it passed 90% in the same number of steps (dual EgoNCE, measured).
+# 240 training videos: with far fewer, the tiny model memorises the training clips and stalls on held-out videos
+# (TRAINING_LOG.md).
 DEFAULTS = dict(train_videos=240, eval_videos=12, clips_per_video=10, fps=30, size=64, clip_seconds=2.0)
 
 # --- appearance (all geometry is in "world units": pixels of a 64x64 frame, scaled to --size) -----------------------
 WORLD = 64.0
 SUPERSAMPLE = 2  # render at 2x and average: smooth edges and sub-pixel motion, so frames change every step
 COLOUR_RGB = {  # saturated and far apart; none near the skin tone or the dull backgrounds
-    "red": (220, 35, 35), "green": (40, 180, 50), "blue": (35, 75, 235), "yellow": (245, 220, 40),
-    "white": (245, 245, 245), "orange": (250, 135, 20), "purple": (150, 45, 205), "cyan": (40, 215, 225),
+    "red": (220, 35, 35),
+    "green": (40, 180, 50),
+    "blue": (35, 75, 235),
+    "yellow": (245, 220, 40),
+    "white": (245, 245, 245),
+    "orange": (250, 135, 20),
+    "purple": (150, 45, 205),
+    "cyan": (40, 215, 225),
 }
 SKIN, ARM = (236, 188, 160), (214, 160, 128)
 INTERIOR = (30, 26, 26)  # inside of an opened box or jar
 DARK = 0.6  # handles, caps, spines: the object's colour darkened, so colour lookup still finds the whole object
 BACKGROUNDS = {  # scene -> base RGB (dull, mid-dark: saturated objects stand out at 32 px)
-    "kitchen": (104, 106, 112), "table": (110, 78, 50), "desk": (62, 70, 86),
-    "counter": (82, 88, 72), "shelf": (60, 50, 42), "workbench": (92, 98, 106),
+    "kitchen": (104, 106, 112),
+    "table": (110, 78, 50),
+    "desk": (62, 70, 86),
+    "counter": (82, 88, 72),
+    "shelf": (60, 50, 42),
+    "workbench": (92, 98, 106),
 }
 OBJECT_SCALE = 1.15  # shapes below are drawn 1.15x: objects span 14-25 px of the 64 px frame (7-12 px at 32)
 ARM_HALF_WIDTH, HAND_RADII = 3.2, (5.0, 3.6)
@@ -123,8 +143,7 @@ class VideoPlan:
         return last.start + last.frames
 
 
-def plan_video(uid: str, rng: np.random.Generator, clips: int, fps: int, size: int,
-               clip_seconds: float) -> VideoPlan:
+def plan_video(uid: str, rng: np.random.Generator, clips: int, fps: int, size: int, clip_seconds: float) -> VideoPlan:
     """Draw a scene (background, 2-3 objects of distinct colours and nouns) and `clips` actions on its objects.
 
     Actions come as episodes: a verb pair on one object back to back (pick up then put down, ...) or one rotation,
@@ -135,8 +154,15 @@ def plan_video(uid: str, rng: np.random.Generator, clips: int, fps: int, size: i
     colours = [str(c) for c in rng.choice(vocab.COLOURS, n, replace=False)]
     nouns = [str(c) for c in rng.choice(vocab.NOUNS, n, replace=False)]
     spacing = SLOT_SPACING[n]
-    objects = tuple(SceneObject(colours[k], nouns[k], WORLD / 2 + (k - (n - 1) / 2) * spacing
-                                + float(rng.uniform(-2, 2)), float(rng.uniform(*HOME_Y))) for k in range(n))
+    objects = tuple(
+        SceneObject(
+            colours[k],
+            nouns[k],
+            WORLD / 2 + (k - (n - 1) / 2) * spacing + float(rng.uniform(-2, 2)),
+            float(rng.uniform(*HOME_Y)),
+        )
+        for k in range(n)
+    )
 
     def fresh_pool() -> list[tuple[int, tuple[str, ...]]]:
         pool = [(k, ep) for k, o in enumerate(objects) for ep in EPISODES if ep[0] in vocab.verbs_for(o.noun)]
@@ -208,16 +234,21 @@ def _parts(noun: str, u, v, opened: float) -> list[tuple[np.ndarray, str]]:
         parts = [(_rect(u, v, -8, 8, -5, 8), "body")]
         if opened > 0:
             parts.append((_rect(u, v, -7, 7, -5, -5 + 3.5 * opened), "interior"))
-        return parts + [(_rect(u, v, -9, 9, -9 + lid, -5 + lid), "body"),
-                        (_rect(u, v, -9, 9, -6 + lid, -5 + lid), "dark")]
+        return parts + [
+            (_rect(u, v, -9, 9, -9 + lid, -5 + lid), "body"),
+            (_rect(u, v, -9, 9, -6 + lid, -5 + lid), "dark"),
+        ]
     if noun == "bottle":  # tall: body, rounded shoulder, neck, dark cap
         body = _rect(u, v, -4.5, 4.5, -3, 10) | _ellipse(u, v, 0, -3, 4.5, 2.5) | _rect(u, v, -2.2, 2.2, -9, -3)
         return [(body, "body"), (_rect(u, v, -2.6, 2.6, -11, -8.5), "dark")]
     if noun == "plate":  # flat and wide, a dark well
         return [(_ellipse(u, v, 0, 0, 11, 4), "body"), (_ellipse(u, v, 0, -0.5, 6.5, 1.8), "dark")]
     if noun == "pan":  # disc with a dark inside and a long dark handle
-        return [(_ellipse(u, v, -3, 0, 7.5, 7.5), "body"), (_ellipse(u, v, -3, 0, 4.5, 4.5), "dark"),
-                (_rect(u, v, 4.5, 13, -1.5, 1.5), "dark")]
+        return [
+            (_ellipse(u, v, -3, 0, 7.5, 7.5), "body"),
+            (_ellipse(u, v, -3, 0, 4.5, 4.5), "dark"),
+            (_rect(u, v, 4.5, 13, -1.5, 1.5), "dark"),
+        ]
     if noun == "book":  # covers spread from half width 6 to 12; the spine slides from the edge to the middle
         half = 6 + 6 * opened
         spine = -half + half * opened
@@ -227,8 +258,10 @@ def _parts(noun: str, u, v, opened: float) -> list[tuple[np.ndarray, str]]:
         parts = [(_ellipse(u, v, 0, 1.5, 7, 8), "body")]
         if opened > 0:
             parts.append((_ellipse(u, v, 0, -5.5, 5, 0.5 + 1.5 * opened), "interior"))
-        return parts + [(_rect(u, v, -5.5, 5.5, -9.5 + cap, -5.5 + cap), "body"),
-                        (_rect(u, v, -5.5, 5.5, -6.5 + cap, -5.5 + cap), "dark")]
+        return parts + [
+            (_rect(u, v, -5.5, 5.5, -9.5 + cap, -5.5 + cap), "body"),
+            (_rect(u, v, -5.5, 5.5, -6.5 + cap, -5.5 + cap), "dark"),
+        ]
     raise ValueError(f"no shape for noun {noun!r}")
 
 
@@ -289,7 +322,7 @@ class _Canvas:
 
     def frame(self) -> np.ndarray:
         s, rgb = SUPERSAMPLE, self.rgb
-        total = sum(rgb[i::s, j::s] for i in range(s) for j in range(s))  # box filter; 5x faster than .mean(axes)
+        total = sum(rgb[i::s, j::s] for i in range(s) for j in range(s))  # box filter; cheaper than .mean(axes)
         return np.rint(total * (1.0 / (s * s))).clip(0, 255).astype(np.uint8)
 
 
@@ -353,10 +386,13 @@ def encode_video(frames, path: Path, fps: int, size: int, codec: str) -> int:
         stream.width, stream.height, stream.pix_fmt = size, size, "yuv420p"
         if codec == "libx264":
             # crf 16: flat colours survive 4:2:0 at 64 px; 1 thread and no B-frames keep the output deterministic;
-            # every frame a keyframe, so a random 4-frame read decodes 4 frames instead of up to 4 GOPs (the
-            # trainer's data loading was dominated by those decodes)
-            stream.options = {"crf": "16", "preset": "veryfast",
-                              "x264-params": "keyint=1:min-keyint=1:scenecut=0:bframes=0:threads=1"}
+            # every frame a keyframe, so a random 4-frame read decodes 4 frames instead of up to 4 GOPs (those
+            # decodes would dominate the trainer's data loading)
+            stream.options = {
+                "crf": "16",
+                "preset": "veryfast",
+                "x264-params": "keyint=1:min-keyint=1:scenecut=0:bframes=0:threads=1",
+            }
         else:
             stream.gop_size = 1
             stream.options = {"qscale": "2"}
@@ -393,12 +429,20 @@ def clip_rows(plan: VideoPlan) -> list[dict]:
     for i, a in enumerate(plan.actions):
         obj = plan.objects[a.obj]
         start, end = _sec(a.start + margin, plan.fps), _sec(a.start + a.frames - 1 - margin, plan.fps)
-        rows.append({
-            "video_uid": plan.uid, "video_dur": dur, "narration_source": SOURCE, "narration_ind": i,
-            "narration_time": round((start + end) / 2, 4), "clip_start": start, "clip_end": end,
-            "clip_text": vocab.narration(a.verb, obj.colour, obj.noun),
-            "tag_verb": str([list(vocab.VERBS).index(a.verb)]), "tag_noun": str([vocab.noun_class(obj.colour, obj.noun)]),
-        })
+        rows.append(
+            {
+                "video_uid": plan.uid,
+                "video_dur": dur,
+                "narration_source": SOURCE,
+                "narration_ind": i,
+                "narration_time": round((start + end) / 2, 4),
+                "clip_start": start,
+                "clip_end": end,
+                "clip_text": vocab.narration(a.verb, obj.colour, obj.noun),
+                "tag_verb": str([list(vocab.VERBS).index(a.verb)]),
+                "tag_noun": str([vocab.noun_class(obj.colour, obj.noun)]),
+            }
+        )
     return rows
 
 
@@ -410,8 +454,9 @@ def _row_verb(row: dict) -> str:
     return list(vocab.VERBS)[int(row["tag_verb"][1:-1])]
 
 
-def build_mcq(videos: list[list[dict]], rng: np.random.Generator,
-              shown: list[set[str]] | None = None) -> dict[str, dict]:
+def build_mcq(
+    videos: list[list[dict]], rng: np.random.Generator, shown: list[set[str]] | None = None
+) -> dict[str, dict]:
     """EgoMCQ questions over held-out videos (a list of each video's rows; `shown`: each video's visible objects as
     'colour noun', default the acted ones).
 
@@ -428,8 +473,12 @@ def build_mcq(videos: list[list[dict]], rng: np.random.Generator,
         at = int(rng.integers(5))
         choices = [distractors[i] for i in rng.permutation(4)]
         choices.insert(at, answer)
-        questions[str(len(questions))] = {"types": kind, "query": dict(answer),
-                                          "choices": {str(i): dict(c) for i, c in enumerate(choices)}, "answer": at}
+        questions[str(len(questions))] = {
+            "types": kind,
+            "query": dict(answer),
+            "choices": {str(i): dict(c) for i, c in enumerate(choices)},
+            "answer": at,
+        }
 
     objects = shown if shown is not None else [{_row_object(r) for r in rows} for rows in videos]
     for v, rows in enumerate(videos):
@@ -504,23 +553,54 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
     if out.is_dir() and any(out.iterdir()) and not force:
         raise ValueError(f"{out}: not empty (pass --force to replace it)")
     t0 = time.perf_counter()
-    plans = {split: [plan_video(f"synth_{split}_{i:04d}", np.random.default_rng([seed, sid, i]),
-                                sizes["clips_per_video"], sizes["fps"], sizes["size"], sizes["clip_seconds"])
-                     for i in range(sizes[f"{split}_videos"])] for split, sid in SPLITS.items()}
+    plans = {
+        split: [
+            plan_video(
+                f"synth_{split}_{i:04d}",
+                np.random.default_rng([seed, sid, i]),
+                sizes["clips_per_video"],
+                sizes["fps"],
+                sizes["size"],
+                sizes["clip_seconds"],
+            )
+            for i in range(sizes[f"{split}_videos"])
+        ]
+        for split, sid in SPLITS.items()
+    }
     rows = {split: [clip_rows(p) for p in ps] for split, ps in plans.items()}
-    mcq = build_mcq(rows["eval"], np.random.default_rng([seed, 2]),
-                    [{f"{o.colour} {o.noun}" for o in p.objects} for p in plans["eval"]])
+    mcq = build_mcq(
+        rows["eval"],
+        np.random.default_rng([seed, 2]),
+        [{f"{o.colour} {o.noun}" for o in p.objects} for p in plans["eval"]],
+    )
     codec = _codec()
-    counts = {"train_videos": len(plans["train"]), "eval_videos": len(plans["eval"]),
-              "train_clips": sum(map(len, rows["train"])), "eval_clips": sum(map(len, rows["eval"])),
-              "mcq_questions": len(mcq), "mcq_inter": sum(q["types"] == 1 for q in mcq.values()),
-              "mcq_intra": sum(q["types"] == 2 for q in mcq.values())}
-    meta = {"generator": GENERATOR, "version": GENERATOR_VERSION, "seed": seed,
-            "verbs": list(vocab.VERBS), "nouns": vocab.noun_classes(), "colours": list(vocab.COLOURS),
-            "scenes": list(vocab.SCENES), "num_verbs": len(vocab.VERBS), "num_nouns": len(vocab.noun_classes()),
-            "opposite_verbs": vocab.OPPOSITE, "fps": sizes["fps"], "size": sizes["size"],
-            "clip_seconds": sizes["clip_seconds"], "codec": codec, "counts": counts,
-            "splits": {split: [p.uid for p in ps] for split, ps in plans.items()}}
+    counts = {
+        "train_videos": len(plans["train"]),
+        "eval_videos": len(plans["eval"]),
+        "train_clips": sum(map(len, rows["train"])),
+        "eval_clips": sum(map(len, rows["eval"])),
+        "mcq_questions": len(mcq),
+        "mcq_inter": sum(q["types"] == 1 for q in mcq.values()),
+        "mcq_intra": sum(q["types"] == 2 for q in mcq.values()),
+    }
+    meta = {
+        "generator": GENERATOR,
+        "version": GENERATOR_VERSION,
+        "seed": seed,
+        "verbs": list(vocab.VERBS),
+        "nouns": vocab.noun_classes(),
+        "colours": list(vocab.COLOURS),
+        "scenes": list(vocab.SCENES),
+        "num_verbs": len(vocab.VERBS),
+        "num_nouns": len(vocab.noun_classes()),
+        "opposite_verbs": vocab.OPPOSITE,
+        "fps": sizes["fps"],
+        "size": sizes["size"],
+        "clip_seconds": sizes["clip_seconds"],
+        "codec": codec,
+        "counts": counts,
+        "splits": {split: [p.uid for p in ps] for split, ps in plans.items()},
+    }
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -530,7 +610,7 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
             (tmp / "videos" / p.uid).mkdir(parents=True)
             jobs.append((p, str(tmp / "videos" / p.uid / "0.mp4"), codec))
         if workers > 1:
-            # fork: the children need only numpy and av, and re-importing the package (torch) costs ~2 s each
+            # fork: the children need only numpy and av, and re-importing the package (torch) costs seconds each
             context = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
             with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 frames = sum(pool.map(_render_one, jobs, chunksize=4))
@@ -540,14 +620,25 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
         (tmp / "egoclip_eval.csv").write_text(_csv_text([r for rs in rows["eval"] for r in rs]))
         (tmp / "egomcq.json").write_text(json.dumps(mcq, indent=1) + "\n")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        downstream = write_downstream(tmp, rows, {p.uid: (p.scene, [o.noun for o in p.objects])
-                                                  for ps in plans.values() for p in ps}, sizes["fps"])
+        downstream = write_downstream(
+            tmp,
+            rows,
+            {p.uid: (p.scene, [o.noun for o in p.objects]) for ps in plans.values() for p in ps},
+            sizes["fps"],
+        )
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out": str(out), "seed": seed, **counts, **downstream, "frames": frames, "codec": codec,
-            "seconds": round(time.perf_counter() - t0, 2)}
+    return {
+        "out": str(out),
+        "seed": seed,
+        **counts,
+        **downstream,
+        "frames": frames,
+        "codec": codec,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -569,37 +660,73 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     sizes = parser.add_argument_group("sizes (defaults fit a 10-minute CPU training run of the tiny model)")
-    sizes.add_argument("--train-videos", type=int, default=DEFAULTS["train_videos"], metavar="N",
-                       help=f"training scene-videos (default: {DEFAULTS['train_videos']})")
-    sizes.add_argument("--eval-videos", type=int, default=DEFAULTS["eval_videos"], metavar="N",
-                       help=f"held-out scene-videos for EgoMCQ, at least 2 (default: {DEFAULTS['eval_videos']})")
-    sizes.add_argument("--clips-per-video", type=int, default=DEFAULTS["clips_per_video"], metavar="N",
-                       help=f"narrated clips per video; intra questions need at least 5 (default: "
-                            f"{DEFAULTS['clips_per_video']})")
-    sizes.add_argument("--clip-seconds", type=float, default=DEFAULTS["clip_seconds"], metavar="S",
-                       help=f"mean clip length, each drawn within +-15%% (default: {DEFAULTS['clip_seconds']})")
+    sizes.add_argument(
+        "--train-videos",
+        type=int,
+        default=DEFAULTS["train_videos"],
+        metavar="N",
+        help=f"training scene-videos (default: {DEFAULTS['train_videos']})",
+    )
+    sizes.add_argument(
+        "--eval-videos",
+        type=int,
+        default=DEFAULTS["eval_videos"],
+        metavar="N",
+        help=f"held-out scene-videos for EgoMCQ, at least 2 (default: {DEFAULTS['eval_videos']})",
+    )
+    sizes.add_argument(
+        "--clips-per-video",
+        type=int,
+        default=DEFAULTS["clips_per_video"],
+        metavar="N",
+        help=f"narrated clips per video; intra questions need at least 5 (default: {DEFAULTS['clips_per_video']})",
+    )
+    sizes.add_argument(
+        "--clip-seconds",
+        type=float,
+        default=DEFAULTS["clip_seconds"],
+        metavar="S",
+        help=f"mean clip length, each drawn within +-15%% (default: {DEFAULTS['clip_seconds']})",
+    )
     render = parser.add_argument_group("rendering")
-    render.add_argument("--fps", type=int, default=DEFAULTS["fps"],
-                        help=f"frames per second (default: {DEFAULTS['fps']}, the rate EgoClip assumes)")
-    render.add_argument("--size", type=int, default=DEFAULTS["size"], metavar="PX",
-                        help=f"frame width and height, even (default: {DEFAULTS['size']}; the tiny model "
-                             f"resizes to 32)")
-    render.add_argument("--workers", type=int, default=DEFAULT_WORKERS, metavar="N",
-                        help=f"processes rendering videos in parallel; the output is byte-identical for any N "
-                             f"(default: {DEFAULT_WORKERS}, this machine's cores up to 4)")
+    render.add_argument(
+        "--fps",
+        type=int,
+        default=DEFAULTS["fps"],
+        help=f"frames per second (default: {DEFAULTS['fps']}, the rate EgoClip assumes)",
+    )
+    render.add_argument(
+        "--size",
+        type=int,
+        default=DEFAULTS["size"],
+        metavar="PX",
+        help=f"frame width and height, even (default: {DEFAULTS['size']}; the tiny model resizes to 32)",
+    )
+    render.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help=f"processes rendering videos in parallel; the output is byte-identical for any N "
+        f"(default: {DEFAULT_WORKERS}, this machine's cores up to 4)",
+    )
     return parser
 
 
-DESCRIPTION = ("Render the built-in synthetic egocentric dataset: scene-videos of a hand picking up, putting down, "
-               "pushing, pulling, rotating, opening and closing coloured objects, with EgoClip-format narrations "
-               "(egoclip.csv, TAB-separated) and EgoMCQ questions (egomcq.json) built only from held-out videos, "
-               "plus EK-100 MIR (epic/) and Charades-Ego (charades/) files of the same clips in the official formats, "
-               "their test split from the held-out videos. Same seed, same bytes.")
-EPILOG = ("Layout: OUT/videos/<video_uid>/0.mp4, OUT/egoclip.csv (train), OUT/egoclip_eval.csv (held-out clips), "
-          "OUT/egomcq.json (held-out), OUT/meta.json (class lists, sizes, seed, version), "
-          "OUT/epic/EPIC_100_retrieval_{train,test}[_sentence].csv + relevancy/*.npy + videos/<participant>/<id>.MP4, "
-          "OUT/charades/CharadesEgo_v1_{train,test}_only1st.csv + metadata_train.csv + Charades_v1_classes.txt + "
-          "videos/<id>.mp4 (videos are symlinks into OUT/videos).")
+DESCRIPTION = (
+    "Render the built-in synthetic egocentric dataset: scene-videos of a hand picking up, putting down, "
+    "pushing, pulling, rotating, opening and closing coloured objects, with EgoClip-format narrations "
+    "(egoclip.csv, TAB-separated) and EgoMCQ questions (egomcq.json) built only from held-out videos, "
+    "plus EK-100 MIR (epic/) and Charades-Ego (charades/) files of the same clips in the official formats, "
+    "their test split from the held-out videos. Same seed, same bytes."
+)
+EPILOG = (
+    "Layout: OUT/videos/<video_uid>/0.mp4, OUT/egoclip.csv (train), OUT/egoclip_eval.csv (held-out clips), "
+    "OUT/egomcq.json (held-out), OUT/meta.json (class lists, sizes, seed, version), "
+    "OUT/epic/EPIC_100_retrieval_{train,test}[_sentence].csv + relevancy/*.npy + videos/<participant>/<id>.MP4, "
+    "OUT/charades/CharadesEgo_v1_{train,test}_only1st.csv + metadata_train.csv + Charades_v1_classes.txt + "
+    "videos/<id>.mp4 (videos are symlinks into OUT/videos)."
+)
 
 
 def build_parser(prog: str = "egovlp-deploy synth") -> argparse.ArgumentParser:
@@ -609,21 +736,31 @@ def build_parser(prog: str = "egovlp-deploy synth") -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Generate from parsed `add_arguments` options; prints a summary; 0 on success, 2 on a named error."""
     try:
-        summary = generate(args.out, args.seed, force=args.force, workers=max(1, args.workers),
-                           train_videos=args.train_videos, eval_videos=args.eval_videos,
-                           clips_per_video=args.clips_per_video, clip_seconds=args.clip_seconds,
-                           fps=args.fps, size=args.size)
+        summary = generate(
+            args.out,
+            args.seed,
+            force=args.force,
+            workers=max(1, args.workers),
+            train_videos=args.train_videos,
+            eval_videos=args.eval_videos,
+            clips_per_video=args.clips_per_video,
+            clip_seconds=args.clip_seconds,
+            fps=args.fps,
+            size=args.size,
+        )
     except (ValueError, OSError) as exc:
         print(f"egovlp-deploy synth: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"wrote {summary['out']}: {summary['train_videos']} train videos ({summary['train_clips']} clips), "
-              f"{summary['eval_videos']} held-out videos ({summary['eval_clips']} clips), EgoMCQ "
-              f"{summary['mcq_inter']} inter + {summary['mcq_intra']} intra, {summary['frames']} frames "
-              f"({summary['codec']}) in {summary['seconds']} s; EK-100 MIR test {summary['epic_test_rows']} clips / "
-              f"{summary['epic_test_sentences']} sentences, Charades-Ego {summary['charades_classes']} classes")
+        print(
+            f"wrote {summary['out']}: {summary['train_videos']} train videos ({summary['train_clips']} clips), "
+            f"{summary['eval_videos']} held-out videos ({summary['eval_clips']} clips), EgoMCQ "
+            f"{summary['mcq_inter']} inter + {summary['mcq_intra']} intra, {summary['frames']} frames "
+            f"({summary['codec']}) in {summary['seconds']} s; EK-100 MIR test {summary['epic_test_rows']} clips / "
+            f"{summary['epic_test_sentences']} sentences, Charades-Ego {summary['charades_classes']} classes"
+        )
     return 0
 
 

@@ -44,11 +44,36 @@ import numpy as np
 from .. import vocabulary as vocab
 
 EPIC_DIR, CHARADES_DIR = "epic", "charades"
-EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
-                "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class",
-                "all_nouns", "all_noun_classes")
-CHARADES_COLUMNS = ("id", "subject", "scene", "quality", "relevance", "verified", "script", "objects", "descriptions",
-                    "actions", "length")
+EPIC_COLUMNS = (
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
+)
+CHARADES_COLUMNS = (
+    "id",
+    "subject",
+    "scene",
+    "quality",
+    "relevance",
+    "verified",
+    "script",
+    "objects",
+    "descriptions",
+    "actions",
+    "length",
+)
 EPIC_SPLITS = {"train": "train", "eval": "test"}  # synthetic split -> EK-100 / Charades-Ego split name
 PARTICIPANT = {"train": "synth_train", "eval": "synth_eval"}  # participant_id: the video folder of each split
 NARRATION_PREFIX = "#C C "
@@ -89,7 +114,7 @@ def _clip_labels(row: dict) -> tuple[str, str, int, str, int]:
     noun_class = int(row["tag_noun"][1:-1])
     narration = row["clip_text"]
     if narration.startswith(NARRATION_PREFIX):
-        narration = narration[len(NARRATION_PREFIX):]
+        narration = narration[len(NARRATION_PREFIX) :]
     return narration, list(vocab.VERBS)[verb_class], verb_class, vocab.noun_classes()[noun_class], noun_class
 
 
@@ -103,14 +128,25 @@ def epic_rows(videos: list[list[dict]], split: str, fps: int) -> list[dict]:
             narration, verb, verb_class, noun, noun_class = _clip_labels(row)
             start = epic_timestamp(float(row["clip_start"]), up=True)
             stop = epic_timestamp(float(row["clip_end"]), up=False)
-            out.append({
-                "narration_id": f"{uid}_{row['narration_ind']}", "participant_id": PARTICIPANT[split],
-                "video_id": uid, "narration_timestamp": epic_timestamp(float(row["narration_time"]), up=False),
-                "start_timestamp": start, "stop_timestamp": stop,
-                "start_frame": round(_seconds(start) * fps), "stop_frame": round(_seconds(stop) * fps),
-                "narration": narration, "verb": verb, "verb_class": verb_class, "noun": noun,
-                "noun_class": noun_class, "all_nouns": str([noun]), "all_noun_classes": str([noun_class]),
-            })
+            out.append(
+                {
+                    "narration_id": f"{uid}_{row['narration_ind']}",
+                    "participant_id": PARTICIPANT[split],
+                    "video_id": uid,
+                    "narration_timestamp": epic_timestamp(float(row["narration_time"]), up=False),
+                    "start_timestamp": start,
+                    "stop_timestamp": stop,
+                    "start_frame": round(_seconds(start) * fps),
+                    "stop_frame": round(_seconds(stop) * fps),
+                    "narration": narration,
+                    "verb": verb,
+                    "verb_class": verb_class,
+                    "noun": noun,
+                    "noun_class": noun_class,
+                    "all_nouns": str([noun]),
+                    "all_noun_classes": str([noun_class]),
+                }
+            )
     return out
 
 
@@ -119,8 +155,15 @@ def epic_sentences(rows: list[dict]) -> list[dict]:
     seen: dict[str, dict] = {}
     for row in rows:
         seen.setdefault(row["narration"], row)
-    return [{"narration_id": r["narration_id"], "narration": r["narration"], "verb_class": r["verb_class"],
-             "noun_class": r["noun_class"]} for r in seen.values()]
+    return [
+        {
+            "narration_id": r["narration_id"],
+            "narration": r["narration"],
+            "verb_class": r["verb_class"],
+            "noun_class": r["noun_class"],
+        }
+        for r in seen.values()
+    ]
 
 
 def epic_relevancy(rows: list[dict], sentences: list[dict]) -> np.ndarray:
@@ -160,9 +203,11 @@ def write_epic(out: Path, videos: dict[str, list[list[dict]]], fps: int) -> dict
         sentences = epic_sentences(rows)
         (root / f"EPIC_100_retrieval_{name}.csv").write_text(_csv_text(rows, EPIC_COLUMNS))
         (root / f"EPIC_100_retrieval_{name}_sentence.csv").write_text(
-            _csv_text(sentences, ("narration_id", "narration")))
-        np.save(root / "relevancy" / f"caption_relevancy_EPIC_100_retrieval_{name}.npy",
-                epic_relevancy(rows, sentences))
+            _csv_text(sentences, ("narration_id", "narration"))
+        )
+        np.save(
+            root / "relevancy" / f"caption_relevancy_EPIC_100_retrieval_{name}.npy", epic_relevancy(rows, sentences)
+        )
         for clips in videos[split]:
             uid = clips[0]["video_uid"]
             _link(out / "videos" / uid / "0.mp4", root / "videos" / PARTICIPANT[split] / f"{uid}.MP4")
@@ -190,9 +235,21 @@ def charades_rows(videos: list[list[dict]], scenes: dict[str, tuple[str, list[st
             script.append(narration)
         scene, nouns = scenes[uid]
         text = ". ".join(script) + "."
-        out.append({"id": uid, "subject": "synth", "scene": scene, "quality": 7, "relevance": 7, "verified": "Yes",
-                    "script": text, "objects": ";".join(nouns), "descriptions": text, "actions": ";".join(actions),
-                    "length": f"{float(clips[0]['video_dur']):.2f}"})
+        out.append(
+            {
+                "id": uid,
+                "subject": "synth",
+                "scene": scene,
+                "quality": 7,
+                "relevance": 7,
+                "verified": "Yes",
+                "script": text,
+                "objects": ";".join(nouns),
+                "descriptions": text,
+                "actions": ";".join(actions),
+                "length": f"{float(clips[0]['video_dur']):.2f}",
+            }
+        )
     return out
 
 
@@ -209,14 +266,16 @@ def charades_metadata_train(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_charades(out: Path, videos: dict[str, list[list[dict]]],
-                   scenes: dict[str, tuple[str, list[str]]]) -> dict[str, int]:
+def write_charades(
+    out: Path, videos: dict[str, list[list[dict]]], scenes: dict[str, tuple[str, list[str]]]
+) -> dict[str, int]:
     """The Charades-Ego files of both splits under out/charades; `videos`: split -> each video's EgoClip rows."""
     root = out / CHARADES_DIR
     root.mkdir(parents=True)
     classes = charades_classes()
     (root / "Charades_v1_classes.txt").write_text(
-        "".join(f"c{k:03d} {charades_class_name(v, n)}\n" for k, (v, n) in enumerate(classes)))
+        "".join(f"c{k:03d} {charades_class_name(v, n)}\n" for k, (v, n) in enumerate(classes))
+    )
     counts = {"charades_classes": len(classes)}
     for split, name in EPIC_SPLITS.items():
         rows = charades_rows(videos[split], scenes)
@@ -229,8 +288,9 @@ def write_charades(out: Path, videos: dict[str, list[list[dict]]],
     return counts
 
 
-def write_downstream(out: Path, videos: dict[str, list[list[dict]]],
-                     scenes: dict[str, tuple[str, list[str]]], fps: int) -> dict[str, int]:
+def write_downstream(
+    out: Path, videos: dict[str, list[list[dict]]], scenes: dict[str, tuple[str, list[str]]], fps: int
+) -> dict[str, int]:
     """Write the EK-100 MIR and Charades-Ego files into `out`, whose videos/ already holds the scene-videos.
 
     videos: 'train' / 'eval' -> each scene-video's EgoClip rows; scenes: uid -> (scene name, visible nouns).

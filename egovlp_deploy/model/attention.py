@@ -16,6 +16,7 @@ Shapes: B batch, h heads, d head dim, F frames, N patches per frame, T = 1 + F*N
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as nnf
@@ -23,15 +24,20 @@ import torch.utils.checkpoint
 
 from ..config import check_attention_backend
 
+if TYPE_CHECKING:
+    from typing import Any
 
-def run_layer(layer: torch.nn.Module, *args, checkpoint: bool = False, **kwargs):
+
+def run_layer(layer: torch.nn.Module, *args: Any, checkpoint: bool = False, **kwargs: Any) -> torch.Tensor:
     """Call a transformer layer, recomputing its activations in backward when `checkpoint` (saves memory)."""
     if checkpoint and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False, **kwargs)
     return layer(*args, **kwargs)
 
 
-def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None):
+def softmax_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """softmax(q k^T + bias) v over the last two dims; q is already scaled (as in the official VarAttention)."""
     scores = q @ k.transpose(-2, -1)
     if bias is not None:
@@ -43,13 +49,15 @@ class MultiHeadAttentionCore(torch.nn.Module):
     """`multihead_attention` as a parameter-free module, so compute accounting can attribute its MACs by name.
     `attention_backend` is set by `EgoVLPv2.set_attention_backend`."""
 
-    def __init__(self, heads: int, scale: float):
+    def __init__(self, heads: int, scale: float) -> None:
         super().__init__()
         self.heads = heads
         self.scale = scale
         self.attention_backend = "reference"
 
-    def forward(self, q, k, v, bias=None):
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return multihead_attention(q, k, v, self.heads, self.scale, bias, self.attention_backend)
 
 
@@ -74,7 +82,7 @@ def divided_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_fra
     if mode not in ("time", "space"):
         raise ValueError(f"mode must be 'time' or 'space', got {mode!r}")
     q_, k_, v_ = grouped(q), grouped(k), grouped(v)
-    groups, size = q_.shape[2], q_.shape[3]
+    groups = q_.shape[2]
     # Every group also sees the CLS key/value, prepended as in the official code.
     cls_k = k[:, :, :1].unsqueeze(2).expand(B, h, groups, 1, d)
     cls_v = v[:, :, :1].unsqueeze(2).expand(B, h, groups, 1, d)
@@ -102,7 +110,9 @@ def extended_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) ->
     return (1.0 - mask) * torch.finfo(dtype).min
 
 
-def divided_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, mode: str):
+def divided_attention_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_frames: int, mode: str
+) -> torch.Tensor:
     """`divided_attention` through torch SDPA: the same rearranges and CLS repeat, q already scaled (scale=1)."""
     if mode not in ("time", "space"):
         raise ValueError(f"mode must be 'time' or 'space', got {mode!r}")
@@ -122,7 +132,9 @@ def divided_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, nu
     # groups folded into the heads axis, not the batch: SDPA's CUDA kernels cap batch and heads at 65,535 each
     # (pytorch #146704), and B*h*N reaches that at B = 28 clips
     out = nnf.scaled_dot_product_attention(
-        q_.reshape(B, h * G, size, d), k_.reshape(B, h * G, size + 1, d), v_.reshape(B, h * G, size + 1, d),
+        q_.reshape(B, h * G, size, d),
+        k_.reshape(B, h * G, size + 1, d),
+        v_.reshape(B, h * G, size + 1, d),
         scale=1.0,
     ).view(B, h, G, size, d)
     if mode == "time":
@@ -152,13 +164,16 @@ def resolve_backend(backend: str, *tensors: torch.Tensor, dropout: float = 0.0) 
         if needs_grad or dropout > 0:
             return "reference"
         if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and tensors[0].device.type != "meta":
-            raise ValueError("attention_backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, "
-                             "for tests); use 'auto', 'reference' or 'sdpa' on this machine")
+            raise ValueError(
+                "attention_backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on the CPU, "
+                "for tests); use 'auto', 'reference' or 'sdpa' on this machine"
+            )
     return backend
 
 
-def divided_attention_tokens(qkv: torch.Tensor, heads: int, num_frames: int, mode: str, scale: float,
-                             backend: str = "reference") -> torch.Tensor:
+def divided_attention_tokens(
+    qkv: torch.Tensor, heads: int, num_frames: int, mode: str, scale: float, backend: str = "reference"
+) -> torch.Tensor:
     """Divided attention from the qkv Linear output (B, T, 3*h*d) to (B, T, h*d), before the output projection."""
     backend = resolve_backend(backend, qkv)
     if backend == "triton":
@@ -170,9 +185,17 @@ def divided_attention_tokens(qkv: torch.Tensor, heads: int, num_frames: int, mod
     return merge_heads(attend(q * scale, k, v, num_frames, mode))  # (B, T, h*d)
 
 
-def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, scale: float,
-                        bias: torch.Tensor | None = None, backend: str = "reference", dropout: float = 0.0,
-                        training: bool = False) -> torch.Tensor:
+def multihead_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    heads: int,
+    scale: float,
+    bias: torch.Tensor | None = None,
+    backend: str = "reference",
+    dropout: float = 0.0,
+    training: bool = False,
+) -> torch.Tensor:
     """softmax((q * scale) k^T + bias) v per head on token-major tensors: q (B, Lq, h*d), k/v (B, Lk, h*d) (views of
     a fused Linear output are fine), bias the (B, 1, 1, Lk) extended mask or None; returns (B, Lq, h*d).
     Scaling q first equals the official RoBERTa division of the scores by sqrt(d) exactly for d = 64 (power of 2).
@@ -195,7 +218,7 @@ def multihead_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads
     return merge_heads(probs @ vh)
 
 
-def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, backend: str = "reference"):
+def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, backend: str = "reference") -> torch.Tensor:
     """h + alpha * y; fused into one pass (addcmul) off the reference backend, which keeps the official two ops."""
     if resolve_backend(backend, h, alpha, y) == "reference":
         return h + alpha * y

@@ -22,8 +22,8 @@ from torch import nn
 from ..config import EgoVLPv2Config
 from .attention import extended_attention_mask, run_layer
 from .heads import MLMHead, Pooler, VTMHead, projections
-from .text import RobertaTextModel
-from .video import SpaceTimeTransformer
+from .text_tower import RobertaTextModel
+from .video_tower import SpaceTimeTransformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +55,7 @@ def _init_head(module: nn.Module) -> None:
 class EgoVLPv2(nn.Module):
     """The EgoVLPv2 model. Attribute names follow the official state dict (minus DDP's `module.` prefix)."""
 
-    def __init__(self, config: EgoVLPv2Config):
+    def __init__(self, config: EgoVLPv2Config) -> None:
         super().__init__()
         config.validate()
         self.config = config
@@ -73,17 +73,36 @@ class EgoVLPv2(nn.Module):
         self.norm = nn.LayerNorm(v.width, eps=config.fusion_layer_norm_eps)  # fusion-mode video final norm
         self.mlm_score = MLMHead(hidden, t.vocab_size, t.hidden_act, config.mlm_layer_norm_eps)
         self.itm_score = VTMHead(2 * hidden)
-        for head in (self.cross_modal_text_transform, self.cross_modal_video_transform, self.cross_modal_text_pooler,
-                     self.cross_modal_video_pooler, self.mlm_score, self.itm_score):
+        for head in (
+            self.cross_modal_text_transform,
+            self.cross_modal_video_transform,
+            self.cross_modal_text_pooler,
+            self.cross_modal_video_pooler,
+            self.mlm_score,
+            self.itm_score,
+        ):
             _init_head(head)
         self.set_attention_backend(config.attention_backend)
+        self._apply_init_options()
+
+    def _apply_init_options(self) -> None:
+        """The config's from-scratch init options, applied last (after every default init): the temporal
+        embedding's trunc-normal std and the cross-attention gates' start value."""
+        std = self.config.video.temporal_embed_std
+        if std:
+            nn.init.trunc_normal_(self.video_model.temporal_embed, std=std, a=-2 * std, b=2 * std)
+        if self.config.cross_gate_init:
+            with torch.no_grad():
+                for name, param in self.named_parameters():
+                    if name.endswith(("alpha_i2t", "alpha_t2i")):
+                        param.fill_(self.config.cross_gate_init)
 
     # -- attention backend --------------------------------------------------------------------------------------
     @property
     def attention_backend(self) -> str:
         return self.config.attention_backend
 
-    def set_attention_backend(self, name: str) -> "EgoVLPv2":
+    def set_attention_backend(self, name: str) -> EgoVLPv2:
         """Choose how every attention core runs: 'auto', 'reference', 'sdpa' or 'triton' (see model/attention.py).
         Takes effect on the next forward; stored in the config, so `save_pretrained` keeps it."""
         from ..config import check_attention_backend
@@ -110,7 +129,7 @@ class EgoVLPv2(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.cls_token.dtype
 
-    def _check_video(self, video) -> None:
+    def _check_video(self, video: torch.Tensor) -> None:
         v = self.config.video
         if not isinstance(video, torch.Tensor):
             raise InputError(f"video must be a torch.Tensor, got {type(video).__name__}")
@@ -133,7 +152,7 @@ class EgoVLPv2(nn.Module):
         if (H, W) != (v.img_size, v.img_size):
             raise InputError(f"video resolution is {H}x{W}, the model expects {v.img_size}x{v.img_size}")
 
-    def _check_text(self, input_ids, attention_mask) -> None:
+    def _check_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         t = self.config.text
         for name, x in (("input_ids", input_ids), ("attention_mask", attention_mask)):
             if not isinstance(x, torch.Tensor):
@@ -154,7 +173,7 @@ class EgoVLPv2(nn.Module):
         if lo < 0 or hi >= t.vocab_size:
             raise InputError(f"token ids must be in [0, {t.vocab_size}), got values in [{lo}, {hi}]")
 
-    def _check_pair(self, video, input_ids, attention_mask) -> None:
+    def _check_pair(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> None:
         self._check_video(video)
         self._check_text(input_ids, attention_mask)
         if video.shape[0] != input_ids.shape[0]:
@@ -167,7 +186,7 @@ class EgoVLPv2(nn.Module):
         cls = self.video_model(video)
         return self.vid_proj(cls) if project else cls
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, project: bool = True):
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, project: bool = True) -> torch.Tensor:
         """(B, L) ids and mask -> (B, P) embedding of `<s>` (official `compute_text`); (B, D) if not project."""
         self._check_text(input_ids, attention_mask)
         hidden = self.text_model(input_ids, extended_attention_mask(attention_mask, self.dtype))
@@ -198,44 +217,59 @@ class EgoVLPv2(nn.Module):
             t = run_layer(layer, t, bias, checkpoint=ckpt)
         return t
 
-    def fused_from_prefixes(self, video_prefix: torch.Tensor, text_prefix: torch.Tensor,
-                            attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused_from_prefixes(
+        self, video_prefix: torch.Tensor, text_prefix: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused top layers over the two prefixes -> (video CLS after the fusion norm (B, Dv), text (B, L, Dt))."""
         vm, tm, F = self.video_model, self.text_model, self.config.video.num_frames
         expected_t = 1 + F * (self.config.video.img_size // self.config.video.patch_size) ** 2
-        if video_prefix.dim() != 3 or video_prefix.shape[1] != expected_t or video_prefix.shape[2] != self.config.video.width:
-            raise InputError(f"video_prefix must be (B, {expected_t}, {self.config.video.width}), "
-                             f"got {tuple(video_prefix.shape)}")
+        if (
+            video_prefix.dim() != 3
+            or video_prefix.shape[1] != expected_t
+            or video_prefix.shape[2] != self.config.video.width
+        ):
+            raise InputError(
+                f"video_prefix must be (B, {expected_t}, {self.config.video.width}), got {tuple(video_prefix.shape)}"
+            )
         if text_prefix.dim() != 3 or text_prefix.shape[2] != self.config.text.hidden_size:
-            raise InputError(f"text_prefix must be (B, L, {self.config.text.hidden_size}), got {tuple(text_prefix.shape)}")
+            raise InputError(
+                f"text_prefix must be (B, L, {self.config.text.hidden_size}), got {tuple(text_prefix.shape)}"
+            )
         if attention_mask.shape != text_prefix.shape[:2] or video_prefix.shape[0] != text_prefix.shape[0]:
-            raise InputError(f"batch/length mismatch: video_prefix {tuple(video_prefix.shape)}, text_prefix "
-                             f"{tuple(text_prefix.shape)}, attention_mask {tuple(attention_mask.shape)}")
+            raise InputError(
+                f"batch/length mismatch: video_prefix {tuple(video_prefix.shape)}, text_prefix "
+                f"{tuple(text_prefix.shape)}, attention_mask {tuple(attention_mask.shape)}"
+            )
         bias = extended_attention_mask(attention_mask, self.dtype)  # (B, 1, 1, L)
         ckpt, v, t = self.gradient_checkpointing, video_prefix, text_prefix
         for block, layer in zip(vm.blocks[vm.first_fused :], tm.encoder.layer[tm.encoder.first_fused :]):
             # simultaneous update: both read the other stream's previous-layer output
-            v, t = (run_layer(block, v, F, text=t, text_bias=bias, checkpoint=ckpt),
-                    run_layer(layer, t, bias, video=v, checkpoint=ckpt))
+            v, t = (
+                run_layer(block, v, F, text=t, text_bias=bias, checkpoint=ckpt),
+                run_layer(layer, t, bias, video=v, checkpoint=ckpt),
+            )
         return self.norm(v)[:, 0], t
 
-    def fused_streams(self, video, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    def fused_streams(
+        self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fusion-mode backbones: (video CLS after the fusion norm (B, Dv), text states (B, L, Dt))."""
         self._check_pair(video, input_ids, attention_mask)
-        return self.fused_from_prefixes(self.fusion_video_prefix(video), self.text_prefix(input_ids, attention_mask),
-                                        attention_mask)
+        return self.fused_from_prefixes(
+            self.fusion_video_prefix(video), self.text_prefix(input_ids, attention_mask), attention_mask
+        )
 
     def vtm_head(self, video_cls: torch.Tensor, text_hidden: torch.Tensor) -> torch.Tensor:
         text_feat = self.cross_modal_text_pooler(self.cross_modal_text_transform(text_hidden[:, 0]))
         video_feat = self.cross_modal_video_pooler(self.cross_modal_video_transform(video_cls))
         return self.itm_score(torch.cat((text_feat, video_feat), dim=-1))  # text first: the official order
 
-    def fuse(self, video, input_ids, attention_mask) -> FusionOutput:
+    def fuse(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> FusionOutput:
         """Fusion-encoder forward (official `infer(task_names='ITM')`)."""
         video_cls, text_hidden = self.fused_streams(video, input_ids, attention_mask)
         return FusionOutput(video_cls, text_hidden, self.vtm_head(video_cls, text_hidden))
 
-    def mlm_logits(self, video, input_ids, attention_mask) -> torch.Tensor:
+    def mlm_logits(self, video: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, L, vocab) masked-language-model logits on fused text (official `infer(task_names='MLM')`)."""
         _, text_hidden = self.fused_streams(video, input_ids, attention_mask)
         return self.mlm_head(text_hidden)
@@ -256,16 +290,15 @@ class EgoVLPv2(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "EgoVLPv2":
+    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> EgoVLPv2:
         """Load a directory written by `save_pretrained` (safetensors + JSON; nothing is unpickled).
 
         A training checkpoint (a directory with MANIFEST.json) is verified against its manifest first: every file
         listed there with its size and sha256, else CheckpointError. Elsewhere the weights file's own data digest
         is checked; weights that neither covers (written by another tool) load with a warning that corruption
         cannot be detected."""
-        from ..checkpoint import CheckpointError, load_safetensors, safetensors_digest
+        from ..checkpoint import MANIFEST, CheckpointError, load_safetensors, safetensors_digest, verify_checkpoint
         from ..config import ConfigError
-        from ..trainer.checkpointing import MANIFEST, verify_checkpoint
 
         directory = Path(directory)
         for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -275,8 +308,11 @@ class EgoVLPv2(nn.Module):
         if manifest:
             verify_checkpoint(directory)
         elif safetensors_digest(directory / WEIGHTS_FILE) is None:
-            warnings.warn(f"{directory / WEIGHTS_FILE} carries no checksum and no {MANIFEST} covers it: corruption "
-                          "of the weights cannot be detected", stacklevel=2)
+            warnings.warn(
+                f"{directory / WEIGHTS_FILE} carries no checksum and no {MANIFEST} covers it: corruption "
+                "of the weights cannot be detected",
+                stacklevel=2,
+            )
         try:
             config = EgoVLPv2Config.from_json_file(directory / CONFIG_FILE)
         except ConfigError as exc:
@@ -287,7 +323,7 @@ class EgoVLPv2(nn.Module):
     @classmethod
     def from_official_checkpoint(
         cls, path: str | os.PathLike, num_frames: int | None = None, config: EgoVLPv2Config | None = None
-    ) -> "EgoVLPv2":
+    ) -> EgoVLPv2:
         """Load an official `.pth` (EgoVLPv2.pth, EgoVLPv2_smallproj*.pth) without executing pickled code.
 
         The projection kind and sizes are read from the weights (heads of 64 channels, as in every released model,
@@ -300,7 +336,7 @@ class EgoVLPv2(nn.Module):
         return cls._from_state_dict(config, state_dict, str(path))
 
     @classmethod
-    def _from_state_dict(cls, config: EgoVLPv2Config, state_dict: dict, source: str) -> "EgoVLPv2":
+    def _from_state_dict(cls, config: EgoVLPv2Config, state_dict: dict, source: str) -> EgoVLPv2:
         """Build on the meta device and adopt the loaded tensors: no time is spent on a random init."""
         from ..checkpoint import load_state_dict_strict
 

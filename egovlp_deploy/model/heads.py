@@ -15,7 +15,7 @@ def projections(kind: str, video_width: int, text_width: int, dim: int) -> tuple
     """(txt_proj, vid_proj). "big": Linear(no bias)-ReLU-Linear-ReLU-Linear; "small": text ReLU-Linear, video Linear."""
     if kind == "big":
 
-        def mlp(width):
+        def mlp(width: int) -> nn.Sequential:
             return nn.Sequential(
                 nn.Linear(width, dim, bias=False), nn.ReLU(), nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim)
             )
@@ -30,44 +30,44 @@ def projections(kind: str, video_width: int, text_width: int, dim: int) -> tuple
 class Pooler(nn.Module):
     """tanh(dense(x)) on an already-selected CLS vector."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int) -> None:
         super().__init__()
         self.dense = nn.Linear(width, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.dense(x))
 
 
 class VTMHead(nn.Module):
     """Video-text matching logits (B, 2); input is [text, video] features, class 1 = match (the official order)."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int) -> None:
         super().__init__()
         self.fc = nn.Linear(width, 2)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(x)
 
 
 class PredictionTransform(nn.Module):
-    def __init__(self, width: int, act: str, eps: float):
+    def __init__(self, width: int, act: str, eps: float) -> None:
         super().__init__()
         self.dense = nn.Linear(width, width)
         self.act = activation(act)
         self.LayerNorm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.act(self.dense(x)))
 
 
 class MLMHead(nn.Module):
     """transform -> decoder (no bias) + separate bias; not tied to the word embeddings."""
 
-    def __init__(self, width: int, vocab_size: int, act: str, eps: float):
+    def __init__(self, width: int, vocab_size: int, act: str, eps: float) -> None:
         super().__init__()
         self.transform = PredictionTransform(width, act, eps)
         self.decoder = nn.Linear(width, vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.transform(x)) + self.bias

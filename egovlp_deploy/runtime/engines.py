@@ -10,8 +10,8 @@ Every artifact is found through the manifest and verified before it is loaded (i
 sha256, the role and precision stored inside the file, the external data files an ONNX graph reads, the tool versions
 it needs): a missing, swapped or out-of-folder file is an `EngineError` naming it. What really runs is reported per
 role (`Runtime.describe()`), because ONNX Runtime silently falls back to the CPU when the CUDA/TensorRT libraries are
-missing (onnxruntime-gpu without its CUDA libraries): the requested providers are compared with `session.get_providers()` and a
-`ProviderFallbackWarning` is raised when they differ.
+missing (onnxruntime-gpu without its CUDA libraries): the requested providers are compared with
+`session.get_providers()` and a `ProviderFallbackWarning` is raised when they differ.
 
 Backends, all lazily imported so a missing one is an error only when it is asked for:
 - `onnxruntime`: CPU, CUDA or TensorRT execution providers; on CUDA the inputs and outputs go through IOBinding
@@ -35,13 +35,25 @@ import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..ort_session import ort_session
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from egovlp_deploy.export.manifest import ArtifactEntry
+    from egovlp_deploy.model import EgoVLPv2
+
 BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
-PROVIDERS = {"cpu": ["CPUExecutionProvider"],
-             "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
-             "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
 
 
 class EngineError(ValueError):
@@ -64,7 +76,7 @@ class QueryTruncatedWarning(UserWarning):
 class EngineFolder:
     """An export directory read through its manifest; nothing else in it is trusted."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike) -> None:
         from egovlp_deploy.export.manifest import ManifestError, load_manifest
 
         self.path = Path(path)
@@ -97,17 +109,20 @@ class EngineFolder:
 
         return sha256_file(self.path / MANIFEST)
 
-    def artifact(self, role: str, precision: str, format: str):
+    def artifact(self, role: str, precision: str, format: str) -> tuple[Path, ArtifactEntry]:
         """(verified path, manifest entry); the ORT-optimized variant of an ONNX graph is preferred (loads faster,
         same numbers: the exporter validated it)."""
         from egovlp_deploy.export.manifest import ArtifactError, ManifestError, verify_artifact
 
-        candidates = [a for a in self.manifest.artifacts
-                      if (a.role, a.precision, a.format) == (role, precision, format)]
+        candidates = [
+            a for a in self.manifest.artifacts if (a.role, a.precision, a.format) == (role, precision, format)
+        ]
         if not candidates:
             have = sorted({f"{a.format}/{a.precision}/{a.role}" for a in self.manifest.artifacts})
-            raise EngineError(f"{self.path}: the manifest lists no {format} {precision} artifact for role {role!r} "
-                              f"(it has {have}); export it with `egovlp-deploy export --roles {role}`")
+            raise EngineError(
+                f"{self.path}: the manifest lists no {format} {precision} artifact for role {role!r} "
+                f"(it has {have}); export it with `egovlp-deploy export --roles {role}`"
+            )
         candidates.sort(key=lambda a: a.variant != "ort-optimized")
         try:
             return verify_artifact(self.path, candidates[0], self.manifest.tools), candidates[0]
@@ -142,14 +157,19 @@ class _Runner:
         return out
 
     def describe(self) -> dict:
-        return {"role": self.role, "backend": self.backend, "provider": self.provider, "precision": self.precision,
-                "load_seconds": round(self.load_seconds, 3)}
+        return {
+            "role": self.role,
+            "backend": self.backend,
+            "provider": self.provider,
+            "precision": self.precision,
+            "load_seconds": round(self.load_seconds, 3),
+        }
 
 
 class OrtRunner(_Runner):
     backend = "onnxruntime"
 
-    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str, threads: int | None):
+    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str, threads: int | None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -163,29 +183,27 @@ class OrtRunner(_Runner):
         available = ort.get_available_providers()
         missing = [p for p in requested if p not in available]
         if missing and device != "cpu":
-            warnings.warn(f"{role}: this onnxruntime build has no {missing} (available {available}); "
-                          "it will run on what is left", ProviderFallbackWarning, stacklevel=3)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts,
-                                                providers=[p for p in requested if p in available] or
-                                                ["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own types (Fail, InvalidGraph, ...)
-            raise EngineError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+            warnings.warn(
+                f"{role}: this onnxruntime build has no {missing} (available {available}); it will run on what is left",
+                ProviderFallbackWarning,
+                stacklevel=3,
+            )
+        self.session = ort_session(path, [p for p in requested if p in available], threads, error=EngineError)
         active = self.session.get_providers()
         self.provider = active[0]
         if active[0] != requested[0]:
             # The silent fallback: onnxruntime-gpu lists CUDA as available and then runs on the CPU when the CUDA
             # libraries fail to load. Say it, once per role, and report the provider that really runs.
-            warnings.warn(f"{role}: requested {requested[0]} but ONNX Runtime runs {active} "
-                          "(missing CUDA/TensorRT libraries?)", ProviderFallbackWarning, stacklevel=3)
+            warnings.warn(
+                f"{role}: requested {requested[0]} but ONNX Runtime runs {active} (missing CUDA/TensorRT libraries?)",
+                ProviderFallbackWarning,
+                stacklevel=3,
+            )
         self.on_gpu = self.provider in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
         self.output_names = [t["name"] for t in self.io["outputs"]]
         self.load_seconds = time.perf_counter() - t0
 
-    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         from egovlp_deploy.export.session import ArtifactInputError, check_inputs
 
         feed = self.prepare(inputs)
@@ -216,8 +234,17 @@ class TorchRunner(_Runner):
 
     backend = "torch"
 
-    def __init__(self, model, role: str, io: dict, precision: str, device: str, compile: bool,
-                 graphs: bool = False, max_graphs: int = 8):
+    def __init__(
+        self,
+        model: EgoVLPv2,
+        role: str,
+        io: dict,
+        precision: str,
+        device: str,
+        compile: bool,
+        graphs: bool = False,
+        max_graphs: int = 8,
+    ) -> None:
         import torch
 
         from egovlp_deploy.export.specs import role_module
@@ -257,13 +284,13 @@ class TorchRunner(_Runner):
             length = x.shape[axis]
             pad = bucket_length(length, self.max_text_len) - length
             if pad:
-                fill = (self.pad_token_id if spec["name"] == "input_ids" else 0)
+                fill = self.pad_token_id if spec["name"] == "input_ids" else 0
                 shape = list(x.shape)
                 shape[axis] = pad
                 args[spec["name"]] = self.torch.cat((x, x.new_full(shape, fill)), dim=axis)
         return length
 
-    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         torch = self.torch
         args = {}
         for spec in self.io["inputs"]:
@@ -286,7 +313,7 @@ class TorchRunner(_Runner):
 class AotiRunner(_Runner):
     backend = "aoti"
 
-    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str):
+    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str) -> None:
         from egovlp_deploy.export.aoti import load_aoti
 
         t0 = time.perf_counter()
@@ -300,14 +327,14 @@ class AotiRunner(_Runner):
             raise EngineError(f"{path}: cannot load the AOTInductor package ({exc})") from exc
         self.load_seconds = time.perf_counter() - t0
 
-    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(self.prepare(inputs))
 
 
 class TensorRTRunner(_Runner):
     backend = "tensorrt"
 
-    def __init__(self, folder: EngineFolder, role: str, precision: str):
+    def __init__(self, folder: EngineFolder, role: str, precision: str) -> None:
         from egovlp_deploy.export.tensorrt import TensorRTUnavailable, import_tensorrt, run_engine
 
         t0 = time.perf_counter()
@@ -320,7 +347,7 @@ class TensorRTRunner(_Runner):
         self.run = run_engine(path, role)
         self.load_seconds = time.perf_counter() - t0
 
-    def __call__(self, **inputs) -> dict[str, np.ndarray]:
+    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
         return self.run(self.prepare(inputs))
 
 
@@ -339,7 +366,7 @@ def _as_numpy(x) -> np.ndarray:
 class VideoEncoder:
     """Preprocessed clips (B, F, 3, S, S) -> dual embeddings (B, P) and cacheable fusion prefixes (B, T, Dv)."""
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         cfg = runtime.folder.config.video
         self.clip_shape = (cfg.num_frames, cfg.in_chans, cfg.img_size, cfg.img_size)
@@ -349,9 +376,11 @@ class VideoEncoder:
         if clips.ndim == 4:
             clips = clips[None]
         if clips.ndim != 5 or tuple(clips.shape[1:]) != self.clip_shape:
-            raise EngineError(f"clips must be (B, {', '.join(map(str, self.clip_shape))}) (these engines were "
-                              f"exported for {self.clip_shape[0]} frames of {self.clip_shape[2]} px), got "
-                              f"{tuple(clips.shape)}")
+            raise EngineError(
+                f"clips must be (B, {', '.join(map(str, self.clip_shape))}) (these engines were "
+                f"exported for {self.clip_shape[0]} frames of {self.clip_shape[2]} px), got "
+                f"{tuple(clips.shape)}"
+            )
         if clips.shape[0] == 0:
             raise EngineError("no clips to encode")
         return clips
@@ -361,10 +390,10 @@ class VideoEncoder:
         runner = self.rt.runner(role)
         return np.concatenate([runner(video=clips[s])[output] for s in _batches(len(clips), self.rt.max_batch)])
 
-    def encode(self, clips) -> np.ndarray:
+    def encode(self, clips: np.ndarray | torch.Tensor) -> np.ndarray:
         return self._run("video_encoder", "video_embedding", clips)
 
-    def fusion_prefix(self, clips) -> np.ndarray:
+    def fusion_prefix(self, clips: np.ndarray | torch.Tensor) -> np.ndarray:
         return self._run("video_fusion_prefix", "video_prefix", clips)
 
 
@@ -377,7 +406,7 @@ class TextOutput:
 
 
 class TextEncoder:
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self._warned: set[str] = set()  # queries already reported as truncated
 
@@ -404,20 +433,21 @@ class TextEncoder:
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
         vocab = self.rt.folder.config.text.vocab_size
         if ids.max() >= vocab:
-            raise QueryError(f"the tokenizer produced id {int(ids.max())}, the model's vocabulary has {vocab}: "
-                             f"wrong tokenizer for these engines?")
+            raise QueryError(
+                f"the tokenizer produced id {int(ids.max())}, the model's vocabulary has {vocab}: "
+                f"wrong tokenizer for these engines?"
+            )
         return ids, mask
 
     def _warn_truncated(self, texts: list[str], limit: int) -> None:
         """A QueryTruncatedWarning per query longer than `limit` tokens, once per query and encoder."""
         from egovlp_deploy.tokenizer import truncated_texts
 
-        for t in truncated_texts(self.rt.tokenizer, [t for t in dict.fromkeys(texts) if t not in self._warned],
-                                 limit):
+        for t in truncated_texts(self.rt.tokenizer, [t for t in dict.fromkeys(texts) if t not in self._warned], limit):
             self._warned.add(t.text)
             warnings.warn(QueryTruncatedWarning(t.message()), stacklevel=4)
 
-    def encode(self, texts) -> TextOutput:
+    def encode(self, texts: str | list[str]) -> TextOutput:
         ids, mask = self.tokenize(texts)
         runner = self.rt.runner("text_encoder")
         emb, pre = [], []
@@ -442,10 +472,15 @@ class FusionScorer:
     was stored at indexing, the sentence's comes with its text encoding); `score_clips` runs the whole fusion
     graph from the clips (the monolithic path, the reference the cached one must equal)."""
 
-    def __init__(self, runtime: "Runtime"):
+    def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    def score_prefixes(self, video_prefix, text_prefix, mask) -> np.ndarray:
+    def score_prefixes(
+        self,
+        video_prefix: np.ndarray | torch.Tensor,
+        text_prefix: np.ndarray | torch.Tensor,
+        mask: np.ndarray | torch.Tensor,
+    ) -> np.ndarray:
         vp = _as_numpy(video_prefix)
         tp, m = _as_numpy(text_prefix), _as_numpy(mask).astype(np.int64)
         if tp.ndim == 2:
@@ -456,11 +491,15 @@ class FusionScorer:
         if len(tp) == 1:  # one sentence against K clips: the text prefix is shared, broadcast without a copy
             tp, m = np.broadcast_to(tp, (k, *tp.shape[1:])), np.broadcast_to(m, (k, m.shape[1]))
         runner = self.rt.runner("fusion_head")
-        logits = [runner(video_prefix=vp[s], text_prefix=tp[s], attention_mask=m[s])["vtm_logits"]
-                  for s in _batches(k, self.rt.max_batch)]
+        logits = [
+            runner(video_prefix=vp[s], text_prefix=tp[s], attention_mask=m[s])["vtm_logits"]
+            for s in _batches(k, self.rt.max_batch)
+        ]
         return _match_probability(np.concatenate(logits))
 
-    def score_clips(self, clips, input_ids, mask) -> np.ndarray:
+    def score_clips(
+        self, clips: np.ndarray | torch.Tensor, input_ids: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
+    ) -> np.ndarray:
         clips = self.rt.video_encoder._check(clips)
         ids, m = _as_numpy(input_ids).astype(np.int64), _as_numpy(mask).astype(np.int64)
         if ids.ndim == 1:
@@ -469,8 +508,10 @@ class FusionScorer:
         if len(ids) == 1:
             ids, m = np.broadcast_to(ids, (k, ids.shape[1])), np.broadcast_to(m, (k, m.shape[1]))
         runner = self.rt.runner("fusion")
-        logits = [runner(video=clips[s], input_ids=ids[s], attention_mask=m[s])["vtm_logits"]
-                  for s in _batches(k, self.rt.max_batch)]
+        logits = [
+            runner(video=clips[s], input_ids=ids[s], attention_mask=m[s])["vtm_logits"]
+            for s in _batches(k, self.rt.max_batch)
+        ]
         return _match_probability(np.concatenate(logits))
 
 
@@ -496,8 +537,10 @@ def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = No
     beside = tokenizer_beside(src) if src and not str(src).startswith("random:") else None
     if beside is not None:
         return beside
-    raise EngineError(f"no tokenizer found for {folder.path} (looked in {folder.path / 'tokenizer'} and beside the "
-                      f"checkpoint {src}); pass --tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)")
+    raise EngineError(
+        f"no tokenizer found for {folder.path} (looked in {folder.path / 'tokenizer'} and beside the "
+        f"checkpoint {src}); pass --tokenizer DIR (a training run keeps its tokenizer in RUN/tokenizer)"
+    )
 
 
 def _unrecorded_tokenizer(folder: EngineFolder) -> Path:
@@ -517,10 +560,21 @@ def _unrecorded_tokenizer(folder: EngineFolder) -> Path:
 class Runtime:
     """The engines of one export folder on one backend. Role sessions are created on first use and warmed up."""
 
-    def __init__(self, engines: str | os.PathLike, backend: str = "onnxruntime", precision: str = "fp32",
-                 device: str = "cpu", threads: int | None = None, tokenizer: str | os.PathLike | None = None,
-                 checkpoint: str | None = None, compile: bool = False, warmup: bool = True,
-                 attention: str = "auto", graphs: bool = False, max_graphs: int = 8):
+    def __init__(
+        self,
+        engines: str | os.PathLike,
+        backend: str = "onnxruntime",
+        precision: str = "fp32",
+        device: str = "cpu",
+        threads: int | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        checkpoint: str | None = None,
+        compile: bool = False,
+        warmup: bool = True,
+        attention: str = "auto",
+        graphs: bool = False,
+        max_graphs: int = 8,
+    ) -> None:
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if graphs and backend != "torch":
@@ -548,7 +602,7 @@ class Runtime:
         return self.folder.model_id
 
     @cached_property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase:
         from egovlp_deploy.tokenizer import TokenizerError, check_tokenizer_fits, load_tokenizer
 
         path = find_tokenizer(self.folder, self._tokenizer_dir)
@@ -561,11 +615,11 @@ class Runtime:
         return tok
 
     @cached_property
-    def torch_model(self):
+    def torch_model(self) -> EgoVLPv2:
         """The eager model for the torch backend, from the checkpoint the manifest names (hash-checked)."""
         import torch
 
-        from egovlp_deploy.export.pipeline import load_model
+        from egovlp_deploy.model.factory import load_model
 
         src = self.folder.manifest.source_checkpoint
         path = self.checkpoint or src.get("path")
@@ -576,8 +630,10 @@ class Runtime:
         except (OSError, ValueError) as exc:
             raise EngineError(f"torch backend: cannot load the checkpoint {path} ({exc})") from exc
         if info.get("sha256") != src.get("sha256") or (info["sha256"] is None and str(path) != src.get("path")):
-            raise EngineError(f"torch backend: checkpoint {path} (sha256 {info.get('sha256')}) is not the one these "
-                              f"engines were exported from ({src.get('path')}, sha256 {src.get('sha256')})")
+            raise EngineError(
+                f"torch backend: checkpoint {path} (sha256 {info.get('sha256')}) is not the one these "
+                f"engines were exported from ({src.get('path')}, sha256 {src.get('sha256')})"
+            )
         cuda = self.device.startswith("cuda")
         # 'auto' picks the Triton kernels on CUDA and the reference math on the CPU (model/attention.py);
         # 'reference' is plain eager PyTorch everywhere (the GPU baseline of `bench e2e --torch-attention`).
@@ -604,8 +660,16 @@ class Runtime:
 
                 torch.set_num_threads(self.threads)
             io = io_entry(role, self.folder.config, self.precision, self.folder.max_batch, self.folder.max_text_len)
-            r = TorchRunner(self.torch_model, role, io, self.precision, self.device, self.compile,
-                            graphs=self.graphs, max_graphs=self.max_graphs)
+            r = TorchRunner(
+                self.torch_model,
+                role,
+                io,
+                self.precision,
+                self.device,
+                self.compile,
+                graphs=self.graphs,
+                max_graphs=self.max_graphs,
+            )
         elif self.backend == "aoti":
             r = AotiRunner(self.folder, role, self.precision, self.device)
         else:
@@ -627,13 +691,16 @@ class Runtime:
         for t in ROLES[role].inputs:
             shape = t.shape(sizes)
             if t.dtype == "int64":
-                out[t.name] = (np.ones(shape, np.int64) if t.name == "attention_mask"
-                               else rng.integers(5, self.folder.config.text.vocab_size, shape).astype(np.int64))
+                out[t.name] = (
+                    np.ones(shape, np.int64)
+                    if t.name == "attention_mask"
+                    else rng.integers(5, self.folder.config.text.vocab_size, shape).astype(np.int64)
+                )
             else:
                 out[t.name] = rng.standard_normal(shape).astype(np.float32)
         return out
 
-    def load(self, *roles: str) -> "Runtime":
+    def load(self, *roles: str) -> Runtime:
         for role in roles:
             self.runner(role)
         return self

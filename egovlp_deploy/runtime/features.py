@@ -38,13 +38,17 @@ import re
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .engines import EngineError, Runtime
-from egovlp_deploy.video import VideoReadError
+from egovlp_deploy.decoding import VideoReadError
 
-from .pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
+from .clip_pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
+from .engines import EngineError, Runtime
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 MODES = ("dual", "fusion")
 COMMIT_EVERY = 32  # windows per committed part: at most this many are recomputed after a kill
@@ -102,8 +106,14 @@ def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
 
 
 def _settings(runtime: Runtime, mode: str, frames: int, stride: int, queries: list[str]) -> dict:
-    return {"model_id": runtime.model_id, "mode": mode, "window_frames": frames, "stride_frames": stride,
-            "engine_frames": runtime.folder.config.video.num_frames, "queries": queries if mode == "fusion" else []}
+    return {
+        "model_id": runtime.model_id,
+        "mode": mode,
+        "window_frames": frames,
+        "stride_frames": stride,
+        "engine_frames": runtime.folder.config.video.num_frames,
+        "queries": queries if mode == "fusion" else [],
+    }
 
 
 def _done(out: Path, name: str, fmt: str, settings: dict, source: dict) -> bool:
@@ -126,9 +136,13 @@ def _write(out: Path, name: str, fmt: str, tensors: dict[str, np.ndarray], meta:
     if fmt == "safetensors":
         from safetensors.numpy import save
 
-        atomic_write_bytes(out / f"{name}.safetensors",
-                           save({k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                                metadata={"settings": json.dumps(meta["settings"])}))
+        atomic_write_bytes(
+            out / f"{name}.safetensors",
+            save(
+                {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                metadata={"settings": json.dumps(meta["settings"])},
+            ),
+        )
     else:
         import io
 
@@ -185,13 +199,22 @@ def _intact(work: Path, record: dict, mode: str) -> bool:
 def _resume(work: Path, source: dict, settings: dict, windows: int, fps: float) -> dict:
     """The progress record to continue from: the work folder's, when it was made for the same source file,
     settings, model and window plan and its parts are intact; otherwise a new one, and the old parts are deleted."""
-    new = {"format": RECORD_FORMAT, "source": source, "settings": settings, "fps": fps, "windows": windows,
-           "done": 0, "parts": []}
+    new = {
+        "format": RECORD_FORMAT,
+        "source": source,
+        "settings": settings,
+        "fps": fps,
+        "windows": windows,
+        "done": 0,
+        "parts": [],
+    }
     try:
         record = json.loads((work / RECORD).read_text())
-        usable = (record.get("format") == RECORD_FORMAT
-                  and all(record.get(k) == new[k] for k in ("source", "settings", "fps", "windows"))
-                  and _intact(work, record, settings["mode"]))
+        usable = (
+            record.get("format") == RECORD_FORMAT
+            and all(record.get(k) == new[k] for k in ("source", "settings", "fps", "windows"))
+            and _intact(work, record, settings["mode"])
+        )
     except (OSError, ValueError, AttributeError, KeyError, TypeError):  # none, or not a record of ours
         usable = False
     if not usable:
@@ -221,10 +244,21 @@ def _load_parts(work: Path, parts: list[dict]) -> list[dict[str, np.ndarray]]:
     return [load_file(str(work / p["file"])) for p in parts]
 
 
-def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str | os.PathLike, mode: str = "dual",
-                     frames: int = 16, stride: int = 16, queries: list[str] | None = None, fmt: str = "safetensors",
-                     batch: int = 8, progress: bool = True, decode_backend: str = "auto",
-                     commit_every: int = COMMIT_EVERY, on_commit=None) -> dict:
+def extract_features(
+    videos: list[str | os.PathLike],
+    runtime: Runtime,
+    out: str | os.PathLike,
+    mode: str = "dual",
+    frames: int = 16,
+    stride: int = 16,
+    queries: list[str] | None = None,
+    fmt: str = "safetensors",
+    batch: int = 8,
+    progress: bool = True,
+    decode_backend: str = "auto",
+    commit_every: int = COMMIT_EVERY,
+    on_commit: Callable[[int], object] | None = None,
+) -> dict:
     """Write the features of `videos` into `out` (see the module docstring); returns a summary dict.
 
     commit_every: windows per committed part of a long video (at most this many are recomputed after a kill).
@@ -263,8 +297,9 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
             continue
         said: list[str] = []
         try:
-            windows, fps = plan_windows(path, cfg.num_frames, window_frames=frames, stride_frames=stride,
-                                        backend=decode_backend, notes=said)
+            windows, fps = plan_windows(
+                path, cfg.num_frames, window_frames=frames, stride_frames=stride, backend=decode_backend, notes=said
+            )
         except VideoReadError as exc:  # this file cannot be read: report it, do the others
             failures.append(failure_of(path, exc))
             continue
@@ -274,8 +309,7 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(t[2]) for t in todo), unit="window", desc=f"features ({mode})",
-                   dynamic_ncols=True)
+        bar = tqdm(total=sum(len(t[2]) for t in todo), unit="window", desc=f"features ({mode})", dynamic_ncols=True)
     written, windows_total, encoded, resumed, committed = 0, 0, 0, 0, 0
     t0 = time.perf_counter()
     for path, source, windows, fps, work, record in todo:
@@ -327,11 +361,21 @@ def extract_features(videos: list[str | os.PathLike], runtime: Runtime, out: str
             on_commit(committed)
     if bar is not None:
         bar.close()
-    return {"out": str(out), "written": written, "skipped": skipped, "windows": windows_total,
-            "encoded": encoded, "resumed": resumed, "mode": mode,
-            "succeeded": written + skipped, "outputs": {str(p): names[p] for p in paths},
-            "failed": failures_summary(failures), "notes": notes,
-            "seconds": round(time.perf_counter() - t0, 2), "backend": runtime.summary()}
+    return {
+        "out": str(out),
+        "written": written,
+        "skipped": skipped,
+        "windows": windows_total,
+        "encoded": encoded,
+        "resumed": resumed,
+        "mode": mode,
+        "succeeded": written + skipped,
+        "outputs": {str(p): names[p] for p in paths},
+        "failed": failures_summary(failures),
+        "notes": notes,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "backend": runtime.summary(),
+    }
 
 
 def _encode(runtime: Runtime, mode: str, clips, text) -> dict[str, np.ndarray]:
@@ -355,8 +399,14 @@ def _finish(out, name, fmt, mode, chunks, windows, text, source, fps, settings) 
     result["timestamps"] = np.array([[w.start_sec, w.end_sec] for w in windows], np.float64)
     if mode == "fusion":
         result["text_mask"] = text.mask.astype(np.int64)
-    meta = {"video": source["path"], "source": source, "fps": fps, "windows": len(windows),
-            "settings": settings, "shapes": {k: list(v.shape) for k, v in result.items()}}
+    meta = {
+        "video": source["path"],
+        "source": source,
+        "fps": fps,
+        "windows": len(windows),
+        "settings": settings,
+        "shapes": {k: list(v.shape) for k, v in result.items()},
+    }
     _write(out, name, fmt, result, meta)
 
 
@@ -368,8 +418,11 @@ def _fused(runtime: Runtime, video_prefix: np.ndarray, text_prefix: np.ndarray, 
     m = np.broadcast_to(mask, (b, mask.shape[0]))
     cls, tok = [], []
     for s in range(0, b, runtime.max_batch):
-        o = runner(video_prefix=video_prefix[s:s + runtime.max_batch], text_prefix=tp[s:s + runtime.max_batch],
-                   attention_mask=m[s:s + runtime.max_batch])
+        o = runner(
+            video_prefix=video_prefix[s : s + runtime.max_batch],
+            text_prefix=tp[s : s + runtime.max_batch],
+            attention_mask=m[s : s + runtime.max_batch],
+        )
         cls.append(o["video_cls"])
         tok.append(o["text_hidden"])
     if not cls:

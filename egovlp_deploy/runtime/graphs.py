@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 # Text lengths are padded up to a multiple of this many tokens before capture.
 TEXT_BUCKET = 8
@@ -124,8 +124,9 @@ class GraphCache:
         except Exception as exc:  # any capture failure: this signature runs eagerly, and says why
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             self.failed[key] = reason
-            warnings.warn(f"CUDA graph capture failed for {key} ({reason}); running it eagerly",
-                          GraphCaptureWarning, stacklevel=3)
+            warnings.warn(
+                f"CUDA graph capture failed for {key} ({reason}); running it eagerly", GraphCaptureWarning, stacklevel=3
+            )
             return None
         self.counts["captures"] += 1
         entry = self.graphs[key] = _Captured(static, replay, outputs)
@@ -136,8 +137,10 @@ class GraphCache:
         if not self.capturing:
             return self.disabled
         c = self.counts
-        text = (f"CUDA graphs: {len(self.graphs)} captured (max {self.max_graphs}), {c['replays']} replays, "
-                f"{c['evictions']} evicted")
+        text = (
+            f"CUDA graphs: {len(self.graphs)} captured (max {self.max_graphs}), {c['replays']} replays, "
+            f"{c['evictions']} evicted"
+        )
         if self.failed:
             text += f"; {len(self.failed)} signature(s) eager: {next(iter(self.failed.values()))}"
         return text

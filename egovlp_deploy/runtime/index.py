@@ -38,15 +38,29 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..jsonfile import read_json
-from .engines import EngineError, Runtime
-from egovlp_deploy.video import VideoReadError
+from egovlp_deploy.decoding import VideoReadError
 
-from .pipeline import (ClipPipeline, StageTimes, Window, expand_inputs, failure_of, failures_summary, plan_windows,
-                       segment_windows)
+from ..jsonfile import read_json
+from .clip_pipeline import (
+    ClipPipeline,
+    StageTimes,
+    Window,
+    expand_inputs,
+    failure_of,
+    failures_summary,
+    plan_windows,
+    segment_windows,
+)
+from .engines import Runtime
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .engines import TextOutput
 
 INDEX_FILE = "index.json"
 FORMAT = "egovlp-deploy-index"
@@ -60,7 +74,7 @@ INDEX_TEMP = re.compile(r"\.index\.json\.[a-z0-9_]{8}\.tmp")
 REPAIR = "rerun the same `egovlp-deploy index` command (the same videos and --out) to encode its windows again"
 
 
-class IndexError_(ValueError):
+class IndexFileError(ValueError):
     """The index cannot be used as asked (unreadable, another model's, other settings)."""
 
 
@@ -93,23 +107,27 @@ def _printable(text: str) -> str:
     return os.fsencode(text).decode("utf-8", "backslashreplace")
 
 
-def shard_path(directory: Path, file) -> Path:
+def shard_path(directory: Path, file: object) -> Path:
     """The path of a shard that index.json lists, confined to the index folder: a relative path without `..` that
     does not resolve (through symlinks) outside the folder. An index is a folder of files, never a pointer to
     files elsewhere."""
     where = directory / INDEX_FILE
     if not isinstance(file, str) or not file:
-        raise IndexError_(f"{where}: shard entry {file!r} is not a file name")
+        raise IndexFileError(f"{where}: shard entry {file!r} is not a file name")
     rel = Path(file)
     if rel.is_absolute() or "\\" in file or ".." in rel.parts:
-        raise IndexError_(f"{where}: shard path {file!r} leaves the index folder; an index only reads its own "
-                          "shards/ (rebuild the index)")
+        raise IndexFileError(
+            f"{where}: shard path {file!r} leaves the index folder; an index only reads its own "
+            "shards/ (rebuild the index)"
+        )
     path = directory / rel
     root = directory.resolve()
     resolved = path.resolve()
     if root not in resolved.parents:
-        raise IndexError_(f"{path}: resolves to {resolved}, outside the index folder; an index only reads its own "
-                          "shards/ (rebuild the index)")
+        raise IndexFileError(
+            f"{path}: resolves to {resolved}, outside the index folder; an index only reads its own "
+            "shards/ (rebuild the index)"
+        )
     return path
 
 
@@ -118,7 +136,7 @@ def _shard_file_of_ours(directory: Path, file) -> Path | None:
     folder), else None: only such files are ever deleted."""
     try:
         path = shard_path(directory, file)
-    except IndexError_:
+    except IndexFileError:
         return None
     parts = Path(file).parts
     if len(parts) != 2 or parts[0] != "shards" or not SHARD_NAME.fullmatch(parts[1]) or path.is_symlink():
@@ -126,47 +144,55 @@ def _shard_file_of_ours(directory: Path, file) -> Path | None:
     return path
 
 
-def read_shard(directory: Path, data: dict, video: dict, shard: dict, keys: tuple[str, ...] = (),
-               advice: str = f"; {REPAIR}") -> dict:
+def read_shard(
+    directory: Path, data: dict, video: dict, shard: dict, keys: tuple[str, ...] = (), advice: str = f"; {REPAIR}"
+) -> dict:
     """The tensors `keys` of one listed shard, after checking that it is there, readable, written by the index's
-    model and of the shape index.json states (keys=(): only the check, from the header). Raises IndexError_
+    model and of the shape index.json states (keys=(): only the check, from the header). Raises IndexFileError
     naming the shard and its video, followed by `advice` (how to repair it)."""
     from safetensors import SafetensorError, safe_open
 
     path = shard_path(directory, shard.get("file"))
     of = f"shard of {_printable(video['path'])}"
     if not path.is_file():
-        raise IndexError_(f"{path}: missing {of}{advice}")
+        raise IndexFileError(f"{path}: missing {of}{advice}")
     try:
         with safe_open(str(path), framework="numpy") as f:
             model = (f.metadata() or {}).get("model_id")
             if model != data["model_id"]:
-                raise IndexError_(f"{path}: a {of} written by another model ({model or 'none recorded'}; the index "
-                                  f"is model {data['model_id']}), copied from another index?{advice}")
+                raise IndexFileError(
+                    f"{path}: a {of} written by another model ({model or 'none recorded'}; the index "
+                    f"is model {data['model_id']}), copied from another index?{advice}"
+                )
             names = set(f.keys())
             wanted = {"embeddings", "timestamps"} | ({"video_prefix"} if data["settings"].get("prefixes") else set())
             if not wanted <= names:
-                raise IndexError_(f"{path}: {of} lacks {', '.join(sorted(wanted - names))}{advice}")
+                raise IndexFileError(f"{path}: {of} lacks {', '.join(sorted(wanted - names))}{advice}")
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in wanted}
             rows = {k: v[0] if v else None for k, v in shapes.items()}
-            if set(rows.values()) != {shard["count"]} or shapes["embeddings"][1:] != (data["embed_dim"],) \
-                    or shapes["timestamps"][1:] != (2,):
-                raise IndexError_(f"{path}: {of} holds {shapes}, index.json says {shard['count']} rows of "
-                                  f"{data['embed_dim']} dims{advice}")
+            if (
+                set(rows.values()) != {shard["count"]}
+                or shapes["embeddings"][1:] != (data["embed_dim"],)
+                or shapes["timestamps"][1:] != (2,)
+            ):
+                raise IndexFileError(
+                    f"{path}: {of} holds {shapes}, index.json says {shard['count']} rows of "
+                    f"{data['embed_dim']} dims{advice}"
+                )
             return {k: f.get_tensor(k) for k in keys}
     except (OSError, SafetensorError) as exc:  # SafetensorError is no ValueError (safetensors >= 0.5)
-        raise IndexError_(f"{path}: unreadable {of} ({exc}){advice}") from exc
+        raise IndexFileError(f"{path}: unreadable {of} ({exc}){advice}") from exc
 
 
 def read_index_json(directory: Path) -> dict:
     path = directory / INDEX_FILE
     if not path.is_file():
-        raise IndexError_(f"{directory}: not an index (no {INDEX_FILE}; build one with `egovlp-deploy index`)")
-    data = read_json(path, IndexError_)
+        raise IndexFileError(f"{directory}: not an index (no {INDEX_FILE}; build one with `egovlp-deploy index`)")
+    data = read_json(path, IndexFileError)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise IndexError_(f"{path}: not an egovlp-deploy index")
+        raise IndexFileError(f"{path}: not an egovlp-deploy index")
     if data.get("version") != VERSION:
-        raise IndexError_(f"{path}: index version {data.get('version')!r}, this egovlp-deploy reads {VERSION}")
+        raise IndexFileError(f"{path}: index version {data.get('version')!r}, this egovlp-deploy reads {VERSION}")
     return data
 
 
@@ -176,17 +202,21 @@ def other_export(data: dict, runtime: Runtime) -> str | None:
     recorded = data.get("engines_manifest_sha256")
     if recorded is None or data["model_id"] != runtime.model_id or recorded == runtime.folder.manifest_sha256:
         return None
-    return (f"note: the engines at {runtime.folder.path} are another export of the index's model (manifest sha256 "
-            f"{runtime.folder.manifest_sha256[:12]}, the index was built with {recorded[:12]} from "
-            f"{data.get('engines')}); the embeddings are comparable, scores may differ slightly")
+    return (
+        f"note: the engines at {runtime.folder.path} are another export of the index's model (manifest sha256 "
+        f"{runtime.folder.manifest_sha256[:12]}, the index was built with {recorded[:12]} from "
+        f"{data.get('engines')}); the embeddings are comparable, scores may differ slightly"
+    )
 
 
 def check_model(data: dict, runtime: Runtime, where: str) -> None:
     if data["model_id"] != runtime.model_id:
-        raise IndexError_(f"{where}: the index was built by another model (model hash {data['model_id']}, from "
-                          f"{data.get('engines')}); the engines at {runtime.folder.path} are model {runtime.model_id}. "
-                          "Their embeddings are not comparable: use the engines the index was built with, or "
-                          "build a new index")
+        raise IndexFileError(
+            f"{where}: the index was built by another model (model hash {data['model_id']}, from "
+            f"{data.get('engines')}); the engines at {runtime.folder.path} are model {runtime.model_id}. "
+            "Their embeddings are not comparable: use the engines the index was built with, or "
+            "build a new index"
+        )
 
 
 @dataclass
@@ -201,9 +231,16 @@ class IndexSettings:
     commit_every: int = 32  # windows per shard: at most this many are recomputed after a kill
 
 
-def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime: Runtime, settings: IndexSettings,
-                segments: dict[str, list[tuple[float, float, str | None]]] | None = None, progress: bool = True,
-                on_commit=None, decode_backend: str = "auto") -> dict:
+def build_index(
+    out: str | os.PathLike,
+    videos: list[str | os.PathLike],
+    runtime: Runtime,
+    settings: IndexSettings,
+    segments: dict[str, list[tuple[float, float, str | None]]] | None = None,
+    progress: bool = True,
+    on_commit: Callable[[int], object] | None = None,
+    decode_backend: str = "auto",
+) -> dict:
     """Create or extend the index at `out` with `videos`; returns a summary dict.
 
     Every video is planned (opened, its windows listed) before any is encoded, so the progress bar counts all the
@@ -222,35 +259,48 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     if not paths:
         raise ValueError("no video files to index: " + "; ".join(f.line() for f in failures))
     if out.exists() and not out.is_dir():
-        raise IndexError_(f"{out}: exists and is not a directory")
+        raise IndexFileError(f"{out}: exists and is not a directory")
     cfg = runtime.folder.config.video
     if settings.frames != cfg.num_frames:
-        raise IndexError_(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
+        raise IndexFileError(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
     wanted = {k: getattr(settings, k) for k in SETTINGS}
     fresh = not (out / INDEX_FILE).exists()
     if fresh and out.is_dir() and any(out.iterdir()):
-        raise IndexError_(f"{out}: not empty and not an egovlp-deploy index (no {INDEX_FILE}); nothing in it is "
-                          "touched. Give --out a new or empty folder, or the folder of an existing index")
+        raise IndexFileError(
+            f"{out}: not empty and not an egovlp-deploy index (no {INDEX_FILE}); nothing in it is "
+            "touched. Give --out a new or empty folder, or the folder of an existing index"
+        )
     if not fresh:
         data = read_index_json(out)
         check_model(data, runtime, str(out))
         differ = {k: (data["settings"].get(k), v) for k, v in wanted.items() if data["settings"].get(k) != v}
         if differ:
-            raise IndexError_(f"{out}: built with other settings {', '.join(f'{k}={a!r} (asked {b!r})' for k, (a, b) in differ.items())}; "
-                              "use the same settings or another --out")
+            settings_differ = ", ".join(f"{k}={a!r} (asked {b!r})" for k, (a, b) in differ.items())
+            raise IndexFileError(
+                f"{out}: built with other settings {settings_differ}; use the same settings or another --out"
+            )
     else:
-        data = {"format": FORMAT, "version": VERSION, "model_id": runtime.model_id,
-                "manifest_source": runtime.folder.manifest.source_checkpoint,
-                "engines": str(runtime.folder.path.resolve()),
-                "engines_manifest_sha256": runtime.folder.manifest_sha256,
-                "backend": runtime.backend, "precision": runtime.precision, "settings": wanted,
-                "embed_dim": runtime.folder.config.projection_dim, "created": _now(), "videos": []}
+        data = {
+            "format": FORMAT,
+            "version": VERSION,
+            "model_id": runtime.model_id,
+            "manifest_source": runtime.folder.manifest.source_checkpoint,
+            "engines": str(runtime.folder.path.resolve()),
+            "engines_manifest_sha256": runtime.folder.manifest_sha256,
+            "backend": runtime.backend,
+            "precision": runtime.precision,
+            "settings": wanted,
+            "embed_dim": runtime.folder.config.projection_dim,
+            "created": _now(),
+            "videos": [],
+        }
         out.mkdir(parents=True, exist_ok=True)
         _write_json(out / INDEX_FILE, data)  # the marker first: from here on the folder is an index, ours to manage
     shards = out / "shards"
     if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
-        raise IndexError_(f"{shards}: not a folder of this index (a link or a file); an index writes only inside "
-                          "its own folder")
+        raise IndexFileError(
+            f"{shards}: not a folder of this index (a link or a file); an index writes only inside its own folder"
+        )
     shards.mkdir(exist_ok=True)
     _remove_unlisted_shards(out, data)
     times = StageTimes()
@@ -262,8 +312,7 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(windows) for _, windows, _ in planned), unit="clip", desc="index",
-                   dynamic_ncols=True)
+        bar = tqdm(total=sum(len(windows) for _, windows, _ in planned), unit="clip", desc="index", dynamic_ncols=True)
     t_start = time.perf_counter()
     new_windows = 0
     committed = sum(v["done"] for v in data["videos"])
@@ -282,19 +331,29 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
                 if repaired:
                     notes.append({"path": str(path), "note": repaired})
             if entry is None:
-                entry = {"path": key, "uid": path.stem if path.stem not in ("0",) else path.parent.name,
-                         "fingerprint": _fingerprint(path), "fps": fps, "windows": len(windows), "done": 0,
-                         "shards": [], "labels": [w.label for w in windows] if settings.mode == "segments" else None,
-                         "number": max([v["number"] for v in data["videos"]], default=-1) + 1}
+                entry = {
+                    "path": key,
+                    "uid": path.stem if path.stem not in ("0",) else path.parent.name,
+                    "fingerprint": _fingerprint(path),
+                    "fps": fps,
+                    "windows": len(windows),
+                    "done": 0,
+                    "shards": [],
+                    "labels": [w.label for w in windows] if settings.mode == "segments" else None,
+                    "number": max([v["number"] for v in data["videos"]], default=-1) + 1,
+                }
                 data["videos"].append(entry)
                 by_path[key] = entry
             if bar is not None:
                 bar.update(entry["done"])
-            for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"]:], settings, warmed):
+            for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"] :], settings, warmed):
                 name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
                 # safetensors metadata must be UTF-8: a file name in another encoding keeps its bytes as \x escapes
-                _save_shard(out / name, tensors, {"model_id": runtime.model_id,
-                                                  "video": os.fsencode(key).decode("utf-8", "backslashreplace")})
+                _save_shard(
+                    out / name,
+                    tensors,
+                    {"model_id": runtime.model_id, "video": os.fsencode(key).decode("utf-8", "backslashreplace")},
+                )
                 entry["shards"].append({"file": name, "start": entry["done"], "count": len(part)})
                 entry["done"] += len(part)
                 data["updated"] = _now()
@@ -321,16 +380,24 @@ def build_index(out: str | os.PathLike, videos: list[str | os.PathLike], runtime
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - t_start
-    return {"index": str(out), "videos": len(data["videos"]), "windows": sum(v["done"] for v in data["videos"]),
-            "new_windows": new_windows, "seconds": round(seconds, 2), "backend": runtime.summary(),
-            "preprocessing": pipe.preprocessing,
-            "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds},
-            "succeeded": succeeded, "notes": notes,
-            "failed": failures_summary(failures)}
+    return {
+        "index": str(out),
+        "videos": len(data["videos"]),
+        "windows": sum(v["done"] for v in data["videos"]),
+        "new_windows": new_windows,
+        "seconds": round(seconds, 2),
+        "backend": runtime.summary(),
+        "preprocessing": pipe.preprocessing,
+        "ms_per_clip": {s: round(times.per_item_ms(s), 2) for s in times.seconds},
+        "succeeded": succeeded,
+        "notes": notes,
+        "failed": failures_summary(failures),
+    }
 
 
-def _plan(paths: list[Path], settings: IndexSettings, segments: dict | None, decode_backend: str,
-          progress: bool) -> tuple[list[tuple[Path, list[Window], float]], list, list[dict]]:
+def _plan(
+    paths: list[Path], settings: IndexSettings, segments: dict | None, decode_backend: str, progress: bool
+) -> tuple[list[tuple[Path, list[Window], float]], list, list[dict]]:
     """(path, windows, fps) of every video that opens, the failures of those that do not, and notes on those that
     open only partly ({path, note}: a truncated file is indexed as far as it decodes)."""
     planned, failures, notes = [], [], []
@@ -347,8 +414,9 @@ def _plan(paths: list[Path], settings: IndexSettings, segments: dict | None, dec
                     raise VideoReadError(path, "no_segments", "no segments given for this video")
                 windows, fps = segment_windows(path, segs, settings.frames, decode_backend, notes=said)
             else:
-                windows, fps = plan_windows(path, settings.frames, settings.window_sec, settings.stride_sec,
-                                            backend=decode_backend, notes=said)
+                windows, fps = plan_windows(
+                    path, settings.frames, settings.window_sec, settings.stride_sec, backend=decode_backend, notes=said
+                )
         except VideoReadError as exc:  # this file cannot be read: report it, index the others
             failures.append(failure_of(path, exc))
             continue
@@ -368,8 +436,9 @@ def _timed(pipe: ClipPipeline, warmed: set[str], stage: str, call, clips: np.nda
     return out
 
 
-def _encoded_parts(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: list[Window], s: IndexSettings,
-                   warmed: set[str]):
+def _encoded_parts(
+    runtime: Runtime, pipe: ClipPipeline, path: Path, windows: list[Window], s: IndexSettings, warmed: set[str]
+):
     """(windows of a part, its shard tensors) for consecutive parts of `commit_every` windows: one decoding pass
     over the file (`ClipPipeline.batches`: decoded in a background thread while the engines encode), batches of
     `s.batch` cut at the parts."""
@@ -384,8 +453,10 @@ def _encoded_parts(runtime: Runtime, pipe: ClipPipeline, path: Path, windows: li
         if end - first < s.commit_every and end < len(windows):
             continue
         part = windows[first:end]
-        tensors = {"embeddings": np.concatenate(emb).astype(np.float32),
-                   "timestamps": np.array([[w.start_sec, w.end_sec] for w in part], np.float64)}
+        tensors = {
+            "embeddings": np.concatenate(emb).astype(np.float32),
+            "timestamps": np.array([[w.start_sec, w.end_sec] for w in part], np.float64),
+        }
         if s.prefixes:
             tensors["video_prefix"] = np.concatenate(pre)
         yield part, tensors
@@ -398,8 +469,12 @@ def _remove_unlisted_shards(out: Path, data: dict) -> None:
     listed = {s.get("file") for v in data["videos"] for s in v["shards"]}
     for folder, names in ((out / "shards", (SHARD_NAME, SHARD_TEMP)), (out, (INDEX_TEMP,))):
         for p in folder.iterdir():
-            if (any(n.fullmatch(p.name) for n in names) and f"shards/{p.name}" not in listed and p.is_file()
-                    and not p.is_symlink()):
+            if (
+                any(n.fullmatch(p.name) for n in names)
+                and f"shards/{p.name}" not in listed
+                and p.is_file()
+                and not p.is_symlink()
+            ):
                 p.unlink()
 
 
@@ -410,7 +485,7 @@ def _uncommit_broken_shards(out: Path, data: dict, entry: dict) -> str | None:
     for i, s in enumerate(entry["shards"]):
         try:
             read_shard(out, data, entry, s, advice="")
-        except IndexError_ as exc:
+        except IndexFileError as exc:
             entry["shards"] = entry["shards"][:i]
             entry["done"] = sum(k["count"] for k in entry["shards"])
             _write_json(out / INDEX_FILE, data)
@@ -461,10 +536,10 @@ class Hit:
 class MomentIndex:
     """A read-only view of an index: all embeddings in memory, prefixes read on demand per hit."""
 
-    def __init__(self, directory: str | os.PathLike):
+    def __init__(self, directory: str | os.PathLike) -> None:
         self.dir = Path(directory)
         if not self.dir.is_dir():
-            raise IndexError_(f"{self.dir}: no such index directory")
+            raise IndexFileError(f"{self.dir}: no such index directory")
         self.data = read_index_json(self.dir)
         emb, ts, self.rows = [], [], []  # rows: (video number in data['videos'], shard file, row in shard, window)
         for vi, v in enumerate(self.data["videos"]):
@@ -491,27 +566,44 @@ class MomentIndex:
         from safetensors import SafetensorError, safe_open
 
         if not self.has_prefixes:
-            raise IndexError_(f"{self.dir}: built without fusion prefixes; rebuild it with --prefixes to re-rank")
+            raise IndexFileError(f"{self.dir}: built without fusion prefixes; rebuild it with --prefixes to re-rank")
         out = []
         for r in rows:
             _, file, i, _ = self.rows[r]
             path = shard_path(self.dir, file)
             try:  # checked at load; read again here, so a shard changed since then is reported, not a crash
                 with safe_open(str(path), framework="numpy") as f:
-                    out.append(f.get_slice("video_prefix")[i:i + 1])
+                    out.append(f.get_slice("video_prefix")[i : i + 1])
             except (OSError, SafetensorError) as exc:
-                raise IndexError_(f"{path}: unreadable shard ({exc}); {REPAIR}") from exc
+                raise IndexFileError(f"{path}: unreadable shard ({exc}); {REPAIR}") from exc
         return np.concatenate(out).astype(np.float32)
 
     def hit(self, rank: int, row: int, score: float, dual: float, vtm: float | None = None) -> Hit:
         vi = self.rows[row][0]
         v = self.data["videos"][vi]
         start, end = self.timestamps[row]
-        return Hit(rank, v["path"], v["uid"], self.names[v["path"]], float(start), float(end), float(score),
-                   float(dual), None if vtm is None else float(vtm), self.label(row))
+        return Hit(
+            rank,
+            v["path"],
+            v["uid"],
+            self.names[v["path"]],
+            float(start),
+            float(end),
+            float(score),
+            float(dual),
+            None if vtm is None else float(vtm),
+            self.label(row),
+        )
 
-    def search(self, runtime: Runtime, query: str, top: int = 5, rerank: int = 0,
-               rerank_score: str = "ensemble", text=None) -> list[Hit]:
+    def search(
+        self,
+        runtime: Runtime,
+        query: str,
+        top: int = 5,
+        rerank: int = 0,
+        rerank_score: str = "ensemble",
+        text: TextOutput | None = None,
+    ) -> list[Hit]:
         """Top `top` moments for `query`; with rerank=K the dual top K are re-scored by the fusion head over their
         cached prefixes. rerank_score: 'vtm' (match probability) or 'ensemble' (cosine + probability, the official
         EgoMCQ ensemble)."""

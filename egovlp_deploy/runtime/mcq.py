@@ -9,8 +9,9 @@ The file is read and checked by the EgoMCQ reader `egovlp-deploy eval` uses (dat
 read: a file one of them rejects, the other rejects with the same DataError naming the question's key. The one
 difference: a question may leave out `answer` here (it is answered, not scored).
 
-Scores per choice, as the official validation: dual (cosine of the projected embeddings), fusion (VTM match
-probability over the clip's and the narration's prefixes) and ensemble (their sum).
+Scores per choice come from `evaluation.choice_scores` and the accuracy from `metrics.egomcq_accuracy`, the two
+functions `egovlp-deploy eval` uses: dual (cosine of the projected embeddings), fusion (VTM match probability over the
+clip's and the narration's prefixes) and ensemble (their sum).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..decoding import read_egoclip_clip
+from ..evaluation import MODES, choice_scores
+from ..metrics import egomcq_accuracy
+from .clip_pipeline import ClipPipeline
 from .engines import Runtime
-from .pipeline import ClipPipeline
 
-MODES = ("dual", "fusion", "ensemble")
 NUM_CHOICES = 5  # EgoMCQ's, as `egovlp-deploy eval` requires
 
 
@@ -40,14 +44,26 @@ def _load_questions(path: str | Path, video_root: str | Path | None = None) -> l
     entries = read_egomcq(path, video_root, NUM_CHOICES, NUM_VERBS, NUM_NOUNS, rows, require_answer=False)
     if not entries:
         raise rows.fail("all entries", "no question (expected an EgoMCQ object keyed '0', '1', ...)")
-    return [{"key": e.key, "text": e.text, "choices": [(c.video_uid, c.start_sec, c.end_sec) for c in e.choices],
-             "answer": e.answer, "type": e.type} for e in entries]
+    return [
+        {
+            "key": e.key,
+            "text": e.text,
+            "choices": [(c.video_uid, c.start_sec, c.end_sec) for c in e.choices],
+            "answer": e.answer,
+            "type": e.type,
+        }
+        for e in entries
+    ]
 
 
-def answer_mcq(questions_json: str | Path, video_root: str | Path, runtime: Runtime, max_questions: int | None = None,
-               progress: bool = True, decode_backend: str = "auto") -> dict:
-    from egovlp_deploy.video import read_egoclip_clip
-
+def answer_mcq(
+    questions_json: str | Path,
+    video_root: str | Path,
+    runtime: Runtime,
+    max_questions: int | None = None,
+    progress: bool = True,
+    decode_backend: str = "auto",
+) -> dict:
     questions = _load_questions(questions_json, video_root)[:max_questions]
     cfg = runtime.folder.config.video
     pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)
@@ -56,42 +72,59 @@ def answer_mcq(questions_json: str | Path, video_root: str | Path, runtime: Runt
         from tqdm import tqdm
 
         it = tqdm(questions, desc="mcq", unit="question", dynamic_ncols=True)
-    results, t0 = [], time.perf_counter()
+    results, all_scores, t0 = [], [], time.perf_counter()
     for q in it:
         t = time.perf_counter()
-        frames = np.stack([read_egoclip_clip(video_root, uid, s, e, cfg.num_frames, "uniform",
-                                             backend=decode_backend).numpy() for uid, s, e in q["choices"]])
+        frames = np.stack(
+            [
+                read_egoclip_clip(video_root, uid, s, e, cfg.num_frames, "uniform", backend=decode_backend).numpy()
+                for uid, s, e in q["choices"]
+            ]
+        )
         pipe.times.add("decode", time.perf_counter() - t, len(frames))
-        import torch
-
         clips = pipe.preprocess(torch.from_numpy(frames))
         text = runtime.text_encoder.encode([q["text"]])
-        v = runtime.video_encoder.encode(clips)
-        tv = text.embedding[0] / max(np.linalg.norm(text.embedding[0]), 1e-12)
-        dual = (v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)) @ tv
-        fusion = runtime.fusion.score_prefixes(runtime.video_encoder.fusion_prefix(clips), text.prefix[:1],
-                                               text.mask[:1])
-        scores = {"dual": dual, "fusion": fusion, "ensemble": dual + fusion}
-        results.append({"key": q["key"], "text": q["text"], "answer": q["answer"], "type": q["type"],
-                        "predicted": {m: int(np.argmax(s)) for m, s in scores.items()},
-                        "scores": {m: [round(float(x), 5) for x in s] for m, s in scores.items()}})
-    summary = {"questions": len(results), "seconds": round(time.perf_counter() - t0, 2),
-               "backend": runtime.summary(), "accuracy": accuracy(results), "results": results}
-    return summary
+        video = runtime.video_encoder.encode(clips)
+        match = runtime.fusion.score_prefixes(
+            runtime.video_encoder.fusion_prefix(clips), text.prefix[:1], text.mask[:1]
+        )
+        as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731  (fp16 engines too)
+        scores = {
+            m: s[0]
+            for m, s in choice_scores(
+                as_tensor(text.embedding[:1]), as_tensor(video)[None], as_tensor(match)[None]
+            ).items()
+        }
+        results.append(
+            {
+                "key": q["key"],
+                "text": q["text"],
+                "answer": q["answer"],
+                "type": q["type"],
+                "predicted": {m: int(torch.argmax(s)) for m, s in scores.items()},
+                "scores": {m: [round(float(x), 5) for x in s] for m, s in scores.items()},
+            }
+        )
+        all_scores.append(scores)
+    return {
+        "questions": len(results),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "backend": runtime.summary(),
+        "accuracy": accuracy(results, all_scores),
+        "results": results,
+    }
 
 
-def accuracy(results: list[dict]) -> dict:
-    """{mode: {'all': %, 'Inter-video': %, 'Intra-video': %}} over the questions that have an answer."""
+def accuracy(results: list[dict], scores: list[dict[str, torch.Tensor]]) -> dict:
+    """{mode: {'all': %, 'Inter-video': %, 'Intra-video': %}} over the questions that have an answer; `scores`
+    holds each question's unrounded (C,) scores per mode."""
+    answered = [i for i, r in enumerate(results) if r["answer"] is not None]
+    if not answered:
+        return {m: {} for m in MODES}
+    answers = torch.tensor([results[i]["answer"] for i in answered])
+    types = torch.tensor([results[i]["type"] for i in answered])
     out = {}
     for m in MODES:
-        groups: dict[str, list[bool]] = {}
-        for r in results:
-            if r["answer"] is None:
-                continue
-            ok = r["predicted"][m] == r["answer"]
-            groups.setdefault("all", []).append(ok)
-            name = {1: "Inter-video", 2: "Intra-video"}.get(r["type"])
-            if name:
-                groups.setdefault(name, []).append(ok)
-        out[m] = {k: round(100.0 * sum(v) / len(v), 1) for k, v in groups.items()}
+        percent = egomcq_accuracy(torch.stack([scores[i][m] for i in answered]), answers, types, include_all=True)
+        out[m] = {k: round(v, 1) for k, v in percent.items()}
     return out

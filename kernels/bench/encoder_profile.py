@@ -30,8 +30,11 @@ CATEGORIES = [
     ("attention", r"divided_attention|cross_attention|combine_splits|flash|fmha|attention|softmax|sdpa"),
     ("GEMM", r"gemm|cutlass|xmma|cublas|matmul|addmm|\bmm\b|aten::mm|aten::bmm|aten::linear|conv"),
     ("normalisation", r"layer_norm|layernorm|norm"),
-    ("elementwise", r"elementwise|vectorized|reduce|add|mul|gelu|copy|cat|index|fill|clone|contiguous|transpose|"
-                    r"view|reshape|permute|expand|to_copy|neg|div|sub|exp"),
+    (
+        "elementwise",
+        r"elementwise|vectorized|reduce|add|mul|gelu|copy|cat|index|fill|clone|contiguous|transpose|"
+        r"view|reshape|permute|expand|to_copy|neg|div|sub|exp",
+    ),
 ]
 
 
@@ -43,15 +46,26 @@ def category(name: str) -> str:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="bench_results/profile", metavar="DIR",
-                        help="output folder for profile.json, profile.md, profile.png (default: %(default)s)")
+    parser.add_argument(
+        "--out",
+        default="bench_results/profile",
+        metavar="DIR",
+        help="output folder for profile.json, profile.md, profile.png (default: %(default)s)",
+    )
     parser.add_argument("--model", choices=("base", "tiny"), default="base", help="tower size (default: base)")
     parser.add_argument("--frames", type=int, default=16, help="frames per clip (default: 16)")
     parser.add_argument("--batch", type=int, default=1, help="clips per call (default: 1)")
-    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
-                        help="GPU dtype (default: fp16; the CPU always runs fp32)")
-    parser.add_argument("--attention", default="triton", help="attention backend (default: triton on CUDA, the "
-                                                              "reference math on the CPU)")
+    parser.add_argument(
+        "--dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default="fp16",
+        help="GPU dtype (default: fp16; the CPU always runs fp32)",
+    )
+    parser.add_argument(
+        "--attention",
+        default="triton",
+        help="attention backend (default: triton on CUDA, the reference math on the CPU)",
+    )
     parser.add_argument("--iters", type=int, default=20, help="profiled calls (default: 20)")
     parser.add_argument("--top", type=int, default=15, help="kernels listed (default: 15)")
 
@@ -92,32 +106,46 @@ def profile_tower(tower, video, iters: int, device: str) -> dict:
     for name, ms in per_kernel.items():
         shares[category(name)] = shares.get(category(name), 0.0) + ms
     top = sorted(per_kernel.items(), key=lambda kv: -kv[1])
-    return {"wall_ms": statistics.median(walls), "wall_ms_min": min(walls),
-            "busy_ms": busy if cuda else None, "self_cpu_ms": None if cuda else busy,
-            "launches_per_call": launches / iters,
-            "categories": {k: {"ms": v, "share": v / busy if busy else None}
-                           for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
-            "kernels": [{"name": n, "ms": ms, "share": ms / busy if busy else None, "category": category(n)}
-                        for n, ms in top]}
+    return {
+        "wall_ms": statistics.median(walls),
+        "wall_ms_min": min(walls),
+        "busy_ms": busy if cuda else None,
+        "self_cpu_ms": None if cuda else busy,
+        "launches_per_call": launches / iters,
+        "categories": {
+            k: {"ms": v, "share": v / busy if busy else None} for k, v in sorted(shares.items(), key=lambda kv: -kv[1])
+        },
+        "kernels": [
+            {"name": n, "ms": ms, "share": ms / busy if busy else None, "category": category(n)} for n, ms in top
+        ],
+    }
 
 
 def _markdown(result: dict, top: int) -> str:
     m, p = result["meta"], result["profile"]
     unit = "GPU" if p["busy_ms"] is not None else "self CPU"
     total = p["busy_ms"] if p["busy_ms"] is not None else p["self_cpu_ms"]
-    lines = [f"Dual video encoder profile: {m['model']} tower, B={m['batch']}, F={m['frames']}, {m['dtype']}, "
-             f"{m['attention']} attention; device {m['device']}; torch {m['torch']}; git {m['git_sha']}; "
-             f"{m['iters']} profiled calls", "",
-             f"| wall ms / call | {unit} ms / call | busy / wall | "
-             + ("kernel launches" if p["busy_ms"] is not None else "operators") + " / call |", "|---:|---:|---:|---:|",
-             f"| {p['wall_ms']:.3f} | {total:.3f} | "
-             + (f"{p['busy_ms'] / p['wall_ms']:.0%}" if p["busy_ms"] is not None else "-")
-             + f" | {p['launches_per_call']:.0f} |", "",
-             f"| category | {unit} ms / call | share |", "|---|---:|---:|"]
+    lines = [
+        f"Dual video encoder profile: {m['model']} tower, B={m['batch']}, F={m['frames']}, {m['dtype']}, "
+        f"{m['attention']} attention; device {m['device']}; torch {m['torch']}; git {m['git_sha']}; "
+        f"{m['iters']} profiled calls",
+        "",
+        f"| wall ms / call | {unit} ms / call | busy / wall | "
+        + ("kernel launches" if p["busy_ms"] is not None else "operators")
+        + " / call |",
+        "|---:|---:|---:|---:|",
+        f"| {p['wall_ms']:.3f} | {total:.3f} | "
+        + (f"{p['busy_ms'] / p['wall_ms']:.0%}" if p["busy_ms"] is not None else "-")
+        + f" | {p['launches_per_call']:.0f} |",
+        "",
+        f"| category | {unit} ms / call | share |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {k} | {v['ms']:.3f} | {v['share']:.0%} |" for k, v in p["categories"].items()]
     lines += ["", f"| kernel (top {top}) | category | {unit} ms / call | share |", "|---|---|---:|---:|"]
-    lines += [f"| `{k['name'][:90]}` | {k['category']} | {k['ms']:.4f} | {k['share']:.1%} |"
-              for k in p["kernels"][:top]]
+    lines += [
+        f"| `{k['name'][:90]}` | {k['category']} | {k['ms']:.4f} | {k['share']:.1%} |" for k in p["kernels"][:top]
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -135,8 +163,11 @@ def _plot(result: dict, path: Path) -> None:
     ax.barh(labels[::-1], values[::-1], color=["gray"] + ["tab:blue"] * (len(labels) - 1))
     unit = "GPU" if p["busy_ms"] is not None else "self CPU"
     ax.set_xlabel(f"ms per call ({unit} time by category; wall time last)")
-    ax.set_title(f"{m['model']} video encoder, B={m['batch']} F={m['frames']} {m['dtype']}, {m['attention']} "
-                 f"attention, {m['device']}", fontsize=9)
+    ax.set_title(
+        f"{m['model']} video encoder, B={m['batch']} F={m['frames']} {m['dtype']}, {m['attention']} "
+        f"attention, {m['device']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -151,27 +182,42 @@ def run(args) -> int:
     if args.iters < 1 or args.batch < 1 or args.frames < 1:
         raise ValueError("--iters, --batch and --frames must be >= 1")
     from egovlp_deploy.config import EgoVLPv2Config
-    from egovlp_deploy.model.video import SpaceTimeTransformer
+    from egovlp_deploy.model.video_tower import SpaceTimeTransformer
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     attention = args.attention
     if device == "cpu":
         dtype, attention = torch.float32, "reference"  # the kernels would run in the interpreter: not a profile
-    config = (EgoVLPv2Config.tiny(num_frames=args.frames) if args.model == "tiny"
-              else EgoVLPv2Config.base(num_frames=args.frames))
+    config = (
+        EgoVLPv2Config.tiny(num_frames=args.frames)
+        if args.model == "tiny"
+        else EgoVLPv2Config.base(num_frames=args.frames)
+    )
     v = config.video
     tower = SpaceTimeTransformer(v, config.num_fuse_blocks, v.width).to(device, dtype).eval()
     for m in tower.modules():
         if hasattr(m, "attention_backend"):
             m.attention_backend = attention
     video = torch.randn(args.batch, v.num_frames, 3, v.img_size, v.img_size, device=device, dtype=dtype)
-    device_name = (torch.cuda.get_device_name(0) if device == "cuda"
-                   else f"cpu ({platform.processor() or platform.machine()})")
-    result = {"meta": {"model": args.model, "batch": args.batch, "frames": args.frames,
-                       "dtype": str(dtype).replace("torch.", ""), "attention": attention, "device": device_name,
-                       "torch": torch.__version__, "git_sha": _git_sha(), "iters": args.iters,
-                       "machine": platform.platform(), "cpu_count": os.cpu_count()},
-              "profile": profile_tower(tower, video, args.iters, device)}
+    device_name = (
+        torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    )
+    result = {
+        "meta": {
+            "model": args.model,
+            "batch": args.batch,
+            "frames": args.frames,
+            "dtype": str(dtype).replace("torch.", ""),
+            "attention": attention,
+            "device": device_name,
+            "torch": torch.__version__,
+            "git_sha": _git_sha(),
+            "iters": args.iters,
+            "machine": platform.platform(),
+            "cpu_count": os.cpu_count(),
+        },
+        "profile": profile_tower(tower, video, args.iters, device),
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "profile.json", json.dumps(result, indent=1).encode())

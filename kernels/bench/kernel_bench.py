@@ -49,6 +49,7 @@ def _unsplit(fn):
     def call():
         with _one_split():
             return fn()
+
     return call
 
 
@@ -69,14 +70,20 @@ class Row:
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--out", default="bench_results/kernels", metavar="DIR",
-                        help="output folder for kernels.json, kernels.md, kernels.png (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny shapes, few repeats; on a CPU-only machine runs the Triton interpreter")
+    parser.add_argument(
+        "--out",
+        default="bench_results/kernels",
+        metavar="DIR",
+        help="output folder for kernels.json, kernels.md, kernels.png (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny shapes, few repeats; on a CPU-only machine runs the Triton interpreter",
+    )
     shapes = parser.add_argument_group("shapes (GPU run)")
     shapes.add_argument("--batches", default="1,8,32", help="batch sizes B (default: %(default)s)")
-    shapes.add_argument("--frames", dest="frame_counts", default="4,16",
-                        help="frame counts F (default: %(default)s)")
+    shapes.add_argument("--frames", dest="frame_counts", default="4,16", help="frame counts F (default: %(default)s)")
     shapes.add_argument("--text-lengths", default="15,30", help="text lengths L (default: %(default)s)")
     shapes.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default="fp16")
     shapes.add_argument("--backends", default=",".join(BACKENDS), help="subset of %(default)s")
@@ -89,8 +96,9 @@ def _timer(device: str, quick: bool):
         import triton.testing
 
         def gpu(fn):
-            return float(triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 200,
-                                                 return_mode="median"))
+            return float(
+                triton.testing.do_bench(fn, warmup=25 if quick else 100, rep=50 if quick else 200, return_mode="median")
+            )
 
         return gpu
 
@@ -161,12 +169,12 @@ def _cases(B, F, N, L, width, heads, dtype, device, backends, divided=True):
     import torch
 
     from ...model.attention import divided_attention_tokens, multihead_attention
-    from ...model.video import DividedSelfAttention
+    from ...model.video_tower import DividedSelfAttention
     from ..gated_cross_attention import gated_residual
 
     es = torch.finfo(dtype).bits // 8
     S, D = 1 + F * N, width // heads
-    scale = D ** -0.5
+    scale = D**-0.5
     g = torch.Generator(device=device).manual_seed(0)
 
     def rnd(*shape):
@@ -175,14 +183,17 @@ def _cases(B, F, N, L, width, heads, dtype, device, backends, divided=True):
     shape = f"B={B} F={F} N={N} L={L}"
     qkv = rnd(B, S, 3 * width)
     for mode in ("time", "space") if divided else ():
-        fns = {b: (lambda b=b, mode=mode: divided_attention_tokens(qkv, heads, F, mode, scale, b))
-               for b in ("reference", "sdpa", "triton") if b in backends}
+        fns = {
+            b: (lambda b=b, mode=mode: divided_attention_tokens(qkv, heads, F, mode, scale, b))
+            for b in ("reference", "sdpa", "triton")
+            if b in backends
+        }
         if "compile" in backends:
-            fns["compile"] = _compiled(lambda x, mode=mode: divided_attention_tokens(x, heads, F, mode, scale),
-                                       qkv)
+            fns["compile"] = _compiled(lambda x, mode=mode: divided_attention_tokens(x, heads, F, mode, scale), qkv)
         if "triton-1split" in backends:
-            fns["triton-1split"] = _unsplit(lambda mode=mode: divided_attention_tokens(qkv, heads, F, mode, scale,
-                                                                                     "triton"))
+            fns["triton-1split"] = _unsplit(
+                lambda mode=mode: divided_attention_tokens(qkv, heads, F, mode, scale, "triton")
+            )
         yield f"divided core {mode}", f"B={B} F={F} N={N}", fns, 4 * B * S * width * es
 
     # Whole divided block: LN + qkv + time attention + proj, then LN + qkv + space attention + proj (no MLP).
@@ -203,17 +214,23 @@ def _cases(B, F, N, L, width, heads, dtype, device, backends, divided=True):
     text_kv = rnd(B, L, 2 * width)
     k_t, v_t = text_kv.chunk(2, dim=-1)
     bias = torch.zeros(B, 1, 1, L, device=device, dtype=dtype)
-    bias[-1, ..., L // 2:] = torch.finfo(dtype).min
+    bias[-1, ..., L // 2 :] = torch.finfo(dtype).min
     q_v = rnd(B, S, width)
-    fns = {b: (lambda b=b: multihead_attention(q_v, k_t, v_t, heads, scale, bias, b))
-           for b in ("reference", "sdpa", "triton") if b in backends}
+    fns = {
+        b: (lambda b=b: multihead_attention(q_v, k_t, v_t, heads, scale, bias, b))
+        for b in ("reference", "sdpa", "triton")
+        if b in backends
+    }
     if "compile" in backends:
         fns["compile"] = _compiled(lambda q: multihead_attention(q, k_t, v_t, heads, scale, bias), q_v)
     yield "cross core video<-text", shape + " (Lk=L)", fns, (2 * B * S * width + 2 * B * L * width + B * L) * es
 
     q_t, vk, vv = rnd(B, L, width), rnd(B, S, width), rnd(B, S, width)
-    fns = {b: (lambda b=b: multihead_attention(q_t, vk, vv, heads, scale, None, b))
-           for b in ("reference", "sdpa", "triton") if b in backends}
+    fns = {
+        b: (lambda b=b: multihead_attention(q_t, vk, vv, heads, scale, None, b))
+        for b in ("reference", "sdpa", "triton")
+        if b in backends
+    }
     if "compile" in backends:
         fns["compile"] = _compiled(lambda q: multihead_attention(q, vk, vv, heads, scale), q_t)
     if "triton-1split" in backends:
@@ -253,7 +270,7 @@ def _encoder_case(quick, dtype, device, backends):
     import torch
 
     from ...config import EgoVLPv2Config
-    from ...model.video import SpaceTimeTransformer
+    from ...model.video_tower import SpaceTimeTransformer
 
     config = EgoVLPv2Config.tiny(num_frames=2) if quick else EgoVLPv2Config.base(num_frames=16)
     v = config.video
@@ -275,17 +292,22 @@ def _markdown(meta: dict, rows: list[Row]) -> str:
     def f(x, spec):
         return "-" if x is None else format(x, spec)
 
-    lines = [f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, triton {meta['triton']}; "
-             f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; git {meta['git_sha']}; {meta['mode']}", "",
-             "| case | shape | backend | ms | graph ms | speedup | max rel err | bytes moved / min | GB/s | of copy BW "
-             "| note |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, triton {meta['triton']}; "
+        f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; git {meta['git_sha']}; {meta['mode']}",
+        "",
+        "| case | shape | backend | ms | graph ms | speedup | max rel err | bytes moved / min | GB/s | of copy BW "
+        "| note |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rows:
         ratio = None if r.bytes_moved is None or not r.min_bytes else r.bytes_moved / r.min_bytes
-        lines.append(f"| {r.case} | {r.shape} | {r.backend} | {f(r.ms, '.4f')} | {f(r.graph_ms, '.4f')} | "
-                     f"{f(r.speedup, '.2f')} | "
-                     f"{f(r.max_rel_err, '.1e')} | {f(ratio, '.1f')} | {f(r.gbps, '.0f')} | "
-                     f"{f(r.copy_fraction, '.0%')} | {r.note} |")
+        lines.append(
+            f"| {r.case} | {r.shape} | {r.backend} | {f(r.ms, '.4f')} | {f(r.graph_ms, '.4f')} | "
+            f"{f(r.speedup, '.2f')} | "
+            f"{f(r.max_rel_err, '.1e')} | {f(ratio, '.1f')} | {f(r.gbps, '.0f')} | "
+            f"{f(r.copy_fraction, '.0%')} | {r.note} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -322,8 +344,10 @@ def run(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         if not args.quick:
-            raise ValueError("the kernel benchmark needs a CUDA GPU; --quick runs tiny shapes in the Triton "
-                             "interpreter to check the plumbing")
+            raise ValueError(
+                "the kernel benchmark needs a CUDA GPU; --quick runs tiny shapes in the Triton "
+                "interpreter to check the plumbing"
+            )
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
     import triton
 
@@ -341,16 +365,19 @@ def run(args) -> int:
         shapes, width, heads = [(1, 2, 9, 5)], 32, 2
     else:
         ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
-        shapes = [(B, F, 196, L) for B in ints(args.batches) for F in ints(args.frame_counts)
-                  for L in ints(args.text_lengths)]
+        shapes = [
+            (B, F, 196, L) for B in ints(args.batches) for F in ints(args.frame_counts) for L in ints(args.text_lengths)
+        ]
         width, heads = 768, 12
 
     copy_gbps = copy_bandwidth(device, timer)
     rows: list[Row] = []
     first_L = {}
-    cases = (c for B, F, N, L in shapes
-             for c in _cases(B, F, N, L, width, heads, dtype, device, backends,
-                             divided=first_L.setdefault((B, F), L) == L))
+    cases = (
+        c
+        for B, F, N, L in shapes
+        for c in _cases(B, F, N, L, width, heads, dtype, device, backends, divided=first_L.setdefault((B, F), L) == L)
+    )
     if not args.no_encoder:
         cases = itertools.chain(cases, [None])  # built lazily: the base tower is large
     meta = _meta(device, dtype, copy_gbps, args.quick, triton.__version__)
@@ -389,8 +416,11 @@ def run(args) -> int:
         for r in case_rows:
             r.speedup = ref / r.ms if ref and r.ms else None
         rows += case_rows
-        print(f"{case:<28} {shape:<40} " + "  ".join(f"{r.backend}={r.ms:.3f}ms" if r.ms else f"{r.backend}=fail"
-                                                       for r in case_rows), flush=True)
+        print(
+            f"{case:<28} {shape:<40} "
+            + "  ".join(f"{r.backend}={r.ms:.3f}ms" if r.ms else f"{r.backend}=fail" for r in case_rows),
+            flush=True,
+        )
         _write(Path(args.out), meta, rows, plot=False)  # a run cut short still leaves its rows
     _write(Path(args.out), meta, rows, plot=True)
     print(f"wrote {args.out}/kernels.json, kernels.md, kernels.png")
@@ -401,10 +431,15 @@ def _meta(device, dtype, copy_gbps, quick, triton_version) -> dict:
     import torch
 
     return {
-        "device": torch.cuda.get_device_name(0) if device == "cuda" else f"CPU ({platform.processor() or 'x86_64'}, "
-                                                                          "Triton interpreter)",
-        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "triton": triton_version,
-        "copy_gbps": copy_gbps, "git_sha": _git_sha(), "mode": "quick" if quick else "full",
+        "device": torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else f"CPU ({platform.processor() or 'x86_64'}, Triton interpreter)",
+        "dtype": str(dtype).replace("torch.", ""),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "copy_gbps": copy_gbps,
+        "git_sha": _git_sha(),
+        "mode": "quick" if quick else "full",
         "timer": "triton.testing.do_bench median" if device == "cuda" else "median of 3 wall-clock runs",
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

@@ -33,23 +33,45 @@ DECODE_CLIP_FRAMES = 64
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
-    g.add_argument("--inputs", default="256p,720p,1080p",
-                   help=f"comma-separated input resolutions from {', '.join(INPUTS)} (default: 256p,720p,1080p)")
+    g.add_argument(
+        "--inputs",
+        default="256p,720p,1080p",
+        help=f"comma-separated input resolutions from {', '.join(INPUTS)} (default: 256p,720p,1080p)",
+    )
     # dest differs from the flag: cli.main validates a scalar `args.frames` (the model's frame count) for every command
-    g.add_argument("--frames", dest="frame_counts", type=int, nargs="+", default=[4, 16], metavar="T",
-                   help="frames per clip (default: 4 16)")
+    g.add_argument(
+        "--frames",
+        dest="frame_counts",
+        type=int,
+        nargs="+",
+        default=[4, 16],
+        metavar="T",
+        help="frames per clip (default: 4 16)",
+    )
     g.add_argument("--size", type=int, default=224, help="output side S (default: 224)")
-    g.add_argument("--variant", choices=("egoclip", "epic"), default="egoclip",
-                   help="eval transform: egoclip (256 -> crop 256 -> 224) or epic (224 -> crop 224) (default: egoclip)")
+    g.add_argument(
+        "--variant",
+        choices=("egoclip", "epic"),
+        default="egoclip",
+        help="eval transform: egoclip (256 -> crop 256 -> 224) or epic (224 -> crop 224) (default: egoclip)",
+    )
     t = parser.add_argument_group("timing")
     t.add_argument("--threads", type=int, default=None, help="threads for both paths (default: torch's current count)")
     t.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the median is reported")
     t.add_argument("--warmup", type=int, default=2, help="untimed runs first")
     t.add_argument("--no-decode", action="store_true", help="skip the decord/PyAV decode timings")
-    t.add_argument("--quick", action="store_true",
-                   help="a seconds-long smoke run (48x64 input, 2 frames, S=32, 2 repeats) for tests")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/preprocess"), metavar="DIR",
-                        help="where preprocess.json/.md/.png go (default: bench_results/preprocess)")
+    t.add_argument(
+        "--quick",
+        action="store_true",
+        help="a seconds-long smoke run (48x64 input, 2 frames, S=32, 2 repeats) for tests",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_results/preprocess"),
+        metavar="DIR",
+        help="where preprocess.json/.md/.png go (default: bench_results/preprocess)",
+    )
 
 
 def _machine() -> dict:
@@ -57,11 +79,15 @@ def _machine() -> dict:
     from egovlp_deploy import preprocess
 
     native = dict(preprocess._C.build_info()) if preprocess.available() else None
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "extension": native}
-
-
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "extension": native,
+    }
 
 
 def _write_clip(path: Path, height: int, width: int, frames: int) -> None:
@@ -85,7 +111,7 @@ def _write_clip(path: Path, height: int, width: int, frames: int) -> None:
 
 
 def _decode_ms(path: Path, num_frames: int, repeats: int, warmup: int) -> dict:
-    from egovlp_deploy import video
+    from egovlp_deploy import decoding as video
 
     step = DECODE_CLIP_FRAMES / num_frames
     indices = [int(step * i + step / 2) for i in range(num_frames)]  # segment middles, the eval sampling
@@ -142,23 +168,27 @@ def _plot(report: dict, path: Path) -> None:
 
 def _markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"Preprocessing, eval transform '{report['config']['variant']}' -> {report['config']['size']}x"
-             f"{report['config']['size']}, {report['threads']} thread(s) for both paths; {m['cpu']} "
-             f"({m['logical_cpus']} logical CPUs), torch {m['torch']}; git {report['git_sha']}; load average "
-             f"{report['load_average_before'][0]:.2f} before / {report['load_average_after'][0]:.2f} after.",
-             "",
-             "| input | frames | torch ref (ms) | C++ fp32 (ms) | C++ fp16 (ms) | speedup fp32 | C++ fp32 out GB/s "
-             "| decode decord (ms) | decode PyAV (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Preprocessing, eval transform '{report['config']['variant']}' -> {report['config']['size']}x"
+        f"{report['config']['size']}, {report['threads']} thread(s) for both paths; {m['cpu']} "
+        f"({m['logical_cpus']} logical CPUs), torch {m['torch']}; git {report['git_sha']}; load average "
+        f"{report['load_average_before'][0]:.2f} before / {report['load_average_after'][0]:.2f} after.",
+        "",
+        "| input | frames | torch ref (ms) | C++ fp32 (ms) | C++ fp16 (ms) | speedup fp32 | C++ fp32 out GB/s "
+        "| decode decord (ms) | decode PyAV (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
 
     def fmt(v):
         return "-" if v is None else f"{v:.2f}"
 
     for r in report["rows"]:
         d = r.get("decode") or {}
-        lines.append(f"| {r['input']} ({r['height']}x{r['width']}) | {r['frames']} | {r['reference_ms']:.2f} | "
-                     f"{r['cpp_fp32_ms']:.2f} | {r['cpp_fp16_ms']:.2f} | {r['speedup']:.1f}x | "
-                     f"{r['cpp_fp32_out_gbps']:.2f} | {fmt(d.get('decord'))} | {fmt(d.get('pyav'))} |")
+        lines.append(
+            f"| {r['input']} ({r['height']}x{r['width']}) | {r['frames']} | {r['reference_ms']:.2f} | "
+            f"{r['cpp_fp32_ms']:.2f} | {r['cpp_fp16_ms']:.2f} | {r['speedup']:.1f}x | "
+            f"{r['cpp_fp32_out_gbps']:.2f} | {fmt(d.get('decord'))} | {fmt(d.get('pyav'))} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -198,35 +228,70 @@ def run(args) -> int:
                     g = torch.Generator().manual_seed(t * 10000 + height)
                     frames = torch.randint(0, 256, (t, height, width, 3), dtype=torch.uint8, generator=g)
                     ref = times_ms(lambda: eval_transform(frames, size, args.variant), repeats, warmup)
-                    fp32 = times_ms(lambda: preprocess.preprocess_clip(frames, size, args.variant,
-                                                                        num_threads=threads), repeats, warmup)
-                    fp16 = times_ms(lambda: preprocess.preprocess_clip(frames, size, args.variant,
-                                                                        dtype=torch.float16,
-                                                                        num_threads=threads), repeats, warmup)
+                    fp32 = times_ms(
+                        lambda: preprocess.preprocess_clip(frames, size, args.variant, num_threads=threads),
+                        repeats,
+                        warmup,
+                    )
+                    fp16 = times_ms(
+                        lambda: preprocess.preprocess_clip(
+                            frames, size, args.variant, dtype=torch.float16, num_threads=threads
+                        ),
+                        repeats,
+                        warmup,
+                    )
                     ref_ms, fp32_ms, fp16_ms = (statistics.median(x) for x in (ref, fp32, fp16))
                     out_bytes = t * 3 * size * size * 4
                     # medians are the reported numbers; the minima are kept too, as the machine may be shared
-                    row = {"input": name, "height": height, "width": width, "frames": t,
-                           "reference_ms": ref_ms, "cpp_fp32_ms": fp32_ms, "cpp_fp16_ms": fp16_ms,
-                           "reference_min_ms": min(ref), "cpp_fp32_min_ms": min(fp32), "cpp_fp16_min_ms": min(fp16),
-                           "speedup": ref_ms / fp32_ms, "cpp_fp32_out_gbps": out_bytes / (fp32_ms * 1e-3) / 1e9}
+                    row = {
+                        "input": name,
+                        "height": height,
+                        "width": width,
+                        "frames": t,
+                        "reference_ms": ref_ms,
+                        "cpp_fp32_ms": fp32_ms,
+                        "cpp_fp16_ms": fp16_ms,
+                        "reference_min_ms": min(ref),
+                        "cpp_fp32_min_ms": min(fp32),
+                        "cpp_fp16_min_ms": min(fp16),
+                        "speedup": ref_ms / fp32_ms,
+                        "cpp_fp32_out_gbps": out_bytes / (fp32_ms * 1e-3) / 1e9,
+                    }
                     if clip_path is not None:
                         row["decode"] = _decode_ms(clip_path, t, repeats, warmup)
                     rows.append(row)
-                    print(f"{name:>6} T={t:<3} ref {ref_ms:8.2f} ms  C++ fp32 {fp32_ms:7.2f} ms  fp16 {fp16_ms:7.2f} ms"
-                          f"  {row['speedup']:5.1f}x  {row['cpp_fp32_out_gbps']:.2f} GB/s"
-                          + (f"  decode decord {row['decode'].get('decord') or float('nan'):.1f} ms"
-                             f" PyAV {row['decode'].get('pyav') or float('nan'):.1f} ms" if "decode" in row else ""),
-                          flush=True)
+                    print(
+                        f"{name:>6} T={t:<3} ref {ref_ms:8.2f} ms  C++ fp32 {fp32_ms:7.2f} ms  fp16 {fp16_ms:7.2f} ms"
+                        f"  {row['speedup']:5.1f}x  {row['cpp_fp32_out_gbps']:.2f} GB/s"
+                        + (
+                            f"  decode decord {row['decode'].get('decord') or float('nan'):.1f} ms"
+                            f" PyAV {row['decode'].get('pyav') or float('nan'):.1f} ms"
+                            if "decode" in row
+                            else ""
+                        ),
+                        flush=True,
+                    )
     finally:
         torch.set_num_threads(previous_threads)
 
-    report = {"benchmark": "preprocess", "git_sha": git_sha(short=False), "threads": threads, "machine": _machine(),
-              "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(),
-              "config": {"size": size, "variant": args.variant, "repeats": repeats, "warmup": warmup,
-                         "quick": bool(args.quick), "statistic": "median ms per clip"},
-              "rows": rows}
+    report = {
+        "benchmark": "preprocess",
+        "git_sha": git_sha(short=False),
+        "threads": threads,
+        "machine": _machine(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "load_average_before": load_before,
+        "load_average_after": os.getloadavg(),
+        "config": {
+            "size": size,
+            "variant": args.variant,
+            "repeats": repeats,
+            "warmup": warmup,
+            "quick": bool(args.quick),
+            "statistic": "median ms per clip",
+        },
+        "rows": rows,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "preprocess.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "preprocess.md").write_text(_markdown(report))

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
 from egovlp_deploy.data import CharadesEgoDataset, DataError, load_charades_classes, parse_actions
-
 from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
+
 HEADER = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length"
-
-
 
 
 def test_row(vid="AB12EGO", actions="c092 11.90 21.20;c147 0.00 12.60", script="A person opens a door."):
@@ -63,8 +59,9 @@ def test_parse_actions_by_hand():
 
 
 def test_test_item_targets_and_whole_video_uniform_sampling(tmp_path, videos):
-    csv = write_test_csv(tmp_path / "CharadesEgo_v1_test_only1st.csv",
-                         [test_row(), test_row(vid="CD34EGO", actions="")])
+    csv = write_test_csv(
+        tmp_path / "CharadesEgo_v1_test_only1st.csv", [test_row(), test_row(vid="CD34EGO", actions="")]
+    )
     spy = Spy()
     ds = CharadesEgoDataset(csv, videos, num_frames=4, size=32, clip_reader=spy)
     item = ds[0]
@@ -73,7 +70,7 @@ def test_test_item_targets_and_whole_video_uniform_sampling(tmp_path, videos):
     assert item["text"] == "A person opens a door." and item["load_failed"] == 0
     # the whole 30-frame video: boundaries 0 7 15 22 30 -> middles (b + b' - 1) // 2
     assert spy.calls[0][1:3] == (None, None) and ids(spy.frames[0]) == [3, 10, 18, 25]
-    assert ds[1]["target"].sum() == 0                                   # no action: all-zero target
+    assert ds[1]["target"].sum() == 0  # no action: all-zero target
 
 
 def test_train_metadata_clip_and_one_hot_target(tmp_path, videos):
@@ -91,7 +88,7 @@ def test_train_metadata_clip_and_one_hot_target(tmp_path, videos):
 def test_class_prompts_are_line_from_char_5_of_the_first_csv_field(tmp_path):
     path = tmp_path / "Charades_v1_classes.txt"
     names = [f"c{i:03d} Class number {i}" for i in range(157)]
-    names[1] = "c001 Holding a cup, a glass"     # the official csv.reader keeps only the first field
+    names[1] = "c001 Holding a cup, a glass"  # the official csv.reader keeps only the first field
     path.write_text("\n".join(names) + "\n\n")
     prompts = load_charades_classes(path)
     assert len(prompts) == 157 and prompts[0] == "Class number 0" and prompts[1] == "Holding a cup"
@@ -124,9 +121,13 @@ def test_bad_rows_strict_raise_lax_skip(tmp_path, videos, case):
     assert len(ds) == 2 and [r for r, _ in ds.skipped_rows] == [3] and sum(ds.skip_counts.values()) == 1
 
 
-BAD_TRAIN = {"empty narration": "AB12EGO\t3\t0.5\t2.5\t ", "unknown class": "AB12EGO\t157\t0.5\t2.5\tx",
-             "negative class": "AB12EGO\t-1\t0.5\t2.5\tx", "end before start": "AB12EGO\t3\t2.5\t0.5\tx",
-             "non-numeric start": "AB12EGO\t3\tsoon\t0.5\tx"}
+BAD_TRAIN = {
+    "empty narration": "AB12EGO\t3\t0.5\t2.5\t ",
+    "unknown class": "AB12EGO\t157\t0.5\t2.5\tx",
+    "negative class": "AB12EGO\t-1\t0.5\t2.5\tx",
+    "end before start": "AB12EGO\t3\t2.5\t0.5\tx",
+    "non-numeric start": "AB12EGO\t3\tsoon\t0.5\tx",
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TRAIN))
@@ -152,4 +153,4 @@ def test_unreadable_video_strict_raises_lax_gives_black_clip(tmp_path, videos):
     lax = CharadesEgoDataset(csv, root, num_frames=4, size=16, strict=False)
     item = lax[0]
     assert item["load_failed"] == 1 and torch.equal(item["video"], black_clip(4, 16))
-    assert item["target"].nonzero().flatten().tolist() == [92, 147]   # the label survives a lax video failure
+    assert item["target"].nonzero().flatten().tolist() == [92, 147]  # the label survives a lax video failure

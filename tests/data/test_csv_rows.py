@@ -45,4 +45,5 @@ def test_a_bad_byte_in_the_header_is_fatal_in_any_mode(tmp_path):
 def test_utf8_text_is_read_as_is(tmp_path):
     path = write(tmp_path, [b"name,value", "café,1".encode()])
     assert [f for _, _, f in csv_records(path, RowFilter(path, strict=True), ("name",))] == [
-        {"name": "café", "value": "1"}]
+        {"name": "café", "value": "1"}
+    ]

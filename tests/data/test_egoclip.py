@@ -6,17 +6,12 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
 from egovlp_deploy.data import DataError, EgoClipDataset
 from egovlp_deploy.data.egoclip import EGOCLIP_COLUMNS
-
 from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
-
-
 
 
 def frame_ids(frames: torch.Tensor) -> list[int]:
@@ -24,10 +19,29 @@ def frame_ids(frames: torch.Tensor) -> list[int]:
     return [round((float(f[..., 0].float().mean()) - 4) / STEP) for f in frames]
 
 
-def row(uid="vid_a", dur=3.0, ntime=1.0, start=0.5, end=2.5, text="#C C opens the drawer", verbs="[3, 17]",
-        nouns="[0]", **over) -> dict:
-    fields = dict(video_uid=uid, video_dur=dur, narration_source="narration_pass_1", narration_ind=0,
-                  narration_time=ntime, clip_start=start, clip_end=end, clip_text=text, tag_verb=verbs, tag_noun=nouns)
+def row(
+    uid="vid_a",
+    dur=3.0,
+    ntime=1.0,
+    start=0.5,
+    end=2.5,
+    text="#C C opens the drawer",
+    verbs="[3, 17]",
+    nouns="[0]",
+    **over,
+) -> dict:
+    fields = dict(
+        video_uid=uid,
+        video_dur=dur,
+        narration_source="narration_pass_1",
+        narration_ind=0,
+        narration_time=ntime,
+        clip_start=start,
+        clip_end=end,
+        clip_text=text,
+        tag_verb=verbs,
+        tag_noun=nouns,
+    )
     fields.update(over)
     return fields
 
@@ -51,7 +65,7 @@ class Spy:
     """Wraps a clip reader and keeps what it returned (the raw uint8 frames) and how it was called."""
 
     def __init__(self, reader=None):
-        from egovlp_deploy.video import read_egoclip_clip
+        from egovlp_deploy.decoding import read_egoclip_clip
 
         self.reader, self.calls, self.frames = reader or read_egoclip_clip, [], []
 
@@ -88,14 +102,14 @@ def test_train_rand_sampling_stays_in_segments_and_is_reproducible(tmp_path, vid
     ds = EgoClipDataset(csv, videos, num_frames=4, size=32, split="train", neg_window=None, clip_reader=spy, seed=3)
     first = ds[0]["video"]
     for ids in map(frame_ids, spy.frames):
-        assert all(b <= i <= b + 3 for i, b in zip(ids, (5, 10, 15, 20)))   # 'rand': [b_i, b_{i+1} - 2]
-    assert torch.equal(ds[0]["video"], first)        # same (seed, epoch, index): same frames, crop and flip
+        assert all(b <= i <= b + 3 for i, b in zip(ids, (5, 10, 15, 20)))  # 'rand': [b_i, b_{i+1} - 2]
+    assert torch.equal(ds[0]["video"], first)  # same (seed, epoch, index): same frames, crop and flip
     draws = set()
     for epoch in range(6):
         ds.set_epoch(epoch)
         ds[0]
         draws.add(tuple(frame_ids(spy.frames[-1])))
-    assert len(draws) > 1                            # epochs draw different frames
+    assert len(draws) > 1  # epochs draw different frames
 
 
 def bucket_rows() -> list[dict]:
@@ -107,8 +121,10 @@ def bucket_rows() -> list[dict]:
 def test_negative_comes_from_the_same_60s_bucket_and_is_deterministic(tmp_path, videos):
     rows = bucket_rows()
     csv = write_csv(tmp_path / "egoclip.csv", rows)
-    make = lambda seed: EgoClipDataset(csv, videos, num_frames=2, size=16, seed=seed, clip_reader=fake_reader,
-                                       check_files=False)
+
+    def make(seed):
+        return EgoClipDataset(csv, videos, num_frames=2, size=16, seed=seed, clip_reader=fake_reader, check_files=False)
+
     ds = make(0)
     bucket = {r["clip_text"]: (r["video_uid"], r["narration_time"] // 60) for r in rows}
     seen = {i: set() for i in range(len(rows))}
@@ -119,8 +135,8 @@ def test_negative_comes_from_the_same_60s_bucket_and_is_deterministic(tmp_path, 
             assert bucket[item["text_neg"]] == bucket[r["clip_text"]]
             assert item["verb_neg"].shape == (118,) and item["video_neg"].shape == (2, 3, 16, 16)
             seen[i].add(item["text_neg"])
-    assert seen[5] == {"vid_b at 30.0"}                        # alone in its bucket: the negative is itself
-    assert seen[0] == {r["clip_text"] for r in rows[:3]}        # every bucket member is drawn, itself included
+    assert seen[5] == {"vid_b at 30.0"}  # alone in its bucket: the negative is itself
+    assert seen[0] == {r["clip_text"] for r in rows[:3]}  # every bucket member is drawn, itself included
     ds.set_epoch(4)
     again = make(0)
     again.set_epoch(4)
@@ -167,7 +183,7 @@ def test_bad_rows_strict_raise_lax_skip(tmp_path, videos, case):
     csv = write_csv(tmp_path / "egoclip.csv", rows)
     with pytest.raises(DataError) as err:
         EgoClipDataset(csv, videos, num_frames=2, size=16)
-    assert str(csv) in str(err.value) and "line 3" in str(err.value)       # header is line 1
+    assert str(csv) in str(err.value) and "line 3" in str(err.value)  # header is line 1
     ds = EgoClipDataset(csv, videos, num_frames=2, size=16, strict=False, clip_reader=fake_reader)
     assert len(ds) == 2 and [r for r, _ in ds.skipped_rows] == [3] and sum(ds.skip_counts.values()) == 1
     assert {ds[0]["text"], ds[1]["text"]} == {"good one", "good two"}
@@ -197,7 +213,7 @@ def test_unreadable_video_strict_raises_lax_gives_black_clip(tmp_path, videos):
     root = tmp_path / "videos"
     data = (videos / "vid_a" / "0.mp4").read_bytes()
     (root / "vid_t").mkdir(parents=True)
-    (root / "vid_t" / "0.mp4").write_bytes(data[: len(data) // 3])      # truncated
+    (root / "vid_t" / "0.mp4").write_bytes(data[: len(data) // 3])  # truncated
     csv = write_csv(tmp_path / "egoclip.csv", [row(uid="vid_t")])
     strict = EgoClipDataset(csv, root, num_frames=4, size=32, split="val", neg_window=None)
     with pytest.raises(DataError) as err:

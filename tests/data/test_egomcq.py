@@ -6,29 +6,36 @@ import copy
 import json
 from pathlib import Path
 
-import av
-import numpy as np
 import pytest
 import torch
 
 from egovlp_deploy.data import DataError, EgoMCQDataset
-
 from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
 
 
-
-
 def clip(uid="vid_a", start=0.0, end=2.0, text="#C C opens the drawer", verbs="[1]", nouns="[2]") -> dict:
-    return {"video_uid": uid, "video_dur": 3.0, "narration_source": "narration_pass_1", "narration_ind": 0,
-            "narration_time": (start + end) / 2, "clip_start": start, "clip_end": end, "clip_text": text,
-            "tag_verb": verbs, "tag_noun": nouns}
+    return {
+        "video_uid": uid,
+        "video_dur": 3.0,
+        "narration_source": "narration_pass_1",
+        "narration_ind": 0,
+        "narration_time": (start + end) / 2,
+        "clip_start": start,
+        "clip_end": end,
+        "clip_text": text,
+        "tag_verb": verbs,
+        "tag_noun": nouns,
+    }
 
 
 def entry(answer=2, types=1) -> dict:
     # choice k covers [0.4 k, 0.4 k + 1.0] s, so its frames reveal which choice they came from
-    return {"types": types, "query": clip(text="#C C picks up the cup"),
-            "choices": {str(k): clip(start=0.4 * k, end=0.4 * k + 1.0, text=f"choice {k}") for k in range(5)},
-            "answer": answer}
+    return {
+        "types": types,
+        "query": clip(text="#C C picks up the cup"),
+        "choices": {str(k): clip(start=0.4 * k, end=0.4 * k + 1.0, text=f"choice {k}") for k in range(5)},
+        "answer": answer,
+    }
 
 
 def write_json(path: Path, data) -> Path:
@@ -48,7 +55,7 @@ def fake_reader(video_root, video_uid, start_sec, end_sec, num_frames, sample, r
 
 
 def test_item_layout_and_choice_order(tmp_path, videos):
-    from egovlp_deploy.video import read_egoclip_clip
+    from egovlp_deploy.decoding import read_egoclip_clip
 
     seen = []
 
@@ -70,8 +77,9 @@ def test_item_layout_and_choice_order(tmp_path, videos):
         assert ids == [4 * k + 2, 4 * k + 7]
     # the dataset's tensors are the eval transform of exactly those frames, in choice order
     from egovlp_deploy.transforms import eval_transform
+
     for k, frames in enumerate(seen):
-        # the C++ path (transforms.eval_clip) when built: the reference to float32 rounding (test_preprocess.py)
+        # the C++ path (preprocess.eval_clip) when built: the reference to float32 rounding (test_preprocess.py)
         torch.testing.assert_close(item["videos"][k], eval_transform(frames, 32, variant="egoclip"), rtol=0, atol=1e-5)
 
 
@@ -82,23 +90,67 @@ def test_entries_are_ordered_by_integer_key(tmp_path, videos):
 
 
 def _mutations() -> dict:
-    def choices_4(e): del e["choices"]["4"]
-    def choices_6(e): e["choices"]["5"] = clip()
-    def answer_5(e): e["answer"] = 5
-    def answer_neg(e): e["answer"] = -1
-    def answer_str(e): e["answer"] = "2"
-    def types_3(e): e["types"] = 3
-    def no_choices(e): del e["choices"]
-    def empty_query(e): e["query"]["clip_text"] = ""
-    def query_bad_tags(e): e["query"]["tag_verb"] = "[1,"
-    def choice_unknown_noun(e): e["choices"]["3"]["tag_noun"] = "[582]"
-    def choice_bad_time(e): e["choices"]["1"]["clip_start"] = "soon"
-    def choice_outside(e): e["choices"]["1"].update(clip_start=5.0, clip_end=6.0)
-    def choice_missing_video(e): e["choices"]["0"]["video_uid"] = "vid_missing"
-    def not_an_object(e): e.clear()
-    return {f.__name__: f for f in (choices_4, choices_6, answer_5, answer_neg, answer_str, types_3, no_choices,
-                                    empty_query, query_bad_tags, choice_unknown_noun, choice_bad_time,
-                                    choice_outside, choice_missing_video, not_an_object)}
+    def choices_4(e):
+        del e["choices"]["4"]
+
+    def choices_6(e):
+        e["choices"]["5"] = clip()
+
+    def answer_5(e):
+        e["answer"] = 5
+
+    def answer_neg(e):
+        e["answer"] = -1
+
+    def answer_str(e):
+        e["answer"] = "2"
+
+    def types_3(e):
+        e["types"] = 3
+
+    def no_choices(e):
+        del e["choices"]
+
+    def empty_query(e):
+        e["query"]["clip_text"] = ""
+
+    def query_bad_tags(e):
+        e["query"]["tag_verb"] = "[1,"
+
+    def choice_unknown_noun(e):
+        e["choices"]["3"]["tag_noun"] = "[582]"
+
+    def choice_bad_time(e):
+        e["choices"]["1"]["clip_start"] = "soon"
+
+    def choice_outside(e):
+        e["choices"]["1"].update(clip_start=5.0, clip_end=6.0)
+
+    def choice_missing_video(e):
+        e["choices"]["0"]["video_uid"] = "vid_missing"
+
+    def not_an_object(e):
+        e.clear()
+
+    return {
+        f.__name__: f
+        for f in (
+            choices_4,
+            choices_6,
+            answer_5,
+            answer_neg,
+            answer_str,
+            types_3,
+            no_choices,
+            empty_query,
+            query_bad_tags,
+            choice_unknown_noun,
+            choice_bad_time,
+            choice_outside,
+            choice_missing_video,
+            not_an_object,
+        )
+    }
 
 
 MUTATIONS = _mutations()

@@ -13,13 +13,24 @@ from egovlp_deploy.runtime.mcq import _load_questions, answer_mcq
 
 
 def clip(start=0.0, end=1.0, text="#C C opens the drawer") -> dict:
-    return {"video_uid": "vid_a", "video_dur": 900.0, "clip_start": start, "clip_end": end, "clip_text": text,
-            "tag_verb": "[1]", "tag_noun": "[2]"}
+    return {
+        "video_uid": "vid_a",
+        "video_dur": 900.0,
+        "clip_start": start,
+        "clip_end": end,
+        "clip_text": text,
+        "tag_verb": "[1]",
+        "tag_noun": "[2]",
+    }
 
 
 def question(**changes) -> dict:
-    q = {"types": 1, "query": clip(text="#C C picks up the cup"),
-         "choices": {str(k): clip(start=k, end=k + 1.0) for k in range(5)}, "answer": 2}
+    q = {
+        "types": 1,
+        "query": clip(text="#C C picks up the cup"),
+        "choices": {str(k): clip(start=k, end=k + 1.0) for k in range(5)},
+        "answer": 2,
+    }
     return q | changes
 
 
@@ -108,11 +119,10 @@ def test_mcq_checks_the_videos_exist_before_reading_any(tmp_path, video_root):
 
 def test_the_mcq_command_reports_a_bad_file_in_one_line(tmp_path, video_root, capsys, monkeypatch):
     from egovlp_deploy.cli import main
-    from egovlp_deploy.runtime import cli as runtime_cli
+    from egovlp_deploy.runtime import commands as runtime_commands
 
-    monkeypatch.setattr(runtime_cli, "_runtime", lambda args: None)  # no engines needed to reject the file
+    monkeypatch.setattr(runtime_commands, "_runtime", lambda args: None)  # no engines needed to reject the file
     path = write(tmp_path, question(answer=7))
     assert main(["mcq", str(path), "--video-root", str(video_root), "--engines", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"egovlp-deploy mcq: error: {path}: key '1': bad answer: answer 7 is not a choice index in [0, 5)"]
-

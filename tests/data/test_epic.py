@@ -5,22 +5,21 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
 from egovlp_deploy.data import DataError, EpicMIRDataset, load_relevancy
-
 from video_files import FPS, SIDE, STEP, write_video  # noqa: F401
-HEADER = ("narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,"
-          "stop_frame,narration,verb,verb_class,noun,noun_class,all_nouns,all_noun_classes")
 
-
+HEADER = (
+    "narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,"
+    "stop_frame,narration,verb,verb_class,noun,noun_class,all_nouns,all_noun_classes"
+)
 
 
 def line(nid="P01_01_0", start="00:00:00.50", stop="00:00:02.50", text="open drawer", pid="P01", vid="P01_01"):
-    return f'{nid},{pid},{vid},00:00:01.00,{start},{stop},5,25,{text},open,3,drawer,8,"[\'drawer\']",[8]'
+    return f"{nid},{pid},{vid},00:00:01.00,{start},{stop},5,25,{text},open,3,drawer,8,\"['drawer']\",[8]"
 
 
 def write_files(tmp: Path, lines: list[str], sentences=("open drawer", "close tap"), relevancy=None):
@@ -72,19 +71,33 @@ def test_test_item_frame_range_and_layout(tmp_path, videos):
     assert ids(spy.frames[0]) == [7, 12, 17, 21]
     assert spy.calls[0][1:3] == (0.5, 2.5)
     from egovlp_deploy.transforms import eval_transform
-    # the C++ path (transforms.eval_clip) when built: the reference to float32 rounding (tests/test_preprocess.py)
+
+    # the C++ path (preprocess.eval_clip) when built: the reference to float32 rounding (tests/test_preprocess.py)
     torch.testing.assert_close(item["video"], eval_transform(spy.frames[0], 32, variant="epic"), rtol=0, atol=1e-5)
     assert ds.MAX_TEXT_LENGTH == 30
     assert ds.sentence_ids == ["P01_01_0", "P01_01_1"] and ds.sentence_row_indices().tolist() == [0, 1]
 
 
 def test_train_captions_follow_the_relevancy_matrix(tmp_path, videos):
-    relevancy = np.array([[1.0, 0.0, 0.5, 0.1], [0.0, 0.05, 0.0, 0.1]])   # row 1 has no positive (> 0.1)
-    csv, sent, rel = write_files(tmp_path, [line(), line(nid="P01_01_1", text="close tap")],
-                                 sentences=("s0", "s1", "s2", "s3"), relevancy=relevancy)
+    relevancy = np.array([[1.0, 0.0, 0.5, 0.1], [0.0, 0.05, 0.0, 0.1]])  # row 1 has no positive (> 0.1)
+    csv, sent, rel = write_files(
+        tmp_path,
+        [line(), line(nid="P01_01_1", text="close tap")],
+        sentences=("s0", "s1", "s2", "s3"),
+        relevancy=relevancy,
+    )
     spy = Spy()
-    ds = EpicMIRDataset(csv, videos, num_frames=4, size=32, split="train", sentence_csv=sent, relevancy_path=rel,
-                        clip_reader=spy, seed=5)
+    ds = EpicMIRDataset(
+        csv,
+        videos,
+        num_frames=4,
+        size=32,
+        split="train",
+        sentence_csv=sent,
+        relevancy_path=rel,
+        clip_reader=spy,
+        seed=5,
+    )
     drawn = set()
     for epoch in range(10):
         ds.set_epoch(epoch)
@@ -93,10 +106,10 @@ def test_train_captions_follow_the_relevancy_matrix(tmp_path, videos):
         assert item["relation"] == relevancy[0, item["text_index"]]
         drawn.add(item["text_index"])
         for i, (lo, hi) in zip(ids(spy.frames[-1]), ((5, 10), (10, 15), (15, 19), (19, 24))):
-            assert lo <= i <= hi                                            # jitter: inside the closed segment
+            assert lo <= i <= hi  # jitter: inside the closed segment
     assert drawn == {0, 2}
     item = ds[1]
-    assert (item["text"], item["relation"], item["text_index"]) == ("close tap", 1.0, 0)   # official fallback
+    assert (item["text"], item["relation"], item["text_index"]) == ("close tap", 1.0, 0)  # official fallback
     ds.set_epoch(3)
     a, b = ds[0], ds[0]
     assert a["text"] == b["text"] and torch.equal(a["video"], b["video"])
@@ -116,13 +129,15 @@ BAD_LINES = {
 
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
 def test_bad_rows_strict_raise_lax_skip(tmp_path, videos, case):
-    csv, sent, rel = write_files(tmp_path, [line(), BAD_LINES[case], line(nid="P01_01_1", text="close tap")],
-                                 relevancy=np.eye(3, 2))
+    csv, sent, rel = write_files(
+        tmp_path, [line(), BAD_LINES[case], line(nid="P01_01_1", text="close tap")], relevancy=np.eye(3, 2)
+    )
     with pytest.raises(DataError) as err:
         EpicMIRDataset(csv, videos, num_frames=2, size=16, sentence_csv=sent, relevancy_path=rel)
     assert str(csv) in str(err.value) and "line 3" in str(err.value)
-    ds = EpicMIRDataset(csv, videos, num_frames=2, size=16, sentence_csv=sent, relevancy_path=rel, strict=False,
-                        clip_reader=fake_reader)
+    ds = EpicMIRDataset(
+        csv, videos, num_frames=2, size=16, sentence_csv=sent, relevancy_path=rel, strict=False, clip_reader=fake_reader
+    )
     assert len(ds) == 2 and [r for r, _ in ds.skipped_rows] == [3]
     # the relevancy row of each item is its original CSV data row, not its position after skipping
     assert ds.row_indices.tolist() == [0, 2] and ds[1]["index"] == 2 and ds[1]["text"] == "close tap"
@@ -132,7 +147,7 @@ def test_bad_rows_strict_raise_lax_skip(tmp_path, videos, case):
 def test_clip_outside_the_video(tmp_path, videos):
     from egovlp_deploy.transforms import black_clip
 
-    csv, _, _ = write_files(tmp_path, [line(start="00:00:02.00", stop="00:00:04.00")])   # the video is 3 s
+    csv, _, _ = write_files(tmp_path, [line(start="00:00:02.00", stop="00:00:04.00")])  # the video is 3 s
     with pytest.raises(DataError, match="line 2"):
         EpicMIRDataset(csv, videos, num_frames=4, size=16)[0]
     lax = EpicMIRDataset(csv, videos, num_frames=4, size=16, strict=False)

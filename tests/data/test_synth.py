@@ -20,8 +20,18 @@ av = pytest.importorskip("av")
 from egovlp_deploy import vocabulary as vocab  # noqa: E402
 from egovlp_deploy.data import synth  # noqa: E402
 
-OFFICIAL_COLUMNS = ["video_uid", "video_dur", "narration_source", "narration_ind", "narration_time", "clip_start",
-                    "clip_end", "clip_text", "tag_verb", "tag_noun"]
+OFFICIAL_COLUMNS = [
+    "video_uid",
+    "video_dur",
+    "narration_source",
+    "narration_ind",
+    "narration_time",
+    "clip_start",
+    "clip_end",
+    "clip_text",
+    "tag_verb",
+    "tag_noun",
+]
 TINY = dict(train_videos=2, eval_videos=5, clips_per_video=7, fps=15, clip_seconds=1.6)
 SEED = 3
 
@@ -60,8 +70,15 @@ def _object(row) -> str:
 
 def test_layout_columns_and_types(dataset):
     out, meta, mcq = dataset["out"], dataset["meta"], dataset["mcq"]
-    assert sorted(p.name for p in out.iterdir()) == ["charades", "egoclip.csv", "egoclip_eval.csv", "egomcq.json",
-                                                     "epic", "meta.json", "videos"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "charades",
+        "egoclip.csv",
+        "egoclip_eval.csv",
+        "egomcq.json",
+        "epic",
+        "meta.json",
+        "videos",
+    ]
     for row in dataset["train"] + dataset["held"]:
         float(row["video_dur"]), float(row["narration_time"]), int(row["narration_ind"])
         assert row["narration_source"] == "narration_pass_1"
@@ -95,7 +112,7 @@ def test_every_clip_lies_inside_a_decodable_video(dataset):
         if a["video_uid"] == b["video_uid"]:
             assert int(float(a["clip_end"]) * fps) < int(float(b["clip_start"]) * fps)
     try:  # the default backend of our readers agrees on the frame count
-        from egovlp_deploy.video import import_decord
+        from egovlp_deploy.decoding import import_decord
 
         decord = import_decord()
     except ImportError:
@@ -200,8 +217,10 @@ def test_motion_is_measurable_in_the_decoded_video(dataset, verb):
             # Look for skin only in the object's column, with a tight tolerance: where a white object's edge
             # meets an orange one, the blend passes for skin.
             cx = float(np.nonzero(_mask(first, rgb))[1].mean())
-            top0, top1 = (np.nonzero(_mask(f, synth.SKIN, tol=25)[:, round(cx) - 3:round(cx) + 4])[0].min()
-                          for f in (first, last))
+            top0, top1 = (
+                np.nonzero(_mask(f, synth.SKIN, tol=25)[:, round(cx) - 3 : round(cx) + 4])[0].min()
+                for f in (first, last)
+            )
             assert top1 < top0 - 10, "the hand (the top of the skin region; the arm reaches the bottom) rises too"
         elif verb == "put down":
             assert y1 > y0 + 10, text
@@ -225,26 +244,38 @@ def test_opposite_verbs_are_time_reversals(dataset):
     """pick up vs put down (and push/pull, open/close) of one object differ only in the direction of time."""
     meta, fps = dataset["meta"], dataset["meta"]["fps"]
     rows = dataset["train"] + dataset["held"]
-    pairs = [(a, b) for a, b in zip(rows, rows[1:]) if a["video_uid"] == b["video_uid"]
-             and _object(a) == _object(b) and meta["opposite_verbs"].get(_verb(meta, a)) == _verb(meta, b)]
+    pairs = [
+        (a, b)
+        for a, b in zip(rows, rows[1:])
+        if a["video_uid"] == b["video_uid"]
+        and _object(a) == _object(b)
+        and meta["opposite_verbs"].get(_verb(meta, a)) == _verb(meta, b)
+    ]
     assert {_verb(meta, a) for a, _ in pairs} >= {"pick up", "push"}
     for a, b in pairs:
         frames = dataset["videos"][a["video_uid"]]
         a0, a1 = round(float(a["clip_start"]) * fps), round(float(a["clip_end"]) * fps)
         b0, b1 = round(float(b["clip_start"]) * fps), round(float(b["clip_end"]) * fps)
         assert a1 - a0 == b1 - b0
-        forward = frames[a0:a1 + 1].astype(np.float32)
-        backward = frames[b0:b1 + 1][::-1].astype(np.float32)
+        forward = frames[a0 : a1 + 1].astype(np.float32)
+        backward = frames[b0 : b1 + 1][::-1].astype(np.float32)
         assert np.abs(forward - backward).mean() < 2.0, (a["clip_text"], b["clip_text"])  # codec noise only
-        assert np.abs(forward - frames[b0:b1 + 1]).mean() > 2 * np.abs(forward - backward).mean()
+        assert np.abs(forward - frames[b0 : b1 + 1]).mean() > 2 * np.abs(forward - backward).mean()
 
 
 def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
     again = tmp_path / "again"
     synth.generate(again, seed=SEED, workers=2, **TINY)  # the worker count must not matter
-    for name in ("egoclip.csv", "egoclip_eval.csv", "egomcq.json", "meta.json", "epic/EPIC_100_retrieval_test.csv",
-                 "epic/relevancy/caption_relevancy_EPIC_100_retrieval_train.npy",
-                 "charades/CharadesEgo_v1_test_only1st.csv", "charades/metadata_train.csv"):
+    for name in (
+        "egoclip.csv",
+        "egoclip_eval.csv",
+        "egomcq.json",
+        "meta.json",
+        "epic/EPIC_100_retrieval_test.csv",
+        "epic/relevancy/caption_relevancy_EPIC_100_retrieval_train.npy",
+        "charades/CharadesEgo_v1_test_only1st.csv",
+        "charades/metadata_train.csv",
+    ):
         assert (again / name).read_bytes() == (dataset["out"] / name).read_bytes(), name
     for uid, frames in dataset["videos"].items():
         assert np.array_equal(_decode(again / "videos" / uid / "0.mp4"), frames), uid
@@ -255,8 +286,23 @@ def test_same_seed_same_bytes_other_seed_differs(dataset, tmp_path):
 
 def test_cli_refuses_to_overwrite_and_writes_atomically(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ds"
-    args = [str(out), "--seed", "1", "--train-videos", "1", "--eval-videos", "2", "--clips-per-video", "2",
-            "--fps", "10", "--clip-seconds", "1", "--workers", "1"]
+    args = [
+        str(out),
+        "--seed",
+        "1",
+        "--train-videos",
+        "1",
+        "--eval-videos",
+        "2",
+        "--clips-per-video",
+        "2",
+        "--fps",
+        "10",
+        "--clip-seconds",
+        "1",
+        "--workers",
+        "1",
+    ]
     assert synth.main(args) == 0
     assert synth.main(args) == 2 and "not empty" in capsys.readouterr().err
     assert synth.main(args + ["--force"]) == 0
@@ -288,6 +334,16 @@ def test_help_lists_every_option(capsys):
         synth.main(["--help"])
     assert exit_.value.code == 0
     text = capsys.readouterr().out
-    for flag in ("--seed", "--force", "--train-videos", "--eval-videos", "--clips-per-video", "--clip-seconds",
-                 "--fps", "--size", "--workers", "--json"):
+    for flag in (
+        "--seed",
+        "--force",
+        "--train-videos",
+        "--eval-videos",
+        "--clips-per-video",
+        "--clip-seconds",
+        "--fps",
+        "--size",
+        "--workers",
+        "--json",
+    ):
         assert flag in text

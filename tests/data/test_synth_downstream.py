@@ -13,16 +13,40 @@ import pytest
 pytest.importorskip("av")
 
 from egovlp_deploy import vocabulary as vocab  # noqa: E402
-from egovlp_deploy.data import CharadesEgoDataset, EpicMIRDataset, load_charades_classes  # noqa: E402
-from egovlp_deploy.data import synth, synth_downstream  # noqa: E402
+from egovlp_deploy.data import CharadesEgoDataset, EpicMIRDataset, load_charades_classes, synth, synth_downstream  # noqa: E402  # noqa: E402
 from egovlp_deploy.metrics import charades_map, mir_metrics  # noqa: E402
 
 TINY = dict(train_videos=2, eval_videos=3, clips_per_video=6, fps=15, clip_seconds=1.6, size=32)
-EPIC_HEADER = ["narration_id", "participant_id", "video_id", "narration_timestamp", "start_timestamp",
-               "stop_timestamp", "start_frame", "stop_frame", "narration", "verb", "verb_class", "noun", "noun_class",
-               "all_nouns", "all_noun_classes"]
-CHARADES_HEADER = ["id", "subject", "scene", "quality", "relevance", "verified", "script", "objects", "descriptions",
-                   "actions", "length"]
+EPIC_HEADER = [
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
+]
+CHARADES_HEADER = [
+    "id",
+    "subject",
+    "scene",
+    "quality",
+    "relevance",
+    "verified",
+    "script",
+    "objects",
+    "descriptions",
+    "actions",
+    "length",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,16 +64,24 @@ def _rows(path: Path, delimiter: str = ",") -> tuple[list[str], list[dict]]:
 
 def _epic(out: Path, split: str, num_frames: int = 4) -> EpicMIRDataset:
     root = out / "epic"
-    return EpicMIRDataset(root / f"EPIC_100_retrieval_{split}.csv", root / "videos", num_frames, 32, split=split,
-                          sentence_csv=root / f"EPIC_100_retrieval_{split}_sentence.csv",
-                          relevancy_path=root / "relevancy" / f"caption_relevancy_EPIC_100_retrieval_{split}.npy",
-                          strict=True)
+    return EpicMIRDataset(
+        root / f"EPIC_100_retrieval_{split}.csv",
+        root / "videos",
+        num_frames,
+        32,
+        split=split,
+        sentence_csv=root / f"EPIC_100_retrieval_{split}_sentence.csv",
+        relevancy_path=root / "relevancy" / f"caption_relevancy_EPIC_100_retrieval_{split}.npy",
+        strict=True,
+    )
 
 
 def test_epic_files_are_read_in_strict_mode(out):
     meta = json.loads((out / "meta.json").read_text())
-    for split, uids, clips in (("test", meta["splits"]["eval"], TINY["eval_videos"]),
-                               ("train", meta["splits"]["train"], TINY["train_videos"])):
+    for split, uids, clips in (
+        ("test", meta["splits"]["eval"], TINY["eval_videos"]),
+        ("train", meta["splits"]["train"], TINY["train_videos"]),
+    ):
         header, rows = _rows(out / "epic" / f"EPIC_100_retrieval_{split}.csv")
         assert header == EPIC_HEADER
         assert {r["video_id"] for r in rows} == set(uids)  # test = the held-out videos, train = the training ones
@@ -105,19 +137,29 @@ def test_charades_files_are_read_in_strict_mode(out):
     _, train_rows = _rows(root / "CharadesEgo_v1_train_only1st.csv")
     assert [r["id"] for r in train_rows] == meta["splits"]["train"]
 
-    test = CharadesEgoDataset(root / "CharadesEgo_v1_test_only1st.csv", root / "videos", 8, 32, split="test",
-                              classes_path=root / "Charades_v1_classes.txt", num_classes=len(classes), strict=True)
+    test = CharadesEgoDataset(
+        root / "CharadesEgo_v1_test_only1st.csv",
+        root / "videos",
+        8,
+        32,
+        split="test",
+        classes_path=root / "Charades_v1_classes.txt",
+        num_classes=len(classes),
+        strict=True,
+    )
     assert len(test) == TINY["eval_videos"] and test.prompts == prompts
     _, held = _rows(out / "egoclip_eval.csv", "\t")
     item = test[0]
     first_video = [r for r in held if r["video_uid"] == rows[0]["id"]]
-    expected = {classes.index((meta["verbs"][int(r["tag_verb"][1:-1])], r["clip_text"].rsplit(" ", 1)[1]))
-                for r in first_video}
+    expected = {
+        classes.index((meta["verbs"][int(r["tag_verb"][1:-1])], r["clip_text"].rsplit(" ", 1)[1])) for r in first_video
+    }
     assert set(np.flatnonzero(item["target"].numpy())) == expected
     assert item["video"].shape == (8, 3, 32, 32) and item["load_failed"] == 0
 
-    train = CharadesEgoDataset(root / "metadata_train.csv", root / "videos", 4, 32, split="train",
-                               num_classes=len(classes), strict=True)
+    train = CharadesEgoDataset(
+        root / "metadata_train.csv", root / "videos", 4, 32, split="train", num_classes=len(classes), strict=True
+    )
     assert len(train) == TINY["train_videos"] * TINY["clips_per_video"]  # one row per action
     item = train[0]
     assert item["text"] in prompts and item["target"].sum() == 1 and item["load_failed"] == 0

@@ -20,8 +20,22 @@ def tiny_export(tmp_path_factory, tiny_trained_like):
 
     ckpt, model = tiny_trained_like
     out = tmp_path_factory.mktemp("export") / "tiny"
-    code = main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--precision", "fp32,fp16,int8",
-                 "--max-batch", "8", "--max-text-len", "32", "--quiet"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--precision",
+            "fp32,fp16,int8",
+            "--max-batch",
+            "8",
+            "--max-text-len",
+            "32",
+            "--quiet",
+        ]
+    )
     return out, model, code
 
 

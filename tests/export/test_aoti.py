@@ -14,8 +14,7 @@ from egovlp_deploy.export.validate import validate_artifact, validation_sizes
 
 @pytest.mark.parametrize("role", AOTI_ROLES)
 def test_cpu_package_builds_loads_and_matches(tiny_model, tmp_path, role):
-    made = export_aoti(tiny_model, role, tmp_path / f"{role}.pt2", max_batch=8, max_text_len=32,
-                       wrapper_opt_level="O0")
+    made = export_aoti(tiny_model, role, tmp_path / f"{role}.pt2", max_batch=8, max_text_len=32, wrapper_opt_level="O0")
     check = validate_artifact(tiny_model, role, load_aoti(made.path, role), "fp32", validation_sizes(8, 32))
     assert check.passed, check.failures
     if role == AOTI_ROLES[0]:  # one child interpreter is enough to show a good package passes the fresh-process load
@@ -56,9 +55,26 @@ def test_an_unloadable_cuda_package_fails_the_export_and_keeps_the_rest(tmp_path
     monkeypatch.setattr(aoti, "export_aoti", fake_build)
     monkeypatch.setattr(aoti, "check_loads_in_child", fake_child_load)
     out = tmp_path / "out"
-    code = main(["export", "--checkpoint", "random:tiny", "--out", str(out), "--roles", "text_encoder",
-                 "--format", "onnx,aoti", "--aoti-device", "cuda", "--max-text-len", "16", "--ort-optimize", "never",
-                 "--quiet"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            "random:tiny",
+            "--out",
+            str(out),
+            "--roles",
+            "text_encoder",
+            "--format",
+            "onnx,aoti",
+            "--aoti-device",
+            "cuda",
+            "--max-text-len",
+            "16",
+            "--ort-optimize",
+            "never",
+            "--quiet",
+        ]
+    )
     assert code == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert [a["format"] for a in manifest["artifacts"]] == ["onnx"]
@@ -90,8 +106,15 @@ def test_the_model_gets_back_its_own_device_and_dtype(tiny_model, tmp_path, monk
     monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", fake_package)
     model = tiny_model.double()
     try:
-        export_aoti(model, "text_encoder", tmp_path / "t.pt2", max_batch=2, max_text_len=8, precision="fp32",
-                    wrapper_opt_level="O0")
+        export_aoti(
+            model,
+            "text_encoder",
+            tmp_path / "t.pt2",
+            max_batch=2,
+            max_text_len=8,
+            precision="fp32",
+            wrapper_opt_level="O0",
+        )
         assert {p.dtype for p in model.parameters()} == {torch.float64}
         assert (tmp_path / "t.pt2").read_bytes() == b"stub"
     finally:

@@ -5,8 +5,10 @@ from egovlp_deploy.cli import main
 
 def test_bench_export_writes_json_markdown_and_plot(tmp_path):
     out = tmp_path / "bench"
-    assert main(["bench", "export", "--configs", "tiny", "--roles", "text_encoder", "--repeats", "2",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["bench", "export", "--configs", "tiny", "--roles", "text_encoder", "--repeats", "2", "--out", str(out)])
+        == 0
+    )
     data = json.loads((out / "export.json").read_text())
     backends = {r["backend"] for r in data["rows"]}
     assert backends == {"torch-eager", "ort-fp32", "ort-int8"}

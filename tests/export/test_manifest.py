@@ -3,8 +3,13 @@ import re
 
 import pytest
 
-from egovlp_deploy.export.manifest import (ArtifactError, ManifestError, check_tool_versions, load_manifest,
-                                           open_artifact)
+from egovlp_deploy.export.manifest import (
+    ArtifactError,
+    ManifestError,
+    check_tool_versions,
+    load_manifest,
+    open_artifact,
+)
 
 
 def test_manifest_lists_every_artifact(tiny_export):
@@ -84,12 +89,16 @@ def _tiny_graph(role="video_encoder", precision="fp32"):
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from egovlp_deploy.export.onnx import set_metadata
+    from egovlp_deploy.export.onnx_export import set_metadata
 
     w = numpy_helper.from_array(np.arange(1024, dtype=np.float32).reshape(32, 32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [w],
+    )
     model = helper.make_model(graph)
     set_metadata(model, {"egovlp.role": role, "egovlp.precision": precision})
     return model
@@ -102,9 +111,17 @@ def test_inside_refuses_paths_leaving_the_folder(tmp_path):
     (folder / "onnx").mkdir(parents=True)
     (tmp_path / "outside.onnx").write_bytes(b"x")
     assert inside(folder, "onnx/a.onnx", "k") == folder / "onnx" / "a.onnx"
-    for name, why in [("/etc/passwd", "is absolute"), ("C:\\x.onnx", "is absolute"), ("\\\\host\\x", "absolute"),
-                      ("onnx/../../outside.onnx", "contains '..'"), ("..\\outside.onnx", "contains '..'"),
-                      ("", "not a path"), (3, "not a path"), (None, "not a path"), (".", "the folder itself")]:
+    for name, why in [
+        ("/etc/passwd", "is absolute"),
+        ("C:\\x.onnx", "is absolute"),
+        ("\\\\host\\x", "absolute"),
+        ("onnx/../../outside.onnx", "contains '..'"),
+        ("..\\outside.onnx", "contains '..'"),
+        ("", "not a path"),
+        (3, "not a path"),
+        (None, "not a path"),
+        (".", "the folder itself"),
+    ]:
         with pytest.raises(ManifestError, match=f"manifest key k {re.escape(repr(name))} .*{re.escape(why)}"):
             inside(folder, name, "manifest key k")
     (folder / "onnx" / "out.onnx").symlink_to(tmp_path / "outside.onnx")
@@ -124,8 +141,13 @@ def test_add_records_external_data_and_verify_checks_it(tmp_path):
     out = tmp_path / "out"
     (out / "onnx").mkdir(parents=True)
     onnx.save_model(_tiny_graph(), str(out / "onnx" / "inline.onnx"))
-    onnx.save_model(_tiny_graph(), str(out / "onnx" / "split.onnx"), save_as_external_data=True,
-                    location="split.onnx.data", size_threshold=0)
+    onnx.save_model(
+        _tiny_graph(),
+        str(out / "onnx" / "split.onnx"),
+        save_as_external_data=True,
+        location="split.onnx.data",
+        size_threshold=0,
+    )
     data = out / "onnx" / "split.onnx.data"
     m = Manifest(source_checkpoint={}, model_config={}, export={})
     kw = dict(role="video_encoder", format="onnx", precision="fp32", io={})
@@ -156,7 +178,8 @@ def test_add_refuses_external_data_outside_the_folder(tmp_path):
     path.write_bytes(proto.SerializeToString())
     with pytest.raises(ManifestError, match="split.onnx: external data location '../../w.data' contains '..'"):
         Manifest(source_checkpoint={}, model_config={}, export={}).add(
-            out, path, role="video_encoder", format="onnx", precision="fp32", io={})
+            out, path, role="video_encoder", format="onnx", precision="fp32", io={}
+        )
 
 
 def test_copied_tokenizer_is_the_only_content_of_its_folder(tmp_path):

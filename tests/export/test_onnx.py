@@ -1,7 +1,7 @@
 import onnx
 import pytest
 
-from egovlp_deploy.export.onnx import ExportError, export_onnx, read_metadata, trace_sizes
+from egovlp_deploy.export.onnx_export import ExportError, export_onnx, read_metadata, trace_sizes
 from egovlp_deploy.export.specs import ROLES
 
 
@@ -56,7 +56,7 @@ def test_external_data_locations_cover_every_tensor():
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from egovlp_deploy.export.onnx import external_data_locations
+    from egovlp_deploy.export.onnx_export import external_data_locations
 
     def external(name, location):
         t = numpy_helper.from_array(np.zeros(4, np.float32), name)
@@ -66,17 +66,35 @@ def test_external_data_locations_cover_every_tensor():
         entry.key, entry.value = "location", location
         return t
 
-    branch = helper.make_graph([helper.make_node("Identity", ["b"], ["y"])], "branch", [],
-                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                               [external("b", "branch.data")])
-    nodes = [helper.make_node("Constant", [], ["c"], value=external("c", "const.data")),
-             helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
-             helper.make_node("F", ["c"], ["z"], domain="local")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-                              [external("w", "weights.data"), numpy_helper.from_array(np.ones(2, np.float32), "i")])
-    function = helper.make_function("local", "F", ["x"], ["z"],
-                                    [helper.make_node("Constant", [], ["k"], value=external("k", "fn.data")),
-                                     helper.make_node("Add", ["x", "k"], ["z"])], [helper.make_opsetid("", 18)])
+    branch = helper.make_graph(
+        [helper.make_node("Identity", ["b"], ["y"])],
+        "branch",
+        [],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [external("b", "branch.data")],
+    )
+    nodes = [
+        helper.make_node("Constant", [], ["c"], value=external("c", "const.data")),
+        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
+        helper.make_node("F", ["c"], ["z"], domain="local"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [external("w", "weights.data"), numpy_helper.from_array(np.ones(2, np.float32), "i")],
+    )
+    function = helper.make_function(
+        "local",
+        "F",
+        ["x"],
+        ["z"],
+        [
+            helper.make_node("Constant", [], ["k"], value=external("k", "fn.data")),
+            helper.make_node("Add", ["x", "k"], ["z"]),
+        ],
+        [helper.make_opsetid("", 18)],
+    )
     model = helper.make_model(graph, functions=[function])
     assert external_data_locations(model) == ["branch.data", "const.data", "fn.data", "weights.data"]

@@ -24,8 +24,10 @@ def test_fp16_keeps_norms_and_softmax_in_fp32(tiny_export):
             if not name:
                 continue
             src = producers.get(name)
-            assert (src is not None and src.op_type == "Cast") or inits.get(name) == onnx.TensorProto.FLOAT, \
-                (node.name, name)
+            assert (src is not None and src.op_type == "Cast") or inits.get(name) == onnx.TensorProto.FLOAT, (
+                node.name,
+                name,
+            )
     assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 

@@ -21,15 +21,18 @@ def test_runs_with_good_inputs(text_session):
     assert out["text_embedding"].shape == (2, 128) and out["text_prefix"].shape == (2, 6, 64)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda x: {**x, "input_ids": x["input_ids"].astype(np.int32)}, "dtype int32, the artifact takes int64"),
-    (lambda x: {**x, "input_ids": x["input_ids"][0]}, "has shape"),
-    (lambda x: {"input_ids": x["input_ids"]}, "missing \\['attention_mask'\\]"),
-    (lambda x: {**x, "extra": x["input_ids"]}, "unexpected \\['extra'\\]"),
-    (lambda x: {**x, "attention_mask": x["attention_mask"][:1]}, "batch = 2"),
-    (lambda x: {k: np.repeat(v, 6, axis=1) for k, v in x.items()}, "outside the exported range \\[1, 32\\]"),
-    (lambda x: {**x, "input_ids": x["input_ids"].tolist()}, "numpy array"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda x: {**x, "input_ids": x["input_ids"].astype(np.int32)}, "dtype int32, the artifact takes int64"),
+        (lambda x: {**x, "input_ids": x["input_ids"][0]}, "has shape"),
+        (lambda x: {"input_ids": x["input_ids"]}, "missing \\['attention_mask'\\]"),
+        (lambda x: {**x, "extra": x["input_ids"]}, "unexpected \\['extra'\\]"),
+        (lambda x: {**x, "attention_mask": x["attention_mask"][:1]}, "batch = 2"),
+        (lambda x: {k: np.repeat(v, 6, axis=1) for k, v in x.items()}, "outside the exported range \\[1, 32\\]"),
+        (lambda x: {**x, "input_ids": x["input_ids"].tolist()}, "numpy array"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(text_session, mutate, message):
     session, model = text_session
     with pytest.raises(ArtifactInputError, match=message):

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from egovlp_deploy.export.specs import (AOTI_ROLES, ROLES, check_roles, example_inputs, export_patches,
-                                        role_module, static_dims)
+from egovlp_deploy.export.specs import (
+    AOTI_ROLES,
+    ROLES,
+    check_roles,
+    example_inputs,
+    export_patches,
+    role_module,
+    static_dims,
+)
 
 
 def test_role_table_is_consistent(tiny_config):
@@ -30,8 +37,9 @@ def test_role_modules_match_the_model(tiny_model, role):
         assert tuple(x.shape) == t.shape(sizes)
     with torch.no_grad():
         if role == "text_encoder":  # one pass gives the same embedding as encode_text
-            torch.testing.assert_close(out[0], tiny_model.encode_text(inputs["input_ids"], inputs["attention_mask"]),
-                                       rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(
+                out[0], tiny_model.encode_text(inputs["input_ids"], inputs["attention_mask"]), rtol=1e-5, atol=1e-6
+            )
         if role == "fusion":
             ref = tiny_model.fuse(inputs["video"], inputs["input_ids"], inputs["attention_mask"])
             torch.testing.assert_close(out[0], ref.vtm_logits)

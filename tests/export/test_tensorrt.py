@@ -29,17 +29,20 @@ def test_missing_tensorrt_gives_a_clear_error():
         import_tensorrt()
 
 
-@pytest.mark.skipif(not HAVE_TRT, reason="TensorRT is not installable on this project's machines : "
-                                         "engine builds are tested on a machine with TensorRT and a GPU")
+@pytest.mark.skipif(
+    not HAVE_TRT,
+    reason="TensorRT is not installable on this project's machines : "
+    "engine builds are tested on a machine with TensorRT and a GPU",
+)
 def test_build_and_validate_engine(tiny_export, tmp_path):
     from egovlp_deploy.export.tensorrt import build_engine, run_engine
 
     out, model, _ = tiny_export
     opts = BuildOptions(precision="fp16", max_batch=8, max_text_len=32, timing_cache=str(tmp_path / "t.cache"))
-    build_engine(out / "onnx" / "fp32" / "text_encoder.onnx", tmp_path / "t.engine", "text_encoder", model.config,
-                 opts)
+    build_engine(out / "onnx" / "fp32" / "text_encoder.onnx", tmp_path / "t.engine", "text_encoder", model.config, opts)
     from egovlp_deploy.export.validate import validate_artifact
 
-    check = validate_artifact(model, "text_encoder", run_engine(tmp_path / "t.engine", "text_encoder"), "fp16",
-                              [(2, 7)])
+    check = validate_artifact(
+        model, "text_encoder", run_engine(tmp_path / "t.engine", "text_encoder"), "fp16", [(2, 7)]
+    )
     assert check.passed, check.failures

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from egovlp_deploy.export.validate import compare, validate_artifact, validation_sizes, torch_outputs
+from egovlp_deploy.export.validate import compare, torch_outputs, validate_artifact, validation_sizes
 
 
 def test_compare_metrics():

@@ -30,7 +30,7 @@ def qkv_input(B, H, D, F, N, dtype, layout="contiguous", seed=0):
     if layout == "contiguous":
         return rnd(B, S, C)
     if layout == "sliced":  # a column window of a wider buffer: row stride > C
-        return rnd(B, S, C + 24)[:, :, 8:8 + C]
+        return rnd(B, S, C + 24)[:, :, 8 : 8 + C]
     return rnd(S, B, C).transpose(0, 1)  # "transposed": token-major storage (S, B, C) seen as (B, S, C)
 
 
@@ -40,7 +40,7 @@ def check(qkv, H, F, mode, dtype):
         out = da.divided_attention(qkv, H, F, mode)
     assert out.shape == (qkv.shape[0], qkv.shape[1], H * D) and out.dtype == dtype
     assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
-    ref = da.divided_attention_ref(qkv.float(), H, F, mode, D ** -0.5)
+    ref = da.divided_attention_ref(qkv.float(), H, F, mode, D**-0.5)
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"max rel err {err:.2e} > {TOLERANCE[dtype]:.0e}"
     return err
@@ -72,8 +72,10 @@ def test_fp16_error_at_most_twice_torch_fp16():
 
 
 @pytest.mark.skipif(autotuning(), reason="autotuning picks the tiles (EGOVLP_TRITON_AUTOTUNE=0 pins them)")
-@pytest.mark.parametrize("mode,F,N,blocks", [("space", 3, 70, (16, 16)), ("time", 4, 9, (32, 32)),
-                                             ("time", 3, 11, (16, 16)), ("space", 2, 40, (32, 16))])
+@pytest.mark.parametrize(
+    "mode,F,N,blocks",
+    [("space", 3, 70, (16, 16)), ("time", 4, 9, (32, 32)), ("time", 3, 11, (16, 16)), ("space", 2, 40, (32, 16))],
+)
 def test_other_tile_sizes(monkeypatch, mode, F, N, blocks):
     """Several query tiles and key tiles per group (flash loop), and 8 time groups packed into one tile."""
     monkeypatch.setattr(da, "FIXED_CONFIG", lambda size: {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]})
@@ -119,13 +121,17 @@ def test_fake_tensor_shapes_and_export():
 
 def test_opcheck():
     qkv = qkv_input(1, 2, 16, 2, 3, torch.float32)
-    torch.library.opcheck(torch.ops.egovlp.divided_attention.default, (qkv, 2, 2, "space", 0.25),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.egovlp.divided_attention.default,
+        (qkv, 2, 2, "space", 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 # -- GPU only ----------------------------------------------------------------------------------------------------------
-gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 tl.dot is wrong, and large "
-                                          "grids take minutes there)")
+gpu = pytest.mark.skipif(
+    not CUDA, reason="needs a CUDA GPU (the interpreter's bf16 tl.dot is wrong, and large grids take minutes there)"
+)
 
 
 @gpu

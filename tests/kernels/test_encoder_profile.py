@@ -8,16 +8,19 @@ from egovlp_deploy.cli import main
 from egovlp_deploy.kernels.bench.encoder_profile import category
 
 
-@pytest.mark.parametrize("name,expected", [
-    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
-    ("aten::addmm", "GEMM"),
-    ("_divided_attention_kernel", "attention"),
-    ("_combine_splits_kernel", "attention"),
-    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float>", "normalisation"),
-    ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
-    ("aten::native_layer_norm", "normalisation"),
-    ("cudaLaunchKernel", "other"),
-])
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64", "GEMM"),
+        ("aten::addmm", "GEMM"),
+        ("_divided_attention_kernel", "attention"),
+        ("_combine_splits_kernel", "attention"),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::Half, float>", "normalisation"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "elementwise"),
+        ("aten::native_layer_norm", "normalisation"),
+        ("cudaLaunchKernel", "other"),
+    ],
+)
 def test_categories(name, expected):
     assert category(name) == expected
 

@@ -27,7 +27,7 @@ def inputs(B, H, D, Lq, Lk, dtype, mask=None, seed=0):
         if mask == "one":  # a single valid token per row
             m[:, 1:] = 0
         else:  # the last sentence padded
-            m[-1, max(1, Lk // 2):] = 0
+            m[-1, max(1, Lk // 2) :] = 0
         bias = ((1 - m) * NEG).to(DEVICE)
     return q, k, v, bias
 
@@ -38,7 +38,7 @@ def check(q, k, v, bias, H, dtype):
         out = gca.cross_attention(q, k, v, H, bias=bias)
     assert out.shape == q.shape and out.dtype == dtype
     assert not torch.isnan(out).any(), "unwritten (NaN-poisoned) output elements"
-    ref = gca.cross_attention_ref(q.float(), k.float(), v.float(), H, D ** -0.5, bias)
+    ref = gca.cross_attention_ref(q.float(), k.float(), v.float(), H, D**-0.5, bias)
     err = rel_err(out, ref)
     assert err <= TOLERANCE[dtype], f"max rel err {err:.2e} > {TOLERANCE[dtype]:.0e}"
 
@@ -106,8 +106,11 @@ def test_backward_raises_instead_of_a_wrong_gradient():
 
 def test_opcheck_and_export():
     q, k, v, bias = inputs(1, 2, 16, 4, 5, torch.float32, "pad")
-    torch.library.opcheck(torch.ops.egovlp.cross_attention.default, (q, k, v, bias, 2, 0.25),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.egovlp.cross_attention.default,
+        (q, k, v, bias, 2, 0.25),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
     class Cross(torch.nn.Module):
         def forward(self, q, kv, bias):
@@ -145,8 +148,10 @@ def test_grid_beyond_65535():
 # -- split keys (flash-decoding): forced split counts, partial results merged by log-sum-exp -----------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7])
-@pytest.mark.parametrize("B,H,D,Lq,Lk,mask", [(1, 2, 16, 5, 133, None), (2, 2, 16, 3, 61, "pad"),
-                                              (2, 2, 64, 1, 37, "one"), (1, 2, 8, 17, 50, None)])
+@pytest.mark.parametrize(
+    "B,H,D,Lq,Lk,mask",
+    [(1, 2, 16, 5, 133, None), (2, 2, 16, 3, 61, "pad"), (2, 2, 64, 1, 37, "one"), (1, 2, 8, 17, 50, None)],
+)
 def test_split_keys_match_reference(monkeypatch, B, H, D, Lq, Lk, mask, splits, dtype):
     """Odd split counts, a last split shorter than the others and than a key tile, a masked tail, a single valid key
     (every other split sees only masked keys), several query tiles, one split (the unsplit path)."""
@@ -202,8 +207,7 @@ def test_dynamic_shape_export_plans_no_splits_on_symbolic_sizes():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "EGOVLP_TRITON_AUTOTUNE")}
-    out = subprocess.run([sys.executable, "-c", _DYNAMIC_EXPORT], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run([sys.executable, "-c", _DYNAMIC_EXPORT], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "ops 3"
 

@@ -5,7 +5,7 @@ import torch
 
 from egovlp_deploy.kernels import divided_attention as da
 from egovlp_deploy.kernels import gated_cross_attention as gca
-from egovlp_deploy.kernels.onnx import translation_table
+from egovlp_deploy.kernels.onnx_custom_ops import translation_table
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -35,8 +35,9 @@ def test_export_and_run_in_onnxruntime(tmp_path):
     bias = torch.zeros(2, 6)
     bias[1, 3:] = torch.finfo(torch.float32).min
     path = tmp_path / "block.onnx"
-    torch.onnx.export(Block().eval(), (qkv, text_kv, bias), str(path), dynamo=True,
-                      custom_translation_table=translation_table())
+    torch.onnx.export(
+        Block().eval(), (qkv, text_kv, bias), str(path), dynamo=True, custom_translation_table=translation_table()
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
     out = sess.run(None, dict(zip(names, (qkv.numpy(), text_kv.numpy(), bias.numpy()))))[0]

@@ -18,8 +18,13 @@ from egovlp_deploy.kernels.aot_check import DOT_PRECISION
 
 def aot_check(*args: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "egovlp_deploy.kernels.aot_check", *args], env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "egovlp_deploy.kernels.aot_check", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     if not records and "ptxas" in proc.stderr:
         pytest.skip(f"no ptxas for Triton's ahead-of-time build: {proc.stderr.strip()[-300:]}")
@@ -41,14 +46,19 @@ def test_every_fp16_autotuning_config_compiles_for_sm90():
 def test_bf16_and_fp32_compile_for_sm90():
     records = aot_check("--dtypes", "bf16,fp32")
     assert {r["dtype"] for r in records} == {"bf16", "fp32"}
-    assert {r["config"]["PRECISION"] for r in records if r["dtype"] == "fp32" and r["kernel"] != "combine_splits"} \
-        == {"ieee"}  # the split combine has no dot
+    assert {r["config"]["PRECISION"] for r in records if r["dtype"] == "fp32" and r["kernel"] != "combine_splits"} == {
+        "ieee"
+    }  # the split combine has no dot
 
 
 def test_interpreter_is_refused():
-    proc = subprocess.run([sys.executable, "-m", "egovlp_deploy.kernels.aot_check"],
-                          env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "egovlp_deploy.kernels.aot_check"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "unset TRITON_INTERPRET" in proc.stderr
 
 

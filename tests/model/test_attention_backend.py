@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_inputs
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.config import ConfigError
@@ -13,8 +14,6 @@ from egovlp_deploy.model.attention import (
     multihead_attention,
     resolve_backend,
 )
-
-from conftest import make_inputs
 from official_format import randomize_
 
 # The Triton backend runs compiled on a GPU, and in the interpreter on the CPU (conftest sets TRITON_INTERPRET=1
@@ -89,8 +88,13 @@ def test_end_to_end_matches_reference(model_and_inputs, backend):
         model.set_attention_backend(name)
         with torch.no_grad():
             fused = model.fuse(video, ids, mask)
-            outputs[name] = (model.encode_video(video), model.encode_text(ids, mask), fused.video_cls,
-                             fused.text_hidden, fused.vtm_logits)
+            outputs[name] = (
+                model.encode_video(video),
+                model.encode_text(ids, mask),
+                fused.video_cls,
+                fused.text_hidden,
+                fused.vtm_logits,
+            )
     model.set_attention_backend("auto")
     for ref, got in zip(outputs["reference"], outputs[backend]):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)

@@ -4,11 +4,10 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import make_inputs
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config, InputError
 from egovlp_deploy.compute import compute_report
-
-from conftest import make_inputs
 from official_format import randomize_
 
 CROSS_MARKERS = ("_i2t", "crossattention_t2i")
@@ -30,15 +29,20 @@ def test_projection_layouts():
     small = EgoVLPv2(dataclasses.replace(EgoVLPv2Config.tiny(), projection="small", projection_dim=32))
     keys = set(small.state_dict())
     assert {"txt_proj.1.weight", "vid_proj.0.weight"} <= keys and "txt_proj.0.weight" not in keys
-    assert isinstance(small.txt_proj[0], torch.nn.ReLU)  # ReLU before the text Linear, as in the official small projection
+    assert isinstance(
+        small.txt_proj[0], torch.nn.ReLU
+    )  # ReLU before the text Linear, as in the official small projection
     big = EgoVLPv2(EgoVLPv2Config.tiny())
     assert big.txt_proj[0].bias is None and big.txt_proj[2].bias is not None
 
 
 def _cross_attention_calls(model, fn):
     calls = []
-    hooks = [m.register_forward_hook(lambda *a, n=name: calls.append(n))
-             for name, m in model.named_modules() if name.split(".")[-1].endswith(CROSS_MARKERS)]
+    hooks = [
+        m.register_forward_hook(lambda *a, n=name: calls.append(n))
+        for name, m in model.named_modules()
+        if name.split(".")[-1].endswith(CROSS_MARKERS)
+    ]
     try:
         with torch.no_grad():
             fn()
@@ -148,8 +152,12 @@ def test_padding_does_not_change_results(tiny_model, tiny_config):
         trimmed = tiny_model.fuse(video[1:], ids[1:, :n], mask[1:, :n])
         torch.testing.assert_close(padded.video_cls, trimmed.video_cls, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(padded.text_hidden[:, :n], trimmed.text_hidden, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(tiny_model.encode_text(ids[1:], mask[1:]),
-                                   tiny_model.encode_text(ids[1:, :n], mask[1:, :n]), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            tiny_model.encode_text(ids[1:], mask[1:]),
+            tiny_model.encode_text(ids[1:, :n], mask[1:, :n]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_batch_items_are_independent(tiny_model, tiny_inputs):
@@ -170,13 +178,16 @@ def test_any_frame_count_builds_and_runs():
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("shape,match", [
-    ((2, 3, 3, 32, 32), "frames"),
-    ((2, 4, 1, 32, 32), "channels"),
-    ((2, 4, 3, 32, 24), "resolution"),
-    ((2, 4, 3, 64, 64), "resolution"),
-    ((4, 3, 32, 32), r"\(B, F, C, H, W\)"),
-])
+@pytest.mark.parametrize(
+    "shape,match",
+    [
+        ((2, 3, 3, 32, 32), "frames"),
+        ((2, 4, 1, 32, 32), "channels"),
+        ((2, 4, 3, 32, 24), "resolution"),
+        ((2, 4, 3, 64, 64), "resolution"),
+        ((4, 3, 32, 32), r"\(B, F, C, H, W\)"),
+    ],
+)
 def test_bad_video_shapes(tiny_model, shape, match):
     with pytest.raises(InputError, match=match):
         tiny_model.encode_video(torch.zeros(shape))

@@ -11,12 +11,14 @@ def test_prefixes_recombine_to_fuse_and_mlm(tiny_model, tiny_inputs):
     with torch.no_grad():
         whole = tiny_model.fuse(video, ids, mask)
         video_cls, text_hidden = tiny_model.fused_from_prefixes(
-            tiny_model.fusion_video_prefix(video), tiny_model.text_prefix(ids, mask), mask)
+            tiny_model.fusion_video_prefix(video), tiny_model.text_prefix(ids, mask), mask
+        )
         torch.testing.assert_close(video_cls, whole.video_cls, rtol=0, atol=0)
         torch.testing.assert_close(text_hidden, whole.text_hidden, rtol=0, atol=0)
         torch.testing.assert_close(tiny_model.vtm_head(video_cls, text_hidden), whole.vtm_logits, rtol=0, atol=0)
-        torch.testing.assert_close(tiny_model.mlm_head(text_hidden), tiny_model.mlm_logits(video, ids, mask),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            tiny_model.mlm_head(text_hidden), tiny_model.mlm_logits(video, ids, mask), rtol=0, atol=0
+        )
 
 
 def test_text_prefix_is_the_dual_text_state_below_the_fusion(tiny_model, tiny_inputs):
@@ -37,8 +39,9 @@ def test_one_video_prefix_serves_every_pairing(tiny_model, tiny_inputs):
     video_idx, text_idx = torch.tensor([0, 1, 1, 0]), torch.tensor([0, 0, 1, 1])
     with torch.no_grad():
         prefix = tiny_model.fusion_video_prefix(video)
-        cls, text = tiny_model.fused_from_prefixes(prefix[video_idx], tiny_model.text_prefix(ids[text_idx], mask[text_idx]),
-                                                   mask[text_idx])
+        cls, text = tiny_model.fused_from_prefixes(
+            prefix[video_idx], tiny_model.text_prefix(ids[text_idx], mask[text_idx]), mask[text_idx]
+        )
         shared = tiny_model.vtm_head(cls, text)
         direct = tiny_model.fuse(video[video_idx], ids[text_idx], mask[text_idx]).vtm_logits
     torch.testing.assert_close(shared, direct, rtol=1e-5, atol=1e-6)

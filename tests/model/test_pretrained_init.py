@@ -15,7 +15,13 @@ import torch
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.checkpoint import save_safetensors
 from egovlp_deploy.pretrained_init import (
-    TEXT_OWN_INIT, VIDEO_OWN_INIT, InitReport, PretrainedInitError, fill_by_name, init_text_tower, init_video_tower,
+    TEXT_OWN_INIT,
+    VIDEO_OWN_INIT,
+    InitReport,
+    PretrainedInitError,
+    fill_by_name,
+    init_text_tower,
+    init_video_tower,
     read_state_dict,
 )
 
@@ -24,34 +30,65 @@ from egovlp_deploy.pretrained_init import (
 def timm_vit_shapes(v, classes=1000) -> dict[str, tuple]:
     """timm VisionTransformer state dict (jx_vit_base_p16_224-80ecf9dd.pth at base size)."""
     w, mlp = v.width, int(v.width * v.mlp_ratio)
-    shapes = {"cls_token": (1, 1, w), "pos_embed": (1, v.patches_per_frame + 1, w),
-              "patch_embed.proj.weight": (w, v.in_chans, v.patch_size, v.patch_size), "patch_embed.proj.bias": (w,),
-              "norm.weight": (w,), "norm.bias": (w,), "head.weight": (classes, w), "head.bias": (classes,)}
+    shapes = {
+        "cls_token": (1, 1, w),
+        "pos_embed": (1, v.patches_per_frame + 1, w),
+        "patch_embed.proj.weight": (w, v.in_chans, v.patch_size, v.patch_size),
+        "patch_embed.proj.bias": (w,),
+        "norm.weight": (w,),
+        "norm.bias": (w,),
+        "head.weight": (classes, w),
+        "head.bias": (classes,),
+    }
     for i in range(v.depth):
         b = f"blocks.{i}."
-        shapes.update({b + "norm1.weight": (w,), b + "norm1.bias": (w,), b + "attn.qkv.weight": (3 * w, w),
-                       b + "attn.qkv.bias": (3 * w,), b + "attn.proj.weight": (w, w), b + "attn.proj.bias": (w,),
-                       b + "norm2.weight": (w,), b + "norm2.bias": (w,), b + "mlp.fc1.weight": (mlp, w),
-                       b + "mlp.fc1.bias": (mlp,), b + "mlp.fc2.weight": (w, mlp), b + "mlp.fc2.bias": (w,)})
+        shapes.update(
+            {
+                b + "norm1.weight": (w,),
+                b + "norm1.bias": (w,),
+                b + "attn.qkv.weight": (3 * w, w),
+                b + "attn.qkv.bias": (3 * w,),
+                b + "attn.proj.weight": (w, w),
+                b + "attn.proj.bias": (w,),
+                b + "norm2.weight": (w,),
+                b + "norm2.bias": (w,),
+                b + "mlp.fc1.weight": (mlp, w),
+                b + "mlp.fc1.bias": (mlp,),
+                b + "mlp.fc2.weight": (w, mlp),
+                b + "mlp.fc2.bias": (w,),
+            }
+        )
     return shapes
 
 
 def hf_roberta_shapes(t, prefix="") -> dict[str, tuple]:
     """RobertaForMaskedLM-style checkpoint names (roberta-base), without the lm_head."""
     h, m = t.hidden_size, t.intermediate_size
-    shapes = {"embeddings.word_embeddings.weight": (t.vocab_size, h),
-              "embeddings.position_embeddings.weight": (t.max_position_embeddings, h),
-              "embeddings.token_type_embeddings.weight": (t.type_vocab_size, h),
-              "embeddings.LayerNorm.weight": (h,), "embeddings.LayerNorm.bias": (h,),
-              "pooler.dense.weight": (h, h), "pooler.dense.bias": (h,)}
+    shapes = {
+        "embeddings.word_embeddings.weight": (t.vocab_size, h),
+        "embeddings.position_embeddings.weight": (t.max_position_embeddings, h),
+        "embeddings.token_type_embeddings.weight": (t.type_vocab_size, h),
+        "embeddings.LayerNorm.weight": (h,),
+        "embeddings.LayerNorm.bias": (h,),
+        "pooler.dense.weight": (h, h),
+        "pooler.dense.bias": (h,),
+    }
     for i in range(t.num_hidden_layers):
         b = f"encoder.layer.{i}."
         for n in ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense"):
             shapes.update({b + n + ".weight": (h, h), b + n + ".bias": (h,)})
-        shapes.update({b + "attention.output.LayerNorm.weight": (h,), b + "attention.output.LayerNorm.bias": (h,),
-                       b + "intermediate.dense.weight": (m, h), b + "intermediate.dense.bias": (m,),
-                       b + "output.dense.weight": (h, m), b + "output.dense.bias": (h,),
-                       b + "output.LayerNorm.weight": (h,), b + "output.LayerNorm.bias": (h,)})
+        shapes.update(
+            {
+                b + "attention.output.LayerNorm.weight": (h,),
+                b + "attention.output.LayerNorm.bias": (h,),
+                b + "intermediate.dense.weight": (m, h),
+                b + "intermediate.dense.bias": (m,),
+                b + "output.dense.weight": (h, m),
+                b + "output.dense.bias": (h,),
+                b + "output.LayerNorm.weight": (h,),
+                b + "output.LayerNorm.bias": (h,),
+            }
+        )
     return {prefix + k: v for k, v in shapes.items()}
 
 
@@ -126,16 +163,31 @@ def google_npz(v, big_vision=False, stacked=False, seed=3) -> dict[str, np.ndarr
     r = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
     prefix = "params/" if big_vision else ""
     mha, mlpb, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
-    arrays = {"embedding/kernel": r(v.patch_size, v.patch_size, v.in_chans, w), "embedding/bias": r(w),
-              "cls": r(1, 1, w), "Transformer/encoder_norm/scale": r(w), "Transformer/encoder_norm/bias": r(w),
-              "head/kernel": r(w, 1000), "head/bias": r(1000), "pre_logits/kernel": r(w, w), "pre_logits/bias": r(w)}
+    arrays = {
+        "embedding/kernel": r(v.patch_size, v.patch_size, v.in_chans, w),
+        "embedding/bias": r(w),
+        "cls": r(1, 1, w),
+        "Transformer/encoder_norm/scale": r(w),
+        "Transformer/encoder_norm/bias": r(w),
+        "head/kernel": r(w, 1000),
+        "head/bias": r(1000),
+        "pre_logits/kernel": r(w, w),
+        "pre_logits/bias": r(w),
+    }
     pos = r(1, v.patches_per_frame + 1, w)
     arrays["pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding"] = pos
-    block = {"LayerNorm_0/scale": (w,), "LayerNorm_0/bias": (w,), f"LayerNorm_{ln2}/scale": (w,),
-             f"LayerNorm_{ln2}/bias": (w,), f"MlpBlock_{mlpb}/Dense_0/kernel": (w, mlp),
-             f"MlpBlock_{mlpb}/Dense_0/bias": (mlp,), f"MlpBlock_{mlpb}/Dense_1/kernel": (mlp, w),
-             f"MlpBlock_{mlpb}/Dense_1/bias": (w,), f"MultiHeadDotProductAttention_{mha}/out/kernel": (h, w // h, w),
-             f"MultiHeadDotProductAttention_{mha}/out/bias": (w,)}
+    block = {
+        "LayerNorm_0/scale": (w,),
+        "LayerNorm_0/bias": (w,),
+        f"LayerNorm_{ln2}/scale": (w,),
+        f"LayerNorm_{ln2}/bias": (w,),
+        f"MlpBlock_{mlpb}/Dense_0/kernel": (w, mlp),
+        f"MlpBlock_{mlpb}/Dense_0/bias": (mlp,),
+        f"MlpBlock_{mlpb}/Dense_1/kernel": (mlp, w),
+        f"MlpBlock_{mlpb}/Dense_1/bias": (w,),
+        f"MultiHeadDotProductAttention_{mha}/out/kernel": (h, w // h, w),
+        f"MultiHeadDotProductAttention_{mha}/out/bias": (w,),
+    }
     for n in ("query", "key", "value"):
         block[f"MultiHeadDotProductAttention_{mha}/{n}/kernel"] = (w, h, w // h)
         block[f"MultiHeadDotProductAttention_{mha}/{n}/bias"] = (h, w // h)
@@ -161,7 +213,7 @@ def test_video_from_google_npz_computes_what_jax_computes(model, tmp_path, big_v
     check_golden(report, "video", "tiny")  # the same names as the official loading of the timm .pth
     for key in set(before) - set(report.filled):
         assert torch.equal(model.state_dict()[key], before[key]), key
-    a = {k[len(p):]: torch.from_numpy(x) for k, x in arrays.items()}
+    a = {k[len(p) :]: torch.from_numpy(x) for k, x in arrays.items()}
     vm = model.video_model
     mha, mlpb, ln2 = (0, 0, 1) if big_vision else (1, 3, 2)
     with torch.no_grad():
@@ -176,8 +228,10 @@ def test_video_from_google_npz_computes_what_jax_computes(model, tmp_path, big_v
         torch.testing.assert_close(ours, jax_out, rtol=1e-5, atol=1e-5)
         x = torch.randn(5, v.width)
         for i, block in enumerate(vm.blocks):
+
             def get(n, i=i):
                 return a[f"Transformer/encoderblock/{n}"][i] if stacked else a[f"Transformer/encoderblock_{i}/{n}"]
+
             assert torch.equal(block.norm1.weight, get("LayerNorm_0/scale"))
             assert torch.equal(block.norm2.bias, get(f"LayerNorm_{ln2}/bias"))
             q, k, val = block.attn.qkv(x).chunk(3, dim=-1)
@@ -196,8 +250,16 @@ def test_video_from_google_npz_computes_what_jax_computes(model, tmp_path, big_v
 def plain_vit_cls(sd, image, heads, eps):
     """An image ViT (timm's forward) written out: the final-norm CLS of one image (C, H, W)."""
     F = torch.nn.functional
-    x = F.conv2d(image[None], sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd[
-        "patch_embed.proj.weight"].shape[-1]).flatten(2).transpose(1, 2)
+    x = (
+        F.conv2d(
+            image[None],
+            sd["patch_embed.proj.weight"],
+            sd["patch_embed.proj.bias"],
+            stride=sd["patch_embed.proj.weight"].shape[-1],
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     x = torch.cat([sd["cls_token"], x], dim=1) + sd["pos_embed"]
     width = x.shape[-1]
     depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
@@ -208,8 +270,9 @@ def plain_vit_cls(sd, image, heads, eps):
         att = torch.softmax(torch.einsum("bihd,bjhd->bhij", q, k) * (width // heads) ** -0.5, dim=-1)
         x = x + F.linear(torch.einsum("bhij,bjhd->bihd", att, v).flatten(2), b("attn.proj.weight"), b("attn.proj.bias"))
         h = F.layer_norm(x, (width,), b("norm2.weight"), b("norm2.bias"), eps)
-        x = x + F.linear(F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"),
-                         b("mlp.fc2.bias"))
+        x = x + F.linear(
+            F.gelu(F.linear(h, b("mlp.fc1.weight"), b("mlp.fc1.bias"))), b("mlp.fc2.weight"), b("mlp.fc2.bias")
+        )
     return F.layer_norm(x, (width,), sd["norm.weight"], sd["norm.bias"], eps)[0, 0]
 
 
@@ -217,8 +280,10 @@ def test_initialised_video_tower_starts_as_the_image_vit(tmp_path):
     """time_init='zeros' and a zero temporal embedding: on one frame, the tower computes exactly the image ViT."""
     model = EgoVLPv2(EgoVLPv2Config.tiny(num_frames=1)).eval()
     v = model.config.video
-    sd = {k: t * 0.2 if k.endswith("weight") and "norm" not in k else t
-          for k, t in random_tensors(timm_vit_shapes(v), seed=5).items()}
+    sd = {
+        k: t * 0.2 if k.endswith("weight") and "norm" not in k else t
+        for k, t in random_tensors(timm_vit_shapes(v), seed=5).items()
+    }
     torch.save(sd, tmp_path / "vit.pth")
     init_video_tower(model, tmp_path / "vit.pth")
     image = torch.randn(v.in_chans, v.img_size, v.img_size)
@@ -261,8 +326,13 @@ def test_video_rejects_files_that_are_not_a_vit(model, tmp_path):
 # -- text tower --------------------------------------------------------------------------------------------------
 def write_hf_dir(directory, text_config, weights_name, prefix, seed=4, **config_overrides):
     directory.mkdir()
-    hf_config = {**dataclasses.asdict(text_config), "model_type": "roberta", "architectures": ["RobertaForMaskedLM"],
-                 "initializer_range": 0.02, **config_overrides}
+    hf_config = {
+        **dataclasses.asdict(text_config),
+        "model_type": "roberta",
+        "architectures": ["RobertaForMaskedLM"],
+        "initializer_range": 0.02,
+        **config_overrides,
+    }
     (directory / "config.json").write_text(json.dumps(hf_config))
     sd = random_tensors(hf_roberta_shapes(text_config, prefix), seed=seed)
     extra = {prefix + "embeddings.position_ids": torch.arange(text_config.max_position_embeddings)[None]}
@@ -281,7 +351,7 @@ def test_text_from_hf_directory(model, tmp_path, weights_name, prefix):
     sd, ignored = write_hf_dir(tmp_path / "roberta-base", t, weights_name, prefix)
     before = snapshot(model)
     report = init_text_tower(model, tmp_path / "roberta-base")
-    used = {k[len(prefix):]: v for k, v in sd.items() if "pooler" not in k}
+    used = {k[len(prefix) :]: v for k, v in sd.items() if "pooler" not in k}
     assert sorted(report.filled) == sorted("text_model." + k for k in used)
     assert sorted(report.ignored) == sorted(ignored)
     after = model.state_dict()
@@ -293,7 +363,8 @@ def test_text_from_hf_directory(model, tmp_path, weights_name, prefix):
     first_fused = t.num_hidden_layers - model.config.num_fuse_blocks
     assert report.left_at_init and all(
         ("crossattention_t2i" in k or "alpha_t2i" in k) and int(k.split(".")[3]) >= first_fused
-        for k in report.left_at_init)
+        for k in report.left_at_init
+    )
     for layer in model.text_model.encoder.layer[first_fused:]:
         assert layer.alpha_t2i.item() == 0.0
         cross = layer.crossattention_t2i
@@ -315,8 +386,10 @@ def test_incomplete_file_is_flagged(model, tmp_path):
 def test_text_legacy_layer_norm_names(model, tmp_path):
     t = model.config.text
     sd, _ = write_hf_dir(tmp_path / "old", t, "pytorch_model.bin", "")
-    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-               for k, v in sd.items()}
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in sd.items()
+    }
     torch.save(renamed, tmp_path / "old" / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     report = init_text_tower(model, tmp_path / "old")
     assert torch.equal(model.text_model.embeddings.LayerNorm.bias, sd["embeddings.LayerNorm.bias"])
@@ -379,7 +452,7 @@ def test_legacy_storage_larger_than_the_file_is_refused_before_allocation(tmp_pa
     data = path.read_bytes()
     # the storage's element count (BININT1 4, then NONE for "no view") grown to 2**40 (LONG1): 4 TiB of float32
     assert data.count(b"K\x04N") == 1
-    path.write_bytes(data.replace(b"K\x04N", b"\x8a\x06" + (2 ** 40).to_bytes(6, "little") + b"N"))
+    path.write_bytes(data.replace(b"K\x04N", b"\x8a\x06" + (2**40).to_bytes(6, "little") + b"N"))
     with pytest.raises(PretrainedInitError, match="more than the file holds"):
         read_state_dict(path)
 
@@ -391,9 +464,9 @@ def test_safetensors_detected_whatever_its_header_length(tmp_path, header_bytes)
     data = save({"a": torch.zeros(3)})
     n = int.from_bytes(data[:8], "little")
     assert header_bytes >= n
-    header = data[8:8 + n] + b" " * (header_bytes - n)  # JSON padded with spaces, as the format allows
+    header = data[8 : 8 + n] + b" " * (header_bytes - n)  # JSON padded with spaces, as the format allows
     path = tmp_path / "x.safetensors"
-    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n:])
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + n :])
     assert torch.equal(read_state_dict(path)["a"], torch.zeros(3))
 
 
@@ -437,18 +510,28 @@ def test_trainer_builds_a_new_model_from_pretrained_towers(tmp_path):
     vit = random_tensors(timm_vit_shapes(config.video), seed=5)
     save_safetensors(vit, tmp_path / "vit.safetensors")
     text, _ = write_hf_dir(tmp_path / "roberta", config.text, "model.safetensors", "roberta.")
-    cfg = TrainConfig.from_dict({"model": {"preset": "tiny", "init_video": str(tmp_path / "vit.safetensors"),
-                                           "init_text": str(tmp_path / "roberta")}})
+    cfg = TrainConfig.from_dict(
+        {
+            "model": {
+                "preset": "tiny",
+                "init_video": str(tmp_path / "vit.safetensors"),
+                "init_text": str(tmp_path / "roberta"),
+            }
+        }
+    )
     reports = []
     model = build_model(cfg, 1000, reports)
     assert [len(r.filled) > 0 for r in reports] == [True, True]
     state = model.state_dict()
     assert torch.equal(state["video_model.blocks.0.attn.qkv.weight"], vit["blocks.0.attn.qkv.weight"])
-    assert torch.equal(state["text_model.encoder.layer.0.attention.self.query.weight"],
-                       text["roberta.encoder.layer.0.attention.self.query.weight"])
+    assert torch.equal(
+        state["text_model.encoder.layer.0.attention.self.query.weight"],
+        text["roberta.encoder.layer.0.attention.self.query.weight"],
+    )
     untouched = build_model(cfg, 1000, reports := [], pretrained=False).state_dict()
-    assert reports == [] and not torch.equal(untouched["video_model.blocks.0.attn.qkv.weight"],
-                                             vit["blocks.0.attn.qkv.weight"])
+    assert reports == [] and not torch.equal(
+        untouched["video_model.blocks.0.attn.qkv.weight"], vit["blocks.0.attn.qkv.weight"]
+    )
     with pytest.raises(ConfigError, match="init_from"):
         TrainConfig.from_dict({"model": {"preset": "tiny", "init_from": "x.pth", "init_video": "vit.pth"}})
 
@@ -466,27 +549,43 @@ def test_trainer_builds_a_new_model_from_pretrained_towers(tmp_path):
 # `lm_head.*` filled nothing. (The official text model also holds a persistent `embeddings.position_ids` buffer,
 # an arange whatever the file says; ours has no such buffer, so the text sets are of parameters only.)
 OFFICIAL_GOLDEN = {
-    ("video", "tiny"): {"filled": (54, "d9d6fb0cd433654e502a969e6f64b1242a437159d0b8e10ed0eb2537fa8f1191"),
-                        "left_at_init": (43, "76c0d783630d7c9dd0c54210c3d7517af0d51418d4aa34e857e45465b06b5919")},
-    ("video", "base"): {"filled": (150, "90642ba8810056d8cf9798abed5bad2433f0a7a4eb837efec7a521653d8192f1"),
-                        "left_at_init": (127, "65465d07fb5508e08a3f6e446cbfc394170304ae8962d8822b1720928e2ca1c3")},
-    ("text", "tiny"): {"filled": (69, "fa0ce8d4df1d02aba9df88669e90173af952afa4f69f7a8ea4063fb34170df40"),
-                       "left_at_init": (18, "817aeea60a58061ad104e30f980d189151ca9d0a6ef8e1ddd9d0e7665f43eb38")},
-    ("text", "base"): {"filled": (197, "0d89fc851e19f1d19cc4412a106e63a373e835d2eb192fb95926b55cbf9e6561"),
-                       "left_at_init": (54, "5dd44b3044a9018ccb2f346d70b561d2cf0220cf4a2954771f2e7db5c5d09a9d")},
+    ("video", "tiny"): {
+        "filled": (54, "d9d6fb0cd433654e502a969e6f64b1242a437159d0b8e10ed0eb2537fa8f1191"),
+        "left_at_init": (43, "76c0d783630d7c9dd0c54210c3d7517af0d51418d4aa34e857e45465b06b5919"),
+    },
+    ("video", "base"): {
+        "filled": (150, "90642ba8810056d8cf9798abed5bad2433f0a7a4eb837efec7a521653d8192f1"),
+        "left_at_init": (127, "65465d07fb5508e08a3f6e446cbfc394170304ae8962d8822b1720928e2ca1c3"),
+    },
+    ("text", "tiny"): {
+        "filled": (69, "fa0ce8d4df1d02aba9df88669e90173af952afa4f69f7a8ea4063fb34170df40"),
+        "left_at_init": (18, "817aeea60a58061ad104e30f980d189151ca9d0a6ef8e1ddd9d0e7665f43eb38"),
+    },
+    ("text", "base"): {
+        "filled": (197, "0d89fc851e19f1d19cc4412a106e63a373e835d2eb192fb95926b55cbf9e6561"),
+        "left_at_init": (54, "5dd44b3044a9018ccb2f346d70b561d2cf0220cf4a2954771f2e7db5c5d09a9d"),
+    },
 }
 # The constant values the official constructors give the video parameters left at init (the others there keep
 # torch's default Linear init); the text gates alpha_t2i start at 0 and keep it (_init_weights skips them).
-OFFICIAL_VIDEO_CONSTANT_INIT = {"norm3.weight": 1.0, "norm3.bias": 0.0, "timeattn.qkv.weight": 0.0,
-                                "timeattn.qkv.bias": 0.0, "timeattn.proj.weight": 1.0, "timeattn.proj.bias": 0.0,
-                                "attn.alpha_i2t": 0.0, "attn.norm_i2t_i.weight": 1.0, "attn.norm_i2t_i.bias": 0.0,
-                                "temporal_embed": 0.0}
+OFFICIAL_VIDEO_CONSTANT_INIT = {
+    "norm3.weight": 1.0,
+    "norm3.bias": 0.0,
+    "timeattn.qkv.weight": 0.0,
+    "timeattn.qkv.bias": 0.0,
+    "timeattn.proj.weight": 1.0,
+    "timeattn.proj.bias": 0.0,
+    "attn.alpha_i2t": 0.0,
+    "attn.norm_i2t_i.weight": 1.0,
+    "attn.norm_i2t_i.bias": 0.0,
+    "temporal_embed": 0.0,
+}
 
 
 def name_digest(names, prefix):
     import hashlib
 
-    stripped = sorted(n[len(prefix):] for n in names)
+    stripped = sorted(n[len(prefix) :] for n in names)
     return len(stripped), hashlib.sha256("\n".join(stripped).encode()).hexdigest()
 
 
@@ -510,7 +609,7 @@ def test_video_init_matches_the_official_loading(tmp_path):
         check_golden(report, "video", "tiny")
         state = model.state_dict()
         for key in report.filled:
-            assert torch.equal(state[key], sd[key[len("video_model."):]]), key
+            assert torch.equal(state[key], sd[key[len("video_model.") :]]), key
         for key in report.left_at_init:
             constant = [c for suffix, c in OFFICIAL_VIDEO_CONSTANT_INIT.items() if key.endswith(suffix)]
             if constant:
@@ -533,7 +632,7 @@ def test_text_init_matches_the_official_loading(tmp_path):
         check_golden(report, "text", "tiny")
         state = model.state_dict()
         for key in report.filled:
-            assert torch.equal(state[key], sd[prefix + key[len("text_model."):]]), key
+            assert torch.equal(state[key], sd[prefix + key[len("text_model.") :]]), key
         for key in report.left_at_init:
             if key.endswith("alpha_t2i"):
                 assert state[key].item() == 0.0, key
@@ -541,5 +640,5 @@ def test_text_init_matches_the_official_loading(tmp_path):
     with torch.device("meta"):
         model = EgoVLPv2(base)
         roberta = {k: torch.empty(s) for k, s in hf_roberta_shapes(base.text, "roberta.").items()}
-    roberta = {k[len("roberta."):]: v for k, v in roberta.items()}  # as init_text_tower strips the prefix
+    roberta = {k[len("roberta.") :]: v for k, v in roberta.items()}  # as init_text_tower strips the prefix
     check_golden(fill_by_name(model, "text_model.", roberta, "text", "roberta-base", TEXT_OWN_INIT), "text", "base")

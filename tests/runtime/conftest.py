@@ -18,13 +18,12 @@ def rt_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def engines(tmp_path_factory, rt_model_dir):
-    from egovlp_deploy.export.pipeline import ExportOptions, run_export
+    from egovlp_deploy.export.runner import ExportOptions, run_export
     from egovlp_deploy.tokenizer import train_demo_tokenizer
 
     ckpt, model = rt_model_dir
     out = tmp_path_factory.mktemp("rt_engines") / "engines"
-    result = run_export(str(ckpt), out, ExportOptions(max_batch=8, task_checks=False, ort_optimize="never"),
-                        quiet=True)
+    result = run_export(str(ckpt), out, ExportOptions(max_batch=8, task_checks=False, ort_optimize="never"), quiet=True)
     assert result.passed, result.errors
     train_demo_tokenizer(out / "tokenizer")
     return out
@@ -48,15 +47,30 @@ def video_root(tmp_path_factory):
 @pytest.fixture(scope="session")
 def mcq_json(tmp_path_factory, video_root):
     def row(uid, start, end, text="#C C picks up the red cup"):
-        return {"video_uid": uid, "clip_start": start, "clip_end": end, "clip_text": text,
-                "tag_verb": "[0]", "tag_noun": "[0]"}
+        return {
+            "video_uid": uid,
+            "clip_start": start,
+            "clip_end": end,
+            "clip_text": text,
+            "tag_verb": "[0]",
+            "tag_noun": "[0]",
+        }
 
     questions = {}
     for q in range(2):
-        choices = [row("vid_a", 0.0, 1.0), row("vid_a", 1.0, 2.0), row("vid_b", 0.5, 1.5), row("vid_b", 1.5, 2.5),
-                   row("vid_c", 0.2, 1.2)]
-        questions[str(q)] = {"types": 1 + q, "query": row("vid_a", 0.0, 1.0, "#C C opens the blue box"),
-                             "choices": {str(i): c for i, c in enumerate(choices)}, "answer": q}
+        choices = [
+            row("vid_a", 0.0, 1.0),
+            row("vid_a", 1.0, 2.0),
+            row("vid_b", 0.5, 1.5),
+            row("vid_b", 1.5, 2.5),
+            row("vid_c", 0.2, 1.2),
+        ]
+        questions[str(q)] = {
+            "types": 1 + q,
+            "query": row("vid_a", 0.0, 1.0, "#C C opens the blue box"),
+            "choices": {str(i): c for i, c in enumerate(choices)},
+            "answer": q,
+        }
     path = tmp_path_factory.mktemp("rt_mcq") / "egomcq.json"
     path.write_text(json.dumps(questions))
     return path

@@ -27,22 +27,86 @@ def test_index_search_mcq_features(engines, video_root, mcq_json, tmp_path, caps
     assert main(["search", idx, "  "]) == 2  # empty query: named error, exit 2
     assert "empty query" in capsys.readouterr().err
     out = tmp_path / "mcq.json"
-    assert main(["mcq", str(mcq_json), "--video-root", str(video_root), "--engines", str(engines), "--json",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "mcq",
+                str(mcq_json),
+                "--video-root",
+                str(video_root),
+                "--engines",
+                str(engines),
+                "--json",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["questions"] == 2 and set(summary["accuracy"]) == {"dual", "fusion", "ensemble"}
     assert len(json.loads(out.read_text())["results"][0]["scores"]["ensemble"]) == 5
     feats = tmp_path / "feats"
-    assert main(["features", *vids[:2], "--engines", str(engines), "--out", str(feats), "--frames", "8",
-                 "--stride", "8", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                *vids[:2],
+                "--engines",
+                str(engines),
+                "--out",
+                str(feats),
+                "--frames",
+                "8",
+                "--stride",
+                "8",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     a = load_file(str(feats / "vid_a_0.safetensors"))
     assert a["features"].shape == (4, 128) and a["timestamps"].shape == (4, 2)  # 30 frames / 8, last one clipped
-    assert main(["features", *vids[:2], "--engines", str(engines), "--out", str(feats), "--frames", "8",
-                 "--stride", "8", "--json"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                *vids[:2],
+                "--engines",
+                str(engines),
+                "--out",
+                str(feats),
+                "--frames",
+                "8",
+                "--stride",
+                "8",
+                "--json",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["skipped"] == 2  # a rerun resumes: both videos already done
-    assert main(["features", vids[2], "--engines", str(engines), "--out", str(feats), "--mode", "fusion",
-                 "--query", "#C C opens the box", "--query", "#C C pulls the cup", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                vids[2],
+                "--engines",
+                str(engines),
+                "--out",
+                str(feats),
+                "--mode",
+                "fusion",
+                "--query",
+                "#C C opens the box",
+                "--query",
+                "#C C pulls the cup",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     c = load_file(str(feats / "vid_c_0.safetensors"))
     assert c["video_cls"].shape[:2] == (2, 2) and c["text_tokens"].shape[:2] == (2, 2)  # 20 frames / 16
     assert main(["features", vids[2], "--engines", str(engines), "--out", str(feats), "--mode", "fusion"]) == 2
@@ -51,8 +115,10 @@ def test_index_search_mcq_features(engines, video_root, mcq_json, tmp_path, caps
 def test_bad_engine_folder_and_missing_video(engines, video_root, tmp_path, capsys):
     assert main(["index", str(tmp_path / "none.mp4"), "--engines", str(engines), "--out", str(tmp_path / "i")]) == 2
     assert "no such file or folder" in capsys.readouterr().err
-    assert main(["index", str(video_root / "vid_a" / "0.mp4"), "--engines", str(tmp_path), "--out",
-                 str(tmp_path / "i")]) == 2
+    assert (
+        main(["index", str(video_root / "vid_a" / "0.mp4"), "--engines", str(tmp_path), "--out", str(tmp_path / "i")])
+        == 2
+    )
     assert "manifest" in capsys.readouterr().err
 
 
@@ -70,9 +136,31 @@ def test_bench_e2e_quick(engines, tmp_path, capsys):
 def test_bench_e2e_torch_attention_rows(engines, tmp_path):
     """--torch-attention gives one torch row set per attention path, labelled, each with exact re-rank parity."""
     out = tmp_path / "bench_attn"
-    assert main(["bench", "e2e", "--engines", str(engines), "--frames", "4", "--backends", "torch",
-                 "--torch-attention", "auto,reference", "--ks", "5", "--iters", "2", "--warmup", "0",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "e2e",
+                "--engines",
+                str(engines),
+                "--frames",
+                "4",
+                "--backends",
+                "torch",
+                "--torch-attention",
+                "auto,reference",
+                "--ks",
+                "5",
+                "--iters",
+                "2",
+                "--warmup",
+                "0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads((out / "e2e.json").read_text())
     encode = {r["backend"]: r for r in result["rows"] if r["stage"] == "video encode"}
     assert set(encode) == {"torch", "torch/reference"}
@@ -91,8 +179,10 @@ def test_runtime_rejects_an_unknown_attention_path(engines):
 def test_bench_index_quick(engines, tmp_path, capsys):
     """bench index: the decode-only row and one index row per decoder, from the same run, in JSON/markdown/PNG."""
     out = tmp_path / "bench_index"
-    assert main(["bench", "index", "--quick", "--engines", str(engines), "--decoders", "auto,pyav",
-                 "--out", str(out)]) == 0
+    assert (
+        main(["bench", "index", "--quick", "--engines", str(engines), "--decoders", "auto,pyav", "--out", str(out)])
+        == 0
+    )
     result = json.loads((out / "index.json").read_text())
     rows = {r["what"]: r for r in result["rows"]}
     assert "decode only (PyAV, 2 threads)" in rows

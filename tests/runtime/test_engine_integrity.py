@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from egovlp_deploy.export import manifest as manifest_module
-from egovlp_deploy.export.manifest import (ArtifactError, ManifestError, copy_tokenizer, load_manifest,
-                                           verify_artifact)
+from egovlp_deploy.export.manifest import ArtifactError, ManifestError, copy_tokenizer, load_manifest, verify_artifact
 from egovlp_deploy.runtime import EngineError, Runtime
 
 TEXT = "onnx/fp32/text_encoder.onnx"
@@ -97,13 +96,18 @@ def test_symlinks_inside_the_folder_load(engines_copy):
     assert Runtime(engines_copy).runner("text_encoder").path.name == "text_encoder.onnx"
 
 
-@pytest.mark.parametrize("key, edit", [
-    ("artifacts[text_encoder/onnx/fp32].derived_from", lambda m: _text_entry(m).update(derived_from="/etc/passwd")),
-    ("tokenizer.dir", lambda m: m.update(tokenizer={"dir": "../tok", "files": {}})),
-    ("tokenizer.files", lambda m: m.update(tokenizer={"dir": "tokenizer", "files": {"../../x.json": "0" * 64}})),
-    ("artifacts[text_encoder/onnx/fp32].external_data[0].file",
-     lambda m: _text_entry(m).update(external_data=[{"file": "/tmp/w.bin", "bytes": 1, "sha256": "0" * 64}])),
-])
+@pytest.mark.parametrize(
+    "key, edit",
+    [
+        ("artifacts[text_encoder/onnx/fp32].derived_from", lambda m: _text_entry(m).update(derived_from="/etc/passwd")),
+        ("tokenizer.dir", lambda m: m.update(tokenizer={"dir": "../tok", "files": {}})),
+        ("tokenizer.files", lambda m: m.update(tokenizer={"dir": "tokenizer", "files": {"../../x.json": "0" * 64}})),
+        (
+            "artifacts[text_encoder/onnx/fp32].external_data[0].file",
+            lambda m: _text_entry(m).update(external_data=[{"file": "/tmp/w.bin", "bytes": 1, "sha256": "0" * 64}]),
+        ),
+    ],
+)
 def test_every_manifest_path_is_confined(engines_copy, key, edit):
     _edit_manifest(engines_copy, edit)
     with pytest.raises(ManifestError, match=re.escape(f"manifest key {key} ")):
@@ -160,8 +164,13 @@ def test_the_export_records_no_external_data(engines):
 def test_external_data_is_recorded_and_loads(engines, engines_copy):
     data = _externalize(engines_copy)
     entry = load_manifest(engines_copy).find("text_encoder")
-    assert entry.external_data == [{"file": "onnx/fp32/text_encoder.onnx.data", "bytes": data.stat().st_size,
-                                    "sha256": manifest_module.sha256_file(data)}]
+    assert entry.external_data == [
+        {
+            "file": "onnx/fp32/text_encoder.onnx.data",
+            "bytes": data.stat().st_size,
+            "sha256": manifest_module.sha256_file(data),
+        }
+    ]
     # the weights really moved out of the graph file (measured: a 0.3 MB graph, its integer constants inline, beside
     # 1.2 MB of float weights)
     assert entry.bytes < data.stat().st_size / 2
@@ -217,8 +226,12 @@ def test_external_data_location_leaving_the_folder_is_refused(engines_copy, tmp_
             if kv.key == "location":
                 kv.value = "../../../outside/w.data"
     path.write_bytes(proto.SerializeToString())
-    _edit_manifest(engines_copy, lambda m: _text_entry(m).update(
-        sha256=manifest_module.sha256_file(path), bytes=path.stat().st_size, external_data=[]))
+    _edit_manifest(
+        engines_copy,
+        lambda m: _text_entry(m).update(
+            sha256=manifest_module.sha256_file(path), bytes=path.stat().st_size, external_data=[]
+        ),
+    )
     with pytest.raises(EngineError, match="external data location '../../../outside/w.data' .*'\\.\\.'"):
         _text_outputs(engines_copy)
 

@@ -127,13 +127,12 @@ def test_torch_backend_refuses_another_checkpoint(engines_copy, tmp_path):
 
 
 def test_provider_fallback_is_reported(engines, recwarn):
-    from egovlp_deploy.runtime import ProviderFallbackWarning
-
     import onnxruntime
+
+    from egovlp_deploy.runtime import ProviderFallbackWarning
 
     rt = Runtime(engines, device="cuda")
     r = rt.runner("video_encoder")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or r.provider != \
-            "CUDAExecutionProvider":
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers() or r.provider != "CUDAExecutionProvider":
         assert r.provider == "CPUExecutionProvider"
         assert any(issubclass(w.category, ProviderFallbackWarning) for w in recwarn.list)

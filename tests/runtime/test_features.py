@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from egovlp_deploy.runtime.clip_pipeline import ClipPipeline, plan_windows
 from egovlp_deploy.runtime.engines import Runtime
 from egovlp_deploy.runtime.features import extract_features
-from egovlp_deploy.runtime.pipeline import ClipPipeline, plan_windows
-
 from video_files import write_video
 
 
@@ -26,8 +25,14 @@ from video_files import write_video
 def layout(tmp_path_factory):
     """Same stems in different folders, the EgoClip chunk layout and digit-named files."""
     root = tmp_path_factory.mktemp("layout")
-    files = [root / "a" / "clip.mp4", root / "b" / "clip.mp4", root / "uid" / "0.mp4", root / "uid" / "1.mp4",
-             root / "myclips" / "20240101.mp4", root / "myclips" / "20240102.mp4"]
+    files = [
+        root / "a" / "clip.mp4",
+        root / "b" / "clip.mp4",
+        root / "uid" / "0.mp4",
+        root / "uid" / "1.mp4",
+        root / "myclips" / "20240101.mp4",
+        root / "myclips" / "20240102.mp4",
+    ]
     for i, f in enumerate(files):
         write_video(f, 12 + 2 * i)
     return root, files
@@ -93,7 +98,7 @@ def test_non_utf8_file_names(engines, tmp_path):
 
 def test_the_chosen_decoder_decodes(monkeypatch, tmp_path):
     """--decoder pyav: the frames come from PyAV even where decord cannot open the file."""
-    from egovlp_deploy import video as video_module
+    from egovlp_deploy import decoding as video_module
 
     path = write_video(tmp_path / "clip.mp4", 20)
     windows, _ = plan_windows(path, 4, window_frames=8, stride_frames=8, backend="pyav")
@@ -165,8 +170,22 @@ def test_a_killed_run_resumes_inside_the_video(engines, tmp_path):
     """SIGKILL after the first committed part of a 32-window video: the rerun encodes only the windows not committed
     and writes exactly the files an uninterrupted run writes."""
     video = write_video(tmp_path / "v" / "long.mp4", 64)
-    cmd = [str(BIN / "egovlp-deploy"), "features", str(video), "--engines", str(engines), "--frames", "2",
-           "--stride", "2", "--batch", "1", "--commit-every", "1", "--quiet"]
+    cmd = [
+        str(BIN / "egovlp-deploy"),
+        "features",
+        str(video),
+        "--engines",
+        str(engines),
+        "--frames",
+        "2",
+        "--stride",
+        "2",
+        "--batch",
+        "1",
+        "--commit-every",
+        "1",
+        "--quiet",
+    ]
     out, ref = tmp_path / "feats", tmp_path / "ref"
     record = out / ".partial" / "long" / "progress.json"
     proc = subprocess.Popen(cmd + ["--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,13 +216,23 @@ def test_fusion_resumes_bit_for_bit(engines, tmp_path):
     """Fusion features for two queries in npy files, killed after two parts of 3 windows (a part size that is not a
     multiple of the batch): the rerun encodes the other 4 windows and its files equal an uninterrupted run's."""
     video = write_video(tmp_path / "v" / "take.mp4", 40)  # 10 windows of 4 frames
-    kw = dict(mode="fusion", queries=["C opens the box", "C picks up a cup"], fmt="npy", batch=2, commit_every=3,
-              frames=4, stride=4)
+    kw = dict(
+        mode="fusion",
+        queries=["C opens the box", "C picks up a cup"],
+        fmt="npy",
+        batch=2,
+        commit_every=3,
+        frames=4,
+        stride=4,
+    )
     out, ref = tmp_path / "feats", tmp_path / "ref"
     with pytest.raises(Killed):
         _extract(engines, video, out, on_commit=_kill_after(1), **kw)
     assert [p.name for p in sorted((out / ".partial" / "take").iterdir())] == [
-        "part-00000.safetensors", "part-00001.safetensors", "progress.json"]
+        "part-00000.safetensors",
+        "part-00001.safetensors",
+        "progress.json",
+    ]
     rt = Runtime(engines, warmup=False)
     seen = _count_windows(rt, "fusion_prefix")
     summary = _extract(engines, video, out, rt, **kw)
@@ -212,7 +241,8 @@ def test_fusion_resumes_bit_for_bit(engines, tmp_path):
     files = _files(out)
     assert files == _files(ref)
     assert set(files) == {f"take.{k}.npy" for k in ("video_cls", "text_tokens", "text_mask", "timestamps")} | {
-        "take.json"}
+        "take.json"
+    }
     assert np.load(out / "take.video_cls.npy").shape[:2] == (2, 10)
 
 

@@ -26,10 +26,13 @@ def graph_like_capture(log=None):
 
         def replay():
             fresh = fn(**inputs)
-            for static, new in zip(outputs if isinstance(outputs, tuple) else (outputs,),
-                                   fresh if isinstance(fresh, tuple) else (fresh,)):
+            for static, new in zip(
+                outputs if isinstance(outputs, tuple) else (outputs,), fresh if isinstance(fresh, tuple) else (fresh,)
+            ):
                 static.copy_(new)
+
         return replay, outputs
+
     return capture
 
 
@@ -47,7 +50,7 @@ def test_bucket_length():
 def test_replays_new_inputs_per_signature():
     log = []
     cache = GraphCache(affine, "cpu", capture=graph_like_capture(log))
-    for step in range(3):
+    for _ in range(3):
         for n in (3, 5):
             x, y = torch.randn(2, n), torch.randn(2, n)
             out = cache(x=x, y=y)
@@ -109,7 +112,7 @@ def _text_inputs(rt, length, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(5, rt.folder.config.text.vocab_size, (batch, length)).astype(np.int64)
     mask = np.ones_like(ids)
-    mask[-1, max(1, length // 2):] = 0
+    mask[-1, max(1, length // 2) :] = 0
     return ids, mask
 
 
@@ -132,8 +135,9 @@ def test_torch_runner_pads_text_to_buckets_and_cuts_back(engines):
             np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5, err_msg=name)
     assert [s["input_ids"][1] for s in log] == [8, 16]  # 5, 7, 3 share the 8-token graph
 
-    prefix = graphed.video_encoder.fusion_prefix(np.random.default_rng(1).standard_normal(
-        (2, *graphed.video_encoder.clip_shape)).astype(np.float32))
+    prefix = graphed.video_encoder.fusion_prefix(
+        np.random.default_rng(1).standard_normal((2, *graphed.video_encoder.clip_shape)).astype(np.float32)
+    )
     ids, mask = _text_inputs(plain, 6)
     text = text_plain(input_ids=ids, attention_mask=mask)
     want = plain.runner("fusion_head")(video_prefix=prefix, text_prefix=text["text_prefix"], attention_mask=mask)
@@ -155,8 +159,12 @@ def test_cuda_graphs_equal_eager_on_the_gpu(engines, precision):
     graphed = Runtime(engines, backend="torch", device="cuda", precision=precision, graphs=True)
     clips = np.random.default_rng(2).standard_normal((3, *plain.video_encoder.clip_shape)).astype(np.float32)
     for _ in range(3):  # capture, then replays
-        np.testing.assert_allclose(graphed.video_encoder.encode(clips), plain.video_encoder.encode(clips),
-                                   rtol=1e-5, atol=1e-5 if precision == "fp32" else 1e-3)
+        np.testing.assert_allclose(
+            graphed.video_encoder.encode(clips),
+            plain.video_encoder.encode(clips),
+            rtol=1e-5,
+            atol=1e-5 if precision == "fp32" else 1e-3,
+        )
     for length in (5, 9):
         ids, mask = _text_inputs(plain, length)
         want = plain.runner("text_encoder")(input_ids=ids, attention_mask=mask)

@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 
-from egovlp_deploy.runtime import IndexError_, IndexSettings, MomentIndex, Runtime, build_index
+from egovlp_deploy.runtime import IndexFileError, IndexSettings, MomentIndex, Runtime, build_index
 
 
 def _settings(**kw):
-    return IndexSettings(**{"frames": 4, "window_sec": 1.0, "stride_sec": 0.5, "prefixes": True,
-                            "commit_every": 2, **kw})
+    return IndexSettings(
+        **{"frames": 4, "window_sec": 1.0, "stride_sec": 0.5, "prefixes": True, "commit_every": 2, **kw}
+    )
 
 
 def _videos(root):
@@ -54,11 +55,11 @@ def test_incremental_and_refuses_other_model(engines, engines_copy, video_root, 
     manifest["source_checkpoint"]["sha256"] = "f" * 64  # another model's engines
     (engines_copy / "manifest.json").write_text(json.dumps(manifest))
     other = Runtime(engines_copy)
-    with pytest.raises(IndexError_, match="another model"):
+    with pytest.raises(IndexFileError, match="another model"):
         build_index(tmp_path / "idx", vids, other, _settings(), progress=False)
-    with pytest.raises(IndexError_, match="another model"):
+    with pytest.raises(IndexFileError, match="another model"):
         MomentIndex(tmp_path / "idx").search(other, "a cup")
-    with pytest.raises(IndexError_, match="other settings"):
+    with pytest.raises(IndexFileError, match="other settings"):
         build_index(tmp_path / "idx", vids, rt, _settings(window_sec=2.0), progress=False)
 
 
@@ -88,8 +89,13 @@ build_index(sys.argv[2], sys.argv[4:], Runtime(sys.argv[1]), IndexSettings(frame
 def test_killed_run_resumes_consistently(engines, video_root, tmp_path):
     vids = _videos(video_root)
     idx = tmp_path / "idx"
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(engines), str(idx), "8", *vids],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(engines), str(idx), "8", *vids],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     partial = MomentIndex(idx)  # readable as it is: index.json names only complete shards
     assert len(partial) == 9  # commits of 2 per video: 2, 4, 5 (vid_a), 7, 9 (vid_b): killed after 9
@@ -153,8 +159,7 @@ def test_ms_per_clip_is_steady_state(engines, video_root, tmp_path):
     summary = build_index(tmp_path / "idx", _videos(video_root), rt, _settings(), progress=False)
     assert len(calls) == 7 and summary["ms_per_clip"]["video_encode"] < 100  # commits of 2: 2+2+1, 2+2, 2+1
     assert set(summary["ms_per_clip"]) == {"decode", "preprocess", "video_encode", "video_prefix"}
-    one_batch = build_index(tmp_path / "idx2", _videos(video_root)[2:], rt, _settings(commit_every=32),
-                            progress=False)
+    one_batch = build_index(tmp_path / "idx2", _videos(video_root)[2:], rt, _settings(commit_every=32), progress=False)
     assert "video_encode" not in one_batch["ms_per_clip"] and "decode" in one_batch["ms_per_clip"]
 
 
@@ -176,8 +181,10 @@ def test_search_names_videos_by_their_path_under_the_common_folder(engines, vide
     assert main(["search", idx, "#C C opens the box", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)["#C C opens the box"]
     assert {h["name"] for h in hits} == {"a/bikes.mp4", "b/bikes.mp4"}
-    assert display_names(["/x/bikes.mp4", "/y/bikes.mp4"]) == {"/x/bikes.mp4": "/x/bikes.mp4",
-                                                             "/y/bikes.mp4": "/y/bikes.mp4"}  # only / in common
+    assert display_names(["/x/bikes.mp4", "/y/bikes.mp4"]) == {
+        "/x/bikes.mp4": "/x/bikes.mp4",
+        "/y/bikes.mp4": "/y/bikes.mp4",
+    }  # only / in common
     assert display_names(["/data/v/one.mp4"]) == {"/data/v/one.mp4": "one.mp4"}
 
 

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from egovlp_deploy.cli import main
-from egovlp_deploy.runtime import IndexError_, IndexSettings, MomentIndex, QueryError, Runtime, build_index
+from egovlp_deploy.runtime import IndexFileError, IndexSettings, MomentIndex, QueryError, Runtime, build_index
 
 
 def _settings(**kw):
-    return IndexSettings(**{"frames": 4, "window_sec": 1.0, "stride_sec": 0.5, "prefixes": True,
-                            "commit_every": 2, **kw})
+    return IndexSettings(
+        **{"frames": 4, "window_sec": 1.0, "stride_sec": 0.5, "prefixes": True, "commit_every": 2, **kw}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_index_never_deletes_what_it_did_not_write(rt, video_root, tmp_path):
     (foreign / "shards").mkdir(parents=True)
     (foreign / "shards" / "holiday.jpg").write_bytes(b"not ours")
     (foreign / "shards" / "00000-00000.safetensors").write_bytes(b"not ours either")
-    with pytest.raises(IndexError_, match=r"photos: not empty and not an egovlp-deploy index \(no index.json\)"):
+    with pytest.raises(IndexFileError, match=r"photos: not empty and not an egovlp-deploy index \(no index.json\)"):
         _build(foreign, video_root, rt)
     assert sorted(p.name for p in (foreign / "shards").iterdir()) == ["00000-00000.safetensors", "holiday.jpg"]
     assert not (foreign / "index.json").exists()
@@ -56,17 +57,28 @@ def test_index_never_deletes_what_it_did_not_write(rt, video_root, tmp_path):
     idx = tmp_path / "idx"
     _build(idx, video_root, rt)
     shards = idx / "shards"
-    kept = [shards / "notes.txt", shards / "00000-00000.safetensors.bak", shards / "00000-00000.safetensors.tmp",
-            idx / "README.md"]
-    gone = [shards / "00007-00000.safetensors", shards / ".00007-00000.safetensors.ab_c1234.tmp",
-            idx / ".index.json.x1y2z3_4.tmp"]
+    kept = [
+        shards / "notes.txt",
+        shards / "00000-00000.safetensors.bak",
+        shards / "00000-00000.safetensors.tmp",
+        idx / "README.md",
+    ]
+    gone = [
+        shards / "00007-00000.safetensors",
+        shards / ".00007-00000.safetensors.ab_c1234.tmp",
+        idx / ".index.json.x1y2z3_4.tmp",
+    ]
     for p in kept + gone:
         p.write_bytes(b"x")
     victim = tmp_path / "victim.safetensors"
     victim.write_bytes(b"someone else's file")
     # an index.json that lists a file outside (and a stale fingerprint, so the video is dropped and re-indexed)
-    _rewrite_index_json(idx, lambda d: d["videos"][0].update(fingerprint={"size": -1, "mtime_ns": 0},
-                                                             shards=[{"file": str(victim), "start": 0, "count": 5}]))
+    _rewrite_index_json(
+        idx,
+        lambda d: d["videos"][0].update(
+            fingerprint={"size": -1, "mtime_ns": 0}, shards=[{"file": str(victim), "start": 0, "count": 5}]
+        ),
+    )
     assert _build(idx, video_root, rt)["new_windows"] == 5
     assert all(p.exists() for p in kept) and not any(p.exists() for p in gone)
     assert victim.read_bytes() == b"someone else's file"
@@ -81,8 +93,11 @@ def test_search_refuses_foreign_and_outside_shards(rt, video_root, tmp_path, cap
     shard = idx / "shards" / "00000-00001.safetensors"
     original = shard.read_bytes()
     save_file(load_file(str(shard)), str(shard), metadata={"model_id": "0123456789abcdef"})  # another index's shard
-    with pytest.raises(IndexError_, match=r"00000-00001.safetensors: a shard of .*vid_a.* written by another model "
-                                          r"\(0123456789abcdef; the index is model "):
+    with pytest.raises(
+        IndexFileError,
+        match=r"00000-00001.safetensors: a shard of .*vid_a.* written by another model "
+        r"\(0123456789abcdef; the index is model ",
+    ):
         MomentIndex(idx)
     assert main(["search", str(idx), "a cup"]) == 2
     assert "another model" in _one_error_line(capsys.readouterr().err, "search")
@@ -93,12 +108,12 @@ def test_search_refuses_foreign_and_outside_shards(rt, video_root, tmp_path, cap
     outside.write_bytes(original)
     for listed in (str(outside), "../elsewhere/x.safetensors", "shards/../../elsewhere/x.safetensors"):
         _rewrite_index_json(idx, lambda d: d["videos"][0]["shards"][1].update(file=listed))
-        with pytest.raises(IndexError_, match="leaves the index folder"):
+        with pytest.raises(IndexFileError, match="leaves the index folder"):
             MomentIndex(idx)
     _rewrite_index_json(idx, lambda d: d["videos"][0]["shards"][1].update(file="shards/00000-00001.safetensors"))
     shard.unlink()
     shard.symlink_to(outside)  # a link that leads out of the folder
-    with pytest.raises(IndexError_, match="outside the index folder"):
+    with pytest.raises(IndexFileError, match="outside the index folder"):
         MomentIndex(idx)
 
 
@@ -107,8 +122,11 @@ def test_truncated_shard_is_a_named_error(rt, video_root, tmp_path, capsys):
     _build(idx, video_root, rt)
     shard = idx / "shards" / "00000-00002.safetensors"
     shard.write_bytes(shard.read_bytes()[:-40])
-    with pytest.raises(IndexError_, match=r"00000-00002.safetensors: unreadable shard of .*vid_a.*rerun the same "
-                                          r"`egovlp-deploy index` command"):
+    with pytest.raises(
+        IndexFileError,
+        match=r"00000-00002.safetensors: unreadable shard of .*vid_a.*rerun the same "
+        r"`egovlp-deploy index` command",
+    ):
         MomentIndex(idx)
     assert main(["search", str(idx), "a cup"]) == 2
     assert "00000-00002.safetensors: unreadable shard" in _one_error_line(capsys.readouterr().err, "search")
@@ -151,8 +169,24 @@ def test_undecodable_query_is_a_query_error(rt, engines, video_root, tmp_path, c
     _build(idx, video_root, rt, "vid_c")
     assert main(["search", str(idx), query]) == 2
     assert "not valid UTF-8" in _one_error_line(capsys.readouterr().err, "search")
-    assert main(["features", str(video_root / "vid_c" / "0.mp4"), "--engines", str(engines), "--out",
-                 str(tmp_path / "feats"), "--mode", "fusion", "--query", query, "--quiet"]) == 2
+    assert (
+        main(
+            [
+                "features",
+                str(video_root / "vid_c" / "0.mp4"),
+                "--engines",
+                str(engines),
+                "--out",
+                str(tmp_path / "feats"),
+                "--mode",
+                "fusion",
+                "--query",
+                query,
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert "not valid UTF-8" in _one_error_line(capsys.readouterr().err, "features")
 
 

@@ -22,13 +22,18 @@ def _describe(capsys, *args) -> dict:
 
 
 def _index(engines, video_root, out) -> str:
-    build_index(out, [str(video_root / "vid_c" / "0.mp4")], Runtime(engines),
-                IndexSettings(frames=4, window_sec=1.0, stride_sec=0.5, prefixes=True), progress=False)
+    build_index(
+        out,
+        [str(video_root / "vid_c" / "0.mp4")],
+        Runtime(engines),
+        IndexSettings(frames=4, window_sec=1.0, stride_sec=0.5, prefixes=True),
+        progress=False,
+    )
     return str(out)
 
 
 def test_checkpoint_folder_and_training_run(rt_model_dir, tmp_path, capsys):
-    from egovlp_deploy.trainer.checkpointing import save_checkpoint
+    from egovlp_deploy.trainer.training_state import save_checkpoint
 
     folder, model = rt_model_dir
     d = _describe(capsys, folder)
@@ -73,8 +78,13 @@ def test_engines_folder(engines, capsys):
     assert video["outputs"][0]["name"] == "video_embedding" and video["passed"] is True
     code, out, _ = _info(capsys, engines)
     assert code == 0
-    for expected in (f"model id    {folder.model_id}", d["manifest_sha256"], "roles       fusion, fusion_head",
-                     "validation  passed", "video[batch,4,3,32,32] float32 -> video_embedding[batch,128] float32"):
+    for expected in (
+        f"model id    {folder.model_id}",
+        d["manifest_sha256"],
+        "roles       fusion, fusion_head",
+        "validation  passed",
+        "video[batch,4,3,32,32] float32 -> video_embedding[batch,128] float32",
+    ):
         assert expected in out, expected
 
 
@@ -87,8 +97,9 @@ def test_index_and_the_export_it_was_built_with(engines, engines_copy, video_roo
     assert d["model_id"] == EngineFolder(engines).model_id and d["engines_manifest_sha256"] == sha
     assert d["engines_now"]["same_model"] is True and d["engines_now"]["same_export"] is True
     assert d["windows"] == 3 and d["settings"]["prefixes"] is True and d["embed_dim"] == 128
-    assert d["videos"] == [{"path": str((video_root / "vid_c" / "0.mp4").resolve()), "name": "0.mp4", "windows": 3,
-                            "indexed": 3}]
+    assert d["videos"] == [
+        {"path": str((video_root / "vid_c" / "0.mp4").resolve()), "name": "0.mp4", "windows": 3, "indexed": 3}
+    ]
     assert d["shards"]["count"] == 1 and d["shards"]["bytes"] > 0
     code, out, _ = _info(capsys, idx)
     assert code == 0 and "1 videos, 3 clips, 128-d embeddings" in out and "the same export" in out
@@ -125,8 +136,10 @@ def test_not_an_artifact(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("hello")
     code, out, err = _info(capsys, tmp_path)
     assert code == 2 and out == ""
-    assert err.strip() == (f"egovlp-deploy info: error: {tmp_path}: not a checkpoint, an engines folder or an index "
-                           "(no model.safetensors, checkpoints/, manifest.json or index.json in it)")
+    assert err.strip() == (
+        f"egovlp-deploy info: error: {tmp_path}: not a checkpoint, an engines folder or an index "
+        "(no model.safetensors, checkpoints/, manifest.json or index.json in it)"
+    )
     code, _, err = _info(capsys, tmp_path / "notes.txt")
     assert code == 2 and "not a checkpoint, an engines folder or an index" in err
     code, _, err = _info(capsys, tmp_path / "missing")
@@ -135,4 +148,3 @@ def test_not_an_artifact(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     code, _, err = _info(capsys, tmp_path)
     assert code == 2 and "not a safetensors file" in err and len(err.strip().splitlines()) == 1
-

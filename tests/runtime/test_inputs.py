@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from egovlp_deploy.cli import main
-from egovlp_deploy.runtime.pipeline import expand_inputs
-
+from egovlp_deploy.runtime.clip_pipeline import expand_inputs
 from video_files import write_video
 
 
@@ -49,8 +48,9 @@ def hostile(tmp_path_factory):
 
 def test_folders_globs_and_missing_paths(hostile, tmp_path):
     root, good, bad = hostile
-    paths, failures = expand_inputs([str(root), str(root / "day*" / "*.mp4"), str(tmp_path / "nope.mp4"),
-                                     str(tmp_path / "*.mkv")])
+    paths, failures = expand_inputs(
+        [str(root), str(root / "day*" / "*.mp4"), str(tmp_path / "nope.mp4"), str(tmp_path / "*.mkv")]
+    )
     assert set(paths) == set(good) | bad | {root / "truncated.mp4"}  # each once, readme.txt left out
     assert [f.reason for f in failures] == ["no such file or folder", "no file matches this pattern"]
 
@@ -59,8 +59,7 @@ def test_folders_globs_and_missing_paths(hostile, tmp_path):
 def test_good_files_are_processed_and_bad_ones_reported(engines, hostile, tmp_path, capsys, command):
     root, good, bad = hostile
     out = tmp_path / "out"
-    args = [command, str(root), str(tmp_path / "missing.mp4"), "--engines", str(engines), "--out", str(out),
-            "--json"]
+    args = [command, str(root), str(tmp_path / "missing.mp4"), "--engines", str(engines), "--out", str(out), "--json"]
     if command == "features":
         args += ["--frames", "8", "--stride", "8"]
     assert main(args) == 1  # some inputs failed
@@ -76,8 +75,9 @@ def test_good_files_are_processed_and_bad_ones_reported(engines, hostile, tmp_pa
         processed = {v["path"] for v in json.loads((out / "index.json").read_text())["videos"]}
         assert not {str(f.resolve()) for f in bad} & processed  # failed files leave no entry behind
     else:
-        processed = {str(Path(p).resolve()) for p, name in summary["outputs"].items()
-                     if (out / f"{name}.json").is_file()}
+        processed = {
+            str(Path(p).resolve()) for p, name in summary["outputs"].items() if (out / f"{name}.json").is_file()
+        }
     assert {str(g.resolve()) for g in good} <= processed
     truncated = root / "truncated.mp4"
     assert str(truncated) in failed or str(truncated.resolve()) in processed  # never dropped silently
@@ -93,15 +93,27 @@ def test_nothing_readable_is_an_error(engines, tmp_path, capsys):
 
 def test_segments_with_a_folder_and_a_video_without_rows(engines, video_root, tmp_path, capsys):
     """--segments matches the expanded files by uid; a video with no rows is reported, the others indexed."""
-    rows = ["video_uid\tclip_start\tclip_end\tclip_text", "vid_a\t0.0\t1.5\t#C C opens the box",
-            "vid_b\t0.5\t2.0\t#C C pulls the cup"]
+    rows = [
+        "video_uid\tclip_start\tclip_end\tclip_text",
+        "vid_a\t0.0\t1.5\t#C C opens the box",
+        "vid_b\t0.5\t2.0\t#C C pulls the cup",
+    ]
     (tmp_path / "segments.tsv").write_text("\n".join(rows) + "\n")
-    args = ["index", str(video_root), "--segments", str(tmp_path / "segments.tsv"), "--engines", str(engines),
-            "--out", str(tmp_path / "idx"), "--json"]
+    args = [
+        "index",
+        str(video_root),
+        "--segments",
+        str(tmp_path / "segments.tsv"),
+        "--engines",
+        str(engines),
+        "--out",
+        str(tmp_path / "idx"),
+        "--json",
+    ]
     assert main(args) == 1
     summary = json.loads(capsys.readouterr().out)
     assert summary["windows"] == 2 and summary["succeeded"] == 2
     assert [(os.path.basename(os.path.dirname(f["path"])), f["reason"]) for f in summary["failed"]] == [
-        ("vid_c", "no segments given for this video")]
-    assert {v["uid"] for v in json.loads((tmp_path / "idx" / "index.json").read_text())["videos"]} == {
-        "vid_a", "vid_b"}
+        ("vid_c", "no segments given for this video")
+    ]
+    assert {v["uid"] for v in json.loads((tmp_path / "idx" / "index.json").read_text())["videos"]} == {"vid_a", "vid_b"}

@@ -16,8 +16,24 @@ BIN = Path(sys.executable).parent
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_index_says_how_to_resume(engines, video_root, tmp_path, sig, code):
     videos = [str(video_root / u / "0.mp4") for u in ("vid_a", "vid_b", "vid_c")]
-    cmd = [str(BIN / "egovlp-deploy"), "index", *videos, "--engines", str(engines), "--out", str(tmp_path / "idx"),
-           "--commit-every", "1", "--batch", "1", "--window", "0.5", "--stride", "0.25", "--quiet"]
+    cmd = [
+        str(BIN / "egovlp-deploy"),
+        "index",
+        *videos,
+        "--engines",
+        str(engines),
+        "--out",
+        str(tmp_path / "idx"),
+        "--commit-every",
+        "1",
+        "--batch",
+        "1",
+        "--window",
+        "0.5",
+        "--stride",
+        "0.25",
+        "--quiet",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     index = tmp_path / "idx" / "index.json"
     deadline = time.time() + 240

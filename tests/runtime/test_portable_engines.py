@@ -7,10 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
-from egovlp_deploy.export.pipeline import ExportOptions, run_export
+from egovlp_deploy.export.runner import ExportOptions, run_export
 from egovlp_deploy.runtime.engines import EngineError, Runtime
 from egovlp_deploy.tokenizer import train_demo_tokenizer
-
 from official_format import saved_random_tiny
 
 
@@ -60,6 +59,11 @@ def test_an_index_records_its_engines_by_absolute_path(engines, video_root, tmp_
 
     shutil.copytree(engines, tmp_path / "engines")
     monkeypatch.chdir(tmp_path)
-    build_index("idx", [str(video_root / "vid_a" / "0.mp4")], Runtime("engines"),
-                IndexSettings(frames=4, window_sec=1.0, stride_sec=1.0), progress=False)
+    build_index(
+        "idx",
+        [str(video_root / "vid_a" / "0.mp4")],
+        Runtime("engines"),
+        IndexSettings(frames=4, window_sec=1.0, stride_sec=1.0),
+        progress=False,
+    )
     assert json.loads((tmp_path / "idx" / "index.json").read_text())["engines"] == str(tmp_path / "engines")

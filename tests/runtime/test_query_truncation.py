@@ -21,7 +21,7 @@ def _truncations(err: str) -> list[str]:
 def test_text_encoder_warns_once_per_query(engines):
     rt = Runtime(engines)
     limit = min(EngineFolder(engines).max_text_len, rt.folder.config.text.max_text_length)
-    with pytest.warns(QueryTruncatedWarning, match=f"query truncated to {limit} tokens: \"#C C picks up") as caught:
+    with pytest.warns(QueryTruncatedWarning, match=f'query truncated to {limit} tokens: "#C C picks up') as caught:
         out = rt.text_encoder.encode([LONG, SHORT, LONG])
     assert len([w for w in caught if w.category is QueryTruncatedWarning]) == 1
     assert out.input_ids.shape[1] == limit
@@ -38,15 +38,35 @@ def test_search_features_and_mcq_say_it(engines, video_root, mcq_json, tmp_path,
     lines = _truncations(capsys.readouterr().err)
     assert len(lines) == 1 and lines[0].startswith("warning: query truncated to ")
 
-    assert main(["features", vid, "--engines", str(engines), "--out", str(tmp_path / "feats"), "--mode", "fusion",
-                 "--query", LONG, "--query", SHORT, "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "features",
+                vid,
+                "--engines",
+                str(engines),
+                "--out",
+                str(tmp_path / "feats"),
+                "--mode",
+                "fusion",
+                "--query",
+                LONG,
+                "--query",
+                SHORT,
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert len(_truncations(capsys.readouterr().err)) == 1
 
     questions = json.loads(mcq_json.read_text())
     questions["0"]["query"]["clip_text"] = LONG
     (tmp_path / "mcq.json").write_text(json.dumps(questions))
-    assert main(["mcq", str(tmp_path / "mcq.json"), "--video-root", str(video_root), "--engines", str(engines),
-                 "--json"]) == 0
+    assert (
+        main(["mcq", str(tmp_path / "mcq.json"), "--video-root", str(video_root), "--engines", str(engines), "--json"])
+        == 0
+    )
     assert len(_truncations(capsys.readouterr().err)) == 1
 
     assert main(["search", str(idx), SHORT]) == 0

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from egovlp_deploy import CheckpointError, EgoVLPv2, EgoVLPv2Config
-from egovlp_deploy.trainer.checkpointing import (flatten_state, latest_valid_checkpoint, list_checkpoints,
-                                                 load_checkpoint, save_checkpoint, unflatten_state)
+from egovlp_deploy.checkpoint import latest_valid_checkpoint, list_checkpoints
+from egovlp_deploy.trainer.training_state import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 
 
 def _optimizer_state():

@@ -20,27 +20,30 @@ def test_shipped_configs_load():
     assert TrainConfig.load("tiny_synthetic.json").model.preset == "tiny"  # a shipped config by name
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"optim": {"lr": 1e-4, "learning_rate": 1}}, "unknown key"),
-    ({"schedulee": {}}, "unknown key"),
-    ({"schedule": {"epochs": "ten"}}, "schedule.epochs must be int"),
-    ({"schedule": {"precision": "fp8"}}, "precision"),
-    ({"schedule": {"batch_size": 10, "grad_accum_steps": 3}}, "divisible"),
-    ({"model": {"preset": "huge"}}, "preset"),
-    ({"model": {"text_warmup_steps": -1}}, "text_warmup_steps"),
-    ({"model": {"temporal_embed_std": -0.1}}, "temporal_embed_std"),
-    ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
-    ({"optim": {"text_freeze_steps": -1}}, "text_freeze_steps"),
-    ({"optim": {"text_freeze_fraction": 1.0}}, r"text_freeze_fraction must be in \[0, 1\)"),
-    ({"optim": {"text_freeze_steps": 300, "text_freeze_fraction": 0.25}}, "not both"),
-    ({"data": {"frame_cache_mb": -1}}, "data.frame_cache_mb must be >= 0"),
-    ({"data": {"num_workers": -2}}, "data.num_workers must be >= 0"),
-    ({"model": {"img_size": 0}}, "model.img_size"),
-    ({"objective": {"vtm_negative_temperature": 0}}, "vtm_negative_temperature"),
-    ({"objective": {"vtm_negative_anneal": True}}, "needs objective.vtm_negative_temperature"),
-    ({"objective": {"text_simcse_weight": -1}}, "text_simcse_weight must be >= 0"),
-    ({"model": {"patch_size": -8}}, "model.patch_size"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"optim": {"lr": 1e-4, "learning_rate": 1}}, "unknown key"),
+        ({"schedulee": {}}, "unknown key"),
+        ({"schedule": {"epochs": "ten"}}, "schedule.epochs must be int"),
+        ({"schedule": {"precision": "fp8"}}, "precision"),
+        ({"schedule": {"batch_size": 10, "grad_accum_steps": 3}}, "divisible"),
+        ({"model": {"preset": "huge"}}, "preset"),
+        ({"model": {"text_warmup_steps": -1}}, "text_warmup_steps"),
+        ({"model": {"temporal_embed_std": -0.1}}, "temporal_embed_std"),
+        ({"optim": {"lr_mult_text": 0}}, "lr_mult_text"),
+        ({"optim": {"text_freeze_steps": -1}}, "text_freeze_steps"),
+        ({"optim": {"text_freeze_fraction": 1.0}}, r"text_freeze_fraction must be in \[0, 1\)"),
+        ({"optim": {"text_freeze_steps": 300, "text_freeze_fraction": 0.25}}, "not both"),
+        ({"data": {"frame_cache_mb": -1}}, "data.frame_cache_mb must be >= 0"),
+        ({"data": {"num_workers": -2}}, "data.num_workers must be >= 0"),
+        ({"model": {"img_size": 0}}, "model.img_size"),
+        ({"objective": {"vtm_negative_temperature": 0}}, "vtm_negative_temperature"),
+        ({"objective": {"vtm_negative_anneal": True}}, "needs objective.vtm_negative_temperature"),
+        ({"objective": {"text_simcse_weight": -1}}, "text_simcse_weight must be >= 0"),
+        ({"model": {"patch_size": -8}}, "model.patch_size"),
+    ],
+)
 def test_bad_configs(data, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(data)

@@ -22,32 +22,35 @@ NIGHTLY = os.environ.get("HYPOTHESIS_PROFILE") == "nightly"
 EXAMPLES = 500 if NIGHTLY else 60
 
 
-@pytest.mark.parametrize("data,match", [
-    # a negative clip norm flips the gradient's sign; a negative decay grows the weights
-    ({"optim": {"grad_clip": -1}}, r"optim.grad_clip must be > 0 \(a finite number\) or null, got -1"),
-    ({"optim": {"grad_clip": 0}}, "optim.grad_clip"),
-    ({"optim": {"weight_decay": -0.01}}, r"optim.weight_decay must be in \[0, 1\] \(a finite number\), got -0.01"),
-    # both divided by mid-run (ZeroDivisionError after the first step, no checkpoint saved)
-    ({"log": {"every_steps": 0}}, r"log.every_steps must be > 0 \(an integer\), got 0"),
-    ({"eval": {"every_epochs": 0}}, r"eval.every_epochs must be > 0 \(an integer\), got 0"),
-    # such a step makes the weights inf, which crashed the VTM draw
-    ({"optim": {"lr": 1e308}}, r"optim.lr must be in \(0, 1\] \(a finite number\), got 1e\+308"),
-    ({"optim": {"lr": float("nan")}}, "optim.lr .* got nan"),
-    ({"optim": {"lr": 10 ** 400}}, "optim.lr .* got an integer of 401 digits"),
-    ({"optim": {"grad_clip": float("inf")}}, "optim.grad_clip .* got inf"),
-    ({"schedule": {"max_minutes": float("nan")}}, "schedule.max_minutes"),
-    ({"objective": {"temperature": 0}}, "objective.temperature"),
-    ({"objective": {"mlm_probability": 1.5}}, "objective.mlm_probability"),
-    ({"objective": {"vtm_weight": -2}}, "objective.vtm_weight"),
-    ({"checkpoint": {"keep_last": -1}}, "checkpoint.keep_last"),
-    ({"data": {"backend": "ffmpeg"}}, r"data.backend must be one of \['auto', 'decord', 'pyav'\], got 'ffmpeg'"),
-    ({"data": {"tokenizer": ""}}, "data.tokenizer must be a non-empty string"),
-    ({"data": {"neg_window": 0}}, "data.neg_window"),
-    ({"data": {"text_max_length": 100}, "model": {"preset": "tiny"}}, r"data.text_max_length must be in \[3, 64\]"),
-    ({"model": {"text_dropout": 1.0}}, "model.text_dropout"),
-    ({"eval": {"max_questions": 0}}, "eval.max_questions"),
-    ({"seed": -1}, "seed must be in"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        # a negative clip norm flips the gradient's sign; a negative decay grows the weights
+        ({"optim": {"grad_clip": -1}}, r"optim.grad_clip must be > 0 \(a finite number\) or null, got -1"),
+        ({"optim": {"grad_clip": 0}}, "optim.grad_clip"),
+        ({"optim": {"weight_decay": -0.01}}, r"optim.weight_decay must be in \[0, 1\] \(a finite number\), got -0.01"),
+        # both divided by mid-run (ZeroDivisionError after the first step, no checkpoint saved)
+        ({"log": {"every_steps": 0}}, r"log.every_steps must be > 0 \(an integer\), got 0"),
+        ({"eval": {"every_epochs": 0}}, r"eval.every_epochs must be > 0 \(an integer\), got 0"),
+        # such a step makes the weights inf, which crashed the VTM draw
+        ({"optim": {"lr": 1e308}}, r"optim.lr must be in \(0, 1\] \(a finite number\), got 1e\+308"),
+        ({"optim": {"lr": float("nan")}}, "optim.lr .* got nan"),
+        ({"optim": {"lr": 10**400}}, "optim.lr .* got an integer of 401 digits"),
+        ({"optim": {"grad_clip": float("inf")}}, "optim.grad_clip .* got inf"),
+        ({"schedule": {"max_minutes": float("nan")}}, "schedule.max_minutes"),
+        ({"objective": {"temperature": 0}}, "objective.temperature"),
+        ({"objective": {"mlm_probability": 1.5}}, "objective.mlm_probability"),
+        ({"objective": {"vtm_weight": -2}}, "objective.vtm_weight"),
+        ({"checkpoint": {"keep_last": -1}}, "checkpoint.keep_last"),
+        ({"data": {"backend": "ffmpeg"}}, r"data.backend must be one of \['auto', 'decord', 'pyav'\], got 'ffmpeg'"),
+        ({"data": {"tokenizer": ""}}, "data.tokenizer must be a non-empty string"),
+        ({"data": {"neg_window": 0}}, "data.neg_window"),
+        ({"data": {"text_max_length": 100}, "model": {"preset": "tiny"}}, r"data.text_max_length must be in \[3, 64\]"),
+        ({"model": {"text_dropout": 1.0}}, "model.text_dropout"),
+        ({"eval": {"max_questions": 0}}, "eval.max_questions"),
+        ({"seed": -1}, "seed must be in"),
+    ],
+)
 def test_out_of_range_values_name_the_key_value_and_range(data, match):
     with pytest.raises(ConfigError, match=match):
         TrainConfig.from_dict(data)
@@ -82,24 +85,93 @@ def test_the_cli_reports_a_bad_value_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "optim.grad_clip must be > 0" in err[0] and "got -1" in err[0]
     (tmp_path / "ok.json").write_text("{}")
-    assert main(["train", "--config", str(tmp_path / "ok.json"), "--output", str(tmp_path / "run"),
-                 "--set", "log.every_steps=0"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(tmp_path / "ok.json"),
+                "--output",
+                str(tmp_path / "run"),
+                "--set",
+                "log.every_steps=0",
+            ]
+        )
+        == 2
+    )
     assert "log.every_steps must be > 0 (an integer), got 0" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 # -- fuzz ----------------------------------------------------------------------------------------------------------
-EDGES = [None, True, False, 0, 1, -1, 2, 3, 64, 2 ** 32, 2 ** 63, 10 ** 400, 0.0, -0.0, 0.5, 0.999, 1.0, 1.5, -0.5,
-         1e-12, 1e308, -1e308, math.inf, -math.inf, math.nan, "", " ", "auto", "tiny", "base", "big", "rand", "fp16",
-         "pyav", "demo", [], {}, [1], {"a": 1}]
+EDGES = [
+    None,
+    True,
+    False,
+    0,
+    1,
+    -1,
+    2,
+    3,
+    64,
+    2**32,
+    2**63,
+    10**400,
+    0.0,
+    -0.0,
+    0.5,
+    0.999,
+    1.0,
+    1.5,
+    -0.5,
+    1e-12,
+    1e308,
+    -1e308,
+    math.inf,
+    -math.inf,
+    math.nan,
+    "",
+    " ",
+    "auto",
+    "tiny",
+    "base",
+    "big",
+    "rand",
+    "fp16",
+    "pyav",
+    "demo",
+    [],
+    {},
+    [1],
+    {"a": 1},
+]
 scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=6) | st.sampled_from(EDGES)
-values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
-                                                                                         max_size=3), max_leaves=4)
+values = st.recursive(
+    scalars,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=4,
+)
 
 
 field_values = st.one_of(st.sampled_from(EDGES), scalars, values)  # edge values often, anything now and then
-CHOICES = ["base", "tiny", "big", "small", "zeros", "rand", "auto", "decord", "pyav", "fp32", "bf16", "fp16", "demo",
-           "x", "", "  "]
+CHOICES = [
+    "base",
+    "tiny",
+    "big",
+    "small",
+    "zeros",
+    "rand",
+    "auto",
+    "decord",
+    "pyav",
+    "fp32",
+    "bf16",
+    "fp16",
+    "demo",
+    "x",
+    "",
+    "  ",
+]
 
 
 def field_strategy(annotation: str):
@@ -140,8 +212,9 @@ def optimizer_step(config: TrainConfig) -> None:
     o = config.optim
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
-    optimizer = build_optimizer(model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text,
-                                split_text=False)
+    optimizer = build_optimizer(
+        model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text, split_text=False
+    )
     scheduler = build_scheduler(optimizer, int(o.warmup_fraction * 10), 10)
     loss = model(torch.randn(8, 4)).pow(2).sum()
     loss.backward()
@@ -165,7 +238,6 @@ def test_fuzz_section_loads_or_raises_config_error(name, data):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, derandomize=not NIGHTLY)
-@given(data=st.dictionaries(st.sampled_from([*TrainConfig.SECTIONS, "seed", "unknown_key"]), field_values,
-                            max_size=4))
+@given(data=st.dictionaries(st.sampled_from([*TrainConfig.SECTIONS, "seed", "unknown_key"]), field_values, max_size=4))
 def test_fuzz_top_level_loads_or_raises_config_error(data):
     check_loads_or_config_error(data)

@@ -12,10 +12,9 @@ import torch
 
 pytest.importorskip("av")
 
+from egovlp_deploy import evaluation as evaluate  # noqa: E402
 from egovlp_deploy.cli import main  # noqa: E402
 from egovlp_deploy.data import synth, synth_downstream  # noqa: E402
-from egovlp_deploy.trainer import evaluate  # noqa: E402
-
 from official_format import saved_random_tiny  # noqa: E402
 
 TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
@@ -30,9 +29,22 @@ def data(tmp_path_factory):
 
 
 def _eval_args(data, model, tokenizer, *extra):
-    return ["eval", "--model", str(model), "--tokenizer", str(tokenizer), "--device", "cpu",
-            "--epic-mir", str(data / "epic"), "--charades", str(data / "charades"),
-            "--charades-classes", str(len(synth_downstream.charades_classes())), *extra]
+    return [
+        "eval",
+        "--model",
+        str(model),
+        "--tokenizer",
+        str(tokenizer),
+        "--device",
+        "cpu",
+        "--epic-mir",
+        str(data / "epic"),
+        "--charades",
+        str(data / "charades"),
+        "--charades-classes",
+        str(len(synth_downstream.charades_classes())),
+        *extra,
+    ]
 
 
 def test_cli_zero_shot_epic_mir_and_charades(data, tmp_path, demo_tokenizer_dir, capsys):
@@ -73,7 +85,7 @@ class _Oracle(torch.nn.Module):
         return torch.nn.functional.one_hot(ids[:, 0], len(self.texts)).float()
 
     def encode_video(self, video):
-        labels = self.video_labels[self.seen:self.seen + len(video)]
+        labels = self.video_labels[self.seen : self.seen + len(video)]
         self.seen += len(video)
         out = torch.zeros(len(video), len(self.texts))
         for row, classes in enumerate(labels):

@@ -19,7 +19,6 @@ from egovlp_deploy.data import synth, synth_downstream  # noqa: E402
 from egovlp_deploy.trainer import train as train_module  # noqa: E402
 from egovlp_deploy.trainer.config import TrainConfig  # noqa: E402
 from egovlp_deploy.trainer.train import train  # noqa: E402
-
 from official_format import saved_random_tiny  # noqa: E402
 
 TINY = dict(train_videos=2, eval_videos=2, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
@@ -45,10 +44,18 @@ def _config(task, data, checkpoint, tokenizer, **schedule) -> dict:
     return {
         "task": task,
         "model": {"preset": "tiny", "num_frames": 8, "init_from": str(checkpoint)},
-        "data": {"root": str(data), "annotations": annotations, "video_root": f"{annotations}/videos",
-                 "num_classes": len(synth_downstream.charades_classes()), "egomcq_json": None, "meta_json": None,
-                 "backend": "pyav", "tokenizer": str(tokenizer), "text_max_length": 30 if task == "epic_mir" else 15,
-                 "num_workers": 0},
+        "data": {
+            "root": str(data),
+            "annotations": annotations,
+            "video_root": f"{annotations}/videos",
+            "num_classes": len(synth_downstream.charades_classes()),
+            "egomcq_json": None,
+            "meta_json": None,
+            "backend": "pyav",
+            "tokenizer": str(tokenizer),
+            "text_max_length": 30 if task == "epic_mir" else 15,
+            "num_workers": 0,
+        },
         "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.1},
         "schedule": {"epochs": 2, "batch_size": 4, "precision": "fp32"} | schedule,
         "checkpoint": {"every_steps": 1, "keep_last": 0},
@@ -65,29 +72,46 @@ def _records(run):
 # -- config ------------------------------------------------------------------------------------------------------
 def test_shipped_finetune_configs_hold_the_official_recipes():
     epic = TrainConfig.load("finetune_epic_mir.json")
-    assert (epic.task, epic.model.num_frames, epic.model.projection, epic.data.text_max_length) == \
-        ("epic_mir", 16, "small", 30)
-    assert (epic.optim.lr, epic.objective.margin, epic.schedule.epochs, epic.schedule.batch_size) == \
-        (2e-4, 0.2, 100, 128)
+    assert (epic.task, epic.model.num_frames, epic.model.projection, epic.data.text_max_length) == (
+        "epic_mir",
+        16,
+        "small",
+        30,
+    )
+    assert (epic.optim.lr, epic.objective.margin, epic.schedule.epochs, epic.schedule.batch_size) == (
+        2e-4,
+        0.2,
+        100,
+        128,
+    )
     charades = TrainConfig.load("finetune_charades.json")
-    assert (charades.task, charades.model.num_frames, charades.data.text_max_length, charades.data.num_classes) == \
-        ("charades", 32, 15, 157)
+    assert (charades.task, charades.model.num_frames, charades.data.text_max_length, charades.data.num_classes) == (
+        "charades",
+        32,
+        15,
+        157,
+    )
     assert (charades.optim.lr, charades.objective.temperature, charades.schedule.epochs) == (1.5e-5, 0.05, 20)
     tiny = TrainConfig.load("finetune_epic_mir_tiny.json")
     assert (tiny.task, tiny.model.num_frames, tiny.model.preset) == ("epic_mir", 16, "tiny")
     assert TrainConfig().task == "pretrain"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"task": "vqa"}, r"task must be one of \['pretrain', 'epic_mir', 'charades'\]"),
-    ({"task": "epic_mir", "data": {"annotations": "epic"}}, "set model.init_from"),
-    ({"task": "charades", "model": {"init_from": "x.pth"}}, "data.annotations"),
-    ({"task": "epic_mir", "model": {"init_from": "x.pth", "text_warmup_steps": 5}, "data": {"annotations": "e"}},
-     "text_warmup_steps is for pre-training only"),
-    ({"objective": {"margin": -0.1}}, r"objective.margin must be >= 0"),
-    ({"data": {"num_classes": 0}}, r"data.num_classes must be > 0"),
-    ({"data": {"annotations": ""}}, r"data.annotations must be a non-empty string"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"task": "vqa"}, r"task must be one of \['pretrain', 'epic_mir', 'charades'\]"),
+        ({"task": "epic_mir", "data": {"annotations": "epic"}}, "set model.init_from"),
+        ({"task": "charades", "model": {"init_from": "x.pth"}}, "data.annotations"),
+        (
+            {"task": "epic_mir", "model": {"init_from": "x.pth", "text_warmup_steps": 5}, "data": {"annotations": "e"}},
+            "text_warmup_steps is for pre-training only",
+        ),
+        ({"objective": {"margin": -0.1}}, r"objective.margin must be >= 0"),
+        ({"data": {"num_classes": 0}}, r"data.num_classes must be > 0"),
+        ({"data": {"annotations": ""}}, r"data.annotations must be a non-empty string"),
+    ],
+)
 def test_finetune_config_rules(change, message):
     with pytest.raises(ConfigError, match=message):
         TrainConfig.from_dict(change)
@@ -95,8 +119,11 @@ def test_finetune_config_rules(change, message):
 
 # -- runs --------------------------------------------------------------------------------------------------------
 def test_epic_mir_finetuning_runs_and_evaluates_each_epoch(data, checkpoint, demo_tokenizer_dir, tmp_path):
-    summary = train(TrainConfig.from_dict(_config("epic_mir", data, checkpoint, demo_tokenizer_dir)), tmp_path / "run",
-                    progress=False)
+    summary = train(
+        TrainConfig.from_dict(_config("epic_mir", data, checkpoint, demo_tokenizer_dir)),
+        tmp_path / "run",
+        progress=False,
+    )
     assert summary["task"] == "epic_mir" and summary["steps"] == 4  # 8 clips / 4 per step x 2 epochs
     assert set(summary["epic_mir"]) == METRICS and "egomcq" not in summary
     records = _records(tmp_path / "run")
@@ -113,8 +140,12 @@ def test_epic_mir_finetuning_runs_and_evaluates_each_epoch(data, checkpoint, dem
 def test_charades_finetuning_runs_and_reports_map(data, checkpoint, demo_tokenizer_dir, tmp_path, capsys):
     path = tmp_path / "charades.json"
     path.write_text(json.dumps(_config("charades", data, checkpoint, demo_tokenizer_dir, epochs=1)))
-    assert train_module.main(["--config", str(path), "--output", str(tmp_path / "run"), "--no-progress",
-                              "--device", "cpu"]) == 0
+    assert (
+        train_module.main(
+            ["--config", str(path), "--output", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+        )
+        == 0
+    )
     assert "charades    mAP" in capsys.readouterr().out
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["task"] == "charades" and summary["steps"] == 2  # 8 actions / 4 per step
@@ -182,16 +213,31 @@ def _edit_csv_row(path, column, value, row=0):
         csv.writer(f).writerows(rows)
 
 
-@pytest.mark.parametrize("task, edit, names", [
-    ("epic_mir", lambda d: _edit_csv_row(d / "EPIC_100_retrieval_train.csv", 2, "no_such_video"),
-     "EPIC_100_retrieval_train.csv"),
-    ("epic_mir", lambda d: np.save(d / "relevancy" / "caption_relevancy_EPIC_100_retrieval_train.npy",
-                                   np.zeros((3, 2), np.float32)), "relevancy"),
-    ("charades", lambda d: _edit_csv_row(d / "CharadesEgo_v1_test_only1st.csv", 9, "c999 0.00 1.00"),
-     "CharadesEgo_v1_test_only1st.csv"),
-])
-def test_bad_annotations_are_one_line_errors_naming_the_file(data, checkpoint, demo_tokenizer_dir, tmp_path, capsys,
-                                                             task, edit, names):
+@pytest.mark.parametrize(
+    "task, edit, names",
+    [
+        (
+            "epic_mir",
+            lambda d: _edit_csv_row(d / "EPIC_100_retrieval_train.csv", 2, "no_such_video"),
+            "EPIC_100_retrieval_train.csv",
+        ),
+        (
+            "epic_mir",
+            lambda d: np.save(
+                d / "relevancy" / "caption_relevancy_EPIC_100_retrieval_train.npy", np.zeros((3, 2), np.float32)
+            ),
+            "relevancy",
+        ),
+        (
+            "charades",
+            lambda d: _edit_csv_row(d / "CharadesEgo_v1_test_only1st.csv", 9, "c999 0.00 1.00"),
+            "CharadesEgo_v1_test_only1st.csv",
+        ),
+    ],
+)
+def test_bad_annotations_are_one_line_errors_naming_the_file(
+    data, checkpoint, demo_tokenizer_dir, tmp_path, capsys, task, edit, names
+):
     root = _broken_copy(data, tmp_path, task, edit)
     config = _config(task, root, checkpoint, demo_tokenizer_dir, epochs=1)
     config["data"]["strict"] = True
@@ -199,15 +245,17 @@ def test_bad_annotations_are_one_line_errors_naming_the_file(data, checkpoint, d
     path.write_text(json.dumps(config))
     from egovlp_deploy.cli import main as cli_main
 
-    code = cli_main(["train", "--config", str(path), "--output", str(tmp_path / "run"), "--no-progress",
-                     "--device", "cpu"])
+    code = cli_main(
+        ["train", "--config", str(path), "--output", str(tmp_path / "run"), "--no-progress", "--device", "cpu"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and names in err and "Traceback" not in err, err  # strict: the file (and row) named, no run
 
 
 def test_lax_loading_skips_and_counts_a_bad_row(data, checkpoint, demo_tokenizer_dir, tmp_path, capsys):
-    root = _broken_copy(data, tmp_path, "epic_mir",
-                        lambda d: _edit_csv_row(d / "EPIC_100_retrieval_train.csv", 2, "no_such_video"))
+    root = _broken_copy(
+        data, tmp_path, "epic_mir", lambda d: _edit_csv_row(d / "EPIC_100_retrieval_train.csv", 2, "no_such_video")
+    )
     config = _config("epic_mir", root, checkpoint, demo_tokenizer_dir, epochs=1)
     config["data"]["strict"] = False
     summary = train(TrainConfig.from_dict(config), tmp_path / "run", progress=False)

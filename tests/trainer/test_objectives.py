@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import make_inputs
 
 from egovlp_deploy.losses import sample_vtm_pairs
 from egovlp_deploy.trainer import objectives
 from egovlp_deploy.trainer.objectives import PretrainObjective, StepBatch
-from conftest import make_inputs
 
 
 def _batch(config, b=12):
@@ -14,10 +14,16 @@ def _batch(config, b=12):
     g = torch.Generator().manual_seed(4)
     labels = torch.full_like(ids, -100)
     labels[:, 2] = ids[:, 2]
-    return StepBatch(video=video, input_ids=ids, attention_mask=mask,
-                     verb=torch.eye(3)[torch.randint(3, (b,), generator=g)],
-                     noun=torch.eye(4)[torch.randint(4, (b,), generator=g)],
-                     mlm_input_ids=ids, mlm_labels=labels, load_failures=torch.tensor(0))
+    return StepBatch(
+        video=video,
+        input_ids=ids,
+        attention_mask=mask,
+        verb=torch.eye(3)[torch.randint(3, (b,), generator=g)],
+        noun=torch.eye(4)[torch.randint(4, (b,), generator=g)],
+        mlm_input_ids=ids,
+        mlm_labels=labels,
+        load_failures=torch.tensor(0),
+    )
 
 
 @pytest.mark.parametrize("draw_temperature", [None, 0.7])
@@ -31,7 +37,7 @@ def test_vtm_negatives_are_drawn_at_the_configured_temperature(tiny_model, monke
     monkeypatch.setattr(objectives, "sample_vtm_pairs", recording)
     objective = PretrainObjective(tiny_model, temperature=0.05, seed=2, vtm_negative_temperature=draw_temperature)
     objective(_batch(tiny_model.config), step=5)
-    (x, mask_bool, temperature), = calls
+    ((x, mask_bool, temperature),) = calls
     assert temperature == (0.05 if draw_temperature is None else draw_temperature)
 
     assert not mask_bool.all(), "no admissible negative: the batch does not exercise the draw"
@@ -40,8 +46,10 @@ def test_vtm_negatives_are_drawn_at_the_configured_temperature(tiny_model, monke
     def draws(t):
         return [sample_vtm_pairs(x, mask_bool, 0, x.shape[0], t, torch.Generator().manual_seed(s)) for s in range(8)]
 
-    assert any(not torch.equal(a.text_index, b.text_index) or not torch.equal(a.video_index, b.video_index)
-               for a, b in zip(draws(0.001), draws(1000.0)))
+    assert any(
+        not torch.equal(a.text_index, b.text_index) or not torch.equal(a.video_index, b.video_index)
+        for a, b in zip(draws(0.001), draws(1000.0))
+    )
 
 
 def test_draw_temperature_schedule(tiny_model):
@@ -51,7 +59,7 @@ def test_draw_temperature_schedule(tiny_model):
     assert constant.draw_temperature(0.05, 0) == constant.draw_temperature(0.05, 999) == 0.5
     annealed = PretrainObjective(tiny_model, vtm_negative_temperature=1.0, vtm_negative_anneal_steps=100)
     assert annealed.draw_temperature(0.05, 0) == pytest.approx(1.0)
-    assert annealed.draw_temperature(0.05, 50) == pytest.approx(0.05 ** 0.5)  # geometric: halfway in log space
+    assert annealed.draw_temperature(0.05, 50) == pytest.approx(0.05**0.5)  # geometric: halfway in log space
     assert annealed.draw_temperature(0.05, 100) == pytest.approx(0.05)
     assert annealed.draw_temperature(0.05, 150) == pytest.approx(0.05)  # held at the end
 

@@ -6,14 +6,28 @@ import pytest
 import torch
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-from egovlp_deploy.trainer.optim import (build_optimizer, build_scheduler, cosine_with_warmup, is_text_tower,
-                                         parameter_groups)
+from egovlp_deploy.trainer.optim import (
+    build_optimizer,
+    build_scheduler,
+    cosine_with_warmup,
+    is_text_tower,
+    parameter_groups,
+)
 
 
 def _official_group(name: str) -> tuple[str, bool]:
     """The official membership test, written out independently from its six list comprehensions."""
-    no_decay = ["bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight", "norm1.bias",
-                "norm1.weight", "norm2.bias", "norm2.weight"]
+    no_decay = [
+        "bias",
+        "LayerNorm.bias",
+        "LayerNorm.weight",
+        "norm.bias",
+        "norm.weight",
+        "norm1.bias",
+        "norm1.weight",
+        "norm2.bias",
+        "norm2.weight",
+    ]
     heads = ["mlm_score", "itm_score", "txt_proj", "vid_proj"]
     cross = ["cross_modal", "i2t", "t2i"]
     kind = "head" if any(h in name for h in heads) else "cross_modal" if any(c in name for c in cross) else "backbone"
@@ -48,7 +62,9 @@ def test_text_multiplier_scales_the_text_tower_only():
     scaled = {n: g["lr"] for g in parameter_groups(model, 1.0, 0.01, 4, 5, lr_mult_text=0.1) for n in g["names"]}
     assert set(plain) == set(scaled)
     for name, lr in plain.items():
-        text = name.startswith(("text_model.", "txt_proj.")) and not any(c in name for c in ("cross_modal", "i2t", "t2i"))
+        text = name.startswith(("text_model.", "txt_proj.")) and not any(
+            c in name for c in ("cross_modal", "i2t", "t2i")
+        )
         assert scaled[name] == pytest.approx(lr * 0.1 if text else lr), name
     # spelled out: RoBERTa layers and the text projection slow down; cross-attention, heads and video do not
     assert scaled["text_model.embeddings.word_embeddings.weight"] == pytest.approx(0.1)
@@ -95,8 +111,10 @@ def test_text_freeze_holds_the_text_tower_then_releases_it():
     for step in range(5):
         before_video = {n: p.detach().clone() for n, p in video.items()}
         lrs = {g["group"]: g["lr"] for g in opt.param_groups}
-        loss = model.encode_text(ids, torch.ones_like(ids)).square().sum() + \
-            model.encode_video(torch.randn(1, 4, 3, 32, 32)).square().sum()
+        loss = (
+            model.encode_text(ids, torch.ones_like(ids)).square().sum()
+            + model.encode_video(torch.randn(1, 4, 3, 32, 32)).square().sum()
+        )
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -7,18 +7,20 @@ import os
 import pytest
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy.checkpoint import list_checkpoints
 from egovlp_deploy.cli import main
-from egovlp_deploy.trainer import checkpointing
-from egovlp_deploy.trainer.checkpointing import list_checkpoints, remove_stale_temp_dirs, save_checkpoint
+from egovlp_deploy.trainer import training_state
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import TrainingError, train
+from egovlp_deploy.trainer.training_state import remove_stale_temp_dirs, save_checkpoint
 
 
 def test_resume_without_a_checkpoint_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("EGOVLP_DEBUG", raising=False)
     (tmp_path / "c.json").write_text(json.dumps({"data": {"root": str(tmp_path / "no_data")}}))
-    code = main(["train", "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run"), "--resume",
-                 "--no-progress"])
+    code = main(
+        ["train", "--config", str(tmp_path / "c.json"), "--output", str(tmp_path / "run"), "--resume", "--no-progress"]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -40,7 +42,7 @@ def killed_save(directory, step: int) -> None:
     pid = os.fork()
     if pid == 0:
         try:
-            checkpointing.save_safetensors = lambda *args, **kwargs: os._exit(9)
+            training_state.save_safetensors = lambda *args, **kwargs: os._exit(9)
             save_checkpoint(directory, step, model, {"step": step}, {})
         finally:
             os._exit(1)
@@ -69,4 +71,3 @@ def test_the_next_start_removes_only_killed_saves_temp_directories(tmp_path, cap
     assert f"removed {leftover}" in capsys.readouterr().err
     assert remove_stale_temp_dirs(ckpt) == [] and remove_stale_temp_dirs(tmp_path / "missing") == []
     assert [p.name for p in list_checkpoints(ckpt)] == ["step_00000002"]
-

@@ -9,8 +9,11 @@ from egovlp_deploy import vocabulary as vocab
 from egovlp_deploy.tokenizer import load_tokenizer
 from egovlp_deploy.trainer.text_warmup import simcse_warmup, text_tower_parameters
 
-PAIRS = [(vocab.narration("pick up", c, n), vocab.narration("put down", c, n))
-         for c in ("red", "blue", "green") for n in ("cup", "box", "jar")]
+PAIRS = [
+    (vocab.narration("pick up", c, n), vocab.narration("put down", c, n))
+    for c in ("red", "blue", "green")
+    for n in ("cup", "box", "jar")
+]
 
 
 def _model(seed=0):
@@ -83,6 +86,7 @@ def test_warmup_is_deterministic_and_rng_neutral(demo_tokenizer_dir):
 
 def test_warmup_needs_two_distinct_narrations(demo_tokenizer_dir):
     import pytest
+
     with pytest.raises(ValueError, match="2 distinct"):
         simcse_warmup(_model(), load_tokenizer(demo_tokenizer_dir), ["#C C picks up the red cup"] * 3, 1, 1e-3, 16, 0)
 
@@ -96,8 +100,9 @@ def test_from_scratch_init_options_reach_the_model():
     torch.manual_seed(0)
     plain = build_model(TrainConfig.from_dict(base), 1000)
     torch.manual_seed(0)
-    tuned = build_model(TrainConfig.from_dict({"model": {"preset": "tiny", "temporal_embed_std": 0.5,
-                                                          "cross_gate_init": 0.25}}), 1000)
+    tuned = build_model(
+        TrainConfig.from_dict({"model": {"preset": "tiny", "temporal_embed_std": 0.5, "cross_gate_init": 0.25}}), 1000
+    )
     assert torch.count_nonzero(plain.video_model.temporal_embed) == 0  # official: zeros
     te = tuned.video_model.temporal_embed
     assert te.abs().max() <= 1.0 + 1e-6 and 0.3 < float(te.std()) < 0.6  # trunc-normal(0.5) cut at 2 std

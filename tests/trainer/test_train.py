@@ -18,7 +18,6 @@ from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.data.synth import generate
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import train
-
 from official_format import randomize_
 
 BIN = Path(sys.executable).parent
@@ -47,8 +46,16 @@ def _config(root, **schedule):
 def _cli(config: dict, out: Path, *extra, wait=True, launcher=None):
     path = out.parent / f"{out.name}.json"
     path.write_text(json.dumps(config))
-    cmd = (launcher or []) + [str(BIN / "egovlp-deploy"), "train", "--config", str(path), "--output", str(out),
-                              "--no-progress", *extra]
+    cmd = (launcher or []) + [
+        str(BIN / "egovlp-deploy"),
+        "train",
+        "--config",
+        str(path),
+        "--output",
+        str(out),
+        "--no-progress",
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     if not wait:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -129,8 +136,11 @@ def test_two_processes_take_the_same_steps_as_one(small_data, tmp_path):
     init.save_pretrained(tmp_path / "init")
     config["model"]["init_from"] = str(tmp_path / "init")
     _cli(config, tmp_path / "one")
-    _cli(config, tmp_path / "two", launcher=[str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port",
-                                             "29517", "--no-python"])
+    _cli(
+        config,
+        tmp_path / "two",
+        launcher=[str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29517", "--no-python"],
+    )
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:

@@ -5,12 +5,12 @@ import torch
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.cli import main
-from egovlp_deploy.export.pipeline import load_model
+from egovlp_deploy.model.factory import load_model
 from official_format import randomize_, write_official_checkpoint
 
 
 def test_loads_trainer_step_dirs_and_run_dirs(tmp_path, tiny_model):
-    from egovlp_deploy.trainer.checkpointing import save_checkpoint
+    from egovlp_deploy.trainer.training_state import save_checkpoint
 
     step = save_checkpoint(tmp_path / "run" / "checkpoints", 5, tiny_model, {"step": 5}, {"x": 1})
     for path in (step, tmp_path / "run"):
@@ -29,8 +29,22 @@ def test_export_from_an_official_checkpoint(tmp_path):
     pth = tmp_path / "EgoVLPv2.pth"
     write_official_checkpoint(model.state_dict(), pth, model.config.text.max_position_embeddings)
     out = tmp_path / "out"
-    code = main(["export", "--checkpoint", str(pth), "--out", str(out), "--roles", "text_encoder",
-                 "--max-text-len", "16", "--ort-optimize", "never", "--quiet"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            str(pth),
+            "--out",
+            str(out),
+            "--roles",
+            "text_encoder",
+            "--max-text-len",
+            "16",
+            "--ort-optimize",
+            "never",
+            "--quiet",
+        ]
+    )
     assert code == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["source_checkpoint"]["kind"] == "official" and m["validation"]["passed"]
@@ -41,8 +55,17 @@ def test_mismatch_fails_the_command_unless_allowed(tmp_path, tiny_trained_like, 
 
     monkeypatch.setitem(validate.THRESHOLDS, "fp32", {**validate.THRESHOLDS["fp32"], "max_rel": 0.0})
     ckpt, _ = tiny_trained_like
-    args = ["export", "--checkpoint", str(ckpt), "--roles", "text_encoder", "--max-text-len", "16",
-            "--ort-optimize", "never"]
+    args = [
+        "export",
+        "--checkpoint",
+        str(ckpt),
+        "--roles",
+        "text_encoder",
+        "--max-text-len",
+        "16",
+        "--ort-optimize",
+        "never",
+    ]
     assert main(args + ["--out", str(tmp_path / "a")]) == 1
     assert "VALIDATION FAILED" in capsys.readouterr().out
     assert "FAILED" in (tmp_path / "a" / "validation.md").read_text()
@@ -50,7 +73,7 @@ def test_mismatch_fails_the_command_unless_allowed(tmp_path, tiny_trained_like, 
 
 
 def test_allow_mismatch_turns_the_failure_into_exit_0(tmp_path, monkeypatch):
-    from egovlp_deploy.export import pipeline
+    from egovlp_deploy.export import runner as pipeline
     from egovlp_deploy.export.manifest import Manifest
 
     failed = pipeline.ExportResult(tmp_path, False, manifest=Manifest({}, {}, {}))
@@ -65,8 +88,24 @@ def test_paper_size_video_encoder_exports_and_matches(tmp_path):
     One frame keeps the test's compute a quarter of the 4-frame graph (4 frames: 230 s on the loaded 2-core
     machine); the graph is the same code for any frame count."""
     out = tmp_path / "base"
-    code = main(["export", "--checkpoint", "random:base", "--frames", "1", "--out", str(out), "--roles",
-                 "video_encoder", "--max-batch", "2", "--ort-optimize", "never", "--quiet"])
+    code = main(
+        [
+            "export",
+            "--checkpoint",
+            "random:base",
+            "--frames",
+            "1",
+            "--out",
+            str(out),
+            "--roles",
+            "video_encoder",
+            "--max-batch",
+            "2",
+            "--ort-optimize",
+            "never",
+            "--quiet",
+        ]
+    )
     assert code == 0, (out / "validation.md").read_text()
     entry = json.loads((out / "manifest.json").read_text())["artifacts"][0]
     assert entry["validation"]["min_cosine"] >= 0.99999 and entry["validation"]["max_rel"] <= 1e-4

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..benchmarking import git_sha as _git_sha, median_ms
+from .benchmarking import git_sha as _git_sha
 
 DESCRIPTION = __doc__
 
@@ -33,25 +33,39 @@ DESCRIPTION = __doc__
 def add_arguments(p) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (engines are cached here too)")
     p.add_argument("--model", choices=("tiny", "base"), default="tiny", help="model size (default: tiny)")
-    p.add_argument("--frames", dest="frame_list", default="4,16", metavar="LIST", help="frames per clip (default: 4,16)")
-    p.add_argument("--backends", default="onnxruntime,torch", metavar="LIST",
-                   help="comma list of onnxruntime, torch, aoti, tensorrt (default: onnxruntime,torch)")
-    p.add_argument("--precisions", default="fp32", metavar="LIST", help="comma list of fp32, fp16, int8 "
-                                                                         "(default: fp32)")
+    p.add_argument(
+        "--frames", dest="frame_list", default="4,16", metavar="LIST", help="frames per clip (default: 4,16)"
+    )
+    p.add_argument(
+        "--backends",
+        default="onnxruntime,torch",
+        metavar="LIST",
+        help="comma list of onnxruntime, torch, aoti, tensorrt (default: onnxruntime,torch)",
+    )
+    p.add_argument(
+        "--precisions", default="fp32", metavar="LIST", help="comma list of fp32, fp16, int8 (default: fp32)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--torch-attention", default="auto", metavar="LIST",
-                   help="comma list of attention paths for the torch backend: auto (Triton kernels on CUDA, "
-                        "reference math on CPU), reference (plain eager PyTorch), sdpa, triton; each is its own row, "
-                        "labelled torch/<path> unless auto (default: auto)")
-    p.add_argument("--torch-graphs", default=None, metavar="LIST",
-                   help="torch backend: off, on or off,on (CUDA graphs; default: off,on on cuda, off elsewhere)")
+    p.add_argument(
+        "--torch-attention",
+        default="auto",
+        metavar="LIST",
+        help="comma list of attention paths for the torch backend: auto (Triton kernels on CUDA, "
+        "reference math on CPU), reference (plain eager PyTorch), sdpa, triton; each is its own row, "
+        "labelled torch/<path> unless auto (default: auto)",
+    )
+    p.add_argument(
+        "--torch-graphs",
+        default=None,
+        metavar="LIST",
+        help="torch backend: off, on or off,on (CUDA graphs; default: off,on on cuda, off elsewhere)",
+    )
     p.add_argument("--ks", default="5,20", metavar="LIST", help="re-ranked clip counts (default: 5,20)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per stage (default: 30)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
     p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: runtime default)")
     p.add_argument("--quick", action="store_true", help="F=4, k=5, 3 iterations, onnxruntime only (tests)")
     p.add_argument("--engines", metavar="DIR", help="use this export folder instead of exporting (one F)")
-
 
 
 class PeakRSS:
@@ -95,9 +109,14 @@ def _timed(fn, iters: int, warmup: int) -> dict:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     t = np.array(times)
-    return {"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90)),
-            "p99": float(np.percentile(t, 99)), "mean": float(t.mean()), "iters": iters,
-            "peak_rss_mib": round(mem.peak / 2**20, 1)}
+    return {
+        "p50": float(np.percentile(t, 50)),
+        "p90": float(np.percentile(t, 90)),
+        "p99": float(np.percentile(t, 99)),
+        "mean": float(t.mean()),
+        "iters": iters,
+        "peak_rss_mib": round(mem.peak / 2**20, 1),
+    }
 
 
 def write_test_video(path: Path, frames: int = 64, size: tuple[int, int] = (320, 240), fps: int = 30) -> Path:
@@ -120,7 +139,7 @@ def write_test_video(path: Path, frames: int = 64, size: tuple[int, int] = (320,
 
 
 def _engines(out: Path, model: str, frames: int, max_batch: int) -> Path:
-    from egovlp_deploy.export.pipeline import ExportOptions, run_export
+    from egovlp_deploy.export.runner import ExportOptions, run_export
 
     d = out / f"engines_{model}_f{frames}"
     if (d / "manifest.json").is_file():
@@ -159,17 +178,25 @@ def gmac_comparison(model: str = "base", frames=(4, 16), text_length: int = 15) 
         prefix_t, _ = _count(lambda: m.text_prefix(ids, mask))
         # Stacked: the complete dual towers, then the fused layers (identical to EgoVLPv2's top layers) on top.
         stacked = fused + (dual_v - prefix_v) + (dual_t - prefix_t)
-        rows.append({"model": model, "frames": f, "text_length": text_length, "fusion_in_backbone_gmacs": fused,
-                     "stacked_gmacs": stacked, "cross_attention_gmacs": cross,
-                     "saving_pct": 100 * (1 - fused / stacked)})
+        rows.append(
+            {
+                "model": model,
+                "frames": f,
+                "text_length": text_length,
+                "fusion_in_backbone_gmacs": fused,
+                "stacked_gmacs": stacked,
+                "cross_attention_gmacs": cross,
+                "saving_pct": 100 * (1 - fused / stacked),
+            }
+        )
     return rows
 
 
 def run(args) -> int:
     import torch
 
-    from .engines import Runtime
-    from .pipeline import ClipPipeline, plan_windows
+    from .runtime.clip_pipeline import ClipPipeline, plan_windows
+    from .runtime.engines import Runtime
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -192,28 +219,69 @@ def run(args) -> int:
         pipe = ClipPipeline(f, cfg.video.img_size)
         windows, _ = plan_windows(video, f, window_sec=1.0, stride_sec=1.0)
         stat = _timed(lambda: pipe.clips(video, windows[:1]), iters, warmup)
-        rows.append({"stage": "decode+preprocess", "backend": "-", "precision": "-", "frames": f, "k": 1, **stat,
-                     "note": pipe.preprocessing})
+        rows.append(
+            {
+                "stage": "decode+preprocess",
+                "backend": "-",
+                "precision": "-",
+                "frames": f,
+                "k": 1,
+                **stat,
+                "note": pipe.preprocessing,
+            }
+        )
         clips = pipe.clips(video, windows[:1])
         graph_modes = csv(args.torch_graphs or ("off,on" if args.device.startswith("cuda") else "off"))
         if set(graph_modes) - {"off", "on"}:
             raise ValueError(f"--torch-graphs takes off, on or off,on; got {args.torch_graphs!r}")
-        runs = [(b, a, g == "on") for b in backends
-                for a in (csv(args.torch_attention) if b == "torch" else ["auto"])
-                for g in (graph_modes if b == "torch" else ["off"])]
+        runs = [
+            (b, a, g == "on")
+            for b in backends
+            for a in (csv(args.torch_attention) if b == "torch" else ["auto"])
+            for g in (graph_modes if b == "torch" else ["off"])
+        ]
         for backend, attention, graphs in runs:
             for precision in precisions:
                 try:
-                    rows += _bench_backend(engines, backend, precision, args.device, args.threads, f, ks, clips,
-                                           iters, warmup, parity, attention=attention, graphs=graphs)
+                    rows += _bench_backend(
+                        engines,
+                        backend,
+                        precision,
+                        args.device,
+                        args.threads,
+                        f,
+                        ks,
+                        clips,
+                        iters,
+                        warmup,
+                        parity,
+                        attention=attention,
+                        graphs=graphs,
+                    )
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
-                    rows.append({"stage": "unavailable", "backend": _label(backend, attention, graphs),
-                                 "precision": precision, "frames": f, "note": str(exc)[:300]})
+                    rows.append(
+                        {
+                            "stage": "unavailable",
+                            "backend": _label(backend, attention, graphs),
+                            "precision": precision,
+                            "frames": f,
+                            "note": str(exc)[:300],
+                        }
+                    )
     gmacs = gmac_comparison("base", (4, 16))
-    meta = {"machine": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
-            "torch_threads": torch.get_num_threads(), "device": args.device, "model": args.model,
-            "load_avg": os.getloadavg(), "git_sha": _git_sha(), "iters": iters, "warmup": warmup,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    meta = {
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": args.threads,
+        "torch_threads": torch.get_num_threads(),
+        "device": args.device,
+        "model": args.model,
+        "load_avg": os.getloadavg(),
+        "git_sha": _git_sha(),
+        "iters": iters,
+        "warmup": warmup,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     result = {"meta": meta, "rows": rows, "rerank_parity": parity, "gmacs": gmacs, "speedups": _speedups(rows)}
     (out / "e2e.json").write_text(json.dumps(result, indent=1))
     (out / "e2e.md").write_text(format_markdown(result))
@@ -228,15 +296,36 @@ def _label(backend: str, attention: str, graphs: bool = False) -> str:
     return (backend if attention == "auto" else f"{backend}/{attention}") + ("+graphs" if graphs else "")
 
 
-def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, iters, warmup, parity,
-                   attention: str = "auto", graphs: bool = False) -> list[dict]:
+def _bench_backend(
+    engines,
+    backend,
+    precision,
+    device,
+    threads,
+    f,
+    ks,
+    clips,
+    iters,
+    warmup,
+    parity,
+    attention: str = "auto",
+    graphs: bool = False,
+) -> list[dict]:
     import torch
 
-    from .engines import Runtime
+    from .runtime.engines import Runtime
 
     rows = []
-    rt = Runtime(engines, backend=backend, precision=precision, device=device, threads=threads, warmup=False,
-                 attention=attention, graphs=graphs)
+    rt = Runtime(
+        engines,
+        backend=backend,
+        precision=precision,
+        device=device,
+        threads=threads,
+        warmup=False,
+        attention=attention,
+        graphs=graphs,
+    )
     query_ids = np.array([[0] + list(range(10, 21)) + [2]], np.int64)  # 13 tokens, a typical narration length
     query_mask = np.ones_like(query_ids)
     tag = {"backend": _label(backend, attention, graphs), "precision": precision, "frames": f}
@@ -247,24 +336,43 @@ def _bench_backend(engines, backend, precision, device, threads, f, ks, clips, i
             r = rt.runner(role)
             r(**inputs)
         provider = r.provider + (f" ({r.graphs.status()})" if getattr(r, "graphs", None) else "")
-        return {"cold_start_ms": (time.perf_counter() - t0) * 1e3, "load_peak_rss_mib": round(mem.peak / 2**20, 1),
-                "provider": provider}
+        return {
+            "cold_start_ms": (time.perf_counter() - t0) * 1e3,
+            "load_peak_rss_mib": round(mem.peak / 2**20, 1),
+            "provider": provider,
+        }
 
     info = cold("video_encoder", {"video": clips})
-    rows.append({"stage": "video encode", "k": 1, **tag, **info,
-                 **_timed(lambda: rt.runner("video_encoder")(video=clips), iters, warmup)})
+    rows.append(
+        {
+            "stage": "video encode",
+            "k": 1,
+            **tag,
+            **info,
+            **_timed(lambda: rt.runner("video_encoder")(video=clips), iters, warmup),
+        }
+    )
     info = cold("text_encoder", {"input_ids": query_ids, "attention_mask": query_mask})
-    rows.append({"stage": "text encode", "k": 1, **tag, **info,
-                 **_timed(lambda: rt.runner("text_encoder")(input_ids=query_ids, attention_mask=query_mask),
-                          iters, warmup)})
+    rows.append(
+        {
+            "stage": "text encode",
+            "k": 1,
+            **tag,
+            **info,
+            **_timed(lambda: rt.runner("text_encoder")(input_ids=query_ids, attention_mask=query_mask), iters, warmup),
+        }
+    )
     text = rt.runner("text_encoder")(input_ids=query_ids, attention_mask=query_mask)
     have_fusion = backend in ("onnxruntime", "torch", "tensorrt")  # AOTInductor has no one-graph fusion role
     for k in ks:
-        batch = np.repeat(clips, k, axis=0) + np.random.default_rng(k).normal(0, 0.1, (k, *clips.shape[1:])) \
-            .astype(np.float32)
+        batch = np.repeat(clips, k, axis=0) + np.random.default_rng(k).normal(0, 0.1, (k, *clips.shape[1:])).astype(
+            np.float32
+        )
         prefixes = rt.video_encoder.fusion_prefix(batch)  # split by the exported max batch
-        info = cold("fusion_head", {"video_prefix": prefixes[:1], "text_prefix": text["text_prefix"],
-                                    "attention_mask": query_mask})
+        info = cold(
+            "fusion_head",
+            {"video_prefix": prefixes[:1], "text_prefix": text["text_prefix"], "attention_mask": query_mask},
+        )
         cached = lambda: rt.fusion.score_prefixes(prefixes, text["text_prefix"], query_mask)  # noqa: E731
         rows.append({"stage": "re-rank cached", "k": k, **tag, **info, **_timed(cached, iters, warmup)})
         if have_fusion:
@@ -282,45 +390,68 @@ def _speedups(rows) -> list[dict]:
     for r in rows:
         if r["stage"] != "re-rank cached":
             continue
-        mono = [m for m in rows if m["stage"] == "re-rank monolithic" and
-                all(m[key] == r[key] for key in ("backend", "precision", "frames", "k"))]
+        mono = [
+            m
+            for m in rows
+            if m["stage"] == "re-rank monolithic"
+            and all(m[key] == r[key] for key in ("backend", "precision", "frames", "k"))
+        ]
         if mono:
-            out.append({key: r[key] for key in ("backend", "precision", "frames", "k")} |
-                       {"cached_p50": r["p50"], "monolithic_p50": mono[0]["p50"],
-                        "speedup": mono[0]["p50"] / r["p50"]})
+            out.append(
+                {key: r[key] for key in ("backend", "precision", "frames", "k")}
+                | {"cached_p50": r["p50"], "monolithic_p50": mono[0]["p50"], "speedup": mono[0]["p50"] / r["p50"]}
+            )
     return out
-
 
 
 def format_markdown(result: dict) -> str:
     m = result["meta"]
-    lines = [f"End-to-end latency ({m['model']} model, device {m['device']}, {m['cpu_count']} CPUs, torch threads "
-             f"{m['torch_threads']}, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}, {m['iters']} "
-             f"iterations after {m['warmup']} warm-up, git {m['git_sha']})", "",
-             "| stage | backend | precision | F | k | p50 ms | p90 ms | p99 ms | cold start ms | peak RSS MiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"End-to-end latency ({m['model']} model, device {m['device']}, {m['cpu_count']} CPUs, torch threads "
+        f"{m['torch_threads']}, load average {', '.join(f'{x:.1f}' for x in m['load_avg'])}, {m['iters']} "
+        f"iterations after {m['warmup']} warm-up, git {m['git_sha']})",
+        "",
+        "| stage | backend | precision | F | k | p50 ms | p90 ms | p99 ms | cold start ms | peak RSS MiB |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in result["rows"]:
         if r["stage"] == "unavailable":
-            lines.append(f"| unavailable | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | "
-                         f"{r['note'][:80]} |")
+            lines.append(
+                f"| unavailable | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | {r['note'][:80]} |"
+            )
             continue
         cold = f"{r['cold_start_ms']:.0f}" if "cold_start_ms" in r else "-"
-        lines.append(f"| {r['stage']} | {r['backend']}{' / ' + r['provider'] if r.get('provider') else ''} | "
-                     f"{r['precision']} | {r['frames']} | {r['k']} | {r['p50']:.2f} | {r['p90']:.2f} | "
-                     f"{r['p99']:.2f} | {cold} | {r['peak_rss_mib']:.0f} |")
+        lines.append(
+            f"| {r['stage']} | {r['backend']}{' / ' + r['provider'] if r.get('provider') else ''} | "
+            f"{r['precision']} | {r['frames']} | {r['k']} | {r['p50']:.2f} | {r['p90']:.2f} | "
+            f"{r['p99']:.2f} | {cold} | {r['peak_rss_mib']:.0f} |"
+        )
     if result["speedups"]:
-        lines += ["", "| re-rank | backend | F | k | cached p50 ms | monolithic p50 ms | speedup | max abs diff |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| re-rank | backend | F | k | cached p50 ms | monolithic p50 ms | speedup | max abs diff |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for s in result["speedups"]:
-            d = [p["max_abs_diff"] for p in result["rerank_parity"]
-                 if all(p[key] == s[key] for key in ("backend", "precision", "frames", "k"))]
-            lines.append(f"| {s['precision']} | {s['backend']} | {s['frames']} | {s['k']} | {s['cached_p50']:.2f} | "
-                         f"{s['monolithic_p50']:.2f} | {s['speedup']:.2f}x | {d[0] if d else float('nan'):.1e} |")
-    lines += ["", "| GMACs per pair (base) | F | fusion in backbone | stacked fusion layers | saving |",
-              "|---|---:|---:|---:|---:|"]
+            d = [
+                p["max_abs_diff"]
+                for p in result["rerank_parity"]
+                if all(p[key] == s[key] for key in ("backend", "precision", "frames", "k"))
+            ]
+            lines.append(
+                f"| {s['precision']} | {s['backend']} | {s['frames']} | {s['k']} | {s['cached_p50']:.2f} | "
+                f"{s['monolithic_p50']:.2f} | {s['speedup']:.2f}x | {d[0] if d else float('nan'):.1e} |"
+            )
+    lines += [
+        "",
+        "| GMACs per pair (base) | F | fusion in backbone | stacked fusion layers | saving |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for g in result["gmacs"]:
-        lines.append(f"| {g['model']}, text {g['text_length']} | {g['frames']} | {g['fusion_in_backbone_gmacs']:.1f} | "
-                     f"{g['stacked_gmacs']:.1f} | {g['saving_pct']:.1f}% |")
+        lines.append(
+            f"| {g['model']}, text {g['text_length']} | {g['frames']} | {g['fusion_in_backbone_gmacs']:.1f} | "
+            f"{g['stacked_gmacs']:.1f} | {g['saving_pct']:.1f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -333,8 +464,12 @@ def plot(result: dict, path: Path) -> None:
     rows = [r for r in result["rows"] if r["stage"] != "unavailable"]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     labels = [f"{r['stage']}\n{r['backend']} {r['precision']} F{r['frames']} k{r['k']}" for r in rows]
-    ax.barh(range(len(rows)), [r["p50"] for r in rows], xerr=[[0] * len(rows),
-                                                               [r["p90"] - r["p50"] for r in rows]], color="#4c72b0")
+    ax.barh(
+        range(len(rows)),
+        [r["p50"] for r in rows],
+        xerr=[[0] * len(rows), [r["p90"] - r["p50"] for r in rows]],
+        color="#4c72b0",
+    )
     ax.set_yticks(range(len(rows)), labels, fontsize=6)
     ax.invert_yaxis()
     ax.set_xscale("log")

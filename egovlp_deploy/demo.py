@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -30,18 +29,23 @@ SAMPLE_QUERIES = 4
 def add_arguments(p) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
-    # Measured on the quiet 2-core CPU: 96 videos / 300 steps ran 168 s but reached only 35% EgoMCQ inter; 200
-    # videos / 450 steps reached 52% in 232 s. These defaults sit between (at 32 px then; the 48 px recipe
-    # since: ~4 minutes of demo, ~5 with a fresh clone's setup, the training stopped by its 2.2 minutes near step 340).
+    # The defaults trade the demo's length against the trained model's accuracy: fewer videos and steps give a much
+    # weaker model. With them the demo takes about 4 minutes on a quiet 2-core CPU (more with a fresh clone's
+    # setup), the training stopped by its 2.2-minute budget (BENCHMARKS.md, "The demo").
     g = p.add_argument_group("sizes (defaults: about 4 minutes on a quiet 2-core CPU)")
-    g.add_argument("--train-videos", type=int, default=200, metavar="N",
-                   help="synthetic training videos (default: 200)")
+    g.add_argument(
+        "--train-videos", type=int, default=200, metavar="N", help="synthetic training videos (default: 200)"
+    )
     g.add_argument("--eval-videos", type=int, default=6, metavar="N", help="held-out videos (default: 6)")
     g.add_argument("--steps", type=int, default=400, metavar="N", help="training steps at most (default: 400)")
-    g.add_argument("--train-minutes", type=float, default=2.2, metavar="M",
-                   help="training wall-clock budget (default: 2.2)")
-    g.add_argument("--quick", action="store_true",
-                   help="a plumbing check in under a minute: tiny data, a few steps (accuracy meaningless)")
+    g.add_argument(
+        "--train-minutes", type=float, default=2.2, metavar="M", help="training wall-clock budget (default: 2.2)"
+    )
+    g.add_argument(
+        "--quick",
+        action="store_true",
+        help="a plumbing check in under a minute: tiny data, a few steps (accuracy meaningless)",
+    )
 
 
 class _Clock:
@@ -55,15 +59,28 @@ class _Clock:
 
 
 def run(args) -> int:
-    report = run_demo(Path(args.out), force=args.force, train_videos=args.train_videos,
-                      eval_videos=args.eval_videos, steps=args.steps, train_minutes=args.train_minutes,
-                      quick=args.quick)
+    report = run_demo(
+        Path(args.out),
+        force=args.force,
+        train_videos=args.train_videos,
+        eval_videos=args.eval_videos,
+        steps=args.steps,
+        train_minutes=args.train_minutes,
+        quick=args.quick,
+    )
     print(report["text"])
     return 0
 
 
-def run_demo(out: Path, force: bool = False, train_videos: int = 200, eval_videos: int = 6, steps: int = 400,
-             train_minutes: float = 2.2, quick: bool = False) -> dict:
+def run_demo(
+    out: Path,
+    force: bool = False,
+    train_videos: int = 200,
+    eval_videos: int = 6,
+    steps: int = 400,
+    train_minutes: float = 2.2,
+    quick: bool = False,
+) -> dict:
     from egovlp_deploy.data import synth
 
     if quick:
@@ -79,8 +96,14 @@ def run_demo(out: Path, force: bool = False, train_videos: int = 200, eval_video
     t = time.perf_counter()
     print(f"1/6 synthetic dataset: {train_videos} training + {eval_videos} held-out videos", flush=True)
     clips_per_video = 6 if quick else 10
-    synth.generate(out / "data", seed=0, workers=synth.DEFAULT_WORKERS, train_videos=train_videos,
-                   eval_videos=eval_videos, clips_per_video=clips_per_video)
+    synth.generate(
+        out / "data",
+        seed=0,
+        workers=synth.DEFAULT_WORKERS,
+        train_videos=train_videos,
+        eval_videos=eval_videos,
+        clips_per_video=clips_per_video,
+    )
     clock.stage("synthetic data", time.perf_counter() - t)
 
     # 2. training
@@ -96,9 +119,9 @@ def run_demo(out: Path, force: bool = False, train_videos: int = 200, eval_video
     clock.stage("export", time.perf_counter() - t)
 
     # 4. index
-    from .cli import read_segments
-    from .engines import Runtime
-    from .index import IndexSettings, MomentIndex, build_index
+    from .runtime.commands import read_segments
+    from .runtime.engines import Runtime
+    from .runtime.index import IndexSettings, MomentIndex, build_index
 
     t = time.perf_counter()
     print("4/6 indexing the held-out clips", flush=True)
@@ -106,8 +129,9 @@ def run_demo(out: Path, force: bool = False, train_videos: int = 200, eval_video
     meta = json.loads((out / "data" / "meta.json").read_text())
     videos = [str(out / "data" / "videos" / uid / "0.mp4") for uid in meta["splits"]["eval"]]
     segments = read_segments(out / "data" / "egoclip_eval.csv", videos)
-    settings = IndexSettings(frames=rt.folder.config.video.num_frames, window_sec=0.0, stride_sec=0.0,
-                             prefixes=True, mode="segments")
+    settings = IndexSettings(
+        frames=rt.folder.config.video.num_frames, window_sec=0.0, stride_sec=0.0, prefixes=True, mode="segments"
+    )
     index_summary = build_index(out / "index", videos, rt, settings, segments=segments)
     clock.stage("indexing", time.perf_counter() - t)
 
@@ -119,25 +143,35 @@ def run_demo(out: Path, force: bool = False, train_videos: int = 200, eval_video
     clock.stage("search", time.perf_counter() - t)
 
     # 6. EgoMCQ
-    from .mcq import answer_mcq
+    from .runtime.mcq import answer_mcq
 
     t = time.perf_counter()
     print("6/6 EgoMCQ on the held-out questions", flush=True)
-    mcq = answer_mcq(out / "data" / "egomcq.json", out / "data" / "videos", rt,
-                     max_questions=10 if quick else None, progress=True)
+    mcq = answer_mcq(
+        out / "data" / "egomcq.json", out / "data" / "videos", rt, max_questions=10 if quick else None, progress=True
+    )
     clock.stage("EgoMCQ", time.perf_counter() - t)
 
     latency = _latency(rt, index, index_summary)
     total = time.perf_counter() - clock.t0
-    report = {"out": str(out), "train": summary, "export_passed": export, "index": index_summary,
-              "retrieval": {k: v for k, v in retrieval.items() if k != "samples_text"},
-              "mcq": {k: v for k, v in mcq.items() if k != "results"}, "latency_ms": latency,
-              "stages_s": clock.parts, "total_s": round(total, 1), "backend": rt.describe()}
+    report = {
+        "out": str(out),
+        "train": summary,
+        "export_passed": export,
+        "index": index_summary,
+        "retrieval": {k: v for k, v in retrieval.items() if k != "samples_text"},
+        "mcq": {k: v for k, v in mcq.items() if k != "results"},
+        "latency_ms": latency,
+        "stages_s": clock.parts,
+        "total_s": round(total, 1),
+        "backend": rt.describe(),
+    }
     report["text"] = _format(report, retrieval["samples_text"])
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(out / "report.json", json.dumps({k: v for k, v in report.items() if k != "text"},
-                                                       indent=1).encode())
+    atomic_write_bytes(
+        out / "report.json", json.dumps({k: v for k, v in report.items() if k != "text"}, indent=1).encode()
+    )
     atomic_write_bytes(out / "report.md", report["text"].encode())
     return report
 
@@ -148,25 +182,36 @@ def _train(out: Path, steps: int, minutes: float, quick: bool) -> dict:
 
     data = TrainConfig.load("tiny_synthetic.json").to_dict()
     data["data"]["root"] = str(out / "data")
-    apply_overrides(data, [f"schedule.max_steps={steps}", f"schedule.max_minutes={minutes}",
-                           "data.egomcq_json=null",  # the demo answers EgoMCQ with the exported engines instead
-                           "checkpoint.every_steps=100000", "data.num_workers=0" if quick else "data.num_workers=1",
-                           # the recipe's 32 clips per step would fit ~260 steps into the demo's 2.2 minutes: half
-                           # the batch (at the learning rate tuned for it) gives the whole 400-step schedule
-                           f"schedule.batch_size={4 if quick else 16}", "optim.lr=0.001"]
-                    + (["model.text_warmup_steps=10"] if quick else []))
+    apply_overrides(
+        data,
+        [
+            f"schedule.max_steps={steps}",
+            f"schedule.max_minutes={minutes}",
+            "data.egomcq_json=null",  # the demo answers EgoMCQ with the exported engines instead
+            "checkpoint.every_steps=100000",
+            "data.num_workers=0" if quick else "data.num_workers=1",
+            # the recipe's 32 clips per step would fit ~260 steps into the demo's 2.2 minutes: half
+            # the batch (at the learning rate tuned for it) gives the whole 400-step schedule
+            f"schedule.batch_size={4 if quick else 16}",
+            "optim.lr=0.001",
+        ]
+        + (["model.text_warmup_steps=10"] if quick else []),
+    )
     result = train(TrainConfig.from_dict(data), out / "run", progress=True)
     return {"steps": result["steps"], "minutes": round(result["minutes"], 2)}
 
 
 def _export(out: Path) -> bool:
-    from egovlp_deploy.export.pipeline import ExportOptions, run_export
+    from egovlp_deploy.export.runner import ExportOptions, run_export
 
     # The four roles the runtime uses; the one-graph `fusion` is the re-ranker's reference (bench, tests), not
     # needed here. Task checks and the ORT-optimized copies are skipped to keep the demo short: every artifact is
     # still validated against PyTorch.
-    opts = ExportOptions(roles=("video_encoder", "text_encoder", "video_fusion_prefix", "fusion_head"),
-                         task_checks=False, ort_optimize="never")
+    opts = ExportOptions(
+        roles=("video_encoder", "text_encoder", "video_fusion_prefix", "fusion_head"),
+        task_checks=False,
+        ort_optimize="never",
+    )
     result = run_export(str(out / "run"), out / "engines", opts)
     if not result.passed:
         raise ValueError(f"export validation failed: {result.errors or [c.failures for c in result.checks]}")
@@ -175,7 +220,7 @@ def _export(out: Path) -> bool:
 
 def _retrieval(index, rt) -> dict:
     """Text->clip R@1 / R@5 over every held-out clip as a query (dual, and fusion re-ranked top 10)."""
-    from .cli import format_hits
+    from .runtime.commands import format_hits
 
     labels = [index.label(r) for r in range(len(index))]
     texts = sorted(set(labels))
@@ -192,9 +237,9 @@ def _retrieval(index, rt) -> dict:
         r1 += weight * right[order[0]]
         r5 += weight * right[order[:5]].any()
         chance += weight * right.mean()
-        from .engines import TextOutput
+        from .runtime.engines import TextOutput
 
-        one = TextOutput(enc.embedding[i:i + 1], enc.prefix[i:i + 1], enc.mask[i:i + 1], enc.input_ids[i:i + 1])
+        one = TextOutput(enc.embedding[i : i + 1], enc.prefix[i : i + 1], enc.mask[i : i + 1], enc.input_ids[i : i + 1])
         hits = index.search(rt, text, top=1, rerank=rerank_k, text=one)
         r1_rr += weight * (hits[0].label == text)
     n = len(labels)
@@ -205,14 +250,20 @@ def _retrieval(index, rt) -> dict:
         hits = index.search(rt, s, top=3, rerank=rerank_k)
         lines.append(format_hits(s, hits, show_label=False))
         lines += [f"      {'correct' if h.label == s else 'wrong: ' + str(h.label)}" for h in hits[:1]]
-    return {"queries": n, "distinct_narrations": len(texts), "R@1": round(100 * r1 / n, 1),
-            "R@5": round(100 * r5 / n, 1), "R@1 reranked top10": round(100 * r1_rr / n, 1),
-            "chance R@1": round(100 * chance / n, 1), "samples_text": "\n".join(lines)}
+    return {
+        "queries": n,
+        "distinct_narrations": len(texts),
+        "R@1": round(100 * r1 / n, 1),
+        "R@5": round(100 * r5 / n, 1),
+        "R@1 reranked top10": round(100 * r1_rr / n, 1),
+        "chance R@1": round(100 * chance / n, 1),
+        "samples_text": "\n".join(lines),
+    }
 
 
 def _latency(rt, index, index_summary) -> dict:
     """Batch-1 medians of the runtime stages (the index run gives decode and preprocess per clip)."""
-    from .bench import median_ms
+    from .benchmarking import median_ms
 
     video = rt.example("video_encoder")
     ms = dict(index_summary["ms_per_clip"])
@@ -220,25 +271,33 @@ def _latency(rt, index, index_summary) -> dict:
     ms["text encode (B=1)"] = median_ms(lambda: rt.text_encoder.encode(["#C C picks up the red cup"]))
     text = rt.text_encoder.encode(["#C C picks up the red cup"])
     pre = index.prefixes(list(range(min(5, len(index)))))
-    ms["re-rank 5 clips (cached prefixes)"] = median_ms(lambda: rt.fusion.score_prefixes(pre, text.prefix,
-                                                                                         text.mask))
+    ms["re-rank 5 clips (cached prefixes)"] = median_ms(lambda: rt.fusion.score_prefixes(pre, text.prefix, text.mask))
     return {k: round(v, 2) for k, v in ms.items()}
 
 
 def _format(r: dict, samples: str) -> str:
     ret, mcq = r["retrieval"], r["mcq"]["accuracy"]
-    lines = ["", "=" * 78, f"egovlp-deploy demo: {r['total_s']:.0f} s in all, everything under {r['out']}", "=" * 78,
-             f"trained {r['train']['steps']} steps in {r['train']['minutes']:.1f} min; engines: ONNX Runtime "
-             f"({', '.join(sorted({b['provider'] for b in r['backend']}))}), fp32, validated against PyTorch",
-             "", "Sample searches (top 3; score = cosine + VTM probability after fusion re-ranking of the top 10):",
-             samples, "",
-             f"Text -> clip retrieval on {ret['queries']} held-out clips ({ret['distinct_narrations']} distinct "
-             f"narrations): R@1 {ret['R@1']:.1f}%  R@5 {ret['R@5']:.1f}%  R@1 after re-ranking "
-             f"{ret['R@1 reranked top10']:.1f}%  (chance R@1 {ret['chance R@1']:.1f}%)",
-             f"EgoMCQ on {r['mcq']['questions']} held-out questions (chance 20%):"]
+    lines = [
+        "",
+        "=" * 78,
+        f"egovlp-deploy demo: {r['total_s']:.0f} s in all, everything under {r['out']}",
+        "=" * 78,
+        f"trained {r['train']['steps']} steps in {r['train']['minutes']:.1f} min; engines: ONNX Runtime "
+        f"({', '.join(sorted({b['provider'] for b in r['backend']}))}), fp32, validated against PyTorch",
+        "",
+        "Sample searches (top 3; score = cosine + VTM probability after fusion re-ranking of the top 10):",
+        samples,
+        "",
+        f"Text -> clip retrieval on {ret['queries']} held-out clips ({ret['distinct_narrations']} distinct "
+        f"narrations): R@1 {ret['R@1']:.1f}%  R@5 {ret['R@5']:.1f}%  R@1 after re-ranking "
+        f"{ret['R@1 reranked top10']:.1f}%  (chance R@1 {ret['chance R@1']:.1f}%)",
+        f"EgoMCQ on {r['mcq']['questions']} held-out questions (chance 20%):",
+    ]
     for mode, acc in mcq.items():
-        lines.append(f"  {mode:<9} all {acc.get('all', float('nan')):5.1f}%   inter {acc.get('Inter-video', float('nan')):5.1f}%"
-                     f"   intra {acc.get('Intra-video', float('nan')):5.1f}%")
+        lines.append(
+            f"  {mode:<9} all {acc.get('all', float('nan')):5.1f}%   inter {acc.get('Inter-video', float('nan')):5.1f}%"
+            f"   intra {acc.get('Intra-video', float('nan')):5.1f}%"
+        )
     lines += ["", "Latency per clip / query (ms, this machine):"]
     for k, v in r["latency_ms"].items():
         lines.append(f"  {k:<36} {v:8.2f}")

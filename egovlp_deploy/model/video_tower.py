@@ -20,7 +20,7 @@ class DividedSelfAttention(nn.Module):
     text states are passed: dual mode does no cross-attention work at all, not a zero-gated one.
     """
 
-    def __init__(self, width: int, heads: int, mode: str, text_width: int | None = None, eps: float = 1e-5):
+    def __init__(self, width: int, heads: int, mode: str, text_width: int | None = None, eps: float = 1e-5) -> None:
         super().__init__()
         self.heads = heads
         self.mode = mode
@@ -37,7 +37,9 @@ class DividedSelfAttention(nn.Module):
             self.norm_i2t_i = nn.LayerNorm(width, eps=eps)
             self.alpha_i2t = nn.Parameter(torch.zeros(1))  # plain scalar gate, no tanh (as the official checkpoints)
 
-    def forward(self, x, num_frames: int, text=None, text_bias=None):
+    def forward(
+        self, x: torch.Tensor, num_frames: int, text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # x: (B, T, D), T = 1 + F*N
         qkv = self.qkv(x)  # (B, T, 3D), read in place by the fused kernel
         out = divided_attention_tokens(qkv, self.heads, num_frames, self.mode, self.scale, self.attention_backend)
@@ -54,20 +56,20 @@ class DividedSelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, width: int, hidden: int):
+    def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(width, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, width)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 
 class SpaceTimeBlock(nn.Module):
     """x' = x + Space(LN1(x + Time(LN3(x)))); out = x' + MLP(LN2(x')). The residual base is x, not x + Time."""
 
-    def __init__(self, cfg: VideoConfig, text_width: int | None):
+    def __init__(self, cfg: VideoConfig, text_width: int | None) -> None:
         super().__init__()
         w, eps = cfg.width, cfg.layer_norm_eps
         self.norm1 = nn.LayerNorm(w, eps=eps)
@@ -77,18 +79,20 @@ class SpaceTimeBlock(nn.Module):
         self.mlp = Mlp(w, int(w * cfg.mlp_ratio))
         self.norm3 = nn.LayerNorm(w, eps=eps)
 
-    def forward(self, x, num_frames: int, text=None, text_bias=None):
+    def forward(
+        self, x: torch.Tensor, num_frames: int, text: torch.Tensor | None = None, text_bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
         time_residual = x + self.timeattn(self.norm3(x), num_frames)
         x = x + self.attn(self.norm1(time_residual), num_frames, text, text_bias)
         return x + self.mlp(self.norm2(x))
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, cfg: VideoConfig):
+    def __init__(self, cfg: VideoConfig) -> None:
         super().__init__()
         self.proj = nn.Conv2d(cfg.in_chans, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size)
 
-    def forward(self, video):
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
         # video: (B, F, C, H, W) -> tokens (B, F*N, D), frame-major
         B, F, C, H, W = video.shape
         x = self.proj(video.reshape(B * F, C, H, W))  # (B*F, D, h, w)
@@ -96,7 +100,7 @@ class PatchEmbed(nn.Module):
 
 
 class SpaceTimeTransformer(nn.Module):
-    def __init__(self, cfg: VideoConfig, num_fuse_blocks: int, text_width: int):
+    def __init__(self, cfg: VideoConfig, num_fuse_blocks: int, text_width: int) -> None:
         super().__init__()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg)
@@ -112,7 +116,7 @@ class SpaceTimeTransformer(nn.Module):
         self.gradient_checkpointing = False
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         if self.cfg.time_init == "rand":

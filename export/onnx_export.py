@@ -44,14 +44,18 @@ class OnnxExport:
 
 def trace_sizes(max_batch: int, max_text_len: int) -> tuple[int, int]:
     if max_batch < 2 or max_text_len < 3:
-        raise ValueError(f"max batch must be >= 2 and max text length >= 3 (dynamic axes are traced above 1), "
-                         f"got {max_batch}, {max_text_len}")
+        raise ValueError(
+            f"max batch must be >= 2 and max text length >= 3 (dynamic axes are traced above 1), "
+            f"got {max_batch}, {max_text_len}"
+        )
     return min(TRACE_BATCH, max_batch), min(TRACE_TEXT_LEN, max_text_len)
 
 
 def dynamic_shapes(role: str, max_batch: int, max_text_len: int) -> dict[str, dict[int, torch.export.Dim]]:
-    dims = {"batch": torch.export.Dim("batch", min=1, max=max_batch),
-            "text_len": torch.export.Dim("text_len", min=1, max=max_text_len)}
+    dims = {
+        "batch": torch.export.Dim("batch", min=1, max=max_batch),
+        "text_len": torch.export.Dim("text_len", min=1, max=max_text_len),
+    }
     return {t.name: {i: dims[d] for i, d in enumerate(t.dims) if d in dims} for t in ROLES[role].inputs}
 
 
@@ -67,19 +71,27 @@ def _translation_table(attention: str):
     from egovlp_deploy import kernels
 
     try:
-        from egovlp_deploy.kernels import onnx as kernel_onnx
+        from egovlp_deploy.kernels import onnx_custom_ops as kernel_onnx
     except ImportError as exc:
-        raise ExportError(f"attention route 'custom-ops' needs egovlp_deploy.kernels.onnx ({exc})") from exc
+        raise ExportError(f"attention route 'custom-ops' needs egovlp_deploy.kernels.onnx_custom_ops ({exc})") from exc
     if not hasattr(kernel_onnx, "translation_table"):
-        raise ExportError("egovlp_deploy.kernels.onnx has no translation_table(): use --attention reference")
+        raise ExportError("egovlp_deploy.kernels.onnx_custom_ops has no translation_table(): use --attention reference")
     del kernels
     return kernel_onnx.translation_table()
 
 
-def export_onnx(model, role: str, path: str | os.PathLike, *, max_batch: int, max_text_len: int,
-                opset: int = DEFAULT_OPSET, attention: str = "reference", precision: str = "fp32") -> OnnxExport:
+def export_onnx(
+    model,
+    role: str,
+    path: str | os.PathLike,
+    *,
+    max_batch: int,
+    max_text_len: int,
+    opset: int = DEFAULT_OPSET,
+    attention: str = "reference",
+    precision: str = "fp32",
+) -> OnnxExport:
     """Export `role` of `model` (fp32, eval) to `path` (written atomically); return what was written."""
-    import onnx
 
     if opset < MIN_OPSET:
         raise ValueError(f"opset {opset} is below {MIN_OPSET} (LayerNormalization and the dynamo exporter need it)")
@@ -96,16 +108,25 @@ def export_onnx(model, role: str, path: str | os.PathLike, *, max_batch: int, ma
     with torch.no_grad(), export_patches(model, backend):
         try:
             program = torch.onnx.export(
-                role_module(model, role), (), kwargs=inputs, dynamo=True, opset_version=opset,
-                input_names=spec.input_names, output_names=spec.output_names,
+                role_module(model, role),
+                (),
+                kwargs=inputs,
+                dynamo=True,
+                opset_version=opset,
+                input_names=spec.input_names,
+                output_names=spec.output_names,
                 dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len),
-                custom_translation_table=table, optimize=True, verbose=False)
+                custom_translation_table=table,
+                optimize=True,
+                verbose=False,
+            )
         except Exception as exc:  # the exporter raises many types; name the role and keep the cause
             raise ExportError(f"ONNX export of {role} failed: {type(exc).__name__}: {exc}") from exc
     proto = program.model_proto
     _check_graph(proto, role)
-    set_metadata(proto, {"egovlp.role": role, "egovlp.precision": precision,
-                         "egovlp.config_sha256": config_digest(model.config)})
+    set_metadata(
+        proto, {"egovlp.role": role, "egovlp.precision": precision, "egovlp.config_sha256": config_digest(model.config)}
+    )
     save_model(proto, path)
     seconds = time.perf_counter() - t0
     ops: dict[str, int] = {}
@@ -121,13 +142,15 @@ def _check_graph(proto, role: str) -> None:
     got_in = [i.name for i in proto.graph.input]
     got_out = [o.name for o in proto.graph.output]
     if got_in != spec.input_names or got_out != spec.output_names:
-        raise ExportError(f"{role}: graph IO {got_in} -> {got_out} differs from the spec "
-                          f"{spec.input_names} -> {spec.output_names}")
+        raise ExportError(
+            f"{role}: graph IO {got_in} -> {got_out} differs from the spec {spec.input_names} -> {spec.output_names}"
+        )
     for init in proto.graph.initializer:
         for fragment in spec.forbidden_weights:
             if fragment in init.name:
-                raise ExportError(f"{role}: graph holds {init.name!r}, a cross-attention weight this role must "
-                                  f"not contain")
+                raise ExportError(
+                    f"{role}: graph holds {init.name!r}, a cross-attention weight this role must not contain"
+                )
 
 
 def opset_of(proto) -> int:
@@ -184,8 +207,13 @@ def external_data_locations(proto) -> list[str]:
             for node in function.node:
                 yield from node_tensors(node)
 
-    return sorted({next((kv.value for kv in t.external_data if kv.key == "location"), "")
-                   for t in all_tensors() if t.data_location == TensorProto.EXTERNAL})
+    return sorted(
+        {
+            next((kv.value for kv in t.external_data if kv.key == "location"), "")
+            for t in all_tensors()
+            if t.data_location == TensorProto.EXTERNAL
+        }
+    )
 
 
 def save_model(proto, path: Path) -> None:

@@ -11,15 +11,20 @@ Parameter names equal the official ones (`text_model.encoder.layer.{i}.crossatte
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from ..activations import activation
 from .attention import gated_residual, multihead_attention, run_layer
 
+if TYPE_CHECKING:
+    from ..config import TextConfig
+
 
 class Embeddings(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.pad_token_id = cfg.pad_token_id
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
@@ -45,7 +50,7 @@ class Embeddings(nn.Module):
 class MultiHeadAttention(nn.Module):
     """RoBERTa attention core: softmax(Q K^T / sqrt(d) + bias) V with dropout on the probabilities."""
 
-    def __init__(self, cfg, kv_width: int):
+    def __init__(self, cfg: TextConfig, kv_width: int) -> None:
         super().__init__()
         self.heads = cfg.num_attention_heads
         self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
@@ -55,59 +60,68 @@ class MultiHeadAttention(nn.Module):
         self.scale = (cfg.hidden_size // self.heads) ** -0.5
         self.attention_backend = "reference"  # set by EgoVLPv2.set_attention_backend
 
-    def forward(self, x, kv, bias=None):
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, L, D) queries; kv: (B, S, Dkv) keys/values source; bias: (B, 1, 1, S) or None -> (B, L, D)
-        return multihead_attention(self.query(x), self.key(kv), self.value(kv), self.heads, self.scale, bias,
-                                   self.attention_backend, self.dropout.p, self.training)
+        return multihead_attention(
+            self.query(x),
+            self.key(kv),
+            self.value(kv),
+            self.heads,
+            self.scale,
+            bias,
+            self.attention_backend,
+            self.dropout.p,
+            self.training,
+        )
 
 
 class AttentionOutput(nn.Module):
     """dense -> dropout. The LayerNorm is owned here (for the official key name) but applied by the layer."""
 
-    def __init__(self, cfg, with_layer_norm: bool):
+    def __init__(self, cfg: TextConfig, with_layer_norm: bool) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         if with_layer_norm:
             self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.dense(x))
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg, kv_width: int, with_layer_norm: bool):
+    def __init__(self, cfg: TextConfig, kv_width: int, with_layer_norm: bool) -> None:
         super().__init__()
         self.self = MultiHeadAttention(cfg, kv_width)
         self.output = AttentionOutput(cfg, with_layer_norm)
 
-    def forward(self, x, kv, bias=None):
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return self.output(self.self(x, kv, bias))
 
 
 class Intermediate(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
         self.act = activation(cfg.hidden_act)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.dense(x))
 
 
 class Output(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x, residual):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class TextLayer(nn.Module):
-    def __init__(self, cfg, video_width: int | None):
+    def __init__(self, cfg: TextConfig, video_width: int | None) -> None:
         super().__init__()
         self.attention = Attention(cfg, cfg.hidden_size, with_layer_norm=True)
         self.has_cross = video_width is not None
@@ -118,7 +132,7 @@ class TextLayer(nn.Module):
         self.output = Output(cfg)
         self.attention_backend = "reference"  # set by EgoVLPv2.set_attention_backend
 
-    def forward(self, x, bias, video=None):
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, video: torch.Tensor | None = None) -> torch.Tensor:
         # x: (B, L, D); bias: (B, 1, 1, L); video: (B, T, Dv) raw residual stream, or None in dual mode
         a = self.attention(x, x, bias)
         if video is not None:
@@ -131,7 +145,7 @@ class TextLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg, num_fuse_blocks: int, video_width: int):
+    def __init__(self, cfg: TextConfig, num_fuse_blocks: int, video_width: int) -> None:
         super().__init__()
         first_fused = cfg.num_hidden_layers - num_fuse_blocks
         self.layer = nn.ModuleList(
@@ -145,7 +159,7 @@ INITIALIZER_RANGE = 0.02
 
 
 class RobertaTextModel(nn.Module):
-    def __init__(self, cfg, num_fuse_blocks: int, video_width: int):
+    def __init__(self, cfg: TextConfig, num_fuse_blocks: int, video_width: int) -> None:
         """`cfg`: the sizes (egovlp_deploy.config.TextConfig, or anything with the same attributes)."""
         super().__init__()
         self.config = cfg
@@ -154,7 +168,7 @@ class RobertaTextModel(nn.Module):
         self.gradient_checkpointing = False
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
         # HF RobertaPreTrainedModel._init_weights: N(0, initializer_range) weights, zero bias, LN 1/0, pad row 0.
         std = INITIALIZER_RANGE
         for m in self.modules():
@@ -169,7 +183,7 @@ class RobertaTextModel(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, attention_bias):
+    def forward(self, input_ids: torch.Tensor, attention_bias: torch.Tensor) -> torch.Tensor:
         """Dual mode: the last hidden states (B, L, D); no cross-attention runs."""
         x = self.embeddings(input_ids)
         for layer in self.encoder.layer:

@@ -1,4 +1,4 @@
-"""egovlp_deploy.video: official frame-index rules (hand-computed cases), real-fps clip reading, the chunked
+"""egovlp_deploy.decoding: official frame-index rules (hand-computed cases), real-fps clip reading, the chunked
 EgoClip layout, decord vs PyAV, strict errors and lax counting -- on small mp4 files written here with PyAV.
 
 Every test video stores its frame index in the top 8 pixel rows as 8 black/white 8-pixel blocks (bit k = block k),
@@ -15,9 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from egovlp_deploy import video as V
-from egovlp_deploy.video import (ClipLoader, VideoReadError, egoclip_chunk, epic_frame_indices, epic_frame_range,
-                                 read_clip, read_egoclip_clip, read_frames, sample_frame_indices, video_info)
+from egovlp_deploy import decoding as V
+from egovlp_deploy.decoding import (
+    ClipLoader,
+    VideoReadError,
+    egoclip_chunk,
+    epic_frame_indices,
+    epic_frame_range,
+    read_clip,
+    read_egoclip_clip,
+    read_frames,
+    sample_frame_indices,
+    video_info,
+)
 
 av = pytest.importorskip("av")
 if "libx264" not in av.codecs_available:
@@ -40,7 +50,7 @@ def write_video(path, num_frames: int, fps: int, first_index: int = 0, gop: int 
         img = noise.integers(0, 256, (H, W, 3), dtype=np.uint8)
         number = first_index + k
         for bit in range(8):
-            img[:8, bit * 8:(bit + 1) * 8] = 255 if (number >> bit) & 1 else 0
+            img[:8, bit * 8 : (bit + 1) * 8] = 255 if (number >> bit) & 1 else 0
         for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
             container.mux(packet)
     for packet in stream.encode():
@@ -57,9 +67,9 @@ def frame_numbers(frames: torch.Tensor) -> list[int]:
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     root = tmp_path_factory.mktemp("videos")
-    write_video(root / "fps10.mp4", 40, 10)    # 4 s
-    write_video(root / "fps30.mp4", 200, 30)   # 6.67 s: long enough for PyAV to seek (gap > SEEK_GAP frames)
-    write_video(root / "fps10.mkv", 25, 10)    # Matroska declares no frame count: PyAV counts packets
+    write_video(root / "fps10.mp4", 40, 10)  # 4 s
+    write_video(root / "fps30.mp4", 200, 30)  # 6.67 s: long enough for PyAV to seek (gap > SEEK_GAP frames)
+    write_video(root / "fps10.mkv", 25, 10)  # Matroska declares no frame count: PyAV counts packets
     # Chunked EgoClip layout with 2-second chunks at 10 fps: chunk c holds frames 20c .. 20c+19; the video ends
     # at 5 s, so chunk 2 is short (10 frames).
     for chunk, count in [(0, 20), (1, 20), (2, 10)]:
@@ -94,11 +104,13 @@ def test_rand_stays_in_official_ranges_and_is_seeded():
     draws = [sample_frame_indices(4, 10, 30, "rand", rng=rng) for _ in range(400)]
     for segment, allowed in enumerate([range(10, 14), range(15, 19), range(20, 24), range(25, 29)]):
         assert {d[segment] for d in draws} == set(allowed)
-    assert sample_frame_indices(4, 10, 30, "rand", rng=random.Random(5)) == \
-        sample_frame_indices(4, 10, 30, "rand", rng=random.Random(5))
+    assert sample_frame_indices(4, 10, 30, "rand", rng=random.Random(5)) == sample_frame_indices(
+        4, 10, 30, "rand", rng=random.Random(5)
+    )
     # fix_start is ignored under 'rand', as in the official code
-    assert sample_frame_indices(4, 10, 30, "rand", rng=random.Random(5), fix_start=2) == \
-        sample_frame_indices(4, 10, 30, "rand", rng=random.Random(5))
+    assert sample_frame_indices(4, 10, 30, "rand", rng=random.Random(5), fix_start=2) == sample_frame_indices(
+        4, 10, 30, "rand", rng=random.Random(5)
+    )
 
 
 def test_rand_raises_on_a_segment_without_choice():
@@ -121,10 +133,10 @@ def test_epic_frame_indices_hand_computed():
     assert epic_frame_indices(0, 10, 2, jitter=False) == [2, 6]
     rng = random.Random(0)
     draws = [epic_frame_indices(0, 10, 2, jitter=True, rng=rng) for _ in range(300)]
-    assert {d[0] for d in draws} == set(range(0, 5))   # closed ranges: randint(lo, hi + 1)
+    assert {d[0] for d in draws} == set(range(0, 5))  # closed ranges: randint(lo, hi + 1)
     assert {d[1] for d in draws} == set(range(4, 10))
     assert epic_frame_range(1.5, 2.01, 30.0) == (45, 61)  # round(45.0), ceil(60.3)
-    assert epic_frame_range(0.25, 1.0, 10.0) == (2, 10)   # np.round(2.5) = 2
+    assert epic_frame_range(0.25, 1.0, 10.0) == (2, 10)  # np.round(2.5) = 2
 
 
 # -- decoding ---------------------------------------------------------------------------------------------------
@@ -235,14 +247,15 @@ def test_egoclip_clip_crossing_a_chunk_boundary(videos, backend):
     root = videos / "chunks"
 
     def numbers(start, end, frames=4):
-        return frame_numbers(read_egoclip_clip(root, "uid", start, end, frames, "uniform", backend=backend,
-                                               chunk_sec=2))
+        return frame_numbers(
+            read_egoclip_clip(root, "uid", start, end, frames, "uniform", backend=backend, chunk_sec=2)
+        )
 
     # [1.5, 2.5] s at the real 10 fps: frames [15, 25) -> [15, 18, 20, 23]; 20 and 23 come from chunk 1
     assert numbers(1.5, 2.5) == [15, 18, 20, 23]
-    assert numbers(2.2, 3.8) == [23, 27, 31, 35]          # inside chunk 1 (local frames 3, 7, 11, 15)
-    assert numbers(0.0, 0.2) == [0, 1, 1, 1]              # K = min(4, end_f=2): last frame repeated to F
-    assert numbers(4.2, 5.8) == [43, 47, 49, 49]          # past the end of the short chunk 2: its last frame
+    assert numbers(2.2, 3.8) == [23, 27, 31, 35]  # inside chunk 1 (local frames 3, 7, 11, 15)
+    assert numbers(0.0, 0.2) == [0, 1, 1, 1]  # K = min(4, end_f=2): last frame repeated to F
+    assert numbers(4.2, 5.8) == [43, 47, 49, 49]  # past the end of the short chunk 2: its last frame
     clip = read_egoclip_clip(root, "uid", 1.5, 2.5, 4, "rand", rng=random.Random(0), backend=backend, chunk_sec=2)
     assert clip.shape == (4, H, W, 3) and clip.dtype == torch.uint8
 
@@ -266,11 +279,15 @@ def test_egoclip_clip_after_the_end_of_its_chunk(videos):
 
 # -- strict errors ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name, reason", [("absent.mp4", V.MISSING), ("truncated.mp4", V.CORRUPT),
-                                          ("not_a_video.mp4", V.CORRUPT)])
+@pytest.mark.parametrize(
+    "name, reason", [("absent.mp4", V.MISSING), ("truncated.mp4", V.CORRUPT), ("not_a_video.mp4", V.CORRUPT)]
+)
 def test_bad_files_raise_naming_the_file(videos, backend, name, reason):
-    for call in (lambda p: video_info(p, backend), lambda p: read_frames(p, [0], backend),
-                 lambda p: read_clip(p, 0.0, 1.0, 4, "uniform", backend=backend)):
+    for call in (
+        lambda p: video_info(p, backend),
+        lambda p: read_frames(p, [0], backend),
+        lambda p: read_clip(p, 0.0, 1.0, 4, "uniform", backend=backend),
+    ):
         with pytest.raises(VideoReadError, match=name) as err:
             call(videos / name)
         assert err.value.reason == reason
@@ -279,10 +296,12 @@ def test_bad_files_raise_naming_the_file(videos, backend, name, reason):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_clip_times_outside_the_video(videos, backend):
     path = videos / "fps10.mp4"
-    cases = [((5.0, 6.0, 4, "uniform"), V.OUT_OF_RANGE, "starts after the end"),   # the video is 4 s
-             ((2.0, 1.0, 4, "uniform"), V.OUT_OF_RANGE, "ends before"),
-             ((0.0, 0.05, 4, "uniform"), V.EMPTY, "zero"),                    # end_f = int(0.5) = 0: K = 0
-             ((1.0, 1.5, 4, "rand"), V.TOO_SHORT, "too few")]                 # [10, 15): segment [10, 10]
+    cases = [
+        ((5.0, 6.0, 4, "uniform"), V.OUT_OF_RANGE, "starts after the end"),  # the video is 4 s
+        ((2.0, 1.0, 4, "uniform"), V.OUT_OF_RANGE, "ends before"),
+        ((0.0, 0.05, 4, "uniform"), V.EMPTY, "zero"),  # end_f = int(0.5) = 0: K = 0
+        ((1.0, 1.5, 4, "rand"), V.TOO_SHORT, "too few"),
+    ]  # [10, 15): segment [10, 10]
     for args, reason, words in cases:
         with pytest.raises(VideoReadError, match=words) as err:
             read_clip(path, *args, backend=backend, rng=random.Random(0))
@@ -323,8 +342,9 @@ def decoded_cache(monkeypatch):
 
 
 def _chunk_clip(videos, backend, seed, **kw):
-    return read_egoclip_clip(videos / "chunks", "uid", 1.0, 3.5, 4, "rand", rng=random.Random(seed),
-                             backend=backend, chunk_sec=2, **kw)
+    return read_egoclip_clip(
+        videos / "chunks", "uid", 1.0, 3.5, 4, "rand", rng=random.Random(seed), backend=backend, chunk_sec=2, **kw
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -336,8 +356,9 @@ def test_frame_cache_gives_the_same_frames_and_stops_reading_the_file(videos, ba
     assert decoded_cache.nbytes == (20 + 20) * H * W * 3  # chunks 0 and 1, every frame
     open_paths = {key[1] for key in V._open_video._cache}
     assert not any(str((videos / "chunks" / "uid" / f"{c}.mp4").resolve()) in open_paths for c in (0, 1))
-    loaded = ClipLoader(backend=backend, frame_cache_bytes=budget).load(read_clip, videos / "fps10.mp4", 1.0, 2.0, 4,
-                                                                        "uniform")
+    loaded = ClipLoader(backend=backend, frame_cache_bytes=budget).load(
+        read_clip, videos / "fps10.mp4", 1.0, 2.0, 4, "uniform"
+    )
     assert frame_numbers(loaded[0]) == [10, 13, 15, 18]  # the loader passes its budget on: fps10 is cached too
     assert decoded_cache.nbytes == (20 + 20 + 40) * H * W * 3
     reader = V._DecordVideo if backend == "decord" else V._PyAVVideo
@@ -356,10 +377,16 @@ def test_frame_cache_keeps_to_its_budget(videos, decoded_cache):
     assert decoded_cache.nbytes == one_chunk
 
 
-@pytest.mark.parametrize("failure", [VideoReadError("x.mp4", V.CORRUPT, "the stream ends at frame 12 before frame 13"),
-                                     ValueError("all input arrays must have the same shape")])
-def test_frame_cache_falls_back_to_the_file_when_a_video_cannot_be_decoded_whole(videos, decoded_cache, monkeypatch,
-                                                                                 failure):
+@pytest.mark.parametrize(
+    "failure",
+    [
+        VideoReadError("x.mp4", V.CORRUPT, "the stream ends at frame 12 before frame 13"),
+        ValueError("all input arrays must have the same shape"),
+    ],
+)
+def test_frame_cache_falls_back_to_the_file_when_a_video_cannot_be_decoded_whole(
+    videos, decoded_cache, monkeypatch, failure
+):
     tries = []
 
     def broken(self, reader):
@@ -389,6 +416,7 @@ def test_clip_loader_lax_counts_failures_by_reason(videos):
     # only VideoReadError is absorbed: a wrong call still raises
     with pytest.raises(TypeError):
         loader.load(read_clip, videos / "fps10.mp4")
+
     # an unhashable callable object is inspected without the signature cache
     class Reader:
         __hash__ = None
@@ -413,7 +441,7 @@ import ctypes, sys
 if sys.argv[1] == "plain":
     import decord
 else:
-    from egovlp_deploy.video import import_decord
+    from egovlp_deploy.decoding import import_decord
     import_decord()
 where = lambda lib: ctypes.cast(lib.__cxa_thread_atexit, ctypes.c_void_p).value
 print(where(ctypes.CDLL(None)) == where(ctypes.CDLL("libstdc++.so.6")))
@@ -433,8 +461,9 @@ def test_decord_leaves_later_cpp_code_the_real_thread_atexit():
         pytest.skip("decord is not installed (no aarch64 wheel)")
 
     def global_lookup_is_libstdcxx(how: str) -> bool:
-        out = subprocess.run([sys.executable, "-c", _THREAD_ATEXIT_CHECK, how], capture_output=True, text=True,
-                             timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", _THREAD_ATEXIT_CHECK, how], capture_output=True, text=True, timeout=120
+        )
         assert out.returncode == 0, out.stderr
         return out.stdout.strip() == "True"
 

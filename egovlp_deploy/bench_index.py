@@ -39,14 +39,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--video", type=Path, help="a video file to index (default: a generated 720p H.264 file)")
     g.add_argument("--seconds", type=int, default=120, help="length of the generated file (default: 120 s)")
     g.add_argument("--engines", type=Path, help="an engines folder (default: random:tiny exported into OUT)")
-    g.add_argument("--decoders", default="auto,decord", help="index rows, comma-separated decoder choices "
-                                                             "(default: auto,decord)")
+    g.add_argument(
+        "--decoders", default="auto,decord", help="index rows, comma-separated decoder choices (default: auto,decord)"
+    )
     g.add_argument("--threads", type=int, default=2, help="decoder threads of the decode-only row (default: 2)")
     g.add_argument("--window", type=float, default=2.0, help="index window, seconds (default: 2.0)")
     g.add_argument("--stride", type=float, default=1.0, help="index stride, seconds (default: 1.0)")
     g.add_argument("--quick", action="store_true", help="a seconds-long smoke run (a 4 s 160x96 file) for tests")
-    parser.add_argument("--out", type=Path, default=Path("bench_results/index"), metavar="DIR",
-                        help="where index.json/.md/.png go (default: bench_results/index)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("bench_results/index"),
+        metavar="DIR",
+        help="where index.json/.md/.png go (default: bench_results/index)",
+    )
 
 
 def write_bench_video(path: Path, seconds: int, width: int = WIDTH, height: int = HEIGHT) -> Path:
@@ -88,17 +94,34 @@ def ffmpeg_decode(path: Path, threads: int) -> dict | None:
     if exe is None:
         return None
     start = time.perf_counter()
-    subprocess.run([exe, "-v", "error", "-threads", str(threads), "-i", str(path), "-map", "0:v:0", "-f", "null", "-"],
-                   check=True)
+    subprocess.run(
+        [exe, "-v", "error", "-threads", str(threads), "-i", str(path), "-map", "0:v:0", "-f", "null", "-"], check=True
+    )
     return {"seconds": time.perf_counter() - start}
 
 
 def index_run(path: Path, engines: Path, decoder: str, window: float, stride: float) -> dict:
     """`egovlp-deploy index` in a fresh process: wall seconds, its summary, and the process's peak RSS."""
     with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
-        cmd = [sys.executable, "-m", "egovlp_deploy.cli", "index", str(path), "--engines", str(engines),
-               "--out", str(Path(tmp) / "index"), "--window", str(window), "--stride", str(stride),
-               "--decoder", decoder, "--quiet", "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "egovlp_deploy.cli",
+            "index",
+            str(path),
+            "--engines",
+            str(engines),
+            "--out",
+            str(Path(tmp) / "index"),
+            "--window",
+            str(window),
+            "--stride",
+            str(stride),
+            "--decoder",
+            decoder,
+            "--quiet",
+            "--json",
+        ]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -109,12 +132,16 @@ def index_run(path: Path, engines: Path, decoder: str, window: float, stride: fl
         if os.waitstatus_to_exitcode(status) != 0:
             raise RuntimeError(f"index with --decoder {decoder} failed:\n{err[-2000:]}")
         summary = json.loads(out)
-        return {"seconds": seconds, "windows": summary.get("new_windows"), "peak_rss_mib": usage.ru_maxrss / 1024,
-                "ms_per_clip": summary.get("ms_per_clip")}
+        return {
+            "seconds": seconds,
+            "windows": summary.get("new_windows"),
+            "peak_rss_mib": usage.ru_maxrss / 1024,
+            "ms_per_clip": summary.get("ms_per_clip"),
+        }
 
 
 def _engines(out: Path) -> Path:
-    from egovlp_deploy.runtime.bench import _engines as export_random
+    from egovlp_deploy.bench_e2e import _engines as export_random
 
     return export_random(out, "tiny", 4, 8)
 
@@ -132,34 +159,66 @@ def run(args) -> int:
             print(f"writing {video} ({seconds} s, {size[0]}x{size[1]}, H.264 with B-frames) ...", file=sys.stderr)
             write_bench_video(video, seconds, *size)
     engines = args.engines or _engines(out)
-    from egovlp_deploy.video import video_timeline
+    from egovlp_deploy.decoding import video_timeline
 
     timeline = video_timeline(video, "pyav")
     duration = timeline.duration
     rows = []
     decoded = decode_only(video, args.threads)
     base_rt = duration / decoded["seconds"]
-    rows.append({"what": f"decode only (PyAV, {args.threads} threads)", "seconds": round(decoded["seconds"], 2),
-                 "realtime": round(base_rt, 1), "vs_decode": 1.0})
+    rows.append(
+        {
+            "what": f"decode only (PyAV, {args.threads} threads)",
+            "seconds": round(decoded["seconds"], 2),
+            "realtime": round(base_rt, 1),
+            "vs_decode": 1.0,
+        }
+    )
     ff = ffmpeg_decode(video, args.threads)
     if ff:
-        rows.append({"what": f"decode only (ffmpeg -threads {args.threads} -f null)", "seconds": round(ff["seconds"], 2),
-                     "realtime": round(duration / ff["seconds"], 1), "vs_decode": round(decoded["seconds"] / ff["seconds"], 2)})
+        rows.append(
+            {
+                "what": f"decode only (ffmpeg -threads {args.threads} -f null)",
+                "seconds": round(ff["seconds"], 2),
+                "realtime": round(duration / ff["seconds"], 1),
+                "vs_decode": round(decoded["seconds"] / ff["seconds"], 2),
+            }
+        )
     for decoder in [d.strip() for d in args.decoders.split(",") if d.strip()]:
         try:
             r = index_run(video, engines, decoder, args.window, args.stride)
         except (RuntimeError, ValueError) as exc:
             rows.append({"what": f"index --decoder {decoder}", "error": str(exc).splitlines()[0]})
             continue
-        rows.append({"what": f"index --decoder {decoder}", "seconds": round(r["seconds"], 2),
-                     "realtime": round(duration / r["seconds"], 1),
-                     "vs_decode": round(decoded["seconds"] / r["seconds"], 4), "windows": r["windows"],
-                     "peak_rss_mib": round(r["peak_rss_mib"], 1), "ms_per_clip": r["ms_per_clip"]})
-    report = {"benchmark": "index", "git": git_sha(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-              "machine": _machine(), "load_average": os.getloadavg(),
-              "video": {"path": str(video), "seconds": round(duration, 2), "frames": timeline.num_frames,
-                        "fps": timeline.fps, "bytes": video.stat().st_size},
-              "engines": str(engines), "window_sec": args.window, "stride_sec": args.stride, "rows": rows}
+        rows.append(
+            {
+                "what": f"index --decoder {decoder}",
+                "seconds": round(r["seconds"], 2),
+                "realtime": round(duration / r["seconds"], 1),
+                "vs_decode": round(decoded["seconds"] / r["seconds"], 4),
+                "windows": r["windows"],
+                "peak_rss_mib": round(r["peak_rss_mib"], 1),
+                "ms_per_clip": r["ms_per_clip"],
+            }
+        )
+    report = {
+        "benchmark": "index",
+        "git": git_sha(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": _machine(),
+        "load_average": os.getloadavg(),
+        "video": {
+            "path": str(video),
+            "seconds": round(duration, 2),
+            "frames": timeline.num_frames,
+            "fps": timeline.fps,
+            "bytes": video.stat().st_size,
+        },
+        "engines": str(engines),
+        "window_sec": args.window,
+        "stride_sec": args.stride,
+        "rows": rows,
+    }
     (out / "index.json").write_text(json.dumps(report, indent=1))
     (out / "index.md").write_text(format_markdown(report))
     _plot(report, out / "index.png")
@@ -172,28 +231,37 @@ def _machine() -> dict:
     cpu = cpu_model()
     import av
 
-    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(), "pyav": av.__version__,
-            "libavcodec": ".".join(map(str, av.library_versions.get("libavcodec", ())))}
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "pyav": av.__version__,
+        "libavcodec": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
+    }
 
 
 def format_markdown(report: dict) -> str:
     v = report["video"]
-    lines = [f"# bench index — {report['machine']['cpu']} ({report['machine']['logical_cpus']} CPUs), "
-             f"git {report['git']}, {report['date']}",
-             "",
-             f"Video: {Path(v['path']).name}, {v['seconds']} s, {v['frames']} frames at {v['fps']:g} fps, "
-             f"{v['bytes'] / 2**20:.1f} MiB; windows {report['window_sec']} s, stride {report['stride_sec']} s; "
-             f"load average at the end {', '.join(f'{x:.2f}' for x in report['load_average'])}.",
-             "",
-             "| what | seconds | × real time | vs decode only | windows | peak RSS MiB |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"# bench index — {report['machine']['cpu']} ({report['machine']['logical_cpus']} CPUs), "
+        f"git {report['git']}, {report['date']}",
+        "",
+        f"Video: {Path(v['path']).name}, {v['seconds']} s, {v['frames']} frames at {v['fps']:g} fps, "
+        f"{v['bytes'] / 2**20:.1f} MiB; windows {report['window_sec']} s, stride {report['stride_sec']} s; "
+        f"load average at the end {', '.join(f'{x:.2f}' for x in report['load_average'])}.",
+        "",
+        "| what | seconds | × real time | vs decode only | windows | peak RSS MiB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
         if "error" in r:
             lines.append(f"| {r['what']} | failed: {r['error']} | | | | |")
             continue
-        lines.append(f"| {r['what']} | {r['seconds']} | {r['realtime']} | {r['vs_decode']} | "
-                     f"{r.get('windows', '')} | {r.get('peak_rss_mib', '')} |")
+        lines.append(
+            f"| {r['what']} | {r['seconds']} | {r['realtime']} | {r['vs_decode']} | "
+            f"{r.get('windows', '')} | {r.get('peak_rss_mib', '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

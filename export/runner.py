@@ -15,15 +15,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import torch
-
 from egovlp_deploy.benchmarking import median_ms as _median_ms
+from egovlp_deploy.model.factory import load_model
+from egovlp_deploy.ort_session import ort_session
 from egovlp_deploy.tokenizer import tokenizer_beside
 
-from .manifest import Manifest, copy_tokenizer, io_entry, sha256_checkpoint
+from .manifest import Manifest, copy_tokenizer, io_entry
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
 from .validate import Check, random_task_set, task_agreement, validate_artifact, validation_sizes
-
 
 
 @dataclass
@@ -74,47 +73,6 @@ class ExportResult:
         self.passed = False
 
 
-# -- checkpoints ---------------------------------------------------------------------------------------------------
-def load_model(checkpoint: str, frames: int | None = None):
-    """(model, source info) from: a training checkpoint dir (step_N, verified against its MANIFEST.json), a run
-    dir (its newest valid checkpoint), a save_pretrained dir, an official .pth, or 'random:tiny' / 'random:base'
-    (seeded random weights, for benchmarks and smoke tests)."""
-    from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-    from egovlp_deploy.checkpoint import CheckpointError
-    from egovlp_deploy.trainer.checkpointing import MANIFEST, latest_valid_checkpoint, verify_checkpoint
-    from egovlp_deploy.trainer.evaluate import model_at_frames
-
-    if checkpoint.startswith("random:"):
-        name = checkpoint.split(":", 1)[1]
-        if name not in ("tiny", "base"):
-            raise ValueError(f"random checkpoints are 'random:tiny' or 'random:base', got {checkpoint!r}")
-        torch.manual_seed(0)
-        config = getattr(EgoVLPv2Config, name)(num_frames=frames or 4)
-        return EgoVLPv2(config).eval(), {"path": checkpoint, "kind": "random", "sha256": None}
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    kind = "official"
-    if path.is_dir():
-        if (path / "checkpoints").is_dir():  # a training run directory
-            step = latest_valid_checkpoint(path / "checkpoints")
-            if step is None:
-                raise CheckpointError(f"{path}: no valid checkpoint under checkpoints/")
-            path, kind = step, "trainer"
-        elif (path / MANIFEST).is_file():
-            verify_checkpoint(path)
-            kind = "trainer"
-        else:
-            kind = "pretrained"
-        model = EgoVLPv2.from_pretrained(path)
-        if frames:
-            model = model_at_frames(model, frames)
-    else:
-        model = EgoVLPv2.from_official_checkpoint(path, num_frames=frames)
-    # absolute: the manifest is read from wherever the export folder ends up
-    return model.eval(), {"path": str(path.resolve()), "kind": kind, "sha256": sha256_checkpoint(path)}
-
-
 # -- the run -------------------------------------------------------------------------------------------------------
 class Progress:
     def __init__(self, total: int, stream=sys.stderr, quiet: bool = False):
@@ -138,20 +96,14 @@ def _verdict(check: Check) -> str:
     return mark
 
 
-
 def _ort_run(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=threads)
     names = [o.name for o in session.get_outputs()]
     return lambda inputs: dict(zip(names, session.run(names, inputs)))
 
 
 def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: bool = False) -> ExportResult:
-    from . import onnx as onnx_export
+    from . import onnx_export
     from . import precision as prec
     from .validate import egomcq_task_set
 
@@ -160,20 +112,35 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
     out.mkdir(parents=True, exist_ok=True)
     roles = list(opts.roles)
     want_onnx = "onnx" in opts.formats or "tensorrt" in opts.formats
-    n_steps = 1 + (len(roles) * len(opts.precisions) if want_onnx else 0) \
-        + (len(opts.precisions) if want_onnx and opts.task_checks else 0) \
-        + (len(roles) if "tensorrt" in opts.formats else 0) \
-        + (len([r for r in roles if r in AOTI_ROLES]) if "aoti" in opts.formats else 0) + 1
+    n_steps = (
+        1
+        + (len(roles) * len(opts.precisions) if want_onnx else 0)
+        + (len(opts.precisions) if want_onnx and opts.task_checks else 0)
+        + (len(roles) if "tensorrt" in opts.formats else 0)
+        + (len([r for r in roles if r in AOTI_ROLES]) if "aoti" in opts.formats else 0)
+        + 1
+    )
     progress = Progress(n_steps, quiet=quiet)
     model, source = load_model(checkpoint, opts.frames)
     cfg = model.config
-    progress.step(f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
-                  f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)")
-    manifest = Manifest(source_checkpoint=source, model_config=cfg.to_dict(),
-                        export={"frames": cfg.video.num_frames, "max_batch": opts.max_batch,
-                                "max_text_len": opts.max_text_len, "opset": opts.opset,
-                                "attention": opts.attention, "formats": list(opts.formats),
-                                "precisions": list(opts.precisions), "roles": roles})
+    progress.step(
+        f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
+        f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)"
+    )
+    manifest = Manifest(
+        source_checkpoint=source,
+        model_config=cfg.to_dict(),
+        export={
+            "frames": cfg.video.num_frames,
+            "max_batch": opts.max_batch,
+            "max_text_len": opts.max_text_len,
+            "opset": opts.opset,
+            "attention": opts.attention,
+            "formats": list(opts.formats),
+            "precisions": list(opts.precisions),
+            "roles": roles,
+        },
+    )
     result = ExportResult(out, True, manifest=manifest)
     sizes = validation_sizes(opts.max_batch, opts.max_text_len)
     runs: dict[str, dict] = {p: {} for p in opts.precisions}
@@ -187,9 +154,15 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
     if want_onnx:
         for role in roles:
             fp32_path = out / "onnx" / "fp32" / f"{role}.onnx"
-            made = onnx_export.export_onnx(model, role, fp32_path, max_batch=opts.max_batch,
-                                           max_text_len=opts.max_text_len, opset=opts.opset,
-                                           attention=opts.attention)
+            made = onnx_export.export_onnx(
+                model,
+                role,
+                fp32_path,
+                max_batch=opts.max_batch,
+                max_text_len=opts.max_text_len,
+                opset=opts.opset,
+                attention=opts.attention,
+            )
             for precision in opts.precisions:
                 path = out / "onnx" / precision / f"{role}.onnx"
                 t0 = time.perf_counter()
@@ -202,10 +175,17 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
                 run = _ort_run(path)
                 check = record(validate_artifact(model, role, run, precision, sizes))
                 runs[precision][role] = run
-                entry = manifest.add(out, path, role=role, format="onnx", precision=precision, opset=made.opset,
-                                     io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
-                                     export_seconds=round(seconds, 2),
-                                     validation={"passed": check.passed, **check.metrics["worst"]})
+                entry = manifest.add(
+                    out,
+                    path,
+                    role=role,
+                    format="onnx",
+                    precision=precision,
+                    opset=made.opset,
+                    io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
+                    export_seconds=round(seconds, 2),
+                    validation={"passed": check.passed, **check.metrics["worst"]},
+                )
                 if extra:
                     entry.validation["graph"] = extra
                 progress.step(f"onnx {precision:<4} {role:<20} {seconds:6.1f}s  {_verdict(check)}")
@@ -214,13 +194,18 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
             if "fp32" not in opts.precisions:  # only the source of the derived precisions: not an artifact
                 fp32_path.unlink()
         if opts.task_checks:
-            tasks = (egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
-                     if opts.egomcq else random_task_set(model))
+            tasks = (
+                egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
+                if opts.egomcq
+                else random_task_set(model)
+            )
             for precision in opts.precisions:
                 check = record(task_agreement(model, runs[precision], precision, tasks, opts.max_batch))
                 manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
-                progress.step(f"task checks {precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
-                              f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check))
+                progress.step(
+                    f"task checks {precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
+                    f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check)
+                )
 
     if "tensorrt" in opts.formats:
         _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
@@ -231,21 +216,43 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
         for role in [r for r in roles if r in AOTI_ROLES]:
             precision = "fp32" if opts.aoti_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
             path = out / "aoti" / f"{opts.aoti_device.split(':')[0]}_{precision}" / f"{role}.pt2"
-            made = export_aoti(model, role, path, max_batch=opts.max_batch, max_text_len=opts.max_text_len,
-                               device=opts.aoti_device, precision=precision, wrapper_opt_level=opts.aoti_opt_level)
-            if opts.aoti_device != "cpu":  # CUDA loads were seen to crash or hang (check_loads_in_child)
+            made = export_aoti(
+                model,
+                role,
+                path,
+                max_batch=opts.max_batch,
+                max_text_len=opts.max_text_len,
+                device=opts.aoti_device,
+                precision=precision,
+                wrapper_opt_level=opts.aoti_opt_level,
+            )
+            if opts.aoti_device != "cpu":  # a CUDA package's loader can crash or hang (check_loads_in_child)
                 try:
                     check_loads_in_child(path)
                 except AotiLoadError as exc:
                     result.fail(str(exc))
                     progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  NOT LOADABLE: {exc}")
                     continue
-            check = record(validate_artifact(model, role, load_aoti(path, role, opts.aoti_device), "fp32"
-                                             if precision == "fp32" else "fp16", sizes))
-            manifest.add(out, path, role=role, format="aoti", precision=precision, device=opts.aoti_device,
-                         io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
-                         export_seconds=round(made.seconds, 2),
-                         validation={"passed": check.passed, **check.metrics["worst"]})
+            check = record(
+                validate_artifact(
+                    model,
+                    role,
+                    load_aoti(path, role, opts.aoti_device),
+                    "fp32" if precision == "fp32" else "fp16",
+                    sizes,
+                )
+            )
+            manifest.add(
+                out,
+                path,
+                role=role,
+                format="aoti",
+                precision=precision,
+                device=opts.aoti_device,
+                io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
+                export_seconds=round(made.seconds, 2),
+                validation={"passed": check.passed, **check.metrics["worst"]},
+            )
             progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)}")
 
     manifest.validation["passed"] = result.passed
@@ -263,12 +270,16 @@ def _task_summary(check: Check) -> str:
     parts = []
     r = check.metrics.get("retrieval")
     if r:
-        parts.append(f"retrieval t2v/v2t top-1 agreement {r['t2v_top1_agreement']:.2f}/{r['v2t_top1_agreement']:.2f} "
-                     f"(decisive {r['t2v_decisive']:.2f}/{r['v2t_decisive']:.2f})")
+        parts.append(
+            f"retrieval t2v/v2t top-1 agreement {r['t2v_top1_agreement']:.2f}/{r['v2t_top1_agreement']:.2f} "
+            f"(decisive {r['t2v_decisive']:.2f}/{r['v2t_decisive']:.2f})"
+        )
     e = check.metrics.get("egomcq")
     if e:
-        parts.append("EgoMCQ answers agree " + "/".join(f"{e[m]['answer_agreement']:.2f}"
-                                                        for m in ("dual", "fusion", "ensemble")))
+        parts.append(
+            "EgoMCQ answers agree "
+            + "/".join(f"{e[m]['answer_agreement']:.2f}" for m in ("dual", "fusion", "ensemble"))
+        )
     h = check.metrics.get("fusion_head_vs_fusion")
     if h:
         parts.append(f"head vs fusion {h['max_abs_vs_fusion_graph']:.1e}")
@@ -279,7 +290,8 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
     """Save ORT's offline-optimized graph beside `path` where it helps (or always).
 
     A session optimizes its graph at every load anyway (ORT_ENABLE_ALL by default), so the saved graph mainly
-    saves load time; it is kept when loading it is faster and running it at batch 1 is not slower (measured)."""
+    saves load time; it is kept when loading it is faster and running it at batch 1 is not slower (both timed here,
+    on this machine)."""
     from .precision import ort_optimize
     from .specs import example_inputs
     from .validate import as_numpy_inputs
@@ -296,15 +308,29 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
     (load_plain, ms_plain), (load_opt, ms_opt) = measured["plain"], measured["optimized"]
     keep = opts.ort_optimize == "always" or (load_opt < load_plain and ms_opt <= ms_plain * 1.05)
     if keep:
-        manifest.add(out, opt_path, role=role, format="onnx", precision=precision, opset=opset,
-                     variant="ort-optimized", derived_from=str(path.relative_to(out)),
-                     io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
-                     validation={"ms_b1": ms_opt, "ms_b1_unoptimized": ms_plain, "load_ms": load_opt,
-                                 "load_ms_unoptimized": load_plain})
+        manifest.add(
+            out,
+            opt_path,
+            role=role,
+            format="onnx",
+            precision=precision,
+            opset=opset,
+            variant="ort-optimized",
+            derived_from=str(path.relative_to(out)),
+            io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
+            validation={
+                "ms_b1": ms_opt,
+                "ms_b1_unoptimized": ms_plain,
+                "load_ms": load_opt,
+                "load_ms_unoptimized": load_plain,
+            },
+        )
     else:
         opt_path.unlink()
-    progress.say(f"      ORT-optimized {precision} {role}: load {load_opt:.0f} vs {load_plain:.0f} ms, run "
-                 f"{ms_opt:.2f} vs {ms_plain:.2f} ms at B=1 -> {'kept' if keep else 'dropped'}")
+    progress.say(
+        f"      ORT-optimized {precision} {role}: load {load_opt:.0f} vs {load_plain:.0f} ms, run "
+        f"{ms_opt:.2f} vs {ms_plain:.2f} ms at B=1 -> {'kept' if keep else 'dropped'}"
+    )
 
 
 def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes) -> None:
@@ -312,9 +338,15 @@ def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
 
     precision = "fp16" if "fp16" in opts.precisions else "fp32"
     source = "fp16" if opts.trt_strongly_typed and precision == "fp16" else "fp32"
-    build = BuildOptions(precision=precision, strongly_typed=opts.trt_strongly_typed, refit=opts.trt_refit,
-                         max_batch=opts.max_batch, max_text_len=opts.max_text_len,
-                         opt_text_len=min(16, opts.max_text_len), timing_cache=str(out / "tensorrt" / "timing.cache"))
+    build = BuildOptions(
+        precision=precision,
+        strongly_typed=opts.trt_strongly_typed,
+        refit=opts.trt_refit,
+        max_batch=opts.max_batch,
+        max_text_len=opts.max_text_len,
+        opt_text_len=min(16, opts.max_text_len),
+        timing_cache=str(out / "tensorrt" / "timing.cache"),
+    )
     for role in roles:
         onnx_path = out / "onnx" / source / f"{role}.onnx"
         engine = out / "tensorrt" / precision / f"{role}.engine"
@@ -328,10 +360,18 @@ def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
             return
         result.checks.append(check)
         result.passed &= check.passed
-        entry = manifest.add(out, engine, role=role, format="tensorrt", precision=precision, device="cuda",
-                             io=io_entry(role, model.config, "fp32", opts.max_batch, opts.max_text_len),
-                             derived_from=str(onnx_path.relative_to(out)), export_seconds=facts["build_seconds"],
-                             validation={"passed": check.passed, **check.metrics["worst"]})
+        entry = manifest.add(
+            out,
+            engine,
+            role=role,
+            format="tensorrt",
+            precision=precision,
+            device="cuda",
+            io=io_entry(role, model.config, "fp32", opts.max_batch, opts.max_text_len),
+            derived_from=str(onnx_path.relative_to(out)),
+            export_seconds=facts["build_seconds"],
+            validation={"passed": check.passed, **check.metrics["worst"]},
+        )
         entry.validation["build"] = facts
         progress.step(f"tensorrt {precision} {role} {facts['build_seconds']:.1f}s  {_verdict(check)}")
 
@@ -346,13 +386,19 @@ def write_report(out: Path, result: ExportResult) -> None:
 
 
 def format_report(result: ExportResult) -> str:
-    lines = [f"# Export validation: {'PASSED' if result.passed else 'FAILED'}", "",
-             "| check | verdict | min cosine | max rel err | max abs err |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"# Export validation: {'PASSED' if result.passed else 'FAILED'}",
+        "",
+        "| check | verdict | min cosine | max rel err | max abs err |",
+        "|---|---|---:|---:|---:|",
+    ]
     for c in result.checks:
         w = c.metrics.get("worst")
         if w:
-            lines.append(f"| {c.name} | {'ok' if c.passed else 'FAIL'} | {w['min_cosine']:.7f} | "
-                         f"{w['max_rel']:.2e} | {w['max_abs']:.2e} |")
+            lines.append(
+                f"| {c.name} | {'ok' if c.passed else 'FAIL'} | {w['min_cosine']:.7f} | "
+                f"{w['max_rel']:.2e} | {w['max_abs']:.2e} |"
+            )
     for c in result.checks:
         if not c.metrics.get("worst"):
             lines += ["", f"**{c.name}** ({'ok' if c.passed else 'FAIL'}){_task_summary(c)}"]
@@ -363,6 +409,10 @@ def format_report(result: ExportResult) -> str:
 
 
 def summary_dict(result: ExportResult) -> dict:
-    return {"out": str(result.out), "passed": result.passed, "errors": result.errors,
-            "checks": [{"name": c.name, "passed": c.passed, "failures": c.failures} for c in result.checks],
-            "artifacts": [asdict(a) for a in (result.manifest.artifacts if result.manifest else [])]}
+    return {
+        "out": str(result.out),
+        "passed": result.passed,
+        "errors": result.errors,
+        "checks": [{"name": c.name, "passed": c.passed, "failures": c.failures} for c in result.checks],
+        "artifacts": [asdict(a) for a in (result.manifest.artifacts if result.manifest else [])],
+    }

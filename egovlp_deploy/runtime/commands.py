@@ -40,33 +40,62 @@ killed run resumes inside the video it was on (at most --commit-every windows ar
 # -- shared options ---------------------------------------------------------------------------------------------
 def _engine_options(parser, required: bool = True) -> None:
     g = parser.add_argument_group("engines")
-    g.add_argument("--engines", required=required, metavar="DIR",
-                   help="an export folder (manifest.json + artifacts from `egovlp-deploy export`)"
-                        + ("" if required else "; default: the one the index was built with"))
-    g.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "torch", "aoti", "tensorrt"),
-                   help="onnxruntime (default), torch (eager; weights from the checkpoint the manifest names), "
-                        "aoti (AOTInductor packages), tensorrt (engines; needs TensorRT and a GPU)")
-    g.add_argument("--device", default="cpu",
-                   help="cpu (default), cuda, or tensorrt (onnxruntime's TensorRT execution provider)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "fp16", "int8"),
-                   help="which exported precision to run (default: fp32)")
+    g.add_argument(
+        "--engines",
+        required=required,
+        metavar="DIR",
+        help="an export folder (manifest.json + artifacts from `egovlp-deploy export`)"
+        + ("" if required else "; default: the one the index was built with"),
+    )
+    g.add_argument(
+        "--backend",
+        default="onnxruntime",
+        choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+        help="onnxruntime (default), torch (eager; weights from the checkpoint the manifest names), "
+        "aoti (AOTInductor packages), tensorrt (engines; needs TensorRT and a GPU)",
+    )
+    g.add_argument(
+        "--device", default="cpu", help="cpu (default), cuda, or tensorrt (onnxruntime's TensorRT execution provider)"
+    )
+    g.add_argument(
+        "--precision",
+        default="fp32",
+        choices=("fp32", "fp16", "int8"),
+        help="which exported precision to run (default: fp32)",
+    )
     g.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: the runtime's choice)")
-    g.add_argument("--tokenizer", metavar="DIR",
-                   help="tokenizer directory (default: ENGINES/tokenizer, else the training run's RUN/tokenizer)")
-    g.add_argument("--checkpoint", metavar="CKPT", help="torch backend only: the checkpoint (default: the one the "
-                                                        "manifest names; its sha256 must match)")
-    g.add_argument("--cuda-graphs", action="store_true",
-                   help="torch backend only: capture each call once per input shape into a CUDA graph and replay it "
-                        "(on a CPU device it runs eagerly and says so)")
+    g.add_argument(
+        "--tokenizer",
+        metavar="DIR",
+        help="tokenizer directory (default: ENGINES/tokenizer, else the training run's RUN/tokenizer)",
+    )
+    g.add_argument(
+        "--checkpoint",
+        metavar="CKPT",
+        help="torch backend only: the checkpoint (default: the one the manifest names; its sha256 must match)",
+    )
+    g.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="torch backend only: capture each call once per input shape into a CUDA graph and replay it "
+        "(on a CPU device it runs eagerly and says so)",
+    )
 
 
 def _runtime(args, engines: str | None = None):
     from .engines import ProviderFallbackWarning, Runtime
 
     warnings.simplefilter("always", ProviderFallbackWarning)
-    return Runtime(engines or args.engines, backend=args.backend, precision=args.precision, device=args.device,
-                   threads=args.threads, tokenizer=args.tokenizer, checkpoint=getattr(args, "checkpoint", None),
-                   graphs=getattr(args, "cuda_graphs", False))
+    return Runtime(
+        engines or args.engines,
+        backend=args.backend,
+        precision=args.precision,
+        device=args.device,
+        threads=args.threads,
+        tokenizer=args.tokenizer,
+        checkpoint=getattr(args, "checkpoint", None),
+        graphs=getattr(args, "cuda_graphs", False),
+    )
 
 
 @contextlib.contextmanager
@@ -91,16 +120,21 @@ def query_warnings():
 
 def reports_truncated_queries(run):
     """A runner whose truncated queries are reported by `query_warnings`."""
+
     @functools.wraps(run)
     def wrapped(args) -> int:
         with query_warnings():
             return run(args)
+
     return wrapped
 
 
 def _failure_options(parser) -> None:
-    parser.add_argument("--allow-failures", action="store_true",
-                        help="exit 0 even when some inputs could not be read (they are still reported)")
+    parser.add_argument(
+        "--allow-failures",
+        action="store_true",
+        help="exit 0 even when some inputs could not be read (they are still reported)",
+    )
     parser.add_argument("--verbose", action="store_true", help="with each unreadable input, the decoder's message")
 
 
@@ -121,8 +155,10 @@ def _report_failures(summary: dict, args) -> int:
     failed = summary.get("failed", [])
     if not failed:
         return 0
-    print(f"{len(failed)} input(s) could not be read ({summary.get('succeeded', 0)} processed or already done):",
-          file=sys.stderr)
+    print(
+        f"{len(failed)} input(s) could not be read ({summary.get('succeeded', 0)} processed or already done):",
+        file=sys.stderr,
+    )
     for f in failed:
         detail = f" ({f['detail']})" if args.verbose and f.get("detail") else ""
         print(f"  {printable(f['path'])}: {f['reason']}{detail}", file=sys.stderr)
@@ -138,29 +174,56 @@ def _print_backend(rt, stream=None) -> None:
 
 # -- index ------------------------------------------------------------------------------------------------------
 def add_index_arguments(p) -> None:
-    p.add_argument("videos", nargs="+", metavar="VIDEO",
-                   help="video files, folders (searched recursively for video files) or glob patterns")
-    p.add_argument("--out", required=True, metavar="INDEX",
-                   help="index directory: new or empty (created), or an existing index (extended)")
+    p.add_argument(
+        "videos",
+        nargs="+",
+        metavar="VIDEO",
+        help="video files, folders (searched recursively for video files) or glob patterns",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="INDEX",
+        help="index directory: new or empty (created), or an existing index (extended)",
+    )
     _failure_options(p)
     _engine_options(p)
     w = p.add_argument_group("windows")
     w.add_argument("--window", type=float, default=2.0, metavar="SEC", help="clip window length (default: 2.0 s)")
     w.add_argument("--stride", type=float, default=1.0, metavar="SEC", help="window start step (default: 1.0 s)")
-    w.add_argument("--segments", metavar="CSV",
-                   help="index annotated segments instead of sliding windows: an EgoClip-format TAB file "
-                        "(video_uid, clip_start, clip_end, clip_text); a video matches a row by its file stem or, "
-                        "for ROOT/<uid>/0.mp4, its folder name")
-    w.add_argument("--prefixes", action="store_true",
-                   help="also store each clip's fusion prefix (enables search --rerank; larger index)")
-    w.add_argument("--prefix-dtype", choices=("float32", "float16"), default="float32",
-                   help="storage of the prefixes (float16 halves the size; default: float32)")
+    w.add_argument(
+        "--segments",
+        metavar="CSV",
+        help="index annotated segments instead of sliding windows: an EgoClip-format TAB file "
+        "(video_uid, clip_start, clip_end, clip_text); a video matches a row by its file stem or, "
+        "for ROOT/<uid>/0.mp4, its folder name",
+    )
+    w.add_argument(
+        "--prefixes",
+        action="store_true",
+        help="also store each clip's fusion prefix (enables search --rerank; larger index)",
+    )
+    w.add_argument(
+        "--prefix-dtype",
+        choices=("float32", "float16"),
+        default="float32",
+        help="storage of the prefixes (float16 halves the size; default: float32)",
+    )
     w.add_argument("--batch", type=int, default=8, metavar="B", help="windows per encoder call (default: 8)")
-    w.add_argument("--commit-every", type=int, default=32, metavar="N",
-                   help="windows per shard/commit: at most N are recomputed after a kill (default: 32)")
-    w.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto",
-                   help="video decoder (default: auto = PyAV, which streams whole videos fastest and reads "
-                        "files decord refuses; decord numbers and decodes frames identically)")
+    w.add_argument(
+        "--commit-every",
+        type=int,
+        default=32,
+        metavar="N",
+        help="windows per shard/commit: at most N are recomputed after a kill (default: 32)",
+    )
+    w.add_argument(
+        "--decoder",
+        choices=("auto", "decord", "pyav"),
+        default="auto",
+        help="video decoder (default: auto = PyAV, which streams whole videos fastest and reads "
+        "files decord refuses; decord numbers and decodes frames identically)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -172,7 +235,8 @@ def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
         with open(csv_path, newline="", encoding="utf-8") as f:
             for row in csv.DictReader(f, delimiter="\t"):
                 by_uid.setdefault(row["video_uid"], []).append(
-                    (float(row["clip_start"]), float(row["clip_end"]), row.get("clip_text")))
+                    (float(row["clip_start"]), float(row["clip_end"]), row.get("clip_text"))
+                )
     except FileNotFoundError as exc:
         raise ValueError(f"{csv_path}: no such segments file") from exc
     except (KeyError, ValueError) as exc:
@@ -190,28 +254,45 @@ def run_index(args) -> int:
     from .index import IndexSettings, build_index
 
     rt = _runtime(args)
-    settings = IndexSettings(frames=rt.folder.config.video.num_frames, window_sec=args.window, stride_sec=args.stride,
-                             prefixes=args.prefixes, prefix_dtype=args.prefix_dtype,
-                             mode="segments" if args.segments else "windows", batch=args.batch,
-                             commit_every=args.commit_every)
+    settings = IndexSettings(
+        frames=rt.folder.config.video.num_frames,
+        window_sec=args.window,
+        stride_sec=args.stride,
+        prefixes=args.prefixes,
+        prefix_dtype=args.prefix_dtype,
+        mode="segments" if args.segments else "windows",
+        batch=args.batch,
+        commit_every=args.commit_every,
+    )
     if args.segments:
         settings.window_sec = settings.stride_sec = 0.0  # not used: the segments give the windows
     segments = None
     if args.segments:
-        from .pipeline import expand_inputs
+        from .clip_pipeline import expand_inputs
 
         segments = read_segments(args.segments, [str(p) for p in expand_inputs(args.videos)[0]])
-    summary = build_index(args.out, args.videos, rt, settings, segments=segments,
-                          progress=not (args.quiet or args.json), decode_backend=args.decoder)
+    summary = build_index(
+        args.out,
+        args.videos,
+        rt,
+        settings,
+        segments=segments,
+        progress=not (args.quiet or args.json),
+        decode_backend=args.decoder,
+    )
     if args.json:
         print(json.dumps(summary, indent=2))
         _report_notes(summary)
         return _report_failures(summary, args)
-    print(f"index {summary['index']}: {summary['videos']} videos, {summary['windows']} clips "
-          f"({summary['new_windows']} new) in {summary['seconds']:.1f} s")
+    print(
+        f"index {summary['index']}: {summary['videos']} videos, {summary['windows']} clips "
+        f"({summary['new_windows']} new) in {summary['seconds']:.1f} s"
+    )
     print(f"  preprocessing: {summary['preprocessing']}")
-    print("  ms per clip (steady state, each encoder's first batch left out as warm-up): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_clip"].items()))
+    print(
+        "  ms per clip (steady state, each encoder's first batch left out as warm-up): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in summary["ms_per_clip"].items())
+    )
     _print_backend(rt, sys.stdout)
     _report_notes(summary)
     return _report_failures(summary, args)
@@ -233,11 +314,20 @@ def add_search_arguments(p) -> None:
     p.add_argument("index", metavar="INDEX", help="an index directory from `egovlp-deploy index`")
     p.add_argument("query", nargs="+", metavar="QUERY", help="what to look for, in words (several: one search each)")
     p.add_argument("--top", type=int, default=5, metavar="N", help="moments to show (default: 5)")
-    p.add_argument("--rerank", type=non_negative_int, default=0, metavar="K",
-                   help="re-score the dual top K with the fusion encoder over cached prefixes (index built with "
-                        "--prefixes); 0 turns re-ranking off (default: 0)")
-    p.add_argument("--rerank-score", choices=("ensemble", "vtm"), default="ensemble",
-                   help="ensemble: cosine + VTM probability (official EgoMCQ ensemble, default); vtm: probability")
+    p.add_argument(
+        "--rerank",
+        type=non_negative_int,
+        default=0,
+        metavar="K",
+        help="re-score the dual top K with the fusion encoder over cached prefixes (index built with "
+        "--prefixes); 0 turns re-ranking off (default: 0)",
+    )
+    p.add_argument(
+        "--rerank-score",
+        choices=("ensemble", "vtm"),
+        default="ensemble",
+        help="ensemble: cosine + VTM probability (official EgoMCQ ensemble, default); vtm: probability",
+    )
     _engine_options(p, required=False)
     p.add_argument("--json", action="store_true", help="print hits as JSON")
 
@@ -248,8 +338,10 @@ def format_hits(query: str, hits, show_label: bool = True) -> str:
         extra = f"  vtm {h.vtm:.3f}" if h.vtm is not None else ""
         label = f"  [{h.label}]" if show_label and h.label else ""
         name = printable(h.name)
-        lines.append(f"  {h.rank:>2}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
-                     f"cos {h.dual:.3f}{extra}{label}")
+        lines.append(
+            f"  {h.rank:>2}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
+            f"cos {h.dual:.3f}{extra}{label}"
+        )
     return "\n".join(lines)
 
 
@@ -289,8 +381,10 @@ def add_mcq_arguments(p) -> None:
 def format_mcq(summary: dict) -> str:
     lines = [f"{'mode':<10}{'all %':>8}{'inter %':>9}{'intra %':>9}"]
     for mode, acc in summary["accuracy"].items():
-        lines.append(f"{mode:<10}{acc.get('all', float('nan')):>8.1f}{acc.get('Inter-video', float('nan')):>9.1f}"
-                     f"{acc.get('Intra-video', float('nan')):>9.1f}")
+        lines.append(
+            f"{mode:<10}{acc.get('all', float('nan')):>8.1f}{acc.get('Inter-video', float('nan')):>9.1f}"
+            f"{acc.get('Intra-video', float('nan')):>9.1f}"
+        )
     return "\n".join(lines)
 
 
@@ -301,8 +395,9 @@ def run_mcq(args) -> int:
     from .mcq import answer_mcq
 
     rt = _runtime(args)
-    summary = answer_mcq(args.questions, args.video_root, rt, args.max_questions, progress=not args.json,
-                         decode_backend=args.decoder)
+    summary = answer_mcq(
+        args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder
+    )
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps(summary, indent=1).encode())
     if args.json:
@@ -316,22 +411,44 @@ def run_mcq(args) -> int:
 
 # -- features ---------------------------------------------------------------------------------------------------
 def add_features_arguments(p) -> None:
-    p.add_argument("videos", nargs="+", metavar="VIDEO",
-                   help="video files, folders (searched recursively for video files) or glob patterns")
+    p.add_argument(
+        "videos",
+        nargs="+",
+        metavar="VIDEO",
+        help="video files, folders (searched recursively for video files) or glob patterns",
+    )
     _failure_options(p)
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (one file set per video)")
-    p.add_argument("--mode", choices=("dual", "fusion"), default="dual",
-                   help="dual: EgoMQ features (default); fusion: EgoNLQ features per query")
-    p.add_argument("--frames", type=int, default=16, metavar="F",
-                   help="window length in source frames (default: 16, the official feature convention)")
+    p.add_argument(
+        "--mode",
+        choices=("dual", "fusion"),
+        default="dual",
+        help="dual: EgoMQ features (default); fusion: EgoNLQ features per query",
+    )
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=16,
+        metavar="F",
+        help="window length in source frames (default: 16, the official feature convention)",
+    )
     p.add_argument("--stride", type=int, default=16, metavar="S", help="window step in source frames (default: 16)")
     p.add_argument("--query", action="append", default=[], metavar="TEXT", help="fusion mode: a query (repeatable)")
     p.add_argument("--queries", metavar="FILE", help="fusion mode: a text file with one query per line")
-    p.add_argument("--format", choices=("safetensors", "npy"), default="safetensors",
-                   help="safetensors (default: one file per video) or one .npy per tensor")
+    p.add_argument(
+        "--format",
+        choices=("safetensors", "npy"),
+        default="safetensors",
+        help="safetensors (default: one file per video) or one .npy per tensor",
+    )
     p.add_argument("--batch", type=int, default=8, metavar="B", help="windows per call (default: 8)")
-    p.add_argument("--commit-every", type=int, default=32, metavar="N",
-                   help="windows per committed part of a video: at most N are recomputed after a kill (default: 32)")
+    p.add_argument(
+        "--commit-every",
+        type=int,
+        default=32,
+        metavar="N",
+        help="windows per committed part of a video: at most N are recomputed after a kill (default: 32)",
+    )
     p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="video decoder")
     _engine_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -349,37 +466,59 @@ def run_features(args) -> int:
         except FileNotFoundError as exc:
             raise ValueError(f"{args.queries}: no such queries file") from exc
     rt = _runtime(args)
-    summary = extract_features(args.videos, rt, args.out, args.mode, args.frames, args.stride, queries,
-                               args.format, args.batch, progress=not (args.quiet or args.json),
-                               decode_backend=args.decoder, commit_every=args.commit_every)
+    summary = extract_features(
+        args.videos,
+        rt,
+        args.out,
+        args.mode,
+        args.frames,
+        args.stride,
+        queries,
+        args.format,
+        args.batch,
+        progress=not (args.quiet or args.json),
+        decode_backend=args.decoder,
+        commit_every=args.commit_every,
+    )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"features ({summary['mode']}) -> {summary['out']}: {summary['written']} videos written "
-              f"({summary['windows']} windows), {summary['skipped']} already done, {summary['seconds']:.1f} s")
+        print(
+            f"features ({summary['mode']}) -> {summary['out']}: {summary['written']} videos written "
+            f"({summary['windows']} windows), {summary['skipped']} already done, {summary['seconds']:.1f} s"
+        )
     _report_notes(summary)
     return _report_failures(summary, args)
 
 
 # -- registration -----------------------------------------------------------------------------------------------
 def register(sub) -> None:
-    """Add index, search, mcq, features and demo to the `egovlp-deploy` subparsers."""
+    """Add index, search, mcq and features to the `egovlp-deploy` subparsers."""
     raw = argparse.RawDescriptionHelpFormatter
     for name, summary, desc, add, run in (
-        ("index", "index videos for text search (clip embeddings + timestamps, resumable)", INDEX_DESCRIPTION,
-         add_index_arguments, run_index),
-        ("search", "text -> top moments of an index, optional fusion re-ranking", SEARCH_DESCRIPTION,
-         add_search_arguments, run_search),
-        ("mcq", "answer EgoMCQ-style questions with the exported engines", MCQ_DESCRIPTION, add_mcq_arguments,
-         run_mcq),
-        ("features", "per-window EgoMQ (dual) / EgoNLQ (fusion) features of your videos", FEATURES_DESCRIPTION,
-         add_features_arguments, run_features),
+        (
+            "index",
+            "index videos for text search (clip embeddings + timestamps, resumable)",
+            INDEX_DESCRIPTION,
+            add_index_arguments,
+            run_index,
+        ),
+        (
+            "search",
+            "text -> top moments of an index, optional fusion re-ranking",
+            SEARCH_DESCRIPTION,
+            add_search_arguments,
+            run_search,
+        ),
+        ("mcq", "answer EgoMCQ-style questions with the exported engines", MCQ_DESCRIPTION, add_mcq_arguments, run_mcq),
+        (
+            "features",
+            "per-window EgoMQ (dual) / EgoNLQ (fusion) features of your videos",
+            FEATURES_DESCRIPTION,
+            add_features_arguments,
+            run_features,
+        ),
     ):
         p = sub.add_parser(name, help=summary, description=desc, formatter_class=raw)
         add(p)
         p.set_defaults(func=run)
-    from ..cli import add_module_command
-    from . import demo
-
-    add_module_command(sub, "demo", demo,
-                       "synthetic data -> train -> export -> index/search/MCQ -> latency, in minutes")

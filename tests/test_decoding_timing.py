@@ -13,9 +13,16 @@ import av
 import numpy as np
 import pytest
 
-from egovlp_deploy.runtime.pipeline import ClipPipeline, in_background, plan_windows, segment_windows
-from egovlp_deploy.video import (Timeline, VideoReadError, decodable_frames, read_clip, read_frames,
-                                 stream_frames, video_timeline)
+from egovlp_deploy.decoding import (
+    Timeline,
+    VideoReadError,
+    decodable_frames,
+    read_clip,
+    read_frames,
+    stream_frames,
+    video_timeline,
+)
+from egovlp_deploy.runtime.clip_pipeline import ClipPipeline, in_background, plan_windows, segment_windows
 
 BACKENDS = ["decord", "pyav"]
 SIDE = 64
@@ -48,7 +55,7 @@ def write_timed_video(path, times: list[float], bframes: int = 3, faststart: boo
         for i, t in enumerate(times):
             img = _frame(i)
             if textured:
-                img[SIDE // 4:] = np.random.default_rng(i).integers(0, 256, img[SIDE // 4:].shape, np.uint8)
+                img[SIDE // 4 :] = np.random.default_rng(i).integers(0, 256, img[SIDE // 4 :].shape, np.uint8)
             frame = av.VideoFrame.from_ndarray(img, format="rgb24")
             frame.pts, frame.time_base = round(t * 1000), Fraction(1, 1000)
             out.mux(stream.encode(frame))
@@ -57,8 +64,7 @@ def write_timed_video(path, times: list[float], bframes: int = 3, faststart: boo
 
 
 # 25 fps for 2 s, then one frame every 120 ms (a phone that drops its rate in the dark), then 25 fps again.
-VFR_TIMES = [i / 25 for i in range(50)] + [2.0 + 0.12 * i for i in range(1, 17)] + \
-            [3.92 + i / 25 for i in range(1, 26)]
+VFR_TIMES = [i / 25 for i in range(50)] + [2.0 + 0.12 * i for i in range(1, 17)] + [3.92 + i / 25 for i in range(1, 26)]
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +152,8 @@ def write_rotated(path, upright: np.ndarray, angle: int, count: int = 3):
 
 def _portrait(height=320, width=192) -> np.ndarray:
     img = np.full((height, width, 3), 40, np.uint8)
-    img[: height // 4, : width // 3] = (250, 40, 40)   # red block top-left
-    img[-height // 4:, -width // 3:] = (40, 40, 250)   # blue block bottom-right
+    img[: height // 4, : width // 3] = (250, 40, 40)  # red block top-left
+    img[-height // 4 :, -width // 3 :] = (40, 40, 250)  # blue block bottom-right
     return img
 
 
@@ -220,7 +226,7 @@ def test_streamed_frames_equal_random_access_reads(vfr_video, backend, picks):
 def test_streamed_frames_are_upright_and_stop_where_the_file_does(tmp_path, truncated_video):
     upright = _portrait()
     path = write_rotated(tmp_path / "phone.mp4", upright, -90)
-    (_, frame), = stream_frames(path, [1], "pyav")
+    ((_, frame),) = stream_frames(path, [1], "pyav")
     assert np.abs(frame.astype(int) - upright).mean() < 3
     with pytest.raises(VideoReadError, match="ends|decode"):
         list(stream_frames(truncated_video, [0, video_timeline(truncated_video, "pyav").num_frames - 1], "pyav"))
@@ -233,10 +239,10 @@ def test_batches_equal_clips_batch_by_batch(vfr_video, backend):
     got = list(pipe.batches(vfr_video, windows, batch=3))
     assert [first for first, _ in got] == list(range(0, len(windows), 3))
     for first, clips in got:
-        np.testing.assert_array_equal(clips, pipe.clips(vfr_video, windows[first:first + 3]))
+        np.testing.assert_array_equal(clips, pipe.clips(vfr_video, windows[first : first + 3]))
     # annotated segments in any order are read batch by batch, with the same numbers
     segments, _ = segment_windows(vfr_video, [(3.0, 4.0, None), (0.5, 1.5, None), (2.0, 2.6, None)], 4, backend)
-    (first, clips), = pipe.batches(vfr_video, segments, batch=4)
+    ((first, clips),) = pipe.batches(vfr_video, segments, batch=4)
     np.testing.assert_array_equal(clips, pipe.clips(vfr_video, segments))
 
 
@@ -263,6 +269,7 @@ def test_background_producer_hands_over_errors_and_stops_with_its_consumer():
     assert [next(consumer) for _ in range(3)] == [0, 1, 2]
     consumer.close()  # the consumer stops: the producer stops within a few items
     import time
+
     time.sleep(0.5)
     count = len(produced)
     time.sleep(0.3)
@@ -270,7 +277,7 @@ def test_background_producer_hands_over_errors_and_stops_with_its_consumer():
 
 
 def test_the_stream_leaves_unreferenced_b_frames_undecoded(vfr_video, monkeypatch):
-    from egovlp_deploy import video as video_module
+    from egovlp_deploy import decoding as video_module
 
     with av.open(str(vfr_video)) as container:
         stream = container.streams.video[0]
@@ -279,8 +286,11 @@ def test_the_stream_leaves_unreferenced_b_frames_undecoded(vfr_video, monkeypatc
     assert nal_length == 4 and 0 < sum(flags) < len(flags)  # x264's non-reference B-frames
     decoded = []
     real_decode = av.video.stream.VideoStream.decode
-    monkeypatch.setattr(av.video.stream.VideoStream, "decode",
-                        lambda self, packet=None: decoded.append(packet) or real_decode(self, packet))
+    monkeypatch.setattr(
+        av.video.stream.VideoStream,
+        "decode",
+        lambda self, packet=None: decoded.append(packet) or real_decode(self, packet),
+    )
     picks = [0, 30, 60, len(VFR_TIMES) - 1]
     streamed = [f for _, f in stream_frames(vfr_video, picks, "pyav")]
     sent = len([p for p in decoded if p is not None])
@@ -291,10 +301,10 @@ def test_the_stream_leaves_unreferenced_b_frames_undecoded(vfr_video, monkeypatc
 # -- the datasets' clip readers on variable-rate files ------------------------------------------------------------
 def test_egoclip_chunks_by_presentation_time(tmp_path):
     """Two 3 s chunk files of one variable-rate video; a clip across the boundary gets only frames shown in it."""
-    from egovlp_deploy.video import read_egoclip_clip
+    from egovlp_deploy.decoding import read_egoclip_clip
 
-    first = [i / 25 for i in range(25)] + [1.0 + 0.1 * i for i in range(1, 20)]          # 0 .. 2.9 s
-    second = [0.2 * i for i in range(15)]                                                  # 3.0 .. 5.8 s
+    first = [i / 25 for i in range(25)] + [1.0 + 0.1 * i for i in range(1, 20)]  # 0 .. 2.9 s
+    second = [0.2 * i for i in range(15)]  # 3.0 .. 5.8 s
     (tmp_path / "uid").mkdir()
     write_timed_video(tmp_path / "uid" / "0.mp4", first)
     write_timed_video(tmp_path / "uid" / "1.mp4", second)

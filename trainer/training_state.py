@@ -13,23 +13,26 @@ On resume the newest directory whose manifest verifies is taken; a truncated or 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, load_safetensors, save_safetensors
-from egovlp_deploy.jsonfile import read_json
+from egovlp_deploy.checkpoint import (
+    MANIFEST,
+    atomic_write_bytes,
+    list_checkpoints,
+    load_safetensors,
+    save_safetensors,
+    verify_checkpoint,
+)
+from egovlp_deploy.hashing import sha256_file
 
-MANIFEST = "MANIFEST.json"
-STEP_DIR = re.compile(r"^step_(\d{8})$")
 # The temp directory a save builds in: tempfile.mkdtemp(prefix=".step_<8 digits>.") adds 8 letters, digits or "_".
 TEMP_DIR = re.compile(r"^\.step_\d{8}\.[a-z0-9_]{8}$")
 
@@ -47,8 +50,10 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s")
         # JSON keys are strings: remember which were ints (optimizer states are keyed by parameter index)
         return {"__dict__": [[k, flatten_state(v, tensors, f"{prefix}.{k}")] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
-                "tuple": isinstance(obj, tuple)}
+        return {
+            "__list__": [flatten_state(v, tensors, f"{prefix}.{i}") for i, v in enumerate(obj)],
+            "tuple": isinstance(obj, tuple),
+        }
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint")
@@ -67,14 +72,6 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # -- files -----------------------------------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -86,8 +83,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(directory: str | os.PathLike, step: int, model, state: dict, run_config: dict,
-                    keep_last: int = 3) -> Path:
+def save_checkpoint(
+    directory: str | os.PathLike, step: int, model, state: dict, run_config: dict, keep_last: int = 3
+) -> Path:
     """Write checkpoint `step` atomically under `directory` and prune all but the newest `keep_last`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +98,7 @@ def save_checkpoint(directory: str | os.PathLike, step: int, model, state: dict,
         save_safetensors(tensors, tmp / "state.safetensors")
         atomic_write_bytes(tmp / "state.json", json.dumps(skeleton).encode())
         atomic_write_bytes(tmp / "run.json", json.dumps(run_config, indent=2, sort_keys=True).encode())
-        files = {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         atomic_write_bytes(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2).encode())
         _fsync_dir(tmp)
         if final.exists():  # a re-run of the same step (e.g. the final save) replaces it
@@ -125,44 +123,6 @@ def remove_stale_temp_dirs(directory: str | os.PathLike) -> list[Path]:
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Checkpoint directories by step, oldest first (temp directories of interrupted saves are ignored)."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    found = [p for p in directory.iterdir() if p.is_dir() and STEP_DIR.match(p.name)]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError unless every file of the manifest is present with its size and checksum."""
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
-    files = read_json(manifest_path, CheckpointError, expect=dict).get("files")
-    if not isinstance(files, dict):
-        raise CheckpointError(f"{manifest_path}: no 'files' table of name -> size and checksum")
-    for name, meta in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{path}: {name} is missing")
-        if file.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{path}: {name} is truncated ({file.stat().st_size} of {meta['bytes']} bytes)")
-        if _sha256(file) != meta["sha256"]:
-            raise CheckpointError(f"{path}: {name} fails its checksum (corrupt)")
-
-
-def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The newest checkpoint that verifies; broken newer ones are reported with a warning and skipped."""
-    for path in reversed(list_checkpoints(directory)):
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as exc:
-            warnings.warn(f"skipping checkpoint {exc}; falling back to the previous one", stacklevel=2)
-    return None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> tuple[dict[str, torch.Tensor], dict, dict]:

@@ -3,8 +3,7 @@
 import torch
 
 from egovlp_deploy import EgoVLPv2Config
-from egovlp_deploy.model.video import SpaceTimeBlock, SpaceTimeTransformer
-
+from egovlp_deploy.model.video_tower import SpaceTimeBlock, SpaceTimeTransformer
 from official_format import randomize_
 
 

@@ -15,51 +15,65 @@ are listed in `read_egoclip_clip`.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import ctypes
 import functools
-import bisect
 import inspect
 import itertools
 import math
 import os
-from collections import OrderedDict
 import random as _random
 import sys
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from types import ModuleType
 
 BACKENDS = ("auto", "decord", "pyav")
 EGOCLIP_CHUNK_SEC = 600  # utils/video_chunk.py cuts every Ego4D video into 600-second files
 
 # Failure reasons (the keys of `ClipLoader.failures`).
-MISSING = "missing"            # no such file
-CORRUPT = "corrupt"            # cannot be opened or decoded (truncated, not a video, ...)
+MISSING = "missing"  # no such file
+CORRUPT = "corrupt"  # cannot be opened or decoded (truncated, not a video, ...)
 OUT_OF_RANGE = "out_of_range"  # clip times (or frame indices) outside the video
-EMPTY = "empty"                # the video, or the clip, has zero frames
-TOO_SHORT = "too_short"        # 'rand' sampling found an empty segment (the official code raises IndexError)
-UNREADABLE = "unreadable"      # the file is there but cannot be opened (permissions)
+EMPTY = "empty"  # the video, or the clip, has zero frames
+TOO_SHORT = "too_short"  # 'rand' sampling found an empty segment (the official code raises IndexError)
+UNREADABLE = "unreadable"  # the file is there but cannot be opened (permissions)
 
 
 # -- 1. errors --------------------------------------------------------------------------------------------------
 class VideoReadError(ValueError):
     """A video cannot be read as asked. `str(err)` names the file; `err.reason` is one of the reasons above."""
 
-    def __init__(self, path: str | os.PathLike, reason: str, detail: str):
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
         self.path, self.reason, self.detail = str(path), reason, detail
         super().__init__(f"{path}: {detail} [{reason}]")
 
-    def __reduce__(self):  # keep the exception picklable (DataLoader workers send it to the main process)
+    def __reduce__(
+        self,
+    ) -> tuple[
+        type[VideoReadError], tuple[str, str, str]
+    ]:  # keep the exception picklable (DataLoader workers send it to the main process)
         return type(self), (self.path, self.reason, self.detail)
 
 
 # -- 2. frame-index rules ---------------------------------------------------------------------------------------
-def sample_frame_indices(num_frames: int, start_frame: int, end_frame: int, sample: str,
-                         rng: _random.Random | None = None, fix_start: int | None = None) -> list[int]:
+def sample_frame_indices(
+    num_frames: int,
+    start_frame: int,
+    end_frame: int,
+    sample: str,
+    rng: _random.Random | None = None,
+    fix_start: int | None = None,
+) -> list[int]:
     """The official `sample_frames_start_end` (EgoVLPv2/base/base_dataset.py), reproduced with its edge cases.
 
     K = min(num_frames, end_frame) frames -- `end_frame`, not the clip length, so a clip that ends in the first
@@ -86,8 +100,10 @@ def sample_frame_indices(num_frames: int, start_frame: int, end_frame: int, samp
         indices = []
         for first, last in segments:
             if last - first < 1:
-                raise ValueError(f"frames [{start_frame}, {end_frame}) are too few for {count} 'rand' segments "
-                                 f"(segment [{first}, {last}] has no frame to choose)")
+                raise ValueError(
+                    f"frames [{start_frame}, {end_frame}) are too few for {count} 'rand' segments "
+                    f"(segment [{first}, {last}] has no frame to choose)"
+                )
             indices.append(rng.choice(range(first, last)))
         return indices
     if fix_start is not None:
@@ -95,8 +111,9 @@ def sample_frame_indices(num_frames: int, start_frame: int, end_frame: int, samp
     return [(first + last) // 2 for first, last in segments]
 
 
-def epic_frame_indices(start_frame: int, end_frame: int, num_segments: int, jitter: bool,
-                       rng: _random.Random | None = None) -> list[int]:
+def epic_frame_indices(
+    start_frame: int, end_frame: int, num_segments: int, jitter: bool, rng: _random.Random | None = None
+) -> list[int]:
     """EK-100 `get_frame_ids` (LaViLa style, data_loader/EpicKitchens_MIR_dataset.py).
 
     The span is cut into `num_segments` segments of (end - start - 1) / n frames; segment i covers
@@ -136,7 +153,7 @@ class Timeline:
     # Timestamps closer than this to a window edge count as on it (decord reports float32 seconds).
     EPS = 1e-4
 
-    def __init__(self, times: Sequence[float] | np.ndarray, fps: float):
+    def __init__(self, times: Sequence[float] | np.ndarray, fps: float) -> None:
         times = np.asarray(times, dtype=np.float64)
         if times.ndim != 1 or fps <= 0 or not math.isfinite(fps):
             raise ValueError(f"a timeline needs 1-D times and a positive fps, got shape {times.shape}, fps {fps}")
@@ -145,8 +162,9 @@ class Timeline:
         relative = times - times[0] if self.num_frames else times
         increasing = bool(np.all(np.diff(relative) > 0)) and bool(np.all(np.isfinite(relative)))
         # Timestamps that do not increase (missing or broken in the container) say nothing: the rate grid it is.
-        self.constant_rate = (not increasing or self.num_frames < 2
-                              or float(np.max(np.abs(relative - grid))) <= 0.25 / self.fps)
+        self.constant_rate = (
+            not increasing or self.num_frames < 2 or float(np.max(np.abs(relative - grid))) <= 0.25 / self.fps
+        )
         self.times = grid if self.constant_rate else relative
         if self.constant_rate or self.num_frames < 2:
             self.duration = self.num_frames / self.fps
@@ -154,7 +172,7 @@ class Timeline:
             self.duration = float(2 * self.times[-1] - self.times[-2])
 
     @classmethod
-    def constant(cls, num_frames: int, fps: float) -> "Timeline":
+    def constant(cls, num_frames: int, fps: float) -> Timeline:
         return cls(np.arange(num_frames) / fps, fps)
 
     def first_at_or_after(self, t: float) -> int:
@@ -177,10 +195,13 @@ class Timeline:
         """Start time of frame `index`; num_frames gives the end of the video."""
         return float(self.times[index]) if index < self.num_frames else self.duration
 
-    def truncated(self, num_frames: int) -> "Timeline":
+    def truncated(self, num_frames: int) -> Timeline:
         """The first `num_frames` frames (a file that decodes only so far)."""
-        return Timeline(self.times[:num_frames] if not self.constant_rate else np.arange(num_frames) / self.fps,
-                        self.fps) if num_frames < self.num_frames else self
+        return (
+            Timeline(self.times[:num_frames] if not self.constant_rate else np.arange(num_frames) / self.fps, self.fps)
+            if num_frames < self.num_frames
+            else self
+        )
 
 
 # -- 3. backends ------------------------------------------------------------------------------------------------
@@ -194,13 +215,13 @@ def _libstdcxx_global() -> None:
             pass
 
 
-def import_decord():
+def import_decord() -> ModuleType:
     """`import decord`, with the system libstdc++ in the process's global symbol scope first.
 
     Why: libdecord.so carries its own copy of `__cxa_thread_atexit` (a static libstdc++) and decord loads it with
-    RTLD_GLOBAL, so C++ code loaded after it — AOTInductor packages — registered its thread_local destructors with
-    decord's copy, and the process died at exit ("double free or corruption" / SIGSEGV inside decord's exit handler,
-    after `bench e2e` had written its results; BENCHMARKS.md). A global libstdc++ loaded first wins those lookups.
+    RTLD_GLOBAL, so C++ code loaded after it — AOTInductor packages — registers its thread_local destructors with
+    decord's copy, and the process dies at exit ("double free or corruption" / SIGSEGV inside decord's exit handler;
+    BENCHMARKS.md). A global libstdc++ loaded first wins those lookups.
     Only effective when decord is first imported through here."""
     _libstdcxx_global()
     import decord
@@ -223,8 +244,9 @@ def resolve_backend(backend: str = "auto") -> str:
     if backend == "auto":
         return "decord" if _decord_available() else "pyav"
     if backend == "decord" and not _decord_available():
-        raise ImportError("backend 'decord' was asked for but decord is not installed (no aarch64 wheel: "
-                          "use backend='pyav')")
+        raise ImportError(
+            "backend 'decord' was asked for but decord is not installed (no aarch64 wheel: use backend='pyav')"
+        )
     return backend
 
 
@@ -236,7 +258,7 @@ def _first_line(exc: BaseException) -> str:
 class _DecordVideo:
     """decord.VideoReader behind the small interface both backends share: num_frames, fps, get(indices)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         decord = import_decord()
         self._errors = (RuntimeError, decord.DECORDError)
         self.path = path
@@ -252,8 +274,11 @@ class _DecordVideo:
             name = f"/proc/self/fd/{self._fd}"
             if not os.path.exists(name):
                 self.close()
-                raise VideoReadError(path, CORRUPT, "decord cannot open a file whose name is not UTF-8 on this "
-                                                    "system; use the PyAV decoder")
+                raise VideoReadError(
+                    path,
+                    CORRUPT,
+                    "decord cannot open a file whose name is not UTF-8 on this system; use the PyAV decoder",
+                )
         try:
             self._reader = decord.VideoReader(name, num_threads=1)
             self.num_frames = len(self._reader)
@@ -274,8 +299,9 @@ class _DecordVideo:
         except self._errors as exc:
             if "size must exactly match" in str(exc):
                 raise VideoReadError(self.path, CORRUPT, rotated_hint) from exc
-            raise VideoReadError(self.path, CORRUPT, f"cannot decode frames {list(indices)} "
-                                 f"({_first_line(exc)})") from exc
+            raise VideoReadError(
+                self.path, CORRUPT, f"cannot decode frames {list(indices)} ({_first_line(exc)})"
+            ) from exc
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise VideoReadError(self.path, CORRUPT, f"{rotated_hint} (frames of shape {frames.shape[1:]})")
         return frames
@@ -312,11 +338,11 @@ class _PyAVVideo:
 
     # A target at most this many frames ahead is reached by decoding on rather than seeking (one GOP of a 30 fps
     # Ego4D video). Once two key frames have been seen, the observed key-frame interval replaces it: in an
-    # all-intra file a seek lands on the target itself, and decoding on past 15 frames made reads 5x slower.
+    # all-intra file a seek lands on the target itself, so decoding on through the frames before it is wasted work.
     SEEK_GAP = 64
     _KEY_GAPS: dict[str, int] = {}  # path -> observed key-frame interval; outlives the readers the LRU cache closes
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path) -> None:
         import av
         from av.video.reformatter import VideoReformatter
 
@@ -325,7 +351,7 @@ class _PyAVVideo:
         try:
             self._container = av.open(str(path))
             # One converter per reader: frame.to_ndarray(format=...) builds a new swscale context for every frame,
-            # which cost 6x the conversion itself (0.42 vs 0.07 ms for a 64 px frame; the same pixels).
+            # which costs several times the conversion itself (the same pixels either way).
             self._reformatter = VideoReformatter()
             if not self._container.streams.video:
                 raise VideoReadError(path, CORRUPT, "the file has no video stream")
@@ -408,8 +434,11 @@ class _PyAVVideo:
                     frame = next(decoded, None)
                     if frame is None:
                         reached = "no frame" if current is None else f"frame {current[0]}"
-                        raise VideoReadError(self.path, CORRUPT, f"the stream ends at {reached} before frame "
-                                             f"{target} of {self.num_frames} (truncated?)")
+                        raise VideoReadError(
+                            self.path,
+                            CORRUPT,
+                            f"the stream ends at {reached} before frame {target} of {self.num_frames} (truncated?)",
+                        )
                     if frame.pts is not None:
                         current = (self._index_of(frame), frame)
                         if frame.key_frame:
@@ -435,8 +464,13 @@ class _PyAVVideo:
 class _DecodedVideo:
     """Every frame of a video, decoded once (front to back, no seeks) and kept as uint8 (N, H, W, 3)."""
 
-    def __init__(self, reader: _DecordVideo | _PyAVVideo):
-        self.path, self.fps, self.num_frames, self.timeline = reader.path, reader.fps, reader.num_frames, reader.timeline
+    def __init__(self, reader: _DecordVideo | _PyAVVideo) -> None:
+        self.path, self.fps, self.num_frames, self.timeline = (
+            reader.path,
+            reader.fps,
+            reader.num_frames,
+            reader.timeline,
+        )
         self.frames = reader.get(range(reader.num_frames))
 
     @property
@@ -454,12 +488,12 @@ class _DecodedCache:
     """Per-process LRU of fully decoded videos under a byte budget (`frame_cache_bytes` of the readers below).
 
     Why: a training epoch reads each clip of a small dataset again (the synthetic set: 2,400 clips of 240 20-second
-    videos, 1.8 GB decoded at 64 px), and seeking + decoding + colour conversion was ~2 ms of a DataLoader worker's
-    CPU per clip, taken from the training step on a 2-core machine. The same frames come back, so the same bits.
-    A video whose decoded size alone exceeds the budget is read from the file as before.
+    videos, 1.8 GB decoded at 64 px), and seeking + decoding + colour conversion for every clip costs DataLoader
+    worker CPU that a machine with few cores takes from the training step. The same frames come back, so the same
+    bits. A video whose decoded size alone exceeds the budget is read from the file, uncached.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._videos: OrderedDict = OrderedDict()
         self._refused: set = set()  # files too large for the budget, or not decodable to the end
         self._pid, self.nbytes = os.getpid(), 0
@@ -468,7 +502,7 @@ class _DecodedCache:
         if self._pid != os.getpid():  # a forked worker starts empty (the parent's arrays stay the parent's)
             self._videos, self._refused, self._pid, self.nbytes = OrderedDict(), set(), os.getpid(), 0
 
-    def get(self, key, budget: int) -> _DecodedVideo | None:
+    def get(self, key: tuple[str, str, int, int], budget: int) -> _DecodedVideo | None:
         self._own()
         video = self._videos.get(key)
         if video is not None:
@@ -476,7 +510,7 @@ class _DecodedCache:
             self._shrink(budget)
         return self._videos.get(key)
 
-    def worth_trying(self, key, reader, budget: int) -> bool:
+    def worth_trying(self, key: tuple[str, str, int, int], reader: _DecordVideo | _PyAVVideo, budget: int) -> bool:
         """Would the whole video fit in the budget (judged once per file, from its first frame)?"""
         self._own()
         if key not in self._refused:
@@ -485,10 +519,10 @@ class _DecodedCache:
             self.refuse(key)
         return False
 
-    def refuse(self, key) -> None:
+    def refuse(self, key: tuple[str, str, int, int]) -> None:
         self._refused.add(key)
 
-    def add(self, key, video: _DecodedVideo, budget: int) -> _DecodedVideo:
+    def add(self, key: tuple[str, str, int, int], video: _DecodedVideo, budget: int) -> _DecodedVideo:
         self._own()
         self._videos[key] = video
         self.nbytes += video.nbytes
@@ -517,8 +551,8 @@ class _open_video:
     """Context manager: the opened video (missing file and zero frames raise VideoReadError).
 
     Opened readers are kept in a small per-process LRU cache keyed by path, size and mtime: re-opening costs more
-    than the read itself (decord: ~2 ms to open and ~5 ms for the first seek, vs ~2 ms for a 4-frame read on an open
-    reader), and training reads many clips of the same chunk files. A changed file gets a fresh reader.
+    than the read itself (opening a file and its first seek take longer than a short read on an open reader), and
+    training reads many clips of the same chunk files. A changed file gets a fresh reader.
     """
 
     CAPACITY = 32
@@ -527,7 +561,7 @@ class _open_video:
     _decord_refused: set = set()  # files decord could not open and PyAV could (backend 'auto' reads them with PyAV)
     _pid = os.getpid()
 
-    def __init__(self, path: str | os.PathLike, backend: str, frame_cache_bytes: int = 0):
+    def __init__(self, path: str | os.PathLike, backend: str, frame_cache_bytes: int = 0) -> None:
         self.path, self.backend = Path(path), resolve_backend(backend)
         # 'auto' may fall back per file: a file decord cannot open (a truncated mp4 whose index lists frames that
         # are not there) is often still readable by PyAV as far as its data goes.
@@ -543,8 +577,8 @@ class _open_video:
         cache = type(self)
         if cache._pid != os.getpid():  # a forked DataLoader worker: never share the parent's decoder state
             # ...and never destroy it here either: a decord reader's destructor joins its decoding thread, which
-            # does not exist in the fork, so dropping the inherited readers hung the worker (seen in the test suite:
-            # a trainer's worker forked from a process that had read with decord). They stay referenced, unused.
+            # does not exist in the fork, so dropping the inherited readers hangs the worker (e.g. a trainer's
+            # worker forked from a process that has read with decord). They stay referenced, unused.
             cache._inherited.append(cache._cache)
             cache._cache, cache._pid = OrderedDict(), os.getpid()
         try:
@@ -617,7 +651,7 @@ class _open_video:
                 del cls._cache[key]
         video.close()
 
-    def __exit__(self, exc_type, *exc_info) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         if exc_type is not None and not isinstance(self.video, _DecodedVideo):
             self._drop(self.video)  # a reader that failed may be in a bad state
 
@@ -626,10 +660,11 @@ def _gather(video, indices: Sequence[int]) -> torch.Tensor:
     """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), H, W, 3); each frame decoded once."""
     bad = [i for i in indices if not 0 <= i < video.num_frames]
     if bad:
-        raise VideoReadError(video.path, OUT_OF_RANGE, f"frame indices {bad[:5]} outside the video's "
-                             f"{video.num_frames} frames")
+        raise VideoReadError(
+            video.path, OUT_OF_RANGE, f"frame indices {bad[:5]} outside the video's {video.num_frames} frames"
+        )
     unique = sorted(set(indices))
-    frames = video.get(unique)                       # (U, H, W, 3)
+    frames = video.get(unique)  # (U, H, W, 3)
     where = {index: row for row, index in enumerate(unique)}
     return torch.from_numpy(frames[[where[i] for i in indices]])  # (len(indices), H, W, 3)
 
@@ -686,8 +721,9 @@ def whole_video_backend(backend: str = "auto") -> str:
     return "pyav" if backend == "auto" else resolve_backend(backend)
 
 
-def stream_frames(path: str | os.PathLike, indices: Sequence[int], backend: str = "auto", threads: int = 0
-                  ) -> Iterator[tuple[int, np.ndarray]]:
+def stream_frames(
+    path: str | os.PathLike, indices: Sequence[int], backend: str = "auto", threads: int = 0
+) -> Iterator[tuple[int, np.ndarray]]:
     """Every distinct frame of `indices`, decoded in one pass front to back: yields (index, uint8 (H, W, 3) RGB) in
     increasing index order. For many frames of one video (indexing, features), where `read_frames`' seeks and
     per-call set-up would dominate.
@@ -703,11 +739,14 @@ def stream_frames(path: str | os.PathLike, indices: Sequence[int], backend: str 
     backend = whole_video_backend(backend)
     with _open_video(path, backend) as video:
         if wanted[0] < 0 or wanted[-1] >= video.num_frames:
-            raise VideoReadError(path, OUT_OF_RANGE, f"frame indices {wanted[0]}..{wanted[-1]} outside the video's "
-                                 f"{video.num_frames} frames")
+            raise VideoReadError(
+                path,
+                OUT_OF_RANGE,
+                f"frame indices {wanted[0]}..{wanted[-1]} outside the video's {video.num_frames} frames",
+            )
         if backend == "decord":
             for first in range(0, len(wanted), 32):
-                chunk = wanted[first:first + 32]
+                chunk = wanted[first : first + 32]
                 yield from zip(chunk, video.get(chunk))
             return
         timing = video  # the reader's packet-time table numbers the frames
@@ -730,9 +769,15 @@ def _stream_pyav(path: Path, timing: _PyAVVideo, wanted: list[int], threads: int
             if wanted[0] > 0:
                 container.seek(timing._pts_of(wanted[0]), stream=stream, backward=True, any_frame=False)
             for packet in itertools.chain(container.demux(stream), [None]):
-                if packet is not None and (packet.size == 0 or (
-                        nal_length and wanted_pts is not None and packet.pts not in wanted_pts
-                        and _unreferenced_h264(bytes(packet), nal_length))):
+                if packet is not None and (
+                    packet.size == 0
+                    or (
+                        nal_length
+                        and wanted_pts is not None
+                        and packet.pts not in wanted_pts
+                        and _unreferenced_h264(bytes(packet), nal_length)
+                    )
+                ):
                     continue  # a frame nothing else is predicted from, and not wanted: never decoded
                 for frame in stream.decode(packet):  # None flushes the decoder at the end
                     if frame.pts is None:
@@ -750,8 +795,9 @@ def _stream_pyav(path: Path, timing: _PyAVVideo, wanted: list[int], threads: int
     except errors as exc:
         raise VideoReadError(path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
     reached = "no frame" if current is None else f"frame {current}"
-    raise VideoReadError(path, CORRUPT, f"the stream ends at {reached} before frame {wanted[pos]} of "
-                         f"{timing.num_frames} (truncated?)")
+    raise VideoReadError(
+        path, CORRUPT, f"the stream ends at {reached} before frame {wanted[pos]} of {timing.num_frames} (truncated?)"
+    )
 
 
 def _avc_nal_length_size(stream) -> int:
@@ -768,7 +814,7 @@ def _unreferenced_h264(data: bytes, nal_length: int) -> bool:
     as for most B-frames): such a frame can be left undecoded without changing any other frame."""
     at = 0
     while at + nal_length < len(data):
-        size = int.from_bytes(data[at:at + nal_length], "big")
+        size = int.from_bytes(data[at : at + nal_length], "big")
         header = data[at + nal_length]
         if header & 0x1F in (1, 5):  # the first slice: non-IDR or IDR
             return header & 0x60 == 0
@@ -786,9 +832,16 @@ def _sample_or_raise(path, num_frames, start_f, end_f, sample, rng) -> list[int]
     return indices
 
 
-def read_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float | None, num_frames: int,
-              sample: str, backend: str = "auto", rng: _random.Random | None = None, frame_cache_bytes: int = 0
-              ) -> tuple[torch.Tensor, list[int]]:
+def read_clip(
+    path: str | os.PathLike,
+    start_sec: float | None,
+    end_sec: float | None,
+    num_frames: int,
+    sample: str,
+    backend: str = "auto",
+    rng: _random.Random | None = None,
+    frame_cache_bytes: int = 0,
+) -> tuple[torch.Tensor, list[int]]:
     """Sample and decode the clip [start_sec, end_sec] of one video file at the file's real fps.
 
     Returns (uint8 (K, H, W, 3), the K frame indices) with K = min(num_frames, end_frame) <= num_frames (official
@@ -809,16 +862,21 @@ def read_clip(path: str | os.PathLike, start_sec: float | None, end_sec: float |
                 raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {end_sec}] s ends before it starts")
             start_f, end_f = video.timeline.official_range(start_sec, end_sec)
             if start_f >= video.num_frames:
-                raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {end_sec}] s starts after the end of "
-                                     f"the video ({video.num_frames} frames at {video.fps:g} fps = "
-                                     f"{video.timeline.duration:.3f} s)")
+                raise VideoReadError(
+                    path,
+                    OUT_OF_RANGE,
+                    f"clip [{start_sec}, {end_sec}] s starts after the end of "
+                    f"the video ({video.num_frames} frames at {video.fps:g} fps = "
+                    f"{video.timeline.duration:.3f} s)",
+                )
         indices = _sample_or_raise(path, num_frames, start_f, end_f, sample, rng)
         return _gather(video, indices), indices
 
 
 # -- 5. the chunked EgoClip layout ------------------------------------------------------------------------------
-def egoclip_chunk(video_root: str | os.PathLike, video_uid: str, start_sec: float, end_sec: float,
-                  chunk_sec: int = EGOCLIP_CHUNK_SEC) -> tuple[list[Path], list[float], float]:
+def egoclip_chunk(
+    video_root: str | os.PathLike, video_uid: str, start_sec: float, end_sec: float, chunk_sec: int = EGOCLIP_CHUNK_SEC
+) -> tuple[list[Path], list[float], float]:
     """Official `EgoClip_EgoMCQ._get_video_path`: ([start chunk file, end chunk file], [start, end] clamped at 0,
     the end time of the start chunk). Chunk c holds [c * chunk_sec, (c + 1) * chunk_sec) s of the video."""
     start = max(float(start_sec), 0.0)
@@ -828,9 +886,18 @@ def egoclip_chunk(video_root: str | os.PathLike, video_uid: str, start_sec: floa
     return [root / f"{first}.mp4", root / f"{last}.mp4"], [start, end], float((first + 1) * chunk_sec)
 
 
-def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: float, end_sec: float,
-                      num_frames: int, sample: str, rng: _random.Random | None = None, backend: str = "auto",
-                      chunk_sec: int = EGOCLIP_CHUNK_SEC, frame_cache_bytes: int = 0) -> torch.Tensor:
+def read_egoclip_clip(
+    video_root: str | os.PathLike,
+    video_uid: str,
+    start_sec: float,
+    end_sec: float,
+    num_frames: int,
+    sample: str,
+    rng: _random.Random | None = None,
+    backend: str = "auto",
+    chunk_sec: int = EGOCLIP_CHUNK_SEC,
+    frame_cache_bytes: int = 0,
+) -> torch.Tensor:
     """Official `read_frames_cv2_egoclip` on the chunked layout -> uint8 (num_frames, H, W, 3).
 
     Frame indices are sampled on the whole video's timeline (start_f = int(start * fps), end_f = int(end * fps),
@@ -852,8 +919,9 @@ def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: 
     if end < start:
         raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s ends before it starts")
     if last_chunk > first_chunk + 1:
-        raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s spans more than two "
-                             f"{chunk_sec} s chunks")
+        raise VideoReadError(
+            paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s spans more than two {chunk_sec} s chunks"
+        )
     for path in paths:
         if not path.is_file():
             raise VideoReadError(path, MISSING, f"no such chunk file (clip [{start}, {end}] s of {video_uid})")
@@ -864,16 +932,30 @@ def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: 
             with _open_video(paths[1], backend, frame_cache_bytes) as second:
                 variable = not second.timeline.constant_rate
         if variable:
-            return _egoclip_clip_by_time(paths, start, end, bound_sec - chunk_sec, bound_sec, spans, num_frames,
-                                         sample, rng, backend, frame_cache_bytes)
+            return _egoclip_clip_by_time(
+                paths,
+                start,
+                end,
+                bound_sec - chunk_sec,
+                bound_sec,
+                spans,
+                num_frames,
+                sample,
+                rng,
+                backend,
+                frame_cache_bytes,
+            )
         fps = first.fps
         start_f, end_f = max(0, int(start * fps)), max(0, int(end * fps))
         # int() like start_f, so start_f >= offset for any fps (official: bound_f = int(bound_sec * 30))
-        bound_f = int(bound_sec * fps)                 # first frame of the next chunk
-        offset = int((bound_sec - chunk_sec) * fps)    # first frame of the start chunk
+        bound_f = int(bound_sec * fps)  # first frame of the next chunk
+        offset = int((bound_sec - chunk_sec) * fps)  # first frame of the start chunk
         if start_f - offset >= first.num_frames:
-            raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s starts after the end of the "
-                                 f"chunk ({first.num_frames} frames at {fps:g} fps)")
+            raise VideoReadError(
+                paths[0],
+                OUT_OF_RANGE,
+                f"clip [{start}, {end}] s starts after the end of the chunk ({first.num_frames} frames at {fps:g} fps)",
+            )
         indices = _sample_or_raise(paths[0], num_frames, start_f, end_f, sample, rng)
         in_first = [i for i in indices if i < bound_f]
         in_second = [i for i in indices if i >= bound_f]
@@ -884,16 +966,20 @@ def read_egoclip_clip(video_root: str | os.PathLike, video_uid: str, start_sec: 
             with _open_video(paths[1], backend, frame_cache_bytes) as second:
                 parts.append(_gather(second, [min(i - bound_f, second.num_frames - 1) for i in in_second]))
     if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
-        raise VideoReadError(paths[1], CORRUPT, f"frame size {tuple(parts[1].shape[1:3])} differs from the "
-                             f"previous chunk's {tuple(parts[0].shape[1:3])}")
-    frames = torch.cat(parts)                        # (K, H, W, 3), indices are increasing so order is kept
-    if frames.shape[0] < num_frames:                 # official: frames.append(frames[-1]) until F
+        raise VideoReadError(
+            paths[1],
+            CORRUPT,
+            f"frame size {tuple(parts[1].shape[1:3])} differs from the previous chunk's {tuple(parts[0].shape[1:3])}",
+        )
+    frames = torch.cat(parts)  # (K, H, W, 3), indices are increasing so order is kept
+    if frames.shape[0] < num_frames:  # official: frames.append(frames[-1]) until F
         frames = torch.cat([frames, frames[-1:].expand(num_frames - frames.shape[0], -1, -1, -1)])
     return frames
 
 
-def _egoclip_clip_by_time(paths, start, end, chunk_start, bound_sec, spans, num_frames, sample, rng, backend,
-                          frame_cache_bytes) -> torch.Tensor:
+def _egoclip_clip_by_time(
+    paths, start, end, chunk_start, bound_sec, spans, num_frames, sample, rng, backend, frame_cache_bytes
+) -> torch.Tensor:
     """`read_egoclip_clip` on variable-rate chunk files: the frames shown in [start, end) s of the whole video (chunk
     c's frame at time t is at c * chunk_sec + t), sampled by the official rule over that list of frames."""
     shown = []  # (chunk position 0/1, frame index in that chunk file), in presentation order
@@ -901,8 +987,11 @@ def _egoclip_clip_by_time(paths, start, end, chunk_start, bound_sec, spans, num_
         a, b = first.timeline.frames_in(start - chunk_start, end - chunk_start)
         shown += [(0, i) for i in range(a, b)]
         if a >= first.num_frames:
-            raise VideoReadError(paths[0], OUT_OF_RANGE, f"clip [{start}, {end}] s starts after the end of the "
-                                 f"chunk ({first.timeline.duration:.3f} s)")
+            raise VideoReadError(
+                paths[0],
+                OUT_OF_RANGE,
+                f"clip [{start}, {end}] s starts after the end of the chunk ({first.timeline.duration:.3f} s)",
+            )
     if spans:
         with _open_video(paths[1], backend, frame_cache_bytes) as second:
             a, b = second.timeline.frames_in(0.0, end - bound_sec)
@@ -915,8 +1004,11 @@ def _egoclip_clip_by_time(paths, start, end, chunk_start, bound_sec, spans, num_
             with _open_video(paths[chunk], backend, frame_cache_bytes) as video:
                 parts.append(_gather(video, wanted))
     if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
-        raise VideoReadError(paths[1], CORRUPT, f"frame size {tuple(parts[1].shape[1:3])} differs from the "
-                             f"previous chunk's {tuple(parts[0].shape[1:3])}")
+        raise VideoReadError(
+            paths[1],
+            CORRUPT,
+            f"frame size {tuple(parts[1].shape[1:3])} differs from the previous chunk's {tuple(parts[0].shape[1:3])}",
+        )
     frames = torch.cat(parts)
     if frames.shape[0] < num_frames:  # official: the last frame repeated until F
         frames = torch.cat([frames, frames[-1:].expand(num_frames - frames.shape[0], -1, -1, -1)])
@@ -938,7 +1030,7 @@ class ClipLoader:
     Only VideoReadError is absorbed: a programming error still raises in lax mode.
     """
 
-    def __init__(self, strict: bool = True, backend: str = "auto", frame_cache_bytes: int = 0):
+    def __init__(self, strict: bool = True, backend: str = "auto", frame_cache_bytes: int = 0) -> None:
         if frame_cache_bytes < 0:
             raise ValueError(f"frame_cache_bytes must be >= 0, got {frame_cache_bytes}")
         self.strict = strict
@@ -948,7 +1040,7 @@ class ClipLoader:
         self.first_errors: dict[str, str] = {}  # reason -> the first message seen, for the run report
         self.loads = 0
 
-    def load(self, loader_fn: Callable[..., Any], *args, **kwargs) -> Any:
+    def load(self, loader_fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """loader_fn(*args, **kwargs), with backend= and frame_cache_bytes= set to this loader's when loader_fn
         takes them."""
         try:

@@ -5,7 +5,7 @@ Windows are planned on the file's own timeline (each frame's presentation time, 
 hold on variable-frame-rate files; each window's F model frames are the official 'uniform' samples of its frame
 range (segment middles, `video.sample_frame_indices`), so a window that is an annotated clip gives exactly the
 frames the EgoMCQ/EgoClip evaluation readers give. Decoding goes through
-`egovlp_deploy.video` (decord, PyAV where decord is missing), one open reader per file for all its windows; the
+`egovlp_deploy.decoding` (decord, PyAV where decord is missing), one open reader per file for all its windows; the
 preprocessing is the C++ extension when built (`preprocess.preprocess_clips`: all B x F frames of a batch in one
 parallel call) and the torch reference transform otherwise, with the same numbers (1e-5).
 """
@@ -17,15 +17,23 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 
-from egovlp_deploy.video import (Timeline, VideoReadError, decodable_frames, read_frames, sample_frame_indices,
-                                 stream_frames, video_timeline, whole_video_backend)
+from egovlp_deploy.decoding import (
+    Timeline,
+    VideoReadError,
+    decodable_frames,
+    read_frames,
+    sample_frame_indices,
+    stream_frames,
+    video_timeline,
+    whole_video_backend,
+)
 
 
 @dataclass(frozen=True)
@@ -47,15 +55,23 @@ def decodable_timeline(path: str | os.PathLike, backend: str = "auto", notes: li
         return whole
     timeline = whole.truncated(usable)
     if notes is not None:
-        notes.append(f"only the first {timeline.duration:.2f} s of {whole.duration:.2f} s decode ({usable} of "
-                     f"{whole.num_frames} frames; damaged or truncated file): used those")
+        notes.append(
+            f"only the first {timeline.duration:.2f} s of {whole.duration:.2f} s decode ({usable} of "
+            f"{whole.num_frames} frames; damaged or truncated file): used those"
+        )
     return timeline
 
 
-def plan_windows(path: str | os.PathLike, frames: int, window_sec: float | None = None,
-                 stride_sec: float | None = None, window_frames: int | None = None,
-                 stride_frames: int | None = None, backend: str = "auto",
-                 notes: list[str] | None = None) -> tuple[list[Window], float]:
+def plan_windows(
+    path: str | os.PathLike,
+    frames: int,
+    window_sec: float | None = None,
+    stride_sec: float | None = None,
+    window_frames: int | None = None,
+    stride_frames: int | None = None,
+    backend: str = "auto",
+    notes: list[str] | None = None,
+) -> tuple[list[Window], float]:
     """Sliding windows over a whole video -> ([Window], fps).
 
     In seconds (`window_sec`, `stride_sec`): window k is [k * stride, k * stride + window) s of presentation time
@@ -86,8 +102,9 @@ def plan_windows(path: str | os.PathLike, frames: int, window_sec: float | None 
         end = min(n, start + window_frames)
         if end <= start:
             break
-        out.append(Window(round(timeline.time_of(start), 4), round(timeline.time_of(end), 4),
-                          _uniform(frames, start, end)))
+        out.append(
+            Window(round(timeline.time_of(start), 4), round(timeline.time_of(end), 4), _uniform(frames, start, end))
+        )
         if end >= n:
             break
     return out, fps
@@ -101,8 +118,13 @@ def _uniform(frames: int, start: int, end: int) -> tuple[int, ...]:
     return tuple(int(x) for x in np.linspace(start, end - 1, frames).round())
 
 
-def segment_windows(path: str | os.PathLike, segments: list[tuple[float, float, str | None]], frames: int,
-                    backend: str = "auto", notes: list[str] | None = None) -> tuple[list[Window], float]:
+def segment_windows(
+    path: str | os.PathLike,
+    segments: list[tuple[float, float, str | None]],
+    frames: int,
+    backend: str = "auto",
+    notes: list[str] | None = None,
+) -> tuple[list[Window], float]:
     """Windows at given (start_sec, end_sec, label) segments, with the frame ranges the evaluation readers use
     (`Timeline.official_range`: start = int(start_sec * fps), end = min(int(end_sec * fps), frames) on
     constant-rate files; the frames shown in the segment on variable-rate ones)."""
@@ -112,8 +134,11 @@ def segment_windows(path: str | os.PathLike, segments: list[tuple[float, float, 
     for start_sec, end_sec, label in segments:
         start_f, end_f = timeline.official_range(start_sec, end_sec)
         if start_f >= n or end_f <= start_f:
-            raise VideoReadError(path, "out_of_range", f"segment [{start_sec}, {end_sec}] s is outside the video "
-                                 f"({n} frames, {timeline.duration:.3f} s)")
+            raise VideoReadError(
+                path,
+                "out_of_range",
+                f"segment [{start_sec}, {end_sec}] s is outside the video ({n} frames, {timeline.duration:.3f} s)",
+            )
         out.append(Window(float(start_sec), float(end_sec), _uniform(frames, start_f, end_f), label))
     return out, fps
 
@@ -136,8 +161,9 @@ class StageTimes:
 class ClipPipeline:
     """Decode + preprocess for one model input size; `clips(path, windows)` -> float32 (B, F, 3, S, S)."""
 
-    def __init__(self, frames: int, size: int, backend: str = "auto", variant: str = "egoclip",
-                 times: StageTimes | None = None):
+    def __init__(
+        self, frames: int, size: int, backend: str = "auto", variant: str = "egoclip", times: StageTimes | None = None
+    ):
         from egovlp_deploy import preprocess
 
         self.frames, self.size, self.variant = frames, size, variant
@@ -173,8 +199,9 @@ class ClipPipeline:
     def clips(self, path: str | os.PathLike, windows: list[Window]) -> np.ndarray:
         return self.preprocess(self.decode(path, windows))
 
-    def batches(self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0,
-                cut_every: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    def batches(
+        self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0, cut_every: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """(number of the batch's first window, float32 clips (b, F, 3, S, S)) for consecutive batches of up to
         `batch` windows; no batch spans a multiple of `cut_every` (a caller's commit boundary).
 
@@ -258,8 +285,22 @@ def in_background(items: Iterator, depth: int = 2) -> Iterator:
 
 
 # -- inputs: files, folders and globs ----------------------------------------------------------------------------
-VIDEO_EXTENSIONS = (".mp4", ".mkv", ".mov", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".mts", ".m2ts",
-                    ".3gp", ".wmv", ".flv")
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".mkv",
+    ".mov",
+    ".avi",
+    ".webm",
+    ".m4v",
+    ".mpg",
+    ".mpeg",
+    ".ts",
+    ".mts",
+    ".m2ts",
+    ".3gp",
+    ".wmv",
+    ".flv",
+)
 
 # VideoReadError.reason -> what a user reads; the decoder's own message only with --verbose.
 PLAIN_REASONS = {
@@ -294,8 +335,11 @@ def failures_summary(failures: list[InputFailure]) -> list[dict]:
 
 def _videos_in(folder: Path) -> list[Path]:
     """The video files under `folder`, sorted; macOS resource-fork twins (`._name.mp4`) are not videos."""
-    return sorted(q for q in folder.rglob("*")
-                  if q.suffix.lower() in VIDEO_EXTENSIONS and not q.name.startswith("._") and q.is_file())
+    return sorted(
+        q
+        for q in folder.rglob("*")
+        if q.suffix.lower() in VIDEO_EXTENSIONS and not q.name.startswith("._") and q.is_file()
+    )
 
 
 def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[InputFailure]]:

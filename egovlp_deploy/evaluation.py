@@ -1,0 +1,283 @@
+"""Evaluation, one module for the trainer, the export validation, the runtime and `egovlp-deploy eval`.
+
+EgoMCQ in the three modes of the official validation: dual (cosine of the projected embeddings), fusion (VTM match
+probability), and ensemble (their sum); the questions are read by data/egomcq.py and counted by
+`metrics.egomcq_accuracy`.
+Zero-shot EK-100 multi-instance retrieval (nDCG, mAP) and Charades-Ego action recognition (mAP over the class
+prompts) on their official test files, with the dual encoder at the official evaluation frame counts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+
+from .losses import sim_matrix
+from .metrics import charades_map, egomcq_accuracy, mir_metrics
+from .model import EgoVLPv2
+
+if TYPE_CHECKING:
+    import os
+
+    from transformers import PreTrainedTokenizerBase
+
+    from .data.charades import CharadesEgoDataset
+    from .data.egomcq import EgoMCQDataset
+    from .data.epic import EpicMIRDataset
+
+MODES = ("dual", "fusion", "ensemble")
+
+
+def _collate(items):
+    return (
+        [it["text"] for it in items],
+        torch.stack([it["videos"] for it in items]),
+        torch.tensor([it["answer"] for it in items]),
+        torch.tensor([it["type"] for it in items]),
+        [it["key"] for it in items],
+    )
+
+
+def choice_scores(text_emb: torch.Tensor, video_emb: torch.Tensor, match_prob: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Scores (Q, C) of each mode for Q questions with C candidate clips each, from the narrations' embeddings
+    (Q, P), the candidates' embeddings (Q, C, P) and the fusion encoder's match probabilities (Q, C)."""
+    q = text_emb.shape[0]
+    dual = torch.stack([sim_matrix(text_emb[i : i + 1], video_emb[i])[0] for i in range(q)]).float()
+    fusion = match_prob.float()
+    return {"dual": dual, "fusion": fusion, "ensemble": dual + fusion}
+
+
+@torch.no_grad()
+def score_questions(
+    model: EgoVLPv2, tokenizer: PreTrainedTokenizerBase, texts: list[str], videos: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Scores (Q, C) of each mode for Q questions with C candidate clips each; videos (Q, C, F, 3, S, S)."""
+    q, c = videos.shape[:2]
+    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")  # dynamic length, as official
+    ids, mask = enc["input_ids"].to(videos.device), enc["attention_mask"].to(videos.device)
+    clips = videos.flatten(0, 1)  # (Q*C, F, 3, S, S)
+    text_emb = model.encode_text(ids, mask)  # (Q, P)
+    video_emb = model.encode_video(clips).view(q, c, -1)  # (Q, C, P)
+    logits = model.fuse(clips, ids.repeat_interleave(c, 0), mask.repeat_interleave(c, 0)).vtm_logits
+    return choice_scores(text_emb, video_emb, F.softmax(logits.float(), dim=-1)[:, 1].view(q, c))
+
+
+def evaluate_egomcq(
+    model: EgoVLPv2,
+    dataset: EgoMCQDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device,
+    batch_size: int = 4,
+    num_workers: int = 0,
+    max_questions: int | None = None,
+    progress: bool = False,
+    predictions: dict | None = None,
+) -> dict[str, dict[str, float]]:
+    """{'dual'|'fusion'|'ensemble': {'Inter-video': %, 'Intra-video': %}}; questions are sharded over ranks.
+    A `predictions` dict receives each question's chosen clip per mode, {JSON key: {mode: choice index}}."""
+    was_training = model.training
+    model.eval()
+    indices = list(range(len(dataset) if max_questions is None else min(max_questions, len(dataset))))
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    loader = DataLoader(
+        Subset(dataset, indices[rank::world]), batch_size=batch_size, collate_fn=_collate, num_workers=num_workers
+    )
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc="EgoMCQ", leave=False)
+    local = {m: [] for m in MODES} | {"answer": [], "type": []}
+    keys: list[str] = []
+    for texts, videos, answers, types, batch_keys in loader:
+        scores = score_questions(model, tokenizer, texts, videos.to(device))
+        for m in MODES:
+            local[m].append(scores[m].cpu())
+        local["answer"].append(answers)
+        local["type"].append(types)
+        keys += batch_keys
+    local = {k: torch.cat(v) if v else torch.empty(0) for k, v in local.items()}
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, (local, keys))
+        local = {k: torch.cat([s[k] for s, _ in shards if s[k].numel()]) for k in local}
+        keys = [key for _, shard_keys in shards for key in shard_keys]
+    model.train(was_training)
+    if predictions is not None:
+        for i, key in enumerate(keys):  # argmax: the first of equal scores, as egomcq_accuracy counts it
+            predictions[key] = {m: int(torch.argmax(local[m][i])) for m in MODES}
+    return {m: egomcq_accuracy(local[m], local["answer"], local["type"]) for m in MODES}
+
+
+# -- EK-100 MIR and Charades-Ego (zero-shot, dual encoder) ---------------------------------------------------------
+EPIC_FRAMES = 16  # the official EK-100 MIR evaluation config's num_frames
+CHARADES_FRAMES = 32  # the official Charades-Ego evaluation config's num_frames
+CHARADES_TEXT_LENGTH = 30  # class prompts are padded / truncated to 30 tokens, as official
+
+
+def _clip_batches(dataset, batch_size: int, num_workers: int, progress: bool, desc: str):
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)  # dataset order, no shuffling
+    if progress:
+        from tqdm import tqdm
+
+        loader = tqdm(loader, desc=desc, leave=False)
+    return loader
+
+
+def epic_test_dataset(
+    annotations: str | os.PathLike,
+    video_root: str | os.PathLike,
+    num_frames: int,
+    size: int,
+    strict: bool = True,
+) -> EpicMIRDataset:
+    """The EK-100 MIR test split from the official retrieval annotation directory: EPIC_100_retrieval_test.csv,
+    EPIC_100_retrieval_test_sentence.csv and relevancy/caption_relevancy_EPIC_100_retrieval_test.npy (or .npz: the
+    official .pkl converted once, as egovlp_deploy/data/epic.py describes)."""
+    from pathlib import Path
+
+    from .data.epic import EpicMIRDataset
+    from .data.errors import DataError
+
+    root = Path(annotations)
+    stem = root / "relevancy" / "caption_relevancy_EPIC_100_retrieval_test"
+    relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
+    if relevancy is None:
+        raise DataError(
+            stem.with_suffix(".npy"),
+            "file",
+            "missing (the official .pkl is read only once converted to .npy, as egovlp_deploy/data/epic.py describes)",
+        )
+    return EpicMIRDataset(
+        root / "EPIC_100_retrieval_test.csv",
+        video_root,
+        num_frames,
+        size,
+        split="test",
+        sentence_csv=root / "EPIC_100_retrieval_test_sentence.csv",
+        relevancy_path=relevancy,
+        strict=strict,
+    )
+
+
+def charades_test_dataset(
+    annotations: str | os.PathLike,
+    video_root: str | os.PathLike,
+    num_frames: int,
+    size: int,
+    num_classes: int = 157,
+    strict: bool = True,
+) -> CharadesEgoDataset:
+    """The Charades-Ego test split from the official annotation directory: CharadesEgo_v1_test_only1st.csv and
+    Charades_v1_classes.txt (the class prompts, `dataset.prompts`)."""
+    from pathlib import Path
+
+    from .data.charades import CharadesEgoDataset
+
+    root = Path(annotations)
+    return CharadesEgoDataset(
+        root / "CharadesEgo_v1_test_only1st.csv",
+        video_root,
+        num_frames,
+        size,
+        split="test",
+        classes_path=root / "Charades_v1_classes.txt",
+        num_classes=num_classes,
+        strict=strict,
+    )
+
+
+@torch.no_grad()
+def evaluate_epic_mir(
+    model: EgoVLPv2,
+    dataset: EpicMIRDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Zero-shot EK-100 multi-instance retrieval: {'nDCG_V2T', 'nDCG_T2V', 'nDCG_AVG', 'mAP_V2T', 'mAP_T2V',
+    'mAP_AVG'} in percent (`metrics.mir_metrics`).
+
+    As the official validation: every test clip gives a video embedding (segment-middle frames) and its narration a
+    text embedding (dynamic padding, truncated to the model's text length), both projected by the dual encoder; the
+    cosine matrix (texts x videos) in dataset order is scored against the relevancy matrix, each sentence by the
+    caption of the first clip with its narration id. Rows skipped in lax mode leave the matrix with their relevancy
+    rows, and sentences whose clip was skipped leave it with their columns.
+    """
+    import numpy as np
+
+    if dataset.relevancy is None or dataset.sentence_ids is None:
+        raise ValueError("EK-100 MIR evaluation needs the dataset's sentence CSV and relevancy matrix")
+    was_training = model.training
+    model.eval()
+    texts, videos = [], []
+    for batch in _clip_batches(dataset, batch_size, num_workers, progress, "EK-100 MIR"):
+        enc = tokenizer(
+            batch["text"],
+            padding=True,
+            truncation=True,
+            max_length=model.config.text.max_text_length,
+            return_tensors="pt",
+        )
+        texts.append(model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu())
+        videos.append(model.encode_video(batch["video"].to(device)).float().cpu())
+    model.train(was_training)
+    usable = set(dataset.narration_ids)
+    keep = [j for j, nid in enumerate(dataset.sentence_ids) if nid in usable]
+    relevancy = dataset.relevancy[dataset.row_indices][:, keep]
+    similarity = sim_matrix(torch.cat(texts), torch.cat(videos))
+    return mir_metrics(
+        similarity, np.arange(len(dataset)), relevancy, dataset.narration_ids, [dataset.sentence_ids[j] for j in keep]
+    )
+
+
+@torch.no_grad()
+def evaluate_charades(
+    model: EgoVLPv2,
+    dataset: CharadesEgoDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    device: str | torch.device,
+    prompts: list[str] | None = None,
+    batch_size: int = 16,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Zero-shot Charades-Ego action recognition: {'mAP': percent} (`metrics.charades_map` x 100).
+
+    As the official validation: each class name (`prompts`, default `dataset.prompts`: Charades_v1_classes.txt from
+    character 5 on) is embedded by the dual text encoder, padded / truncated to 30 tokens; each test video (the
+    whole video, 'uniform' frames) by the dual video encoder; a video's class scores are the cosine similarities.
+    """
+    prompts = dataset.prompts if prompts is None else prompts
+    if not prompts:
+        raise ValueError("Charades-Ego evaluation needs the class prompts (the dataset's classes_path)")
+    was_training = model.training
+    model.eval()
+    length = min(CHARADES_TEXT_LENGTH, model.config.text.max_text_length)
+    enc = tokenizer(list(prompts), padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+    classes = model.encode_text(enc["input_ids"].to(device), enc["attention_mask"].to(device)).float().cpu()
+    videos, targets = [], []
+    for batch in _clip_batches(dataset, batch_size, num_workers, progress, "Charades-Ego"):
+        videos.append(model.encode_video(batch["video"].to(device)).float().cpu())
+        targets.append(batch["target"])
+    model.train(was_training)
+    scores = sim_matrix(classes, torch.cat(videos)).T  # (videos, classes)
+    return {"mAP": 100 * charades_map(scores, torch.cat(targets))}
+
+
+def format_retrieval(name: str, result: dict[str, float]) -> str:
+    """One line per metric, as 'name  metric  value'."""
+    return "\n".join(f"{name:<12}{metric:<10}{value:>8.2f}" for metric, value in result.items())
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'mode':<10}{'inter %':>9}{'intra %':>9}"]
+    for mode, r in result.items():
+        lines.append(f"{mode:<10}{r.get('Inter-video', float('nan')):>9.1f}{r.get('Intra-video', float('nan')):>9.1f}")
+    return "\n".join(lines)
