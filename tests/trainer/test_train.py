@@ -1,17 +1,8 @@
 """End-to-end training on a small synthetic dataset: it runs, resumes exactly after SIGKILL, scales out exactly,
 and refuses bad data."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.data.errors import DataError
@@ -19,8 +10,10 @@ from egovlp_deploy.data.synth import generate
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import train
 from official_format import randomize_
-
-BIN = Path(sys.executable).parent
+from training_cli import TORCHRUN_TWO, kill_after_checkpoint
+from training_cli import losses as _losses
+from training_cli import run_train as _cli
+from training_cli import weights as _weights
 
 
 @pytest.fixture(scope="module")
@@ -43,36 +36,6 @@ def _config(root, **schedule):
     }
 
 
-def _cli(config: dict, out: Path, *extra, wait=True, launcher=None):
-    path = out.parent / f"{out.name}.json"
-    path.write_text(json.dumps(config))
-    cmd = (launcher or []) + [
-        str(BIN / "egovlp-deploy"),
-        "train",
-        "--config",
-        str(path),
-        "--output",
-        str(out),
-        "--no-progress",
-        *extra,
-    ]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[:6000]
-    return done
-
-
-def _weights(run: Path, step: int):
-    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
-
-
-def _losses(run: Path):
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "loss" in r}
-
-
 def test_training_runs_and_logs(small_data, tmp_path):
     summary = train(TrainConfig.from_dict(_config(small_data)), tmp_path / "run", progress=False)
     assert summary["steps"] == 12 and summary["skipped_steps"] == 0  # 24 clips / 4 per step x 2 epochs
@@ -91,17 +54,7 @@ def test_training_runs_and_logs(small_data, tmp_path):
 def test_resume_after_sigkill_is_bitwise_exact(small_data, tmp_path):
     config = _config(small_data)
     _cli(config, tmp_path / "straight")
-    victim = _cli(config, tmp_path / "killed", wait=False)
-    target = tmp_path / "killed" / "checkpoints" / "step_00000006"
-    deadline = time.time() + 300
-    try:
-        while not (target / "MANIFEST.json").is_file():
-            assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
-            assert time.time() < deadline
-            time.sleep(0.02)
-    finally:  # killed in every case: a failed wait must not leave a training process behind
-        victim.send_signal(signal.SIGKILL)
-        victim.wait()
+    kill_after_checkpoint(config, tmp_path / "killed", 6)
     assert not (tmp_path / "killed" / "checkpoints" / "step_00000012").exists(), "killed too late to test resume"
     _cli(config, tmp_path / "killed", "--resume")
     a, b = _weights(tmp_path / "straight", 12), _weights(tmp_path / "killed", 12)
@@ -139,7 +92,7 @@ def test_two_processes_take_the_same_steps_as_one(small_data, tmp_path):
     _cli(
         config,
         tmp_path / "two",
-        launcher=[str(BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", "29517", "--no-python"],
+        launcher=TORCHRUN_TWO + ["--master-port", "29517"],
     )
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]

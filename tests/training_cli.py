@@ -1,0 +1,59 @@
+"""`egovlp-deploy train` in a subprocess, as a user runs it: a config file, an output folder, optionally under a
+launcher (torchrun), optionally killed; and what a run leaves behind (weights, per-step records)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+BIN = Path(sys.executable).parent
+TORCHRUN_TWO = [str(BIN / "torchrun"), "--nproc-per-node", "2", "--no-python"]
+
+
+def run_train(config: dict, out: Path, *extra: str, wait: bool = True, launcher: list[str] | None = None):
+    """Write `config` beside `out` and train into `out`; with wait=False return the running Popen (stderr piped),
+    else the finished CompletedProcess (asserting it succeeded)."""
+    path = out.parent / f"{out.name}.json"
+    path.write_text(json.dumps(config))
+    cmd = (launcher or []) + [str(BIN / "egovlp-deploy"), "train", "--config", str(path), "--output", str(out)]
+    cmd += ["--no-progress", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[:6000]
+    return done
+
+
+def kill_after_checkpoint(config: dict, out: Path, step: int, timeout: float = 300) -> None:
+    """Train into `out` and SIGKILL the process as soon as checkpoint `step` is complete on disk."""
+    victim = run_train(config, out, wait=False)
+    target = out / "checkpoints" / f"step_{step:08d}" / "MANIFEST.json"
+    deadline = time.time() + timeout
+    try:
+        while not target.is_file():
+            assert victim.poll() is None, victim.stderr.read().decode()[-2000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+    finally:  # killed in every case: a failed wait must not leave a training process behind
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+
+
+def weights(run: Path, step: int) -> dict:
+    return load_file(str(run / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in records(run) if "loss" in r}
