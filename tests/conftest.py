@@ -8,8 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from egovlp_deploy import EgoVLPv2, EgoVLPv2Config  # noqa: E402
-from official_format import randomize_  # noqa: E402
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from official_format import randomize_
 
 
 @pytest.fixture(autouse=True)

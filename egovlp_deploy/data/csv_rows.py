@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from .errors import RowFilter, RowProblem
 
 
-class csv_records:  # noqa: N801 -- used like a generator function
+class csv_records:  # named like a function: it is used like a generator function
     """Iterate (line number, data-row position, fields) over the well-formed rows of a metadata CSV.
 
     A file that cannot be opened, has no header or lacks a `required` column fails (raises) in any mode; a row that

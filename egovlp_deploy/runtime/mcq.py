@@ -56,6 +56,11 @@ def _load_questions(path: str | Path, video_root: str | Path | None = None) -> l
     ]
 
 
+def _float32(array: np.ndarray) -> torch.Tensor:
+    """An engine output as a float32 tensor (fp16 engines answer in float16)."""
+    return torch.from_numpy(np.asarray(array, dtype=np.float32))
+
+
 def answer_mcq(
     questions_json: str | Path,
     video_root: str | Path,
@@ -88,13 +93,8 @@ def answer_mcq(
         match = runtime.fusion.score_prefixes(
             runtime.video_encoder.fusion_prefix(clips), text.prefix[:1], text.mask[:1]
         )
-        as_tensor = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731  (fp16 engines too)
-        scores = {
-            m: s[0]
-            for m, s in choice_scores(
-                as_tensor(text.embedding[:1]), as_tensor(video)[None], as_tensor(match)[None]
-            ).items()
-        }
+        scores = choice_scores(_float32(text.embedding[:1]), _float32(video)[None], _float32(match)[None])
+        scores = {m: s[0] for m, s in scores.items()}
         results.append(
             {
                 "key": q["key"],

@@ -12,9 +12,9 @@ import pytest
 
 pytest.importorskip("av")
 
-from egovlp_deploy import vocabulary as vocab  # noqa: E402
-from egovlp_deploy.data import CharadesEgoDataset, EpicMIRDataset, load_charades_classes, synth, synth_downstream  # noqa: E402  # noqa: E402
-from egovlp_deploy.metrics import charades_map, mir_metrics  # noqa: E402
+from egovlp_deploy import vocabulary as vocab
+from egovlp_deploy.data import CharadesEgoDataset, EpicMIRDataset, load_charades_classes, synth, synth_downstream
+from egovlp_deploy.metrics import charades_map, mir_metrics
 
 TINY = dict(train_videos=2, eval_videos=3, clips_per_video=6, fps=15, clip_seconds=1.6, size=32)
 EPIC_HEADER = [

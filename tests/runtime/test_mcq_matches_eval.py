@@ -11,9 +11,9 @@ import pytest
 
 pytest.importorskip("av")
 
-from egovlp_deploy.cli import main  # noqa: E402
-from egovlp_deploy.data import synth  # noqa: E402
-from egovlp_deploy.evaluation import MODES  # noqa: E402
+from egovlp_deploy.cli import main
+from egovlp_deploy.data import synth
+from egovlp_deploy.evaluation import MODES
 
 # held-out videos make the questions; the tiny model's 32 px frames
 TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)

@@ -12,10 +12,10 @@ import torch
 
 pytest.importorskip("av")
 
-from egovlp_deploy import evaluation as evaluate  # noqa: E402
-from egovlp_deploy.cli import main  # noqa: E402
-from egovlp_deploy.data import synth, synth_downstream  # noqa: E402
-from official_format import saved_random_tiny  # noqa: E402
+from egovlp_deploy import evaluation as evaluate
+from egovlp_deploy.cli import main
+from egovlp_deploy.data import synth, synth_downstream
+from official_format import saved_random_tiny
 
 TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
 METRICS = {"nDCG_V2T", "nDCG_T2V", "nDCG_AVG", "mAP_V2T", "mAP_T2V", "mAP_AVG"}
