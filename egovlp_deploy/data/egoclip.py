@@ -245,6 +245,28 @@ def read_egoclip_rows(
     return out
 
 
+SEGMENT_COLUMNS = ("video_uid", "clip_start", "clip_end")  # clip_text is optional in a segments file
+
+
+def read_segments_by_uid(csv_path: str | os.PathLike) -> dict[str, list[tuple[float, float, str | None]]]:
+    """{video_uid: [(start s, end s, clip_text or None)]} of an EgoClip-format TAB file that needs only the segment
+    columns (video_uid, clip_start, clip_end, optional clip_text), in file order: the runtime's annotated segments.
+    A bad row raises DataError naming the file and the line (strict: a segments file is the user's own list)."""
+    rows = RowFilter(csv_path, strict=True)
+    out: dict[str, list[tuple[float, float, str | None]]] = {}
+    records = csv_records(csv_path, rows, SEGMENT_COLUMNS, delimiter="\t", hint=" (is it TAB-separated?)")
+    for line, _, fields in records:
+        try:
+            start, end = parse_number(fields["clip_start"], "clip_start"), parse_number(fields["clip_end"], "clip_end")
+            if not fields["video_uid"]:
+                raise RowProblem("bad video_uid", "the video_uid is empty")
+        except RowProblem as problem:
+            rows.reject(line, problem)
+            continue
+        out.setdefault(fields["video_uid"], []).append((start, end, fields.get("clip_text")))
+    return out
+
+
 class EgoClipDataset(EpochSeededDataset):
     """EgoClip rows -> dict(video=float (F,3,S,S), text=str, verb=float (num_verbs,), noun=float (num_nouns,),
     [neg_window set:] video_neg, text_neg, verb_neg, noun_neg, and index=int, load_failed=int).

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import functools
 import json
 import os
@@ -229,18 +228,13 @@ def add_index_arguments(p) -> None:
 
 
 def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
-    """{video path: [(start, end, text)]} from an EgoClip TAB file, matching rows to the given files by uid."""
-    by_uid: dict[str, list] = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8") as f:
-            for row in csv.DictReader(f, delimiter="\t"):
-                by_uid.setdefault(row["video_uid"], []).append(
-                    (float(row["clip_start"]), float(row["clip_end"]), row.get("clip_text"))
-                )
-    except FileNotFoundError as exc:
-        raise ValueError(f"{csv_path}: no such segments file") from exc
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"{csv_path}: not an EgoClip-format TAB file ({exc})") from exc
+    """{video path: [(start, end, text)]} from an EgoClip TAB file (data/egoclip.py reads it), matching rows to the
+    given files by uid."""
+    from ..data.egoclip import read_segments_by_uid
+
+    if not Path(csv_path).is_file():
+        raise ValueError(f"{csv_path}: no such segments file")
+    by_uid = read_segments_by_uid(csv_path)
     out = {}
     for v in videos:  # a video with no rows is left out: the index reports it as a failed input
         p = Path(v)

@@ -3,6 +3,7 @@ is reported by name with a plain reason, and the exit status says so."""
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -117,3 +118,24 @@ def test_segments_with_a_folder_and_a_video_without_rows(engines, video_root, tm
         ("vid_c", "no segments given for this video")
     ]
     assert {v["uid"] for v in json.loads((tmp_path / "idx" / "index.json").read_text())["videos"]} == {"vid_a", "vid_b"}
+
+
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        (["video_uid\tclip_start\tclip_end", "vid_a\t0.0\t1.5", "vid_b\tsoon\t2.0"], "line 3.*clip_start.*'soon'"),
+        (["video_uid\tclip_start\tclip_end", "vid_a\t0.0\tnan"], "line 2.*clip_end.*not finite"),
+        (["video_uid,clip_start,clip_end", "vid_a,0.0,1.5"], "line 1.*missing columns.*TAB-separated"),
+        (["video_uid\tclip_start\tclip_end", "\t0.0\t1.5"], "line 2.*video_uid is empty"),
+    ],
+)
+def test_a_bad_segments_file_is_one_line_naming_file_and_line(engines, video_root, tmp_path, capsys, rows, expected):
+    """--segments is read by the data layer's EgoClip reader: a bad row stops the command before any video is read,
+    with the file and the line in one message (exit 2), and nothing is written."""
+    segments = tmp_path / "segments.tsv"
+    segments.write_text("\n".join(rows) + "\n")
+    args = ["index", str(video_root), "--segments", str(segments), "--engines", str(engines)]
+    assert main(args + ["--out", str(tmp_path / "idx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(segments) in err and re.search(expected, err), err
+    assert not (tmp_path / "idx").exists()
