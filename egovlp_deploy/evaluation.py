@@ -138,28 +138,18 @@ def epic_test_dataset(
     """The EK-100 MIR test split from the official retrieval annotation directory: EPIC_100_retrieval_test.csv,
     EPIC_100_retrieval_test_sentence.csv and relevancy/caption_relevancy_EPIC_100_retrieval_test.npy (or .npz: the
     official .pkl converted once, as egovlp_deploy/data/epic.py describes)."""
-    from pathlib import Path
 
-    from .data.epic import EpicMIRDataset
-    from .data.errors import DataError
+    from .data.epic import EpicMIRDataset, split_files
 
-    root = Path(annotations)
-    stem = root / "relevancy" / "caption_relevancy_EPIC_100_retrieval_test"
-    relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
-    if relevancy is None:
-        raise DataError(
-            stem.with_suffix(".npy"),
-            "file",
-            "missing (the official .pkl is read only once converted to .npy, as egovlp_deploy/data/epic.py describes)",
-        )
+    files = split_files(annotations, "test")
     return EpicMIRDataset(
-        root / "EPIC_100_retrieval_test.csv",
+        files["csv"],
         video_root,
         num_frames,
         size,
         split="test",
-        sentence_csv=root / "EPIC_100_retrieval_test_sentence.csv",
-        relevancy_path=relevancy,
+        sentence_csv=files["sentence_csv"],
+        relevancy_path=files["relevancy"],
         strict=strict,
     )
 

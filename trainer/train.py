@@ -178,27 +178,19 @@ def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: 
 def build_epic_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: int):
     """EK-100 MIR: the train split (captions sampled by relevancy, jittered frames) and the test split, which the
     official fine-tuning validates on (EK-100 MIR has no separate validation split)."""
-    from egovlp_deploy.data.epic import EpicMIRDataset
-    from egovlp_deploy.data.errors import DataError
+    from egovlp_deploy.data.epic import EpicMIRDataset, split_files
 
     d, size = cfg.data, model_config.video.img_size
     root, video_root = cfg.resolve(d.annotations), cfg.resolve(d.video_root)
-    stem = root / "relevancy" / "caption_relevancy_EPIC_100_retrieval_train"
-    relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
-    if relevancy is None:
-        raise DataError(
-            stem.with_suffix(".npy"),
-            "file",
-            "missing (the official .pkl is read only once converted to .npy, as egovlp_deploy/data/epic.py describes)",
-        )
+    files = split_files(root, "train")
     train = EpicMIRDataset(
-        root / "EPIC_100_retrieval_train.csv",
+        files["csv"],
         video_root,
         model_config.video.num_frames,
         size,
         split="train",
-        sentence_csv=root / "EPIC_100_retrieval_train_sentence.csv",
-        relevancy_path=relevancy,
+        sentence_csv=files["sentence_csv"],
+        relevancy_path=files["relevancy"],
         strict=d.strict,
         backend=d.backend,
         seed=cfg.seed,

@@ -92,6 +92,26 @@ def read_epic_clip(
     return read_frames(path, ids, backend=backend)
 
 
+def split_files(annotations: str | os.PathLike, split: str) -> dict[str, Path]:
+    """The official retrieval annotation directory's files of `split` ("train" or "test"): {"csv", "sentence_csv",
+    "relevancy"}, the relevancy matrix as .npy or .npz (DataError when neither is there: the official .pkl is read
+    only once converted, as this module's docstring describes)."""
+    root = Path(annotations)
+    stem = root / "relevancy" / f"caption_relevancy_EPIC_100_retrieval_{split}"
+    relevancy = next((stem.with_suffix(s) for s in (".npy", ".npz") if stem.with_suffix(s).is_file()), None)
+    if relevancy is None:
+        raise DataError(
+            stem.with_suffix(".npy"),
+            "file",
+            "missing (the official .pkl is read only once converted to .npy, as egovlp_deploy/data/epic.py describes)",
+        )
+    return {
+        "csv": root / f"EPIC_100_retrieval_{split}.csv",
+        "sentence_csv": root / f"EPIC_100_retrieval_{split}_sentence.csv",
+        "relevancy": relevancy,
+    }
+
+
 def load_relevancy(path: str | os.PathLike) -> np.ndarray:
     """The (num_videos, num_sentences) relevancy matrix from .npy/.npz, never through pickle."""
     try:

@@ -49,22 +49,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import vocabulary as vocab
+from .egoclip import EGOCLIP_COLUMNS
 from .synth_downstream import write_downstream
 
 GENERATOR = "egovlp-deploy synth"
 GENERATOR_VERSION = "1.1"
-COLUMNS = (
-    "video_uid",
-    "video_dur",
-    "narration_source",
-    "narration_ind",
-    "narration_time",
-    "clip_start",
-    "clip_end",
-    "clip_text",
-    "tag_verb",
-    "tag_noun",
-)
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 SPLITS = {"train": 0, "eval": 1}  # split id in each video's seed
 
@@ -515,7 +504,7 @@ def build_mcq(
 # --- writing ---------------------------------------------------------------------------------------------------
 def _csv_text(rows: list[dict]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, delimiter="\t", lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=EGOCLIP_COLUMNS, delimiter="\t", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
