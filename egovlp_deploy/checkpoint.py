@@ -99,6 +99,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see a partial file.
     `data` is one bytes-like object or a list of them, written in order."""
     path = Path(path)
+    if not path.parent.is_dir():  # else the error would name the temp file
+        raise FileNotFoundError(f"{path}: its folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

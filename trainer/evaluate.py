@@ -3,6 +3,8 @@ model factory loads, on the official evaluation files (egovlp_deploy/evaluation.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from egovlp_deploy.checkpoint import atomic_write_bytes
@@ -103,7 +105,6 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     import json
-    from pathlib import Path
 
     from egovlp_deploy.config import check_num_frames
     from egovlp_deploy.data.egomcq import EgoMCQDataset
@@ -192,5 +193,7 @@ def check_benchmark_arguments(args) -> None:
         raise ValueError("--egomcq needs --video-root (the chunked EgoClip videos)")
     if args.predictions and not args.egomcq:
         raise ValueError("--predictions holds EgoMCQ answers: it needs --egomcq")
+    if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
+        raise ValueError(f"--predictions {args.predictions}: its folder does not exist")
     if args.charades_classes < 1:
         raise ValueError(f"--charades-classes must be positive, got {args.charades_classes}")

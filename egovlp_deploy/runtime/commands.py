@@ -388,6 +388,8 @@ def run_mcq(args) -> int:
 
     from .mcq import answer_mcq
 
+    if args.out and not Path(args.out).resolve().parent.is_dir():  # before any engine loads or video is read
+        raise ValueError(f"--out {args.out}: its folder does not exist")
     rt = _runtime(args)
     summary = answer_mcq(
         args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder

@@ -122,6 +122,20 @@ def test_bad_engine_folder_and_missing_video(engines, video_root, tmp_path, caps
     assert "manifest" in capsys.readouterr().err
 
 
+def test_an_output_file_in_a_missing_folder_is_refused_before_any_work(engines, video_root, mcq_json, tmp_path, capsys):
+    """mcq --out in a folder that does not exist: one line naming it, before the engines load; a direct write names the
+    target, not its temp file."""
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    out = tmp_path / "missing" / "mcq.json"
+    args = ["mcq", str(mcq_json), "--engines", str(engines), "--video-root", str(video_root), "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == f"egovlp-deploy mcq: error: --out {out}: its folder does not exist"
+    with pytest.raises(FileNotFoundError, match=f"{out}: its folder {out.parent} does not exist"):
+        atomic_write_bytes(out, b"x")
+    assert not out.parent.exists()
+
+
 def test_bench_e2e_quick(engines, tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", "e2e", "--quick", "--engines", str(engines), "--out", str(out)]) == 0

@@ -66,6 +66,42 @@ def test_cli_needs_a_benchmark(tmp_path, demo_tokenizer_dir, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path), "--tokenizer", str(demo_tokenizer_dir), "--egomcq", "q.json"]) == 2
     assert "--video-root" in capsys.readouterr().err
+    # checked before any model is loaded or question scored
+    egomcq = ["--egomcq", "q.json", "--video-root", str(tmp_path)]
+    missing = tmp_path / "no" / "p.json"
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "random:huge",
+                "--tokenizer",
+                str(demo_tokenizer_dir),
+                *egomcq,
+                "--predictions",
+                str(missing),
+            ]
+        )
+        == 2
+    )
+    assert capsys.readouterr().err.strip().endswith(f"--predictions {missing}: its folder does not exist")
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "random:tiny",
+                "--tokenizer",
+                str(demo_tokenizer_dir),
+                "--epic-mir",
+                str(tmp_path),
+                "--predictions",
+                str(tmp_path / "p.json"),
+            ]
+        )
+        == 2
+    )
+    assert "--predictions holds EgoMCQ answers: it needs --egomcq" in capsys.readouterr().err
 
 
 class _Oracle(torch.nn.Module):
