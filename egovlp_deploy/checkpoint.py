@@ -65,15 +65,25 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
-def verify_checkpoint(path: Path) -> None:
-    """Raise CheckpointError unless every file of the manifest is present with its size and checksum."""
+def _manifest_files(path: Path) -> dict:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST} (the save did not finish)")
     files = read_json(manifest_path, CheckpointError, expect=dict).get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{manifest_path}: no 'files' table of name -> size and checksum")
-    for name, meta in files.items():
+    return files
+
+
+def checkpoint_hashes(path: Path) -> dict[str, str]:
+    """{file name: sha256} as the checkpoint's MANIFEST.json lists them, read, not recomputed: for a checkpoint that
+    was just verified, so its files need not be read again to name them."""
+    return {name: meta["sha256"] for name, meta in _manifest_files(path).items()}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError unless every file of the manifest is present with its size and checksum."""
+    for name, meta in _manifest_files(path).items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")

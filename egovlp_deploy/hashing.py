@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -17,12 +18,18 @@ def sha256_file(path: str | os.PathLike, offset: int = 0) -> str:
     return h.hexdigest()
 
 
-def sha256_tree(path: str | os.PathLike, suffixes: tuple[str, ...] = (".safetensors", ".json")) -> str:
+def sha256_tree(
+    path: str | os.PathLike,
+    suffixes: tuple[str, ...] = (".safetensors", ".json"),
+    known: Mapping[str, str] | None = None,
+) -> str:
     """A file's sha256, or for a directory the sha256 of the sorted `name sha256` lines of its files with these
-    suffixes (a checkpoint directory: weights and configs)."""
+    suffixes (a checkpoint directory: weights and configs). `known` holds the sha256 of files just verified against
+    a manifest, by name: they are not read again."""
     path = Path(path)
     if path.is_file():
         return sha256_file(path)
+    known = known or {}
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in suffixes)
-    listing = "\n".join(f"{p.name} {sha256_file(p)}" for p in files)
+    listing = "\n".join(f"{p.name} {known.get(p.name) or sha256_file(p)}" for p in files)
     return hashlib.sha256(listing.encode()).hexdigest()

@@ -120,7 +120,7 @@ def run(args) -> int:
         if args.device == "auto" and torch.cuda.is_available()
         else ("cpu" if args.device == "auto" else args.device)
     )
-    model = model_at_frames(model, frames).to(device)
+    model = model.to(device)  # load_model gave it `frames` frames
     tokenizer, size, strict = load_tokenizer(args.tokenizer), model.config.video.img_size, not args.lax
     results, report = {}, []
     if args.egomcq:

@@ -290,13 +290,15 @@ class EgoVLPv2(nn.Module):
         return directory
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> EgoVLPv2:
+    def from_pretrained(
+        cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu", *, verified: bool = False
+    ) -> EgoVLPv2:
         """Load a directory written by `save_pretrained` (safetensors + JSON; nothing is unpickled).
 
         A training checkpoint (a directory with MANIFEST.json) is verified against its manifest first: every file
-        listed there with its size and sha256, else CheckpointError. Elsewhere the weights file's own data digest
-        is checked; weights that neither covers (written by another tool) load with a warning that corruption
-        cannot be detected."""
+        listed there with its size and sha256, else CheckpointError (`verified=True`: the caller has just done so,
+        e.g. with `latest_valid_checkpoint`). Elsewhere the weights file's own data digest is checked; weights that
+        neither covers (written by another tool) load with a warning that corruption cannot be detected."""
         from ..checkpoint import MANIFEST, CheckpointError, load_safetensors, safetensors_digest, verify_checkpoint
         from ..config import ConfigError
 
@@ -305,7 +307,7 @@ class EgoVLPv2(nn.Module):
             if not (directory / name).is_file():
                 raise CheckpointError(f"{directory}: missing {name} (not a directory written by save_pretrained)")
         manifest = (directory / MANIFEST).is_file()
-        if manifest:
+        if manifest and not verified:
             verify_checkpoint(directory)
         elif safetensors_digest(directory / WEIGHTS_FILE) is None:
             warnings.warn(

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import MANIFEST, CheckpointError, latest_valid_checkpoint, resize_temporal_embed
+from ..checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    checkpoint_hashes,
+    latest_valid_checkpoint,
+    resize_temporal_embed,
+    verify_checkpoint,
+)
 from ..config import ConfigError, EgoVLPv2Config
 from ..hashing import sha256_tree
 from .egovlp import EgoVLPv2
@@ -110,15 +117,20 @@ def load_model(source: str | os.PathLike, frames: int | None = None) -> tuple[Eg
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     kind = checkpoint_kind(path)
     if kind == "run":
-        step = latest_valid_checkpoint(path / "checkpoints")
+        step = latest_valid_checkpoint(path / "checkpoints")  # the newest one that verifies
         if step is None:
             raise CheckpointError(f"{path}: no valid checkpoint under checkpoints/")
         path, kind = step, "trainer"
+    elif kind == "trainer":
+        verify_checkpoint(path)
+    known = None  # a trainer checkpoint's files are read once: verified, their hashes then taken from its manifest
     if kind == "official":
         model = EgoVLPv2.from_official_checkpoint(path, num_frames=frames)
     else:
-        model = EgoVLPv2.from_pretrained(path)  # verifies a trainer checkpoint against its MANIFEST.json
+        model = EgoVLPv2.from_pretrained(path, verified=kind == "trainer")
+        if kind == "trainer":
+            known = checkpoint_hashes(path)
         if frames:
             model = model_at_frames(model, frames)
     # absolute: the info travels into manifests read from wherever their folder ends up
-    return model.eval(), {"path": str(path.resolve()), "kind": kind, "sha256": sha256_tree(path)}
+    return model.eval(), {"path": str(path.resolve()), "kind": kind, "sha256": sha256_tree(path, known=known)}

@@ -105,7 +105,8 @@ class EngineFolder:
     def manifest_sha256(self) -> str:
         """sha256 of manifest.json as stored: which export this is. Another export of the same model (another
         format or precision, or exported again) has the same `model_id` and another manifest hash."""
-        from egovlp_deploy.export.manifest import MANIFEST, sha256_file
+        from egovlp_deploy.export.manifest import MANIFEST
+        from egovlp_deploy.hashing import sha256_file
 
         return sha256_file(self.path / MANIFEST)
 

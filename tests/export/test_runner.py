@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,13 +10,28 @@ from egovlp_deploy.model.factory import load_model
 from official_format import randomize_, write_official_checkpoint
 
 
-def test_loads_trainer_step_dirs_and_run_dirs(tmp_path, tiny_model):
+def test_loads_trainer_step_dirs_and_run_dirs(tmp_path, tiny_model, monkeypatch):
+    """A run dir (its newest valid checkpoint) and a step dir load verified, each of their files read once: the
+    verification hashes them, and the source hash (every weight and config file) reuses the manifest's hashes."""
+    from egovlp_deploy import checkpoint, hashing
     from egovlp_deploy.trainer.training_state import save_checkpoint
 
     step = save_checkpoint(tmp_path / "run" / "checkpoints", 5, tiny_model, {"step": 5}, {"x": 1})
+    expected, real = hashing.sha256_tree(step), hashing.sha256_file
+    reads = []
+
+    def counted(path, offset=0):
+        reads.append(Path(path).name)
+        return real(path, offset)
+
+    monkeypatch.setattr(checkpoint, "sha256_file", counted)
+    monkeypatch.setattr(hashing, "sha256_file", counted)
     for path in (step, tmp_path / "run"):
+        reads.clear()
         model, source = load_model(str(path))
         assert source["kind"] == "trainer" and source["path"].endswith("step_00000005")
+        assert source["sha256"] == expected
+        assert sorted(reads) == sorted(p.name for p in step.iterdir())  # MANIFEST.json by the source hash only
         torch.testing.assert_close(model.state_dict()["cls_token"], tiny_model.state_dict()["cls_token"])
     (step / "model.safetensors").write_bytes(b"broken")
     with pytest.raises(ValueError, match="truncated|checksum"):
