@@ -51,8 +51,9 @@ def add_arguments(p) -> None:
         default="auto",
         metavar="LIST",
         help="comma list of attention paths for the torch backend: auto (Triton kernels on CUDA, "
-        "reference math on CPU), reference (plain eager PyTorch), sdpa, triton; each is its own row, "
-        "labelled torch/<path> unless auto (default: auto)",
+        "reference math on CPU), reference (plain eager PyTorch), sdpa, triton, tuned (per attention shape the "
+        "fastest measured here; the picks are listed with the results); each is its own row, labelled "
+        "torch/<path> unless auto (default: auto)",
     )
     p.add_argument(
         "--torch-graphs",
@@ -209,7 +210,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     video = write_test_video(out / "bench_video.mp4")
-    rows, parity = [], []
+    rows, parity, picks = [], [], []
     for f in frames:
         engines = Path(args.engines) if args.engines else _engines(out, args.model, f, max(ks + [8]))
         probe = Runtime(engines, warmup=False)
@@ -257,6 +258,7 @@ def run(args) -> int:
                         parity,
                         attention=attention,
                         graphs=graphs,
+                        picks=picks,
                     )
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
                     rows.append(
@@ -282,7 +284,14 @@ def run(args) -> int:
         "warmup": warmup,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    result = {"meta": meta, "rows": rows, "rerank_parity": parity, "gmacs": gmacs, "speedups": _speedups(rows)}
+    result = {
+        "meta": meta,
+        "rows": rows,
+        "rerank_parity": parity,
+        "gmacs": gmacs,
+        "speedups": _speedups(rows),
+        "attention_picks": picks,
+    }
     (out / "e2e.json").write_text(json.dumps(result, indent=1))
     (out / "e2e.md").write_text(format_markdown(result))
     plot(result, out / "e2e.png")
@@ -310,7 +319,10 @@ def _bench_backend(
     parity,
     attention: str = "auto",
     graphs: bool = False,
+    picks: list | None = None,
 ) -> list[dict]:
+    """The rows of one backend/precision/attention/graphs run; with 'tuned' attention, what the plan picked per
+    attention shape (and the times it picked by) goes into `picks`."""
     import torch
 
     from .runtime.engines import Runtime
@@ -382,6 +394,8 @@ def _bench_backend(
             parity.append({**tag, "k": k, "max_abs_diff": float(np.abs(cached() - mono()).max())})
     if torch.cuda.is_available() and device.startswith("cuda"):
         rows[-1]["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if rt.attention_plan is not None and picks is not None:
+        picks.append({**tag, "summary": rt.attention_plan.summary(), "picks": rt.attention_plan.report()})
     return rows
 
 
@@ -442,6 +456,9 @@ def format_markdown(result: dict) -> str:
                 f"| {s['precision']} | {s['backend']} | {s['frames']} | {s['k']} | {s['cached_p50']:.2f} | "
                 f"{s['monolithic_p50']:.2f} | {s['speedup']:.2f}x | {d[0] if d else float('nan'):.1e} |"
             )
+    for p in result.get("attention_picks", []):
+        lines += ["", f"Attention picks, {p['backend']} {p['precision']} F={p['frames']}: {p['summary']}", ""]
+        lines += [f"- {line}" for line in p["picks"]]
     lines += [
         "",
         "| GMACs per pair (base) | F | fusion in backbone | stacked fusion layers | saving |",

@@ -24,8 +24,9 @@ from .jsonfile import read_json
 PROJECTIONS = ("big", "small")
 # How the attention cores run (model/attention.py): "reference" is the official math in plain torch, "sdpa" torch's
 # scaled_dot_product_attention with the official rearranges, "triton" the fused kernels (forward only; training
-# falls back to "reference"), "auto" = "triton" on CUDA, "reference" elsewhere.
-ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton")
+# falls back to "reference"), "auto" = "triton" on CUDA, "reference" elsewhere, "tuned" = per call shape the fastest
+# of those measured on this device (model/attention_plan.py).
+ATTENTION_BACKENDS = ("auto", "reference", "sdpa", "triton", "tuned")
 
 
 class ConfigError(ValueError):

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # GPU check, one call on a GPU machine, at most 9.5 minutes (run with timeout_s 600). In order of what matters most:
 #   install the package -> `bench profile` of the base video encoder at B=1, F=16, fp16 (where the time goes) ->
-#   end to end at F=16 fp16, batch 1: `bench e2e` of torch with the Triton kernels next to eager PyTorch (reference
-#   attention), each with and without CUDA graphs -> GPU tests (compiled Triton, fixed tiles, CUDA graphs; in the
-#   background from here on) beside the AOTInductor CUDA packages of the tiny model and their `bench e2e` ->
-#   `bench kernels` at B=1, F=16 with the full base video encoder (split keys vs `triton-1split`) -> the sweep.
+#   end to end on the base model (the issue's targets) at F=16 fp16, batch 1, through the runtime's torch backend:
+#   the Triton kernels ('auto'), eager PyTorch ('reference') and per-shape measured picks ('tuned'), each with and
+#   without CUDA graphs -> `bench kernels` at B=1, F=16 with the full base video encoder (split keys vs
+#   `triton-1split`) -> the same end-to-end rows on the tiny model (compared with the 2026-11-28 rows) -> GPU tests
+#   (compiled Triton, fixed tiles, CUDA graphs, tuned attention; in the background from here on) beside the
+#   AOTInductor CUDA packages of the tiny model and their `bench e2e` -> the kernel sweep.
 # Known (H100, torch 2.11.0+cu130, 2026-11-28): the AOTInductor CUDA packages build but do not load (SIGSEGV in the
 # building process, no return in a fresh one; BENCHMARKS.md); scripts/aoti_crash_probe.sh gets the native stacks.
 # Usage (repository root, CUDA machine, no internet):  OUT=/some/dir bash scripts/gpu_check.sh
-#   STEPS=tests,e2e,aoti,kernels,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the tests (pytest -k);
-#   AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to build, slower host code; default O1; the one O0
-#   CUDA build tried, on an H100 on 2026-11-27, died with a segmentation fault).
+#   STEPS=profile,e2e_base,kernels,e2e,tests,aoti,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the
+#   tests (pytest -k); AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to build, slower host code;
+#   default O1; the one O0 CUDA build tried, on an H100 on 2026-11-27, died with a segmentation fault).
 # Wheels the image lacks (PyAV, for the decode stage) may travel in .whl/ (see BENCHMARKS.md); they are installed
 # into /tmp/site first.
 # Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, profile{.log,/profile.{json,md,png}},
-# pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
+# e2e_base{_export.log,.log,/e2e.{json,md,png}}, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
 # e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
-# bench_sweep.log + bench_sweep/kernels.{json,md,png}.
+# bench_sweep.log + bench_sweep/kernels.{json,md,png}; the tuned rows' picks (per attention shape, with the times)
+# are in the e2e JSON and markdown.
 # Every step has its own time cap, and all together stop by GPU_CHECK_SECONDS (default 570); the kernel benchmark
-# writes its JSON/markdown after every case, so a step cut short still leaves its rows. A full run needs about
-# 9.5 minutes; with 15 minutes of device time, STEPS=tests,e2e,aoti then STEPS=kernels,sweep is the safer split.
+# writes its JSON/markdown after every case, so a step cut short still leaves its rows. With 15 minutes of device
+# time, the default run gets the issue's numbers first; STEPS=e2e,tests,aoti,sweep is the second call's share.
 set -uo pipefail
 : "${OUT:?set OUT to the output folder}"
 cd "$(dirname "$0")/.."
@@ -36,7 +39,7 @@ REPO=$(pwd)
 # The benchmarks stamp their JSON with this: they run an installed copy from $OUT, away from the checkout.
 EGOVLP_GIT_SHA=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) && export EGOVLP_GIT_SHA
 start=$SECONDS
-STEPS=",${STEPS:-profile,tests,e2e,aoti,kernels,sweep},"
+STEPS=",${STEPS:-profile,e2e_base,kernels,e2e,tests,aoti,sweep},"
 want() { [[ $STEPS == *",$1,"* ]]; }
 TOTAL=${GPU_CHECK_SECONDS:-570}
 # A step's time limit: its own cap, or what is left of TOTAL if less (at least 1 s: `timeout 0` means no limit).
@@ -78,13 +81,35 @@ if want profile; then
   step "profile base video encoder" $?; grep -E "^\|" "$OUT/profile/profile.md" 2>/dev/null | head -12 | cut -c1-140
 fi
 
+# The issue's targets: the base model through the runtime's torch backend at batch 1 (random weights: the speed
+# does not depend on them). Its export is the text encoder's ONNX graph only (the torch backend needs a manifest).
+E2E_ATTENTION=auto,reference,tuned
+if want e2e_base; then
+  timeout "$(cap 100)" "$PY" -m egovlp_deploy.cli export --checkpoint random:base --frames 16 --format onnx \
+    --roles text_encoder --ort-optimize never --max-batch 20 --out /tmp/e2e_base_engines > "$OUT/e2e_base_export.log" 2>&1
+  step "e2e base export" $?
+  timeout "$(cap 200)" "$PY" -m egovlp_deploy.cli bench e2e --device cuda --frames 16 --precisions fp16 --ks 20 \
+    --iters 50 --warmup 5 --engines /tmp/e2e_base_engines --backends torch --torch-attention "$E2E_ATTENTION" \
+    --torch-graphs off,on --out "$OUT/e2e_base" > "$OUT/e2e_base.log" 2>&1
+  step "e2e base bench" $?; tail -3 "$OUT/e2e_base.log"
+  rm -f "$OUT/e2e_base/bench_video.mp4"
+fi
+
+# Kernels: the deployment shape (B=1, F=16, text 30, and the full base video encoder); the sweep comes last.
+bench_rc=0
+if want kernels; then
+  timeout "$(cap 130)" "$PY" -m egovlp_deploy.cli bench kernels --batches 1 --frames 16 --text-lengths 30 \
+    --out "$OUT/bench_main" > "$OUT/bench_main.log" 2>&1
+  bench_rc=$?
+  step "bench kernels B=1 F=16" $bench_rc; tail -3 "$OUT/bench_main.log"
+fi
 E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 5,20 --iters 100 --warmup 10)
 if want e2e; then
   timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \
     --roles text_encoder --ort-optimize never --out /tmp/e2e_torch_engines > "$OUT/e2e_torch_export.log" 2>&1
   step "e2e torch export" $?
   timeout "$(cap 150)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
-    --backends torch --torch-attention auto,reference --torch-graphs off,on --out "$OUT/e2e_torch" \
+    --backends torch --torch-attention "$E2E_ATTENTION" --torch-graphs off,on --out "$OUT/e2e_torch" \
     > "$OUT/e2e_torch.log" 2>&1
   step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
   rm -f "$OUT/e2e_torch/bench_video.mp4"
@@ -98,7 +123,8 @@ tests_rc=0
 if want tests; then
   EGOVLP_TRITON_AUTOTUNE=0 timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider --rootdir "$REPO" \
     ${PYTEST_K:+-k "$PYTEST_K"} "$REPO/tests/kernels" "$REPO/tests/model/test_attention_backend.py" \
-    "$REPO/tests/runtime/test_graphs.py" \
+    "$REPO/tests/runtime/test_graphs.py" "$REPO/tests/model/test_attention_plan.py" \
+    "$REPO/tests/runtime/test_tuned_attention.py" \
     > "$OUT/pytest.log" 2>&1 &
   tests_pid=$!
 fi
@@ -118,15 +144,6 @@ if want tests; then
   step tests $tests_rc; tail -8 "$OUT/pytest.log"
 fi
 
-# Kernels (issue 4): the deployment shape first (B=1, F=16, text 30, and the full base video encoder), then the
-# sweep over the other shapes for what time is left.
-bench_rc=0
-if want kernels; then
-  timeout "$(cap 130)" "$PY" -m egovlp_deploy.cli bench kernels --batches 1 --frames 16 --text-lengths 30 \
-    --out "$OUT/bench_main" > "$OUT/bench_main.log" 2>&1
-  bench_rc=$?
-  step "bench kernels B=1 F=16" $bench_rc; tail -3 "$OUT/bench_main.log"
-fi
 if want sweep; then
   timeout "$(cap 600)" "$PY" -m egovlp_deploy.cli bench kernels --batches 8,32 --frames 4,16 \
     --text-lengths 15,30 --no-encoder --out "$OUT/bench_sweep" > "$OUT/bench_sweep.log" 2>&1
@@ -135,6 +152,7 @@ fi
 
 # the tables last: the device reply carries the end of the output
 cat "$OUT"/e2e_*/e2e.md 2>/dev/null | grep -E "^\| (video encode|text encode|re-rank cached)" | cut -c1-120
+cat "$OUT"/e2e_*/e2e.md 2>/dev/null | grep -E "^Attention picks" | cut -c1-160
 cat "$OUT/bench_main/kernels.md" 2>/dev/null | grep -E "^\|" | cut -c1-140
 echo "sweep: $(grep -c '^|' "$OUT/bench_sweep/kernels.md" 2>/dev/null) table lines"
 exit $(( tests_rc != 0 || bench_rc != 0 ))

@@ -6,7 +6,8 @@ The model calls one dispatch function per attention kind, each taking the `atten
 - `multihead_attention`: the cross-attention cores of both towers (and RoBERTa's self-attention);
 - `gated_residual`: h + alpha * y after a gated cross-attention.
 Backends: "reference" (this file), "sdpa" (torch SDPA with the official rearranges), "triton" (the fused kernels of
-`egovlp_deploy.kernels`, forward only), "auto" (triton on CUDA, reference elsewhere). The Triton kernels have no
+`egovlp_deploy.kernels`, forward only), "auto" (triton on CUDA, reference elsewhere), "tuned" (per call shape, the
+implementation measured fastest on this device: `attention_plan.py`). The Triton kernels have no
 backward and no attention dropout, so whenever autograd or dropout is needed the "triton" choice runs the reference
 instead: training is never silently given wrong or missing gradients.
 
@@ -153,15 +154,32 @@ def _triton_runs_on(t: torch.Tensor) -> bool:
     return False
 
 
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def tuned_backend(op: str, shape: dict, run, *tensors: torch.Tensor, dropout: float = 0.0) -> str:
+    """The active attention plan's pick for this call (measured on first sight of its shape key); 'auto' where
+    autograd or dropout is needed (the plan times inference only) and inside torch.compile (its graph is traced
+    once, with the sizes symbolic, and Inductor generates its own kernels for the torch paths)."""
+    if dropout > 0 or _needs_grad(*tensors) or torch.compiler.is_compiling():
+        return "auto"
+    from .attention_plan import active_plan
+
+    return active_plan().choose(op, shape, run, *tensors)
+
+
 def resolve_backend(backend: str, *tensors: torch.Tensor, dropout: float = 0.0) -> str:
     """The backend that actually runs: 'auto' picks by device; 'triton' yields to the reference when autograd or
-    attention dropout is needed (the kernels are forward-only, without dropout)."""
+    attention dropout is needed (the kernels are forward-only, without dropout). 'tuned' is resolved by the
+    callers (`tuned_backend`) before they get here."""
     check_attention_backend(backend)
+    if backend == "tuned":
+        raise ValueError("'tuned' is resolved per call by tuned_backend(), not by resolve_backend()")
     if backend == "auto":
         backend = "triton" if _triton_runs_on(tensors[0]) else "reference"
     if backend == "triton":
-        needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-        if needs_grad or dropout > 0:
+        if _needs_grad(*tensors) or dropout > 0:
             return "reference"
         if not tensors[0].is_cuda and os.environ.get("TRITON_INTERPRET") != "1" and tensors[0].device.type != "meta":
             raise ValueError(
@@ -175,6 +193,14 @@ def divided_attention_tokens(
     qkv: torch.Tensor, heads: int, num_frames: int, mode: str, scale: float, backend: str = "reference"
 ) -> torch.Tensor:
     """Divided attention from the qkv Linear output (B, T, 3*h*d) to (B, T, h*d), before the output projection."""
+    if backend == "tuned":
+        B, T, C = qkv.shape
+        backend = tuned_backend(
+            f"divided_{mode}",
+            {"batch": B, "tokens": T, "width": C // 3, "heads": heads, "frames": num_frames},
+            lambda name: divided_attention_tokens(qkv, heads, num_frames, mode, scale, name),
+            qkv,
+        )
     backend = resolve_backend(backend, qkv)
     if backend == "triton":
         from ..kernels.divided_attention import divided_attention as fused
@@ -201,6 +227,18 @@ def multihead_attention(
     Scaling q first equals the official RoBERTa division of the scores by sqrt(d) exactly for d = 64 (power of 2).
     `dropout` applies to the probabilities in training (RoBERTa's attention dropout)."""
     p = dropout if training else 0.0
+    if backend == "tuned":
+        shape = {"batch": q.shape[0], "queries": q.shape[1], "keys": k.shape[1], "width": q.shape[2], "heads": heads}
+        shape["masked"] = int(bias is not None)
+        backend = tuned_backend(
+            "attention",
+            shape,
+            lambda name: multihead_attention(q, k, v, heads, scale, bias, name, dropout, training),
+            q,
+            k,
+            v,
+            dropout=p,
+        )
     backend = resolve_backend(backend, q, k, v, dropout=p)
     if backend == "triton":
         from ..kernels.gated_cross_attention import cross_attention as fused
@@ -220,6 +258,6 @@ def multihead_attention(
 
 def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, backend: str = "reference") -> torch.Tensor:
     """h + alpha * y; fused into one pass (addcmul) off the reference backend, which keeps the official two ops."""
-    if resolve_backend(backend, h, alpha, y) == "reference":
+    if resolve_backend("auto" if backend == "tuned" else backend, h, alpha, y) == "reference":
         return h + alpha * y
     return torch.addcmul(h, alpha, y)

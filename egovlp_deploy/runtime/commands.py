@@ -79,6 +79,18 @@ def _engine_options(parser, required: bool = True) -> None:
         help="torch backend only: capture each call once per input shape into a CUDA graph and replay it "
         "(on a CPU device it runs eagerly and says so)",
     )
+    g.add_argument(
+        "--attention",
+        default="auto",
+        help="torch backend only: the attention implementation: auto (Triton kernels on CUDA, plain torch on a "
+        "CPU), reference, sdpa, triton, or tuned (per shape the fastest measured on this device; default: auto)",
+    )
+    g.add_argument(
+        "--attention-plan",
+        metavar="FILE",
+        help="with --attention tuned: a JSON file keeping the measured picks across runs (created if missing; "
+        "entries measured on another device or torch/Triton version are kept but not used)",
+    )
 
 
 def _runtime(args, engines: str | None = None):
@@ -94,6 +106,8 @@ def _runtime(args, engines: str | None = None):
         tokenizer=args.tokenizer,
         checkpoint=getattr(args, "checkpoint", None),
         graphs=getattr(args, "cuda_graphs", False),
+        attention=getattr(args, "attention", "auto"),
+        attention_plan=getattr(args, "attention_plan", None),
     )
 
 
@@ -169,6 +183,11 @@ def _print_backend(rt, stream=None) -> None:
     for r in rt.describe():
         graphs = f" / {r['graphs']}" if "graphs" in r else ""
         print(f"  {r['role']:<20} {r['backend']} / {r['provider']} / {r['precision']}{graphs}", file=stream)
+    plan = getattr(rt, "attention_plan", None)
+    if plan is not None:  # which implementation each attention shape ran, and the times it was picked by
+        print(f"  {plan.summary()}", file=stream)
+        for line in plan.report():
+            print(f"    {line}", file=stream)
 
 
 # -- index ------------------------------------------------------------------------------------------------------

@@ -17,9 +17,11 @@ Backends, all lazily imported so a missing one is an error only when it is asked
 - `onnxruntime`: CPU, CUDA or TensorRT execution providers; on CUDA the inputs and outputs go through IOBinding
   (device buffers, no host round trip for the outputs that stay on the device).
 - `torch`: the model in eager PyTorch (optionally `torch.compile`), with the Triton attention kernels on CUDA, and
-  with `graphs=True` each call captured once per input shape into a CUDA graph and replayed (runtime/graphs.py). It
-  needs the weights, which an export folder does not hold: they come from the checkpoint the manifest names (or
-  `checkpoint=`), and its sha256 must equal the manifest's, so the torch backend computes the same model.
+  with `graphs=True` each call captured once per input shape into a CUDA graph and replayed (runtime/graphs.py);
+  `attention="tuned"` picks each attention core's implementation per shape from measurements on this device, kept
+  in `attention_plan=FILE` across runs (model/attention_plan.py). It needs the weights, which an export folder
+  does not hold: they come from the checkpoint the manifest names (or `checkpoint=`), and its sha256 must equal the
+  manifest's, so the torch backend computes the same model.
 - `aoti`: AOTInductor packages listed in the manifest (`egovlp-deploy export --format aoti`).
 - `tensorrt`: TensorRT engines listed in the manifest (needs the tensorrt package and a GPU).
 Each role session is warmed up once at load (batch 1), so the first user call does not pay for lazy allocation.
@@ -27,6 +29,7 @@ Each role session is warmed up once at load (batch 1), so the first user call do
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -245,6 +248,7 @@ class TorchRunner(_Runner):
         compile: bool,
         graphs: bool = False,
         max_graphs: int = 8,
+        attention_plan=None,
     ) -> None:
         import torch
 
@@ -264,12 +268,15 @@ class TorchRunner(_Runner):
         attention = model.attention_backend
         self.provider = f"{self.device.type} eager" + (" + compile" if compile else "") + f" ({attention} attention)"
         self.output_names = [t["name"] for t in io["outputs"]]
+        self.attention_plan = attention_plan
         self.load_seconds = time.perf_counter() - t0
 
     def describe(self) -> dict:
         info = super().describe()
         if self.graphs is not None:
             info["graphs"] = self.graphs.status()
+        if self.attention_plan is not None:
+            info["attention"] = self.attention_plan.summary()
         return info
 
     def _pad_text(self, args: dict) -> int | None:
@@ -300,7 +307,10 @@ class TorchRunner(_Runner):
             args[spec["name"]] = x
         # buckets only serve graphs that are captured: an eager call keeps the query's own length
         length = self._pad_text(args) if self.graphs is not None and self.graphs.capturing else None
-        with torch.inference_mode():
+        plan = self.attention_plan
+        if plan is not None:
+            from egovlp_deploy.model.attention_plan import using as using_plan
+        with torch.inference_mode(), using_plan(plan) if plan is not None else contextlib.nullcontext():
             out = (self.graphs or self.call)(**args)
         out = out if isinstance(out, (tuple, list)) else (out,)
         result = {}
@@ -575,6 +585,7 @@ class Runtime:
         attention: str = "auto",
         graphs: bool = False,
         max_graphs: int = 8,
+        attention_plan: str | os.PathLike | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -588,6 +599,12 @@ class Runtime:
         if attention not in ATTENTION_BACKENDS:
             raise EngineError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
         self.attention = attention  # the torch backend's attention path (model/attention.py)
+        if attention != "auto" and backend != "torch":
+            raise EngineError(f"attention {attention!r} is a torch-backend option, not {backend!r}'s")
+        if attention_plan is not None and (backend != "torch" or attention != "tuned"):
+            raise EngineError("an attention plan file is for the torch backend with attention 'tuned'")
+        self.attention_plan_path = attention_plan
+        self.attention_plan = None  # the torch backend's AttentionPlan when attention is 'tuned'
         self.folder = EngineFolder(engines)
         self.backend, self.precision, self.device, self.threads = backend, precision, device, threads
         self.checkpoint, self.compile, self.warmup = checkpoint, compile, warmup
@@ -639,6 +656,17 @@ class Runtime:
         # 'auto' picks the Triton kernels on CUDA and the reference math on the CPU (model/attention.py);
         # 'reference' is plain eager PyTorch everywhere (the GPU baseline of `bench e2e --torch-attention`).
         model.set_attention_backend(self.attention)
+        if self.attention == "tuned":
+            # per shape the fastest measured implementation (model/attention_plan.py), timed as this runtime runs:
+            # CUDA graph replays with graphs on, eager calls otherwise
+            from egovlp_deploy.model.attention_plan import AttentionPlan, AttentionPlanError
+
+            try:
+                self.attention_plan = AttentionPlan(
+                    self.attention_plan_path, metric="graph" if self.graphs and cuda else "wall"
+                )
+            except AttentionPlanError as exc:
+                raise EngineError(str(exc)) from exc
         model = model.to(self.device, torch.float16 if self.precision == "fp16" and cuda else torch.float32)
         from egovlp_deploy.export.specs import export_patches
 
@@ -670,6 +698,7 @@ class Runtime:
                 self.compile,
                 graphs=self.graphs,
                 max_graphs=self.max_graphs,
+                attention_plan=self.attention_plan,
             )
         elif self.backend == "aoti":
             r = AotiRunner(self.folder, role, self.precision, self.device)

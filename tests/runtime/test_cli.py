@@ -148,7 +148,8 @@ def test_bench_e2e_quick(engines, tmp_path, capsys):
 
 
 def test_bench_e2e_torch_attention_rows(engines, tmp_path):
-    """--torch-attention gives one torch row set per attention path, labelled, each with exact re-rank parity."""
+    """--torch-attention gives one torch row set per attention path, labelled, each with exact re-rank parity;
+    'tuned' lists what it picked per attention shape."""
     out = tmp_path / "bench_attn"
     assert (
         main(
@@ -162,7 +163,7 @@ def test_bench_e2e_torch_attention_rows(engines, tmp_path):
                 "--backends",
                 "torch",
                 "--torch-attention",
-                "auto,reference",
+                "auto,reference,tuned",
                 "--ks",
                 "5",
                 "--iters",
@@ -177,10 +178,14 @@ def test_bench_e2e_torch_attention_rows(engines, tmp_path):
     )
     result = json.loads((out / "e2e.json").read_text())
     encode = {r["backend"]: r for r in result["rows"] if r["stage"] == "video encode"}
-    assert set(encode) == {"torch", "torch/reference"}
+    assert set(encode) == {"torch", "torch/reference", "torch/tuned"}
     assert "reference attention" in encode["torch/reference"]["provider"]
-    assert {p["backend"] for p in result["rerank_parity"]} == {"torch", "torch/reference"}
+    assert {p["backend"] for p in result["rerank_parity"]} == {"torch", "torch/reference", "torch/tuned"}
     assert all(p["max_abs_diff"] < 1e-5 for p in result["rerank_parity"])
+    (picks,) = result["attention_picks"]
+    assert picks["backend"] == "torch/tuned" and picks["summary"].startswith("tuned attention (wall)")
+    assert any(line.startswith("divided_time batch=1 ") for line in picks["picks"])
+    assert "Attention picks, torch/tuned fp32 F=4" in (out / "e2e.md").read_text()
 
 
 def test_runtime_rejects_an_unknown_attention_path(engines):
