@@ -228,6 +228,18 @@ def default_candidates(device: torch.device) -> tuple[str, ...]:
     return ("sdpa", "reference")
 
 
+def _relative_error(out: torch.Tensor, reference: torch.Tensor, scale: float) -> float:
+    """Largest |out - reference| / scale, where NaN or inf in the same place on both sides counts as equal (the
+    reference's own NaN, from NaN inputs, must not reject every candidate) and anywhere else as infinite."""
+    if out.shape != reference.shape:
+        return math.inf
+    if not out.numel():
+        return 0.0
+    same = (out == reference) | (out.isnan() & reference.isnan())
+    diff = torch.where(same, 0.0, (out - reference).abs().nan_to_num(nan=math.inf))
+    return float(diff.max()) / scale
+
+
 class AttentionPlan:
     """Measured picks per attention shape key; see the module docstring.
 
@@ -263,11 +275,15 @@ class AttentionPlan:
         self.unmeasured: dict[str, str] = {}  # key text -> description, for keys that ran the default
         self.measured = 0  # entries measured by this process
         self._lock = threading.RLock()
+        self._contexts: dict[torch.device, dict] = {}
 
     # -- lookup -----------------------------------------------------------------------------------------------------
     def context(self, device: torch.device) -> dict:
-        metric = self.metric if device.type == "cuda" else "wall"  # no CUDA graphs on a CPU
-        return {"device": device_name(device), **_versions(), "metric": metric}
+        """What a measurement depends on besides the shape: device name, torch/Triton versions, timing method."""
+        if device not in self._contexts:  # looked up once per device: the lookup runs on every attention call
+            metric = self.metric if device.type == "cuda" else "wall"  # no CUDA graphs on a CPU
+            self._contexts[device] = {"device": device_name(device), **_versions(), "metric": metric}
+        return self._contexts[device]
 
     def choose(self, op: str, shape: dict, run: Callable[[str], torch.Tensor], *tensors: torch.Tensor) -> str:
         """The implementation for this call: recorded, else measured now with `run(name)` (which returns that
@@ -298,14 +314,14 @@ class AttentionPlan:
         candidates = self.candidates or default_candidates(device)
         with torch.inference_mode():
             reference = run("reference").float()
-            scale = max(float(reference.abs().max()), 1e-30) if reference.numel() else 1.0
+            scale = max(float(reference.nan_to_num().abs().max()), 1e-30) if reference.numel() else 1.0
             bound = ACCEPT_RELATIVE.get(getattr(torch, dtype, None), 1e-3)
             ms, rejected, errors = {}, {}, {}
             for name in candidates:
                 try:
                     out = reference if name == "reference" else run(name).float()
-                    err = float((out - reference).abs().max()) / scale if out.numel() else 0.0
-                    if not math.isfinite(err) or err > bound:
+                    err = _relative_error(out, reference, scale)
+                    if name != "reference" and not err <= bound:  # the reference is its own yardstick
                         rejected[name] = f"relative error {err:.2e} > {bound:.0e}"
                         continue
                     errors[name] = err

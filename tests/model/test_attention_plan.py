@@ -122,6 +122,17 @@ def test_a_wrong_implementation_is_rejected_however_fast(monkeypatch):
     assert "sdpa rejected (relative error" in plan.report()[0]
 
 
+def test_nan_inputs_measure_without_rejecting_everything():
+    """NaN in the inputs gives NaN in the reference too: matching NaNs count as equal, so a pick is still made."""
+    qkv, heads, F, scale = qkv_case()
+    qkv[0, 3, :] = float("nan")
+    plan = AttentionPlan(timer=fixed_timer({"sdpa": 1.0, "reference": 2.0}))
+    with using(plan), torch.no_grad():
+        divided(qkv, heads, F, scale, "tuned")
+    (entry,) = plan.entries.values()
+    assert entry.pick == "sdpa" and not entry.rejected
+
+
 def test_an_implementation_that_fails_is_rejected_with_its_reason(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     qkv, heads, F, scale = qkv_case()
