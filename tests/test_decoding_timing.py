@@ -324,3 +324,57 @@ def test_epic_clip_by_presentation_time(vfr_video):
     for backend in BACKENDS:
         frames = read_epic_clip(vfr_video, 2.3, 3.5, 4, jitter=False, backend=backend)
         assert all(2.3 <= VFR_TIMES[n] < 3.5 for n in numbers(frames)), backend
+
+
+# -- the PyAV packet table, remembered per file identity ------------------------------------------------------------
+def _count_demuxes(monkeypatch):
+    from egovlp_deploy.decoding import _PyAVVideo
+
+    calls = []
+    real = _PyAVVideo._demux_packet_times
+    monkeypatch.setattr(_PyAVVideo, "_demux_packet_times", lambda self: calls.append(self.path) or real(self))
+    monkeypatch.setattr(_PyAVVideo, "_packet_tables", type(_PyAVVideo._packet_tables)())
+    return calls
+
+
+def test_a_reopened_file_reuses_its_packet_table(vfr_video, monkeypatch):
+    """The second open of an unchanged file demuxes nothing and gives the same timeline (exactly the Fraction
+    arithmetic of the container's time base) and the same frames."""
+    from egovlp_deploy.decoding import _PyAVVideo
+
+    calls = _count_demuxes(monkeypatch)
+    first = _PyAVVideo(vfr_video)
+    frames = first.get([0, 50, 57, 90])
+    first.close()
+    second = _PyAVVideo(vfr_video)
+    assert calls == [vfr_video]
+    np.testing.assert_array_equal(second.timeline.times, first.timeline.times)
+    start, tb = second._pts[0], second._time_base
+    assert second.timeline.times.tolist() == [float((p - start) * tb) for p in second._pts]
+    assert np.array_equal(second.get([0, 50, 57, 90]), frames) and numbers(frames) == [0, 50, 57, 90]
+    second.close()
+
+
+def test_a_changed_file_is_demuxed_again(tmp_path, monkeypatch):
+    from egovlp_deploy.decoding import _PyAVVideo
+
+    calls = _count_demuxes(monkeypatch)
+    path = write_timed_video(tmp_path / "clip.mp4", [i / 25 for i in range(20)])
+    assert _PyAVVideo(path).num_frames == 20
+    write_timed_video(path, [i / 25 for i in range(30)])  # re-recorded: other size and mtime
+    assert _PyAVVideo(path).num_frames == 30
+    assert len(calls) == 2
+
+
+def test_packet_tables_stay_within_their_budget(tmp_path, monkeypatch):
+    from egovlp_deploy.decoding import _PyAVVideo
+
+    calls = _count_demuxes(monkeypatch)
+    monkeypatch.setattr(_PyAVVideo, "PACKET_TABLE_BUDGET", 45)  # room for two 20-frame tables
+    paths = [write_timed_video(tmp_path / f"{i}.mp4", [k / 25 for k in range(20)]) for i in range(3)]
+    for p in paths:
+        _PyAVVideo(p).close()
+    assert [key[0] for key in _PyAVVideo._packet_tables] == [str(paths[1]), str(paths[2])]
+    _PyAVVideo(paths[2]).close()  # still held
+    _PyAVVideo(paths[0]).close()  # evicted: demuxed again
+    assert calls == [*paths, paths[0]]
