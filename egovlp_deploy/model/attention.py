@@ -171,12 +171,10 @@ def tuned_backend(op: str, shape: dict, run, *tensors: torch.Tensor, dropout: fl
 
 def resolve_backend(backend: str, *tensors: torch.Tensor, dropout: float = 0.0) -> str:
     """The backend that actually runs: 'auto' picks by device; 'triton' yields to the reference when autograd or
-    attention dropout is needed (the kernels are forward-only, without dropout). 'tuned' is resolved by the
-    callers (`tuned_backend`) before they get here."""
+    attention dropout is needed (the kernels are forward-only, without dropout). The attention cores resolve
+    'tuned' per shape first (`tuned_backend`); anything else given 'tuned' (the gated residual) takes 'auto'."""
     check_attention_backend(backend)
-    if backend == "tuned":
-        raise ValueError("'tuned' is resolved per call by tuned_backend(), not by resolve_backend()")
-    if backend == "auto":
+    if backend in ("auto", "tuned"):
         backend = "triton" if _triton_runs_on(tensors[0]) else "reference"
     if backend == "triton":
         if _needs_grad(*tensors) or dropout > 0:
@@ -258,6 +256,6 @@ def multihead_attention(
 
 def gated_residual(h: torch.Tensor, alpha: torch.Tensor, y: torch.Tensor, backend: str = "reference") -> torch.Tensor:
     """h + alpha * y; fused into one pass (addcmul) off the reference backend, which keeps the official two ops."""
-    if resolve_backend("auto" if backend == "tuned" else backend, h, alpha, y) == "reference":
+    if resolve_backend(backend, h, alpha, y) == "reference":
         return h + alpha * y
     return torch.addcmul(h, alpha, y)

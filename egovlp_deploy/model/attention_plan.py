@@ -70,8 +70,8 @@ class Entry:
     rejected: dict[str, str] = field(default_factory=dict)
     relative_error: dict[str, float] = field(default_factory=dict)
 
-    def key(self) -> str:
-        return _key_text(self.context, self.op, self.shape, self.dtype)
+    def key(self) -> tuple:
+        return _key(_context_text(self.context), self.op, self.shape, self.dtype)
 
     def as_json(self) -> dict:
         return {
@@ -92,8 +92,13 @@ class Entry:
         return f"{self.op} {shape} {self.dtype} [{self.context['metric']}]: {self.pick} (ms: {others}{rejected})"
 
 
-def _key_text(context: dict, op: str, shape: dict, dtype: str) -> str:
-    return json.dumps([context, op, shape, dtype], sort_keys=True)
+def _context_text(context: dict) -> str:
+    return json.dumps(context, sort_keys=True)
+
+
+def _key(context_text: str, op: str, shape: dict, dtype: str) -> tuple:
+    """A shape key: cheap to build and hash, as it is looked up on every attention call."""
+    return context_text, op, tuple(sorted(shape.items())), dtype
 
 
 def _entry_from_json(item: Any, where: str) -> Entry:
@@ -270,36 +275,37 @@ class AttentionPlan:
             raise AttentionPlanError(f"{self.path}: its folder {self.path.parent} does not exist")
         self.metric, self.candidates, self.calls = metric, candidates, calls
         self._timer = timer
-        self.entries: dict[str, Entry] = {e.key(): e for e in read_plan_file(self.path)} if self.path else {}
-        self.used: dict[str, int] = {}  # key -> calls resolved through it in this process
-        self.unmeasured: dict[str, str] = {}  # key text -> description, for keys that ran the default
+        self.entries: dict[tuple, Entry] = {e.key(): e for e in read_plan_file(self.path)} if self.path else {}
+        self.used: dict[tuple, int] = {}  # key -> calls resolved through it in this process
+        self.unmeasured: dict = {}  # key -> description, for calls that ran the default
         self.measured = 0  # entries measured by this process
         self._lock = threading.RLock()
-        self._contexts: dict[torch.device, dict] = {}
+        self._contexts: dict[torch.device, tuple[dict, str]] = {}
 
     # -- lookup -----------------------------------------------------------------------------------------------------
-    def context(self, device: torch.device) -> dict:
-        """What a measurement depends on besides the shape: device name, torch/Triton versions, timing method."""
-        if device not in self._contexts:  # looked up once per device: the lookup runs on every attention call
+    def context(self, device: torch.device) -> tuple[dict, str]:
+        """What a measurement depends on besides the shape (device name, torch/Triton versions, timing method), and
+        its key text; built once per device, as the lookup runs on every attention call."""
+        if device not in self._contexts:
             metric = self.metric if device.type == "cuda" else "wall"  # no CUDA graphs on a CPU
-            self._contexts[device] = {"device": device_name(device), **_versions(), "metric": metric}
+            context = {"device": device_name(device), **_versions(), "metric": metric}
+            self._contexts[device] = context, _context_text(context)
         return self._contexts[device]
 
     def choose(self, op: str, shape: dict, run: Callable[[str], torch.Tensor], *tensors: torch.Tensor) -> str:
         """The implementation for this call: recorded, else measured now with `run(name)` (which returns that
         implementation's output for the call's inputs), else (nothing can be timed) the default choice."""
         t = tensors[0]
-        measurable = can_measure(*tensors)
-        if not measurable and not all(isinstance(v, int) for v in shape.values()):
-            with self._lock:  # symbolic sizes: no key can name this call
+        if not all(type(v) is int for v in shape.values()):
+            with self._lock:  # symbolic sizes (tracing): no key can name this call
                 self.unmeasured.setdefault(f"{op} symbolic", f"{op} with symbolic sizes")
             return "auto"
-        context = self.context(t.device)
+        context, context_text = self.context(t.device)
         dtype = str(t.dtype).removeprefix("torch.")
-        key = _key_text(context, op, shape, dtype)
+        key = _key(context_text, op, shape, dtype)
         with self._lock:
             entry = self.entries.get(key)
-            if entry is None and measurable:
+            if entry is None and can_measure(*tensors):  # checked only for a new key: not on the hot path
                 entry = self._measure(context, op, shape, dtype, run, t.device)
                 self.entries[key] = entry
                 self.measured += 1

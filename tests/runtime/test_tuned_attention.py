@@ -19,7 +19,7 @@ def _encode_all(rt):
     text = rt.runner("text_encoder")(input_ids=ids, attention_mask=mask)
     return {
         "video": rt.video_encoder.encode(clips),
-        "text": text["text_embed"] if "text_embed" in text else next(iter(text.values())),
+        "text": text["text_embedding"],
         "vtm": rt.fusion.score_prefixes(prefix, text["text_prefix"], mask),
     }
 
