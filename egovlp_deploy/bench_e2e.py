@@ -40,7 +40,8 @@ def add_arguments(p) -> None:
         "--backends",
         default="onnxruntime,torch",
         metavar="LIST",
-        help="comma list of onnxruntime, torch, aoti, tensorrt (default: onnxruntime,torch)",
+        help="comma list of onnxruntime, torch, program, aoti, tensorrt (default: onnxruntime,torch; program "
+        "exports torch.export programs for --device beside the ONNX graphs)",
     )
     p.add_argument(
         "--precisions", default="fp32", metavar="LIST", help="comma list of fp32, fp16, int8 (default: fp32)"
@@ -59,7 +60,15 @@ def add_arguments(p) -> None:
         "--torch-graphs",
         default=None,
         metavar="LIST",
-        help="torch backend: off, on or off,on (CUDA graphs; default: off,on on cuda, off elsewhere)",
+        help="torch, program and aoti backends: off, on or off,on (CUDA graphs; default: off,on on cuda, off "
+        "elsewhere)",
+    )
+    p.add_argument(
+        "--compile",
+        default="off",
+        metavar="LIST",
+        help="torch and program backends: off, on or off,on (Inductor compile at load, its own rows labelled "
+        "+compile; default: off)",
     )
     p.add_argument("--ks", default="5,20", metavar="LIST", help="re-ranked clip counts (default: 5,20)")
     p.add_argument("--iters", type=int, default=30, help="timed calls per stage (default: 30)")
@@ -139,13 +148,23 @@ def write_test_video(path: Path, frames: int = 64, size: tuple[int, int] = (320,
     return path
 
 
-def _engines(out: Path, model: str, frames: int, max_batch: int) -> Path:
+def _engines(out: Path, model: str, frames: int, max_batch: int, program_device=None, precisions=("fp32",)) -> Path:
+    """An export of seeded random weights (ONNX; with `program_device`, torch.export programs for it too), kept in
+    `out` and reused by the next run."""
     from egovlp_deploy.export.runner import ExportOptions, run_export
 
-    d = out / f"engines_{model}_f{frames}"
+    d = (
+        out / f"engines_{model}_f{frames}"
+        if program_device is None
+        else out / f"engines_{model}_f{frames}_program_{program_device.split(':')[0]}"
+    )
     if (d / "manifest.json").is_file():
         return d
     opts = ExportOptions(frames=frames, max_batch=max_batch, task_checks=False, ort_optimize="never")
+    if program_device is not None:
+        opts.formats = ("onnx", "program")
+        opts.torch_device = program_device
+        opts.precisions = tuple(p for p in precisions if p in ("fp32", "fp16")) or ("fp32",)
     result = run_export(f"random:{model}", d, opts, quiet=True)
     if not result.passed:
         raise ValueError(f"export of random:{model} at F={frames} failed validation: {result.errors}")
@@ -212,7 +231,11 @@ def run(args) -> int:
     video = write_test_video(out / "bench_video.mp4")
     rows, parity, picks = [], [], []
     for f in frames:
-        engines = Path(args.engines) if args.engines else _engines(out, args.model, f, max(ks + [8]))
+        engines = (
+            Path(args.engines)
+            if args.engines
+            else _engines(out, args.model, f, max(ks + [8]), args.device if "program" in backends else None, precisions)
+        )
         probe = Runtime(engines, warmup=False)
         cfg = probe.folder.config
         if cfg.video.num_frames != f:
@@ -233,15 +256,21 @@ def run(args) -> int:
         )
         clips = pipe.clips(video, windows[:1])
         graph_modes = csv(args.torch_graphs or ("off,on" if args.device.startswith("cuda") else "off"))
-        if set(graph_modes) - {"off", "on"}:
-            raise ValueError(f"--torch-graphs takes off, on or off,on; got {args.torch_graphs!r}")
+        compile_modes = csv(args.compile)
+        for name, modes, given in (
+            ("--torch-graphs", graph_modes, args.torch_graphs),
+            ("--compile", compile_modes, args.compile),
+        ):
+            if set(modes) - {"off", "on"} or not modes:
+                raise ValueError(f"{name} takes off, on or off,on; got {given!r}")
         runs = [
-            (b, a, g == "on")
+            (b, a, g == "on", c == "on")
             for b in backends
             for a in (csv(args.torch_attention) if b == "torch" else ["auto"])
-            for g in (graph_modes if b == "torch" else ["off"])
+            for c in (compile_modes if b in ("torch", "program") else ["off"])
+            for g in (graph_modes if b in ("torch", "program", "aoti") else ["off"])
         ]
-        for backend, attention, graphs in runs:
+        for backend, attention, graphs, compiled in runs:
             for precision in precisions:
                 try:
                     rows += _bench_backend(
@@ -258,13 +287,14 @@ def run(args) -> int:
                         parity,
                         attention=attention,
                         graphs=graphs,
+                        compiled=compiled,
                         picks=picks,
                     )
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
                     rows.append(
                         {
                             "stage": "unavailable",
-                            "backend": _label(backend, attention, graphs),
+                            "backend": _label(backend, attention, graphs, compiled),
                             "precision": precision,
                             "frames": f,
                             "note": str(exc)[:300],
@@ -299,10 +329,14 @@ def run(args) -> int:
     return 0
 
 
-def _label(backend: str, attention: str, graphs: bool = False) -> str:
-    """A row's backend column: torch/<path> when the torch backend runs a non-default attention path, +graphs when
-    its calls replay CUDA graphs."""
-    return (backend if attention == "auto" else f"{backend}/{attention}") + ("+graphs" if graphs else "")
+def _label(backend: str, attention: str, graphs: bool = False, compiled: bool = False) -> str:
+    """A row's backend column: torch/<path> when the torch backend runs a non-default attention path, +compile when
+    Inductor compiled it at load, +graphs when its calls replay CUDA graphs."""
+    return (
+        (backend if attention == "auto" else f"{backend}/{attention}")
+        + ("+compile" if compiled else "")
+        + ("+graphs" if graphs else "")
+    )
 
 
 def _bench_backend(
@@ -320,6 +354,7 @@ def _bench_backend(
     attention: str = "auto",
     graphs: bool = False,
     picks: list | None = None,
+    compiled: bool = False,
 ) -> list[dict]:
     """The rows of one backend/precision/attention/graphs run; with 'tuned' attention, what the plan picked per
     attention shape (and the times it picked by) goes into `picks`."""
@@ -337,10 +372,11 @@ def _bench_backend(
         warmup=False,
         attention=attention,
         graphs=graphs,
+        compile=compiled,
     )
     query_ids = np.array([[0] + list(range(10, 21)) + [2]], np.int64)  # 13 tokens, a typical narration length
     query_mask = np.ones_like(query_ids)
-    tag = {"backend": _label(backend, attention, graphs), "precision": precision, "frames": f}
+    tag = {"backend": _label(backend, attention, graphs, compiled), "precision": precision, "frames": f}
 
     def cold(role, inputs):
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""`egovlp-deploy export`: a checkpoint -> validated ONNX / TensorRT / AOTInductor artifacts + manifest.json.
+"""`egovlp-deploy export`: a checkpoint -> validated ONNX / TensorRT / AOTInductor / torch.export program artifacts
++ manifest.json.
 
 Roles (one artifact each): video_encoder (dual video embedding), text_encoder (dual text embedding + text prefix
 states), video_fusion_prefix (cacheable fusion-mode video states), fusion_head (prefixes -> VTM logits), fusion
@@ -84,8 +85,14 @@ def add_arguments(parser) -> None:
         "--tokenizer", metavar="DIR", help="tokenizer directory for --egomcq (a run keeps it in RUN/tokenizer)"
     )
     val.add_argument("--max-questions", type=int, default=24, metavar="N", help="EgoMCQ questions used (default: 24)")
-    dev = parser.add_argument_group("TensorRT and AOTInductor")
-    dev.add_argument("--aoti-device", default="cpu", help="cpu or cuda (default: cpu)")
+    dev = parser.add_argument_group("TensorRT, AOTInductor and torch.export programs")
+    dev.add_argument(
+        "--torch-device",
+        "--aoti-device",
+        dest="torch_device",
+        default="cpu",
+        help="cpu or cuda: the device AOTInductor packages and programs are built for (default: cpu)",
+    )
     dev.add_argument(
         "--aoti-opt-level",
         choices=("O0", "O1"),
@@ -120,7 +127,7 @@ def run(args) -> int:
         video_root=args.video_root,
         tokenizer=args.tokenizer,
         max_questions=args.max_questions,
-        aoti_device=args.aoti_device,
+        torch_device=args.torch_device,
         aoti_opt_level=args.aoti_opt_level,
         trt_strongly_typed=args.trt_strongly_typed,
         trt_refit=args.trt_refit,

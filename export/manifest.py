@@ -12,12 +12,13 @@ every external data location inside an ONNX graph is confined to the export fold
 An engines folder is data from anywhere (copied, downloaded); nothing it names may make the loader read elsewhere.
 
 Loading an artifact checks, in this order, and raises `ArtifactError` naming the file and the mismatch:
-inside the folder -> present -> size and sha256 (corrupt or swapped file) -> for ONNX, the role/precision stored
-inside the file (a file from another export under this name) and each external data file it reads: recorded in
-the manifest, inside the folder, size and sha256 -> tool versions the format depends on (an AOTInductor package
-runs only with the torch it was built by; a TensorRT engine only with its TensorRT; ONNX needs a runtime that knows
-its opset). A graph that reads external data under a manifest that records none (written before external data was
-recorded) is refused with a request to re-export: nothing would vouch for those bytes. The exporter itself writes
+inside the folder -> present -> size and sha256 (corrupt or swapped file) -> for ONNX and torch.export programs,
+the role/precision stored inside the file (a file from another export under this name), and for ONNX each external
+data file it reads: recorded in the manifest, inside the folder, size and sha256 -> tool versions the format depends
+on (an AOTInductor package or a program runs only with the torch it was built by; a TensorRT engine only with its
+TensorRT; ONNX needs a runtime that knows its opset). A graph that reads external data under a manifest that
+records none (written before external data was recorded) is refused with a request to re-export: nothing would vouch
+for those bytes. The exporter itself writes
 single-file graphs, so the manifests it wrote before keep loading.
 """
 
@@ -148,7 +149,7 @@ def io_entry(role: str, config, precision: str, max_batch: int, max_text_len: in
 class ArtifactEntry:
     file: str
     role: str
-    format: str  # onnx | tensorrt | aoti
+    format: str  # onnx | tensorrt | aoti | program
     precision: str  # fp32 | fp16 | bf16 | int8
     sha256: str
     bytes: int
@@ -342,6 +343,8 @@ def verify_artifact(directory: str | os.PathLike, entry: ArtifactEntry, manifest
     _check_file(path, entry.bytes, entry.sha256)
     if entry.format == "onnx":
         _check_onnx(directory, path, entry, external)
+    elif entry.format == "program":
+        _check_program_identity(path, entry)
     check_tool_versions(entry, manifest_tools=manifest_tools)
     return path
 
@@ -387,6 +390,16 @@ def _check_onnx_identity(path: Path, entry: ArtifactEntry, meta: dict[str, str])
         raise ArtifactError(f"{path}: the file is {precision!r} but the manifest says {entry.precision!r}")
 
 
+def _check_program_identity(path: Path, entry: ArtifactEntry) -> None:
+    from .program import ProgramError, read_program_info
+
+    try:
+        info = read_program_info(path)
+    except ProgramError as exc:
+        raise ArtifactError(str(exc)) from exc
+    _check_onnx_identity(path, entry, {"egovlp.role": info.get("role"), "egovlp.precision": info.get("precision")})
+
+
 def check_tool_versions(entry: ArtifactEntry, tools: dict | None = None, manifest_tools: dict | None = None) -> None:
     """Formats tied to a tool version: refuse to load them with another one."""
     now = tools or tool_versions()
@@ -399,10 +412,11 @@ def check_tool_versions(entry: ArtifactEntry, tools: dict | None = None, manifes
             raise ArtifactError(f"{entry.file}: loading ONNX needs onnx and onnxruntime ({exc})") from exc
         if entry.opset > onnx_opset_version():
             raise ArtifactError(f"{entry.file}: opset {entry.opset} is newer than this onnx ({onnx_opset_version()})")
-    if entry.format == "aoti" and built.get("torch") and now.get("torch") != built["torch"]:
+    if entry.format in ("aoti", "program") and built.get("torch") and now.get("torch") != built["torch"]:
+        what = "AOTInductor package" if entry.format == "aoti" else "torch.export program"
         raise ArtifactError(
-            f"{entry.file}: AOTInductor package built with torch {built['torch']}, running torch "
-            f"{now.get('torch')}: rebuild it (packages are tied to the torch that built them)"
+            f"{entry.file}: {what} built with torch {built['torch']}, running torch "
+            f"{now.get('torch')}: rebuild it (it is tied to the torch that built it)"
         )
     if entry.format == "tensorrt" and built.get("tensorrt") and now.get("tensorrt") != built["tensorrt"]:
         raise ArtifactError(

@@ -21,6 +21,7 @@ from egovlp_deploy.ort_session import ort_session
 from egovlp_deploy.tokenizer import tokenizer_beside
 
 from .manifest import Manifest, copy_tokenizer, io_entry
+from .program import PROGRAM_ROLES
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
 from .validate import Check, random_task_set, task_agreement, validate_artifact, validation_sizes
 
@@ -42,7 +43,7 @@ class ExportOptions:
     tokenizer: str | None = None
     max_questions: int = 24
     task_checks: bool = True
-    aoti_device: str = "cpu"
+    torch_device: str = "cpu"  # where AOTInductor packages and torch.export programs are built for
     aoti_opt_level: str = "O1"
     trt_strongly_typed: bool = False
     trt_refit: bool = False
@@ -118,6 +119,11 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
         + (len(opts.precisions) if want_onnx and opts.task_checks else 0)
         + (len(roles) if "tensorrt" in opts.formats else 0)
         + (len([r for r in roles if r in AOTI_ROLES]) if "aoti" in opts.formats else 0)
+        + (
+            len([r for r in roles if r in PROGRAM_ROLES]) * len(_program_precisions(opts))
+            if "program" in opts.formats
+            else 0
+        )
         + 1
     )
     progress = Progress(n_steps, quiet=quiet)
@@ -214,19 +220,19 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
         from .aoti import AotiLoadError, check_loads_in_child, export_aoti, load_aoti
 
         for role in [r for r in roles if r in AOTI_ROLES]:
-            precision = "fp32" if opts.aoti_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
-            path = out / "aoti" / f"{opts.aoti_device.split(':')[0]}_{precision}" / f"{role}.pt2"
+            precision = "fp32" if opts.torch_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
+            path = out / "aoti" / f"{opts.torch_device.split(':')[0]}_{precision}" / f"{role}.pt2"
             made = export_aoti(
                 model,
                 role,
                 path,
                 max_batch=opts.max_batch,
                 max_text_len=opts.max_text_len,
-                device=opts.aoti_device,
+                device=opts.torch_device,
                 precision=precision,
                 wrapper_opt_level=opts.aoti_opt_level,
             )
-            if opts.aoti_device != "cpu":  # a CUDA package's loader can crash or hang (check_loads_in_child)
+            if opts.torch_device != "cpu":  # a CUDA package's loader can crash or hang (check_loads_in_child)
                 try:
                     check_loads_in_child(path)
                 except AotiLoadError as exc:
@@ -237,7 +243,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
                 validate_artifact(
                     model,
                     role,
-                    load_aoti(path, role, opts.aoti_device),
+                    load_aoti(path, role, opts.torch_device),
                     "fp32" if precision == "fp32" else "fp16",
                     sizes,
                 )
@@ -248,12 +254,15 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
                 role=role,
                 format="aoti",
                 precision=precision,
-                device=opts.aoti_device,
+                device=opts.torch_device,
                 io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
                 export_seconds=round(made.seconds, 2),
                 validation={"passed": check.passed, **check.metrics["worst"]},
             )
             progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)}")
+
+    if "program" in opts.formats:
+        _export_programs(model, roles, opts, out, manifest, progress, record, sizes)
 
     manifest.validation["passed"] = result.passed
     manifest.validation["errors"] = result.errors
@@ -331,6 +340,51 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
         f"      ORT-optimized {precision} {role}: load {load_opt:.0f} vs {load_plain:.0f} ms, run "
         f"{ms_opt:.2f} vs {ms_plain:.2f} ms at B=1 -> {'kept' if keep else 'dropped'}"
     )
+
+
+def _program_precisions(opts) -> list[str]:
+    """fp32 on the CPU (half precision is a GPU format here); on CUDA each requested float precision."""
+    if opts.torch_device == "cpu":
+        return ["fp32"]
+    return [p for p in opts.precisions if p in ("fp32", "fp16")] or ["fp32"]
+
+
+def _export_programs(model, roles, opts, out, manifest, progress, record, sizes) -> None:
+    from .program import export_program, load_program_runner
+
+    device = opts.torch_device.split(":")[0]
+    # On CUDA `--attention custom-ops` puts the project's Triton kernels in the program as egovlp:: operators.
+    attention = "triton" if device == "cuda" and opts.attention == "custom-ops" else "reference"
+    for precision in _program_precisions(opts):
+        for role in [r for r in roles if r in PROGRAM_ROLES]:
+            path = out / "program" / f"{device}_{precision}" / f"{role}.safetensors"
+            made = export_program(
+                model,
+                role,
+                path,
+                max_batch=opts.max_batch,
+                max_text_len=opts.max_text_len,
+                device=opts.torch_device,
+                precision=precision,
+                attention=attention,
+            )
+            run = load_program_runner(path, role, opts.torch_device)
+            check = record(validate_artifact(model, role, run, precision, sizes))
+            manifest.add(
+                out,
+                path,
+                role=role,
+                format="program",
+                precision=precision,
+                device=device,
+                io=io_entry(role, model.config, precision, opts.max_batch, opts.max_text_len),
+                export_seconds=round(made.seconds, 2),
+                validation={"passed": check.passed, **check.metrics["worst"]},
+            )
+            progress.step(
+                f"program {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)} "
+                f"({made.dropped_weights} unused weights left out)"
+            )
 
 
 def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes) -> None:

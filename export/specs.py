@@ -23,7 +23,7 @@ from torch import nn
 DYNAMIC_DIMS = ("batch", "text_len")
 FLOAT = "float"  # a float tensor: float32 in fp32/int8 artifacts, float16 in fp16 ones
 PRECISIONS = ("fp32", "fp16", "int8")
-FORMATS = ("onnx", "tensorrt", "aoti")
+FORMATS = ("onnx", "tensorrt", "aoti", "program")
 
 
 @dataclass(frozen=True)
@@ -242,6 +242,16 @@ def example_inputs(
     raise ValueError(f"unknown role {role!r}")
 
 
+_INPUT_CHECKS = ("_check_video", "_check_text", "_check_pair")
+
+
+def skip_input_checks(model) -> None:
+    """The model's data-dependent input checks become no-ops on this instance (see `export_patches`)."""
+    noop = lambda *args, **kwargs: None  # noqa: E731
+    for name in _INPUT_CHECKS:
+        setattr(model, name, noop)
+
+
 # -- the export patcher ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def export_patches(model, attention_backend: str = "reference"):
@@ -253,11 +263,10 @@ def export_patches(model, attention_backend: str = "reference"):
       session wrapper against the manifest (export/session.py)."""
     previous = model.attention_backend
     model.set_attention_backend(attention_backend)
-    noop = lambda *args, **kwargs: None  # noqa: E731
-    model._check_video = model._check_text = model._check_pair = noop
+    skip_input_checks(model)
     try:
         yield model
     finally:
-        for name in ("_check_video", "_check_text", "_check_pair"):
+        for name in _INPUT_CHECKS:
             model.__dict__.pop(name, None)
         model.set_attention_backend(previous)

@@ -4,25 +4,29 @@
 #   end to end on the base model (the issue's targets) at F=16 fp16, batch 1, through the runtime's torch backend:
 #   the Triton kernels ('auto'), eager PyTorch ('reference') and per-shape measured picks ('tuned'), each with and
 #   without CUDA graphs -> `bench kernels` at B=1, F=16 with the full base video encoder (split keys vs
-#   `triton-1split`) -> the same end-to-end rows on the tiny model (compared with the 2026-11-28 rows) -> GPU tests
-#   (compiled Triton, fixed tiles, CUDA graphs, tuned attention; in the background from here on) beside the
-#   AOTInductor CUDA packages of the tiny model and their `bench e2e` -> the kernel sweep.
+#   `triton-1split`) -> the same end-to-end rows on the tiny model (compared with the 2026-11-28 rows) -> the tiny
+#   model's torch.export programs (CUDA fp16, Triton kernels as egovlp:: ops) through the `program` backend, eager
+#   and Inductor-compiled, with CUDA graphs -> GPU tests (compiled Triton, fixed tiles, CUDA graphs, tuned attention,
+#   the CUDA program; in the background from here on) beside the AOTInductor CUDA packages of the tiny model and
+#   their `bench e2e` -> the base model's programs, compiled, with graphs -> the kernel sweep.
 # Known (H100, torch 2.11.0+cu130, 2026-11-28): the AOTInductor CUDA packages build but do not load (SIGSEGV in the
 # building process, no return in a fresh one; BENCHMARKS.md); scripts/aoti_crash_probe.sh gets the native stacks.
 # Usage (repository root, CUDA machine, no internet):  OUT=/some/dir bash scripts/gpu_check.sh
-#   STEPS=profile,e2e_base,kernels,e2e,tests,aoti,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the
+#   STEPS=profile,e2e_base,kernels,e2e,program,tests,aoti,program_base,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the
 #   tests (pytest -k); AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to build, slower host code;
 #   default O1; the one O0 CUDA build tried, on an H100 on 2026-11-27, died with a segmentation fault).
 # Wheels the image lacks (PyAV, for the decode stage) may travel in .whl/ (see BENCHMARKS.md); they are installed
 # into /tmp/site first.
 # Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, profile{.log,/profile.{json,md,png}},
 # e2e_base{_export.log,.log,/e2e.{json,md,png}}, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
-# e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
+# e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, e2e_program{,_base}{_export.log,_validation.md,.log,
+# /e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
 # bench_sweep.log + bench_sweep/kernels.{json,md,png}; the tuned rows' picks (per attention shape, with the times)
 # are in the e2e JSON and markdown.
 # Every step has its own time cap, and all together stop by GPU_CHECK_SECONDS (default 570); the kernel benchmark
 # writes its JSON/markdown after every case, so a step cut short still leaves its rows. With 15 minutes of device
-# time, the default run gets the issue's numbers first; STEPS=e2e,tests,aoti,sweep is the second call's share.
+# time, the default run gets the issue's numbers first; STEPS=e2e,program,tests,aoti,program_base,sweep is the second
+# call's share.
 set -uo pipefail
 : "${OUT:?set OUT to the output folder}"
 cd "$(dirname "$0")/.."
@@ -39,7 +43,7 @@ REPO=$(pwd)
 # The benchmarks stamp their JSON with this: they run an installed copy from $OUT, away from the checkout.
 EGOVLP_GIT_SHA=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) && export EGOVLP_GIT_SHA
 start=$SECONDS
-STEPS=",${STEPS:-profile,e2e_base,kernels,e2e,tests,aoti,sweep},"
+STEPS=",${STEPS:-profile,e2e_base,kernels,e2e,program,tests,aoti,program_base,sweep},"
 want() { [[ $STEPS == *",$1,"* ]]; }
 TOTAL=${GPU_CHECK_SECONDS:-570}
 # A step's time limit: its own cap, or what is left of TOTAL if less (at least 1 s: `timeout 0` means no limit).
@@ -114,6 +118,23 @@ if want e2e; then
   step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
   rm -f "$OUT/e2e_torch/bench_video.mp4"
 fi
+# The compiled artifact that needs no AOTInductor loader: torch.export programs (export/program.py), run eagerly and
+# compiled by Inductor at load, both replayed from CUDA graphs. program_bench ENGINES_NAME MODEL CAP_EXPORT CAP_BENCH
+program_bench() {
+  local name=$1 model=$2
+  timeout "$(cap "$3")" "$PY" -m egovlp_deploy.cli export --checkpoint "random:$model" --frames 16 --format program \
+    --torch-device cuda --precision fp16 --attention custom-ops --max-batch 20 --out "/tmp/${name}_engines" \
+    > "$OUT/${name}_export.log" 2>&1
+  step "$name export" $?; grep -E "^ +[0-9.]+s +\[" "$OUT/${name}_export.log" | cut -c1-150
+  cp "/tmp/${name}_engines/validation.md" "$OUT/${name}_validation.md" 2>/dev/null
+  timeout "$(cap "$4")" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines "/tmp/${name}_engines" \
+    --backends program --compile off,on --torch-graphs on --out "$OUT/$name" > "$OUT/$name.log" 2>&1
+  step "$name bench" $?; tail -3 "$OUT/$name.log"
+  rm -f "$OUT/$name/bench_video.mp4"
+}
+if want program; then
+  program_bench e2e_program tiny 90 180
+fi
 # GPU tests with fixed tiles (no autotuning): the tests that pick tile sizes get them, and 70 tests compile few
 # variants; the autotuned configs are checked by the benchmark's error column at the real shapes. They start only
 # now, so that their compiling does not share the host with the latency rows above (2026-11-28: run beside them, the
@@ -125,6 +146,7 @@ if want tests; then
     ${PYTEST_K:+-k "$PYTEST_K"} "$REPO/tests/kernels" "$REPO/tests/model/test_attention_backend.py" \
     "$REPO/tests/runtime/test_graphs.py" "$REPO/tests/model/test_attention_plan.py" \
     "$REPO/tests/runtime/test_tuned_attention.py" \
+    "$REPO/tests/export/test_program.py::test_cuda_fp16_program_with_kernels_compiled_and_captured" \
     > "$OUT/pytest.log" 2>&1 &
   tests_pid=$!
 fi
@@ -142,6 +164,11 @@ fi
 if want tests; then
   wait "$tests_pid"; tests_rc=$?
   step tests $tests_rc; tail -8 "$OUT/pytest.log"
+fi
+
+if want program_base; then
+  E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 20 --iters 50 --warmup 5)
+  program_bench e2e_program_base base 120 240
 fi
 
 if want sweep; then

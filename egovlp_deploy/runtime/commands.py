@@ -49,9 +49,9 @@ def _engine_options(parser, required: bool = True) -> None:
     g.add_argument(
         "--backend",
         default="onnxruntime",
-        choices=("onnxruntime", "torch", "aoti", "tensorrt"),
+        choices=("onnxruntime", "torch", "program", "aoti", "tensorrt"),
         help="onnxruntime (default), torch (eager; weights from the checkpoint the manifest names), "
-        "aoti (AOTInductor packages), tensorrt (engines; needs TensorRT and a GPU)",
+        "program (torch.export programs), aoti (AOTInductor packages), tensorrt (engines; needs TensorRT and a GPU)",
     )
     g.add_argument(
         "--device", default="cpu", help="cpu (default), cuda, or tensorrt (onnxruntime's TensorRT execution provider)"
@@ -76,8 +76,14 @@ def _engine_options(parser, required: bool = True) -> None:
     g.add_argument(
         "--cuda-graphs",
         action="store_true",
-        help="torch backend only: capture each call once per input shape into a CUDA graph and replay it "
-        "(on a CPU device it runs eagerly and says so)",
+        help="torch, program and aoti backends: capture each call once per input shape into a CUDA graph and "
+        "replay it (on a CPU device it runs eagerly and says so)",
+    )
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch and program backends: compile each role with Inductor on this device at load (its on-disk "
+        "cache makes the next run's compile short)",
     )
     g.add_argument(
         "--attention",
@@ -106,6 +112,7 @@ def _runtime(args, engines: str | None = None):
         tokenizer=args.tokenizer,
         checkpoint=getattr(args, "checkpoint", None),
         graphs=getattr(args, "cuda_graphs", False),
+        compile=getattr(args, "compile", False),
         attention=getattr(args, "attention", "auto"),
         attention_plan=getattr(args, "attention_plan", None),
     )

@@ -1,6 +1,6 @@
 """One interface over the inference backends: an export folder (manifest.json + artifacts) -> encoders and scorer.
 
-    rt = Runtime("engines/", backend="onnxruntime")          # or "torch", "aoti", "tensorrt"
+    rt = Runtime("engines/", backend="onnxruntime")          # or "torch", "program", "aoti", "tensorrt"
     v = rt.video_encoder.encode(clips)                       # (B, F, 3, S, S) float -> (B, P)
     t = rt.text_encoder.encode(["#C C picks up the cup"])    # .embedding (B, P), .prefix (B, L, Dt), .mask
     p = rt.video_encoder.fusion_prefix(clips)                # (B, 1 + F*N, Dv): cache it per clip
@@ -22,7 +22,11 @@ Backends, all lazily imported so a missing one is an error only when it is asked
   in `attention_plan=FILE` across runs (model/attention_plan.py). It needs the weights, which an export folder
   does not hold: they come from the checkpoint the manifest names (or `checkpoint=`), and its sha256 must equal the
   manifest's, so the torch backend computes the same model.
-- `aoti`: AOTInductor packages listed in the manifest (`egovlp-deploy export --format aoti`).
+- `program`: torch.export programs listed in the manifest (`egovlp-deploy export --format program`): no weights or
+  model code needed besides the folder; `compile=True` compiles them with Inductor on this device; `graphs=True` as
+  for `torch`.
+- `aoti`: AOTInductor packages listed in the manifest (`egovlp-deploy export --format aoti`); `graphs=True` as for
+  `torch`.
 - `tensorrt`: TensorRT engines listed in the manifest (needs the tensorrt package and a GPU).
 Each role session is warmed up once at load (batch 1), so the first user call does not pay for lazy allocation.
 """
@@ -51,7 +55,7 @@ if TYPE_CHECKING:
     from egovlp_deploy.export.manifest import ArtifactEntry
     from egovlp_deploy.model import EgoVLPv2
 
-BACKENDS = ("onnxruntime", "torch", "aoti", "tensorrt")
+BACKENDS = ("onnxruntime", "torch", "program", "aoti", "tensorrt")
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -229,47 +233,29 @@ class OrtRunner(_Runner):
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values)}
 
 
-class TorchRunner(_Runner):
-    """Eager PyTorch over the role modules of the export specs (the same forward the ONNX graphs were traced from).
+class _TensorRunner(_Runner):
+    """A torch callable over one role's tensors: numpy in, device tensors through `call` (or its CUDA graphs), numpy
+    out. The torch, program and aoti backends differ only in what `call` is.
 
     With `graphs`, calls go through a `GraphCache`: the text length of text inputs is padded up to a bucket first
     (padding token, mask 0, zero states: the padded keys get zero attention weight), and text-length outputs are cut
     back, so one graph serves every query length of its bucket."""
 
-    backend = "torch"
+    attention_plan = None
 
-    def __init__(
-        self,
-        model: EgoVLPv2,
-        role: str,
-        io: dict,
-        precision: str,
-        device: str,
-        compile: bool,
-        graphs: bool = False,
-        max_graphs: int = 8,
-        attention_plan=None,
-    ) -> None:
+    def _setup(self, call, role: str, io: dict, precision: str, device: str, dtype, graphs: bool, max_graphs: int,
+               pad_token_id: int, default_text_len: int) -> None:  # fmt: skip
         import torch
-
-        from egovlp_deploy.export.specs import role_module
 
         from .graphs import GraphCache
 
-        t0 = time.perf_counter()
         self.role, self.precision, self.io = role, precision, io
-        self.torch, self.device = torch, torch.device(device)
-        self.dtype = next(model.parameters()).dtype  # fp16 only on CUDA (see Runtime.torch_model)
-        self.module = role_module(model, role)
-        self.call = torch.compile(self.module, dynamic=True) if compile else self.module
-        self.graphs = GraphCache(self.call, self.device, max_graphs) if graphs else None
-        self.pad_token_id = model.config.text.pad_token_id
-        self.max_text_len = int(io.get("dynamic", {}).get("text_len", [1, model.config.text.max_text_length])[1])
-        attention = model.attention_backend
-        self.provider = f"{self.device.type} eager" + (" + compile" if compile else "") + f" ({attention} attention)"
+        self.torch, self.device, self.dtype = torch, torch.device(device), dtype
+        self.call = call
+        self.graphs = GraphCache(call, self.device, max_graphs) if graphs else None
+        self.pad_token_id = pad_token_id
+        self.max_text_len = int(io.get("dynamic", {}).get("text_len", [1, default_text_len])[1])
         self.output_names = [t["name"] for t in io["outputs"]]
-        self.attention_plan = attention_plan
-        self.load_seconds = time.perf_counter() - t0
 
     def describe(self) -> dict:
         info = super().describe()
@@ -302,6 +288,8 @@ class TorchRunner(_Runner):
         torch = self.torch
         args = {}
         for spec in self.io["inputs"]:
+            if spec["name"] not in inputs:
+                raise EngineError(f"{self.role}: missing input {spec['name']!r}")
             x = torch.from_numpy(np.ascontiguousarray(inputs[spec["name"]]))
             x = x.to(self.device, torch.long if spec["dtype"] == "int64" else self.dtype, non_blocking=True)
             args[spec["name"]] = x
@@ -321,25 +309,92 @@ class TorchRunner(_Runner):
         return result
 
 
-class AotiRunner(_Runner):
+class TorchRunner(_TensorRunner):
+    """Eager PyTorch over the role modules of the export specs (the same forward the ONNX graphs were traced from),
+    optionally `torch.compile`d."""
+
+    backend = "torch"
+
+    def __init__(
+        self,
+        model: EgoVLPv2,
+        role: str,
+        io: dict,
+        precision: str,
+        device: str,
+        compile: bool,
+        graphs: bool = False,
+        max_graphs: int = 8,
+        attention_plan=None,
+    ) -> None:
+        import torch
+
+        from egovlp_deploy.export.specs import role_module
+
+        t0 = time.perf_counter()
+        self.module = role_module(model, role)
+        call = torch.compile(self.module, dynamic=True) if compile else self.module
+        dtype = next(model.parameters()).dtype  # fp16 only on CUDA (see Runtime.torch_model)
+        self._setup(call, role, io, precision, device, dtype, graphs, max_graphs, model.config.text.pad_token_id,
+                    model.config.text.max_text_length)  # fmt: skip
+        attention = model.attention_backend
+        self.provider = f"{self.device.type} eager" + (" + compile" if compile else "") + f" ({attention} attention)"
+        self.attention_plan = attention_plan
+        self.load_seconds = time.perf_counter() - t0
+
+
+class ProgramRunner(_TensorRunner):
+    """A torch.export program of the manifest (export/program.py): the module it describes, optionally compiled by
+    Inductor on this device (`compile`; Inductor's on-disk cache makes the next process's compile short), optionally
+    replayed from CUDA graphs."""
+
+    backend = "program"
+
+    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str, compile: bool = False,
+                 graphs: bool = False, max_graphs: int = 8) -> None:  # fmt: skip
+        import torch
+
+        from egovlp_deploy.export.program import ProgramError, program_module
+
+        t0 = time.perf_counter()
+        path, entry = folder.artifact(role, precision, "program")
+        if entry.device.split(":")[0] != device.split(":")[0]:
+            raise EngineError(f"{path}: a torch.export program exported for {entry.device}, asked to run on {device}")
+        try:
+            # the manifest check above hashed the whole file: no second digest pass
+            module = program_module(path, device, check_digest=False)
+        except ProgramError as exc:
+            raise EngineError(f"engine folder {folder.path}: {exc}") from exc
+        call = torch.compile(module, dynamic=True) if compile else module
+        dtype = torch.float16 if precision == "fp16" else torch.float32
+        text = folder.config.text
+        self._setup(call, role, entry.io, precision, device, dtype, graphs, max_graphs, text.pad_token_id,
+                    text.max_text_length)  # fmt: skip
+        self.provider = f"{self.device.type} program" + (" + compile" if compile else "")
+        self.load_seconds = time.perf_counter() - t0
+
+
+class AotiRunner(_TensorRunner):
     backend = "aoti"
 
-    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str) -> None:
-        from egovlp_deploy.export.aoti import load_aoti
+    def __init__(self, folder: EngineFolder, role: str, precision: str, device: str, graphs: bool = False,
+                 max_graphs: int = 8) -> None:  # fmt: skip
+        import torch
 
         t0 = time.perf_counter()
         path, entry = folder.artifact(role, precision, "aoti")
         if entry.device.split(":")[0] != device.split(":")[0]:
             raise EngineError(f"{path}: an AOTInductor package for {entry.device}, asked to run on {device}")
-        self.role, self.precision, self.io, self.provider = role, precision, entry.io, f"aoti {device}"
         try:
-            self.run = load_aoti(path, role, device)
+            call = torch._inductor.aoti_load_package(str(path))
         except Exception as exc:  # torch raises RuntimeError with a C++ message on a package it cannot load
             raise EngineError(f"{path}: cannot load the AOTInductor package ({exc})") from exc
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        text = folder.config.text
+        self._setup(call, role, entry.io, precision, device, dtype, graphs, max_graphs, text.pad_token_id,
+                    text.max_text_length)  # fmt: skip
+        self.provider = f"aoti {device}"
         self.load_seconds = time.perf_counter() - t0
-
-    def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
-        return self.run(self.prepare(inputs))
 
 
 class TensorRTRunner(_Runner):
@@ -589,8 +644,12 @@ class Runtime:
     ) -> None:
         if backend not in BACKENDS:
             raise EngineError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if graphs and backend != "torch":
-            raise EngineError(f"CUDA graphs are a torch-backend option (runtime/graphs.py), not {backend!r}'s")
+        if graphs and backend not in ("torch", "program", "aoti"):
+            raise EngineError(
+                f"CUDA graphs are for the torch, program and aoti backends (runtime/graphs.py), not {backend!r}"
+            )
+        if compile and backend not in ("torch", "program"):
+            raise EngineError(f"compile is for the torch and program backends, not {backend!r}")
         if max_graphs < 1:
             raise EngineError(f"max_graphs must be >= 1, got {max_graphs}")
         self.graphs, self.max_graphs = graphs, max_graphs
@@ -668,12 +727,12 @@ class Runtime:
             except AttentionPlanError as exc:
                 raise EngineError(str(exc)) from exc
         model = model.to(self.device, torch.float16 if self.precision == "fp16" and cuda else torch.float32)
-        from egovlp_deploy.export.specs import export_patches
+        from egovlp_deploy.export.specs import skip_input_checks
 
-        # The role modules skip the model's data-dependent input checks (the runner checks shapes instead), the
-        # same patch the exporters trace under; kept for the runtime's lifetime.
-        self._patches = export_patches(model, model.attention_backend)
-        self._patches.__enter__()
+        # The role modules skip the model's data-dependent input checks (the runner checks shapes instead), as the
+        # exporters trace them; this model belongs to the runtime, so nothing is restored (a context held open for
+        # the runtime's lifetime would be closed during interpreter shutdown, when its imports no longer work).
+        skip_input_checks(model)
         return model.eval()
 
     def runner(self, role: str) -> _Runner:
@@ -700,8 +759,12 @@ class Runtime:
                 max_graphs=self.max_graphs,
                 attention_plan=self.attention_plan,
             )
+        elif self.backend == "program":
+            r = ProgramRunner(
+                self.folder, role, self.precision, self.device, self.compile, self.graphs, self.max_graphs
+            )
         elif self.backend == "aoti":
-            r = AotiRunner(self.folder, role, self.precision, self.device)
+            r = AotiRunner(self.folder, role, self.precision, self.device, self.graphs, self.max_graphs)
         else:
             r = TensorRTRunner(self.folder, role, self.precision)
         if self.warmup:

@@ -126,6 +126,22 @@ def test_torch_backend_refuses_another_checkpoint(engines_copy, tmp_path):
         Runtime(engines_copy, backend="torch").runner("video_encoder")
 
 
+def test_torch_backend_exits_cleanly(engines):
+    """The torch backend's model stays patched for the runtime's lifetime; nothing of it may run during interpreter
+    shutdown (a context held open was closed then, printing an ImportError from inside `set_attention_backend`)."""
+    import subprocess
+    import sys
+
+    script = (
+        "from egovlp_deploy.runtime import Runtime\n"
+        f"rt = Runtime({str(engines)!r}, backend='torch')\n"
+        "rt.runner('text_encoder')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "Exception ignored" not in done.stderr, done.stderr[-2000:]
+
+
 def test_provider_fallback_is_reported(engines, recwarn):
     import onnxruntime
 

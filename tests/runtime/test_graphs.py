@@ -101,9 +101,10 @@ def test_cpu_device_runs_eagerly_and_says_so():
     assert cache.status().startswith("no CUDA graphs on cpu") and cache.counts["eager"] == 1
 
 
-def test_graphs_are_a_torch_backend_option(engines):
-    with pytest.raises(EngineError, match="torch-backend option"):
-        Runtime(engines, backend="onnxruntime", graphs=True)
+def test_graphs_are_an_option_of_the_torch_program_and_aoti_backends(engines):
+    for backend in ("onnxruntime", "tensorrt"):
+        with pytest.raises(EngineError, match="CUDA graphs are for the torch, program and aoti backends"):
+            Runtime(engines, backend=backend, graphs=True)
     with pytest.raises(EngineError, match="max_graphs"):
         Runtime(engines, backend="torch", graphs=True, max_graphs=0)
 
