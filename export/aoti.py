@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .onnx_export import dynamic_shapes, trace_sizes
-from .specs import AOTI_ROLES, ROLES, example_inputs, export_patches, role_module
+from .program import exported
+from .specs import AOTI_ROLES, ROLES
 
 
 @dataclass
@@ -50,48 +50,27 @@ def export_aoti(
     """Compile `role` into an AOTInductor package at `path` (written to a temp name, then renamed)."""
     if role not in AOTI_ROLES:
         raise ValueError(f"AOTInductor packages are built for {AOTI_ROLES}, not {role!r}")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"AOTInductor precision must be fp32, fp16 or bf16, got {precision!r}")
     if device == "cpu" and precision != "fp32":
         raise ValueError(
             "AOTInductor fp16/bf16 packages are built for CUDA only (CPU half kernels are slow and "
             "not a deployment target)"
         )
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("a CUDA AOTInductor package needs a CUDA device to compile on")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    batch, text_len = trace_sizes(max_batch, max_text_len)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    # Read now: `Module.to` converts parameters in place, so a parameter object read after it reports the new
-    # device and dtype, and the `finally` below would leave the model converted instead of restoring it.
-    param = next(model.parameters())
-    original_device, original_dtype = param.device, param.dtype
-    work = model.to(device=device, dtype=dtype)
-    try:
-        inputs = example_inputs(work, role, batch, text_len, seed=1234, dtype=dtype, device=device)
-        with torch.no_grad(), export_patches(work, attention):
-            program = torch.export.export(
-                role_module(work, role),
-                (),
-                kwargs=inputs,
-                strict=False,
-                dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len),
+    sizes = {"max_batch": max_batch, "max_text_len": max_text_len}
+    with exported(model, role, device=device, precision=precision, attention=attention, **sizes) as program:
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")  # the packager insists on .pt2
+        try:
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=str(tmp),
+                inductor_configs={"aot_inductor.compile_wrapper_opt_level": wrapper_opt_level},
             )
-            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.pt2")  # the packager insists on .pt2
-            try:
-                torch._inductor.aoti_compile_and_package(
-                    program,
-                    package_path=str(tmp),
-                    inductor_configs={"aot_inductor.compile_wrapper_opt_level": wrapper_opt_level},
-                )
-                os.replace(tmp, path)
-            finally:
-                if tmp.exists():
-                    tmp.unlink()
-    finally:
-        model.to(device=original_device, dtype=original_dtype)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     return AotiExport(role, path, device, precision, time.perf_counter() - t0)
 
 

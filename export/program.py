@@ -21,6 +21,7 @@ subgraphs. Node metadata (stack traces, module paths) is dropped at export. A fi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from .onnx_export import dynamic_shapes, trace_sizes
-from .specs import AOTI_ROLES, ROLES, example_inputs, export_patches, role_module
+from .specs import AOTI_ROLES, ROLES, TORCH_DTYPES, converted, example_inputs, export_patches, role_module
 
 FORMAT = "egovlp-deploy torch.export program 1"
 PROGRAM_KEY = "egovlp.program"
@@ -106,6 +107,24 @@ def _program_json(program) -> dict:
     return data
 
 
+@contextlib.contextmanager
+def exported(model, role: str, *, max_batch: int, max_text_len: int, device: str, precision: str, attention: str):
+    """torch.export of `role` built on `device` in `precision`, with dynamic batch and text length. Valid inside the
+    block only: the program shares the model's parameters, which go back to their own device and dtype on exit."""
+    batch, text_len = trace_sizes(max_batch, max_text_len)
+    with converted(model, device, precision) as work:
+        dtype = TORCH_DTYPES[precision]
+        inputs = example_inputs(work, role, batch, text_len, seed=1234, dtype=dtype, device=device)
+        with torch.no_grad(), export_patches(work, attention):
+            yield torch.export.export(
+                role_module(work, role),
+                (),
+                kwargs=inputs,
+                strict=False,
+                dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len),
+            )
+
+
 def export_program(
     model,
     role: str,
@@ -122,52 +141,30 @@ def export_program(
 
     if role not in PROGRAM_ROLES:
         raise ValueError(f"torch.export programs are written for {PROGRAM_ROLES}, not {role!r}")
-    if precision not in ("fp32", "fp16", "bf16"):
-        raise ValueError(f"program precision must be fp32, fp16 or bf16, got {precision!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("a CUDA program is exported on a CUDA device")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    batch, text_len = trace_sizes(max_batch, max_text_len)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    param = next(model.parameters())
-    original_device, original_dtype = param.device, param.dtype  # read before `to`, which converts in place
-    work = model.to(device=device, dtype=dtype)
-    try:
-        inputs = example_inputs(work, role, batch, text_len, seed=1234, dtype=dtype, device=device)
-        with torch.no_grad(), export_patches(work, attention):
-            program = torch.export.export(
-                role_module(work, role),
-                (),
-                kwargs=inputs,
-                strict=False,
-                dynamic_shapes=dynamic_shapes(role, max_batch, max_text_len),
-            )
+    sizes = {"max_batch": max_batch, "max_text_len": max_text_len}
+    with exported(model, role, device=device, precision=precision, attention=attention, **sizes) as program:
         dropped = _drop_unused_inputs(program)
         for name in list(program.state_dict) + list(program.constants):
             if any(fragment in name for fragment in ROLES[role].forbidden_weights):
-                raise ProgramError(
-                    f"{role}: the program reads {name!r}, a cross-attention weight this role must not use"
-                )
+                raise ProgramError(f"{role}: the program reads {name!r}, a cross-attention weight it must not use")
         data = _program_json(program)
         check_program(data, where=str(path))  # what the loader will demand, checked before anything is written
         tensors = {f"state_dict/{k}": v.detach().clone() for k, v in program.state_dict.items()}
         tensors.update({f"constants/{k}": v.detach().clone() for k, v in program.constants.items()})
-        info = {
-            "format": FORMAT,
-            "role": role,
-            "device": device.split(":")[0],
-            "precision": precision,
-            "attention": attention,
-            "torch": torch.__version__,
-            "max_batch": max_batch,
-            "max_text_len": max_text_len,
-        }
-        metadata = {PROGRAM_KEY: json.dumps(data, separators=(",", ":")), INFO_KEY: json.dumps(info)}
-        save_safetensors(tensors, path, metadata=metadata)
-    finally:
-        model.to(device=original_device, dtype=original_dtype)
+    info = {
+        "format": FORMAT,
+        "role": role,
+        "device": device.split(":")[0],
+        "precision": precision,
+        "attention": attention,
+        "torch": torch.__version__,
+        **sizes,
+    }
+    metadata = {PROGRAM_KEY: json.dumps(data, separators=(",", ":")), INFO_KEY: json.dumps(info)}
+    save_safetensors(tensors, path, metadata=metadata)
     return ProgramExport(role, path, device, precision, time.perf_counter() - t0, dropped)
 
 

@@ -248,17 +248,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
                     sizes,
                 )
             )
-            manifest.add(
-                out,
-                path,
-                role=role,
-                format="aoti",
-                precision=precision,
-                device=opts.torch_device,
-                io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
-                export_seconds=round(made.seconds, 2),
-                validation={"passed": check.passed, **check.metrics["worst"]},
-            )
+            _add_torch_artifact(manifest, out, path, "aoti", opts.torch_device, made, check, cfg, opts)
             progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)}")
 
     if "program" in opts.formats:
@@ -342,6 +332,21 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
     )
 
 
+def _add_torch_artifact(manifest, out, path, format, device, made, check, cfg, opts) -> None:
+    """The manifest entry of an AOTInductor package or a program (`made`: its export record)."""
+    manifest.add(
+        out,
+        path,
+        role=made.role,
+        format=format,
+        precision=made.precision,
+        device=device,
+        io=io_entry(made.role, cfg, made.precision, opts.max_batch, opts.max_text_len),
+        export_seconds=round(made.seconds, 2),
+        validation={"passed": check.passed, **check.metrics["worst"]},
+    )
+
+
 def _program_precisions(opts) -> list[str]:
     """fp32 on the CPU (half precision is a GPU format here); on CUDA each requested float precision."""
     if opts.torch_device == "cpu":
@@ -370,17 +375,7 @@ def _export_programs(model, roles, opts, out, manifest, progress, record, sizes)
             )
             run = load_program_runner(path, role, opts.torch_device)
             check = record(validate_artifact(model, role, run, precision, sizes))
-            manifest.add(
-                out,
-                path,
-                role=role,
-                format="program",
-                precision=precision,
-                device=device,
-                io=io_entry(role, model.config, precision, opts.max_batch, opts.max_text_len),
-                export_seconds=round(made.seconds, 2),
-                validation={"passed": check.passed, **check.metrics["worst"]},
-            )
+            _add_torch_artifact(manifest, out, path, "program", device, made, check, model.config, opts)
             progress.step(
                 f"program {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)} "
                 f"({made.dropped_weights} unused weights left out)"

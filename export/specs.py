@@ -252,6 +252,27 @@ def skip_input_checks(model) -> None:
         setattr(model, name, noop)
 
 
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def converted(model, device: str, precision: str):
+    """The model on `device` in `precision`'s dtype for the block, back on its own device and dtype after (the
+    torch-level exporters build on the device and dtype they deploy to)."""
+    if precision not in TORCH_DTYPES:
+        raise ValueError(f"precision must be one of {list(TORCH_DTYPES)}, got {precision!r}")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"building for {device} needs a CUDA device")
+    # Read now: `Module.to` converts parameters in place, so a parameter object read after it reports the new
+    # device and dtype, and the restore below would leave the model converted.
+    param = next(model.parameters())
+    original_device, original_dtype = param.device, param.dtype
+    try:
+        yield model.to(device=device, dtype=TORCH_DTYPES[precision])
+    finally:
+        model.to(device=original_device, dtype=original_dtype)
+
+
 # -- the export patcher ---------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def export_patches(model, attention_backend: str = "reference"):
