@@ -18,8 +18,7 @@ data file it reads: recorded in the manifest, inside the folder, size and sha256
 on (an AOTInductor package or a program runs only with the torch it was built by; a TensorRT engine only with its
 TensorRT; ONNX needs a runtime that knows its opset). A graph that reads external data under a manifest that
 records none (written before external data was recorded) is refused with a request to re-export: nothing would vouch
-for those bytes. The exporter itself writes
-single-file graphs, so the manifests it wrote before keep loading.
+for those bytes. The exporter itself writes single-file graphs, so the manifests it wrote before keep loading.
 """
 
 from __future__ import annotations
@@ -358,7 +357,7 @@ def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: lis
         meta, locations = read_header(path)
     except Exception as exc:  # onnx raises DecodeError and others on garbage
         raise ArtifactError(f"{path}: not a readable ONNX model ({exc})") from exc
-    _check_onnx_identity(path, entry, meta)
+    _check_identity(path, entry, meta.get("egovlp.role"), meta.get("egovlp.precision"))
     if locations and entry.external_data is None:
         raise ArtifactError(
             f"{path}: the graph reads external data ({', '.join(map(repr, locations))}) that this "
@@ -379,8 +378,8 @@ def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: lis
         _check_file(data, rec["bytes"], rec["sha256"], what=f"external data of {entry.file}: ")
 
 
-def _check_onnx_identity(path: Path, entry: ArtifactEntry, meta: dict[str, str]) -> None:
-    role, precision = meta.get("egovlp.role"), meta.get("egovlp.precision")
+def _check_identity(path: Path, entry: ArtifactEntry, role: str | None, precision: str | None) -> None:
+    """The role and precision a file says it holds are the ones its manifest entry lists."""
     if role != entry.role:
         raise ArtifactError(
             f"{path}: the file is a {role!r} graph but the manifest lists it as {entry.role!r} "
@@ -397,7 +396,7 @@ def _check_program_identity(path: Path, entry: ArtifactEntry) -> None:
         info = read_program_info(path)
     except ProgramError as exc:
         raise ArtifactError(str(exc)) from exc
-    _check_onnx_identity(path, entry, {"egovlp.role": info.get("role"), "egovlp.precision": info.get("precision")})
+    _check_identity(path, entry, info.get("role"), info.get("precision"))
 
 
 def check_tool_versions(entry: ArtifactEntry, tools: dict | None = None, manifest_tools: dict | None = None) -> None:

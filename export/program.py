@@ -13,7 +13,8 @@ inputs with `torch.save`, and `torch.export.load` falls back to `torch.load(weig
 
 A program is code (operators to call, symbolic shape expressions that sympy parses with `eval`, shape guards that
 torch compiles into Python), so the loader reads nothing of it before `check_program` has accepted every piece:
-operators only from aten, the project's `egovlp` kernels and Python's `operator` module; shape expressions built
+operators only from aten, the project's `egovlp` kernels and a named set of Python's `operator` functions
+(arithmetic, comparisons, getitem), torch's symbolic-size helpers and math's rounding; shape expressions built
 only from sympy's integer arithmetic; guards only of the form `L['name'].size()[i] == ...`; no custom objects, no
 subgraphs. Node metadata (stack traces, module paths) is dropped at export. A file that breaks any rule is a
 `ProgramError` naming what, before torch deserializes anything.
@@ -252,15 +253,17 @@ def check_program(data, where: str) -> None:
 
 
 # -- load --------------------------------------------------------------------------------------------------------------
-def read_program_info(path: str | os.PathLike) -> dict:
-    """The facts a program file was written with (its header only)."""
+def _header_metadata(path: str | os.PathLike) -> dict:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError) as exc:
         raise ProgramError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+
+def _program_info(meta: dict, path) -> dict:
     try:
         info = json.loads(meta[INFO_KEY])
     except (KeyError, ValueError) as exc:
@@ -271,14 +274,20 @@ def read_program_info(path: str | os.PathLike) -> dict:
     return info
 
 
+def read_program_info(path: str | os.PathLike) -> dict:
+    """The facts a program file was written with (its header only)."""
+    return _program_info(_header_metadata(path), path)
+
+
 def load_program(path: str | os.PathLike, device: str = "cpu", check_digest: bool = True):
     """The ExportedProgram in `path` with its weights on `device`, after `check_program` accepted it."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
     from torch._export.serde import serialize as serde
 
     from egovlp_deploy.checkpoint import CheckpointError, load_safetensors
 
-    info = read_program_info(path)
+    meta = _header_metadata(path)  # read once: the facts and the program
+    info = _program_info(meta, path)
     if info.get("torch") != torch.__version__:
         raise ProgramError(
             f"{path}: program exported with torch {info.get('torch')}, running torch {torch.__version__}: export it "
@@ -286,8 +295,7 @@ def load_program(path: str | os.PathLike, device: str = "cpu", check_digest: boo
         )
     if info.get("device") == "cuda" and not str(device).startswith("cuda"):
         raise ProgramError(f"{path}: a program exported for CUDA, asked to run on {device}")
-    with safe_open(str(path), framework="pt") as f:
-        text = (f.metadata() or {}).get(PROGRAM_KEY)
+    text = meta.get(PROGRAM_KEY)
     if not text:
         raise ProgramError(f"{path}: no program in its header")
     try:
@@ -310,7 +318,7 @@ def load_program(path: str | os.PathLike, device: str = "cpu", check_digest: boo
     parameters = {s["parameter"].get("parameter_name") for s in specs if isinstance(s, dict) and "parameter" in s}
     for name in parameters & state_dict.keys():
         state_dict[name] = torch.nn.Parameter(state_dict[name], requires_grad=False)
-    artifact = serde.SerializedArtifact(json.dumps(data).encode(), state_dict, constants, {})
+    artifact = serde.SerializedArtifact(text.encode(), state_dict, constants, {})  # the very text checked above
     try:
         return serde.deserialize(artifact)
     except (SafetensorError, KeyError, ValueError, AssertionError, RuntimeError, TypeError) as exc:

@@ -355,6 +355,7 @@ class ProgramRunner(_TensorRunner):
         import torch
 
         from egovlp_deploy.export.program import ProgramError, program_module
+        from egovlp_deploy.export.specs import TORCH_DTYPES
 
         t0 = time.perf_counter()
         path, entry = folder.artifact(role, precision, "program")
@@ -366,7 +367,7 @@ class ProgramRunner(_TensorRunner):
         except ProgramError as exc:
             raise EngineError(f"engine folder {folder.path}: {exc}") from exc
         call = torch.compile(module, dynamic=True) if compile else module
-        dtype = torch.float16 if precision == "fp16" else torch.float32
+        dtype = TORCH_DTYPES.get(precision, torch.float32)
         text = folder.config.text
         self._setup(call, role, entry.io, precision, device, dtype, graphs, max_graphs, text.pad_token_id,
                     text.max_text_length)  # fmt: skip
@@ -381,6 +382,8 @@ class AotiRunner(_TensorRunner):
                  max_graphs: int = 8) -> None:  # fmt: skip
         import torch
 
+        from egovlp_deploy.export.specs import TORCH_DTYPES
+
         t0 = time.perf_counter()
         path, entry = folder.artifact(role, precision, "aoti")
         if entry.device.split(":")[0] != device.split(":")[0]:
@@ -389,7 +392,7 @@ class AotiRunner(_TensorRunner):
             call = torch._inductor.aoti_load_package(str(path))
         except Exception as exc:  # torch raises RuntimeError with a C++ message on a package it cannot load
             raise EngineError(f"{path}: cannot load the AOTInductor package ({exc})") from exc
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        dtype = TORCH_DTYPES.get(precision, torch.float32)
         text = folder.config.text
         self._setup(call, role, entry.io, precision, device, dtype, graphs, max_graphs, text.pad_token_id,
                     text.max_text_length)  # fmt: skip
