@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from egovlp_deploy.benchmarking import cpu_model, git_sha
+from egovlp_deploy.benchmarking import cpu_model, error_line, git_sha
 
 DESCRIPTION = __doc__
 WIDTH, HEIGHT, FPS = 1280, 720, 30
@@ -188,7 +188,7 @@ def run(args) -> int:
         try:
             r = index_run(video, engines, decoder, args.window, args.stride)
         except (RuntimeError, ValueError) as exc:
-            rows.append({"what": f"index --decoder {decoder}", "error": str(exc).splitlines()[0]})
+            rows.append({"what": f"index --decoder {decoder}", "error": error_line(exc)})
             continue
         rows.append(
             {

@@ -70,3 +70,9 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def error_line(exc: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message` for a results table (an exception's message may be empty)."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}".rstrip()

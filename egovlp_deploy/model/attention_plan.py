@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from ..benchmarking import error_line
 from ..checkpoint import atomic_write_bytes
 
 PLAN_KIND = "egovlp-attention-plan"
@@ -333,7 +334,7 @@ class AttentionPlan:
                     errors[name] = err
                     ms[name] = self._time(name, lambda name=name: run(name), device, context["metric"])
                 except Exception as exc:  # a candidate that cannot run this shape is rejected, with the reason
-                    rejected[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                    rejected[name] = error_line(exc, 160)
         if not ms:
             raise AttentionPlanError(f"no attention implementation ran {op} {shape} {dtype}: {rejected}")
         pick = min(ms, key=ms.get)

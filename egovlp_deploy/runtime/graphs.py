@@ -21,6 +21,8 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
+from ..benchmarking import error_line
+
 # Text lengths are padded up to a multiple of this many tokens before capture.
 TEXT_BUCKET = 8
 # Calls before capture: autotuning, lazy initialisation and the allocator's first blocks happen outside the graph.
@@ -122,7 +124,7 @@ class GraphCache:
                 self._pool = torch.cuda.graph_pool_handle()
             replay, outputs = self._capture(self.fn, static, self._pool)
         except Exception as exc:  # any capture failure: this signature runs eagerly, and says why
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            reason = error_line(exc)
             self.failed[key] = reason
             warnings.warn(
                 f"CUDA graph capture failed for {key} ({reason}); running it eagerly", GraphCaptureWarning, stacklevel=3

@@ -19,11 +19,14 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
+import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from egovlp_deploy.benchmarking import error_line
 from egovlp_deploy.benchmarking import git_sha as _git_sha
 
 DESCRIPTION = __doc__
@@ -403,11 +406,14 @@ def run(args) -> int:
                         try:
                             row.graph_ms = timer(graph_replay(fns[backend]))
                         except Exception as exc:  # e.g. an op that cannot be captured: the eager time stands
-                            row.note = f"no graph: {type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+                            row.note = f"no graph: {error_line(exc, 60)}"
                     if backend != "compile" and min_bytes is not None:
                         row.bytes_moved = bytes_moved(fns[backend])
             except Exception as exc:  # a backend failing at a shape is a result (e.g. SDPA's grid limit)
-                row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                row.note = error_line(exc, 80)
+                # the note is one line; the log keeps the whole traceback (an Inductor assertion's message is empty)
+                print(f"{case} {shape} {backend} failed:", file=sys.stderr)
+                traceback.print_exc(file=sys.stderr)
             if row.ms and min_bytes:
                 row.gbps = min_bytes / row.ms / 1e6
                 row.copy_fraction = row.gbps / copy_gbps

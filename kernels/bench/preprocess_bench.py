@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.benchmarking import cpu_model, git_sha, median_ms, times_ms
+from egovlp_deploy.benchmarking import cpu_model, error_line, git_sha, median_ms, times_ms
 
 DESCRIPTION = __doc__
 INPUTS = {"256p": (256, 455), "480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
@@ -122,7 +122,7 @@ def _decode_ms(path: Path, num_frames: int, repeats: int, warmup: int) -> dict:
             result[backend] = median_ms(lambda: video.read_frames(path, indices, backend), repeats, warmup)
         except (ImportError, ValueError, RuntimeError) as exc:  # decord has no aarch64 wheel
             result[backend] = None
-            result[f"{backend}_error"] = str(exc).splitlines()[0]
+            result[f"{backend}_error"] = error_line(exc)
     return result
 
 
