@@ -19,12 +19,15 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 
+from .benchmarking import error_line
 from .benchmarking import git_sha as _git_sha
 
 DESCRIPTION = __doc__
@@ -230,6 +233,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     video = write_test_video(out / "bench_video.mp4")
     rows, parity, picks = [], [], []
+    result = {"meta": _meta(args, iters, warmup), "rows": rows, "rerank_parity": parity, "speedups": [],
+              "attention_picks": picks, "gmacs": gmac_comparison("base", (4, 16))}  # fmt: skip
+    failed = 0
     for f in frames:
         engines = (
             Path(args.engines)
@@ -272,8 +278,10 @@ def run(args) -> int:
         ]
         for backend, attention, graphs, compiled in runs:
             for precision in precisions:
+                label = _label(backend, attention, graphs, compiled)
                 try:
-                    rows += _bench_backend(
+                    _bench_backend(
+                        rows,
                         engines,
                         backend,
                         precision,
@@ -292,16 +300,29 @@ def run(args) -> int:
                     )
                 except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
                     rows.append(
-                        {
-                            "stage": "unavailable",
-                            "backend": _label(backend, attention, graphs, compiled),
-                            "precision": precision,
-                            "frames": f,
-                            "note": str(exc)[:300],
-                        }
-                    )
-    gmacs = gmac_comparison("base", (4, 16))
-    meta = {
+                        {"stage": "unavailable", "backend": label, "precision": precision, "frames": f,
+                         "note": str(exc)[:300]}
+                    )  # fmt: skip
+                except Exception as exc:  # one run failing (e.g. an Inductor or a CUDA error) is a
+                    # result: its rows so far stay, the other runs go on, the exit status says so
+                    failed += 1
+                    rows.append(
+                        {"stage": "failed", "backend": label, "precision": precision, "frames": f,
+                         "note": error_line(exc, 300)}
+                    )  # fmt: skip
+                    print(f"bench e2e: {label} {precision} F={f} failed:", file=sys.stderr)
+                    traceback.print_exc(file=sys.stderr)
+                _write(out, result, plot_png=False)  # a run cut short (a timeout, a crash) still leaves its rows
+    result["meta"]["load_avg"] = os.getloadavg()
+    _write(out, result, plot_png=True)
+    print(format_markdown(result))
+    return 1 if failed else 0
+
+
+def _meta(args, iters: int, warmup: int) -> dict:
+    import torch
+
+    return {
         "machine": platform.platform(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
@@ -314,19 +335,14 @@ def run(args) -> int:
         "warmup": warmup,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    result = {
-        "meta": meta,
-        "rows": rows,
-        "rerank_parity": parity,
-        "gmacs": gmacs,
-        "speedups": _speedups(rows),
-        "attention_picks": picks,
-    }
+
+
+def _write(out: Path, result: dict, plot_png: bool) -> None:
+    result["speedups"] = _speedups(result["rows"])
     (out / "e2e.json").write_text(json.dumps(result, indent=1))
     (out / "e2e.md").write_text(format_markdown(result))
-    plot(result, out / "e2e.png")
-    print(format_markdown(result))
-    return 0
+    if plot_png:
+        plot(result, out / "e2e.png")
 
 
 def _label(backend: str, attention: str, graphs: bool = False, compiled: bool = False) -> str:
@@ -340,6 +356,7 @@ def _label(backend: str, attention: str, graphs: bool = False, compiled: bool = 
 
 
 def _bench_backend(
+    rows: list,
     engines,
     backend,
     precision,
@@ -355,14 +372,13 @@ def _bench_backend(
     graphs: bool = False,
     picks: list | None = None,
     compiled: bool = False,
-) -> list[dict]:
-    """The rows of one backend/precision/attention/graphs run; with 'tuned' attention, what the plan picked per
-    attention shape (and the times it picked by) goes into `picks`."""
+) -> None:
+    """Appends to `rows` the rows of one backend/precision/attention/graphs run, each as soon as it is measured; with
+    'tuned' attention, what the plan picked per attention shape (and the times it picked by) goes into `picks`."""
     import torch
 
     from .runtime.engines import Runtime
 
-    rows = []
     rt = Runtime(
         engines,
         backend=backend,
@@ -432,7 +448,6 @@ def _bench_backend(
         rows[-1]["cuda_max_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if rt.attention_plan is not None and picks is not None:
         picks.append({**tag, "summary": rt.attention_plan.summary(), "picks": rt.attention_plan.report()})
-    return rows
 
 
 def _speedups(rows) -> list[dict]:
@@ -465,9 +480,9 @@ def format_markdown(result: dict) -> str:
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
-        if r["stage"] == "unavailable":
+        if r["stage"] in ("unavailable", "failed"):
             lines.append(
-                f"| unavailable | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | {r['note'][:80]} |"
+                f"| {r['stage']} | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | {r['note'][:80]} |"
             )
             continue
         cold = f"{r['cold_start_ms']:.0f}" if "cold_start_ms" in r else "-"
@@ -514,7 +529,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["stage"] != "unavailable"]
+    rows = [r for r in result["rows"] if r["stage"] not in ("unavailable", "failed")]
     fig, ax = plt.subplots(figsize=(10, 4.5))
     labels = [f"{r['stage']}\n{r['backend']} {r['precision']} F{r['frames']} k{r['k']}" for r in rows]
     ax.barh(

@@ -219,6 +219,67 @@ def test_files_that_are_not_programs_of_this_torch_are_named_errors(program_expo
         load_program(archive)
 
 
+def test_programs_with_the_triton_kernels_as_egovlp_operators(tiny_trained_like, tmp_path):
+    """What `--attention custom-ops` writes on CUDA, with the kernels in Triton's CPU interpreter: every role's
+    program holds the egovlp:: operators (not the kernels inlined), passes the loader's check, rebuilds in a fresh
+    interpreter that never imported the kernels, and computes what the eager model with the kernels computes."""
+    import os
+
+    from safetensors import safe_open
+
+    from egovlp_deploy.export.program import export_program
+    from egovlp_deploy.export.specs import example_inputs, role_module
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"  # tests/conftest.py: the kernels run on the CPU
+    _, model = tiny_trained_like
+    model = model.eval()
+    inputs, want = {}, {}
+    for role in PROGRAM_ROLES:
+        path = tmp_path / f"{role}.safetensors"
+        export_program(model, role, path, max_batch=4, max_text_len=16, attention="triton")
+        with safe_open(str(path), framework="pt") as f:
+            nodes = json.loads(f.metadata()[PROGRAM_KEY])["graph_module"]["graph"]["nodes"]
+        targets = {n["target"] for n in nodes}
+        assert {t for t in targets if "egovlp" in t} == {
+            "video_encoder": {"torch.ops.egovlp.divided_attention.default"},
+            "text_encoder": {"torch.ops.egovlp.cross_attention.default"},  # the text self-attention kernel
+            "video_fusion_prefix": {"torch.ops.egovlp.divided_attention.default"},
+            "fusion_head": {"torch.ops.egovlp.divided_attention.default", "torch.ops.egovlp.cross_attention.default"},
+        }[role], role
+        assert not [t for t in targets if "triton" in t.lower()], targets
+        inputs[role] = example_inputs(model, role, 2, 9, seed=3, dtype=torch.float32, device="cpu")
+        model.set_attention_backend("triton")
+        try:
+            with torch.no_grad():
+                out = role_module(model, role)(**inputs[role])
+        finally:
+            model.set_attention_backend("reference")
+        want[role] = [x.numpy() for x in (out if isinstance(out, (tuple, list)) else (out,))]
+    np.savez(tmp_path / "inputs.npz", **{f"{r}.{k}": v.numpy() for r, d in inputs.items() for k, v in d.items()})
+    script = textwrap.dedent(
+        f"""
+        import sys, numpy as np, torch
+        from egovlp_deploy.export.program import program_module
+        assert "egovlp_deploy.kernels.divided_attention" not in sys.modules  # the loader registers the operators
+        data = np.load({str(tmp_path / "inputs.npz")!r})
+        result = {{}}
+        for role in {list(PROGRAM_ROLES)!r}:
+            feed = {{k.split(".", 1)[1]: torch.from_numpy(data[k]) for k in data.files if k.startswith(role + ".")}}
+            with torch.no_grad():
+                out = program_module({str(tmp_path)!r} + f"/{{role}}.safetensors")(**feed)
+            for i, x in enumerate(out if isinstance(out, (tuple, list)) else (out,)):
+                result[f"{{role}}.{{i}}"] = x.numpy()
+        np.savez({str(tmp_path / "outputs.npz")!r}, **result)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    got = np.load(tmp_path / "outputs.npz")
+    for role, outputs in want.items():
+        for i, expected in enumerate(outputs):
+            np.testing.assert_allclose(got[f"{role}.{i}"], expected, rtol=0, atol=1e-5, err_msg=f"{role}/{i}")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (fp16 program with the Triton kernels)")
 def test_cuda_fp16_program_with_kernels_compiled_and_captured(tiny_trained_like, tmp_path):
     from egovlp_deploy.cli import main
