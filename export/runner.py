@@ -9,6 +9,7 @@ that lists a missing or partial file.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -106,7 +107,6 @@ def _ort_run(path: Path, threads: int | None = None):
 def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: bool = False) -> ExportResult:
     from . import onnx_export
     from . import precision as prec
-    from .validate import egomcq_task_set
 
     opts.check()
     out = Path(out)
@@ -120,7 +120,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
         + (len(roles) if "tensorrt" in opts.formats else 0)
         + (len([r for r in roles if r in AOTI_ROLES]) if "aoti" in opts.formats else 0)
         + (
-            len([r for r in roles if r in PROGRAM_ROLES]) * len(_program_precisions(opts))
+            (len([r for r in roles if r in PROGRAM_ROLES]) + opts.task_checks) * len(_program_precisions(opts))
             if "program" in opts.formats
             else 0
         )
@@ -149,6 +149,15 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
     )
     result = ExportResult(out, True, manifest=manifest)
     sizes = validation_sizes(opts.max_batch, opts.max_text_len)
+
+    @functools.cache
+    def task_set():  # the questions of --egomcq or random ones: one set for every precision and artifact kind
+        from .validate import egomcq_task_set
+
+        if opts.egomcq:
+            return egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
+        return random_task_set(model)
+
     runs: dict[str, dict] = {p: {} for p in opts.precisions}
 
     def record(check: Check) -> Check:
@@ -200,18 +209,8 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
             if "fp32" not in opts.precisions:  # only the source of the derived precisions: not an artifact
                 fp32_path.unlink()
         if opts.task_checks:
-            tasks = (
-                egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
-                if opts.egomcq
-                else random_task_set(model)
-            )
             for precision in opts.precisions:
-                check = record(task_agreement(model, runs[precision], precision, tasks, opts.max_batch))
-                manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
-                progress.step(
-                    f"task checks {precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
-                    f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check)
-                )
+                _task_checks(model, runs[precision], precision, task_set(), opts, manifest, progress, record)
 
     if "tensorrt" in opts.formats:
         _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
@@ -252,7 +251,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
             progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)}")
 
     if "program" in opts.formats:
-        _export_programs(model, roles, opts, out, manifest, progress, record, sizes)
+        _export_programs(model, roles, opts, out, manifest, progress, record, sizes, task_set)
 
     manifest.validation["passed"] = result.passed
     manifest.validation["errors"] = result.errors
@@ -273,16 +272,36 @@ def _task_summary(check: Check) -> str:
             f"retrieval t2v/v2t top-1 agreement {r['t2v_top1_agreement']:.2f}/{r['v2t_top1_agreement']:.2f} "
             f"(decisive {r['t2v_decisive']:.2f}/{r['v2t_decisive']:.2f})"
         )
-    e = check.metrics.get("egomcq")
-    if e:
-        parts.append(
-            "EgoMCQ answers agree "
-            + "/".join(f"{e[m]['answer_agreement']:.2f}" for m in ("dual", "fusion", "ensemble"))
-        )
+    for key, what in (("egomcq", "EgoMCQ answers agree"), ("egomcq_via_head", "EgoMCQ answers (fusion head) agree")):
+        e = check.metrics.get(key)
+        if e:
+            agree = "/".join(f"{e[m]['answer_agreement']:.2f}" for m in ("dual", "fusion", "ensemble"))
+            parts.append(f"{what} {agree}")
+            if "accuracy_artifact" in e["dual"]:  # questions with answers: accuracy, torch fp32 -> artifact
+                parts.append(
+                    "accuracy inter/intra % "
+                    + ", ".join(
+                        f"{m} " + "/".join(f"{e[m]['accuracy_torch_fp32'][k]:.1f}->{v:.1f}" for k, v in acc.items())
+                        for m in ("dual", "fusion", "ensemble")
+                        for acc in [e[m]["accuracy_artifact"]]
+                    )
+                )
     h = check.metrics.get("fusion_head_vs_fusion")
     if h:
         parts.append(f"head vs fusion {h['max_abs_vs_fusion_graph']:.1e}")
     return (": " + "; ".join(parts)) if parts else ""
+
+
+def _task_checks(model, runs: dict, precision: str, tasks, opts, manifest, progress, record, label: str = "") -> None:
+    """Retrieval and EgoMCQ answers of the artifacts in `runs` against torch fp32 (`task_agreement`) on `tasks`;
+    `label` names the artifact kind when it is not ONNX."""
+    name = "-".join(label.split() + [precision])  # task/fp16, task/program-cuda-fp16
+    check = record(task_agreement(model, runs, precision, tasks, opts.max_batch, name=name))
+    manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
+    progress.step(
+        f"task checks {label}{precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
+        f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check)
+    )
 
 
 def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manifest, progress) -> None:
@@ -354,13 +373,14 @@ def _program_precisions(opts) -> list[str]:
     return [p for p in opts.precisions if p in ("fp32", "fp16")] or ["fp32"]
 
 
-def _export_programs(model, roles, opts, out, manifest, progress, record, sizes) -> None:
+def _export_programs(model, roles, opts, out, manifest, progress, record, sizes, task_set) -> None:
     from .program import export_program, load_program_runner
 
     device = opts.torch_device.split(":")[0]
     # On CUDA `--attention custom-ops` puts the project's Triton kernels in the program as egovlp:: operators.
     attention = "triton" if device == "cuda" and opts.attention == "custom-ops" else "reference"
     for precision in _program_precisions(opts):
+        runs = {}
         for role in [r for r in roles if r in PROGRAM_ROLES]:
             path = out / "program" / f"{device}_{precision}" / f"{role}.safetensors"
             made = export_program(
@@ -373,13 +393,16 @@ def _export_programs(model, roles, opts, out, manifest, progress, record, sizes)
                 precision=precision,
                 attention=attention,
             )
-            run = load_program_runner(path, role, opts.torch_device)
+            run = runs[role] = load_program_runner(path, role, opts.torch_device)
             check = record(validate_artifact(model, role, run, precision, sizes))
             _add_torch_artifact(manifest, out, path, "program", device, made, check, model.config, opts)
             progress.step(
                 f"program {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)} "
                 f"({made.dropped_weights} unused weights left out)"
             )
+        if opts.task_checks:  # the EgoMCQ answers of these programs (fp16 on CUDA: against torch fp32)
+            tasks = task_set()
+            _task_checks(model, runs, precision, tasks, opts, manifest, progress, record, label=f"program {device} ")
 
 
 def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes) -> None:

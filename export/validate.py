@@ -223,8 +223,9 @@ def _decisive_agreement(ref: torch.Tensor, got: torch.Tensor, tol: float) -> tup
     return raw, float(agree.float().mean())
 
 
-def task_agreement(model, runs: dict, precision: str, tasks: TaskSet, max_batch: int) -> Check:
-    """Retrieval, EgoMCQ answers and the head-vs-fusion equality for the artifacts in `runs` (role -> run)."""
+def task_agreement(model, runs: dict, precision: str, tasks: TaskSet, max_batch: int, name: str = "") -> Check:
+    """Retrieval, EgoMCQ answers and the head-vs-fusion equality for the artifacts in `runs` (role -> run); the
+    check is named `task/<name>` (default: the precision)."""
     from egovlp_deploy.evaluation import score_questions
     from egovlp_deploy.losses import sim_matrix
     from egovlp_deploy.metrics import egomcq_accuracy
@@ -310,4 +311,4 @@ def task_agreement(model, runs: dict, precision: str, tasks: TaskSet, max_batch:
             ):
                 if d > tol:
                     failures.append(f"fusion_head over prefixes differs from the {what} by {d:.2e} (> {tol:.1e})")
-    return Check(f"task/{precision}", not failures, metrics, failures)
+    return Check(f"task/{name or precision}", not failures, metrics, failures)

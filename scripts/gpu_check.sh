@@ -8,25 +8,29 @@
 #   model's torch.export programs (CUDA fp16, Triton kernels as egovlp:: ops) through the `program` backend, eager
 #   and Inductor-compiled, with CUDA graphs -> GPU tests (compiled Triton, fixed tiles, CUDA graphs, tuned attention,
 #   the CUDA program; in the background from here on) beside the AOTInductor CUDA packages of the tiny model and
-#   their `bench e2e` -> the base model's programs, compiled, with graphs -> the kernel sweep.
+#   their `bench e2e` -> the base model's programs, compiled, with graphs -> fp16 programs of the demo's trained
+#   model against torch fp32 (cosine, EgoMCQ answers on its synthetic set; needs gpu_inputs/ carried) -> the kernel
+#   sweep.
 # Known (H100, torch 2.11.0+cu130, 2026-11-28): the AOTInductor CUDA packages build but do not load (SIGSEGV in the
 # building process, no return in a fresh one; BENCHMARKS.md); scripts/aoti_crash_probe.sh gets the native stacks.
 # Usage (repository root, CUDA machine, no internet):  OUT=/some/dir bash scripts/gpu_check.sh
-#   STEPS=profile,e2e_base,kernels,e2e,program,tests,aoti,program_base,sweep (default: all) runs a subset; PYTEST_K=EXPR narrows the
-#   tests (pytest -k); AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to build, slower host code;
-#   default O1; the one O0 CUDA build tried, on an H100 on 2026-11-27, died with a segmentation fault).
+#   STEPS=profile,e2e_base,kernels,e2e,program,tests,aoti,program_base,precision,sweep (default: all) runs a subset;
+#   PYTEST_K=EXPR narrows the tests (pytest -k); AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to
+#   build, slower host code; default O1; the one O0 CUDA build tried, on an H100 on 2026-11-27, died with a
+#   segmentation fault).
 # Wheels the image lacks (PyAV, for the decode stage) may travel in .whl/ (see BENCHMARKS.md); they are installed
 # into /tmp/site first.
 # Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, profile{.log,/profile.{json,md,png}},
 # e2e_base{_export.log,.log,/e2e.{json,md,png}}, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
 # e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, e2e_program{,_base}{_export.log,_validation.md,.log,
-# /e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png},
-# bench_sweep.log + bench_sweep/kernels.{json,md,png}; the tuned rows' picks (per attention shape, with the times)
-# are in the e2e JSON and markdown.
+# /e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png}, precision_export.log +
+# precision_validation.{md,json}, bench_sweep.log + bench_sweep/kernels.{json,md,png}; the tuned rows' picks (per attention
+# shape, with the times) are in the e2e JSON and markdown; targets.md: the issue's targets, met or missed
+# (scripts/gpu_targets.py).
 # Every step has its own time cap, and all together stop by GPU_CHECK_SECONDS (default 570); the kernel benchmark
 # writes its JSON/markdown after every case, so a step cut short still leaves its rows. With 15 minutes of device
-# time, the default run gets the issue's numbers first; STEPS=e2e,program,tests,aoti,program_base,sweep is the second
-# call's share.
+# time, the default run gets the issue's numbers first; STEPS=e2e,program,tests,aoti,program_base,precision,sweep is
+# the second call's share.
 set -uo pipefail
 : "${OUT:?set OUT to the output folder}"
 cd "$(dirname "$0")/.."
@@ -43,7 +47,7 @@ REPO=$(pwd)
 # The benchmarks stamp their JSON with this: they run an installed copy from $OUT, away from the checkout.
 EGOVLP_GIT_SHA=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) && export EGOVLP_GIT_SHA
 start=$SECONDS
-STEPS=",${STEPS:-profile,e2e_base,kernels,e2e,program,tests,aoti,program_base,sweep},"
+STEPS=",${STEPS:-profile,e2e_base,kernels,e2e,program,tests,aoti,program_base,precision,sweep},"
 want() { [[ $STEPS == *",$1,"* ]]; }
 TOTAL=${GPU_CHECK_SECONDS:-570}
 # A step's time limit: its own cap, or what is left of TOTAL if less (at least 1 s: `timeout 0` means no limit).
@@ -171,6 +175,26 @@ if want program_base; then
   program_bench e2e_program_base base 120 240
 fi
 
+# fp16 against fp32 on a trained model (the issue's precision target): the demo's trained tiny model and its held-out
+# synthetic EgoMCQ set, carried as gpu_inputs/ (scripts/gpu_inputs.sh makes it from a demo folder; the call names
+# "gpu_inputs" in carry). Programs on CUDA fp16 with the Triton kernels, validated against torch fp32 on the CPU:
+# cosine per output, and the EgoMCQ answers (dual, fusion re-ranked from the prefixes, ensemble) on every question.
+if want precision; then
+  G="$REPO/gpu_inputs"
+  if [[ -d "$G/run" && -f "$G/data/egomcq.json" ]]; then
+    timeout "$(cap 150)" "$PY" -m egovlp_deploy.cli export --checkpoint "$G/run" --format program \
+      --torch-device cuda --precision fp16 --attention custom-ops --egomcq "$G/data/egomcq.json" \
+      --video-root "$G/data/videos" --tokenizer "$G/run/tokenizer" --max-questions 1000 \
+      --out /tmp/precision_engines > "$OUT/precision_export.log" 2>&1
+    step "precision: trained tiny, CUDA fp16 programs vs torch fp32" $?
+    cp /tmp/precision_engines/validation.md "$OUT/precision_validation.md" 2>/dev/null
+    cp /tmp/precision_engines/validation.json "$OUT/precision_validation.json" 2>/dev/null
+    grep -E "task checks|program fp16" "$OUT/precision_export.log" | cut -c1-200
+  else
+    echo "precision: skipped (no gpu_inputs/ carried: bash scripts/gpu_inputs.sh DEMO_OUT, then carry gpu_inputs)"
+  fi
+fi
+
 if want sweep; then
   timeout "$(cap 600)" "$PY" -m egovlp_deploy.cli bench kernels --batches 8,32 --frames 4,16 \
     --text-lengths 15,30 --no-encoder --out "$OUT/bench_sweep" > "$OUT/bench_sweep.log" 2>&1
@@ -182,4 +206,5 @@ cat "$OUT"/e2e_*/e2e.md 2>/dev/null | grep -E "^\| (video encode|text encode|re-
 cat "$OUT"/e2e_*/e2e.md 2>/dev/null | grep -E "^Attention picks" | cut -c1-160
 cat "$OUT/bench_main/kernels.md" 2>/dev/null | grep -E "^\|" | cut -c1-140
 echo "sweep: $(grep -c '^|' "$OUT/bench_sweep/kernels.md" 2>/dev/null) table lines"
+"$PY" "$REPO/scripts/gpu_targets.py" "$OUT" | tee "$OUT/targets.md" | cut -c1-200
 exit $(( tests_rc != 0 || bench_rc != 0 ))

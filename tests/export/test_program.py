@@ -44,6 +44,11 @@ def test_export_validates_every_role_and_leaves_out_unused_weights(program_expor
         assert len(names) < len(model.state_dict())
     video = [k for k in load_safetensors(_file(out, "video_encoder"))]
     assert video and not [k for k in video if "text_model" in k]  # the dual video encoder reads no text weight
+    # the EgoMCQ answers of the four programs (fusion re-ranked from the prefixes) against torch fp32
+    tasks = manifest["validation"]["task/program-cpu-fp32"]
+    assert tasks["passed"] and tasks["questions"] == 6, tasks
+    assert all(tasks["egomcq_via_head"][m]["answer_agreement"] == 1.0 for m in ("dual", "fusion", "ensemble"))
+    assert tasks["retrieval"]["t2v_top1_agreement"] == 1.0
 
 
 def test_program_backend_computes_what_the_torch_backend_computes(program_export):

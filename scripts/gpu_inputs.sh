@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Inputs for the `precision` step of scripts/gpu_check.sh, gathered into gpu_inputs/ (about 12 MB, git-ignored; the
+# device call carries it: `carry: ["gpu_inputs"]`): the demo's trained tiny model (run/: checkpoint + tokenizer) and
+# its held-out synthetic EgoMCQ set (data/egomcq.json + the held-out videos it reads).
+# Usage (repository root, after `egovlp-deploy demo --out DEMO_OUT`):  bash scripts/gpu_inputs.sh DEMO_OUT
+set -euo pipefail
+demo=${1:?usage: scripts/gpu_inputs.sh DEMO_OUT (a finished egovlp-deploy demo folder)}
+cd "$(dirname "$0")/.."
+for need in run/checkpoints run/tokenizer data/egomcq.json; do
+  [[ -e "$demo/$need" ]] || { echo "$demo/$need is missing: not a finished demo folder" >&2; exit 2; }
+done
+[[ ! -e gpu_inputs ]] || { echo "gpu_inputs/ exists: remove it first" >&2; exit 2; }
+staging=$(mktemp -d gpu_inputs.XXXXXX)
+mkdir -p "$staging/data/videos"
+cp -r "$demo/run" "$staging/run"
+cp "$demo/data/egomcq.json" "$staging/data/"
+# only the videos the questions read (the held-out ones), not the training set
+python3 - "$demo/data/egomcq.json" <<'PY' | while read -r uid; do cp -r "$demo/data/videos/$uid" "$staging/data/videos/"; done
+import json, sys
+questions = json.load(open(sys.argv[1]))
+uids = {c["video_uid"] for q in questions.values() for c in [q["query"], *q["choices"].values()]}
+print("\n".join(sorted(uids)))
+PY
+mv "$staging" gpu_inputs
+du -sh gpu_inputs
