@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Inputs for the `precision` step of scripts/gpu_check.sh, gathered into gpu_inputs/ (about 12 MB, git-ignored; the
-# device call carries it: `carry: ["gpu_inputs"]`): the demo's trained tiny model (run/: checkpoint + tokenizer) and
-# its held-out synthetic EgoMCQ set (data/egomcq.json + the held-out videos it reads).
+# Inputs for the `precision` step of scripts/gpu_check.sh, gathered into gpu_inputs/ (about 13 MB, git-ignored; the
+# device call carries it: `carry: ["gpu_inputs", ".whl"]`): the demo's trained tiny model (run/: checkpoint +
+# tokenizer) and its held-out synthetic EgoMCQ set (data/egomcq.json + the held-out videos it reads); and in .whl/
+# the locked PyAV for the GPU image's Python 3.12 (about 36 MB; the image has no video decoder for Python, and the
+# questions' videos need one), which gpu_check.sh installs first. Needs a package index here.
 # Usage (repository root, after `egovlp-deploy demo --out DEMO_OUT`):  bash scripts/gpu_inputs.sh DEMO_OUT
 set -euo pipefail
 demo=${1:?usage: scripts/gpu_inputs.sh DEMO_OUT (a finished egovlp-deploy demo folder)}
@@ -11,6 +13,7 @@ for need in run/checkpoints run/tokenizer data/egomcq.json; do
 done
 [[ ! -e gpu_inputs ]] || { echo "gpu_inputs/ exists: remove it first" >&2; exit 2; }
 staging=$(mktemp -d gpu_inputs.XXXXXX)
+trap 'rm -rf "$staging"' EXIT  # a half-gathered folder is never left behind (after the move it is gone already)
 mkdir -p "$staging/data/videos"
 cp -r "$demo/run" "$staging/run"
 cp "$demo/data/egomcq.json" "$staging/data/"
@@ -22,4 +25,7 @@ uids = {c["video_uid"] for q in questions.values() for c in [q["query"], *q["cho
 print("\n".join(sorted(uids)))
 PY
 mv "$staging" gpu_inputs
-du -sh gpu_inputs
+av=$(grep -E '^av==' requirements.lock)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$av"
+du -sh gpu_inputs .whl
