@@ -279,6 +279,7 @@ def run(args) -> int:
         for backend, attention, graphs, compiled in runs:
             for precision in precisions:
                 label = _label(backend, attention, graphs, compiled)
+                measured = len(rows)
                 try:
                     _bench_backend(
                         rows,
@@ -298,20 +299,19 @@ def run(args) -> int:
                         compiled=compiled,
                         picks=picks,
                     )
-                except (ValueError, OSError, ImportError) as exc:  # e.g. no aoti/tensorrt artifacts or runtime
-                    rows.append(
-                        {"stage": "unavailable", "backend": label, "precision": precision, "frames": f,
-                         "note": str(exc)[:300]}
-                    )  # fmt: skip
-                except Exception as exc:  # one run failing (e.g. an Inductor or a CUDA error) is a
-                    # result: its rows so far stay, the other runs go on, the exit status says so
-                    failed += 1
-                    rows.append(
-                        {"stage": "failed", "backend": label, "precision": precision, "frames": f,
-                         "note": error_line(exc, 300)}
-                    )  # fmt: skip
-                    print(f"bench e2e: {label} {precision} F={f} failed:", file=sys.stderr)
-                    traceback.print_exc(file=sys.stderr)
+                except Exception as exc:
+                    # A run that never started for want of its artifacts or runtime (no aoti/tensorrt here) is
+                    # "unavailable"; anything else, or a run that measured some stages and then broke (an
+                    # Inductor or CUDA error, a role that does not load), is "failed": its rows so far stay, the
+                    # other runs go on, and the exit status says so.
+                    absent = isinstance(exc, (ValueError, OSError, ImportError)) and len(rows) == measured
+                    row = {"stage": "unavailable" if absent else "failed", "backend": label, "precision": precision,
+                           "frames": f, "note": str(exc)[:300] if absent else error_line(exc, 300)}  # fmt: skip
+                    rows.append(row)
+                    if not absent:
+                        failed += 1
+                        print(f"bench e2e: {label} {precision} F={f} failed:", file=sys.stderr)
+                        traceback.print_exc(file=sys.stderr)
                 _write(out, result, plot_png=False)  # a run cut short (a timeout, a crash) still leaves its rows
     result["meta"]["load_avg"] = os.getloadavg()
     _write(out, result, plot_png=True)

@@ -73,6 +73,6 @@ def cpu_model() -> str:
 
 
 def error_line(exc: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message` for a results table (an exception's message may be empty)."""
-    lines = str(exc).splitlines()
-    return f"{type(exc).__name__}: {lines[0][:limit] if lines else ''}".rstrip()
+    """`Type: first non-empty line of the message` for a results table (the message may be empty)."""
+    line = next((x.strip() for x in str(exc).splitlines() if x.strip()), "")
+    return f"{type(exc).__name__}: {line[:limit]}".rstrip()

@@ -119,11 +119,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
         + (len(opts.precisions) if want_onnx and opts.task_checks else 0)
         + (len(roles) if "tensorrt" in opts.formats else 0)
         + (len([r for r in roles if r in AOTI_ROLES]) if "aoti" in opts.formats else 0)
-        + (
-            (len([r for r in roles if r in PROGRAM_ROLES]) + opts.task_checks) * len(_program_precisions(opts))
-            if "program" in opts.formats
-            else 0
-        )
+        + (_program_steps(roles, opts) * len(_program_precisions(opts)) if "program" in opts.formats else 0)
         + 1
     )
     progress = Progress(n_steps, quiet=quiet)
@@ -373,6 +369,12 @@ def _program_precisions(opts) -> list[str]:
     return [p for p in opts.precisions if p in ("fp32", "fp16")] or ["fp32"]
 
 
+def _program_steps(roles, opts) -> int:
+    """Progress steps per program precision: one per role, and the task checks when there is a program to check."""
+    n = len([r for r in roles if r in PROGRAM_ROLES])
+    return n + (1 if opts.task_checks and n else 0)
+
+
 def _export_programs(model, roles, opts, out, manifest, progress, record, sizes, task_set) -> None:
     from .program import export_program, load_program_runner
 
@@ -400,7 +402,7 @@ def _export_programs(model, roles, opts, out, manifest, progress, record, sizes,
                 f"program {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)} "
                 f"({made.dropped_weights} unused weights left out)"
             )
-        if opts.task_checks:  # the EgoMCQ answers of these programs (fp16 on CUDA: against torch fp32)
+        if opts.task_checks and runs:  # the EgoMCQ answers of these programs (fp16 on CUDA: against torch fp32)
             tasks = task_set()
             _task_checks(model, runs, precision, tasks, opts, manifest, progress, record, label=f"program {device} ")
 

@@ -18,14 +18,15 @@
 #   PYTEST_K=EXPR narrows the tests (pytest -k); AOTI_OPT=O0 builds the AOTInductor wrappers at -O0 (faster to
 #   build, slower host code; default O1; the one O0 CUDA build tried, on an H100 on 2026-11-27, died with a
 #   segmentation fault).
-# Wheels the image lacks (PyAV, for the decode stage) may travel in .whl/ (see BENCHMARKS.md); they are installed
-# into /tmp/site first.
+# Wheels the image lacks (PyAV: the e2e steps write their test video with it, the precision step decodes with it)
+# travel in .whl/, installed into /tmp/site first; scripts/gpu_inputs.sh fetches it beside gpu_inputs/, and the
+# device call names both in carry: ["gpu_inputs", ".whl"] (both are git-ignored).
 # Outputs: $OUT/env.txt and $OUT/gpu_check.tgz holding env.txt, install.log, profile{.log,/profile.{json,md,png}},
 # e2e_base{_export.log,.log,/e2e.{json,md,png}}, pytest.log, e2e_torch{_export.log,.log,/e2e.{json,md,png}},
 # e2e_aoti{_export.log,_validation.md,.log,/e2e.{json,md,png}}, e2e_program{,_base}{_export.log,_validation.md,.log,
 # /e2e.{json,md,png}}, bench_main.log + bench_main/kernels.{json,md,png}, precision_export.log +
-# precision_validation.{md,json}, bench_sweep.log + bench_sweep/kernels.{json,md,png}; the tuned rows' picks (per attention
-# shape, with the times) are in the e2e JSON and markdown; targets.md: the issue's targets, met or missed
+# precision_validation.{md,json}, bench_sweep.log + bench_sweep/kernels.{json,md,png}; the tuned rows' picks (per
+# attention shape, with the times) are in the e2e JSON and markdown; targets.md: the issue's targets, met or missed
 # (scripts/gpu_targets.py).
 # Every step has its own time cap, and all together stop by GPU_CHECK_SECONDS (default 570); the kernel benchmark
 # writes its JSON/markdown after every case, so a step cut short still leaves its rows. With 15 minutes of device
@@ -41,6 +42,9 @@ mkdir -p "$OUT"
 # $OUT/gpu_check.tgz at exit (also after a failed step), with the printed summary beside it.
 RESULTS=$(cd "$OUT" && pwd)
 OUT=$(mktemp -d /tmp/gpu_check.XXXXXX)
+# Export folders of this call (outside $OUT: the reply carries a limited number of files), fresh on every call so a
+# step that fails can never leave an earlier call's validation or engines to be read as its own.
+ENG=$(mktemp -d /tmp/gpu_check_engines.XXXXXX)
 pack() { tar czf "$RESULTS/gpu_check.tgz" -C "$OUT" . 2>/dev/null; cp "$OUT/env.txt" "$RESULTS/" 2>/dev/null; }
 trap pack EXIT
 REPO=$(pwd)
@@ -61,7 +65,10 @@ step() { echo "$1 rc=$2 after $((SECONDS - start)) s"; }
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-if compgen -G ".whl/*.whl" > /dev/null; then
+if ! compgen -G ".whl/*.whl" > /dev/null; then
+  echo "no .whl/ carried: without PyAV the bench e2e steps (their test video) and the precision step fail" \
+    "(scripts/gpu_inputs.sh fetches it; carry: [\"gpu_inputs\", \".whl\"])"
+else
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     > "$OUT/wheels.log" 2>&1 && export PYTHONPATH=/tmp/site
   step "wheels ($(ls .whl | tr '\n' ' '))" $?
@@ -94,10 +101,10 @@ fi
 E2E_ATTENTION=auto,reference,tuned
 if want e2e_base; then
   timeout "$(cap 100)" "$PY" -m egovlp_deploy.cli export --checkpoint random:base --frames 16 --format onnx \
-    --roles text_encoder --ort-optimize never --max-batch 20 --out /tmp/e2e_base_engines > "$OUT/e2e_base_export.log" 2>&1
+    --roles text_encoder --ort-optimize never --max-batch 20 --out "$ENG/e2e_base" > "$OUT/e2e_base_export.log" 2>&1
   step "e2e base export" $?
   timeout "$(cap 200)" "$PY" -m egovlp_deploy.cli bench e2e --device cuda --frames 16 --precisions fp16 --ks 20 \
-    --iters 50 --warmup 5 --engines /tmp/e2e_base_engines --backends torch --torch-attention "$E2E_ATTENTION" \
+    --iters 50 --warmup 5 --engines "$ENG/e2e_base" --backends torch --torch-attention "$E2E_ATTENTION" \
     --torch-graphs off,on --out "$OUT/e2e_base" > "$OUT/e2e_base.log" 2>&1
   step "e2e base bench" $?; tail -3 "$OUT/e2e_base.log"
   rm -f "$OUT/e2e_base/bench_video.mp4"
@@ -114,9 +121,9 @@ fi
 E2E_ARGS=(--device cuda --frames 16 --precisions fp16 --ks 5,20 --iters 100 --warmup 10)
 if want e2e; then
   timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format onnx \
-    --roles text_encoder --ort-optimize never --out /tmp/e2e_torch_engines > "$OUT/e2e_torch_export.log" 2>&1
+    --roles text_encoder --ort-optimize never --out "$ENG/e2e_torch" > "$OUT/e2e_torch_export.log" 2>&1
   step "e2e torch export" $?
-  timeout "$(cap 150)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_torch_engines \
+  timeout "$(cap 150)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines "$ENG/e2e_torch" \
     --backends torch --torch-attention "$E2E_ATTENTION" --torch-graphs off,on --out "$OUT/e2e_torch" \
     > "$OUT/e2e_torch.log" 2>&1
   step "e2e torch bench" $?; tail -3 "$OUT/e2e_torch.log"
@@ -127,11 +134,11 @@ fi
 program_bench() {
   local name=$1 model=$2
   timeout "$(cap "$3")" "$PY" -m egovlp_deploy.cli export --checkpoint "random:$model" --frames 16 --format program \
-    --torch-device cuda --precision fp16 --attention custom-ops --max-batch 20 --out "/tmp/${name}_engines" \
+    --torch-device cuda --precision fp16 --attention custom-ops --max-batch 20 --no-task-checks --out "$ENG/${name}" \
     > "$OUT/${name}_export.log" 2>&1
   step "$name export" $?; grep -E "^ +[0-9.]+s +\[" "$OUT/${name}_export.log" | cut -c1-150
-  cp "/tmp/${name}_engines/validation.md" "$OUT/${name}_validation.md" 2>/dev/null
-  timeout "$(cap "$4")" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines "/tmp/${name}_engines" \
+  cp "$ENG/${name}/validation.md" "$OUT/${name}_validation.md" 2>/dev/null
+  timeout "$(cap "$4")" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines "$ENG/${name}" \
     --backends program --compile off,on --torch-graphs on --out "$OUT/$name" > "$OUT/$name.log" 2>&1
   step "$name bench" $?; tail -3 "$OUT/$name.log"
   rm -f "$OUT/$name/bench_video.mp4"
@@ -156,11 +163,11 @@ if want tests; then
 fi
 if want aoti; then
   timeout "$(cap 330)" "$PY" -m egovlp_deploy.cli export --checkpoint random:tiny --frames 16 --format aoti \
-    --aoti-device cuda --aoti-opt-level "${AOTI_OPT:-O1}" --precision fp16 --out /tmp/e2e_aoti_engines \
+    --aoti-device cuda --aoti-opt-level "${AOTI_OPT:-O1}" --precision fp16 --out "$ENG/e2e_aoti" \
     > "$OUT/e2e_aoti_export.log" 2>&1
   step "e2e aoti export" $?; grep -E "^ +[0-9.]+s +\[" "$OUT/e2e_aoti_export.log" | cut -c1-150
-  cp /tmp/e2e_aoti_engines/validation.md "$OUT/e2e_aoti_validation.md" 2>/dev/null
-  timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines /tmp/e2e_aoti_engines \
+  cp "$ENG/e2e_aoti/validation.md" "$OUT/e2e_aoti_validation.md" 2>/dev/null
+  timeout "$(cap 60)" "$PY" -m egovlp_deploy.cli bench e2e "${E2E_ARGS[@]}" --engines "$ENG/e2e_aoti" \
     --backends aoti --out "$OUT/e2e_aoti" > "$OUT/e2e_aoti.log" 2>&1
   step "e2e aoti bench" $?; tail -3 "$OUT/e2e_aoti.log"
   rm -f "$OUT/e2e_aoti/bench_video.mp4"
@@ -177,21 +184,22 @@ fi
 
 # fp16 against fp32 on a trained model (the issue's precision target): the demo's trained tiny model and its held-out
 # synthetic EgoMCQ set, carried as gpu_inputs/ (scripts/gpu_inputs.sh makes it from a demo folder; the call names
-# "gpu_inputs" in carry). Programs on CUDA fp16 with the Triton kernels, validated against torch fp32 on the CPU:
-# cosine per output, and the EgoMCQ answers (dual, fusion re-ranked from the prefixes, ensemble) on every question.
+# "gpu_inputs" and ".whl" in carry). Programs on CUDA fp16 with the Triton kernels, validated against torch fp32 on
+# the CPU: cosine per output, and the EgoMCQ answers (dual, fusion re-ranked from the prefixes, ensemble) on every
+# question.
 if want precision; then
   G="$REPO/gpu_inputs"
   if [[ -d "$G/run" && -f "$G/data/egomcq.json" ]]; then
     timeout "$(cap 150)" "$PY" -m egovlp_deploy.cli export --checkpoint "$G/run" --format program \
       --torch-device cuda --precision fp16 --attention custom-ops --egomcq "$G/data/egomcq.json" \
       --video-root "$G/data/videos" --tokenizer "$G/run/tokenizer" --max-questions 1000 \
-      --out /tmp/precision_engines > "$OUT/precision_export.log" 2>&1
+      --out "$ENG/precision" > "$OUT/precision_export.log" 2>&1
     step "precision: trained tiny, CUDA fp16 programs vs torch fp32" $?
-    cp /tmp/precision_engines/validation.md "$OUT/precision_validation.md" 2>/dev/null
-    cp /tmp/precision_engines/validation.json "$OUT/precision_validation.json" 2>/dev/null
+    cp "$ENG/precision/validation.md" "$OUT/precision_validation.md" 2>/dev/null
+    cp "$ENG/precision/validation.json" "$OUT/precision_validation.json" 2>/dev/null
     grep -E "task checks|program fp16" "$OUT/precision_export.log" | cut -c1-200
   else
-    echo "precision: skipped (no gpu_inputs/ carried: bash scripts/gpu_inputs.sh DEMO_OUT, then carry gpu_inputs)"
+    echo "precision: skipped (no gpu_inputs/ carried: bash scripts/gpu_inputs.sh DEMO_OUT; carry gpu_inputs, .whl)"
   fi
 fi
 

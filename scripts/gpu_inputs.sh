@@ -18,14 +18,20 @@ mkdir -p "$staging/data/videos"
 cp -r "$demo/run" "$staging/run"
 cp "$demo/data/egomcq.json" "$staging/data/"
 # only the videos the questions read (the held-out ones), not the training set
-python3 - "$demo/data/egomcq.json" <<'PY' | while read -r uid; do cp -r "$demo/data/videos/$uid" "$staging/data/videos/"; done
+uids=$(python3 - "$demo/data/egomcq.json" <<'PY'
 import json, sys
 questions = json.load(open(sys.argv[1]))
 uids = {c["video_uid"] for q in questions.values() for c in [q["query"], *q["choices"].values()]}
 print("\n".join(sorted(uids)))
 PY
-mv "$staging" gpu_inputs
-av=$(grep -E '^av==' requirements.lock)
+)
+[[ -n $uids ]] || { echo "$demo/data/egomcq.json names no video" >&2; exit 2; }
+while IFS= read -r uid; do
+  cp -r "$demo/data/videos/$uid" "$staging/data/videos/"
+done <<< "$uids"
+av=$(grep -E '^av==' requirements.lock) || { echo "requirements.lock pins no av==" >&2; exit 2; }
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl "$av"
+chmod 755 "$staging"  # mktemp's 0700 would follow the folder
+mv "$staging" gpu_inputs
 du -sh gpu_inputs .whl

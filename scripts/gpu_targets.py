@@ -4,9 +4,11 @@ Usage:  python scripts/gpu_targets.py RESULTS_DIR        (RESULTS_DIR: gpu_check
 
 Reads what the steps wrote: e2e_base/ and e2e_program_base/e2e.json (base model through the runtime, batch 1, F = 16,
 fp16), bench_main/ and bench_sweep/kernels.json (kernel times), precision_validation.json (CUDA fp16 programs of
-a trained model against torch fp32), e2e_aoti/e2e.json. A missing file leaves its rows "not measured". Every ratio
-compares rows of the same run; the eager reference is the runtime's torch backend with the plain attention math,
-no CUDA graphs, no compile (`torch/reference`). Prints a markdown table.
+a trained model against torch fp32), e2e_aoti/e2e.json. A missing file leaves its rows "not measured". The eager
+reference is the runtime's torch backend with the plain attention math, no CUDA graphs, no compile
+(`torch/reference`, from e2e_base); the fastest row it is compared with may come from the program bench, a separate
+process of the same gpu_check call on the same machine (the measured column names the row). Prints a markdown
+table.
 """
 
 from __future__ import annotations

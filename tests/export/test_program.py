@@ -92,6 +92,18 @@ def test_loads_and_matches_in_a_fresh_process(program_export, tmp_path):
             np.testing.assert_allclose(got[f"{role}.{name}"], want, rtol=0, atol=1e-6)
 
 
+def test_no_task_checks_and_no_program_role_leave_out_the_task_check(tiny_trained_like, tmp_path):
+    from egovlp_deploy.cli import main
+
+    ckpt, _ = tiny_trained_like
+    for extra in (["--roles", "text_encoder", "--no-task-checks"], ["--roles", "fusion"]):
+        out = tmp_path / extra[-1].strip("-")
+        argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "program", "--quiet", *extra]
+        assert main(argv) == 0
+        validation = json.loads((out / "manifest.json").read_text())["validation"]
+        assert not [k for k in validation if k.startswith("task/")], (extra, sorted(validation))
+
+
 def test_compiled_program_matches_eager(program_export):
     out, _, _ = program_export
     eager = Runtime(out, backend="program", warmup=False)
@@ -292,7 +304,8 @@ def test_cuda_fp16_program_with_kernels_compiled_and_captured(tiny_trained_like,
     ckpt, _ = tiny_trained_like
     out = tmp_path / "engines"
     argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "program", "--precision", "fp16"]
-    assert main(argv + ["--torch-device", "cuda", "--attention", "custom-ops", "--quiet"]) == 0
+    # the task checks of fp16 programs are the gpu_check precision step's (a trained model, its questions)
+    assert main(argv + ["--torch-device", "cuda", "--attention", "custom-ops", "--no-task-checks", "--quiet"]) == 0
     path = out / "program" / "cuda_fp16" / "video_encoder.safetensors"
     from safetensors import safe_open
 
