@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .benchmarking import error_line
 from .benchmarking import git_sha as _git_sha
+from .errors import error_line
 
 DESCRIPTION = __doc__
 

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from egovlp_deploy.benchmarking import cpu_model, error_line, git_sha
+from egovlp_deploy.benchmarking import cpu_model, git_sha
+from egovlp_deploy.errors import error_line
 
 DESCRIPTION = __doc__
 WIDTH, HEIGHT, FPS = 1280, 720, 30

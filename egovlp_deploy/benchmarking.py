@@ -70,9 +70,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
-
-
-def error_line(exc: BaseException, limit: int = 200) -> str:
-    """`Type: first non-empty line of the message` for a results table (the message may be empty)."""
-    line = next((x.strip() for x in str(exc).splitlines() if x.strip()), "")
-    return f"{type(exc).__name__}: {line[:limit]}".rstrip()

@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .errors import error_line
+
 if TYPE_CHECKING:
     from types import ModuleType
 
@@ -252,8 +254,7 @@ def resolve_backend(backend: str = "auto") -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]  # decord appends a long C++ stack trace
+    return error_line(exc, 300)[:300]  # decord appends a long C++ stack trace after its first line
 
 
 class _DecordVideo:

@@ -403,8 +403,8 @@ def _export_programs(model, roles, opts, out, manifest, progress, record, sizes,
                 f"({made.dropped_weights} unused weights left out)"
             )
         if opts.task_checks and runs:  # the EgoMCQ answers of these programs (fp16 on CUDA: against torch fp32)
-            tasks = task_set()
-            _task_checks(model, runs, precision, tasks, opts, manifest, progress, record, label=f"program {device} ")
+            label = f"program {device} "
+            _task_checks(model, runs, precision, task_set(), opts, manifest, progress, record, label=label)
 
 
 def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes) -> None:

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from ..benchmarking import error_line
 from ..checkpoint import atomic_write_bytes
+from ..errors import error_line
 
 PLAN_KIND = "egovlp-attention-plan"
 FORMAT_VERSION = 1

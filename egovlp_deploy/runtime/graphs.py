@@ -21,7 +21,7 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
-from ..benchmarking import error_line
+from ..errors import error_line
 
 # Text lengths are padded up to a multiple of this many tokens before capture.
 TEXT_BUCKET = 8

@@ -26,8 +26,8 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from egovlp_deploy.benchmarking import error_line
 from egovlp_deploy.benchmarking import git_sha as _git_sha
+from egovlp_deploy.errors import error_line
 
 DESCRIPTION = __doc__
 

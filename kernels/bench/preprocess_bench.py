@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.benchmarking import cpu_model, error_line, git_sha, median_ms, times_ms
+from egovlp_deploy.benchmarking import cpu_model, git_sha, median_ms, times_ms
+from egovlp_deploy.errors import error_line
 
 DESCRIPTION = __doc__
 INPUTS = {"256p": (256, 455), "480p": (480, 854), "720p": (720, 1280), "1080p": (1080, 1920)}
