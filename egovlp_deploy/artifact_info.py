@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .checkpoint import MANIFEST as CHECKPOINT_MANIFEST
+from .export.manifest import INCOMPLETE as ENGINES_INCOMPLETE
 from .export.manifest import MANIFEST as ENGINES_MANIFEST
 from .model.egovlp import CONFIG_FILE, WEIGHTS_FILE
 from .runtime.index import INDEX_FILE
@@ -43,8 +44,8 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
         return "index", path
     if (path / "checkpoints").is_dir() or (path / WEIGHTS_FILE).is_file():
         return "checkpoint", path
-    if (path / ENGINES_MANIFEST).is_file():
-        return "engines", path
+    if (path / ENGINES_MANIFEST).is_file() or (path / ENGINES_INCOMPLETE).is_file():
+        return "engines", path  # an unfinished export: the engines reader says so
     raise ValueError(
         f"{path}: not a checkpoint, an engines folder or an index (no {WEIGHTS_FILE}, checkpoints/, "
         f"{ENGINES_MANIFEST} or {INDEX_FILE} in it)"
@@ -178,13 +179,19 @@ def _checkpoint(folder: Path) -> dict:
             for name, meta in files.items()
         )
     tokenizer = tokenizer_beside(folder)
+    config = read_json(folder / CONFIG_FILE, CheckpointError, expect=dict)
+    for section in ("video", "text"):  # the text form reads their fields
+        if not isinstance(config.get(section, {}), dict):
+            raise CheckpointError(
+                f"{folder / CONFIG_FILE}: {section} must be a JSON object, got {type(config[section]).__name__}"
+            )
     return {
         "path": str(folder.resolve()),
         "checkpoint_kind": checkpoint_kind,
         "step": step,
         "complete": complete,
         "run": run,
-        "config": read_json(folder / CONFIG_FILE, CheckpointError, expect=dict),
+        "config": config,
         "weights": _weights(folder / WEIGHTS_FILE),
         "tokenizer": str(tokenizer.resolve()) if tokenizer else None,
     }

@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import re
+import stat
 import struct
 import tempfile
 import warnings
@@ -105,14 +106,43 @@ def latest_valid_checkpoint(directory: str | os.PathLike) -> Path | None:
 
 
 # -- atomic writes ----------------------------------------------------------------------------------------------
+def creation_mode(base: int) -> int:
+    """The permission bits open() (base 0o666) or mkdir() (base 0o777) give a new file under the process umask:
+    tempfile creates its files 0o600 and folders 0o700, which would make every artifact private to its writer."""
+    mask = None
+    try:  # Linux: read the umask without changing it (os.umask's set-and-restore races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                mask = int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    if mask is None:
+        mask = os.umask(0o022)
+        os.umask(mask)
+    return base & ~mask
+
+
+def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
+    """A new temp folder in `parent` (built there, then renamed into place) with the permissions mkdir() gives."""
+    tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
+    os.chmod(tmp, creation_mode(0o777))
+    return tmp
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:
     """Write to a temp file in the same directory, fsync, then rename: readers never see a partial file.
-    `data` is one bytes-like object or a list of them, written in order."""
+    `data` is one bytes-like object or a list of them, written in order. The file gets the permissions of the
+    file it replaces, or those open() gives a new file."""
     path = Path(path)
     if not path.parent.is_dir():  # else the error would name the temp file
         raise FileNotFoundError(f"{path}: its folder {path.parent} does not exist")
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode) if path.is_file() else creation_mode(0o666)
+    except OSError:
+        mode = creation_mode(0o666)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             for part in data if isinstance(data, list) else [data]:
                 f.write(part)
@@ -139,15 +169,29 @@ def _split(blob) -> tuple[dict, memoryview]:
     return json.loads(bytes(view[8 : 8 + n])), view[8 + n :]
 
 
+def _join(header: dict, data) -> list:
+    """A safetensors file's parts from its header and data section, the metadata keys sorted: the library keeps
+    metadata in a hash map, so two keys come out in either order from one process to the next, and the same
+    tensors would not give the same bytes."""
+    if header.get("__metadata__"):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section stays 8-byte aligned, as the library writes it
+    return [struct.pack("<Q", len(raw)), raw, data]
+
+
+def stable_safetensors(blob: bytes) -> list:
+    """`safetensors.*.save(...)` output with its metadata keys in a fixed order (for atomic_write_bytes)."""
+    return _join(*_split(blob))
+
+
 def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     header, data = _split(save(tensors, metadata=metadata))
     header["__metadata__"] = {**(header.get("__metadata__") or {}), DIGEST_KEY: hashlib.sha256(data).hexdigest()}
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # the data section stays 8-byte aligned, as the library writes it
-    atomic_write_bytes(path, [struct.pack("<Q", len(raw)), raw, data])
+    atomic_write_bytes(path, _join(header, data))
 
 
 def safetensors_digest(path: str | os.PathLike) -> str | None:

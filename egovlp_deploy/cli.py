@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -299,6 +300,11 @@ def main(argv: list[str] | None = None) -> int:
     previous = _stop_on_sigterm()
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # the reader of our output has gone (`search ... | head -1`): stop quietly, as a command killed by SIGPIPE
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 141
     except (ValueError, OSError, TrainingError) as exc:
         if os.environ.get("EGOVLP_DEBUG"):
             traceback.print_exc()
@@ -317,8 +323,10 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
-class Terminated(Exception):
-    """SIGTERM, raised where the main thread is, so the command stops like on Ctrl-C."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so the command stops like on Ctrl-C. A BaseException like
+    KeyboardInterrupt: the `except Exception` of a library (the ONNX exporter wraps every Exception it meets) must
+    not turn it into an export failure."""
 
 
 def _stop_on_sigterm():

@@ -293,9 +293,12 @@ class _DecordVideo:
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
-        # decord's rotation filter miscomputes the buffer of some rotated frame sizes (a 48x64 frame turned by 90
-        # degrees fails its size check, a 64x48 one comes back as (64, 48, 4)); PyAV rotates those correctly.
-        rotated_hint = "decord cannot rotate this video's frames; decode it with the PyAV decoder (--decoder pyav)"
+        # decord miscomputes the frame buffer of some sizes: rotated frames (a 48x64 frame turned by 90 degrees
+        # fails its size check, a 64x48 one comes back as (64, 48, 4)) and tiny ones (2x2); PyAV decodes them.
+        rotated_hint = (
+            "decord cannot convert this video's frames at their size (a rotated or very small frame); decode it "
+            "with the PyAV decoder (--decoder pyav)"
+        )
         try:
             frames = self._reader.get_batch(list(indices)).asnumpy()
         except self._errors as exc:

@@ -41,6 +41,8 @@ def read_json(
         data = json.loads(text)
     except json.JSONDecodeError as exc:  # names the line and column
         raise error(f"{path}: not valid JSON ({exc})") from exc
+    except RecursionError as exc:  # thousands of nested brackets: no file of ours nests deeper than a few levels
+        raise error(f"{path}: nested too deeply to be read as JSON") from exc
     if expect is not None and not isinstance(data, expect):
         raise error(f"{path}: expected {_KINDS.get(expect, expect.__name__)}, got {type(data).__name__}")
     return data

@@ -8,7 +8,6 @@ post-processing (`<s> text </s>`), so code written against roberta-base works un
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +79,9 @@ def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = N
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Save into a sibling temp dir, then rename: a reader never sees half a tokenizer.
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    from .checkpoint import make_temp_dir
+
+    tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
     tokenizer.save_pretrained(str(tmp))
     if out_dir.exists():
         import shutil

@@ -10,6 +10,9 @@ export never traced, and the command fails (exit 1) on a mismatch unless --allow
 from __future__ import annotations
 
 import json
+import os
+import sys
+import traceback
 
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES
 
@@ -116,6 +119,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    """Exit 0 when every check passed (or --allow-mismatch), 1 when validation failed or an artifact could not be
+    made (ExportError: one line on stderr, the traceback with EGOVLP_DEBUG=1); a bad option or --out is a
+    ValueError for the CLI (exit 2)."""
+    from .onnx_export import ExportError
     from .runner import ExportOptions, run_export, summary_dict
 
     opts = ExportOptions(
@@ -139,7 +146,13 @@ def run(args) -> int:
         trt_strongly_typed=args.trt_strongly_typed,
         trt_refit=args.trt_refit,
     )
-    result = run_export(args.checkpoint, args.out, opts, quiet=args.quiet or args.json)
+    try:
+        result = run_export(args.checkpoint, args.out, opts, quiet=args.quiet or args.json)
+    except ExportError as exc:
+        if os.environ.get("EGOVLP_DEBUG"):
+            traceback.print_exc()
+        print(f"egovlp-deploy export: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(summary_dict(result), indent=2))
     else:

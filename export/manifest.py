@@ -36,6 +36,9 @@ from egovlp_deploy.jsonfile import read_json
 from .specs import ROLES, static_dims
 
 MANIFEST = "manifest.json"
+# Present while an export into the folder runs (manifest.json is removed before the first artifact is replaced):
+# a folder holding it and no manifest is an unfinished export, which the loader refuses with a request to rerun it.
+INCOMPLETE = "export-incomplete.json"
 FORMAT_VERSION = 1
 TOOLS = ("torch", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "tensorrt", "egovlp-deploy")
 
@@ -226,29 +229,79 @@ def external_data_entries(directory: str | os.PathLike, path: str | os.PathLike)
     return out
 
 
-def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, name: str = "tokenizer") -> dict:
-    """Copy the tokenizer files of `source` into directory/name; returns the manifest entry (file hashes).
-    Other files left in directory/name (an earlier export's) are removed: the loader reads every file there it
-    knows, and only the listed ones are checked (verify_tokenizer refuses the others)."""
-    import shutil
-
-    source, target = Path(source), Path(directory) / name
+def _tokenizer_sources(source: Path) -> list[Path]:
     files = sorted(p for p in source.iterdir() if p.is_file() and not p.is_symlink() and p.suffix in TOKENIZER_SUFFIXES)
     if not files:
         raise ManifestError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_SUFFIXES)}) to copy")
-    target.mkdir(parents=True, exist_ok=True)
-    hashes = {}
+    return files
+
+
+def check_tokenizer_target(
+    source: str | os.PathLike, directory: str | os.PathLike, ours=(), name: str = "tokenizer"
+) -> list[str]:
+    """The names copy_tokenizer(source, directory, name, ours) writes; ManifestError when directory/name holds an
+    entry that is not `ours` (a file an earlier export of this folder listed): it would be replaced or removed, and
+    the export never deletes what it did not write. Hidden files are left alone (no tokenizer reads them)."""
+    source, target = Path(source), Path(directory) / name
+    files = _tokenizer_sources(source)
+    if target.exists() or target.is_symlink():
+        inside(directory, name, "the tokenizer folder")
+    if target.is_dir() and source.resolve() != target.resolve():
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in ours and not p.name.startswith("."))
+        if foreign:
+            raise ManifestError(
+                f"{target}: holds {', '.join(foreign)}, which no earlier export of this folder wrote; nothing was "
+                f"written. Move them away, or export to a new folder"
+            )
+    return [p.name for p in files]
+
+
+def copy_tokenizer(source: str | os.PathLike, directory: str | os.PathLike, name: str = "tokenizer", ours=()) -> dict:
+    """Copy the tokenizer files of `source` into directory/name; returns the manifest entry (file hashes).
+    The files of `ours` (an earlier export's tokenizer files there) that are not copied again are removed: the loader
+    reads every file there it knows, and verify_tokenizer refuses unlisted ones. Any other entry there is refused
+    before anything is written (check_tokenizer_target)."""
+    source, target = Path(source), Path(directory) / name
+    check_tokenizer_target(source, directory, ours, name)
+    files = _tokenizer_sources(source)
     for p in files:
         if p.stat().st_size > TOKENIZER_MAX_BYTES:
             raise ManifestError(f"{p}: {p.stat().st_size} bytes is not a tokenizer file")
+    target.mkdir(parents=True, exist_ok=True)
+    hashes = {}
+    for p in files:
         if p.resolve() != (target / p.name).resolve():
-            shutil.copyfile(p, target / p.name)
+            atomic_copy(p, target / p.name)
         hashes[p.name] = sha256_file(target / p.name)
     if source.resolve() != target.resolve():
-        for stale in target.iterdir():
-            if stale.name not in hashes and (stale.is_file() or stale.is_symlink()):
-                stale.unlink()
+        remove_tokenizer(directory, set(ours) - set(hashes), name)
     return {"dir": name, "files": hashes}
+
+
+def atomic_copy(source: Path, target: Path) -> None:
+    """Copy `source` to `target` under a temp name, then rename: `target` is never a partial file."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.copyfile(source, tmp)
+    os.replace(tmp, target)
+
+
+def remove_tokenizer(directory: str | os.PathLike, ours, name: str = "tokenizer") -> None:
+    """Remove the files `ours` (plain names an earlier export of this folder wrote) from directory/name, and the
+    folder when that leaves it empty; everything else stays."""
+    target = Path(directory) / name
+    for file in sorted(ours):
+        path = inside(directory, f"{name}/{file}", "tokenizer file") if plain_name(file) else None
+        if path is not None and path.parent == target and (path.is_file() or path.is_symlink()):
+            path.unlink()
+    if target.is_dir() and not target.is_symlink() and not any(target.iterdir()):
+        target.rmdir()
+
+
+def plain_name(name) -> bool:
+    """A file name without a folder part."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def _tokenizer_paths(directory: Path, entry: dict) -> tuple[Path, dict[Path, str]]:
@@ -290,11 +343,17 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
     directory = Path(directory)
     path = directory / MANIFEST if directory.is_dir() else directory
     if not path.is_file():
+        if (path.parent / INCOMPLETE).is_file():
+            raise ManifestError(
+                f"{path.parent}: incomplete export (an export into it did not finish, {INCOMPLETE} says so): "
+                f"run the export again"
+            )
         raise ManifestError(f"{path}: no manifest (not an egovlp-deploy export directory)")
     data = read_json(path, ManifestError, expect=dict)
     version = data.get("format_version")
     if version != FORMAT_VERSION:
         raise ManifestError(f"{path}: manifest format_version {version!r}, this egovlp-deploy reads {FORMAT_VERSION}")
+    _check_types(path, data)
     try:
         artifacts = [ArtifactEntry(**a) for a in data["artifacts"]]
         manifest = Manifest(**{**data, "artifacts": artifacts})
@@ -307,6 +366,72 @@ def load_manifest(directory: str | os.PathLike) -> Manifest:
     if manifest.tokenizer:
         _tokenizer_paths(path.parent, manifest.tokenizer)
     return manifest
+
+
+_KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer", float: "a number"}
+
+
+def _expect(path: Path, key: str, value, *types: type, null: bool = False, minimum: int | None = None) -> None:
+    """ManifestError naming `key` unless `value` is one of `types` (null: or None; minimum: an int at least that)."""
+    if value is None and null:
+        return
+    ok = isinstance(value, types) and not isinstance(value, bool)
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if not ok:
+        want = " or ".join(_KINDS[t] for t in types) + (" or null" if null else "")
+        want += f" >= {minimum}" if minimum is not None else ""
+        raise ManifestError(f"{path}: manifest key {key} is {json.dumps(value)[:60]}, expected {want}")
+
+
+def _check_types(path: Path, data: dict) -> None:
+    """The types of every manifest field a reader uses (the runtime, `info`), so a hand-edited or foreign manifest
+    is one ManifestError naming the field, never a TypeError deep inside a reader."""
+    for key in ("source_checkpoint", "model_config", "export", "tools", "validation", "tokenizer"):
+        if key in data:
+            _expect(path, key, data[key], dict)
+    for key in ("max_batch", "max_text_len", "frames", "opset"):
+        if key in data.get("export", {}):
+            _expect(path, f"export.{key}", data["export"][key], int, minimum=1)
+    for name, version in data.get("tools", {}).items():
+        _expect(path, f"tools.{name}", version, str, null=True)
+    if "errors" in data.get("validation", {}):
+        _expect(path, "validation.errors", data["validation"]["errors"], list)
+    _expect(path, "artifacts", data.get("artifacts"), list)
+    for i, a in enumerate(data["artifacts"]):
+        key = f"artifacts[{i}]"
+        _expect(path, key, a, dict)
+        for field_name in ("file", "role", "format", "precision", "sha256", "device", "variant"):
+            if field_name in a:
+                _expect(path, f"{key}.{field_name}", a[field_name], str)
+        if "bytes" in a:
+            _expect(path, f"{key}.bytes", a["bytes"], int, minimum=0)
+        for field_name, types in (("opset", (int,)), ("export_seconds", (int, float)), ("derived_from", (str,))):
+            if field_name in a:
+                _expect(path, f"{key}.{field_name}", a[field_name], *types, null=True)
+        if "validation" in a:
+            _expect(path, f"{key}.validation", a["validation"], dict)
+        if "io" in a:
+            _check_io(path, f"{key}.io", a["io"])
+
+
+def _check_io(path: Path, key: str, io) -> None:
+    """{"inputs": [{"name", "shape", "dtype"}], "outputs": [...], "dynamic": {symbol: [low, high]}}."""
+    _expect(path, key, io, dict)
+    for side in ("inputs", "outputs"):
+        _expect(path, f"{key}.{side}", io.get(side), list)
+        for j, t in enumerate(io[side]):
+            _expect(path, f"{key}.{side}[{j}]", t, dict)
+            _expect(path, f"{key}.{side}[{j}].name", t.get("name"), str)
+            _expect(path, f"{key}.{side}[{j}].dtype", t.get("dtype"), str)
+            _expect(path, f"{key}.{side}[{j}].shape", t.get("shape"), list)
+    _expect(path, f"{key}.dynamic", io.get("dynamic", {}), dict)
+    for symbol, bounds in io.get("dynamic", {}).items():
+        ok = isinstance(bounds, list) and len(bounds) == 2 and all(type(b) is int for b in bounds)
+        if not ok:
+            raise ManifestError(
+                f"{path}: manifest key {key}.dynamic.{symbol} is {json.dumps(bounds)[:60]}, expected [low, high]"
+            )
 
 
 def entry_key(entry: ArtifactEntry) -> str:

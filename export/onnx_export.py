@@ -42,6 +42,40 @@ class OnnxExport:
     op_counts: dict[str, int]
 
 
+def max_opset() -> int:
+    """The newest ONNX opset this installation exports and runs: at most the onnx package's, the onnxscript version
+    converter's (the exporter builds at opset 18 and converts up) and the newest one ONNX Runtime loads."""
+    from onnx.defs import onnx_opset_version
+
+    bound = onnx_opset_version()
+    try:
+        from onnxscript.version_converter import _version_converter
+
+        bound = min(bound, getattr(_version_converter, "SUPPORTED_MAX_ONNX_OPSET", bound))
+    except ImportError:
+        pass
+    while bound > MIN_OPSET and not _ort_loads_opset(bound):
+        bound -= 1
+    return bound
+
+
+def _ort_loads_opset(opset: int) -> bool:
+    """Whether ONNX Runtime opens a one-node graph of this opset (it refuses opsets newer than it knows)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8  # the IR of opset 18: a runtime older than the onnx package refuses newer IR versions
+    try:
+        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception:  # onnxruntime raises its own Fail/InvalidGraph types
+        return False
+    return True
+
+
 def trace_sizes(max_batch: int, max_text_len: int) -> tuple[int, int]:
     if max_batch < 2 or max_text_len < 3:
         raise ValueError(

@@ -5,12 +5,19 @@ ORT-optimized copies where they measure faster, task-level checks per precision,
 AOTInductor packages, and last `manifest.json` + `validation.json` + `validation.md`. Every artifact is written
 under a temp name and renamed, and the manifest is written last, so an interrupted run never leaves a manifest
 that lists a missing or partial file.
+
+The output folder is new, empty, or an earlier export's (its manifest.json, or the export-incomplete.json of a run
+that did not finish); anything else is refused before a file is written. Before the first artifact is written the
+run records export-incomplete.json and removes the earlier manifest.json: an interrupted run leaves a folder the
+runtime refuses as an unfinished export, never a manifest that lists replaced files; a rerun finishes it. Of the
+folder's tokenizer/ the run replaces or removes only the files an earlier export recorded there.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +28,23 @@ from egovlp_deploy.model.factory import load_model
 from egovlp_deploy.ort_session import ort_session
 from egovlp_deploy.tokenizer import tokenizer_beside
 
-from .manifest import Manifest, copy_tokenizer, io_entry
+from .manifest import (
+    INCOMPLETE,
+    MANIFEST,
+    Manifest,
+    ManifestError,
+    check_tokenizer_target,
+    copy_tokenizer,
+    io_entry,
+    load_manifest,
+    plain_name,
+    remove_tokenizer,
+)
 from .program import PROGRAM_ROLES
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
 from .validate import Check, random_task_set, task_agreement, validate_artifact, validation_sizes
+
+TORCH_DEVICE = re.compile(r"cpu|cuda(:[0-9]+)?")
 
 
 @dataclass
@@ -59,6 +79,17 @@ class ExportOptions:
             raise ValueError(f"ort_optimize must be auto, always or never, got {self.ort_optimize!r}")
         if (self.egomcq is None) != (self.video_root is None) or (self.egomcq and not self.tokenizer):
             raise ValueError("--egomcq needs --video-root and --tokenizer")
+        if not TORCH_DEVICE.fullmatch(str(self.torch_device)):
+            raise ValueError(f"--torch-device must be cpu, cuda or cuda:N, got {self.torch_device!r}")
+        if "onnx" in self.formats or "tensorrt" in self.formats:
+            from .onnx_export import MIN_OPSET, max_opset
+
+            top = max_opset()
+            if not MIN_OPSET <= self.opset <= top:
+                raise ValueError(
+                    f"--opset {self.opset}: this installation exports and runs ONNX opsets {MIN_OPSET} to {top} "
+                    f"(onnx, onnxscript and onnxruntime)"
+                )
 
 
 @dataclass
@@ -99,18 +130,37 @@ def _verdict(check: Check) -> str:
 
 
 def _ort_run(path: Path, threads: int | None = None):
-    session = ort_session(path, threads=threads)
+    from .onnx_export import ExportError
+
+    session = ort_session(path, threads=threads, error=ExportError)
     names = [o.name for o in session.get_outputs()]
     return lambda inputs: dict(zip(names, session.run(names, inputs)))
 
 
 def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: bool = False) -> ExportResult:
-    from . import onnx_export
-    from . import precision as prec
+    """Export `checkpoint` into `out`, one export at a time per folder (a second run into it is refused at once)."""
+    from egovlp_deploy.folder_lock import exclusive_writer
 
     opts.check()
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # the lock is the folder's own
+    with exclusive_writer(out, "export folder", ValueError):
+        try:
+            return _export(checkpoint, out, opts, quiet)
+        except BaseException:
+            if created and not any(out.iterdir()):
+                out.rmdir()  # a run refused before it wrote anything leaves no folder behind
+            raise
+
+
+def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> ExportResult:
+    from . import onnx_export
+    from . import precision as prec
+
+    earlier = earlier_tokenizer_files(out)
     roles = list(opts.roles)
     want_onnx = "onnx" in opts.formats or "tensorrt" in opts.formats
     n_steps = (
@@ -125,6 +175,16 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
     progress = Progress(n_steps, quiet=quiet)
     model, source = load_model(checkpoint, opts.frames)
     cfg = model.config
+    if opts.max_text_len > cfg.text.max_text_length:
+        raise ValueError(
+            f"--max-text-len {opts.max_text_len}: the model takes at most {cfg.text.max_text_length} text tokens "
+            f"({cfg.text.max_position_embeddings} positions, {cfg.text.pad_token_id + 1} reserved before the first)"
+        )
+    tokenizer = opts.tokenizer or (tokenizer_beside(source["path"]) if source["kind"] != "random" else None)
+    if tokenizer:  # a tokenizer/ holding files of ours only (ManifestError, a ValueError), before anything is written
+        check_tokenizer_target(tokenizer, out, earlier)
+    out.mkdir(parents=True, exist_ok=True)
+    mark_incomplete(out, earlier)
     progress.step(
         f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)"
@@ -251,13 +311,64 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
 
     manifest.validation["passed"] = result.passed
     manifest.validation["errors"] = result.errors
-    tokenizer = opts.tokenizer or (tokenizer_beside(source["path"]) if source["kind"] != "random" else None)
     if tokenizer:  # the folder then runs text queries anywhere, without the training run
-        manifest.tokenizer = copy_tokenizer(tokenizer, out)
+        mark_incomplete(out, earlier | set(check_tokenizer_target(tokenizer, out, earlier)))
+        manifest.tokenizer = copy_tokenizer(tokenizer, out, ours=earlier)
+    else:  # the earlier export's tokenizer belongs to another model: the runtime must not find it
+        remove_tokenizer(out, earlier)
     write_report(out, result)
     manifest.save(out)
+    (out / INCOMPLETE).unlink(missing_ok=True)
     progress.step(f"manifest.json, validation.json, validation.md written to {out}")
     return result
+
+
+def earlier_tokenizer_files(out: Path) -> set[str]:
+    """The tokenizer/ files an earlier export of `out` wrote (its manifest's, or an unfinished run's record).
+    ValueError, before anything is written, for an `out` that is neither new, empty nor an export folder."""
+    if not out.exists():
+        return set()
+    if not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    names: set[str] = set()
+    if (out / INCOMPLETE).is_file():
+        from egovlp_deploy.jsonfile import read_json
+
+        record = read_json(out / INCOMPLETE, ValueError, expect=dict)
+        files = record.get("tokenizer_files")
+        if not isinstance(files, list) or not all(plain_name(f) for f in files):
+            raise ValueError(f"{out / INCOMPLETE}: tokenizer_files is not a list of file names; nothing was written")
+        names |= set(files)
+    if (out / MANIFEST).exists():
+        try:
+            m = load_manifest(out)
+        except ManifestError as exc:
+            raise ValueError(
+                f"{out}: its {MANIFEST} is not one this exporter can read ({exc}); nothing in the folder is touched. "
+                f"Give --out a new or empty folder, or an earlier export folder"
+            ) from exc
+        if m.tokenizer.get("dir") == "tokenizer":
+            names |= set(m.tokenizer.get("files", {}))
+    elif not (out / INCOMPLETE).is_file() and any(out.iterdir()):
+        raise ValueError(
+            f"{out}: not empty and not an egovlp-deploy export folder (no {MANIFEST}); nothing in it is touched. "
+            f"Give --out a new or empty folder, or an earlier export folder"
+        )
+    return names
+
+
+def mark_incomplete(out: Path, tokenizer_files: set[str]) -> None:
+    """Record that an export into `out` runs, then retire the earlier manifest.json before any artifact of it is
+    replaced. The record lists the tokenizer files the folder may hold from this or the earlier export, so a rerun
+    may replace them."""
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    record = {
+        "about": "an export into this folder has not finished: run `egovlp-deploy export ... --out` into it again",
+        "tokenizer_files": sorted(tokenizer_files),
+    }
+    atomic_write_bytes(out / INCOMPLETE, json.dumps(record, indent=2).encode())
+    (out / MANIFEST).unlink(missing_ok=True)
 
 
 def _task_summary(check: Check) -> str:

@@ -57,3 +57,45 @@ def test_native_extension_is_built():
 
     info = _C.build_info()
     assert info["cplusplus"] >= 201703 and info["build_type"] == "release"
+
+
+def test_sigterm_inside_a_broad_except_still_stops_the_command(monkeypatch, capsys):
+    """A library's `except Exception` (the ONNX exporter wraps whatever it meets) must not turn SIGTERM into a
+    failure of the command: exit 143 and the one-line interrupt message."""
+    import argparse
+    import os
+    import signal
+    import time
+
+    from egovlp_deploy import cli
+
+    def swallowing(args):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        except Exception as exc:
+            raise ValueError(f"ONNX export failed: {exc!r}") from exc
+        return 0
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=swallowing, command="export")
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 143
+    assert "interrupted" in capsys.readouterr().err
+
+
+def test_a_closed_output_pipe_stops_quietly(monkeypatch, capsys):
+    """`egovlp-deploy search ... | head -1`: the reader has gone; no 'error: [Errno 32] Broken pipe' line and
+    exit status 2, but the status of a command stopped by SIGPIPE."""
+    import argparse
+
+    from egovlp_deploy import cli
+
+    def printing(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=printing, command="search")
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 141
+    assert capsys.readouterr().err == ""

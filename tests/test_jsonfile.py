@@ -23,6 +23,7 @@ def test_reads_json(tmp_path):
         (b'{"x": 1', "not valid JSON"),  # truncated
         (b"", "not valid JSON"),
         (b"[1, 2]", "expected a JSON object, got list"),
+        (b"[" * 100_000, "nested too deeply"),  # RecursionError inside json.loads
     ],
 )
 def test_bad_files_raise_the_callers_error_naming_the_file(tmp_path, content, message):

@@ -7,6 +7,7 @@ code path runs on a laptop and on many GPUs.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -29,8 +30,42 @@ class DistInfo:
         return self.world_size > 1
 
 
+DEVICE_HELP = (
+    "auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto); cuda means cuda:0, and under torchrun "
+    "each process takes cuda:LOCAL_RANK, so there give auto or cuda, not an index"
+)
+_DEVICE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
+
+
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """The device `--device` names, checked before any work: "auto", "cpu", "cuda" or "cuda:N" with N below the
+    number of visible GPUs. `local_rank` is LOCAL_RANK under torchrun, which picks the process's GPU ("auto" and
+    "cuda" mean cuda:LOCAL_RANK; an explicit index is refused: torchrun assigns one GPU per process). ValueError
+    (a bad argument) for any other name, and for a GPU that this machine or this torch build does not have."""
+    match = _DEVICE.match(device)
+    if match is None or (match.group(2) is not None and match.group(1) != "cuda"):
+        raise ValueError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    kind, index = match.group(1), match.group(2)
+    if kind == "cpu" or (kind == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available (no GPU, or a torch build without CUDA)")
+    if local_rank is not None and index is not None:
+        raise ValueError(
+            f"--device {device}: under torchrun each process uses cuda:LOCAL_RANK; give --device cuda (or auto) "
+            "and choose the GPUs with CUDA_VISIBLE_DEVICES"
+        )
+    gpu = int(index) if index is not None else (local_rank or 0)
+    count = torch.cuda.device_count()
+    if gpu >= count:
+        which = f"LOCAL_RANK {gpu} needs cuda:{gpu}" if index is None else f"cuda:{gpu} is not there"
+        raise ValueError(f"--device {device}: {which}, but {count} CUDA device(s) are visible")
+    return torch.device("cuda", gpu)
+
+
 def setup(device: str = "auto") -> DistInfo:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any.
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any, on the
+    device `resolve_device` checks.
 
     NCCL on GPUs, gloo on CPUs. Multi-node runs are torchrun's business: `--nnodes`, `--node-rank`,
     `--rdzv-endpoint` (see the README); nothing here changes.
@@ -38,12 +73,10 @@ def setup(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = resolve_device(device, local_rank if "LOCAL_RANK" in os.environ else None)
+    use_cuda = dev.type == "cuda"
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)

@@ -3,9 +3,8 @@ model factory loads, on the official evaluation files (egovlp_deploy/evaluation.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
-
-import torch
 
 from egovlp_deploy.checkpoint import atomic_write_bytes
 from egovlp_deploy.evaluation import (
@@ -20,6 +19,19 @@ from egovlp_deploy.evaluation import (
     format_table,
 )
 from egovlp_deploy.model.factory import load_model, model_at_frames
+
+from .distributed import resolve_device
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse prints the error and exits 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
@@ -88,14 +100,18 @@ def add_arguments(parser) -> None:
         metavar="Q",
         help="EgoMCQ questions, or EK-100 / Charades-Ego clips, per step (default: 4)",
     )
-    parser.add_argument("--max-questions", type=int, metavar="N", help="evaluate only the first N questions")
+    parser.add_argument(
+        "--max-questions", type=positive_int, metavar="N", help="evaluate only the first N questions (N >= 1)"
+    )
     parser.add_argument(
         "--predictions",
         metavar="FILE",
         help="write each EgoMCQ question's chosen clip per mode to FILE as JSON: {key: {mode: choice index}}",
     )
     parser.add_argument("--lax", action="store_true", help="black frames instead of an error for unreadable videos")
-    parser.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    parser.add_argument(
+        "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)"
+    )
     parser.add_argument(
         "--json",
         action="store_true",
@@ -111,15 +127,11 @@ def run(args) -> int:
     from egovlp_deploy.tokenizer import load_tokenizer
 
     check_benchmark_arguments(args)  # before the model is loaded
+    device = resolve_device(args.device)
     if args.frames is not None:
         check_num_frames(args.frames, "--frames")  # before the model is loaded or resized to that many frames
     model, _ = load_model(args.model, frames=args.frames)
     frames = args.frames or model.config.video.num_frames
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if args.device == "auto" else args.device)
-    )
     model = model.to(device)  # load_model gave it `frames` frames
     tokenizer, size, strict = load_tokenizer(args.tokenizer), model.config.video.img_size, not args.lax
     results, report = {}, []

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.checkpoint import latest_valid_checkpoint
+from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, latest_valid_checkpoint
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
 from egovlp_deploy.decoding import release_frame_cache
 from egovlp_deploy.evaluation import (
@@ -254,10 +254,12 @@ def set_rng_state(state: dict) -> None:
 
 
 class MetricsLog:
-    """Append-only JSONL (rank 0), flushed per line; optional TensorBoard mirror."""
+    """Append-only JSONL (rank 0), flushed per line; optional TensorBoard mirror. `rows` counts the file's lines
+    (`rows` at the start: those already there), which each checkpoint stores for `rewind_log`."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: bool):
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool, rows: int = 0):
         self.enabled = enabled
+        self.rows = rows
         self.file = open(path, "a", buffering=1) if enabled else None
         self.writer = None
         if enabled and tensorboard:
@@ -271,6 +273,7 @@ class MetricsLog:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
+        self.rows += 1
         if self.writer is not None:
             for key, value in _flat(record).items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -281,6 +284,33 @@ class MetricsLog:
             self.file.close()
         if self.writer:
             self.writer.close()
+
+
+def rewind_log(path: Path, rows: int | None, step: int) -> int:
+    """Cut metrics.jsonl back to what it held when the resumed checkpoint was saved, so that the resumed run's rows
+    follow without duplicates: its first `rows` lines (the count the checkpoint stores), or, for a checkpoint that
+    has no count, the lines up to the first one past `step` (or the first unreadable one, which a kill can leave
+    half-written). Rewritten atomically; returns the number of lines kept."""
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    if rows is not None:
+        kept = lines[:rows]
+    else:
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                break
+            if not (line.endswith(b"\n") and isinstance(record, dict) and isinstance(record.get("step"), int)):
+                break
+            if record["step"] > step:
+                break
+            kept.append(line)
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, kept)
+    return len(kept)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -306,8 +336,33 @@ def train(
         D.teardown()
 
 
+# What a run writes into its --output directory: any of them there (an empty folder aside) means a run lives there.
+RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tokenizer", "tensorboard")
+
+
+def check_output_dir(output_dir: Path, resume: bool) -> None:
+    """A new run (no --resume) needs a new directory or one that holds no run: in another run's directory its
+    checkpoints (later steps) would prune this run's as they are saved, and the two runs' metrics.jsonl and
+    summary.json would mix. ValueError (a bad argument) before anything is written."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output {output_dir} is a file, not a directory")
+    if resume:
+        return
+    found = [
+        name
+        for name in RUN_FILES
+        if (path := output_dir / name).is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
+    ]
+    if found:
+        raise ValueError(
+            f"--output {output_dir} already holds a training run ({', '.join(found)}): add --resume to continue it, "
+            "or give a new or empty directory"
+        )
+
+
 def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
     ckpt_dir = output_dir / "checkpoints"
+    check_output_dir(output_dir, resume)
     if info.is_main:
         for path in remove_stale_temp_dirs(ckpt_dir):  # no save is running yet: these are from killed ones
             print(f"removed {path}, the temp directory of a checkpoint save that did not finish", file=sys.stderr)
@@ -413,7 +468,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         # be told of.
         wrapped = torch.nn.parallel.DistributedDataParallel(
             objective,
-            device_ids=[info.local_rank] if info.device.type == "cuda" else None,
+            device_ids=[info.device.index] if info.device.type == "cuda" else None,
             find_unused_parameters=finetune,
         )
     o = cfg.optim
@@ -426,6 +481,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     step, epoch, next_micro, skipped, consecutive_skips = 0, 0, 0, 0, 0
+    log_rows = 0
     if found is not None:
         weights, state, run_config = load_checkpoint(found, map_location=info.device)
         if run_config != cfg.to_dict() and info.is_main:
@@ -436,17 +492,21 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             raise TrainingError(
                 f"--resume: {found} does not fit the model this config builds ({str(exc).splitlines()[0]})"
             ) from exc
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, next_micro = state["step"], state["epoch"], state["next_micro"]
-        skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
-        set_rng_state(state["rng"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            step, epoch, next_micro = state["step"], state["epoch"], state["next_micro"]
+            skipped, consecutive_skips = state["skipped"], state["consecutive_skips"]
+            set_rng_state(state["rng"])
+        except KeyError as exc:  # a state.json that verifies but was not written by this trainer (or was edited)
+            raise CheckpointError(f"--resume: {found}/state.json lacks the key {exc.args[0]!r}") from exc
         if info.is_main:
+            log_rows = rewind_log(output_dir / "metrics.jsonl", state.get("log_rows"), step)
             print(f"resumed from {found} (step {step}, epoch {epoch})")
 
-    log = MetricsLog(output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard)
+    log = MetricsLog(output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard, rows=log_rows)
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
@@ -464,6 +524,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(),
+            "log_rows": log.rows,  # metrics.jsonl's lines so far: a resume cuts the log back to them
         }
         if info.is_main:
             save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
@@ -504,17 +565,18 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             bar.write(f"[epoch {epoch} step {step}] {EVAL_NAMES[cfg.task]}\n{text}")
         return result
 
-    log.write(
-        {
-            "step": step,
-            "epoch": epoch,
-            "data": {
-                "clips": len(train_set),
-                "skipped_rows": skipped_rows,
-                "skip_counts": dict(getattr(train_set, "skip_counts", {})),
-            },
-        }
-    )
+    if found is None:  # a resumed run's log holds this record already
+        log.write(
+            {
+                "step": step,
+                "epoch": epoch,
+                "data": {
+                    "clips": len(train_set),
+                    "skipped_rows": skipped_rows,
+                    "skip_counts": dict(getattr(train_set, "skip_counts", {})),
+                },
+            }
+        )
     load_failures = 0
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
@@ -621,7 +683,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     }
     summary["egomcq" if cfg.task == "pretrain" else cfg.task] = final_eval or last_eval
     if info.is_main:
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_bytes(output_dir / "summary.json", json.dumps(summary, indent=2).encode())
     return summary
 
 
@@ -674,7 +736,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set schedule.epochs=2 (repeatable)",
     )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda (default: auto)")
+    parser.add_argument("--device", default="auto", help=D.DEVICE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
 
 

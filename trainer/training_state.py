@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +24,11 @@ import torch
 
 from egovlp_deploy.checkpoint import (
     MANIFEST,
+    CheckpointError,
     atomic_write_bytes,
     list_checkpoints,
     load_safetensors,
+    make_temp_dir,
     save_safetensors,
     verify_checkpoint,
 )
@@ -60,9 +61,13 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "s")
 
 
 def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The nested structure `flatten_state` stored; CheckpointError if it names a tensor `tensors` lacks."""
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
+            key = obj["__tensor__"]
+            if not isinstance(key, str) or key not in tensors:
+                raise CheckpointError(f"state.safetensors lacks the tensor {key!r} that state.json names")
+            return tensors[key]
         if "__dict__" in obj:
             return {k: unflatten_state(v, tensors) for k, v in obj["__dict__"]}
         if "__list__" in obj:
@@ -90,7 +95,7 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=f".step_{step:08d}."))
+    tmp = make_temp_dir(directory, f".step_{step:08d}.")
     try:
         model.save_pretrained(tmp)
         tensors: dict[str, torch.Tensor] = {}
@@ -130,6 +135,9 @@ def load_checkpoint(path: Path, map_location="cpu") -> tuple[dict[str, torch.Ten
     verify_checkpoint(path)
     weights = load_safetensors(path / "model.safetensors", map_location)
     tensors = load_safetensors(path / "state.safetensors", map_location)
-    state = unflatten_state(json.loads((path / "state.json").read_text()), tensors)
+    try:
+        state = unflatten_state(json.loads((path / "state.json").read_text()), tensors)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
     run_config = json.loads((path / "run.json").read_text())
     return weights, state, run_config

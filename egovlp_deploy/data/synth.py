@@ -592,7 +592,9 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
     }
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    from ..checkpoint import make_temp_dir
+
+    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
     try:
         jobs = []
         for p in plans["train"] + plans["eval"]:

@@ -13,6 +13,7 @@ parallel call) and the torch reference transform otherwise, with the same number
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import queue
 import threading
@@ -62,6 +63,19 @@ def decodable_timeline(path: str | os.PathLike, backend: str = "auto", notes: li
     return timeline
 
 
+MIN_SECONDS = 1e-3  # the shortest window or stride: finer than any camera's frame interval
+
+
+def check_seconds(value, name: str) -> float:
+    """`value` as a window length or stride in seconds: a finite number >= MIN_SECONDS (NaN would never end the
+    window loop; 1e-9 s would plan billions of windows), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < MIN_SECONDS:
+        raise ValueError(f"{name} must be at least {MIN_SECONDS} s, got {value!r}")
+    return float(value)
+
+
 def plan_windows(
     path: str | os.PathLike,
     frames: int,
@@ -85,8 +99,7 @@ def plan_windows(
     n, fps = timeline.num_frames, timeline.fps
     out = []
     if window_frames is None:
-        if not window_sec or window_sec <= 0 or not stride_sec or stride_sec <= 0:
-            raise ValueError(f"window and stride must be positive, got {window_sec} s, {stride_sec} s")
+        window_sec, stride_sec = check_seconds(window_sec, "window"), check_seconds(stride_sec, "stride")
         for k in itertools.count():
             start_sec = k * stride_sec
             end_sec = min(start_sec + window_sec, timeline.duration)
@@ -124,22 +137,32 @@ def segment_windows(
     frames: int,
     backend: str = "auto",
     notes: list[str] | None = None,
+    skip_outside: bool = False,
 ) -> tuple[list[Window], float]:
     """Windows at given (start_sec, end_sec, label) segments, with the frame ranges the evaluation readers use
     (`Timeline.official_range`: start = int(start_sec * fps), end = min(int(end_sec * fps), frames) on
-    constant-rate files; the frames shown in the segment on variable-rate ones)."""
+    constant-rate files; the frames shown in the segment on variable-rate ones).
+
+    A segment outside the video raises VideoReadError; with skip_outside (indexing a video's many annotated
+    segments) it is left out with a note, and only a video with no segment inside it raises."""
     timeline = decodable_timeline(path, whole_video_backend(backend), notes)
     n, fps = timeline.num_frames, timeline.fps
-    out = []
+    out, outside = [], []
     for start_sec, end_sec, label in segments:
         start_f, end_f = timeline.official_range(start_sec, end_sec)
         if start_f >= n or end_f <= start_f:
-            raise VideoReadError(
-                path,
-                "out_of_range",
-                f"segment [{start_sec}, {end_sec}] s is outside the video ({n} frames, {timeline.duration:.3f} s)",
-            )
+            outside.append(f"[{start_sec}, {end_sec}]")
+            continue
         out.append(Window(float(start_sec), float(end_sec), _uniform(frames, start_f, end_f), label))
+    if outside:
+        where = f"outside the video ({n} frames, {timeline.duration:.3f} s)"
+        if not skip_outside or len(outside) == 1 == len(segments):
+            raise VideoReadError(path, "out_of_range", f"segment {outside[0]} s is {where}")
+        if not out:
+            raise VideoReadError(path, "out_of_range", f"all {len(outside)} segments are {where} (e.g. {outside[0]} s)")
+        if notes is not None:
+            shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
+            notes.append(f"{len(outside)} of {len(segments)} segments are {where}, left out: {shown} s")
     return out, fps
 
 
@@ -340,6 +363,12 @@ def _videos_in(folder: Path) -> list[Path]:
         for q in folder.rglob("*")
         if q.suffix.lower() in VIDEO_EXTENSIONS and not q.name.startswith("._") and q.is_file()
     )
+
+
+def video_uid(path: Path) -> str:
+    """The video's id: its folder's name in the EgoClip chunked layout ROOT/<uid>/<chunk number>.mp4, else its
+    file stem (how --segments rows and search results name it)."""
+    return path.parent.name if path.stem.isdigit() else path.stem
 
 
 def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[InputFailure]]:

@@ -7,10 +7,11 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
+
+from ..path_text import printable
 
 INDEX_DESCRIPTION = """Index videos for text search: sliding clip windows (or annotated segments) -> dual embeddings
 with timestamps (+ fusion prefixes for re-ranking), in INDEX/ as safetensors shards + index.json.
@@ -37,6 +38,37 @@ killed run resumes inside the video it was on (at most --commit-every windows ar
 
 
 # -- shared options ---------------------------------------------------------------------------------------------
+# -- argument types: a bad value is refused by the parser, before anything is read or written -------------------
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (a negative count is an error, never silently 'off')."""
+    return _int_at_least(text, 0)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch, a commit size, a number of questions)."""
+    return _int_at_least(text, 1)
+
+
+def seconds(text: str) -> float:
+    """argparse type: a window length or stride in seconds (finite, at least 1 ms)."""
+    from .clip_pipeline import check_seconds
+
+    try:
+        return check_seconds(float(text), "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).replace("the value ", "")) from None
+
+
 def _engine_options(parser, required: bool = True) -> None:
     g = parser.add_argument_group("engines")
     g.add_argument(
@@ -62,7 +94,7 @@ def _engine_options(parser, required: bool = True) -> None:
         choices=("fp32", "fp16", "int8"),
         help="which exported precision to run (default: fp32)",
     )
-    g.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: the runtime's choice)")
+    g.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads (default: the runtime's choice)")
     g.add_argument(
         "--tokenizer",
         metavar="DIR",
@@ -158,11 +190,6 @@ def _failure_options(parser) -> None:
     parser.add_argument("--verbose", action="store_true", help="with each unreadable input, the decoder's message")
 
 
-def printable(text: str) -> str:
-    """A file name for the terminal: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\x escapes."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
-
-
 def _report_notes(summary: dict) -> None:
     """Inputs used only in part (a truncated file, indexed as far as it decodes), one line each on stderr."""
     for n in summary.get("notes", []):
@@ -214,8 +241,8 @@ def add_index_arguments(p) -> None:
     _failure_options(p)
     _engine_options(p)
     w = p.add_argument_group("windows")
-    w.add_argument("--window", type=float, default=2.0, metavar="SEC", help="clip window length (default: 2.0 s)")
-    w.add_argument("--stride", type=float, default=1.0, metavar="SEC", help="window start step (default: 1.0 s)")
+    w.add_argument("--window", type=seconds, default=2.0, metavar="SEC", help="clip window length (default: 2.0 s)")
+    w.add_argument("--stride", type=seconds, default=1.0, metavar="SEC", help="window start step (default: 1.0 s)")
     w.add_argument(
         "--segments",
         metavar="CSV",
@@ -234,10 +261,10 @@ def add_index_arguments(p) -> None:
         default="float32",
         help="storage of the prefixes (float16 halves the size; default: float32)",
     )
-    w.add_argument("--batch", type=int, default=8, metavar="B", help="windows per encoder call (default: 8)")
+    w.add_argument("--batch", type=positive_int, default=8, metavar="B", help="windows per encoder call (default: 8)")
     w.add_argument(
         "--commit-every",
-        type=int,
+        type=positive_int,
         default=32,
         metavar="N",
         help="windows per shard/commit: at most N are recomputed after a kill (default: 32)",
@@ -249,6 +276,12 @@ def add_index_arguments(p) -> None:
         help="video decoder (default: auto = PyAV, which streams whole videos fastest and reads "
         "files decord refuses; decord numbers and decodes frames identically)",
     )
+    p.add_argument(
+        "--prune",
+        action="store_true",
+        help="drop indexed videos whose file is gone (moved, renamed or deleted), with their shards; without "
+        "it they stay searchable and the run notes them",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -257,6 +290,7 @@ def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
     """{video path: [(start, end, text)]} from an EgoClip TAB file (data/egoclip.py reads it), matching rows to the
     given files by uid."""
     from ..data.egoclip import read_segments_by_uid
+    from .clip_pipeline import video_uid
 
     if not Path(csv_path).is_file():
         raise ValueError(f"{csv_path}: no such segments file")
@@ -264,7 +298,7 @@ def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
     out = {}
     for v in videos:  # a video with no rows is left out: the index reports it as a failed input
         p = Path(v)
-        uid = p.parent.name if p.stem.isdigit() else p.stem
+        uid = video_uid(p)
         if uid in by_uid:
             out[str(p)] = by_uid[uid]
     return out
@@ -299,6 +333,7 @@ def run_index(args) -> int:
         segments=segments,
         progress=not (args.quiet or args.json),
         decode_backend=args.decoder,
+        prune=args.prune,
     )
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -319,17 +354,6 @@ def run_index(args) -> int:
 
 
 # -- search -----------------------------------------------------------------------------------------------------
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (a negative count is an error, never silently 'off')."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
 def add_search_arguments(p) -> None:
     p.add_argument("index", metavar="INDEX", help="an index directory from `egovlp-deploy index`")
     p.add_argument("query", nargs="+", metavar="QUERY", help="what to look for, in words (several: one search each)")
@@ -375,7 +399,7 @@ def run_search(args) -> int:
     if note:
         print(note, file=sys.stderr)
     out = {}
-    for q in args.query:
+    for q in dict.fromkeys(args.query):  # a query given twice is searched once (the JSON output is keyed by query)
         hits = index.search(rt, q, top=args.top, rerank=args.rerank, rerank_score=args.rerank_score)
         out[q] = hits
         if not args.json:
@@ -392,7 +416,7 @@ def add_mcq_arguments(p) -> None:
     p.add_argument("questions", metavar="JSON", help="EgoMCQ questions (official egomcq.json format)")
     p.add_argument("--video-root", required=True, metavar="DIR", help="videos as DIR/<video_uid>/<chunk>.mp4")
     _engine_options(p)
-    p.add_argument("--max-questions", type=int, metavar="N", help="answer only the first N")
+    p.add_argument("--max-questions", type=positive_int, metavar="N", help="answer only the first N")
     p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="video decoder")
     p.add_argument("--out", metavar="FILE", help="write every answer and score as JSON")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -416,6 +440,8 @@ def run_mcq(args) -> int:
 
     if args.out and not Path(args.out).resolve().parent.is_dir():  # before any engine loads or video is read
         raise ValueError(f"--out {args.out}: its folder does not exist")
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; --out names the JSON file to write")
     rt = _runtime(args)
     summary = answer_mcq(
         args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder
@@ -463,10 +489,10 @@ def add_features_arguments(p) -> None:
         default="safetensors",
         help="safetensors (default: one file per video) or one .npy per tensor",
     )
-    p.add_argument("--batch", type=int, default=8, metavar="B", help="windows per call (default: 8)")
+    p.add_argument("--batch", type=positive_int, default=8, metavar="B", help="windows per call (default: 8)")
     p.add_argument(
         "--commit-every",
-        type=int,
+        type=positive_int,
         default=32,
         metavar="N",
         help="windows per committed part of a video: at most N are recomputed after a kill (default: 32)",
@@ -484,9 +510,16 @@ def run_features(args) -> int:
     queries = list(args.query)
     if args.queries:
         try:
-            queries += [line.strip() for line in Path(args.queries).read_text().splitlines() if line.strip()]
+            text = Path(args.queries).read_text(encoding="utf-8")
         except FileNotFoundError as exc:
             raise ValueError(f"{args.queries}: no such queries file") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{args.queries}: the queries file is not UTF-8 text ({exc.reason} at byte {exc.start})"
+            ) from exc
+        except OSError as exc:
+            raise ValueError(f"{args.queries}: the queries file cannot be read ({exc.strerror or exc})") from exc
+        queries += [line.strip() for line in text.splitlines() if line.strip()]
     rt = _runtime(args)
     summary = extract_features(
         args.videos,

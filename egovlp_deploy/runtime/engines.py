@@ -79,6 +79,10 @@ class QueryTruncatedWarning(UserWarning):
     """A query has more tokens than the engines take: the words beyond the limit are not encoded."""
 
 
+class UnverifiedTokenizerWarning(UserWarning):
+    """ENGINES/tokenizer is used although the manifest records no tokenizer: nothing ties its files to this export."""
+
+
 # -- the export folder ------------------------------------------------------------------------------------------
 class EngineFolder:
     """An export directory read through its manifest; nothing else in it is trusted."""
@@ -93,9 +97,12 @@ class EngineFolder:
             self.manifest = load_manifest(self.path)
         except ManifestError as exc:
             raise EngineError(str(exc)) from exc
-        from egovlp_deploy.config import EgoVLPv2Config
+        from egovlp_deploy.config import ConfigError, EgoVLPv2Config
 
-        self.config = EgoVLPv2Config.from_dict(self.manifest.model_config)
+        try:
+            self.config = EgoVLPv2Config.from_dict(self.manifest.model_config)
+        except ConfigError as exc:
+            raise EngineError(f"{self.path}: manifest key model_config: {exc}") from exc
         self.max_batch = int(self.manifest.export.get("max_batch", 1))
         self.max_text_len = int(self.manifest.export.get("max_text_len", self.config.text.max_text_length))
 
@@ -613,8 +620,10 @@ def find_tokenizer(folder: EngineFolder, explicit: str | os.PathLike | None = No
 
 
 def _unrecorded_tokenizer(folder: EngineFolder) -> Path:
-    """ENGINES/tokenizer of an export that did not record it: no hashes to check, but the folder and its files must
-    be inside the engines folder (no symlink out of it)."""
+    """ENGINES/tokenizer of an export that did not record it (put there by hand, or left by an export made before
+    tokenizers were recorded): no hashes to check, so it is used with an UnverifiedTokenizerWarning, and the folder
+    and its files must be inside the engines folder (no symlink out of it). The exporter removes the tokenizer an
+    earlier export recorded when it copies none, so this is never another model's tokenizer left by a re-export."""
     from egovlp_deploy.export.manifest import ManifestError, inside
 
     try:
@@ -623,6 +632,12 @@ def _unrecorded_tokenizer(folder: EngineFolder) -> Path:
             inside(folder.path, file.name, "tokenizer file", base=path)
     except ManifestError as exc:
         raise EngineError(f"engine folder {folder.path}: {exc}") from exc
+    warnings.warn(
+        f"{path}: this tokenizer is not recorded in the engines' manifest, so nothing checks that it belongs to "
+        f"these engines; pass --tokenizer DIR, or export again with --tokenizer DIR to record it",
+        UnverifiedTokenizerWarning,
+        stacklevel=4,
+    )
     return path
 
 

@@ -31,6 +31,7 @@ so does its folder.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -44,6 +45,8 @@ import numpy as np
 
 from egovlp_deploy.decoding import VideoReadError
 
+from ..folder_lock import exclusive_writer
+from ..path_text import utf8_path
 from .clip_pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
 from .engines import EngineError, Runtime
 
@@ -73,7 +76,8 @@ def _source(path: Path) -> dict:
 
 
 def _recorded_source(out: Path, name: str) -> str | None:
-    """The source path the output `name` in `out` was written, or partly written, for (None: neither)."""
+    """The source path the output `name` in `out` was written, or partly written, for (None: neither), as
+    `utf8_path` writes it."""
     for meta_file in (out / f"{name}.json", out / PARTIAL / name / RECORD):
         try:
             meta = json.loads(meta_file.read_text())
@@ -81,8 +85,16 @@ def _recorded_source(out: Path, name: str) -> str | None:
         except (OSError, ValueError, AttributeError):
             continue
         if path:
-            return path
-    return None
+            return utf8_path(path)
+    # The tensors are written before the sidecar: a run killed between the two leaves a safetensors output whose
+    # header names its source (a .npy output has no header for it: its name is then taken as someone else's).
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(out / f"{name}.safetensors"), framework="numpy") as f:
+            return (f.metadata() or {}).get("source") or None
+    except (OSError, SafetensorError, ValueError):
+        return None
 
 
 def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
@@ -93,16 +105,31 @@ def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
     shared = Counter(base.values())
     names = {}
     for p, name in base.items():
-        source = str(p.resolve())
-        hashed = f"{name}-{hashlib.sha256(os.fsencode(source)).hexdigest()[:8]}"
+        resolved = str(p.resolve())
+        source = utf8_path(resolved)
+        hashed = f"{name}-{hashlib.sha256(os.fsencode(resolved)).hexdigest()[:8]}"
         recorded = _recorded_source(out, name)
         if recorded == source:
             names[p] = name
-        elif _recorded_source(out, hashed) == source or recorded is not None or shared[name] > 1:
+        elif (
+            _recorded_source(out, hashed) == source or recorded is not None or shared[name] > 1 or _occupied(out, name)
+        ):
+            if _recorded_source(out, hashed) != source and _occupied(out, hashed):
+                raise ValueError(
+                    f"{out}: holds files named {name}.* and {hashed}.* that this tool did not write; they are "
+                    f"left as they are: give another --out for {p}"
+                )
             names[p] = hashed
         else:
             names[p] = name
     return names
+
+
+def _occupied(out: Path, name: str) -> bool:
+    """Whether `out` holds a file the output `name` would replace (the sidecar, the safetensors file or a .npy
+    file): a caller asks only where no sidecar of ours claims the name, so the file is someone else's and stays."""
+    files = [out / f"{name}.json", out / f"{name}.safetensors", *out.glob(f"{glob.escape(name)}.*.npy")]
+    return any(f.exists() or f.is_symlink() for f in files)
 
 
 def _settings(runtime: Runtime, mode: str, frames: int, stride: int, queries: list[str]) -> dict:
@@ -131,16 +158,18 @@ def _done(out: Path, name: str, fmt: str, settings: dict, source: dict) -> bool:
 
 def _write(out: Path, name: str, fmt: str, tensors: dict[str, np.ndarray], meta: dict) -> None:
     """Tensors first, the JSON sidecar last: the sidecar is the 'done' mark a resumed run trusts."""
-    from egovlp_deploy.checkpoint import atomic_write_bytes
+    from egovlp_deploy.checkpoint import atomic_write_bytes, stable_safetensors
 
     if fmt == "safetensors":
         from safetensors.numpy import save
 
         atomic_write_bytes(
             out / f"{name}.safetensors",
-            save(
-                {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-                metadata={"settings": json.dumps(meta["settings"])},
+            stable_safetensors(
+                save(
+                    {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                    metadata={"settings": json.dumps(meta["settings"]), "source": utf8_path(meta["source"]["path"])},
+                )
             ),
         )
     else:
@@ -282,6 +311,18 @@ def extract_features(
         raise ValueError("no video files: " + "; ".join(f.line() for f in failures))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    with exclusive_writer(out, "features folder", ValueError):
+        return _extract(
+            out, paths, failures, runtime, mode, frames, stride, queries, fmt, batch, progress, decode_backend,
+            commit_every, on_commit,
+        )  # fmt: skip
+
+
+def _extract(
+    out, paths, failures, runtime, mode, frames, stride, queries, fmt, batch, progress, decode_backend, commit_every,
+    on_commit,
+) -> dict:  # fmt: skip
+    """extract_features' work, under the output folder's writer lock."""
     cfg = runtime.folder.config.video
     pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)
     settings = _settings(runtime, mode, frames, stride, queries)

@@ -44,16 +44,20 @@ import numpy as np
 
 from egovlp_deploy.decoding import VideoReadError
 
+from ..folder_lock import exclusive_writer
 from ..jsonfile import read_json
+from ..path_text import printable, utf8_path
 from .clip_pipeline import (
     ClipPipeline,
     StageTimes,
     Window,
+    check_seconds,
     expand_inputs,
     failure_of,
     failures_summary,
     plan_windows,
     segment_windows,
+    video_uid,
 )
 from .engines import Runtime
 
@@ -71,6 +75,7 @@ SETTINGS = ("frames", "window_sec", "stride_sec", "prefixes", "prefix_dtype", "m
 SHARD_NAME = re.compile(r"\d{5,}-\d{5,}\.safetensors")
 SHARD_TEMP = re.compile(r"\.\d{5,}-\d{5,}\.safetensors\.[a-z0-9_]{8}\.tmp")
 INDEX_TEMP = re.compile(r"\.index\.json\.[a-z0-9_]{8}\.tmp")
+REBUILD = "the index file is damaged: build the index again into a new folder"
 REPAIR = "rerun the same `egovlp-deploy index` command (the same videos and --out) to encode its windows again"
 
 
@@ -97,14 +102,11 @@ def _save_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
     """safetensors written to a temp file, fsynced and renamed (a reader never sees half a shard)."""
     from safetensors.numpy import save
 
-    from egovlp_deploy.checkpoint import atomic_write_bytes
+    from egovlp_deploy.checkpoint import atomic_write_bytes, stable_safetensors
 
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
-
-
-def _printable(text: str) -> str:
-    """A file name for a message: bytes that are not UTF-8 (os.fsdecode's surrogates) as \\x escapes."""
-    return os.fsencode(text).decode("utf-8", "backslashreplace")
+    atomic_write_bytes(
+        path, stable_safetensors(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata))
+    )
 
 
 def shard_path(directory: Path, file: object) -> Path:
@@ -153,7 +155,7 @@ def read_shard(
     from safetensors import SafetensorError, safe_open
 
     path = shard_path(directory, shard.get("file"))
-    of = f"shard of {_printable(video['path'])}"
+    of = f"shard of {printable(video['path'])}"
     if not path.is_file():
         raise IndexFileError(f"{path}: missing {of}{advice}")
     try:
@@ -163,6 +165,12 @@ def read_shard(
                 raise IndexFileError(
                     f"{path}: a {of} written by another model ({model or 'none recorded'}; the index "
                     f"is model {data['model_id']}), copied from another index?{advice}"
+                )
+            written_for = (f.metadata() or {}).get("video")
+            if written_for is not None and written_for != utf8_path(video["path"]):
+                raise IndexFileError(
+                    f"{path}: listed as a {of} but written for {written_for} (two runs wrote this index at once, "
+                    f"or the shard was copied){advice}"
                 )
             names = set(f.keys())
             wanted = {"embeddings", "timestamps"} | ({"video_prefix"} if data["settings"].get("prefixes") else set())
@@ -193,7 +201,58 @@ def read_index_json(directory: Path) -> dict:
         raise IndexFileError(f"{path}: not an egovlp-deploy index")
     if data.get("version") != VERSION:
         raise IndexFileError(f"{path}: index version {data.get('version')!r}, this egovlp-deploy reads {VERSION}")
+    _check_fields(path, data)
     return data
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# The fields every reader of index.json uses, and the test each value passes; an optional field may be absent.
+_TOP_FIELDS = {
+    "model_id": lambda v: isinstance(v, str) and bool(v),
+    "settings": lambda v: isinstance(v, dict),
+    "embed_dim": lambda v: _is_int(v) and v > 0,
+    "videos": lambda v: isinstance(v, list),
+}
+_VIDEO_FIELDS = {
+    "path": lambda v: isinstance(v, str) and bool(v),
+    "uid": lambda v: isinstance(v, str),
+    "fingerprint": lambda v: isinstance(v, dict),
+    "windows": _is_int,
+    "done": _is_int,
+    "shards": lambda v: isinstance(v, list),
+    "number": _is_int,
+}
+_SHARD_FIELDS = {"file": lambda v: isinstance(v, str) and bool(v), "start": _is_int, "count": _is_int}
+
+
+def _check_fields(path: Path, data: dict) -> None:
+    """IndexFileError naming the first field of index.json that is missing or of the wrong type (a hand-edited or
+    damaged file), instead of a KeyError or TypeError deep inside a command."""
+
+    def check(obj, fields: dict, where: str) -> None:
+        if not isinstance(obj, dict):
+            raise IndexFileError(f"{path}: {where} is not an object; {REBUILD}")
+        for key, ok in fields.items():
+            if key not in obj or not ok(obj[key]):
+                shown = repr(obj.get(key))
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise IndexFileError(f"{path}: {where}{key} is missing or not valid ({shown}); {REBUILD}")
+
+    check(data, _TOP_FIELDS, "")
+    if not isinstance(data["settings"].get("prefixes", False), bool):
+        raise IndexFileError(f"{path}: settings.prefixes is not true or false; {REBUILD}")
+    for i, video in enumerate(data["videos"]):
+        check(video, _VIDEO_FIELDS, f"videos[{i}].")
+        for j, shard in enumerate(video["shards"]):
+            check(shard, _SHARD_FIELDS, f"videos[{i}].shards[{j}].")
+        if video["done"] != sum(shard["count"] for shard in video["shards"]) or video["done"] > video["windows"]:
+            raise IndexFileError(
+                f"{path}: videos[{i}] says {video['done']} of {video['windows']} windows indexed, its shards hold "
+                f"{sum(shard['count'] for shard in video['shards'])}; {REBUILD}"
+            )
 
 
 def other_export(data: dict, runtime: Runtime) -> str | None:
@@ -230,6 +289,21 @@ class IndexSettings:
     batch: int = 8  # windows decoded and encoded together
     commit_every: int = 32  # windows per shard: at most this many are recomputed after a kill
 
+    def check(self) -> None:
+        """ValueError for settings no index can be built with; `build_index` calls it before it writes anything,
+        so a mistyped option never leaves a folder recorded with it."""
+        if self.prefix_dtype not in ("float32", "float16"):
+            raise ValueError(f"prefix_dtype must be float32 or float16, got {self.prefix_dtype!r}")
+        if self.mode not in ("windows", "segments"):
+            raise ValueError(f"mode must be 'windows' or 'segments', got {self.mode!r}")
+        for name in ("batch", "commit_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a whole number of windows >= 1, got {value!r}")
+        if self.mode == "windows":
+            for name in ("window_sec", "stride_sec"):
+                check_seconds(getattr(self, name), name.split("_")[0])
+
 
 def build_index(
     out: str | os.PathLike,
@@ -240,8 +314,12 @@ def build_index(
     progress: bool = True,
     on_commit: Callable[[int], object] | None = None,
     decode_backend: str = "auto",
+    prune: bool = False,
 ) -> dict:
     """Create or extend the index at `out` with `videos`; returns a summary dict.
+
+    An indexed video whose file is gone (moved, renamed or deleted) stays in the index, with a note in the
+    summary; prune=True drops it (its entry and its shards).
 
     Every video is planned (opened, its windows listed) before any is encoded, so the progress bar counts all the
     windows of the run from the start. The summary's `ms_per_clip` is the steady state per stage: each encoder's
@@ -251,8 +329,7 @@ def build_index(
     segments: {video path: [(start_sec, end_sec, label)]} for mode 'segments' (annotated clips instead of sliding
     windows). on_commit(n_committed_windows) is called after each commit (progress reporting, tests)."""
     out = Path(out)
-    if settings.prefix_dtype not in ("float32", "float16"):
-        raise ValueError(f"prefix_dtype must be float32 or float16, got {settings.prefix_dtype!r}")
+    settings.check()
     if not videos:
         raise ValueError("no videos to index")
     paths, failures = expand_inputs(videos)
@@ -263,6 +340,24 @@ def build_index(
     cfg = runtime.folder.config.video
     if settings.frames != cfg.num_frames:
         raise IndexFileError(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
+    if not (out / INDEX_FILE).exists() and out.is_dir() and any(out.iterdir()):
+        raise IndexFileError(
+            f"{out}: not empty and not an egovlp-deploy index (no {INDEX_FILE}); nothing in it is "
+            "touched. Give --out a new or empty folder, or the folder of an existing index"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_writer(out, "index", IndexFileError):
+        return _extend_index(
+            out, paths, failures, runtime, settings, segments, progress, on_commit, decode_backend, prune
+        )
+
+
+def _extend_index(
+    out, paths, failures, runtime, settings, segments, progress, on_commit, decode_backend, prune
+) -> dict:
+    """build_index's work, under the folder's writer lock: everything is read again here, after the lock is
+    taken (another run may have written the folder before)."""
+    cfg = runtime.folder.config.video
     wanted = {k: getattr(settings, k) for k in SETTINGS}
     fresh = not (out / INDEX_FILE).exists()
     if fresh and out.is_dir() and any(out.iterdir()):
@@ -294,7 +389,6 @@ def build_index(
             "created": _now(),
             "videos": [],
         }
-        out.mkdir(parents=True, exist_ok=True)
         _write_json(out / INDEX_FILE, data)  # the marker first: from here on the folder is an index, ours to manage
     shards = out / "shards"
     if shards.is_symlink() or (shards.exists() and not shards.is_dir()):
@@ -333,7 +427,7 @@ def build_index(
             if entry is None:
                 entry = {
                     "path": key,
-                    "uid": path.stem if path.stem not in ("0",) else path.parent.name,
+                    "uid": video_uid(path),
                     "fingerprint": _fingerprint(path),
                     "fps": fps,
                     "windows": len(windows),
@@ -348,12 +442,7 @@ def build_index(
                 bar.update(entry["done"])
             for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"] :], settings, warmed):
                 name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
-                # safetensors metadata must be UTF-8: a file name in another encoding keeps its bytes as \x escapes
-                _save_shard(
-                    out / name,
-                    tensors,
-                    {"model_id": runtime.model_id, "video": os.fsencode(key).decode("utf-8", "backslashreplace")},
-                )
+                _save_shard(out / name, tensors, {"model_id": runtime.model_id, "video": utf8_path(key)})
                 entry["shards"].append({"file": name, "start": entry["done"], "count": len(part)})
                 entry["done"] += len(part)
                 data["updated"] = _now()
@@ -379,10 +468,24 @@ def build_index(
         succeeded += 1
     if bar is not None:
         bar.close()
+    gone = [v for v in data["videos"] if not os.path.lexists(v["path"])]
+    for video in gone if prune else []:
+        _drop_video(out, data, video)
+    notes += [
+        {
+            "path": video["path"],
+            "note": "pruned: the file is gone, its moments are no longer in the index"
+            if prune
+            else "indexed, but the file is gone (moved, renamed or deleted): search still finds its moments; "
+            "`egovlp-deploy index --prune` drops them",
+        }
+        for video in gone
+    ]
     seconds = time.perf_counter() - t_start
     return {
         "index": str(out),
         "videos": len(data["videos"]),
+        "pruned": len(gone) if prune else 0,
         "windows": sum(v["done"] for v in data["videos"]),
         "new_windows": new_windows,
         "seconds": round(seconds, 2),
@@ -412,7 +515,9 @@ def _plan(
                 segs = (segments or {}).get(str(path)) or (segments or {}).get(str(path.resolve()))
                 if not segs:
                     raise VideoReadError(path, "no_segments", "no segments given for this video")
-                windows, fps = segment_windows(path, segs, settings.frames, decode_backend, notes=said)
+                windows, fps = segment_windows(
+                    path, segs, settings.frames, decode_backend, notes=said, skip_outside=True
+                )
             else:
                 windows, fps = plan_windows(
                     path, settings.frames, settings.window_sec, settings.stride_sec, backend=decode_backend, notes=said

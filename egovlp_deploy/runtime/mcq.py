@@ -69,6 +69,8 @@ def answer_mcq(
     progress: bool = True,
     decode_backend: str = "auto",
 ) -> dict:
+    if max_questions is not None and (isinstance(max_questions, bool) or max_questions < 1):
+        raise ValueError(f"max_questions must be 1 or more (None: all), got {max_questions!r}")
     questions = _load_questions(questions_json, video_root)[:max_questions]
     cfg = runtime.folder.config.video
     pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)

@@ -150,7 +150,7 @@ def test_add_records_external_data_and_verify_checks_it(tmp_path):
     )
     data = out / "onnx" / "split.onnx.data"
     m = Manifest(source_checkpoint={}, model_config={}, export={})
-    kw = dict(role="video_encoder", format="onnx", precision="fp32", io={})
+    kw = dict(role="video_encoder", format="onnx", precision="fp32", io={"inputs": [], "outputs": []})
     assert m.add(out, out / "onnx" / "inline.onnx", **kw).external_data == []
     entry = m.add(out, out / "onnx" / "split.onnx", **kw)
     assert entry.external_data == [{"file": "onnx/split.onnx.data", "bytes": 4096, "sha256": sha256_file(data)}]
@@ -191,9 +191,27 @@ def test_copied_tokenizer_is_the_only_content_of_its_folder(tmp_path):
     (source / "tokenizer_config.json").write_text("{}")
     (out / "tokenizer").mkdir(parents=True)
     (out / "tokenizer" / "vocab.json").write_text("{}")  # an earlier export's file: the loader would read it
-    entry = copy_tokenizer(source, out)
+    entry = copy_tokenizer(source, out, ours={"vocab.json", "tokenizer.json"})
     assert sorted(p.name for p in (out / "tokenizer").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
     assert verify_tokenizer(out, entry) == out / "tokenizer"
     (out / "tokenizer" / "special_tokens_map.json").write_text("{}")
     with pytest.raises(ArtifactError, match="special_tokens_map.json: in the tokenizer folder but not listed"):
         verify_tokenizer(out, entry)
+
+
+def test_copy_tokenizer_never_replaces_or_removes_files_it_did_not_write(tmp_path):
+    """Files no earlier export listed (a user's notes, a user's vocab.json of the same name as one copied) are
+    refused before anything is written."""
+    from egovlp_deploy.export.manifest import copy_tokenizer
+
+    source, out = tmp_path / "run_tokenizer", tmp_path / "out"
+    source.mkdir()
+    (source / "vocab.json").write_text("{}")
+    (out / "tokenizer").mkdir(parents=True)
+    (out / "tokenizer" / "notes.txt").write_text("notes")
+    (out / "tokenizer" / "vocab.json").write_text("keep")
+    for ours in ((), {"vocab.json"}):
+        with pytest.raises(ManifestError, match="holds .*notes.txt.*which no earlier export of this folder wrote"):
+            copy_tokenizer(source, out, ours=ours)
+    assert (out / "tokenizer" / "notes.txt").read_text() == "notes"
+    assert (out / "tokenizer" / "vocab.json").read_text() == "keep"

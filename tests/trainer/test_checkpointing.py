@@ -8,6 +8,7 @@ import torch
 
 from egovlp_deploy import CheckpointError, EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.checkpoint import latest_valid_checkpoint, list_checkpoints
+from egovlp_deploy.hashing import sha256_file
 from egovlp_deploy.trainer.training_state import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 
 
@@ -91,3 +92,17 @@ def test_a_corrupt_manifest_falls_back_to_the_previous_checkpoint(tmp_path, mani
         assert latest_valid_checkpoint(tmp_path).name == "step_00000001"
     with pytest.raises(CheckpointError, match="MANIFEST.json"):
         load_checkpoint(tmp_path / "step_00000002")
+
+
+def test_a_state_naming_a_missing_tensor_is_a_checkpoint_error(tmp_path):
+    model, opt = _optimizer_state()
+    path = save_checkpoint(tmp_path, 1, model, {"step": 1, "optimizer": opt.state_dict()}, {})
+    # the state.json of a save whose state.safetensors lost a tensor, the manifest made to match
+    state = json.loads((path / "state.json").read_text())
+    state["__dict__"][0][1] = {"__tensor__": "s.gone"}
+    (path / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((path / "MANIFEST.json").read_text())
+    manifest["files"]["state.json"] = {"sha256": sha256_file(path / "state.json"), "bytes": len(json.dumps(state))}
+    (path / "MANIFEST.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=f"^{path}: state.safetensors lacks the tensor 's.gone' that state.json"):
+        load_checkpoint(path)

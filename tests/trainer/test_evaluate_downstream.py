@@ -104,6 +104,30 @@ def test_cli_needs_a_benchmark(tmp_path, demo_tokenizer_dir, capsys):
     assert "--predictions holds EgoMCQ answers: it needs --egomcq" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("count", ["0", "-1", "two"])
+def test_cli_max_questions_below_one_is_refused_at_parsing(tmp_path, count, capsys):
+    argv = ["eval", "--model", "random:huge", "--tokenizer", str(tmp_path), "--egomcq", "q.json"]
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--video-root", str(tmp_path), "--max-questions", count])
+    assert stop.value.code == 2
+    assert "argument --max-questions: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"), ("cuda", "--device cuda: CUDA is not available")],
+)
+def test_cli_device_that_is_not_there_is_one_line_before_the_model_loads(
+    tmp_path, demo_tokenizer_dir, capsys, monkeypatch, device, message
+):
+    monkeypatch.delenv("EGOVLP_DEBUG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine, also where GPUs are
+    argv = ["eval", "--model", "random:huge", "--tokenizer", str(demo_tokenizer_dir), "--device", device]
+    assert main([*argv, "--egomcq", "q.json", "--video-root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"egovlp-deploy eval: error: {message}")
+
+
 class _Oracle(torch.nn.Module):
     """Embeds a text as the one-hot of its narration, and the k-th video it sees as the one-hot of the k-th
     expected label set: a perfect encoder, if the evaluation keeps texts, videos and labels aligned."""

@@ -1,17 +1,24 @@
-"""End-to-end training on a small synthetic dataset: it runs, resumes exactly after SIGKILL, scales out exactly,
-and refuses bad data."""
+"""End-to-end training on a small synthetic dataset: it runs, resumes exactly after SIGKILL (its log too), scales
+out exactly, and refuses bad data and broken checkpoints."""
+
+import json
+import shutil
 
 import pytest
 import torch
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy.cli import main
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.data.synth import generate
+from egovlp_deploy.hashing import sha256_file
+from egovlp_deploy.trainer import train as train_module
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import train
 from official_format import randomize_
 from training_cli import TORCHRUN_TWO, kill_after_checkpoint
 from training_cli import losses as _losses
+from training_cli import records as _records
 from training_cli import run_train as _cli
 from training_cli import weights as _weights
 
@@ -63,6 +70,7 @@ def test_resume_after_sigkill_is_bitwise_exact(small_data, tmp_path):
         assert torch.equal(a[key], b[key]), key
     straight, resumed = _losses(tmp_path / "straight"), _losses(tmp_path / "killed")
     assert straight[12]["loss"] == resumed[12]["loss"]
+    assert _timeless(tmp_path / "killed") == _timeless(tmp_path / "straight")  # each row once, as if never killed
 
 
 def test_two_processes_take_the_same_steps_as_one(small_data, tmp_path):
@@ -124,3 +132,84 @@ def test_bad_rows_stop_strict_training_and_are_counted_in_lax(small_data, tmp_pa
     lax["data"]["strict"] = False
     summary = train(TrainConfig.from_dict(lax), tmp_path / "lax", progress=False)
     assert summary["skipped_rows"] == 1 and summary["steps"] == 1
+
+
+# -- a finished short run, and what a resume of it does with the log and a broken checkpoint ------------------------
+def _short_config(root) -> dict:
+    """3 steps per epoch (24 clips / 8), 2 epochs, a checkpoint every step, EgoMCQ after each epoch."""
+    config = _config(root, batch_size=8)
+    config["data"]["num_workers"] = 0
+    config["checkpoint"] = {"every_steps": 1, "keep_last": 10}
+    return config
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_data, tmp_path_factory):
+    """(run directory, the files written through atomic_write_bytes)."""
+    run = tmp_path_factory.mktemp("finished") / "run"
+    atomic = []
+    write = train_module.atomic_write_bytes
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train_module, "atomic_write_bytes", lambda path, data: (atomic.append(path), write(path, data)))
+        summary = train(TrainConfig.from_dict(_short_config(small_data)), run, progress=False)
+    assert summary["steps"] == 6
+    return run, atomic
+
+
+def _edit_state(checkpoint, edit) -> None:
+    """Change a checkpoint's state.json (skeleton dict in, dict out) and make its manifest match."""
+    state = json.loads((checkpoint / "state.json").read_text())
+    (checkpoint / "state.json").write_text(json.dumps(edit(state)))
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    file = checkpoint / "state.json"
+    manifest["files"]["state.json"] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
+def _drop_key(state: dict, key: str) -> dict:
+    state["__dict__"] = [item for item in state["__dict__"] if item[0] != key]
+    return state
+
+
+def _timeless(run) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in _records(run)]
+
+
+def test_summary_json_is_written_atomically(finished_run):
+    run, atomic = finished_run
+    assert run / "summary.json" in atomic
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6
+
+
+@pytest.mark.parametrize("stored_count", [True, False], ids=["row-count", "older-checkpoint-by-step"])
+def test_resume_cuts_the_log_back_to_the_checkpoint(finished_run, small_data, tmp_path, stored_count):
+    """A run killed after logging steps (and an evaluation) past its last checkpoint: the resumed run's log is the
+    log of a run that was never killed, each row once (a checkpoint without the row count: cut by step)."""
+    straight, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    for step in (3, 4, 5, 6):  # killed after step 6's row, its checkpoints since step 2 lost
+        shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
+    with open(run / "metrics.jsonl", "a") as log:
+        log.write('{"step": 7, "epo')  # and a row half written
+    if not stored_count:
+        _edit_state(run / "checkpoints" / "step_00000002", lambda state: _drop_key(state, "log_rows"))
+    summary = train(TrainConfig.from_dict(_short_config(small_data)), run, resume=True, progress=False)
+    assert summary["steps"] == 6
+    expected = _timeless(straight)
+    assert [r["step"] for r in expected] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # data, steps, EgoMCQ after epochs 1 and 2
+    assert _timeless(run) == expected
+
+
+def test_resume_from_a_state_without_a_key_is_one_line_naming_it(finished_run, small_data, tmp_path, capsys):
+    straight, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    checkpoint = run / "checkpoints" / "step_00000006"
+    _edit_state(checkpoint, lambda state: _drop_key(state, "step"))
+    (tmp_path / "c.json").write_text(json.dumps(_short_config(small_data)))
+    code = main(["train", "--config", str(tmp_path / "c.json"), "--output", str(run), "--resume", "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1] == f"egovlp-deploy train: error: --resume: {checkpoint}/state.json lacks the key 'step'"
+    assert "Traceback" not in "\n".join(err)
