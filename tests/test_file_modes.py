@@ -46,7 +46,7 @@ def test_temp_folder_follows_umask(tmp_path, umask, mask):
 
 def test_trainer_checkpoint_and_tokenizer_folders_are_readable(tmp_path, umask, tiny_model):
     from egovlp_deploy.tokenizer import train_demo_tokenizer
-    from trainer.training_state import save_checkpoint
+    from egovlp_deploy.trainer.training_state import save_checkpoint
 
     umask(0o022)
     step = save_checkpoint(tmp_path / "run", 1, tiny_model, {"step": 1}, {"recipe": "test"})
