@@ -181,10 +181,10 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
             f"({cfg.text.max_position_embeddings} positions, {cfg.text.pad_token_id + 1} reserved before the first)"
         )
     tokenizer = opts.tokenizer or (tokenizer_beside(source["path"]) if source["kind"] != "random" else None)
-    if tokenizer:  # a tokenizer/ holding files of ours only (ManifestError, a ValueError), before anything is written
-        check_tokenizer_target(tokenizer, out, earlier)
-    out.mkdir(parents=True, exist_ok=True)
-    mark_incomplete(out, earlier)
+    # a tokenizer/ holding files of ours only (ManifestError, a ValueError), before anything is written; the record
+    # names the files this run copies there too, so a rerun after an interruption may replace them
+    coming = set(check_tokenizer_target(tokenizer, out, earlier)) if tokenizer else set()
+    mark_incomplete(out, earlier | coming)
     progress.step(
         f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)"
@@ -312,7 +312,6 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
     manifest.validation["passed"] = result.passed
     manifest.validation["errors"] = result.errors
     if tokenizer:  # the folder then runs text queries anywhere, without the training run
-        mark_incomplete(out, earlier | set(check_tokenizer_target(tokenizer, out, earlier)))
         manifest.tokenizer = copy_tokenizer(tokenizer, out, ours=earlier)
     else:  # the earlier export's tokenizer belongs to another model: the runtime must not find it
         remove_tokenizer(out, earlier)

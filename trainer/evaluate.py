@@ -3,9 +3,9 @@ model factory loads, on the official evaluation files (egovlp_deploy/evaluation.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
+from egovlp_deploy.arg_types import positive_int
 from egovlp_deploy.checkpoint import atomic_write_bytes
 from egovlp_deploy.evaluation import (
     CHARADES_FRAMES,
@@ -21,17 +21,6 @@ from egovlp_deploy.evaluation import (
 from egovlp_deploy.model.factory import load_model, model_at_frames
 
 from .distributed import resolve_device
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (argparse prints the error and exits 2)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 # -- command line ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..arg_types import non_negative_int, positive_int
 from ..path_text import printable
 
 INDEX_DESCRIPTION = """Index videos for text search: sliding clip windows (or annotated segments) -> dual embeddings
@@ -38,27 +39,6 @@ killed run resumes inside the video it was on (at most --commit-every windows ar
 
 
 # -- shared options ---------------------------------------------------------------------------------------------
-# -- argument types: a bad value is refused by the parser, before anything is read or written -------------------
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0 (a negative count is an error, never silently 'off')."""
-    return _int_at_least(text, 0)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (a batch, a commit size, a number of questions)."""
-    return _int_at_least(text, 1)
-
-
 def seconds(text: str) -> float:
     """argparse type: a window length or stride in seconds (finite, at least 1 ms)."""
     from .clip_pipeline import check_seconds

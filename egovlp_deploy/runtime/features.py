@@ -108,13 +108,11 @@ def output_names(paths: list[Path], out: Path) -> dict[Path, str]:
         resolved = str(p.resolve())
         source = utf8_path(resolved)
         hashed = f"{name}-{hashlib.sha256(os.fsencode(resolved)).hexdigest()[:8]}"
-        recorded = _recorded_source(out, name)
+        recorded, recorded_hashed = _recorded_source(out, name), _recorded_source(out, hashed)
         if recorded == source:
             names[p] = name
-        elif (
-            _recorded_source(out, hashed) == source or recorded is not None or shared[name] > 1 or _occupied(out, name)
-        ):
-            if _recorded_source(out, hashed) != source and _occupied(out, hashed):
+        elif recorded_hashed == source or recorded is not None or shared[name] > 1 or _occupied(out, name):
+            if recorded_hashed != source and _occupied(out, hashed):
                 raise ValueError(
                     f"{out}: holds files named {name}.* and {hashed}.* that this tool did not write; they are "
                     f"left as they are: give another --out for {p}"

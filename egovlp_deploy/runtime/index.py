@@ -160,13 +160,14 @@ def read_shard(
         raise IndexFileError(f"{path}: missing {of}{advice}")
     try:
         with safe_open(str(path), framework="numpy") as f:
-            model = (f.metadata() or {}).get("model_id")
+            metadata = f.metadata() or {}
+            model = metadata.get("model_id")
             if model != data["model_id"]:
                 raise IndexFileError(
                     f"{path}: a {of} written by another model ({model or 'none recorded'}; the index "
                     f"is model {data['model_id']}), copied from another index?{advice}"
                 )
-            written_for = (f.metadata() or {}).get("video")
+            written_for = metadata.get("video")
             if written_for is not None and written_for != utf8_path(video["path"]):
                 raise IndexFileError(
                     f"{path}: listed as a {of} but written for {written_for} (two runs wrote this index at once, "
@@ -340,11 +341,6 @@ def build_index(
     cfg = runtime.folder.config.video
     if settings.frames != cfg.num_frames:
         raise IndexFileError(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
-    if not (out / INDEX_FILE).exists() and out.is_dir() and any(out.iterdir()):
-        raise IndexFileError(
-            f"{out}: not empty and not an egovlp-deploy index (no {INDEX_FILE}); nothing in it is "
-            "touched. Give --out a new or empty folder, or the folder of an existing index"
-        )
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_writer(out, "index", IndexFileError):
         return _extend_index(
