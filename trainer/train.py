@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, latest_valid_checkpoint
+from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, latest_valid_checkpoint, list_checkpoints
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
 from egovlp_deploy.decoding import release_frame_cache
 from egovlp_deploy.evaluation import (
@@ -255,9 +255,11 @@ def set_rng_state(state: dict) -> None:
 
 class MetricsLog:
     """Append-only JSONL (rank 0), flushed per line; optional TensorBoard mirror. `rows` counts the file's lines
-    (`rows` at the start: those already there), which each checkpoint stores for `rewind_log`."""
+    (`rows` at the start: those already there), which each checkpoint stores for `rewind_log`. A resumed run passes
+    its first step as `purge_step`: TensorBoard then hides the points the interrupted run logged from that step on,
+    as `rewind_log` cuts them from the JSONL."""
 
-    def __init__(self, path: Path, enabled: bool, tensorboard: bool, rows: int = 0):
+    def __init__(self, path: Path, enabled: bool, tensorboard: bool, rows: int = 0, purge_step: int | None = None):
         self.enabled = enabled
         self.rows = rows
         self.file = open(path, "a", buffering=1) if enabled else None
@@ -267,7 +269,7 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as exc:
                 raise TrainingError("log.tensorboard is on but the tensorboard package is not installed") from exc
-            self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+            self.writer = SummaryWriter(str(path.parent / "tensorboard"), purge_step=purge_step)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -360,6 +362,14 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
         )
 
 
+def killed_before_first_checkpoint(output_dir: Path) -> bool:
+    """The folder holds a run that wrote its log or tokenizer but neither a checkpoint nor its summary: it was stopped
+    before its first save, so `--resume` has nothing to continue and starts it again."""
+    if (output_dir / "summary.json").exists() or list_checkpoints(output_dir / "checkpoints"):
+        return False
+    return any((output_dir / name).exists() for name in ("metrics.jsonl", "tokenizer", "tensorboard"))
+
+
 def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
     ckpt_dir = output_dir / "checkpoints"
     check_output_dir(output_dir, resume)
@@ -367,8 +377,17 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         for path in remove_stale_temp_dirs(ckpt_dir):  # no save is running yet: these are from killed ones
             print(f"removed {path}, the temp directory of a checkpoint save that did not finish", file=sys.stderr)
     found = latest_valid_checkpoint(ckpt_dir) if resume else None
+    start_over = False
     if resume and found is None:  # before any work: nothing to continue from
-        raise TrainingError(f"--resume: no valid checkpoint under {ckpt_dir}")
+        if not killed_before_first_checkpoint(output_dir):
+            raise TrainingError(f"--resume: no valid checkpoint under {ckpt_dir}")
+        start_over = True
+        if info.is_main:
+            print(
+                f"--resume: the run in {output_dir} stopped before its first checkpoint: starting it again from "
+                "step 0 (its log is cleared)",
+                file=sys.stderr,
+            )
     if info.is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
     D.barrier()
@@ -506,7 +525,12 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             log_rows = rewind_log(output_dir / "metrics.jsonl", state.get("log_rows"), step)
             print(f"resumed from {found} (step {step}, epoch {epoch})")
 
-    log = MetricsLog(output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard, rows=log_rows)
+    if start_over and info.is_main:
+        log_rows = rewind_log(output_dir / "metrics.jsonl", 0, 0)
+    purge_step = step if (found is not None or start_over) else None  # TensorBoard hides the old run's later points
+    log = MetricsLog(
+        output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard, rows=log_rows, purge_step=purge_step
+    )
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm

@@ -3,6 +3,9 @@ out exactly, and refuses bad data and broken checkpoints."""
 
 import json
 import shutil
+import sys
+import types
+import warnings
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from egovlp_deploy.data.synth import generate
 from egovlp_deploy.hashing import sha256_file
 from egovlp_deploy.trainer import train as train_module
 from egovlp_deploy.trainer.config import TrainConfig
-from egovlp_deploy.trainer.train import train
+from egovlp_deploy.trainer.train import TrainingError, train
 from official_format import randomize_
 from training_cli import TORCHRUN_TWO, kill_after_checkpoint
 from training_cli import losses as _losses
@@ -181,10 +184,44 @@ def test_summary_json_is_written_atomically(finished_run):
     assert json.loads((run / "summary.json").read_text())["steps"] == 6
 
 
+class RecordingSummaryWriter:
+    """Stands in for TensorBoard's SummaryWriter (an optional package, not installed here): records what the run
+    asks of it. TensorBoard hides an earlier session's points at steps >= purge_step."""
+
+    made: list = []
+
+    def __init__(self, log_dir, purge_step=None):
+        self.purge_step, self.points = purge_step, []
+        RecordingSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag, value, step):
+        self.points.append((tag, step))
+
+    def close(self):
+        pass
+
+
+@pytest.fixture
+def tensorboard(monkeypatch):
+    """TensorBoard on, through RecordingSummaryWriter; yields the writers the run made."""
+    module = types.ModuleType("torch.utils.tensorboard")
+    module.SummaryWriter = RecordingSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", module)
+    RecordingSummaryWriter.made = []
+    return RecordingSummaryWriter.made
+
+
+def _tensorboard_config(root) -> TrainConfig:
+    config = _short_config(root)
+    config["log"]["tensorboard"] = True
+    return TrainConfig.from_dict(config)
+
+
 @pytest.mark.parametrize("stored_count", [True, False], ids=["row-count", "older-checkpoint-by-step"])
-def test_resume_cuts_the_log_back_to_the_checkpoint(finished_run, small_data, tmp_path, stored_count):
+def test_resume_cuts_the_log_back_to_the_checkpoint(finished_run, small_data, tmp_path, stored_count, tensorboard):
     """A run killed after logging steps (and an evaluation) past its last checkpoint: the resumed run's log is the
-    log of a run that was never killed, each row once (a checkpoint without the row count: cut by step)."""
+    log of a run that was never killed, each row once (a checkpoint without the row count: cut by step), and
+    TensorBoard is told to hide the killed run's points from the resumed step on."""
     straight, _ = finished_run
     run = tmp_path / "run"
     shutil.copytree(straight, run)
@@ -194,11 +231,52 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(finished_run, small_data, tm
         log.write('{"step": 7, "epo')  # and a row half written
     if not stored_count:
         _edit_state(run / "checkpoints" / "step_00000002", lambda state: _drop_key(state, "log_rows"))
-    summary = train(TrainConfig.from_dict(_short_config(small_data)), run, resume=True, progress=False)
+    summary = train(_tensorboard_config(small_data), run, resume=True, progress=False)
     assert summary["steps"] == 6
     expected = _timeless(straight)
     assert [r["step"] for r in expected] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # data, steps, EgoMCQ after epochs 1 and 2
     assert _timeless(run) == expected
+    (writer,) = tensorboard
+    assert writer.purge_step == 2 and min(step for _, step in writer.points) == 3
+
+
+def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(
+    finished_run, small_data, tmp_path, tensorboard, capsys
+):
+    """Killed after its tokenizer and first log rows but before any checkpoint: --resume has nothing to continue, so
+    it runs from step 0 and its log is the log of a run that was never stopped (no rows of the stopped one)."""
+    straight, _ = finished_run
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copytree(straight / "tokenizer", run / "tokenizer")
+    (run / "tensorboard").mkdir()
+    lines = (straight / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:2]) + '{"step": 2, "lo')
+    summary = train(_tensorboard_config(small_data), run, resume=True, progress=False)
+    assert summary["steps"] == 6
+    assert "stopped before its first checkpoint: starting it again from step 0" in capsys.readouterr().err
+    assert _timeless(run) == _timeless(straight)
+    ours, reference = _weights(run, 6), _weights(straight, 6)
+    assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in ours)
+    (writer,) = tensorboard
+    assert writer.purge_step == 0
+
+
+@pytest.mark.parametrize("leftover", ["nothing", "summary", "broken-checkpoint"])
+def test_resume_with_nothing_to_continue_is_refused(small_data, tmp_path, leftover):
+    """No run there (a mistyped --output), a finished run without checkpoints, or only checkpoints that do not verify
+    (kept for the user to look at): --resume refuses instead of starting over."""
+    run = tmp_path / "run"
+    (run / "tokenizer").mkdir(parents=True)
+    if leftover == "nothing":
+        shutil.rmtree(run)
+    elif leftover == "summary":
+        (run / "summary.json").write_text("{}")
+    else:
+        (run / "checkpoints" / "step_00000004").mkdir(parents=True)
+    with pytest.raises(TrainingError, match="no valid checkpoint"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unverifiable checkpoint's warning
+        train(TrainConfig.from_dict(_short_config(small_data)), run, resume=True, progress=False)
 
 
 def test_resume_from_a_state_without_a_key_is_one_line_naming_it(finished_run, small_data, tmp_path, capsys):
