@@ -87,7 +87,7 @@ def _recorded_source(out: Path, name: str) -> str | None:
         if path:
             return utf8_path(path)
     # The tensors are written before the sidecar: a run killed between the two leaves a safetensors output whose
-    # header names its source (a .npy output has no header for it: its name is then taken as someone else's).
+    # header names its source (a .npy output leaves its progress record, read above).
     from safetensors import SafetensorError, safe_open
 
     try:
@@ -265,6 +265,15 @@ def _commit(work: Path, record: dict, tensors: dict[str, np.ndarray], count: int
     atomic_write_bytes(work / RECORD, json.dumps(record, indent=1).encode())
 
 
+def _claim(work: Path, record: dict) -> None:
+    """Write the progress record before a .npy output: .npy files have no header to name their source, so a run killed
+    between them and the sidecar leaves this record to claim the name (`_recorded_source`) for the rerun."""
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    work.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(work / RECORD, json.dumps(record, indent=1).encode())
+
+
 def _load_parts(work: Path, parts: list[dict]) -> list[dict[str, np.ndarray]]:
     from safetensors.numpy import load_file
 
@@ -390,6 +399,8 @@ def _extract(
                 bar.refresh()
             continue
         chunks = _load_parts(work, earlier) + chunks
+        if fmt == "npy" and not (work / RECORD).is_file():
+            _claim(work, record)
         _finish(out, names[path], fmt, mode, chunks, windows, text, source, fps, settings)
         _clear(work)
         written += 1

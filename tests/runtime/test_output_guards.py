@@ -155,6 +155,29 @@ def test_features_output_killed_before_its_sidecar_keeps_its_name(rt, video_root
     assert sorted(p.name for p in out.iterdir()) == [f"{name}.json", f"{name}.safetensors"]
 
 
+def test_npy_features_killed_before_their_sidecar_keep_their_name(rt, video_root, tmp_path, monkeypatch):
+    """.npy files have no header to name their source: the progress record does, until the sidecar is written."""
+    from egovlp_deploy import checkpoint
+
+    out = tmp_path / "out"
+    video = str(video_root / "vid_a" / "0.mp4")
+    write = checkpoint.atomic_write_bytes
+
+    def killed_at_the_sidecar(path, data):
+        if path.parent == out and path.suffix == ".json":
+            raise KeyboardInterrupt
+        write(path, data)
+
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", killed_at_the_sidecar)
+    with pytest.raises(KeyboardInterrupt):
+        extract_features([video], rt, out, frames=8, stride=8, fmt="npy", progress=False)
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", write)
+    assert (out / "vid_a_0.features.npy").is_file() and not (out / "vid_a_0.json").exists()
+    again = extract_features([video], rt, out, frames=8, stride=8, fmt="npy", progress=False)
+    assert again["outputs"][video] == "vid_a_0" and again["written"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["vid_a_0.features.npy", "vid_a_0.json", "vid_a_0.timestamps.npy"]
+
+
 def test_a_second_features_writer_is_refused(rt, video_root, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
