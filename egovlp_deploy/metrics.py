@@ -131,6 +131,13 @@ def mir_metrics(
             f"mir_metrics: relevancy has shape {rel.shape}, expected (len(video_ids), len(text_ids)) = "
             f"({num_clips}, {num_sentences})"
         )
+    if num_clips == 0 or num_sentences == 0:
+        raise ValueError("mir_metrics: no clips or no sentences")
+    # argsort puts NaN last ascending, so a NaN score would rank first for nDCG and last for mAP: a silent number
+    if np.isnan(sim).any():
+        raise ValueError("mir_metrics: NaN similarities")
+    if not np.isfinite(rel).all():
+        raise ValueError("mir_metrics: non-finite relevancy")
 
     # Sentence s is scored with the caption of the first test clip whose narration id equals text_ids[s].
     clip_of_narration: dict[str, int] = {}

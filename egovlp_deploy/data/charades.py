@@ -68,7 +68,8 @@ def load_charades_classes(path: str | os.PathLike, num_classes: int = NUM_CLASSE
     """Charades_v1_classes.txt -> the num_classes prompts, in class order (checked against the c### ids)."""
     prompts = []
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark would otherwise hide the first line's "c000"
+        with open(path, newline="", encoding="utf-8-sig") as f:
             for line_no, fields in enumerate(csv.reader(f), start=1):
                 if not fields or not fields[0].strip():
                     continue
@@ -80,6 +81,8 @@ def load_charades_classes(path: str | os.PathLike, num_classes: int = NUM_CLASSE
                 prompts.append(first[5:])
     except OSError as e:
         raise DataError(path, "open", str(e)) from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(path, "file", f"unreadable text: {e}") from e
     if len(prompts) != num_classes:
         raise DataError(path, "all lines", f"{len(prompts)} classes, expected {num_classes}")
     return prompts

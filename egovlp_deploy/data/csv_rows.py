@@ -16,7 +16,7 @@ class csv_records:  # named like a function: it is used like a generator functio
     A file that cannot be opened, has no header or lacks a `required` column fails (raises) in any mode; a row that
     cannot be parsed or has the wrong number of fields is rejected through `rows` (raise in strict mode, record in
     lax mode). Rejected rows still count as data rows (`data_rows`, positions), which EK-100 needs: a data row's
-    position is its row of the relevancy matrix.
+    position is its row of the relevancy matrix. Blank lines are no data rows, as for the official pandas readers.
     """
 
     def __init__(
@@ -36,12 +36,14 @@ class csv_records:  # named like a function: it is used like a generator functio
         rows = self.rows
         try:
             # surrogateescape: a byte that is not UTF-8 stays in its row (as a lone surrogate) instead of failing the
-            # whole read buffer, so it is reported on its own line and lax mode skips only that row
-            f = open(self.path, newline="", encoding="utf-8", errors="surrogateescape")
+            # whole read buffer, so it is reported on its own line and lax mode skips only that row; utf-8-sig drops a
+            # byte-order mark (spreadsheet exports), which would otherwise glue itself to the first column's name
+            f = open(self.path, newline="", encoding="utf-8-sig", errors="surrogateescape")
         except OSError as e:
             raise rows.fail("open", str(e)) from e
         with f:
-            reader = csv.reader(f, delimiter=self.delimiter, quoting=self.quoting)
+            lines = _Lines(f)
+            reader = csv.reader(lines, delimiter=self.delimiter, quoting=self.quoting)
             try:
                 header = next(reader, None)
             except csv.Error as e:
@@ -54,7 +56,12 @@ class csv_records:  # named like a function: it is used like a generator functio
             missing = [c for c in self.required if c not in header]
             if missing:
                 raise rows.fail("line 1", f"missing columns {missing}{self.hint}; header: {header}")
+            # a row becomes {column: value}, where a repeated name keeps only its last value (pandas reads the first)
+            twice = [c for c in self.required if header.count(c) > 1]
+            if twice:
+                raise rows.fail("line 1", f"columns {twice} appear more than once; header: {header}")
             while True:
+                first_line = reader.line_num + 1
                 try:
                     values = next(reader)
                 except StopIteration:
@@ -63,6 +70,12 @@ class csv_records:  # named like a function: it is used like a generator functio
                     self.data_rows += 1
                     rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
                     continue
+                if lines.exhausted:
+                    # csv.reader ends a quoted field that is never closed at the end of the file, so that field holds
+                    # every later line: fatal in any mode, as those rows would vanish without a trace
+                    raise rows.fail(f"line {first_line}", "a quoted field is not closed before the end of the file")
+                if not values:
+                    continue  # a blank line is no row (pandas' skip_blank_lines): it takes no data-row position
                 self.data_rows += 1
                 bad = _not_utf8(values)
                 if bad:
@@ -75,6 +88,23 @@ class csv_records:  # named like a function: it is used like a generator functio
                     )
                     continue
                 yield reader.line_num, self.data_rows - 1, dict(zip(header, values))
+
+
+class _Lines:
+    """A text file's lines, noting when csv.reader asks past the last one (it does so only inside a quoted field)."""
+
+    def __init__(self, f):
+        self._lines, self.exhausted = iter(f), False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._lines)
+        except StopIteration:
+            self.exhausted = True
+            raise
 
 
 def _not_utf8(values: list[str]) -> str | None:

@@ -99,6 +99,8 @@ def read_egomcq(
         raise rows.fail("open", str(e)) from e
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError names the line and column
         raise rows.fail("json", f"not valid JSON: {e}") from e
+    except RecursionError as e:  # arrays or objects nested thousands deep exhaust the decoder's stack
+        raise rows.fail("json", "not valid JSON: nested too deeply") from e
     if not isinstance(data, Mapping):
         raise rows.fail("top level", f"expected an object keyed '0', '1', ..., got {type(data).__name__}")
     keyed = []

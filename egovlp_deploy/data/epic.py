@@ -22,6 +22,8 @@ from __future__ import annotations
 import csv
 import os
 import random
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,16 +42,19 @@ RELEVANCY_THRESHOLD = 0.1  # official self.relevancy: a sentence is a positive w
 EpicReader = Callable[..., torch.Tensor]
 
 
+_TIMESTAMP = re.compile(r"([0-9]+):([0-9]{1,2}):([0-9]{1,2}(?:\.[0-9]*)?)")
+
+
 def timestamp_seconds(value: str, name: str) -> float:
-    """'HH:MM:SS.ff' -> seconds, as the official datetime2sec, but rejecting anything else."""
-    parts = value.strip().split(":")
-    try:
-        if len(parts) != 3:
-            raise ValueError
-        hours, minutes, seconds = int(parts[0]), int(parts[1]), float(parts[2])
-    except ValueError:
-        raise RowProblem(f"bad {name}", f"{value!r} is not HH:MM:SS.ff") from None
-    if hours < 0 or not 0 <= minutes < 60 or not 0 <= seconds < 60:
+    """'HH:MM:SS.ff' -> seconds, as the official datetime2sec, but rejecting anything else.
+
+    ASCII digits only: int() and float() would also take a sign ("-00:00:01.00" is 1 s to datetime2sec, the "-"
+    vanishing into int("-00")), underscores and other scripts' digits."""
+    match = _TIMESTAMP.fullmatch(value.strip())
+    if not match:
+        raise RowProblem(f"bad {name}", f"{value!r} is not HH:MM:SS.ff")
+    hours, minutes, seconds = int(match[1]), int(match[2]), float(match[3])
+    if not minutes < 60 or not seconds < 60:
         raise RowProblem(f"bad {name}", f"{value!r} is not HH:MM:SS.ff")
     return hours * 3600 + minutes * 60 + seconds
 
@@ -114,22 +119,27 @@ def split_files(annotations: str | os.PathLike, split: str) -> dict[str, Path]:
 
 def load_relevancy(path: str | os.PathLike) -> np.ndarray:
     """The (num_videos, num_sentences) relevancy matrix from .npy/.npz, never through pickle."""
+    unreadable = (
+        "not a readable .npy/.npz without pickle ({}); convert the official .pkl once as described in "
+        "egovlp_deploy/data/epic.py"
+    )
     try:
         loaded = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise DataError(
-            path,
-            "file",
-            f"not a readable .npy/.npz without pickle ({e}); convert the official .pkl "
-            "once as described in egovlp_deploy/data/epic.py",
-        ) from e
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            names = list(loaded.files)
-            if len(names) != 1 and "relevancy" not in names:
-                raise DataError(path, "file", f"expected one array or one named 'relevancy', found {names}")
-            loaded = loaded["relevancy" if "relevancy" in names else names[0]]
-    if loaded.ndim != 2 or not np.issubdtype(loaded.dtype, np.number):
+        if isinstance(loaded, np.lib.npyio.NpzFile):
+            with loaded:
+                names = list(loaded.files)
+                if len(names) != 1 and "relevancy" not in names:
+                    raise DataError(path, "file", f"expected one array or one named 'relevancy', found {names}")
+                # an .npz member is parsed only here: a pickled (object) or truncated one fails now, not at np.load
+                loaded = loaded["relevancy" if "relevancy" in names else names[0]]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(path, "file", unreadable.format(e)) from e
+    if not isinstance(loaded, np.ndarray):  # an .npz member that is no .npy comes back as raw bytes
+        raise DataError(path, "file", unreadable.format("an .npz member is not an .npy array"))
+    # real numbers only: complex passes np.number, and `relevancy > 0.1` on it compares only the real part
+    if loaded.ndim != 2 or not (np.issubdtype(loaded.dtype, np.integer) or np.issubdtype(loaded.dtype, np.floating)):
         raise DataError(path, "file", f"expected a 2-D numeric matrix, got {loaded.dtype} {loaded.shape}")
     if not np.isfinite(loaded).all():
         raise DataError(path, "file", "the relevancy matrix has NaN or inf entries")
@@ -151,6 +161,8 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             if header is None or len(header) < 2:
                 raise DataError(path, "line 1", f"expected a header with at least 2 columns, got {header}")
             for values in reader:
+                if not values:
+                    continue  # a blank line is no sentence (pandas' skip_blank_lines), so it takes no column
                 if len(values) < 2 or not values[0].strip() or not values[1].strip():
                     raise DataError(
                         path,
@@ -186,7 +198,8 @@ def read_epic_rows(
             if not fields["narration"].strip():
                 raise RowProblem("empty narration", "narration is empty")
             for name in ("narration_id", "participant_id", "video_id"):
-                if not fields[name].strip() or "/" in fields[name]:
+                # participant_id is a folder of the video path: ".." there would leave video_root
+                if not fields[name].strip() or "/" in fields[name] or fields[name] in (".", ".."):
                     raise RowProblem(f"bad {name}", f"{fields[name]!r}")
             if video_root is not None:
                 path = epic_video_path(video_root, fields["participant_id"], fields["video_id"])
