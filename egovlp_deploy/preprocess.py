@@ -84,7 +84,7 @@ class ClipSpec:
     def check(self) -> None:
         for name in ("size", "crop", "short_side"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIDE:
+            if not _is_int(value) or not 1 <= value <= MAX_SIDE:
                 raise ValueError(
                     f"{name} must be a positive int at most {MAX_SIDE} (preprocess.MAX_SIDE), got {value!r:.40}"
                 )
@@ -95,8 +95,19 @@ class ClipSpec:
             )
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean!r} and {self.std!r}")
+        # Named here: the extension only sees the folded per-channel scale and bias, so it cannot say which
+        # number was NaN or infinite.
+        for name in ("pixel_scale", "mean", "std"):
+            value = getattr(self, name)
+            if not all(math.isfinite(float(v)) for v in (value if name != "pixel_scale" else (value,))):
+                raise ValueError(f"{name} must be finite, got {value!r}")
         if any(s == 0 for s in self.std):
             raise ValueError(f"std must be non-zero, got {self.std!r}")
+
+
+def _is_int(value) -> bool:
+    """An integer, Python's or numpy's (a size read from an array or a config), but not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _require_extension() -> None:

@@ -88,7 +88,10 @@ def random_resized_crop_params(
     log_ratio = torch.log(torch.tensor(ratio))  # float32, as torchvision computes it
     for _ in range(CROP_ATTEMPTS):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
-        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator).item())
+        # exp in float32 as torchvision takes it (torch.exp(...).item()): math.exp in double moves the aspect by up
+        # to an ulp of float32, enough to round a side that sits near x.5 the other way
+        log_aspect = torch.empty(1).uniform_(log_ratio[0].item(), log_ratio[1].item(), generator=generator)
+        aspect = torch.exp(log_aspect).item()
         crop_w = int(round(math.sqrt(target_area * aspect)))
         crop_h = int(round(math.sqrt(target_area / aspect)))
         if 0 < crop_w <= width and 0 < crop_h <= height:

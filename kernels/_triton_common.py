@@ -46,6 +46,25 @@ def check_tensor(name: str, t: torch.Tensor, dims: int) -> None:
         )
 
 
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Every tensor argument of one launch on one device: the kernel dereferences each pointer on the device of the
+    first, so a CPU or other-GPU operand would be an illegal access or a cryptic launcher error."""
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        torch._check(
+            t.device == first.device,
+            lambda: f"{name} is on {t.device} but {first_name} is on {first.device}: all operands need one device",
+        )
+
+
+def nothing_to_compute(*sizes) -> bool:
+    """True when a size is a concrete 0 (an empty batch or query set): the op returns its empty output without a
+    launch, so no zero-program grid reaches the autotuner (which would time nothing and cache a config for the
+    real shapes that share its key). A symbolic size (dynamic-shape export) is never compared: no shape guard."""
+    return all(isinstance(n, int) for n in sizes) and any(n == 0 for n in sizes)
+
+
 def launch_skipped(*tensors: torch.Tensor) -> bool:
     """Under the interpreter a traced (fake) call would hand fake tensors to the CPU interpreter, which reads their
     data; shape propagation only needs the output allocation, so the launch is skipped. On the GPU the launch is
@@ -101,10 +120,14 @@ def dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 @triton.jit
 def online_softmax_step(s, v, m_i, l_i, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """One key/value tile of the streaming softmax. s (BM, BN) scores, -inf where masked; v (BN, D). Returns the
-    running row max, denominator and unnormalised output (BM, D); exp(-inf) = 0 on the first tile."""
+    running row max, denominator and unnormalised output (BM, D); exp(-inf) = 0 on the first tile.
+    A row whose every score so far is -inf (an -inf bias over a whole key tile, e.g. left padding) subtracts 0
+    instead of its -inf max: exp(-inf - -inf) would be NaN and poison the row's later tiles, while exp(-inf - 0)
+    keeps it the empty state (l = 0, acc = 0) that the first finite score replaces."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(s - m_new[:, None])
+    m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_sub)
+    p = tl.exp(s - m_sub[:, None])
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, UPCAST, PRECISION)
     return m_new, l_i, acc
@@ -144,7 +167,7 @@ def split_count(programs, keys) -> int:
     export, `torch.compile(dynamic=True)`) keeps one split: choosing by it would put a guard on the shape."""
     if not (isinstance(programs, int) and isinstance(keys, int)):
         return 1
-    if programs >= SPLIT_TARGET_PROGRAMS or keys < 2 * SPLIT_MIN_KEYS:
+    if programs < 1 or programs >= SPLIT_TARGET_PROGRAMS or keys < 2 * SPLIT_MIN_KEYS:  # < 1: an empty batch
         return 1
     return max(1, min(triton.cdiv(SPLIT_TARGET_PROGRAMS, programs), keys // SPLIT_MIN_KEYS, MAX_SPLITS))
 
@@ -169,8 +192,8 @@ def split_workspace(rows: int, splits: int, block_d: int, device) -> tuple[torch
 @triton.jit
 def store_split(m_ws, l_ws, acc_ws, slot, rmask, m_i, l_i, acc, BLOCK_D: tl.constexpr):
     """Write one program's partial state: slot (BM,) int64 workspace rows. A row whose keys in this split all
-    scored -inf (an -inf bias) carries NaN from exp(-inf - -inf); it is stored as the empty state (l = 0, acc = 0)
-    so the merge gives it weight 0 instead of NaN."""
+    scored -inf (an -inf bias) is stored as the empty state (l = 0, acc = 0), so the merge gives it weight 0
+    instead of NaN (`online_softmax_step` already keeps such a row empty; the guard holds for any key loop)."""
     empty = m_i == float("-inf")
     l_i = tl.where(empty, 0.0, l_i)
     acc = tl.where(empty[:, None], 0.0, acc)

@@ -40,6 +40,7 @@ from ._triton_common import (
     head_block,
     launch_skipped,
     new_output,
+    nothing_to_compute,
     online_softmax_step,
     split_count,
     split_plan,
@@ -420,7 +421,7 @@ def _divided_attention_op(qkv: torch.Tensor, heads: int, num_frames: int, mode: 
     packed = group_size <= PACK_LIMIT
     meta = {} if autotuning() else fixed_launch(FIXED_CONFIG(group_size))
 
-    if launch_skipped(qkv):
+    if launch_skipped(qkv) or nothing_to_compute(B):
         return out
 
     # Symbolic sizes (dynamic-shape export) keep one split, decided without touching them (no shape guard).
@@ -486,5 +487,6 @@ def divided_attention(
     if mode not in MODES:
         raise ValueError(f"mode must be 'time' or 'space', got {mode!r}")
     if scale is None:
-        scale = (qkv.shape[-1] // (3 * heads)) ** -0.5
+        head_dim = qkv.shape[-1] // (3 * heads) if heads > 0 else 0
+        scale = head_dim**-0.5 if head_dim > 0 else 1.0  # a bad head count is reported by the op's checks
     return torch.ops.egovlp.divided_attention(qkv, int(heads), int(num_frames), mode, float(scale))

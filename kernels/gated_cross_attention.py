@@ -30,6 +30,7 @@ from torch.library import triton_op, wrap_triton
 
 from ._triton_common import (
     autotuning,
+    check_same_device,
     check_tensor,
     combine_splits,
     dot,
@@ -38,6 +39,7 @@ from ._triton_common import (
     head_block,
     launch_skipped,
     new_output,
+    nothing_to_compute,
     online_softmax_step,
     split_count,
     split_plan,
@@ -207,6 +209,7 @@ def _cross_attention_op(
         lambda: f"k {tuple(k.shape)} and v {tuple(v.shape)} must both be (B={B}, Lk, {C})",
     )
     torch._check(k.dtype == q.dtype and v.dtype == q.dtype, lambda: "q, k and v must share one dtype")
+    check_same_device(q=q, k=k, v=v, bias=bias)
     torch._check(Lk > 0, lambda: "cross-attention needs at least one key")
     if bias is not None:
         torch._check(bias.shape == (B, Lk), lambda: f"bias must be (B={B}, Lk={Lk}), got {tuple(bias.shape)}")
@@ -215,7 +218,7 @@ def _cross_attention_op(
     out = new_output((B, Lq, C), q)
     meta = {} if autotuning() else fixed_launch(FIXED_CONFIG(Lq, Lk))
 
-    if launch_skipped(q):
+    if launch_skipped(q) or nothing_to_compute(B, Lq):
         return out
 
     # Split before the autotuner picks a tile: the workspace is indexed by query row, so the plan fits every config
@@ -289,5 +292,6 @@ def cross_attention(
     Forward only.
     """
     if scale is None:
-        scale = (q.shape[-1] // heads) ** -0.5
+        head_dim = q.shape[-1] // heads if heads > 0 else 0
+        scale = head_dim**-0.5 if head_dim > 0 else 1.0  # a bad head count is reported by the op's checks
     return torch.ops.egovlp.cross_attention(q, k, v, bias, int(heads), float(scale))

@@ -269,6 +269,34 @@ def test_bad_arguments_raise():
             preprocess_clip(frames, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "field, spec, shown",
+    [
+        ("mean", ClipSpec(32, 32, 32, 1 / 255, (float("nan"), 0.4, 0.3), (0.2, 0.2, 0.2)), r"\(nan, 0.4, 0.3\)"),
+        ("std", ClipSpec(32, 32, 32, 1 / 255, (0.5, 0.4, 0.3), (0.2, float("nan"), 0.2)), r"\(0.2, nan, 0.2\)"),
+        ("std", ClipSpec(32, 32, 32, 1 / 255, (0.5, 0.4, 0.3), (0.2, 0.2, float("inf"))), r"\(0.2, 0.2, inf\)"),
+        ("pixel_scale", ClipSpec(32, 32, 32, float("nan"), (0.5, 0.4, 0.3), (0.2, 0.2, 0.2)), "nan"),
+    ],
+)
+def test_non_finite_normalisation_names_the_field(field, spec, shown):
+    # The extension sees only the folded scale and bias (and blamed a zero std for a NaN mean): the wrapper names
+    # the value that is wrong.
+    with pytest.raises(ValueError, match=f"^{field} must be finite, got {shown}$"):
+        preprocess_clip(frames_of(1, 8, 8), spec=spec)
+
+
+@pytest.mark.parametrize("size", [np.int64(40), np.int32(33), np.uint16(24)])
+def test_numpy_integer_sizes_are_accepted_like_the_reference(size):
+    # eval_transform takes a numpy integer size (from a config array); eval_clip must not fail on it only when the
+    # extension is built
+    frames = frames_of(2, 50, 70)
+    ref = eval_transform(frames, size)
+    assert max_err(preprocess.eval_clip(frames, size), ref) <= FP32_ATOL
+    assert preprocess_clips([frames], size, layout="CTHW").shape == (1, 3, 2, int(size), int(size))
+    with pytest.raises(ValueError, match="size must be a positive int"):
+        preprocess_clip(frames, np.bool_(True))
+
+
 def test_extension_checks_its_own_arguments():
     # The extension is reachable without the wrapper: it must refuse bad buffers itself rather than read or
     # write out of bounds.

@@ -241,6 +241,11 @@ def multihead_attention(
     if backend == "triton":
         from ..kernels.gated_cross_attention import cross_attention as fused
 
+        if bias is not None:  # the kernel takes one key bias per batch row: a per-query mask would lose its rows
+            torch._check(
+                bias.dim() == 4 and bias.shape[1] == 1 and bias.shape[2] == 1,
+                lambda: f"the triton attention backend takes a (B, 1, 1, Lk) bias, got {tuple(bias.shape)}",
+            )
         return fused(q, k, v, heads, scale, None if bias is None else bias[:, 0, 0, :])
     qh, kh, vh = split_heads(q, heads) * scale, split_heads(k, heads), split_heads(v, heads)  # (B, h, L, d)
     if backend == "sdpa":

@@ -187,3 +187,16 @@ def test_split_plan_leaves_no_split_empty():
         for want in range(1, 12):
             splits, per = split_plan(keys, want)
             assert 1 <= splits <= want and (splits - 1) * per < keys <= splits * per
+
+
+def test_empty_batch():
+    """B = 0 with S = 257 keys, enough for the CLS row to be split: an empty result, not a division by zero."""
+    out = da.divided_attention(qkv_input(0, 2, 16, 4, 64, torch.float32), 2, 4, "space")
+    assert out.shape == (0, 257, 32)
+
+
+def test_bad_head_count_raises_the_ops_message():
+    qkv = qkv_input(1, 2, 16, 2, 3, torch.float32)
+    for heads in (0, 64):  # no head; more heads than channels (head dim 0)
+        with pytest.raises(RuntimeError, match=f"3 \\* heads \\* head_dim for heads={heads}"):
+            da.divided_attention(qkv, heads, 2, "time")

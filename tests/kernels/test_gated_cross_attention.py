@@ -219,3 +219,36 @@ def test_split_keys_with_minus_infinity_bias(monkeypatch):
     bias = torch.zeros(2, 80, device=DEVICE)
     bias[:, 30:] = float("-inf")  # splits 2-4 (keys 20-79) are masked from key 30 on, the last two entirely
     check(q, k, v, bias, 2, torch.float32)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_minus_infinity_bias_over_a_whole_leading_key_tile(monkeypatch, splits):
+    """An -inf bias over the first 64-key tile of a program (left padding, one split or the start of each of two)
+    with valid keys after it: the tile's exp(-inf - -inf) must not turn the whole row NaN."""
+    monkeypatch.setattr(gca, "KEY_SPLITS", lambda programs, keys: splits)
+    q, k, v, _ = inputs(2, 2, 16, 5, 300, torch.float32, seed=10)
+    bias = torch.zeros(2, 300, device=DEVICE)
+    bias[:, :70] = float("-inf")  # keys 0-69: the whole first tile of split 0
+    bias[:, 150:220] = float("-inf")  # keys 150-219: the whole first tile of split 1 when there are two
+    bias[1, 70:] = torch.finfo(torch.float32).min  # row 1: finite HF padding after it, every key masked one way
+    check(q, k, v, bias, 2, torch.float32)
+
+
+def test_empty_batch_and_empty_query_set():
+    """B = 0 or Lq = 0 over enough keys to be split: an empty result, no division by the zero program count."""
+    for B, Lq in [(0, 3), (1, 0)]:
+        q = torch.randn(B, Lq, 32, device=DEVICE)
+        k, v = torch.randn(B, 300, 64, device=DEVICE).chunk(2, dim=-1)
+        out = gca.cross_attention(q, k, v, 2, bias=torch.zeros(B, 300, device=DEVICE))
+        assert out.shape == (B, Lq, 32)
+
+
+def test_operands_on_another_device_and_bad_head_counts_raise():
+    q, k, v, bias = inputs(1, 2, 16, 4, 5, torch.float32, "pad")
+    with pytest.raises(RuntimeError, match="k is on meta but q is on"):
+        gca.cross_attention(q, k.to("meta"), v, 2, bias=bias)
+    with pytest.raises(RuntimeError, match="bias is on meta but q is on"):
+        gca.cross_attention(q, k, v, 2, bias=bias.to("meta"))
+    for heads in (0, 64):  # no head, and more heads than channels (head dim 0): the op's message, not 0 ** -0.5
+        with pytest.raises(RuntimeError, match=f"not divisible by heads={heads}"):
+            gca.cross_attention(q, k, v, heads)

@@ -115,3 +115,22 @@ def test_training_with_triton_backend_gets_reference_gradients(model_and_inputs)
     assert grads["reference"].keys() == grads["triton"].keys()
     for n, g in grads["reference"].items():
         torch.testing.assert_close(grads["triton"][n], g, msg=n)
+
+
+def test_the_triton_backend_refuses_a_per_query_bias():
+    """The kernel takes one key bias per batch row: a (B, 1, Lq, Lk) mask (a causal one, say) would keep only its
+    first query's row, a silent wrong result for every other query."""
+    q, k, v = (torch.randn(2, n, 64, device=DEVICE) for n in (3, 5, 5))
+    causal = torch.zeros(2, 1, 3, 5, device=DEVICE)
+    causal[:, :, 0, 1:] = float("-inf")
+    reference = multihead_attention(q, k, v, 2, 0.125, causal, backend="reference")
+    assert not torch.allclose(
+        reference[:, 1],
+        multihead_attention(q, k, v, 2, 0.125, causal[:, :, :1].expand(2, 1, 3, 5), backend="reference")[:, 1],
+    )
+    with pytest.raises(RuntimeError, match=r"takes a \(B, 1, 1, Lk\) bias, got \(2, 1, 3, 5\)"):
+        multihead_attention(q, k, v, 2, 0.125, causal, backend="triton")
+    per_key = torch.zeros(2, 1, 1, 5, device=DEVICE)
+    per_key[1, ..., 3:] = float("-inf")
+    want = multihead_attention(q, k, v, 2, 0.125, per_key, backend="reference")
+    torch.testing.assert_close(multihead_attention(q, k, v, 2, 0.125, per_key, backend="triton"), want)
