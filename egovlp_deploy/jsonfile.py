@@ -16,6 +16,23 @@ from typing import Any
 _KINDS = {dict: "a JSON object", list: "a JSON array"}
 
 
+def json_text(value: Any, **dumps_options) -> str:
+    """`value` as standard JSON: a NaN or infinite float (an accuracy over no questions, a skipped step's loss)
+    becomes null, where json.dumps would write the bare NaN / Infinity that jq, JavaScript and other strict
+    readers refuse."""
+
+    def finite(v):
+        if isinstance(v, float):
+            return v if v == v and v not in (float("inf"), float("-inf")) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), allow_nan=False, **dumps_options)
+
+
 def read_json(
     path: str | os.PathLike,
     error: type[Exception] = ValueError,

@@ -244,6 +244,11 @@ class TrainConfig:
                 RULES[section_name][f.name].check(f"{section_name}.{f.name}", getattr(section, f.name), str(f.type))
         s, m, o = self.schedule, self.model, self.optim
         finetune = self.task != "pretrain"
+        # The losses rank each pair against the other pairs of its micro-batch (gathered over the processes): a
+        # micro-batch of one pair has none, so the fine-tuning losses and EgoNCE are 0 and VTM has no negative to
+        # draw. Pre-training's scene negatives make every clip a pair of two.
+        micro_batch = s.batch_size // s.grad_accum_steps
+        pairs = micro_batch * (1 if finetune or self.data.neg_window is None else 2)
         checks = [
             (
                 not finetune or m.init_from is not None,
@@ -272,6 +277,17 @@ class TrainConfig:
                 s.batch_size % s.grad_accum_steps == 0,
                 f"schedule.batch_size {s.batch_size} must be divisible by schedule.grad_accum_steps "
                 f"{s.grad_accum_steps}",
+            ),
+            (
+                pairs >= 2,
+                f"schedule.batch_size {s.batch_size} / schedule.grad_accum_steps {s.grad_accum_steps} leaves "
+                f"{micro_batch} clip per micro-batch{'' if finetune else ' and data.neg_window is null'}: "
+                "the loss ranks each clip against the others of its micro-batch and needs at least 2",
+            ),
+            (
+                s.max_samples_per_epoch is None or s.max_samples_per_epoch >= s.batch_size,
+                f"schedule.max_samples_per_epoch {s.max_samples_per_epoch} is less than one step of "
+                f"schedule.batch_size {s.batch_size}",
             ),
         ]
         for ok, message in checks:

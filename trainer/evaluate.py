@@ -84,7 +84,7 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=4,
         metavar="Q",
         help="EgoMCQ questions, or EK-100 / Charades-Ego clips, per step (default: 4)",
@@ -123,13 +123,30 @@ def run(args) -> int:
     frames = args.frames or model.config.video.num_frames
     model = model.to(device)  # load_model gave it `frames` frames
     tokenizer, size, strict = load_tokenizer(args.tokenizer), model.config.video.img_size, not args.lax
+    # Every benchmark's files are read before the first one runs: a wrong path or class count is an error before any
+    # work, not after the benchmarks before it (whose results would be lost).
+    epic_frames, charades_frames = args.frames or EPIC_FRAMES, args.frames or CHARADES_FRAMES
+    egomcq_set = EgoMCQDataset(args.egomcq, args.video_root, frames, size, strict=strict) if args.egomcq else None
+    epic_set = charades_set = None
+    if args.epic_mir:
+        epic_set = epic_test_dataset(
+            args.epic_mir, args.epic_video_root or Path(args.epic_mir, "videos"), epic_frames, size, strict=strict
+        )
+    if args.charades:
+        charades_set = charades_test_dataset(
+            args.charades,
+            args.charades_video_root or Path(args.charades, "videos"),
+            charades_frames,
+            size,
+            args.charades_classes,
+            strict=strict,
+        )
     results, report = {}, []
-    if args.egomcq:
-        dataset = EgoMCQDataset(args.egomcq, args.video_root, frames, size, strict=strict)
+    if egomcq_set is not None:
         predictions = {} if args.predictions else None
         results["egomcq"] = evaluate_egomcq(
             model,
-            dataset,
+            egomcq_set,
             tokenizer,
             device,
             args.batch_size,
@@ -140,42 +157,29 @@ def run(args) -> int:
         if predictions is not None:
             atomic_write_bytes(args.predictions, json.dumps(predictions, indent=1).encode())
         report += [
-            f"EgoMCQ on {len(dataset) if args.max_questions is None else args.max_questions} questions, "
+            f"EgoMCQ on {len(egomcq_set) if args.max_questions is None else args.max_questions} questions, "
             f"{frames} frames",
             format_table(results["egomcq"]),
         ]
-    if args.epic_mir:
-        epic_frames = args.frames or EPIC_FRAMES
-        dataset = epic_test_dataset(
-            args.epic_mir, args.epic_video_root or Path(args.epic_mir, "videos"), epic_frames, size, strict=strict
-        )
+    if epic_set is not None:
         results["epic_mir"] = evaluate_epic_mir(
-            model_at_frames(model, epic_frames), dataset, tokenizer, device, args.batch_size, progress=not args.json
+            model_at_frames(model, epic_frames), epic_set, tokenizer, device, args.batch_size, progress=not args.json
         )
         report += [
-            f"EK-100 MIR (zero-shot) on {len(dataset)} clips, {epic_frames} frames, dual encoder, percent",
+            f"EK-100 MIR (zero-shot) on {len(epic_set)} clips, {epic_frames} frames, dual encoder, percent",
             format_retrieval("epic_mir", results["epic_mir"]),
         ]
-    if args.charades:
-        charades_frames = args.frames or CHARADES_FRAMES
-        dataset = charades_test_dataset(
-            args.charades,
-            args.charades_video_root or Path(args.charades, "videos"),
-            charades_frames,
-            size,
-            args.charades_classes,
-            strict=strict,
-        )
+    if charades_set is not None:
         results["charades"] = evaluate_charades(
             model_at_frames(model, charades_frames),
-            dataset,
+            charades_set,
             tokenizer,
             device,
             batch_size=args.batch_size,
             progress=not args.json,
         )
         report += [
-            f"Charades-Ego (zero-shot) on {len(dataset)} videos, {args.charades_classes} classes, "
+            f"Charades-Ego (zero-shot) on {len(charades_set)} videos, {args.charades_classes} classes, "
             f"{charades_frames} frames, dual encoder, percent",
             format_retrieval("charades", results["charades"]),
         ]

@@ -48,7 +48,7 @@ from egovlp_deploy.evaluation import (
     format_retrieval,
     format_table,
 )
-from egovlp_deploy.jsonfile import read_json
+from egovlp_deploy.jsonfile import json_text, read_json
 from egovlp_deploy.model import EgoVLPv2
 from egovlp_deploy.model.factory import load_model, model_at_frames, new_model, preset_config
 
@@ -274,7 +274,7 @@ class MetricsLog:
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_text(record) + "\n")
         self.rows += 1
         if self.writer is not None:
             for key, value in _flat(record).items():
@@ -362,6 +362,18 @@ def check_output_dir(output_dir: Path, resume: bool) -> None:
         )
 
 
+def check_batch_split(cfg: TrainConfig, world_size: int) -> None:
+    """Each micro-batch (batch_size / grad_accum_steps clips) is cut into equal slices, one per process: ValueError (a
+    bad config for this launch) before anything is written where it cannot be."""
+    s = cfg.schedule
+    micro_batch = s.batch_size // s.grad_accum_steps
+    if micro_batch % world_size:
+        raise ValueError(
+            f"schedule.batch_size {s.batch_size} / schedule.grad_accum_steps {s.grad_accum_steps} = {micro_batch} "
+            f"clips per micro-batch cannot be split over {world_size} processes: make it a multiple of {world_size}"
+        )
+
+
 def killed_before_first_checkpoint(output_dir: Path) -> bool:
     """The folder holds a run that wrote its log or tokenizer but neither a checkpoint nor its summary: it was stopped
     before its first save, so `--resume` has nothing to continue and starts it again."""
@@ -372,6 +384,7 @@ def killed_before_first_checkpoint(output_dir: Path) -> bool:
 
 def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
     ckpt_dir = output_dir / "checkpoints"
+    check_batch_split(cfg, info.world_size)
     check_output_dir(output_dir, resume)
     if info.is_main:
         for path in remove_stale_temp_dirs(ckpt_dir):  # no save is running yet: these are from killed ones
@@ -397,7 +410,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
     tokenizer = build_tokenizer(cfg, output_dir, info)
     init_reports: list = []
-    model = build_model(cfg, len(tokenizer), init_reports, pretrained=not resume).to(info.device)
+    # The pretrained towers and the text warm-up are skipped only where a checkpoint's weights replace them: a run
+    # started over by --resume (stopped before its first checkpoint) starts as a new run does.
+    model = build_model(cfg, len(tokenizer), init_reports, pretrained=found is None).to(info.device)
     if info.is_main:
         for report in init_reports:
             print(report.summary(), file=sys.stderr if report.missing_from_file else sys.stdout)
@@ -422,7 +437,13 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             f"data: {len(train_set)} training clips ({skipped_rows} bad rows skipped), "
             f"{len(eval_set) if eval_set is not None else 0} {EVAL_NAMES[cfg.task]} {unit}"
         )
-    if cfg.model.text_warmup_steps and not cfg.model.init_from and not resume:  # on resume the weights come back
+        if eval_set is None and cfg.data.egomcq_json is not None:  # a path set but not there: say why nothing is
+            print(  # evaluated, rather than train a whole run without its evaluation unnoticed
+                f"note: data.egomcq_json {cfg.resolve(cfg.data.egomcq_json)} is not there: the run is not evaluated "
+                "(set it to null to train without EgoMCQ)",
+                file=sys.stderr,
+            )
+    if cfg.model.text_warmup_steps and not cfg.model.init_from and found is None:
         t0 = time.perf_counter()
         losses = simcse_warmup(
             model,
@@ -611,6 +632,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         if hasattr(train_set, "set_epoch"):
             train_set.set_epoch(epoch)
         micro = next_micro
+        step_parts: dict[str, torch.Tensor] = {}  # the step's loss terms summed over its micro-batches
         for batch in loader:
             if micro >= steps_per_epoch * s.grad_accum_steps:
                 break  # leftover micro-batches that do not fill an optimizer step
@@ -624,6 +646,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             with sync, autocast:
                 loss, parts = wrapped(batch, step)
             (scaler.scale(loss) if scaler else loss).div(s.grad_accum_steps).backward()
+            for key, value in parts.items():
+                step_parts[key] = step_parts[key] + value if key in step_parts else value
             micro += 1
             window_clips += batch.video.shape[0] * info.world_size
             if not last_micro:
@@ -633,6 +657,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 scaler.unscale_(optimizer)
             max_norm = o.grad_clip if o.grad_clip is not None else math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            # The logged terms are the step's (the mean over its micro-batches, as its gradient), not the last
+            # micro-batch's.
+            parts, step_parts = {k: v / s.grad_accum_steps for k, v in step_parts.items()}, {}
             if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
@@ -707,13 +734,16 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     }
     summary["egomcq" if cfg.task == "pretrain" else cfg.task] = final_eval or last_eval
     if info.is_main:
-        atomic_write_bytes(output_dir / "summary.json", json.dumps(summary, indent=2).encode())
+        atomic_write_bytes(output_dir / "summary.json", json_text(summary, indent=2).encode())
     return summary
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """`section.key=value` overrides; the value is parsed as JSON when it can be (numbers, true/false, null)."""
+    """`section.key=value` overrides; the value is parsed as JSON when it can be (numbers, true/false, null), except
+    that a text field (a path, a tokenizer name) keeps a number-like value as written (`data.video_root=2024`). A
+    JSON object given for a section or a nested key updates the keys it names and keeps the others (`--set
+    'schedule={"epochs": 2}'` changes the epochs alone)."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects section.key=value, got {item!r}")
@@ -728,8 +758,32 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"--set {key}: {part} is not a section")
-        target[last] = value
+        if isinstance(value, (int, float)) and _is_text_field(path, last):  # bools are ints too
+            value = raw
+        if isinstance(value, dict) and isinstance(target.get(last), dict):
+            _update_nested(target[last], value)
+        else:
+            target[last] = value
     return data
+
+
+def _is_text_field(path: list[str], name: str) -> bool:
+    """The config field at path + [name] is declared a string (unknown keys are not: strict_fields names them)."""
+    if len(path) > 1:
+        return False
+    klass = TrainConfig.SECTIONS.get(path[0]) if path else TrainConfig
+    if klass is None:
+        return False
+    field = next((f for f in dataclasses.fields(klass) if f.name == name), None)
+    return field is not None and "str" in str(field.type)
+
+
+def _update_nested(target: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _update_nested(target[key], value)
+        else:
+            target[key] = value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

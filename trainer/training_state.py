@@ -106,16 +106,39 @@ def save_checkpoint(
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in sorted(tmp.iterdir())}
         atomic_write_bytes(tmp / MANIFEST, json.dumps({"step": step, "files": files}, indent=2).encode())
         _fsync_dir(tmp)
-        if final.exists():  # a re-run of the same step (e.g. the final save) replaces it
+        # A second save of the same step (the step's own save, then the epoch end's, or the final one) replaces the
+        # first. The two directories are swapped in one step where the system can: deleting the old one first
+        # would leave no checkpoint of this step while it is deleted, and with keep_last 1 no checkpoint at all
+        # for a kill in that moment to resume from. The old one, now under the temp name, is removed below (or, if
+        # the process dies first, as a stale temp directory at the next start).
+        replaced = final.exists() and _exchange(tmp, final)
+        if final.exists() and not replaced:
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        if not replaced:
+            os.replace(tmp, final)
         _fsync_dir(directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if replaced:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux renameat2 RENAME_EXCHANGE); False where the system or the file
+    system cannot."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError, TypeError):  # no such call, or no C library to look in
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def remove_stale_temp_dirs(directory: str | os.PathLike) -> list[Path]:

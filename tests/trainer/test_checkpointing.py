@@ -2,6 +2,7 @@
 
 import json
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,3 +107,26 @@ def test_a_state_naming_a_missing_tensor_is_a_checkpoint_error(tmp_path):
     (path / "MANIFEST.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=f"^{path}: state.safetensors lacks the tensor 's.gone' that state.json"):
         load_checkpoint(path)
+
+
+def test_a_second_save_of_a_step_never_leaves_the_step_without_a_checkpoint(tmp_path, monkeypatch):
+    """The step's own save, then the epoch end's, at the same step: with keep_last 1 that step's directory is the only
+    checkpoint. A kill while the first one is being deleted must leave one that verifies (here the new one), not a
+    half-deleted directory that --resume skips, leaving no checkpoint at all."""
+    from egovlp_deploy.trainer import training_state
+
+    model, _ = _optimizer_state()
+    save_checkpoint(tmp_path, 3, model, {"step": 3, "epoch": 0}, {}, keep_last=1)
+    real_rmtree = training_state.shutil.rmtree
+
+    def killed_while_deleting(path, *args, **kwargs):  # the first file goes, then the process is killed
+        (Path(path) / "MANIFEST.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training_state.shutil, "rmtree", killed_while_deleting)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(tmp_path, 3, model, {"step": 3, "epoch": 1}, {}, keep_last=1)
+    monkeypatch.setattr(training_state.shutil, "rmtree", real_rmtree)
+    found = latest_valid_checkpoint(tmp_path)
+    assert found is not None and found.name == "step_00000003"
+    assert load_checkpoint(found)[1]["epoch"] == 1

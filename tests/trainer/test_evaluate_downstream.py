@@ -113,6 +113,30 @@ def test_cli_max_questions_below_one_is_refused_at_parsing(tmp_path, count, caps
     assert "argument --max-questions: " in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("size", ["0", "-2"])
+def test_cli_batch_size_below_one_is_refused_at_parsing(tmp_path, size, capsys):
+    """Refused by the parser, not by the first DataLoader after the model has loaded."""
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", "--model", "random:huge", "--tokenizer", str(tmp_path), "--epic-mir", "x", "--batch-size", size])
+    assert stop.value.code == 2
+    assert "argument --batch-size: must be 1 or more" in capsys.readouterr().err
+
+
+def test_cli_reads_every_benchmark_before_running_the_first(data, tmp_path, demo_tokenizer_dir, capsys, monkeypatch):
+    """A Charades-Ego class count that does not match its file is an error before EK-100 MIR is scored: the EK-100
+    result would otherwise be computed and then lost to the Charades-Ego error."""
+    from egovlp_deploy.trainer import evaluate as command
+
+    scored = []
+    monkeypatch.setattr(command, "evaluate_epic_mir", lambda *args, **kwargs: scored.append(1))
+    model, _ = saved_random_tiny(tmp_path / "tiny", seed=3)
+    argv = _eval_args(data, model, demo_tokenizer_dir)
+    argv[argv.index("--charades-classes") + 1] = "5"
+    assert main(argv) == 2
+    assert "classes, expected 5" in capsys.readouterr().err
+    assert scored == []
+
+
 @pytest.mark.parametrize(
     "device, message",
     [("tpu", "--device 'tpu': expected auto, cpu, cuda or cuda:N"), ("cuda", "--device cuda: CUDA is not available")],
