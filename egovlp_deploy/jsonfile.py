@@ -9,6 +9,7 @@ Torch-free on purpose: the light CLI paths (configs, indexes) import it.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ def json_text(value: Any, **dumps_options) -> str:
 
     def finite(v):
         if isinstance(v, float):
-            return v if v == v and v not in (float("inf"), float("-inf")) else None
+            return v if math.isfinite(v) else None
         if isinstance(v, dict):
             return {k: finite(x) for k, x in v.items()}
         if isinstance(v, (list, tuple)):

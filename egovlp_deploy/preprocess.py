@@ -97,10 +97,9 @@ class ClipSpec:
             raise ValueError(f"mean and std need 3 values (RGB), got {self.mean!r} and {self.std!r}")
         # Named here: the extension only sees the folded per-channel scale and bias, so it cannot say which
         # number was NaN or infinite.
-        for name in ("pixel_scale", "mean", "std"):
-            value = getattr(self, name)
-            if not all(math.isfinite(float(v)) for v in (value if name != "pixel_scale" else (value,))):
-                raise ValueError(f"{name} must be finite, got {value!r}")
+        for name, values in (("pixel_scale", (self.pixel_scale,)), ("mean", self.mean), ("std", self.std)):
+            if not all(math.isfinite(float(v)) for v in values):
+                raise ValueError(f"{name} must be finite, got {getattr(self, name)!r}")
         if any(s == 0 for s in self.std):
             raise ValueError(f"std must be non-zero, got {self.std!r}")
 

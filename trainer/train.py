@@ -390,11 +390,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         for path in remove_stale_temp_dirs(ckpt_dir):  # no save is running yet: these are from killed ones
             print(f"removed {path}, the temp directory of a checkpoint save that did not finish", file=sys.stderr)
     found = latest_valid_checkpoint(ckpt_dir) if resume else None
-    start_over = False
-    if resume and found is None:  # before any work: nothing to continue from
+    start_over = resume and found is None  # before any work: nothing to continue from
+    if start_over:
         if not killed_before_first_checkpoint(output_dir):
             raise TrainingError(f"--resume: no valid checkpoint under {ckpt_dir}")
-        start_over = True
         if info.is_main:
             print(
                 f"--resume: the run in {output_dir} stopped before its first checkpoint: starting it again from "
@@ -548,7 +547,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
     if start_over and info.is_main:
         log_rows = rewind_log(output_dir / "metrics.jsonl", 0, 0)
-    purge_step = step if (found is not None or start_over) else None  # TensorBoard hides the old run's later points
+    purge_step = step if resume else None  # TensorBoard hides the interrupted run's points from here on
     log = MetricsLog(
         output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard, rows=log_rows, purge_step=purge_step
     )

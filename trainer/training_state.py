@@ -112,9 +112,9 @@ def save_checkpoint(
         # for a kill in that moment to resume from. The old one, now under the temp name, is removed below (or, if
         # the process dies first, as a stale temp directory at the next start).
         replaced = final.exists() and _exchange(tmp, final)
-        if final.exists() and not replaced:
-            shutil.rmtree(final)
         if not replaced:
+            if final.exists():
+                shutil.rmtree(final)
             os.replace(tmp, final)
         _fsync_dir(directory)
     except BaseException:

@@ -262,12 +262,10 @@ def _commit(work: Path, record: dict, tensors: dict[str, np.ndarray], count: int
     atomic_write_bytes(work / name, save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
     record["parts"].append({"file": name, "start": record["done"], "count": count})
     record["done"] += count
-    atomic_write_bytes(work / RECORD, json.dumps(record, indent=1).encode())
+    _write_record(work, record)
 
 
-def _claim(work: Path, record: dict) -> None:
-    """Write the progress record before a .npy output: .npy files have no header to name their source, so a run killed
-    between them and the sidecar leaves this record to claim the name (`_recorded_source`) for the rerun."""
+def _write_record(work: Path, record: dict) -> None:
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
     work.mkdir(parents=True, exist_ok=True)
@@ -400,7 +398,9 @@ def _extract(
             continue
         chunks = _load_parts(work, earlier) + chunks
         if fmt == "npy" and not (work / RECORD).is_file():
-            _claim(work, record)
+            # .npy files have no header naming their source: the record claims the name (`_recorded_source`) for
+            # a rerun after a kill between them and the sidecar
+            _write_record(work, record)
         _finish(out, names[path], fmt, mode, chunks, windows, text, source, fps, settings)
         _clear(work)
         written += 1
