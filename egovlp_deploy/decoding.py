@@ -334,6 +334,48 @@ def _upright_rgb(reformatter, frame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
 
+def _video_stream(container, path):
+    """The video stream a file is read from: FFmpeg's best video stream (`av_find_best_stream`, which decord reads
+    too), never an attached picture (an mp4's or mkv's cover art, an audio file's album art). A file with no moving
+    picture, or a still image under a video name (FFmpeg's image demuxers), raises VideoReadError."""
+    import av
+
+    if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+        raise VideoReadError(
+            path, CORRUPT, f"a still image ({container.format.name.removesuffix('_pipe')}), not a video"
+        )
+    attached = av.stream.Disposition.attached_pic
+    moving = [s for s in container.streams.video if not s.disposition & attached]
+    if not moving:
+        only = " (only a cover picture)" if container.streams.video else ""
+        raise VideoReadError(path, CORRUPT, f"the file has no video stream{only}")
+    try:
+        best = container.streams.best("video")
+    except (av.error.FFmpegError, ValueError):
+        best = None
+    return best if best is not None and best.index in {s.index for s in moving} else moving[0]
+
+
+def _numbered(timing: _PyAVVideo, frames, from_start: bool = False):
+    """(index, frame) for the decoded frames of one run of decoding, numbered as the packet-time table says.
+    A frame that repeats the previous frame's timestamp is the next frame (the table lists the timestamp twice).
+    A stream without timestamps is numbered by its order from the start of the file."""
+    previous = None  # (index, pts) of the frame before
+    for frame in frames:
+        if timing._pts is None and (from_start or frame.pts is None):
+            if not from_start:
+                return  # no timestamps to number a run that starts mid-file by
+            index = 0 if previous is None else previous[0] + 1
+        elif frame.pts is None:
+            continue
+        else:
+            index = timing._index_of(frame)
+            if previous is not None and index <= previous[0] and frame.pts == previous[1]:
+                index = previous[0] + 1
+        previous = (index, frame.pts)
+        yield index, frame
+
+
 class _PyAVVideo:
     """PyAV with seeking. Frame i is the i-th frame in presentation order, as decord numbers them: the stream's
     packet timestamps, sorted, give each frame's index and time (`timeline`), read once when the file opens (the
@@ -365,9 +407,8 @@ class _PyAVVideo:
             # One converter per reader: frame.to_ndarray(format=...) builds a new swscale context for every frame,
             # which costs several times the conversion itself (the same pixels either way).
             self._reformatter = VideoReformatter()
-            if not self._container.streams.video:
-                raise VideoReadError(path, CORRUPT, "the file has no video stream")
-            stream = self._stream = self._container.streams.video[0]
+            stream = self._stream = _video_stream(self._container, path)
+            self._stream_index = stream.index
             rate = stream.average_rate or stream.guessed_rate or stream.codec_context.framerate
             if not rate:
                 raise VideoReadError(path, CORRUPT, "the video stream declares no frame rate")
@@ -377,12 +418,14 @@ class _PyAVVideo:
             times = self._packet_times()
             self._pts = None if times is None else times.tolist()  # sorted presentation timestamps, or None
             if self._pts is None:
-                self._start = stream.start_time or 0
-                self.num_frames = stream.frames or self._packets
+                # `self._stream`, not `stream`: the packet scan reopened the file, and the old stream died with it
+                self._start = self._stream.start_time or 0
+                self.num_frames = self._stream.frames or self._packets
                 self.timeline = Timeline.constant(self.num_frames, self.fps)
             else:
                 self._start = self._pts[0] if self._pts else 0  # a list: empty for a stream without packets
-                self._index_by_pts = {pts: i for i, pts in enumerate(self._pts)}
+                # A timestamp two frames share maps to the first of them (`_numbered` counts on from there).
+                self._index_by_pts = dict(zip(reversed(self._pts), range(len(self._pts) - 1, -1, -1)))
                 self.num_frames = len(self._pts)
                 # int / int is correctly rounded, so this equals float(Fraction(p - start) * time_base), 10x faster
                 num, den = self._time_base.numerator, self._time_base.denominator
@@ -425,8 +468,9 @@ class _PyAVVideo:
         return times
 
     def _demux_packet_times(self) -> tuple[np.ndarray | None, int]:
-        """Reads every video packet (no decoding): (sorted distinct timestamps or None, packet count)."""
-        times, missing, count = set(), False, 0
+        """Reads every video packet (no decoding): (sorted timestamps or None, packet count). A timestamp two
+        packets share counts twice: each packet is a frame (decord counts them so too), shown one after the other."""
+        times, missing, count = [], False, 0
         try:
             for packet in self._container.demux(self._stream):
                 if packet.size > 0:
@@ -434,11 +478,22 @@ class _PyAVVideo:
                     if packet.pts is None:
                         missing = True
                     else:
-                        times.add(packet.pts)
+                        times.append(packet.pts)
         except self._errors:  # a damaged tail: the packets before it are the video
             pass
-        self._container.seek(0)
-        return (None if missing else np.array(sorted(times), dtype=np.int64)), count
+        self._reopen()
+        return (None if missing else np.sort(np.array(times, dtype=np.int64))), count
+
+    def _reopen(self) -> None:
+        """A fresh demuxer at the start of the file (a raw elementary stream, or a stream without packets, cannot
+        seek back to its start)."""
+        import av
+
+        index = self._stream_index
+        self._container.close()
+        self._container = av.open(str(self.path))
+        self._stream = self._container.streams.get(index)[0]
+        self._last_key = None
 
     def _index_of(self, frame) -> int:
         if self._pts is None:
@@ -458,31 +513,55 @@ class _PyAVVideo:
         self._last_key = None  # key frames are consecutive only within one run of decoding
         return self._container.decode(self._stream)
 
+    def _run_to(self, target: int):
+        """A run of decoding whose first frame is at or before `target` -> ((index, frame) iterator, its first pair
+        or None). A seek may land after the target (MPEG-TS: the demuxer seeks by an estimated position and the
+        decoder starts at the next key frame it finds) or on nothing: then it seeks further back, twice as far each
+        time, and finally decodes from the start of the file, which is also the way through a stream that cannot
+        seek at all (a raw elementary stream)."""
+        back = 0
+        while True:
+            start = max(target - back, 0)
+            try:
+                numbered = _numbered(self, self._seek(start))
+                first = next(numbered, None)
+            except self._errors:
+                break
+            if first is not None and first[0] <= target:
+                return numbered, first
+            if start == 0 or (first is None and self._pts is None):
+                break
+            back = max(2 * back, self._key_gap, 1)
+        self._reopen()
+        numbered = _numbered(self, self._container.decode(self._stream), from_start=True)
+        return numbered, next(numbered, None)
+
     def _rgb(self, frame) -> np.ndarray:
         return _upright_rgb(self._reformatter, frame)
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
         out = []
-        decoded = None  # the frame iterator; restarted by every seek
+        decoded = None  # the (index, frame) iterator; restarted by every seek
         current = None  # (index, frame) of the last decoded frame
         try:
             for target in indices:
                 if current is None or target < current[0] or target - current[0] > max(self._key_gap, 1):
-                    decoded, current = self._seek(target), None
+                    decoded, current = self._run_to(target)
+                    if current is not None and current[1].key_frame:
+                        self._note_key_frame(current[0])
                 while current is None or current[0] < target:
-                    frame = next(decoded, None)
-                    if frame is None:
+                    pair = None if decoded is None else next(decoded, None)
+                    if pair is None:
                         reached = "no frame" if current is None else f"frame {current[0]}"
                         raise VideoReadError(
                             self.path,
                             CORRUPT,
                             f"the stream ends at {reached} before frame {target} of {self.num_frames} (truncated?)",
                         )
-                    if frame.pts is not None:
-                        current = (self._index_of(frame), frame)
-                        if frame.key_frame:
-                            self._note_key_frame(current[0])
+                    current = pair
+                    if pair[1].key_frame:
+                        self._note_key_frame(pair[0])
                 # A timestamp gap (frames the decoder drops) gives the next frame that exists.
                 out.append(self._rgb(current[1]))
         except self._errors as exc:
@@ -800,44 +879,65 @@ def _stream_pyav(path: Path, timing: _PyAVVideo, wanted: list[int], threads: int
     errors = (av.error.FFmpegError, OSError, EOFError)
     reformatter, pos, current = VideoReformatter(), 0, None
     wanted_pts = None if timing._pts is None else {timing._pts_of(i) for i in wanted}
+    container = None
     try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
+        # The run starts at the key frame before the first wanted frame. A seek that lands after that frame (an
+        # MPEG-TS file) or on nothing is retried twice as far back, and finally from the start of the file (a fresh
+        # demuxer), which is also where a stream without timestamps is read from.
+        back, start = 0, wanted[0]
+        while True:
+            if container is not None:
+                container.close()
+            container = av.open(str(path))
+            stream = container.streams.get(timing._stream_index)[0]
             stream.thread_type = "AUTO"  # frame + slice threads
             stream.codec_context.thread_count = threads
-            nal_length = _avc_nal_length_size(stream)
-            if wanted[0] > 0:
-                container.seek(timing._pts_of(wanted[0]), stream=stream, backward=True, any_frame=False)
-            for packet in itertools.chain(container.demux(stream), [None]):
-                if packet is not None and (
-                    packet.size == 0
-                    or (
-                        nal_length
-                        and wanted_pts is not None
-                        and packet.pts not in wanted_pts
-                        and _unreferenced_h264(bytes(packet), nal_length)
-                    )
-                ):
-                    continue  # a frame nothing else is predicted from, and not wanted: never decoded
-                for frame in stream.decode(packet):  # None flushes the decoder at the end
-                    if frame.pts is None:
-                        continue
-                    current = timing._index_of(frame)
-                    if current < wanted[pos]:
-                        continue
-                    rgb = _upright_rgb(reformatter, frame)
-                    # A wanted index this frame passed (a timestamp the decoder skipped) gets the next frame there is.
-                    while pos < len(wanted) and wanted[pos] <= current:
-                        yield wanted[pos], rgb
-                        pos += 1
-                    if pos == len(wanted):
-                        return
+            seek = start > 0 and timing._pts is not None
+            if seek:
+                container.seek(timing._pts_of(start), stream=stream, backward=True, any_frame=False)
+            frames = _numbered(timing, _decode_skipping(container, stream, wanted_pts), from_start=not seek)
+            first = next(frames, None)
+            if not seek or (first is not None and first[0] <= wanted[0]):
+                break
+            back = max(2 * back, timing._key_gap, 1)
+            start = max(wanted[0] - back, 0)
+        for current, frame in itertools.chain([first] if first is not None else [], frames):
+            if current < wanted[pos]:
+                continue
+            rgb = _upright_rgb(reformatter, frame)
+            # A wanted index this frame passed (a timestamp the decoder skipped) gets the next frame there is.
+            while pos < len(wanted) and wanted[pos] <= current:
+                yield wanted[pos], rgb
+                pos += 1
+            if pos == len(wanted):
+                return
     except errors as exc:
         raise VideoReadError(path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
+    finally:
+        if container is not None:
+            container.close()
     reached = "no frame" if current is None else f"frame {current}"
     raise VideoReadError(
         path, CORRUPT, f"the stream ends at {reached} before frame {wanted[pos]} of {timing.num_frames} (truncated?)"
     )
+
+
+def _decode_skipping(container, stream, wanted_pts):
+    """Every frame of `stream` from where `container` stands, to the end (the decoder flushed), leaving H.264
+    frames nothing is predicted from undecoded unless their timestamp is wanted."""
+    nal_length = _avc_nal_length_size(stream)
+    for packet in itertools.chain(container.demux(stream), [None]):
+        if packet is not None and (
+            packet.size == 0
+            or (
+                nal_length
+                and wanted_pts is not None
+                and packet.pts not in wanted_pts
+                and _unreferenced_h264(bytes(packet), nal_length)
+            )
+        ):
+            continue  # a frame nothing else is predicted from, and not wanted: never decoded
+        yield from stream.decode(packet)  # None flushes the decoder at the end
 
 
 def _avc_nal_length_size(stream) -> int:

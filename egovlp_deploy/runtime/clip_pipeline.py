@@ -247,22 +247,28 @@ class ClipPipeline:
         return in_background(self._streamed_batches(path, windows, ranges, threads))
 
     def _streamed_batches(self, path, windows: list[Window], ranges: list[tuple[int, int]], threads: int):
-        frames: dict[int, np.ndarray] = {}  # decoded frames some window not yet emitted still needs
+        """Each window is preprocessed as soon as its frames are decoded, and a decoded frame is dropped once no later
+        window needs it: at most about one window's full-size frames are held (16 frames of a 4K video are 400 MB;
+        a batch of 8 such windows would be 3.2 GB, twice over while stacked)."""
+        frames: dict[int, np.ndarray] = {}  # decoded frames some window not yet preprocessed still needs
         stream = stream_frames(path, [i for w in windows for i in w.indices], self.backend, threads)
         for first, end in ranges:
-            group = windows[first:end]
-            last = max(max(w.indices) for w in group)
-            t0 = time.perf_counter()
-            while last not in frames:  # frames arrive in increasing order: all of the group's are in then
-                index, frame = next(stream)
-                frames[index] = frame
-            decoded = torch.from_numpy(np.stack([frames[i] for w in group for i in w.indices]))
-            self.times.add("decode", time.perf_counter() - t0, len(group))
-            if end < len(windows):
-                keep_from = min(min(w.indices) for w in windows[end:])
-                for index in [i for i in frames if i < keep_from]:
-                    del frames[index]
-            yield first, self.preprocess(decoded.view(len(group), self.frames, *decoded.shape[1:]))
+            clips = []
+            for k in range(first, end):
+                window = windows[k]
+                t0 = time.perf_counter()
+                last = max(window.indices)
+                while last not in frames:  # frames arrive in increasing order: all of the window's are in then
+                    index, frame = next(stream)
+                    frames[index] = frame
+                decoded = torch.from_numpy(np.stack([frames[i] for i in window.indices]))
+                if k + 1 < len(windows):  # windows start in time order: the next one needs the earliest frame
+                    keep_from = min(windows[k + 1].indices)
+                    for index in [i for i in frames if i < keep_from]:
+                        del frames[index]
+                self.times.add("decode", time.perf_counter() - t0)
+                clips.append(self.preprocess(decoded[None]))
+            yield first, np.concatenate(clips)
 
     def clip(self, path: str | os.PathLike, start_sec: float, end_sec: float) -> np.ndarray:
         """One clip [start_sec, end_sec] of a file -> float32 (F, 3, S, S)."""
@@ -357,11 +363,16 @@ def failures_summary(failures: list[InputFailure]) -> list[dict]:
 
 
 def _videos_in(folder: Path) -> list[Path]:
-    """The video files under `folder`, sorted; macOS resource-fork twins (`._name.mp4`) are not videos."""
+    """The video files under `folder`, sorted, any case of extension (.MP4, .MoV). Hidden entries below `folder` (a
+    name starting with '.') are left out, as a shell glob leaves them out: macOS resource-fork twins (`._name.mp4`,
+    not videos), a desktop's trash (`.Trash-1000/files/`: deleted videos), editors' and players' caches. A hidden
+    file or folder named on the command line is read. Symbolic links to folders are not followed (no loops)."""
     return sorted(
         q
         for q in folder.rglob("*")
-        if q.suffix.lower() in VIDEO_EXTENSIONS and not q.name.startswith("._") and q.is_file()
+        if q.suffix.lower() in VIDEO_EXTENSIONS
+        and not any(part.startswith(".") for part in q.relative_to(folder).parts)
+        and q.is_file()
     )
 
 
