@@ -12,10 +12,15 @@ import os
 def utf8_path(path: str) -> str:
     """A path as UTF-8 text (JSON, safetensors metadata): bytes of a file name that are not UTF-8 (os.fsdecode's
     surrogates) as \\x escapes."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte (text from JSON escapes, not a file name)
+        raw = path.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def printable(text: str) -> str:
-    """A file name for a terminal line: `utf8_path`, with control characters (a newline in a file name would split
-    the line) as escapes."""
+    """A file name, query or label for a terminal line: `utf8_path`, with control and format characters (a newline
+    would split the line, an escape sequence would drive the terminal, a direction override would reorder it) as
+    escapes."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in utf8_path(text))

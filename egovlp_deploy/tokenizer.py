@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .path_text import printable
+
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 DEMO_VOCAB_SIZE = 1000
 
@@ -109,11 +111,18 @@ class Truncation:
     kept: str  # the text the first `limit` tokens stand for
 
     def message(self) -> str:
-        dropped = self.text[len(self.kept) :].strip() if self.text.startswith(self.kept) else ""
+        """One line: the kept words and the start of the dropped ones. A cut inside a character (byte-level BPE
+        splits an emoji or a CJK character into several tokens) shows the kept part up to the last whole character;
+        control and format characters (escape sequences, newlines, direction overrides) are shown as escapes."""
+        kept = self.kept
+        if not self.text.startswith(kept):
+            kept = kept.rstrip("\ufffd")  # the decoded bytes of a partly kept character
+        dropped = self.text[len(kept) :].strip() if self.text.startswith(kept) else ""
         if len(dropped) > 60:
             dropped = dropped[:57] + "..."
-        rest = f'; not encoded: "{dropped}"' if dropped else ""
-        return f'query truncated to {self.limit} tokens: "{self.kept.strip()}" ({self.tokens} tokens given{rest})'
+        rest = f'; not encoded: "{printable(dropped)}"' if dropped else ""
+        kept = printable(kept.strip())
+        return f'query truncated to {self.limit} tokens: "{kept}" ({self.tokens} tokens given{rest})'
 
 
 def truncated_texts(tokenizer, texts: list[str], max_length: int) -> list[Truncation]:

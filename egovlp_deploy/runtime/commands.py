@@ -337,7 +337,7 @@ def run_index(args) -> int:
 def add_search_arguments(p) -> None:
     p.add_argument("index", metavar="INDEX", help="an index directory from `egovlp-deploy index`")
     p.add_argument("query", nargs="+", metavar="QUERY", help="what to look for, in words (several: one search each)")
-    p.add_argument("--top", type=int, default=5, metavar="N", help="moments to show (default: 5)")
+    p.add_argument("--top", type=positive_int, default=5, metavar="N", help="moments to show (default: 5)")
     p.add_argument(
         "--rerank",
         type=non_negative_int,
@@ -357,10 +357,10 @@ def add_search_arguments(p) -> None:
 
 
 def format_hits(query: str, hits, show_label: bool = True) -> str:
-    lines = [f'"{query}"']
+    lines = [f'"{printable(query)}"']
     for h in hits:
         extra = f"  vtm {h.vtm:.3f}" if h.vtm is not None else ""
-        label = f"  [{h.label}]" if show_label and h.label else ""
+        label = f"  [{printable(h.label)}]" if show_label and h.label else ""
         name = printable(h.name)
         lines.append(
             f"  {h.rank:>2}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
@@ -378,6 +378,10 @@ def run_search(args) -> int:
     note = other_export(index.data, rt)
     if note:
         print(note, file=sys.stderr)
+    if len(index) == 0:
+        print(
+            f"note: {printable(args.index)} holds no clips (no video was indexed): no moment to find", file=sys.stderr
+        )
     out = {}
     for q in dict.fromkeys(args.query):  # a query given twice is searched once (the JSON output is keyed by query)
         hits = index.search(rt, q, top=args.top, rerank=args.rerank, rerank_score=args.rerank_score)
@@ -422,6 +426,13 @@ def run_mcq(args) -> int:
         raise ValueError(f"--out {args.out}: its folder does not exist")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: is a folder; --out names the JSON file to write")
+    if (
+        args.out
+        and Path(args.out).is_file()
+        and Path(args.questions).is_file()
+        and Path(args.out).samefile(args.questions)
+    ):
+        raise ValueError(f"--out {args.out}: is the questions file; name another file for the answers")
     rt = _runtime(args)
     summary = answer_mcq(
         args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder

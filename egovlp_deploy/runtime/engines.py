@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import time
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -297,7 +298,10 @@ class _TensorRunner(_Runner):
         for spec in self.io["inputs"]:
             if spec["name"] not in inputs:
                 raise EngineError(f"{self.role}: missing input {spec['name']!r}")
-            x = torch.from_numpy(np.ascontiguousarray(inputs[spec["name"]]))
+            x = np.ascontiguousarray(inputs[spec["name"]])
+            if not x.flags.writeable:  # a broadcast view (one text prefix for K clips): torch takes writable memory
+                x = x.copy()
+            x = torch.from_numpy(x)
             x = x.to(self.device, torch.long if spec["dtype"] == "int64" else self.dtype, non_blocking=True)
             args[spec["name"]] = x
         # buckets only serve graphs that are captured: an eager call keeps the query's own length
@@ -433,10 +437,36 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-def _as_numpy(x) -> np.ndarray:
+def _as_numpy(x, what: str = "input") -> np.ndarray:
+    """A numpy view of an array, tensor or nested list; EngineError for what numpy cannot make one array of."""
     if hasattr(x, "detach"):  # a torch tensor
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
+        x = x.detach().cpu()
+        if str(x.dtype) == "torch.bfloat16":  # no numpy dtype: widened, exactly
+            x = x.float()
+        x = x.numpy()
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise EngineError(f"{what} must be one array, got {type(x).__name__} ({exc})") from None
+
+
+def _finite_outputs(out: np.ndarray, what: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """`out` unless it holds NaN or inf; then EngineError naming the inputs that do. The inputs are checked only
+    then: a NaN or inf input reaches every output it feeds, and checking the small outputs instead of the clips keeps
+    the check off the latency of every call (a 16-frame clip is 2.4 M values; its embedding 256)."""
+    if np.isfinite(out).all():
+        return out
+    bad = {name: int(x.size - np.count_nonzero(np.isfinite(x))) for name, x in inputs.items()}
+    named = ", ".join(f"{n} of the {inputs[k].size} values in {k}" for k, n in bad.items() if n)
+    cause = f"{named} are NaN or infinite" if named else "the inputs are finite: the engine itself overflowed"
+    raise EngineError(f"{what} are NaN or infinite: {cause}")
+
+
+def _check_mask(mask: np.ndarray, what: str = "attention_mask") -> np.ndarray:
+    """An attention mask as int64, refused unless every value is 0 or 1 (a 2 or 0.5 would change the scores)."""
+    if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool) or not np.isin(mask, (0, 1)).all():
+        raise EngineError(f"{what} must hold only 0 and 1, got values {np.unique(mask)[:5].tolist()}")
+    return mask.astype(np.int64)
 
 
 class VideoEncoder:
@@ -448,7 +478,7 @@ class VideoEncoder:
         self.clip_shape = (cfg.num_frames, cfg.in_chans, cfg.img_size, cfg.img_size)
 
     def _check(self, clips) -> np.ndarray:
-        clips = _as_numpy(clips)
+        clips = _as_numpy(clips, "clips")
         if clips.ndim == 4:
             clips = clips[None]
         if clips.ndim != 5 or tuple(clips.shape[1:]) != self.clip_shape:
@@ -459,12 +489,19 @@ class VideoEncoder:
             )
         if clips.shape[0] == 0:
             raise EngineError("no clips to encode")
+        if not np.issubdtype(clips.dtype, np.floating):
+            # uint8 frames are pixels, not the normalised clips the encoders take: encoding them would be wrong
+            raise EngineError(
+                f"clips must be preprocessed float arrays (normalised pixels, as ClipPipeline.preprocess gives), "
+                f"got dtype {clips.dtype}"
+            )
         return clips
 
     def _run(self, role: str, output: str, clips) -> np.ndarray:
         clips = self._check(clips)
         runner = self.rt.runner(role)
-        return np.concatenate([runner(video=clips[s])[output] for s in _batches(len(clips), self.rt.max_batch)])
+        out = np.concatenate([runner(video=clips[s])[output] for s in _batches(len(clips), self.rt.max_batch)])
+        return _finite_outputs(out, f"the {role}'s outputs", {"clips": clips})
 
     def encode(self, clips: np.ndarray | torch.Tensor) -> np.ndarray:
         return self._run("video_encoder", "video_embedding", clips)
@@ -481,19 +518,38 @@ class TextOutput:
     input_ids: np.ndarray  # (B, L) int64
 
 
+def _visible(c: str) -> bool:
+    """A character that is shown: not a control, format (zero-width, BOM, direction marks), surrogate, private-use
+    or unassigned code point, and not a space or separator."""
+    return unicodedata.category(c)[0] not in "CZ"
+
+
+def _query_list(texts) -> list[str]:
+    """Queries as a non-empty list of str: one str, or a sequence of them (list, tuple, numpy array of str)."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, bytearray)):
+        raise QueryError("a query must be text (str), got bytes: decode it first (e.g. text.decode('utf-8'))")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise QueryError(f"queries must be a str or a list of str, got {type(texts).__name__}") from None
+    if not texts:
+        raise QueryError("no text to encode")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise QueryError(f"query {i} must be text (str), got {type(t).__name__} {t!r:.60}")
+    return [str(t) for t in texts]  # numpy's str_ as plain str
+
+
 class TextEncoder:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self._warned: set[str] = set()  # queries already reported as truncated
 
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise QueryError("no text to encode")
+    def tokenize(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts = _query_list(texts)
         for t in texts:
-            if not isinstance(t, str) or not t.strip():
-                raise QueryError(f"empty query {t!r}: give the words to search for")
             try:  # bytes that are not UTF-8 reach sys.argv as lone surrogates, which no tokenizer takes
                 t.encode("utf-8")
             except UnicodeEncodeError:
@@ -502,6 +558,13 @@ class TextEncoder:
                 except UnicodeEncodeError:  # surrogates that stand for no byte
                     shown = t.encode("utf-8", "backslashreplace").decode()
                 raise QueryError(f"query '{shown}' is not valid UTF-8 text: give the words in UTF-8") from None
+            if not t.strip():
+                raise QueryError(f"empty query {t!r}: give the words to search for")
+            if not any(_visible(c) for c in t):
+                raise QueryError(
+                    f"query {t!r} has no visible character (only control, format or space characters): "
+                    "give the words to search for"
+                )
         tok = self.rt.tokenizer
         limit = min(self.rt.folder.max_text_len, self.rt.folder.config.text.max_text_length)
         self._warn_truncated(texts, limit)
@@ -557,10 +620,17 @@ class FusionScorer:
         text_prefix: np.ndarray | torch.Tensor,
         mask: np.ndarray | torch.Tensor,
     ) -> np.ndarray:
-        vp = _as_numpy(video_prefix)
-        tp, m = _as_numpy(text_prefix), _as_numpy(mask).astype(np.int64)
+        vp = _as_numpy(video_prefix, "video_prefix")
+        tp, m = _as_numpy(text_prefix, "text_prefix"), _check_mask(_as_numpy(mask, "mask"))
+        if vp.ndim == 2:  # one clip's prefix, as the text prefix of one sentence
+            vp = vp[None]
         if tp.ndim == 2:
             tp, m = tp[None], m[None]
+        if vp.ndim != 3 or tp.ndim != 3 or m.ndim != 2:
+            raise EngineError(
+                f"score_prefixes takes video_prefix (K, T, Dv), text_prefix (1 or K, L, Dt) and mask (1 or K, L), "
+                f"got {vp.shape}, {tp.shape}, {m.shape}"
+            )
         k = len(vp)
         if k == 0:
             return np.zeros(0, np.float32)
@@ -571,13 +641,22 @@ class FusionScorer:
             runner(video_prefix=vp[s], text_prefix=tp[s], attention_mask=m[s])["vtm_logits"]
             for s in _batches(k, self.rt.max_batch)
         ]
-        return _match_probability(np.concatenate(logits))
+        logits = _finite_outputs(np.concatenate(logits), "the VTM scores", {"video_prefix": vp, "text_prefix": tp})
+        return _match_probability(logits)
 
     def score_clips(
         self, clips: np.ndarray | torch.Tensor, input_ids: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
     ) -> np.ndarray:
         clips = self.rt.video_encoder._check(clips)
-        ids, m = _as_numpy(input_ids).astype(np.int64), _as_numpy(mask).astype(np.int64)
+        ids, m = _as_numpy(input_ids, "input_ids"), _check_mask(_as_numpy(mask, "mask"))
+        vocab = self.rt.folder.config.text.vocab_size
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise EngineError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise EngineError(
+                f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got {ids.min()}..{ids.max()}"
+            )
+        ids = ids.astype(np.int64)
         if ids.ndim == 1:
             ids, m = ids[None], m[None]
         k = len(clips)
@@ -588,7 +667,7 @@ class FusionScorer:
             runner(video=clips[s], input_ids=ids[s], attention_mask=m[s])["vtm_logits"]
             for s in _batches(k, self.rt.max_batch)
         ]
-        return _match_probability(np.concatenate(logits))
+        return _match_probability(_finite_outputs(np.concatenate(logits), "the VTM scores", {"clips": clips}))
 
 
 # -- the runtime ----------------------------------------------------------------------------------------------------
@@ -787,7 +866,7 @@ class Runtime:
             r = TensorRTRunner(self.folder, role, self.precision)
         if self.warmup:
             t0 = time.perf_counter()
-            r(**self.example(role))
+            r(**self.example(role, text_len=min(8, self.folder.max_text_len)))
             r.warmup_seconds = time.perf_counter() - t0
         self._runners[role] = r
         return r

@@ -59,7 +59,7 @@ from .clip_pipeline import (
     segment_windows,
     video_uid,
 )
-from .engines import Runtime
+from .engines import EngineError, Runtime
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -634,6 +634,48 @@ class Hit:
         return dict(self.__dict__)
 
 
+def _damaged(directory: Path, video: dict, shard: dict, what: str) -> IndexFileError:
+    """The error for a shard whose values no index run writes (a damaged or hand-edited file): deleting it makes the
+    next run of the same `index` command encode its windows again."""
+    path = shard_path(directory, shard["file"])
+    return IndexFileError(
+        f"{path}: shard of {printable(video['path'])} holds {what}, which no index run writes (a damaged or "
+        f"edited file); delete it and {REPAIR}"
+    )
+
+
+def _check_shard_values(directory: Path, video: dict, shard: dict, tensors: dict[str, np.ndarray]) -> None:
+    """Embeddings finite and L2-normalised (search ranks by their dot product with the query, which is a cosine only
+    for unit rows; an all-zero row scores 0), timestamps finite with start <= end."""
+    emb, ts = tensors["embeddings"], tensors["timestamps"]
+    for name, x in (("embeddings", emb), ("timestamps", ts)):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise _damaged(directory, video, shard, f"{name} of dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise _damaged(directory, video, shard, f"NaN or infinite {name}")
+    norms = np.linalg.norm(emb.astype(np.float64), axis=1)
+    bad = ~((np.abs(norms - 1) <= 1e-3) | (norms == 0))
+    if bad.any():
+        raise _damaged(directory, video, shard, f"embeddings of norm {norms[bad][0]:.6g} (they are unit vectors)")
+    if (ts[:, 1] < ts[:, 0]).any():
+        raise _damaged(directory, video, shard, "a window that ends before it starts")
+
+
+def _check_labels(directory: Path, number: int, video: dict) -> None:
+    """A video's labels (segments mode): absent or null, or one text (or null) per window."""
+    labels = video.get("labels")
+    if labels is None:
+        return
+    if (
+        not isinstance(labels, list)
+        or len(labels) != video["windows"]
+        or not all(x is None or isinstance(x, str) for x in labels)
+    ):
+        raise IndexFileError(
+            f"{directory / INDEX_FILE}: videos[{number}].labels is not a list of {video['windows']} texts; {REBUILD}"
+        )
+
+
 class MomentIndex:
     """A read-only view of an index: all embeddings in memory, prefixes read on demand per hit."""
 
@@ -644,9 +686,11 @@ class MomentIndex:
         self.data = read_index_json(self.dir)
         emb, ts, self.rows = [], [], []  # rows: (video number in data['videos'], shard file, row in shard, window)
         for vi, v in enumerate(self.data["videos"]):
+            _check_labels(self.dir, vi, v)
             for s in v["shards"]:
                 t = read_shard(self.dir, self.data, v, s, ("embeddings", "timestamps"))
-                emb.append(t["embeddings"])
+                _check_shard_values(self.dir, v, s, t)
+                emb.append(t["embeddings"].astype(np.float32))
                 ts.append(t["timestamps"])
                 self.rows += [(vi, s["file"], r, s["start"] + r) for r in range(s["count"])]
         dim = self.data["embed_dim"]
@@ -677,6 +721,10 @@ class MomentIndex:
                     out.append(f.get_slice("video_prefix")[i : i + 1])
             except (OSError, SafetensorError) as exc:
                 raise IndexFileError(f"{path}: unreadable shard ({exc}); {REPAIR}") from exc
+            if not np.issubdtype(out[-1].dtype, np.floating) or not np.isfinite(out[-1]).all():
+                vi = self.rows[r][0]
+                shard = next(s for s in self.data["videos"][vi]["shards"] if s["file"] == file)
+                raise _damaged(self.dir, self.data["videos"][vi], shard, "a NaN, infinite or non-float video prefix")
         return np.concatenate(out).astype(np.float32)
 
     def hit(self, rank: int, row: int, score: float, dual: float, vtm: float | None = None) -> Hit:
@@ -711,22 +759,40 @@ class MomentIndex:
         check_model(self.data, runtime, str(self.dir))
         if rerank_score not in ("vtm", "ensemble"):
             raise ValueError(f"rerank_score must be 'vtm' or 'ensemble', got {rerank_score!r}")
-        if top < 1:
-            raise ValueError(f"--top must be at least 1, got {top}")
-        if rerank < 0:
-            raise ValueError(f"--rerank must be 0 (off) or more, got {rerank}")
+        top, rerank = _count(top, "--top", 1), _count(rerank, "--rerank", 0)
+        if rerank and not self.has_prefixes:
+            raise IndexFileError(f"{self.dir}: built without fusion prefixes; rebuild it with --prefixes to re-rank")
         if len(self) == 0:
             return []
         text = text or runtime.text_encoder.encode([query])
+        if not np.isfinite(text.embedding[0]).all():
+            raise EngineError(f"the text encoder returned NaN or infinite values for {query!r}")
         q = text.embedding[0] / max(np.linalg.norm(text.embedding[0]), 1e-12)
-        sims = self.embeddings @ q  # (N,) cosine: the rows were normalised at indexing
+        sims = self.embeddings @ q  # (N,) cosine: the rows are unit vectors (checked at load)
         k = min(len(sims), max(top, rerank))
         order = np.argsort(-sims, kind="stable")[:k]
         if rerank <= 0:
             return [self.hit(i + 1, int(r), sims[r], sims[r]) for i, r in enumerate(order[:top])]
         head = order[:rerank]
         vtm = runtime.fusion.score_prefixes(self.prefixes([int(r) for r in head]), text.prefix[:1], text.mask[:1])
+        if not np.isfinite(vtm).all():
+            raise EngineError(f"the fusion head returned NaN or infinite match scores for {query!r}")
         score = vtm if rerank_score == "vtm" else vtm + sims[head]
         reranked = [(int(head[j]), float(score[j]), float(vtm[j])) for j in np.argsort(-score, kind="stable")]
         rest = [(int(r), float(sims[r]), None) for r in order[rerank:]]
         return [self.hit(i + 1, r, s, sims[r], v) for i, (r, s, v) in enumerate((reranked + rest)[:top])]
+
+
+def _count(value, name: str, least: int) -> int:
+    """An integer option of `search` (Python ints and numpy integers; not bool or float), at least `least`."""
+    import operator
+
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be a whole number, got {value!r}") from None
+    if value < least:
+        raise ValueError(f"{name} must be {'at least 1' if least else '0 (off) or more'}, got {value}")
+    return value

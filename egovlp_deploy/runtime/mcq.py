@@ -22,11 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..decoding import read_egoclip_clip
+from ..data.errors import DataError
+from ..decoding import VideoReadError, read_egoclip_clip
 from ..evaluation import MODES, choice_scores
 from ..metrics import egomcq_accuracy
 from .clip_pipeline import ClipPipeline
-from .engines import Runtime
+from .engines import QueryError, Runtime
 
 NUM_CHOICES = 5  # EgoMCQ's, as `egovlp-deploy eval` requires
 
@@ -56,6 +57,16 @@ def _load_questions(path: str | Path, video_root: str | Path | None = None) -> l
     ]
 
 
+def _read_choice(questions_json, video_root, q: dict, i: int, frames: int, backend: str) -> np.ndarray:
+    """Choice i's clip, F frames sampled as the official evaluation samples them; a video that cannot be read is a
+    DataError naming the question and the choice, as `egovlp-deploy eval` reports it."""
+    uid, start, end = q["choices"][i]
+    try:
+        return read_egoclip_clip(video_root, uid, start, end, frames, "uniform", backend=backend).numpy()
+    except VideoReadError as exc:
+        raise DataError(questions_json, f"key {q['key']!r}", f"choice {i}, video {uid}: {exc}") from exc
+
+
 def _float32(array: np.ndarray) -> torch.Tensor:
     """An engine output as a float32 tensor (fp16 engines answer in float16)."""
     return torch.from_numpy(np.asarray(array, dtype=np.float32))
@@ -72,6 +83,11 @@ def answer_mcq(
     if max_questions is not None and (isinstance(max_questions, bool) or max_questions < 1):
         raise ValueError(f"max_questions must be 1 or more (None: all), got {max_questions!r}")
     questions = _load_questions(questions_json, video_root)[:max_questions]
+    for q in questions:  # every narration the text encoder refuses, before any video is read
+        try:
+            runtime.text_encoder.tokenize([q["text"]])
+        except QueryError as exc:
+            raise DataError(questions_json, f"key {q['key']!r}", f"narration: {exc}") from exc
     cfg = runtime.folder.config.video
     pipe = ClipPipeline(cfg.num_frames, cfg.img_size, decode_backend)
     it = questions
@@ -84,8 +100,8 @@ def answer_mcq(
         t = time.perf_counter()
         frames = np.stack(
             [
-                read_egoclip_clip(video_root, uid, s, e, cfg.num_frames, "uniform", backend=decode_backend).numpy()
-                for uid, s, e in q["choices"]
+                _read_choice(questions_json, video_root, q, i, cfg.num_frames, decode_backend)
+                for i in range(len(q["choices"]))
             ]
         )
         pipe.times.add("decode", time.perf_counter() - t, len(frames))
