@@ -12,6 +12,7 @@ parallel call) and the torch reference transform otherwise, with the same number
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import math
 import os
@@ -279,27 +280,37 @@ class ClipPipeline:
 def in_background(items: Iterator, depth: int = 2) -> Iterator:
     """`items`, produced by a background thread up to `depth` ahead of the consumer (decoding while the caller
     encodes; decoders and the C++ preprocessing release the GIL). An exception in the producer is raised in the
-    consumer; a consumer that stops early (an error, Ctrl-C) stops the producer at its next item."""
+    consumer. A consumer that stops early (an error, Ctrl-C) stops the producer at its next item and waits for it to
+    close `items` (its decoder): a thread left decoding while the interpreter exits aborts the process."""
     slots: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     done = object()
 
+    def offer(entry) -> bool:
+        """Put `entry` in a slot unless the consumer has stopped; False when it has."""
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce():
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        slots.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not offer((item, None)):
                     return
-            slots.put((done, None))
+            offer((done, None))
         except BaseException as exc:  # handed to the consumer, which raises it
-            slots.put((done, exc))
+            offer((done, exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     worker = threading.Thread(target=produce, name="egovlp-decode", daemon=True)
+    _running.add((stop, worker))
     worker.start()
     try:
         while True:
@@ -311,6 +322,24 @@ def in_background(items: Iterator, depth: int = 2) -> Iterator:
             yield item
     finally:
         stop.set()
+        worker.join()
+        _running.discard((stop, worker))
+
+
+# Producers whose consumer has not stopped them: a consumer can outlive its caller (an exception that ends the
+# program while the batches generator is still referenced). The interpreter's exit stops them first, from atexit:
+# a daemon thread still inside the C++ preprocessing when Python finalizes is unwound by pthread_exit through a
+# noexcept frame, which aborts the process ("terminate called without an active exception").
+_running: set[tuple[threading.Event, threading.Thread]] = set()
+
+
+@atexit.register
+def _stop_producers() -> None:
+    running = list(_running)
+    for stop, _ in running:
+        stop.set()
+    for _, worker in running:
+        worker.join()
 
 
 # -- inputs: files, folders and globs ----------------------------------------------------------------------------

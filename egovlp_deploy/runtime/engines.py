@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from egovlp_deploy.model import EgoVLPv2
 
 BACKENDS = ("onnxruntime", "torch", "program", "aoti", "tensorrt")
+ARTIFACT_FORMATS = {"onnxruntime": "onnx", "program": "program", "aoti": "aoti", "tensorrt": "tensorrt"}
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
@@ -125,20 +126,27 @@ class EngineFolder:
 
         return sha256_file(self.path / MANIFEST)
 
-    def artifact(self, role: str, precision: str, format: str) -> tuple[Path, ArtifactEntry]:
-        """(verified path, manifest entry); the ORT-optimized variant of an ONNX graph is preferred (loads faster,
-        same numbers: the exporter validated it)."""
-        from egovlp_deploy.export.manifest import ArtifactError, ManifestError, verify_artifact
-
+    def listed(self, role: str, precision: str, format: str) -> list[ArtifactEntry]:
+        """The manifest's entries of one role, precision and format; EngineError, saying what the folder holds and
+        how to export the missing artifact, when there is none."""
         candidates = [
             a for a in self.manifest.artifacts if (a.role, a.precision, a.format) == (role, precision, format)
         ]
         if not candidates:
             have = sorted({f"{a.format}/{a.precision}/{a.role}" for a in self.manifest.artifacts})
             raise EngineError(
-                f"{self.path}: the manifest lists no {format} {precision} artifact for role {role!r} "
-                f"(it has {have}); export it with `egovlp-deploy export --roles {role}`"
+                f"{self.path}: the manifest lists no {format} {precision} artifact for role {role!r} (it has "
+                f"{have}); run with what it has (--backend, --precision), or export the missing one with "
+                f"`egovlp-deploy export ... --format {format} --precision {precision} --roles {role}`"
             )
+        return candidates
+
+    def artifact(self, role: str, precision: str, format: str) -> tuple[Path, ArtifactEntry]:
+        """(verified path, manifest entry); the ORT-optimized variant of an ONNX graph is preferred (loads faster,
+        same numbers: the exporter validated it)."""
+        from egovlp_deploy.export.manifest import ArtifactError, ManifestError, verify_artifact
+
+        candidates = self.listed(role, precision, format)
         candidates.sort(key=lambda a: a.variant != "ort-optimized")
         try:
             return verify_artifact(self.path, candidates[0], self.manifest.tools), candidates[0]
@@ -889,6 +897,15 @@ class Runtime:
             else:
                 out[t.name] = rng.standard_normal(shape).astype(np.float32)
         return out
+
+    def check_roles(self, *roles: str) -> None:
+        """EngineError unless the export lists every role for this backend and precision: checked from the manifest
+        alone (nothing loaded), before a command writes anything. The torch backend runs every role from the
+        checkpoint."""
+        format = ARTIFACT_FORMATS.get(self.backend)
+        if format is not None:
+            for role in roles:
+                self.folder.listed(role, self.precision, format)
 
     def load(self, *roles: str) -> Runtime:
         for role in roles:

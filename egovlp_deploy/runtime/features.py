@@ -314,6 +314,8 @@ def extract_features(
     paths, failures = expand_inputs(videos)
     if not paths:
         raise ValueError("no video files: " + "; ".join(f.line() for f in failures))
+    roles = ("video_encoder",) if mode == "dual" else ("text_encoder", "video_fusion_prefix", "fusion_head")
+    runtime.check_roles(*roles)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_writer(out, "features folder", ValueError):

@@ -341,6 +341,7 @@ def build_index(
     cfg = runtime.folder.config.video
     if settings.frames != cfg.num_frames:
         raise IndexFileError(f"these engines take {cfg.num_frames} frames per clip, the index asks {settings.frames}")
+    runtime.check_roles("video_encoder", *(("video_fusion_prefix",) if settings.prefixes else ()))
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_writer(out, "index", IndexFileError):
         return _extend_index(
