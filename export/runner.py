@@ -81,6 +81,13 @@ class ExportOptions:
             raise ValueError("--egomcq needs --video-root and --tokenizer")
         if not TORCH_DEVICE.fullmatch(str(self.torch_device)):
             raise ValueError(f"--torch-device must be cpu, cuda or cuda:N, got {self.torch_device!r}")
+        if "tensorrt" in self.formats:  # before the ONNX graphs TensorRT builds from are made
+            from .tensorrt import TensorRTUnavailable, import_tensorrt
+
+            try:
+                import_tensorrt()
+            except TensorRTUnavailable as exc:
+                raise ValueError(f"--format tensorrt: {exc}") from None
         if "onnx" in self.formats or "tensorrt" in self.formats:
             from .onnx_export import MIN_OPSET, max_opset
 

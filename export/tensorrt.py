@@ -39,9 +39,10 @@ def import_tensorrt():
         import tensorrt as trt
     except ImportError as exc:
         raise TensorRTUnavailable(
-            "TensorRT export needs the `tensorrt` Python package (>= 10) and an NVIDIA GPU. It is not installable on "
-            "this project's CPU or GPU machines (PyPI's tensorrt downloads NVIDIA's libraries from NVIDIA's server); "
-            f"install it from NVIDIA on the target (e.g. JetPack on Jetson), then rerun. ({exc})"
+            "Building or running TensorRT engines needs the `tensorrt` Python package (>= 10) and an NVIDIA GPU. "
+            "It is not installable on this project's CPU or GPU machines (PyPI's tensorrt downloads NVIDIA's "
+            f"libraries from NVIDIA's server); install it from NVIDIA on the target (e.g. JetPack on Jetson), then "
+            f"rerun. ({exc})"
         ) from exc
     major = int(trt.__version__.split(".")[0])
     if major < 10:

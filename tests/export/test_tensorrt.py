@@ -46,3 +46,13 @@ def test_build_and_validate_engine(tiny_export, tmp_path):
         model, "text_encoder", run_engine(tmp_path / "t.engine", "text_encoder"), "fp16", [(2, 7)]
     )
     assert check.passed, check.failures
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="tensorrt is installed here")
+def test_export_without_tensorrt_is_refused_before_any_onnx_work(tmp_path):
+    from egovlp_deploy.export.runner import ExportOptions, run_export
+
+    out = tmp_path / "engines"
+    with pytest.raises(ValueError, match="--format tensorrt: Building or running TensorRT engines needs"):
+        run_export("random:tiny", out, ExportOptions(formats=["onnx", "tensorrt"]), quiet=True)
+    assert not out.exists()
