@@ -44,7 +44,7 @@ def add_arguments(p) -> None:
     g.add_argument(
         "--quick",
         action="store_true",
-        help="a plumbing check in under a minute: tiny data, a few steps (accuracy meaningless)",
+        help="a plumbing check in about a minute: tiny data, a few steps (accuracy meaningless)",
     )
 
 

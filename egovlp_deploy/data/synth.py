@@ -691,7 +691,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         type=int,
         default=DEFAULTS["size"],
         metavar="PX",
-        help=f"frame width and height, even (default: {DEFAULTS['size']}; the tiny model resizes to 32)",
+        help=f"frame width and height, even (default: {DEFAULTS['size']}; the tiny recipe resizes to 48)",
     )
     render.add_argument(
         "--workers",

@@ -103,8 +103,9 @@ class EgoVLPv2(nn.Module):
         return self.config.attention_backend
 
     def set_attention_backend(self, name: str) -> EgoVLPv2:
-        """Choose how every attention core runs: 'auto', 'reference', 'sdpa' or 'triton' (see model/attention.py).
-        Takes effect on the next forward; stored in the config, so `save_pretrained` keeps it."""
+        """Choose how every attention core runs: 'auto', 'reference', 'sdpa', 'triton' or 'tuned' (per shape, from a
+        measured plan; see model/attention.py and model/attention_plan.py). Takes effect on the next forward; stored
+        in the config, so `save_pretrained` keeps it."""
         from ..config import check_attention_backend
 
         check_attention_backend(name)
