@@ -8,6 +8,7 @@ post-processing (`<s> text </s>`), so code written against roberta-base works un
 from __future__ import annotations
 
 import os
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,6 +124,13 @@ class Truncation:
         rest = f'; not encoded: "{printable(dropped)}"' if dropped else ""
         kept = printable(kept.strip())
         return f'query truncated to {self.limit} tokens: "{kept}" ({self.tokens} tokens given{rest})'
+
+
+def has_visible_character(text: str) -> bool:
+    """Whether `text` shows anything: a character that is not a control, format (zero-width, BOM, direction mark),
+    surrogate, private-use or unassigned code point, nor a space or separator. A query or narration of none gives
+    the encoder byte tokens that stand for nothing."""
+    return any(unicodedata.category(c)[0] not in "CZ" for c in text)
 
 
 def truncated_texts(tokenizer, texts: list[str], max_length: int) -> list[Truncation]:

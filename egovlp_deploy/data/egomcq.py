@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..tokenizer import has_visible_character
 from .egoclip import NUM_NOUNS, NUM_VERBS, ClipReader, ClipRow, chunk_paths, clip_tensor, parse_clip_row, parse_tag_list
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
@@ -54,6 +55,8 @@ def parse_mcq_entry(
     text = query.get("clip_text")
     if not isinstance(text, str) or not text.strip():
         raise RowProblem("empty narration", f"query clip_text {text!r} is empty")
+    if not has_visible_character(text):
+        raise RowProblem("empty narration", f"query clip_text {text!r} has no visible character")
     # The official _get_caption evals the query's tags too, so they must parse even though only the text is used.
     parse_tag_list(query.get("tag_verb"), num_verbs, "tag_verb")
     parse_tag_list(query.get("tag_noun"), num_nouns, "tag_noun")

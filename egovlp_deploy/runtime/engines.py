@@ -38,7 +38,6 @@ import hashlib
 import json
 import os
 import time
-import unicodedata
 import warnings
 from dataclasses import dataclass
 from functools import cached_property
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..ort_session import ort_session
+from ..tokenizer import has_visible_character
 
 if TYPE_CHECKING:
     import torch
@@ -526,12 +526,6 @@ class TextOutput:
     input_ids: np.ndarray  # (B, L) int64
 
 
-def _visible(c: str) -> bool:
-    """A character that is shown: not a control, format (zero-width, BOM, direction marks), surrogate, private-use
-    or unassigned code point, and not a space or separator."""
-    return unicodedata.category(c)[0] not in "CZ"
-
-
 def _query_list(texts) -> list[str]:
     """Queries as a non-empty list of str: one str, or a sequence of them (list, tuple, numpy array of str)."""
     if isinstance(texts, str):
@@ -568,7 +562,7 @@ class TextEncoder:
                 raise QueryError(f"query '{shown}' is not valid UTF-8 text: give the words in UTF-8") from None
             if not t.strip():
                 raise QueryError(f"empty query {t!r}: give the words to search for")
-            if not any(_visible(c) for c in t):
+            if not has_visible_character(t):
                 raise QueryError(
                     f"query {t!r} has no visible character (only control, format or space characters): "
                     "give the words to search for"

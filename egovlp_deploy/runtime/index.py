@@ -608,11 +608,14 @@ def _drop_video(out: Path, data: dict, entry: dict) -> None:
 def display_names(paths: list[str]) -> dict[str, str]:
     """A name per indexed video for listings: its path relative to the folder all the videos share, so that
     a/bikes.mp4 and b/bikes.mp4 stay apart; the full path where they share nothing but the filesystem root (or
-    lie on different drives)."""
+    lie on different drives). A chunk of the EgoClip layout (ROOT/<uid>/0.mp4) keeps its folder, which names it:
+    one video ROOT/vid_a/0.mp4 is `vid_a/0.mp4`, not `0.mp4`."""
     try:
         common = os.path.commonpath([os.path.dirname(p) for p in paths]) if paths else ""
     except ValueError:  # different drives, or absolute and relative paths mixed
         common = ""
+    if common and any(os.path.dirname(p) == common and Path(p).stem.isdigit() for p in paths):
+        common = os.path.dirname(common)
     if not common or os.path.dirname(common) == common:
         return {p: p for p in paths}
     return {p: os.path.relpath(p, common) for p in paths}

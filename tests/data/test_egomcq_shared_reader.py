@@ -55,6 +55,7 @@ BAD = {
     "types 3": (question(types=3), "bad types: types 3 is not 1 (inter) or 2 (intra)"),
     "NaN clip_start": (with_choice_start(float("nan")), "choice 3: nan is not finite"),
     "empty narration": (question(query=clip(text=" ")), "empty narration"),
+    "zero-width narration": (question(query=clip(text="\u200b\ufeff")), "has no visible character"),
 }
 
 

@@ -186,6 +186,16 @@ def test_search_names_videos_by_their_path_under_the_common_folder(engines, vide
         "/y/bikes.mp4": "/y/bikes.mp4",
     }  # only / in common
     assert display_names(["/data/v/one.mp4"]) == {"/data/v/one.mp4": "one.mp4"}
+    # the chunk layout ROOT/<uid>/<n>.mp4: the folder is the video's name
+    assert display_names(["/data/vid_a/0.mp4"]) == {"/data/vid_a/0.mp4": "vid_a/0.mp4"}
+    assert display_names(["/data/vid_a/0.mp4", "/data/vid_a/1.mp4"]) == {
+        "/data/vid_a/0.mp4": "vid_a/0.mp4",
+        "/data/vid_a/1.mp4": "vid_a/1.mp4",
+    }
+    assert display_names(["/data/vid_a/0.mp4", "/data/vid_b/0.mp4"]) == {
+        "/data/vid_a/0.mp4": "vid_a/0.mp4",
+        "/data/vid_b/0.mp4": "vid_b/0.mp4",
+    }
 
 
 def test_a_truncated_file_is_indexed_as_far_as_it_decodes(engines, tmp_path):
