@@ -581,12 +581,14 @@ def _remove_unlisted_shards(out: Path, data: dict) -> None:
 
 
 def _uncommit_broken_shards(out: Path, data: dict, entry: dict) -> str | None:
-    """Uncommit a video's shards from its first missing or unreadable one on (index.json is rewritten first; the
-    run then encodes those windows again under the same names); a note saying so, or None when all are sound.
-    Windows are committed in order, so the video resumes from the broken shard's first window."""
+    """Uncommit a video's shards from its first missing, unreadable or damaged one on (index.json is rewritten
+    first; the run then encodes those windows again under the same names); a note saying so, or None when all are
+    sound. Windows are committed in order, so the video resumes from the broken shard's first window. Embeddings and
+    timestamps are checked as search checks them; fusion prefixes, the bulk of the bytes, when a hit reads them."""
     for i, s in enumerate(entry["shards"]):
         try:
-            read_shard(out, data, entry, s, advice="")
+            tensors = read_shard(out, data, entry, s, ("embeddings", "timestamps"), advice="")
+            _check_shard_values(out, entry, s, tensors, advice="")
         except IndexFileError as exc:
             entry["shards"] = entry["shards"][:i]
             entry["done"] = sum(k["count"] for k in entry["shards"])
@@ -638,31 +640,34 @@ class Hit:
         return dict(self.__dict__)
 
 
-def _damaged(directory: Path, video: dict, shard: dict, what: str) -> IndexFileError:
-    """The error for a shard whose values no index run writes (a damaged or hand-edited file): deleting it makes the
-    next run of the same `index` command encode its windows again."""
+def _damaged(directory: Path, video: dict, shard: dict, what: str, advice: str | None = None) -> IndexFileError:
+    """The error for a shard whose values no index run writes (a damaged or hand-edited file): the next run of the
+    same `index` command encodes its windows again (`advice`: what to tell the user; default: that)."""
     path = shard_path(directory, shard["file"])
     return IndexFileError(
         f"{path}: shard of {printable(video['path'])} holds {what}, which no index run writes (a damaged or "
-        f"edited file); delete it and {REPAIR}"
+        f"edited file){f'; {REPAIR}' if advice is None else advice}"
     )
 
 
-def _check_shard_values(directory: Path, video: dict, shard: dict, tensors: dict[str, np.ndarray]) -> None:
+def _check_shard_values(
+    directory: Path, video: dict, shard: dict, tensors: dict[str, np.ndarray], advice: str | None = None
+) -> None:
     """Embeddings finite and L2-normalised (search ranks by their dot product with the query, which is a cosine only
     for unit rows; an all-zero row scores 0), timestamps finite with start <= end."""
     emb, ts = tensors["embeddings"], tensors["timestamps"]
     for name, x in (("embeddings", emb), ("timestamps", ts)):
         if not np.issubdtype(x.dtype, np.floating):
-            raise _damaged(directory, video, shard, f"{name} of dtype {x.dtype}")
+            raise _damaged(directory, video, shard, f"{name} of dtype {x.dtype}", advice)
         if not np.isfinite(x).all():
-            raise _damaged(directory, video, shard, f"NaN or infinite {name}")
+            raise _damaged(directory, video, shard, f"NaN or infinite {name}", advice)
     norms = np.linalg.norm(emb.astype(np.float64), axis=1)
     bad = ~((np.abs(norms - 1) <= 1e-3) | (norms == 0))
     if bad.any():
-        raise _damaged(directory, video, shard, f"embeddings of norm {norms[bad][0]:.6g} (they are unit vectors)")
+        what = f"embeddings of norm {norms[bad][0]:.6g} (they are unit vectors)"
+        raise _damaged(directory, video, shard, what, advice)
     if (ts[:, 1] < ts[:, 0]).any():
-        raise _damaged(directory, video, shard, "a window that ends before it starts")
+        raise _damaged(directory, video, shard, "a window that ends before it starts", advice)
 
 
 def _check_labels(directory: Path, number: int, video: dict) -> None:
@@ -728,7 +733,8 @@ class MomentIndex:
             if not np.issubdtype(out[-1].dtype, np.floating) or not np.isfinite(out[-1]).all():
                 vi = self.rows[r][0]
                 shard = next(s for s in self.data["videos"][vi]["shards"] if s["file"] == file)
-                raise _damaged(self.dir, self.data["videos"][vi], shard, "a NaN, infinite or non-float video prefix")
+                what = "a NaN, infinite or non-float video prefix"
+                raise _damaged(self.dir, self.data["videos"][vi], shard, what, f"; delete it and {REPAIR}")
         return np.concatenate(out).astype(np.float32)
 
     def hit(self, rank: int, row: int, score: float, dual: float, vtm: float | None = None) -> Hit:

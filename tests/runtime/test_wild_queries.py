@@ -332,8 +332,23 @@ def test_damaged_index_values_are_refused_naming_the_shard(rt, index_copy, chang
     into NaN, a row of norm 1e30 ranked first with a 'cosine' of 1e29."""
     shard = index_copy / "shards" / "00000-00000.safetensors"
     _edit_shard(shard, change)
-    with pytest.raises(IndexFileError, match=f"00000-00000.safetensors: shard of .*vid_a.* holds .*{message}.*delete"):
+    with pytest.raises(IndexFileError, match=f"00000-00000.safetensors: shard of .*vid_a.* holds .*{message}.*rerun"):
         MomentIndex(index_copy).search(rt, "C picks up the cup")
+
+
+def test_rerunning_index_encodes_a_damaged_shard_again(rt, index_dir, index_copy, video_root):
+    """What the error advises works: the same `index` run uncommits the damaged shard and the ones after it and
+    encodes their windows again; the repaired index equals the undamaged one."""
+    _edit_shard(index_copy / "shards" / "00000-00001.safetensors", lambda t: t["embeddings"].__setitem__(0, np.nan))
+    settings = IndexSettings(frames=4, window_sec=1.0, stride_sec=0.5, prefixes=True, commit_every=2)
+    summary = build_index(index_copy, [str(video_root / "vid_a" / "0.mp4")], rt, settings, progress=False)
+    assert any(
+        "encoding windows 2-4 again" in n["note"] and "NaN or infinite embeddings" in n["note"]
+        for n in summary["notes"]
+    )
+    repaired, reference = MomentIndex(index_copy), MomentIndex(index_dir)
+    np.testing.assert_allclose(repaired.embeddings, reference.embeddings, atol=1e-6)
+    np.testing.assert_array_equal(repaired.timestamps, reference.timestamps)
 
 
 def test_a_damaged_prefix_is_refused_when_re_ranking(rt, index_copy):
