@@ -9,17 +9,18 @@ the token ids, the path without a cache). Both return the same scores (checked e
 Per stage: p50/p90/p99 over --iters timed calls after --warmup untimed ones; cold start = engine load + first
 call; peak memory = the process's peak RSS while the stage runs (sampled every 2 ms; on CUDA also
 torch.cuda.max_memory_allocated). Engines are exported from seeded random weights (`random:tiny` or
-`random:base`) into OUT/engines_f<F> once and reused. Also the GMAC comparison of EgoVLPv2's fusion in the backbone
-against stacking the same cross-attention layers as extra fusion layers on top of complete dual towers.
-Writes OUT/e2e.json, OUT/e2e.md and OUT/e2e.png (and `--quick` runs a plumbing check in seconds).
+`random:base`) into OUT/engines_<model>_f<F> once and reused. Also the GMAC comparison of EgoVLPv2's fusion in the
+backbone against stacking the same cross-attention layers as extra fusion layers on top of complete dual towers.
+Writes OUT/e2e.json, OUT/e2e.md and OUT/e2e.png (and `--quick` runs a plumbing check in seconds); while the run
+goes on, the rows so far are in e2e.json with "complete": false (and a first line in e2e.md saying so).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import platform
+import re
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -27,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .arg_types import non_negative_int, positive_int
+from .benchmarking import ResultsFolder, machine, parse_int_list, parse_name_list
 from .benchmarking import git_sha as _git_sha
 from .errors import error_line
 
@@ -74,9 +77,9 @@ def add_arguments(p) -> None:
         "+compile; default: off)",
     )
     p.add_argument("--ks", default="5,20", metavar="LIST", help="re-ranked clip counts (default: 5,20)")
-    p.add_argument("--iters", type=int, default=30, help="timed calls per stage (default: 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: 3)")
-    p.add_argument("--threads", type=int, metavar="N", help="intra-op threads (default: runtime default)")
+    p.add_argument("--iters", type=positive_int, default=30, help="timed calls per stage (default: 30)")
+    p.add_argument("--warmup", type=non_negative_int, default=3, help="untimed calls first (default: 3)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="intra-op threads (default: runtime default)")
     p.add_argument("--quick", action="store_true", help="F=4, k=5, 3 iterations, onnxruntime only (tests)")
     p.add_argument("--engines", metavar="DIR", help="use this export folder instead of exporting (one F)")
 
@@ -113,6 +116,10 @@ class PeakRSS:
 
 
 def _timed(fn, iters: int, warmup: int) -> dict:
+    """p50/p90/p99 (numpy's linear interpolation between the sorted samples) and mean of `iters` timed calls of
+    `fn()` after `warmup` untimed ones, and the process's peak RSS during the timed calls."""
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"a timing needs iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     for _ in range(warmup):
         fn()
     with PeakRSS() as mem:
@@ -215,23 +222,55 @@ def gmac_comparison(model: str = "base", frames=(4, 16), text_length: int = 15) 
     return rows
 
 
+def _check_device(device: str) -> None:
+    """`cpu`, or `cuda` / `cuda:N` with that CUDA device present: a CUDA run on a machine without one would time the
+    CPU fallbacks and label them cuda."""
+    import torch
+
+    if device == "cpu":
+        return
+    match = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if match is None:
+        raise ValueError(f"--device: {device!r} is not cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device on this machine (torch.cuda.is_available() is False)")
+    if match.group(1) is not None and int(match.group(1)) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
 def run(args) -> int:
+    from .config import ATTENTION_BACKENDS
+    from .runtime.engines import BACKENDS
+
+    # every argument is checked before anything is exported or timed; a value given twice is refused, as its rows
+    # would share one key and the cached/monolithic ratios would pair the wrong rows
+    frames = [4] if args.quick else parse_int_list(args.frame_list, "--frames")
+    ks = [5] if args.quick else parse_int_list(args.ks, "--ks")
+    backends = ["onnxruntime"] if args.quick else parse_name_list(args.backends, "--backends", BACKENDS)
+    precisions = parse_name_list(args.precisions, "--precisions", ("fp32", "fp16", "int8"))
+    attentions = parse_name_list(args.torch_attention, "--torch-attention", ATTENTION_BACKENDS)
+    _check_device(args.device)
+    graph_modes = parse_name_list(
+        args.torch_graphs or ("off,on" if args.device.startswith("cuda") else "off"), "--torch-graphs", ("off", "on")
+    )
+    compile_modes = parse_name_list(args.compile, "--compile", ("off", "on"))
+    iters, warmup = (3, 1) if args.quick else (args.iters, args.warmup)
+    with ResultsFolder(args.out, "e2e", ("e2e.json", "e2e.md", "e2e.png")) as results:
+        with tempfile.TemporaryDirectory(prefix="egovlp-bench-e2e-") as tmp:
+            modes = (frames, ks, backends, precisions, attentions, graph_modes, compile_modes, iters, warmup)
+            return _run(args, results, Path(tmp), *modes)
+
+
+def _run(args, results, tmp, frames, ks, backends, precisions, attentions, graph_modes, compile_modes, iters, warmup):
     import torch
 
     from .runtime.clip_pipeline import ClipPipeline, plan_windows
     from .runtime.engines import Runtime
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    csv = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    frames = [4] if args.quick else [int(x) for x in csv(args.frame_list)]
-    ks = [5] if args.quick else [int(x) for x in csv(args.ks)]
-    backends = ["onnxruntime"] if args.quick else csv(args.backends)
-    precisions = csv(args.precisions)
-    iters, warmup = (3, 1) if args.quick else (args.iters, args.warmup)
+    out = results.folder
     if args.threads:
         torch.set_num_threads(args.threads)
-    video = write_test_video(out / "bench_video.mp4")
+    video = write_test_video(tmp / "bench_video.mp4")  # never into OUT, where a file of that name may be the user's
     rows, parity, picks = [], [], []
     result = {"meta": _meta(args, iters, warmup), "rows": rows, "rerank_parity": parity, "speedups": [],
               "attention_picks": picks, "gmacs": gmac_comparison("base", (4, 16))}  # fmt: skip
@@ -261,18 +300,10 @@ def run(args) -> int:
             }
         )
         clips = pipe.clips(video, windows[:1])
-        graph_modes = csv(args.torch_graphs or ("off,on" if args.device.startswith("cuda") else "off"))
-        compile_modes = csv(args.compile)
-        for name, modes, given in (
-            ("--torch-graphs", graph_modes, args.torch_graphs),
-            ("--compile", compile_modes, args.compile),
-        ):
-            if set(modes) - {"off", "on"} or not modes:
-                raise ValueError(f"{name} takes off, on or off,on; got {given!r}")
         runs = [
             (b, a, g == "on", c == "on")
             for b in backends
-            for a in (csv(args.torch_attention) if b == "torch" else ["auto"])
+            for a in (attentions if b == "torch" else ["auto"])
             for c in (compile_modes if b in ("torch", "program") else ["off"])
             for g in (graph_modes if b in ("torch", "program", "aoti") else ["off"])
         ]
@@ -312,9 +343,9 @@ def run(args) -> int:
                         failed += 1
                         print(f"bench e2e: {label} {precision} F={f} failed:", file=sys.stderr)
                         traceback.print_exc(file=sys.stderr)
-                _write(out, result, plot_png=False)  # a run cut short (a timeout, a crash) still leaves its rows
+                _write(results, result, complete=False)  # a run cut short still leaves its rows, marked incomplete
     result["meta"]["load_avg"] = os.getloadavg()
-    _write(out, result, plot_png=True)
+    _write(results, result, complete=True)
     print(format_markdown(result))
     return 1 if failed else 0
 
@@ -322,8 +353,18 @@ def run(args) -> int:
 def _meta(args, iters: int, warmup: int) -> dict:
     import torch
 
+    try:
+        import onnxruntime
+
+        ort_version = onnxruntime.__version__
+    except ImportError:  # a torch-only install: its rows say so
+        ort_version = None
     return {
-        "machine": platform.platform(),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "onnxruntime": ort_version,
+        "numpy": np.__version__,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
         "torch_threads": torch.get_num_threads(),
@@ -337,12 +378,9 @@ def _meta(args, iters: int, warmup: int) -> dict:
     }
 
 
-def _write(out: Path, result: dict, plot_png: bool) -> None:
+def _write(results: ResultsFolder, result: dict, complete: bool) -> None:
     result["speedups"] = _speedups(result["rows"])
-    (out / "e2e.json").write_text(json.dumps(result, indent=1))
-    (out / "e2e.md").write_text(format_markdown(result))
-    if plot_png:
-        plot(result, out / "e2e.png")
+    results.write(result, format_markdown(result), lambda path: plot(result, path), complete=complete)
 
 
 def _label(backend: str, attention: str, graphs: bool = False, compiled: bool = False) -> str:
@@ -481,9 +519,8 @@ def format_markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         if r["stage"] in ("unavailable", "failed"):
-            lines.append(
-                f"| {r['stage']} | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | {r['note'][:80]} |"
-            )
+            note = " ".join(r["note"].split())[:80].replace("|", "\\|")  # one table cell: no newline, no bar
+            lines.append(f"| {r['stage']} | {r['backend']} | {r['precision']} | {r['frames']} | | | | | | {note} |")
             continue
         cold = f"{r['cold_start_ms']:.0f}" if "cold_start_ms" in r else "-"
         lines.append(
@@ -494,7 +531,7 @@ def format_markdown(result: dict) -> str:
     if result["speedups"]:
         lines += [
             "",
-            "| re-rank | backend | F | k | cached p50 ms | monolithic p50 ms | speedup | max abs diff |",
+            "| precision | backend | F | k | cached p50 ms | monolithic p50 ms | speedup | max abs diff |",
             "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for s in result["speedups"]:

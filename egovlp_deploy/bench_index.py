@@ -16,9 +16,10 @@ Writes index.json (rows + machine, git sha, load average), index.md and index.pn
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,24 +29,38 @@ from pathlib import Path
 
 import numpy as np
 
-from egovlp_deploy.benchmarking import cpu_model, git_sha
+from egovlp_deploy.arg_types import positive_int
+from egovlp_deploy.benchmarking import ResultsFolder, git_sha, machine, parse_name_list
 from egovlp_deploy.errors import error_line
 
 DESCRIPTION = __doc__
 WIDTH, HEIGHT, FPS = 1280, 720, 30
+DECODERS = ("auto", "decord", "pyav")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("workload")
     g.add_argument("--video", type=Path, help="a video file to index (default: a generated 720p H.264 file)")
-    g.add_argument("--seconds", type=int, default=120, help="length of the generated file (default: 120 s)")
+    g.add_argument("--seconds", type=positive_int, default=120, help="length of the generated file (default: 120 s)")
     g.add_argument("--engines", type=Path, help="an engines folder (default: random:tiny exported into OUT)")
     g.add_argument(
         "--decoders", default="auto,decord", help="index rows, comma-separated decoder choices (default: auto,decord)"
     )
-    g.add_argument("--threads", type=int, default=2, help="decoder threads of the decode-only row (default: 2)")
-    g.add_argument("--window", type=float, default=2.0, help="index window, seconds (default: 2.0)")
-    g.add_argument("--stride", type=float, default=1.0, help="index stride, seconds (default: 1.0)")
+    g.add_argument(
+        "--threads", type=positive_int, default=2, help="decoder threads of the decode-only row (default: 2)"
+    )
+    g.add_argument("--window", type=_positive_float, default=2.0, help="index window, seconds (default: 2.0)")
+    g.add_argument("--stride", type=_positive_float, default=1.0, help="index stride, seconds (default: 1.0)")
     g.add_argument("--quick", action="store_true", help="a seconds-long smoke run (a 4 s 160x96 file) for tests")
     parser.add_argument(
         "--out",
@@ -58,9 +73,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def write_bench_video(path: Path, seconds: int, width: int = WIDTH, height: int = HEIGHT) -> Path:
     """The generated input: a moving textured pattern (compresses like camera footage, not like noise)."""
+    from egovlp_deploy.checkpoint import creation_mode
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial.mp4")
+    os.close(fd)
+    try:
+        _encode(tmp, seconds, width, height)
+        os.chmod(tmp, creation_mode(0o666))  # mkstemp's 0o600 would make the input private to its writer
+        os.replace(tmp, path)
+    except BaseException:  # an interrupted or failed encode leaves no file behind, nothing taken for the input
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _encode(tmp: str, seconds: int, width: int, height: int) -> None:
     import av
 
-    tmp = path.with_name(path.name + ".partial.mp4")
     yy, xx = np.mgrid[0:height, 0:width]
     base = ((xx[..., None] * np.array([1, 0, 2]) + yy[..., None] * np.array([0, 1, 1])) % 256).astype(np.uint8)
     grain = np.random.default_rng(0).integers(0, 4, (height, width, 3), dtype=np.uint8)
@@ -72,8 +102,6 @@ def write_bench_video(path: Path, seconds: int, width: int = WIDTH, height: int 
             img = np.roll(base, (2 * i, 3 * i), axis=(0, 1)) + np.roll(grain, 7 * i, axis=1)
             out.mux(stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
         out.mux(stream.encode())
-    os.replace(tmp, path)
-    return path
 
 
 def decode_only(path: Path, threads: int) -> dict:
@@ -90,14 +118,20 @@ def decode_only(path: Path, threads: int) -> dict:
 
 
 def ffmpeg_decode(path: Path, threads: int) -> dict | None:
-    """`ffmpeg -threads N -i FILE -f null -` where the command exists (None otherwise)."""
+    """`ffmpeg -threads N -i FILE -f null -` where the command exists (None otherwise); a failing ffmpeg is a
+    RuntimeError with its last words."""
     exe = shutil.which("ffmpeg")
     if exe is None:
         return None
     start = time.perf_counter()
-    subprocess.run(
-        [exe, "-v", "error", "-threads", str(threads), "-i", str(path), "-map", "0:v:0", "-f", "null", "-"], check=True
+    proc = subprocess.run(
+        [exe, "-v", "error", "-threads", str(threads), "-i", str(path), "-map", "0:v:0", "-f", "null", "-"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    if proc.returncode != 0:
+        raise RuntimeError(f"ffmpeg exited with {proc.returncode}: {proc.stderr.strip()[-300:]}")
     return {"seconds": time.perf_counter() - start}
 
 
@@ -123,14 +157,23 @@ def index_run(path: Path, engines: Path, decoder: str, window: float, stride: fl
             "--quiet",
             "--json",
         ]
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        out, err = proc.stdout.read(), proc.stderr.read()
-        proc.stdout.close()
-        proc.stderr.close()
-        if os.waitstatus_to_exitcode(status) != 0:
+        # the child's output goes to files, not pipes: wait4 waits for the child before anything is read, and a
+        # child that filled a pipe (64 KiB of warnings) would block on it forever
+        with open(Path(tmp) / "stdout", "w+") as stdout, open(Path(tmp) / "stderr", "w+") as stderr:
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)
+            except BaseException:  # interrupted: the child does not go on indexing alone
+                proc.kill()
+                proc.wait()
+                raise
+            proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+            seconds = time.perf_counter() - start
+            stdout.seek(0)
+            stderr.seek(0)
+            out, err = stdout.read(), stderr.read()
+        if proc.returncode != 0:
             raise RuntimeError(f"index with --decoder {decoder} failed:\n{err[-2000:]}")
         summary = json.loads(out)
         return {
@@ -148,8 +191,17 @@ def _engines(out: Path) -> Path:
 
 
 def run(args) -> int:
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    decoders = parse_name_list(args.decoders, "--decoders", DECODERS)
+    if args.video is not None and not args.video.is_file():
+        raise ValueError(f"--video {args.video}: no such file")
+    if args.engines is not None and not (args.engines / "manifest.json").is_file():
+        raise ValueError(f"--engines {args.engines}: not an export folder (no manifest.json)")
+    with ResultsFolder(args.out, "index", ("index.json", "index.md", "index.png")) as results:
+        return _run(args, results, decoders)
+
+
+def _run(args, results: ResultsFolder, decoders: list[str]) -> int:
+    out = results.folder
     seconds = 4 if args.quick else args.seconds
     if args.video:
         video = args.video
@@ -170,22 +222,27 @@ def run(args) -> int:
     rows.append(
         {
             "what": f"decode only (PyAV, {args.threads} threads)",
-            "seconds": round(decoded["seconds"], 2),
-            "realtime": round(base_rt, 1),
+            "seconds": decoded["seconds"],
+            "realtime": base_rt,
             "vs_decode": 1.0,
         }
     )
-    ff = ffmpeg_decode(video, args.threads)
+    ff_what = f"decode only (ffmpeg -threads {args.threads} -f null)"
+    try:
+        ff = ffmpeg_decode(video, args.threads)
+    except (OSError, RuntimeError) as exc:
+        ff = None
+        rows.append({"what": ff_what, "error": error_line(exc)})
     if ff:
         rows.append(
             {
-                "what": f"decode only (ffmpeg -threads {args.threads} -f null)",
-                "seconds": round(ff["seconds"], 2),
-                "realtime": round(duration / ff["seconds"], 1),
-                "vs_decode": round(decoded["seconds"] / ff["seconds"], 2),
+                "what": ff_what,
+                "seconds": ff["seconds"],
+                "realtime": duration / ff["seconds"],
+                "vs_decode": decoded["seconds"] / ff["seconds"],
             }
         )
-    for decoder in [d.strip() for d in args.decoders.split(",") if d.strip()]:
+    for decoder in decoders:
         try:
             r = index_run(video, engines, decoder, args.window, args.stride)
         except (RuntimeError, ValueError) as exc:
@@ -194,16 +251,17 @@ def run(args) -> int:
         rows.append(
             {
                 "what": f"index --decoder {decoder}",
-                "seconds": round(r["seconds"], 2),
-                "realtime": round(duration / r["seconds"], 1),
-                "vs_decode": round(decoded["seconds"] / r["seconds"], 4),
+                "seconds": r["seconds"],
+                "realtime": duration / r["seconds"],
+                "vs_decode": decoded["seconds"] / r["seconds"],
                 "windows": r["windows"],
-                "peak_rss_mib": round(r["peak_rss_mib"], 1),
+                "peak_rss_mib": r["peak_rss_mib"],
                 "ms_per_clip": r["ms_per_clip"],
             }
         )
     report = {
         "benchmark": "index",
+        "device": "CPU (decoding and the exported engines' default backend)",
         "git": git_sha(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": _machine(),
@@ -220,23 +278,17 @@ def run(args) -> int:
         "stride_sec": args.stride,
         "rows": rows,
     }
-    (out / "index.json").write_text(json.dumps(report, indent=1))
-    (out / "index.md").write_text(format_markdown(report))
-    _plot(report, out / "index.png")
+    results.write(report, format_markdown(report), lambda path: _plot(report, path))
     print(format_markdown(report))
     print(f"wrote {out / 'index.json'}, index.md, index.png", file=sys.stderr)
     return 0
 
 
 def _machine() -> dict:
-    cpu = cpu_model()
     import av
 
     return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine(),
         "pyav": av.__version__,
         "libavcodec": ".".join(map(str, av.library_versions.get("libavcodec", ()))),
     }
@@ -252,16 +304,18 @@ def format_markdown(report: dict) -> str:
         f"{v['bytes'] / 2**20:.1f} MiB; windows {report['window_sec']} s, stride {report['stride_sec']} s; "
         f"load average at the end {', '.join(f'{x:.2f}' for x in report['load_average'])}.",
         "",
-        "| what | seconds | × real time | vs decode only | windows | peak RSS MiB |",
+        "| what | seconds | × real time | vs decode only (× its speed) | windows | peak RSS MiB |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['what']} | failed: {r['error']} | | | | |")
+            error = r["error"].replace("|", "\\|")
+            lines.append(f"| {r['what']} | failed: {error} | | | | |")
             continue
+        rss = r.get("peak_rss_mib")
         lines.append(
-            f"| {r['what']} | {r['seconds']} | {r['realtime']} | {r['vs_decode']} | "
-            f"{r.get('windows', '')} | {r.get('peak_rss_mib', '')} |"
+            f"| {r['what']} | {r['seconds']:.3f} | {r['realtime']:.1f} | {r['vs_decode']:.3g} | "
+            f"{r.get('windows', '')} | {'' if rss is None else f'{rss:.1f}'} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -11,12 +11,12 @@ Outputs: export.json (rows + machine, versions, git sha), export.md (the table),
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from egovlp_deploy.arg_types import non_negative_int, positive_int
+from egovlp_deploy.benchmarking import ResultsFolder, machine, parse_name_list
 from egovlp_deploy.benchmarking import git_sha as _git_sha
 from egovlp_deploy.benchmarking import median_ms as _median_ms
 from egovlp_deploy.ort_session import ort_session
@@ -50,9 +50,11 @@ def add_arguments(parser) -> None:
         default="video_encoder,text_encoder,video_fusion_prefix,fusion_head,fusion",
         help="comma list of roles (default: all)",
     )
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls per backend (default: 10)")
-    parser.add_argument("--threads", type=int, default=0, help="threads for torch and ORT (default: torch's)")
-    parser.add_argument("--text-len", type=int, default=15, help="text length (default: 15)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed calls per backend (default: 10)")
+    parser.add_argument(
+        "--threads", type=non_negative_int, default=0, help="threads for torch and ORT (default, 0: torch's)"
+    )
+    parser.add_argument("--text-len", type=positive_int, default=15, help="text length (default: 15)")
 
 
 def bench_config(
@@ -96,27 +98,33 @@ def bench_config(
 
 
 def run(args) -> int:
+    import torch
+
+    from .specs import ROLES
+
+    # every argument is checked before anything runs; a role or config given twice would give two rows of one
+    # key, of which the table would show one
+    roles = parse_name_list(args.roles, "--roles", list(ROLES))
+    names = ["checkpoint"] if args.checkpoint else parse_name_list(args.configs, "--configs", ("tiny", "base"))
+    configs = [("checkpoint", args.checkpoint)] if args.checkpoint else [(c, f"random:{c}") for c in names]
+    threads = args.threads or torch.get_num_threads()
+    with ResultsFolder(args.out, "export", ("export.json", "export.md", "export.png")) as results:
+        return _run(args, results, roles, configs, threads)
+
+
+def _run(args, results: ResultsFolder, roles: list[str], configs: list[tuple[str, str]], threads: int) -> int:
     import tempfile
 
     import torch
 
-    threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    roles = [r.strip() for r in args.roles.split(",") if r.strip()]
-    configs = (
-        [("checkpoint", args.checkpoint)]
-        if args.checkpoint
-        else [(c.strip(), f"random:{c.strip()}") for c in args.configs.split(",") if c.strip()]
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="egovlp-bench-export-") as work:
         for name, ckpt in configs:
             rows += bench_config(name, ckpt, args.frames, roles, args.repeats, threads, args.text_len, Path(work))
     meta = {
-        "machine": platform.platform(),
-        "processor": platform.processor(),
+        "device": "CPU (ONNX Runtime CPUExecutionProvider; torch eager on the CPU)",
+        "machine": machine(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
         "load_avg": os.getloadavg(),
@@ -127,17 +135,19 @@ def run(args) -> int:
         "torch": torch.__version__,
         "onnxruntime": __import__("onnxruntime").__version__,
     }
-    (out / "export.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    (out / "export.md").write_text(format_table(rows, meta))
-    plot(rows, out / "export.png")
-    print(f"wrote {out / 'export.json'}, export.md, export.png")
+    results.write(
+        {"meta": meta, "rows": [asdict(r) for r in rows]}, format_table(rows, meta), lambda path: plot(rows, path)
+    )
+    print(f"wrote {results.folder / 'export.json'}, export.md, export.png")
     return 0
 
 
 def format_table(rows: list[Row], meta: dict) -> str:
     lines = [
-        f"Batch 1, {meta['frames']} frames, text length {meta['text_len']}, {meta['threads']} threads, "
-        f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}, load average {meta['load_avg'][0]:.1f}",
+        f"Batch 1, {meta['frames']} frames, text length {meta['text_len']}, {meta['threads']} threads on "
+        f"{meta['machine']['cpu']} ({meta['cpu_count']} logical CPUs), torch {meta['torch']}, onnxruntime "
+        f"{meta['onnxruntime']}, median of {meta['repeats']} calls, git {meta['git_sha']}, load average "
+        f"{meta['load_avg'][0]:.1f}",
         "",
         "| config | role | torch eager ms | ORT fp32 ms (x eager) | ORT int8 ms (x eager) | max rel err fp32 / int8 |",
         "|---|---|---:|---:|---:|---:|",

@@ -12,15 +12,14 @@ which checks the plumbing, not the GPU.
 
 from __future__ import annotations
 
-import json
-import platform
 import re
 import statistics
+import sys
 from pathlib import Path
 
+from egovlp_deploy.arg_types import positive_int
+from egovlp_deploy.benchmarking import ResultsFolder, machine, times_ms
 from egovlp_deploy.benchmarking import git_sha as _git_sha
-from egovlp_deploy.benchmarking import times_ms
-from egovlp_deploy.checkpoint import atomic_write_bytes
 
 DESCRIPTION = __doc__
 
@@ -53,8 +52,8 @@ def add_arguments(parser) -> None:
         help="output folder for profile.json, profile.md, profile.png (default: %(default)s)",
     )
     parser.add_argument("--model", choices=("base", "tiny"), default="base", help="tower size (default: base)")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip (default: 16)")
-    parser.add_argument("--batch", type=int, default=1, help="clips per call (default: 1)")
+    parser.add_argument("--frames", type=positive_int, default=16, help="frames per clip (default: 16)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="clips per call (default: 1)")
     parser.add_argument(
         "--dtype",
         choices=("fp16", "bf16", "fp32"),
@@ -63,11 +62,11 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument(
         "--attention",
-        default="triton",
-        help="attention backend (default: triton on CUDA, the reference math on the CPU)",
+        default=None,
+        help="attention backend (default: triton on CUDA; the CPU always runs the reference math)",
     )
-    parser.add_argument("--iters", type=int, default=20, help="profiled calls (default: 20)")
-    parser.add_argument("--top", type=int, default=15, help="kernels listed (default: 15)")
+    parser.add_argument("--iters", type=positive_int, default=20, help="profiled calls (default: 20)")
+    parser.add_argument("--top", type=positive_int, default=15, help="kernels listed (default: 15)")
 
 
 def profile_tower(tower, video, iters: int, device: str) -> dict:
@@ -130,6 +129,7 @@ def _markdown(result: dict, top: int) -> str:
         f"{m['attention']} attention; device {m['device']}; torch {m['torch']}; git {m['git_sha']}; "
         f"{m['iters']} profiled calls",
         "",
+        *([m["note"], ""] if m.get("note") else []),
         f"| wall ms / call | {unit} ms / call | busy / wall | "
         + ("kernel launches" if p["busy_ms"] is not None else "operators")
         + " / call |",
@@ -174,20 +174,31 @@ def _plot(result: dict, path: Path) -> None:
 
 
 def run(args) -> int:
+    import torch
+
+    from egovlp_deploy.config import check_attention_backend
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    attention = args.attention or "triton"
+    check_attention_backend(attention)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if device == "cpu":
+        if args.attention not in (None, "reference"):
+            note = f"bench profile: no CUDA device: --attention {args.attention} is profiled as reference"
+            print(note, file=sys.stderr)
+        dtype, attention = torch.float32, "reference"  # the kernels would run in the interpreter: not a profile
+    with ResultsFolder(args.out, "profile", ("profile.json", "profile.md", "profile.png")) as results:
+        return _run(args, results, device, dtype, attention)
+
+
+def _run(args, results: ResultsFolder, device, dtype, attention) -> int:
     import os
 
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.iters < 1 or args.batch < 1 or args.frames < 1:
-        raise ValueError("--iters, --batch and --frames must be >= 1")
     from egovlp_deploy.config import EgoVLPv2Config
     from egovlp_deploy.model.video_tower import SpaceTimeTransformer
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    attention = args.attention
-    if device == "cpu":
-        dtype, attention = torch.float32, "reference"  # the kernels would run in the interpreter: not a profile
     config = (
         EgoVLPv2Config.tiny(num_frames=args.frames)
         if args.model == "tiny"
@@ -199,9 +210,7 @@ def run(args) -> int:
         if hasattr(m, "attention_backend"):
             m.attention_backend = attention
     video = torch.randn(args.batch, v.num_frames, 3, v.img_size, v.img_size, device=device, dtype=dtype)
-    device_name = (
-        torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
-    )
+    device_name = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (no CUDA device)"
     result = {
         "meta": {
             "model": args.model,
@@ -213,15 +222,15 @@ def run(args) -> int:
             "torch": torch.__version__,
             "git_sha": _git_sha(),
             "iters": args.iters,
-            "machine": platform.platform(),
+            "note": ""
+            if device == "cuda"
+            else "CPU run: self CPU time of the operators under the profiler, which slows them; it checks the "
+            "plumbing, not the GPU",
+            "machine": machine(),
             "cpu_count": os.cpu_count(),
         },
         "profile": profile_tower(tower, video, args.iters, device),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / "profile.json", json.dumps(result, indent=1).encode())
-    atomic_write_bytes(out / "profile.md", _markdown(result, args.top).encode())
-    _plot(result, out / "profile.png")
+    results.write(result, _markdown(result, args.top), lambda path: _plot(result, path))
     print(_markdown(result, args.top))
     return 0

@@ -10,14 +10,14 @@ it (`graph ms`): the same GPU work without the host launch path (Python, op disp
 columns together say whether a small case is bound by the GPU or by the host. `triton-1split` is the Triton kernel
 with the few-query sides unsplit (the CLS row of the divided core, the text queries of the text<-video core: one
 program per query tile walks every key), next to `triton`, which splits their keys over several programs.
+While the run goes on, the rows so far are in kernels.json with "complete": false (and a first line in kernels.md
+saying so, no kernels.png); a run without a CUDA device says that its times only check the plumbing.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from egovlp_deploy.benchmarking import ResultsFolder, machine, parse_int_list, parse_name_list
 from egovlp_deploy.benchmarking import git_sha as _git_sha
 from egovlp_deploy.errors import error_line
 
@@ -297,8 +298,9 @@ def _markdown(meta: dict, rows: list[Row]) -> str:
 
     lines = [
         f"Device: {meta['device']}; dtype {meta['dtype']}; torch {meta['torch']}, triton {meta['triton']}; "
-        f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; git {meta['git_sha']}; {meta['mode']}",
+        f"copy bandwidth {meta['copy_gbps']:.0f} GB/s; git {meta['git_sha']}; {meta['mode']}; {meta['time']}",
         "",
+        *([f"{meta['note']}", ""] if meta.get("note") else []),
         "| case | shape | backend | ms | graph ms | speedup | max rel err | bytes moved / min | GB/s | of copy BW "
         "| note |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -344,6 +346,11 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
 def run(args) -> int:
     import torch
 
+    # every argument is checked before anything runs, on any machine
+    backends = parse_name_list(args.backends, "--backends", BACKENDS)
+    batches = parse_int_list(args.batches, "--batches")
+    frame_counts = parse_int_list(args.frame_counts, "--frames")
+    text_lengths = parse_int_list(args.text_lengths, "--text-lengths")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         if not args.quick:
@@ -352,25 +359,24 @@ def run(args) -> int:
                 "interpreter to check the plumbing"
             )
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel modules are imported
+    with ResultsFolder(args.out, "kernels", ("kernels.json", "kernels.md", "kernels.png")) as results:
+        return _run(args, results, device, backends, batches, frame_counts, text_lengths)
+
+
+def _run(args, results: ResultsFolder, device, backends, batches, frame_counts, text_lengths) -> int:
+    import torch
     import triton
 
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if device == "cpu" and dtype != torch.float32:
         dtype = torch.float32  # CPU half matmuls are emulated slowly, and the interpreter's bf16 dot is wrong
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = sorted(set(backends) - set(BACKENDS))
-    if unknown:
-        raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
     if device == "cpu" and "compile" in backends:
         backends.remove("compile")  # inductor's CPU build takes minutes: out of place in a plumbing check
     timer = _timer(device, args.quick)
     if args.quick:
         shapes, width, heads = [(1, 2, 9, 5)], 32, 2
     else:
-        ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
-        shapes = [
-            (B, F, 196, L) for B in ints(args.batches) for F in ints(args.frame_counts) for L in ints(args.text_lengths)
-        ]
+        shapes = [(B, F, 196, L) for B in batches for F in frame_counts for L in text_lengths]
         width, heads = 768, 12
 
     copy_gbps = copy_bandwidth(device, timer)
@@ -427,8 +433,8 @@ def run(args) -> int:
             + "  ".join(f"{r.backend}={r.ms:.3f}ms" if r.ms else f"{r.backend}=fail" for r in case_rows),
             flush=True,
         )
-        _write(Path(args.out), meta, rows, plot=False)  # a run cut short still leaves its rows
-    _write(Path(args.out), meta, rows, plot=True)
+        _write(results, meta, rows, complete=False)  # a run cut short still leaves its rows, marked incomplete
+    _write(results, meta, rows, complete=True)
     print(f"wrote {args.out}/kernels.json, kernels.md, kernels.png")
     return 0
 
@@ -436,10 +442,13 @@ def run(args) -> int:
 def _meta(device, dtype, copy_gbps, quick, triton_version) -> dict:
     import torch
 
+    cpu = device != "cuda"
     return {
-        "device": torch.cuda.get_device_name(0)
-        if device == "cuda"
-        else f"CPU ({platform.processor() or 'x86_64'}, Triton interpreter)",
+        "device": torch.cuda.get_device_name(0) if not cpu else "CPU (no CUDA device; Triton interpreter)",
+        "note": "CPU run: the times and ratios only check the plumbing (the Triton kernels run in the interpreter)"
+        if cpu
+        else "",
+        "machine": machine(),
         "dtype": str(dtype).replace("torch.", ""),
         "torch": torch.__version__,
         "triton": triton_version,
@@ -451,9 +460,11 @@ def _meta(device, dtype, copy_gbps, quick, triton_version) -> dict:
     }
 
 
-def _write(out: Path, meta: dict, rows: list[Row], plot: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2))
-    (out / "kernels.md").write_text(_markdown(meta, rows))
-    if plot:
-        _plot(rows, out / "kernels.png", f"egovlp-deploy attention kernels, {meta['device']}, {meta['dtype']}")
+def _write(results: ResultsFolder, meta: dict, rows: list[Row], complete: bool) -> None:
+    title = f"egovlp-deploy attention kernels, {meta['device']}, {meta['dtype']}"
+    results.write(
+        {"meta": meta, "rows": [asdict(r) for r in rows]},
+        _markdown(meta, rows),
+        lambda path: _plot(rows, path, title),
+        complete=complete,
+    )

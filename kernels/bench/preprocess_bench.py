@@ -12,9 +12,7 @@ Writes preprocess.json (rows + machine, git sha, threads, load average), preproc
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -23,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.benchmarking import cpu_model, git_sha, median_ms, times_ms
+from egovlp_deploy.arg_types import non_negative_int, positive_int
+from egovlp_deploy.benchmarking import ResultsFolder, git_sha, machine, median_ms, parse_name_list, times_ms
 from egovlp_deploy.errors import error_line
 
 DESCRIPTION = __doc__
@@ -43,13 +42,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--frames",
         dest="frame_counts",
-        type=int,
+        type=positive_int,
         nargs="+",
         default=[4, 16],
         metavar="T",
         help="frames per clip (default: 4 16)",
     )
-    g.add_argument("--size", type=int, default=224, help="output side S (default: 224)")
+    g.add_argument("--size", type=positive_int, default=224, help="output side S (default: 224)")
     g.add_argument(
         "--variant",
         choices=("egoclip", "epic"),
@@ -57,9 +56,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="eval transform: egoclip (256 -> crop 256 -> 224) or epic (224 -> crop 224) (default: egoclip)",
     )
     t = parser.add_argument_group("timing")
-    t.add_argument("--threads", type=int, default=None, help="threads for both paths (default: torch's current count)")
-    t.add_argument("--repeats", type=int, default=7, help="timed runs per measurement; the median is reported")
-    t.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    t.add_argument(
+        "--threads", type=positive_int, default=None, help="threads for both paths (default: torch's current count)"
+    )
+    t.add_argument("--repeats", type=positive_int, default=7, help="timed runs per measurement; the median is reported")
+    t.add_argument("--warmup", type=non_negative_int, default=2, help="untimed runs first")
     t.add_argument("--no-decode", action="store_true", help="skip the decord/PyAV decode timings")
     t.add_argument(
         "--quick",
@@ -76,15 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _machine() -> dict:
-    cpu = cpu_model()
     from egovlp_deploy import preprocess
 
     native = dict(preprocess._C.build_info()) if preprocess.available() else None
     return {
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine(),
         "torch": torch.__version__,
         "numpy": np.__version__,
         "extension": native,
@@ -121,7 +118,7 @@ def _decode_ms(path: Path, num_frames: int, repeats: int, warmup: int) -> dict:
         try:
             video.video_info(path, backend)  # open once: the reader cache keeps it
             result[backend] = median_ms(lambda: video.read_frames(path, indices, backend), repeats, warmup)
-        except (ImportError, ValueError, RuntimeError) as exc:  # decord has no aarch64 wheel
+        except Exception as exc:  # a decoder failing is a result (decord has no aarch64 wheel), not the run's end
             result[backend] = None
             result[f"{backend}_error"] = error_line(exc)
     return result
@@ -195,24 +192,26 @@ def _markdown(report: dict) -> str:
 
 def run(args) -> int:
     from egovlp_deploy import preprocess
-    from egovlp_deploy.transforms import eval_transform
 
     if not preprocess.available():
         raise ValueError("the C++ extension egovlp_deploy._C is not built: reinstall the package (pip install .)")
     if args.quick:
         inputs, frame_counts, size, repeats, warmup = [QUICK_INPUT], [2], 32, 2, 1
     else:
-        names = [n.strip() for n in args.inputs.split(",") if n.strip()]
-        unknown = [n for n in names if n not in INPUTS]
-        if unknown or not names:
-            raise ValueError(f"--inputs: unknown resolution(s) {unknown}; choose from {', '.join(INPUTS)}")
+        names = parse_name_list(args.inputs, "--inputs", list(INPUTS))
+        if len(set(args.frame_counts)) < len(args.frame_counts):
+            raise ValueError(f"--frames: a frame count is given twice ({' '.join(map(str, args.frame_counts))})")
         inputs, frame_counts, size = [(n, INPUTS[n]) for n in names], args.frame_counts, args.size
         repeats, warmup = args.repeats, args.warmup
-    if min(frame_counts) < 1 or size < 1 or repeats < 1 or warmup < 0:
-        raise ValueError("--frames, --size and --repeats must be positive, --warmup non-negative")
     threads = args.threads or torch.get_num_threads()
-    if threads < 1:
-        raise ValueError("--threads must be positive")
+    results = ResultsFolder(args.out, "preprocess", ("preprocess.json", "preprocess.md", "preprocess.png"))
+    with results:
+        return _run(args, results, inputs, frame_counts, size, repeats, warmup, threads)
+
+
+def _run(args, results, inputs, frame_counts, size, repeats, warmup, threads) -> int:
+    from egovlp_deploy import preprocess
+    from egovlp_deploy.transforms import eval_transform
 
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -293,9 +292,6 @@ def run(args) -> int:
         },
         "rows": rows,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "preprocess.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "preprocess.md").write_text(_markdown(report))
-    _plot(report, args.out / "preprocess.png")
+    results.write(report, _markdown(report), lambda path: _plot(report, path))
     print(f"wrote {args.out / 'preprocess.json'}, preprocess.md, preprocess.png")
     return 0
