@@ -51,7 +51,7 @@ $(PKG_STAMP): $(DEPS_STAMP) $(SOURCES)
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=15
 
 format: setup
 	$(VENV)/bin/ruff check --fix .

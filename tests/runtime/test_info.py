@@ -98,7 +98,7 @@ def test_index_and_the_export_it_was_built_with(engines, engines_copy, video_roo
     assert d["engines_now"]["same_model"] is True and d["engines_now"]["same_export"] is True
     assert d["windows"] == 3 and d["settings"]["prefixes"] is True and d["embed_dim"] == 128
     assert d["videos"] == [
-        {"path": str((video_root / "vid_c" / "0.mp4").resolve()), "name": "0.mp4", "windows": 3, "indexed": 3}
+        {"path": str((video_root / "vid_c" / "0.mp4").resolve()), "name": "vid_c/0.mp4", "windows": 3, "indexed": 3}
     ]
     assert d["shards"]["count"] == 1 and d["shards"]["bytes"] > 0
     code, out, _ = _info(capsys, idx)
