@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -32,20 +31,11 @@ import numpy as np
 from egovlp_deploy.arg_types import positive_int
 from egovlp_deploy.benchmarking import ResultsFolder, git_sha, machine, parse_name_list
 from egovlp_deploy.errors import error_line
+from egovlp_deploy.runtime.commands import seconds
 
 DESCRIPTION = __doc__
 WIDTH, HEIGHT, FPS = 1280, 720, 30
 DECODERS = ("auto", "decord", "pyav")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--threads", type=positive_int, default=2, help="decoder threads of the decode-only row (default: 2)"
     )
-    g.add_argument("--window", type=_positive_float, default=2.0, help="index window, seconds (default: 2.0)")
-    g.add_argument("--stride", type=_positive_float, default=1.0, help="index stride, seconds (default: 1.0)")
+    g.add_argument("--window", type=seconds, default=2.0, help="index window, seconds (default: 2.0)")
+    g.add_argument("--stride", type=seconds, default=1.0, help="index stride, seconds (default: 1.0)")
     g.add_argument("--quick", action="store_true", help="a seconds-long smoke run (a 4 s 160x96 file) for tests")
     parser.add_argument(
         "--out",
