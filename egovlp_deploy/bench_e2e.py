@@ -25,6 +25,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -560,7 +561,7 @@ def format_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(result: dict, path: Path) -> None:
+def plot(result: dict, path: Path | BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

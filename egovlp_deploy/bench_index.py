@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -310,7 +311,7 @@ def format_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(report: dict, path: Path | BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

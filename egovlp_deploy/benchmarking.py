@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 
 def times_ms(fn, repeats: int = 7, warmup: int = 1) -> list[float]:
@@ -184,11 +185,11 @@ class ResultsFolder:
         self,
         result: dict,
         markdown: str,
-        plot: Callable[[Path], None] | None = None,
+        plot: Callable[[Path | BinaryIO], None] | None = None,
         complete: bool = True,
     ) -> None:
         """Replace the JSON (`result` under the keys `benchmark` and `complete`), then the markdown table, then the
-        plot (`plot(path)` draws into a temp file renamed into place), each atomically. An incomplete result (the
+        plot (`plot(file)` draws into memory, then the PNG is written), each atomically. An incomplete result (the
         rows so far of a run that is still going) has no plot: a plot of an earlier run beside it is removed, so
         the folder never pairs a table with another run's plot; the markdown table starts with a line saying so.
         Without matplotlib the run still writes its JSON and table, with a one-line note on stderr."""
@@ -216,15 +217,11 @@ class ResultsFolder:
                 png.unlink()
             print(f"bench {self.benchmark}: no {png_name}: matplotlib is not installed", file=sys.stderr)
             return
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=f".{png_name}.", suffix=".png")
-        os.close(fd)
-        try:
-            plot(Path(tmp))
-            from .checkpoint import creation_mode
+        import io
 
-            os.chmod(tmp, creation_mode(0o666))
-            os.replace(tmp, png)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        from matplotlib import rc_context
+
+        image = io.BytesIO()
+        with rc_context({"savefig.format": "png"}):  # the plot functions call savefig(path) with no format
+            plot(image)
+        atomic_write_bytes(png, image.getvalue())

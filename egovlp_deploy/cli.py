@@ -311,16 +311,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"egovlp-deploy {args.command}: error: {exc}", file=sys.stderr)
         return 1 if isinstance(exc, TrainingError) else 2
     except (KeyboardInterrupt, Terminated) as exc:
-        # Every job writes atomically and commits as it goes: what was committed stays, a rerun continues there.
         code = 143 if isinstance(exc, Terminated) else 130
-        print(
-            f"\negovlp-deploy {args.command}: interrupted; finished work is kept, rerun the same command to continue",
-            file=sys.stderr,
-        )
+        print(f"\negovlp-deploy {args.command}: interrupted; {after_interrupt(args.command)}", file=sys.stderr)
         return code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def after_interrupt(command: str) -> str:
+    """What an interrupted command leaves and how to go on. Every command writes atomically, so nothing is left
+    half-written; only index, features and train (with --resume) continue where they stopped."""
+    advice = {
+        "index": "finished work is kept, rerun the same command to continue",
+        "features": "finished work is kept, rerun the same command to continue",
+        "train": "its checkpoints are kept, rerun it with --resume to continue from the newest",
+        "export": "rerun the same command to finish it (the runtime refuses an unfinished export folder)",
+        "bench": "the rows measured so far are kept, marked incomplete; a rerun starts over",
+        "synth": "rerun it with --force to start again (its folder is not empty now)",
+        "demo": "rerun it with --force to start again (its folder is not empty now)",
+    }
+    return advice.get(command, "nothing half-written is left; rerun it to start again")
 
 
 class Terminated(BaseException):

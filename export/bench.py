@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from egovlp_deploy.arg_types import non_negative_int, positive_int
 from egovlp_deploy.benchmarking import ResultsFolder, machine, parse_name_list
@@ -171,7 +172,7 @@ def format_table(rows: list[Row], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[Row], path: Path) -> None:
+def plot(rows: list[Row], path: Path | BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -109,8 +109,11 @@ def test_int_and_name_lists_keep_their_order():
 NAMES = ("kernels.json", "kernels.md", "kernels.png")
 
 
-def _png(path):
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"0" * 16)
+PNG = b"\x89PNG\r\n\x1a\n" + b"0" * 16
+
+
+def _png(file):
+    file.write(PNG)
 
 
 def test_results_go_to_a_new_folder_with_spaces_and_unicode(tmp_path):
@@ -155,10 +158,10 @@ def test_files_of_our_names_that_we_did_not_write_are_kept_and_the_run_refused(t
 def test_a_rerun_replaces_our_own_results_including_those_written_before_the_marker(tmp_path):
     (tmp_path / "kernels.json").write_text(json.dumps({"meta": {"device": "x"}, "rows": []}))  # an older result
     (tmp_path / "kernels.md").write_text("old table")
-    _png(tmp_path / "kernels.png")
+    (tmp_path / "kernels.png").write_bytes(PNG)
     (tmp_path / "other.txt").write_text("untouched")
     with ResultsFolder(tmp_path, "kernels", NAMES) as results:
-        results.write({"rows": [1]}, "new table", lambda p: p.write_bytes(b"\x89PNG new"))
+        results.write({"rows": [1]}, "new table", lambda f: f.write(b"\x89PNG new"))
     assert json.loads((tmp_path / "kernels.json").read_text())["rows"] == [1]
     assert (tmp_path / "kernels.md").read_text() == "new table"
     assert (tmp_path / "kernels.png").read_bytes() == b"\x89PNG new"
@@ -176,12 +179,12 @@ def test_an_incomplete_result_says_so_and_drops_the_previous_runs_plot(tmp_path)
 
 
 def test_a_plot_that_breaks_mid_way_leaves_the_previous_plot_and_no_temp_file(tmp_path):
-    _png(tmp_path / "kernels.png")
+    (tmp_path / "kernels.png").write_bytes(PNG)
     (tmp_path / "kernels.json").write_text(json.dumps({"benchmark": "kernels", "rows": []}))
     before = (tmp_path / "kernels.png").read_bytes()
 
-    def interrupted(path):
-        path.write_bytes(b"\x89PNG half")
+    def interrupted(file):
+        file.write(b"\x89PNG half")
         raise KeyboardInterrupt
 
     with ResultsFolder(tmp_path, "kernels", NAMES) as results, pytest.raises(KeyboardInterrupt):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from egovlp_deploy.cli import main
 
 
@@ -82,6 +84,33 @@ def test_sigterm_inside_a_broad_except_still_stops_the_command(monkeypatch, caps
     monkeypatch.setattr(cli, "build_parser", lambda: parser)
     assert cli.main([]) == 143
     assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command, advice",
+    [
+        ("index", "rerun the same command to continue"),
+        ("train", "rerun it with --resume"),
+        ("bench", "a rerun starts over"),
+        ("synth", "rerun it with --force"),
+        ("mcq", "rerun it to start again"),
+    ],
+)
+def test_ctrl_c_says_how_this_command_goes_on(monkeypatch, capsys, command, advice):
+    """Only index and features continue when rerun as they were; train needs --resume, a benchmark starts over,
+    synth and demo refuse their non-empty folder without --force."""
+    import argparse
+
+    from egovlp_deploy import cli
+
+    def stopped(args):
+        raise KeyboardInterrupt
+
+    parser = argparse.ArgumentParser()
+    parser.set_defaults(func=stopped, command=command)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    assert cli.main([]) == 130
+    assert advice in capsys.readouterr().err
 
 
 def test_a_closed_output_pipe_stops_quietly(monkeypatch, capsys):

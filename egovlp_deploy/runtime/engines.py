@@ -589,7 +589,10 @@ class TextEncoder:
             warnings.warn(QueryTruncatedWarning(t.message()), stacklevel=4)
 
     def encode(self, texts: str | list[str]) -> TextOutput:
-        ids, mask = self.tokenize(texts)
+        return self.encode_tokens(*self.tokenize(texts))
+
+    def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> TextOutput:
+        """`encode` of queries already tokenized by `tokenize` (its ids and mask, as it returned them)."""
         runner = self.rt.runner("text_encoder")
         emb, pre = [], []
         for s in _batches(len(ids), self.rt.max_batch):

@@ -83,9 +83,10 @@ def answer_mcq(
     if max_questions is not None and (isinstance(max_questions, bool) or max_questions < 1):
         raise ValueError(f"max_questions must be 1 or more (None: all), got {max_questions!r}")
     questions = _load_questions(questions_json, video_root)[:max_questions]
-    for q in questions:  # every narration the text encoder refuses, before any video is read
+    tokens = []  # every narration tokenized (and any the text encoder refuses refused) before any video is read
+    for q in questions:
         try:
-            runtime.text_encoder.tokenize([q["text"]])
+            tokens.append(runtime.text_encoder.tokenize([q["text"]]))
         except QueryError as exc:
             raise DataError(questions_json, f"key {q['key']!r}", f"narration: {exc}") from exc
     cfg = runtime.folder.config.video
@@ -96,7 +97,7 @@ def answer_mcq(
 
         it = tqdm(questions, desc="mcq", unit="question", dynamic_ncols=True)
     results, all_scores, t0 = [], [], time.perf_counter()
-    for q in it:
+    for q, (ids, mask) in zip(it, tokens):
         t = time.perf_counter()
         frames = np.stack(
             [
@@ -106,7 +107,7 @@ def answer_mcq(
         )
         pipe.times.add("decode", time.perf_counter() - t, len(frames))
         clips = pipe.preprocess(torch.from_numpy(frames))
-        text = runtime.text_encoder.encode([q["text"]])
+        text = runtime.text_encoder.encode_tokens(ids, mask)
         video = runtime.video_encoder.encode(clips)
         match = runtime.fusion.score_prefixes(
             runtime.video_encoder.fusion_prefix(clips), text.prefix[:1], text.mask[:1]

@@ -16,6 +16,7 @@ import re
 import statistics
 import sys
 from pathlib import Path
+from typing import BinaryIO
 
 from egovlp_deploy.arg_types import positive_int
 from egovlp_deploy.benchmarking import ResultsFolder, machine, times_ms
@@ -149,7 +150,7 @@ def _markdown(result: dict, top: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(result: dict, path: Path) -> None:
+def _plot(result: dict, path: Path | BinaryIO) -> None:
     """Time per call by category, with the wall time for comparison."""
     import matplotlib
 

@@ -25,6 +25,7 @@ import traceback
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from egovlp_deploy.benchmarking import ResultsFolder, machine, parse_int_list, parse_name_list
 from egovlp_deploy.benchmarking import git_sha as _git_sha
@@ -316,7 +317,7 @@ def _markdown(meta: dict, rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(rows: list[Row], path: Path, title: str) -> None:
+def _plot(rows: list[Row], path: Path | BinaryIO, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

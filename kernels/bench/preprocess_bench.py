@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -124,7 +125,7 @@ def _decode_ms(path: Path, num_frames: int, repeats: int, warmup: int) -> dict:
     return result
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(report: dict, path: Path | BinaryIO) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
