@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..tokenizer import has_visible_character
 from .csv_rows import csv_records
 from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number
 from .errors import DataError, FileCheck, RowFilter, RowProblem
@@ -146,14 +147,15 @@ class CharadesEgoDataset(EpochSeededDataset):
             files = FileCheck()
             kept = []
             for item in self._items:
-                path = item["path"]
-                if files.exists(path):
-                    kept.append(item)
-                else:
-                    rows.reject(item["line"], RowProblem("missing video", f"{path} does not exist"))
+                try:
+                    files.require(item["path"])
+                except RowProblem as problem:
+                    rows.reject(item["line"], problem)
+                    continue
+                kept.append(item)
             self._items = kept
         if not self._items:
-            raise rows.fail("all rows", f"no usable row ({len(rows.skipped_rows)} skipped)")
+            raise rows.none_usable()
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
@@ -207,8 +209,8 @@ class CharadesEgoDataset(EpochSeededDataset):
                 start, end = parse_number(fields["t_start"], "t_start"), parse_number(fields["t_end"], "t_end")
                 if start < 0 or end <= start:
                     raise RowProblem("bad clip times", f"[{start}, {end}] s is not a clip")
-                if not fields["narration"].strip():
-                    raise RowProblem("empty narration", "narration is empty")
+                if not has_visible_character(fields["narration"]):
+                    raise RowProblem("empty narration", f"narration {fields['narration']!r} has no visible character")
             except RowProblem as problem:
                 rows.reject(line, problem)
                 continue

@@ -17,6 +17,9 @@ class csv_records:  # named like a function: it is used like a generator functio
     cannot be parsed or has the wrong number of fields is rejected through `rows` (raise in strict mode, record in
     lax mode). Rejected rows still count as data rows (`data_rows`, positions), which EK-100 needs: a data row's
     position is its row of the relevancy matrix. Blank lines are no data rows, as for the official pandas readers.
+    `one_line`: every row of the format is one line (EgoClip, EK-100), so a quoted field that runs on to a later line
+    is an unbalanced quote, fatal in any mode: csv.reader joins the lines up to the next quote into that one field,
+    and the rows on them would vanish inside it (as a narration, say) without a trace.
     """
 
     def __init__(
@@ -27,9 +30,10 @@ class csv_records:  # named like a function: it is used like a generator functio
         delimiter: str = ",",
         quoting: int = csv.QUOTE_MINIMAL,
         hint: str = "",
+        one_line: bool = False,
     ):
         self.path, self.rows, self.required = path, rows, required
-        self.delimiter, self.quoting, self.hint = delimiter, quoting, hint
+        self.delimiter, self.quoting, self.hint, self.one_line = delimiter, quoting, hint, one_line
         self.data_rows = 0
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str]]]:
@@ -67,6 +71,11 @@ class csv_records:  # named like a function: it is used like a generator functio
                 except StopIteration:
                     return
                 except csv.Error as e:
+                    if self.one_line and reader.line_num > first_line:
+                        # an open quote read on until the field grew past csv's size limit
+                        raise rows.fail(
+                            f"line {first_line}", f"a quoted field runs on to line {reader.line_num} ({e})"
+                        ) from e
                     self.data_rows += 1
                     rows.reject(reader.line_num, RowProblem("malformed row", str(e)))
                     continue
@@ -76,6 +85,12 @@ class csv_records:  # named like a function: it is used like a generator functio
                     raise rows.fail(f"line {first_line}", "a quoted field is not closed before the end of the file")
                 if not values:
                     continue  # a blank line is no row (pandas' skip_blank_lines): it takes no data-row position
+                if self.one_line and reader.line_num > first_line:
+                    raise rows.fail(
+                        f"line {first_line}",
+                        f"a quoted field runs on to line {reader.line_num} (an unbalanced quote?), "
+                        "but each row of this file is one line",
+                    )
                 self.data_rows += 1
                 bad = _not_utf8(values)
                 if bad:

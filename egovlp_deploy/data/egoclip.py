@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tokenizer import has_visible_character
 from .csv_rows import csv_records
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
@@ -230,11 +231,16 @@ def read_egoclip_rows(
     out: list[tuple[int, ClipRow]] = []
     files = FileCheck()
     # The official pd.read_csv(sep='\t') quotes with '"' too, so a narration containing tabs can be quoted.
-    for line, _, fields in csv_records(csv_path, rows, EGOCLIP_COLUMNS, delimiter="\t", hint=" (is it TAB-separated?)"):
+    records = csv_records(
+        csv_path, rows, EGOCLIP_COLUMNS, delimiter="\t", hint=" (is it TAB-separated?)", one_line=True
+    )
+    for line, _, fields in records:
         try:
             row = parse_clip_row(fields, num_verbs, num_nouns)
             if row.narration_time is None:
                 raise RowProblem("bad narration_time", "narration_time is empty")
+            if not has_visible_character(row.text):  # it would train on byte tokens that stand for nothing
+                raise RowProblem("empty narration", f"clip_text {row.text!r} has no visible character")
             if video_root is not None:
                 for path in chunk_paths(video_root, row):
                     files.require(path)
@@ -254,7 +260,9 @@ def read_segments_by_uid(csv_path: str | os.PathLike) -> dict[str, list[tuple[fl
     A bad row raises DataError naming the file and the line (strict: a segments file is the user's own list)."""
     rows = RowFilter(csv_path, strict=True)
     out: dict[str, list[tuple[float, float, str | None]]] = {}
-    records = csv_records(csv_path, rows, SEGMENT_COLUMNS, delimiter="\t", hint=" (is it TAB-separated?)")
+    records = csv_records(
+        csv_path, rows, SEGMENT_COLUMNS, delimiter="\t", hint=" (is it TAB-separated?)", one_line=True
+    )
     for line, _, fields in records:
         try:
             start, end = parse_number(fields["clip_start"], "clip_start"), parse_number(fields["clip_end"], "clip_end")
@@ -323,7 +331,7 @@ class EgoClipDataset(EpochSeededDataset):
         rows = RowFilter(csv_path, strict)
         parsed = read_egoclip_rows(csv_path, video_root if check_files else None, num_verbs, num_nouns, rows)
         if not parsed:
-            raise rows.fail("all rows", f"no usable row ({len(rows.skipped_rows)} skipped)")
+            raise rows.none_usable()
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
 
         uids = sorted({r.video_uid for _, r in parsed})

@@ -96,7 +96,8 @@ def read_egomcq(
     """Every valid entry, ordered by integer key; bad entries go to `rows` (raise or record, by JSON key). With
     `video_root`, every choice's video chunks must exist."""
     try:
-        with open(json_path, encoding="utf-8") as f:
+        # utf-8-sig: a byte-order mark (the file saved again by a Windows editor) is no JSON error
+        with open(json_path, encoding="utf-8-sig") as f:
             data = json.load(f)
     except OSError as e:
         raise rows.fail("open", str(e)) from e
@@ -165,7 +166,7 @@ class EgoMCQDataset(torch.utils.data.Dataset):
             json_path, video_root if check_files else None, num_choices, num_verbs, num_nouns, rows
         )
         if not self.entries:
-            raise rows.fail("all entries", f"no usable entry ({len(rows.skipped_rows)} skipped)")
+            raise rows.none_usable("all entries", "entry")
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures

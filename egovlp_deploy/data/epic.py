@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..tokenizer import has_visible_character
 from .csv_rows import csv_records
 from .egoclip import EpochSeededDataset, clip_tensor, item_seeds
 from .errors import DataError, FileCheck, RowFilter, RowProblem
@@ -160,14 +161,22 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             header = next(reader, None)
             if header is None or len(header) < 2:
                 raise DataError(path, "line 1", f"expected a header with at least 2 columns, got {header}")
+            last = reader.line_num
             for values in reader:
+                first, last = last + 1, reader.line_num
                 if not values:
                     continue  # a blank line is no sentence (pandas' skip_blank_lines), so it takes no column
-                if len(values) < 2 or not values[0].strip() or not values[1].strip():
+                if last > first:  # the lines up to the next quote would vanish inside this sentence
+                    raise DataError(
+                        path, f"line {first}", f"a quoted field runs on to line {last} (an unbalanced quote?)"
+                    )
+                # more fields than the header: an unquoted comma would cut the narration short (pandas refuses too)
+                if len(values) != len(header) or not values[0].strip() or not has_visible_character(values[1]):
                     raise DataError(
                         path,
                         f"line {reader.line_num}",
-                        f"expected a narration id and a non-empty narration, got {values}",
+                        f"expected {len(header)} fields, a narration id and a narration with a visible character "
+                        f"(quoted if it holds a comma), got {values}",
                     )
                 ids.append(values[0])
                 texts.append(values[1])
@@ -184,7 +193,7 @@ def read_epic_rows(
     """Valid rows as (line number, data-row index, fields) and the total number of data rows."""
     out = []
     files = FileCheck()
-    records = csv_records(csv_path, rows, EPIC_COLUMNS)
+    records = csv_records(csv_path, rows, EPIC_COLUMNS, one_line=True)
     for line, position, fields in records:
         try:
             start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
@@ -195,8 +204,8 @@ def read_epic_rows(
                     f"stop_timestamp {fields['stop_timestamp']} is not after "
                     f"start_timestamp {fields['start_timestamp']}",
                 )
-            if not fields["narration"].strip():
-                raise RowProblem("empty narration", "narration is empty")
+            if not has_visible_character(fields["narration"]):
+                raise RowProblem("empty narration", f"narration {fields['narration']!r} has no visible character")
             for name in ("narration_id", "participant_id", "video_id"):
                 # participant_id is a folder of the video path: ".." there would leave video_root
                 if not fields[name].strip() or "/" in fields[name] or fields[name] in (".", ".."):
@@ -272,7 +281,7 @@ class EpicMIRDataset(EpochSeededDataset):
         rows = RowFilter(csv_path, strict)
         parsed, num_rows = read_epic_rows(csv_path, video_root if check_files else None, rows)
         if not parsed:
-            raise rows.fail("all rows", f"no usable row ({len(rows.skipped_rows)} skipped)")
+            raise rows.none_usable()
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._lines = [line for line, _, _ in parsed]
         self.row_indices = np.array([pos for _, pos, _ in parsed], dtype=np.int64)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import collections
 import os
+import stat
+
+from ..path_text import printable
 
 
 class DataError(ValueError):
@@ -57,23 +60,68 @@ class RowFilter:
         """A whole-file problem (no header, no usable row): always fatal, lax or not."""
         return DataError(self.path, where, reason)
 
+    def none_usable(self, where: str = "all rows", noun: str = "row") -> DataError:
+        """No row was usable: fatal, lax or not, naming the first skipped row's problem (often every row's)."""
+        reason = f"no usable {noun} ({len(self.skipped_rows)} skipped"
+        if self.skipped_rows:
+            row, why = self.skipped_rows[0]
+            reason += f"; the first, {describe_row(row)}: {why}"
+        return self.fail(where, reason + ")")
+
 
 def describe_row(row: int | str) -> str:
     return f"line {row}" if isinstance(row, int) else f"key {row!r}"
 
 
 class FileCheck:
-    """Whether video files exist, each path asked of the file system once (metadata names a chunk many times)."""
+    """Whether video files are usable, each path asked of the file system once (metadata names a chunk many times).
+
+    Found at construction, so a strict run stops before its first step rather than at the row hours in: a missing
+    file, a dangling or looping symbolic link, a folder named like a video, and an empty (0-byte) file, which an
+    interrupted copy or download leaves and no decoder can open. A file that is there but damaged inside is found
+    only when it is decoded.
+    """
 
     def __init__(self):
         self._known: dict = {}
+        self._listings: dict = {}
 
-    def exists(self, path) -> bool:
+    def problem(self, path) -> RowProblem | None:
+        """Why `path` is no usable video file, or None."""
         if path not in self._known:
-            self._known[path] = path.is_file()
+            self._known[path] = self._problem(path)
         return self._known[path]
 
     def require(self, path, prefix: str = "") -> None:
-        """Raise RowProblem('missing video') unless `path` is a file."""
-        if not self.exists(path):
-            raise RowProblem("missing video", f"{prefix}{path} does not exist")
+        """Raise the RowProblem ('missing video', 'bad video file') of `path`, if it has one."""
+        problem = self.problem(path)
+        if problem is not None:
+            # printable: a control character from the metadata (a NUL of a damaged file) shows as an escape
+            raise RowProblem(problem.kind, f"{prefix}{printable(str(path))} {problem.detail}")
+
+    def _problem(self, path) -> RowProblem | None:
+        try:
+            st = path.stat()
+        except (OSError, ValueError):  # ValueError: a NUL byte in the name
+            if path.is_symlink():
+                return RowProblem("missing video", "is a symbolic link to nothing (a missing target or a loop)")
+            return RowProblem("missing video", f"does not exist{self._case_hint(path)}")
+        if stat.S_ISDIR(st.st_mode):
+            return RowProblem("bad video file", "is a folder, not a video file")
+        if not stat.S_ISREG(st.st_mode):
+            return RowProblem("bad video file", "is not a regular file")
+        if st.st_size == 0:
+            return RowProblem("bad video file", "is empty (0 bytes)")
+        return None
+
+    def _case_hint(self, path) -> str:
+        """' (NAME is there: ...)' when the folder holds the name in other letter case (P01_01.mp4 for .MP4)."""
+        parent = path.parent
+        if parent not in self._listings:
+            try:
+                names = os.listdir(parent)
+            except (OSError, ValueError):
+                names = []
+            self._listings[parent] = {name.casefold(): name for name in names}
+        other = self._listings[parent].get(path.name.casefold())
+        return f" ({other} is there: the metadata names it in other letter case)" if other else ""

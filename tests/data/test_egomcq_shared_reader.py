@@ -63,7 +63,8 @@ BAD = {
 def video_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("mcq_videos")
     (root / "vid_a").mkdir()
-    (root / "vid_a" / "0.mp4").write_bytes(b"")  # only its existence is checked: no bad file gets to a decoder
+    # only its existence (a non-empty file) is checked: no bad file gets to a decoder
+    (root / "vid_a" / "0.mp4").write_bytes(b"placeholder")
     return root
 
 
