@@ -13,6 +13,7 @@ decompressed as a stream that stops at the declared size.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -66,6 +67,12 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# The files a manifest must list when the folder holds them: the data files that identify a checkpoint
+# (hashing.sha256_tree), which its loaders read trusting the manifest (no digest of their own is checked).
+COVERED_SUFFIXES = (".safetensors", ".json")
+
+
 def _manifest_files(path: Path) -> dict:
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -73,6 +80,23 @@ def _manifest_files(path: Path) -> dict:
     files = read_json(manifest_path, CheckpointError, expect=dict).get("files")
     if not isinstance(files, dict):
         raise CheckpointError(f"{manifest_path}: no 'files' table of name -> size and checksum")
+    for name, meta in files.items():
+        if name in ("", ".", "..", MANIFEST) or "/" in name:
+            raise CheckpointError(f"{manifest_path}: {name!r:.80} is not the name of a file in the checkpoint")
+        if not (
+            isinstance(meta, dict)
+            and _is_count(meta.get("bytes"))
+            and isinstance(meta.get("sha256"), str)
+            and _SHA256.match(meta["sha256"])
+        ):
+            raise CheckpointError(f"{manifest_path}: the entry of {name} is not {{'bytes': size, 'sha256': hex}}")
+    uncovered = sorted(
+        p.name
+        for p in path.iterdir()
+        if p.suffix in COVERED_SUFFIXES and p.name != MANIFEST and p.name not in files and p.is_file()
+    )
+    if uncovered:
+        raise CheckpointError(f"{manifest_path} does not list {', '.join(uncovered)}: they cannot be verified")
     return files
 
 
@@ -238,25 +262,43 @@ def load_safetensors(path: str | os.PathLike, map_location="cpu", check_digest: 
 def load_state_dict_strict(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
 ) -> None:
-    """Load every key exactly; on any mismatch raise one error that lists missing, unexpected and misshapen keys.
+    """Load every key exactly; on any mismatch raise one error that lists missing, unexpected and misshapen keys,
+    integer or complex tensors for floating-point parameters, and tensors holding NaN or infinity.
 
     Tensors are cast to the model's dtypes (a half-precision file loads into an fp32 model). `assign=True` adopts
     the tensors instead of copying them (for a model built on the meta device)."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
+    common = sorted(set(expected) & set(state_dict))
     misshapen = [
         f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(state_dict))
+        for k in common
         if state_dict[k].shape != expected[k].shape
     ]
+    # a cast makes integer data (quantised or foreign) look like weights, and a NaN or inf weight gives NaN
+    # scores that rank like numbers: both are refused, not loaded
+    mistyped = [
+        f"{k}: checkpoint {state_dict[k].dtype} vs model {expected[k].dtype}"
+        for k in common
+        if state_dict[k].is_floating_point() != expected[k].is_floating_point()
+    ]
+    non_finite = [
+        k for k in common if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())
+    ]
     problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", misshapen)):
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("wrong shapes", misshapen),
+        ("wrong dtypes", mistyped),
+        ("NaN or infinite values", non_finite),
+    ):
         if items:
             shown = ", ".join(items[:20]) + (f", ... ({len(items)} in all)" if len(items) > 20 else "")
             problems.append(f"{label}: {shown}")
     if problems:
-        raise CheckpointError(f"{source} does not fit the model; " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not fit the model or is unusable; " + "; ".join(problems))
     state_dict = {k: v.to(expected[k].dtype) for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
@@ -349,6 +391,10 @@ def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad, bac
     return _rebuild_tensor(storage.view(dtype) if storage.dtype != dtype else storage, storage_offset, size, stride)
 
 
+def _view_of(tensor: torch.Tensor) -> tuple:
+    return tensor.dtype, tuple(tensor.shape), tensor.stride(), tensor.storage_offset(), tensor.data_ptr()
+
+
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
     return data
 
@@ -412,16 +458,30 @@ class _RestrictedUnpickler(pickle.Unpickler):
         super().__init__(file)
         self.archive, self.prefix, self.storages, self.budget = archive, prefix, {}, budget
         self.foreign: list[str] = []
+        self.built: list[tuple] = []
 
     def find_class(self, module, name):
         if (module, name) in _ALLOWED_GLOBALS:
-            return _ALLOWED_GLOBALS[(module, name)]
+            found = _ALLOWED_GLOBALS[(module, name)]
+            return functools.partial(self._record, found) if found in (_rebuild_tensor, _rebuild_tensor_v3) else found
         if module == "torch" and name in _STORAGE_DTYPES:
             return _StorageType(_STORAGE_DTYPES[name])
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)  # a dtype object, inert data
         self.foreign.append(f"{module}.{name}")
         return _inert_class(module, name)
+
+    def _record(self, rebuild, *args):
+        tensor = rebuild(*args)
+        self.built.append((tensor, _view_of(tensor)))
+        return tensor
+
+    def check_built(self) -> None:
+        """A pickle's BUILD on a tensor runs Tensor.__setstate__, which re-views it (`set_`) past the checks of
+        `_check_view`, or sets requires_grad and backward hooks: every tensor must still be as it was built."""
+        for tensor, view in self.built:
+            if _view_of(tensor) != view or tensor.requires_grad or tensor._backward_hooks is not None:
+                raise CheckpointError("malformed checkpoint: pickled state is applied to a tensor after it is built")
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
@@ -452,7 +512,11 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
             f"{path}: not a torch zip checkpoint, or truncated (zip directory unreadable: {exc})"
         ) from exc
     with archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        names = archive.namelist()
+        if len(set(names)) != len(names):  # readers differ on which copy they take: the tensors would be ambiguous
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise CheckpointError(f"{path}: corrupt checkpoint: the archive holds {twice[0]!r:.80} more than once")
+        pickles = [n for n in names if n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError(f"{path}: not a torch checkpoint (expected one data.pkl, found {len(pickles)})")
         prefix = pickles[0][: -len("/data.pkl")]
@@ -466,9 +530,13 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
                 raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
             data = _read_member(archive, pickles[0], None, budget)
             unpickler = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, budget)
-            return unpickler.load()
-        except CheckpointError:
-            raise
+            obj = unpickler.load()
+            unpickler.check_built()
+            return obj
+        except CheckpointError as exc:
+            if str(path) in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {exc}") from exc
         except (
             zipfile.BadZipFile,
             EOFError,
@@ -487,6 +555,19 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
 
 # -- official EgoVLPv2 checkpoints ----------------------------------------------------------------------------
 _DERIVED_BUFFERS = ("text_model.embeddings.position_ids",)  # persistent in the official code, but just arange()
+# The tensors whose shapes give the architecture (config_from_state_dict) and the frame count, by rank.
+_RANKS = {
+    "video_model.pos_embed": 3,
+    "video_model.temporal_embed": 3,
+    "video_model.patch_embed.proj.weight": 4,
+    "video_model.blocks.0.mlp.fc1.weight": 2,
+    "text_model.embeddings.word_embeddings.weight": 2,
+    "text_model.embeddings.position_embeddings.weight": 2,
+    "text_model.embeddings.token_type_embeddings.weight": 2,
+    "text_model.encoder.layer.0.intermediate.dense.weight": 2,
+    "txt_proj.0.weight": 2,
+    "txt_proj.1.weight": 2,
+}
 
 
 def official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -503,12 +584,18 @@ def official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ):
         state_dict = obj  # a bare state dict
     if not isinstance(state_dict, dict):
-        raise CheckpointError(f"{path}: not an EgoVLPv2 checkpoint (no 'state_dict' entry; found {type(obj).__name__})")
-    out = {}
+        found = f"a dict of {sorted(map(str, dict.keys(obj)))[:8]}" if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: not an EgoVLPv2 checkpoint (no 'state_dict' entry; found {found})")
+    out, original = {}, {}
     for key, value in dict.items(state_dict):
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{path}: state_dict entry {key!r:.60} is not a named tensor")
-        out[key[len("module.") :] if key.startswith("module.") else key] = value
+        name = key[len("module.") :] if key.startswith("module.") else key
+        if name in out:  # 'x' and 'module.x': which one the official code would load is unknowable
+            raise CheckpointError(
+                f"{path}: state_dict holds both {original[name]!r} and {key!r}, which name the same tensor"
+            )
+        out[name], original[name] = value, key
     for needed in (
         "video_model.pos_embed",
         "video_model.temporal_embed",
@@ -516,6 +603,12 @@ def official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     ):
         if needed not in out:
             raise CheckpointError(f"{path}: not an EgoVLPv2 checkpoint (no {needed}; keys start {sorted(out)[:3]})")
+    for key, rank in _RANKS.items():  # the shapes the architecture is read from, before any is indexed
+        if key in out and (out[key].dim() != rank or 0 in out[key].shape):
+            raise CheckpointError(
+                f"{path}: {key} has shape {tuple(out[key].shape)}, not a non-empty {rank}-D tensor; "
+                f"this is not an EgoVLPv2 checkpoint"
+            )
     return out
 
 
@@ -592,7 +685,10 @@ def load_official_state_dict(path, num_frames: int | None = None, config: EgoVLP
         check_num_frames(num_frames)
     frames = num_frames or (config.video.num_frames if config is not None else ckpt_frames)
     if config is None:
-        config = config_from_state_dict(sd, frames)
+        try:
+            config = config_from_state_dict(sd, frames)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from exc
     else:
         config = config.with_num_frames(frames)
     for key in _DERIVED_BUFFERS:

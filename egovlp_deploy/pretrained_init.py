@@ -37,6 +37,7 @@ pre-zip format; `.npz` files are read with `allow_pickle=False`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -47,7 +48,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, _RestrictedUnpickler, load_safetensors, read_torch_checkpoint
+from .checkpoint import (
+    EXPANSION,
+    MAX_STORAGE_BYTES,
+    SLACK,
+    CheckpointError,
+    _RestrictedUnpickler,
+    load_safetensors,
+    read_torch_checkpoint,
+)
 
 
 class PretrainedInitError(CheckpointError):
@@ -114,12 +123,13 @@ def fill_by_name(
 ) -> InitReport:
     """Copy `state_dict[k]` into the model's `prefix + k` wherever that exists (strict=False semantics).
 
-    A name present in both with different shapes raises, listing every such name, before anything is copied.
+    A name present in both with different shapes, a non-floating-point tensor for a floating-point parameter (or the
+    reverse) and a tensor holding NaN or infinity raise, listing every such name, before anything is copied.
     Tensors are cast to the parameter's dtype. Names of the tower that the file lacks are left as they are; those
     not containing one of `own_init` are also listed in `missing_from_file`."""
     targets = {name: t for name, t in model.state_dict(keep_vars=True).items() if name.startswith(prefix)}
     report = InitReport(tower=tower, source=source)
-    misshapen = []
+    misshapen, unusable = [], []
     pairs = []
     for key in sorted(state_dict):
         ours = prefix + key
@@ -129,6 +139,13 @@ def fill_by_name(
         value, target = state_dict[key], targets[ours]
         if tuple(value.shape) != tuple(target.shape):
             misshapen.append(f"{key}: file {tuple(value.shape)} vs model {ours} {tuple(target.shape)}")
+            continue
+        # a cast would make integer data look like weights; a NaN or inf weight poisons every output
+        if value.is_floating_point() != target.is_floating_point():
+            unusable.append(f"{key}: file {value.dtype} vs model {ours} {target.dtype}")
+            continue
+        if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
+            unusable.append(f"{key}: NaN or infinite values")
             continue
         pairs.append((ours, target, value))
     if misshapen:
@@ -140,6 +157,10 @@ def fill_by_name(
         raise PretrainedInitError(
             f"{source} does not fit the {tower} tower: {len(misshapen)} tensor(s) of another "
             f"shape: " + "; ".join(misshapen) + hint
+        )
+    if unusable:
+        raise PretrainedInitError(
+            f"{source} cannot fill the {tower} tower: {len(unusable)} unusable tensor(s): " + "; ".join(unusable)
         )
     with torch.no_grad():
         for ours, target, value in pairs:
@@ -168,6 +189,7 @@ class _LegacyUnpickler(_RestrictedUnpickler):
         pickle.Unpickler.__init__(self, file)
         self.storages: dict[str, torch.Tensor] = {}
         self.foreign: list[str] = []
+        self.built: list[tuple] = []
         self.bytes_left = byte_limit
 
     def persistent_load(self, pid):
@@ -215,6 +237,7 @@ def read_legacy_torch_file(path: Path):
                 raise PretrainedInitError(f"{path}: big-endian checkpoints are not supported")
             unpickler = _LegacyUnpickler(f, byte_limit=path.stat().st_size)
             result = unpickler.load()
+            unpickler.check_built()
             keys = small_pickle(f)
             if not isinstance(keys, list):
                 raise PretrainedInitError(f"{path}: malformed legacy checkpoint (no storage key list)")
@@ -236,11 +259,14 @@ def read_legacy_torch_file(path: Path):
                     )
                 if nbytes:
                     storage.copy_(torch.frombuffer(bytearray(raw), dtype=storage.dtype))
+            unfilled = sorted(set(unpickler.storages) - set(keys))
+            if unfilled:  # allocated empty: their tensors would hold whatever the memory held
+                raise PretrainedInitError(f"truncated checkpoint {path}: storage {unfilled[0]} is missing")
             return result
     except PretrainedInitError:
         raise
     except CheckpointError as exc:
-        raise PretrainedInitError(str(exc)) from exc
+        raise PretrainedInitError(f"{path}: {exc}") from exc
     except (
         EOFError,
         pickle.UnpicklingError,
@@ -280,21 +306,22 @@ def _file_kind(path: Path) -> str:
 
 
 def _tensor_dict(obj, path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in a loaded pickle: the object itself, or its 'state_dict' / 'model' entry."""
-    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+    """The state dict in a loaded pickle: the object itself, or its 'state_dict' / 'model' entry. Read with dict's
+    own methods: a pickle can set attributes on the dicts it builds (`items` included) that shadow them."""
+    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in dict.values(obj)):
         for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
+            if isinstance(dict.get(obj, key), dict):
+                obj = dict.get(obj, key)
                 break
     if not isinstance(obj, dict) or not obj:
         raise PretrainedInitError(f"{path}: not a state dict (found {type(obj).__name__})")
-    for key, value in obj.items():
+    for key, value in dict.items(obj):
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise PretrainedInitError(
                 f"{path}: entry {key!r:.60} is not a named tensor (found {value!r:.60}); "
                 f"objects other than tensors are never built from a pickle"
             )
-    return dict(obj)
+    return dict(dict.items(obj))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -348,6 +375,36 @@ def _jax_to_torch(array, transpose: bool = True) -> torch.Tensor:
     return t.contiguous()
 
 
+def _check_npz_sizes(path: Path) -> None:
+    """Refuse an .npz whose arrays would unpack past the bounds of a torch checkpoint (EXPANSION times the file's
+    size + SLACK, at most MAX_STORAGE_BYTES), before numpy allocates or decompresses them: each array's declared
+    shape must fit its zip entry, whose declared size the zip reader never reads past."""
+    import numpy as np
+
+    left = min(EXPANSION * path.stat().st_size + SLACK, MAX_STORAGE_BYTES)
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.filename.endswith(".npy"):
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read_header = np.lib.format.read_array_header_1_0
+                    if version != (1, 0):
+                        read_header = np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read_header(member)
+                needed = math.prod(shape) * dtype.itemsize
+                if needed > info.file_size:
+                    raise PretrainedInitError(
+                        f"{path}: {info.filename} declares {needed} bytes of {shape} {dtype}, its entry holds "
+                        f"{info.file_size}; refusing a corrupt or hostile .npz"
+                    )
+            if info.file_size > left:
+                raise PretrainedInitError(
+                    f"{path}: {info.filename} would unpack past {EXPANSION}x the file's size + {SLACK >> 20} MiB "
+                    f"(ceiling {MAX_STORAGE_BYTES}); refusing a corrupt or hostile .npz"
+                )
+            left -= info.file_size
+
+
 def read_vit_npz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list[str]]:
     """(timm-named state dict, the npz names it does not use) from a Google ViT `.npz`.
 
@@ -361,9 +418,12 @@ def read_vit_npz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list
     if not path.is_file():
         raise PretrainedInitError(f"{path}: no such file")
     try:
+        _check_npz_sizes(path)
         with np.load(path, allow_pickle=False) as archive:
             w = {name: archive[name] for name in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        if isinstance(exc, PretrainedInitError):
+            raise
         raise PretrainedInitError(f"{path}: unreadable .npz ({exc})") from exc
 
     prefix, big_vision = "", False

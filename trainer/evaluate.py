@@ -3,6 +3,7 @@ model factory loads, on the official evaluation files (egovlp_deploy/evaluation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from egovlp_deploy.arg_types import positive_int
@@ -200,5 +201,10 @@ def check_benchmark_arguments(args) -> None:
         raise ValueError("--predictions holds EgoMCQ answers: it needs --egomcq")
     if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
         raise ValueError(f"--predictions {args.predictions}: its folder does not exist")
+    # the answers are written after every question is scored: a path that cannot take them would lose the run
+    if args.predictions and Path(args.predictions).is_dir():
+        raise ValueError(f"--predictions {args.predictions}: is a folder, not a file")
+    if args.predictions and not os.access(Path(args.predictions).resolve().parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--predictions {args.predictions}: its folder is not writable")
     if args.charades_classes < 1:
         raise ValueError(f"--charades-classes must be positive, got {args.charades_classes}")

@@ -4,9 +4,14 @@ Files are written with random tensors under the names and layouts the real files
 the base-size name/shape match is checked on the meta device.
 """
 
+import collections
 import dataclasses
+import io
 import json
 import os
+import pickle
+import pickletools
+import zipfile
 
 import numpy as np
 import pytest
@@ -642,3 +647,100 @@ def test_text_init_matches_the_official_loading(tmp_path):
         roberta = {k: torch.empty(s) for k, s in hf_roberta_shapes(base.text, "roberta.").items()}
     roberta = {k[len("roberta.") :]: v for k, v in roberta.items()}  # as init_text_tower strips the prefix
     check_golden(fill_by_name(model, "text_model.", roberta, "text", "roberta-base", TEXT_OWN_INIT), "text", "base")
+
+
+# -- files nobody here made ----------------------------------------------------------------------------------------
+class ShadowedItems(collections.OrderedDict):
+    """Pickles as an OrderedDict whose instance attributes `items`, `values` and `get` shadow its methods."""
+
+    def __reduce__(self):
+        state = {"items": 5, "values": 5, "get": 5}
+        return collections.OrderedDict, (), state, None, iter(collections.OrderedDict.items(self))
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+@pytest.mark.parametrize("nested", [False, True])
+def test_state_dict_with_shadowed_methods_loads(model, tmp_path, legacy, nested):
+    sd = random_tensors(timm_vit_shapes(model.config.video))
+    obj = {"model": ShadowedItems(sd), "epoch": 3} if nested else ShadowedItems(sd)
+    torch.save(obj, tmp_path / "vit.pth", _use_new_zipfile_serialization=not legacy)
+    report = init_video_tower(model, tmp_path / "vit.pth")  # the attributes are data, never methods we call
+    assert torch.equal(model.video_model.pos_embed, sd["pos_embed"]) and len(report.filled) == 54
+
+
+def test_legacy_storage_missing_from_the_key_list_is_refused(tmp_path):
+    """A storage the pickle names but the key list after it leaves out is never filled: its tensor would hold
+    whatever the memory held."""
+    path = tmp_path / "two.pth"
+    torch.save({"a": torch.arange(100.0), "b": torch.arange(100.0, 200.0)}, path, _use_new_zipfile_serialization=False)
+    data = path.read_bytes()
+    f = io.BytesIO(data)
+    for _ in range(4):  # magic, protocol, sys info, the state dict
+        for _ in pickletools.genops(f):
+            pass
+    start = f.tell()
+    keys = pickle.load(f)  # a list of str, written by torch.save just above
+    assert len(keys) == 2
+    path.write_bytes(data[:start] + pickle.dumps(keys[:1], protocol=2) + data[f.tell() :])  # file size kept
+    with pytest.raises(PretrainedInitError, match=rf"truncated checkpoint .*two\.pth: storage {keys[1]} is missing"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("bad", ["int16", "nan", "inf"])
+def test_integer_or_non_finite_weights_are_refused_and_change_nothing(model, tmp_path, bad):
+    sd = random_tensors(timm_vit_shapes(model.config.video))
+    if bad == "int16":
+        sd["blocks.0.mlp.fc1.weight"] = (sd["blocks.0.mlp.fc1.weight"] * 1000).to(torch.int16)
+    else:
+        sd["blocks.0.mlp.fc1.weight"][3, 1] = float(bad)
+    torch.save(sd, tmp_path / "vit.pth")
+    before = snapshot(model)
+    expected = "file torch.int16 vs model video_model.blocks.0.mlp.fc1.weight" if bad == "int16" else "NaN or infinite"
+    with pytest.raises(PretrainedInitError, match=rf"vit\.pth cannot fill the video tower: .*fc1\.weight: {expected}"):
+        init_video_tower(model, tmp_path / "vit.pth")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def npy_header(shape) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.getvalue()
+
+
+def test_npz_array_larger_than_its_entry_is_refused_before_allocation(model, tmp_path):
+    path = tmp_path / "lying.npz"  # 2**40 float32 (4 TiB) declared, 8 bytes stored
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("embedding/kernel.npy", npy_header((2**40,)) + bytes(8))
+    with pytest.raises(PretrainedInitError, match=r"lying\.npz: embedding/kernel\.npy declares 4398046511104 bytes"):
+        init_video_tower(model, path)
+
+
+def test_npz_zip_bomb_is_refused_before_decompression(model, tmp_path):
+    path = tmp_path / "bomb.npz"  # 128 MiB of zeros deflated to about 128 kB
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("embedding/kernel.npy", "w", force_zip64=True) as member:
+            member.write(npy_header((2**25,)))
+            for _ in range(128):
+                member.write(bytes(1 << 20))
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(PretrainedInitError, match=r"bomb\.npz: embedding/kernel\.npy would unpack past 8x"):
+        init_video_tower(model, path)
+
+
+class BuiltThenChanged:
+    """A tensor rebuilt within its storage, then given pickled state (BUILD) that sets requires_grad and hooks."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+    def __reduce__(self):
+        args = (self.tensor.storage(), 0, (1,), (1,), False, collections.OrderedDict())
+        return torch._utils._rebuild_tensor_v2, args, (True, None, {"hook": 1})
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
+def test_legacy_pickled_state_applied_to_a_tensor_is_refused(tmp_path):
+    torch.save({"w": BuiltThenChanged(torch.zeros(2))}, tmp_path / "built.pth", _use_new_zipfile_serialization=False)
+    with pytest.raises(PretrainedInitError, match=r"built\.pth: malformed checkpoint: pickled state is applied"):
+        read_state_dict(tmp_path / "built.pth")

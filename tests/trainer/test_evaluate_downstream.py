@@ -15,6 +15,7 @@ pytest.importorskip("av")
 from egovlp_deploy import evaluation as evaluate
 from egovlp_deploy.cli import main
 from egovlp_deploy.data import synth, synth_downstream
+from egovlp_deploy.trainer import evaluate as evaluate_command
 from official_format import saved_random_tiny
 
 TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
@@ -102,6 +103,25 @@ def test_cli_needs_a_benchmark(tmp_path, demo_tokenizer_dir, capsys):
         == 2
     )
     assert "--predictions holds EgoMCQ answers: it needs --egomcq" in capsys.readouterr().err
+
+
+def test_cli_predictions_path_that_is_a_folder_is_refused_before_the_run(tmp_path, demo_tokenizer_dir, capsys):
+    """The answers are written after every question is scored: a folder there would lose the whole run."""
+    (tmp_path / "answers").mkdir()
+    argv = ["eval", "--model", "random:huge", "--tokenizer", str(demo_tokenizer_dir)]  # the model would fail later
+    argv += ["--egomcq", "q.json", "--video-root", str(tmp_path), "--predictions", str(tmp_path / "answers")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--predictions {tmp_path / 'answers'}: is a folder, not a file")
+
+
+def test_cli_predictions_in_a_folder_that_is_not_writable_is_refused_before_the_run(
+    tmp_path, demo_tokenizer_dir, capsys, monkeypatch
+):
+    monkeypatch.setattr(evaluate_command.os, "access", lambda path, mode: False)  # root may write anywhere
+    argv = ["eval", "--model", "random:huge", "--tokenizer", str(demo_tokenizer_dir)]
+    argv += ["--egomcq", "q.json", "--video-root", str(tmp_path), "--predictions", str(tmp_path / "p.json")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--predictions {tmp_path / 'p.json'}: its folder is not writable")
 
 
 @pytest.mark.parametrize("count", ["0", "-1", "two"])
