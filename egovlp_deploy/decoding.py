@@ -258,7 +258,12 @@ def _first_line(exc: BaseException) -> str:
 
 
 class _DecordVideo:
-    """decord.VideoReader behind the small interface both backends share: num_frames, fps, get(indices)."""
+    """decord.VideoReader behind the small interface both backends share: num_frames, fps, get(indices),
+    each(indices)."""
+
+    # `each` reads at most this many frames, and bytes of them, per decord call (a 4K frame is 25 MB, an 8K one 200)
+    CALL_FRAMES = 32
+    CALL_BYTES = 64 << 20
 
     def __init__(self, path: Path) -> None:
         decord = import_decord()
@@ -310,6 +315,18 @@ class _DecordVideo:
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise VideoReadError(self.path, CORRUPT, f"{rotated_hint} (frames of shape {frames.shape[1:]})")
         return frames
+
+    def each(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        """uint8 (H, W, 3) for each of increasing, distinct `indices`, decoded in calls of up to CALL_FRAMES frames
+        and CALL_BYTES bytes (one frame at least): a caller that keeps only what it makes of each frame holds about
+        one call's frames, however large they are."""
+        at, per_call = 0, 1  # the first call reads one frame, whose size sets the others'
+        while at < len(indices):
+            chunk = self.get(indices[at : at + per_call])
+            at += len(chunk)
+            per_call = max(1, min(self.CALL_FRAMES, self.CALL_BYTES // max(chunk[0].nbytes, 1)))
+            yield from chunk
+            del chunk
 
     def close(self) -> None:
         self._reader = None
@@ -374,6 +391,28 @@ def _numbered(timing: _PyAVVideo, frames, from_start: bool = False):
                 index = previous[0] + 1
         previous = (index, frame.pts)
         yield index, frame
+
+
+def _run_reaching(target: int, key_gap: int, seek_to, from_start):
+    """A run of decoding whose first frame is at or before `target` -> ((index, frame) iterator, its first pair or
+    None). seek_to(start) starts a run at the key frame at or before frame `start` and returns (iterator, first pair),
+    or None where seeking cannot help; from_start() starts one at the first frame of the file.
+
+    A seek may land after the target (MPEG-TS: the demuxer seeks by an estimated position and the decoder starts at
+    the next key frame it finds) or on nothing: then it seeks further back, `key_gap` frames (at least one) the first
+    time and twice as far each time after, and finally decodes from the start of the file."""
+    back = 0
+    while True:
+        start = max(target - back, 0)
+        run = seek_to(start)
+        if run is None:
+            break
+        if run[1] is not None and run[1][0] <= target:
+            return run
+        if start == 0:
+            break
+        back = max(2 * back, key_gap, 1)
+    return from_start()
 
 
 class _PyAVVideo:
@@ -515,33 +554,34 @@ class _PyAVVideo:
 
     def _run_to(self, target: int):
         """A run of decoding whose first frame is at or before `target` -> ((index, frame) iterator, its first pair
-        or None). A seek may land after the target (MPEG-TS: the demuxer seeks by an estimated position and the
-        decoder starts at the next key frame it finds) or on nothing: then it seeks further back, twice as far each
-        time, and finally decodes from the start of the file, which is also the way through a stream that cannot
-        seek at all (a raw elementary stream)."""
-        back = 0
-        while True:
-            start = max(target - back, 0)
+        or None), by `_run_reaching`: a seek that fails, or that finds no frame in a stream without timestamps, goes
+        straight to decoding from the start of the file, which is also the way through a stream that cannot seek at
+        all (a raw elementary stream)."""
+
+        def seek_to(start: int):
             try:
                 numbered = _numbered(self, self._seek(start))
                 first = next(numbered, None)
             except self._errors:
-                break
-            if first is not None and first[0] <= target:
-                return numbered, first
-            if start == 0 or (first is None and self._pts is None):
-                break
-            back = max(2 * back, self._key_gap, 1)
-        self._reopen()
-        numbered = _numbered(self, self._container.decode(self._stream), from_start=True)
-        return numbered, next(numbered, None)
+                return None
+            return None if first is None and self._pts is None else (numbered, first)
+
+        def from_start():
+            self._reopen()
+            numbered = _numbered(self, self._container.decode(self._stream), from_start=True)
+            return numbered, next(numbered, None)
+
+        return _run_reaching(target, self._key_gap, seek_to, from_start)
 
     def _rgb(self, frame) -> np.ndarray:
         return _upright_rgb(self._reformatter, frame)
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
-        out = []
+        return _stacked(self.each(indices), len(indices))
+
+    def each(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        """uint8 (H, W, 3) for each of increasing, distinct `indices`, decoded one at a time."""
         decoded = None  # the (index, frame) iterator; restarted by every seek
         current = None  # (index, frame) of the last decoded frame
         try:
@@ -563,10 +603,9 @@ class _PyAVVideo:
                     if pair[1].key_frame:
                         self._note_key_frame(pair[0])
                 # A timestamp gap (frames the decoder drops) gives the next frame that exists.
-                out.append(self._rgb(current[1]))
+                yield self._rgb(current[1])
         except self._errors as exc:
             raise VideoReadError(self.path, CORRUPT, f"cannot decode frames ({_first_line(exc)})") from exc
-        return np.stack(out)
 
     def _note_key_frame(self, index: int) -> None:
         if self._last_key is not None and index > self._last_key:
@@ -578,6 +617,21 @@ class _PyAVVideo:
         if container is not None:
             container.close()
             self._container = None
+
+
+def _stacked(frames: Iterator[np.ndarray], count: int) -> np.ndarray:
+    """`count` arrays of one shape -> one (count, ...) array, each copied in as it comes (a list and np.stack would
+    hold every frame twice). Arrays of different shapes raise ValueError, as np.stack does."""
+    out = None
+    for row, frame in enumerate(frames):
+        if out is None:
+            out = np.empty((count, *frame.shape), frame.dtype)
+        elif frame.shape != out.shape[1:]:
+            raise ValueError(f"all input arrays must have the same shape: {out.shape[1:]} and {frame.shape}")
+        out[row] = frame
+    if out is None or row + 1 != count:
+        raise ValueError(f"expected {count} arrays, got {0 if out is None else row + 1}")
+    return out
 
 
 class _DecodedVideo:
@@ -598,6 +652,9 @@ class _DecodedVideo:
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         return self.frames[list(indices)]
+
+    def each(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        return (self.frames[i] for i in indices)
 
     def close(self) -> None:
         pass
@@ -777,15 +834,21 @@ class _open_video:
 
 def _gather(video, indices: Sequence[int]) -> torch.Tensor:
     """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), H, W, 3); each frame decoded once."""
+    _check_indices(video, indices)
+    unique = sorted(set(indices))
+    frames = video.get(unique)  # (U, H, W, 3)
+    if list(indices) == unique:
+        return torch.from_numpy(frames)  # already in order: no second copy
+    where = {index: row for row, index in enumerate(unique)}
+    return torch.from_numpy(frames[[where[i] for i in indices]])  # (len(indices), H, W, 3)
+
+
+def _check_indices(video, indices: Sequence[int]) -> None:
     bad = [i for i in indices if not 0 <= i < video.num_frames]
     if bad:
         raise VideoReadError(
             video.path, OUT_OF_RANGE, f"frame indices {bad[:5]} outside the video's {video.num_frames} frames"
         )
-    unique = sorted(set(indices))
-    frames = video.get(unique)  # (U, H, W, 3)
-    where = {index: row for row, index in enumerate(unique)}
-    return torch.from_numpy(frames[[where[i] for i in indices]])  # (len(indices), H, W, 3)
 
 
 # -- 4. public readers ------------------------------------------------------------------------------------------
@@ -833,6 +896,21 @@ def read_frames(path: str | os.PathLike, indices: list[int], backend: str = "aut
         return _gather(video, indices)
 
 
+def iter_frames(
+    path: str | os.PathLike, indices: Sequence[int], backend: str = "auto"
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Every distinct frame of `indices`, read as `read_frames` reads them (seeking between distant frames): yields
+    (index, uint8 (H, W, 3) RGB) in increasing index order, one frame at a time (decord: one call's worth,
+    `_DecordVideo.each`), so a caller that keeps only what it makes of each frame never holds them all.
+    The file's open reader is in use until the iterator ends: read no other frames of that file meanwhile."""
+    wanted = sorted(set(indices))
+    if not wanted:
+        return
+    with _open_video(path, backend) as video:
+        _check_indices(video, wanted)
+        yield from zip(wanted, video.each(wanted))
+
+
 def whole_video_backend(backend: str = "auto") -> str:
     """The decoder for work that reads whole videos front to back (the runtime's index, features and demo): 'auto'
     is PyAV there, whose single threaded pass is faster than decord's reads between seeks (bench index), and
@@ -851,7 +929,7 @@ def stream_frames(
     fastest way through a whole file, and both decoders number and decode frames identically) starts at the key
     frame before the first wanted frame, decodes every frame once with `threads` decoder threads (0: FFmpeg's
     choice) and converts only the wanted ones to RGB. decord reads the wanted frames in increasing chunks from one
-    reader, which decodes on between them."""
+    reader, which decodes on between them; a chunk is small enough to hold (`_DecordVideo.each`)."""
     wanted = sorted(set(indices))
     if not wanted:
         return
@@ -864,9 +942,7 @@ def stream_frames(
                 f"frame indices {wanted[0]}..{wanted[-1]} outside the video's {video.num_frames} frames",
             )
         if backend == "decord":
-            for first in range(0, len(wanted), 32):
-                chunk = wanted[first : first + 32]
-                yield from zip(chunk, video.get(chunk))
+            yield from zip(wanted, video.each(wanted))
             return
         timing = video  # the reader's packet-time table numbers the frames
     yield from _stream_pyav(Path(path), timing, wanted, threads)
@@ -880,27 +956,30 @@ def _stream_pyav(path: Path, timing: _PyAVVideo, wanted: list[int], threads: int
     reformatter, pos, current = VideoReformatter(), 0, None
     wanted_pts = None if timing._pts is None else {timing._pts_of(i) for i in wanted}
     container = None
+
+    def run(start: int | None):
+        """A fresh demuxer and decoder, at the key frame at or before frame `start` (None: the first frame)."""
+        nonlocal container
+        if container is not None:
+            container.close()
+        container = av.open(str(path))
+        stream = container.streams.get(timing._stream_index)[0]
+        stream.thread_type = "AUTO"  # frame + slice threads
+        stream.codec_context.thread_count = threads
+        if start is not None:
+            container.seek(timing._pts_of(start), stream=stream, backward=True, any_frame=False)
+        frames = _numbered(timing, _decode_skipping(container, stream, wanted_pts), from_start=start is None)
+        return frames, next(frames, None)
+
     try:
-        # The run starts at the key frame before the first wanted frame. A seek that lands after that frame (an
-        # MPEG-TS file) or on nothing is retried twice as far back, and finally from the start of the file (a fresh
-        # demuxer), which is also where a stream without timestamps is read from.
-        back, start = 0, wanted[0]
-        while True:
-            if container is not None:
-                container.close()
-            container = av.open(str(path))
-            stream = container.streams.get(timing._stream_index)[0]
-            stream.thread_type = "AUTO"  # frame + slice threads
-            stream.codec_context.thread_count = threads
-            seek = start > 0 and timing._pts is not None
-            if seek:
-                container.seek(timing._pts_of(start), stream=stream, backward=True, any_frame=False)
-            frames = _numbered(timing, _decode_skipping(container, stream, wanted_pts), from_start=not seek)
-            first = next(frames, None)
-            if not seek or (first is not None and first[0] <= wanted[0]):
-                break
-            back = max(2 * back, timing._key_gap, 1)
-            start = max(wanted[0] - back, 0)
+        # The run starts at the key frame before the first wanted frame (`_run_reaching`); the first frames of the
+        # file, and a stream without timestamps, are read from its start without a seek.
+        frames, first = _run_reaching(
+            wanted[0],
+            timing._key_gap,
+            lambda start: run(start) if start > 0 and timing._pts is not None else None,
+            lambda: run(None),
+        )
         for current, frame in itertools.chain([first] if first is not None else [], frames):
             if current < wanted[pos]:
                 continue
@@ -909,6 +988,7 @@ def _stream_pyav(path: Path, timing: _PyAVVideo, wanted: list[int], threads: int
             while pos < len(wanted) and wanted[pos] <= current:
                 yield wanted[pos], rgb
                 pos += 1
+            del rgb  # not held while the next frame decodes: the consumer keeps it as long as it needs it
             if pos == len(wanted):
                 return
     except errors as exc:

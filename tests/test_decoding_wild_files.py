@@ -240,9 +240,9 @@ def test_folders_leave_hidden_entries_out_and_take_any_extension_case(tmp_path):
 
 # -- memory ----------------------------------------------------------------------------------------------------------
 def test_streamed_batches_hold_about_one_windows_frames(tmp_path, monkeypatch):
-    """Full-size frames (a 4K or 8K video's are 25-200 MB each) are held only until their window is preprocessed,
-    not for a whole batch: with 4-frame windows in batches of 8, never more than one window's frames plus the one
-    just decoded are alive."""
+    """Full-size frames (a 4K or 8K video's are 25-200 MB each) are held only until they are preprocessed, not for
+    a window or a batch: with frames as large as the preprocessing group (ClipPipeline.GROUP_BYTES), 4-frame windows
+    in batches of 8, never more than the frame just decoded and the one before are alive."""
     import weakref
 
     from egovlp_deploy.runtime import clip_pipeline as C
@@ -263,8 +263,9 @@ def test_streamed_batches_hold_about_one_windows_frames(tmp_path, monkeypatch):
             yield index, frame
 
     monkeypatch.setattr(C, "stream_frames", counting)
+    monkeypatch.setattr(C.ClipPipeline, "GROUP_BYTES", 32 * 64 * 3)  # one frame
     pipe = C.ClipPipeline(4, 16, backend="pyav")
     batches = list(pipe.batches(path, windows, batch=8))
     assert [first for first, _ in batches] == [0, 8] and sum(len(b) for _, b in batches) == 16
     np.testing.assert_allclose(np.concatenate([b for _, b in batches]), pipe.clips(path, windows), atol=1e-5)
-    assert peak[0] <= 4 + 1
+    assert peak[0] <= 1 + 1

@@ -6,8 +6,10 @@ hold on variable-frame-rate files; each window's F model frames are the official
 range (segment middles, `video.sample_frame_indices`), so a window that is an annotated clip gives exactly the
 frames the EgoMCQ/EgoClip evaluation readers give. Decoding goes through
 `egovlp_deploy.decoding` (decord, PyAV where decord is missing), one open reader per file for all its windows; the
-preprocessing is the C++ extension when built (`preprocess.preprocess_clips`: all B x F frames of a batch in one
-parallel call) and the torch reference transform otherwise, with the same numbers (1e-5).
+preprocessing is the C++ extension when built (`preprocess.preprocess_clip`, parallel within a frame) and the torch
+reference transform otherwise, with the same numbers (1e-5). Each frame is preprocessed as soon as it is decoded
+(the transform treats every frame alone), so full-size frames are held one at a time, not a window or a batch of
+them: an 8K frame is 200 MB.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from egovlp_deploy.decoding import (
     Timeline,
     VideoReadError,
     decodable_frames,
+    iter_frames,
     read_frames,
     sample_frame_indices,
     stream_frames,
@@ -185,6 +188,10 @@ class StageTimes:
 class ClipPipeline:
     """Decode + preprocess for one model input size; `clips(path, windows)` -> float32 (B, F, 3, S, S)."""
 
+    # Decoded frames are preprocessed in groups of up to this many bytes, one frame at least (a 4K frame is 25 MB,
+    # an 8K one 200 MB): one call per group keeps every thread busy on small frames.
+    GROUP_BYTES = 64 << 20
+
     def __init__(
         self, frames: int, size: int, backend: str = "auto", variant: str = "egoclip", times: StageTimes | None = None
     ):
@@ -220,8 +227,46 @@ class ClipPipeline:
         self.times.add("preprocess", time.perf_counter() - t0, len(frames))
         return clips.numpy()
 
+    def preprocessed(self, decoded: Iterator[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
+        """(index, uint8 (H, W, 3)) -> (index, float32 (3, S, S)): decoded frames are preprocessed in groups of up to
+        GROUP_BYTES (one frame at least), as they come, each group in one call (parallel over its frames). The
+        transform treats every frame alone, so the numbers are those `preprocess` gives the frame inside a clip."""
+        group, held = [], 0
+        for index, frame in decoded:
+            group.append((index, frame))
+            held += frame.nbytes
+            del frame  # the group holds it until it is preprocessed
+            if held >= self.GROUP_BYTES:
+                yield from self._preprocess_group(group)
+                group, held = [], 0
+        if group:
+            yield from self._preprocess_group(group)
+
+    def _preprocess_group(self, group: list[tuple[int, np.ndarray]]) -> list[tuple[int, np.ndarray]]:
+        from egovlp_deploy import preprocess
+        from egovlp_deploy.transforms import eval_transform
+
+        t0 = time.perf_counter()
+        frames = [torch.from_numpy(frame[None]) for _, frame in group]  # one-frame clips (sizes may differ)
+        if self.native:
+            out = preprocess.preprocess_clips(frames, self.size, self.variant)  # (G, 1, 3, S, S)
+        else:
+            out = torch.stack([eval_transform(f, self.size, self.variant) for f in frames])
+        self.times.add("preprocess", time.perf_counter() - t0, 0)  # callers count clips
+        out = out.numpy()
+        return [(index, out[g, 0]) for g, (index, _) in enumerate(group)]
+
     def clips(self, path: str | os.PathLike, windows: list[Window]) -> np.ndarray:
-        return self.preprocess(self.decode(path, windows))
+        """float32 (B, F, 3, S, S): `preprocess(decode(...))`, with frames preprocessed as they are decoded
+        (`preprocessed`): at most GROUP_BYTES of full-size frames (one frame at least) are held, not B x F frames."""
+        t0 = time.perf_counter()
+        spent = self.times.seconds.get("preprocess", 0.0)
+        done = dict(self.preprocessed(iter_frames(path, [i for w in windows for i in w.indices], self.backend)))
+        clips = np.stack([np.stack([done[i] for i in w.indices]) for w in windows])
+        spent = self.times.seconds.get("preprocess", 0.0) - spent
+        self.times.add("decode", time.perf_counter() - t0 - spent, len(windows))
+        self.times.add("preprocess", 0.0, len(windows))
+        return clips
 
     def batches(
         self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0, cut_every: int | None = None
@@ -248,33 +293,46 @@ class ClipPipeline:
         return in_background(self._streamed_batches(path, windows, ranges, threads))
 
     def _streamed_batches(self, path, windows: list[Window], ranges: list[tuple[int, int]], threads: int):
-        """Each window is preprocessed as soon as its frames are decoded, and a decoded frame is dropped once no later
-        window needs it: at most about one window's full-size frames are held (16 frames of a 4K video are 400 MB;
-        a batch of 8 such windows would be 3.2 GB, twice over while stacked)."""
-        frames: dict[int, np.ndarray] = {}  # decoded frames some window not yet preprocessed still needs
-        stream = stream_frames(path, [i for w in windows for i in w.indices], self.backend, threads)
+        """Frames are preprocessed as they are decoded (`preprocessed`) and only the preprocessed frame is kept, until
+        no later window needs it: at most GROUP_BYTES of full-size frames (one frame at least) are held, however
+        large the frames (16 frames of an 8K video are 3.2 GB), plus the decoder's own."""
+        frames: dict[int, np.ndarray] = {}  # preprocessed frames some window not yet assembled still needs
+        stream = self.preprocessed(
+            _timed(stream_frames(path, [i for w in windows for i in w.indices], self.backend, threads), self.times)
+        )
         for first, end in ranges:
             clips = []
             for k in range(first, end):
                 window = windows[k]
-                t0 = time.perf_counter()
                 last = max(window.indices)
                 while last not in frames:  # frames arrive in increasing order: all of the window's are in then
                     index, frame = next(stream)
                     frames[index] = frame
-                decoded = torch.from_numpy(np.stack([frames[i] for i in window.indices]))
+                clips.append(np.stack([frames[i] for i in window.indices]))
                 if k + 1 < len(windows):  # windows start in time order: the next one needs the earliest frame
                     keep_from = min(windows[k + 1].indices)
                     for index in [i for i in frames if i < keep_from]:
                         del frames[index]
-                self.times.add("decode", time.perf_counter() - t0)
-                clips.append(self.preprocess(decoded[None]))
-            yield first, np.concatenate(clips)
+                self.times.add("decode", 0.0)
+                self.times.add("preprocess", 0.0)
+            yield first, np.stack(clips)
 
     def clip(self, path: str | os.PathLike, start_sec: float, end_sec: float) -> np.ndarray:
         """One clip [start_sec, end_sec] of a file -> float32 (F, 3, S, S)."""
         windows, _ = segment_windows(path, [(start_sec, end_sec, None)], self.frames, self.backend)
         return self.clips(path, windows)[0]
+
+
+def _timed(decoded: Iterator, times: StageTimes) -> Iterator:
+    """`decoded`, with the time each item takes to come added to the 'decode' stage (clips are counted apart)."""
+    while True:
+        t0 = time.perf_counter()
+        item = next(decoded, None)
+        times.add("decode", time.perf_counter() - t0, 0)
+        if item is None:
+            return
+        yield item
+        del item
 
 
 def in_background(items: Iterator, depth: int = 2) -> Iterator:
