@@ -47,11 +47,14 @@ $(PKG_STAMP): $(DEPS_STAMP) $(SOURCES)
 	$(PIP) check  # every requirement of the package met: a lock left behind by pyproject.toml stops here
 	touch $@
 
-# Lint and format check first (ruff, configured in pyproject.toml; `make format` applies both), then the tests.
+# Lint and format check first (ruff, configured in pyproject.toml; `make format` applies both), then the tests, one
+# pytest-xdist worker per core up to 4 (each file's tests stay on one worker, which builds the session fixtures it
+# needs); PYTEST_WORKERS= runs them in one process.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
 test: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest -q --durations=15
+	$(VENV)/bin/pytest -q $(PYTEST_WORKERS) --durations=15
 
 format: setup
 	$(VENV)/bin/ruff check --fix .
