@@ -218,18 +218,23 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], path: str | os.PathLik
     atomic_write_bytes(path, _join(header, data))
 
 
-def safetensors_digest(path: str | os.PathLike) -> str | None:
-    """The data digest a safetensors file declares (header only, nothing hashed), or None."""
+def safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file's header (nothing hashed); {} where there is none or the file is
+    unreadable (the library's load names the problem)."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
             header = json.loads(f.read(n)) if 0 < n <= _MAX_HEADER else None
-    except (OSError, ValueError):
-        return None  # unreadable or not JSON: the library's load names the problem
+    except (OSError, ValueError, RecursionError):
+        return {}
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    digest = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
-    return digest if isinstance(digest, str) else None
+    return {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
+
+
+def safetensors_digest(path: str | os.PathLike) -> str | None:
+    """The data digest a safetensors file declares (header only, nothing hashed), or None."""
+    return safetensors_metadata(path).get(DIGEST_KEY)
 
 
 def _check_digest(path: Path) -> None:

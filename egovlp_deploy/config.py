@@ -11,6 +11,7 @@ allocation.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -278,6 +279,13 @@ class EgoVLPv2Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def digest(self) -> str:
+        """sha256 of every setting that shapes the model's outputs: all of them but `attention_backend`, which picks
+        an implementation of the same function (a user may switch it in config.json). Key order and layout of the
+        JSON do not count, and neither do fields a config written before they existed leaves at their default."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "attention_backend"}
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> EgoVLPv2Config:

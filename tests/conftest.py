@@ -8,14 +8,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from official_format import randomize_
+
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores: more torch
 # threads than cores make OpenMP's waiting threads spin against the other worker's.
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
-
-from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
-from official_format import randomize_
 
 
 @pytest.fixture(autouse=True)

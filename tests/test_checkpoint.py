@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_inputs
 
-from egovlp_deploy import CheckpointError, EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy import CheckpointError, EgoVLPv2, EgoVLPv2Config, checkpoint
 from egovlp_deploy.checkpoint import read_torch_checkpoint, resize_temporal_embed
 from official_format import deterministic_state_dict, write_official_checkpoint
 
@@ -71,6 +71,10 @@ def test_from_pretrained_errors(tmp_path, tiny_model):
     del cfg["video"]["numframes"]
     cfg["video"]["width"] = 32
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="is not the config"):  # the weights recorded the config's digest
+        EgoVLPv2.from_pretrained(tmp_path / "m")
+    # weights that recorded no config (another tool's): the shapes still tell
+    checkpoint.save_safetensors(checkpoint.load_safetensors(weights), weights, metadata={"format": "other"})
     with pytest.raises(
         CheckpointError, match=r"wrong shapes: .*vid_proj\.0\.weight: checkpoint \(128, 64\) vs model \(128, 32\)"
     ):

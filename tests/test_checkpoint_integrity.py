@@ -40,7 +40,8 @@ def test_training_checkpoint_with_a_scaled_tensor_is_refused(step_dir, tmp_path,
     weights = load_file(str(step_dir / "model.safetensors"))
     weights["video_model.pos_embed"] = weights["video_model.pos_embed"] * -3
     # rewritten with a fresh (matching) data digest and the same size: only the manifest can tell
-    checkpoint.save_safetensors(weights, step_dir / "model.safetensors", metadata={"format": "egovlp-deploy"})
+    metadata = checkpoint.safetensors_metadata(step_dir / "model.safetensors")  # the same header size
+    checkpoint.save_safetensors(weights, step_dir / "model.safetensors", metadata=metadata)
     with pytest.raises(CheckpointError, match="model.safetensors fails its checksum"):
         EgoVLPv2.from_pretrained(step_dir)
     assert main(eval_argv(step_dir, tmp_path)) == 2  # refused before the questions file is even read

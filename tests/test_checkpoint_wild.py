@@ -196,3 +196,38 @@ def test_pickled_state_applied_to_a_tensor_is_refused(tmp_path, state):
         archive.writestr("archive/data/0", bytes(8))
     with pytest.raises(CheckpointError, match=r"built\.pth: malformed checkpoint: pickled state is applied to a"):
         read_torch_checkpoint(tmp_path / "built.pth")
+
+
+# -- save_pretrained folders ---------------------------------------------------------------------------------------
+def test_an_edited_config_json_is_refused(tmp_path, tiny_model):
+    """config.json is read as it is, and the tensor digest does not cover it: another eps would load and change every
+    output. The weights' header records the digest of the config they were saved with."""
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["video"]["layer_norm_eps"] = 1e-3
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json is not the config .*model\.safetensors was saved with"):
+        EgoVLPv2.from_pretrained(folder)
+
+
+def test_a_reformatted_config_and_another_attention_backend_load_unchanged(tmp_path, tiny_model, tiny_inputs):
+    """Only the settings count, not the JSON's layout; attention_backend picks an implementation of the same
+    function, so a user may switch it in config.json."""
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["attention_backend"] = "sdpa"
+    (folder / "config.json").write_text(json.dumps(dict(reversed(list(config.items())))))  # one line, keys reversed
+    model = EgoVLPv2.from_pretrained(folder)
+    assert model.config.attention_backend == "sdpa"
+    video, _, _ = tiny_inputs
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_video(video), tiny_model.encode_video(video), rtol=1e-5, atol=1e-6)
+
+
+def test_weights_saved_without_a_config_digest_still_load(tmp_path, tiny_model):
+    """Folders written before the weights recorded their config's digest (or by another tool) load as before."""
+    folder = tiny_model.save_pretrained(tmp_path / "m")
+    tensors = checkpoint.load_safetensors(folder / "model.safetensors")
+    checkpoint.save_safetensors(tensors, folder / "model.safetensors", metadata={"format": "egovlp-deploy"})
+    assert "egovlp.config_sha256" not in checkpoint.safetensors_metadata(folder / "model.safetensors")
+    EgoVLPv2.from_pretrained(folder)

@@ -27,6 +27,9 @@ from .video_tower import SpaceTimeTransformer
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# The weights' header records the digest of the config they were saved with (`EgoVLPv2Config.digest`): an edited
+# config.json (another eps, activation or head count) would load and silently change every output.
+CONFIG_DIGEST_KEY = "egovlp.config_sha256"
 
 
 class InputError(ValueError):
@@ -286,7 +289,8 @@ class EgoVLPv2(nn.Module):
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_safetensors(self.state_dict(), directory / WEIGHTS_FILE, metadata={"format": "egovlp-deploy"})
+        metadata = {"format": "egovlp-deploy", CONFIG_DIGEST_KEY: self.config.digest()}
+        save_safetensors(self.state_dict(), directory / WEIGHTS_FILE, metadata=metadata)
         atomic_write_bytes(directory / CONFIG_FILE, self.config.to_json().encode())
         return directory
 
@@ -299,8 +303,17 @@ class EgoVLPv2(nn.Module):
         A training checkpoint (a directory with MANIFEST.json) is verified against its manifest first: every file
         listed there with its size and sha256, else CheckpointError (`verified=True`: the caller has just done so,
         e.g. with `latest_valid_checkpoint`). Elsewhere the weights file's own data digest is checked; weights that
-        neither covers (written by another tool) load with a warning that corruption cannot be detected."""
-        from ..checkpoint import MANIFEST, CheckpointError, load_safetensors, safetensors_digest, verify_checkpoint
+        neither covers (written by another tool) load with a warning that corruption cannot be detected. A config.json
+        that differs from the one the weights were saved with (their header records its digest) raises
+        CheckpointError; only `attention_backend` may be changed there."""
+        from ..checkpoint import (
+            MANIFEST,
+            CheckpointError,
+            load_safetensors,
+            safetensors_digest,
+            safetensors_metadata,
+            verify_checkpoint,
+        )
         from ..config import ConfigError
 
         directory = Path(directory)
@@ -320,6 +333,13 @@ class EgoVLPv2(nn.Module):
             config = EgoVLPv2Config.from_json_file(directory / CONFIG_FILE)
         except ConfigError as exc:
             raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from exc
+        recorded = safetensors_metadata(directory / WEIGHTS_FILE).get(CONFIG_DIGEST_KEY)
+        if recorded is not None and recorded != config.digest():
+            raise CheckpointError(
+                f"{directory / CONFIG_FILE} is not the config {directory / WEIGHTS_FILE} was saved with (edited? only "
+                "attention_backend may be changed there): its settings would change every output; restore it, or "
+                "save the model again with the config you want"
+            )
         state_dict = load_safetensors(directory / WEIGHTS_FILE, map_location, check_digest=not manifest)
         return cls._from_state_dict(config, state_dict, str(directory))
 
