@@ -98,15 +98,17 @@ def answer_mcq(
         it = tqdm(questions, desc="mcq", unit="question", dynamic_ncols=True)
     results, all_scores, t0 = [], [], time.perf_counter()
     for q, (ids, mask) in zip(it, tokens):
-        t = time.perf_counter()
-        frames = np.stack(
-            [
-                _read_choice(questions_json, video_root, q, i, cfg.num_frames, decode_backend)
-                for i in range(len(q["choices"]))
-            ]
-        )
-        pipe.times.add("decode", time.perf_counter() - t, len(frames))
-        clips = pipe.preprocess(torch.from_numpy(frames))
+        # each choice is preprocessed as soon as it is decoded: choices come from videos of any size, and only one
+        # choice's full-size frames are held at a time
+        decoding, clips = 0.0, []
+        for i in range(len(q["choices"])):
+            t = time.perf_counter()
+            frames = _read_choice(questions_json, video_root, q, i, cfg.num_frames, decode_backend)
+            decoding += time.perf_counter() - t
+            clips.append(pipe.preprocess(torch.from_numpy(frames[None]))[0])
+            del frames
+        pipe.times.add("decode", decoding, len(clips))
+        clips = np.stack(clips)
         text = runtime.text_encoder.encode_tokens(ids, mask)
         video = runtime.video_encoder.encode(clips)
         match = runtime.fusion.score_prefixes(

@@ -52,3 +52,37 @@ def test_runtime_mcq_and_eval_give_the_same_answers(synthetic, engines, rt_model
     for mode in MODES:  # the same questions counted the same way
         for group, percent in eval_accuracy[mode].items():
             assert runtime["accuracy"][mode][group] == pytest.approx(percent, abs=0.05)
+
+
+def test_choices_from_videos_of_different_sizes(synthetic, engines, rt_model_dir, tmp_path):
+    """EgoMCQ's choices come from different videos, which need not share a frame size (Ego4D has several): each
+    choice is resized on its own, as the evaluation reader does, and the answers stay those of `eval`."""
+    import shutil
+
+    import av
+    import numpy as np
+
+    videos = tmp_path / "videos"
+    shutil.copytree(synthetic / "videos", videos)
+    resized = sorted(videos.rglob("*.mp4"))[0]
+    with av.open(str(resized)) as src:
+        stream = src.streams.video[0]
+        rate, frames = stream.average_rate, [f.to_ndarray(format="rgb24") for f in src.decode(stream)]
+    with av.open(str(resized), "w") as out:  # the same pictures at 64 x 48 (was 32 x 32)
+        enc = out.add_stream("libx264", rate=rate)
+        enc.width, enc.height, enc.pix_fmt = 64, 48, "yuv420p"
+        for img in frames:
+            big = np.repeat(np.repeat(img, 2, axis=0), 2, axis=1)[:48, :64]
+            out.mux(enc.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(big), format="rgb24")))
+        out.mux(enc.encode())
+
+    checkpoint, _ = rt_model_dir
+    questions = synthetic / "egomcq.json"
+    eval_out, mcq_out = tmp_path / "eval.json", tmp_path / "mcq.json"
+    eval_args = ["eval", "--model", str(checkpoint), "--tokenizer", str(engines / "tokenizer"), "--device", "cpu"]
+    eval_args += ["--egomcq", str(questions), "--video-root", str(videos), "--predictions", str(eval_out)]
+    assert main(eval_args) == 0
+    mcq_args = ["mcq", str(questions), "--engines", str(engines), "--video-root", str(videos), "--out", str(mcq_out)]
+    assert main(mcq_args) == 0
+    answered = {r["key"]: r["predicted"] for r in json.loads(mcq_out.read_text())["results"]}
+    assert answered == json.loads(eval_out.read_text())
