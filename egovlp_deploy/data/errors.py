@@ -105,7 +105,7 @@ class FileCheck:
         except (OSError, ValueError):  # ValueError: a NUL byte in the name
             if path.is_symlink():
                 return RowProblem("missing video", "is a symbolic link to nothing (a missing target or a loop)")
-            return RowProblem("missing video", f"does not exist{self._case_hint(path)}")
+            return RowProblem("missing video", f"does not exist{self._case_hint(path) or self._whole_hint(path)}")
         if stat.S_ISDIR(st.st_mode):
             return RowProblem("bad video file", "is a folder, not a video file")
         if not stat.S_ISREG(st.st_mode):
@@ -113,6 +113,17 @@ class FileCheck:
         if st.st_size == 0:
             return RowProblem("bad video file", "is empty (0 bytes)")
         return None
+
+    @staticmethod
+    def _whole_hint(path) -> str:
+        """' (UID.mp4 is there: ...)' for a chunk UID/N.mp4 of a video that is there uncut (Ego4D's own layout)."""
+        whole = path.parent.with_name(path.parent.name + path.suffix)
+        if path.parent.is_dir() or not whole.is_file():
+            return ""
+        return (
+            f" ({whole.name} is there, uncut: this layout reads each video as 600 s chunks {path.parent.name}/0.mp4, "
+            f"{path.parent.name}/1.mp4, ...; see docs/data.md)"
+        )
 
     def _case_hint(self, path) -> str:
         """' (NAME is there: ...)' when the folder holds the name in other letter case (P01_01.mp4 for .MP4)."""

@@ -137,6 +137,14 @@ def test_a_video_name_in_other_letter_case_is_pointed_out(tmp_path):
         EpicMIRDataset(csv, tmp_path / "v", 2, 16, clip_reader=no_reader)
 
 
+def test_an_uncut_ego4d_video_is_pointed_out(tmp_path):
+    # Ego4D ships whole videos (ROOT/<uid>.mp4); EgoClip reads them cut into 600 s chunks (ROOT/<uid>/<n>.mp4)
+    placeholder(tmp_path / "v" / "vid_a.mp4")
+    csv = write_egoclip(tmp_path / "egoclip.csv", [egoclip_line()])
+    with pytest.raises(DataError, match=r"vid_a/0.mp4 does not exist \(vid_a.mp4 is there, uncut: .*600 s chunks"):
+        egoclip(csv, tmp_path / "v")
+
+
 def test_lax_mode_with_no_usable_row_says_why(tmp_path):
     # every row skipped (a wrong --video-root, say): the error names the first row's problem, not just a count
     csv = write_egoclip(tmp_path / "egoclip.csv", [egoclip_line(), egoclip_line()])
