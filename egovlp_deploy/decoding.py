@@ -225,10 +225,14 @@ def import_decord() -> ModuleType:
     RTLD_GLOBAL, so C++ code loaded after it — AOTInductor packages — registers its thread_local destructors with
     decord's copy, and the process dies at exit ("double free or corruption" / SIGSEGV inside decord's exit handler;
     BENCHMARKS.md). A global libstdc++ loaded first wins those lookups.
-    Only effective when decord is first imported through here."""
+    Only effective when decord is first imported through here.
+
+    decord's FFmpeg logs go quiet ("moov atom not found" printed beside the one-line error that names the file):
+    every failure reaches the caller as an exception, whose message `--verbose` shows."""
     _libstdcxx_global()
     import decord
 
+    decord.logging.set_level(decord.logging.QUIET)
     return decord
 
 

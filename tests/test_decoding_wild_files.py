@@ -269,3 +269,14 @@ def test_streamed_batches_hold_about_one_windows_frames(tmp_path, monkeypatch):
     assert [first for first, _ in batches] == [0, 8] and sum(len(b) for _, b in batches) == 16
     np.testing.assert_allclose(np.concatenate([b for _, b in batches]), pipe.clips(path, windows), atol=1e-5)
     assert peak[0] <= 1 + 1
+
+
+def test_decord_leaves_ffmpeg_log_lines_off_stderr(tmp_path, capfd):
+    """A file that is no video: the caller gets one VideoReadError, and FFmpeg's own line ('moov atom not found')
+    does not appear on stderr beside the command's one-line message."""
+    pytest.importorskip("decord")
+    bad = tmp_path / "not_a_video.mp4"
+    bad.write_bytes(b"garbage" * 200)
+    with pytest.raises(VideoReadError):
+        read_frames(bad, [0], "decord")
+    assert "moov atom" not in capfd.readouterr().err
