@@ -15,8 +15,10 @@ Output: OUT/<name>.safetensors (or `.npy` files per tensor with --format npy) an
 written atomically. <name> is the video's stem (`<folder>_<stem>` for the EgoClip chunk layout `<uid>/<n>.mp4`),
 with `-<8 hex of the source path's sha256>` appended where two inputs of the run share it or OUT already holds that
 name (an output, or a partial one as below) for another source, so no two videos ever share an output. A video is
-skipped only when its output exists for the same source file (path, size, mtime) with the same settings and model;
-the others are written.
+skipped only when its sidecar records the same source file (path, size, mtime), settings, model and format and every
+tensor file it lists is there; the others are written. Rewriting a video's output (other settings, format or mode)
+first removes the earlier output's files that the new one does not replace (those its sidecar lists), then that
+sidecar, so an output never holds files of two runs' settings and a kill meanwhile leaves the video not done.
 
 Resuming inside a video: a video is encoded in parts of `commit_every` windows (--commit-every, default 32), and
 every part but the last is committed to the work folder OUT/.partial/<name>/: part-NNNNN.safetensors (temp file +
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
 MODES = ("dual", "fusion")
+FORMATS = ("safetensors", "npy")
 COMMIT_EVERY = 32  # windows per committed part: at most this many are recomputed after a kill
 PARTIAL = ".partial"  # OUT/.partial/<name>/: the committed parts of a video not finished yet
 RECORD = "progress.json"
@@ -62,6 +65,10 @@ RECORD_FORMAT = "egovlp-deploy-features-progress"
 _NAMES = r"(part-\d{5}\.safetensors|progress\.json)"
 _OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\..+\.tmp")
 _PART = re.compile(r"part-\d{5}\.safetensors")
+TENSORS = ("features", "timestamps", "video_cls", "text_tokens", "text_mask")  # the tensors an output may hold
+# The temp files `atomic_write_bytes` leaves where a kill stops it while it writes an output's file:
+# .<name>.<safetensors, json or <tensor>.npy>.<mkstemp's 8 characters>.tmp
+_TEMP = r"\.{name}\.(safetensors|json|(" + "|".join(TENSORS) + r")\.npy)\.[a-z0-9_]{{8}}\.tmp"
 
 
 def _base_name(path: Path) -> str:
@@ -141,23 +148,52 @@ def _settings(runtime: Runtime, mode: str, frames: int, stride: int, queries: li
     }
 
 
-def _done(out: Path, name: str, fmt: str, settings: dict, source: dict) -> bool:
-    meta = out / f"{name}.json"
-    key = "features" if settings["mode"] == "dual" else "video_cls"
-    data_file = out / (f"{name}.safetensors" if fmt == "safetensors" else f"{name}.{key}.npy")
-    if not (meta.is_file() and data_file.is_file()):
-        return False
+def _output_files(out: Path, name: str, fmt: str, keys) -> list[Path]:
+    """The tensor files of the output `name` in format `fmt` with tensors `keys`."""
+    return [out / f"{name}.safetensors"] if fmt == "safetensors" else [out / f"{name}.{k}.npy" for k in keys]
+
+
+def _sidecar(out: Path, name: str) -> dict | None:
+    """The output `name`'s JSON sidecar (None: none, or not a record of ours)."""
     try:
-        recorded = json.loads(meta.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
-    return recorded.get("settings") == settings and recorded.get("source") == source
+        meta = json.loads((out / f"{name}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("shapes"), dict) and meta["shapes"] else None
+
+
+def _done(out: Path, name: str, fmt: str, settings: dict, source: dict) -> bool:
+    """The sidecar records this source, these settings and this format, and every tensor file it lists is there."""
+    meta = _sidecar(out, name)
+    return (
+        meta is not None
+        and meta.get("format") == fmt
+        and meta.get("settings") == settings
+        and meta.get("source") == source
+        and all(f.is_file() for f in _output_files(out, name, fmt, meta["shapes"]))
+    )
 
 
 def _write(out: Path, name: str, fmt: str, tensors: dict[str, np.ndarray], meta: dict) -> None:
-    """Tensors first, the JSON sidecar last: the sidecar is the 'done' mark a resumed run trusts."""
+    """Tensors first, the JSON sidecar last: the sidecar is the 'done' mark a resumed run trusts. An earlier
+    output of the same source under `name` (other settings, format or mode) goes first: the tensor files its
+    sidecar lists that this output does not replace, then the sidecar, so no sidecar ever vouches for files of
+    other settings, and a run killed in between leaves a video that is not done. The temp files of a write of
+    this output that a kill stopped go too."""
     from egovlp_deploy.checkpoint import atomic_write_bytes, stable_safetensors
 
+    temp = re.compile(_TEMP.format(name=re.escape(name)))
+    for f in out.glob(f".{glob.escape(name)}.*.tmp"):
+        if temp.fullmatch(f.name) and f.is_file():
+            f.unlink()
+    earlier = _sidecar(out, name)
+    if earlier is not None and (earlier.get("source") or {}).get("path") == meta["source"]["path"]:
+        keep = set(_output_files(out, name, fmt, tensors))
+        if earlier.get("format") in FORMATS:  # a sidecar that does not say its format lists no files of ours
+            for f in _output_files(out, name, earlier["format"], set(earlier["shapes"]) & set(TENSORS)):
+                if f not in keep and f.is_file():
+                    f.unlink()
+        (out / f"{name}.json").unlink()
     if fmt == "safetensors":
         from safetensors.numpy import save
 
@@ -300,7 +336,7 @@ def extract_features(
     of windows this run has committed so far (progress reporting, tests)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if fmt not in ("safetensors", "npy"):
+    if fmt not in FORMATS:
         raise ValueError(f"format must be safetensors or npy, got {fmt!r}")
     if frames < 1 or stride < 1:
         raise ValueError(f"--frames and --stride must be positive, got {frames}, {stride}")
@@ -454,6 +490,7 @@ def _finish(out, name, fmt, mode, chunks, windows, text, source, fps, settings) 
     meta = {
         "video": source["path"],
         "source": source,
+        "format": fmt,
         "fps": fps,
         "windows": len(windows),
         "settings": settings,
