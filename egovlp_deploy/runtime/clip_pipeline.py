@@ -471,7 +471,9 @@ def video_uid(path: Path) -> str:
 
 def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[InputFailure]]:
     """Video files from files (any extension), folders (recursively, the files with a video extension, in sorted
-    order) and glob patterns; the same file reached twice is listed once. Paths that are not there are failures."""
+    order) and glob patterns (the files they match with a video extension, or, where none has one, every file they
+    match: `clips/*.dat`); the same file reached twice is listed once. Paths that are not there are failures. A
+    pattern such as `in/**` thus leaves out what is not a video, a features or index output inside `in/` included."""
     import glob
 
     found: dict[Path, Path] = {}  # resolved -> as given, first reached first
@@ -492,8 +494,12 @@ def expand_inputs(items: list[str | os.PathLike]) -> tuple[list[Path], list[Inpu
                 failures.append(InputFailure(str(item), "no video files in this folder"))
         elif any(c in str(item) for c in "*?["):
             matches = sorted(Path(m) for m in glob.glob(str(item), recursive=True))
+            files = [m for m in matches if m.is_file()]
+            videos = [m for m in files if m.suffix.lower() in VIDEO_EXTENSIONS]
+            add(videos or files)
             for m in matches:
-                add([m] if m.is_file() else _videos_in(m))
+                if m.is_dir():
+                    add(_videos_in(m))
             if not matches:
                 failures.append(InputFailure(str(item), "no file matches this pattern"))
         else:

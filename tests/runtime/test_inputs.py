@@ -56,6 +56,20 @@ def test_folders_globs_and_missing_paths(hostile, tmp_path):
     assert [f.reason for f in failures] == ["no such file or folder", "no file matches this pattern"]
 
 
+def test_a_pattern_takes_its_video_files_or_else_every_file(tmp_path):
+    """`in/**` over a folder that also holds a features output (`in/feats/x.json`, `x.safetensors`) takes the
+    videos only, as a folder does; a pattern that matches no video file takes what it names (`*.dat`)."""
+    root = tmp_path / "in"
+    video = write_video(root / "x.mp4", 8)
+    for name in ("feats/x.json", "feats/x.safetensors", "notes.txt", "raw/a.dat", "raw/b.dat"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("not a video")
+    paths, failures = expand_inputs([str(root / "**")])
+    assert paths == [video] and not failures
+    paths, _ = expand_inputs([str(root / "raw" / "*.dat")])
+    assert paths == [root / "raw" / "a.dat", root / "raw" / "b.dat"]
+
+
 @pytest.mark.parametrize("command", ["index", "features"])
 def test_good_files_are_processed_and_bad_ones_reported(engines, hostile, tmp_path, capsys, command):
     root, good, bad = hostile
