@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import EgoVLPv2Config, TextConfig, VideoConfig, check_num_frames
-from .hashing import sha256_file
+from .hashing import CHECKPOINT_SUFFIXES, sha256_file
 from .jsonfile import read_json
 
 
@@ -68,9 +68,8 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# The files a manifest must list when the folder holds them: the data files that identify a checkpoint
-# (hashing.sha256_tree), which its loaders read trusting the manifest (no digest of their own is checked).
-COVERED_SUFFIXES = (".safetensors", ".json")
+# A manifest must list every file of the folder that identifies the checkpoint (hashing.CHECKPOINT_SUFFIXES): its
+# loaders read them trusting the manifest (no digest of their own is checked).
 
 
 def _manifest_files(path: Path) -> dict:
@@ -93,7 +92,7 @@ def _manifest_files(path: Path) -> dict:
     uncovered = sorted(
         p.name
         for p in path.iterdir()
-        if p.suffix in COVERED_SUFFIXES and p.name != MANIFEST and p.name not in files and p.is_file()
+        if p.suffix in CHECKPOINT_SUFFIXES and p.name != MANIFEST and p.name not in files and p.is_file()
     )
     if uncovered:
         raise CheckpointError(f"{manifest_path} does not list {', '.join(uncovered)}: they cannot be verified")
@@ -151,6 +150,12 @@ def make_temp_dir(parent: str | os.PathLike, prefix: str) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=parent, prefix=prefix))
     os.chmod(tmp, creation_mode(0o777))
     return tmp
+
+
+def atomic_temp_names(name_pattern: str) -> re.Pattern:
+    """The names of the temp files `atomic_write_bytes` leaves where a kill stops it while it writes a file whose
+    name matches the regex `name_pattern`: `.<name>.<mkstemp's 8 characters>.tmp` (use with fullmatch)."""
+    return re.compile(rf"\.(?:{name_pattern})\.[a-z0-9_]{{8}}\.tmp")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:

@@ -18,9 +18,13 @@ def sha256_file(path: str | os.PathLike, offset: int = 0) -> str:
     return h.hexdigest()
 
 
+# The files that identify a checkpoint directory (its weights and configs).
+CHECKPOINT_SUFFIXES = (".safetensors", ".json")
+
+
 def sha256_tree(
     path: str | os.PathLike,
-    suffixes: tuple[str, ...] = (".safetensors", ".json"),
+    suffixes: tuple[str, ...] = CHECKPOINT_SUFFIXES,
     known: Mapping[str, str] | None = None,
 ) -> str:
     """A file's sha256, or for a directory the sha256 of the sorted `name sha256` lines of its files with these

@@ -307,10 +307,10 @@ class EgoVLPv2(nn.Module):
         that differs from the one the weights were saved with (their header records its digest) raises
         CheckpointError; only `attention_backend` may be changed there."""
         from ..checkpoint import (
+            DIGEST_KEY,
             MANIFEST,
             CheckpointError,
             load_safetensors,
-            safetensors_digest,
             safetensors_metadata,
             verify_checkpoint,
         )
@@ -321,9 +321,10 @@ class EgoVLPv2(nn.Module):
             if not (directory / name).is_file():
                 raise CheckpointError(f"{directory}: missing {name} (not a directory written by save_pretrained)")
         manifest = (directory / MANIFEST).is_file()
+        header = safetensors_metadata(directory / WEIGHTS_FILE)
         if manifest and not verified:
             verify_checkpoint(directory)
-        elif safetensors_digest(directory / WEIGHTS_FILE) is None:
+        elif DIGEST_KEY not in header:
             warnings.warn(
                 f"{directory / WEIGHTS_FILE} carries no checksum and no {MANIFEST} covers it: corruption "
                 "of the weights cannot be detected",
@@ -333,7 +334,7 @@ class EgoVLPv2(nn.Module):
             config = EgoVLPv2Config.from_json_file(directory / CONFIG_FILE)
         except ConfigError as exc:
             raise CheckpointError(f"{directory / CONFIG_FILE}: {exc}") from exc
-        recorded = safetensors_metadata(directory / WEIGHTS_FILE).get(CONFIG_DIGEST_KEY)
+        recorded = header.get(CONFIG_DIGEST_KEY)
         if recorded is not None and recorded != config.digest():
             raise CheckpointError(
                 f"{directory / CONFIG_FILE} is not the config {directory / WEIGHTS_FILE} was saved with (edited? only "

@@ -259,14 +259,11 @@ class ClipPipeline:
     def clips(self, path: str | os.PathLike, windows: list[Window]) -> np.ndarray:
         """float32 (B, F, 3, S, S): `preprocess(decode(...))`, with frames preprocessed as they are decoded
         (`preprocessed`): at most GROUP_BYTES of full-size frames (one frame at least) are held, not B x F frames."""
-        t0 = time.perf_counter()
-        spent = self.times.seconds.get("preprocess", 0.0)
-        done = dict(self.preprocessed(iter_frames(path, [i for w in windows for i in w.indices], self.backend)))
-        clips = np.stack([np.stack([done[i] for i in w.indices]) for w in windows])
-        spent = self.times.seconds.get("preprocess", 0.0) - spent
-        self.times.add("decode", time.perf_counter() - t0 - spent, len(windows))
+        frames = iter_frames(path, [i for w in windows for i in w.indices], self.backend)
+        done = dict(self.preprocessed(_timed(frames, self.times)))
+        self.times.add("decode", 0.0, len(windows))
         self.times.add("preprocess", 0.0, len(windows))
-        return clips
+        return np.stack([np.stack([done[i] for i in w.indices]) for w in windows])
 
     def batches(
         self, path: str | os.PathLike, windows: list[Window], batch: int, threads: int = 0, cut_every: int | None = None

@@ -47,6 +47,7 @@ import numpy as np
 
 from egovlp_deploy.decoding import VideoReadError
 
+from ..checkpoint import atomic_temp_names
 from ..folder_lock import exclusive_writer
 from ..path_text import utf8_path
 from .clip_pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
@@ -66,9 +67,8 @@ _NAMES = r"(part-\d{5}\.safetensors|progress\.json)"
 _OURS = re.compile(rf"{_NAMES}|\.{_NAMES}\..+\.tmp")
 _PART = re.compile(r"part-\d{5}\.safetensors")
 TENSORS = ("features", "timestamps", "video_cls", "text_tokens", "text_mask")  # the tensors an output may hold
-# The temp files `atomic_write_bytes` leaves where a kill stops it while it writes an output's file:
-# .<name>.<safetensors, json or <tensor>.npy>.<mkstemp's 8 characters>.tmp
-_TEMP = r"\.{name}\.(safetensors|json|(" + "|".join(TENSORS) + r")\.npy)\.[a-z0-9_]{{8}}\.tmp"
+# The files of an output <name>, after its name: .safetensors, .json or .<tensor>.npy
+_OUTPUT_SUFFIXES = r"\.(safetensors|json|(" + "|".join(TENSORS) + r")\.npy)"
 
 
 def _base_name(path: Path) -> str:
@@ -182,7 +182,7 @@ def _write(out: Path, name: str, fmt: str, tensors: dict[str, np.ndarray], meta:
     this output that a kill stopped go too."""
     from egovlp_deploy.checkpoint import atomic_write_bytes, stable_safetensors
 
-    temp = re.compile(_TEMP.format(name=re.escape(name)))
+    temp = atomic_temp_names(re.escape(name) + _OUTPUT_SUFFIXES)  # the temp files of a killed write of this output
     for f in out.glob(f".{glob.escape(name)}.*.tmp"):
         if temp.fullmatch(f.name) and f.is_file():
             f.unlink()

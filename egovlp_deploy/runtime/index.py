@@ -44,6 +44,7 @@ import numpy as np
 
 from egovlp_deploy.decoding import VideoReadError
 
+from ..checkpoint import atomic_temp_names
 from ..folder_lock import exclusive_writer
 from ..jsonfile import read_json
 from ..path_text import printable, utf8_path
@@ -70,11 +71,10 @@ INDEX_FILE = "index.json"
 FORMAT = "egovlp-deploy-index"
 VERSION = 1
 SETTINGS = ("frames", "window_sec", "stride_sec", "prefixes", "prefix_dtype", "mode")
-# The files `index` writes: shards/<video>-<part>.safetensors, and the temp files of atomic_write_bytes
-# (egovlp_deploy/checkpoint.py: tempfile.mkstemp beside the target, `.<name>.<8 random characters>.tmp`).
+# The files `index` writes: shards/<video>-<part>.safetensors, and the temp files of atomic_write_bytes.
 SHARD_NAME = re.compile(r"\d{5,}-\d{5,}\.safetensors")
-SHARD_TEMP = re.compile(r"\.\d{5,}-\d{5,}\.safetensors\.[a-z0-9_]{8}\.tmp")
-INDEX_TEMP = re.compile(r"\.index\.json\.[a-z0-9_]{8}\.tmp")
+SHARD_TEMP = atomic_temp_names(SHARD_NAME.pattern)
+INDEX_TEMP = atomic_temp_names(r"index\.json")
 REBUILD = "the index file is damaged: build the index again into a new folder"
 REPAIR = "rerun the same `egovlp-deploy index` command (the same videos and --out) to encode its windows again"
 
