@@ -5,6 +5,7 @@
     OUT/engines/   ONNX engines of the four runtime roles + manifest.json (export API, validated against PyTorch)
     OUT/index/     the held-out videos' annotated clips, indexed with fusion prefixes
     OUT/report.json, OUT/report.md   what is printed at the end
+    OUT/demo.json  written first: marks the folder as the demo's, which --force may replace (and no other folder)
 
 Then: sample searches (top hits with timestamps; a hit is correct when its clip's narration is the query),
 text->clip R@1 over every held-out clip (a query's correct clips are those with its exact narration; chance is
@@ -16,11 +17,14 @@ the same time, not a longer demo; the printed step count says which.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
+
+from egovlp_deploy.path_text import printable
 
 DESCRIPTION = __doc__
 SAMPLE_QUERIES = 4
@@ -28,7 +32,7 @@ SAMPLE_QUERIES = 4
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="demo_out", metavar="DIR", help="output folder (default: demo_out)")
-    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("--force", action="store_true", help="replace the OUT of an earlier demo (no other folder)")
     # The defaults trade the demo's length against the trained model's accuracy: fewer videos and steps give a much
     # weaker model. With them the demo takes about 4 minutes on a quiet 2-core CPU (more with a fresh clone's
     # setup), the training stopped by its 2.2-minute budget (BENCHMARKS.md, "The demo").
@@ -46,6 +50,43 @@ def add_arguments(p) -> None:
         action="store_true",
         help="a plumbing check in about a minute: tiny data, a few steps (accuracy meaningless)",
     )
+
+
+# The demo's folder: a marker written first, then these entries (and the hidden temp names of their atomic writes).
+MARKER, MARKER_FORMAT = "demo.json", "egovlp-deploy demo"
+WRITTEN = frozenset({MARKER, "data", "run", "engines", "index", "report.json", "report.md"})
+_TEMP = re.compile(r"\.(" + "|".join(re.escape(n) for n in sorted(WRITTEN)) + r")[.-].+")
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise unless `out` is a demo folder holding only what the demo writes (what --force may delete)."""
+    from egovlp_deploy.data import synth
+
+    marker = out / MARKER
+    try:
+        ours = json.loads(marker.read_text(encoding="utf-8")).get("format") == MARKER_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:  # a demo folder without the marker: its data is a synthetic dataset
+        try:
+            meta = json.loads((out / "data" / "meta.json").read_text(encoding="utf-8"))
+            ours = meta.get("generator") == synth.GENERATOR
+        except (OSError, ValueError, AttributeError):
+            ours = False
+    if not ours:
+        raise ValueError(
+            f"{out}: not a folder written by egovlp-deploy demo (no {MARKER}); --force replaces only such a folder, "
+            "and nothing was deleted. Give a new or empty folder"
+        )
+    others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN and not _TEMP.fullmatch(p.name))
+    if others:
+        shown = ", ".join(printable(n) for n in others[:5])
+        if len(others) > 5:
+            shown += f" and {len(others) - 5} more"
+        raise ValueError(
+            f"{out}: holds files the demo did not write ({shown}); --force would delete them, so nothing was "
+            "deleted. Move them out or give another folder"
+        )
 
 
 class _Clock:
@@ -85,11 +126,17 @@ def run_demo(
 
     if quick:
         train_videos, eval_videos, steps, train_minutes = 4, 2, 3, 0.5
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ValueError(f"{out}: not empty (pass --force to replace it)")
+        check_replaceable(out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    from egovlp_deploy.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(out / MARKER, json.dumps({"format": MARKER_FORMAT}).encode())  # --force may replace it later
     clock = _Clock()
 
     # 1. data

@@ -49,8 +49,9 @@ from pathlib import Path
 import numpy as np
 
 from .. import vocabulary as vocab
+from ..path_text import printable
 from .egoclip import EGOCLIP_COLUMNS
-from .synth_downstream import write_downstream
+from .synth_downstream import CHARADES_DIR, EPIC_DIR, write_downstream
 
 GENERATOR = "egovlp-deploy synth"
 GENERATOR_VERSION = "1.1"
@@ -539,8 +540,10 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ValueError(f"{out}: not empty (pass --force to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ValueError(f"{out}: not empty (pass --force to replace it)")
+        check_replaceable(out)
     t0 = time.perf_counter()
     plans = {
         split: [
@@ -632,6 +635,33 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
     }
 
 
+# What `generate` writes at the top of its folder: --force replaces a folder only if it holds nothing else.
+WRITTEN = frozenset({"videos", "egoclip.csv", "egoclip_eval.csv", "egomcq.json", "meta.json", EPIC_DIR, CHARADES_DIR})
+
+
+def check_replaceable(out: Path) -> None:
+    """Raise unless `out` is a dataset this generator wrote and holds nothing else (what --force may delete)."""
+    meta = out / "meta.json"
+    try:
+        ours = meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ValueError(
+            f"{out}: not a dataset written by egovlp-deploy synth (no meta.json of ours); --force replaces only "
+            "such a folder, and nothing was deleted. Give a new or empty folder"
+        )
+    others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
+    if others:
+        shown = ", ".join(printable(n) for n in others[:5])
+        if len(others) > 5:
+            shown += f" and {len(others) - 5} more"
+        raise ValueError(
+            f"{out}: holds files synth did not write ({shown}); --force would delete them, so nothing was deleted. "
+            "Move them out or give another folder"
+        )
+
+
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Move the finished temp dir onto `out`; an old `out` is moved aside first and deleted only afterwards."""
     if out.is_dir() and any(out.iterdir()):
@@ -648,7 +678,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The `synth` options, for a stand-alone parser or an `egovlp-deploy synth` subparser."""
     parser.add_argument("out", metavar="OUT", help="output directory (created; must be empty unless --force)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
+    parser.add_argument("--force", action="store_true", help="replace a dataset synth wrote earlier (no other folder)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     sizes = parser.add_argument_group("sizes (defaults fit a 10-minute CPU training run of the tiny model)")
     sizes.add_argument(

@@ -353,6 +353,8 @@ def extract_features(
     roles = ("video_encoder",) if mode == "dual" else ("text_encoder", "video_fusion_prefix", "fusion_head")
     runtime.check_roles(*roles)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_writer(out, "features folder", ValueError):
         return _extract(

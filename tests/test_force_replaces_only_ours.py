@@ -1,0 +1,108 @@
+"""`synth --force` and `demo --force` replace a folder only if they wrote it and it holds nothing else: a mistyped
+--out (a home folder, a project, a dataset) is refused with nothing deleted."""
+
+import json
+
+import pytest
+
+from egovlp_deploy import demo
+from egovlp_deploy.data import synth
+
+SMALL = {"train_videos": 2, "eval_videos": 2, "clips_per_video": 2, "clip_seconds": 1.0, "fps": 4, "size": 64}
+
+
+def _tree(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.fixture
+def users_folder(tmp_path):
+    folder = tmp_path / "mine"
+    (folder / "videos").mkdir(parents=True)
+    (folder / "videos" / "holiday.mp4").write_bytes(b"not ours")
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+def test_synth_force_refuses_a_folder_it_did_not_write(users_folder):
+    before = _tree(users_folder)
+    with pytest.raises(ValueError, match="not a dataset written by egovlp-deploy synth.*nothing was deleted"):
+        synth.generate(users_folder, force=True, **SMALL)
+    assert _tree(users_folder) == before
+
+
+def test_synth_force_refuses_its_dataset_holding_other_files(tmp_path):
+    out = tmp_path / "ds"
+    synth.generate(out, **SMALL)
+    (out / "my_features").mkdir()
+    (out / "my_features" / "a.npy").write_bytes(b"x")
+    with pytest.raises(ValueError, match="did not write \\(my_features\\)"):
+        synth.generate(out, force=True, seed=1, **SMALL)
+    assert (out / "my_features" / "a.npy").read_bytes() == b"x"
+    assert json.loads((out / "meta.json").read_text())["seed"] == 0
+
+
+def test_synth_force_replaces_its_own_dataset(tmp_path):
+    out = tmp_path / "ds"
+    synth.generate(out, **SMALL)
+    synth.generate(out, force=True, seed=1, **SMALL)
+    assert json.loads((out / "meta.json").read_text())["seed"] == 1
+
+
+def test_demo_force_refuses_a_folder_it_did_not_write(users_folder, monkeypatch):
+    def never(*a, **k):
+        raise AssertionError("the demo started on a folder it must not replace")
+
+    monkeypatch.setattr(synth, "generate", never)
+    before = _tree(users_folder)
+    with pytest.raises(ValueError, match="not a folder written by egovlp-deploy demo.*nothing was deleted"):
+        demo.run_demo(users_folder, force=True)
+    assert _tree(users_folder) == before
+
+
+def test_demo_marks_its_folder_first_so_an_interrupted_demo_is_replaced(tmp_path, monkeypatch):
+    """The demo stopped during its first stage: the folder holds the marker and the dataset's temp folder, and
+    `demo --force` (what the Ctrl-C advice says) starts again."""
+    out = tmp_path / "demo_out"
+    calls = []
+
+    def stopped(folder, *a, **k):
+        calls.append(sorted(p.name for p in out.iterdir()))
+        (out / ".data.tmp-abc123").mkdir()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "generate", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out)
+    assert json.loads((out / demo.MARKER).read_text()) == {"format": demo.MARKER_FORMAT}
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(out, force=True)
+    assert calls == [[demo.MARKER], [demo.MARKER]]  # the second run started on a fresh folder
+
+
+def test_demo_force_refuses_its_folder_holding_other_files(tmp_path):
+    out = tmp_path / "demo_out"
+    (out / "data").mkdir(parents=True)
+    (out / demo.MARKER).write_text(json.dumps({"format": demo.MARKER_FORMAT}))
+    (out / "thesis.tex").write_text("keep me")
+    with pytest.raises(ValueError, match="did not write \\(thesis.tex\\)"):
+        demo.run_demo(out, force=True)
+    assert (out / "thesis.tex").read_text() == "keep me"
+
+
+def test_a_demo_folder_without_the_marker_is_known_by_its_dataset(tmp_path):
+    out = tmp_path / "demo_out"
+    synth.generate(out / "data", **SMALL)
+    (out / "report.md").write_text("")
+    demo.check_replaceable(out)  # no error: a demo folder written before the marker existed
+    (out / "data" / "meta.json").write_text(json.dumps({"generator": "someone else"}))
+    with pytest.raises(ValueError, match="not a folder written by egovlp-deploy demo"):
+        demo.check_replaceable(out)
+
+
+def test_demo_out_naming_a_file_is_a_clear_error(tmp_path):
+    target = tmp_path / "afile"
+    target.write_text("x")
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        demo.run_demo(target)
+    assert target.read_text() == "x"
