@@ -510,6 +510,28 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return self.storages[key]
 
 
+def is_safetensors_file(path: Path) -> bool:
+    """Whether the file starts as safetensors does: an 8-byte little-endian header length within the file, then
+    the JSON header's opening brace."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
+def _not_zip_reason(path: Path, exc: Exception) -> str:
+    """What a file that is not a torch zip archive is, for the error that refuses it."""
+    if is_safetensors_file(path):
+        return "a safetensors file, not a torch checkpoint: give the folder that holds it with its config.json"
+    with open(path, "rb") as f:
+        first = f.read(1)
+    if first == b"\x80":  # a pickle protocol opcode: torch's format before its zip archives (torch < 1.6)
+        return (
+            "a torch checkpoint in the legacy (pre-1.6, non-zip) format, which only unpickling reads, and a "
+            "checkpoint is never unpickled here: re-save it with torch.save (torch >= 1.6) where you trust it"
+        )
+    return f"not a torch zip checkpoint, or truncated (zip directory unreadable: {exc})"
+
+
 def read_torch_checkpoint(path: str | os.PathLike) -> Any:
     """Read a `torch.save` zip archive like `torch.load`, but without running any pickled code."""
     path = Path(path)
@@ -518,9 +540,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile as exc:
-        raise CheckpointError(
-            f"{path}: not a torch zip checkpoint, or truncated (zip directory unreadable: {exc})"
-        ) from exc
+        raise CheckpointError(f"{path}: {_not_zip_reason(path, exc)}") from exc
     with archive:
         names = archive.namelist()
         if len(set(names)) != len(names):  # readers differ on which copy they take: the tensors would be ambiguous

@@ -6,7 +6,7 @@ A model comes from
   optionally filled from pretrained files (an image ViT-B/16, a Hugging Face roberta-base folder);
 - an official `.pth` (read without executing pickled code);
 - a `save_pretrained` directory, a trainer checkpoint `step_N/` (verified against its MANIFEST.json) or a trainer
-  run directory (its newest checkpoint that verifies);
+  run directory (its newest checkpoint that verifies); the `model.safetensors` of either stands for its folder;
 - `random:tiny` / `random:base`: seeded random weights, for benchmarks and smoke tests.
 Any of them at another frame count: the temporal embedding is resized by the official rule.
 """
@@ -23,13 +23,14 @@ from ..checkpoint import (
     MANIFEST,
     CheckpointError,
     checkpoint_hashes,
+    is_safetensors_file,
     latest_valid_checkpoint,
     resize_temporal_embed,
     verify_checkpoint,
 )
 from ..config import ConfigError, EgoVLPv2Config
 from ..hashing import sha256_tree
-from .egovlp import EgoVLPv2
+from .egovlp import CONFIG_FILE, WEIGHTS_FILE, EgoVLPv2
 
 PRESETS = ("tiny", "base")
 RANDOM_PREFIX = "random:"
@@ -101,6 +102,17 @@ def checkpoint_kind(path: Path) -> str:
     return "trainer" if (path / MANIFEST).is_file() else "pretrained"
 
 
+def _folder_of_weights(path: Path) -> Path:
+    """The folder a `model.safetensors` named on its own belongs to (its config.json is beside it): the model is the
+    folder, which `save_pretrained` and the trainer write whole."""
+    if path.name == WEIGHTS_FILE and (path.parent / CONFIG_FILE).is_file():
+        return path.parent
+    raise CheckpointError(
+        f"{path}: a safetensors weights file without its folder ({CONFIG_FILE} beside a {WEIGHTS_FILE}); give the "
+        "folder save_pretrained or the trainer wrote, or an official .pth"
+    )
+
+
 def load_model(source: str | os.PathLike, frames: int | None = None) -> tuple[EgoVLPv2, dict]:
     """(model in eval mode, source info {path, kind, sha256}) from any source the module docstring lists, at
     `frames` frames per clip (None: the checkpoint's own; 4 for random weights). Raises CheckpointError for an
@@ -115,6 +127,8 @@ def load_model(source: str | os.PathLike, frames: int | None = None) -> tuple[Eg
     path = Path(text)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.is_file() and is_safetensors_file(path):
+        path = _folder_of_weights(path)
     kind = checkpoint_kind(path)
     if kind == "run":
         step = latest_valid_checkpoint(path / "checkpoints")  # the newest one that verifies
