@@ -15,20 +15,21 @@ Output: OUT/<name>.safetensors (or `.npy` files per tensor with --format npy) an
 written atomically. <name> is the video's stem (`<folder>_<stem>` for the EgoClip chunk layout `<uid>/<n>.mp4`),
 with `-<8 hex of the source path's sha256>` appended where two inputs of the run share it or OUT already holds that
 name (an output, or a partial one as below) for another source, so no two videos ever share an output. A video is
-skipped only when its sidecar records the same source file (path, size, mtime), settings, model and format and every
-tensor file it lists is there; the others are written. Rewriting a video's output (other settings, format or mode)
-first removes the earlier output's files that the new one does not replace (those its sidecar lists), then that
-sidecar, so an output never holds files of two runs' settings and a kill meanwhile leaves the video not done.
+skipped only when its sidecar records the same source file (path, size, mtime), settings, model, engines (backend
+and precision) and format and every tensor file it lists is there; the others are written. Rewriting a video's
+output (other settings, engines, format or mode) first removes the earlier output's files that the new one does not
+replace (those its sidecar lists), then that sidecar, so an output never holds files of two runs' settings and a
+kill meanwhile leaves the video not done.
 
 Resuming inside a video: a video is encoded in parts of `commit_every` windows (--commit-every, default 32), and
 every part but the last is committed to the work folder OUT/.partial/<name>/: part-NNNNN.safetensors (temp file +
 rename), then progress.json (also temp + rename, the commit point), which lists the parts and records the source
-file, settings, model and window plan they were made with. A killed run so loses at most the part in progress: the
-next run of the same source with the same settings and model continues from the first window not committed and
-writes the same output, bit for bit, as an uninterrupted run; a record of another file, settings or model is
-discarded. The output is assembled from the parts and written as above, then the work folder is removed. Only the
-names this tool writes there (parts, progress.json, their temp files) are ever deleted; any other file stays, and
-so does its folder.
+file, settings (model and engines among them) and window plan they were made with. A killed run so loses at most the
+part in progress: the next run of the same source with the same settings continues from the first window not
+committed and writes the same output, bit for bit, as an uninterrupted run; a record of another file or other
+settings is discarded. The output is assembled from the parts and written as above, then the work folder is
+removed. Only the names this tool writes there (parts, progress.json, their temp files) are ever deleted; any other
+file stays, and so does its folder.
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def _occupied(out: Path, name: str) -> bool:
 def _settings(runtime: Runtime, mode: str, frames: int, stride: int, queries: list[str]) -> dict:
     return {
         "model_id": runtime.model_id,
+        # features of another backend or precision differ in their last digits (int8: more): not the same output
+        "engines": {"backend": runtime.backend, "precision": runtime.precision},
         "mode": mode,
         "window_frames": frames,
         "stride_frames": stride,
