@@ -83,6 +83,9 @@ def describe(path: str | os.PathLike, engines: str | os.PathLike | None = None) 
         index_version, created, updated, model_id
         engines          the engines folder the index was built with (as recorded)
         engines_manifest_sha256  that export's manifest hash (null for indexes written before it was recorded)
+        exports          [{"engines", "engines_manifest_sha256", "backend", "precision", "windows"}]: the export
+                         that built the index first (the fields above), then each other export or precision that
+                         extended it, with the clips each encoded
         engines_now      the engines at `engines=` (or else at the recorded folder) as they are now:
                          {"path", "model_id", "manifest_sha256", "same_model", "same_export"}, or {"path", "error"}
         backend, precision, settings, embed_dim
@@ -267,7 +270,7 @@ def _engines_now(data: dict, engines: str | os.PathLike | None) -> dict:
 
 
 def _index(folder: Path, engines: str | os.PathLike | None) -> dict:
-    from .runtime.index import display_names, read_index_json, shard_path
+    from .runtime.index import display_names, exports, read_index_json, shard_path
 
     data = read_index_json(folder)
     videos = data.get("videos", [])
@@ -281,6 +284,7 @@ def _index(folder: Path, engines: str | os.PathLike | None) -> dict:
         "engines": data.get("engines"),
         "engines_manifest_sha256": data.get("engines_manifest_sha256"),
         "engines_now": _engines_now(data, engines),
+        "exports": exports(data),
         "backend": data.get("backend"),
         "precision": data.get("precision"),
         "settings": data.get("settings"),
@@ -382,6 +386,14 @@ def format_description(d: dict, max_videos: int = 20) -> str:
                 f"{d['engines']} ({d['backend']}, {d['precision']}; manifest sha256 {sha or 'not recorded'})",
             )
         )
+        for e in d.get("exports", [])[1:]:  # the exports that extended it
+            rows.append(
+                (
+                    "extended with",
+                    f"{e['engines']} ({e['backend']}, {e['precision']}; manifest sha256 "
+                    f"{e['engines_manifest_sha256']}): {e['windows']} clips",
+                )
+            )
         now = d["engines_now"]
         if "error" in now:
             rows.append(("engines now", f"{now['path']}: cannot be read ({now['error']})"))

@@ -8,12 +8,20 @@ Layout (safe formats only: JSON and safetensors, nothing is unpickled):
         timestamps  (n, 2) float64      [start_sec, end_sec] of each window
         video_prefix (n, T, Dv)         fusion-mode video states (only with prefixes=True; float32 or float16)
 
-Crash safety: a shard is written under a temp name and renamed, and only then is index.json rewritten (also temp +
-rename) to list it. index.json therefore only ever names complete shards; a run killed at any point leaves at most
-one unlisted shard, which the next run overwrites (same name) or removes. Resuming continues each video from its
-first window not yet listed, so a killed run never re-encodes committed windows and never duplicates them. A listed
-shard that is missing or unreadable (deleted, truncated, another model's) is uncommitted by the next run over its
-video, from that shard on, and those windows are encoded again: rerunning the same `index` command repairs it.
+Crash safety: a shard is written under a temp name and renamed, and only later is index.json rewritten (also temp +
+rename) to list it: once `commit_every` windows are written since the last commit (across videos, so an index of
+many short videos is not rewritten per video), and at the end of the run. index.json therefore only ever names
+complete shards; a run killed at any point leaves unlisted shards of fewer than `commit_every` windows, which the
+next run overwrites (same names) or removes. Resuming continues each video from its first window not yet listed,
+so a killed run never re-encodes committed windows and never duplicates them. A listed shard that is missing or
+unreadable (deleted, truncated, another model's) is uncommitted by the next run, from that shard on, and those
+windows are encoded again (or, where the video's file is gone, left out): rerunning `index` repairs it. index.json
+is compact JSON, each video's entry encoded once per change, so a commit costs a copy of the file.
+
+Videos over time: a video is known by its resolved path, with its size, modification time and a content sample
+(sha256 of its first and last 64 KiB). A file whose size, time or sample changed is indexed again; a new path whose
+file is an indexed video whose file is gone (the same size, windows and sample) is that video moved or renamed: the
+entry takes the new path and keeps its shards (each shard listed with the path it was written for).
 
 Ownership: a folder is an index only if it holds index.json in this format, written before anything else. `index`
 refuses a non-empty folder without it, and in an index deletes only the files it writes itself (shard names and
@@ -26,7 +34,9 @@ as the manifest states them) and refuses engines of another model, whose embeddi
 It also records which export built it (`engines_manifest_sha256`, the sha256 of the engines' manifest.json): any
 export of the same model may search it (another precision, or the same checkpoint exported again), and where the
 export differs from the recorded one, `search` says so and `egovlp-deploy info INDEX` shows both hashes. Indexes
-written before the hash was recorded have no such field and are read as they are.
+written before the hash was recorded have no such field and are read as they are. A run with another export,
+backend or precision than the one recorded at the top level appends it to `other_exports`, and each shard it
+writes names it (`export`: its number in `exports(data)`), so `info` and `search` say which encoded what.
 """
 
 from __future__ import annotations
@@ -87,15 +97,70 @@ def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
+SAMPLE_BYTES = 1 << 16  # the bytes read from each end of a video for its content sample
+
+
 def _fingerprint(path: Path) -> dict:
     st = path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _sample_sha256(path: Path) -> str:
+    """sha256 of a video's size and its first and last SAMPLE_BYTES: what tells a file from another of the same
+    size and modification time, and finds a moved file again, without reading whole videos on every run (a
+    container's header and index, at its start or end, differ between any two recordings)."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.sha256(str(size).encode() + b"\0" + f.read(SAMPLE_BYTES))
+        if size > SAMPLE_BYTES:
+            f.seek(max(SAMPLE_BYTES, size - SAMPLE_BYTES))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
+
+
+def _compact(obj) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def _write_json(path: Path, data: dict) -> None:
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
-    atomic_write_bytes(path, json.dumps(data, indent=1).encode())
+    atomic_write_bytes(path, _compact(data))
+
+
+class _IndexWriter:
+    """Writes a run's index.json (atomically, as one compact JSON object). Each video's entry is encoded once and
+    again only after `write` is told it changed, so a commit into an index of many videos costs a copy of the
+    file's bytes, not an encoding of every entry (which grew with the index and made building one quadratic)."""
+
+    def __init__(self, path: Path, data: dict) -> None:
+        self.path, self.data = path, data
+        self._encoded: dict[int, tuple[dict, bytes]] = {}  # id(entry) -> (entry, its JSON); the entry held keeps
+        # its id from being reused by a new entry
+        self.dirty = False  # an entry changed since the last write
+
+    def touch(self, entry: dict) -> None:
+        """`entry` changed: encode it again at the next write."""
+        self._encoded.pop(id(entry), None)
+        self.dirty = True
+
+    def write(self, *changed: dict) -> None:
+        from egovlp_deploy.checkpoint import atomic_write_bytes
+
+        for entry in changed:
+            self._encoded.pop(id(entry), None)
+        self.dirty = False
+        parts = []
+        for entry in self.data["videos"]:
+            cached = self._encoded.get(id(entry))
+            if cached is None or cached[0] is not entry:
+                cached = self._encoded[id(entry)] = (entry, _compact(entry))
+            parts.append(cached[1])
+        head = _compact({k: v for k, v in self.data.items() if k != "videos"})
+        head = head[:-1] + (b"," if len(head) > 2 else b"") + b'"videos":['
+        atomic_write_bytes(self.path, head + b",".join(parts) + b"]}")
 
 
 def _save_shard(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> None:
@@ -167,8 +232,8 @@ def read_shard(
                     f"{path}: a {of} written by another model ({model or 'none recorded'}; the index "
                     f"is model {data['model_id']}), copied from another index?{advice}"
                 )
-            written_for = metadata.get("video")
-            if written_for is not None and written_for != utf8_path(video["path"]):
+            written_for = metadata.get("video")  # the video's path when the shard was written (it may move since)
+            if written_for is not None and written_for != utf8_path(shard.get("video", video["path"])):
                 raise IndexFileError(
                     f"{path}: listed as a {of} but written for {written_for} (two runs wrote this index at once, "
                     f"or the shard was copied){advice}"
@@ -227,6 +292,7 @@ _VIDEO_FIELDS = {
     "number": _is_int,
 }
 _SHARD_FIELDS = {"file": lambda v: isinstance(v, str) and bool(v), "start": _is_int, "count": _is_int}
+# Optional: "video", the path the shard was written for where the video has moved since.
 
 
 def _check_fields(path: Path, data: dict) -> None:
@@ -243,12 +309,19 @@ def _check_fields(path: Path, data: dict) -> None:
                 raise IndexFileError(f"{path}: {where}{key} is missing or not valid ({shown}); {REBUILD}")
 
     check(data, _TOP_FIELDS, "")
+    others = data.get("other_exports", [])
+    if not isinstance(others, list) or not all(isinstance(e, dict) for e in others):
+        raise IndexFileError(f"{path}: other_exports is not a list of exports; {REBUILD}")
     if not isinstance(data["settings"].get("prefixes", False), bool):
         raise IndexFileError(f"{path}: settings.prefixes is not true or false; {REBUILD}")
     for i, video in enumerate(data["videos"]):
         check(video, _VIDEO_FIELDS, f"videos[{i}].")
         for j, shard in enumerate(video["shards"]):
             check(shard, _SHARD_FIELDS, f"videos[{i}].shards[{j}].")
+            if not isinstance(shard.get("video", ""), str):
+                raise IndexFileError(f"{path}: videos[{i}].shards[{j}].video is not a path; {REBUILD}")
+            if not (_is_int(shard.get("export", 0)) and shard.get("export", 0) <= len(data.get("other_exports", []))):
+                raise IndexFileError(f"{path}: videos[{i}].shards[{j}].export names no export; {REBUILD}")
         if video["done"] != sum(shard["count"] for shard in video["shards"]) or video["done"] > video["windows"]:
             raise IndexFileError(
                 f"{path}: videos[{i}] says {video['done']} of {video['windows']} windows indexed, its shards hold "
@@ -256,16 +329,64 @@ def _check_fields(path: Path, data: dict) -> None:
             )
 
 
+EXPORT_FIELDS = ("engines", "engines_manifest_sha256", "backend", "precision")
+
+
+def _export_of(runtime: Runtime) -> dict:
+    """What encoded a run's windows: the engines folder, its export (manifest sha256), backend and precision."""
+    return {
+        "engines": str(runtime.folder.path.resolve()),
+        "engines_manifest_sha256": runtime.folder.manifest_sha256,
+        "backend": runtime.backend,
+        "precision": runtime.precision,
+    }
+
+
+def _same_export(a: dict, b: dict) -> bool:
+    """The same export run the same way (the folder may have moved); an index that did not record its export
+    (no manifest sha256) is taken as any export's."""
+    same_run = all(a.get(k) == b.get(k) for k in ("backend", "precision"))
+    sha = a.get("engines_manifest_sha256"), b.get("engines_manifest_sha256")
+    return same_run and (None in sha or sha[0] == sha[1])
+
+
+def exports(data: dict) -> list[dict]:
+    """The exports whose embeddings the index holds, each with `windows` (how many): the one index.json's top
+    level records (which built the index first), then those that extended it (`other_exports`; a shard they wrote
+    names its export's number in this list as `export`)."""
+    found = [{k: data.get(k) for k in EXPORT_FIELDS}] + [dict(e) for e in data.get("other_exports", [])]
+    for e in found:
+        e["windows"] = 0
+    for v in data["videos"]:
+        for s in v["shards"]:
+            found[s.get("export", 0)]["windows"] += s["count"]
+    return found
+
+
 def other_export(data: dict, runtime: Runtime) -> str | None:
-    """A note when `runtime` runs the index's model from another export than the one that built the index (None:
-    the same export, another model, or an index that did not record its export)."""
-    recorded = data.get("engines_manifest_sha256")
-    if recorded is None or data["model_id"] != runtime.model_id or recorded == runtime.folder.manifest_sha256:
+    """A note when `runtime` runs the index's model from another export than the one that built the index, or the
+    index holds the embeddings of several exports (None: one export, this one; another model; or an index that did
+    not record its export)."""
+    if data["model_id"] != runtime.model_id:
+        return None
+    used = [e for e in exports(data) if e["windows"]] or exports(data)[:1]
+    if len(used) > 1:
+        listed = "; ".join(
+            f"{e['windows']} from {e['engines']} ({e['backend']}, {e['precision']}, manifest sha256 "
+            f"{(e['engines_manifest_sha256'] or 'not recorded')[:12]})"
+            for e in used
+        )
+        return (
+            f"note: the index holds the clip embeddings of {len(used)} exports or precisions of its model ({listed}); "
+            "they are comparable, scores may differ slightly"
+        )
+    recorded = used[0]["engines_manifest_sha256"]
+    if recorded is None or recorded == runtime.folder.manifest_sha256:
         return None
     return (
         f"note: the engines at {runtime.folder.path} are another export of the index's model (manifest sha256 "
         f"{runtime.folder.manifest_sha256[:12]}, the index was built with {recorded[:12]} from "
-        f"{data.get('engines')}); the embeddings are comparable, scores may differ slightly"
+        f"{used[0]['engines']}); the embeddings are comparable, scores may differ slightly"
     )
 
 
@@ -377,10 +498,7 @@ def _extend_index(
             "version": VERSION,
             "model_id": runtime.model_id,
             "manifest_source": runtime.folder.manifest.source_checkpoint,
-            "engines": str(runtime.folder.path.resolve()),
-            "engines_manifest_sha256": runtime.folder.manifest_sha256,
-            "backend": runtime.backend,
-            "precision": runtime.precision,
+            **_export_of(runtime),
             "settings": wanted,
             "embed_dim": runtime.folder.config.projection_dim,
             "created": _now(),
@@ -396,9 +514,28 @@ def _extend_index(
     _remove_unlisted_shards(out, data)
     times = StageTimes()
     pipe = ClipPipeline(settings.frames, cfg.img_size, decode_backend, times=times)
+    writer = _IndexWriter(out / INDEX_FILE, data)
+    export = _export_of(runtime)  # recorded with each shard it writes where it is not the index's first
+    known = exports(data)
+    export_number = next((i for i, e in enumerate(known) if _same_export(e, export)), len(known))
+    pending = 0  # windows in shards written since index.json was last written
+
+    def write(*changed: dict) -> None:
+        """Rewrite index.json (`changed`: the entries edited since the last write); every shard written so far
+        is complete, so it may list them all."""
+        nonlocal pending
+        data["updated"] = _now()
+        writer.write(*changed)
+        pending = 0
+
     by_path = {v["path"]: v for v in data["videos"]}
+    number = max((v["number"] for v in data["videos"]), default=-1) + 1  # the next video's shard number
     planned, unreadable, notes = _plan(paths, settings, segments, decode_backend, progress)
     failures += unreadable
+    gone_by_size: dict[int, list[dict]] = {}  # entries whose file is gone: a planned file may be one of them, moved
+    for v in data["videos"]:
+        if not os.path.lexists(v["path"]):
+            gone_by_size.setdefault(v["fingerprint"].get("size"), []).append(v)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -406,33 +543,50 @@ def _extend_index(
         bar = tqdm(total=sum(len(windows) for _, windows, _ in planned), unit="clip", desc="index", dynamic_ncols=True)
     t_start = time.perf_counter()
     new_windows = 0
-    committed = sum(v["done"] for v in data["videos"])
     succeeded = 0
     warmed: set[str] = set()  # the encoder stages that ran their first batch
     for path, windows, fps in planned:
         entry = None
         key = str(path.resolve())
         try:
+            try:
+                now = {**_fingerprint(path), "sample_sha256": _sample_sha256(path)}
+            except OSError as exc:
+                raise VideoReadError(path, "unreadable", str(exc)) from exc
             entry = by_path.get(key)
-            if entry is not None and (entry["fingerprint"] != _fingerprint(path) or entry["windows"] != len(windows)):
-                _drop_video(out, data, entry)  # the file changed since it was indexed: index it again
+            if entry is not None and _changed(entry, now, windows, settings):
+                _drop_video(out, data, entry, write)  # the file changed since it was indexed: index it again
                 entry = None
+            elif entry is not None and entry["fingerprint"] != now:  # recorded before the sample was
+                entry["fingerprint"] = now
+                writer.touch(entry)
+            if entry is None:
+                entry = _moved_here(gone_by_size, now, windows, settings)
+                if entry is not None:
+                    notes.append({"path": str(path), "note": f"moved from {entry['path']}: its moments are kept"})
+                    by_path.pop(entry["path"], None)
+                    for s in entry["shards"]:
+                        s.setdefault("video", entry["path"])  # the path its shard was written for
+                    entry.update(path=key, uid=video_uid(path), fingerprint=now)
+                    by_path[key] = entry
+                    write(entry)
             if entry is not None:
-                repaired = _uncommit_broken_shards(out, data, entry)
+                repaired = _uncommit_broken_shards(out, data, entry, write)
                 if repaired:
                     notes.append({"path": str(path), "note": repaired})
             if entry is None:
                 entry = {
                     "path": key,
                     "uid": video_uid(path),
-                    "fingerprint": _fingerprint(path),
+                    "fingerprint": now,
                     "fps": fps,
                     "windows": len(windows),
                     "done": 0,
                     "shards": [],
                     "labels": [w.label for w in windows] if settings.mode == "segments" else None,
-                    "number": max([v["number"] for v in data["videos"]], default=-1) + 1,
+                    "number": number,
                 }
+                number += 1
                 data["videos"].append(entry)
                 by_path[key] = entry
             if bar is not None:
@@ -440,16 +594,22 @@ def _extend_index(
             for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"] :], settings, warmed):
                 name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
                 _save_shard(out / name, tensors, {"model_id": runtime.model_id, "video": utf8_path(key)})
-                entry["shards"].append({"file": name, "start": entry["done"], "count": len(part)})
+                shard = {"file": name, "start": entry["done"], "count": len(part)}
+                if export_number:
+                    if export_number > len(data.get("other_exports", [])):
+                        data.setdefault("other_exports", []).append(export)
+                    shard["export"] = export_number
+                entry["shards"].append(shard)
                 entry["done"] += len(part)
-                data["updated"] = _now()
-                _write_json(out / INDEX_FILE, data)  # the commit: from here on the shard is part of the index
+                writer.touch(entry)
                 new_windows += len(part)
-                committed += len(part)
+                pending += len(part)
+                if pending >= settings.commit_every:  # the commit: from here on the shards are part of the index
+                    write()
+                    if on_commit is not None:
+                        on_commit(sum(v["done"] for v in data["videos"]))
                 if bar is not None:
                     bar.update(len(part))
-                if on_commit is not None:
-                    on_commit(committed)
         except VideoReadError as exc:  # this file cannot be read: report it, index the others
             failure = failure_of(path, exc)
             if entry is not None and entry["done"]:
@@ -463,21 +623,25 @@ def _extend_index(
                 by_path.pop(key, None)
             continue
         succeeded += 1
+    if pending or writer.dirty:
+        write()
+        if pending and on_commit is not None:
+            on_commit(sum(v["done"] for v in data["videos"]))
     if bar is not None:
         bar.close()
     gone = [v for v in data["videos"] if not os.path.lexists(v["path"])]
-    for video in gone if prune else []:
-        _drop_video(out, data, video)
-    notes += [
-        {
-            "path": video["path"],
-            "note": "pruned: the file is gone, its moments are no longer in the index"
-            if prune
-            else "indexed, but the file is gone (moved, renamed or deleted): search still finds its moments; "
-            "`egovlp-deploy index --prune` drops them",
-        }
-        for video in gone
-    ]
+    for video in gone:
+        if prune:
+            _drop_video(out, data, video, write)
+            note = "pruned: the file is gone, its moments are no longer in the index"
+            notes.append({"path": video["path"], "note": note})
+            continue
+        note = (
+            "indexed, but the file is gone (moved, renamed or deleted): search still finds its moments; "
+            "`egovlp-deploy index --prune` drops them"
+        )
+        lost = _uncommit_broken_shards(out, data, video, write, gone=True)
+        notes.append({"path": video["path"], "note": f"{note}; {lost}" if lost else note})
     seconds = time.perf_counter() - t_start
     return {
         "index": str(out),
@@ -580,11 +744,13 @@ def _remove_unlisted_shards(out: Path, data: dict) -> None:
                 p.unlink()
 
 
-def _uncommit_broken_shards(out: Path, data: dict, entry: dict) -> str | None:
-    """Uncommit a video's shards from its first missing, unreadable or damaged one on (index.json is rewritten
-    first; the run then encodes those windows again under the same names); a note saying so, or None when all are
-    sound. Windows are committed in order, so the video resumes from the broken shard's first window. Embeddings and
-    timestamps are checked as search checks them; fusion prefixes, the bulk of the bytes, when a hit reads them."""
+def _uncommit_broken_shards(out: Path, data: dict, entry: dict, write, gone: bool = False) -> str | None:
+    """Uncommit a video's shards from its first missing, unreadable or damaged one on (`write(entry)` rewrites
+    index.json first; the run then encodes those windows again under the same names); a note saying so, or None when
+    all are sound. Windows are committed in order, so the video resumes from the broken shard's first window.
+    gone=True: the video's file is gone, so its windows cannot be encoded again; they leave the index, the sound
+    ones before them stay searchable. Embeddings and timestamps are checked as search checks them; fusion prefixes,
+    the bulk of the bytes, when a hit reads them."""
     for i, s in enumerate(entry["shards"]):
         try:
             tensors = read_shard(out, data, entry, s, ("embeddings", "timestamps"), advice="")
@@ -592,14 +758,54 @@ def _uncommit_broken_shards(out: Path, data: dict, entry: dict) -> str | None:
         except IndexFileError as exc:
             entry["shards"] = entry["shards"][:i]
             entry["done"] = sum(k["count"] for k in entry["shards"])
-            _write_json(out / INDEX_FILE, data)
+            write(entry)
+            if gone:
+                return (
+                    f"its windows {entry['done']}-{entry['windows'] - 1} are taken out of the index, since the file "
+                    f"is not there to encode them again ({exc})"
+                )
             return f"encoding windows {entry['done']}-{entry['windows'] - 1} again ({exc})"
     return None
 
 
-def _drop_video(out: Path, data: dict, entry: dict) -> None:
+def _changed(entry: dict, now: dict, windows: list[Window], settings: IndexSettings) -> bool:
+    """Whether the file of an indexed video is no longer the one indexed: another size, modification time or
+    content sample (recorded since the sample was; an entry without it is taken on size and time), or other
+    windows."""
+    recorded = entry["fingerprint"]
+    return (
+        any(recorded.get(k) != now[k] for k in ("size", "mtime_ns"))
+        or recorded.get("sample_sha256", now["sample_sha256"]) != now["sample_sha256"]
+        or not _same_windows(entry, windows, settings)
+    )
+
+
+def _same_windows(entry: dict, windows: list[Window], settings: IndexSettings) -> bool:
+    return entry["windows"] == len(windows) and (
+        settings.mode != "segments" or entry.get("labels") == [w.label for w in windows]
+    )
+
+
+def _moved_here(gone_by_size: dict[int, list[dict]], now: dict, windows: list[Window], settings) -> dict | None:
+    """The indexed video whose file is gone and which this file is, moved or renamed (or copied, and the original
+    deleted): the same size, windows and content sample (for entries recorded before the sample was: the same
+    modification time, which a move keeps); taken out of `gone_by_size`. None: no such video."""
+    for entry in gone_by_size.get(now["size"], []):
+        recorded = entry["fingerprint"]
+        same = (
+            recorded["sample_sha256"] == now["sample_sha256"]
+            if "sample_sha256" in recorded
+            else recorded.get("mtime_ns") == now["mtime_ns"]
+        )
+        if same and _same_windows(entry, windows, settings):
+            gone_by_size[now["size"]].remove(entry)
+            return entry
+    return None
+
+
+def _drop_video(out: Path, data: dict, entry: dict, write) -> None:
     data["videos"] = [v for v in data["videos"] if v is not entry]
-    _write_json(out / INDEX_FILE, data)  # uncommit first, then delete: a crash in between leaves only orphans
+    write()  # uncommit first, then delete: a crash in between leaves only orphans
     for s in entry["shards"]:
         path = _shard_file_of_ours(out, s.get("file"))  # a path elsewhere, or a name not ours, is left alone
         if path is not None:
