@@ -458,24 +458,46 @@ def _check_entry_paths(directory: Path, entry: ArtifactEntry) -> list[tuple[Path
     return out
 
 
-def verify_artifact(directory: str | os.PathLike, entry: ArtifactEntry, manifest_tools: dict | None = None) -> Path:
+def verify_artifact(
+    directory: str | os.PathLike,
+    entry: ArtifactEntry,
+    manifest_tools: dict | None = None,
+    model_config: dict | None = None,
+) -> Path:
     """Raise ArtifactError (ManifestError for a path leaving the folder) unless the file and every file it reads
-    match the entry; return its path."""
+    match the entry; return its path. `model_config`: the manifest's, which an ONNX graph's recorded config digest
+    must match."""
     directory = Path(directory)
     external = _check_entry_paths(directory, entry)
     path = directory / entry.file
     _check_file(path, entry.bytes, entry.sha256)
     if entry.format == "onnx":
-        _check_onnx(directory, path, entry, external)
+        _check_onnx(directory, path, entry, external, model_config)
     elif entry.format == "program":
         _check_program_identity(path, entry)
     check_tool_versions(entry, manifest_tools=manifest_tools)
     return path
 
 
-def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: list[tuple[Path, dict]]) -> None:
-    """The role and precision stored in the graph, and its external data: each location it names inside the
-    folder and recorded in the entry, each recorded file of the recorded size and sha256."""
+def config_json_digest(model_config: dict) -> str:
+    """The digest an ONNX graph records of the model config it was exported from (onnx_export.config_digest), of
+    a manifest's `model_config` as stored: fields added to the config since the export do not change it."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(model_config, indent=2, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_onnx(
+    directory: Path,
+    path: Path,
+    entry: ArtifactEntry,
+    external: list[tuple[Path, dict]],
+    model_config: dict | None = None,
+) -> None:
+    """The role and precision stored in the graph, the digest of the model config it was exported from against the
+    manifest's `model_config` (the runtime sizes, pads and checks inputs by that config), and its external data:
+    each location it names inside the folder and recorded in the entry, each recorded file of the recorded size and
+    sha256."""
     from .onnx_export import read_header
 
     try:
@@ -483,6 +505,13 @@ def _check_onnx(directory: Path, path: Path, entry: ArtifactEntry, external: lis
     except Exception as exc:  # onnx raises DecodeError and others on garbage
         raise ArtifactError(f"{path}: not a readable ONNX model ({exc})") from exc
     _check_identity(path, entry, meta.get("egovlp.role"), meta.get("egovlp.precision"))
+    recorded_config = meta.get("egovlp.config_sha256")
+    if model_config is not None and recorded_config and recorded_config != config_json_digest(model_config):
+        raise ArtifactError(
+            f"{path}: the graph was exported from another model config than the manifest's model_config "
+            f"(config digest {recorded_config}, the manifest's {config_json_digest(model_config)}): an edited "
+            f"manifest or a file from another export; re-export the engines folder"
+        )
     if locations and entry.external_data is None:
         raise ArtifactError(
             f"{path}: the graph reads external data ({', '.join(map(repr, locations))}) that this "
@@ -556,4 +585,4 @@ def open_artifact(
     manifest = load_manifest(directory)
     entry = manifest.find(role, precision, format, variant)
     directory = Path(directory) if Path(directory).is_dir() else Path(directory).parent
-    return verify_artifact(directory, entry, manifest.tools), entry, manifest
+    return verify_artifact(directory, entry, manifest.tools, manifest.model_config), entry, manifest

@@ -11,7 +11,6 @@ from a corrupted one.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass
@@ -94,7 +93,10 @@ def dynamic_shapes(role: str, max_batch: int, max_text_len: int) -> dict[str, di
 
 
 def config_digest(config) -> str:
-    return hashlib.sha256(config.to_json().encode()).hexdigest()[:16]
+    """The digest of `config` a graph records (egovlp.config_sha256); the loader compares it with the manifest's."""
+    from .manifest import config_json_digest
+
+    return config_json_digest(config.to_dict())
 
 
 def _translation_table(attention: str):

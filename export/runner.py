@@ -75,6 +75,31 @@ class ExportOptions:
             if bad or not values:
                 raise ValueError(f"unknown {name}(s) {bad or values}; choose from {list(allowed)}")
         check_roles(self.roles)
+        if not self.roles:
+            raise ValueError(f"no role to export; choose from {list(ROLES)}")
+        for fmt in self.formats:  # AOTInductor and programs build all roles but `fusion`
+            built = AOTI_ROLES if fmt in ("aoti", "program") else tuple(ROLES)
+            if not set(self.roles) & set(built):
+                raise ValueError(
+                    f"--format {fmt} builds {','.join(built)}, none of --roles {','.join(self.roles)}: it would "
+                    f"export nothing"
+                )
+        # The exporters trace the dynamic axes at sizes above 1 (onnx_export.trace_sizes); an invalid size is
+        # refused here, before the folder's earlier manifest is retired.
+        for flag, value, low in (("--max-batch", self.max_batch, 2), ("--max-text-len", self.max_text_len, 3)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(
+                    f"{flag} {value}: must be at least {low} (the exported graphs take every size from 1 up to it)"
+                )
+        if isinstance(self.max_questions, bool) or not isinstance(self.max_questions, int) or self.max_questions < 1:
+            raise ValueError(f"--max-questions {self.max_questions}: must be at least 1")
+        paths = (("--egomcq", self.egomcq), ("--video-root", self.video_root), ("--tokenizer", self.tokenizer))
+        for flag, value in paths:
+            if value is None:
+                continue
+            kind = Path(value).is_file() if flag == "--egomcq" else Path(value).is_dir()
+            if not kind:
+                raise ValueError(f"{flag} {value}: no such {'file' if flag == '--egomcq' else 'folder'}")
         if self.ort_optimize not in ("auto", "always", "never"):
             raise ValueError(f"ort_optimize must be auto, always or never, got {self.ort_optimize!r}")
         if (self.egomcq is None) != (self.video_root is None) or (self.egomcq and not self.tokenizer):
@@ -97,6 +122,23 @@ class ExportOptions:
                     f"--opset {self.opset}: this installation exports and runs ONNX opsets {MIN_OPSET} to {top} "
                     f"(onnx, onnxscript and onnxruntime)"
                 )
+
+    def check_device(self) -> None:
+        """ValueError unless the --torch-device that AOTInductor packages and programs are built on is here."""
+        if not ({"aoti", "program"} & set(self.formats)) or self.torch_device == "cpu":
+            return
+        import torch
+
+        index = int(self.torch_device.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"--torch-device {self.torch_device}: this torch ({torch.__version__}) sees no CUDA device; "
+                f"build --format aoti/program with --torch-device cpu, or on a machine with a GPU"
+            )
+        if index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--torch-device {self.torch_device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
 
 
 @dataclass
@@ -149,6 +191,7 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
     from egovlp_deploy.folder_lock import exclusive_writer
 
     opts.check()
+    opts.check_device()
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
@@ -168,6 +211,7 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
     from . import precision as prec
 
     earlier = earlier_tokenizer_files(out)
+    remove_stale_temp_files(out, earlier)
     roles = list(opts.roles)
     want_onnx = "onnx" in opts.formats or "tensorrt" in opts.formats
     n_steps = (
@@ -191,6 +235,17 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
     # a tokenizer/ holding files of ours only (ManifestError, a ValueError), before anything is written; the record
     # names the files this run copies there too, so a rerun after an interruption may replace them
     coming = set(check_tokenizer_target(tokenizer, out, earlier)) if tokenizer else set()
+
+    @functools.cache
+    def task_set():  # the questions of --egomcq or random ones: one set for every precision and artifact kind
+        from .validate import egomcq_task_set
+
+        if opts.egomcq:
+            return egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
+        return random_task_set(model)
+
+    if opts.egomcq and opts.task_checks:  # its questions and videos read before anything is written
+        task_set()
     mark_incomplete(out, earlier | coming)
     progress.step(
         f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
@@ -212,14 +267,6 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
     )
     result = ExportResult(out, True, manifest=manifest)
     sizes = validation_sizes(opts.max_batch, opts.max_text_len)
-
-    @functools.cache
-    def task_set():  # the questions of --egomcq or random ones: one set for every precision and artifact kind
-        from .validate import egomcq_task_set
-
-        if opts.egomcq:
-            return egomcq_task_set(opts.egomcq, opts.video_root, opts.tokenizer, model, opts.max_questions)
-        return random_task_set(model)
 
     runs: dict[str, dict] = {p: {} for p in opts.precisions}
 
@@ -361,6 +408,41 @@ def earlier_tokenizer_files(out: Path) -> set[str]:
             f"Give --out a new or empty folder, or an earlier export folder"
         )
     return names
+
+
+def _temp_name_patterns(tokenizer_files: set[str]) -> dict[str, re.Pattern]:
+    """Per folder of an export (a glob under it), the names of the temp files its writers use before the rename:
+    `.NAME.tmpPID` (ONNX graphs, TensorRT engines and timing cache), `.NAME.qPID` / `.NAME.oPID` (int8 and
+    ORT-optimized graphs), `.ROLE.tmpPID.pt2` (AOTInductor), `.NAME.XXXXXXXX.tmp` (atomic_write_bytes: JSON,
+    reports, programs) and `.NAME.tmp` (tokenizer copies)."""
+    roles = "|".join(map(re.escape, ROLES))
+    tokenizer = "|".join(map(re.escape, sorted(tokenizer_files))) or "(?!)"
+    mkstemp = r"\.[A-Za-z0-9_]{8}\.tmp"
+    return {
+        ".": re.compile(rf"\.({re.escape(MANIFEST)}|{re.escape(INCOMPLETE)}|validation\.json|validation\.md){mkstemp}"),
+        "onnx/*": re.compile(rf"\.({roles})(\.ort)?\.onnx\.(tmp|q|o)[0-9]+"),
+        "aoti/*": re.compile(rf"\.({roles})\.tmp[0-9]+\.pt2"),
+        "program/*": re.compile(rf"\.({roles})\.safetensors{mkstemp}"),
+        "tensorrt/*": re.compile(rf"\.({roles})\.engine\.tmp[0-9]+"),
+        "tensorrt": re.compile(r"\.timing\.cache\.tmp[0-9]+"),
+        "tokenizer": re.compile(rf"\.({tokenizer})(\.tmp|{mkstemp})"),
+    }
+
+
+def remove_stale_temp_files(out: Path, tokenizer_files: set[str]) -> list[Path]:
+    """Remove the temp files an export killed before its renames left in `out` (a paper-size graph's is a
+    gigabyte; each run names its own, so a rerun never replaces them). Only names of the exporter's own temp files
+    in the folders it writes are removed, and only under the folder's writer lock (no other export is running)."""
+    removed = []
+    for where, pattern in _temp_name_patterns(tokenizer_files).items():
+        for folder in [out] if where == "." else sorted(out.glob(where)):
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            for path in sorted(folder.iterdir()):
+                if pattern.fullmatch(path.name) and path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    removed.append(path)
+    return removed
 
 
 def mark_incomplete(out: Path, tokenizer_files: set[str]) -> None:

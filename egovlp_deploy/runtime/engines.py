@@ -149,7 +149,8 @@ class EngineFolder:
         candidates = self.listed(role, precision, format)
         candidates.sort(key=lambda a: a.variant != "ort-optimized")
         try:
-            return verify_artifact(self.path, candidates[0], self.manifest.tools), candidates[0]
+            entry = candidates[0]
+            return verify_artifact(self.path, entry, self.manifest.tools, self.manifest.model_config), entry
         except (ArtifactError, ManifestError) as exc:
             raise EngineError(f"engine folder {self.path}: {exc}") from exc
 
