@@ -30,6 +30,9 @@ PACKAGES = (
     "numpy",
 )
 
+# Modules of an optional extra (pyproject.toml): a command that needs one the installation lacks says which extra.
+EXTRA_OF_MODULE = {"onnxruntime": "the cpu or gpu extra: pip install 'egovlp-deploy[cpu]'"}
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -305,6 +308,15 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
         return 141
+    except ModuleNotFoundError as exc:
+        extra = EXTRA_OF_MODULE.get((exc.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        if os.environ.get("EGOVLP_DEBUG"):
+            traceback.print_exc()
+        message = f"{exc.name} is not installed (it comes with {extra})"
+        print(f"egovlp-deploy {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, TrainingError) as exc:
         if os.environ.get("EGOVLP_DEBUG"):
             traceback.print_exc()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import torch
 
 from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, latest_valid_checkpoint, list_checkpoints
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
+from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.decoding import release_frame_cache
 from egovlp_deploy.evaluation import (
     charades_test_dataset,
@@ -79,14 +81,22 @@ def build_tokenizer(cfg: TrainConfig, output_dir: Path, info: D.DistInfo):
 
 
 def build_model(
-    cfg: TrainConfig, vocab_size: int, init_reports: list | None = None, pretrained: bool = True
+    cfg: TrainConfig,
+    vocab_size: int,
+    init_reports: list | None = None,
+    pretrained: bool = True,
+    resume_from: Path | None = None,
 ) -> EgoVLPv2:
     """The model a run trains (train mode), made by the model factory: loaded (model.init_from, at the run's frame
     count), or new from the preset or model.config_file with the section's init options, its towers filled from
     pretrained files (model.init_video / init_text; each report appended to `init_reports`; skipped with
-    pretrained=False, when a resumed checkpoint overwrites them anyway)."""
+    pretrained=False, when a resumed checkpoint overwrites them anyway). A resumed run is built from its verified
+    checkpoint `resume_from` (its config.json and weights): the files it started from (model.init_from,
+    model.config_file) are not read again, so a resume does not need them any more."""
     m = cfg.model
-    if m.init_from:
+    if resume_from is not None:
+        model = EgoVLPv2.from_pretrained(resume_from, verified=True)
+    elif m.init_from:
         model, _ = load_model(m.init_from, frames=m.num_frames)
     else:
         try:
@@ -315,11 +325,11 @@ def rewind_log(path: Path, rows: int | None, step: int) -> int:
     return len(kept)
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
+def _flat(d: dict, prefix: str = "", sep: str = "/") -> dict:
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}/"))
+            out.update(_flat(v, f"{prefix}{k}{sep}", sep))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -333,33 +343,114 @@ def train(
     cfg.validate()  # a config built in code gets the checks a loaded one had
     info = D.setup(device)
     try:
-        return _train(cfg, output_dir, resume, info, progress)
+        with contextlib.ExitStack() as stack:
+            if info.is_main:  # the one process that writes the run's files
+                stack.enter_context(run_lock(output_dir, resume))
+            return _train(cfg, output_dir, resume, info, progress)
     finally:
         D.teardown()
+
+
+_LOCK_FDS: set[int] = set()  # descriptors run_lock holds, closed in forked children (DataLoader workers)
+
+
+def _close_locks_in_child() -> None:
+    for fd in _LOCK_FDS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _LOCK_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_locks_in_child)
+
+
+@contextlib.contextmanager
+def run_lock(output_dir: Path, resume: bool):
+    """One train process per --output: an exclusive flock on the folder (created for a new run) for the whole run,
+    so that a second `train` (a `--resume` started while the run still goes, a job restarted by a scheduler) is
+    refused at once (TrainingError) instead of removing the running save's temp directory and writing checkpoints,
+    metrics.jsonl and summary.json over the first's. The kernel drops the lock when the process ends, however it
+    ends. A forked child closes its copy of the descriptor: a DataLoader worker that outlives a killed trainer by a
+    few seconds would otherwise keep the lock and refuse the resume. No lock where the folder is not there (a
+    refused --resume) or the filesystem has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    if not resume and not output_dir.exists():
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if not output_dir.is_dir():
+        yield  # a file given as --output, or a --resume of nothing: _train says so
+        return
+    fd = os.open(output_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _LOCK_FDS.add(fd)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise TrainingError(
+                    f"--output {output_dir}: another train process is writing this run now; wait for it to end "
+                    "(then --resume continues from its newest checkpoint), or give another output directory"
+                ) from None
+            # ENOLCK / EOPNOTSUPP: this filesystem cannot lock; go on unlocked
+        yield
+    finally:
+        _LOCK_FDS.discard(fd)
+        os.close(fd)
 
 
 # What a run writes into its --output directory: any of them there (an empty folder aside) means a run lives there.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "summary.json", "tokenizer", "tensorboard")
 
 
-def check_output_dir(output_dir: Path, resume: bool) -> None:
+def check_output_dir(output_dir: Path, resume: bool) -> bool:
     """A new run (no --resume) needs a new directory or one that holds no run: in another run's directory its
     checkpoints (later steps) would prune this run's as they are saved, and the two runs' metrics.jsonl and
-    summary.json would mix. ValueError (a bad argument) before anything is written."""
+    summary.json would mix. A run that stopped before its first optimizer step (`trained_no_step`: a setup error
+    such as a bad data row, after its tokenizer was written) holds nothing to mix with: a new run takes its place
+    and True is returned (its log is to be cleared). ValueError (a bad argument) before anything is written."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output {output_dir} is a file, not a directory")
     if resume:
-        return
+        return False
     found = [
         name
         for name in RUN_FILES
         if (path := output_dir / name).is_symlink() or path.is_file() or (path.is_dir() and any(path.iterdir()))
     ]
+    if found and trained_no_step(output_dir):
+        return True
     if found:
         raise ValueError(
             f"--output {output_dir} already holds a training run ({', '.join(found)}): add --resume to continue it, "
             "or give a new or empty directory"
         )
+
+
+def trained_no_step(output_dir: Path) -> bool:
+    """The folder holds only what a run writes before its first optimizer step: no checkpoint (nor a killed save's
+    temp directory), no summary.json, and a metrics.jsonl (if any) without a row past step 0 (the data row, the
+    non-finite steps a diverging start skipped)."""
+    ckpt = output_dir / "checkpoints"
+    if (output_dir / "summary.json").exists() or ckpt.is_symlink() or ckpt.is_file():
+        return False
+    if ckpt.is_dir() and any(ckpt.iterdir()):
+        return False
+    log = output_dir / "metrics.jsonl"
+    if log.is_symlink() or (log.exists() and not log.is_file()):
+        return False
+    if log.is_file():
+        for line in log.read_bytes().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a row a kill left half-written
+                continue
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] == 0):
+                return False
+    return True
 
 
 def check_batch_split(cfg: TrainConfig, world_size: int) -> None:
@@ -374,6 +465,63 @@ def check_batch_split(cfg: TrainConfig, world_size: int) -> None:
         )
 
 
+# Settings that fix what a checkpoint's step and data position mean (which clips make a step, in which order, for
+# which model). A resume with another value would carry the run's position into a different run: the position would
+# skip or repeat clips, or end the run at once, so --resume refuses it. Every other setting may change on resume and
+# applies from the resumed step: the learning rate, weight decay, multipliers and schedule (epochs, max_steps: the
+# schedule is planned for the new length), the objective's weights, paths, workers, checkpoint, eval and log settings.
+RESUME_FIXED = (
+    "seed",
+    "task",
+    "model.preset",
+    "model.num_frames",
+    "model.projection",
+    "model.img_size",
+    "model.patch_size",
+    "model.cross_gate_init",
+    "model.time_init",
+    "model.temporal_embed_std",
+    "data.neg_window",
+    "data.text_max_length",
+    "data.num_verbs",
+    "data.num_nouns",
+    "data.num_classes",
+    "schedule.batch_size",
+    "schedule.grad_accum_steps",
+    "schedule.max_samples_per_epoch",
+)
+
+
+def resume_changes(checkpoint: Path, cfg: TrainConfig) -> list[str]:
+    """The settings of `cfg` that differ from those `checkpoint` was trained with (its run.json), as
+    "key old -> new" lines; ConfigError (before any work) when one of them is in RESUME_FIXED. Keys the stored
+    config does not have (a config from an older trainer) are not compared."""
+    stored = _flat(read_json(checkpoint / "run.json", CheckpointError, expect=dict), sep=".")
+    current = _flat(cfg.to_dict(), sep=".")
+    changed = [key for key, value in current.items() if key in stored and stored[key] != value]
+    fixed = [key for key in changed if key in RESUME_FIXED]
+    if fixed:
+        diffs = ", ".join(f"{key} {stored[key]!r} -> {current[key]!r}" for key in fixed)
+        raise ConfigError(
+            f"--resume: {diffs}: {checkpoint} counts its steps and data position with the run's value; resume with "
+            f"the values in {checkpoint / 'run.json'}, or start a new run from its weights "
+            f"(model.init_from: {checkpoint})"
+        )
+    return [f"{key} {stored[key]!r} -> {current[key]!r}" for key in changed]
+
+
+def apply_optim_settings(optimizer, scheduler, configured: list[tuple[float, float]]) -> None:
+    """After a resume loaded the optimizer's and the schedule's state: put back this config's base learning rate and
+    weight decay of each parameter group (`configured`, as build_optimizer set them; the loaded state holds the
+    interrupted run's) and set each group's learning rate to its base x this config's schedule at the resumed step.
+    With an unchanged config every value is the loaded one, bit for bit."""
+    scheduler.base_lrs = [lr for lr, _ in configured]
+    for group, (lr, weight_decay), factor in zip(optimizer.param_groups, configured, scheduler.lr_lambdas):
+        group["initial_lr"], group["weight_decay"] = lr, weight_decay
+        group["lr"] = lr * factor(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
 def killed_before_first_checkpoint(output_dir: Path) -> bool:
     """The folder holds a run that wrote its log or tokenizer but neither a checkpoint nor its summary: it was stopped
     before its first save, so `--resume` has nothing to continue and starts it again."""
@@ -385,11 +533,18 @@ def killed_before_first_checkpoint(output_dir: Path) -> bool:
 def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
     ckpt_dir = output_dir / "checkpoints"
     check_batch_split(cfg, info.world_size)
-    check_output_dir(output_dir, resume)
+    taken_over = check_output_dir(output_dir, resume)
     if info.is_main:
         for path in remove_stale_temp_dirs(ckpt_dir):  # no save is running yet: these are from killed ones
             print(f"removed {path}, the temp directory of a checkpoint save that did not finish", file=sys.stderr)
     found = latest_valid_checkpoint(ckpt_dir) if resume else None
+    changes = resume_changes(found, cfg) if found is not None else []
+    if taken_over and info.is_main:
+        print(
+            f"note: {output_dir} holds a run that stopped before its first step: starting a new run there (its log "
+            "is cleared)",
+            file=sys.stderr,
+        )
     start_over = resume and found is None  # before any work: nothing to continue from
     if start_over:
         if not killed_before_first_checkpoint(output_dir):
@@ -411,7 +566,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     init_reports: list = []
     # The pretrained towers and the text warm-up are skipped only where a checkpoint's weights replace them: a run
     # started over by --resume (stopped before its first checkpoint) starts as a new run does.
-    model = build_model(cfg, len(tokenizer), init_reports, pretrained=found is None).to(info.device)
+    model = build_model(cfg, len(tokenizer), init_reports, pretrained=found is None, resume_from=found).to(info.device)
     if info.is_main:
         for report in init_reports:
             print(report.summary(), file=sys.stderr if report.missing_from_file else sys.stdout)
@@ -516,15 +671,14 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         model, o.lr, o.weight_decay, o.lr_mult_head, o.lr_mult_cross_modal, o.lr_mult_text, split_text=freeze_steps > 0
     )
     scheduler = build_scheduler(optimizer, int(o.warmup_fraction * total_steps), total_steps, freeze_steps)
+    configured = [(group["initial_lr"], group["weight_decay"]) for group in optimizer.param_groups]
     amp_dtype = resolve_precision(s.precision, info.device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
 
     step, epoch, next_micro, skipped, consecutive_skips = 0, 0, 0, 0, 0
     log_rows = 0
     if found is not None:
-        weights, state, run_config = load_checkpoint(found, map_location=info.device)
-        if run_config != cfg.to_dict() and info.is_main:
-            print(f"note: the config differs from the one {found.name} was trained with", file=sys.stderr)
+        weights, state, _ = load_checkpoint(found, map_location=info.device)
         try:
             model.load_state_dict(weights)
         except RuntimeError as exc:  # torch lists every mismatched tensor: the first line says what happened
@@ -532,8 +686,16 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 f"--resume: {found} does not fit the model this config builds ({str(exc).splitlines()[0]})"
             ) from exc
         try:
-            optimizer.load_state_dict(state["optimizer"])
+            try:
+                optimizer.load_state_dict(state["optimizer"])
+            except ValueError as exc:  # torch: another number or size of parameter groups
+                raise ConfigError(
+                    f"--resume: the optimizer state of {found} does not fit this config's parameter groups "
+                    f"({exc}): optim.lr_mult_text and optim.text_freeze_steps / text_freeze_fraction decide whether "
+                    "the text tower has groups of its own; resume with the run's values of them"
+                ) from None
             scheduler.load_state_dict(state["scheduler"])
+            apply_optim_settings(optimizer, scheduler, configured)
             if scaler is not None and state.get("scaler"):
                 scaler.load_state_dict(state["scaler"])
             step, epoch, next_micro = state["step"], state["epoch"], state["next_micro"]
@@ -541,13 +703,29 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             set_rng_state(state["rng"])
         except KeyError as exc:  # a state.json that verifies but was not written by this trainer (or was edited)
             raise CheckpointError(f"--resume: {found}/state.json lacks the key {exc.args[0]!r}") from exc
+        saved_clips = state.get("clips")  # absent in checkpoints of older trainers
+        if saved_clips is not None and saved_clips != len(train_set) and next_micro > 0:
+            raise DataError(
+                f"--resume: the training data has {len(train_set)} clips, {found} was saved with {saved_clips}: its "
+                f"data position (micro-batch {next_micro} of epoch {epoch}) indexes that epoch's order of "
+                f"{saved_clips} clips, which would now skip or repeat clips; restore the data the run was trained on "
+                f"(rows added, removed or now skipped as bad change the count), or start a new run from its weights "
+                f"(model.init_from: {found})"
+            )
         if info.is_main:
             log_rows = rewind_log(output_dir / "metrics.jsonl", state.get("log_rows"), step)
             print(f"resumed from {found} (step {step}, epoch {epoch})")
+            if changes:
+                print(
+                    f"note: settings changed since {found.name}, applied from step {step} on (the learning-rate "
+                    f"schedule planned for {total_steps} steps): {'; '.join(changes)}",
+                    file=sys.stderr,
+                )
 
-    if start_over and info.is_main:
+    if (start_over or taken_over) and info.is_main:
         log_rows = rewind_log(output_dir / "metrics.jsonl", 0, 0)
-    purge_step = step if resume else None  # TensorBoard hides the interrupted run's points from here on
+    # TensorBoard hides the interrupted run's points from here on
+    purge_step = step if resume or taken_over else None
     log = MetricsLog(
         output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard, rows=log_rows, purge_step=purge_step
     )
@@ -569,6 +747,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             "scaler": scaler.state_dict() if scaler else None,
             "rng": rng_state(),
             "log_rows": log.rows,  # metrics.jsonl's lines so far: a resume cuts the log back to them
+            "clips": len(train_set),  # the data the position indexes: a resume mid-epoch needs the same count
         }
         if info.is_main:
             save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)

@@ -103,7 +103,9 @@ def test_a_new_empty_or_unrelated_directory_takes_a_new_run(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)  # empty: no run saved anything there
     (tmp_path / "run" / "notes.txt").write_text("mine")
     check_output_dir(tmp_path / "run", resume=False)
-    (tmp_path / "run" / "metrics.jsonl").write_text("")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {"clips": 24}}\n')
+    assert check_output_dir(tmp_path / "run", resume=False)  # a run that trained no step: taken over
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {}}\n{"step": 1, "loss": 3.0}\n')
     with pytest.raises(ValueError, match="already holds a training run"):
         check_output_dir(tmp_path / "run", resume=False)
     check_output_dir(tmp_path / "run", resume=True)  # --resume continues it

@@ -1,0 +1,203 @@
+"""Training as a user with a real run folder uses it (red-team findings): a resume with a changed config either
+applies the change or refuses it before any work, a resumed run does not need the files it started from, a second
+`train` on a running run is refused, a resume mid-epoch on other data is refused, and a run that failed in its setup
+does not block the corrected rerun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+
+import pytest
+
+from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
+from egovlp_deploy.config import ConfigError
+from egovlp_deploy.data.errors import DataError
+from egovlp_deploy.data.synth import generate
+from egovlp_deploy.trainer.config import TrainConfig
+from egovlp_deploy.trainer.train import TrainingError, run_lock, train
+from official_format import randomize_
+from training_cli import records, weights
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth") / "data"
+    generate(root, seed=1, train_videos=4, eval_videos=2, clips_per_video=6, workers=1)
+    return root
+
+
+def _config(root, **schedule) -> dict:
+    """24 clips / 8 per step: 3 steps per epoch, 2 epochs, a checkpoint every step, no warm-up."""
+    return {
+        "model": {"preset": "tiny", "num_frames": 4},
+        "data": {"root": str(root), "tokenizer": "demo", "text_max_length": 16, "num_workers": 0},
+        "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.0},
+        "schedule": {"epochs": 2, "batch_size": 8, "precision": "fp32"} | schedule,
+        "checkpoint": {"every_steps": 1, "keep_last": 0},
+        "eval": {"every_epochs": 1, "batch_size": 2, "max_questions": 2},
+        "log": {"every_steps": 1},
+        "seed": 3,
+    }
+
+
+def _run(config: dict, out, resume: bool = False) -> dict:
+    return train(TrainConfig.from_dict(config), out, resume=resume, progress=False)
+
+
+@pytest.fixture(scope="module")
+def finished(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    assert _run(_config(data), run)["steps"] == 6
+    return run
+
+
+def _killed_after(finished, tmp_path, step: int):
+    """A copy of the finished run as a kill right after checkpoint `step` leaves it (its later rows are cut by the
+    resume)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()
+    for later in range(step + 1, 7):
+        shutil.rmtree(run / "checkpoints" / f"step_{later:08d}")
+    return run
+
+
+def _tree(root) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def _cosine(step: int, total: int) -> float:
+    """The cosine schedule without warm-up, by hand: 0.5 (1 + cos(pi step / total))."""
+    return 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+# -- a changed config on resume ----------------------------------------------------------------------------------
+def test_resume_applies_a_changed_learning_rate_and_weight_decay(data, finished, tmp_path, capsys):
+    """The divergence error says "lower the learning rate": a resume with a lower optim.lr (and another weight decay)
+    trains with them from the resumed step on, on the same schedule, instead of the interrupted run's values."""
+    run = _killed_after(finished, tmp_path, 2)
+    config = _config(data)
+    config["optim"] |= {"lr": 1e-5, "weight_decay": 0.3}
+    _run(config, run, resume=True)
+    assert "optim.lr 0.001 -> 1e-05" in capsys.readouterr().err
+    logged = {r["step"]: r["lr"] for r in records(run) if "lr" in r}
+    for step in (1, 2):  # the interrupted run's steps stay as they were logged
+        assert logged[step] == pytest.approx(1e-3 * _cosine(step, 6), rel=1e-12)
+    for step in (3, 4, 5):
+        assert logged[step] == pytest.approx(1e-5 * _cosine(step, 6), rel=1e-12), step
+    state = json.loads((run / "checkpoints" / "step_00000006" / "state.json").read_text())
+    optimizer = dict(state["__dict__"])["optimizer"]
+    groups = dict(optimizer["__dict__"])["param_groups"]["__list__"]
+    decays = {dict(g["__dict__"])["weight_decay"] for g in groups}
+    assert decays == {0.0, 0.3}  # the no-decay groups (biases, norms) and the decayed ones at the new value
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [("schedule", "batch_size", 4), ("seed", None, 4), ("schedule", "grad_accum_steps", 2), ("model", "num_frames", 2)],
+)
+def test_resume_refuses_a_change_of_what_the_steps_mean_before_any_work(data, finished, tmp_path, section, key, value):
+    """Another batch size, seed, accumulation or frame count makes the checkpoint's step and data position mean
+    something else (with batch_size 4 the old run had silently "finished" at once): refused, naming the key, with
+    nothing in the run folder changed."""
+    run = _killed_after(finished, tmp_path, 2)
+    before = _tree(run)
+    config = _config(data)
+    if key is None:
+        config[section] = value
+    else:
+        config[section][key] = value
+    name = section if key is None else f"{section}.{key}"
+    with pytest.raises(ConfigError, match=rf"--resume: {name} \S+ -> {value}: .*step_00000002"):
+        _run(config, run, resume=True)
+    assert _tree(run) == before
+
+
+def test_resume_mid_epoch_on_data_of_another_size_is_refused(data, finished, tmp_path):
+    """The data position (micro-batch 2 of epoch 0) indexes that epoch's shuffled order of 24 clips: with two rows
+    removed it would skip and repeat clips, so the resume is refused, naming both counts."""
+    run = _killed_after(finished, tmp_path, 2)
+    fewer = tmp_path / "fewer"
+    fewer.mkdir()
+    for name in ("egomcq.json", "meta.json"):
+        shutil.copy(data / name, fewer / name)
+    (fewer / "videos").symlink_to(data / "videos")
+    lines = (data / "egoclip.csv").read_text().splitlines(keepends=True)
+    (fewer / "egoclip.csv").write_text("".join(lines[:-2]))
+    config = _config(fewer)
+    with pytest.raises(DataError, match="has 22 clips, .*step_00000002 was saved with 24"):
+        _run(config, run, resume=True)
+
+
+# -- what a resume reads -----------------------------------------------------------------------------------------
+def test_resume_does_not_need_the_checkpoint_the_run_started_from(data, tmp_path):
+    """model.init_from (a pre-trained checkpoint, perhaps pruned by its own run's keep_last since) is read when the
+    run starts; the resume builds the model from its own checkpoint and ends as the uninterrupted run."""
+    init = EgoVLPv2(EgoVLPv2Config.tiny())
+    randomize_(init, seed=5)
+    init.save_pretrained(tmp_path / "init")
+    config = _config(data, max_steps=4)
+    config["model"]["init_from"] = str(tmp_path / "init")
+    config["model"]["text_dropout"] = 0.0
+    _run(config, tmp_path / "straight")
+    run = tmp_path / "run"  # as a kill right after checkpoint 2 leaves it
+    shutil.copytree(tmp_path / "straight", run)
+    for step in (3, 4):
+        shutil.rmtree(run / "checkpoints" / f"step_{step:08d}")
+    shutil.rmtree(tmp_path / "init")
+    _run(config, run, resume=True)
+    a, b = weights(tmp_path / "straight", 4), weights(tmp_path / "run", 4)
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+# -- the run folder ----------------------------------------------------------------------------------------------
+def test_a_run_that_failed_in_its_setup_does_not_block_the_corrected_rerun(data, tmp_path, capsys):
+    """A batch larger than the data (as a bad row in strict mode) is found after the demo tokenizer is written: the
+    corrected command, rerun as it was (no --resume: there is nothing to continue), trains, its log holding one
+    data row."""
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        _run(_config(data, batch_size=32), run)
+    assert (run / "tokenizer" / "tokenizer.json").is_file()
+    (run / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {"clips": 24}}\n')  # had it got that far
+    summary = _run(_config(data, max_steps=1), run)
+    assert summary["steps"] == 1
+    assert "stopped before its first step" in capsys.readouterr().err
+    assert [("data" in r, r["step"]) for r in records(run)][:2] == [(True, 0), (False, 1)]
+    assert sum("data" in r for r in records(run)) == 1
+
+
+def test_a_second_train_on_a_running_run_is_refused_and_leaves_its_save_alone(data, finished, tmp_path):
+    """While one train process writes the run (it holds the folder's lock), a second one (a --resume in another
+    terminal, a restarted job) is refused before it removes the running save's temp directory."""
+    run = _killed_after(finished, tmp_path, 2)
+    saving = run / "checkpoints" / ".step_00000003.abcdefgh"
+    saving.mkdir()
+    with run_lock(run, resume=True):
+        with pytest.raises(TrainingError, match="another train process is writing this run now"):
+            _run(_config(data), run, resume=True)
+        with pytest.raises(TrainingError, match="another train process"):
+            _run(_config(data), run, resume=False)
+    assert saving.is_dir()
+
+
+def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
+    """A DataLoader worker forked while the lock is held (it outlives a SIGKILLed trainer by seconds) must not keep
+    the folder locked for the resume."""
+    read, write = os.pipe()
+    with run_lock(tmp_path, resume=True):
+        child = os.fork()
+        if child == 0:  # a worker: up and running (the fork handlers done), then alive past the parent's lock
+            os.write(write, b"up")
+            time.sleep(3)
+            os._exit(0)
+        assert os.read(read, 2) == b"up"
+    try:
+        with run_lock(tmp_path, resume=True):
+            pass
+    finally:
+        os.waitpid(child, 0)
