@@ -131,16 +131,17 @@ def _runtime(args, engines: str | None = None):
 
 
 @contextlib.contextmanager
-def query_warnings():
+def runtime_warnings():
     """Show each QueryTruncatedWarning as one line on stderr, `warning: query truncated to N tokens: ...` (the text
-    encoder reports a query once); other warnings are shown as before."""
-    from .engines import QueryTruncatedWarning
+    encoder reports a query once), and so each FailedValidationWarning (once per artifact); other warnings are shown
+    as before."""
+    from .engines import FailedValidationWarning, QueryTruncatedWarning
 
     with warnings.catch_warnings():
         show_other = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if issubclass(category, QueryTruncatedWarning):
+            if issubclass(category, (QueryTruncatedWarning, FailedValidationWarning)):
                 print(f"warning: {message}", file=sys.stderr)
             else:
                 show_other(message, category, filename, lineno, file, line)
@@ -150,12 +151,12 @@ def query_warnings():
         yield
 
 
-def reports_truncated_queries(run):
-    """A runner whose truncated queries are reported by `query_warnings`."""
+def reports_runtime_warnings(run):
+    """A runner whose truncated queries and failed-validation artifacts are reported by `runtime_warnings`."""
 
     @functools.wraps(run)
     def wrapped(args) -> int:
-        with query_warnings():
+        with runtime_warnings():
             return run(args)
 
     return wrapped
@@ -284,6 +285,7 @@ def read_segments(csv_path: str | Path, videos: list[str]) -> dict[str, list]:
     return out
 
 
+@reports_runtime_warnings
 def run_index(args) -> int:
     from .index import IndexSettings, build_index
 
@@ -369,7 +371,7 @@ def format_hits(query: str, hits, show_label: bool = True) -> str:
     return "\n".join(lines)
 
 
-@reports_truncated_queries
+@reports_runtime_warnings
 def run_search(args) -> int:
     from .index import MomentIndex, other_export
 
@@ -416,7 +418,7 @@ def format_mcq(summary: dict) -> str:
     return "\n".join(lines)
 
 
-@reports_truncated_queries
+@reports_runtime_warnings
 def run_mcq(args) -> int:
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
@@ -494,7 +496,7 @@ def add_features_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
-@reports_truncated_queries
+@reports_runtime_warnings
 def run_features(args) -> int:
     from .features import extract_features
 

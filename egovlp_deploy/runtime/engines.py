@@ -77,6 +77,11 @@ class ProviderFallbackWarning(RuntimeWarning):
     """ONNX Runtime runs on other execution providers than requested (usually: CUDA libraries missing -> CPU)."""
 
 
+class FailedValidationWarning(UserWarning):
+    """An artifact the runtime loads failed its validation against PyTorch at export (exported with
+    --allow-mismatch, or the export exited 1): its outputs may be wrong."""
+
+
 class QueryTruncatedWarning(UserWarning):
     """A query has more tokens than the engines take: the words beyond the limit are not encoded."""
 
@@ -150,9 +155,18 @@ class EngineFolder:
         candidates.sort(key=lambda a: a.variant != "ort-optimized")
         try:
             entry = candidates[0]
-            return verify_artifact(self.path, entry, self.manifest.tools, self.manifest.model_config), entry
+            path = verify_artifact(self.path, entry, self.manifest.tools, self.manifest.model_config)
         except (ArtifactError, ManifestError) as exc:
             raise EngineError(f"engine folder {self.path}: {exc}") from exc
+        if entry.validation.get("passed") is False:
+            warnings.warn(
+                FailedValidationWarning(
+                    f"{self.path / entry.file}: failed its validation against PyTorch at export (see "
+                    f"{self.path / 'validation.md'}): its outputs may be wrong"
+                ),
+                stacklevel=3,
+            )
+        return path, entry
 
 
 # -- role runners: numpy in, numpy out ----------------------------------------------------------------------------
