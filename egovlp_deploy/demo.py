@@ -126,6 +126,10 @@ def run_demo(
 
     if quick:
         train_videos, eval_videos, steps, train_minutes = 4, 2, 3, 0.5
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None:  # stages 3-6 need it: say so before minutes of training
+        raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):

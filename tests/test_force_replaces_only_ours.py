@@ -106,3 +106,22 @@ def test_demo_out_naming_a_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="exists and is not a folder"):
         demo.run_demo(target)
     assert target.read_text() == "x"
+
+
+def test_demo_without_onnxruntime_says_so_before_it_starts(tmp_path, monkeypatch, capsys):
+    """The demo's export, index and EgoMCQ stages need onnxruntime (the cpu or gpu extra): an installation without
+    it is told at once, not after the dataset and minutes of training."""
+    import importlib.util
+
+    from egovlp_deploy import cli
+
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "onnxruntime" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(synth, "generate", lambda *a, **k: pytest.fail("the demo started without onnxruntime"))
+    assert cli.main(["demo", "--out", str(tmp_path / "demo_out")]) == 2
+    assert "onnxruntime is not installed (it comes with the cpu or gpu extra" in capsys.readouterr().err
+    assert not (tmp_path / "demo_out").exists()
