@@ -11,6 +11,7 @@ from a corrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def export_onnx(
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     table = _translation_table(attention)
-    with torch.no_grad(), export_patches(model, backend):
+    with torch.no_grad(), export_patches(model, backend), _quiet_exporter():
         try:
             program = torch.onnx.export(
                 role_module(model, role),
@@ -169,6 +170,34 @@ def export_onnx(
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1
     return OnnxExport(role, path, opset_of(proto), seconds, len(proto.graph.node), ops)
+
+
+# What the dynamo exporter prints on every export that says nothing about ours: torchvision's operators are not
+# registered (the model uses none), a deprecation inside torch's own pytree code, and each dynamic axis named in
+# several inputs (`batch`, `text_len`: one dimension by design) reported as a shared constraint.
+_HARMLESS_WARNINGS = (
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: \w+ will not be used, since it shares the same shape constraints"),
+)
+_REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter's known harmless messages (above) left out; every other warning and log line is shown."""
+    import logging
+    import warnings
+
+    logger = logging.getLogger(_REGISTRATION_LOGGER)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for category, message in _HARMLESS_WARNINGS:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _check_graph(proto, role: str) -> None:
