@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from egovlp_deploy.path_text import printable
+from egovlp_deploy.path_text import some_names
 
 DESCRIPTION = __doc__
 SAMPLE_QUERIES = 4
@@ -80,12 +80,9 @@ def check_replaceable(out: Path) -> None:
         )
     others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN and not _TEMP.fullmatch(p.name))
     if others:
-        shown = ", ".join(printable(n) for n in others[:5])
-        if len(others) > 5:
-            shown += f" and {len(others) - 5} more"
         raise ValueError(
-            f"{out}: holds files the demo did not write ({shown}); --force would delete them, so nothing was "
-            "deleted. Move them out or give another folder"
+            f"{out}: holds files the demo did not write ({some_names(others)}); --force would delete them, so "
+            "nothing was deleted. Move them out or give another folder"
         )
 
 

@@ -24,3 +24,9 @@ def printable(text: str) -> str:
     would split the line, an escape sequence would drive the terminal, a direction override would reorder it) as
     escapes."""
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in utf8_path(text))
+
+
+def some_names(names: list[str], limit: int = 5) -> str:
+    """The first `limit` names, `printable`, then how many more: "a, b, c and 4 more"."""
+    shown = ", ".join(printable(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")

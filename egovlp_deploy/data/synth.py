@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import vocabulary as vocab
-from ..path_text import printable
+from ..path_text import some_names
 from .egoclip import EGOCLIP_COLUMNS
 from .synth_downstream import CHARADES_DIR, EPIC_DIR, write_downstream
 
@@ -653,12 +653,9 @@ def check_replaceable(out: Path) -> None:
         )
     others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN)
     if others:
-        shown = ", ".join(printable(n) for n in others[:5])
-        if len(others) > 5:
-            shown += f" and {len(others) - 5} more"
         raise ValueError(
-            f"{out}: holds files synth did not write ({shown}); --force would delete them, so nothing was deleted. "
-            "Move them out or give another folder"
+            f"{out}: holds files synth did not write ({some_names(others)}); --force would delete them, so nothing "
+            "was deleted. Move them out or give another folder"
         )
 
 

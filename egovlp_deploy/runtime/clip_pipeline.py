@@ -39,6 +39,7 @@ from egovlp_deploy.decoding import (
     video_timeline,
     whole_video_backend,
 )
+from egovlp_deploy.path_text import some_names
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,8 @@ def segment_windows(
         if not out:
             raise VideoReadError(path, "out_of_range", f"all {len(outside)} segments are {where} (e.g. {outside[0]} s)")
         if notes is not None:
-            shown = ", ".join(outside[:3]) + (f" and {len(outside) - 3} more" if len(outside) > 3 else "")
-            notes.append(f"{len(outside)} of {len(segments)} segments are {where}, left out: {shown} s")
+            left_out = some_names(outside, 3)
+            notes.append(f"{len(outside)} of {len(segments)} segments are {where}, left out: {left_out} s")
     return out, fps
 
 
