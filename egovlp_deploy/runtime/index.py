@@ -21,7 +21,12 @@ is compact JSON, each video's entry encoded once per change, so a commit costs a
 Videos over time: a video is known by its resolved path, with its size, modification time and a content sample
 (sha256 of its first and last 64 KiB). A file whose size, time or sample changed is indexed again; a new path whose
 file is an indexed video whose file is gone (the same size, windows and sample) is that video moved or renamed: the
-entry takes the new path and keeps its shards (each shard listed with the path it was written for).
+entry takes the new path and keeps its shards (each shard listed with the path it was written for). A file is also
+known by its device and inode numbers (recorded in the fingerprint; an entry recorded before them takes its file's
+on the next run, nothing encoded again): an index holds one entry per file, so a second path to an indexed file (a
+hard link, a folder reached through two mounts) is not indexed again, in one run or a later one, and where the
+indexed path is deleted while a hard link remains, the link is that video moved. A copy (another inode) is another
+video. Two entries of one file in an index written before inodes were recorded are made one by the next run.
 
 Ownership: a folder is an index only if it holds index.json in this format, written before anything else. `index`
 refuses a non-empty folder without it, and in an index deletes only the files it writes itself (shard names and
@@ -86,6 +91,7 @@ SHARD_NAME = re.compile(r"\d{5,}-\d{5,}\.safetensors")
 SHARD_TEMP = atomic_temp_names(SHARD_NAME.pattern)
 INDEX_TEMP = atomic_temp_names(r"index\.json")
 REBUILD = "the index file is damaged: build the index again into a new folder"
+WRITTEN_WHILE_READ = "index.json changed since this search read it (an `egovlp-deploy index` run is writing the index)"
 REPAIR = "rerun the same `egovlp-deploy index` command (the same videos and --out) to encode its windows again"
 
 
@@ -102,7 +108,19 @@ SAMPLE_BYTES = 1 << 16  # the bytes read from each end of a video for its conten
 
 def _fingerprint(path: Path) -> dict:
     st = path.stat()
-    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **_file_id(st)}
+
+
+def _file_id(st: os.stat_result) -> dict:
+    """The file's identity on its machine, {dev, inode}: what two paths to one file (hard links, a folder reached
+    through two mounts) share and a copy does not; {} where the filesystem numbers no inodes."""
+    return {"dev": st.st_dev, "inode": st.st_ino} if st.st_ino else {}
+
+
+def _same_file(fingerprint: dict, other: dict) -> bool:
+    """Whether two fingerprints (or file ids) name one file by device and inode (False where either has none)."""
+    ids = [(f.get("dev"), f.get("inode")) for f in (fingerprint, other)]
+    return ids[0] == ids[1] and None not in ids[0]
 
 
 def _sample_sha256(path: Path) -> str:
@@ -528,9 +546,11 @@ def _extend_index(
         writer.write(*changed)
         pending = 0
 
+    paths, indexed_under, notes = _one_entry_per_file(out, data, paths, write)
     by_path = {v["path"]: v for v in data["videos"]}
     number = max((v["number"] for v in data["videos"]), default=-1) + 1  # the next video's shard number
-    planned, unreadable, notes = _plan(paths, settings, segments, decode_backend, progress)
+    planned, unreadable, plan_notes = _plan(paths, settings, segments, decode_backend, progress)
+    notes += plan_notes
     failures += unreadable
     gone_by_size: dict[int, list[dict]] = {}  # entries whose file is gone: a planned file may be one of them, moved
     for v in data["videos"]:
@@ -547,7 +567,8 @@ def _extend_index(
     warmed: set[str] = set()  # the encoder stages that ran their first batch
     for path, windows, fps in planned:
         entry = None
-        key = str(path.resolve())
+        key = indexed_under.get(path) or str(path.resolve())  # another path to a file indexed under `key`: as key
+        named = Path(key) if path in indexed_under else path  # the path that names the video (its uid)
         try:
             try:
                 now = {**_fingerprint(path), "sample_sha256": _sample_sha256(path)}
@@ -567,7 +588,7 @@ def _extend_index(
                     by_path.pop(entry["path"], None)
                     for s in entry["shards"]:
                         s.setdefault("video", entry["path"])  # the path its shard was written for
-                    entry.update(path=key, uid=video_uid(path), fingerprint=now)
+                    entry.update(path=key, uid=video_uid(named), fingerprint=now)
                     by_path[key] = entry
                     write(entry)
             if entry is not None:
@@ -577,7 +598,7 @@ def _extend_index(
             if entry is None:
                 entry = {
                     "path": key,
-                    "uid": video_uid(path),
+                    "uid": video_uid(named),
                     "fingerprint": now,
                     "fps": fps,
                     "windows": len(windows),
@@ -788,9 +809,11 @@ def _same_windows(entry: dict, windows: list[Window], settings: IndexSettings) -
 
 def _moved_here(gone_by_size: dict[int, list[dict]], now: dict, windows: list[Window], settings) -> dict | None:
     """The indexed video whose file is gone and which this file is, moved or renamed (or copied, and the original
-    deleted): the same size, windows and content sample (for entries recorded before the sample was: the same
-    modification time, which a move keeps); taken out of `gone_by_size`. None: no such video."""
-    for entry in gone_by_size.get(now["size"], []):
+    deleted, or a hard link whose other path was deleted): the same size, windows and content sample (for entries
+    recorded before the sample was: the same modification time, which a move keeps), and of those first the one
+    recorded with this file's device and inode; taken out of `gone_by_size`. None: no such video."""
+    candidates = gone_by_size.get(now["size"], [])
+    for entry in sorted(candidates, key=lambda e: not _same_file(e["fingerprint"], now)):
         recorded = entry["fingerprint"]
         same = (
             recorded["sample_sha256"] == now["sample_sha256"]
@@ -801,6 +824,84 @@ def _moved_here(gone_by_size: dict[int, list[dict]], now: dict, windows: list[Wi
             gone_by_size[now["size"]].remove(entry)
             return entry
     return None
+
+
+def _one_entry_per_file(
+    out: Path, data: dict, paths: list[Path], write
+) -> tuple[list[Path], dict[Path, str], list[dict]]:
+    """One entry per file, told by device and inode: the paths of the run with one path per file, the paths to be
+    indexed under another ({path given: the path its file is indexed under}), and notes.
+
+    A file already indexed stays under its indexed path, whichever path to it the run names (a hard link, the
+    folder through another mount): a change to it is indexed again under that path. A file reached by several
+    paths of the run and not indexed yet is indexed under the first. Two entries of one file (an index written
+    before inodes were recorded) become one: the entry whose fingerprint matches the file (then the one with more
+    windows indexed, then the first) stays, the other is dropped (`write` commits that before its shards go)."""
+    notes: list[dict] = []
+    indexed: dict[tuple[int, int], dict] = {}  # (dev, inode) of the file at an indexed path that is there -> entry
+    for entry in list(data["videos"]):
+        try:
+            st = os.stat(entry["path"])
+        except OSError:  # gone (or unreadable): the moved-video logic and the end of the run see to it
+            continue
+        fid = _file_id(st)
+        if not fid:
+            continue
+        kept = indexed.setdefault((fid["dev"], fid["inode"]), entry)
+        if kept is entry:
+            continue
+
+        def rank(e: dict, st=st) -> tuple[bool, int]:
+            fp = e["fingerprint"]
+            return (fp.get("size"), fp.get("mtime_ns")) == (st.st_size, st.st_mtime_ns), e["done"]
+
+        if rank(entry) > rank(kept):
+            kept, entry = entry, kept
+            indexed[(fid["dev"], fid["inode"])] = kept
+        _drop_video(out, data, entry, write)
+        notes.append(
+            {
+                "path": entry["path"],
+                "note": f"the same file as {printable(kept['path'])} (a hard link or another path to it): "
+                "its second entry is taken out of the index, its moments stay under that path",
+            }
+        )
+    groups: dict[tuple[int, int], list[tuple[Path, str]]] = {}  # the run's paths to each file, in order
+    order: list = []  # the run's paths, one file's paths at its first one's place
+    for path in paths:
+        try:
+            fid = _file_id(path.stat())
+        except OSError:  # planning reports it
+            fid = {}
+        if not fid:
+            order.append(path)
+            continue
+        fid = (fid["dev"], fid["inode"])
+        if fid not in groups:
+            order.append(fid)
+        groups.setdefault(fid, []).append((path, str(path.resolve())))
+    kept_paths, under = [], {}
+    for item in order:
+        if isinstance(item, Path):
+            kept_paths.append(item)
+            continue
+        group = groups[item]
+        entry = indexed.get(item)
+        key = entry["path"] if entry is not None else group[0][1]
+        chosen = next((p for p, k in group if k == key), group[0][0])
+        kept_paths.append(chosen)
+        for p, k in group:
+            if k != key:
+                notes.append(
+                    {
+                        "path": str(p),
+                        "note": f"the same file as {printable(key)} (a hard link or another path to it), indexed "
+                        "under that path: not indexed again",
+                    }
+                )
+        if str(chosen.resolve()) != key:
+            under[chosen] = key
+    return kept_paths, under, notes
 
 
 def _drop_video(out: Path, data: dict, entry: dict, write) -> None:
@@ -898,7 +999,29 @@ class MomentIndex:
         self.dir = Path(directory)
         if not self.dir.is_dir():
             raise IndexFileError(f"{self.dir}: no such index directory")
-        self.data = read_index_json(self.dir)
+        # An `index` run may commit between the read of index.json and the reads of the shards it lists (and delete
+        # or rewrite those it no longer lists): a shard that fails to read while index.json changed is read again
+        # from the new index.json, once; a shard that fails while index.json stays the same is a damaged index.
+        for attempt in range(2):
+            self.data = read_index_json(self.dir)
+            try:
+                self._load()
+                return
+            except IndexFileError as exc:
+                if not self._written_since_read():
+                    raise
+                if attempt:
+                    again = "search again when that run is done"
+                    raise IndexFileError(f"{self.dir}: {WRITTEN_WHILE_READ}; {again}") from exc
+
+    def _written_since_read(self) -> bool:
+        """Whether index.json differs from the one this view read (an `index` run committed since)."""
+        try:
+            return read_index_json(self.dir) != self.data
+        except IndexFileError:
+            return True
+
+    def _load(self) -> None:
         emb, ts, self.rows = [], [], []  # rows: (video number in data['videos'], shard file, row in shard, window)
         for vi, v in enumerate(self.data["videos"]):
             _check_labels(self.dir, vi, v)
@@ -935,6 +1058,10 @@ class MomentIndex:
                 with safe_open(str(path), framework="numpy") as f:
                     out.append(f.get_slice("video_prefix")[i : i + 1])
             except (OSError, SafetensorError) as exc:
+                if self._written_since_read():
+                    raise IndexFileError(
+                        f"{path}: unreadable shard: {WRITTEN_WHILE_READ}; search again ({exc})"
+                    ) from exc
                 raise IndexFileError(f"{path}: unreadable shard ({exc}); {REPAIR}") from exc
             if not np.issubdtype(out[-1].dtype, np.floating) or not np.isfinite(out[-1]).all():
                 vi = self.rows[r][0]
