@@ -16,8 +16,9 @@ needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resu
 one and reaches the same weights, bit for bit, as a run that was never interrupted.
 
 Exit status: 0 done; 1 the run cannot go on (it diverged, `--resume` found no valid checkpoint, the tokenizer and the
-model do not fit); 2 a bad config, data file or argument (checked before any work starts); 130/143 interrupted
-(Ctrl-C/SIGTERM; rerun with --resume). Errors are one line; EGOVLP_DEBUG=1 adds the traceback.
+model do not fit); 2 a bad config, data file or argument (checked before any work starts; a video that does not
+decode when it is read, the error naming the checkpoints kept for --resume); 130/143 interrupted (Ctrl-C/SIGTERM;
+rerun with --resume). Errors are one line; EGOVLP_DEBUG=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -735,7 +736,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
+    saved_step = step  # the step the newest checkpoint holds (a new run's step 0 needs none: the config rebuilds it)
+
     def checkpoint() -> None:
+        nonlocal saved_step
         state = {
             "step": step,
             "epoch": epoch,
@@ -752,6 +756,14 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         if info.is_main:
             save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
         D.barrier()
+        saved_step = step
+
+    def checkpoint_unless_diverging() -> None:
+        """The saves at an epoch's end and the run's end. In a run of skipped steps whose last good step is saved
+        already, none: the newest checkpoint keeps that step's data position, so that a resume with a lower learning
+        rate trains the batches that diverged (and a run that never took a step leaves no checkpoint)."""
+        if not (consecutive_skips and saved_step == step):
+            checkpoint()
 
     def evaluate() -> dict | None:
         if eval_set is None:
@@ -800,7 +812,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 },
             }
         )
-    load_failures = 0
+    load_failures, clips_read = 0, 0  # this process's clips (scene negatives included) and those unreadable
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
     done = step >= total_steps
@@ -811,11 +823,12 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             train_set.set_epoch(epoch)
         micro = next_micro
         step_parts: dict[str, torch.Tensor] = {}  # the step's loss terms summed over its micro-batches
-        for batch in loader:
+        for batch in _reading(loader, ckpt_dir):
             if micro >= steps_per_epoch * s.grad_accum_steps:
                 break  # leftover micro-batches that do not fill an optimizer step
             batch = batch.to(info.device)
             load_failures += int(batch.load_failures)
+            clips_read += batch.video.shape[0]
             last_micro = (micro + 1) % s.grad_accum_steps == 0
             sync = contextlib.nullcontext() if last_micro or not info.distributed else wrapped.no_sync()
             autocast = (
@@ -847,8 +860,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 log.write({"step": step, "epoch": epoch, "skipped_nonfinite": skipped})
                 if consecutive_skips > s.max_skipped_steps:
                     raise TrainingError(
-                        f"{consecutive_skips} consecutive steps had a non-finite loss or gradient; "
-                        "stopping (lower the learning rate or use fp32/bf16)"
+                        f"{consecutive_skips} consecutive steps had a non-finite loss or gradient; stopping at step "
+                        f"{step} (lower the learning rate or use fp32/bf16; {_continue_hint(ckpt_dir)})"
                     )
                 continue
             consecutive_skips = 0
@@ -890,12 +903,19 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         if not done:
             epoch, next_micro = epoch + 1, 0
             if (epoch % cfg.eval.every_epochs == 0) and epoch < s.epochs:
-                last_eval = evaluate()
-                checkpoint()  # the data position is now the start of the next epoch
-    checkpoint()
+                with _data_error_hint(ckpt_dir):
+                    last_eval = evaluate()
+                checkpoint_unless_diverging()  # the data position is now the start of the next epoch
+    if step == 0 and skipped:
+        raise TrainingError(
+            f"no step was taken: all {skipped} steps had a non-finite loss or gradient (lower the learning rate or "
+            "use fp32/bf16, and rerun)"
+        )
+    checkpoint_unless_diverging()
     del loader  # stops the persistent workers, with their decoded videos, before the final evaluation
     release_frame_cache()  # no-op unless data.frame_cache_mb and num_workers=0 put the videos in this process
-    final_eval = evaluate()
+    with _data_error_hint(ckpt_dir):
+        final_eval = evaluate()
     if bar is not None:
         bar.close()
     log.close()
@@ -913,7 +933,42 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     summary["egomcq" if cfg.task == "pretrain" else cfg.task] = final_eval or last_eval
     if info.is_main:
         atomic_write_bytes(output_dir / "summary.json", json_text(summary, indent=2).encode())
+        if skipped and step < total_steps:
+            print(
+                f"note: {skipped} steps were skipped for a non-finite loss or gradient ({consecutive_skips} of them "
+                f"at the end): the run trained {step} of its {total_steps} planned steps",
+                file=sys.stderr,
+            )
+        if load_failures:
+            print(
+                f"note: {load_failures} of the {clips_read} clips this process read could not be decoded and were "
+                "trained as black clips (data.strict is false; metrics.jsonl counts them as load_failures)",
+                file=sys.stderr,
+            )
     return summary
+
+
+@contextlib.contextmanager
+def _data_error_hint(ckpt_dir: Path):
+    """A clip that cannot be read in the loop (strict mode: a video that does not decode, found when it is read) stops
+    the run with its DataError, which then also says what the run keeps and how to go on."""
+    try:
+        yield
+    except DataError as exc:
+        raise DataError(f"{exc} ({_continue_hint(ckpt_dir)} once the data is fixed)") from exc
+
+
+def _reading(loader, ckpt_dir: Path):
+    with _data_error_hint(ckpt_dir):
+        yield from loader
+
+
+def _continue_hint(ckpt_dir: Path) -> str:
+    """What a run stopped in its loop leaves to go on from: its newest checkpoint for --resume, or nothing."""
+    saved = list_checkpoints(ckpt_dir)
+    if not saved:
+        return "no checkpoint was saved: --resume starts the run again"
+    return f"the checkpoints up to {saved[-1].name} are kept: add --resume to continue from the newest"
 
 
 # -- command line ---------------------------------------------------------------------------------------------------
