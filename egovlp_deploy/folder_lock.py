@@ -4,7 +4,9 @@ Two `index` (or `features`, or `train`) runs writing one folder at once would ea
 in-memory copy of the folder's record and overwrite each other's. The lock is taken on the folder's own descriptor,
 so no lock file is written into a folder we may not own, and the kernel drops it when the process ends, however it
 ends (a `kill -9` never leaves a stale lock). Readers (`search`, `info`) take no lock: every file they read is
-replaced atomically. On a filesystem without flock support (some network mounts) the lock is skipped.
+replaced atomically. On a filesystem without flock support (some network mounts) the lock is skipped. A forked
+child (a DataLoader worker, which may outlive a killed parent by seconds) closes its copy of the descriptor at once,
+so it never keeps the folder locked against the rerun.
 """
 
 from __future__ import annotations
@@ -14,10 +16,27 @@ import errno
 import os
 from pathlib import Path
 
+_HELD: set[int] = set()  # the descriptors holding a lock in this process
+
+
+def _close_in_child() -> None:
+    """After a fork, in the child: close its copies of the held descriptors (the parent's lock stays held)."""
+    for fd in _HELD:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
+
 
 @contextlib.contextmanager
-def exclusive_writer(folder: str | os.PathLike, what: str, error: type[Exception]):
-    """Hold the folder's lock for the block; another process holding it -> `error` at once (no waiting)."""
+def exclusive_writer(
+    folder: str | os.PathLike, what: str, error: type[Exception], then: str = "run again: what it wrote is kept"
+):
+    """Hold the folder's lock for the block; another process holding it -> `error` at once (no waiting), saying
+    what to do `then`, once that process is done."""
     try:
         import fcntl
     except ImportError:  # not POSIX: no flock
@@ -25,16 +44,18 @@ def exclusive_writer(folder: str | os.PathLike, what: str, error: type[Exception
         return
     folder = Path(folder)
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    _HELD.add(fd)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise error(
-                    f"{folder}: another process is writing this {what} now; wait for it to finish (then run "
-                    "again: what it wrote is kept), or give another output folder"
+                    f"{folder}: another process is writing this {what} now; wait for it to finish (then {then}), "
+                    "or give another output folder"
                 ) from None
             # ENOLCK / EOPNOTSUPP: this filesystem cannot lock; go on unlocked
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing the descriptor releases the lock

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import errno
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from egovlp_deploy.evaluation import (
     format_retrieval,
     format_table,
 )
+from egovlp_deploy.folder_lock import exclusive_writer
 from egovlp_deploy.jsonfile import json_text, read_json
 from egovlp_deploy.model import EgoVLPv2
 from egovlp_deploy.model.factory import load_model, model_at_frames, new_model, preset_config
@@ -352,55 +352,21 @@ def train(
         D.teardown()
 
 
-_LOCK_FDS: set[int] = set()  # descriptors run_lock holds, closed in forked children (DataLoader workers)
-
-
-def _close_locks_in_child() -> None:
-    for fd in _LOCK_FDS:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-    _LOCK_FDS.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_locks_in_child)
-
-
 @contextlib.contextmanager
 def run_lock(output_dir: Path, resume: bool):
-    """One train process per --output: an exclusive flock on the folder (created for a new run) for the whole run,
-    so that a second `train` (a `--resume` started while the run still goes, a job restarted by a scheduler) is
-    refused at once (TrainingError) instead of removing the running save's temp directory and writing checkpoints,
-    metrics.jsonl and summary.json over the first's. The kernel drops the lock when the process ends, however it
-    ends. A forked child closes its copy of the descriptor: a DataLoader worker that outlives a killed trainer by a
-    few seconds would otherwise keep the lock and refuse the resume. No lock where the folder is not there (a
-    refused --resume) or the filesystem has no flock."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        yield
-        return
+    """One train process per --output: the folder's writer lock (`folder_lock`; the folder is created for a new run)
+    for the whole run, so that a second `train` (a `--resume` started while the run still goes, a job restarted by a
+    scheduler) is refused at once (TrainingError) instead of removing the running save's temp directory and writing
+    checkpoints, metrics.jsonl and summary.json over the first's. No lock where the folder is not there (a refused
+    --resume: `_train` says so)."""
     if not resume and not output_dir.exists():
         output_dir.mkdir(parents=True, exist_ok=True)
     if not output_dir.is_dir():
-        yield  # a file given as --output, or a --resume of nothing: _train says so
-        return
-    fd = os.open(output_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    _LOCK_FDS.add(fd)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise TrainingError(
-                    f"--output {output_dir}: another train process is writing this run now; wait for it to end "
-                    "(then --resume continues from its newest checkpoint), or give another output directory"
-                ) from None
-            # ENOLCK / EOPNOTSUPP: this filesystem cannot lock; go on unlocked
         yield
-    finally:
-        _LOCK_FDS.discard(fd)
-        os.close(fd)
+        return
+    then = "--resume continues from its newest checkpoint"
+    with exclusive_writer(output_dir, "training run", TrainingError, then=then):
+        yield
 
 
 # What a run writes into its --output directory: any of them there (an empty folder aside) means a run lives there.

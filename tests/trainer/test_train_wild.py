@@ -178,9 +178,9 @@ def test_a_second_train_on_a_running_run_is_refused_and_leaves_its_save_alone(da
     saving = run / "checkpoints" / ".step_00000003.abcdefgh"
     saving.mkdir()
     with run_lock(run, resume=True):
-        with pytest.raises(TrainingError, match="another train process is writing this run now"):
+        with pytest.raises(TrainingError, match="another process is writing this training run now"):
             _run(_config(data), run, resume=True)
-        with pytest.raises(TrainingError, match="another train process"):
+        with pytest.raises(TrainingError, match="another process is writing this training run"):
             _run(_config(data), run, resume=False)
     assert saving.is_dir()
 
