@@ -59,24 +59,17 @@ _TEMP = re.compile(r"\.(" + "|".join(re.escape(n) for n in sorted(WRITTEN)) + r"
 
 
 def check_replaceable(out: Path) -> None:
-    """Raise unless `out` is a demo folder holding only what the demo writes (what --force may delete)."""
-    from egovlp_deploy.data import synth
-
+    """Raise unless `out` is a demo folder (its marker) holding only what the demo writes (what --force may
+    delete)."""
     marker = out / MARKER
     try:
         ours = json.loads(marker.read_text(encoding="utf-8")).get("format") == MARKER_FORMAT
     except (OSError, ValueError, AttributeError):
         ours = False
-    if not ours:  # a demo folder without the marker: its data is a synthetic dataset
-        try:
-            meta = json.loads((out / "data" / "meta.json").read_text(encoding="utf-8"))
-            ours = meta.get("generator") == synth.GENERATOR
-        except (OSError, ValueError, AttributeError):
-            ours = False
     if not ours:
         raise ValueError(
             f"{out}: not a folder written by egovlp-deploy demo (no {MARKER}); --force replaces only such a folder, "
-            "and nothing was deleted. Give a new or empty folder"
+            "and nothing was deleted. Give a new or empty folder (or delete an older demo's folder yourself)"
         )
     others = sorted(p.name for p in out.iterdir() if p.name not in WRITTEN and not _TEMP.fullmatch(p.name))
     if others:

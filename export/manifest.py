@@ -479,14 +479,6 @@ def verify_artifact(
     return path
 
 
-def config_json_digest(model_config: dict) -> str:
-    """The digest an ONNX graph records of the model config it was exported from (onnx_export.config_digest), of
-    a manifest's `model_config` as stored: fields added to the config since the export do not change it."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps(model_config, indent=2, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _check_onnx(
     directory: Path,
     path: Path,
@@ -498,7 +490,7 @@ def _check_onnx(
     manifest's `model_config` (the runtime sizes, pads and checks inputs by that config), and its external data:
     each location it names inside the folder and recorded in the entry, each recorded file of the recorded size and
     sha256."""
-    from .onnx_export import read_header
+    from .onnx_export import config_json_digest, read_header
 
     try:
         meta, locations = read_header(path)

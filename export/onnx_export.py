@@ -95,9 +95,18 @@ def dynamic_shapes(role: str, max_batch: int, max_text_len: int) -> dict[str, di
 
 def config_digest(config) -> str:
     """The digest of `config` a graph records (egovlp.config_sha256); the loader compares it with the manifest's."""
-    from .manifest import config_json_digest
-
     return config_json_digest(config.to_dict())
+
+
+def config_json_digest(model_config: dict) -> str:
+    """The digest of a model config as a manifest stores it (`model_config`): what `config_digest` records in each
+    graph, so the loader can compare the two; fields added to the config since an export do not change it. It
+    covers `attention_backend` (`EgoVLPv2Config.digest` leaves it out), which export_patches has restored by the
+    time a graph is exported."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(model_config, indent=2, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _translation_table(attention: str):
@@ -180,6 +189,12 @@ _HARMLESS_WARNINGS = (
     (UserWarning, r"# The axis name: \w+ will not be used, since it shares the same shape constraints"),
 )
 _REGISTRATION_LOGGER = "torch.onnx._internal.exporter._registration"
+_HARMLESS_LOG = "torchvision is not installed. Skipping "
+
+
+def _not_harmless(record) -> bool:
+    """A logging filter: False for the exporter's torchvision line (above)."""
+    return not record.getMessage().startswith(_HARMLESS_LOG)
 
 
 @contextlib.contextmanager
@@ -189,15 +204,14 @@ def _quiet_exporter():
     import warnings
 
     logger = logging.getLogger(_REGISTRATION_LOGGER)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.addFilter(_not_harmless)
     try:
         with warnings.catch_warnings():
             for category, message in _HARMLESS_WARNINGS:
                 warnings.filterwarnings("ignore", message=message, category=category)
             yield
     finally:
-        logger.setLevel(level)
+        logger.removeFilter(_not_harmless)
 
 
 def _check_graph(proto, role: str) -> None:

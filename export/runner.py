@@ -77,13 +77,10 @@ class ExportOptions:
         check_roles(self.roles)
         if not self.roles:
             raise ValueError(f"no role to export; choose from {list(ROLES)}")
-        for fmt in self.formats:  # AOTInductor and programs build all roles but `fusion`
-            built = AOTI_ROLES if fmt in ("aoti", "program") else tuple(ROLES)
-            if not set(self.roles) & set(built):
-                raise ValueError(
-                    f"--format {fmt} builds {','.join(built)}, none of --roles {','.join(self.roles)}: it would "
-                    f"export nothing"
-                )
+        built = {fmt: AOTI_ROLES if fmt in ("aoti", "program") else tuple(ROLES) for fmt in self.formats}
+        if not any(set(self.roles) & set(roles) for roles in built.values()):  # AOTI and programs: all but `fusion`
+            formats = "; ".join(f"--format {fmt} builds {','.join(roles)}" for fmt, roles in built.items())
+            raise ValueError(f"{formats}: none of --roles {','.join(self.roles)}, so it would export nothing")
         # The exporters trace the dynamic axes at sizes above 1 (onnx_export.trace_sizes); an invalid size is
         # refused here, before the folder's earlier manifest is retired.
         for flag, value, low in (("--max-batch", self.max_batch, 2), ("--max-text-len", self.max_text_len, 3)):
@@ -376,6 +373,13 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
     return result
 
 
+def _first_record_temp(path: Path) -> bool:
+    """A temp file of the exporter's own writes at a folder's top (the INCOMPLETE record an export writes first
+    into a new folder, the manifest, the reports), as a kill in that write leaves it: a folder holding only such
+    files is as good as empty (the rerun removes them)."""
+    return path.is_file() and not path.is_symlink() and bool(_temp_name_patterns(set())["."].fullmatch(path.name))
+
+
 def earlier_tokenizer_files(out: Path) -> set[str]:
     """The tokenizer/ files an earlier export of `out` wrote (its manifest's, or an unfinished run's record).
     ValueError, before anything is written, for an `out` that is neither new, empty nor an export folder."""
@@ -402,7 +406,7 @@ def earlier_tokenizer_files(out: Path) -> set[str]:
             ) from exc
         if m.tokenizer.get("dir") == "tokenizer":
             names |= set(m.tokenizer.get("files", {}))
-    elif not (out / INCOMPLETE).is_file() and any(out.iterdir()):
+    elif not (out / INCOMPLETE).is_file() and any(not _first_record_temp(p) for p in out.iterdir()):
         raise ValueError(
             f"{out}: not empty and not an egovlp-deploy export folder (no {MANIFEST}); nothing in it is touched. "
             f"Give --out a new or empty folder, or an earlier export folder"

@@ -90,14 +90,16 @@ def test_demo_force_refuses_its_folder_holding_other_files(tmp_path):
     assert (out / "thesis.tex").read_text() == "keep me"
 
 
-def test_a_demo_folder_without_the_marker_is_known_by_its_dataset(tmp_path):
-    out = tmp_path / "demo_out"
+def test_a_folder_of_demo_like_names_without_the_marker_is_not_replaced(tmp_path):
+    """A project holding a synth dataset as data/ and a training run as run/ (the names the demo uses) is not a demo
+    folder: only the marker makes one."""
+    out = tmp_path / "project"
     synth.generate(out / "data", **SMALL)
-    (out / "report.md").write_text("")
-    demo.check_replaceable(out)  # no error: a demo folder written before the marker existed
-    (out / "data" / "meta.json").write_text(json.dumps({"generator": "someone else"}))
+    (out / "run").mkdir()
+    (out / "run" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="not a folder written by egovlp-deploy demo"):
-        demo.check_replaceable(out)
+        demo.run_demo(out, force=True)
+    assert (out / "run" / "metrics.jsonl").is_file() and (out / "data" / "meta.json").is_file()
 
 
 def test_demo_out_naming_a_file_is_a_clear_error(tmp_path):
@@ -125,3 +127,20 @@ def test_demo_without_onnxruntime_says_so_before_it_starts(tmp_path, monkeypatch
     assert cli.main(["demo", "--out", str(tmp_path / "demo_out")]) == 2
     assert "onnxruntime is not installed (it comes with the cpu or gpu extra" in capsys.readouterr().err
     assert not (tmp_path / "demo_out").exists()
+
+
+def test_synth_force_checks_the_folder_again_before_it_replaces_it(tmp_path, monkeypatch):
+    """A file put into the dataset while synth --force renders the new one (minutes at full size) is not deleted."""
+    out = tmp_path / "ds"
+    synth.generate(out, **SMALL)
+    render = synth._render_one
+
+    def render_while_someone_writes(job):
+        (out / "run").mkdir(exist_ok=True)  # e.g. `train --output ds/run` started meanwhile
+        return render(job)
+
+    monkeypatch.setattr(synth, "_render_one", render_while_someone_writes)
+    with pytest.raises(ValueError, match="did not write \\(run\\)"):
+        synth.generate(out, force=True, seed=1, **SMALL)
+    assert (out / "run").is_dir() and json.loads((out / "meta.json").read_text())["seed"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # the new dataset's temp folder removed

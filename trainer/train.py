@@ -345,8 +345,16 @@ def train(
     info = D.setup(device)
     try:
         with contextlib.ExitStack() as stack:
+            refused = None
             if info.is_main:  # the one process that writes the run's files
-                stack.enter_context(run_lock(output_dir, resume))
+                try:
+                    stack.enter_context(run_lock(output_dir, resume))
+                except TrainingError as exc:
+                    refused = str(exc)
+            # every process learns whether the run goes on: the others would wait for rank 0 at its first collective
+            refused = D.broadcast_object(refused)
+            if refused is not None:
+                raise TrainingError(refused)
             return _train(cfg, output_dir, resume, info, progress)
     finally:
         D.teardown()
@@ -359,14 +367,20 @@ def run_lock(output_dir: Path, resume: bool):
     scheduler) is refused at once (TrainingError) instead of removing the running save's temp directory and writing
     checkpoints, metrics.jsonl and summary.json over the first's. No lock where the folder is not there (a refused
     --resume: `_train` says so)."""
-    if not resume and not output_dir.exists():
+    created = not resume and not output_dir.exists()
+    if created:
         output_dir.mkdir(parents=True, exist_ok=True)
     if not output_dir.is_dir():
         yield
         return
     then = "--resume continues from its newest checkpoint"
-    with exclusive_writer(output_dir, "training run", TrainingError, then=then):
-        yield
+    try:
+        with exclusive_writer(output_dir, "training run", TrainingError, then=then):
+            yield
+    finally:
+        if created:  # a run refused before it wrote anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()  # only where it is empty
 
 
 # What a run writes into its --output directory: any of them there (an empty folder aside) means a run lives there.
@@ -410,11 +424,15 @@ def trained_no_step(output_dir: Path) -> bool:
     if log.is_symlink() or (log.exists() and not log.is_file()):
         return False
     if log.is_file():
-        for line in log.read_bytes().splitlines():
+        raw = log.read_bytes()
+        lines = raw.split(b"\n")
+        if lines[-1]:  # a last row without its newline: a kill cut it while it was written
+            lines.pop()
+        for line in filter(None, lines):
             try:
                 record = json.loads(line)
-            except ValueError:  # a row a kill left half-written
-                continue
+            except ValueError:  # a whole line that is not a record: not a log of ours
+                return False
             if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] == 0):
                 return False
     return True
@@ -449,6 +467,7 @@ RESUME_FIXED = (
     "model.time_init",
     "model.temporal_embed_std",
     "data.neg_window",
+    "data.tokenizer",  # the ids the text embeddings were trained on
     "data.text_max_length",
     "data.num_verbs",
     "data.num_nouns",
@@ -703,15 +722,20 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
     saved_step = step  # the step the newest checkpoint holds (a new run's step 0 needs none: the config rebuilds it)
+    good = (epoch, next_micro, skipped - consecutive_skips, 0)  # the data position and skip counts of the last step
 
-    def checkpoint() -> None:
+    def checkpoint(at_last_good_step: bool = False) -> None:
+        """Save the run's state; `at_last_good_step`: in a run of skipped steps, with the data position and skip
+        counts of the last step taken (the weights, optimizer and schedule are still that step's), so that a resume
+        trains the batches that diverged."""
         nonlocal saved_step
+        position = good if at_last_good_step else (epoch, next_micro, skipped, consecutive_skips)
         state = {
             "step": step,
-            "epoch": epoch,
-            "next_micro": next_micro,
-            "skipped": skipped,
-            "consecutive_skips": consecutive_skips,
+            "epoch": position[0],
+            "next_micro": position[1],
+            "skipped": position[2],
+            "consecutive_skips": position[3],
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
@@ -725,11 +749,13 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         saved_step = step
 
     def checkpoint_unless_diverging() -> None:
-        """The saves at an epoch's end and the run's end. In a run of skipped steps whose last good step is saved
-        already, none: the newest checkpoint keeps that step's data position, so that a resume with a lower learning
-        rate trains the batches that diverged (and a run that never took a step leaves no checkpoint)."""
-        if not (consecutive_skips and saved_step == step):
+        """The saves at an epoch's end and the run's end. In a run of skipped steps, the last good step's state
+        (its data position: a resume with a lower learning rate trains the batches that diverged), or none where that
+        is saved already (and a run that never took a step leaves no checkpoint)."""
+        if not consecutive_skips:
             checkpoint()
+        elif saved_step != step:
+            checkpoint(at_last_good_step=True)
 
     def evaluate() -> dict | None:
         if eval_set is None:
@@ -840,6 +866,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             scheduler.step()
             step += 1
             next_micro = micro
+            good = (epoch, next_micro, skipped, 0)
 
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start

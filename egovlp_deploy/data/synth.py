@@ -620,6 +620,8 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
             {p.uid: (p.scene, [o.noun for o in p.objects]) for ps in plans.values() for p in ps},
             sizes["fps"],
         )
+        if out.is_dir() and any(out.iterdir()):
+            check_replaceable(out)  # again: something may have been put there while the videos were rendered
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -18,7 +18,7 @@ INDEX_DESCRIPTION = """Index videos for text search: sliding clip windows (or an
 with timestamps (+ fusion prefixes for re-ranking), in INDEX/ as safetensors shards + index.json.
 
 Incremental: run it again with more videos to extend the index; videos already indexed are skipped, changed files
-re-indexed. A killed run resumes where it stopped (at most --commit-every windows are recomputed) and never
+re-indexed. A killed run resumes where it stopped (fewer than twice --commit-every windows are recomputed) and never
 leaves a corrupt index; a shard deleted or damaged since is encoded again by the same command. The index records
 the model it was built with and refuses another model's engines. --out is a new or empty folder, or an existing
 index: a folder holding anything else is refused, and nothing `index` did not write is ever deleted."""
@@ -248,7 +248,7 @@ def add_index_arguments(p) -> None:
         type=positive_int,
         default=32,
         metavar="N",
-        help="windows per shard/commit: at most N are recomputed after a kill (default: 32)",
+        help="windows per shard and between commits: fewer than 2N are recomputed after a kill (default: 32)",
     )
     w.add_argument(
         "--decoder",

@@ -12,11 +12,12 @@ Crash safety: a shard is written under a temp name and renamed, and only later i
 rename) to list it: once `commit_every` windows are written since the last commit (across videos, so an index of
 many short videos is not rewritten per video), and at the end of the run. index.json therefore only ever names
 complete shards; a run killed at any point leaves unlisted shards of fewer than `commit_every` windows, which the
-next run overwrites (same names) or removes. Resuming continues each video from its first window not yet listed,
-so a killed run never re-encodes committed windows and never duplicates them. A listed shard that is missing or
-unreadable (deleted, truncated, another model's) is uncommitted by the next run, from that shard on, and those
-windows are encoded again (or, where the video's file is gone, left out): rerunning `index` repairs it. index.json
-is compact JSON, each video's entry encoded once per change, so a commit costs a copy of the file.
+next run overwrites (same names) or removes (an interrupted or failed run lists them before it stops). Resuming
+continues each video from its first window not yet listed, so a killed run never re-encodes committed windows and
+never duplicates them. A listed shard that is missing or unreadable (deleted, truncated, another model's) is
+uncommitted by the next run, from that shard on, and those windows are encoded again (or, where the video's file is
+gone, left out): rerunning `index` repairs it. index.json is compact JSON, each video's entry encoded once per
+change, so a commit costs a copy of the file.
 
 Videos over time: a video is known by its resolved path, with its size, modification time and a content sample
 (sha256 of its first and last 64 KiB). A file whose size, time or sample changed is indexed again; a new path whose
@@ -46,6 +47,7 @@ writes names it (`export`: its number in `exports(data)`), so `info` and `search
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
@@ -151,7 +153,8 @@ def _write_json(path: Path, data: dict) -> None:
 class _IndexWriter:
     """Writes a run's index.json (atomically, as one compact JSON object). Each video's entry is encoded once and
     again only after `write` is told it changed, so a commit into an index of many videos costs a copy of the
-    file's bytes, not an encoding of every entry (which grew with the index and made building one quadratic)."""
+    file's bytes, not an encoding of every entry (which would grow with the index: building one would be
+    quadratic)."""
 
     def __init__(self, path: Path, data: dict) -> None:
         self.path, self.data = path, data
@@ -338,7 +341,7 @@ def _check_fields(path: Path, data: dict) -> None:
             check(shard, _SHARD_FIELDS, f"videos[{i}].shards[{j}].")
             if not isinstance(shard.get("video", ""), str):
                 raise IndexFileError(f"{path}: videos[{i}].shards[{j}].video is not a path; {REBUILD}")
-            if not (_is_int(shard.get("export", 0)) and shard.get("export", 0) <= len(data.get("other_exports", []))):
+            if not (_is_int(shard.get("export", 0)) and 0 <= shard.get("export", 0) <= len(others)):
                 raise IndexFileError(f"{path}: videos[{i}].shards[{j}].export names no export; {REBUILD}")
         if video["done"] != sum(shard["count"] for shard in video["shards"]) or video["done"] > video["windows"]:
             raise IndexFileError(
@@ -427,7 +430,7 @@ class IndexSettings:
     prefix_dtype: str = "float32"
     mode: str = "windows"  # "windows" (sliding) or "segments" (annotated clips)
     batch: int = 8  # windows decoded and encoded together
-    commit_every: int = 32  # windows per shard: at most this many are recomputed after a kill
+    commit_every: int = 32  # windows per shard and between commits: < 2x this recomputed after a kill
 
     def check(self) -> None:
         """ValueError for settings no index can be built with; `build_index` calls it before it writes anything,
@@ -565,85 +568,92 @@ def _extend_index(
     new_windows = 0
     succeeded = 0
     warmed: set[str] = set()  # the encoder stages that ran their first batch
-    for path, windows, fps in planned:
-        entry = None
-        key = indexed_under.get(path) or str(path.resolve())  # another path to a file indexed under `key`: as key
-        named = Path(key) if path in indexed_under else path  # the path that names the video (its uid)
-        try:
+    try:
+        for path, windows, fps in planned:
+            entry = None
+            key = indexed_under.get(path) or str(path.resolve())  # another path to a file indexed under `key`: as key
+            named = Path(key) if path in indexed_under else path  # the path that names the video (its uid)
             try:
-                now = {**_fingerprint(path), "sample_sha256": _sample_sha256(path)}
-            except OSError as exc:
-                raise VideoReadError(path, "unreadable", str(exc)) from exc
-            entry = by_path.get(key)
-            if entry is not None and _changed(entry, now, windows, settings):
-                _drop_video(out, data, entry, write)  # the file changed since it was indexed: index it again
-                entry = None
-            elif entry is not None and entry["fingerprint"] != now:  # recorded before the sample was
-                entry["fingerprint"] = now
-                writer.touch(entry)
-            if entry is None:
-                entry = _moved_here(gone_by_size, now, windows, settings)
+                try:
+                    now = {**_fingerprint(path), "sample_sha256": _sample_sha256(path)}
+                except OSError as exc:
+                    raise VideoReadError(path, "unreadable", str(exc)) from exc
+                entry = by_path.get(key)
+                if entry is not None and _changed(entry, now, windows, settings):
+                    _drop_video(out, data, entry, write)  # the file changed since it was indexed: index it again
+                    entry = None
+                elif entry is not None and entry["fingerprint"] != now:  # recorded before the sample was
+                    entry["fingerprint"] = now
+                    writer.touch(entry)
+                if entry is None:
+                    entry = _moved_here(gone_by_size, now, windows, settings)
+                    if entry is not None:
+                        notes.append({"path": str(path), "note": f"moved from {entry['path']}: its moments are kept"})
+                        by_path.pop(entry["path"], None)
+                        for s in entry["shards"]:
+                            s.setdefault("video", entry["path"])  # the path its shard was written for
+                        entry.update(path=key, uid=video_uid(named), fingerprint=now)
+                        by_path[key] = entry
+                        write(entry)
                 if entry is not None:
-                    notes.append({"path": str(path), "note": f"moved from {entry['path']}: its moments are kept"})
-                    by_path.pop(entry["path"], None)
-                    for s in entry["shards"]:
-                        s.setdefault("video", entry["path"])  # the path its shard was written for
-                    entry.update(path=key, uid=video_uid(named), fingerprint=now)
+                    repaired = _uncommit_broken_shards(out, data, entry, write)
+                    if repaired:
+                        notes.append({"path": str(path), "note": repaired})
+                if entry is None:
+                    entry = {
+                        "path": key,
+                        "uid": video_uid(named),
+                        "fingerprint": now,
+                        "fps": fps,
+                        "windows": len(windows),
+                        "done": 0,
+                        "shards": [],
+                        "labels": [w.label for w in windows] if settings.mode == "segments" else None,
+                        "number": number,
+                    }
+                    number += 1
+                    data["videos"].append(entry)
                     by_path[key] = entry
-                    write(entry)
-            if entry is not None:
-                repaired = _uncommit_broken_shards(out, data, entry, write)
-                if repaired:
-                    notes.append({"path": str(path), "note": repaired})
-            if entry is None:
-                entry = {
-                    "path": key,
-                    "uid": video_uid(named),
-                    "fingerprint": now,
-                    "fps": fps,
-                    "windows": len(windows),
-                    "done": 0,
-                    "shards": [],
-                    "labels": [w.label for w in windows] if settings.mode == "segments" else None,
-                    "number": number,
-                }
-                number += 1
-                data["videos"].append(entry)
-                by_path[key] = entry
-            if bar is not None:
-                bar.update(entry["done"])
-            for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"] :], settings, warmed):
-                name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
-                _save_shard(out / name, tensors, {"model_id": runtime.model_id, "video": utf8_path(key)})
-                shard = {"file": name, "start": entry["done"], "count": len(part)}
-                if export_number:
-                    if export_number > len(data.get("other_exports", [])):
-                        data.setdefault("other_exports", []).append(export)
-                    shard["export"] = export_number
-                entry["shards"].append(shard)
-                entry["done"] += len(part)
-                writer.touch(entry)
-                new_windows += len(part)
-                pending += len(part)
-                if pending >= settings.commit_every:  # the commit: from here on the shards are part of the index
-                    write()
-                    if on_commit is not None:
-                        on_commit(sum(v["done"] for v in data["videos"]))
                 if bar is not None:
-                    bar.update(len(part))
-        except VideoReadError as exc:  # this file cannot be read: report it, index the others
-            failure = failure_of(path, exc)
-            if entry is not None and entry["done"]:
-                failure.reason += f" (indexed {entry['done']} of {entry['windows']} windows before that)"
-            failures.append(failure)
-            if bar is not None:
-                bar.total -= len(windows) - (entry["done"] if entry is not None else 0)
-                bar.refresh()
-            if entry is not None and not entry["done"]:  # nothing of it was committed: it is not in the index
-                data["videos"].remove(entry)
-                by_path.pop(key, None)
-            continue
-        succeeded += 1
+                    bar.update(entry["done"])
+                for part, tensors in _encoded_parts(runtime, pipe, path, windows[entry["done"] :], settings, warmed):
+                    name = f"shards/{entry['number']:05d}-{len(entry['shards']):05d}.safetensors"
+                    _save_shard(out / name, tensors, {"model_id": runtime.model_id, "video": utf8_path(key)})
+                    shard = {"file": name, "start": entry["done"], "count": len(part)}
+                    if export_number:
+                        if export_number > len(data.get("other_exports", [])):
+                            data.setdefault("other_exports", []).append(export)
+                        shard["export"] = export_number
+                    entry["shards"].append(shard)
+                    entry["done"] += len(part)
+                    writer.touch(entry)
+                    new_windows += len(part)
+                    pending += len(part)
+                    if pending >= settings.commit_every:  # the commit: from here on the shards are part of the index
+                        write()
+                        if on_commit is not None:
+                            on_commit(sum(v["done"] for v in data["videos"]))
+                    if bar is not None:
+                        bar.update(len(part))
+            except VideoReadError as exc:  # this file cannot be read: report it, index the others
+                failure = failure_of(path, exc)
+                if entry is not None and entry["done"]:
+                    failure.reason += f" (indexed {entry['done']} of {entry['windows']} windows before that)"
+                failures.append(failure)
+                if bar is not None:
+                    bar.total -= len(windows) - (entry["done"] if entry is not None else 0)
+                    bar.refresh()
+                if entry is not None and not entry["done"]:  # no window of it indexed: it leaves the index
+                    data["videos"].remove(entry)
+                    by_path.pop(key, None)
+                    writer.dirty = True
+                continue
+            succeeded += 1
+    except BaseException:  # interrupted (Ctrl-C, SIGTERM) or failed: list the complete shards written so far
+        if pending:
+            with contextlib.suppress(Exception):  # the error being raised is the one to report
+                write()
+        raise
     if pending or writer.dirty:
         write()
         if pending and on_commit is not None:

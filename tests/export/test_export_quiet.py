@@ -31,5 +31,9 @@ def test_other_warnings_and_log_lines_still_show(caplog):
         with _quiet_exporter():
             warnings.warn("the graph has a NaN constant", UserWarning, stacklevel=1)
             logging.getLogger("torch.onnx._internal.exporter._core").warning("fell back to the legacy exporter")
+            registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+            registration.warning("torchvision is not installed. Skipping %s", "torchvision::nms")
+            registration.warning("an operator has no translation")
     assert [str(w.message) for w in shown] == ["the graph has a NaN constant"]
-    assert [r.getMessage() for r in caplog.records] == ["fell back to the legacy exporter"]
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["fell back to the legacy exporter", "an operator has no translation"]

@@ -68,7 +68,7 @@ def _refused_cases(wild, tmp_path):
         ),
         "missing tokenizer": (["--tokenizer", str(tmp_path / "none")], "--tokenizer " + str(tmp_path / "none")),
         "aoti of fusion only": (["--format", "aoti", "--roles", "fusion"], "--format aoti builds"),
-        "program of fusion only": (["--format", "onnx,program", "--roles", "fusion"], "--format program builds"),
+        "program of fusion only": (["--format", "program", "--roles", "fusion"], "--format program builds"),
         "no role": (["--roles", ","], "no role to export"),
     }
 
@@ -217,3 +217,19 @@ def test_only_the_exporters_own_temp_names_are_removed(engines_copy):
     assert sorted(str(p.relative_to(engines_copy)) for p in removed) == sorted(ours)
     assert all((engines_copy / name).read_text() == "x" for name in theirs)
     assert load_manifest(engines_copy).artifacts  # the export itself untouched
+
+
+def test_a_first_export_killed_in_its_first_write_can_be_rerun(wild, tmp_path):
+    """Killed while it wrote its first file into a new folder (the export-incomplete record), an export leaves only
+    that write's temp file: the rerun takes the folder as its own (as good as empty), removes the file and exports."""
+    out = tmp_path / "engines"
+    out.mkdir()
+    (out / ".export-incomplete.json.k1ll3d00.tmp").write_bytes(b'{"tokenizer_fi')
+    result = run_export(str(wild / "ckpt"), out, ExportOptions(**FAST), quiet=True)
+    assert result.passed, result.errors
+    assert not (out / ".export-incomplete.json.k1ll3d00.tmp").exists() and (out / "manifest.json").is_file()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / ".notes.tmp").write_text("not the exporter's")
+    with pytest.raises(ValueError, match="not empty and not an egovlp-deploy export folder"):
+        run_export(str(wild / "ckpt"), mine, ExportOptions(**FAST), quiet=True)

@@ -92,16 +92,19 @@ def test_loads_and_matches_in_a_fresh_process(program_export, tmp_path):
             np.testing.assert_allclose(got[f"{role}.{name}"], want, rtol=0, atol=1e-6)
 
 
-def test_no_task_checks_and_no_program_role_leave_out_the_task_check(tiny_trained_like, tmp_path):
+def test_no_task_checks_leave_out_the_task_check_and_no_program_role_is_refused(tiny_trained_like, tmp_path, capsys):
     from egovlp_deploy.cli import main
 
     ckpt, _ = tiny_trained_like
-    for extra in (["--roles", "text_encoder", "--no-task-checks"], ["--roles", "fusion"]):
-        out = tmp_path / extra[-1].strip("-")
-        argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "program", "--quiet", *extra]
-        assert main(argv) == 0
-        validation = json.loads((out / "manifest.json").read_text())["validation"]
-        assert not [k for k in validation if k.startswith("task/")], (extra, sorted(validation))
+    out = tmp_path / "no-task-checks"
+    argv = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "program", "--quiet"]
+    assert main([*argv, "--roles", "text_encoder", "--no-task-checks"]) == 0
+    validation = json.loads((out / "manifest.json").read_text())["validation"]
+    assert not [k for k in validation if k.startswith("task/")], sorted(validation)
+    nothing = tmp_path / "fusion"  # programs build every role but fusion: this export would build nothing
+    argv = ["export", "--checkpoint", str(ckpt), "--out", str(nothing), "--format", "program", "--roles", "fusion"]
+    assert main(argv) == 2
+    assert "would export nothing" in capsys.readouterr().err and not nothing.exists()
 
 
 def test_compiled_program_matches_eager(program_export):

@@ -105,7 +105,12 @@ def test_a_new_empty_or_unrelated_directory_takes_a_new_run(tmp_path):
     check_output_dir(tmp_path / "run", resume=False)
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {"clips": 24}}\n')
     assert check_output_dir(tmp_path / "run", resume=False)  # a run that trained no step: taken over
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {}}\n{"step": 1, "lo')
+    assert check_output_dir(tmp_path / "run", resume=False)  # a row a kill cut: still no step trained
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {}}\n{"step": 1, "loss": 3.0}\n')
+    with pytest.raises(ValueError, match="already holds a training run"):
+        check_output_dir(tmp_path / "run", resume=False)
+    (tmp_path / "run" / "metrics.jsonl").write_text("my notes\nnot json\n")  # someone else's file of that name
     with pytest.raises(ValueError, match="already holds a training run"):
         check_output_dir(tmp_path / "run", resume=False)
     check_output_dir(tmp_path / "run", resume=True)  # --resume continues it

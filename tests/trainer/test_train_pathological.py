@@ -124,3 +124,19 @@ def test_a_strict_run_stopped_by_an_undecodable_eval_video_says_how_to_go_on(dat
     assert _run(config, run, resume=True)["steps"] == STEPS
     evaluations = [r["step"] for r in records(run) if "pretrain" in r]
     assert evaluations == [STEPS_PER_EPOCH, STEPS]  # the interrupted evaluation once, redone
+
+
+def test_an_epoch_end_save_in_a_divergence_keeps_the_last_good_position(data, tmp_path, monkeypatch):
+    """The last good step (2) is not saved when the loss turns non-finite (checkpoints only at the epoch's end): the
+    epoch-end save holds step 2's position (epoch 0, micro-batch 2), not the next epoch's start, which would make a
+    resume skip the batch that diverged."""
+    run = tmp_path / "run"
+    _non_finite_from(monkeypatch, 3)
+    _run(_config(data, checkpoint={"every_steps": 100}), run)
+    newest = list_checkpoints(run / "checkpoints")[-1]
+    _, state, _ = load_checkpoint(newest)
+    assert (newest.name, state["epoch"], state["next_micro"]) == ("step_00000002", 0, 2)
+    assert (state["skipped"], state["consecutive_skips"]) == (0, 0)  # the counts at step 2
+    monkeypatch.undo()
+    summary = _run(_config(data, checkpoint={"every_steps": 100}), run, resume=True)
+    assert (summary["steps"], summary["skipped_steps"]) == (STEPS, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 
@@ -98,12 +99,18 @@ def test_resume_applies_a_changed_learning_rate_and_weight_decay(data, finished,
 
 @pytest.mark.parametrize(
     "section, key, value",
-    [("schedule", "batch_size", 4), ("seed", None, 4), ("schedule", "grad_accum_steps", 2), ("model", "num_frames", 2)],
+    [
+        ("schedule", "batch_size", 4),
+        ("seed", None, 4),
+        ("schedule", "grad_accum_steps", 2),
+        ("model", "num_frames", 2),
+        ("data", "tokenizer", "/models/another-tokenizer"),
+    ],
 )
 def test_resume_refuses_a_change_of_what_the_steps_mean_before_any_work(data, finished, tmp_path, section, key, value):
-    """Another batch size, seed, accumulation or frame count makes the checkpoint's step and data position mean
-    something else (with batch_size 4 the old run had silently "finished" at once): refused, naming the key, with
-    nothing in the run folder changed."""
+    """Another batch size, seed, accumulation, frame count or tokenizer makes the checkpoint's step and data position
+    (or its text embeddings' ids) mean something else (with batch_size 4 the old run had silently "finished" at
+    once): refused, naming the key, with nothing in the run folder changed."""
     run = _killed_after(finished, tmp_path, 2)
     before = _tree(run)
     config = _config(data)
@@ -112,7 +119,7 @@ def test_resume_refuses_a_change_of_what_the_steps_mean_before_any_work(data, fi
     else:
         config[section][key] = value
     name = section if key is None else f"{section}.{key}"
-    with pytest.raises(ConfigError, match=rf"--resume: {name} \S+ -> {value}: .*step_00000002"):
+    with pytest.raises(ConfigError, match=rf"--resume: {name} \S+ -> {re.escape(repr(value))}: .*step_00000002"):
         _run(config, run, resume=True)
     assert _tree(run) == before
 
@@ -201,3 +208,60 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
             pass
     finally:
         os.waitpid(child, 0)
+
+
+def test_a_refused_run_lock_stops_every_process_of_a_launch(data, tmp_path):
+    """Only rank 0 takes the run's lock. When it is refused, the other ranks must stop as well: under a launcher
+    without torchrun's agent (srun, mpirun: here two processes started by hand) they would otherwise wait for rank 0
+    at their first collective until the process group's timeout."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps(_config(data)))
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "egovlp-deploy"), "train", "--config", str(config_file)]
+    cmd += ["--output", str(run), "--no-progress"]
+    with run_lock(run, resume=True):
+        ranks = [
+            subprocess.Popen(
+                cmd,
+                env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                         MASTER_PORT=str(port)),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for r in range(2)
+        ]  # fmt: skip
+        try:
+            errors = [p.communicate(timeout=180)[1] for p in ranks]
+        finally:
+            for p in ranks:
+                p.kill()
+    assert [p.returncode for p in ranks] == [1, 1]
+    assert all("another process is writing this training run now" in e for e in errors), errors
+
+
+def test_a_run_refused_before_it_writes_leaves_no_folder(data, tmp_path, monkeypatch):
+    """The run's lock is taken on the output folder, created for it: a run refused by a check before anything is
+    written (here the batch split for this launch) removes the folder it created, and only that."""
+    from egovlp_deploy.trainer import train as train_module
+
+    def refuse(cfg, world_size):
+        raise ValueError("refused for this launch")
+
+    monkeypatch.setattr(train_module, "check_batch_split", refuse)
+    with pytest.raises(ValueError, match="refused for this launch"):
+        _run(_config(data), tmp_path / "new" / "run")
+    assert not (tmp_path / "new" / "run").exists()
+    (tmp_path / "mine").mkdir()
+    with pytest.raises(ValueError, match="refused for this launch"):
+        _run(_config(data), tmp_path / "mine")
+    assert (tmp_path / "mine").is_dir()  # not created by the run: left
