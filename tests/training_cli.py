@@ -1,5 +1,6 @@
 """`egovlp-deploy train` in a subprocess, as a user runs it: a config file, an output folder, optionally under a
-launcher (torchrun), optionally killed; and what a run leaves behind (weights, per-step records)."""
+launcher (torchrun), optionally killed; and what a run leaves behind (weights, per-step records). Also the small run
+the training tests share: its synthetic data and config, trained in this process."""
 
 from __future__ import annotations
 
@@ -57,3 +58,37 @@ def records(run: Path) -> list[dict]:
 
 def losses(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(run) if "loss" in r}
+
+
+def small_run_data(root: Path) -> Path:
+    """The small run's synthetic dataset: 24 training clips (4 videos of 6) and 2 held-out videos."""
+    from egovlp_deploy.data.synth import generate
+
+    generate(root, seed=1, train_videos=4, eval_videos=2, clips_per_video=6, workers=1)
+    return root
+
+
+def small_run_config(root, **sections) -> dict:
+    """24 clips / 8 per step: 3 steps per epoch, 2 epochs, a checkpoint every step, no warm-up, no DataLoader
+    workers; `sections` update the config's sections ({"schedule": {"max_steps": 1}})."""
+    config = {
+        "model": {"preset": "tiny", "num_frames": 4},
+        "data": {"root": str(root), "tokenizer": "demo", "text_max_length": 16, "num_workers": 0},
+        "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.0},
+        "schedule": {"epochs": 2, "batch_size": 8, "precision": "fp32"},
+        "checkpoint": {"every_steps": 1, "keep_last": 0},
+        "eval": {"every_epochs": 1, "batch_size": 2, "max_questions": 2},
+        "log": {"every_steps": 1},
+        "seed": 3,
+    }
+    for section, values in sections.items():
+        config[section] = config[section] | values
+    return config
+
+
+def train_here(config: dict, out, resume: bool = False) -> dict:
+    """Train `config` into `out` in this process (the trainer's API); its summary."""
+    from egovlp_deploy.trainer.config import TrainConfig
+    from egovlp_deploy.trainer.train import train
+
+    return train(TrainConfig.from_dict(config), out, resume=resume, progress=False)

@@ -11,12 +11,12 @@ import torch
 
 from egovlp_deploy.checkpoint import list_checkpoints
 from egovlp_deploy.data.errors import DataError
-from egovlp_deploy.data.synth import generate
 from egovlp_deploy.trainer import objectives
-from egovlp_deploy.trainer.config import TrainConfig
-from egovlp_deploy.trainer.train import TrainingError, train
+from egovlp_deploy.trainer.train import TrainingError
 from egovlp_deploy.trainer.training_state import load_checkpoint
-from training_cli import records, weights
+from training_cli import records, small_run_data, weights
+from training_cli import small_run_config as _config
+from training_cli import train_here as _run
 
 pytest.importorskip("av")
 
@@ -26,29 +26,7 @@ STEPS_PER_EPOCH, STEPS = 3, 6
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "data"
-    generate(root, seed=1, train_videos=4, eval_videos=2, clips_per_video=6, workers=1)
-    return root
-
-
-def _config(root, **sections) -> dict:
-    config = {
-        "model": {"preset": "tiny", "num_frames": 4},
-        "data": {"root": str(root), "tokenizer": "demo", "text_max_length": 16, "num_workers": 0},
-        "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.0},
-        "schedule": {"epochs": 2, "batch_size": 8, "precision": "fp32"},
-        "checkpoint": {"every_steps": 1, "keep_last": 0},
-        "eval": {"every_epochs": 1, "batch_size": 2, "max_questions": 2},
-        "log": {"every_steps": 1},
-        "seed": 3,
-    }
-    for section, values in sections.items():
-        config[section] = config[section] | values
-    return config
-
-
-def _run(config: dict, out, resume: bool = False) -> dict:
-    return train(TrainConfig.from_dict(config), out, resume=resume, progress=False)
+    return small_run_data(tmp_path_factory.mktemp("synth") / "data")
 
 
 def _non_finite_from(monkeypatch, first_call: int) -> None:

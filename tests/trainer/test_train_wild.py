@@ -17,36 +17,16 @@ import pytest
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.config import ConfigError
 from egovlp_deploy.data.errors import DataError
-from egovlp_deploy.data.synth import generate
-from egovlp_deploy.trainer.config import TrainConfig
-from egovlp_deploy.trainer.train import TrainingError, run_lock, train
+from egovlp_deploy.trainer.train import TrainingError, run_lock
 from official_format import randomize_
-from training_cli import records, weights
+from training_cli import records, small_run_data, weights
+from training_cli import small_run_config as _config
+from training_cli import train_here as _run
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth") / "data"
-    generate(root, seed=1, train_videos=4, eval_videos=2, clips_per_video=6, workers=1)
-    return root
-
-
-def _config(root, **schedule) -> dict:
-    """24 clips / 8 per step: 3 steps per epoch, 2 epochs, a checkpoint every step, no warm-up."""
-    return {
-        "model": {"preset": "tiny", "num_frames": 4},
-        "data": {"root": str(root), "tokenizer": "demo", "text_max_length": 16, "num_workers": 0},
-        "optim": {"lr": 1e-3, "lr_mult_head": 1.0, "lr_mult_cross_modal": 1.0, "warmup_fraction": 0.0},
-        "schedule": {"epochs": 2, "batch_size": 8, "precision": "fp32"} | schedule,
-        "checkpoint": {"every_steps": 1, "keep_last": 0},
-        "eval": {"every_epochs": 1, "batch_size": 2, "max_questions": 2},
-        "log": {"every_steps": 1},
-        "seed": 3,
-    }
-
-
-def _run(config: dict, out, resume: bool = False) -> dict:
-    return train(TrainConfig.from_dict(config), out, resume=resume, progress=False)
+    return small_run_data(tmp_path_factory.mktemp("synth") / "data")
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +127,7 @@ def test_resume_does_not_need_the_checkpoint_the_run_started_from(data, tmp_path
     init = EgoVLPv2(EgoVLPv2Config.tiny())
     randomize_(init, seed=5)
     init.save_pretrained(tmp_path / "init")
-    config = _config(data, max_steps=4)
+    config = _config(data, schedule={"max_steps": 4})
     config["model"]["init_from"] = str(tmp_path / "init")
     config["model"]["text_dropout"] = 0.0
     _run(config, tmp_path / "straight")
@@ -168,10 +148,10 @@ def test_a_run_that_failed_in_its_setup_does_not_block_the_corrected_rerun(data,
     data row."""
     run = tmp_path / "run"
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        _run(_config(data, batch_size=32), run)
+        _run(_config(data, schedule={"batch_size": 32}), run)
     assert (run / "tokenizer" / "tokenizer.json").is_file()
     (run / "metrics.jsonl").write_text('{"step": 0, "epoch": 0, "data": {"clips": 24}}\n')  # had it got that far
-    summary = _run(_config(data, max_steps=1), run)
+    summary = _run(_config(data, schedule={"max_steps": 1}), run)
     assert summary["steps"] == 1
     assert "stopped before its first step" in capsys.readouterr().err
     assert [("data" in r, r["step"]) for r in records(run)][:2] == [(True, 0), (False, 1)]
