@@ -53,6 +53,7 @@ from egovlp_deploy.evaluation import (
 from egovlp_deploy.folder_lock import exclusive_writer
 from egovlp_deploy.jsonfile import json_text, read_json
 from egovlp_deploy.model import EgoVLPv2
+from egovlp_deploy.model.egovlp import CONFIG_FILE
 from egovlp_deploy.model.factory import load_model, model_at_frames, new_model, preset_config
 
 from . import distributed as D
@@ -91,12 +92,15 @@ def build_model(
     """The model a run trains (train mode), made by the model factory: loaded (model.init_from, at the run's frame
     count), or new from the preset or model.config_file with the section's init options, its towers filled from
     pretrained files (model.init_video / init_text; each report appended to `init_reports`; skipped with
-    pretrained=False, when a resumed checkpoint overwrites them anyway). A resumed run is built from its verified
-    checkpoint `resume_from` (its config.json and weights): the files it started from (model.init_from,
-    model.config_file) are not read again, so a resume does not need them any more."""
+    pretrained=False, when a resumed checkpoint overwrites them anyway). A resumed run is built from the config.json
+    of its verified checkpoint `resume_from` (its weights are loaded with the training state): the files it started
+    from (model.init_from, model.config_file) are not read again, so a resume does not need them any more."""
     m = cfg.model
     if resume_from is not None:
-        model = EgoVLPv2.from_pretrained(resume_from, verified=True)
+        try:
+            model = EgoVLPv2(EgoVLPv2Config.from_json_file(resume_from / CONFIG_FILE))
+        except ConfigError as exc:
+            raise CheckpointError(f"{resume_from / CONFIG_FILE}: {exc}") from exc
     elif m.init_from:
         model, _ = load_model(m.init_from, frames=m.num_frames)
     else:
