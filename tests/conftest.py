@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from official_format import randomize_
+from shared_folders import changed_shared_folders
 
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores: more torch
 # threads than cores make OpenMP's waiting threads spin against the other worker's.
@@ -61,3 +62,11 @@ def demo_tokenizer_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tokenizer"
     train_demo_tokenizer(path)
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_folders_stay_unchanged():
+    """A test that wrote into a folder of `built_once` would change what tests on the other workers read: fail."""
+    yield
+    changed = changed_shared_folders()
+    assert not changed, f"a test changed a shared folder (copy it before changing it): {changed}"

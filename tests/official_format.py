@@ -42,13 +42,18 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
-def saved_random_tiny(directory, seed: int):
-    """A tiny EgoVLPv2 with every weight random and non-zero gates (so cross-attention matters), written with
-    save_pretrained to `directory`; returns (directory, model in eval mode)."""
+def random_tiny(seed: int):
+    """A tiny EgoVLPv2 in eval mode with every weight random and non-zero gates (so cross-attention matters); the
+    same weights in every process for one seed."""
     from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 
     torch.manual_seed(0)
-    model = randomize_(EgoVLPv2(EgoVLPv2Config.tiny()), seed=seed).eval()
+    return randomize_(EgoVLPv2(EgoVLPv2Config.tiny()), seed=seed).eval()
+
+
+def saved_random_tiny(directory, seed: int):
+    """`random_tiny(seed)` written with save_pretrained to `directory`; returns (directory, model)."""
+    model = random_tiny(seed)
     model.save_pretrained(directory)
     return directory, model
 

@@ -1,19 +1,26 @@
 """Runtime fixtures: one tiny model with random non-zero weights (so cross-attention matters), exported once per
-session to ONNX (all five roles, fp32), a demo tokenizer beside the engines, and three short videos in the EgoClip
-chunked layout (ROOT/<uid>/0.mp4)."""
+test run to ONNX (all five roles, fp32; `built_once`), a demo tokenizer beside the engines, and three short videos
+in the EgoClip chunked layout (ROOT/<uid>/0.mp4)."""
 
 import json
 import shutil
 
 import pytest
 
-from official_format import saved_random_tiny
+from official_format import random_tiny
+from shared_folders import built_once
 from video_files import write_video
 
 
 @pytest.fixture(scope="session")
 def rt_model_dir(tmp_path_factory):
-    return saved_random_tiny(tmp_path_factory.mktemp("rt_ckpt") / "tiny", seed=11)
+    model = random_tiny(seed=11)
+
+    def save(folder):
+        model.save_pretrained(folder / "tiny")
+
+    folder, _ = built_once(tmp_path_factory, "tiny-seed11", save)
+    return folder / "tiny", model
 
 
 @pytest.fixture(scope="session")
@@ -21,12 +28,16 @@ def engines(tmp_path_factory, rt_model_dir):
     from egovlp_deploy.export.runner import ExportOptions, run_export
     from egovlp_deploy.tokenizer import train_demo_tokenizer
 
-    ckpt, model = rt_model_dir
-    out = tmp_path_factory.mktemp("rt_engines") / "engines"
-    result = run_export(str(ckpt), out, ExportOptions(max_batch=8, task_checks=False, ort_optimize="never"), quiet=True)
-    assert result.passed, result.errors
-    train_demo_tokenizer(out / "tokenizer")
-    return out
+    ckpt, _ = rt_model_dir
+
+    def export(folder):
+        options = ExportOptions(max_batch=8, task_checks=False, ort_optimize="never")
+        result = run_export(str(ckpt), folder / "engines", options, quiet=True)
+        assert result.passed, result.errors
+        train_demo_tokenizer(folder / "engines" / "tokenizer")
+
+    folder, _ = built_once(tmp_path_factory, "rt-engines", export)
+    return folder / "engines"
 
 
 @pytest.fixture
