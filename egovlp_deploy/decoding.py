@@ -836,11 +836,21 @@ class _open_video:
             self._drop(self.video)  # a reader that failed may be in a bad state
 
 
-def _gather(video, indices: Sequence[int]) -> torch.Tensor:
-    """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), H, W, 3); each frame decoded once."""
+def _gather(video, indices: Sequence[int], max_short_side: int | None = None) -> torch.Tensor:
+    """Frames at `indices` (any order, repeats allowed) -> uint8 (len(indices), H, W, 3); each frame decoded once.
+
+    `max_short_side`: frames with a longer short side are scaled down to it as they are decoded
+    (`transforms.shrink_frames`), one decoder call's worth at a time (`each`), so the full-size frames of the clip
+    are never all held; smaller frames come back as `get` decodes them."""
     _check_indices(video, indices)
     unique = sorted(set(indices))
-    frames = video.get(unique)  # (U, H, W, 3)
+    if max_short_side is None:
+        frames = video.get(unique)  # (U, H, W, 3)
+    else:
+        from .transforms import shrink_frames
+
+        shrunk = (shrink_frames(torch.from_numpy(f), max_short_side).numpy() for f in video.each(unique))
+        frames = _stacked(shrunk, len(unique))
     if list(indices) == unique:
         return torch.from_numpy(frames)  # already in order: no second copy
     where = {index: row for row, index in enumerate(unique)}
@@ -1121,6 +1131,7 @@ def read_egoclip_clip(
     backend: str = "auto",
     chunk_sec: int = EGOCLIP_CHUNK_SEC,
     frame_cache_bytes: int = 0,
+    max_short_side: int | None = None,
 ) -> torch.Tensor:
     """Official `read_frames_cv2_egoclip` on the chunked layout -> uint8 (num_frames, H, W, 3).
 
@@ -1137,6 +1148,7 @@ def read_egoclip_clip(
         end of its chunk, a clip spanning more than two chunks.
     `frame_cache_bytes` > 0: keep whole decoded chunk files in this process, up to that many bytes (small datasets
     such as the synthetic one; a 600 s Ego4D chunk is far larger than any sensible budget and is read as without).
+    `max_short_side`: frames whose short side is longer are scaled down to it as they are decoded (`_gather`).
     """
     paths, (start, end), bound_sec = egoclip_chunk(video_root, video_uid, start_sec, end_sec, chunk_sec)
     first_chunk, last_chunk = int(start // chunk_sec), int(end // chunk_sec)
@@ -1168,6 +1180,7 @@ def read_egoclip_clip(
                 rng,
                 backend,
                 frame_cache_bytes,
+                max_short_side,
             )
         fps = first.fps
         start_f, end_f = max(0, int(start * fps)), max(0, int(end * fps))
@@ -1185,10 +1198,11 @@ def read_egoclip_clip(
         in_second = [i for i in indices if i >= bound_f]
         parts = []
         if in_first:
-            parts.append(_gather(first, [min(i - offset, first.num_frames - 1) for i in in_first]))
+            parts.append(_gather(first, [min(i - offset, first.num_frames - 1) for i in in_first], max_short_side))
         if in_second:
             with _open_video(paths[1], backend, frame_cache_bytes) as second:
-                parts.append(_gather(second, [min(i - bound_f, second.num_frames - 1) for i in in_second]))
+                picks = [min(i - bound_f, second.num_frames - 1) for i in in_second]
+                parts.append(_gather(second, picks, max_short_side))
     if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
         raise VideoReadError(
             paths[1],
@@ -1202,7 +1216,18 @@ def read_egoclip_clip(
 
 
 def _egoclip_clip_by_time(
-    paths, start, end, chunk_start, bound_sec, spans, num_frames, sample, rng, backend, frame_cache_bytes
+    paths,
+    start,
+    end,
+    chunk_start,
+    bound_sec,
+    spans,
+    num_frames,
+    sample,
+    rng,
+    backend,
+    frame_cache_bytes,
+    max_short_side,
 ) -> torch.Tensor:
     """`read_egoclip_clip` on variable-rate chunk files: the frames shown in [start, end) s of the whole video (chunk
     c's frame at time t is at c * chunk_sec + t), sampled by the official rule over that list of frames."""
@@ -1226,7 +1251,7 @@ def _egoclip_clip_by_time(
         wanted = [i for c, i in picks if c == chunk]
         if wanted:
             with _open_video(paths[chunk], backend, frame_cache_bytes) as video:
-                parts.append(_gather(video, wanted))
+                parts.append(_gather(video, wanted, max_short_side))
     if len(parts) == 2 and parts[0].shape[1:] != parts[1].shape[1:]:
         raise VideoReadError(
             paths[1],

@@ -3,6 +3,7 @@
     egomcq_accuracy(preds, labels, types)      EgoMCQ 5-way accuracy per group, percent
     mir_metrics(sim, idx_arr, relevancy, video_ids, text_ids)
                                                EPIC-KITCHENS-100 multi-instance retrieval nDCG / mAP, percent
+    mir_scores(video_by_sentence, relevancy)   the same from (clips x sentences) similarities
     charades_map(scores, targets)              Charades-Ego mAP over the classes, a fraction in [0, 1]
 
 Inputs may be torch tensors or numpy arrays. Degenerate inputs for which the official code silently returns NaN
@@ -133,11 +134,6 @@ def mir_metrics(
         )
     if num_clips == 0 or num_sentences == 0:
         raise ValueError("mir_metrics: no clips or no sentences")
-    # argsort puts NaN last ascending, so a NaN score would rank first for nDCG and last for mAP: a silent number
-    if np.isnan(sim).any():
-        raise ValueError("mir_metrics: NaN similarities")
-    if not np.isfinite(rel).all():
-        raise ValueError("mir_metrics: non-finite relevancy")
 
     # Sentence s is scored with the caption of the first test clip whose narration id equals text_ids[s].
     clip_of_narration: dict[str, int] = {}
@@ -159,9 +155,25 @@ def mir_metrics(
         )
     order = [first_row[i] for i in range(num_clips)]
 
-    sim = (sim + 1) / 2
     text_by_video = sim[order, :][:, order]  # (N text, N video), dataset order
-    video_by_sentence = text_by_video.T[:, sentence_clip]  # (N clips, S sentences)
+    return mir_scores(text_by_video.T[:, sentence_clip], rel)
+
+
+def mir_scores(video_by_sentence: torch.Tensor | ArrayLike, relevancy: torch.Tensor | ArrayLike) -> dict[str, float]:
+    """EPIC-KITCHENS-100 MIR nDCG and mAP (percent) of the (N clips, S sentences) cosine similarities against the
+    (N, S) relevancy: the scoring half of `mir_metrics`, for callers that have each sentence's text embedding
+    already (the evaluation, where a sentence whose own clip was skipped is embedded from its sentence-CSV text).
+    The similarities are rescaled to (s + 1) / 2 as official; every clip needs an item of relevancy 1 and every
+    sentence too (ValueError naming the first that has none: the official average precision is 0/0 there)."""
+    sim, rel = _to_numpy(video_by_sentence), _to_numpy(relevancy)
+    if sim.ndim != 2 or sim.shape != rel.shape or sim.size == 0:
+        raise ValueError(f"mir_scores: similarities {sim.shape} and relevancy {rel.shape} must be the same (N, S) > 0")
+    # argsort puts NaN last ascending, so a NaN score would rank first for nDCG and last for mAP: a silent number
+    if np.isnan(sim).any():
+        raise ValueError("mir_metrics: NaN similarities")
+    if not np.isfinite(rel).all():
+        raise ValueError("mir_metrics: non-finite relevancy")
+    video_by_sentence = (sim + 1) / 2  # elementwise, so rescaling after the official's indexing changes no bit
 
     ndcg_v2t = _ndcg(video_by_sentence, rel, "clip")
     ndcg_t2v = _ndcg(video_by_sentence.T, rel.T, "sentence")

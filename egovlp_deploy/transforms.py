@@ -29,6 +29,9 @@ TRAIN_RATIO = (3.0 / 4.0, 4.0 / 3.0)  # torchvision's RandomResizedCrop default
 FLIP_P = 0.5  # RandomHorizontalFlipVideo default
 CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 EVAL_CROP_OVER_SIZE = 256 / 224  # Resize(256) -> CenterCrop(256) -> Resize(224), scaled to other sizes
+# Training frames are scaled down to a short side of at most this many times the crop size as they are decoded
+# (`shrink_frames`); an official Ego4D chunk (256-px short side, crop 224) is below it and stays as it is.
+TRAIN_SHORT_SIDE_OVER_SIZE = 2
 VARIANTS = ("egoclip", "epic")
 
 
@@ -59,6 +62,30 @@ def resize(clip: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def resize_short_side(clip: torch.Tensor, size: int) -> torch.Tensor:
     """torchvision Resize(size) on a float (F, C, H, W) clip."""
     return resize(clip, *short_side_size(clip.shape[-2], clip.shape[-1], size))
+
+
+def train_short_side(size: int) -> int:
+    """The largest short side, in pixels, training frames are decoded at for a `size` x `size` crop."""
+    return TRAIN_SHORT_SIDE_OVER_SIZE * size
+
+
+def shrink_frames(frames_uint8: torch.Tensor, max_short_side: int) -> torch.Tensor:
+    """uint8 (..., H, W, 3) frames whose short side exceeds `max_short_side` -> uint8 frames with that short side
+    (`short_side_size`), by antialiased bilinear resampling (an area average, as a video scaler does); frames within
+    it are returned as they are, the same tensor.
+
+    Why: RandomResizedCrop takes a fraction of the frame's area at a random aspect, so its crop is the same part of a
+    4K frame as of the frame scaled down, and the crop is resized to `size` either way; scaled down right after
+    decoding, a clip of a 4K or 5.7K source holds frames of a bounded size instead of F full-size ones (and their
+    float copies). The antialiasing keeps a large reduction from skipping pixels.
+    """
+    height, width = frames_uint8.shape[-3], frames_uint8.shape[-2]
+    if min(height, width) <= max_short_side:
+        return frames_uint8
+    new_h, new_w = short_side_size(height, width, max_short_side)
+    planes = frames_uint8.reshape(-1, height, width, 3).permute(0, 3, 1, 2)  # (N, 3, H, W) views, no copy
+    small = F.interpolate(planes, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    return small.permute(0, 2, 3, 1).reshape(*frames_uint8.shape[:-3], new_h, new_w, 3).contiguous()
 
 
 def center_crop(clip: torch.Tensor, size: int) -> torch.Tensor:

@@ -4,6 +4,7 @@ model factory loads, on the official evaluation files (egovlp_deploy/evaluation.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 from egovlp_deploy.arg_types import positive_int
@@ -18,6 +19,7 @@ from egovlp_deploy.evaluation import (
     evaluate_epic_mir,
     format_retrieval,
     format_table,
+    skipped_note,
 )
 from egovlp_deploy.model.factory import load_model, model_at_frames
 
@@ -142,6 +144,10 @@ def run(args) -> int:
             args.charades_classes,
             strict=strict,
         )
+    for name, dataset in (("EK-100 MIR", epic_set), ("Charades-Ego", charades_set)):
+        note = skipped_note(name, dataset) if dataset is not None else None
+        if note:  # before the work: a subset's numbers must not pass for the benchmark's
+            print(note, file=sys.stderr)
     results, report = {}, []
     if egomcq_set is not None:
         predictions = {} if args.predictions else None

@@ -11,9 +11,9 @@ cosine schedule, log, and checkpoint every N steps; evaluate every epoch. The co
 the data and the evaluation: "pretrain" EgoNCE + MLM + VTM on EgoClip, evaluated on EgoMCQ (sharded over the
 ranks); "epic_mir" the adaptive max-margin ranking loss on EK-100 MIR, evaluated by nDCG/mAP on its test split;
 "charades" the symmetric softmax loss on Charades-Ego, evaluated by mAP on its test split (both fine-tuning
-evaluations run on rank 0 while the other ranks wait at a barrier). Every checkpoint stores what an exact resume
-needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resume` continues from the newest valid
-one and reaches the same weights, bit for bit, as a run that was never interrupted.
+evaluations sharded over the ranks too, their embeddings gathered for the metrics). Every checkpoint stores what an
+exact resume needs (weights, optimizer, schedule, scaler, RNG states, data position); `--resume` continues from the
+newest valid one and reaches the same weights, bit for bit, as a run that was never interrupted.
 
 Exit status: 0 done; 1 the run cannot go on (it diverged, `--resume` found no valid checkpoint, the tokenizer and the
 model do not fit); 2 a bad config, data file or argument (checked before any work starts; a video that does not
@@ -49,6 +49,7 @@ from egovlp_deploy.evaluation import (
     evaluate_epic_mir,
     format_retrieval,
     format_table,
+    skipped_note,
 )
 from egovlp_deploy.folder_lock import exclusive_writer
 from egovlp_deploy.jsonfile import json_text, read_json
@@ -62,7 +63,13 @@ from .config import TrainConfig
 from .objectives import FinetuneObjective, PretrainObjective
 from .optim import build_optimizer, build_scheduler
 from .text_warmup import simcse_warmup
-from .training_state import load_checkpoint, remove_stale_temp_dirs, save_checkpoint
+from .training_state import (
+    data_fingerprint,
+    fingerprint_changes,
+    load_checkpoint,
+    remove_stale_temp_dirs,
+    save_checkpoint,
+)
 
 
 class TrainingError(RuntimeError):
@@ -188,6 +195,33 @@ def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: 
             backend=d.backend,
         )
     return train, evaluation
+
+
+def training_data_fingerprint(cfg: TrainConfig, train_set) -> dict:
+    """`data_fingerprint` of the training set: its task's annotation files and, where the dataset lists them
+    (`video_files`), the sizes of the video files its rows read."""
+    if cfg.task == "epic_mir":
+        from egovlp_deploy.data.epic import split_files
+
+        annotations = list(split_files(cfg.resolve(cfg.data.annotations), "train").values())
+    elif cfg.task == "charades":
+        annotations = [cfg.resolve(cfg.data.annotations) / "metadata_train.csv"]
+    else:
+        annotations = [cfg.resolve(cfg.data.egoclip_csv)]
+    videos = train_set.video_files() if hasattr(train_set, "video_files") else None
+    return data_fingerprint(annotations, cfg.resolve(cfg.data.video_root), videos)
+
+
+def resumed_load_counts(state: dict, info: D.DistInfo) -> tuple[int, int]:
+    """This process's (load failures, clips read) as `state` saved them, one pair per process: a resumed run counts
+    on from them. Launched with another number of processes, rank 0 takes the sums (the run's totals carry on) and
+    the others start at 0; a checkpoint of an older trainer, without counts, starts every process at 0."""
+    failures, read = state.get("load_failures"), state.get("clips_read")
+    if not isinstance(failures, list) or not isinstance(read, list) or len(failures) != len(read):
+        return 0, 0
+    if len(failures) == info.world_size:
+        return int(failures[info.rank]), int(read[info.rank])
+    return (int(sum(failures)), int(sum(read))) if info.is_main else (0, 0)
 
 
 def build_epic_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: int):
@@ -573,6 +607,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     model.gradient_checkpointing = cfg.schedule.gradient_checkpointing
     eval_frames = cfg.eval.num_frames or model.config.video.num_frames
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
+    # What the checkpoints' data positions index, read once by rank 0: every process decides a resume by it alike.
+    fingerprint = D.broadcast_object(training_data_fingerprint(cfg, train_set) if info.is_main else None)
     skipped_rows = len(getattr(train_set, "skipped_rows", []))
     finetune = cfg.task != "pretrain"
     if info.is_main:
@@ -587,6 +623,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 "(set it to null to train without EgoMCQ)",
                 file=sys.stderr,
             )
+        note = skipped_note(EVAL_NAMES[cfg.task], eval_set) if finetune else None
+        if note:  # the lax fine-tuning recipes evaluate on what is left of the test split: say so at the start
+            print(note, file=sys.stderr)
     if cfg.model.text_warmup_steps and not cfg.model.init_from and found is None:
         t0 = time.perf_counter()
         losses = simcse_warmup(
@@ -667,6 +706,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
     step, epoch, next_micro, skipped, consecutive_skips = 0, 0, 0, 0, 0
     log_rows = 0
+    load_failures, clips_read = 0, 0  # this process's clips (scene negatives included) and those unreadable
     if found is not None:
         weights, state, _ = load_checkpoint(found, map_location=info.device)
         try:
@@ -702,9 +742,33 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 f"(rows added, removed or now skipped as bad change the count), or start a new run from its weights "
                 f"(model.init_from: {found})"
             )
+        saved_fingerprint = state.get("data_fingerprint")  # absent in checkpoints of older trainers
+        data_changes = None if saved_fingerprint is None else fingerprint_changes(saved_fingerprint, fingerprint)
+        # a position at micro-batch 0, or past the epoch's last step (a run that ended with an epoch), reads no more
+        # of that epoch's order
+        if data_changes and 0 < next_micro < steps_per_epoch * s.grad_accum_steps:
+            raise DataError(
+                f"--resume: the training data changed since {found} was saved ({'; '.join(data_changes)}): its data "
+                f"position (micro-batch {next_micro} of epoch {epoch}) would now read other clips; restore the data "
+                f"the run was trained on, or start a new run from its weights (model.init_from: {found}) (a "
+                "checkpoint saved at an epoch's end resumes on changed data)"
+            )
+        load_failures, clips_read = resumed_load_counts(state, info)
         if info.is_main:
             log_rows = rewind_log(output_dir / "metrics.jsonl", state.get("log_rows"), step)
             print(f"resumed from {found} (step {step}, epoch {epoch})")
+            if data_changes:
+                print(
+                    f"note: the training data changed since {found.name} ({'; '.join(data_changes)}): the run "
+                    f"continues on it from the start of epoch {epoch if next_micro == 0 else epoch + 1}",
+                    file=sys.stderr,
+                )
+            elif data_changes is None:
+                print(
+                    f"note: {found.name} records no fingerprint of its training data (an older trainer saved it): "
+                    "whether the data is the one it was trained on could not be checked",
+                    file=sys.stderr,
+                )
             if changes:
                 print(
                     f"note: settings changed since {found.name}, applied from step {step} on (the learning-rate "
@@ -727,6 +791,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
     saved_step = step  # the step the newest checkpoint holds (a new run's step 0 needs none: the config rebuilds it)
     good = (epoch, next_micro, skipped - consecutive_skips, 0)  # the data position and skip counts of the last step
+    good_counts = (load_failures, clips_read)  # and its load counts
 
     def checkpoint(at_last_good_step: bool = False) -> None:
         """Save the run's state; `at_last_good_step`: in a run of skipped steps, with the data position and skip
@@ -734,6 +799,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         trains the batches that diverged."""
         nonlocal saved_step
         position = good if at_last_good_step else (epoch, next_micro, skipped, consecutive_skips)
+        # every process's load counts, which a resume continues from (a collective: every process saves)
+        counts = D.gather(
+            torch.tensor([good_counts if at_last_good_step else (load_failures, clips_read)], device=info.device)
+        ).tolist()
         state = {
             "step": step,
             "epoch": position[0],
@@ -746,6 +815,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             "rng": rng_state(),
             "log_rows": log.rows,  # metrics.jsonl's lines so far: a resume cuts the log back to them
             "clips": len(train_set),  # the data the position indexes: a resume mid-epoch needs the same count
+            "data_fingerprint": fingerprint,  # ... and the same rows and video files
+            "load_failures": [failed for failed, _ in counts],  # per process, in rank order
+            "clips_read": [read for _, read in counts],
         }
         if info.is_main:
             save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
@@ -777,20 +849,17 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 progress=False,
             )
             text = format_table(result)
-        else:  # rank 0 scores the whole test split (the metrics need every clip at once); the others wait
-            result = None
-            if info.is_main:
-                run_eval = evaluate_epic_mir if cfg.task == "epic_mir" else evaluate_charades
-                result = run_eval(
-                    eval_model,
-                    eval_set,
-                    tokenizer,
-                    info.device,
-                    batch_size=cfg.eval.batch_size,
-                    num_workers=cfg.data.num_workers,
-                )
-                text = format_retrieval(cfg.task, result)
-            D.barrier()
+        else:  # every rank encodes its share of the test split; the embeddings are gathered for the metrics
+            run_eval = evaluate_epic_mir if cfg.task == "epic_mir" else evaluate_charades
+            result = run_eval(
+                eval_model,
+                eval_set,
+                tokenizer,
+                info.device,
+                batch_size=cfg.eval.batch_size,
+                num_workers=cfg.data.num_workers,
+            )
+            text = format_retrieval(cfg.task, result)
         log.write({"step": step, "epoch": epoch, cfg.task: result})
         if bar is not None:
             bar.write(f"[epoch {epoch} step {step}] {EVAL_NAMES[cfg.task]}\n{text}")
@@ -808,7 +877,6 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 },
             }
         )
-    load_failures, clips_read = 0, 0  # this process's clips (scene negatives included) and those unreadable
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
     done = step >= total_steps
@@ -870,7 +938,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             scheduler.step()
             step += 1
             next_micro = micro
-            good = (epoch, next_micro, skipped, 0)
+            good, good_counts = (epoch, next_micro, skipped, 0), (load_failures, clips_read)
 
             if step % cfg.log.every_steps == 0 or step == total_steps:
                 elapsed = time.time() - window_start

@@ -2,8 +2,9 @@
 
 A checkpoint is a directory `step_00000100/` holding
 - `model.safetensors` + `config.json`  (an `EgoVLPv2.from_pretrained` directory, usable for export as is)
-- `state.safetensors` + `state.json`   (optimizer, scheduler, scaler, RNG states, step, epoch, data position:
-                                        tensors in safetensors, everything else JSON)
+- `state.safetensors` + `state.json`   (optimizer, scheduler, scaler, RNG states, step, epoch, data position, the
+                                        training data's fingerprint, load-failure counts: tensors in safetensors,
+                                        everything else JSON)
 - `run.json`                            (the training config of the run)
 - `MANIFEST.json`                       (sha256 + size of every file, written last)
 It is built in a temp directory `.step_00000100.<random>` and renamed into place, so a crash leaves either the
@@ -13,6 +14,7 @@ On resume the newest directory whose manifest verifies is taken; a truncated or 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -74,6 +76,45 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
             items = [unflatten_state(v, tensors) for v in obj["__list__"]]
             return tuple(items) if obj.get("tuple") else items
     return obj
+
+
+# -- the training data a data position indexes -----------------------------------------------------------------
+def data_fingerprint(
+    annotations: list[Path], video_root: Path | None = None, videos: list[str] | None = None
+) -> dict[str, Any]:
+    """What identifies a run's training data, cheaply: the sha256 of each annotation file the dataset reads (the rows;
+    by file name, so a moved data root still matches) and, where the dataset lists the video files its rows read
+    (`videos`, names relative to `video_root`), one sha256 over their names and sizes. Sizes, not modification
+    times: a copy of the data to another machine keeps the sizes and changes the times; a re-encoded or replaced
+    video almost never keeps its size. The videos themselves are too large to hash."""
+    out: dict[str, Any] = {"annotations": [[Path(p).name, sha256_file(p)] for p in annotations]}
+    if videos is not None and video_root is not None:
+        listing = hashlib.sha256()
+        for name in videos:
+            try:
+                size = (Path(video_root) / name).stat().st_size
+            except (OSError, ValueError):  # missing (lax mode trains it as a black clip): recorded as such
+                size = -1
+            listing.update(f"{name}\t{size}\n".encode("utf-8", "surrogateescape"))
+        out["videos"] = [len(videos), listing.hexdigest()]
+    return out
+
+
+def fingerprint_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """What differs between two `data_fingerprint`s, as short phrases ([] when nothing that both record does)."""
+    changes = []
+    old, new = saved.get("annotations") or [], current.get("annotations") or []
+    if [name for name, _ in old] != [name for name, _ in new]:
+        changes.append(f"annotation files {[n for n, _ in old]} -> {[n for n, _ in new]}")
+    else:
+        changes += [f"{name} was edited (sha256 {a[:12]} -> {b[:12]})" for (name, a), (_, b) in zip(old, new) if a != b]
+    if saved.get("videos") is not None and current.get("videos") is not None:
+        (old_count, old_digest), (new_count, new_digest) = saved["videos"], current["videos"]
+        if old_count != new_count:
+            changes.append(f"the rows read {new_count} video files, not {old_count}")
+        elif old_digest != new_digest:
+            changes.append(f"a video file of the {new_count} the rows read was replaced (the file sizes differ)")
+    return changes
 
 
 # -- files -----------------------------------------------------------------------------------------------------

@@ -110,8 +110,9 @@ class CharadesEgoDataset(EpochSeededDataset):
     load_failed=int). In train the target is the one-hot of the row's `cls` (the official returns the int).
 
     Strict/lax as EgoClipDataset (bad rows: malformed fields, unknown class ids, non-numeric or empty clip times,
-    empty narrations in train, missing videos). `clip_reader(path, start_sec|None, end_sec|None, num_frames,
-    sample, rng=random.Random|None)` -> uint8 (F,H,W,3) replaces the video reader (tests).
+    empty narrations in train, missing videos, a test id on an earlier row); a test split in which no usable row
+    names an action is an error. `clip_reader(path, start_sec|None, end_sec|None, num_frames, sample,
+    rng=random.Random|None)` -> uint8 (F,H,W,3) replaces the video reader (tests).
     Prompts for evaluation: `load_charades_classes(classes_path)`, or `dataset.prompts` when classes_path is given.
     """
 
@@ -156,6 +157,9 @@ class CharadesEgoDataset(EpochSeededDataset):
             self._items = kept
         if not self._items:
             raise rows.none_usable()
+        if not self.train and not any(item["classes"] for item in self._items):
+            # mAP averages over the classes with a positive video: found now, not after every video is encoded
+            raise rows.fail("all rows", "no usable row names an action (empty `actions`): there is no mAP to take")
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
@@ -176,13 +180,19 @@ class CharadesEgoDataset(EpochSeededDataset):
 
     def _read_test(self, rows: RowFilter) -> list[dict[str, Any]]:
         items = []
+        first_line: dict[str, int] = {}  # id -> the line that has it
         for line, fields in self._rows(rows, ",", ("id", "actions")):
             try:
                 path = self._check_id(fields["id"])
                 classes = sorted({cls for cls, _, _ in parse_actions(fields["actions"], self.num_classes)})
+                # a test video is one row: a second row would count the video twice in every class's AP (the
+                # official reads both, with the labels of the last)
+                if fields["id"] in first_line:
+                    raise RowProblem("duplicate id", f"{fields['id']!r} is on line {first_line[fields['id']]} already")
             except RowProblem as problem:
                 rows.reject(line, problem)
                 continue
+            first_line[fields["id"]] = line
             items.append(
                 {
                     "line": line,

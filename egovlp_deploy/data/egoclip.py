@@ -17,6 +17,7 @@ Differences from the official reader, all deliberate:
 from __future__ import annotations
 
 import ast
+import inspect
 import json
 import math
 import os
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from ..tokenizer import has_visible_character
+from ..transforms import train_short_side
 from .csv_rows import csv_records
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
@@ -279,9 +281,11 @@ class EgoClipDataset(EpochSeededDataset):
     """EgoClip rows -> dict(video=float (F,3,S,S), text=str, verb=float (num_verbs,), noun=float (num_nouns,),
     [neg_window set:] video_neg, text_neg, verb_neg, noun_neg, and index=int, load_failed=int).
 
-    split 'train': 'rand' frame offsets + train_transform; other splits: 'uniform' (segment middles) +
-    eval_transform('egoclip'). The scene-aware negative is another row (possibly the same one, as in the official
-    `.sample(1)`) of the same video whose narration_time falls in the same `neg_window`-second bucket:
+    split 'train': 'rand' frame offsets + train_transform on frames scaled, as they are decoded, to a short side of at
+    most `transforms.train_short_side(size)` (2 x size: a 256-px official chunk is read as it is, a 4K file costs no
+    more memory than a 448-px one); other splits: 'uniform' (segment middles) + eval_transform('egoclip').
+    The scene-aware negative is another row (possibly the same one, as in the official `.sample(1)`) of the same
+    video whose narration_time falls in the same `neg_window`-second bucket:
     segment_id = video_uid + '_' + str(narration_time // neg_window).
 
     strict=True: a bad metadata row raises DataError at construction, an unreadable video raises DataError (with
@@ -354,6 +358,13 @@ class EgoClipDataset(EpochSeededDataset):
         if clip_reader is None:
             from egovlp_deploy.decoding import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
         self._read = clip_reader
+        # Training frames are scaled to a bounded short side as they are decoded (`transforms.shrink_frames`), by the
+        # reader where it takes max_short_side, else by clip_tensor.
+        self._short_side = train_short_side(size)
+        try:
+            self._read_bounds = "max_short_side" in inspect.signature(clip_reader).parameters
+        except (TypeError, ValueError):  # a callable without a signature to read
+            self._read_bounds = False
         EpochSeededDataset.__init__(self)
 
     def __len__(self) -> int:
@@ -362,6 +373,14 @@ class EgoClipDataset(EpochSeededDataset):
     def narrations(self) -> list[str]:
         """Every row's narration (clip_text), in item order."""
         return [self._text[i] for i in range(len(self))]
+
+    def video_files(self) -> list[str]:
+        """The distinct chunk files the rows read, as "video_uid/chunk.mp4" relative to video_root, sorted (what a
+        checkpoint's data fingerprint records the sizes of)."""
+        # a clip reads its start's chunk and its end's (`chunk_paths`); one int64 key per (video, chunk)
+        chunks = np.floor_divide(np.concatenate([self._start, self._end]), CHUNK_SEC).astype(np.int64)
+        keys = np.unique((np.concatenate([self._uid, self._uid]).astype(np.int64) << 32) + chunks)
+        return sorted(f"{self._uids[k >> 32]}/{k & 0xFFFFFFFF}.mp4" for k in keys.tolist())
 
     def line_of(self, index: int) -> int:
         """The CSV line number of item `index` (skipped rows make it differ from index + 2)."""
@@ -403,6 +422,8 @@ class EgoClipDataset(EpochSeededDataset):
         from egovlp_deploy.decoding import VideoReadError
 
         uid = self._uids[self._uid[index]]
+        train = self.split == "train"
+        bound = {"max_short_side": self._short_side} if train and self._read_bounds else {}
         try:
             frames = self._loader.load(
                 self._read,
@@ -413,26 +434,37 @@ class EgoClipDataset(EpochSeededDataset):
                 self.num_frames,
                 self.sample,
                 rng=random.Random(frame_seed),
+                **bound,
             )
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {self.line_of(index)}", f"video {uid}: {e}") from e
-        return clip_tensor(frames, self.num_frames, self.size, crop_seed if self.split == "train" else None)
+        if not train:
+            return clip_tensor(frames, self.num_frames, self.size)
+        return clip_tensor(frames, self.num_frames, self.size, crop_seed, max_short_side=self._short_side)
 
 
 def clip_tensor(
-    frames: torch.Tensor | None, num_frames: int, size: int, crop_seed: int | None = None, variant: str = "egoclip"
+    frames: torch.Tensor | None,
+    num_frames: int,
+    size: int,
+    crop_seed: int | None = None,
+    variant: str = "egoclip",
+    max_short_side: int | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Decoded uint8 frames -> (float (num_frames,3,size,size), 1 if it is the lax black clip else 0).
 
     `frames` None (a lax-mode read failure) gives the official black clip; `crop_seed` selects the train transform
     (seeded crop and flip), None the eval transform (`preprocess.eval_clip`: C++ when built); fewer frames than
-    num_frames are zero-padded as official.
+    num_frames are zero-padded as official. `max_short_side`: larger frames are first scaled down to that short side
+    (`transforms.shrink_frames`; a no-op on frames a reader already bounded).
     """
     from egovlp_deploy.preprocess import eval_clip
-    from egovlp_deploy.transforms import black_clip, train_transform
+    from egovlp_deploy.transforms import black_clip, shrink_frames, train_transform
 
     if frames is None:
         return black_clip(num_frames, size), 1
+    if max_short_side is not None:
+        frames = shrink_frames(frames, max_short_side)
     if crop_seed is not None:
         video = train_transform(frames, size, generator=torch.Generator().manual_seed(crop_seed), variant=variant)
     else:

@@ -5,7 +5,7 @@ Files (EgoVLPv2/data_loader/EpicKitchens_MIR_dataset.py; epic-kitchens-100-annot
   video_id, start_timestamp, stop_timestamp ("HH:MM:SS.ff"), narration (the official reads them by position 0-2,
   4, 5, 8; we read them by name, and start_frame/stop_frame are ignored as by the official code).
 - EPIC_100_retrieval_{train,test}_sentence.csv: the de-duplicated captions, columns (narration_id, narration) by
-  position.
+  name, or by position (the official's reading) in a file whose header lacks those names.
 - relevancy/caption_relevancy_EPIC_100_retrieval_{train,test}.pkl: a pickled numpy array (rows: CSV rows, columns:
   sentences). We never unpickle data files: convert it once, in an environment you trust, with
         python -c "import pickle, numpy as np; np.save('caption_relevancy_EPIC_100_retrieval_test.npy', \
@@ -144,7 +144,21 @@ def load_relevancy(path: str | os.PathLike) -> np.ndarray:
         raise DataError(path, "file", f"expected a 2-D numeric matrix, got {loaded.dtype} {loaded.shape}")
     if not np.isfinite(loaded).all():
         raise DataError(path, "file", "the relevancy matrix has NaN or inf entries")
+    # the metrics count a relevancy of exactly 1 as a hit and sum the others as graded gains: another scale (percent,
+    # a similarity in [-1, 1]) would give numbers without meaning
+    if loaded.size and (loaded.min() < 0 or loaded.max() > 1):
+        raise DataError(path, "file", f"relevancy values must be in [0, 1], found [{loaded.min():g}, {loaded.max():g}]")
     return loaded
+
+
+def sentence_columns(header: list[str]) -> tuple[int, int]:
+    """(id column, text column) of the sentence CSV: by name where its header has them (a file saved by pandas with
+    its index comes with an unnamed first column, which by position would make the ids the captions), else the
+    first two, as the official reads them."""
+    names = [name.strip().lstrip("\ufeff") for name in header]
+    if "narration_id" in names and "narration" in names:
+        return names.index("narration_id"), names.index("narration")
+    return 0, 1
 
 
 def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -161,6 +175,7 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             header = next(reader, None)
             if header is None or len(header) < 2:
                 raise DataError(path, "line 1", f"expected a header with at least 2 columns, got {header}")
+            id_column, text_column = sentence_columns(header)
             last = reader.line_num
             for values in reader:
                 first, last = last + 1, reader.line_num
@@ -171,15 +186,19 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
                         path, f"line {first}", f"a quoted field runs on to line {last} (an unbalanced quote?)"
                     )
                 # more fields than the header: an unquoted comma would cut the narration short (pandas refuses too)
-                if len(values) != len(header) or not values[0].strip() or not has_visible_character(values[1]):
+                if (
+                    len(values) != len(header)
+                    or not values[id_column].strip()
+                    or not has_visible_character(values[text_column])
+                ):
                     raise DataError(
                         path,
                         f"line {reader.line_num}",
                         f"expected {len(header)} fields, a narration id and a narration with a visible character "
                         f"(quoted if it holds a comma), got {values}",
                     )
-                ids.append(values[0])
-                texts.append(values[1])
+                ids.append(values[id_column])
+                texts.append(values[text_column])
         except (csv.Error, UnicodeDecodeError) as e:
             raise DataError(path, f"line {reader.line_num}", f"malformed CSV: {e}") from e
     if not ids:
@@ -233,6 +252,27 @@ def read_epic_rows(
     return out, records.data_rows
 
 
+def rows_with_a_relevant_sentence(
+    parsed: list[tuple[int, int, dict[str, Any]]], relevancy: np.ndarray, rows: RowFilter
+) -> list[tuple[int, int, dict[str, Any]]]:
+    """The evaluation rows whose clip has a sentence of relevancy 1 (its own narration's, in the official files);
+    the others go to `rows` (an error in strict mode): their average precision, as a query, is 0/0."""
+    kept = []
+    for line, position, fields in parsed:
+        if not (relevancy[position] == 1).any():
+            rows.reject(
+                line,
+                RowProblem(
+                    "no relevant sentence",
+                    f"row {position} of the relevancy matrix has no sentence of relevancy 1 (as a query its average "
+                    "precision is 0/0)",
+                ),
+            )
+            continue
+        kept.append((line, position, fields))
+    return kept
+
+
 class EpicMIRDataset(EpochSeededDataset):
     """EK-100 MIR rows -> dict(video=float (F,3,S,S), text=str, relation=float, index=int (the CSV data row, the
     official item_v), text_index=int (the sentence column, official item_t: -1 outside train), load_failed=int).
@@ -244,8 +284,11 @@ class EpicMIRDataset(EpochSeededDataset):
     `sentences`, `relevancy`) for the metrics.
 
     Lax mode skips bad rows, so `index` (the row of the relevancy matrix) differs from the item number: evaluate
-    on `relevancy[dataset.row_indices]`. `clip_reader(path, start_sec, stop_sec, num_frames, jitter, rng=...)`
-    -> uint8 (F,H,W,3) replaces the video reader (tests); the default is `read_epic_clip`.
+    on `relevancy[dataset.row_indices]`, with the sentence columns `scored_sentences`, each embedded from the
+    caption of item `sentence_items[k]` or, where that is None, from its own text (`_scored_sentences`). An
+    evaluation row without a sentence of relevancy 1 is a bad row.
+    `clip_reader(path, start_sec, stop_sec, num_frames, jitter, rng=...)` -> uint8 (F,H,W,3) replaces the video
+    reader (tests); the default is `read_epic_clip`.
     """
 
     MAX_TEXT_LENGTH = EPIC_MAX_TEXT_LENGTH
@@ -282,13 +325,6 @@ class EpicMIRDataset(EpochSeededDataset):
         parsed, num_rows = read_epic_rows(csv_path, video_root if check_files else None, rows)
         if not parsed:
             raise rows.none_usable()
-        self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
-        self._lines = [line for line, _, _ in parsed]
-        self.row_indices = np.array([pos for _, pos, _ in parsed], dtype=np.int64)
-        self.narration_ids = [r["narration_id"] for _, _, r in parsed]
-        self._rows = [r for _, _, r in parsed]
-        for r in self._rows:
-            r["path"] = epic_video_path(video_root, r.pop("participant_id"), r.pop("video_id"))
 
         self.sentence_ids = self.sentences = self.relevancy = None
         if sentence_csv is not None:
@@ -300,6 +336,21 @@ class EpicMIRDataset(EpochSeededDataset):
                 raise DataError(
                     relevancy_path, "shape", f"{self.relevancy.shape}, expected (CSV data rows, sentences) = {expected}"
                 )
+            if not self.train:  # found now, not after the whole split is encoded (or a fine-tuning epoch trained)
+                parsed = rows_with_a_relevant_sentence(parsed, self.relevancy, rows)
+                if not parsed:
+                    raise rows.none_usable()
+
+        self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
+        self._lines = [line for line, _, _ in parsed]
+        self.row_indices = np.array([pos for _, pos, _ in parsed], dtype=np.int64)
+        self.narration_ids = [r["narration_id"] for _, _, r in parsed]
+        self._rows = [r for _, _, r in parsed]
+        for r in self._rows:
+            r["path"] = epic_video_path(video_root, r.pop("participant_id"), r.pop("video_id"))
+        self.scored_sentences = self.sentence_items = None
+        if not self.train and self.sentences is not None and self.relevancy is not None:
+            self.scored_sentences, self.sentence_items = self._scored_sentences(sentence_csv, relevancy_path)
 
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
@@ -308,6 +359,41 @@ class EpicMIRDataset(EpochSeededDataset):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def _scored_sentences(
+        self, sentence_csv: str | os.PathLike, relevancy_path: str | os.PathLike
+    ) -> tuple[np.ndarray, list[int | None]]:
+        """The sentence columns the retrieval metrics score, and for each the item whose caption embeds it: the
+        first usable row with the sentence's narration id (official `mir_metrics_vtc`), or None where lax mode
+        skipped that row, and the sentence is then embedded from its own text in the sentence CSV (the same words:
+        the official file holds each narration once, under the id of a row that has it). Real sentences are shared
+        by many clips, so leaving such a sentence out instead would leave those clips without their relevancy-1
+        sentence, and the metrics undefined. A sentence with no usable clip of relevancy 1 is a query with no
+        answer: left out in lax mode (its clips were skipped), a DataError in strict mode; so is, in strict mode,
+        a sentence id that names no row."""
+        first_item: dict[str, int] = {}
+        for item, narration_id in enumerate(self.narration_ids):
+            first_item.setdefault(narration_id, item)
+        if self.strict:
+            unknown = [s for s in self.sentence_ids if s not in first_item]
+            if unknown:
+                raise DataError(
+                    sentence_csv,
+                    "narration_id",
+                    f"{len(unknown)} sentence ids name no row of {self.csv_path}, e.g. {unknown[:3]} (the sentence "
+                    "CSV of another split?)",
+                )
+        answerable = (self.relevancy[self.row_indices] == 1).any(axis=0)
+        if self.strict and not answerable.all():
+            column = int(np.argmin(answerable))
+            raise DataError(
+                relevancy_path,
+                f"column {column}",
+                f"sentence {self.sentence_ids[column]!r} has no clip of relevancy 1: as a query its average precision "
+                "is 0/0",
+            )
+        columns = np.flatnonzero(answerable)
+        return columns, [first_item.get(self.sentence_ids[j]) for j in columns]
 
     def sentence_row_indices(self) -> np.ndarray:
         """For each sentence, the CSV data row with the same narration_id (official mir_metrics_vtc `indexes`,

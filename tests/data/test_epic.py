@@ -130,7 +130,9 @@ BAD_LINES = {
 @pytest.mark.parametrize("case", sorted(BAD_LINES))
 def test_bad_rows_strict_raise_lax_skip(tmp_path, videos, case):
     csv, sent, rel = write_files(
-        tmp_path, [line(), BAD_LINES[case], line(nid="P01_01_1", text="close tap")], relevancy=np.eye(3, 2)
+        tmp_path,
+        [line(), BAD_LINES[case], line(nid="P01_01_1", text="close tap")],
+        relevancy=np.array([[1, 0], [0, 0], [0, 1]]),  # each good row is relevant (1) to its own narration
     )
     with pytest.raises(DataError) as err:
         EpicMIRDataset(csv, videos, num_frames=2, size=16, sentence_csv=sent, relevancy_path=rel)
