@@ -268,6 +268,10 @@ class _DecordVideo:
     # `each` reads at most this many frames, and bytes of them, per decord call (a 4K frame is 25 MB, an 8K one 200)
     CALL_FRAMES = 32
     CALL_BYTES = 64 << 20
+    # What an open reader holds once it has decoded, in RGB frames of its size (decoded frames queued besides the
+    # codec's reference frames: measured ~250 MB for a 3840x2160 file, ~68 MB for 1920x1080; ~3 MB before decoding)
+    HELD_FRAMES = 11
+    frame_bytes = 0  # H x W x 3 of its frames, known from the first frame it decodes
 
     def __init__(self, path: Path) -> None:
         decord = import_decord()
@@ -318,7 +322,14 @@ class _DecordVideo:
             ) from exc
         if frames.ndim != 4 or frames.shape[-1] != 3:
             raise VideoReadError(self.path, CORRUPT, f"{rotated_hint} (frames of shape {frames.shape[1:]})")
+        if len(frames):
+            self.frame_bytes = frames[0].nbytes
         return frames
+
+    @property
+    def held_bytes(self) -> int:
+        """An estimate of the memory this open reader holds (`HELD_FRAMES`; 0 before it has decoded)."""
+        return self.HELD_FRAMES * self.frame_bytes
 
     def each(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
         """uint8 (H, W, 3) for each of increasing, distinct `indices`, decoded in calls of up to CALL_FRAMES frames
@@ -438,6 +449,10 @@ class _PyAVVideo:
     PACKET_TABLE_BUDGET = 4_000_000
     _packet_tables: OrderedDict = OrderedDict()
     _packet_tables_lock = threading.Lock()  # the clip pipeline's decode thread opens files beside the caller
+    # What an open reader holds once it has decoded, in RGB frames of its size (the codec's reference and threading
+    # frames: measured ~95 MB for a 3840x2160 file, ~27 MB for 1920x1080; ~6 MB before decoding)
+    HELD_FRAMES = 4
+    frame_bytes = 0  # H x W x 3 of its frames, known from the first frame it decodes
 
     def __init__(self, path: Path) -> None:
         import av
@@ -578,7 +593,14 @@ class _PyAVVideo:
         return _run_reaching(target, self._key_gap, seek_to, from_start)
 
     def _rgb(self, frame) -> np.ndarray:
-        return _upright_rgb(self._reformatter, frame)
+        rgb = _upright_rgb(self._reformatter, frame)
+        self.frame_bytes = rgb.nbytes
+        return rgb
+
+    @property
+    def held_bytes(self) -> int:
+        """An estimate of the memory this open reader holds (`HELD_FRAMES`; 0 before it has decoded)."""
+        return self.HELD_FRAMES * self.frame_bytes
 
     def get(self, indices: Sequence[int]) -> np.ndarray:
         """uint8 (n, H, W, 3) for increasing, distinct `indices`."""
@@ -732,11 +754,17 @@ class _open_video:
 
     Opened readers are kept in a small per-process LRU cache keyed by path, size and mtime: re-opening costs more
     than the read itself (opening a file and its first seek take longer than a short read on an open reader), and
-    training reads many clips of the same chunk files. A changed file gets a fresh reader.
+    training reads many clips of the same chunk files. A changed file gets a fresh reader. The cache keeps at most
+    CAPACITY readers holding at most HELD_BYTES together (`held_bytes`); a reader in use is never closed for it.
     """
 
     CAPACITY = 32
+    HELD_BYTES = 1 << 30  # by `held_bytes`: an open 4K decord reader holds ~250 MB, 32 would hold 8 GB a worker
     _cache: OrderedDict = OrderedDict()
+    _in_use: collections.Counter = collections.Counter()  # id(reader) -> `with` blocks using it now
+    # the cache's bookkeeping, one thread at a time (the clip pipeline's decode thread reads beside its caller, and a
+    # service may run pipelines in several threads): another thread's `_shrink` never closes a reader just taken
+    _lock = threading.RLock()
     _inherited: list = []  # readers a forked process got from its parent: kept, never used or closed
     _decord_refused: set = set()  # files decord could not open and PyAV could (backend 'auto' reads them with PyAV)
     _pid = os.getpid()
@@ -760,7 +788,8 @@ class _open_video:
             # does not exist in the fork, so dropping the inherited readers hangs the worker (e.g. a trainer's
             # worker forked from a process that has read with decord). They stay referenced, unused.
             cache._inherited.append(cache._cache)
-            cache._cache, cache._pid = OrderedDict(), os.getpid()
+            cache._cache, cache._in_use, cache._pid = OrderedDict(), collections.Counter(), os.getpid()
+            cache._lock = threading.RLock()  # a thread of the parent may have held it at the fork
         try:
             stat = self.path.stat()
         except FileNotFoundError:
@@ -779,7 +808,8 @@ class _open_video:
             if decoded is not None:
                 self.video = decoded
                 return decoded
-        video = cache._cache.pop(key, None)
+        with cache._lock:
+            video = cache._cache.pop(key, None)
         if video is None:
             video = self._new_reader(key)
             if isinstance(video, _PyAVVideo):
@@ -803,11 +833,26 @@ class _open_video:
                 _DECODED.refuse(key)
                 video.close()
                 return self.__enter__()
-        cache._cache[key] = video  # most recently used last
-        while len(cache._cache) > cache.CAPACITY:
-            cache._cache.popitem(last=False)[1].close()
-        self.video = video
+        with cache._lock:
+            cache._cache[key] = video  # most recently used last
+            cache._in_use[id(video)] += 1
+            self.video = video
+            cache._shrink()
         return video
+
+    @classmethod
+    def _shrink(cls) -> None:
+        """Close least recently used readers, none in use, until at most CAPACITY are open, holding at most HELD_BYTES
+        together."""
+        with cls._lock:
+            readers = list(cls._cache.items())  # least recently used first
+            count, held = len(readers), sum(video.held_bytes for _, video in readers)
+            for key, video in readers:
+                if count <= cls.CAPACITY and held <= cls.HELD_BYTES:
+                    return
+                if cls._in_use[id(video)] == 0 and cls._cache.pop(key, None) is not None:
+                    count, held = count - 1, held - video.held_bytes
+                    video.close()
 
     def _new_reader(self, key) -> _DecordVideo | _PyAVVideo:
         if key[0] == "pyav":
@@ -826,14 +871,25 @@ class _open_video:
 
     @classmethod
     def _drop(cls, video) -> None:
-        for key, cached in list(cls._cache.items()):
-            if cached is video:
-                del cls._cache[key]
+        with cls._lock:
+            for key, cached in list(cls._cache.items()):
+                if cached is video:
+                    del cls._cache[key]
         video.close()
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        if exc_type is not None and not isinstance(self.video, _DecodedVideo):
+        if isinstance(self.video, _DecodedVideo):
+            return
+        cache = type(self)
+        with cache._lock:
+            if cache._in_use[id(self.video)] > 1:
+                cache._in_use[id(self.video)] -= 1
+            else:
+                cache._in_use.pop(id(self.video), None)
+        if exc_type is not None:
             self._drop(self.video)  # a reader that failed may be in a bad state
+        else:
+            cache._shrink()  # its first read has told the reader's frame size (`held_bytes`)
 
 
 def _gather(video, indices: Sequence[int], max_short_side: int | None = None) -> torch.Tensor:
@@ -902,12 +958,15 @@ def decodable_frames(path: str | os.PathLike, backend: str = "auto") -> int:
     return good + 1
 
 
-def read_frames(path: str | os.PathLike, indices: list[int], backend: str = "auto") -> torch.Tensor:
-    """Decode the frames at `indices` (0-based, any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB."""
+def read_frames(
+    path: str | os.PathLike, indices: list[int], backend: str = "auto", max_short_side: int | None = None
+) -> torch.Tensor:
+    """Decode the frames at `indices` (0-based, any order, repeats allowed) -> uint8 (len(indices), H, W, 3) RGB.
+    `max_short_side`: frames whose short side is longer are scaled down to it as they are decoded (`_gather`)."""
     if len(indices) == 0:
         raise ValueError("read_frames needs at least one frame index")
     with _open_video(path, backend) as video:
-        return _gather(video, indices)
+        return _gather(video, indices, max_short_side)
 
 
 def iter_frames(
@@ -1075,6 +1134,7 @@ def read_clip(
     backend: str = "auto",
     rng: _random.Random | None = None,
     frame_cache_bytes: int = 0,
+    max_short_side: int | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Sample and decode the clip [start_sec, end_sec] of one video file at the file's real fps.
 
@@ -1086,6 +1146,7 @@ def read_clip(
     Raises VideoReadError: missing / corrupt file, zero frames, a clip that starts at or after the end of the
     video or ends before it starts, or a clip too short for 'rand'.
     `frame_cache_bytes` > 0: keep whole decoded videos in this process, up to that many bytes (`_DecodedCache`).
+    `max_short_side`: frames whose short side is longer are scaled down to it as they are decoded (`_gather`).
     """
     with _open_video(path, backend, frame_cache_bytes) as video:
         if end_sec is None or (not start_sec and not end_sec):
@@ -1104,7 +1165,7 @@ def read_clip(
                     f"{video.timeline.duration:.3f} s)",
                 )
         indices = _sample_or_raise(path, num_frames, start_f, end_f, sample, rng)
-        return _gather(video, indices), indices
+        return _gather(video, indices, max_short_side), indices
 
 
 # -- 5. the chunked EgoClip layout ------------------------------------------------------------------------------

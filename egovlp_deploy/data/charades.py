@@ -6,7 +6,8 @@ Files (EgoVLPv2/data_loader/CharadesEgo_dataset.py, trainer/trainer_charades.py,
   for no action). The target is the 157-class multi-hot of the classes named in `actions`; the whole video is read
   with 'uniform' sampling (segment middles over all its frames).
 - train: metadata_train.csv as written by utils/charades_meta.py: TAB-separated `id, cls, t_start, t_end,
-  narration`, one row per action; the clip [t_start, t_end] is read at the video's own fps with 'rand' sampling.
+  narration`, one row per action; the clip [t_start, t_end] is read at the video's own fps with 'rand' sampling,
+  its frames scaled, as they are decoded, to a short side of at most `transforms.train_short_side(size)`.
 - Charades_v1_classes.txt: lines "c000 Holding some clothes"; the prompt is the line from character 5 on
   (`line[5:]`), of its first comma-separated field, as the official csv.reader / pd.read_csv do.
 Videos: {video_root}/{id}.mp4. Prompts are padded to 30 tokens (trainer_charades).
@@ -25,8 +26,9 @@ from typing import Any
 import torch
 
 from ..tokenizer import has_visible_character
+from ..transforms import train_short_side
 from .csv_rows import csv_records
-from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number
+from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number, takes_max_short_side
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 NUM_CLASSES = 157
@@ -97,12 +99,16 @@ def read_charades_clip(
     sample: str,
     rng: random.Random | None = None,
     backend: str = "auto",
+    max_short_side: int | None = None,
 ) -> torch.Tensor:
     """uint8 (K<=F,H,W,3): the whole video when the times are None (official test), else [start_sec, end_sec]
-    at the file's fps (official read_frames_cv2_charades); the dataset zero-pads to F after the transform."""
+    at the file's fps (official read_frames_cv2_charades); the dataset zero-pads to F after the transform.
+    `max_short_side`: frames whose short side is longer are scaled down to it as they are decoded."""
     from egovlp_deploy.decoding import read_clip
 
-    return read_clip(path, start_sec, end_sec, num_frames, sample, backend=backend, rng=rng)[0]
+    return read_clip(
+        path, start_sec, end_sec, num_frames, sample, backend=backend, rng=rng, max_short_side=max_short_side
+    )[0]
 
 
 class CharadesEgoDataset(EpochSeededDataset):
@@ -164,6 +170,10 @@ class CharadesEgoDataset(EpochSeededDataset):
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
         self._read = clip_reader or read_charades_clip  # ClipLoader passes backend=
+        # Training frames are scaled to a bounded short side as they are decoded, as EgoClipDataset's are (by the
+        # reader where it takes max_short_side, else by clip_tensor); evaluation frames are read at full size.
+        self._short_side = train_short_side(size)
+        self._read_bounds = takes_max_short_side(self._read)
         EpochSeededDataset.__init__(self)
 
     def _rows(self, rows: RowFilter, delimiter: str, required: tuple[str, ...]):
@@ -232,12 +242,18 @@ class CharadesEgoDataset(EpochSeededDataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def video_files(self) -> list[str]:
+        """The distinct video files the rows read, as "id.mp4" relative to video_root, sorted (what a checkpoint's
+        data fingerprint records the sizes of)."""
+        return sorted({Path(item["path"]).relative_to(self.video_root).as_posix() for item in self._items})
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         from egovlp_deploy.decoding import VideoReadError
 
         item = self._items[index]
         s_frames, s_crop = item_seeds(self.seed, self.epoch, index, 2)
         sample = "rand" if self.train else "uniform"
+        bound = {"max_short_side": self._short_side} if self.train and self._read_bounds else {}
         try:
             frames = self._loader.load(
                 self._read,
@@ -247,10 +263,14 @@ class CharadesEgoDataset(EpochSeededDataset):
                 self.num_frames,
                 sample,
                 rng=random.Random(s_frames) if self.train else None,
+                **bound,
             )
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {item['line']}", f"video: {e}") from e
-        video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None)
+        if self.train:
+            video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop, max_short_side=self._short_side)
+        else:
+            video, failed = clip_tensor(frames, self.num_frames, self.size)
         return {
             "video": video,
             "text": item["text"],

@@ -361,10 +361,7 @@ class EgoClipDataset(EpochSeededDataset):
         # Training frames are scaled to a bounded short side as they are decoded (`transforms.shrink_frames`), by the
         # reader where it takes max_short_side, else by clip_tensor.
         self._short_side = train_short_side(size)
-        try:
-            self._read_bounds = "max_short_side" in inspect.signature(clip_reader).parameters
-        except (TypeError, ValueError):  # a callable without a signature to read
-            self._read_bounds = False
+        self._read_bounds = takes_max_short_side(clip_reader)
         EpochSeededDataset.__init__(self)
 
     def __len__(self) -> int:
@@ -441,6 +438,15 @@ class EgoClipDataset(EpochSeededDataset):
         if not train:
             return clip_tensor(frames, self.num_frames, self.size)
         return clip_tensor(frames, self.num_frames, self.size, crop_seed, max_short_side=self._short_side)
+
+
+def takes_max_short_side(clip_reader: Callable[..., Any]) -> bool:
+    """Whether a clip reader scales frames down as it decodes them (it takes `max_short_side`, as this package's
+    readers do); a dataset bounds the frames of another reader after it returns them (`clip_tensor`)."""
+    try:
+        return "max_short_side" in inspect.signature(clip_reader).parameters
+    except (TypeError, ValueError):  # a callable without a signature to read
+        return False
 
 
 def clip_tensor(

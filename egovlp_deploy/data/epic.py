@@ -32,8 +32,9 @@ import numpy as np
 import torch
 
 from ..tokenizer import has_visible_character
+from ..transforms import train_short_side
 from .csv_rows import csv_records
-from .egoclip import EpochSeededDataset, clip_tensor, item_seeds
+from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, takes_max_short_side
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
 EPIC_COLUMNS = ("narration_id", "participant_id", "video_id", "start_timestamp", "stop_timestamp", "narration")
@@ -72,8 +73,10 @@ def read_epic_clip(
     jitter: bool,
     rng: random.Random | None = None,
     backend: str = "auto",
+    max_short_side: int | None = None,
 ) -> torch.Tensor:
     """One EK-100 segment -> uint8 (num_frames, H, W, 3), frames chosen as the official __getitem__ does.
+    `max_short_side`: frames whose short side is longer are scaled down to it as they are decoded.
 
     Raises VideoReadError for an unreadable file or frames outside the video (official: decord IndexError)."""
     from egovlp_deploy.decoding import (
@@ -95,7 +98,7 @@ def read_epic_clip(
         ids = epic_frame_indices(start_frame, end_frame, num_frames, jitter, rng=rng)
     except ValueError as e:  # a segment shorter than one frame at this fps
         raise VideoReadError(path, OUT_OF_RANGE, f"clip [{start_sec}, {stop_sec}] s: {e}") from e
-    return read_frames(path, ids, backend=backend)
+    return read_frames(path, ids, backend=backend, max_short_side=max_short_side)
 
 
 def split_files(annotations: str | os.PathLike, split: str) -> dict[str, Path]:
@@ -279,9 +282,11 @@ class EpicMIRDataset(EpochSeededDataset):
 
     split 'train': the caption is a random sentence whose relevancy to the row is > 0.1 (official _get_caption;
     the row's own narration with relation 1 and text_index 0 when there is none, as the official), frame ids are
-    jittered, train_transform; needs `sentence_csv` and `relevancy_path`. Other splits: the row's narration,
-    segment-middle frames, eval_transform('epic'). Both files are optional there and exposed (`sentence_ids`,
-    `sentences`, `relevancy`) for the metrics.
+    jittered, train_transform on frames scaled, as they are decoded, to a short side of at most
+    `transforms.train_short_side(size)` (the official 256-px copies are read as they are); needs `sentence_csv`
+    and `relevancy_path`. Other splits: the row's narration, segment-middle frames at full size,
+    eval_transform('epic'). Both files are optional there and exposed (`sentence_ids`, `sentences`, `relevancy`) for
+    the metrics.
 
     Lax mode skips bad rows, so `index` (the row of the relevancy matrix) differs from the item number: evaluate
     on `relevancy[dataset.row_indices]`, with the sentence columns `scored_sentences`, each embedded from the
@@ -355,10 +360,19 @@ class EpicMIRDataset(EpochSeededDataset):
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
         self._read = clip_reader or read_epic_clip  # ClipLoader passes backend=
+        # Training frames are scaled to a bounded short side as they are decoded, as EgoClipDataset's are (by the
+        # reader where it takes max_short_side, else by clip_tensor); evaluation frames are read at full size.
+        self._short_side = train_short_side(size)
+        self._read_bounds = takes_max_short_side(self._read)
         EpochSeededDataset.__init__(self)
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def video_files(self) -> list[str]:
+        """The distinct video files the rows read, as "participant_id/video_id.MP4" relative to video_root, sorted
+        (what a checkpoint's data fingerprint records the sizes of)."""
+        return sorted({Path(r["path"]).relative_to(self.video_root).as_posix() for r in self._rows})
 
     def _scored_sentences(
         self, sentence_csv: str | os.PathLike, relevancy_path: str | os.PathLike
@@ -421,6 +435,7 @@ class EpicMIRDataset(EpochSeededDataset):
                 text, relation = self.sentences[text_index], float(self.relevancy[position, text_index])
             else:
                 text_index = 0  # the official returns 0 here (not -1), and its training mask reads it
+        bound = {"max_short_side": self._short_side} if self.train and self._read_bounds else {}
         try:
             frames = self._loader.load(
                 self._read,
@@ -430,10 +445,16 @@ class EpicMIRDataset(EpochSeededDataset):
                 self.num_frames,
                 self.train,
                 rng=random.Random(s_frames),
+                **bound,
             )
         except VideoReadError as e:
             raise DataError(self.csv_path, f"line {self._lines[index]}", f"video: {e}") from e
-        video, failed = clip_tensor(frames, self.num_frames, self.size, s_crop if self.train else None, variant="epic")
+        if self.train:
+            video, failed = clip_tensor(
+                frames, self.num_frames, self.size, s_crop, variant="epic", max_short_side=self._short_side
+            )
+        else:
+            video, failed = clip_tensor(frames, self.num_frames, self.size, variant="epic")
         return {
             "video": video,
             "text": text,
