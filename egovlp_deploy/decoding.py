@@ -810,6 +810,12 @@ class _open_video:
                 return decoded
         with cache._lock:
             video = cache._cache.pop(key, None)
+            if video is not None and cache._in_use[id(video)]:
+                # In use by another `with` block (another thread's, or a paused frame iterator's): a reader serves
+                # one use at a time (decord's crashes when two threads call it), so this one gets a reader of its
+                # own, which takes the cache slot; the other is closed by its garbage collection.
+                cache._cache[key] = video
+                video = None
         if video is None:
             video = self._new_reader(key)
             if isinstance(video, _PyAVVideo):

@@ -107,3 +107,46 @@ def test_a_clip_across_two_chunks_reads_the_same_bits_with_no_room_for_readers(f
     for seed in range(3):
         assert torch.equal(clip(seed), expected[seed]), seed
     assert not cache._cache  # nothing in use is left open
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_reader_in_use_is_never_handed_to_a_second_use(files, cache, backend):
+    """decord's reader crashes the process (or deadlocks) when two threads call it: a second `with` block on a file
+    whose cached reader is in use gets a reader of its own, and reads the same frames."""
+    with V._open_video(files[0], backend) as first:
+        expected = first.get([1, 5])
+        with V._open_video(files[0], backend) as second:
+            assert second is not first
+            assert np.array_equal(second.get([1, 5]), expected)
+    with V._open_video(files[0], backend) as again:  # no use now: the cached reader serves
+        assert again is second
+
+
+SAME_FILE_FROM_THREADS = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+from egovlp_deploy import decoding as V
+path, backend = sys.argv[1], sys.argv[2]
+expected = V.read_frames(path, [0, 4, 9], backend).numpy()
+def read(_):
+    return np.array_equal(V.read_frames(path, [0, 4, 9], backend).numpy(), expected)
+with ThreadPoolExecutor(4) as pool:
+    print(all(pool.map(read, range(120))))
+"""
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_threads_reading_one_file_get_its_frames(files, backend):
+    """Four threads reading one file (a service answering EgoMCQ questions on one video) in a process of its own:
+    a shared decord reader ended it with a segfault or `terminate called without an active exception`."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", SAME_FILE_FROM_THREADS, str(files[0]), backend],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "True", (done.returncode, done.stderr[-2000:])

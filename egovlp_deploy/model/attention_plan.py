@@ -26,6 +26,7 @@ added meanwhile. `report()` lists what was picked, with the times.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import math
 import os
@@ -379,24 +380,31 @@ class AttentionPlan:
         return f"tuned attention ({self.metric}): {text} of {len(self.used)} shape(s){extra}; plan: {where}"
 
 
-_active: AttentionPlan | None = None
-_active_lock = threading.Lock()
+# The plan `activate` set, per thread (and asyncio task): two runtimes with their own plans may run in two threads
+# of one process, each consulting its own.
+_active: contextvars.ContextVar[AttentionPlan | None] = contextvars.ContextVar("attention_plan", default=None)
+_default: AttentionPlan | None = None  # where no plan is active: one in-memory plan for the whole process
+_default_lock = threading.Lock()
 
 
 def active_plan() -> AttentionPlan:
-    """The plan "tuned" calls consult: the one `activate` set, else a process-wide in-memory plan (wall metric)."""
-    global _active
-    with _active_lock:
-        if _active is None:
-            _active = AttentionPlan()
-        return _active
+    """The plan "tuned" calls consult: the one `activate` set in this thread, else a process-wide in-memory plan
+    (wall metric)."""
+    global _default
+    plan = _active.get()
+    if plan is not None:
+        return plan
+    with _default_lock:
+        if _default is None:
+            _default = AttentionPlan()
+        return _default
 
 
 def activate(plan: AttentionPlan | None) -> AttentionPlan | None:
-    """Makes `plan` the one "tuned" calls consult (None: a fresh in-memory plan on next use); returns the previous."""
-    global _active
-    with _active_lock:
-        previous, _active = _active, plan
+    """Makes `plan` the one "tuned" calls of this thread consult (None: the process-wide in-memory plan); returns
+    the previous."""
+    previous = _active.get()
+    _active.set(plan)
     return previous
 
 

@@ -29,6 +29,11 @@ Backends, all lazily imported so a missing one is an error only when it is asked
   `torch`.
 - `tensorrt`: TensorRT engines listed in the manifest (needs the tensorrt package and a GPU).
 Each role session is warmed up once at load (batch 1), so the first user call does not pay for lazy allocation.
+
+Threads: one Runtime serves any number of threads. Each role's session is created once (the first callers wait for
+it), the tokenizer runs one call at a time (a fast tokenizer keeps its truncation and padding settings in itself),
+and the replays of a runner's CUDA graphs one at a time (a graph has one set of static input and output buffers);
+the sessions themselves run concurrently.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass
@@ -84,6 +90,11 @@ class FailedValidationWarning(UserWarning):
 
 class QueryTruncatedWarning(UserWarning):
     """A query has more tokens than the engines take: the words beyond the limit are not encoded."""
+
+
+class TorchThreadsWarning(RuntimeWarning):
+    """A Runtime set torch's intra-op thread count to another value than an earlier Runtime of this process: the
+    count is the process's (torch.set_num_threads), so every torch-based Runtime runs on the new one."""
 
 
 class UnverifiedTokenizerWarning(UserWarning):
@@ -284,6 +295,7 @@ class _TensorRunner(_Runner):
         self.torch, self.device, self.dtype = torch, torch.device(device), dtype
         self.call = call
         self.graphs = GraphCache(call, self.device, max_graphs) if graphs else None
+        self._replaying = threading.Lock()  # held from a graph's replay until its outputs are copied out
         self.pad_token_id = pad_token_id
         self.max_text_len = int(io.get("dynamic", {}).get("text_len", [1, default_text_len])[1])
         self.output_names = [t["name"] for t in io["outputs"]]
@@ -328,18 +340,25 @@ class _TensorRunner(_Runner):
             x = x.to(self.device, torch.long if spec["dtype"] == "int64" else self.dtype, non_blocking=True)
             args[spec["name"]] = x
         # buckets only serve graphs that are captured: an eager call keeps the query's own length
-        length = self._pad_text(args) if self.graphs is not None and self.graphs.capturing else None
+        replayed = self.graphs is not None and self.graphs.capturing
+        length = self._pad_text(args) if replayed else None
         plan = self.attention_plan
         if plan is not None:
             from egovlp_deploy.model.attention_plan import using as using_plan
-        with torch.inference_mode(), using_plan(plan) if plan is not None else contextlib.nullcontext():
-            out = (self.graphs or self.call)(**args)
+        with self._replaying if replayed else contextlib.nullcontext():
+            with torch.inference_mode(), using_plan(plan) if plan is not None else contextlib.nullcontext():
+                out = (self.graphs or self.call)(**args)
+            return self._host_outputs(out, length)
+
+    def _host_outputs(self, out, length: int | None) -> dict[str, np.ndarray]:
+        """The role's outputs as float32 numpy copies (a graph's outputs are its static buffers, which the next
+        replay overwrites), text-length outputs cut back to the query's own `length` (None: as they are)."""
         out = out if isinstance(out, (tuple, list)) else (out,)
         result = {}
         for spec, t in zip(self.io["outputs"], out):
             if length is not None and "text_len" in spec["shape"]:
                 t = t.narrow(spec["shape"].index("text_len"), 0, length)
-            result[spec["name"]] = t.float().cpu().numpy()  # a copy: graph outputs are reused by the next call
+            result[spec["name"]] = t.float().cpu().numpy()
         return result
 
 
@@ -492,6 +511,34 @@ def _check_mask(mask: np.ndarray, what: str = "attention_mask") -> np.ndarray:
     return mask.astype(np.int64)
 
 
+def _check_tokens(input_ids, mask, folder: EngineFolder) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) given by a caller as int64 (B, L) arrays (one query's 1-D arrays become B = 1), refused with an
+    EngineError unless the ids are integer token ids of the model's vocabulary (an onnxruntime gather wraps a
+    negative id around; torch raises an IndexError), the mask holds 0 and 1 in the ids' shape, and L is at most the
+    engines' text length (`tokenize` truncates to it)."""
+    ids, m = _as_numpy(input_ids, "input_ids"), _check_mask(_as_numpy(mask, "mask"))
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise EngineError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids, m = ids[None], m[None]
+    if ids.ndim != 2 or ids.shape != m.shape or ids.size == 0:
+        raise EngineError(
+            f"input_ids and mask must be non-empty (B, L) arrays of one shape (one query: (L,)), got {ids.shape} "
+            f"and {m.shape}"
+        )
+    vocab, limit = folder.config.text.vocab_size, folder.max_text_len
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise EngineError(
+            f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got {ids.min()}..{ids.max()}"
+        )
+    if ids.shape[1] > limit:
+        raise EngineError(
+            f"input_ids hold {ids.shape[1]} tokens per query, these engines take at most {limit} "
+            "(TextEncoder.tokenize truncates to it)"
+        )
+    return ids.astype(np.int64), m
+
+
 class VideoEncoder:
     """Preprocessed clips (B, F, 3, S, S) -> dual embeddings (B, P) and cacheable fusion prefixes (B, T, Dv)."""
 
@@ -582,10 +629,13 @@ class TextEncoder:
                     f"query {t!r} has no visible character (only control, format or space characters): "
                     "give the words to search for"
                 )
-        tok = self.rt.tokenizer
         limit = min(self.rt.folder.max_text_len, self.rt.folder.config.text.max_text_length)
-        self._warn_truncated(texts, limit)
-        enc = tok(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="np")
+        # One call at a time: a fast tokenizer sets its truncation and padding in itself before each call, so
+        # another thread's call in between (the length check below truncates nothing) changes this one's.
+        with self.rt.tokenizer_lock:
+            tok = self.rt.tokenizer
+            self._warn_truncated(texts, limit)
+            enc = tok(list(texts), padding=True, truncation=True, max_length=limit, return_tensors="np")
         ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
         vocab = self.rt.folder.config.text.vocab_size
         if ids.max() >= vocab:
@@ -606,8 +656,10 @@ class TextEncoder:
     def encode(self, texts: str | list[str]) -> TextOutput:
         return self.encode_tokens(*self.tokenize(texts))
 
-    def encode_tokens(self, ids: np.ndarray, mask: np.ndarray) -> TextOutput:
-        """`encode` of queries already tokenized by `tokenize` (its ids and mask, as it returned them)."""
+    def encode_tokens(self, ids: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor) -> TextOutput:
+        """`encode` of queries already tokenized by `tokenize` (its ids and mask, as it returned them; other arrays
+        are checked as `_check_tokens` says)."""
+        ids, mask = _check_tokens(ids, mask, self.rt.folder)
         runner = self.rt.runner("text_encoder")
         emb, pre = [], []
         for s in _batches(len(ids), self.rt.max_batch):
@@ -668,17 +720,7 @@ class FusionScorer:
         self, clips: np.ndarray | torch.Tensor, input_ids: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor
     ) -> np.ndarray:
         clips = self.rt.video_encoder._check(clips)
-        ids, m = _as_numpy(input_ids, "input_ids"), _check_mask(_as_numpy(mask, "mask"))
-        vocab = self.rt.folder.config.text.vocab_size
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise EngineError(f"input_ids must be integer token ids, got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= vocab):
-            raise EngineError(
-                f"input_ids must be token ids in [0, {vocab}) (the model's vocabulary), got {ids.min()}..{ids.max()}"
-            )
-        ids = ids.astype(np.int64)
-        if ids.ndim == 1:
-            ids, m = ids[None], m[None]
+        ids, m = _check_tokens(input_ids, mask, self.rt.folder)
         k = len(clips)
         if len(ids) == 1:
             ids, m = np.broadcast_to(ids, (k, ids.shape[1])), np.broadcast_to(m, (k, m.shape[1]))
@@ -740,6 +782,26 @@ def _unrecorded_tokenizer(folder: EngineFolder) -> Path:
     return path
 
 
+_torch_threads: int | None = None  # the intra-op thread count a Runtime of this process set last
+
+
+def _use_torch_threads(threads: int) -> None:
+    """torch.set_num_threads(threads), which holds for the whole process (an onnxruntime session has its own): a
+    TorchThreadsWarning where an earlier Runtime set another count, since its calls run on this one from now on."""
+    import torch
+
+    global _torch_threads
+    if _torch_threads not in (None, threads):
+        warnings.warn(
+            f"torch's intra-op threads are set for the whole process: {threads} now, for every torch-based Runtime "
+            f"of this process (another Runtime asked for {_torch_threads})",
+            TorchThreadsWarning,
+            stacklevel=4,
+        )
+    _torch_threads = threads
+    torch.set_num_threads(threads)
+
+
 class Runtime:
     """The engines of one export folder on one backend. Role sessions are created on first use and warmed up."""
 
@@ -786,6 +848,8 @@ class Runtime:
         self.checkpoint, self.compile, self.warmup = checkpoint, compile, warmup
         self._tokenizer_dir = tokenizer
         self._runners: dict[str, _Runner] = {}
+        self._loading = threading.RLock()  # held while a role's session (and the model it needs) is created
+        self.tokenizer_lock = threading.Lock()  # held by each use of `tokenizer` (TextEncoder.tokenize)
         self.max_batch = max(1, self.folder.max_batch)
         self.video_encoder = VideoEncoder(self)
         self.text_encoder = TextEncoder(self)
@@ -853,17 +917,24 @@ class Runtime:
         return model.eval()
 
     def runner(self, role: str) -> _Runner:
-        if role in self._runners:
+        """The role's session, created (and warmed up) on first use, once: threads asking for it meanwhile wait for
+        that one."""
+        runner = self._runners.get(role)
+        if runner is not None:
+            return runner
+        with self._loading:
+            if role not in self._runners:
+                self._runners[role] = self._new_runner(role)
             return self._runners[role]
+
+    def _new_runner(self, role: str) -> _Runner:
+        if self.threads and self.backend in ("torch", "program", "aoti"):
+            _use_torch_threads(self.threads)
         if self.backend == "onnxruntime":
             r = OrtRunner(self.folder, role, self.precision, self.device, self.threads)
         elif self.backend == "torch":
             from egovlp_deploy.export.manifest import io_entry
 
-            if self.threads:
-                import torch
-
-                torch.set_num_threads(self.threads)
             io = io_entry(role, self.folder.config, self.precision, self.folder.max_batch, self.folder.max_text_len)
             r = TorchRunner(
                 self.torch_model,
@@ -888,7 +959,6 @@ class Runtime:
             t0 = time.perf_counter()
             r(**self.example(role, text_len=min(8, self.folder.max_text_len)))
             r.warmup_seconds = time.perf_counter() - t0
-        self._runners[role] = r
         return r
 
     def example(self, role: str, batch: int = 1, text_len: int = 8) -> dict[str, np.ndarray]:
@@ -925,7 +995,7 @@ class Runtime:
         return self
 
     def describe(self) -> list[dict]:
-        return [r.describe() for r in self._runners.values()]
+        return [r.describe() for r in list(self._runners.values())]  # a copy: another thread may add a role
 
     def summary(self) -> str:
         rows = self.describe()

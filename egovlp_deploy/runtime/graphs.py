@@ -8,7 +8,8 @@ every signature (input names, shapes, dtypes) gets its own graph with its own st
     graphs = GraphCache(fn, device)          # fn(**tensors) -> tensor or tuple of tensors
     out = graphs(video=x)                    # capture on the first call of this signature, replay after
 
-The outputs are the static buffers: valid until the next call (copy them before calling again). The graphs of one
+The outputs are the static buffers: valid until the next call (copy them before calling again), so a cache takes one
+caller at a time (`TorchRunner` holds a lock from the call until its outputs are copied out). The graphs of one
 cache share one memory pool (replays never overlap), and at most `max_graphs` signatures are kept (least recently
 used first out); a signature whose capture failed runs eagerly from then on, and `status()` says why. On a CPU
 device nothing is captured. The text length varies with every query: `bucket_length` pads it to a multiple of

@@ -1031,6 +1031,17 @@ class MomentIndex:
         except IndexFileError:
             return True
 
+    def _stale(self, path: Path, why: object) -> IndexFileError:
+        """The error for a shard read after an `index` run changed it since this view read the index (deleted, or
+        written again under its name, for another video after `--prune`): this view's rows no longer name its
+        clips, and a view never reads an index again by itself. An index deleted or moved away says so."""
+        if not (self.dir / INDEX_FILE).is_file():
+            return IndexFileError(f"{self.dir}: the index is gone (deleted or moved since this search read it)")
+        return IndexFileError(
+            f"{path}: the index changed since this search read it (an `egovlp-deploy index` run wrote it); open the "
+            f"index again (a new MomentIndex) and search again ({why})"
+        )
+
     def _load(self) -> None:
         emb, ts, self.rows = [], [], []  # rows: (video number in data['videos'], shard file, row in shard, window)
         for vi, v in enumerate(self.data["videos"]):
@@ -1066,13 +1077,23 @@ class MomentIndex:
             path = shard_path(self.dir, file)
             try:  # checked at load; read again here, so a shard changed since then is reported, not a crash
                 with safe_open(str(path), framework="numpy") as f:
+                    # the row's embedding, read from the same open file, tells whether this is still the clip this
+                    # view loaded: a later run may have written another video's shard under the name
+                    same = np.array_equal(
+                        f.get_slice("embeddings")[i : i + 1].astype(np.float32), self.embeddings[r : r + 1]
+                    )
                     out.append(f.get_slice("video_prefix")[i : i + 1])
             except (OSError, SafetensorError) as exc:
                 if self._written_since_read():
-                    raise IndexFileError(
-                        f"{path}: unreadable shard: {WRITTEN_WHILE_READ}; search again ({exc})"
-                    ) from exc
+                    raise self._stale(path, exc) from exc
                 raise IndexFileError(f"{path}: unreadable shard ({exc}); {REPAIR}") from exc
+            if not same:
+                if self._written_since_read():
+                    raise self._stale(path, "another clip's embedding in its row")
+                vi = self.rows[r][0]
+                shard = next(s for s in self.data["videos"][vi]["shards"] if s["file"] == file)
+                what = "another embedding than when this index was read"
+                raise _damaged(self.dir, self.data["videos"][vi], shard, what, f"; delete it and {REPAIR}")
             if not np.issubdtype(out[-1].dtype, np.floating) or not np.isfinite(out[-1]).all():
                 vi = self.rows[r][0]
                 shard = next(s for s in self.data["videos"][vi]["shards"] if s["file"] == file)
