@@ -960,6 +960,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             if bar is not None:
                 bar.update(1)
             out_of_time = s.max_minutes is not None and (time.time() - started) / 60 >= s.max_minutes
+            if s.max_minutes is not None:  # rank 0's clock decides: ranks stopping at different steps would hang
+                out_of_time = D.broadcast_object(out_of_time)  # in different collectives
             done = step >= total_steps or out_of_time
             if step % cfg.checkpoint.every_steps == 0 and not done:
                 checkpoint()

@@ -31,6 +31,9 @@ from .csv_rows import csv_records
 from .egoclip import EpochSeededDataset, clip_tensor, item_seeds, multi_hot, parse_number, takes_max_short_side
 from .errors import DataError, FileCheck, RowFilter, RowProblem
 
+# The official fine-tuning reads the 480-px copies (CharadesEgo_v1_480): training never scales them down.
+OFFICIAL_SHORT_SIDE = 480
+
 NUM_CLASSES = 157
 CHARADES_MAX_TEXT_LENGTH = 30
 _CLASS_ID = re.compile(r"c(\d{3})")
@@ -171,8 +174,9 @@ class CharadesEgoDataset(EpochSeededDataset):
         self.failures = self._loader.failures
         self._read = clip_reader or read_charades_clip  # ClipLoader passes backend=
         # Training frames are scaled to a bounded short side as they are decoded, as EgoClipDataset's are (by the
-        # reader where it takes max_short_side, else by clip_tensor); evaluation frames are read at full size.
-        self._short_side = train_short_side(size)
+        # reader where it takes max_short_side, else by clip_tensor), never below the official copies' 480 px;
+        # evaluation frames are read at full size.
+        self._short_side = max(train_short_side(size), OFFICIAL_SHORT_SIDE)
         self._read_bounds = takes_max_short_side(self._read)
         EpochSeededDataset.__init__(self)
 

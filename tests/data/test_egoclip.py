@@ -236,3 +236,15 @@ def test_constructor_rejects_bad_arguments(tmp_path, videos):
     ds = EgoClipDataset(csv, videos, num_frames=2, size=16, clip_reader=fake_reader)
     with pytest.raises(IndexError):
         ds[1]
+
+
+def test_video_files_are_the_chunks_the_rows_read(tmp_path, videos):
+    """What a checkpoint's data fingerprint lists: each (video, chunk) a row's start or end falls in; a start before
+    the video's beginning is read as 0 (the row parser clamps it), so there is no chunk number -1."""
+    rows = [
+        row("vid_b", start=0.5, end=2.0),
+        row("vid_a", start=-0.5, end=1.0),
+        row("vid_a", dur=700.0, ntime=600.0, start=599.0, end=601.0),
+    ]
+    ds = EgoClipDataset(write_csv(tmp_path / "egoclip.csv", rows), videos, 2, 16, check_files=False)
+    assert ds.video_files() == ["vid_a/0.mp4", "vid_a/1.mp4", "vid_b/0.mp4"]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from egovlp_deploy import preprocess, transforms
-from egovlp_deploy.data import synth
+from egovlp_deploy.data import charades, synth
 from egovlp_deploy.data.charades import CharadesEgoDataset, read_charades_clip
 from egovlp_deploy.data.egoclip import item_seeds, pad_frames
 from egovlp_deploy.data.epic import EpicMIRDataset, read_epic_clip
@@ -89,7 +89,9 @@ def _record_shapes(monkeypatch) -> tuple[list, list]:
 def test_large_training_frames_are_scaled_down_as_they_are_decoded(tmp_path, monkeypatch, dataset):
     """A 640x360 source trained at size 32 (frames bounded to a 64-px short side): the train transform gets 64-px
     frames, and the decoded full-size frames are never held together (numpy's allocations, which tracemalloc sees:
-    before, the reader stacked the 4 of a clip at full size before the transform)."""
+    before, the reader stacked the 4 of a clip at full size before the transform). Charades-Ego's floor for its
+    official 480-px copies is lifted here, so that a small source shows the bound."""
+    monkeypatch.setattr(charades, "OFFICIAL_SHORT_SIDE", 0)
     ds = BUILDERS[dataset](tmp_path, 640, 360, "train", num_frames=4, size=32, backend="pyav", seed=0)
     train_seen, _ = _record_shapes(monkeypatch)
     full_frame = 640 * 360 * 3
@@ -104,6 +106,14 @@ def test_large_training_frames_are_scaled_down_as_they_are_decoded(tmp_path, mon
     assert item["video"].shape == (4, 3, 32, 32)
     assert set(train_seen) == {(4, 64, 113, 3)}  # short side 64, long side int(64 * 640 / 360)
     assert peak < 3 * full_frame, f"{peak / full_frame:.1f} full-size frames held at once"
+
+
+def test_official_480_px_charades_frames_are_trained_at_their_full_size(tmp_path, monkeypatch):
+    """The official fine-tuning reads CharadesEgo_v1_480: at size 224 (a bound of 448) its frames are not scaled."""
+    ds = _charades(tmp_path, 640, 480, "train", num_frames=2, size=224, backend="pyav", seed=0)
+    train_seen, _ = _record_shapes(monkeypatch)
+    ds[0]
+    assert train_seen == [(2, 480, 640, 3)]
 
 
 @pytest.mark.parametrize("dataset", ["epic", "charades"])

@@ -229,6 +229,50 @@ def test_a_refused_run_lock_stops_every_process_of_a_launch(data, tmp_path):
     assert all("another process is writing this training run now" in e for e in errors), errors
 
 
+FAST_CLOCK_RANK = """
+import os, sys, time
+if os.environ["RANK"] == "1":  # this rank's clock runs 10,000 times faster: its time budget is spent at once
+    real, t0 = time.time, time.time()
+    time.time = lambda: t0 + (real() - t0) * 10_000
+from egovlp_deploy.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ranks_whose_clocks_disagree_stop_at_the_same_step(data, tmp_path):
+    """`schedule.max_minutes` is decided by rank 0's clock: ranks that decided by their own (started at other
+    moments, or on other machines) stopped at different steps and waited in different collectives (a hang)."""
+    import socket
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    config_file = tmp_path / "run.json"
+    config_file.write_text(json.dumps(_config(data, schedule={"max_minutes": 1.0, "max_steps": 3})))
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [sys.executable, "-c", FAST_CLOCK_RANK, "train", "--config", str(config_file), "--output", str(run)]
+    ranks = [
+        subprocess.Popen(
+            [*cmd, "--no-progress"],
+            env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]  # fmt: skip
+    try:
+        errors = [p.communicate(timeout=180)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    assert [p.returncode for p in ranks] == [0, 0], errors
+    assert json.loads((run / "summary.json").read_text())["steps"] == 3  # rank 0's budget was not spent
+
+
 def test_a_run_refused_before_it_writes_leaves_no_folder(data, tmp_path, monkeypatch):
     """The run's lock is taken on the output folder, created for it: a run refused by a check before anything is
     written (here the batch split for this launch) removes the folder it created, and only that."""
