@@ -777,19 +777,25 @@ class _open_video:
         self.frame_cache_bytes = frame_cache_bytes
 
     @classmethod
+    def _after_fork(cls) -> None:
+        """In a forked process (a DataLoader worker): never share the parent's decoder state, and never destroy it
+        either: a decord reader's destructor joins its decoding thread, which does not exist in the fork, so dropping
+        the inherited readers hangs the worker. They stay referenced, unused. The locks start afresh: a thread of the
+        parent may have held them at the fork."""
+        cls._inherited.append(cls._cache)
+        cls._cache, cls._in_use, cls._pid = OrderedDict(), collections.Counter(), os.getpid()
+        cls._lock = threading.RLock()
+        _PyAVVideo._packet_tables_lock = threading.Lock()
+
+    @classmethod
     def _evict_all(cls) -> None:
         while cls._cache:
             cls._cache.popitem(last=False)[1].close()
 
     def __enter__(self) -> _DecordVideo | _PyAVVideo:
         cache = type(self)
-        if cache._pid != os.getpid():  # a forked DataLoader worker: never share the parent's decoder state
-            # ...and never destroy it here either: a decord reader's destructor joins its decoding thread, which
-            # does not exist in the fork, so dropping the inherited readers hangs the worker (e.g. a trainer's
-            # worker forked from a process that has read with decord). They stay referenced, unused.
-            cache._inherited.append(cache._cache)
-            cache._cache, cache._in_use, cache._pid = OrderedDict(), collections.Counter(), os.getpid()
-            cache._lock = threading.RLock()  # a thread of the parent may have held it at the fork
+        if cache._pid != os.getpid():  # a process forked some other way than os.fork (which runs _after_fork)
+            cache._after_fork()
         try:
             stat = self.path.stat()
         except FileNotFoundError:
@@ -887,15 +893,20 @@ class _open_video:
         if isinstance(self.video, _DecodedVideo):
             return
         cache = type(self)
-        with cache._lock:
+        with cache._lock:  # one block: between the count and the drop, another use could take the reader
             if cache._in_use[id(self.video)] > 1:
                 cache._in_use[id(self.video)] -= 1
+                return
+            cache._in_use.pop(id(self.video), None)
+            if exc_type is not None:
+                self._drop(self.video)  # a reader that failed may be in a bad state
+            elif not any(cached is self.video for cached in cache._cache.values()):
+                self.video.close()  # a second use's reader took its cache slot: nothing else refers to it
             else:
-                cache._in_use.pop(id(self.video), None)
-        if exc_type is not None:
-            self._drop(self.video)  # a reader that failed may be in a bad state
-        else:
-            cache._shrink()  # its first read has told the reader's frame size (`held_bytes`)
+                cache._shrink()  # its first read has told the reader's frame size (`held_bytes`)
+
+
+os.register_at_fork(after_in_child=_open_video._after_fork)
 
 
 def _gather(video, indices: Sequence[int], max_short_side: int | None = None) -> torch.Tensor:
@@ -1231,24 +1242,25 @@ def read_egoclip_clip(
     spans = last_chunk > first_chunk
     with _open_video(paths[0], backend, frame_cache_bytes) as first:
         variable = not first.timeline.constant_rate
-        if spans and not variable:
-            with _open_video(paths[1], backend, frame_cache_bytes) as second:
-                variable = not second.timeline.constant_rate
-        if variable:
-            return _egoclip_clip_by_time(
-                paths,
-                start,
-                end,
-                bound_sec - chunk_sec,
-                bound_sec,
-                spans,
-                num_frames,
-                sample,
-                rng,
-                backend,
-                frame_cache_bytes,
-                max_short_side,
-            )
+    if spans and not variable:
+        with _open_video(paths[1], backend, frame_cache_bytes) as second:
+            variable = not second.timeline.constant_rate
+    if variable:  # read by time, after the readers above are back in the cache (a reader serves one use at a time)
+        return _egoclip_clip_by_time(
+            paths,
+            start,
+            end,
+            bound_sec - chunk_sec,
+            bound_sec,
+            spans,
+            num_frames,
+            sample,
+            rng,
+            backend,
+            frame_cache_bytes,
+            max_short_side,
+        )
+    with _open_video(paths[0], backend, frame_cache_bytes) as first:
         fps = first.fps
         start_f, end_f = max(0, int(start * fps)), max(0, int(end * fps))
         # int() like start_f, so start_f >= offset for any fps (official: bound_f = int(bound_sec * 30))

@@ -118,6 +118,7 @@ def test_a_reader_in_use_is_never_handed_to_a_second_use(files, cache, backend):
         with V._open_video(files[0], backend) as second:
             assert second is not first
             assert np.array_equal(second.get([1, 5]), expected)
+    assert _closed(first)  # its cache slot was taken: closed when its use ended, not left to the garbage collector
     with V._open_video(files[0], backend) as again:  # no use now: the cached reader serves
         assert again is second
 

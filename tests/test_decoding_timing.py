@@ -318,6 +318,25 @@ def test_egoclip_chunks_by_presentation_time(tmp_path):
         assert any(n < 10 for n in got) and any(n >= 10 for n in got)  # frames from both chunk files
 
 
+def test_egoclip_clips_of_a_variable_rate_chunk_reuse_its_open_reader(tmp_path, monkeypatch):
+    """Reading a clip of a variable-rate chunk by time opened the chunk a second time while its first use held the
+    cached reader (a reader serves one use at a time), so every clip paid a fresh open and first seek."""
+    from egovlp_deploy import decoding
+
+    (tmp_path / "uid").mkdir()
+    write_timed_video(tmp_path / "uid" / "0.mp4", [i / 25 for i in range(25)] + [1.0 + 0.1 * i for i in range(1, 20)])
+    opened, new_reader = [], decoding._open_video._new_reader
+    monkeypatch.setattr(
+        decoding._open_video, "_new_reader", lambda self, key: opened.append(key) or new_reader(self, key)
+    )
+    for backend in BACKENDS:
+        decoding._open_video._evict_all()
+        opened.clear()
+        for start in (0.1, 0.6, 1.2, 1.9):
+            decoding.read_egoclip_clip(tmp_path, "uid", start, start + 0.8, 4, "uniform", backend=backend, chunk_sec=3)
+        assert len(opened) == 1, (backend, opened)
+
+
 def test_epic_clip_by_presentation_time(vfr_video):
     from egovlp_deploy.data.epic import read_epic_clip
 

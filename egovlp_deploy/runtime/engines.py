@@ -32,8 +32,8 @@ Each role session is warmed up once at load (batch 1), so the first user call do
 
 Threads: one Runtime serves any number of threads. Each role's session is created once (the first callers wait for
 it), the tokenizer runs one call at a time (a fast tokenizer keeps its truncation and padding settings in itself),
-and the replays of a runner's CUDA graphs one at a time (a graph has one set of static input and output buffers);
-the sessions themselves run concurrently.
+and CUDA-graph captures and replays one at a time in the process (a graph has one set of static input and output
+buffers, and a capture forbids other work on the device); the sessions themselves run concurrently.
 """
 
 from __future__ import annotations
@@ -275,6 +275,16 @@ class OrtRunner(_Runner):
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values)}
 
 
+_graph_locks: dict[str, threading.Lock] = {}
+_graph_locks_lock = threading.Lock()
+
+
+def _device_graph_lock(device: str) -> threading.Lock:
+    """The one lock of the CUDA-graph captures and replays on devices of kind `device` ("cuda") in this process."""
+    with _graph_locks_lock:
+        return _graph_locks.setdefault(device, threading.Lock())
+
+
 class _TensorRunner(_Runner):
     """A torch callable over one role's tensors: numpy in, device tensors through `call` (or its CUDA graphs), numpy
     out. The torch, program and aoti backends differ only in what `call` is.
@@ -295,7 +305,10 @@ class _TensorRunner(_Runner):
         self.torch, self.device, self.dtype = torch, torch.device(device), dtype
         self.call = call
         self.graphs = GraphCache(call, self.device, max_graphs) if graphs else None
-        self._replaying = threading.Lock()  # held from a graph's replay until its outputs are copied out
+        # held from a graph's capture or replay until its outputs are copied out: one set of static buffers per
+        # graph, and a capture forbids other work on its device (`capture_error_mode="global"`), so one lock per
+        # device kind serves every runner (every role, every Runtime) of the process
+        self._replaying = _device_graph_lock(self.device.type)
         self.pad_token_id = pad_token_id
         self.max_text_len = int(io.get("dynamic", {}).get("text_len", [1, default_text_len])[1])
         self.output_names = [t["name"] for t in io["outputs"]]
