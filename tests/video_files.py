@@ -148,3 +148,18 @@ def write_video_stream_without_frames(path: Path) -> Path:
         video.width, video.height, video.pix_fmt = 64, 32, "yuv420p"
         _silence(out, out.add_stream("aac", rate=16000))
     return path
+
+
+def write_blocks(path: Path, width: int, height: int, frames: int = 20, fps: int = 10) -> Path:
+    """An mp4 of width x height noise-like blocks that move frame to frame (crops and resampling show in every
+    pixel)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = np.random.default_rng(0).integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    base = base.repeat(4, 0).repeat(4, 1)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")))
+        out.mux(stream.encode())
+    return path

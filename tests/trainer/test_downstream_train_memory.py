@@ -10,7 +10,6 @@ import random
 import shutil
 import tracemalloc
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -23,6 +22,7 @@ from egovlp_deploy.data.epic import EpicMIRDataset, read_epic_clip
 from egovlp_deploy.data.errors import DataError
 from official_format import saved_random_tiny
 from training_cli import train_here
+from video_files import write_blocks
 
 EPIC_HEADER = (
     "narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,"
@@ -31,22 +31,9 @@ EPIC_HEADER = (
 CHARADES_TEST_HEADER = "id,subject,scene,quality,relevance,verified,script,objects,descriptions,actions,length\n"
 
 
-def _write_video(path, width: int, height: int, frames: int = 20, fps: int = 10):
-    """An mp4 of noise-like blocks that move frame to frame (so crops and resampling show in every pixel)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    base = np.random.default_rng(0).integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
-    base = base.repeat(4, 0).repeat(4, 1)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")))
-        out.mux(stream.encode())
-
-
 def _epic(root, width: int, height: int, split: str, **kw) -> EpicMIRDataset:
     """EK-100 MIR files of `split` with one 0.2-1.8 s row of one 2-s video of width x height."""
-    _write_video(root / "videos" / "P01" / "P01_01.MP4", width, height)
+    write_blocks(root / "videos" / "P01" / "P01_01.MP4", width, height)
     csv = root / f"EPIC_100_retrieval_{split}.csv"
     csv.write_text(
         EPIC_HEADER + "P01_01_0,P01,P01_01,00:00:01.00,00:00:00.20,00:00:01.80,2,18,cut,c,0,x,0,\"['x']\",[0]\n"
@@ -61,7 +48,7 @@ def _epic(root, width: int, height: int, split: str, **kw) -> EpicMIRDataset:
 
 def _charades(root, width: int, height: int, split: str, **kw) -> CharadesEgoDataset:
     """Charades-Ego files of `split` with one row of one 2-s video of width x height ([0.2, 1.8] s in train)."""
-    _write_video(root / "videos" / "AB12EGO.mp4", width, height)
+    write_blocks(root / "videos" / "AB12EGO.mp4", width, height)
     if split == "train":
         csv = root / "metadata_train.csv"
         csv.write_text("id\tcls\tt_start\tt_end\tnarration\nAB12EGO\t3\t0.2\t1.8\tOpening a door\n")
@@ -155,7 +142,7 @@ def test_fine_tuning_datasets_list_the_video_files_their_rows_read(tmp_path):
     assert epic.video_files() == ["P01/P01_01.MP4"]
     root = tmp_path / "charades"
     for name in ("AB12EGO", "CD34EGO"):
-        _write_video(root / "videos" / f"{name}.mp4", 64, 32)
+        write_blocks(root / "videos" / f"{name}.mp4", 64, 32)
     (root / "metadata_train.csv").write_text(
         "id\tcls\tt_start\tt_end\tnarration\nCD34EGO\t3\t0.2\t1.8\tOpening a door\n"
         "AB12EGO\t3\t0.2\t1.8\tOpening a door\nCD34EGO\t4\t0.5\t1.5\tClosing a door\n"

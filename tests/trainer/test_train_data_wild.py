@@ -10,8 +10,6 @@ import random
 import shutil
 import tracemalloc
 
-import av
-import numpy as np
 import pytest
 import torch
 
@@ -24,6 +22,7 @@ from egovlp_deploy.hashing import sha256_file
 from training_cli import records, small_run_data
 from training_cli import small_run_config as _config
 from training_cli import train_here as _run
+from video_files import write_blocks
 
 HEADER = (
     "video_uid\tvideo_dur\tnarration_source\tnarration_ind\tnarration_time\tclip_start\tclip_end\tclip_text\t"
@@ -31,22 +30,9 @@ HEADER = (
 )
 
 
-def _write_video(path, width: int, height: int, frames: int = 20, fps: int = 10):
-    """An mp4 of noise-like blocks that move frame to frame (so crops and resampling show in every pixel)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    base = np.random.default_rng(0).integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
-    base = base.repeat(4, 0).repeat(4, 1)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(frames):
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(np.roll(base, 4 * i, axis=1), format="rgb24")))
-        out.mux(stream.encode())
-
-
 def _egoclip(root, width: int, height: int, rows: int = 2):
     """root/egoclip.csv with `rows` clips of one 2-s video of width x height (root/videos/uid0/0.mp4)."""
-    _write_video(root / "videos" / "uid0" / "0.mp4", width, height)
+    write_blocks(root / "videos" / "uid0" / "0.mp4", width, height)
     lines = [
         f"uid0\t2.0\tn\t{i}\t{0.5 + i * 0.1}\t{0.1 * i}\t{1.8 + 0.1 * i}\t#C C cuts {i}\t[1]\t[2]\n"
         for i in range(rows)

@@ -190,12 +190,38 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
         os.waitpid(child, 0)
 
 
+def _two_ranks(cmd: list[str]) -> tuple[list[int], list[str]]:
+    """`cmd` run as ranks 0 and 1 of a gloo process group started by hand (as srun or mpirun start them, without
+    torchrun's agent): their exit codes and stderr."""
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            cmd,
+            env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]  # fmt: skip
+    try:
+        errors = [p.communicate(timeout=180)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    return [p.returncode for p in ranks], errors
+
+
 def test_a_refused_run_lock_stops_every_process_of_a_launch(data, tmp_path):
     """Only rank 0 takes the run's lock. When it is refused, the other ranks must stop as well: under a launcher
     without torchrun's agent (srun, mpirun: here two processes started by hand) they would otherwise wait for rank 0
     at their first collective until the process group's timeout."""
-    import socket
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -203,29 +229,10 @@ def test_a_refused_run_lock_stops_every_process_of_a_launch(data, tmp_path):
     run.mkdir()
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps(_config(data)))
-    with socket.socket() as probe:  # a free port for the process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     cmd = [str(Path(sys.executable).parent / "egovlp-deploy"), "train", "--config", str(config_file)]
-    cmd += ["--output", str(run), "--no-progress"]
     with run_lock(run, resume=True):
-        ranks = [
-            subprocess.Popen(
-                cmd,
-                env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                         MASTER_PORT=str(port)),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for r in range(2)
-        ]  # fmt: skip
-        try:
-            errors = [p.communicate(timeout=180)[1] for p in ranks]
-        finally:
-            for p in ranks:
-                p.kill()
-    assert [p.returncode for p in ranks] == [1, 1]
+        codes, errors = _two_ranks([*cmd, "--output", str(run), "--no-progress"])
+    assert codes == [1, 1]
     assert all("another process is writing this training run now" in e for e in errors), errors
 
 
@@ -242,34 +249,14 @@ sys.exit(main(sys.argv[1:]))
 def test_ranks_whose_clocks_disagree_stop_at_the_same_step(data, tmp_path):
     """`schedule.max_minutes` is decided by rank 0's clock: ranks that decided by their own (started at other
     moments, or on other machines) stopped at different steps and waited in different collectives (a hang)."""
-    import socket
-    import subprocess
     import sys
 
     run = tmp_path / "run"
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps(_config(data, schedule={"max_minutes": 1.0, "max_steps": 3})))
-    with socket.socket() as probe:  # a free port for the process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     cmd = [sys.executable, "-c", FAST_CLOCK_RANK, "train", "--config", str(config_file), "--output", str(run)]
-    ranks = [
-        subprocess.Popen(
-            [*cmd, "--no-progress"],
-            env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]  # fmt: skip
-    try:
-        errors = [p.communicate(timeout=180)[1] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    assert [p.returncode for p in ranks] == [0, 0], errors
+    codes, errors = _two_ranks([*cmd, "--no-progress"])
+    assert codes == [0, 0], errors
     assert json.loads((run / "summary.json").read_text())["steps"] == 3  # rank 0's budget was not spent
 
 
