@@ -861,6 +861,7 @@ class Runtime:
         self.checkpoint, self.compile, self.warmup = checkpoint, compile, warmup
         self._tokenizer_dir = tokenizer
         self._runners: dict[str, _Runner] = {}
+        self._closed = False
         self._loading = threading.RLock()  # held while a role's session (and the model it needs) is created
         self.tokenizer_lock = threading.Lock()  # held by each use of `tokenizer` (TextEncoder.tokenize)
         self.max_batch = max(1, self.folder.max_batch)
@@ -876,6 +877,7 @@ class Runtime:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         from egovlp_deploy.tokenizer import TokenizerError, check_tokenizer_fits, load_tokenizer
 
+        self._check_open()
         path = find_tokenizer(self.folder, self._tokenizer_dir)
         try:
             tok = load_tokenizer(path)
@@ -936,9 +938,31 @@ class Runtime:
         if runner is not None:
             return runner
         with self._loading:
+            self._check_open()
             if role not in self._runners:
                 self._runners[role] = self._new_runner(role)
             return self._runners[role]
+
+    def close(self) -> None:
+        """Frees the sessions, the torch model and the tokenizer now, not whenever the garbage collector finds them
+        (the encoders refer back to this Runtime, a cycle); a later use raises EngineError. Closing again does
+        nothing. `with Runtime(...) as rt:` closes it at the end of the block."""
+        with self._loading:
+            self._closed = True
+            self._runners = {}
+            for cached in ("torch_model", "tokenizer"):  # cached_property values
+                self.__dict__.pop(cached, None)
+            self.attention_plan = None
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineError(f"this Runtime ({self.folder.path}, {self.backend}) is closed")
 
     def _new_runner(self, role: str) -> _Runner:
         if self.threads and self.backend in ("torch", "program", "aoti"):

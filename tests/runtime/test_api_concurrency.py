@@ -207,3 +207,24 @@ def test_a_long_lived_index_refuses_prefixes_rewritten_since_it_was_read(engines
     shutil.rmtree(tmp_path / "idx")
     with pytest.raises(IndexFileError, match="the index is gone"):
         view.search(rt, query, top=20, rerank=20)
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
+def test_close_frees_the_sessions_at_once_and_later_use_is_refused(engines, backend):
+    """The encoders refer back to their Runtime (a cycle), so its sessions waited for the garbage collector: a
+    service swapping engines kept both in memory. `close()` (or the end of a `with` block) frees them at once."""
+    import gc
+    import weakref
+
+    gc.disable()  # what is freed must be freed by `close`, not by a collection
+    try:
+        with Runtime(engines, backend=backend) as rt:
+            rt.text_encoder.encode(["C opens the drawer"])
+            session = weakref.ref(rt.runner("text_encoder"))
+            model = weakref.ref(rt.torch_model) if backend == "torch" else None
+        assert session() is None and (model is None or model() is None)
+        with pytest.raises(EngineError, match="is closed"):
+            rt.text_encoder.encode(["C opens the drawer"])
+        rt.close()  # again: nothing happens
+    finally:
+        gc.enable()
