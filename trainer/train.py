@@ -197,19 +197,10 @@ def build_datasets(cfg: TrainConfig, model_config: EgoVLPv2Config, eval_frames: 
     return train, evaluation
 
 
-def training_data_fingerprint(cfg: TrainConfig, train_set) -> dict:
-    """`data_fingerprint` of the training set: its task's annotation files and, where the dataset lists them
-    (`video_files`), the sizes of the video files its rows read."""
-    if cfg.task == "epic_mir":
-        from egovlp_deploy.data.epic import split_files
-
-        annotations = list(split_files(cfg.resolve(cfg.data.annotations), "train").values())
-    elif cfg.task == "charades":
-        annotations = [cfg.resolve(cfg.data.annotations) / "metadata_train.csv"]
-    else:
-        annotations = [cfg.resolve(cfg.data.egoclip_csv)]
-    videos = train_set.video_files() if hasattr(train_set, "video_files") else None
-    return data_fingerprint(annotations, cfg.resolve(cfg.data.video_root), videos)
+def training_data_fingerprint(train_set) -> dict:
+    """`data_fingerprint` of the training set: the annotation files it read and the sizes of the video files its
+    rows read."""
+    return data_fingerprint(train_set.annotation_files(), train_set.video_root, train_set.video_files())
 
 
 def resumed_load_counts(state: dict, info: D.DistInfo) -> tuple[int, int]:
@@ -608,7 +599,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     eval_frames = cfg.eval.num_frames or model.config.video.num_frames
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
     # What the checkpoints' data positions index, read once by rank 0: every process decides a resume by it alike.
-    fingerprint = D.broadcast_object(training_data_fingerprint(cfg, train_set) if info.is_main else None)
+    fingerprint = D.broadcast_object(training_data_fingerprint(train_set) if info.is_main else None)
     skipped_rows = len(getattr(train_set, "skipped_rows", []))
     finetune = cfg.task != "pretrain"
     if info.is_main:

@@ -79,24 +79,21 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 # -- the training data a data position indexes -----------------------------------------------------------------
-def data_fingerprint(
-    annotations: list[Path], video_root: Path | None = None, videos: list[str] | None = None
-) -> dict[str, Any]:
+def data_fingerprint(annotations: list[str], video_root: str, videos: list[str]) -> dict[str, Any]:
     """What identifies a run's training data, cheaply: the sha256 of each annotation file the dataset reads (the rows;
-    by file name, so a moved data root still matches) and, where the dataset lists the video files its rows read
-    (`videos`, names relative to `video_root`), one sha256 over their names and sizes. Sizes, not modification
-    times: a copy of the data to another machine keeps the sizes and changes the times; a re-encoded or replaced
-    video almost never keeps its size. The videos themselves are too large to hash."""
+    by file name, so a moved data root still matches) and one sha256 over the names and sizes of the video files its
+    rows read (`videos`, names relative to `video_root`). Sizes, not modification times: a copy of the data to
+    another machine keeps the sizes and changes the times; a re-encoded or replaced video almost never keeps its
+    size. The videos themselves are too large to hash."""
     out: dict[str, Any] = {"annotations": [[Path(p).name, sha256_file(p)] for p in annotations]}
-    if videos is not None and video_root is not None:
-        listing = hashlib.sha256()
-        for name in videos:
-            try:
-                size = (Path(video_root) / name).stat().st_size
-            except (OSError, ValueError):  # missing (lax mode trains it as a black clip): recorded as such
-                size = -1
-            listing.update(f"{name}\t{size}\n".encode("utf-8", "surrogateescape"))
-        out["videos"] = [len(videos), listing.hexdigest()]
+    listing = hashlib.sha256()
+    for name in videos:
+        try:
+            size = (Path(video_root) / name).stat().st_size
+        except (OSError, ValueError):  # missing (lax mode trains it as a black clip): recorded as such
+            size = -1
+        listing.update(f"{name}\t{size}\n".encode("utf-8", "surrogateescape"))
+    out["videos"] = [len(videos), listing.hexdigest()]
     return out
 
 

@@ -246,6 +246,10 @@ class CharadesEgoDataset(EpochSeededDataset):
     def __len__(self) -> int:
         return len(self._items)
 
+    def annotation_files(self) -> list[str]:
+        """The annotation files the rows were read from (what a checkpoint's data fingerprint hashes)."""
+        return [self.csv_path]
+
     def video_files(self) -> list[str]:
         """The distinct video files the rows read, as "id.mp4" relative to video_root, sorted (what a checkpoint's
         data fingerprint records the sizes of)."""

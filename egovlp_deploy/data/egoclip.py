@@ -371,6 +371,10 @@ class EgoClipDataset(EpochSeededDataset):
         """Every row's narration (clip_text), in item order."""
         return [self._text[i] for i in range(len(self))]
 
+    def annotation_files(self) -> list[str]:
+        """The annotation files the rows were read from (what a checkpoint's data fingerprint hashes)."""
+        return [self.csv_path]
+
     def video_files(self) -> list[str]:
         """The distinct chunk files the rows read, as "video_uid/chunk.mp4" relative to video_root, sorted (what a
         checkpoint's data fingerprint records the sizes of)."""

@@ -318,6 +318,7 @@ class EpicMIRDataset(EpochSeededDataset):
         if num_frames < 1 or size < 1 or seed < 0:
             raise ValueError(f"need num_frames, size >= 1 and seed >= 0, got {num_frames}, {size}, {seed}")
         self.csv_path, self.video_root = str(csv_path), str(video_root)
+        self._annotation_files = [str(p) for p in (csv_path, sentence_csv, relevancy_path) if p is not None]
         self.num_frames, self.size, self.split, self.strict, self.seed = num_frames, size, split, strict, seed
         self.train = split == "train"
         if self.train and (sentence_csv is None or relevancy_path is None):
@@ -368,6 +369,11 @@ class EpicMIRDataset(EpochSeededDataset):
 
     def __len__(self) -> int:
         return len(self._rows)
+
+    def annotation_files(self) -> list[str]:
+        """The annotation files the split was read from: rows, sentences, relevancy (what a checkpoint's data
+        fingerprint hashes)."""
+        return list(self._annotation_files)
 
     def video_files(self) -> list[str]:
         """The distinct video files the rows read, as "participant_id/video_id.MP4" relative to video_root, sorted
