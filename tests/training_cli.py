@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -92,3 +94,40 @@ def train_here(config: dict, out, resume: bool = False) -> dict:
     from egovlp_deploy.trainer.train import train
 
     return train(TrainConfig.from_dict(config), out, resume=resume, progress=False)
+
+
+def killed_after(finished, tmp_path, step: int) -> Path:
+    """A copy of a finished run as a kill right after checkpoint `step` leaves it: no summary, no later checkpoint
+    (its later log rows are cut by the resume)."""
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    (run / "summary.json").unlink()
+    for checkpoint in (run / "checkpoints").glob("step_*"):
+        if int(checkpoint.name.removeprefix("step_")) > step:
+            shutil.rmtree(checkpoint)
+    return run
+
+
+def two_ranks(cmd: list[str], timeout: float = 180) -> tuple[list[int], list[str]]:
+    """`cmd` run as ranks 0 and 1 of a process group started by hand (RANK, WORLD_SIZE, MASTER_ADDR/PORT, as srun
+    or mpirun start them, without torchrun's agent): their exit codes and stderr."""
+    with socket.socket() as probe:  # a free port for the process group
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = [
+        subprocess.Popen(
+            cmd,
+            env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(port)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]  # fmt: skip
+    try:
+        errors = [p.communicate(timeout=timeout)[1] for p in ranks]
+    finally:
+        for p in ranks:
+            p.kill()
+    return [p.returncode for p in ranks], errors

@@ -4,7 +4,6 @@ video is missing, files saved by other tools, duplicated or unlabelled rows; and
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import torch
 from egovlp_deploy.data import CharadesEgoDataset, DataError, EpicMIRDataset
 from egovlp_deploy.evaluation import evaluate_epic_mir, skipped_note
 from egovlp_deploy.metrics import mir_metrics, mir_scores
+from oracle_encoder import OracleEncoder
 
 EPIC_HEADER = (
     "narration_id,participant_id,video_id,narration_timestamp,start_timestamp,stop_timestamp,start_frame,"
@@ -54,28 +54,6 @@ def epic_set(csv, sent, rel, strict=True) -> EpicMIRDataset:
     )
 
 
-class LabelEncoder(torch.nn.Module):
-    """Embeds a text as the one-hot of its words among `texts`, and the k-th video it is shown as the one-hot of
-    `video_texts[k]`: a perfect dual encoder, scoring 100 wherever the evaluation keeps texts and videos aligned."""
-
-    def __init__(self, texts: list[str], video_texts: list[str]):
-        super().__init__()
-        self.texts, self.video_texts, self.seen = texts, video_texts, 0
-        self.config = SimpleNamespace(text=SimpleNamespace(max_text_length=30))
-
-    def tokenizer(self, texts, **_):
-        ids = torch.tensor([[self.texts.index(t)] for t in texts])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def encode_text(self, ids, mask):
-        return torch.nn.functional.one_hot(ids[:, 0], len(self.texts)).float()
-
-    def encode_video(self, video):
-        shown = self.video_texts[self.seen : self.seen + len(video)]
-        self.seen += len(video)
-        return torch.nn.functional.one_hot(torch.tensor([self.texts.index(t) for t in shown]), len(self.texts)).float()
-
-
 # -- EK-100 MIR ----------------------------------------------------------------------------------------------------
 def test_lax_evaluation_scores_a_shared_sentence_whose_own_clip_is_skipped(tmp_path):
     """Real EK-100 sentences are shared: "open drawer" is sentence P01_01_0 and clips 0 and 1 both say it. With clip
@@ -87,7 +65,7 @@ def test_lax_evaluation_scores_a_shared_sentence_whose_own_clip_is_skipped(tmp_p
     sentences = [("P01_01_0", "open drawer"), ("P01_01_2", "close tap")]
     ds = epic_set(*epic_files(tmp_path, rows, sentences, [[1, 0], [1, 0], [0, 1]]), strict=False)
     assert len(ds) == 2 and ds.skip_counts == {"missing video": 1}
-    encoder = LabelEncoder(["open drawer", "close tap"], ["open drawer", "close tap"])
+    encoder = OracleEncoder.showing(["open drawer", "close tap"], ["open drawer", "close tap"])
     result = evaluate_epic_mir(encoder, ds, encoder.tokenizer, "cpu", batch_size=1)
     assert result == {k: 100.0 for k in ("nDCG_V2T", "nDCG_T2V", "nDCG_AVG", "mAP_V2T", "mAP_T2V", "mAP_AVG")}
     assert ds.scored_sentences.tolist() == [0, 1] and ds.sentence_items == [None, 1]
@@ -101,7 +79,7 @@ def test_lax_evaluation_leaves_out_a_sentence_with_no_clip_left_and_says_so(tmp_
         *epic_files(tmp_path, rows, [("P01_01_0", "open drawer"), ("P01_01_1", "close tap")], np.eye(2)), False
     )
     assert ds.scored_sentences.tolist() == [1] and ds.sentence_items == [0]
-    encoder = LabelEncoder(["open drawer", "close tap"], ["close tap"])
+    encoder = OracleEncoder.showing(["open drawer", "close tap"], ["close tap"])
     assert evaluate_epic_mir(encoder, ds, encoder.tokenizer, "cpu")["mAP_AVG"] == 100.0
     assert "1 of 2 sentences not scored" in skipped_note("EK-100 MIR", ds)
 

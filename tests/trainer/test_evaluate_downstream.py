@@ -5,7 +5,6 @@ an oracle encoder that must score 100 % mAP."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from egovlp_deploy.cli import main
 from egovlp_deploy.data import synth, synth_downstream
 from egovlp_deploy.trainer import evaluate as evaluate_command
 from official_format import saved_random_tiny
+from oracle_encoder import OracleEncoder
 
 TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
 METRICS = {"nDCG_V2T", "nDCG_T2V", "nDCG_AVG", "mAP_V2T", "mAP_T2V", "mAP_AVG"}
@@ -172,41 +172,16 @@ def test_cli_device_that_is_not_there_is_one_line_before_the_model_loads(
     assert len(err) == 1 and err[0].startswith(f"egovlp-deploy eval: error: {message}")
 
 
-class _Oracle(torch.nn.Module):
-    """Embeds a text as the one-hot of its narration, and the k-th video it sees as the one-hot of the k-th
-    expected label set: a perfect encoder, if the evaluation keeps texts, videos and labels aligned."""
-
-    def __init__(self, texts: list[str], video_labels: list[list[int]]):
-        super().__init__()
-        self.texts, self.video_labels, self.seen = texts, video_labels, 0
-        self.config = SimpleNamespace(text=SimpleNamespace(max_text_length=64))
-
-    def tokenizer(self, texts, **_):
-        ids = torch.tensor([[self.texts.index(t)] for t in texts])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def encode_text(self, ids, mask):
-        return torch.nn.functional.one_hot(ids[:, 0], len(self.texts)).float()
-
-    def encode_video(self, video):
-        labels = self.video_labels[self.seen : self.seen + len(video)]
-        self.seen += len(video)
-        out = torch.zeros(len(video), len(self.texts))
-        for row, classes in enumerate(labels):
-            out[row, classes] = 1.0
-        return out
-
-
 def test_oracle_scores_100_map(data):
     epic = evaluate.epic_test_dataset(data / "epic", data / "epic" / "videos", 2, 32)
     sentences = list(epic.sentences)
     texts = [r["narration"] for r in epic._rows]
-    oracle = _Oracle(sentences, [[sentences.index(t)] for t in texts])
+    oracle = OracleEncoder.showing(sentences, texts)
     result = evaluate.evaluate_epic_mir(oracle, epic, oracle.tokenizer, "cpu", batch_size=5)
     assert result["mAP_V2T"] == result["mAP_T2V"] == 100.0
 
     num_classes = len(synth_downstream.charades_classes())
     charades = evaluate.charades_test_dataset(data / "charades", data / "charades" / "videos", 2, 32, num_classes)
     targets = [torch.nonzero(charades[i]["target"]).flatten().tolist() for i in range(len(charades))]
-    oracle = _Oracle(charades.prompts, targets)
+    oracle = OracleEncoder(charades.prompts, targets)
     assert evaluate.evaluate_charades(oracle, charades, oracle.tokenizer, "cpu", batch_size=2) == {"mAP": 100.0}

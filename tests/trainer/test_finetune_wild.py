@@ -16,6 +16,7 @@ from egovlp_deploy.data import synth
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import train
 from official_format import saved_random_tiny
+from training_cli import two_ranks
 
 TINY = dict(train_videos=2, eval_videos=2, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
 
@@ -107,18 +108,18 @@ def test_lax_charades_eval_note_counts_a_duplicate_row(shared_sentence_data, dem
 
 
 SHARDED_ENCODE = """
+import os
 import sys
 import torch
 import torch.distributed as dist
 from egovlp_deploy.evaluation import _encode_split
-rank, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment
 try:
     results = []
     for size in (5, 1):  # uneven shards, and a rank with no item
         items = [{"x": torch.tensor([float(i)]), "label": torch.tensor(i)} for i in range(size)]
         results.append(_encode_split(items, lambda b: (b["x"] * 2, b["label"]), 2, 0, False, "test"))
-    torch.save(results, f"{out}/{rank}.pt")
+    torch.save(results, f"{sys.argv[1]}/{os.environ['RANK']}.pt")
 finally:
     dist.destroy_process_group()
 """
@@ -128,26 +129,12 @@ def test_evaluation_is_sharded_over_the_ranks_and_gathered_in_dataset_order(tmp_
     """The fine-tuning evaluation ran on rank 0 while the other ranks waited at a barrier: on 8 GPUs, a test split
     read by one of them can outlast NCCL's 10-minute collective timeout. Every rank now encodes its share (two gloo
     ranks in processes of their own, each saving what it gathered)."""
-    import os
-    import socket
-    import subprocess
     import sys
 
     import torch
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", SHARDED_ENCODE]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    ranks = [subprocess.Popen([*cmd, str(r), str(port), str(tmp_path)], env=env, stderr=subprocess.PIPE, text=True)
-             for r in range(2)]  # fmt: skip
-    try:
-        errors = [p.communicate(timeout=120)[1] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    assert [p.returncode for p in ranks] == [0, 0], errors
+    codes, errors = two_ranks([sys.executable, "-c", SHARDED_ENCODE, str(tmp_path)], timeout=120)
+    assert codes == [0, 0], errors
     for rank in range(2):
         for size, (doubled, labels) in zip((5, 1), torch.load(tmp_path / f"{rank}.pt")):
             assert doubled.flatten().tolist() == [2.0 * i for i in range(size)] and labels.tolist() == list(range(size))

@@ -19,7 +19,7 @@ from egovlp_deploy.data.egoclip import EgoClipDataset, item_seeds, pad_frames
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.decoding import read_egoclip_clip
 from egovlp_deploy.hashing import sha256_file
-from training_cli import records, small_run_data
+from training_cli import killed_after, records, small_run_data
 from training_cli import small_run_config as _config
 from training_cli import train_here as _run
 from video_files import write_blocks
@@ -108,16 +108,6 @@ def finished(lax_data, tmp_path_factory):
     return run
 
 
-def _killed_after(finished, tmp_path, step: int):
-    """A copy of the finished run as a kill right after checkpoint `step` leaves it."""
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
-    (run / "summary.json").unlink()
-    for later in range(step + 1, 7):
-        shutil.rmtree(run / "checkpoints" / f"step_{later:08d}")
-    return run
-
-
 def _data_copy(lax_data, tmp_path):
     copy = tmp_path / "data"
     shutil.copytree(lax_data, copy)
@@ -134,7 +124,7 @@ def _edit_a_narration(data):
 
 
 def test_resume_mid_epoch_on_edited_rows_of_the_same_count_is_refused(lax_data, finished, tmp_path):
-    run = _killed_after(finished, tmp_path, 2)  # micro-batch 2 of epoch 0's 3
+    run = killed_after(finished, tmp_path, 2)  # micro-batch 2 of epoch 0's 3
     data = _data_copy(lax_data, tmp_path)
     _edit_a_narration(data)
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
@@ -144,7 +134,7 @@ def test_resume_mid_epoch_on_edited_rows_of_the_same_count_is_refused(lax_data, 
 
 
 def test_resume_mid_epoch_on_a_replaced_video_is_refused(lax_data, finished, tmp_path):
-    run = _killed_after(finished, tmp_path, 2)
+    run = killed_after(finished, tmp_path, 2)
     data = _data_copy(lax_data, tmp_path)
     first, second = sorted((data / "videos").glob("synth_train_*/0.mp4"))[1:3]
     assert first.stat().st_size != second.stat().st_size
@@ -163,7 +153,7 @@ def test_resume_mid_epoch_on_a_replaced_video_is_refused(lax_data, finished, tmp
 def test_resume_at_an_epoch_end_on_edited_rows_goes_on_with_a_note(
     lax_data, finished, tmp_path, capsys, step, schedule, epoch
 ):
-    run = _killed_after(finished, tmp_path, step)
+    run = killed_after(finished, tmp_path, step)
     data = _data_copy(lax_data, tmp_path)
     _edit_a_narration(data)
     summary = _run(_config(data, data={"strict": False}, schedule=schedule), run, resume=True)
@@ -185,7 +175,7 @@ def _drop_state_keys(checkpoint, *keys):
 
 
 def test_an_older_checkpoint_without_a_fingerprint_or_counts_resumes_with_a_note(lax_data, finished, tmp_path, capsys):
-    run = _killed_after(finished, tmp_path, 2)
+    run = killed_after(finished, tmp_path, 2)
     _drop_state_keys(run / "checkpoints" / "step_00000002", "data_fingerprint", "load_failures", "clips_read")
     summary = _run(_config(lax_data, data={"strict": False}, schedule={"max_steps": 3}), run, resume=True)
     assert summary["steps"] == 3
@@ -199,7 +189,7 @@ def test_an_older_checkpoint_without_a_fingerprint_or_counts_resumes_with_a_note
 def test_load_failure_counts_continue_across_a_resume(lax_data, finished, tmp_path):
     """Resumed after step 4 (on an unchanged copy of the data in another folder: no refusal), the logged counts of
     steps 5 and 6 and the summary's are those of the uninterrupted run, and the checkpoint holds the count."""
-    run = _killed_after(finished, tmp_path, 4)
+    run = killed_after(finished, tmp_path, 4)
     logged = {r["step"]: r for r in records(finished) if "loss" in r}
     assert logged[4]["load_failures"] > 0
     summary = _run(_config(_data_copy(lax_data, tmp_path), data={"strict": False}), run, resume=True)

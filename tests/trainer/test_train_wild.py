@@ -19,7 +19,7 @@ from egovlp_deploy.config import ConfigError
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.trainer.train import TrainingError, run_lock
 from official_format import randomize_
-from training_cli import records, small_run_data, weights
+from training_cli import killed_after, records, small_run_data, two_ranks, weights
 from training_cli import small_run_config as _config
 from training_cli import train_here as _run
 
@@ -36,17 +36,6 @@ def finished(data, tmp_path_factory):
     return run
 
 
-def _killed_after(finished, tmp_path, step: int):
-    """A copy of the finished run as a kill right after checkpoint `step` leaves it (its later rows are cut by the
-    resume)."""
-    run = tmp_path / "run"
-    shutil.copytree(finished, run)
-    (run / "summary.json").unlink()
-    for later in range(step + 1, 7):
-        shutil.rmtree(run / "checkpoints" / f"step_{later:08d}")
-    return run
-
-
 def _tree(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
 
@@ -60,7 +49,7 @@ def _cosine(step: int, total: int) -> float:
 def test_resume_applies_a_changed_learning_rate_and_weight_decay(data, finished, tmp_path, capsys):
     """The divergence error says "lower the learning rate": a resume with a lower optim.lr (and another weight decay)
     trains with them from the resumed step on, on the same schedule, instead of the interrupted run's values."""
-    run = _killed_after(finished, tmp_path, 2)
+    run = killed_after(finished, tmp_path, 2)
     config = _config(data)
     config["optim"] |= {"lr": 1e-5, "weight_decay": 0.3}
     _run(config, run, resume=True)
@@ -91,7 +80,7 @@ def test_resume_refuses_a_change_of_what_the_steps_mean_before_any_work(data, fi
     """Another batch size, seed, accumulation, frame count or tokenizer makes the checkpoint's step and data position
     (or its text embeddings' ids) mean something else (with batch_size 4 the old run had silently "finished" at
     once): refused, naming the key, with nothing in the run folder changed."""
-    run = _killed_after(finished, tmp_path, 2)
+    run = killed_after(finished, tmp_path, 2)
     before = _tree(run)
     config = _config(data)
     if key is None:
@@ -107,7 +96,7 @@ def test_resume_refuses_a_change_of_what_the_steps_mean_before_any_work(data, fi
 def test_resume_mid_epoch_on_data_of_another_size_is_refused(data, finished, tmp_path):
     """The data position (micro-batch 2 of epoch 0) indexes that epoch's shuffled order of 24 clips: with two rows
     removed it would skip and repeat clips, so the resume is refused, naming both counts."""
-    run = _killed_after(finished, tmp_path, 2)
+    run = killed_after(finished, tmp_path, 2)
     fewer = tmp_path / "fewer"
     fewer.mkdir()
     for name in ("egomcq.json", "meta.json"):
@@ -161,7 +150,7 @@ def test_a_run_that_failed_in_its_setup_does_not_block_the_corrected_rerun(data,
 def test_a_second_train_on_a_running_run_is_refused_and_leaves_its_save_alone(data, finished, tmp_path):
     """While one train process writes the run (it holds the folder's lock), a second one (a --resume in another
     terminal, a restarted job) is refused before it removes the running save's temp directory."""
-    run = _killed_after(finished, tmp_path, 2)
+    run = killed_after(finished, tmp_path, 2)
     saving = run / "checkpoints" / ".step_00000003.abcdefgh"
     saving.mkdir()
     with run_lock(run, resume=True):
@@ -190,34 +179,6 @@ def test_a_forked_child_does_not_keep_the_run_locked(tmp_path):
         os.waitpid(child, 0)
 
 
-def _two_ranks(cmd: list[str]) -> tuple[list[int], list[str]]:
-    """`cmd` run as ranks 0 and 1 of a gloo process group started by hand (as srun or mpirun start them, without
-    torchrun's agent): their exit codes and stderr."""
-    import socket
-    import subprocess
-
-    with socket.socket() as probe:  # a free port for the process group
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ranks = [
-        subprocess.Popen(
-            cmd,
-            env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port)),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(2)
-    ]  # fmt: skip
-    try:
-        errors = [p.communicate(timeout=180)[1] for p in ranks]
-    finally:
-        for p in ranks:
-            p.kill()
-    return [p.returncode for p in ranks], errors
-
-
 def test_a_refused_run_lock_stops_every_process_of_a_launch(data, tmp_path):
     """Only rank 0 takes the run's lock. When it is refused, the other ranks must stop as well: under a launcher
     without torchrun's agent (srun, mpirun: here two processes started by hand) they would otherwise wait for rank 0
@@ -231,7 +192,7 @@ def test_a_refused_run_lock_stops_every_process_of_a_launch(data, tmp_path):
     config_file.write_text(json.dumps(_config(data)))
     cmd = [str(Path(sys.executable).parent / "egovlp-deploy"), "train", "--config", str(config_file)]
     with run_lock(run, resume=True):
-        codes, errors = _two_ranks([*cmd, "--output", str(run), "--no-progress"])
+        codes, errors = two_ranks([*cmd, "--output", str(run), "--no-progress"])
     assert codes == [1, 1]
     assert all("another process is writing this training run now" in e for e in errors), errors
 
@@ -255,7 +216,7 @@ def test_ranks_whose_clocks_disagree_stop_at_the_same_step(data, tmp_path):
     config_file = tmp_path / "run.json"
     config_file.write_text(json.dumps(_config(data, schedule={"max_minutes": 1.0, "max_steps": 3})))
     cmd = [sys.executable, "-c", FAST_CLOCK_RANK, "train", "--config", str(config_file), "--output", str(run)]
-    codes, errors = _two_ranks([*cmd, "--no-progress"])
+    codes, errors = two_ranks([*cmd, "--no-progress"])
     assert codes == [0, 0], errors
     assert json.loads((run / "summary.json").read_text())["steps"] == 3  # rank 0's budget was not spent
 
