@@ -467,6 +467,16 @@ def trained_no_step(output_dir: Path) -> bool:
     return True
 
 
+def steps_in_epoch(num_clips: int, s) -> int:
+    """Optimizer steps in an epoch of `num_clips` clips under schedule `s`: full global micro-batches only (what
+    GlobalBatchSampler yields, the same for any number of processes), full steps only, at most
+    `max_samples_per_epoch` clips."""
+    steps = num_clips // (s.batch_size // s.grad_accum_steps) // s.grad_accum_steps
+    if s.max_samples_per_epoch is not None:
+        steps = min(steps, s.max_samples_per_epoch // s.batch_size)
+    return steps
+
+
 def check_batch_split(cfg: TrainConfig, world_size: int) -> None:
     """Each micro-batch (batch_size / grad_accum_steps clips) is cut into equal slices, one per process: ValueError (a
     bad config for this launch) before anything is written where it cannot be."""
@@ -637,9 +647,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     s = cfg.schedule
     micro_batch = s.batch_size // s.grad_accum_steps
     sampler = D.GlobalBatchSampler(len(train_set), micro_batch, info.rank, info.world_size, seed=cfg.seed)
-    steps_per_epoch = len(sampler) // s.grad_accum_steps
-    if s.max_samples_per_epoch is not None:
-        steps_per_epoch = min(steps_per_epoch, s.max_samples_per_epoch // s.batch_size)
+    steps_per_epoch = steps_in_epoch(len(train_set), s)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_set)} clips give no full step of batch_size {s.batch_size}")
     total_steps = steps_per_epoch * s.epochs
@@ -725,7 +733,13 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         except KeyError as exc:  # a state.json that verifies but was not written by this trainer (or was edited)
             raise CheckpointError(f"--resume: {found}/state.json lacks the key {exc.args[0]!r}") from exc
         saved_clips = state.get("clips")  # absent in checkpoints of older trainers
-        if saved_clips is not None and saved_clips != len(train_set) and next_micro > 0:
+        # A position at or past its epoch's last step (a run that ended with an epoch, counted in the epoch's size
+        # when it was saved) reads nothing more of that epoch, whatever the data holds now: it resumes at the end of
+        # the epoch as this data counts it, so the epoch's end (evaluation, checkpoint) comes next.
+        saved_end = steps_in_epoch(len(train_set) if saved_clips is None else saved_clips, s) * s.grad_accum_steps
+        if next_micro >= saved_end:
+            next_micro = steps_per_epoch * s.grad_accum_steps
+        elif saved_clips is not None and saved_clips != len(train_set) and next_micro > 0:
             raise DataError(
                 f"--resume: the training data has {len(train_set)} clips, {found} was saved with {saved_clips}: its "
                 f"data position (micro-batch {next_micro} of epoch {epoch}) indexes that epoch's order of "
@@ -735,8 +749,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             )
         saved_fingerprint = state.get("data_fingerprint")  # absent in checkpoints of older trainers
         data_changes = None if saved_fingerprint is None else fingerprint_changes(saved_fingerprint, fingerprint)
-        # a position at micro-batch 0, or past the epoch's last step (a run that ended with an epoch), reads no more
-        # of that epoch's order
+        # a position at micro-batch 0, or at the epoch's end, reads no more of that epoch's order
         if data_changes and 0 < next_micro < steps_per_epoch * s.grad_accum_steps:
             raise DataError(
                 f"--resume: the training data changed since {found} was saved ({'; '.join(data_changes)}): its data "

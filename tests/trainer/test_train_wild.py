@@ -109,6 +109,32 @@ def test_resume_mid_epoch_on_data_of_another_size_is_refused(data, finished, tmp
         _run(config, run, resume=True)
 
 
+def _resized_copy(data, tmp_path, rows: int):
+    """`data` with its EgoClip rows cut to their first `rows` (fewer) or the first ones repeated (more)."""
+    copy = tmp_path / f"rows_{rows}"
+    copy.mkdir()
+    for name in ("egomcq.json", "meta.json"):
+        shutil.copy(data / name, copy / name)
+    (copy / "videos").symlink_to(data / "videos")
+    header, *lines = (data / "egoclip.csv").read_text().splitlines(keepends=True)
+    (copy / "egoclip.csv").write_text(header + "".join((lines * 2)[:rows]))
+    return copy
+
+
+@pytest.mark.parametrize("rows, epochs, steps_per_epoch", [(16, 4, 2), (32, 3, 4)])
+def test_resume_at_the_end_of_a_run_on_data_of_another_size_trains_the_next_epoch(
+    data, finished, tmp_path, rows, epochs, steps_per_epoch
+):
+    """The finished run ended on epoch 1's last step (position: micro-batch 3 of epoch 1's 3): nothing of that epoch
+    is left to read, so a resume with more epochs on fewer or more clips goes on with epoch 2 in the new data's
+    order. It neither trains the rest of a bigger epoch 1 nor is refused for the clip count."""
+    run = killed_after(finished, tmp_path, 6)
+    summary = _run(_config(_resized_copy(data, tmp_path, rows), schedule={"epochs": epochs}), run, resume=True)
+    assert summary["steps"] == 6 + steps_per_epoch
+    resumed = [r for r in records(run) if "loss" in r and r["step"] > 6]
+    assert [(r["step"], r["epoch"]) for r in resumed] == [(6 + k, 2) for k in range(1, steps_per_epoch + 1)]
+
+
 # -- what a resume reads -----------------------------------------------------------------------------------------
 def test_resume_does_not_need_the_checkpoint_the_run_started_from(data, tmp_path):
     """model.init_from (a pre-trained checkpoint, perhaps pruned by its own run's keep_last since) is read when the
