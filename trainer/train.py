@@ -828,6 +828,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         D.barrier()
         saved_step = step
 
+    def epoch_end_evaluation(next_epoch: int) -> bool:
+        """Whether the run evaluates at the start of `next_epoch` (the end of the one before), between epochs."""
+        return 0 < next_epoch < s.epochs and next_epoch % cfg.eval.every_epochs == 0
+
     def checkpoint_unless_diverging() -> None:
         """The saves at an epoch's end and the run's end. In a run of skipped steps, the last good step's state
         (its data position: a resume with a lower learning rate trains the batches that diverged), or none where that
@@ -838,8 +842,18 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             checkpoint(at_last_good_step=True)
 
     def evaluate() -> dict | None:
+        """The run's evaluation, leaving every random generator as it found it (its DataLoader draws its workers'
+        seeds from the global one): the training's draws do not depend on whether or how often the run evaluates,
+        a setting a resume may change."""
         if eval_set is None:
             return None
+        draws = rng_state()
+        try:
+            return _evaluate()
+        finally:
+            set_rng_state(draws)
+
+    def _evaluate() -> dict:
         eval_model = model_at_frames(model, eval_frames)
         if not finetune:
             result = evaluate_egomcq(
@@ -884,6 +898,11 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
     done = step >= total_steps
+    if found is not None and next_micro == 0 and epoch_end_evaluation(epoch) and not done:
+        # the checkpoint of an epoch's end is saved before that epoch's evaluation, which the interrupted run may not
+        # have finished: it runs again (its log row was cut with the rows after the checkpoint)
+        with _data_error_hint(ckpt_dir):
+            last_eval = evaluate()
     while not done and epoch < s.epochs:
         sampler.set_epoch(epoch, start_batch=next_micro)
         collator.set_epoch(epoch)
@@ -973,10 +992,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 break
         if not done:
             epoch, next_micro = epoch + 1, 0
-            if (epoch % cfg.eval.every_epochs == 0) and epoch < s.epochs:
+            if epoch_end_evaluation(epoch):
+                checkpoint_unless_diverging()  # first: an evaluation that fails or is killed loses no training
                 with _data_error_hint(ckpt_dir):
                     last_eval = evaluate()
-                checkpoint_unless_diverging()  # the data position is now the start of the next epoch
     if step == 0 and skipped:
         raise TrainingError(
             f"no step was taken: all {skipped} steps had a non-finite loss or gradient (lower the learning rate or "

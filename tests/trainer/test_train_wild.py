@@ -13,6 +13,7 @@ import shutil
 import time
 
 import pytest
+import torch
 
 from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.config import ConfigError
@@ -133,6 +134,38 @@ def test_resume_at_the_end_of_a_run_on_data_of_another_size_trains_the_next_epoc
     assert summary["steps"] == 6 + steps_per_epoch
     resumed = [r for r in records(run) if "loss" in r and r["step"] > 6]
     assert [(r["step"], r["epoch"]) for r in resumed] == [(6 + k, 2) for k in range(1, steps_per_epoch + 1)]
+
+
+def test_an_evaluation_that_fails_at_an_epoch_end_loses_no_training(data, finished, tmp_path, monkeypatch):
+    """With checkpoints rarer than epochs (the pre-training recipe: every 500 steps, 488 per epoch), an evaluation
+    that fails at an epoch's end (out of memory at its frame count, a damaged question video, a kill) lost the whole
+    epoch. The epoch's checkpoint is saved before its evaluation, which leaves every random generator as it found
+    it; the resume evaluates again and ends as the uninterrupted run: the same weights and log, each row once."""
+    import egovlp_deploy.trainer.train as T
+
+    real, calls = T.evaluate_egomcq, []
+
+    def failing_once(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory (a stand-in)")
+        return real(*args, **kwargs)
+
+    config = _config(data, checkpoint={"every_steps": 100, "keep_last": 0})
+    run = tmp_path / "run"
+    monkeypatch.setattr(T, "evaluate_egomcq", failing_once)
+    with pytest.raises(RuntimeError, match="a stand-in"):
+        _run(config, run)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000003"]
+    _run(config, run, resume=True)
+    assert len(calls) == 3  # the failed one, its rerun at the resume, the final one (epoch 1 ends the run)
+    a, b = weights(finished, 6), weights(run, 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def timeless(run):
+        return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in records(run)]
+
+    assert timeless(run) == timeless(finished)
 
 
 # -- what a resume reads -----------------------------------------------------------------------------------------
