@@ -286,20 +286,46 @@ def evaluate_charades(
     return {"mAP": 100 * charades_map(scores, targets)}
 
 
-def skipped_note(name: str, dataset: EpicMIRDataset | CharadesEgoDataset) -> str | None:
-    """The line that says what a lax evaluation split leaves out (rows skipped as bad, such as those whose video is
-    missing, and EK-100 sentences without a clip of relevancy 1 left), or None when it scores the whole split: its
-    metrics are then those of a subset, not comparable with the benchmark's."""
+def skipped_note(
+    name: str, dataset: EpicMIRDataset | CharadesEgoDataset | EgoMCQDataset, unit: str = "test rows"
+) -> str | None:
+    """The line that says what a lax evaluation split leaves out (rows or EgoMCQ questions skipped as bad, such as
+    those whose video is missing, EK-100 sentences without a clip of relevancy 1 left, and EK-100 sentences whose
+    id names no row of the split, embedded from their own text), or None when it scores the whole split as given:
+    its metrics are otherwise those of a subset, not comparable with the benchmark's."""
     skipped = len(dataset.skipped_rows)
     scored = getattr(dataset, "scored_sentences", None)
     left_out = 0 if scored is None else len(dataset.sentences) - len(scored)
-    if not skipped and not left_out:
+    unknown = len(getattr(dataset, "unknown_sentences", None) or ())
+    if not skipped and not left_out and not unknown:
         return None
-    kinds = ", ".join(f"{kind}: {count}" for kind, count in sorted(dataset.skip_counts.items()))
-    note = f"note: {name}: {skipped} of {len(dataset) + skipped} test rows skipped ({kinds})"
+    note = f"note: {name}: {skipped} of {len(dataset) + skipped} {unit} skipped"
+    if skipped:
+        note += " (" + ", ".join(f"{kind}: {count}" for kind, count in sorted(dataset.skip_counts.items())) + ")"
     if left_out:
         note += f", {left_out} of {len(dataset.sentences)} sentences not scored (no clip of relevancy 1 left)"
+    if unknown:
+        note += (
+            f", {unknown} scored sentence ids name no row of the test CSV (embedded from their sentence-CSV text), "
+            f"e.g. {dataset.unknown_sentences[0]!r}"
+        )
     return note + ": the metrics cover the rest of the split, not the whole benchmark"
+
+
+def load_failure_note(name: str, dataset) -> str | None:
+    """The line that says how many clips a lax evaluation could not decode and scored as the black clip (by reason,
+    with the first error), or None when every clip it read was decoded: counted by the dataset's loader in this
+    process, so read it after an evaluation that ran with num_workers=0."""
+    failures = dataset.failures
+    failed = sum(failures.values())
+    if not failed:
+        return None
+    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(failures.items()))
+    first = next(iter(dataset._loader.first_errors.values()), "")
+    return (
+        f"note: {name}: {failed} of {dataset._loader.loads} clips could not be read and were scored as black clips "
+        f"({reasons}; first: {first}): the metrics count them as such"
+    )
 
 
 def format_retrieval(name: str, result: dict[str, float]) -> str:

@@ -1,5 +1,6 @@
-"""`egovlp-deploy eval`: EgoMCQ (dual, fusion, ensemble) and zero-shot EK-100 MIR and Charades-Ego of any model the
-model factory loads, on the official evaluation files (egovlp_deploy/evaluation.py does the work)."""
+"""`egovlp-deploy eval`: EgoMCQ (dual, fusion, ensemble), EK-100 MIR and Charades-Ego of any model the model factory
+loads, on the official evaluation files (egovlp_deploy/evaluation.py does the work). The report's header says whether
+the model was fine-tuned on EK-100 MIR / Charades-Ego, where its checkpoint records its training (`regime`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from egovlp_deploy.evaluation import (
     evaluate_epic_mir,
     format_retrieval,
     format_table,
+    load_failure_note,
     skipped_note,
 )
 from egovlp_deploy.model.factory import load_model, model_at_frames
@@ -44,7 +46,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--epic-mir",
         metavar="DIR",
-        help="zero-shot EK-100 multi-instance retrieval on the test split of this retrieval "
+        help="EK-100 multi-instance retrieval (zero-shot, or after fine-tuning) on the test split of this retrieval "
         "annotation directory: EPIC_100_retrieval_test.csv, EPIC_100_retrieval_test_sentence.csv, "
         "relevancy/caption_relevancy_EPIC_100_retrieval_test.npy (the .pkl converted once)",
     )
@@ -56,7 +58,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--charades",
         metavar="DIR",
-        help="zero-shot Charades-Ego action recognition on the test split of this annotation "
+        help="Charades-Ego action recognition (zero-shot, or after fine-tuning) on the test split of this annotation "
         "directory: CharadesEgo_v1_test_only1st.csv and Charades_v1_classes.txt (the prompts)",
     )
     parser.add_argument(
@@ -122,7 +124,7 @@ def run(args) -> int:
     device = resolve_device(args.device)
     if args.frames is not None:
         check_num_frames(args.frames, "--frames")  # before the model is loaded or resized to that many frames
-    model, _ = load_model(args.model, frames=args.frames)
+    model, source = load_model(args.model, frames=args.frames)
     frames = args.frames or model.config.video.num_frames
     model = model.to(device)  # load_model gave it `frames` frames
     tokenizer, size, strict = load_tokenizer(args.tokenizer), model.config.video.img_size, not args.lax
@@ -144,8 +146,9 @@ def run(args) -> int:
             args.charades_classes,
             strict=strict,
         )
-    for name, dataset in (("EK-100 MIR", epic_set), ("Charades-Ego", charades_set)):
-        note = skipped_note(name, dataset) if dataset is not None else None
+    benchmarks = (("EgoMCQ", egomcq_set, "questions"), ("EK-100 MIR", epic_set, "test rows"))
+    for name, dataset, unit in (*benchmarks, ("Charades-Ego", charades_set, "test rows")):
+        note = skipped_note(name, dataset, unit) if dataset is not None else None
         if note:  # before the work: a subset's numbers must not pass for the benchmark's
             print(note, file=sys.stderr)
     results, report = {}, []
@@ -163,19 +166,19 @@ def run(args) -> int:
         )
         if predictions is not None:
             atomic_write_bytes(args.predictions, json.dumps(predictions, indent=1).encode())
-        report += [
-            f"EgoMCQ on {len(egomcq_set) if args.max_questions is None else args.max_questions} questions, "
-            f"{frames} frames",
-            format_table(results["egomcq"]),
-        ]
+        scored = len(egomcq_set) if args.max_questions is None else min(args.max_questions, len(egomcq_set))
+        report += [f"EgoMCQ on {scored} questions, {frames} frames", format_table(results["egomcq"])]
+        _print_load_failures("EgoMCQ", egomcq_set)
     if epic_set is not None:
         results["epic_mir"] = evaluate_epic_mir(
             model_at_frames(model, epic_frames), epic_set, tokenizer, device, args.batch_size, progress=not args.json
         )
         report += [
-            f"EK-100 MIR (zero-shot) on {len(epic_set)} clips, {epic_frames} frames, dual encoder, percent",
+            f"EK-100 MIR ({regime(source, 'epic_mir')}) on {len(epic_set)} clips, {epic_frames} frames, dual "
+            "encoder, percent",
             format_retrieval("epic_mir", results["epic_mir"]),
         ]
+        _print_load_failures("EK-100 MIR", epic_set)
     if charades_set is not None:
         results["charades"] = evaluate_charades(
             model_at_frames(model, charades_frames),
@@ -186,10 +189,11 @@ def run(args) -> int:
             progress=not args.json,
         )
         report += [
-            f"Charades-Ego (zero-shot) on {len(charades_set)} videos, {args.charades_classes} classes, "
-            f"{charades_frames} frames, dual encoder, percent",
+            f"Charades-Ego ({regime(source, 'charades')}) on {len(charades_set)} videos, {args.charades_classes} "
+            f"classes, {charades_frames} frames, dual encoder, percent",
             format_retrieval("charades", results["charades"]),
         ]
+        _print_load_failures("Charades-Ego", charades_set)
     if args.json:
         print(json.dumps(results["egomcq"] if list(results) == ["egomcq"] else results, indent=2))
     else:
@@ -212,5 +216,64 @@ def check_benchmark_arguments(args) -> None:
         raise ValueError(f"--predictions {args.predictions}: is a folder, not a file")
     if args.predictions and not os.access(Path(args.predictions).resolve().parent, os.W_OK | os.X_OK):
         raise ValueError(f"--predictions {args.predictions}: its folder is not writable")
+    if args.predictions and Path(args.predictions).is_file():  # the answers must not replace an input file
+        for option, given in (("--egomcq", args.egomcq), ("--model", args.model)):
+            if Path(given).is_file() and Path(args.predictions).samefile(given):
+                raise ValueError(f"--predictions {args.predictions}: is the {option} file; name another file")
     if args.charades_classes < 1:
         raise ValueError(f"--charades-classes must be positive, got {args.charades_classes}")
+
+
+def _print_load_failures(name: str, dataset) -> None:
+    note = load_failure_note(name, dataset)
+    if note:
+        print(note, file=sys.stderr)
+
+
+# -- what the evaluated model was trained on --------------------------------------------------------------------------
+BENCHMARK_NAMES = {"epic_mir": "EK-100 MIR", "charades": "Charades-Ego"}
+
+
+def regime(source: dict, benchmark: str) -> str:
+    """How the model stands to `benchmark` ('epic_mir' or 'charades'), for the report's header: 'zero-shot' only
+    where its training is recorded (trainer checkpoints: their run.json, and that of a trainer checkpoint it
+    started from) and none of it fine-tuned on the benchmark."""
+    if source.get("kind") == "random":
+        return "random weights"
+    tasks, complete = recorded_tasks(Path(source["path"])) if source.get("kind") == "trainer" else (set(), False)
+    if benchmark in tasks:
+        return f"fine-tuned on {BENCHMARK_NAMES[benchmark]}"
+    if complete:
+        return "zero-shot"
+    return "zero-shot if not fine-tuned on it: training not recorded"
+
+
+def recorded_tasks(checkpoint: Path, depth: int = 8) -> tuple[set[str], bool]:
+    """(the tasks of the runs that trained a trainer checkpoint, whether that record goes back to the start): its
+    run.json's task, then those of the trainer checkpoint its model.init_from names, while that can be read."""
+    from egovlp_deploy.jsonfile import read_json
+    from egovlp_deploy.model.factory import checkpoint_kind
+
+    try:
+        run = read_json(checkpoint / "run.json", expect=dict)
+    except ValueError:
+        return set(), False
+    task, model = run.get("task"), run.get("model")
+    if not isinstance(task, str) or not isinstance(model, dict):
+        return set(), False
+    tasks = {task}
+    init_from = model.get("init_from")
+    if init_from is None:
+        return tasks, True
+    init = Path(str(init_from))
+    if init.name == "model.safetensors":
+        init = init.parent
+    kind = checkpoint_kind(init) if init.exists() else None
+    if kind == "run":
+        from egovlp_deploy.checkpoint import latest_valid_checkpoint
+
+        init, kind = latest_valid_checkpoint(init / "checkpoints"), "trainer"
+    if kind != "trainer" or init is None or depth <= 0:
+        return tasks, False
+    earlier, complete = recorded_tasks(init, depth - 1)
+    return tasks | earlier, complete

@@ -12,6 +12,7 @@ indexes that order, as the official enumerate over the JSON object does).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from collections.abc import Mapping
@@ -36,12 +37,42 @@ class MCQEntry:
     type: int
 
 
+class _JSONObject(dict):
+    """A JSON object as read by `read_egomcq`; `repeated` counts the copies of each key the file gives it more than
+    once (Python's json keeps the last copy without a word)."""
+
+    repeated: dict[str, int] = {}
+
+
+def _json_object(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    obj = _JSONObject(pairs)
+    if len(obj) != len(pairs):
+        copies = collections.Counter(k for k, _ in pairs)
+        obj.repeated = {k: n for k, n in copies.items() if n > 1}
+    return obj
+
+
+def _repeated_field(entry: Mapping) -> str | None:
+    """Where an entry's objects (the entry, its query, its choices and each choice) name a field more than once."""
+    for where, obj in (("", entry), ("query: ", entry.get("query")), ("choices: ", entry.get("choices"))):
+        if getattr(obj, "repeated", ()):
+            return f"{where}{next(iter(obj.repeated))!r}"
+    choices = entry.get("choices")
+    for k, row in choices.items() if isinstance(choices, Mapping) else ():
+        if getattr(row, "repeated", ()):
+            return f"choice {k}: {next(iter(row.repeated))!r}"
+    return None
+
+
 def parse_mcq_entry(
     key: str, entry: Any, num_choices: int, num_verbs: int, num_nouns: int, require_answer: bool = True
 ) -> MCQEntry:
     """One entry, validated; `require_answer=False` lets `answer` be absent (a present one is still checked)."""
     if not isinstance(entry, Mapping):
         raise RowProblem("malformed entry", f"expected an object, got {type(entry).__name__}")
+    repeated = _repeated_field(entry)
+    if repeated:
+        raise RowProblem("repeated field", f"{repeated} is given more than once: which copy is meant is unknown")
     required = ("types", "query", "choices", "answer") if require_answer else ("types", "query", "choices")
     missing = [k for k in required if k not in entry]
     if missing:
@@ -98,7 +129,7 @@ def read_egomcq(
     try:
         # utf-8-sig: a byte-order mark (the file saved again by a Windows editor) is no JSON error
         with open(json_path, encoding="utf-8-sig") as f:
-            data = json.load(f)
+            data = json.load(f, object_pairs_hook=_json_object)
     except OSError as e:
         raise rows.fail("open", str(e)) from e
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError names the line and column
@@ -107,12 +138,25 @@ def read_egomcq(
         raise rows.fail("json", "not valid JSON: nested too deeply") from e
     if not isinstance(data, Mapping):
         raise rows.fail("top level", f"expected an object keyed '0', '1', ..., got {type(data).__name__}")
-    keyed = []
+    keyed, numbers = [], {}
     for key in data:
         try:
             keyed.append((int(key), key))
         except ValueError:
             rows.reject(key, RowProblem("bad key", "the key is not an integer"))
+            continue
+        numbers.setdefault(int(key), []).append(key)
+    # A question given twice (the same key, or keys of the same number such as '7' and '07') has no one answer to
+    # score: each copy is a bad entry, not silently the last one read.
+    twice = getattr(data, "repeated", {})
+    same_number = {k: keys for keys in numbers.values() if len(keys) > 1 for k in keys}
+    for _, key in sorted(keyed):
+        for _ in range(twice.get(key, 0)):  # each copy is a question the file holds
+            problem = f"the key is given {twice[key]} times: which copy is meant is unknown"
+            rows.reject(key, RowProblem("repeated question", problem))
+        if key in same_number and key not in twice:
+            rows.reject(key, RowProblem("repeated question", f"keys {same_number[key]} give the same question number"))
+    keyed = [(n, key) for n, key in keyed if key not in twice and key not in same_number]
     files = FileCheck()
     out = []
     for _, key in sorted(keyed):

@@ -210,13 +210,19 @@ def read_sentences(path: str | os.PathLike) -> tuple[list[str], list[str]]:
 
 
 def read_epic_rows(
-    csv_path: str | os.PathLike, video_root: str | os.PathLike | None, rows: RowFilter
+    csv_path: str | os.PathLike,
+    video_root: str | os.PathLike | None,
+    rows: RowFilter,
+    narration_ids: set[str] | None = None,
 ) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
-    """Valid rows as (line number, data-row index, fields) and the total number of data rows."""
+    """Valid rows as (line number, data-row index, fields) and the total number of data rows; `narration_ids`
+    receives the narration id of every row with its columns, valid or skipped."""
     out = []
     files = FileCheck()
     records = csv_records(csv_path, rows, EPIC_COLUMNS, one_line=True)
     for line, position, fields in records:
+        if narration_ids is not None:
+            narration_ids.add(fields["narration_id"])
         try:
             start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
             stop = timestamp_seconds(fields["stop_timestamp"], "stop_timestamp")
@@ -328,7 +334,10 @@ class EpicMIRDataset(EpochSeededDataset):
             )
 
         rows = RowFilter(csv_path, strict)
-        parsed, num_rows = read_epic_rows(csv_path, video_root if check_files else None, rows)
+        csv_narration_ids: set[str] = set()
+        parsed, num_rows = read_epic_rows(
+            csv_path, video_root if check_files else None, rows, narration_ids=csv_narration_ids
+        )
         if not parsed:
             raise rows.none_usable()
 
@@ -355,8 +364,16 @@ class EpicMIRDataset(EpochSeededDataset):
         for r in self._rows:
             r["path"] = epic_video_path(video_root, r.pop("participant_id"), r.pop("video_id"))
         self.scored_sentences = self.sentence_items = None
+        # the scored sentences whose id names no row of the CSV, valid or skipped (lax mode: embedded from their
+        # own text, which `evaluation.skipped_note` counts)
+        self.unknown_sentences: list[str] = []
         if not self.train and self.sentences is not None and self.relevancy is not None:
             self.scored_sentences, self.sentence_items = self._scored_sentences(sentence_csv, relevancy_path)
+            self.unknown_sentences = [
+                self.sentence_ids[j]
+                for j, item in zip(self.scored_sentences, self.sentence_items)
+                if item is None and self.sentence_ids[j] not in csv_narration_ids
+            ]
 
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures

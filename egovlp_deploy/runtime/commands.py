@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -428,6 +429,9 @@ def run_mcq(args) -> int:
         raise ValueError(f"--out {args.out}: its folder does not exist")
     if args.out and Path(args.out).is_dir():
         raise ValueError(f"--out {args.out}: is a folder; --out names the JSON file to write")
+    # the answers are written after every question is read: a folder that cannot take them would lose the run
+    if args.out and not os.access(Path(args.out).resolve().parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: its folder is not writable")
     if (
         args.out
         and Path(args.out).is_file()
