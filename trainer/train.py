@@ -624,8 +624,12 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 "(set it to null to train without EgoMCQ)",
                 file=sys.stderr,
             )
-        note = skipped_note(EVAL_NAMES[cfg.task], eval_set) if finetune else None
-        if note:  # the lax fine-tuning recipes evaluate on what is left of the test split: say so at the start
+        note = (
+            None
+            if eval_set is None
+            else skipped_note(EVAL_NAMES[cfg.task], eval_set, unit.replace("clips", "test rows"))
+        )
+        if note:  # lax recipes evaluate on what is left of the evaluation set: say so at the start
             print(note, file=sys.stderr)
     if cfg.model.text_warmup_steps and not cfg.model.init_from and found is None:
         t0 = time.perf_counter()

@@ -168,6 +168,17 @@ def test_an_evaluation_that_fails_at_an_epoch_end_loses_no_training(data, finish
     assert timeless(run) == timeless(finished)
 
 
+def test_a_lax_pretraining_run_says_which_egomcq_questions_it_leaves_out(data, tmp_path, capsys):
+    """Lax mode skips a bad EgoMCQ question (here an answer out of range): the run says so at its start, as the
+    fine-tuning runs do for their test rows, so its accuracy is not taken for the whole set's."""
+    copy = _resized_copy(data, tmp_path, 24)
+    questions = json.loads((data / "egomcq.json").read_text())
+    questions[next(iter(questions))]["answer"] = 9
+    (copy / "egomcq.json").write_text(json.dumps(questions))
+    _run(_config(copy, data={"strict": False}, schedule={"max_steps": 1}), tmp_path / "run")
+    assert f"note: EgoMCQ: 1 of {len(questions)} questions skipped (" in capsys.readouterr().err
+
+
 # -- what a resume reads -----------------------------------------------------------------------------------------
 def test_resume_does_not_need_the_checkpoint_the_run_started_from(data, tmp_path):
     """model.init_from (a pre-trained checkpoint, perhaps pruned by its own run's keep_last since) is read when the
