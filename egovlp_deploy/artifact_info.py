@@ -30,6 +30,8 @@ def detect(path: str | os.PathLike) -> tuple[str, Path]:
     """(kind, folder) of an artifact path; a ValueError naming the path when it is none of KINDS."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # exists() is False for a dangling link and for a loop of links
+            raise ValueError(f"{path}: a symlink to {os.readlink(path)}, which does not exist (or is a symlink loop)")
         raise ValueError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix in (".pth", ".pt"):

@@ -10,7 +10,6 @@ atomically, and a result written while the run is still going says so (`"complet
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -171,9 +170,11 @@ class ResultsFolder:
     def is_ours(path: Path, benchmark: str) -> bool:
         """Whether `path` is a results JSON of `benchmark` (results written before the `benchmark` key: an object
         with `meta` and `rows` or `profile`)."""
+        from .jsonfile import read_json
+
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError, RecursionError):
+            data = read_json(path)  # a FIFO or a huge file in its place is refused unread
+        except ValueError:
             return False
         if not isinstance(data, dict):
             return False

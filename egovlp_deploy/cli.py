@@ -300,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames must be positive")
     if getattr(args, "text_length", 1) <= 0:
         parser.error("--text-length must be positive")
+    from .cache_dirs import usable_cache_dirs
+
+    usable_cache_dirs()  # an unwritable compile cache (TORCHINDUCTOR_CACHE_DIR, a read-only HOME) fails no command
     previous = _stop_on_sigterm()
     try:
         return args.func(args)
@@ -340,7 +343,7 @@ def after_interrupt(command: str) -> str:
         "train": "its checkpoints are kept, rerun it with --resume to continue from the newest",
         "export": "rerun the same command to finish it (the runtime refuses an unfinished export folder)",
         "bench": "the rows measured so far are kept, marked incomplete; a rerun starts over",
-        "synth": "rerun it with --force to start again (its folder is not empty now)",
+        "synth": "nothing was written (the dataset is moved into place only when complete); rerun it to start again",
         "demo": "rerun it with --force to start again (its folder is not empty now)",
     }
     return advice.get(command, "nothing half-written is left; rerun it to start again")

@@ -17,6 +17,7 @@ the same time, not a longer demo; the printed step count says which.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from egovlp_deploy.jsonfile import read_json
 from egovlp_deploy.path_text import some_names
 
 DESCRIPTION = __doc__
@@ -63,8 +65,8 @@ def check_replaceable(out: Path) -> None:
     delete)."""
     marker = out / MARKER
     try:
-        ours = json.loads(marker.read_text(encoding="utf-8")).get("format") == MARKER_FORMAT
-    except (OSError, ValueError, AttributeError):
+        ours = read_json(marker, expect=dict).get("format") == MARKER_FORMAT  # a FIFO or huge file is refused unread
+    except ValueError:
         ours = False
     if not ours:
         raise ValueError(
@@ -112,25 +114,59 @@ def run_demo(
     train_minutes: float = 2.2,
     quick: bool = False,
 ) -> dict:
-    from egovlp_deploy.data import synth
-
     if quick:
         train_videos, eval_videos, steps, train_minutes = 4, 2, 3, 0.5
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is None:  # stages 3-6 need it: say so before minutes of training
         raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
+    try:
+        str(out).encode("utf-8")
+    except UnicodeEncodeError:  # a file name of bytes that are not UTF-8 (decoded to surrogates)
+        shown = os.fsencode(out).decode("utf-8", "backslashreplace")
+        raise ValueError(
+            f"{shown}: not valid UTF-8; the demo's tokenizer (Hugging Face tokenizers) cannot be saved under it. "
+            "Give a folder whose path is UTF-8"
+        ) from None
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{out}: a symlink to {os.readlink(out)}, which does not exist (or is a symlink loop)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
+    out.mkdir(parents=True, exist_ok=True)
+    from .folder_lock import exclusive_writer
+
+    # One demo per folder: a second one (with --force too) must not delete the files of a demo still running.
+    with exclusive_writer(out, "demo folder", ValueError, then="rerun it with --force to start again"):
+        _start(out, force)
+        return _stages(out, train_videos, eval_videos, steps, train_minutes, quick)
+
+
+def _start(out: Path, force: bool) -> None:
+    """Empty `out` (only a demo folder, and only with `force`), then write its marker."""
+    if any(out.iterdir()):
         if not force:
             raise ValueError(f"{out}: not empty (pass --force to replace it)")
         check_replaceable(out)
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
+        _clear(out)
     from egovlp_deploy.checkpoint import atomic_write_bytes
 
     atomic_write_bytes(out / MARKER, json.dumps({"format": MARKER_FORMAT}).encode())  # --force may replace it later
+
+
+def _clear(out: Path) -> None:
+    """Delete what an earlier demo wrote in `out`, the marker last: a deletion that stops half way leaves a folder
+    that --force still recognises as the demo's. `out` itself stays (it holds the writer lock, and may be a symlink
+    the user made); a symlink among the entries is removed, never followed."""
+    for entry in sorted(out.iterdir(), key=lambda p: p.name == MARKER):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _stages(out: Path, train_videos: int, eval_videos: int, steps: int, train_minutes: float, quick: bool) -> dict:
+    from egovlp_deploy.data import synth
+
     clock = _Clock()
 
     # 1. data
@@ -166,6 +202,14 @@ def run_demo(
 
     t = time.perf_counter()
     print("4/6 indexing the held-out clips", flush=True)
+    from . import preprocess
+
+    if not preprocess.available():  # the same numbers either way; only the preprocess latency differs
+        print(
+            "note: the C++ extension egovlp_deploy._C cannot be imported "
+            f"({preprocess.unavailable_reason()}); clips are preprocessed by the torch reference",
+            flush=True,
+        )
     rt = Runtime(out / "engines", backend="onnxruntime", device="cpu")
     meta = json.loads((out / "data" / "meta.json").read_text())
     videos = [str(out / "data" / "videos" / uid / "0.mp4") for uid in meta["splits"]["eval"]]
@@ -339,7 +383,12 @@ def _format(r: dict, samples: str) -> str:
             f"  {mode:<9} all {acc.get('all', float('nan')):5.1f}%   inter {acc.get('Inter-video', float('nan')):5.1f}%"
             f"   intra {acc.get('Intra-video', float('nan')):5.1f}%"
         )
-    lines += ["", "Latency per clip / query (ms, this machine):"]
+    preprocessing = r["index"].get("preprocessing")
+    lines += [
+        "",
+        "Latency per clip / query (ms, this machine"
+        + (f"; preprocessing: {preprocessing}):" if preprocessing else "):"),
+    ]
     for k, v in r["latency_ms"].items():
         lines.append(f"  {k:<36} {v:8.2f}")
     lines += ["", "Stages (s): " + ", ".join(f"{k} {v}" for k, v in r["stages_s"].items())]

@@ -51,6 +51,11 @@ def available() -> bool:
     return _C is not None
 
 
+def unavailable_reason() -> str | None:
+    """Why the C++ extension cannot be imported (its ImportError), or None when it is available."""
+    return None if _C is not None else str(_IMPORT_ERROR)
+
+
 @dataclass(frozen=True)
 class ClipSpec:
     """Resize the short side to `short_side`, center-crop `crop` x `crop`, resize to `size` x `size`, then

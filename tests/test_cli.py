@@ -92,13 +92,15 @@ def test_sigterm_inside_a_broad_except_still_stops_the_command(monkeypatch, caps
         ("index", "rerun the same command to continue"),
         ("train", "rerun it with --resume"),
         ("bench", "a rerun starts over"),
-        ("synth", "rerun it with --force"),
+        ("synth", "nothing was written"),
+        ("demo", "rerun it with --force"),
         ("mcq", "rerun it to start again"),
     ],
 )
 def test_ctrl_c_says_how_this_command_goes_on(monkeypatch, capsys, command, advice):
     """Only index and features continue when rerun as they were; train needs --resume, a benchmark starts over,
-    synth and demo refuse their non-empty folder without --force."""
+    the demo refuses its non-empty folder without --force, and synth (which renames its dataset into place only when
+    complete) has written nothing."""
     import argparse
 
     from egovlp_deploy import cli

@@ -538,6 +538,8 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
     sizes = {**DEFAULTS, **sizes}
     _check_sizes(sizes)
     out = Path(out_dir)
+    if out.is_symlink() and not out.exists():
+        raise ValueError(f"{out}: a symlink to {os.readlink(out)}, which does not exist (or is a symlink loop)")
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -594,10 +596,17 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
         "splits": {split: [p.uid for p in ps] for split, ps in plans.items()},
     }
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # OUT a symlink to a folder: the dataset goes into that folder (the rename below would replace the link itself)
+    target = out.resolve() if out.is_symlink() else out
+    target.parent.mkdir(parents=True, exist_ok=True)
     from ..checkpoint import make_temp_dir
 
-    tmp = make_temp_dir(out.parent, f".{out.name}.tmp-")
+    try:
+        tmp = make_temp_dir(target.parent, f".{target.name}.tmp-")
+    except OSError as exc:  # the dataset is built beside OUT: say so, not the temp folder's name
+        raise ValueError(
+            f"{out}: cannot build the dataset in its parent folder {target.parent} ({exc.strerror or exc})"
+        ) from None
     try:
         jobs = []
         for p in plans["train"] + plans["eval"]:
@@ -620,9 +629,16 @@ def generate(out_dir, seed: int = 0, *, force: bool = False, workers: int = 1, *
             {p.uid: (p.scene, [o.noun for o in p.objects]) for ps in plans.values() for p in ps},
             sizes["fps"],
         )
-        if out.is_dir() and any(out.iterdir()):
-            check_replaceable(out)  # again: something may have been put there while the videos were rendered
-        _replace_dir(tmp, out)
+        if target.is_dir() and any(target.iterdir()):
+            # again: something may have been put there while the videos were rendered (another synth, a training
+            # run); without --force nothing is replaced, with it only a dataset of ours that holds nothing else
+            if not force:
+                raise ValueError(
+                    f"{out}: not empty any more (another process wrote into it while this dataset was rendered); "
+                    "nothing was replaced. Pass --force to replace it, or give another folder"
+                )
+            check_replaceable(target)
+        _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -644,9 +660,11 @@ WRITTEN = frozenset({"videos", "egoclip.csv", "egoclip_eval.csv", "egomcq.json",
 def check_replaceable(out: Path) -> None:
     """Raise unless `out` is a dataset this generator wrote and holds nothing else (what --force may delete)."""
     meta = out / "meta.json"
+    from ..jsonfile import read_json
+
     try:
-        ours = meta.is_file() and json.loads(meta.read_text(encoding="utf-8")).get("generator") == GENERATOR
-    except (OSError, ValueError, AttributeError):
+        ours = read_json(meta, expect=dict).get("generator") == GENERATOR  # a FIFO or huge file is refused unread
+    except ValueError:
         ours = False
     if not ours:
         raise ValueError(
