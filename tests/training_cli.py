@@ -62,6 +62,22 @@ def losses(run: Path) -> dict[int, dict]:
     return {r["step"]: r for r in records(run) if "loss" in r}
 
 
+def edit_state(checkpoint: Path, edit) -> None:
+    """Change a checkpoint's state.json as `edit` does to its keys (a dict of them, changed in place) and make its
+    manifest match: a checkpoint as an older trainer saved it, or one edited by hand."""
+    from egovlp_deploy.hashing import sha256_file
+
+    path = checkpoint / "state.json"
+    state = json.loads(path.read_text())
+    keys = dict(state["__dict__"])
+    edit(keys)
+    state["__dict__"] = [[k, v] for k, v in keys.items()]
+    path.write_text(json.dumps(state))
+    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
+    manifest["files"]["state.json"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
+
+
 def small_run_data(root: Path) -> Path:
     """The small run's synthetic dataset: 24 training clips (4 videos of 6) and 2 held-out videos."""
     from egovlp_deploy.data.synth import generate

@@ -328,6 +328,22 @@ class MetricsLog:
             self.writer.close()
 
 
+def logged_evaluation(path: Path, rows: int | None, step: int) -> dict | None:
+    """The evaluation result a run logged as the first row after a checkpoint of `step` that holds `rows` lines
+    of the log (the epoch-end evaluation a run finished after that checkpoint), or None."""
+    if rows is None or not path.is_file():
+        return None
+    lines = path.read_bytes().splitlines(keepends=True)
+    if len(lines) <= rows or not lines[rows].endswith(b"\n"):
+        return None
+    try:
+        record = json.loads(lines[rows])
+    except ValueError:
+        return None
+    results = [v for k, v in record.items() if k in EVAL_NAMES] if isinstance(record, dict) else []
+    return results[0] if record.get("step") == step and len(results) == 1 and isinstance(results[0], dict) else None
+
+
 def rewind_log(path: Path, rows: int | None, step: int) -> int:
     """Cut metrics.jsonl back to what it held when the resumed checkpoint was saved, so that the resumed run's rows
     follow without duplicates: its first `rows` lines (the count the checkpoint stores), or, for a checkpoint that
@@ -465,6 +481,18 @@ def trained_no_step(output_dir: Path) -> bool:
             if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] == 0):
                 return False
     return True
+
+
+def resumed_plan(state: dict, num_clips: int, s) -> tuple[int, int]:
+    """(epoch, the optimizer steps planned for the epochs before it) of a checkpoint's data position, under schedule
+    `s`; a position at its epoch's end, counted in the clips it was saved with, is the next epoch's start.
+    Checkpoints of older trainers record no planned steps: they planned every epoch at their saved size."""
+    saved_steps = steps_in_epoch(state.get("clips") or num_clips, s)
+    epoch = state.get("epoch", 0)
+    before = state.get("planned_steps_before_epoch", saved_steps * epoch)
+    if state.get("next_micro", 0) >= saved_steps * s.grad_accum_steps:
+        return epoch + 1, before + saved_steps
+    return epoch, before
 
 
 def steps_in_epoch(num_clips: int, s) -> int:
@@ -610,6 +638,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
     # What the checkpoints' data positions index, read once by rank 0: every process decides a resume by it alike.
     fingerprint = D.broadcast_object(training_data_fingerprint(train_set) if info.is_main else None)
+    resumed = load_checkpoint(found, map_location=info.device) if found is not None else None
     skipped_rows = len(getattr(train_set, "skipped_rows", []))
     finetune = cfg.task != "pretrain"
     if info.is_main:
@@ -654,7 +683,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     steps_per_epoch = steps_in_epoch(len(train_set), s)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(train_set)} clips give no full step of batch_size {s.batch_size}")
-    total_steps = steps_per_epoch * s.epochs
+    # The run's length: the steps planned for the epochs before the resumed one, at the sizes they had, and this
+    # data's steps for the rest (a resume may come with more epochs, or at an epoch's end with data of another size).
+    plan_epoch, planned_before = (0, 0) if resumed is None else resumed_plan(resumed[1], len(train_set), s)
+    total_steps = max(planned_before + steps_per_epoch * (s.epochs - plan_epoch), 1)
     if s.max_steps is not None:
         total_steps = min(total_steps, s.max_steps)
     if finetune:
@@ -709,9 +741,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
     step, epoch, next_micro, skipped, consecutive_skips = 0, 0, 0, 0, 0
     log_rows = 0
+    resumed_evaluation_due, logged_eval = False, None  # a resume at an epoch's end: its evaluation, unless logged
     load_failures, clips_read = 0, 0  # this process's clips (scene negatives included) and those unreadable
     if found is not None:
-        weights, state, _ = load_checkpoint(found, map_location=info.device)
+        weights, state, _ = resumed
         try:
             model.load_state_dict(weights)
         except RuntimeError as exc:  # torch lists every mismatched tensor: the first line says what happened
@@ -762,8 +795,19 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 "checkpoint saved at an epoch's end resumes on changed data)"
             )
         load_failures, clips_read = resumed_load_counts(state, info)
+        # The checkpoint of an epoch's end is saved before that epoch's evaluation (checkpoints of older trainers
+        # after it: they record no due evaluation). The evaluation runs again at the resume unless the run logged it
+        # right after the checkpoint; then that row is kept.
+        resumed_evaluation_due = bool(state.get("evaluation_due"))
+        if resumed_evaluation_due:
+            log_path = output_dir / "metrics.jsonl"
+            logged_eval = logged_evaluation(log_path, state.get("log_rows"), step) if info.is_main else None
+            logged_eval = D.broadcast_object(logged_eval)
         if info.is_main:
-            log_rows = rewind_log(output_dir / "metrics.jsonl", state.get("log_rows"), step)
+            kept_rows = state.get("log_rows")
+            if logged_eval is not None:
+                kept_rows += 1
+            log_rows = rewind_log(output_dir / "metrics.jsonl", kept_rows, step)
             print(f"resumed from {found} (step {step}, epoch {epoch})")
             if data_changes:
                 print(
@@ -787,7 +831,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     if (start_over or taken_over) and info.is_main:
         log_rows = rewind_log(output_dir / "metrics.jsonl", 0, 0)
     # TensorBoard hides the interrupted run's points from here on
-    purge_step = step if resume or taken_over else None
+    purge_step = (step + 1 if found is not None else 0) if resume or taken_over else None
     log = MetricsLog(
         output_dir / "metrics.jsonl", info.is_main, cfg.log.tensorboard, rows=log_rows, purge_step=purge_step
     )
@@ -801,10 +845,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     good = (epoch, next_micro, skipped - consecutive_skips, 0)  # the data position and skip counts of the last step
     good_counts = (load_failures, clips_read)  # and its load counts
 
-    def checkpoint(at_last_good_step: bool = False) -> None:
+    def checkpoint(at_last_good_step: bool = False, evaluation_due: bool = False) -> None:
         """Save the run's state; `at_last_good_step`: in a run of skipped steps, with the data position and skip
         counts of the last step taken (the weights, optimizer and schedule are still that step's), so that a resume
-        trains the batches that diverged."""
+        trains the batches that diverged; `evaluation_due`: saved at an epoch's end before its evaluation."""
         nonlocal saved_step
         position = good if at_last_good_step else (epoch, next_micro, skipped, consecutive_skips)
         # every process's load counts, which a resume continues from (a collective: every process saves)
@@ -823,6 +867,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             "rng": rng_state(),
             "log_rows": log.rows,  # metrics.jsonl's lines so far: a resume cuts the log back to them
             "clips": len(train_set),  # the data the position indexes: a resume mid-epoch needs the same count
+            # the steps planned for the epochs before the position's (a resume on data of another size plans on)
+            "planned_steps_before_epoch": planned_before + steps_per_epoch * (position[0] - plan_epoch),
+            "evaluation_due": evaluation_due and not at_last_good_step,
             "data_fingerprint": fingerprint,  # ... and the same rows and video files
             "load_failures": [failed for failed, _ in counts],  # per process, in rank order
             "clips_read": [read for _, read in counts],
@@ -836,12 +883,12 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         """Whether the run evaluates at the start of `next_epoch` (the end of the one before), between epochs."""
         return 0 < next_epoch < s.epochs and next_epoch % cfg.eval.every_epochs == 0
 
-    def checkpoint_unless_diverging() -> None:
+    def checkpoint_unless_diverging(evaluation_due: bool = False) -> None:
         """The saves at an epoch's end and the run's end. In a run of skipped steps, the last good step's state
         (its data position: a resume with a lower learning rate trains the batches that diverged), or none where that
         is saved already (and a run that never took a step leaves no checkpoint)."""
         if not consecutive_skips:
-            checkpoint()
+            checkpoint(evaluation_due=evaluation_due)
         elif saved_step != step:
             checkpoint(at_last_good_step=True)
 
@@ -902,11 +949,12 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     started, last_eval = time.time(), None
     window_clips, window_start = 0, time.time()
     done = step >= total_steps
-    if found is not None and next_micro == 0 and epoch_end_evaluation(epoch) and not done:
-        # the checkpoint of an epoch's end is saved before that epoch's evaluation, which the interrupted run may not
-        # have finished: it runs again (its log row was cut with the rows after the checkpoint)
-        with _data_error_hint(ckpt_dir):
-            last_eval = evaluate()
+    if resumed_evaluation_due and not done:
+        if logged_eval is not None:
+            last_eval = logged_eval
+        else:
+            with _data_error_hint(ckpt_dir):
+                last_eval = evaluate()
     while not done and epoch < s.epochs:
         sampler.set_epoch(epoch, start_batch=next_micro)
         collator.set_epoch(epoch)
@@ -997,7 +1045,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         if not done:
             epoch, next_micro = epoch + 1, 0
             if epoch_end_evaluation(epoch):
-                checkpoint_unless_diverging()  # first: an evaluation that fails or is killed loses no training
+                # first: an evaluation that fails or is killed loses no training
+                checkpoint_unless_diverging(evaluation_due=True)
                 with _data_error_hint(ckpt_dir):
                     last_eval = evaluate()
     if step == 0 and skipped:

@@ -14,12 +14,11 @@ from egovlp_deploy import EgoVLPv2, EgoVLPv2Config
 from egovlp_deploy.cli import main
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.data.synth import generate
-from egovlp_deploy.hashing import sha256_file
 from egovlp_deploy.trainer import train as train_module
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import TrainingError, train
 from official_format import randomize_
-from training_cli import TORCHRUN_TWO, kill_after_checkpoint
+from training_cli import TORCHRUN_TWO, edit_state, kill_after_checkpoint
 from training_cli import losses as _losses
 from training_cli import records as _records
 from training_cli import run_train as _cli
@@ -159,21 +158,6 @@ def finished_run(small_data, tmp_path_factory):
     return run, atomic
 
 
-def _edit_state(checkpoint, edit) -> None:
-    """Change a checkpoint's state.json (skeleton dict in, dict out) and make its manifest match."""
-    state = json.loads((checkpoint / "state.json").read_text())
-    (checkpoint / "state.json").write_text(json.dumps(edit(state)))
-    manifest = json.loads((checkpoint / "MANIFEST.json").read_text())
-    file = checkpoint / "state.json"
-    manifest["files"]["state.json"] = {"sha256": sha256_file(file), "bytes": file.stat().st_size}
-    (checkpoint / "MANIFEST.json").write_text(json.dumps(manifest))
-
-
-def _drop_key(state: dict, key: str) -> dict:
-    state["__dict__"] = [item for item in state["__dict__"] if item[0] != key]
-    return state
-
-
 def _timeless(run) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in _records(run)]
 
@@ -221,7 +205,8 @@ def _tensorboard_config(root) -> TrainConfig:
 def test_resume_cuts_the_log_back_to_the_checkpoint(finished_run, small_data, tmp_path, stored_count, tensorboard):
     """A run killed after logging steps (and an evaluation) past its last checkpoint: the resumed run's log is the
     log of a run that was never killed, each row once (a checkpoint without the row count: cut by step), and
-    TensorBoard is told to hide the killed run's points from the resumed step on."""
+    TensorBoard is told to hide the killed run's points past the resumed step (those of that step are kept, as in the
+    log)."""
     straight, _ = finished_run
     run = tmp_path / "run"
     shutil.copytree(straight, run)
@@ -230,14 +215,14 @@ def test_resume_cuts_the_log_back_to_the_checkpoint(finished_run, small_data, tm
     with open(run / "metrics.jsonl", "a") as log:
         log.write('{"step": 7, "epo')  # and a row half written
     if not stored_count:
-        _edit_state(run / "checkpoints" / "step_00000002", lambda state: _drop_key(state, "log_rows"))
+        edit_state(run / "checkpoints" / "step_00000002", lambda keys: keys.pop("log_rows"))
     summary = train(_tensorboard_config(small_data), run, resume=True, progress=False)
     assert summary["steps"] == 6
     expected = _timeless(straight)
     assert [r["step"] for r in expected] == [0, 1, 2, 3, 3, 4, 5, 6, 6]  # data, steps, EgoMCQ after epochs 1 and 2
     assert _timeless(run) == expected
     (writer,) = tensorboard
-    assert writer.purge_step == 2 and min(step for _, step in writer.points) == 3
+    assert writer.purge_step == 3 and min(step for _, step in writer.points) == 3
 
 
 def test_resume_of_a_run_stopped_before_its_first_checkpoint_starts_it_again(
@@ -284,7 +269,7 @@ def test_resume_from_a_state_without_a_key_is_one_line_naming_it(finished_run, s
     run = tmp_path / "run"
     shutil.copytree(straight, run)
     checkpoint = run / "checkpoints" / "step_00000006"
-    _edit_state(checkpoint, lambda state: _drop_key(state, "step"))
+    edit_state(checkpoint, lambda keys: keys.pop("step"))
     (tmp_path / "c.json").write_text(json.dumps(_short_config(small_data)))
     code = main(["train", "--config", str(tmp_path / "c.json"), "--output", str(run), "--resume", "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()

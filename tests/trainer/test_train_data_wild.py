@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from egovlp_deploy import transforms
-from egovlp_deploy.checkpoint import MANIFEST
 from egovlp_deploy.data.egoclip import EgoClipDataset, item_seeds, pad_frames
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.decoding import read_egoclip_clip
-from egovlp_deploy.hashing import sha256_file
-from training_cli import killed_after, records, small_run_data
+from training_cli import edit_state, killed_after, records, small_run_data
 from training_cli import small_run_config as _config
 from training_cli import train_here as _run
 from video_files import write_blocks
@@ -163,20 +161,10 @@ def test_resume_at_an_epoch_end_on_edited_rows_goes_on_with_a_note(
     assert f"continues on it from the start of epoch {epoch}" in err
 
 
-def _drop_state_keys(checkpoint, *keys):
-    """The checkpoint as an older trainer saved it: state.json without `keys` (the manifest updated to match)."""
-    state = json.loads((checkpoint / "state.json").read_text())
-    state["__dict__"] = [[k, v] for k, v in state["__dict__"] if k not in keys]
-    (checkpoint / "state.json").write_text(json.dumps(state))
-    manifest = json.loads((checkpoint / MANIFEST).read_text())
-    path = checkpoint / "state.json"
-    manifest["files"]["state.json"] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    (checkpoint / MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_an_older_checkpoint_without_a_fingerprint_or_counts_resumes_with_a_note(lax_data, finished, tmp_path, capsys):
     run = killed_after(finished, tmp_path, 2)
-    _drop_state_keys(run / "checkpoints" / "step_00000002", "data_fingerprint", "load_failures", "clips_read")
+    for key in ("data_fingerprint", "load_failures", "clips_read"):
+        edit_state(run / "checkpoints" / "step_00000002", lambda keys, key=key: keys.pop(key))
     summary = _run(_config(lax_data, data={"strict": False}, schedule={"max_steps": 3}), run, resume=True)
     assert summary["steps"] == 3
     assert "records no fingerprint of its training data" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from egovlp_deploy.config import ConfigError
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.trainer.train import TrainingError, run_lock
 from official_format import randomize_
-from training_cli import killed_after, records, small_run_data, two_ranks, weights
+from training_cli import edit_state, killed_after, records, small_run_data, two_ranks, weights
 from training_cli import small_run_config as _config
 from training_cli import train_here as _run
 
@@ -39,6 +39,10 @@ def finished(data, tmp_path_factory):
 
 def _tree(root) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(root.rglob("*"))}
+
+
+def _timeless(run) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in records(run)]
 
 
 def _cosine(step: int, total: int) -> float:
@@ -122,18 +126,23 @@ def _resized_copy(data, tmp_path, rows: int):
     return copy
 
 
-@pytest.mark.parametrize("rows, epochs, steps_per_epoch", [(16, 4, 2), (32, 3, 4)])
-def test_resume_at_the_end_of_a_run_on_data_of_another_size_trains_the_next_epoch(
-    data, finished, tmp_path, rows, epochs, steps_per_epoch
+@pytest.mark.parametrize("rows, epochs, resumed_epochs", [(16, 4, [2, 2, 3, 3]), (32, 3, [2, 2, 2, 2])])
+def test_resume_at_the_end_of_a_run_on_data_of_another_size_trains_the_next_epochs(
+    data, finished, tmp_path, rows, epochs, resumed_epochs
 ):
     """The finished run ended on epoch 1's last step (position: micro-batch 3 of epoch 1's 3): nothing of that epoch
     is left to read, so a resume with more epochs on fewer or more clips goes on with epoch 2 in the new data's
-    order. It neither trains the rest of a bigger epoch 1 nor is refused for the clip count."""
+    order. It neither trains the rest of a bigger epoch 1 nor is refused for the clip count, and its length is the
+    6 steps taken plus the new epochs at the new size (16 clips: 2 steps each, 32 clips: 4), the schedule planned
+    for it to its end."""
     run = killed_after(finished, tmp_path, 6)
     summary = _run(_config(_resized_copy(data, tmp_path, rows), schedule={"epochs": epochs}), run, resume=True)
-    assert summary["steps"] == 6 + steps_per_epoch
+    total = 6 + len(resumed_epochs)
+    assert summary["steps"] == total
     resumed = [r for r in records(run) if "loss" in r and r["step"] > 6]
-    assert [(r["step"], r["epoch"]) for r in resumed] == [(6 + k, 2) for k in range(1, steps_per_epoch + 1)]
+    assert [(r["step"], r["epoch"]) for r in resumed] == [(7 + k, e) for k, e in enumerate(resumed_epochs)]
+    for r in resumed:
+        assert r["lr"] == pytest.approx(1e-3 * _cosine(r["step"], total), abs=1e-12), r["step"]
 
 
 def test_an_evaluation_that_fails_at_an_epoch_end_loses_no_training(data, finished, tmp_path, monkeypatch):
@@ -161,11 +170,7 @@ def test_an_evaluation_that_fails_at_an_epoch_end_loses_no_training(data, finish
     assert len(calls) == 3  # the failed one, its rerun at the resume, the final one (epoch 1 ends the run)
     a, b = weights(finished, 6), weights(run, 6)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-    def timeless(run):
-        return [{k: v for k, v in r.items() if k != "clips_per_s"} for r in records(run)]
-
-    assert timeless(run) == timeless(finished)
+    assert _timeless(run) == _timeless(finished)
 
 
 def test_a_lax_pretraining_run_says_which_egomcq_questions_it_leaves_out(data, tmp_path, capsys):
@@ -177,6 +182,47 @@ def test_a_lax_pretraining_run_says_which_egomcq_questions_it_leaves_out(data, t
     (copy / "egomcq.json").write_text(json.dumps(questions))
     _run(_config(copy, data={"strict": False}, schedule={"max_steps": 1}), tmp_path / "run")
     assert f"note: EgoMCQ: 1 of {len(questions)} questions skipped (" in capsys.readouterr().err
+
+
+def _counting_evaluations(monkeypatch) -> list:
+    import egovlp_deploy.trainer.train as T
+
+    real, calls = T.evaluate_egomcq, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate_egomcq", counting)
+    return calls
+
+
+def test_an_epoch_end_evaluation_logged_before_a_kill_is_not_repeated(data, finished, tmp_path, monkeypatch):
+    """Killed after epoch 0's end was saved and evaluated (step 3's checkpoint records its evaluation as due): the
+    resume keeps the logged evaluation instead of running it again; only the final one runs."""
+    calls = _counting_evaluations(monkeypatch)
+    run = killed_after(finished, tmp_path, 3)
+    _run(_config(data), run, resume=True)
+    assert len(calls) == 1
+    assert _timeless(run) == _timeless(finished)
+
+
+def test_a_checkpoint_saved_after_its_evaluation_by_an_older_trainer_is_not_evaluated_again(
+    data, finished, tmp_path, monkeypatch
+):
+    """Older trainers saved an epoch's end after its evaluation (the log rows counted include it, no due flag): the
+    resume goes on with the next epoch, each log row once."""
+    run = killed_after(finished, tmp_path, 3)
+
+    def as_an_older_trainer_saved_it(keys):
+        del keys["evaluation_due"], keys["planned_steps_before_epoch"]
+        keys["log_rows"] += 1
+
+    edit_state(run / "checkpoints" / "step_00000003", as_an_older_trainer_saved_it)
+    calls = _counting_evaluations(monkeypatch)
+    _run(_config(data), run, resume=True)
+    assert len(calls) == 1
+    assert _timeless(run) == _timeless(finished)
 
 
 # -- what a resume reads -----------------------------------------------------------------------------------------
