@@ -827,6 +827,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                     f"schedule planned for {total_steps} steps): {'; '.join(changes)}",
                     file=sys.stderr,
                 )
+        resumed = weights = state = None  # the model has copied the weights: their loaded copy is freed
 
     if (start_over or taken_over) and info.is_main:
         log_rows = rewind_log(output_dir / "metrics.jsonl", 0, 0)

@@ -225,6 +225,33 @@ def test_a_checkpoint_saved_after_its_evaluation_by_an_older_trainer_is_not_eval
     assert _timeless(run) == _timeless(finished)
 
 
+def test_a_resumed_run_does_not_hold_the_loaded_copy_of_the_weights(data, finished, tmp_path, monkeypatch):
+    """The checkpoint's weights are copied into the model at the resume; the loaded copy (on the training device:
+    a second model's worth of GPU memory for the base model) is freed before the run trains."""
+    import gc
+    import weakref
+
+    import egovlp_deploy.trainer.train as T
+
+    real_load, real_eval, loaded, alive = T.load_checkpoint, T.evaluate_egomcq, [], []
+
+    def load(*args, **kwargs):
+        weights, state, extra = real_load(*args, **kwargs)
+        loaded.extend(weakref.ref(t) for t in weights.values())
+        return weights, state, extra
+
+    def evaluate(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in loaded))
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(T, "load_checkpoint", load)
+    monkeypatch.setattr(T, "evaluate_egomcq", evaluate)
+    run = killed_after(finished, tmp_path, 5)
+    _run(_config(data), run, resume=True)
+    assert len(loaded) > 100 and alive == [0]
+
+
 # -- what a resume reads -----------------------------------------------------------------------------------------
 def test_resume_does_not_need_the_checkpoint_the_run_started_from(data, tmp_path):
     """model.init_from (a pre-trained checkpoint, perhaps pruned by its own run's keep_last since) is read when the
