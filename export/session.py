@@ -19,6 +19,17 @@ class ArtifactInputError(ValueError):
 
 
 def check_inputs(io: dict, inputs: dict, where: str = "") -> None:
+    """ArtifactInputError unless `inputs` (numpy arrays by name) fit the artifact: names, dtypes and shapes."""
+    _check(io, inputs, where, arrays=True)
+
+
+def check_input_shapes(io: dict, shapes: dict, where: str = "") -> None:
+    """`check_inputs` for the shapes alone (tuples by name): for runners that cast the inputs to the dtype they run
+    in themselves (the torch, program and aoti backends)."""
+    _check(io, shapes, where, arrays=False)
+
+
+def _check(io: dict, inputs: dict, where: str, arrays: bool) -> None:
     specs = {t["name"]: t for t in io["inputs"]}
     missing = [n for n in specs if n not in inputs]
     unexpected = [n for n in inputs if n not in specs]
@@ -30,18 +41,19 @@ def check_inputs(io: dict, inputs: dict, where: str = "") -> None:
     bound: dict[str, int] = {}
     for name, spec in specs.items():
         x = inputs[name]
-        if not isinstance(x, np.ndarray):
-            raise ArtifactInputError(f"{where}{name} must be a numpy array, got {type(x).__name__}")
-        if x.dtype != np.dtype(spec["dtype"]):
-            raise ArtifactInputError(f"{where}{name} has dtype {x.dtype}, the artifact takes {spec['dtype']}")
-        if x.ndim != len(spec["shape"]):
-            raise ArtifactInputError(f"{where}{name} has shape {x.shape}, the artifact takes {spec['shape']}")
-        for axis, (size, want) in enumerate(zip(x.shape, spec["shape"])):
+        if arrays:
+            if not isinstance(x, np.ndarray):
+                raise ArtifactInputError(f"{where}{name} must be a numpy array, got {type(x).__name__}")
+            if x.dtype != np.dtype(spec["dtype"]):
+                raise ArtifactInputError(f"{where}{name} has dtype {x.dtype}, the artifact takes {spec['dtype']}")
+        shape = tuple(x.shape) if arrays else tuple(x)
+        if len(shape) != len(spec["shape"]):
+            raise ArtifactInputError(f"{where}{name} has shape {shape}, the artifact takes {spec['shape']}")
+        for axis, (size, want) in enumerate(zip(shape, spec["shape"])):
             if isinstance(want, int):
                 if size != want:
                     raise ArtifactInputError(
-                        f"{where}{name} has shape {x.shape}: axis {axis} must be {want} "
-                        f"(artifact shape {spec['shape']})"
+                        f"{where}{name} has shape {shape}: axis {axis} must be {want} (artifact shape {spec['shape']})"
                     )
                 continue
             lo, hi = io["dynamic"].get(want, [1, None])

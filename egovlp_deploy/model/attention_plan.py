@@ -235,6 +235,13 @@ def default_candidates(device: torch.device) -> tuple[str, ...]:
     return ("sdpa", "reference")
 
 
+def _runs_on(name: str, t: torch.Tensor) -> bool:
+    """Whether implementation `name` can run on `t`'s device: Triton needs CUDA, or its interpreter on a CPU."""
+    if name != "triton" or t.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _relative_error(out: torch.Tensor, reference: torch.Tensor, scale: float) -> float:
     """Largest |out - reference| / scale, where NaN or inf in the same place on both sides counts as equal (the
     reference's own NaN, from NaN inputs, must not reject every candidate) and anywhere else as infinite."""
@@ -307,6 +314,10 @@ class AttentionPlan:
         key = _key(context_text, op, shape, dtype)
         with self._lock:
             entry = self.entries.get(key)
+            if entry is not None and not _runs_on(entry.pick, t):
+                # a file edited or written under the Triton interpreter: the pick cannot run here, so this key is
+                # measured again (the new entry replaces it in the file)
+                entry = None
             if entry is None and can_measure(*tensors):  # checked only for a new key: not on the hot path
                 entry = self._measure(context, op, shape, dtype, run, t.device)
                 self.entries[key] = entry

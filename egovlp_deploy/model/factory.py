@@ -28,7 +28,7 @@ from ..checkpoint import (
     resize_temporal_embed,
     verify_checkpoint,
 )
-from ..config import ConfigError, EgoVLPv2Config
+from ..config import ConfigError, EgoVLPv2Config, check_num_frames
 from ..hashing import sha256_tree
 from .egovlp import CONFIG_FILE, WEIGHTS_FILE, EgoVLPv2
 
@@ -81,13 +81,14 @@ def new_model(
 
 
 def model_at_frames(model: EgoVLPv2, num_frames: int) -> EgoVLPv2:
-    """The same weights with the temporal embedding resized to `num_frames` by the official rule (eval mode; the
-    model itself when it already has that many frames)."""
+    """The same weights with the temporal embedding resized to `num_frames` by the official rule, on the model's
+    device and in its dtype (eval mode; the model itself when it already has that many frames)."""
     if num_frames == model.config.video.num_frames:
         return model
     state = dict(model.state_dict())
     state["video_model.temporal_embed"] = resize_temporal_embed(state["video_model.temporal_embed"], num_frames)
-    other = EgoVLPv2(model.config.with_num_frames(num_frames)).to(model.cls_token.device)
+    # load_state_dict copies into the new model's own parameters: built in fp32, a half model would come back fp32
+    other = EgoVLPv2(model.config.with_num_frames(num_frames)).to(model.cls_token.device, model.cls_token.dtype)
     other.load_state_dict(state)
     return other.eval()
 
@@ -116,7 +117,10 @@ def _folder_of_weights(path: Path) -> Path:
 def load_model(source: str | os.PathLike, frames: int | None = None) -> tuple[EgoVLPv2, dict]:
     """(model in eval mode, source info {path, kind, sha256}) from any source the module docstring lists, at
     `frames` frames per clip (None: the checkpoint's own; 4 for random weights). Raises CheckpointError for an
-    unusable checkpoint, FileNotFoundError for a missing path, ConfigError for an unknown random preset."""
+    unusable checkpoint, FileNotFoundError for a missing path, ConfigError for an unknown random preset or a frame
+    count outside [1, LIMITS['frames']]."""
+    if frames is not None:
+        check_num_frames(frames)  # 0 is refused here, not taken for "the checkpoint's own"
     text = os.fspath(source)
     if text.startswith(RANDOM_PREFIX):
         name = text[len(RANDOM_PREFIX) :]

@@ -341,11 +341,24 @@ class _TensorRunner(_Runner):
         return length
 
     def __call__(self, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        from egovlp_deploy.export.session import ArtifactInputError, check_input_shapes
+
         torch = self.torch
-        args = {}
         for spec in self.io["inputs"]:
             if spec["name"] not in inputs:
                 raise EngineError(f"{self.role}: missing input {spec['name']!r}")
+        # the shapes are checked as the onnxruntime backend checks them: an AOTInductor package reads its inputs
+        # with the sizes it was compiled for, and a program or the eager modules would raise their own errors
+        try:
+            check_input_shapes(
+                self.io,
+                {spec["name"]: np.shape(inputs[spec["name"]]) for spec in self.io["inputs"]},
+                where=f"{self.role}/{self.precision}: ",
+            )
+        except ArtifactInputError as exc:
+            raise EngineError(str(exc)) from exc
+        args = {}
+        for spec in self.io["inputs"]:
             x = np.ascontiguousarray(inputs[spec["name"]])
             if not x.flags.writeable:  # a broadcast view (one text prefix for K clips): torch takes writable memory
                 x = x.copy()
@@ -852,6 +865,13 @@ class Runtime:
         self.attention = attention  # the torch backend's attention path (model/attention.py)
         if attention != "auto" and backend != "torch":
             raise EngineError(f"attention {attention!r} is a torch-backend option, not {backend!r}'s")
+        if backend == "torch" and precision == "fp16" and not str(device).startswith("cuda"):
+            # the eager model runs fp16 on CUDA only (`torch_model`): on a CPU it would run fp32 under an fp16 label,
+            # which the index and the benchmarks record
+            raise EngineError(
+                f"the torch backend runs fp16 on CUDA only, not on {device!r}: use precision fp32 there, or the fp16 "
+                "artifacts of another backend (onnxruntime)"
+            )
         if attention_plan is not None and (backend != "torch" or attention != "tuned"):
             raise EngineError("an attention plan file is for the torch backend with attention 'tuned'")
         self.attention_plan_path = attention_plan
