@@ -184,6 +184,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | list) -> None:
         raise
 
 
+def check_output_file(path: str | os.PathLike, option: str, inputs=()) -> None:
+    """Refuse (ValueError), before a long run, an output file that `atomic_write_bytes` cannot write at the run's
+    end or that would overwrite an input. `inputs` holds (label, path) pairs: an input file is refused as the output
+    (through symlinks too), and an input folder (a model checkpoint or run folder) refuses every path inside it."""
+    path = Path(path)
+    # atomic_write_bytes makes its temp file in the unresolved parent and renames it over `path`: a symlink at
+    # `path` is replaced by the file, not written through, so the link's own folder is the one that must take it
+    folder = path.parent
+    if not folder.is_dir():
+        raise ValueError(f"{option} {path}: its folder does not exist")
+    if path.is_dir():
+        raise ValueError(f"{option} {path}: is a folder, not a file")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: its folder is not writable")
+    places = {folder.resolve() / path.name, path.resolve()}  # the entry the rename replaces, and a link's target
+    for label, given in inputs:
+        given = Path(given)
+        if given.is_dir():
+            inside = given.resolve()
+            if any(place.is_relative_to(inside) for place in places):
+                raise ValueError(f"{option} {path}: is inside the {label} folder {given}; name a file outside it")
+        elif given.is_file() and path.is_file() and path.samefile(given):
+            raise ValueError(f"{option} {path}: is the {label} file; name another file")
+
+
 # -- safetensors with a checksum ----------------------------------------------------------------------------------
 # Our safetensors files carry the sha256 of their data section (every tensor's bytes) in the header's metadata, so a
 # file is checked on load even where no manifest covers it. Files written by other tools have no digest and load

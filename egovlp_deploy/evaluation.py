@@ -321,9 +321,9 @@ def load_failure_note(name: str, dataset) -> str | None:
     if not failed:
         return None
     reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(failures.items()))
-    first = next(iter(dataset._loader.first_errors.values()), "")
+    first = next(iter(dataset.first_errors.values()), "")
     return (
-        f"note: {name}: {failed} of {dataset._loader.loads} clips could not be read and were scored as black clips "
+        f"note: {name}: {failed} of {dataset.clip_loads} clips could not be read and were scored as black clips "
         f"({reasons}; first: {first}): the metrics count them as such"
     )
 

@@ -4,12 +4,11 @@ the model was fine-tuned on EK-100 MIR / Charades-Ego, where its checkpoint reco
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 from egovlp_deploy.arg_types import positive_int
-from egovlp_deploy.checkpoint import atomic_write_bytes
+from egovlp_deploy.checkpoint import atomic_write_bytes, check_output_file
 from egovlp_deploy.evaluation import (
     CHARADES_FRAMES,
     EPIC_FRAMES,
@@ -209,17 +208,9 @@ def check_benchmark_arguments(args) -> None:
         raise ValueError("--egomcq needs --video-root (the chunked EgoClip videos)")
     if args.predictions and not args.egomcq:
         raise ValueError("--predictions holds EgoMCQ answers: it needs --egomcq")
-    if args.predictions and not Path(args.predictions).resolve().parent.is_dir():
-        raise ValueError(f"--predictions {args.predictions}: its folder does not exist")
     # the answers are written after every question is scored: a path that cannot take them would lose the run
-    if args.predictions and Path(args.predictions).is_dir():
-        raise ValueError(f"--predictions {args.predictions}: is a folder, not a file")
-    if args.predictions and not os.access(Path(args.predictions).resolve().parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--predictions {args.predictions}: its folder is not writable")
-    if args.predictions and Path(args.predictions).is_file():  # the answers must not replace an input file
-        for option, given in (("--egomcq", args.egomcq), ("--model", args.model)):
-            if Path(given).is_file() and Path(args.predictions).samefile(given):
-                raise ValueError(f"--predictions {args.predictions}: is the {option} file; name another file")
+    if args.predictions:
+        check_output_file(args.predictions, "--predictions", (("--egomcq", args.egomcq), ("--model", args.model)))
     if args.charades_classes < 1:
         raise ValueError(f"--charades-classes must be positive, got {args.charades_classes}")
 

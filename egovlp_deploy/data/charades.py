@@ -172,6 +172,7 @@ class CharadesEgoDataset(EpochSeededDataset):
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
+        self.first_errors = self._loader.first_errors  # failure reason -> its first message
         self._read = clip_reader or read_charades_clip  # ClipLoader passes backend=
         # Training frames are scaled to a bounded short side as they are decoded, as EgoClipDataset's are (by the
         # reader where it takes max_short_side, else by clip_tensor), never below the official copies' 480 px;
@@ -242,6 +243,11 @@ class CharadesEgoDataset(EpochSeededDataset):
                 {"line": line, "path": path, "text": fields["narration"], "classes": [cls], "start": start, "end": end}
             )
         return items
+
+    @property
+    def clip_loads(self) -> int:
+        """How many clips this process has asked its loader for, decoded or not (the count `failures` is out of)."""
+        return self._loader.loads
 
     def __len__(self) -> int:
         return len(self._items)

@@ -20,6 +20,8 @@ class csv_records:  # named like a function: it is used like a generator functio
     `one_line`: every row of the format is one line (EgoClip, EK-100), so a quoted field that runs on to a later line
     is an unbalanced quote, fatal in any mode: csv.reader joins the lines up to the next quote into that one field,
     and the rows on them would vanish inside it (as a narration, say) without a trace.
+    `key`: a required column whose value `keys` collects for every data row split into fields, the malformed rows
+    that reach that column included (EK-100: a skipped row's narration id still names a row of the file).
     """
 
     def __init__(
@@ -31,10 +33,13 @@ class csv_records:  # named like a function: it is used like a generator functio
         quoting: int = csv.QUOTE_MINIMAL,
         hint: str = "",
         one_line: bool = False,
+        key: str | None = None,
     ):
         self.path, self.rows, self.required = path, rows, required
         self.delimiter, self.quoting, self.hint, self.one_line = delimiter, quoting, hint, one_line
+        self.key = key
         self.data_rows = 0
+        self.keys: set[str] = set()
 
     def __iter__(self) -> Iterator[tuple[int, int, dict[str, str]]]:
         rows = self.rows
@@ -64,6 +69,7 @@ class csv_records:  # named like a function: it is used like a generator functio
             twice = [c for c in self.required if header.count(c) > 1]
             if twice:
                 raise rows.fail("line 1", f"columns {twice} appear more than once; header: {header}")
+            key_index = None if self.key is None else header.index(self.key)
             while True:
                 first_line = reader.line_num + 1
                 try:
@@ -92,6 +98,8 @@ class csv_records:  # named like a function: it is used like a generator functio
                         "but each row of this file is one line",
                     )
                 self.data_rows += 1
+                if key_index is not None and key_index < len(values):
+                    self.keys.add(values[key_index])
                 bad = _not_utf8(values)
                 if bad:
                     rows.reject(reader.line_num, RowProblem("malformed row", bad))

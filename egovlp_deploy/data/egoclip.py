@@ -355,6 +355,7 @@ class EgoClipDataset(EpochSeededDataset):
 
         self._loader = ClipLoader(strict=strict, backend=backend, frame_cache_bytes=frame_cache_bytes)
         self.failures = self._loader.failures
+        self.first_errors = self._loader.first_errors  # failure reason -> its first message
         if clip_reader is None:
             from egovlp_deploy.decoding import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
         self._read = clip_reader
@@ -363,6 +364,11 @@ class EgoClipDataset(EpochSeededDataset):
         self._short_side = train_short_side(size)
         self._read_bounds = takes_max_short_side(clip_reader)
         EpochSeededDataset.__init__(self)
+
+    @property
+    def clip_loads(self) -> int:
+        """How many clips this process has asked its loader for, decoded or not (the count `failures` is out of)."""
+        return self._loader.loads
 
     def __len__(self) -> int:
         return len(self._line)

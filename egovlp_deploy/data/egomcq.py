@@ -214,9 +214,15 @@ class EgoMCQDataset(torch.utils.data.Dataset):
         self.skipped_rows, self.skip_counts = rows.skipped_rows, rows.counts
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
+        self.first_errors = self._loader.first_errors  # failure reason -> its first message
         if clip_reader is None:
             from egovlp_deploy.decoding import read_egoclip_clip as clip_reader  # ClipLoader passes backend=
         self._read = clip_reader
+
+    @property
+    def clip_loads(self) -> int:
+        """How many clips this process has asked its loader for, decoded or not (the count `failures` is out of)."""
+        return self._loader.loads
 
     def __len__(self) -> int:
         return len(self.entries)

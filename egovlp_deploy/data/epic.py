@@ -216,13 +216,11 @@ def read_epic_rows(
     narration_ids: set[str] | None = None,
 ) -> tuple[list[tuple[int, int, dict[str, Any]]], int]:
     """Valid rows as (line number, data-row index, fields) and the total number of data rows; `narration_ids`
-    receives the narration id of every row with its columns, valid or skipped."""
+    receives the narration id of every row that has one, valid or skipped (malformed rows included)."""
     out = []
     files = FileCheck()
-    records = csv_records(csv_path, rows, EPIC_COLUMNS, one_line=True)
+    records = csv_records(csv_path, rows, EPIC_COLUMNS, one_line=True, key="narration_id")
     for line, position, fields in records:
-        if narration_ids is not None:
-            narration_ids.add(fields["narration_id"])
         try:
             start = timestamp_seconds(fields["start_timestamp"], "start_timestamp")
             stop = timestamp_seconds(fields["stop_timestamp"], "stop_timestamp")
@@ -258,6 +256,8 @@ def read_epic_rows(
                 },
             )
         )
+    if narration_ids is not None:
+        narration_ids.update(records.keys)
     return out, records.data_rows
 
 
@@ -377,12 +377,18 @@ class EpicMIRDataset(EpochSeededDataset):
 
         self._loader = ClipLoader(strict=strict, backend=backend)
         self.failures = self._loader.failures
+        self.first_errors = self._loader.first_errors  # failure reason -> its first message
         self._read = clip_reader or read_epic_clip  # ClipLoader passes backend=
         # Training frames are scaled to a bounded short side as they are decoded, as EgoClipDataset's are (by the
         # reader where it takes max_short_side, else by clip_tensor); evaluation frames are read at full size.
         self._short_side = train_short_side(size)
         self._read_bounds = takes_max_short_side(self._read)
         EpochSeededDataset.__init__(self)
+
+    @property
+    def clip_loads(self) -> int:
+        """How many clips this process has asked its loader for, decoded or not (the count `failures` is out of)."""
+        return self._loader.loads
 
     def __len__(self) -> int:
         return len(self._rows)

@@ -7,7 +7,6 @@ import argparse
 import contextlib
 import functools
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -64,7 +63,9 @@ def _engine_options(parser, required: bool = True) -> None:
         default="onnxruntime",
         choices=("onnxruntime", "torch", "program", "aoti", "tensorrt"),
         help="onnxruntime (default), torch (eager; weights from the checkpoint the manifest names), "
-        "program (torch.export programs), aoti (AOTInductor packages), tensorrt (engines; needs TensorRT and a GPU)",
+        "program (torch.export programs), aoti (AOTInductor packages: native code that loading runs, so use only "
+        "engines folders you trust; a package runs only if its sha256 is the manifest's), tensorrt (engines; needs "
+        "TensorRT and a GPU)",
     )
     g.add_argument(
         "--device", default="cpu", help="cpu (default), cuda, or tensorrt (onnxruntime's TensorRT execution provider)"
@@ -421,24 +422,14 @@ def format_mcq(summary: dict) -> str:
 
 @reports_runtime_warnings
 def run_mcq(args) -> int:
-    from egovlp_deploy.checkpoint import atomic_write_bytes
+    from egovlp_deploy.checkpoint import atomic_write_bytes, check_output_file
 
     from .mcq import answer_mcq
 
-    if args.out and not Path(args.out).resolve().parent.is_dir():  # before any engine loads or video is read
-        raise ValueError(f"--out {args.out}: its folder does not exist")
-    if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out}: is a folder; --out names the JSON file to write")
-    # the answers are written after every question is read: a folder that cannot take them would lose the run
-    if args.out and not os.access(Path(args.out).resolve().parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {args.out}: its folder is not writable")
-    if (
-        args.out
-        and Path(args.out).is_file()
-        and Path(args.questions).is_file()
-        and Path(args.out).samefile(args.questions)
-    ):
-        raise ValueError(f"--out {args.out}: is the questions file; name another file for the answers")
+    # the answers are written after every question is read: a path that cannot take them would lose the run, so
+    # it is checked before any engine loads or video is read
+    if args.out:
+        check_output_file(args.out, "--out", (("questions", args.questions),))
     rt = _runtime(args)
     summary = answer_mcq(
         args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder

@@ -11,10 +11,10 @@ import torch
 
 pytest.importorskip("av")
 
+from egovlp_deploy import checkpoint
 from egovlp_deploy import evaluation as evaluate
 from egovlp_deploy.cli import main
 from egovlp_deploy.data import synth, synth_downstream
-from egovlp_deploy.trainer import evaluate as evaluate_command
 from official_format import saved_random_tiny
 from oracle_encoder import OracleEncoder
 
@@ -119,7 +119,7 @@ def test_cli_predictions_path_that_is_a_folder_is_refused_before_the_run(tmp_pat
 def test_cli_predictions_in_a_folder_that_is_not_writable_is_refused_before_the_run(
     tmp_path, demo_tokenizer_dir, capsys, monkeypatch
 ):
-    monkeypatch.setattr(evaluate_command.os, "access", lambda path, mode: False)  # root may write anywhere
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)  # root may write anywhere
     argv = ["eval", "--model", "random:huge", "--tokenizer", str(demo_tokenizer_dir)]
     argv += ["--egomcq", "q.json", "--video-root", str(tmp_path), "--predictions", str(tmp_path / "p.json")]
     assert main(argv) == 2

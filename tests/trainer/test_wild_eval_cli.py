@@ -1,11 +1,16 @@
 """`egovlp-deploy eval` as researchers run it on real files: question counts past the end of the file, lax runs
-with missing and damaged videos, a question given twice, an answers file that names the questions file, and a
-header that says whether the model was fine-tuned on the benchmark it reports."""
+with missing and damaged videos, a question given twice, an answers file that names the questions file or lies in
+the model folder or behind a symlink, and a header that says whether the model was fine-tuned on the benchmark it
+reports."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +20,7 @@ pytest.importorskip("av")
 from egovlp_deploy.cli import main
 from egovlp_deploy.data import DataError, EpicMIRDataset, synth
 from egovlp_deploy.data.egomcq import EgoMCQDataset
-from egovlp_deploy.evaluation import skipped_note
+from egovlp_deploy.evaluation import load_failure_note, skipped_note
 from egovlp_deploy.trainer.evaluate import regime
 from egovlp_deploy.trainer.training_state import save_checkpoint
 from official_format import random_tiny, saved_random_tiny
@@ -171,3 +176,103 @@ def test_lax_sentence_id_that_names_no_row_is_counted_in_the_note(tmp_path):
     note = skipped_note("EK-100 MIR", ds)
     assert note.startswith("note: EK-100 MIR: 1 of 3 test rows skipped (missing video: 1)")
     assert "1 scored sentence ids name no row of the test CSV" in note and "'P01_01_7'" in note
+
+
+def _model_copy(model_dir, tmp_path, kind):
+    """(--model, a folder inside it): a save_pretrained folder, or a trainer run folder and its checkpoint."""
+    if kind == "run":
+        checkpoint = _run(tmp_path, "run", "pretrain")
+        return tmp_path / "run", checkpoint
+    shutil.copytree(model_dir, tmp_path / "tiny")
+    return tmp_path / "tiny", tmp_path / "tiny"
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "kind, where",
+    [
+        ("pretrained", "model.safetensors"),  # the weights themselves
+        ("pretrained", "answers.json"),  # a new file in the model folder
+        ("pretrained", "link/answers.json"),  # the model folder under another name
+        ("run", "answers.json"),  # inside a run folder's checkpoint
+    ],
+)
+def test_predictions_inside_the_model_folder_are_refused_before_the_run(
+    data, model_dir, demo_tokenizer_dir, tmp_path, capsys, kind, where
+):
+    model, inside = _model_copy(model_dir, tmp_path, kind)
+    (tmp_path / "link").symlink_to(inside)
+    predictions = tmp_path / where if where.startswith("link/") else inside / where
+    before = _contents(model)
+    questions = _questions(data, tmp_path, {"0": "0"})
+    assert _egomcq(model, demo_tokenizer_dir, questions, data / "videos", "--predictions", str(predictions)) == 2
+    err = capsys.readouterr().err
+    assert f"--predictions {predictions}: is inside the --model folder {model}; name a file outside it" in err
+    assert _contents(model) == before
+
+
+def _read_only(monkeypatch, folder):
+    """os.access says `folder` cannot be written (a chmod would not show it: root may write anywhere)."""
+    access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: Path(path).resolve() != folder.resolve() and access(path, mode)
+    )
+
+
+def test_predictions_are_checked_in_the_folder_the_writer_uses_not_in_a_links_target(
+    demo_tokenizer_dir, tmp_path, capsys, monkeypatch
+):
+    """atomic_write_bytes makes its temp file next to the path given and renames it over a link there: a link in a
+    read-only folder cannot be written though its target's folder is writable, and the reverse can."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "q.json").write_text("{}")
+    in_ro, in_rw = tmp_path / "ro" / "answers.json", tmp_path / "rw" / "answers.json"
+    in_ro.symlink_to(tmp_path / "rw" / "old.json")
+    in_rw.symlink_to(tmp_path / "ro" / "old.json")
+    _read_only(monkeypatch, tmp_path / "ro")
+    argv = ["eval", "--model", "random:huge", "--tokenizer", str(demo_tokenizer_dir)]  # the model fails later
+    argv += ["--egomcq", str(tmp_path / "q.json"), "--video-root", str(tmp_path), "--predictions"]
+    assert main([*argv, str(in_ro)]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--predictions {in_ro}: its folder is not writable")
+    assert main([*argv, str(in_rw)]) == 2
+    err = capsys.readouterr().err
+    assert "'random:huge'" in err and "--predictions" not in err  # past the check: the model is what fails
+
+
+def test_a_malformed_rows_narration_id_is_no_unknown_sentence_id(tmp_path):
+    """A row with too few fields is skipped as malformed: its id names a row of the CSV all the same, so the note
+    counts it once, as a skipped row, not also as a sentence id that names no row."""
+    (tmp_path / "videos" / "P01").mkdir(parents=True)
+    (tmp_path / "videos" / "P01" / "P01_01.MP4").write_bytes(b"a video")  # never decoded
+    malformed = _epic_row("P01_01_0", "open drawer").rsplit(",", 2)[0]  # 13 of 15 fields
+    csv = tmp_path / "test.csv"
+    rows = [malformed, _epic_row("P01_01_1", "open drawer"), _epic_row("P01_01_2", "close tap")]
+    csv.write_text("\n".join([EPIC_HEADER, *rows]) + "\n")
+    sentences = tmp_path / "sentences.csv"
+    sentences.write_text("narration_id,narration\nP01_01_0,open drawer\nP01_01_2,close tap\n")
+    np.save(tmp_path / "relevancy.npy", np.array([[1, 0], [1, 0], [0, 1]], dtype=np.float32))
+    ds = EpicMIRDataset(
+        csv, tmp_path / "videos", 2, 16, sentence_csv=sentences, relevancy_path=tmp_path / "relevancy.npy", strict=False
+    )
+    assert ds.skip_counts == {"malformed row": 1} and ds.unknown_sentences == []
+    note = skipped_note("EK-100 MIR", ds)
+    assert note.startswith("note: EK-100 MIR: 1 of 3 test rows skipped (malformed row: 1)")
+    assert "name no row" not in note
+
+
+def test_the_load_failure_note_needs_only_what_the_dataset_exposes(tmp_path):
+    (tmp_path / "videos" / "P01").mkdir(parents=True)
+    (tmp_path / "videos" / "P01" / "P01_01.MP4").write_bytes(b"not a video")  # every clip is a black clip
+    csv = tmp_path / "test.csv"
+    csv.write_text("\n".join([EPIC_HEADER, _epic_row("P01_01_0", "open drawer")]) + "\n")
+    ds = EpicMIRDataset(csv, tmp_path / "videos", 2, 16, strict=False)
+    ds[0]
+    assert ds.clip_loads == 1 and sum(ds.failures.values()) == 1 and len(ds.first_errors) == 1
+    public = SimpleNamespace(failures=ds.failures, first_errors=ds.first_errors, clip_loads=ds.clip_loads)
+    note = load_failure_note("EK-100 MIR", public)
+    assert note == load_failure_note("EK-100 MIR", ds)
+    assert note.startswith("note: EK-100 MIR: 1 of 1 clips could not be read and were scored as black clips")
