@@ -124,6 +124,8 @@ def safetensors_header(path: Path) -> dict:
         raise CheckpointError(f"{path}: cannot be read ({exc})") from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path}: not a safetensors file (unreadable header: {exc})") from exc
+    except RecursionError:  # a header of thousands of nested brackets: no safetensors header nests that deep
+        raise CheckpointError(f"{path}: not a safetensors file (its header is nested too deeply)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
     return header

@@ -27,7 +27,7 @@ import tempfile
 import warnings
 import zipfile
 import zlib
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -294,6 +294,19 @@ def load_safetensors(path: str | os.PathLike, map_location="cpu", check_digest: 
         raise CheckpointError(f"{path}: unreadable safetensors file ({exc})") from exc
 
 
+# The floating-point dtypes a weight may be stored in. Others a file can declare (float8, float4 and friends) have no
+# isfinite and no cast to every parameter dtype in torch: they are wrong dtypes, not crashes deep in a check.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def weight_dtype_problem(value: torch.Tensor, target: torch.Tensor) -> bool:
+    """Whether `value` cannot fill `target` by a cast: integer or complex data for a floating-point parameter (or
+    the reverse), or a floating-point dtype outside WEIGHT_DTYPES."""
+    if value.is_floating_point() != target.is_floating_point():
+        return True
+    return value.is_floating_point() and value.dtype not in WEIGHT_DTYPES
+
+
 def load_state_dict_strict(
     model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str, assign: bool = False
 ) -> None:
@@ -316,10 +329,10 @@ def load_state_dict_strict(
     mistyped = [
         f"{k}: checkpoint {state_dict[k].dtype} vs model {expected[k].dtype}"
         for k in common
-        if state_dict[k].is_floating_point() != expected[k].is_floating_point()
+        if weight_dtype_problem(state_dict[k], expected[k])
     ]
     non_finite = [
-        k for k in common if state_dict[k].is_floating_point() and not bool(torch.isfinite(state_dict[k]).all())
+        k for k in common if state_dict[k].dtype in WEIGHT_DTYPES and not bool(torch.isfinite(state_dict[k]).all())
     ]
     problems = []
     for label, items in (
@@ -488,6 +501,110 @@ def _read_member(archive: zipfile.ZipFile, name: str, expected: int | None, budg
     return out
 
 
+# A pickle's memo lets a few hundred bytes build a tuple that holds the same tuple twice, forty levels deep: hashing
+# it (a dict key), comparing it or writing its repr (an error message) then takes 2^40 steps in C code that no signal
+# interrupts. `check_pickle_expansion` simulates the pickle's stack on its opcodes (nothing is built or called) and
+# refuses one whose objects, expanded into trees, hold more than this many parts per opcode (with a floor): a
+# torch pickle expands to a few parts per opcode.
+EXPANSION_PER_OPCODE = 64
+MIN_EXPANSION = 1 << 20
+_MUTATORS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"}  # change the object below them
+
+
+class _Unsimulated(Exception):
+    """The opcodes are not a well-formed pickle: the unpickler itself reports that."""
+
+
+def _pickle_expansion(file) -> tuple[int, int]:
+    """(opcodes read, the largest number of parts one object of the pickle expands to as a tree)."""
+    import pickletools
+
+    mark = object()
+    children: list[list[int]] = []
+    stack: list = []
+    memo: dict = {}
+
+    def new(kids) -> int:
+        children.append([k for k in kids if k is not mark])
+        return len(children) - 1
+
+    count = 0
+    for count, (op, arg, _pos) in enumerate(pickletools.genops(file), 1):  # noqa: B007
+        name = op.name
+        if name in ("PROTO", "FRAME", "STOP"):
+            continue
+        if name == "MARK":
+            stack.append(mark)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+            if not stack:
+                raise _Unsimulated
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            if arg not in memo:
+                raise _Unsimulated
+            stack.append(memo[arg])
+        elif name == "DUP":
+            stack.append(stack[-1] if stack else new([]))
+        else:
+            before = op.stack_before
+            popped: list = []
+            if pickletools.markobject in before:
+                while stack and stack[-1] is not mark:
+                    popped.append(stack.pop())
+                if not stack:
+                    raise _Unsimulated
+                stack.pop()
+                fixed = before.index(pickletools.markobject)
+            else:
+                fixed = len(before)
+            if len(stack) < fixed:
+                raise _Unsimulated
+            below = [stack.pop() for _ in range(fixed)][::-1]
+            if name in _MUTATORS and below and below[0] is not mark:
+                children[below[0]].extend(k for k in below[1:] + popped if k is not mark)
+                stack.append(below[0])
+            elif op.stack_after:
+                stack.append(new(below + popped))
+    cap = max(MIN_EXPANSION, EXPANSION_PER_OPCODE * count) + 1  # sizes stop growing there: small integers
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+    largest = 0
+    for root in range(len(children)):  # each node's size after its children's (iterative: no recursion limit)
+        todo = [(root, False)]
+        while todo:
+            node, expanded = todo.pop()
+            if node in sizes:
+                continue
+            if expanded:
+                visiting.discard(node)
+                sizes[node] = min(cap, 1 + sum(sizes.get(k, 1) for k in children[node]))  # a cycle counts once
+                largest = max(largest, sizes[node])
+            elif node not in visiting:
+                visiting.add(node)
+                todo.append((node, True))
+                todo.extend((k, False) for k in children[node] if k not in sizes and k not in visiting)
+    return count, largest
+
+
+def check_pickle_expansion(file, where: str, error: type[Exception] = None) -> None:
+    """Raise `error` (CheckpointError) when the pickle read from `file` (bytes or a binary file positioned at it;
+    a file is left where it was) builds an object that expands past the limit above."""
+    error = error or CheckpointError
+    stream = io.BytesIO(file) if isinstance(file, (bytes, bytearray, memoryview)) else file
+    start = stream.tell()
+    try:
+        count, largest = _pickle_expansion(stream)
+    except (_Unsimulated, ValueError, IndexError, EOFError, struct.error):
+        return  # malformed: the unpickler names the problem
+    finally:
+        stream.seek(start)
+    if largest > max(MIN_EXPANSION, EXPANSION_PER_OPCODE * count):
+        raise error(
+            f"{where}: the pickle builds an object of {largest} parts from {count} opcodes (shared parts "
+            f"nested in each other); refusing a corrupt or hostile checkpoint"
+        )
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str, budget: _Budget):
         super().__init__(file)
@@ -569,7 +686,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
     with archive:
         names = archive.namelist()
         if len(set(names)) != len(names):  # readers differ on which copy they take: the tensors would be ambiguous
-            twice = sorted({n for n in names if names.count(n) > 1})
+            twice = sorted(n for n, count in Counter(names).items() if count > 1)  # linear: archives list 1e5 names
             raise CheckpointError(f"{path}: corrupt checkpoint: the archive holds {twice[0]!r:.80} more than once")
         pickles = [n for n in names if n.endswith("/data.pkl")]
         if len(pickles) != 1:
@@ -584,6 +701,7 @@ def read_torch_checkpoint(path: str | os.PathLike) -> Any:
             ):
                 raise CheckpointError(f"{path}: big-endian checkpoints are not supported")
             data = _read_member(archive, pickles[0], None, budget)
+            check_pickle_expansion(data, f"{path}: {pickles[0]}")
             unpickler = _RestrictedUnpickler(io.BytesIO(data), archive, prefix, budget)
             obj = unpickler.load()
             unpickler.check_built()

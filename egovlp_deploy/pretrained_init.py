@@ -36,7 +36,6 @@ pre-zip format; `.npz` files are read with `allow_pickle=False`.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import pickle
@@ -54,9 +53,12 @@ from .checkpoint import (
     SLACK,
     CheckpointError,
     _RestrictedUnpickler,
+    check_pickle_expansion,
     load_safetensors,
     read_torch_checkpoint,
+    weight_dtype_problem,
 )
+from .jsonfile import read_json
 
 
 class PretrainedInitError(CheckpointError):
@@ -141,7 +143,7 @@ def fill_by_name(
             misshapen.append(f"{key}: file {tuple(value.shape)} vs model {ours} {tuple(target.shape)}")
             continue
         # a cast would make integer data look like weights; a NaN or inf weight poisons every output
-        if value.is_floating_point() != target.is_floating_point():
+        if weight_dtype_problem(value, target):
             unusable.append(f"{key}: file {value.dtype} vs model {ours} {target.dtype}")
             continue
         if value.is_floating_point() and not value.is_meta and not bool(torch.isfinite(value).all()):
@@ -226,6 +228,7 @@ def read_legacy_torch_file(path: Path):
     """Read a pre-zip `torch.save` file (magic, protocol, sys info, the pickle, storage keys, raw storages)."""
 
     def small_pickle(f):
+        check_pickle_expansion(f, str(path), PretrainedInitError)
         return _LegacyUnpickler(f).load()  # the header pickles hold plain data only
 
     try:
@@ -235,6 +238,7 @@ def read_legacy_torch_file(path: Path):
             sys_info = small_pickle(f)
             if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
                 raise PretrainedInitError(f"{path}: big-endian checkpoints are not supported")
+            check_pickle_expansion(f, str(path), PretrainedInitError)
             unpickler = _LegacyUnpickler(f, byte_limit=path.stat().st_size)
             result = unpickler.load()
             unpickler.check_built()
@@ -444,6 +448,9 @@ def read_vit_npz(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], list
             raise PretrainedInitError(f"{path}: not a complete ViT .npz (no {full})")
         used.add(full)
         array = w[full] if index is None else w[full][index]
+        # strings, records, dates and long doubles have no torch dtype: from_numpy would raise a bare TypeError
+        if array.dtype.kind not in "biuf" or array.dtype.itemsize > 8:
+            raise PretrainedInitError(f"{path}: {full} holds {array.dtype} values, not numbers torch can read")
         return _jax_to_torch(array, transpose)
 
     sd = {
@@ -549,12 +556,8 @@ def _check_text_config(directory: Path, text_config) -> None:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise PretrainedInitError(f"{directory}: no config.json (expected a Hugging Face model directory)")
-    try:
-        hf = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PretrainedInitError(f"{config_path}: unreadable JSON ({exc})") from exc
-    if not isinstance(hf, dict):
-        raise PretrainedInitError(f"{config_path}: not a JSON object")
+    # read_json: a config nested thousands of levels deep, or not a regular file, is this module's error too
+    hf = read_json(config_path, PretrainedInitError, expect=dict)
     different = [
         f"{name}: file {hf[name]!r} vs model {getattr(text_config, name)!r}"
         for name in _CONFIG_FIELDS

@@ -45,7 +45,11 @@ def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False
             f"{name_or_path}: no such tokenizer directory (hub ids are only fetched with allow_download=True)"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(name_or_path), use_fast=True, local_files_only=not allow_download)
+        # trust_remote_code=False: a tokenizer_config.json whose `auto_map` names a Python module (in the folder or
+        # on the hub) would otherwise make transformers ask on stdin whether to run it, and run it on a "y"
+        return AutoTokenizer.from_pretrained(
+            str(name_or_path), use_fast=True, local_files_only=not allow_download, trust_remote_code=False
+        )
     except (OSError, ValueError) as exc:
         raise TokenizerError(f"{name_or_path}: cannot load a tokenizer ({exc})") from exc
 

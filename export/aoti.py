@@ -1,6 +1,11 @@
 """AOTInductor packages (`.pt2`): torch.export + `torch._inductor.aoti_compile_and_package`, loaded with
 `torch._inductor.aoti_load_package` — a Python-light deployment path (the package runs from C++ too).
 
+A package is native code: loading one runs the shared library inside it with the rights of the process. The runtime
+loads only a package whose bytes are those the manifest hashes, and loads the very bytes it hashed
+(`load_checked_package`): the file is copied into a private temp folder while it is hashed, and the copy is loaded,
+so a file replaced after the check is never what runs.
+
 Roles: video encoder, text encoder, video fusion prefix and fusion head (`specs.AOTI_ROLES`): the one-graph fusion
 is their composition. On CUDA the model runs the 'triton' attention backend when asked (`attention='triton'`), so
 the package carries the project's Triton kernels as custom ops; on the CPU the reference backend is used (Triton
@@ -12,10 +17,13 @@ wrapper only launches kernels; the kernels keep their own optimisation), so test
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,6 +114,35 @@ def check_loads_in_child(path: str | os.PathLike, timeout_s: float = 180.0, comm
         last = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise AotiLoadError(f"{where} failed in a fresh process (exit {done.returncode}): {last}")
     return time.perf_counter() - t0
+
+
+def load_checked_package(path: str | os.PathLike, sha256: str, size: int):
+    """`aoti_load_package` of the package at `path` if its bytes have this `sha256` and `size` (ArtifactError
+    otherwise). The bytes are hashed while they are copied into a private temp folder (mode 0700), and that copy is
+    what the loader reads: a file swapped or rewritten between a check by path and the load would run unchecked
+    native code. The copy is removed once loaded (the loader keeps its own extraction)."""
+    from .manifest import ArtifactError
+
+    path = Path(path)
+    work = Path(tempfile.mkdtemp(prefix="egovlp-aoti-"))
+    try:
+        copy = work / "package.pt2"
+        digest, copied = hashlib.sha256(), 0
+        with open(path, "rb") as src, open(copy, "xb") as dst:
+            while chunk := src.read(1 << 20):
+                digest.update(chunk)
+                dst.write(chunk)
+                copied += len(chunk)
+                if copied > size:
+                    break
+        if copied != size or digest.hexdigest() != sha256:
+            raise ArtifactError(
+                f"{path}: the package read for loading is not the one the manifest hashes (replaced or changed "
+                f"while it was loaded); nothing of it was run"
+            )
+        return torch._inductor.aoti_load_package(str(copy))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def load_aoti(path: str | os.PathLike, role: str, device: str = "cpu"):

@@ -188,21 +188,59 @@ _SYMPY_TOKEN = re.compile(r"\s*(?:([A-Za-z_][A-Za-z0-9_]*)|('[a-z][a-z0-9_]*')|(
 # Guards torch compiles into the module's input check: size equalities and bounds, nothing else.
 _SIZE = r"L\['[A-Za-z_][A-Za-z0-9_]*'\]\.size\(\)\[[0-9]+\]"
 _GUARD = re.compile(rf"{_SIZE} (==|!=|<=|>=|<|>) (?:{_SIZE}|-?[0-9]+)")
+# aten operators that reach outside tensors: from_file maps any file (shared=True writes back to it), save writes
+# one, _print and warn write to the process's streams, set_grad_enabled changes the process's autograd state.
+_FORBIDDEN_OPERATORS = re.compile(r"torch\.ops\.aten\.(from_file|save|_print|warn|set_grad_enabled)\.[A-Za-z0-9_]+")
+# Shape expressions are evaluated with the sizes the file gives (hints, bounds): integer literals beyond 64 bits, an
+# exponent that is not a small integer literal or a power of a power would make sympy compute numbers of billions
+# of digits from a line of text (the loader would hang), so they are refused. Exported models raise sizes to
+# small powers only (a flattened square: `Pow(s, Integer(2))`).
+_MAX_LITERAL_DIGITS = 20
+_MAX_EXPONENT = 16
 # Node argument kinds that would bring in subgraphs or opaque objects
 _FORBIDDEN_ARGUMENTS = {"as_graph", "as_custom_obj", "as_custom_objs", "as_operator", "as_operators"}
 
 
 def _check_sympy(text: str, where: str) -> None:
     pos, depth = 0, 0
+    calls: list[list] = []  # the open calls, innermost last: [function name, index of the argument being read]
+    last_name = None
     while pos < len(text):
         m = _SYMPY_TOKEN.match(text, pos)
         if m is None or m.end() == pos:
             raise ProgramError(f"{where}: shape expression {text[:80]!r} has a character the loader does not allow")
-        name, _, _, punct = m.groups()
+        name, _, number, punct = m.groups()
         if name is not None and name not in _SYMPY_NAMES:
             raise ProgramError(
                 f"{where}: shape expression {text[:80]!r} names {name!r}, which the loader does not allow"
             )
+        if number is not None and len(number.lstrip("-")) > _MAX_LITERAL_DIGITS:
+            raise ProgramError(f"{where}: shape expression {text[:80]!r} holds {number[:24]}..., too large for a size")
+        if name == "Pow" and any(call[0] == "Pow" for call in calls):
+            raise ProgramError(f"{where}: shape expression {text[:80]!r} raises a power to a power")
+        # an exponent is `Integer(k)`, |k| <= _MAX_EXPONENT, and a power has two arguments
+        exponent = bool(calls) and calls[-1][0] == "Pow" and calls[-1][1] >= 1
+        exponent_literal = len(calls) > 1 and calls[-1][0] == "Integer" and calls[-2] == ["Pow", 1]
+        if exponent:
+            allowed = (calls[-1][1] == 1 and (name == "Integer" or (punct == "(" and last_name == "Integer"))) or (
+                punct == ")"
+            )
+        elif exponent_literal:
+            allowed = punct == ")" or (number is not None and abs(int(number)) <= _MAX_EXPONENT)
+        else:
+            allowed = True
+        if not allowed:
+            raise ProgramError(
+                f"{where}: shape expression {text[:80]!r} has an exponent other than an integer of at most "
+                f"{_MAX_EXPONENT}"
+            )
+        if punct == "(":
+            calls.append([last_name, 0])
+        elif punct == ")" and calls:
+            calls.pop()
+        elif punct == "," and calls:
+            calls[-1][1] += 1
+        last_name = name
         depth += {"(": 1, ")": -1}.get(punct, 0)
         if depth < 0 or depth > 64:
             raise ProgramError(f"{where}: shape expression {text[:80]!r} is malformed")
@@ -231,7 +269,8 @@ def check_program(data, where: str) -> None:
         if isinstance(x, dict):
             for key, value in x.items():
                 if key == "target":
-                    if not isinstance(value, str) or not _TARGET.fullmatch(value):
+                    allowed = isinstance(value, str) and _TARGET.fullmatch(value)
+                    if not allowed or _FORBIDDEN_OPERATORS.fullmatch(value):
                         raise ProgramError(f"{where}: operator {str(value)[:80]!r} is not one the loader allows")
                 elif key == "expr_str":
                     if not isinstance(value, str):
@@ -247,9 +286,12 @@ def check_program(data, where: str) -> None:
             for value in x:
                 walk(value)
 
-    walk(graph)
-    # Tree specs name Python types that torch looks up in its registry of known containers (never imports).
-    walk({k: v for k, v in data["graph_module"].items() if k != "graph"})
+    try:
+        walk(graph)
+        # Tree specs name Python types that torch looks up in its registry of known containers (never imports).
+        walk({k: v for k, v in data["graph_module"].items() if k != "graph"})
+    except RecursionError:
+        raise ProgramError(f"{where}: the program is nested too deeply") from None
 
 
 # -- load --------------------------------------------------------------------------------------------------------------
@@ -266,6 +308,8 @@ def _header_metadata(path: str | os.PathLike) -> dict:
 def _program_info(meta: dict, path) -> dict:
     try:
         info = json.loads(meta[INFO_KEY])
+    except RecursionError:
+        raise ProgramError(f"{path}: its {INFO_KEY} is nested too deeply") from None
     except (KeyError, ValueError) as exc:
         raise ProgramError(f"{path}: not an egovlp-deploy program (no {INFO_KEY} in its header)") from exc
     if not isinstance(info, dict) or info.get("format") != FORMAT:
@@ -300,6 +344,8 @@ def load_program(path: str | os.PathLike, device: str = "cpu", check_digest: boo
         raise ProgramError(f"{path}: no program in its header")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise ProgramError(f"{path}: the program is nested too deeply") from None
     except ValueError as exc:
         raise ProgramError(f"{path}: the program is not JSON ({exc})") from exc
     check_program(data, where=str(path))
@@ -321,7 +367,10 @@ def load_program(path: str | os.PathLike, device: str = "cpu", check_digest: boo
     artifact = serde.SerializedArtifact(text.encode(), state_dict, constants, {})  # the very text checked above
     try:
         return serde.deserialize(artifact)
-    except (SafetensorError, KeyError, ValueError, AssertionError, RuntimeError, TypeError) as exc:
+    # sympy and torch raise what they raise on a malformed but allowed program (ZeroDivisionError from
+    # `FloorDiv(..., Integer(0))`, IndexError, ...): each is this file's error
+    except (SafetensorError, KeyError, ValueError, AssertionError, RuntimeError, TypeError, ArithmeticError,
+            IndexError, AttributeError) as exc:  # fmt: skip
         raise ProgramError(f"{path}: torch cannot rebuild the program ({type(exc).__name__}: {exc})") from exc
 
 

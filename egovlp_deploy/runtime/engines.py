@@ -467,8 +467,14 @@ class AotiRunner(_TensorRunner):
         path, entry = folder.artifact(role, precision, "aoti")
         if entry.device.split(":")[0] != device.split(":")[0]:
             raise EngineError(f"{path}: an AOTInductor package for {entry.device}, asked to run on {device}")
+        from egovlp_deploy.export.aoti import load_checked_package
+        from egovlp_deploy.export.manifest import ArtifactError
+
         try:
-            call = torch._inductor.aoti_load_package(str(path))
+            # a package is native code: the bytes loaded are the bytes hashed, not the path checked above
+            call = load_checked_package(path, entry.sha256, entry.bytes)
+        except ArtifactError as exc:
+            raise EngineError(f"engine folder {folder.path}: {exc}") from exc
         except Exception as exc:  # torch raises RuntimeError with a C++ message on a package it cannot load
             raise EngineError(f"{path}: cannot load the AOTInductor package ({exc})") from exc
         dtype = TORCH_DTYPES.get(precision, torch.float32)
