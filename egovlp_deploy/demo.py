@@ -27,6 +27,7 @@ import numpy as np
 
 from egovlp_deploy.jsonfile import read_json
 from egovlp_deploy.path_text import some_names
+from egovlp_deploy.tokenizer import check_savable_path
 
 DESCRIPTION = __doc__
 SAMPLE_QUERIES = 4
@@ -120,14 +121,7 @@ def run_demo(
 
     if importlib.util.find_spec("onnxruntime") is None:  # stages 3-6 need it: say so before minutes of training
         raise ModuleNotFoundError("No module named 'onnxruntime'", name="onnxruntime")
-    try:
-        str(out).encode("utf-8")
-    except UnicodeEncodeError:  # a file name of bytes that are not UTF-8 (decoded to surrogates)
-        shown = os.fsencode(out).decode("utf-8", "backslashreplace")
-        raise ValueError(
-            f"{shown}: not valid UTF-8; the demo's tokenizer (Hugging Face tokenizers) cannot be saved under it. "
-            "Give a folder whose path is UTF-8"
-        ) from None
+    check_savable_path(out, "the demo's tokenizer")  # before minutes of work
     if out.is_symlink() and not out.exists():
         raise ValueError(f"{out}: a symlink to {os.readlink(out)}, which does not exist (or is a symlink loop)")
     if out.exists() and not out.is_dir():

@@ -8,6 +8,7 @@ post-processing (`<s> text </s>`), so code written against roberta-base works un
 from __future__ import annotations
 
 import os
+import shutil
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,22 @@ def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False
         raise TokenizerError(f"{name_or_path}: cannot load a tokenizer ({exc})") from exc
 
 
+def check_savable_path(path: str | os.PathLike, what: str) -> None:
+    """TokenizerError unless a tokenizer can be saved under `path`: Hugging Face tokenizers takes file names as
+    UTF-8 text, so a path whose bytes are not UTF-8 (decoded to surrogates by Python) fails its save."""
+    try:
+        os.fspath(path).encode("utf-8")
+    except UnicodeEncodeError:
+        shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+        raise TokenizerError(
+            f"{shown}: not valid UTF-8; {what} (Hugging Face tokenizers) cannot be saved under it. Give a folder "
+            "whose path is UTF-8"
+        ) from None
+
+
 def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = None, vocab_size: int = DEMO_VOCAB_SIZE):
     """Train a byte-level BPE on `texts` (default: the synthetic world's narrations), save it, and return it."""
+    check_savable_path(out_dir, "the demo tokenizer")
     from tokenizers import ByteLevelBPETokenizer, processors
     from transformers import RobertaTokenizerFast
 
@@ -89,10 +104,12 @@ def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = N
     from .checkpoint import make_temp_dir
 
     tmp = make_temp_dir(out_dir.parent, f".{out_dir.name}.")
-    tokenizer.save_pretrained(str(tmp))
+    try:
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
-        import shutil
-
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return tokenizer

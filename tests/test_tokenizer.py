@@ -3,7 +3,7 @@
 import pytest
 
 from egovlp_deploy import EgoVLPv2Config
-from egovlp_deploy.tokenizer import TokenizerError, check_tokenizer_fits, load_tokenizer
+from egovlp_deploy.tokenizer import TokenizerError, check_tokenizer_fits, load_tokenizer, train_demo_tokenizer
 from egovlp_deploy.vocabulary import corpus
 
 
@@ -34,3 +34,15 @@ def test_no_download_without_permission(tmp_path):
         load_tokenizer("roberta-base")
     with pytest.raises(TokenizerError, match="cannot load"):
         load_tokenizer(tmp_path)  # an empty directory is not a tokenizer
+
+
+def test_a_failed_demo_tokenizer_save_leaves_no_temp_folder(tmp_path, monkeypatch):
+    from transformers import RobertaTokenizerFast
+
+    def failing(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(RobertaTokenizerFast, "save_pretrained", failing)
+    with pytest.raises(OSError, match="No space left"):
+        train_demo_tokenizer(tmp_path / "tok", texts=["a cup", "a box"], vocab_size=300)
+    assert list(tmp_path.iterdir()) == []

@@ -56,6 +56,7 @@ from egovlp_deploy.jsonfile import json_text, read_json
 from egovlp_deploy.model import EgoVLPv2
 from egovlp_deploy.model.egovlp import CONFIG_FILE
 from egovlp_deploy.model.factory import load_model, model_at_frames, new_model, preset_config
+from egovlp_deploy.tokenizer import check_savable_path
 
 from . import distributed as D
 from .batching import FinetuneCollator, IndexedDataset, PretrainCollator
@@ -387,6 +388,8 @@ def train(
 ) -> dict:
     output_dir = Path(output_dir)
     cfg.validate()  # a config built in code gets the checks a loaded one had
+    if cfg.data.tokenizer == "demo":  # saved into the run folder: refused before the folder is made
+        check_savable_path(output_dir / "tokenizer", "the run's demo tokenizer")
     info = D.setup(device)
     try:
         with contextlib.ExitStack() as stack:

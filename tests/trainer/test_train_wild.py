@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +251,18 @@ def test_a_resumed_run_does_not_hold_the_loaded_copy_of_the_weights(data, finish
     run = killed_after(finished, tmp_path, 5)
     _run(_config(data), run, resume=True)
     assert len(loaded) > 100 and alive == [0]
+
+
+def test_an_output_folder_whose_path_is_not_utf8_is_refused_before_it_is_made(data, tmp_path):
+    """The demo tokenizer is saved in the run folder by Hugging Face tokenizers, which takes UTF-8 file names only:
+    a folder named with other bytes failed after the data was read, with a bare codec error and a temp folder left
+    behind. Refused first, naming the folder, with nothing made."""
+    from egovlp_deploy.tokenizer import TokenizerError
+
+    out = Path(os.fsdecode(bytes(tmp_path) + b"/run\xff"))
+    with pytest.raises(TokenizerError, match=r"run\\xff/tokenizer: not valid UTF-8"):
+        _run(_config(data), out)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- what a resume reads -----------------------------------------------------------------------------------------
