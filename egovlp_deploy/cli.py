@@ -217,12 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "eval",
         evaluate,
-        "EgoMCQ accuracy (dual, fusion, ensemble); zero-shot EK-100 MIR and Charades-Ego",
+        "EgoMCQ accuracy (dual, fusion, ensemble); EK-100 MIR and Charades-Ego",
         description="Evaluate a model on EgoMCQ (inter- and intra-video accuracy) in the three modes "
         "of the official validation: dual (cosine), fusion (VTM probability), ensemble; "
-        "and zero-shot, with the dual encoder, on the official EK-100 multi-instance "
+        "and, with the dual encoder, on the official EK-100 multi-instance "
         "retrieval test split (nDCG and mAP) and Charades-Ego test split (mAP over the "
-        "class prompts).",
+        "class prompts), zero-shot or after fine-tuning (the header says which, where the checkpoint records it).",
         raw=False,
     )
     add_module_command(

@@ -429,7 +429,8 @@ def run_mcq(args) -> int:
     # the answers are written after every question is read: a path that cannot take them would lose the run, so
     # it is checked before any engine loads or video is read
     if args.out:
-        check_output_file(args.out, "--out", (("questions", args.questions),))
+        inputs = (("questions", args.questions), ("--engines", args.engines), ("--tokenizer", args.tokenizer))
+        check_output_file(args.out, "--out", tuple((label, path) for label, path in inputs if path))
     rt = _runtime(args)
     summary = answer_mcq(
         args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder

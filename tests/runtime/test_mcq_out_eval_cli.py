@@ -63,3 +63,20 @@ def test_out_link_in_a_writable_folder_into_a_read_only_one_is_accepted_and_repl
     assert "no_engines" in err and f"--out {out}" not in err
     atomic_write_bytes(out, b"{}")  # the rename replaces the link itself: the read-only folder is never written
     assert not out.is_symlink() and out.read_bytes() == b"{}" and target.read_text() == "old answers"
+
+
+def test_out_inside_the_engines_folder_is_refused_before_the_run(tmp_path, capsys):
+    """`--out ENGINES/manifest.json` replaced the folder's manifest with the answers (the folder was then no engines
+    folder at all); any path inside the engines (or tokenizer) folder is refused, nothing written."""
+    questions = tmp_path / "egomcq.json"
+    questions.write_text("{}")
+    engines = tmp_path / "engines"
+    engines.mkdir()
+    (engines / "manifest.json").write_text("the manifest")
+    for out in (engines / "manifest.json", engines / "answers.json"):
+        args = ["mcq", str(questions), "--video-root", str(tmp_path), "--engines", str(engines), "--out", str(out)]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"--out {out}: is inside the --engines folder {engines}; name a file outside it")
+    assert sorted(p.name for p in engines.iterdir()) == ["manifest.json"]
+    assert (engines / "manifest.json").read_text() == "the manifest"
