@@ -6,7 +6,7 @@ TORCHINDUCTOR_CACHE_DIR fails every command with a bare "Permission denied". Tri
 TRITON_CACHE_DIR, else in TRITON_HOME or the home folder (~/.triton/cache), and fails its first compile where that
 cannot be created (a read-only HOME). `usable_cache_dirs` points each such variable to a fresh temporary folder for
 this run instead, with a one-line note where the user set the variable; a cache that can be written is left as it
-is, and nothing is created where the variable is unset.
+is, and nothing is created here (a command that never compiles leaves no cache folder behind).
 
 Torch-free: the CLI calls it before any command imports torch.
 """
@@ -22,19 +22,10 @@ import tempfile
 VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
 
 
-def _problem(path: str, create: bool) -> str | None:
-    """Why `path` cannot serve as a cache folder, or None. create=False only checks that the nearest existing
-    folder on the way is writable (nothing is created)."""
-    path = os.path.abspath(path)
-    if create:
-        try:
-            os.makedirs(path, exist_ok=True)
-            with tempfile.TemporaryFile(dir=path, prefix=".egovlp-probe-"):
-                pass
-        except OSError as exc:
-            return exc.strerror or str(exc)
-        return None
-    probe = path
+def _problem(path: str) -> str | None:
+    """Why `path` cannot serve as a cache folder, or None: the nearest existing folder on its way must be a folder
+    this process can write (nothing is created)."""
+    probe = os.path.abspath(path)
     while not os.path.lexists(probe):
         parent = os.path.dirname(probe)
         if parent == probe:
@@ -59,10 +50,10 @@ def usable_cache_dirs(environ=None, note=None) -> dict[str, str]:
     changed = {}
     for var in VARIABLES:
         given = environ.get(var)
-        if given:
-            why, where = _problem(given, create=True), f"{var}={given}"
-        elif var == "TRITON_CACHE_DIR":  # Triton's own default, checked without creating it
-            why, where = _problem(_triton_default(environ), create=False), None
+        if given:  # checked without creating it: a command that never compiles leaves no folder behind
+            why, where = _problem(given), f"{var}={given}"
+        elif var == "TRITON_CACHE_DIR":  # Triton's own default, checked likewise
+            why, where = _problem(_triton_default(environ)), None
         else:
             continue  # torch's default lies in the temp folder, which tempfile finds writable
         if why is None:

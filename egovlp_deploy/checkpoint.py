@@ -594,8 +594,11 @@ def check_pickle_expansion(file, where: str, error: type[Exception] = None) -> N
     start = stream.tell()
     try:
         count, largest = _pickle_expansion(stream)
-    except (_Unsimulated, ValueError, IndexError, EOFError, struct.error):
-        return  # malformed: the unpickler names the problem
+    except (_Unsimulated, ValueError, IndexError, EOFError, struct.error) as exc:
+        # refused, not left to the unpickler: it runs the opcodes one by one, so it would build (and hash) a bomb
+        # that comes before the malformed part (a cut-off STOP, a trailing byte, an argument it reads otherwise)
+        detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise error(f"{where}: corrupt checkpoint: its pickle cannot be read ({detail})") from None
     finally:
         stream.seek(start)
     if largest > max(MIN_EXPANSION, EXPANSION_PER_OPCODE * count):

@@ -46,8 +46,16 @@ class _Refused(Exception):
 def _read_text(path: Path) -> str:
     """The file's text, read only when it is a regular file of at most MAX_JSON_BYTES: opened non-blocking, so a
     FIFO (or a device such as /dev/zero) in a JSON file's place is refused at once instead of blocking the reader
-    forever or filling its memory."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    forever or filling its memory. A regular file is then read blocking: a file under a lease (a Samba oplock, an
+    NFS delegation) makes a non-blocking open fail at once where a blocking one waits for the lease, and some
+    network filesystems return short reads on a non-blocking descriptor."""
+    nonblocking = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblocking)
+    except BlockingIOError:  # a leased regular file (a FIFO opens at once): wait for it as any reader does
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise
+        fd = os.open(path, os.O_RDONLY)
     with open(fd, "rb") as f:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
@@ -59,6 +67,10 @@ def _read_text(path: Path) -> str:
                 f"{path}: {info.st_size / 1e9:.1f} GB, too large to be one of our JSON files "
                 f"(at most {MAX_JSON_BYTES >> 20} MiB)"
             )
+        if nonblocking:
+            import fcntl
+
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~nonblocking)
         return f.read().decode("utf-8")
 
 

@@ -63,6 +63,7 @@ def test_writable_caches_are_kept_and_an_unset_triton_cache_is_not_created(tmp_p
     assert cache_dirs.usable_cache_dirs(env, notes.append) == {} and notes == []
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
     assert "TRITON_CACHE_DIR" not in env and not (tmp_path / "home").exists()
+    assert not (tmp_path / "inductor").exists()  # a command that never compiles leaves no cache folder behind
 
 
 def test_a_triton_home_that_cannot_hold_its_cache_gets_a_temporary_one_quietly(tmp_path):
@@ -172,3 +173,29 @@ def test_e2e_exports_again_when_its_cached_engines_lack_a_precision_asked_for(tm
     assert bench_e2e._engines(tmp_path, "tiny", 4, 8, precisions=("fp32", "int8")) == d
     assert bench_e2e._engines(tmp_path, "tiny", 4, 8, precisions=("int8",)) == d  # reused: it holds int8 now
     assert exports == [("fp32",), ("fp32", "int8")]
+
+
+def test_a_leased_json_file_is_read_once_its_lease_is_released(tmp_path):
+    """A file under a write lease (what a Samba oplock or an NFS delegation puts on a file of a share served from
+    this host) makes a non-blocking open fail at once; read_json waits for the lease as a plain reader does."""
+    import fcntl
+    import signal
+
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1}')
+    fd = os.open(path, os.O_RDWR)
+    previous = signal.getsignal(signal.SIGIO)
+    # the holder is told by SIGIO that a reader waits, and lets go
+    signal.signal(signal.SIGIO, lambda *_: fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK))
+    try:
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            pytest.skip(f"this filesystem takes no leases ({exc})")
+        script = "import sys; from egovlp_deploy.jsonfile import read_json; print(read_json(sys.argv[1]))"
+        done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60)
+    finally:
+        signal.signal(signal.SIGIO, previous)
+        os.close(fd)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "{'a': 1}"

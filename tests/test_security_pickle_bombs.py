@@ -10,6 +10,7 @@ import sys
 import textwrap
 import zipfile
 
+import pytest
 import torch
 
 from egovlp_deploy.checkpoint import _pickle_expansion
@@ -74,3 +75,26 @@ def test_torch_pickles_expand_to_a_few_parts_per_opcode(tmp_path):
     count, largest = _pickle_expansion(io.BytesIO(data))
     assert 0 < largest < 4 * count
     assert _pickle_expansion(io.BytesIO(hash_bomb(20)))[1] > 2**20
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        lambda bomb: bomb[:-1],  # cut before STOP
+        lambda bomb: bomb[:-1] + b"\xff",  # an unknown opcode in STOP's place
+        lambda bomb: bomb[:2] + b"I0x10\n0" + bomb[2:],  # an INT the C unpickler reads in base 0, pickletools not
+    ],
+    ids=["truncated", "trailing-junk", "hex-int"],
+)
+def test_a_bomb_followed_by_a_malformed_part_is_refused_too(tmp_path, variant):
+    """The unpickler runs the opcodes one by one: it builds and hashes the bomb before it meets what is malformed
+    after it. A pickle the check cannot read through is refused, not handed on."""
+    zipped = tmp_path / "zip.pth"
+    with zipfile.ZipFile(zipped, "w") as archive:
+        archive.writestr("a/data.pkl", variant(hash_bomb()))
+        archive.writestr("a/byteorder", b"little")
+    header = pickle.dumps(_LEGACY_MAGIC, protocol=2) + pickle.dumps(1001, protocol=2)
+    legacy = tmp_path / "legacy_main.pth"
+    legacy.write_bytes(header + pickle.dumps({"little_endian": True}, protocol=2) + variant(hash_bomb()))
+    for line in _run([zipped, legacy]):
+        assert "corrupt checkpoint: its pickle cannot be read" in line, line

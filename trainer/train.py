@@ -341,7 +341,9 @@ def logged_evaluation(path: Path, rows: int | None, step: int) -> dict | None:
         record = json.loads(lines[rows])
     except ValueError:
         return None
-    results = [v for k, v in record.items() if k in EVAL_NAMES] if isinstance(record, dict) else []
+    if not isinstance(record, dict):
+        return None
+    results = [v for k, v in record.items() if k in EVAL_NAMES]
     return results[0] if record.get("step") == step and len(results) == 1 and isinstance(results[0], dict) else None
 
 

@@ -265,6 +265,17 @@ def test_an_output_folder_whose_path_is_not_utf8_is_refused_before_it_is_made(da
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("row", [b"[1, 2]\n", b"null\n", b'{"step": 3, "epoch": 1, "data": {}}\n', b'{"step": 3, "ep'])
+def test_a_row_after_the_checkpoint_that_is_no_evaluation_is_not_taken_for_one(tmp_path, row):
+    from egovlp_deploy.trainer.train import logged_evaluation
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_bytes(b'{"step": 0}\n' + row)
+    assert logged_evaluation(log, 1, 3) is None
+    log.write_bytes(b'{"step": 0}\n{"step": 3, "epoch": 1, "pretrain": {"dual": 20.0}}\n')
+    assert logged_evaluation(log, 1, 3) == {"dual": 20.0}
+
+
 # -- what a resume reads -----------------------------------------------------------------------------------------
 def test_resume_does_not_need_the_checkpoint_the_run_started_from(data, tmp_path):
     """model.init_from (a pre-trained checkpoint, perhaps pruned by its own run's keep_last since) is read when the
