@@ -352,7 +352,7 @@ class _TensorRunner(_Runner):
         try:
             check_input_shapes(
                 self.io,
-                {spec["name"]: np.shape(inputs[spec["name"]]) for spec in self.io["inputs"]},
+                {name: np.shape(value) for name, value in inputs.items()},  # a name it does not take is refused
                 where=f"{self.role}/{self.precision}: ",
             )
         except ArtifactInputError as exc:

@@ -55,6 +55,13 @@ def test_tensor_backends_refuse_shapes_outside_the_export(inputs, message):
     assert runner.calls == 0
 
 
+def test_tensor_backends_refuse_an_input_the_artifact_does_not_take():
+    runner = RecordingRunner("video_encoder")
+    with pytest.raises(EngineError, match="frames"):
+        runner(video=np.zeros((1, 4, 3, 32, 32), np.float32), frames=np.zeros(1, np.float32))
+    assert runner.calls == 0
+
+
 def test_tensor_backends_refuse_a_clip_of_another_frame_count():
     runner = RecordingRunner("video_encoder")
     with pytest.raises(EngineError, match=r"video has shape \(1, 2, 3, 32, 32\): axis 1 must be 4"):
