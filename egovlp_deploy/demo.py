@@ -205,7 +205,7 @@ def _stages(out: Path, train_videos: int, eval_videos: int, steps: int, train_mi
             flush=True,
         )
     rt = Runtime(out / "engines", backend="onnxruntime", device="cpu")
-    meta = json.loads((out / "data" / "meta.json").read_text())
+    meta = read_json(out / "data" / "meta.json", expect=dict)
     videos = [str(out / "data" / "videos" / uid / "0.mp4") for uid in meta["splits"]["eval"]]
     segments = read_segments(out / "data" / "egoclip_eval.csv", videos)
     settings = IndexSettings(

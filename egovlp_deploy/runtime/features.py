@@ -50,6 +50,7 @@ from egovlp_deploy.decoding import VideoReadError
 
 from ..checkpoint import atomic_temp_names
 from ..folder_lock import exclusive_writer
+from ..jsonfile import read_json
 from ..path_text import utf8_path
 from .clip_pipeline import ClipPipeline, expand_inputs, failure_of, failures_summary, plan_windows
 from .engines import EngineError, Runtime
@@ -88,7 +89,7 @@ def _recorded_source(out: Path, name: str) -> str | None:
     `utf8_path` writes it."""
     for meta_file in (out / f"{name}.json", out / PARTIAL / name / RECORD):
         try:
-            meta = json.loads(meta_file.read_text())
+            meta = read_json(meta_file)
             path = (meta.get("source") or {}).get("path") or meta.get("video")
         except (OSError, ValueError, AttributeError):
             continue
@@ -159,7 +160,7 @@ def _output_files(out: Path, name: str, fmt: str, keys) -> list[Path]:
 def _sidecar(out: Path, name: str) -> dict | None:
     """The output `name`'s JSON sidecar (None: none, or not a record of ours)."""
     try:
-        meta = json.loads((out / f"{name}.json").read_text())
+        meta = read_json(out / f"{name}.json")
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) and isinstance(meta.get("shapes"), dict) and meta["shapes"] else None
@@ -275,7 +276,7 @@ def _resume(work: Path, source: dict, settings: dict, windows: int, fps: float) 
         "parts": [],
     }
     try:
-        record = json.loads((work / RECORD).read_text())
+        record = read_json(work / RECORD)
         usable = (
             record.get("format") == RECORD_FORMAT
             and all(record.get(k) == new[k] for k in ("source", "settings", "fps", "windows"))

@@ -120,3 +120,36 @@ def test_temp_files_of_a_killed_write_are_removed(engines, video, tmp_path):
         (out / name).write_bytes(b"x")
     _run(engines, video, out)
     assert _names(out) == sorted(["take.json", "take.safetensors", *others])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "nested"])
+def test_a_sidecar_or_record_that_is_no_json_file_of_ours_is_not_trusted_and_hangs_nothing(tmp_path, kind):
+    """An output folder's sidecar or progress record that is a FIFO (a read would block forever) or JSON nested
+    thousands deep (RecursionError, not caught as a bad file): taken for no record, in a bounded time."""
+    import os
+    import threading
+
+    from egovlp_deploy.runtime.features import PARTIAL, RECORD, _recorded_source, _sidecar
+
+    (tmp_path / PARTIAL / "clip").mkdir(parents=True)
+    for path in (tmp_path / "clip.json", tmp_path / PARTIAL / "clip" / RECORD):
+        if kind == "fifo":
+            os.mkfifo(path)
+        else:
+            path.write_text("[" * 100_000 + "]" * 100_000)
+    box = {}
+
+    def read():
+        try:
+            box["out"] = (_sidecar(tmp_path, "clip"), _recorded_source(tmp_path, "clip"))
+        except BaseException as exc:  # the test reports what escaped
+            box["out"] = exc
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(10)
+    if thread.is_alive():  # let the blocked reader go before failing
+        for path in (tmp_path / "clip.json", tmp_path / PARTIAL / "clip" / RECORD):
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert not thread.is_alive(), "a reader blocked on a FIFO"
+    assert box["out"] == (None, None)
