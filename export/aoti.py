@@ -124,17 +124,31 @@ def load_checked_package(path: str | os.PathLike, sha256: str, size: int):
     from .manifest import ArtifactError
 
     path = Path(path)
-    work = Path(tempfile.mkdtemp(prefix="egovlp-aoti-"))
+    room = f"the temp folder ({tempfile.gettempdir()}; TMPDIR chooses it) needs room for a copy of the package"
+    try:
+        work = Path(tempfile.mkdtemp(prefix="egovlp-aoti-"))
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot make the private folder it is loaded from ({exc}); {room}") from None
     try:
         copy = work / "package.pt2"
         digest, copied = hashlib.sha256(), 0
-        with open(path, "rb") as src, open(copy, "xb") as dst:
-            while chunk := src.read(1 << 20):
-                digest.update(chunk)
-                dst.write(chunk)
-                copied += len(chunk)
-                if copied > size:
-                    break
+        with open(path, "rb") as src:
+            try:
+                dst = open(copy, "xb")
+            except OSError as exc:
+                raise ArtifactError(f"{path}: cannot copy it to {copy} to load it from there ({exc}); {room}") from None
+            with dst:
+                while chunk := src.read(1 << 20):
+                    digest.update(chunk)
+                    try:
+                        dst.write(chunk)
+                    except OSError as exc:
+                        raise ArtifactError(
+                            f"{path}: cannot copy it to {copy} to load it from there ({exc}); {room}"
+                        ) from None
+                    copied += len(chunk)
+                    if copied > size:
+                        break
         if copied != size or digest.hexdigest() != sha256:
             raise ArtifactError(
                 f"{path}: the package read for loading is not the one the manifest hashes (replaced or changed "

@@ -72,3 +72,26 @@ def test_the_help_says_a_package_is_code(capsys):
     with pytest.raises(SystemExit):
         main(["search", "--help"])
     assert "native code" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_temp_folder_that_cannot_take_the_copy_is_named(tmp_path, monkeypatch, loads):
+    """The private copy needs room in the temp folder: a write that fails there (a full disk, a file-size limit) says
+    so, instead of "cannot load the AOTInductor package (File too large)"."""
+    import builtins
+    import errno
+    import io
+
+    folder, _ = _engines(tmp_path)
+    real_open = builtins.open
+
+    class Full(io.BufferedWriter):
+        def write(self, data):
+            raise OSError(errno.EFBIG, "File too large")
+
+    def full_copies(file, mode="r", *args, **kwargs):
+        return Full(io.FileIO(file, "xb")) if mode == "xb" else real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", full_copies)
+    with pytest.raises(EngineError, match=r"cannot copy it to .*package\.pt2 .*File too large.*needs room for a copy"):
+        Runtime(folder, backend="aoti", warmup=False).runner("video_encoder")
+    assert loads == []
