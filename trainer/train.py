@@ -776,10 +776,10 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             raise CheckpointError(f"--resume: {found}/state.json lacks the key {exc.args[0]!r}") from exc
         saved_clips = state.get("clips")  # absent in checkpoints of older trainers
         # A position at or past its epoch's last step (a run that ended with an epoch, counted in the epoch's size
-        # when it was saved) reads nothing more of that epoch, whatever the data holds now: it resumes at the end of
-        # the epoch as this data counts it, so the epoch's end (evaluation, checkpoint) comes next.
-        saved_end = steps_in_epoch(len(train_set) if saved_clips is None else saved_clips, s) * s.grad_accum_steps
-        if next_micro >= saved_end:
+        # when it was saved: `resumed_plan` then plans from the next epoch) reads nothing more of that epoch,
+        # whatever the data holds now: it resumes at the end of the epoch as this data counts it, so the epoch's end
+        # (evaluation, checkpoint) comes next.
+        if plan_epoch > epoch:
             next_micro = steps_per_epoch * s.grad_accum_steps
         elif saved_clips is not None and saved_clips != len(train_set) and next_micro > 0:
             raise DataError(

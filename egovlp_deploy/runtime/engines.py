@@ -344,15 +344,12 @@ class _TensorRunner(_Runner):
         from egovlp_deploy.export.session import ArtifactInputError, check_input_shapes
 
         torch = self.torch
-        for spec in self.io["inputs"]:
-            if spec["name"] not in inputs:
-                raise EngineError(f"{self.role}: missing input {spec['name']!r}")
-        # the shapes are checked as the onnxruntime backend checks them: an AOTInductor package reads its inputs
-        # with the sizes it was compiled for, and a program or the eager modules would raise their own errors
+        # the names and shapes are checked as the onnxruntime backend checks them: an AOTInductor package reads its
+        # inputs with the sizes it was compiled for, and a program or the eager modules would raise their own errors
         try:
             check_input_shapes(
                 self.io,
-                {name: np.shape(value) for name, value in inputs.items()},  # a name it does not take is refused
+                {name: np.shape(value) for name, value in inputs.items()},
                 where=f"{self.role}/{self.precision}: ",
             )
         except ArtifactInputError as exc:
