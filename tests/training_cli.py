@@ -86,6 +86,16 @@ def small_run_data(root: Path) -> Path:
     return root
 
 
+def tiny_synth_data(root: Path, seed: int, train_videos: int = 2, eval_videos: int = 2) -> Path:
+    """A few short synthetic videos (4 clips each, 15 fps, 32 px: the tiny model's size), the data of the
+    fine-tuning and evaluation tests."""
+    from egovlp_deploy.data.synth import generate
+
+    generate(root, seed=seed, workers=1, train_videos=train_videos, eval_videos=eval_videos, clips_per_video=4,
+             fps=15, clip_seconds=1.6, size=32)  # fmt: skip
+    return root
+
+
 def small_run_config(root, **sections) -> dict:
     """24 clips / 8 per step: 3 steps per epoch, 2 epochs, a checkpoint every step, no warm-up, no DataLoader
     workers; `sections` update the config's sections ({"schedule": {"max_steps": 1}})."""

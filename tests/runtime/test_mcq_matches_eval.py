@@ -12,18 +12,14 @@ import pytest
 pytest.importorskip("av")
 
 from egovlp_deploy.cli import main
-from egovlp_deploy.data import synth
 from egovlp_deploy.evaluation import MODES
-
-# held-out videos make the questions; the tiny model's 32 px frames
-TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
+from training_cli import tiny_synth_data
 
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_mcq") / "ds"
-    synth.generate(out, seed=5, workers=1, **TINY)
-    return out
+    return tiny_synth_data(out, seed=5, train_videos=1, eval_videos=3)  # 3 held-out videos make the questions
 
 
 def test_runtime_mcq_and_eval_give_the_same_answers(synthetic, engines, rt_model_dir, tmp_path, capsys):

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from egovlp_deploy import preprocess, transforms
-from egovlp_deploy.data import charades, synth
+from egovlp_deploy.data import charades
 from egovlp_deploy.data.charades import CharadesEgoDataset, read_charades_clip
 from egovlp_deploy.data.egoclip import item_seeds, pad_frames
 from egovlp_deploy.data.epic import EpicMIRDataset, read_epic_clip
 from egovlp_deploy.data.errors import DataError
 from official_format import saved_random_tiny
-from training_cli import train_here
+from training_cli import tiny_synth_data, train_here
 from video_files import write_blocks
 
 EPIC_HEADER = (
@@ -151,14 +151,10 @@ def test_fine_tuning_datasets_list_the_video_files_their_rows_read(tmp_path):
     assert charades.video_files() == ["AB12EGO.mp4", "CD34EGO.mp4"]
 
 
-TINY = dict(train_videos=2, eval_videos=2, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
-
-
 @pytest.fixture(scope="module")
 def finetune_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth") / "ds"
-    synth.generate(root, seed=5, workers=1, **TINY)
-    return root
+    return tiny_synth_data(root, seed=5)
 
 
 def _epic_config(data, checkpoint, tokenizer, max_steps: int) -> dict:

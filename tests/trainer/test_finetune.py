@@ -15,22 +15,20 @@ from safetensors.torch import load_file
 pytest.importorskip("av")
 
 from egovlp_deploy.config import ConfigError
-from egovlp_deploy.data import synth, synth_downstream
+from egovlp_deploy.data import synth_downstream
 from egovlp_deploy.trainer import train as train_module
 from egovlp_deploy.trainer.config import TrainConfig
 from egovlp_deploy.trainer.train import train
 from official_format import saved_random_tiny
-from training_cli import TORCHRUN_TWO, kill_after_checkpoint, losses, run_train, weights
+from training_cli import TORCHRUN_TWO, kill_after_checkpoint, losses, run_train, tiny_synth_data, weights
 
-TINY = dict(train_videos=2, eval_videos=2, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
 METRICS = {"nDCG_V2T", "nDCG_T2V", "nDCG_AVG", "mAP_V2T", "mAP_T2V", "mAP_AVG"}
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth") / "ds"
-    synth.generate(out, seed=5, workers=1, **TINY)
-    return out
+    return tiny_synth_data(out, seed=5)
 
 
 @pytest.fixture(scope="module")

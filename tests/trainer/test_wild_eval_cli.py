@@ -18,21 +18,19 @@ import pytest
 pytest.importorskip("av")
 
 from egovlp_deploy.cli import main
-from egovlp_deploy.data import DataError, EpicMIRDataset, synth
+from egovlp_deploy.data import DataError, EpicMIRDataset
 from egovlp_deploy.data.egomcq import EgoMCQDataset
 from egovlp_deploy.evaluation import load_failure_note, skipped_note
 from egovlp_deploy.trainer.evaluate import regime
 from egovlp_deploy.trainer.training_state import save_checkpoint
 from official_format import random_tiny, saved_random_tiny
-
-TINY = dict(train_videos=1, eval_videos=3, clips_per_video=4, fps=15, clip_seconds=1.6, size=32)
+from training_cli import tiny_synth_data
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_eval_cli") / "ds"
-    synth.generate(out, seed=11, workers=1, **TINY)
-    return out
+    return tiny_synth_data(out, seed=11, train_videos=1, eval_videos=3)
 
 
 @pytest.fixture(scope="module")
