@@ -224,6 +224,27 @@ class _LegacyUnpickler(_RestrictedUnpickler):
         return root[offset : offset + size]
 
 
+class _ReadsWithinFile:
+    """A binary file whose `read(n)` never asks for more than the file has left: a pickle opcode's declared length
+    (BINBYTES8 takes 2^64 - 1) would otherwise make the file object allocate that many bytes before reading."""
+
+    def __init__(self, file, size: int):
+        self.file, self.size = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.file.tell())
+        return self.file.read(left if n is None or n < 0 or n > left else n)
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self.file.readline(limit)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.file.seek(offset, whence)
+
+
 def read_legacy_torch_file(path: Path):
     """Read a pre-zip `torch.save` file (magic, protocol, sys info, the pickle, storage keys, raw storages)."""
 
@@ -232,7 +253,8 @@ def read_legacy_torch_file(path: Path):
         return _LegacyUnpickler(f).load()  # the header pickles hold plain data only
 
     try:
-        with open(path, "rb") as f:
+        with open(path, "rb") as raw_file:
+            f = _ReadsWithinFile(raw_file, path.stat().st_size)
             if small_pickle(f) != _LEGACY_MAGIC or small_pickle(f) != _LEGACY_PROTOCOL:
                 raise PretrainedInitError(f"{path}: not a torch checkpoint (bad magic number or protocol)")
             sys_info = small_pickle(f)

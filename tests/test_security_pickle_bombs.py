@@ -98,3 +98,18 @@ def test_a_bomb_followed_by_a_malformed_part_is_refused_too(tmp_path, variant):
     legacy.write_bytes(header + pickle.dumps({"little_endian": True}, protocol=2) + variant(hash_bomb()))
     for line in _run([zipped, legacy]):
         assert "corrupt checkpoint: its pickle cannot be read" in line, line
+
+
+@pytest.mark.parametrize(
+    "opcode",
+    [b"\x8e" + (1 << 62).to_bytes(8, "little"), b"\x8d" + (1 << 62).to_bytes(8, "little"), b"B\xff\xff\xff\x7f"],
+    ids=["BINBYTES8", "BINUNICODE8", "BINBYTES"],
+)
+def test_a_legacy_pickle_declaring_more_bytes_than_its_file_is_refused(tmp_path, opcode):
+    """A legacy file is read as a stream: a length opcode declaring 2^62 bytes made the file object try to allocate
+    them (a bare MemoryError) before anything read the length against the file."""
+    header = pickle.dumps(_LEGACY_MAGIC, protocol=2) + pickle.dumps(1001, protocol=2)
+    legacy = tmp_path / "legacy_main.pth"
+    legacy.write_bytes(header + pickle.dumps({"little_endian": True}, protocol=2) + b"\x80\x04" + opcode + b"abc")
+    (line,) = _run([legacy])
+    assert "corrupt checkpoint: its pickle cannot be read" in line and "but only 3 remain" in line, line
