@@ -39,7 +39,25 @@ def _collate(items):
         torch.tensor([it["answer"] for it in items]),
         torch.tensor([it["type"] for it in items]),
         [it["key"] for it in items],
+        sum(int(it.get("load_failed", 0)) for it in items),
     )
+
+
+def _count_loads(load_counts: dict | None, failed: int, clips: int) -> None:
+    """Add a batch's clips and those of them that fell back to the black clip to `load_counts` (when given): the
+    items carry the count, so it holds in DataLoader workers too, where the dataset's own `failures` stay there."""
+    if load_counts is not None:
+        load_counts["load_failures"] = load_counts.get("load_failures", 0) + int(failed)
+        load_counts["clips"] = load_counts.get("clips", 0) + int(clips)
+
+
+def _sum_over_ranks(load_counts: dict | None, world: int) -> None:
+    """Every rank's `load_counts`, summed in place (on every rank)."""
+    if load_counts is None or world == 1:
+        return
+    shards = [None] * world
+    dist.all_gather_object(shards, (load_counts.get("load_failures", 0), load_counts.get("clips", 0)))
+    load_counts["load_failures"], load_counts["clips"] = (sum(column) for column in zip(*shards))
 
 
 def choice_scores(text_emb: torch.Tensor, video_emb: torch.Tensor, match_prob: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -76,9 +94,12 @@ def evaluate_egomcq(
     max_questions: int | None = None,
     progress: bool = False,
     predictions: dict | None = None,
+    load_counts: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """{'dual'|'fusion'|'ensemble': {'Inter-video': %, 'Intra-video': %}}; questions are sharded over ranks.
-    A `predictions` dict receives each question's chosen clip per mode, {JSON key: {mode: choice index}}."""
+    A `predictions` dict receives each question's chosen clip per mode, {JSON key: {mode: choice index}}; a
+    `load_counts` dict receives {'load_failures': candidate clips scored as the black clip, 'clips': candidate clips
+    read}, summed over ranks."""
     was_training = model.training
     model.eval()
     indices = list(range(len(dataset) if max_questions is None else min(max_questions, len(dataset))))
@@ -93,7 +114,8 @@ def evaluate_egomcq(
         loader = tqdm(loader, desc="EgoMCQ", leave=False)
     local = {m: [] for m in MODES} | {"answer": [], "type": []}
     keys: list[str] = []
-    for texts, videos, answers, types, batch_keys in loader:
+    for texts, videos, answers, types, batch_keys, failed in loader:
+        _count_loads(load_counts, failed, videos.shape[0] * videos.shape[1])
         scores = score_questions(model, tokenizer, texts, videos.to(device))
         for m in MODES:
             local[m].append(scores[m].cpu())
@@ -106,6 +128,7 @@ def evaluate_egomcq(
         dist.all_gather_object(shards, (local, keys))
         local = {k: torch.cat([s[k] for s, _ in shards if s[k].numel()]) for k in local}
         keys = [key for _, shard_keys in shards for key in shard_keys]
+    _sum_over_ranks(load_counts, world)
     model.train(was_training)
     if predictions is not None:
         for i, key in enumerate(keys):  # argmax: the first of equal scores, as egomcq_accuracy counts it
@@ -119,9 +142,12 @@ CHARADES_FRAMES = 32  # the official Charades-Ego evaluation config's num_frames
 CHARADES_TEXT_LENGTH = 30  # class prompts are padded / truncated to 30 tokens, as official
 
 
-def _encode_split(dataset, encode, batch_size: int, num_workers: int, progress: bool, desc: str) -> list[torch.Tensor]:
+def _encode_split(
+    dataset, encode, batch_size: int, num_workers: int, progress: bool, desc: str, load_counts: dict | None = None
+) -> list[torch.Tensor]:
     """`encode(batch)` -> a tuple of per-item tensors (CPU), over every item of `dataset`, returned whole and in
-    dataset order. Under torch.distributed each rank encodes every world-th item and the pieces are gathered to every
+    dataset order; `load_counts` as `evaluate_egomcq`'s (one clip per item). Under torch.distributed each rank
+    encodes every world-th item and the pieces are gathered to every
     rank, as the official validation gathers its embeddings: the split is read W times faster, and no rank waits
     alone at a collective while one rank reads the whole split (NCCL stops a job whose collective waits past its
     timeout, 10 minutes by default, which the EK-100 test split read by one GPU can exceed)."""
@@ -133,7 +159,15 @@ def _encode_split(dataset, encode, batch_size: int, num_workers: int, progress: 
         from tqdm import tqdm
 
         loader = tqdm(loader, desc=desc, leave=False)
-    parts = [torch.cat(columns) for columns in zip(*(encode(batch) for batch in loader))]
+
+    def encode_counted(batch):
+        if load_counts is not None:
+            failed = batch.get("load_failed")
+            _count_loads(load_counts, 0 if failed is None else int(failed.sum()), len(batch["video"]))
+        return encode(batch)
+
+    parts = [torch.cat(columns) for columns in zip(*(encode_counted(batch) for batch in loader))]
+    _sum_over_ranks(load_counts, world)
     if world == 1:
         return parts
     shards = [None] * world
@@ -211,6 +245,7 @@ def evaluate_epic_mir(
     batch_size: int = 16,
     num_workers: int = 0,
     progress: bool = False,
+    load_counts: dict | None = None,
 ) -> dict[str, float]:
     """Zero-shot EK-100 multi-instance retrieval: {'nDCG_V2T', 'nDCG_T2V', 'nDCG_AVG', 'mAP_V2T', 'mAP_T2V',
     'mAP_AVG'} in percent (`metrics.mir_scores`).
@@ -236,7 +271,9 @@ def evaluate_epic_mir(
     def encode_clips(batch) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_texts(batch["text"]), model.encode_video(batch["video"].to(device)).float().cpu()
 
-    text_emb, video_emb = _encode_split(dataset, encode_clips, batch_size, num_workers, progress, "EK-100 MIR")
+    text_emb, video_emb = _encode_split(
+        dataset, encode_clips, batch_size, num_workers, progress, "EK-100 MIR", load_counts
+    )
     columns, items = dataset.scored_sentences, dataset.sentence_items
     own_text = [j for j, item in zip(columns, items) if item is None]  # sentences whose clip was skipped
     own_emb = [
@@ -261,6 +298,7 @@ def evaluate_charades(
     batch_size: int = 16,
     num_workers: int = 0,
     progress: bool = False,
+    load_counts: dict | None = None,
 ) -> dict[str, float]:
     """Zero-shot Charades-Ego action recognition: {'mAP': percent} (`metrics.charades_map` x 100).
 
@@ -280,7 +318,9 @@ def evaluate_charades(
     def encode_clips(batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_video(batch["video"].to(device)).float().cpu(), batch["target"]
 
-    videos, targets = _encode_split(dataset, encode_clips, batch_size, num_workers, progress, "Charades-Ego")
+    videos, targets = _encode_split(
+        dataset, encode_clips, batch_size, num_workers, progress, "Charades-Ego", load_counts
+    )
     model.train(was_training)
     scores = sim_matrix(classes, videos).T  # (videos, classes)
     return {"mAP": 100 * charades_map(scores, targets)}

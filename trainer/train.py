@@ -661,7 +661,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
         note = (
             None
             if eval_set is None
-            else skipped_note(EVAL_NAMES[cfg.task], eval_set, unit.replace("clips", "test rows"))
+            else skipped_note(EVAL_NAMES[cfg.task], eval_set, "test rows" if finetune else "questions")
         )
         if note:  # lax recipes evaluate on what is left of the evaluation set: say so at the start
             print(note, file=sys.stderr)
@@ -912,6 +912,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
 
     def _evaluate() -> dict:
         eval_model = model_at_frames(model, eval_frames)
+        loads: dict = {}  # the evaluation's clips and those scored as black clips (lax data), over every rank
         if not finetune:
             result = evaluate_egomcq(
                 eval_model,
@@ -922,6 +923,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 cfg.data.num_workers,
                 cfg.eval.max_questions,
                 progress=False,
+                load_counts=loads,
             )
             text = format_table(result)
         else:  # every rank encodes its share of the test split; the embeddings are gathered for the metrics
@@ -933,9 +935,20 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
                 info.device,
                 batch_size=cfg.eval.batch_size,
                 num_workers=cfg.data.num_workers,
+                load_counts=loads,
             )
             text = format_retrieval(cfg.task, result)
-        log.write({"step": step, "epoch": epoch, cfg.task: result})
+        record = {"step": step, "epoch": epoch, cfg.task: result}
+        if loads.get("load_failures"):
+            record["eval_load_failures"] = loads["load_failures"]
+            record["eval_clips"] = loads["clips"]
+            if info.is_main:  # the metrics count them as black clips: said where they are read
+                print(
+                    f"note: step {step}: {loads['load_failures']} of the {loads['clips']} {EVAL_NAMES[cfg.task]} "
+                    "clips could not be decoded and were scored as black clips (data.strict is false)",
+                    file=sys.stderr,
+                )
+        log.write(record)
         if bar is not None:
             bar.write(f"[epoch {epoch} step {step}] {EVAL_NAMES[cfg.task]}\n{text}")
         return result

@@ -115,11 +115,13 @@ import torch.distributed as dist
 from egovlp_deploy.evaluation import _encode_split
 dist.init_process_group("gloo")  # RANK, WORLD_SIZE, MASTER_ADDR/PORT from the environment
 try:
-    results = []
+    results, counts = [], []
     for size in (5, 1):  # uneven shards, and a rank with no item
-        items = [{"x": torch.tensor([float(i)]), "label": torch.tensor(i)} for i in range(size)]
-        results.append(_encode_split(items, lambda b: (b["x"] * 2, b["label"]), 2, 0, False, "test"))
-    torch.save(results, f"{sys.argv[1]}/{os.environ['RANK']}.pt")
+        items = [{"x": torch.tensor([float(i)]), "label": torch.tensor(i), "video": torch.zeros(1),
+                  "load_failed": torch.tensor(int(i == 3))} for i in range(size)]
+        counts.append({})
+        results.append(_encode_split(items, lambda b: (b["x"] * 2, b["label"]), 2, 0, False, "test", counts[-1]))
+    torch.save((results, counts), f"{sys.argv[1]}/{os.environ['RANK']}.pt")
 finally:
     dist.destroy_process_group()
 """
@@ -136,5 +138,8 @@ def test_evaluation_is_sharded_over_the_ranks_and_gathered_in_dataset_order(tmp_
     codes, errors = two_ranks([sys.executable, "-c", SHARDED_ENCODE, str(tmp_path)], timeout=120)
     assert codes == [0, 0], errors
     for rank in range(2):
-        for size, (doubled, labels) in zip((5, 1), torch.load(tmp_path / f"{rank}.pt")):
+        results, counts = torch.load(tmp_path / f"{rank}.pt")
+        for size, (doubled, labels) in zip((5, 1), results):
             assert doubled.flatten().tolist() == [2.0 * i for i in range(size)] and labels.tolist() == list(range(size))
+        # the clips scored as black clips (item 3, read by rank 1), summed over the ranks on every rank
+        assert counts == [{"load_failures": 1, "clips": 5}, {"load_failures": 0, "clips": 1}]

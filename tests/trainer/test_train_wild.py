@@ -404,3 +404,28 @@ def test_a_run_refused_before_it_writes_leaves_no_folder(data, tmp_path, monkeyp
     with pytest.raises(ValueError, match="refused for this launch"):
         _run(_config(data), tmp_path / "mine")
     assert (tmp_path / "mine").is_dir()  # not created by the run: left
+
+
+def test_a_lax_run_says_how_many_evaluation_clips_it_scored_as_black(data, tmp_path, capsys):
+    """Lax data scores an EgoMCQ candidate whose video cannot be decoded as the black clip. The evaluation reads its
+    clips in DataLoader workers, whose loaders count the failures where the main process never sees them: the
+    count travels with the items, and the run says it and logs it beside the accuracy."""
+    copy = _resized_copy(data, tmp_path, 24)
+    (copy / "videos").unlink()
+    (copy / "videos").mkdir()
+    for video in (data / "videos").iterdir():
+        (copy / "videos" / video.name).symlink_to(video)
+    broken = "synth_eval_0001"
+    (copy / "videos" / broken).unlink()
+    (copy / "videos" / broken).mkdir()
+    (copy / "videos" / broken / "0.mp4").write_bytes((data / "videos" / broken / "0.mp4").read_bytes()[:2000])
+    questions = list(json.loads((data / "egomcq.json").read_text()).values())[:2]  # eval.max_questions
+    expected = sum(c["video_uid"] == broken for q in questions for c in q["choices"].values())
+    clips = sum(len(q["choices"]) for q in questions)
+    assert 0 < expected < clips
+    config = _config(copy, data={"strict": False, "num_workers": 1}, schedule={"max_steps": 1})
+    _run(config, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert f"{expected} of the {clips} EgoMCQ clips could not be decoded and were scored as black clips" in err
+    (evaluation,) = [r for r in records(tmp_path / "run") if "pretrain" in r]  # the evaluation at the run's end
+    assert (evaluation["eval_load_failures"], evaluation["eval_clips"]) == (expected, clips)
