@@ -60,9 +60,9 @@ def validation_sizes(max_batch: int, max_text_len: int) -> list[tuple[int, int]]
     """(batch, text_len) pairs that differ from the trace sizes (`onnx_export.trace_sizes`, (3, 11) by default) in
     the text length, and the first in the batch: B = 1 (the device's case) and B = 2. In a short range the trace
     takes the longest text (--max-text-len 3 traces 3), so one token less is validated there."""
-    from .onnx_export import TRACE_TEXT_LEN
+    from .onnx_export import trace_sizes
 
-    traced = min(TRACE_TEXT_LEN, max_text_len)
+    traced = trace_sizes(max_batch, max_text_len)[1]
 
     def untraced(length: int) -> int:
         return length - 1 if length == traced and length > 1 else length
