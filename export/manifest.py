@@ -107,14 +107,14 @@ def inside(
     return path
 
 
-def _check_file(path: Path, size: int, digest: str, what: str = "") -> None:
-    """Present, `size` bytes, sha256 `digest`; ArtifactError naming the file otherwise."""
+def _check_file(path: Path, size: int, digest: str | None, what: str = "") -> None:
+    """Present, `size` bytes, sha256 `digest` (unless None); ArtifactError naming the file otherwise."""
     if not path.is_file():
         raise ArtifactError(f"{path}: {what}listed in the manifest but missing")
     got = path.stat().st_size
     if got != size:
         raise ArtifactError(f"{path}: {what}{got} bytes, the manifest says {size} (truncated or replaced)")
-    if sha256_verified(path) != digest:
+    if digest is not None and sha256_verified(path) != digest:
         raise ArtifactError(f"{path}: sha256 differs from the manifest ({what}corrupt or replaced file)")
 
 
@@ -463,14 +463,16 @@ def verify_artifact(
     entry: ArtifactEntry,
     manifest_tools: dict | None = None,
     model_config: dict | None = None,
+    check_digest: bool = True,
 ) -> Path:
     """Raise ArtifactError (ManifestError for a path leaving the folder) unless the file and every file it reads
     match the entry; return its path. `model_config`: the manifest's, which an ONNX graph's recorded config digest
-    must match."""
+    must match. `check_digest=False` leaves the artifact's own sha256 to a loader that hashes the bytes it loads
+    (`aoti.load_checked_package`): its size and everything else are still checked."""
     directory = Path(directory)
     external = _check_entry_paths(directory, entry)
     path = directory / entry.file
-    _check_file(path, entry.bytes, entry.sha256)
+    _check_file(path, entry.bytes, entry.sha256 if check_digest else None)
     if entry.format == "onnx":
         _check_onnx(directory, path, entry, external, model_config)
     elif entry.format == "program":

@@ -95,3 +95,19 @@ def test_a_temp_folder_that_cannot_take_the_copy_is_named(tmp_path, monkeypatch,
     with pytest.raises(EngineError, match=r"cannot copy it to .*package\.pt2 .*File too large.*needs room for a copy"):
         Runtime(folder, backend="aoti", warmup=False).runner("video_encoder")
     assert loads == []
+
+
+def test_a_package_is_hashed_once_on_the_bytes_loaded_and_a_changed_one_is_refused(tmp_path, monkeypatch, loads):
+    """The manifest check leaves the package's sha256 to the private copy's hash (one pass over gigabytes, not
+    two), and a package changed before the load (same size, other bytes) still never reaches the loader."""
+    folder, package = _engines(tmp_path)
+    hashed = []
+    real = manifest_module.sha256_verified
+    monkeypatch.setattr(manifest_module, "sha256_verified", lambda path: hashed.append(path) or real(path))
+    with pytest.raises(EngineError, match="fake loader"):
+        Runtime(folder, backend="aoti", warmup=False).runner("video_encoder")
+    assert loads == [GOOD] and package not in map(type(package), hashed)
+    package.write_bytes(EVIL)  # as long as GOOD
+    with pytest.raises(EngineError, match="not the one the manifest hashes"):
+        Runtime(folder, backend="aoti", warmup=False).runner("video_encoder")
+    assert loads == [GOOD]

@@ -157,16 +157,16 @@ class EngineFolder:
             )
         return candidates
 
-    def artifact(self, role: str, precision: str, format: str) -> tuple[Path, ArtifactEntry]:
+    def artifact(self, role: str, precision: str, format: str, check_digest: bool = True) -> tuple[Path, ArtifactEntry]:
         """(verified path, manifest entry); the ORT-optimized variant of an ONNX graph is preferred (loads faster,
-        same numbers: the exporter validated it)."""
+        same numbers: the exporter validated it). `check_digest`: as `verify_artifact`'s."""
         from egovlp_deploy.export.manifest import ArtifactError, ManifestError, verify_artifact
 
         candidates = self.listed(role, precision, format)
         candidates.sort(key=lambda a: a.variant != "ort-optimized")
         try:
             entry = candidates[0]
-            path = verify_artifact(self.path, entry, self.manifest.tools, self.manifest.model_config)
+            path = verify_artifact(self.path, entry, self.manifest.tools, self.manifest.model_config, check_digest)
         except (ArtifactError, ManifestError) as exc:
             raise EngineError(f"engine folder {self.path}: {exc}") from exc
         if entry.validation.get("passed") is False:
@@ -461,7 +461,8 @@ class AotiRunner(_TensorRunner):
         from egovlp_deploy.export.specs import TORCH_DTYPES
 
         t0 = time.perf_counter()
-        path, entry = folder.artifact(role, precision, "aoti")
+        # the sha256 is checked once, on the bytes loaded (below), not first on the path as well
+        path, entry = folder.artifact(role, precision, "aoti", check_digest=False)
         if entry.device.split(":")[0] != device.split(":")[0]:
             raise EngineError(f"{path}: an AOTInductor package for {entry.device}, asked to run on {device}")
         from egovlp_deploy.export.aoti import load_checked_package
