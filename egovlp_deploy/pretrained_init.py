@@ -224,6 +224,9 @@ class _LegacyUnpickler(_RestrictedUnpickler):
         return root[offset : offset + size]
 
 
+_SMALL_READ = 1 << 16
+
+
 class _ReadsWithinFile:
     """A binary file whose `read(n)` never asks for more than the file has left: a pickle opcode's declared length
     (BINBYTES8 takes 2^64 - 1) would otherwise make the file object allocate that many bytes before reading."""
@@ -232,8 +235,13 @@ class _ReadsWithinFile:
         self.file, self.size = file, size
 
     def read(self, n: int = -1) -> bytes:
-        left = max(0, self.size - self.file.tell())
-        return self.file.read(left if n is None or n < 0 or n > left else n)
+        if n is None or n < 0 or n > _SMALL_READ:  # small reads (most opcodes) need no position lookup
+            left = max(0, self.size - self.file.tell())
+            n = left if n is None or n < 0 or n > left else n
+        return self.file.read(n)
+
+    def peek(self, n: int = 0) -> bytes:  # lets the C unpickler read ahead instead of one call per opcode
+        return self.file.peek(n)
 
     def readline(self, limit: int = -1) -> bytes:
         return self.file.readline(limit)

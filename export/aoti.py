@@ -151,8 +151,8 @@ def load_checked_package(path: str | os.PathLike, sha256: str, size: int):
                         break
         if copied != size or digest.hexdigest() != sha256:
             raise ArtifactError(
-                f"{path}: the package read for loading is not the one the manifest hashes (replaced or changed "
-                f"while it was loaded); nothing of it was run"
+                f"{path}: the package read for loading is not the one the manifest hashes (sha256 or size differs: "
+                f"a corrupt or replaced file, or one changed while it was loaded); nothing of it was run"
             )
         return torch._inductor.aoti_load_package(str(copy))
     finally:

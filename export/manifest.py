@@ -469,6 +469,8 @@ def verify_artifact(
     match the entry; return its path. `model_config`: the manifest's, which an ONNX graph's recorded config digest
     must match. `check_digest=False` leaves the artifact's own sha256 to a loader that hashes the bytes it loads
     (`aoti.load_checked_package`): its size and everything else are still checked."""
+    if not check_digest and entry.format != "aoti":
+        raise ValueError(f"only an AOTInductor package is hashed by its loader, not a {entry.format} artifact")
     directory = Path(directory)
     external = _check_entry_paths(directory, entry)
     path = directory / entry.file

@@ -101,15 +101,20 @@ def test_a_bomb_followed_by_a_malformed_part_is_refused_too(tmp_path, variant):
 
 
 @pytest.mark.parametrize(
-    "opcode",
-    [b"\x8e" + (1 << 62).to_bytes(8, "little"), b"\x8d" + (1 << 62).to_bytes(8, "little"), b"B\xff\xff\xff\x7f"],
-    ids=["BINBYTES8", "BINUNICODE8", "BINBYTES"],
+    "opcode, error",
+    [
+        (b"\x8e" + (1 << 62).to_bytes(8, "little") + b"abc", "its pickle cannot be read (ValueError: expected"),
+        (b"\x8d" + (1 << 62).to_bytes(8, "little") + b"abc", "its pickle cannot be read (ValueError: expected"),
+        (b"\x95" + (1 << 62).to_bytes(8, "little") + b"K\x01.", "corrupt or truncated checkpoint (UnpicklingError"),
+    ],
+    ids=["BINBYTES8", "BINUNICODE8", "FRAME"],
 )
-def test_a_legacy_pickle_declaring_more_bytes_than_its_file_is_refused(tmp_path, opcode):
-    """A legacy file is read as a stream: a length opcode declaring 2^62 bytes made the file object try to allocate
-    them (a bare MemoryError) before anything read the length against the file."""
+def test_a_legacy_pickle_declaring_more_bytes_than_its_file_is_refused(tmp_path, opcode, error):
+    """A legacy file is read as a stream: a length opcode (or a protocol-4 frame, which the expansion check does not
+    read into) declaring 2^62 bytes made the file object try to allocate them (a bare MemoryError) before anything
+    read the length against the file."""
     header = pickle.dumps(_LEGACY_MAGIC, protocol=2) + pickle.dumps(1001, protocol=2)
     legacy = tmp_path / "legacy_main.pth"
-    legacy.write_bytes(header + pickle.dumps({"little_endian": True}, protocol=2) + b"\x80\x04" + opcode + b"abc")
+    legacy.write_bytes(header + pickle.dumps({"little_endian": True}, protocol=2) + b"\x80\x04" + opcode)
     (line,) = _run([legacy])
-    assert "corrupt checkpoint: its pickle cannot be read" in line and "but only 3 remain" in line, line
+    assert error in line, line
