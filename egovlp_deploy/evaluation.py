@@ -352,19 +352,25 @@ def skipped_note(
     return note + ": the metrics cover the rest of the split, not the whole benchmark"
 
 
-def load_failure_note(name: str, dataset) -> str | None:
-    """The line that says how many clips a lax evaluation could not decode and scored as the black clip (by reason,
-    with the first error), or None when every clip it read was decoded: counted by the dataset's loader in this
-    process, so read it after an evaluation that ran with num_workers=0."""
+def load_failure_note(name: str, dataset, load_counts: dict | None = None) -> str | None:
+    """The line that says how many clips a lax evaluation could not decode and scored as the black clip, or None
+    when every clip it read was decoded. By reason, with the first error, where the clips were read in this process
+    (the dataset's loader counts them); from the items' counts (`load_counts` of the evaluate_* functions) where
+    DataLoader workers read them, whose loaders' reasons stay in the workers."""
     failures = dataset.failures
     failed = sum(failures.values())
-    if not failed:
+    if failed:
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(failures.items()))
+        first = next(iter(dataset.first_errors.values()), "")
+        detail, clips = f"{reasons}; first: {first}", dataset.clip_loads
+    elif load_counts and load_counts.get("load_failures"):
+        failed, clips = load_counts["load_failures"], load_counts["clips"]
+        detail = "read in DataLoader workers: --workers 0 names the reasons"
+    else:
         return None
-    reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(failures.items()))
-    first = next(iter(dataset.first_errors.values()), "")
     return (
-        f"note: {name}: {failed} of {dataset.clip_loads} clips could not be read and were scored as black clips "
-        f"({reasons}; first: {first}): the metrics count them as such"
+        f"note: {name}: {failed} of {clips} clips could not be read and were scored as black clips "
+        f"({detail}): the metrics count them as such"
     )
 
 

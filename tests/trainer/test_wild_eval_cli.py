@@ -60,13 +60,9 @@ def test_max_questions_past_the_end_reports_the_questions_scored(data, model_dir
     assert "EgoMCQ on 2 questions, 4 frames" in capsys.readouterr().out  # not "on 50 questions"
 
 
-def test_lax_run_says_which_questions_it_left_out_and_which_clips_it_scored_black(
-    data, model_dir, demo_tokenizer_dir, tmp_path, capsys
-):
-    """A question whose video is missing is skipped and an undecodable video scored as the black clip: both change
-    the accuracy, and the run says so (before, only the smaller question count hinted at the first)."""
-    import shutil
-
+def _lax_case(data, tmp_path) -> tuple[Path, Path, int]:
+    """(questions, videos, black clips): question 2's first choice names a missing video, and the video of
+    synth_eval_0001 cannot be decoded."""
     videos = tmp_path / "videos"
     shutil.copytree(data / "videos", videos)
     (videos / "synth_eval_0001" / "0.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 damaged")
@@ -75,12 +71,39 @@ def test_lax_run_says_which_questions_it_left_out_and_which_clips_it_scored_blac
         questions["2"]["choices"]["0"]["video_uid"] = "not_there"
 
     questions = _questions(data, tmp_path, {"0": "0", "1": "1", "2": "2"}, missing_video)
+    used = json.loads(questions.read_text())
+    black = sum(c["video_uid"] == "synth_eval_0001" for k in ("0", "1") for c in used[k]["choices"].values())
+    assert black
+    return questions, videos, black
+
+
+def test_lax_run_says_which_questions_it_left_out_and_which_clips_it_scored_black(
+    data, model_dir, demo_tokenizer_dir, tmp_path, capsys
+):
+    """A question whose video is missing is skipped and an undecodable video scored as the black clip: both change
+    the accuracy, and the run says so (before, only the smaller question count hinted at the first)."""
+    questions, videos, black = _lax_case(data, tmp_path)
     assert _egomcq(model_dir, demo_tokenizer_dir, questions, videos, "--lax", "--json") == 0
     err = capsys.readouterr().err
     assert "note: EgoMCQ: 1 of 3 questions skipped (missing video: 1)" in err
-    used = json.loads(questions.read_text())
-    black = sum(c["video_uid"] == "synth_eval_0001" for k in ("0", "1") for c in used[k]["choices"].values())
-    assert black and f"note: EgoMCQ: {black} of 10 clips could not be read and were scored as black clips" in err
+    assert f"note: EgoMCQ: {black} of 10 clips could not be read and were scored as black clips" in err
+
+
+def test_workers_decode_the_clips_to_the_same_results_and_count_the_black_ones(
+    data, model_dir, demo_tokenizer_dir, tmp_path, capsys
+):
+    """`--workers N` decodes in DataLoader processes (the full EgoMCQ set is about 200k clips, which one process
+    decodes far slower than a GPU scores them): the same accuracies, and the black clips, counted in the workers
+    where the main process never sees them, still in the note."""
+    questions, videos, black = _lax_case(data, tmp_path)
+    results = []
+    for workers in ("0", "2"):
+        assert _egomcq(model_dir, demo_tokenizer_dir, questions, videos, "--lax", "--json", "--workers", workers) == 0
+        out, err = capsys.readouterr()
+        results.append(json.loads(out))
+        assert f"note: EgoMCQ: {black} of 10 clips could not be read and were scored as black clips" in err
+    assert results[0] == results[1]
+    assert "read in DataLoader workers" in err
 
 
 @pytest.mark.parametrize(
