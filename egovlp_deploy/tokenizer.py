@@ -13,6 +13,7 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import error_line
 from .path_text import printable
 
 ROBERTA_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
@@ -37,7 +38,8 @@ def tokenizer_beside(checkpoint: str | os.PathLike) -> Path | None:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False):
-    """A `transformers` fast tokenizer from a local directory (or a hub id when `allow_download`)."""
+    """A `transformers` fast tokenizer from a local directory (or a hub id when `allow_download`), padding and
+    truncating on the right whatever its files say."""
     from transformers import AutoTokenizer
 
     local = Path(name_or_path).is_dir()
@@ -45,14 +47,64 @@ def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False
         raise TokenizerError(
             f"{name_or_path}: no such tokenizer directory (hub ids are only fetched with allow_download=True)"
         )
+    if local:
+        _check_tokenizer_files(Path(name_or_path))
     try:
         # trust_remote_code=False: a tokenizer_config.json whose `auto_map` names a Python module (in the folder or
         # on the hub) would otherwise make transformers ask on stdin whether to run it, and run it on a "y"
-        return AutoTokenizer.from_pretrained(
+        tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), use_fast=True, local_files_only=not allow_download, trust_remote_code=False
         )
-    except (OSError, ValueError) as exc:
-        raise TokenizerError(f"{name_or_path}: cannot load a tokenizer ({exc})") from exc
+    except Exception as exc:  # malformed files raise TypeError, AttributeError, KeyError as well
+        # one line: transformers' messages run over several, the reason often on the last
+        detail = " ".join(str(exc).split()) if isinstance(exc, (OSError, ValueError)) else error_line(exc)
+        raise TokenizerError(f"{printable(str(name_or_path))}: cannot load a tokenizer ({detail})") from exc
+    limit = tokenizer.model_max_length
+    if isinstance(limit, float) and limit.is_integer():
+        limit = int(limit)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise TokenizerError(
+            f"{printable(str(name_or_path))}: model_max_length {limit!r} in its tokenizer_config.json is not a "
+            "whole number of 1 or more"
+        )
+    tokenizer.model_max_length = limit
+    # The text embedding is the state of the first token (<s>): left padding would put <pad> there, and left
+    # truncation would keep a long query's end, where a truncation report shows its start.
+    tokenizer.padding_side = tokenizer.truncation_side = "right"
+    return tokenizer
+
+
+# A tokenizer file's size limit, here and in what an export copies: roberta-base's are under 2 MiB.
+TOKENIZER_MAX_BYTES = 64 << 20
+# The files of a tokenizer folder that transformers reads whole (a sentencepiece tokenizer's is NAME.model).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "config.json",
+)
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """TokenizerError for a tokenizer file in `folder` larger than an export copies: transformers reads each whole
+    into memory (and parses a tokenizer.json into several times its size)."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise TokenizerError(f"{printable(str(folder))}: cannot list the tokenizer folder ({exc.strerror})") from exc
+    for path in entries:
+        if not (path.name in _TOKENIZER_FILES or path.suffix == ".model") or not path.is_file():
+            continue  # transformers reads regular files only
+        size = path.stat().st_size
+        if size > TOKENIZER_MAX_BYTES:
+            raise TokenizerError(
+                f"{printable(str(path))}: {size} bytes, more than a tokenizer file may hold "
+                f"({TOKENIZER_MAX_BYTES >> 20} MiB; roberta-base's are under 2 MiB)"
+            )
 
 
 def check_savable_path(path: str | os.PathLike, what: str) -> None:
@@ -115,12 +167,47 @@ def train_demo_tokenizer(out_dir: str | os.PathLike, texts: list[str] | None = N
     return tokenizer
 
 
-def check_tokenizer_fits(tokenizer, vocab_size: int, pad_token_id: int) -> None:
-    """Raise if the tokenizer would emit ids the model's embedding table does not have."""
+def check_tokenizer_fits(
+    tokenizer, vocab_size: int, pad_token_id: int, bos_token_id: int | None = None, eos_token_id: int | None = None
+) -> None:
+    """Raise if the tokenizer would emit ids the model's embedding table does not have (its largest id counts, not
+    its length: a vocabulary may skip ids), pads with another id, or, given the model's <s> and </s> ids, does not
+    frame a text as `<s> text </s>` with them (the dual text embedding is the state of the first token)."""
     if len(tokenizer) > vocab_size:
         raise TokenizerError(f"tokenizer has {len(tokenizer)} tokens, the model's vocabulary only {vocab_size}")
+    token, top = max(tokenizer.get_vocab().items(), key=lambda item: item[1], default=("", -1))
+    if top >= vocab_size:
+        raise TokenizerError(
+            f"tokenizer gives the token {printable(token)!r} the id {top}, the model's vocabulary only {vocab_size} "
+            f"(ids 0..{vocab_size - 1})"
+        )
+    if tokenizer.pad_token_id is None:
+        raise TokenizerError(
+            f"tokenizer has no pad token (the model pads with id {pad_token_id}; a tokenizer.json without its "
+            "tokenizer_config.json names no special tokens)"
+        )
     if tokenizer.pad_token_id != pad_token_id:
         raise TokenizerError(f"tokenizer pad id {tokenizer.pad_token_id} differs from the model's {pad_token_id}")
+    # byte-level BPE (RoBERTa's) has a token for every byte: <unk> for plain words means another kind of tokenizer
+    # (a WordPiece tokenizer_class over a BPE vocabulary, say) that maps what it does not know to one id
+    sample = "#C C picks up the cup"
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in tokenizer(sample)["input_ids"]:
+        shown = " ".join(printable(t) for t in tokenizer.tokenize(sample))
+        raise TokenizerError(
+            f"tokenizer encodes {sample!r} with <unk> tokens ({shown!r}): not the byte-level BPE of RoBERTa (check "
+            "tokenizer_class in tokenizer_config.json)"
+        )
+    if bos_token_id is None and eos_token_id is None:
+        return
+    ids = tokenizer("a")["input_ids"]
+    bos_ok = bos_token_id is None or (ids and ids[0] == bos_token_id)
+    if not (bos_ok and (eos_token_id is None or (ids and ids[-1] == eos_token_id))):
+        shown = " ".join(printable(t) for t in tokenizer.convert_ids_to_tokens(ids))
+        raise TokenizerError(
+            f"tokenizer encodes 'a' as {shown!r} (ids {ids}); the model's texts start with id {bos_token_id} (<s>, "
+            f"whose state is the text embedding) and end with id {eos_token_id} (</s>): wrong special tokens or no "
+            "post-processor in tokenizer.json?"
+        )
 
 
 @dataclass(frozen=True)
@@ -147,11 +234,31 @@ class Truncation:
         return f'query truncated to {self.limit} tokens: "{kept}" ({self.tokens} tokens given{rest})'
 
 
+# Code points that are not controls, format characters or separators and still show nothing: Unicode's
+# Default_Ignorable_Code_Point letters and marks (Hangul fillers, the combining grapheme joiner, Khmer inherent vowels,
+# Mongolian and other variation selectors) and the blank Braille pattern, the usual stand-ins for an empty name.
+_BLANK_RANGES = (
+    (0x034F, 0x034F),
+    (0x115F, 0x1160),
+    (0x17B4, 0x17B5),
+    (0x180B, 0x180F),
+    (0x2800, 0x2800),
+    (0x3164, 0x3164),
+    (0xFE00, 0xFE0F),
+    (0xFFA0, 0xFFA0),
+    (0xE0100, 0xE01EF),
+)
+
+
+def _blank(c: str) -> bool:
+    return any(lo <= ord(c) <= hi for lo, hi in _BLANK_RANGES)
+
+
 def has_visible_character(text: str) -> bool:
     """Whether `text` shows anything: a character that is not a control, format (zero-width, BOM, direction mark),
-    surrogate, private-use or unassigned code point, nor a space or separator. A query or narration of none gives
-    the encoder byte tokens that stand for nothing."""
-    return any(unicodedata.category(c)[0] not in "CZ" for c in text)
+    surrogate, private-use or unassigned code point, nor a space, separator or other blank (a Hangul filler, a
+    variation selector). A query or narration of none gives the encoder byte tokens that stand for nothing."""
+    return any(unicodedata.category(c)[0] not in "CZ" and not _blank(c) for c in text)
 
 
 def truncated_texts(tokenizer, texts: list[str], max_length: int) -> list[Truncation]:
@@ -163,6 +270,11 @@ def truncated_texts(tokenizer, texts: list[str], max_length: int) -> list[Trunca
     out = []
     for text, n in zip(texts, lengths):
         if n > max_length:
-            ids = tokenizer(text, truncation=True, max_length=max_length)["input_ids"]
-            out.append(Truncation(text, n, max_length, tokenizer.decode(ids, skip_special_tokens=True)))
+            enc = tokenizer(text, truncation=True, max_length=max_length, return_offsets_mapping=tokenizer.is_fast)
+            kept = tokenizer.decode(enc["input_ids"], skip_special_tokens=True)
+            if "offset_mapping" in enc and not kept.endswith("\ufffd"):
+                # the text the kept tokens stand for, as given: their decoding lowercases it where a normalizer
+                # does, and leaves out the name of a special token written in it ("<mask>")
+                kept = text[: max((end for _, end in enc["offset_mapping"]), default=0)]
+            out.append(Truncation(text, n, max_length, kept))
     return out

@@ -32,6 +32,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from egovlp_deploy.hashing import sha256_file
 from egovlp_deploy.jsonfile import read_json
+from egovlp_deploy.tokenizer import TOKENIZER_MAX_BYTES
 
 from .specs import ROLES, static_dims
 
@@ -211,7 +212,6 @@ class Manifest:
 
 # Files a Hugging Face / demo tokenizer directory holds; copied into an export so it runs anywhere.
 TOKENIZER_SUFFIXES = (".json", ".txt", ".model")
-TOKENIZER_MAX_BYTES = 64 << 20
 
 
 def external_data_entries(directory: str | os.PathLike, path: str | os.PathLike) -> list[dict]:

@@ -4,6 +4,7 @@ egovlp_deploy/cli.py). Each `run_*(args)` returns an exit code; errors are Value
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import functools
 import json
@@ -499,7 +500,11 @@ def run_features(args) -> int:
     queries = list(args.query)
     if args.queries:
         try:
-            text = Path(args.queries).read_text(encoding="utf-8")
+            raw = Path(args.queries).read_bytes()
+            if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise ValueError(f"{args.queries}: the queries file is UTF-16 text; save it as UTF-8")
+            # utf-8-sig: the byte order mark some editors write first is no part of the first query
+            text = raw.decode("utf-8-sig")
         except FileNotFoundError as exc:
             raise ValueError(f"{args.queries}: no such queries file") from exc
         except UnicodeDecodeError as exc:

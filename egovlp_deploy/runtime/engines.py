@@ -660,6 +660,11 @@ class TextEncoder:
                     "give the words to search for"
                 )
         limit = min(self.rt.folder.max_text_len, self.rt.folder.config.text.max_text_length)
+        if limit < 3:  # the tokenizer cuts a text to <s> </s> at 2 tokens, and leaves it whole below
+            raise EngineError(
+                f"{self.rt.folder.path}: these engines take at most {limit} text tokens, no room for a word between "
+                "<s> and </s> (export again with --max-text-len 3 or more)"
+            )
         # One call at a time: a fast tokenizer sets its truncation and padding in itself before each call, so
         # another thread's call in between (the length check below truncates nothing) changes this one's.
         with self.rt.tokenizer_lock:
@@ -906,7 +911,7 @@ class Runtime:
         try:
             tok = load_tokenizer(path)
             t = self.folder.config.text
-            check_tokenizer_fits(tok, t.vocab_size, t.pad_token_id)
+            check_tokenizer_fits(tok, t.vocab_size, t.pad_token_id, t.bos_token_id, t.eos_token_id)
         except TokenizerError as exc:
             raise EngineError(str(exc)) from exc
         return tok
