@@ -71,11 +71,18 @@ def choice_scores(text_emb: torch.Tensor, video_emb: torch.Tensor, match_prob: t
 
 @torch.no_grad()
 def score_questions(
-    model: EgoVLPv2, tokenizer: PreTrainedTokenizerBase, texts: list[str], videos: torch.Tensor
+    model: EgoVLPv2,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: list[str],
+    videos: torch.Tensor,
+    max_length: int | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Scores (Q, C) of each mode for Q questions with C candidate clips each; videos (Q, C, F, 3, S, S)."""
+    """Scores (Q, C) of each mode for Q questions with C candidate clips each; videos (Q, C, F, 3, S, S). Texts are
+    cut at `max_length` tokens (default: the model's text length, the official tokenizer's 512 for the base model),
+    not at whatever model_max_length a tokenizer folder declares."""
     q, c = videos.shape[:2]
-    enc = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")  # dynamic length, as official
+    length = max_length or model.config.text.max_text_length
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")  # dynamic length
     ids, mask = enc["input_ids"].to(videos.device), enc["attention_mask"].to(videos.device)
     clips = videos.flatten(0, 1)  # (Q*C, F, 3, S, S)
     text_emb = model.encode_text(ids, mask)  # (Q, P)

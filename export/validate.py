@@ -294,9 +294,10 @@ def task_agreement(model, runs: dict, precision: str, tasks: TaskSet, max_batch:
         if {"video_encoder", "text_encoder", "video_fusion_prefix", "fusion_head"} <= have:
             modes.append(("egomcq_via_head", ArtifactModel(runs, precision, max_batch, fusion_via_head=True)))
         if modes:
-            ref_scores = score_questions(model, tasks.tokenizer, tasks.texts, tasks.videos)
+            length = model.config.text.max_text_length  # the artifacts' texts are tokenized as the model's
+            ref_scores = score_questions(model, tasks.tokenizer, tasks.texts, tasks.videos, length)
             for label, art in modes:
-                got_scores = score_questions(art, tasks.tokenizer, tasks.texts, tasks.videos)
+                got_scores = score_questions(art, tasks.tokenizer, tasks.texts, tasks.videos, length)
                 entry = {}
                 for mode in ("dual", "fusion", "ensemble"):
                     raw, dec = _decisive_agreement(ref_scores[mode], got_scores[mode], tol)
