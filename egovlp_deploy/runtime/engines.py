@@ -38,6 +38,7 @@ buffers, and a capture forbids other work on the device); the sessions themselve
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -62,6 +63,7 @@ if TYPE_CHECKING:
     from egovlp_deploy.export.manifest import ArtifactEntry
     from egovlp_deploy.model import EgoVLPv2
 
+WARNED_QUERIES = 4096  # truncated queries a text encoder remembers having reported (see TextEncoder)
 BACKENDS = ("onnxruntime", "torch", "program", "aoti", "tensorrt")
 ARTIFACT_FORMATS = {"onnxruntime": "onnx", "program": "program", "aoti": "aoti", "tensorrt": "tensorrt"}
 PROVIDERS = {
@@ -639,7 +641,9 @@ def _query_list(texts) -> list[str]:
 class TextEncoder:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
-        self._warned: set[str] = set()  # queries already reported as truncated
+        # digests of the queries already reported as truncated, oldest first: a long-lived Runtime (a server) holds
+        # at most WARNED_QUERIES of them, 32 bytes each, however long or many its queries
+        self._warned: collections.OrderedDict[bytes, None] = collections.OrderedDict()
 
     def tokenize(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
         texts = _query_list(texts)
@@ -684,8 +688,14 @@ class TextEncoder:
         """A QueryTruncatedWarning per query longer than `limit` tokens, once per query and encoder."""
         from egovlp_deploy.tokenizer import truncated_texts
 
-        for t in truncated_texts(self.rt.tokenizer, [t for t in dict.fromkeys(texts) if t not in self._warned], limit):
-            self._warned.add(t.text)
+        def digest(text: str) -> bytes:
+            return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+        fresh = [t for t in dict.fromkeys(texts) if digest(t) not in self._warned]
+        for t in truncated_texts(self.rt.tokenizer, fresh, limit):
+            self._warned[digest(t.text)] = None
+            if len(self._warned) > WARNED_QUERIES:
+                self._warned.popitem(last=False)
             warnings.warn(QueryTruncatedWarning(t.message()), stacklevel=4)
 
     def encode(self, texts: str | list[str]) -> TextOutput:

@@ -30,6 +30,25 @@ def test_text_encoder_warns_once_per_query(engines):
         rt.text_encoder.encode([LONG, SHORT])  # already reported: no second warning
 
 
+def test_a_long_lived_text_encoder_remembers_a_bounded_number_of_reported_queries(engines, monkeypatch):
+    """A server's Runtime sees ever new queries: the reported ones are remembered up to WARNED_QUERIES (digests,
+    oldest forgotten first), not one whole query string each for the process's life."""
+    import egovlp_deploy.runtime.engines as engines_module
+
+    monkeypatch.setattr(engines_module, "WARNED_QUERIES", 3)
+    rt = Runtime(engines)
+    queries = [f"{LONG} number {i}" for i in range(5)]
+    with pytest.warns(QueryTruncatedWarning) as caught:
+        rt.text_encoder.encode(queries)
+    assert len([w for w in caught if w.category is QueryTruncatedWarning]) == 5
+    assert len(rt.text_encoder._warned) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", QueryTruncatedWarning)
+        rt.text_encoder.encode(queries[2:])  # the three newest: still remembered
+    with pytest.warns(QueryTruncatedWarning):
+        rt.text_encoder.encode(queries[:1])  # forgotten: said again
+
+
 def test_search_features_and_mcq_say_it(engines, video_root, mcq_json, tmp_path, capsys):
     vid = str(video_root / "vid_c" / "0.mp4")
     idx = tmp_path / "idx"
