@@ -17,10 +17,13 @@ continues each video from its first window not yet listed, so a killed run never
 never duplicates them. A listed shard that is missing or unreadable (deleted, truncated, another model's) is
 uncommitted by the next run, from that shard on, and those windows are encoded again (or, where the video's file is
 gone, left out): rerunning `index` repairs it. index.json is compact JSON, each video's entry encoded once per
-change, so a commit costs a copy of the file.
+change, so a commit costs a copy of the file; videos taken out of the index (changed files, --prune) leave it at
+the next commit, all together, and their shards are deleted after it.
 
 Videos over time: a video is known by its resolved path, with its size, modification time and a content sample
-(sha256 of its first and last 64 KiB). A file whose size, time or sample changed is indexed again; a new path whose
+(sha256 of its first and last 64 KiB). A file whose size, time or sample changed is indexed again; one indexed in
+full whose size, time and sample are as recorded is not opened by the decoder again (a rerun over a large folder
+reads a sample of each unchanged file, not the whole file); a new path whose
 file is an indexed video whose file is gone (the same size, windows and sample) is that video moved or renamed: the
 entry takes the new path and keeps its shards (each shard listed with the path it was written for). A file is also
 known by its device and inode numbers (recorded in the fingerprint; an entry recorded before them takes its file's
@@ -540,19 +543,44 @@ def _extend_index(
     known = exports(data)
     export_number = next((i for i, e in enumerate(known) if _same_export(e, export)), len(known))
     pending = 0  # windows in shards written since index.json was last written
+    doomed: list[dict] = []  # shards of entries taken out of the index, deleted once index.json no longer lists them
 
     def write(*changed: dict) -> None:
         """Rewrite index.json (`changed`: the entries edited since the last write); every shard written so far
-        is complete, so it may list them all."""
+        is complete, so it may list them all. Then delete the shards of the entries dropped since the last write."""
         nonlocal pending
         data["updated"] = _now()
         writer.write(*changed)
         pending = 0
+        _delete_unlisted(out, data, doomed)
+        doomed.clear()
 
-    paths, indexed_under, notes = _one_entry_per_file(out, data, paths, write)
+    def drop(*entries: dict) -> None:
+        """Take `entries` out of the index. Their shards go when the next write of index.json no longer lists them
+        (uncommit first, then delete: a crash in between leaves only unlisted shards, which the next run removes),
+        so dropping many videos (changed files, --prune) costs one rewrite of index.json, not one each."""
+        ids = {id(e) for e in entries}
+        data["videos"] = [v for v in data["videos"] if id(v) not in ids]
+        for e in entries:
+            doomed.extend(e["shards"])
+        writer.dirty = True
+
+    paths, indexed_under, notes = _one_entry_per_file(data, paths, drop)
     by_path = {v["path"]: v for v in data["videos"]}
     number = max((v["number"] for v in data["videos"]), default=-1) + 1  # the next video's shard number
-    planned, unreadable, plan_notes = _plan(paths, settings, segments, decode_backend, progress)
+    unchanged = _unchanged(paths, indexed_under, by_path, settings)
+    for path, now in list(unchanged.items()):
+        entry = by_path[indexed_under.get(path) or str(path.resolve())]
+        if entry["fingerprint"] != now:  # the same file, its device or inode recorded anew
+            entry["fingerprint"] = now
+            writer.touch(entry)
+        repaired = _uncommit_broken_shards(out, data, entry, write)
+        if repaired:  # windows to encode again: planned as any other video
+            notes.append({"path": str(path), "note": repaired})
+            del unchanged[path]
+    planned, unreadable, plan_notes = _plan(
+        [p for p in paths if p not in unchanged], settings, segments, decode_backend, progress
+    )
     notes += plan_notes
     failures += unreadable
     gone_by_size: dict[int, list[dict]] = {}  # entries whose file is gone: a planned file may be one of them, moved
@@ -563,10 +591,12 @@ def _extend_index(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(windows) for _, windows, _ in planned), unit="clip", desc="index", dynamic_ncols=True)
+        done = sum(by_path[indexed_under.get(p) or str(p.resolve())]["done"] for p in unchanged)
+        total = done + sum(len(windows) for _, windows, _ in planned)
+        bar = tqdm(total=total, initial=done, unit="clip", desc="index", dynamic_ncols=True)
     t_start = time.perf_counter()
     new_windows = 0
-    succeeded = 0
+    succeeded = len(unchanged)
     warmed: set[str] = set()  # the encoder stages that ran their first batch
     try:
         for path, windows, fps in planned:
@@ -580,7 +610,7 @@ def _extend_index(
                     raise VideoReadError(path, "unreadable", str(exc)) from exc
                 entry = by_path.get(key)
                 if entry is not None and _changed(entry, now, windows, settings):
-                    _drop_video(out, data, entry, write)  # the file changed since it was indexed: index it again
+                    drop(entry)  # the file changed since it was indexed: index it again
                     entry = None
                 elif entry is not None and entry["fingerprint"] != now:  # recorded before the sample was
                     entry["fingerprint"] = now
@@ -661,18 +691,20 @@ def _extend_index(
     if bar is not None:
         bar.close()
     gone = [v for v in data["videos"] if not os.path.lexists(v["path"])]
-    for video in gone:
-        if prune:
-            _drop_video(out, data, video, write)
-            note = "pruned: the file is gone, its moments are no longer in the index"
-            notes.append({"path": video["path"], "note": note})
-            continue
+    if prune:
+        drop(*gone)
+        note = "pruned: the file is gone, its moments are no longer in the index"
+        notes += [{"path": video["path"], "note": note} for video in gone]
+    else:
         note = (
             "indexed, but the file is gone (moved, renamed or deleted): search still finds its moments; "
             "`egovlp-deploy index --prune` drops them"
         )
-        lost = _uncommit_broken_shards(out, data, video, write, gone=True)
-        notes.append({"path": video["path"], "note": f"{note}; {lost}" if lost else note})
+        for video in gone:  # only uncommitted (nothing is written under their names): one write for all of them
+            lost = _uncommit_broken_shards(out, data, video, writer.touch, gone=True)
+            notes.append({"path": video["path"], "note": f"{note}; {lost}" if lost else note})
+    if writer.dirty:
+        write()
     seconds = time.perf_counter() - t_start
     return {
         "index": str(out),
@@ -836,9 +868,7 @@ def _moved_here(gone_by_size: dict[int, list[dict]], now: dict, windows: list[Wi
     return None
 
 
-def _one_entry_per_file(
-    out: Path, data: dict, paths: list[Path], write
-) -> tuple[list[Path], dict[Path, str], list[dict]]:
+def _one_entry_per_file(data: dict, paths: list[Path], drop) -> tuple[list[Path], dict[Path, str], list[dict]]:
     """One entry per file, told by device and inode: the paths of the run with one path per file, the paths to be
     indexed under another ({path given: the path its file is indexed under}), and notes.
 
@@ -846,7 +876,7 @@ def _one_entry_per_file(
     folder through another mount): a change to it is indexed again under that path. A file reached by several
     paths of the run and not indexed yet is indexed under the first. Two entries of one file (an index written
     before inodes were recorded) become one: the entry whose fingerprint matches the file (then the one with more
-    windows indexed, then the first) stays, the other is dropped (`write` commits that before its shards go)."""
+    windows indexed, then the first) stays, the other is dropped (`drop(entry)`)."""
     notes: list[dict] = []
     indexed: dict[tuple[int, int], dict] = {}  # (dev, inode) of the file at an indexed path that is there -> entry
     for entry in list(data["videos"]):
@@ -868,7 +898,7 @@ def _one_entry_per_file(
         if rank(entry) > rank(kept):
             kept, entry = entry, kept
             indexed[(fid["dev"], fid["inode"])] = kept
-        _drop_video(out, data, entry, write)
+        drop(entry)
         notes.append(
             {
                 "path": entry["path"],
@@ -914,13 +944,40 @@ def _one_entry_per_file(
     return kept_paths, under, notes
 
 
-def _drop_video(out: Path, data: dict, entry: dict, write) -> None:
-    data["videos"] = [v for v in data["videos"] if v is not entry]
-    write()  # uncommit first, then delete: a crash in between leaves only orphans
-    for s in entry["shards"]:
-        path = _shard_file_of_ours(out, s.get("file"))  # a path elsewhere, or a name not ours, is left alone
+def _delete_unlisted(out: Path, data: dict, shards: list[dict]) -> None:
+    """Delete the files of `shards` (of entries taken out of the index) that index.json as written lists no more;
+    a path elsewhere, or a name not ours, is left alone."""
+    if not shards:
+        return
+    listed = {s.get("file") for v in data["videos"] for s in v["shards"]}
+    for s in shards:
+        path = _shard_file_of_ours(out, s.get("file")) if s.get("file") not in listed else None
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+def _unchanged(
+    paths: list[Path], indexed_under: dict[Path, str], by_path: dict[str, dict], settings: IndexSettings
+) -> dict[Path, dict]:
+    """{path: its fingerprint now} of the run's paths whose video is indexed in full from this very file: the
+    recorded size, modification time and content sample. Such a video's windows are the ones indexed, so it is not
+    planned again (planning reads the whole file to list its frames): a rerun over a large folder reads only the
+    files that changed, and a content sample of the others. In segments mode every video is planned (the segments
+    given may change between runs); so is an entry recorded before the content sample was."""
+    found: dict[Path, dict] = {}
+    if settings.mode != "windows":
+        return found
+    for path in paths:
+        entry = by_path.get(indexed_under.get(path) or str(path.resolve()))
+        if entry is None or entry["done"] != entry["windows"] or "sample_sha256" not in entry["fingerprint"]:
+            continue
+        try:
+            now = {**_fingerprint(path), "sample_sha256": _sample_sha256(path)}
+        except OSError:  # planning reports it
+            continue
+        if all(entry["fingerprint"].get(k) == now[k] for k in ("size", "mtime_ns", "sample_sha256")):
+            found[path] = now
+    return found
 
 
 # -- reading --------------------------------------------------------------------------------------------------------
@@ -1043,18 +1100,22 @@ class MomentIndex:
         )
 
     def _load(self) -> None:
-        emb, ts, self.rows = [], [], []  # rows: (video number in data['videos'], shard file, row in shard, window)
+        """All embeddings and timestamps, read shard by shard into arrays of the size index.json states (read_shard
+        checks each shard's rows against it): the peak memory is the index's embeddings and one shard, not twice
+        the embeddings (a list of shards, then their concatenation)."""
+        self.rows = []  # (video number in data['videos'], shard file, row in shard, window)
+        total = sum(s["count"] for v in self.data["videos"] for s in v["shards"])
+        self.embeddings = np.empty((total, self.data["embed_dim"]), np.float32)
+        self.timestamps = np.empty((total, 2), np.float64)
         for vi, v in enumerate(self.data["videos"]):
             _check_labels(self.dir, vi, v)
             for s in v["shards"]:
                 t = read_shard(self.dir, self.data, v, s, ("embeddings", "timestamps"))
                 _check_shard_values(self.dir, v, s, t)
-                emb.append(t["embeddings"].astype(np.float32))
-                ts.append(t["timestamps"])
+                at = len(self.rows)
+                self.embeddings[at : at + s["count"]] = t["embeddings"]
+                self.timestamps[at : at + s["count"]] = t["timestamps"]
                 self.rows += [(vi, s["file"], r, s["start"] + r) for r in range(s["count"])]
-        dim = self.data["embed_dim"]
-        self.embeddings = np.concatenate(emb) if emb else np.zeros((0, dim), np.float32)
-        self.timestamps = np.concatenate(ts) if ts else np.zeros((0, 2))
         self.has_prefixes = bool(self.data["settings"].get("prefixes"))
         self.names = display_names([v["path"] for v in self.data["videos"]])
 
@@ -1101,6 +1162,14 @@ class MomentIndex:
                 raise _damaged(self.dir, self.data["videos"][vi], shard, what, f"; delete it and {REPAIR}")
         return np.concatenate(out).astype(np.float32)
 
+    def scores(self, query: np.ndarray) -> np.ndarray:
+        """(N,) float32 cosine of each clip with a unit `query` vector (the rows are unit vectors, checked at
+        load). Each row's dot product is summed the same way wherever the row lies: a BLAS matrix-vector product
+        sums rows in blocks whose arithmetic depends on the row's position, so identical clips would differ in
+        their last bits and rank by where they lie instead of in index order."""
+        q = np.ascontiguousarray(query, np.float32)
+        return np.einsum("ij,j->i", self.embeddings, q)
+
     def hit(self, rank: int, row: int, score: float, dual: float, vtm: float | None = None) -> Hit:
         vi = self.rows[row][0]
         v = self.data["videos"][vi]
@@ -1129,7 +1198,9 @@ class MomentIndex:
     ) -> list[Hit]:
         """Top `top` moments for `query`; with rerank=K the dual top K are re-scored by the fusion head over their
         cached prefixes. rerank_score: 'vtm' (match probability) or 'ensemble' (cosine + probability, the official
-        EgoMCQ ensemble)."""
+        EgoMCQ ensemble). Moments of equal score rank in index order (the order index.json lists the videos, then
+        time): identical clips (copies of a video, still frames) score exactly alike wherever they lie in the
+        index, and a clip's score does not depend on how many others the index holds (`scores`)."""
         check_model(self.data, runtime, str(self.dir))
         if rerank_score not in ("vtm", "ensemble"):
             raise ValueError(f"rerank_score must be 'vtm' or 'ensemble', got {rerank_score!r}")
@@ -1142,9 +1213,8 @@ class MomentIndex:
         if not np.isfinite(text.embedding[0]).all():
             raise EngineError(f"the text encoder returned NaN or infinite values for {query!r}")
         q = text.embedding[0] / max(np.linalg.norm(text.embedding[0]), 1e-12)
-        sims = self.embeddings @ q  # (N,) cosine: the rows are unit vectors (checked at load)
-        k = min(len(sims), max(top, rerank))
-        order = np.argsort(-sims, kind="stable")[:k]
+        sims = self.scores(q)
+        order = _top_rows(sims, max(top, rerank))
         if rerank <= 0:
             return [self.hit(i + 1, int(r), sims[r], sims[r]) for i, r in enumerate(order[:top])]
         head = order[:rerank]
@@ -1155,6 +1225,17 @@ class MomentIndex:
         reranked = [(int(head[j]), float(score[j]), float(vtm[j])) for j in np.argsort(-score, kind="stable")]
         rest = [(int(r), float(sims[r]), None) for r in order[rerank:]]
         return [self.hit(i + 1, r, s, sims[r], v) for i, (r, s, v) in enumerate((reranked + rest)[:top])]
+
+
+def _top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """The rows of the `k` highest scores, best first, equal scores in row order: what a stable sort of the whole
+    array gives, in O(N) for k much smaller than N (the rows scoring at least the k-th best are sorted, not all)."""
+    k = min(len(scores), k)
+    if k >= len(scores) // 2:
+        return np.argsort(-scores, kind="stable")[:k]
+    kth = np.partition(scores, len(scores) - k)[len(scores) - k]  # the k-th highest score
+    rows = np.flatnonzero(scores >= kth)  # k rows, or more where others tie with the k-th
+    return rows[np.argsort(-scores[rows], kind="stable")][:k]
 
 
 def _count(value, name: str, least: int) -> int:
