@@ -6,9 +6,15 @@ code path runs on a laptop and on many GPUs.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
+import math
 import os
 import re
+import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -63,28 +69,144 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     return torch.device("cuda", gpu)
 
 
+# Seconds a collective waits for the other processes before it fails (and with it the run, with an error naming the
+# wait): a process that hangs (a stuck file system, a deadlock) stops the others after this long, not never. It must
+# exceed the longest time one process works while the others wait for it: the start (imports, the demo tokenizer),
+# rank 0's checkpoint save, a rank's share of an evaluation.
+TIMEOUT_ENV = "EGOVLP_DIST_TIMEOUT_S"
+_FAILURE_KEY = "egovlp/failed/"  # + rank: that process's error, for the others to name (see report_failure)
+_READ_KEY = "egovlp/failures_read"  # how many processes have read them (rank 0 waits for them before it exits)
+_store = None  # the process group's key-value store, kept past destroy_process_group (see report_failure)
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """The collectives' timeout that $EGOVLP_DIST_TIMEOUT_S sets (seconds), or None: torch's default, 30 minutes for
+    gloo (CPU) and 10 for NCCL (GPU). ValueError (a bad argument) for a value that is not a positive number."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{TIMEOUT_ENV}={raw!r}: expected a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), if any, on the
     device `resolve_device` checks.
 
     NCCL on GPUs, gloo on CPUs. Multi-node runs are torchrun's business: `--nnodes`, `--node-rank`,
-    `--rdzv-endpoint` (see the README); nothing here changes.
+    `--rdzv-endpoint` (see the README); nothing here changes. A collective that waits longer than
+    `collective_timeout()` ($EGOVLP_DIST_TIMEOUT_S, else torch's 30 minutes on gloo and 10 on NCCL) fails.
     """
+    global _store
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank if "LOCAL_RANK" in os.environ else None)
+    timeout = collective_timeout() if world > 1 else None
     use_cuda = dev.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        options = {} if timeout is None else {"timeout": timeout}
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", **options)
+        try:
+            _store = dist.distributed_c10d._get_default_store()
+        except (AttributeError, RuntimeError):  # a torch without it: errors then name no other process's failure
+            _store = None
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
 def teardown() -> None:
+    global _store
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _store = None
+
+
+# -- a process that fails ----------------------------------------------------------------------------------------
+def is_collective_failure(exc: BaseException) -> bool:
+    """`exc` is a collective's own failure (another process stopped, or did not answer within the timeout), not an
+    error of this process's work: torch's DistError (NCCL), or the plain RuntimeError gloo raises."""
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    return type(exc) is RuntimeError and ("gloo" in str(exc).lower() or "nccl" in str(exc).lower())
+
+
+def report_failure(info: DistInfo, exc: BaseException) -> None:
+    """Leave this process's error (`Type: first line`) in the process group's store, where the other processes,
+    whose next collective fails when this one leaves, read it to name this rank and the cause (`failure_message`).
+    The store lives in rank 0's process (without torchrun's agent): rank 0 then waits up to a few seconds for the
+    others to read it before it goes on to exit. Never raises."""
+    if _store is None or not info.distributed:
+        return
+    from egovlp_deploy.errors import error_line
+
+    try:
+        _store.set_timeout(datetime.timedelta(seconds=5))
+        _store.set(f"{_FAILURE_KEY}{info.rank}", error_line(exc, 500))
+        if info.rank != 0:
+            _store.add(_READ_KEY, 1)  # this process needs no other's report: rank 0 does not wait for it
+            return
+        if dist.is_initialized():  # the others' collectives fail now, not when this process exits
+            dist.destroy_process_group()
+        deadline = time.monotonic() + 10
+        while _store.add(_READ_KEY, 0) < info.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except Exception:  # the store is gone (rank 0 exited first) or slow: the error of this process stands alone
+        pass
+
+
+def failure_message(info: DistInfo, exc: BaseException) -> str | None:
+    """For a collective that failed (`is_collective_failure`): what this process knows of why, naming the processes
+    that reported an error (`report_failure`) and the timeout where none did; None for any other error."""
+    if not is_collective_failure(exc):
+        return None
+    reports = {}
+    if _store is not None:
+        try:
+            _store.set_timeout(datetime.timedelta(seconds=5))
+            for rank in range(info.world_size):
+                key = f"{_FAILURE_KEY}{rank}"
+                if rank != info.rank and _store.check([key]):
+                    reports[rank] = _store.get(key).decode(errors="replace")
+            if info.rank != 0:
+                _store.add(_READ_KEY, 1)
+        except Exception:  # the store went with a process that stopped (rank 0 hosts it without torchrun's agent)
+            pass
+    first = next((x.strip() for x in str(exc).splitlines() if x.strip()), "")
+    first = re.sub(r"^\[[^\]]*\] ", "", first).split(". ")[0][:300]  # without gloo's source position and advice
+    timeout = collective_timeout()
+    waited = f"{timeout.total_seconds():g} s" if timeout else "torch's default, 30 min on gloo and 10 on NCCL"
+    if reports:
+        cause = "; ".join(f"rank {rank} stopped with {line}" for rank, line in sorted(reports.items()))
+    elif "timed out" in first.lower() or "timeout" in first.lower():
+        cause = f"another process did not answer within the collectives' timeout, {waited} (${TIMEOUT_ENV} sets it)"
+    else:
+        cause = "no other process reported an error: one was killed (out of memory, a signal) or its machine is gone"
+    return f"rank {info.rank} of {info.world_size}: a collective with the other processes failed ({first}): {cause}"
+
+
+def agreement_problems(info: DistInfo, what: dict[str, Any]) -> list[str]:
+    """Compare `what` (name -> a JSON-able value each process computes for itself) across the processes, by
+    digest: "name: rank R differs from rank 0" for each that differs, the same list on every process ([] with
+    one process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return []
+    mine = {k: hashlib.sha256(json.dumps(v, sort_keys=True, default=str).encode()).hexdigest() for k, v in what.items()}
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    problems = []
+    for name in what:
+        ranks = [r for r in range(1, len(every)) if every[r].get(name) != every[0].get(name)]
+        if ranks:
+            which = f"ranks {', '.join(map(str, ranks))} differ" if len(ranks) > 1 else f"rank {ranks[0]} differs"
+            problems.append(f"{name}: {which} from rank 0")
+    return problems
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -124,6 +246,15 @@ def gather(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def all_true(flag: bool, device: torch.device | None = None) -> bool:
+    """Whether `flag` holds on every process: a decision every process takes alike (skip a step or take it)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        value = torch.tensor([int(bool(flag))], device=device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+        return bool(value.item())
+    return bool(flag)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:

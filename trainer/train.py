@@ -37,7 +37,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from egovlp_deploy.checkpoint import CheckpointError, atomic_write_bytes, latest_valid_checkpoint, list_checkpoints
+from egovlp_deploy.checkpoint import (
+    MANIFEST,
+    CheckpointError,
+    atomic_write_bytes,
+    latest_valid_checkpoint,
+    list_checkpoints,
+)
 from egovlp_deploy.config import ConfigError, EgoVLPv2Config
 from egovlp_deploy.data.errors import DataError
 from egovlp_deploy.decoding import release_frame_cache
@@ -56,11 +62,11 @@ from egovlp_deploy.jsonfile import json_text, read_json
 from egovlp_deploy.model import EgoVLPv2
 from egovlp_deploy.model.egovlp import CONFIG_FILE
 from egovlp_deploy.model.factory import load_model, model_at_frames, new_model, preset_config
-from egovlp_deploy.tokenizer import check_savable_path
+from egovlp_deploy.tokenizer import TokenizerError, check_savable_path, check_tokenizer_fits
 
 from . import distributed as D
 from .batching import FinetuneCollator, IndexedDataset, PretrainCollator
-from .config import TrainConfig
+from .config import RULES, TEXT, TrainConfig
 from .objectives import FinetuneObjective, PretrainObjective
 from .optim import build_optimizer, build_scheduler
 from .text_warmup import simcse_warmup
@@ -406,6 +412,14 @@ def train(
             if refused is not None:
                 raise TrainingError(refused)
             return _train(cfg, output_dir, resume, info, progress)
+    except BaseException as exc:
+        if info.distributed:  # a collective failed: say which process stopped and why; else tell the others
+            message = D.failure_message(info, exc)
+            if message is not None:
+                hint = "" if "--resume" in message else f" ({_continue_hint(output_dir / 'checkpoints')})"
+                raise TrainingError(message + hint) from exc
+            D.report_failure(info, exc)
+        raise
     finally:
         D.teardown()
 
@@ -588,6 +602,34 @@ def killed_before_first_checkpoint(output_dir: Path) -> bool:
     return any((output_dir / name).exists() for name in ("metrics.jsonl", "tokenizer", "tensorboard"))
 
 
+# Settings each machine of a launch may set for itself: its paths (the files they name are compared instead) and its
+# resources. Every other setting changes what the processes compute, and must be the same in all of them.
+PER_MACHINE = {f"{section}.{key}" for section, rules in RULES.items() for key, rule in rules.items() if rule is TEXT}
+PER_MACHINE |= {"data.num_workers", "data.frame_cache_mb"}
+
+
+def check_launch_agrees(info: D.DistInfo, cfg: TrainConfig, model, tokenizer, clips: int, fingerprint, found) -> None:
+    """Every process of a launch reads its own config, data, tokenizer and checkpoint: ConfigError (before any
+    training) on every process where one differs from rank 0's. DDP keeps only the weights in step; processes with
+    other settings or data would train a silently different model, or wait in different collectives."""
+    settings = {k: v for k, v in _flat(cfg.to_dict(), sep=".").items() if k not in PER_MACHINE}
+    problems = D.agreement_problems(
+        info,
+        settings
+        | {
+            "the model config": model.config.to_dict(),
+            "the tokenizer's vocabulary": tokenizer.get_vocab(),
+            "the training data": [clips, fingerprint],
+            "the checkpoint --resume continues": found and [found.name, (found / MANIFEST).read_bytes()],
+        },
+    )
+    if problems:
+        raise ConfigError(
+            f"the {info.world_size} processes of this launch disagree: {'; '.join(problems)}: start every process "
+            "with the same config (paths aside), data, tokenizer and run folder"
+        )
+
+
 def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, progress: bool) -> dict:
     ckpt_dir = output_dir / "checkpoints"
     check_batch_split(cfg, info.world_size)
@@ -628,11 +670,11 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     if info.is_main:
         for report in init_reports:
             print(report.summary(), file=sys.stderr if report.missing_from_file else sys.stdout)
-    if len(tokenizer) > model.config.text.vocab_size or tokenizer.pad_token_id != model.config.text.pad_token_id:
-        raise TrainingError(
-            f"the tokenizer ({len(tokenizer)} tokens, pad {tokenizer.pad_token_id}) does not fit the "
-            f"model (vocabulary {model.config.text.vocab_size}, pad {model.config.text.pad_token_id})"
-        )
+    t = model.config.text
+    try:  # its ids within the embedding table, the model's pad id, texts framed by the model's <s> and </s>
+        check_tokenizer_fits(tokenizer, t.vocab_size, t.pad_token_id, t.bos_token_id, t.eos_token_id)
+    except TokenizerError as exc:
+        raise TrainingError(f"the tokenizer does not fit the model: {exc}") from exc
     if cfg.data.text_max_length > model.config.text.max_text_length:
         raise ConfigError(
             f"data.text_max_length {cfg.data.text_max_length} is longer than the model's text "
@@ -641,8 +683,9 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     model.gradient_checkpointing = cfg.schedule.gradient_checkpointing
     eval_frames = cfg.eval.num_frames or model.config.video.num_frames
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
-    # What the checkpoints' data positions index, read once by rank 0: every process decides a resume by it alike.
-    fingerprint = D.broadcast_object(training_data_fingerprint(train_set) if info.is_main else None)
+    # What the checkpoints' data positions index: every process reads its own, and all must be rank 0's.
+    fingerprint = training_data_fingerprint(train_set)
+    check_launch_agrees(info, cfg, model, tokenizer, len(train_set), fingerprint, found)
     resumed = load_checkpoint(found, map_location=info.device) if found is not None else None
     skipped_rows = len(getattr(train_set, "skipped_rows", []))
     finetune = cfg.task != "pretrain"
@@ -1009,7 +1052,8 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             # The logged terms are the step's (the mean over its micro-batches, as its gradient), not the last
             # micro-batch's.
             parts, step_parts = {k: v / s.grad_accum_steps for k, v in step_parts.items()}, {}
-            if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            # every process skips the step, or none: one that skipped alone would wait in other collectives
+            if not D.all_true(torch.isfinite(loss) and torch.isfinite(grad_norm), info.device):
                 optimizer.zero_grad(set_to_none=True)
                 if scaler is not None:
                     scaler.update()

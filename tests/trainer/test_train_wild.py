@@ -429,3 +429,14 @@ def test_a_lax_run_says_how_many_evaluation_clips_it_scored_as_black(data, tmp_p
     assert f"{expected} of the {clips} EgoMCQ clips could not be decoded and were scored as black clips" in err
     (evaluation,) = [r for r in records(tmp_path / "run") if "pretrain" in r]  # the evaluation at the run's end
     assert (evaluation["eval_load_failures"], evaluation["eval_clips"]) == (expected, clips)
+
+
+def test_a_tokenizer_that_does_not_frame_texts_with_the_models_ids_is_refused(data, finished, tmp_path):
+    """The trainer checked the tokenizer's length and pad id only: one that starts texts with </s> (the text
+    embedding is the first token's state) trained a model on the wrong token's embeddings, silently."""
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(finished / "tokenizer", tokenizer)
+    config = json.loads((tokenizer / "tokenizer_config.json").read_text())
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps(config | {"cls_token": "</s>", "bos_token": "</s>"}))
+    with pytest.raises(TrainingError, match="the tokenizer does not fit the model: tokenizer encodes 'a' as '</s> a"):
+        _run(_config(data, data={"tokenizer": str(tokenizer)}), tmp_path / "run")
