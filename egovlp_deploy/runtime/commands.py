@@ -8,6 +8,7 @@ import codecs
 import contextlib
 import functools
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -363,15 +364,33 @@ def add_search_arguments(p) -> None:
 
 def format_hits(query: str, hits, show_label: bool = True) -> str:
     lines = [f'"{printable(query)}"']
+    width = max(2, len(str(max((h.rank for h in hits), default=0))))  # ranks aligned past 99 hits too
     for h in hits:
         extra = f"  vtm {h.vtm:.3f}" if h.vtm is not None else ""
         label = f"  [{printable(h.label)}]" if show_label and h.label else ""
         name = printable(h.name)
         lines.append(
-            f"  {h.rank:>2}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
+            f"  {h.rank:>{width}}. {name:<28} {h.start_sec:7.2f}-{h.end_sec:7.2f} s  score {h.score:.3f}  "
             f"cos {h.dual:.3f}{extra}{label}"
         )
     return "\n".join(lines)
+
+
+def stale_hit_videos(index, hits) -> list[str]:
+    """The videos of `hits` whose file is gone or no longer the size and modification time it was indexed with:
+    their moments are the indexed file's, not what the path holds now (one stat per video)."""
+    recorded = {v["path"]: v.get("fingerprint", {}) for v in index.data["videos"]}
+    stale = []
+    for path in dict.fromkeys(h.video for h in hits):
+        fingerprint = recorded.get(path, {})
+        try:
+            st = os.stat(path)
+        except OSError:
+            stale.append(path)
+            continue
+        if (st.st_size, st.st_mtime_ns) != (fingerprint.get("size"), fingerprint.get("mtime_ns")):
+            stale.append(path)
+    return stale
 
 
 @reports_runtime_warnings
@@ -393,6 +412,14 @@ def run_search(args) -> int:
         out[q] = hits
         if not args.json:
             print(format_hits(q, hits))
+    stale = stale_hit_videos(index, [h for hits in out.values() for h in hits])
+    if stale:
+        shown = ", ".join(printable(p) for p in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
+        print(
+            f"note: {len(stale)} of the videos found changed or are gone since they were indexed ({shown}): their "
+            f"moments are the indexed file's; rerun `egovlp-deploy index` on them (`--prune` drops the gone ones)",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({q: [h.to_dict() for h in hs] for q, hs in out.items()}, indent=2))
     else:

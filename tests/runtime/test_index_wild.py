@@ -205,3 +205,30 @@ def test_index_writer_encodes_only_changed_entries(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert [c.get("path") for c in calls if "shards" in c] == ["/v/7.mp4", "/v/new.mp4"]
     assert json.loads((tmp_path / "index.json").read_text()) == data
+
+
+def test_search_says_which_videos_found_changed_or_went_since_they_were_indexed(rt, video_root, tmp_path, capsys):
+    """Search answers from the index, whatever the path holds now: a hit whose file was deleted or rewritten since
+    it was indexed is said so on stderr (one stat per video found), and an untouched index says nothing."""
+    videos = _folder(video_root, tmp_path / "videos")
+    idx = tmp_path / "idx"
+    build_index(idx, [str(videos)], rt, _settings(), progress=False)
+    argv = ["search", str(idx), "a cup", "--top", "100", "--engines", str(rt.folder.path)]
+    assert main(argv) == 0
+    assert "changed or are gone" not in capsys.readouterr().err
+    shutil.rmtree(videos / "vid_b")
+    with open(videos / "vid_a" / "0.mp4", "ab") as f:
+        f.write(b"\0")  # rewritten: another size
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "note: 2 of the videos found changed or are gone since they were indexed (" in err
+    assert "vid_a" in err and "vid_b" in err
+
+
+def test_hit_ranks_stay_aligned_past_99():
+    from egovlp_deploy.runtime.commands import format_hits
+    from egovlp_deploy.runtime.index import Hit
+
+    hits = [Hit(rank, "v.mp4", "v", "v.mp4", 0.0, 1.0, 0.5, 0.5) for rank in (9, 99, 100)]
+    lines = format_hits("q", hits).splitlines()[1:]
+    assert len({line.index(".") for line in lines}) == 1
