@@ -924,7 +924,14 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
             "clips_read": [read for _, read in counts],
         }
         if info.is_main:
-            save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
+            try:
+                save_checkpoint(ckpt_dir, step, model, state, cfg.to_dict(), keep_last=cfg.checkpoint.keep_last)
+            except OSError as exc:  # a full disk, a quota, a folder gone: the run cannot go on, the saved ones stand
+                reason = exc.strerror or str(exc)
+                raise TrainingError(
+                    f"cannot save the checkpoint of step {step} in {ckpt_dir} ({reason}): {_continue_hint(ckpt_dir)} "
+                    "once it can be written"
+                ) from exc
         D.barrier()
         saved_step = step
 

@@ -440,3 +440,23 @@ def test_a_tokenizer_that_does_not_frame_texts_with_the_models_ids_is_refused(da
     (tokenizer / "tokenizer_config.json").write_text(json.dumps(config | {"cls_token": "</s>", "bos_token": "</s>"}))
     with pytest.raises(TrainingError, match="the tokenizer does not fit the model: tokenizer encodes 'a' as '</s> a"):
         _run(_config(data, data={"tokenizer": str(tokenizer)}), tmp_path / "run")
+
+
+def test_a_checkpoint_that_cannot_be_saved_stops_the_run_naming_the_ones_kept(data, tmp_path, monkeypatch):
+    """A full disk at a checkpoint was a bare OSError (exit 2, a bad input's status); the run stops as one that
+    cannot go on (exit 1) and says which checkpoints it keeps for --resume."""
+    import errno
+
+    import egovlp_deploy.trainer.train as T
+
+    real = T.save_checkpoint
+
+    def full_disk(directory, step, *args, **kwargs):
+        if step == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(directory, step, *args, **kwargs)
+
+    monkeypatch.setattr(T, "save_checkpoint", full_disk)
+    with pytest.raises(TrainingError, match=r"checkpoint of step 2 .*\(No space left on device\): the checkpoints "
+                       r"up to step_00000001 are kept: add --resume"):  # fmt: skip
+        _run(_config(data), tmp_path / "run")
