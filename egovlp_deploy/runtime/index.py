@@ -565,9 +565,11 @@ def _extend_index(
             doomed.extend(e["shards"])
         writer.dirty = True
 
+    # the next video's shard number, past those of the entries dropped below too: their shards stay listed until
+    # the next write of index.json, and a new video's shards must not take their file names before that
+    number = max((v["number"] for v in data["videos"]), default=-1) + 1
     paths, indexed_under, notes = _one_entry_per_file(data, paths, drop)
     by_path = {v["path"]: v for v in data["videos"]}
-    number = max((v["number"] for v in data["videos"]), default=-1) + 1  # the next video's shard number
     unchanged = _unchanged(paths, indexed_under, by_path, settings)
     for path, now in list(unchanged.items()):
         entry = by_path[indexed_under.get(path) or str(path.resolve())]
@@ -1105,8 +1107,14 @@ class MomentIndex:
         the embeddings (a list of shards, then their concatenation)."""
         self.rows = []  # (video number in data['videos'], shard file, row in shard, window)
         total = sum(s["count"] for v in self.data["videos"] for s in v["shards"])
-        self.embeddings = np.empty((total, self.data["embed_dim"]), np.float32)
-        self.timestamps = np.empty((total, 2), np.float64)
+        try:
+            self.embeddings = np.empty((total, self.data["embed_dim"]), np.float32)
+            self.timestamps = np.empty((total, 2), np.float64)
+        except MemoryError:  # sized from index.json before any shard is read: a damaged count asks for terabytes
+            raise IndexFileError(
+                f"{self.dir / INDEX_FILE}: lists {total} clips of {self.data['embed_dim']} values, more than this "
+                f"machine's memory holds (a damaged or hand-edited index.json?; {REPAIR})"
+            ) from None
         for vi, v in enumerate(self.data["videos"]):
             _check_labels(self.dir, vi, v)
             for s in v["shards"]:

@@ -237,3 +237,47 @@ def test_loading_an_index_holds_its_embeddings_once(rt, tmp_path):
         tracemalloc.stop()
     assert len(index) == 4096
     assert peak < 1.6 * index.embeddings.nbytes
+
+
+def test_a_new_video_never_writes_over_a_shard_index_json_still_lists(rt, tmp_path, monkeypatch):
+    """An entry dropped in a run (here b.mp4, now a hard link to a.mp4: a second entry of a's file) leaves
+    index.json at the next commit; a new video of the run (c.mp4) took the dropped entry's shard number and wrote
+    its shard over one index.json still listed: a search at that moment, or the index after a crash, was refused
+    as written by two runs at once."""
+    videos = tmp_path / "videos"
+    a = write_video(videos / "a.mp4", 20)
+    b = write_video(videos / "b.mp4", 30)
+    idx = tmp_path / "idx"
+    settings = IndexSettings(frames=4, window_sec=1.0, stride_sec=1.0, commit_every=100)
+    build_index(idx, [str(videos)], rt, settings, progress=False)
+    b.unlink()
+    os.link(a, b)
+    write_video(videos / "c.mp4", 15)
+    real, errors = index_module._save_shard, []
+
+    def save_then_search(path, tensors, metadata):
+        real(path, tensors, metadata)
+        try:
+            MomentIndex(idx)  # what a search sees between two commits, or the index after a crash here
+        except index_module.IndexFileError as exc:
+            errors.append(str(exc))
+
+    monkeypatch.setattr(index_module, "_save_shard", save_then_search)
+    build_index(idx, [str(videos)], rt, settings, progress=False)
+    assert errors == []
+    assert {os.path.basename(v["path"]) for v in MomentIndex(idx).data["videos"]} == {"a.mp4", "c.mp4"}
+
+
+def test_an_index_json_listing_terabytes_of_clips_is_an_index_error(rt, tmp_path):
+    """The embeddings are allocated from index.json's counts before any shard is read: a damaged count of 10^12
+    raised numpy's bare MemoryError ("Unable to allocate 931 TiB")."""
+    videos = tmp_path / "videos"
+    write_video(videos / "a.mp4", 20)
+    idx = tmp_path / "idx"
+    build_index(idx, [str(videos)], rt, IndexSettings(frames=4, window_sec=1.0, stride_sec=1.0), progress=False)
+    data = json.loads((idx / "index.json").read_text())
+    video = data["videos"][0]
+    video["shards"][0]["count"] = video["windows"] = video["done"] = 10**12  # consistent with each other
+    (idx / "index.json").write_text(json.dumps(data))
+    with pytest.raises(index_module.IndexFileError, match="more than this machine's memory holds"):
+        MomentIndex(idx)
