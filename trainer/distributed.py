@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,7 +74,6 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
 # rank 0's checkpoint save, a rank's share of an evaluation.
 TIMEOUT_ENV = "EGOVLP_DIST_TIMEOUT_S"
 _FAILURE_KEY = "egovlp/failed/"  # + rank: that process's error, for the others to name (see report_failure)
-_READ_KEY = "egovlp/failures_read"  # how many processes have read them (rank 0 waits for them before it exits)
 _store = None  # the process group's key-value store, kept past destroy_process_group (see report_failure)
 
 
@@ -129,34 +127,32 @@ def teardown() -> None:
 
 
 # -- a process that fails ----------------------------------------------------------------------------------------
+# Where a collective's own failure comes from: gloo's transport (a closed connection, a timed-out receive) and the
+# process groups' messages; an error of this process's work that names a path with "gloo" in it is none of these.
+_COLLECTIVE_SOURCES = re.compile(r"gloo/transport|gloo/gloo/|ProcessGroupGloo|ProcessGroupNCCL|NCCL error")
+
+
 def is_collective_failure(exc: BaseException) -> bool:
     """`exc` is a collective's own failure (another process stopped, or did not answer within the timeout), not an
-    error of this process's work: torch's DistError (NCCL), or the plain RuntimeError gloo raises."""
+    error of this process's work: torch's DistError, or the plain RuntimeError gloo raises."""
     if isinstance(exc, getattr(dist, "DistError", ())):
         return True
-    return type(exc) is RuntimeError and ("gloo" in str(exc).lower() or "nccl" in str(exc).lower())
+    return type(exc) is RuntimeError and _COLLECTIVE_SOURCES.search(str(exc)) is not None
 
 
 def report_failure(info: DistInfo, exc: BaseException) -> None:
     """Leave this process's error (`Type: first line`) in the process group's store, where the other processes,
     whose next collective fails when this one leaves, read it to name this rank and the cause (`failure_message`).
-    The store lives in rank 0's process (without torchrun's agent): rank 0 then waits up to a few seconds for the
-    others to read it before it goes on to exit. Never raises."""
-    if _store is None or not info.distributed:
-        return
+    Nothing waits for them: under torchrun the store is its agent's and outlives every worker; without it (srun,
+    mpirun) the store lives in rank 0's process, and goes with it — the others then say no error could be read, and
+    rank 0's own output says why. Never raises."""
+    if _store is None or not info.distributed or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return  # an interrupt reaches every process alike: each says so itself
     from egovlp_deploy.errors import error_line
 
     try:
         _store.set_timeout(datetime.timedelta(seconds=5))
         _store.set(f"{_FAILURE_KEY}{info.rank}", error_line(exc, 500))
-        if info.rank != 0:
-            _store.add(_READ_KEY, 1)  # this process needs no other's report: rank 0 does not wait for it
-            return
-        if dist.is_initialized():  # the others' collectives fail now, not when this process exits
-            dist.destroy_process_group()
-        deadline = time.monotonic() + 10
-        while _store.add(_READ_KEY, 0) < info.world_size - 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
     except Exception:  # the store is gone (rank 0 exited first) or slow: the error of this process stands alone
         pass
 
@@ -174,8 +170,6 @@ def failure_message(info: DistInfo, exc: BaseException) -> str | None:
                 key = f"{_FAILURE_KEY}{rank}"
                 if rank != info.rank and _store.check([key]):
                     reports[rank] = _store.get(key).decode(errors="replace")
-            if info.rank != 0:
-                _store.add(_READ_KEY, 1)
         except Exception:  # the store went with a process that stopped (rank 0 hosts it without torchrun's agent)
             pass
     first = next((x.strip() for x in str(exc).splitlines() if x.strip()), "")
@@ -187,7 +181,10 @@ def failure_message(info: DistInfo, exc: BaseException) -> str | None:
     elif "timed out" in first.lower() or "timeout" in first.lower():
         cause = f"another process did not answer within the collectives' timeout, {waited} (${TIMEOUT_ENV} sets it)"
     else:
-        cause = "no other process reported an error: one was killed (out of memory, a signal) or its machine is gone"
+        cause = (
+            "no other process's error could be read: one was killed (out of memory, a signal), its machine is gone, "
+            "or rank 0 stopped (without torchrun its error goes with it: its own output says why)"
+        )
     return f"rank {info.rank} of {info.world_size}: a collective with the other processes failed ({first}): {cause}"
 
 

@@ -605,13 +605,19 @@ def killed_before_first_checkpoint(output_dir: Path) -> bool:
 # Settings each machine of a launch may set for itself: its paths (the files they name are compared instead) and its
 # resources. Every other setting changes what the processes compute, and must be the same in all of them.
 PER_MACHINE = {f"{section}.{key}" for section, rules in RULES.items() for key, rule in rules.items() if rule is TEXT}
-PER_MACHINE |= {"data.num_workers", "data.frame_cache_mb"}
+# ... and those that change only how this process reads, holds or keeps things, not what it computes: its decoder,
+# its evaluation batches (each process encodes its share, gathered once), the checkpoints rank 0 keeps and logs.
+PER_MACHINE |= {"data.num_workers", "data.frame_cache_mb", "data.backend", "data.allow_download"}
+PER_MACHINE |= {"eval.batch_size", "checkpoint.keep_last", "log.tensorboard"}
 
 
-def check_launch_agrees(info: D.DistInfo, cfg: TrainConfig, model, tokenizer, clips: int, fingerprint, found) -> None:
+def check_launch_agrees(
+    info: D.DistInfo, cfg: TrainConfig, model, tokenizer, clips: int, fingerprint, eval_set, found
+) -> None:
     """Every process of a launch reads its own config, data, tokenizer and checkpoint: ConfigError (before any
     training) on every process where one differs from rank 0's. DDP keeps only the weights in step; processes with
-    other settings or data would train a silently different model, or wait in different collectives."""
+    other settings or data would train a silently different model, or wait in different collectives (an evaluation
+    set missing on one machine, other class counts: label tensors of other widths gathered)."""
     settings = {k: v for k, v in _flat(cfg.to_dict(), sep=".").items() if k not in PER_MACHINE}
     problems = D.agreement_problems(
         info,
@@ -620,6 +626,8 @@ def check_launch_agrees(info: D.DistInfo, cfg: TrainConfig, model, tokenizer, cl
             "the model config": model.config.to_dict(),
             "the tokenizer's vocabulary": tokenizer.get_vocab(),
             "the training data": [clips, fingerprint],
+            "the evaluation data": None if eval_set is None else len(eval_set),
+            "the class counts (meta.json)": list(class_counts(cfg)) if cfg.task == "pretrain" else None,
             "the checkpoint --resume continues": found and [found.name, (found / MANIFEST).read_bytes()],
         },
     )
@@ -685,7 +693,7 @@ def _train(cfg: TrainConfig, output_dir: Path, resume: bool, info: D.DistInfo, p
     train_set, eval_set = build_datasets(cfg, model.config, eval_frames)
     # What the checkpoints' data positions index: every process reads its own, and all must be rank 0's.
     fingerprint = training_data_fingerprint(train_set)
-    check_launch_agrees(info, cfg, model, tokenizer, len(train_set), fingerprint, found)
+    check_launch_agrees(info, cfg, model, tokenizer, len(train_set), fingerprint, eval_set, found)
     resumed = load_checkpoint(found, map_location=info.device) if found is not None else None
     skipped_rows = len(getattr(train_set, "skipped_rows", []))
     finetune = cfg.task != "pretrain"

@@ -124,6 +124,17 @@ def test_processes_that_disagree_on_settings_or_data_are_refused_before_training
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))
 
 
+def test_an_evaluation_set_missing_on_one_machine_is_refused_before_training(data, tmp_path):
+    """egomcq_json is a path, which may differ per machine, so the check passed a rank whose machine lacked the
+    file: it skipped the evaluation the others ran, and gloo aborted rank 0 in the mismatched collective."""
+    config_1 = _config(data)
+    config_1["data"] = config_1["data"] | {"egomcq_json": "not_copied_here.json"}
+    codes, errors = _launch(tmp_path, _config(data), config_1=config_1)
+    assert codes == [2, 2], errors
+    for stderr in errors:
+        assert "the evaluation data: rank 1 differs from rank 0" in _last_line(stderr), stderr[-2000:]
+
+
 def test_a_step_whose_loss_is_not_finite_on_one_rank_is_skipped_by_every_rank(data, tmp_path):
     """The NaN/inf guard decided on each process's own loss: rank 1 skipped the step, rank 0 took it and saved a
     checkpoint of a step rank 1 never reached, and their next collectives did not match (gloo aborted)."""
@@ -199,5 +210,8 @@ def test_only_a_collectives_own_failure_is_explained():
     closed = RuntimeError("[/src/gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.0.0.1]:41. Check it.")
     assert D.failure_message(info, closed) == (
         "rank 1 of 2: a collective with the other processes failed (Connection closed by peer [10.0.0.1]:41): no "
-        "other process reported an error: one was killed (out of memory, a signal) or its machine is gone"
+        "other process's error could be read: one was killed (out of memory, a signal), its machine is gone, or "
+        "rank 0 stopped (without torchrun its error goes with it: its own output says why)"
     )
+    # this process's own error, whose path happens to hold "gloo": not taken for another process's failure
+    assert D.failure_message(info, RuntimeError("/mnt/igloo/run/model.safetensors: disk I/O error")) is None
