@@ -81,6 +81,12 @@ def check_seconds(value, name: str) -> float:
     return float(value)
 
 
+# The version of how a video's windows are planned (`plan_windows`, `decodable_timeline`): raised with any change
+# to the windows a file gets. An index records the version its videos were planned with; a rerun under another one
+# plans every video again (re-indexing those whose windows changed), instead of skipping the unchanged files.
+PLANNER_VERSION = 1
+
+
 def plan_windows(
     path: str | os.PathLike,
     frames: int,

@@ -69,6 +69,7 @@ from ..folder_lock import exclusive_writer
 from ..jsonfile import read_json
 from ..path_text import printable, utf8_path
 from .clip_pipeline import (
+    PLANNER_VERSION,
     ClipPipeline,
     StageTimes,
     Window,
@@ -525,6 +526,7 @@ def _extend_index(
             **_export_of(runtime),
             "settings": wanted,
             "embed_dim": runtime.folder.config.projection_dim,
+            "planner": PLANNER_VERSION,  # the windows of its videos are planned by this version (see _extend_index)
             "created": _now(),
             "videos": [],
         }
@@ -570,7 +572,10 @@ def _extend_index(
     number = max((v["number"] for v in data["videos"]), default=-1) + 1
     paths, indexed_under, notes = _one_entry_per_file(data, paths, drop)
     by_path = {v["path"]: v for v in data["videos"]}
-    unchanged = _unchanged(paths, indexed_under, by_path, settings)
+    # videos planned by another version of the planner (an index written before it was recorded, too) are planned
+    # again, so that its changes reach them; the index records this one's once every video went through it
+    replan = data.get("planner") != PLANNER_VERSION
+    unchanged = {} if replan else _unchanged(paths, indexed_under, by_path, settings)
     for path, now in list(unchanged.items()):
         entry = by_path[indexed_under.get(path) or str(path.resolve())]
         if entry["fingerprint"] != now:  # the same file, its device or inode recorded anew
@@ -705,6 +710,9 @@ def _extend_index(
         for video in gone:  # only uncommitted (nothing is written under their names): one write for all of them
             lost = _uncommit_broken_shards(out, data, video, writer.touch, gone=True)
             notes.append({"path": video["path"], "note": f"{note}; {lost}" if lost else note})
+    if replan:
+        data["planner"] = PLANNER_VERSION
+        writer.dirty = True
     if writer.dirty:
         write()
     seconds = time.perf_counter() - t_start

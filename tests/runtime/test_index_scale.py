@@ -13,6 +13,7 @@ import egovlp_deploy.checkpoint as checkpoint
 import egovlp_deploy.runtime.index as index_module
 from egovlp_deploy.path_text import utf8_path
 from egovlp_deploy.runtime import IndexSettings, MomentIndex, Runtime, build_index
+from egovlp_deploy.runtime.clip_pipeline import PLANNER_VERSION
 from video_files import write_numbered, write_video
 
 
@@ -114,6 +115,25 @@ def test_a_rerun_plans_only_the_videos_that_changed(rt, clips, tmp_path, count_p
     assert (summary["videos"], summary["new_windows"], summary["succeeded"]) == (7, 1 + 2 + 1, 7)
     assert any("clip4" in n["path"] and "again" in n["note"] for n in summary["notes"])
     _same_as_fresh(rt, idx, videos, tmp_path / "fresh")
+
+
+def test_videos_planned_by_another_planner_are_planned_again(rt, clips, tmp_path, count_plans):
+    """The skip trusts the windows recorded: an index whose videos were planned by another version of the planner
+    (or before the version was recorded) plans every video once more, so that a change to the windows a file gets
+    reaches it, and records this version for the next rerun to skip them again."""
+    videos = _folder(clips, tmp_path / "videos")
+    idx = tmp_path / "idx"
+    build_index(idx, [str(videos)], rt, _settings(), progress=False)
+    data = json.loads((idx / "index.json").read_text())
+    assert data["planner"] == PLANNER_VERSION
+    del data["planner"]  # an index written before the version was recorded
+    (idx / "index.json").write_text(json.dumps(data))
+    count_plans.clear()
+    build_index(idx, [str(videos)], rt, _settings(), progress=False)
+    assert len(count_plans) == 6
+    count_plans.clear()
+    build_index(idx, [str(videos)], rt, _settings(), progress=False)
+    assert count_plans == []
 
 
 def test_an_interrupted_video_is_planned_to_resume(rt, tmp_path, count_plans):
