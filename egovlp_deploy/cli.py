@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def after_interrupt(command: str) -> str:
     """What an interrupted command leaves and how to go on. Every command writes atomically, so nothing is left
-    half-written; only index, features and train (with --resume) continue where they stopped."""
+    half-written; index, features, mcq --out and train (with --resume) continue where they stopped."""
     advice = {
         "index": "finished work is kept, rerun the same command to continue",
         "features": "finished work is kept, rerun the same command to continue",
@@ -345,6 +345,7 @@ def after_interrupt(command: str) -> str:
         "bench": "the rows measured so far are kept, marked incomplete; a rerun starts over",
         "synth": "nothing was written (the dataset is moved into place only when complete); rerun it to start again",
         "demo": "rerun it with --force to start again (its folder is not empty now)",
+        "mcq": "with --out, the answers so far are kept: rerun the same command to continue (else it starts again)",
     }
     return advice.get(command, "nothing half-written is left; rerun it to start again")
 

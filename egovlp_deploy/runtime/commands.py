@@ -30,7 +30,13 @@ similarity; --rerank K re-scores the top K with the fusion encoder over the cach
 --prefixes), by the VTM match probability or the official ensemble (cosine + probability)."""
 
 MCQ_DESCRIPTION = """Answer EgoMCQ-style questions (official egomcq.json format: a narration and 5 candidate clips)
-with the exported engines, in dual, fusion and ensemble mode; prints accuracy when answers are given."""
+with the exported engines, in dual, fusion and ensemble mode; prints accuracy when answers are given. The next
+questions' clips are decoded in a background thread while the engines answer the current one.
+
+With --out FILE, each answer is recorded as it is made in FILE.partial.jsonl: a killed or failed run resumes when
+the same command is run again (only the questions not yet answered are answered), and FILE, written at the end, is
+the one an uninterrupted run writes. A progress file of another run (other questions, engines or options) is
+refused: delete it to start over."""
 
 FEATURES_DESCRIPTION = """Extract per-window features of your own videos for downstream heads: --mode dual gives
 projected dual video embeddings per window (EgoMQ / VSGN layout: features (T, P) + timestamps (T, 2)); --mode
@@ -434,7 +440,12 @@ def add_mcq_arguments(p) -> None:
     _engine_options(p)
     p.add_argument("--max-questions", type=positive_int, metavar="N", help="answer only the first N")
     p.add_argument("--decoder", choices=("auto", "decord", "pyav"), default="auto", help="video decoder")
-    p.add_argument("--out", metavar="FILE", help="write every answer and score as JSON")
+    p.add_argument(
+        "--out",
+        metavar="FILE",
+        help="write every answer and score as JSON; answers are recorded as they are made in FILE.partial.jsonl, "
+        "and a rerun of the same command resumes from there",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -452,19 +463,28 @@ def format_mcq(summary: dict) -> str:
 def run_mcq(args) -> int:
     from egovlp_deploy.checkpoint import atomic_write_bytes, check_output_file
 
-    from .mcq import answer_mcq
+    from .mcq import answer_mcq, progress_path, remove_progress
 
     # the answers are written after every question is read: a path that cannot take them would lose the run, so
-    # it is checked before any engine loads or video is read
+    # it is checked before any engine loads or video is read; the progress file beside it shares its folder
+    progress_file = None
     if args.out:
         inputs = (("questions", args.questions), ("--engines", args.engines), ("--tokenizer", args.tokenizer))
         check_output_file(args.out, "--out", tuple((label, path) for label, path in inputs if path))
+        progress_file = progress_path(args.out)
     rt = _runtime(args)
     summary = answer_mcq(
-        args.questions, args.video_root, rt, args.max_questions, progress=not args.json, decode_backend=args.decoder
+        args.questions,
+        args.video_root,
+        rt,
+        args.max_questions,
+        progress=not args.json,
+        decode_backend=args.decoder,
+        progress_file=progress_file,
     )
     if args.out:
         atomic_write_bytes(Path(args.out), json.dumps(summary, indent=1).encode())
+        remove_progress(progress_file)  # after the answers are in FILE: a kill in between resumes with all answered
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "results"}, indent=2))
         return 0
