@@ -250,11 +250,115 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
-    """(metadata_props, external data locations) of an ONNX file in one parse; external data is not read."""
-    import onnx
+    """(metadata_props, external data locations) of an ONNX file, read from its protobuf wire format without
+    reading the tensors' bytes: every load verifies a graph this way, and parsing a paper-size graph whole (`onnx.load`)
+    costs seconds and about twice the file's size in memory. Covers the same tensors as `external_data_locations`.
+    ValueError for a file that is not a well-formed protobuf message."""
+    with open(path, "rb") as f:
+        scan = _WireScan(f, os.fstat(f.fileno()).st_size)
+        scan.message(scan.size, _MODEL, 0)
+    return scan.metadata, sorted(scan.locations)
 
-    proto = onnx.load(str(path), load_external_data=False)
-    return {p.key: p.value for p in proto.metadata_props}, external_data_locations(proto)
+
+# What read_header descends into, per message type: field number -> the message type of that field. Every other
+# field is skipped by its length (tensor bytes: raw_data and the typed data fields, by a seek).
+_TENSOR, _SPARSE, _ATTRIBUTE, _NODE, _GRAPH, _FUNCTION, _MODEL, _ENTRY = range(8)
+_DESCEND = {
+    _MODEL: {7: _GRAPH, 25: _FUNCTION},  # graph, functions (metadata_props: field 14, read apart)
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},  # node, initializer, sparse_initializer
+    _FUNCTION: {7: _NODE},
+    _NODE: {5: _ATTRIBUTE},
+    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},  # t g tensors graphs ...
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},  # values, indices
+}
+_MAX_DEPTH = 100  # protobuf's own recursion limit
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+class _WireScan:
+    """A protobuf wire-format reader over a file: fields by number, lengths skipped by seeking."""
+
+    def __init__(self, f, size: int):
+        self.f, self.size = f, size
+        self.metadata: dict[str, str] = {}
+        self.locations: set[str] = set()
+
+    def varint(self, end: int) -> int:
+        result = shift = 0
+        while True:
+            if self.f.tell() >= end:
+                raise ValueError("truncated varint")
+            byte = self.f.read(1)[0]
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+            if shift > 63:
+                raise ValueError("varint longer than 10 bytes")
+
+    def fields(self, end: int):
+        """(field number, wire type, end of the value for a length-delimited field else None) of each field up to
+        `end`; varints are left for the caller to read, fixed-size values are skipped."""
+        while self.f.tell() < end:
+            key = self.varint(end)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                yield number, wire, None
+            elif wire in (1, 5):  # fixed64, fixed32
+                self._skip_to(self.f.tell() + (8 if wire == 1 else 4), end)
+            elif wire == 2:
+                stop = self.varint(end)
+                stop += self.f.tell()
+                if stop > end:
+                    raise ValueError(f"field {number} runs past the end of its message")
+                yield number, wire, stop
+            else:
+                raise ValueError(f"wire type {wire} (field {number}) is not in ONNX's protobuf messages")
+
+    def _skip_to(self, position: int, end: int) -> None:
+        if position > end:
+            raise ValueError("a field runs past the end of its message")
+        self.f.seek(position)
+
+    def message(self, end: int, kind: int, depth: int) -> None:
+        if depth > _MAX_DEPTH:
+            raise ValueError(f"messages nested deeper than {_MAX_DEPTH}")
+        descend = _DESCEND.get(kind, {})
+        external, located = False, False
+        for number, wire, stop in self.fields(end):
+            if wire == 0:
+                value = self.varint(end)
+                if kind == _TENSOR and number == 14:  # data_location: the last one counts
+                    external = value == _EXTERNAL
+                continue
+            if kind == _MODEL and number == 14:  # metadata_props
+                key, value = self.entry(stop)
+                self.metadata[key] = value
+            elif kind == _TENSOR and number == 13:  # external_data
+                key, value = self.entry(stop)
+                if key == "location":
+                    # Every location counts, external or not: protobuf merges a singular tensor field written
+                    # twice, so a location may belong to a tensor whose data_location another occurrence sets.
+                    self.locations.add(value)
+                    located = True
+            elif number in descend:
+                self.message(stop, descend[number], depth + 1)
+            self._skip_to(stop, end)
+        if external and not located:
+            self.locations.add("")
+
+    def entry(self, end: int) -> tuple[str, str]:
+        """A StringStringEntryProto: (key, value)."""
+        out = {1: "", 2: ""}
+        for number, wire, stop in self.fields(end):
+            if wire == 0:
+                self.varint(end)
+            elif number in out:
+                out[number] = self.f.read(stop - self.f.tell()).decode("utf-8")
+                self._skip_to(stop, end)
+            elif stop is not None:
+                self._skip_to(stop, end)
+        return out[1], out[2]
 
 
 def external_data_locations(proto) -> list[str]:
@@ -297,7 +401,8 @@ def external_data_locations(proto) -> list[str]:
 
 def save_model(proto, path: Path) -> None:
     """Write a single-file model atomically (temp file + rename): a crash never leaves half an artifact under the
-    final name. ONNX protobufs are capped at 2 GiB; the paper model's largest graph (fusion, ~1.5 GB fp32) fits."""
+    final name. ONNX protobufs are capped at 2 GiB; the paper model's largest graph (fusion, 1.08 GB fp32 at 16
+    frames) fits."""
     import onnx
 
     if proto.ByteSize() >= 2**31:
@@ -307,6 +412,28 @@ def save_model(proto, path: Path) -> None:
     try:
         onnx.save_model(proto, str(tmp))
         os.replace(tmp, path)
+    except OSError as exc:
+        raise write_error(path, exc, proto.ByteSize()) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_error(path: Path, cause: BaseException, needed: int | None = None, scratch: str | None = None) -> ExportError:
+    """The ExportError of an artifact that could not be written to `path` (its temp file is gone by then), naming
+    the file, the cause and the room left on its disk (and on the `scratch` folder's, where a tool writes a copy
+    first): a paper-size fp32 graph is 0.2-1.1 GB, and a full disk shows up as a bare `[Errno 28]`, an ONNX Runtime
+    "serialization failed" or a truncated file that names neither."""
+    import shutil
+
+    rooms = []
+    for label, folder in (("on its disk", path.parent), (f"in {scratch}", scratch)):
+        if folder is None:
+            continue
+        try:
+            rooms.append(f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free {label}")
+        except OSError:
+            pass
+    size = f" ({needed / 2**20:.0f} MiB)" if needed else ""
+    free = f"; {', '.join(rooms)}" if rooms else ""
+    return ExportError(f"{path}{size} could not be written: {type(cause).__name__}: {cause}{free}")

@@ -128,10 +128,13 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
     """ONNX Runtime dynamic quantization of `src` into `dst`: int8 weights with one scale per output channel,
     activations quantized per tensor at run time. Returns the quantized op counts. Per-channel scales keep a trained
     encoder's outputs much closer to fp32 than one scale per weight tensor."""
+    import tempfile
+
     import onnx
+    from google.protobuf.message import DecodeError
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from .onnx_export import save_model, set_metadata
+    from .onnx_export import save_model, set_metadata, write_error
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +149,10 @@ def to_int8(src: str | os.PathLike, dst: str | os.PathLike) -> dict:
             extra_options={"MatMulConstBOnly": True},
         )
         model = onnx.load(str(tmp))
+    except (OSError, DecodeError) as exc:
+        # ORT's quantizer writes a shape-inferred copy of the graph into the temp folder and reads it back: a full
+        # disk there or here truncates a file it then fails to parse (DecodeError), or fails the write (OSError)
+        raise write_error(dst, exc, scratch=tempfile.gettempdir()) from exc
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -163,11 +170,18 @@ def ort_optimize(src: str | os.PathLike, dst: str | os.PathLike, level: str = "e
     attention, MatMul+Add) stay portable across CPUs; 'all' adds layout changes tied to this machine's ISA."""
     from egovlp_deploy.ort_session import ort_session
 
+    from .onnx_export import ExportError, write_error
+
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.o{os.getpid()}")
     try:
-        ort_session(src, optimize=level, optimized_path=tmp)
-        os.replace(tmp, dst)
+        # src loads (it was validated): a failure here is ONNX Runtime's write of the optimized graph
+        try:
+            ort_session(src, optimize=level, optimized_path=tmp, error=ExportError)
+            os.replace(tmp, dst)
+        except (ExportError, OSError) as exc:
+            cause = exc.__cause__ if isinstance(exc, ExportError) and exc.__cause__ else exc
+            raise write_error(dst, cause, Path(src).stat().st_size) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -191,13 +191,15 @@ class ArtifactModel:
 
 
 class PreTokenized:
-    """A tokenizer stand-in for random questions: returns the given ids whatever the texts."""
+    """A tokenizer stand-in for random questions, whose texts are their row numbers ("0", "1", ...): returns the
+    given ids and mask of those rows (a chunk of the questions gets its own rows)."""
 
     def __init__(self, ids: torch.Tensor, mask: torch.Tensor):
         self.ids, self.mask = ids, mask
 
     def __call__(self, texts, **kwargs):
-        return {"input_ids": self.ids[: len(texts)], "attention_mask": self.mask[: len(texts)]}
+        rows = [int(t) for t in texts]
+        return {"input_ids": self.ids[rows], "attention_mask": self.mask[rows]}
 
 
 @dataclass
@@ -252,10 +254,23 @@ def _decisive_agreement(ref: torch.Tensor, got: torch.Tensor, tol: float) -> tup
     return raw, float(agree.float().mean())
 
 
+def _scores_in_chunks(model, tasks: TaskSet, length: int, max_batch: int) -> dict[str, torch.Tensor]:
+    """`score_questions` over as many questions at a time as put at most `max_batch` clips (or one question's) in one
+    call: torch runs every clip of a call in one batch, and 30 paper-size 16-frame clips through `fuse` at once
+    took over 10 GB. A question's scores do not depend on the others'."""
+    from egovlp_deploy.evaluation import score_questions
+
+    per_call = max(1, max_batch // tasks.videos.shape[1])
+    parts = [
+        score_questions(model, tasks.tokenizer, tasks.texts[i : i + per_call], tasks.videos[i : i + per_call], length)
+        for i in range(0, len(tasks.texts), per_call)
+    ]
+    return {mode: torch.cat([p[mode] for p in parts]) for mode in parts[0]}
+
+
 def task_agreement(model, runs: dict, precision: str, tasks: TaskSet, max_batch: int, name: str = "") -> Check:
     """Retrieval, EgoMCQ answers and the head-vs-fusion equality for the artifacts in `runs` (role -> run); the
     check is named `task/<name>` (default: the precision)."""
-    from egovlp_deploy.evaluation import score_questions
     from egovlp_deploy.losses import sim_matrix
     from egovlp_deploy.metrics import egomcq_accuracy
 
@@ -295,9 +310,9 @@ def task_agreement(model, runs: dict, precision: str, tasks: TaskSet, max_batch:
             modes.append(("egomcq_via_head", ArtifactModel(runs, precision, max_batch, fusion_via_head=True)))
         if modes:
             length = model.config.text.max_text_length  # the artifacts' texts are tokenized as the model's
-            ref_scores = score_questions(model, tasks.tokenizer, tasks.texts, tasks.videos, length)
+            ref_scores = _scores_in_chunks(model, tasks, length, max_batch)
             for label, art in modes:
-                got_scores = score_questions(art, tasks.tokenizer, tasks.texts, tasks.videos, length)
+                got_scores = _scores_in_chunks(art, tasks, length, max_batch)
                 entry = {}
                 for mode in ("dual", "fusion", "ensemble"):
                     raw, dec = _decisive_agreement(ref_scores[mode], got_scores[mode], tol)
