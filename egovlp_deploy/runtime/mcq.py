@@ -22,6 +22,8 @@ keeps what it did.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -237,6 +239,7 @@ IDENTITY_LABELS = {
     "device": "--device",
     "attention": "--attention",
     "compile": "--compile",
+    "engines_as_run": "engines as loaded (backend, provider, precision per role)",
 }
 
 
@@ -265,6 +268,7 @@ def run_identity(
         "device": str(runtime.device),
         "attention": runtime.attention,
         "compile": bool(runtime.compile),
+        "engines_as_run": runtime.summary(),  # the provider each role loaded with (CUDA can fall back to the CPU)
     }
 
 
@@ -297,33 +301,42 @@ class Progress:
 
     def open(self, questions: list[dict]) -> dict[int, tuple[dict[str, torch.Tensor], float]]:
         """{question: (scores, seconds)} recorded by an earlier run of this identity; starts the file when there is
-        none. A file that is not a progress file, or another run's, is refused (ValueError) and left as it is."""
-        from egovlp_deploy.checkpoint import atomic_write_bytes
-
+        none. A file that is not a progress file, or another run's with answers in it, is refused (ValueError) and
+        left as it is; one holding no answer yet (a run stopped before its first) is started again. The file is
+        locked for the run: a second run with the same --out is refused while this one goes."""
         if not self.path.exists() and not self.path.is_symlink():
-            atomic_write_bytes(self.path, _header(self.identity))
-            self.file = open(self.path, "ab")
-            return {}
-        if not self.path.is_file():
+            _create_new(self.path, _header(self.identity))
+        if not self.path.is_file() or self.path.is_symlink():
             raise ValueError(f"{self.path}: is in the way of the progress file (not a file); move it away")
-        data = self.path.read_bytes()
-        first, _, rest = data.partition(b"\n")
-        header = _read_header(first)
-        if header is None:
-            raise ValueError(
-                f"{self.path}: is in the way of the progress file and is not one `egovlp-deploy mcq` wrote; it is "
-                "left as it is: move it away, or write the answers elsewhere"
-            )
-        self._check(header)
-        complete = rest.rfind(b"\n") + 1  # after the last whole line: a line cut short by a kill is left out
-        done = {}
-        for n, line in enumerate(rest[:complete].splitlines(), start=2):
-            i, scores, seconds = self._parse(line, n, questions)
-            done[i] = (scores, seconds)
-        if complete < len(rest):
-            os.truncate(self.path, len(first) + 1 + complete)
-        self.file = open(self.path, "ab")
-        self.resumed, self.recorded = True, len(done)
+        self.file = open(self.path, "r+b")
+        try:
+            _lock(self.file, self.path)
+            data = self.file.read()
+            first, _, rest = data.partition(b"\n")
+            header = _read_header(first)
+            if header is None:
+                raise ValueError(
+                    f"{self.path}: is in the way of the progress file and is not one `egovlp-deploy mcq` wrote; it "
+                    "is left as it is: move it away, or write the answers elsewhere"
+                )
+            complete = rest.rfind(b"\n") + 1  # after the last whole line: a line cut short by a kill is left out
+            if complete == 0 and header.get("run") != self.identity:  # ours, no answer in it: nothing to keep
+                self.file.seek(0)
+                self.file.truncate()
+                self.file.write(_header(self.identity))
+                self.file.flush()
+                return {}
+            self._check(header)
+            done = {}
+            for n, line in enumerate(rest[:complete].splitlines(), start=2):
+                i, scores, seconds = self._parse(line, n, questions)
+                done[i] = (scores, seconds)
+            self.file.truncate(len(first) + 1 + complete)
+            self.file.seek(0, os.SEEK_END)
+        except BaseException:
+            self.close()
+            raise
+        self.resumed, self.recorded = bool(done), len(done)
         return done
 
     def _check(self, header: dict) -> None:
@@ -380,6 +393,43 @@ class Progress:
             self.file = None
 
 
+def _create_new(path: Path, header: bytes) -> None:
+    """Write a new progress file holding `header`, whole or not at all, and never over a file another run made in
+    the meantime (a hard link of a complete temp file: it fails where the name exists)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(header)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another run made it first: its header is read and checked as any other
+            pass
+        except OSError:  # a filesystem without hard links: created exclusively, written in place
+            with contextlib.suppress(FileExistsError), open(path, "xb") as f:
+                f.write(header)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _lock(file, path: Path) -> None:
+    """An exclusive lock on the open progress file for the run (released when it is closed, or the process ends);
+    ValueError where another run holds it. A filesystem that cannot lock is used unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    try:
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise ValueError(
+                f"{path}: another `egovlp-deploy mcq` run with this --out is answering now; wait for it to finish, "
+                "or write the answers elsewhere"
+            ) from None
+
+
 def remove_progress(path: str | Path) -> None:
     """Delete a run's progress file once its answers are written; a file there that this tool did not write (no
     progress header) is left."""
@@ -390,7 +440,7 @@ def remove_progress(path: str | Path) -> None:
     except (FileNotFoundError, IsADirectoryError):
         return
     if _read_header(first.rstrip(b"\n")) is not None:
-        path.unlink()
+        path.unlink(missing_ok=True)
 
 
 def accuracy(results: list[dict], scores: list[dict[str, torch.Tensor]]) -> dict:

@@ -180,14 +180,33 @@ def test_last_line_cut_short_by_a_kill_is_answered_again(data, engines, referenc
     last = text.rstrip(b"\n").rfind(b"\n") + 1
     progress.write_bytes(text[: last + (len(text) - last) // 2])  # the third answer half written, no newline
     capsys.readouterr()
+    _interrupted_run(monkeypatch, questions, root, engines, out, 1)  # resumed, then stopped after one answer
+    lines = progress.read_bytes().splitlines()
+    assert len(lines) == 1 + 3 and all(json.loads(line) for line in lines)  # the cut line gone, not glued to one
+    capsys.readouterr()
 
     decodes, answers = _count_decodes(monkeypatch), _count_answers(monkeypatch)
     assert main(_args(questions, root, engines, out)) == 0
-    assert f"resuming: 2 of {NUM_QUESTIONS} questions already answered" in capsys.readouterr().err
-    assert len(answers) == NUM_QUESTIONS - 2
-    assert sorted({key for key, _, _ in decodes}) == [str(q) for q in range(2, NUM_QUESTIONS)]
+    assert f"resuming: 3 of {NUM_QUESTIONS} questions already answered" in capsys.readouterr().err
+    assert len(answers) == NUM_QUESTIONS - 3
+    assert sorted({key for key, _, _ in decodes}) == [str(q) for q in range(3, NUM_QUESTIONS)]
     assert out.read_bytes() == reference
     assert not progress.exists()
+
+
+def test_a_second_run_with_the_same_out_is_refused_while_the_first_answers(data, engines, tmp_path):
+    """Two runs appending to one progress file would mix their lines, and the first to finish would delete the
+    file the other still writes: the file is locked for the run."""
+    questions, root = data
+    out = tmp_path / "answers.json"
+    runtime = Runtime(engines)
+    first = mcq.Progress(mcq.progress_path(out), {"run": 1})
+    first.open([])
+    try:
+        with pytest.raises(ValueError, match="another `egovlp-deploy mcq` run with this --out is answering now"):
+            mcq.answer_mcq(questions, root, runtime, progress=False, progress_file=mcq.progress_path(out))
+    finally:
+        first.close()
 
 
 def test_progress_of_another_run_is_refused_and_left_as_it_is(data, engines, tmp_path, monkeypatch, capsys):
