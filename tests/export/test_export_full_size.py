@@ -12,53 +12,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from egovlp_deploy.export.onnx_export import external_data_locations, read_header
-
-
-def _external(name: str, location: str | None, data_location=TensorProto.EXTERNAL):
-    t = numpy_helper.from_array(np.zeros(4, np.float32), name)
-    t.ClearField("raw_data")
-    if data_location is not None:
-        t.data_location = data_location
-    if location is not None:
-        entry = t.external_data.add()
-        entry.key, entry.value = "location", location
-    return t
+from onnx_graphs import external_tensor, graph_with_every_tensor_kind
 
 
 def _graph_with_every_tensor_kind():
-    """External tensors as initializers, Constant attributes, subgraph initializers and in local functions, plus
-    inline bytes and metadata: what `external_data_locations` covers."""
-    branch = helper.make_graph(
-        [helper.make_node("Identity", ["b"], ["y"])],
-        "branch",
-        [],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [_external("b", "branch.data")],
-    )
-    nodes = [
-        helper.make_node("Constant", [], ["c"], value=_external("c", "const.data")),
-        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
-        helper.make_node("F", ["c"], ["z"], domain="local"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [_external("w", "weights.data"), numpy_helper.from_array(np.ones(2, np.float32), "i")],
-    )
-    function = helper.make_function(
-        "local",
-        "F",
-        ["x"],
-        ["z"],
-        [
-            helper.make_node("Constant", [], ["k"], value=_external("k", "fn.data")),
-            helper.make_node("Add", ["x", "k"], ["z"]),
-        ],
-        [helper.make_opsetid("", 18)],
-    )
-    model = helper.make_model(graph, functions=[function])
+    """`graph_with_every_tensor_kind` with the metadata an export records."""
+    model = graph_with_every_tensor_kind()
     for key, value in (("egovlp.role", "fusion"), ("egovlp.precision", "fp32"), ("egovlp.config_sha256", "ab12")):
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -82,8 +41,8 @@ def test_read_header_keeps_a_location_a_merged_tensor_would_read(tmp_path):
     records that location, which ONNX Runtime would read, rather than miss it."""
     import onnx
 
-    named_half = _external("m", "hidden.data", data_location=None).SerializeToString()
-    attr = helper.make_attribute("value", _external("m", None)).SerializeToString()
+    named_half = external_tensor("m", "hidden.data", data_location=None).SerializeToString()
+    attr = helper.make_attribute("value", external_tensor("m", None)).SerializeToString()
     attr += _field(5, named_half)  # AttributeProto.t again: merged into one tensor
     node = helper.make_node("Constant", [], ["m"]).SerializeToString() + _field(5, attr)  # NodeProto.attribute
     model = _graph_with_every_tensor_kind().SerializeToString() + _field(7, _field(1, node))  # graph.node

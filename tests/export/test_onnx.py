@@ -53,48 +53,8 @@ def test_opset_below_18_is_refused(tiny_model, tmp_path):
 
 def test_external_data_locations_cover_every_tensor():
     """Initializers, Constant attributes, subgraph initializers (If branches) and local functions all count."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
     from egovlp_deploy.export.onnx_export import external_data_locations
+    from onnx_graphs import graph_with_every_tensor_kind
 
-    def external(name, location):
-        t = numpy_helper.from_array(np.zeros(4, np.float32), name)
-        t.ClearField("raw_data")
-        t.data_location = TensorProto.EXTERNAL
-        entry = t.external_data.add()
-        entry.key, entry.value = "location", location
-        return t
-
-    branch = helper.make_graph(
-        [helper.make_node("Identity", ["b"], ["y"])],
-        "branch",
-        [],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [external("b", "branch.data")],
-    )
-    nodes = [
-        helper.make_node("Constant", [], ["c"], value=external("c", "const.data")),
-        helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch),
-        helper.make_node("F", ["c"], ["z"], domain="local"),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
-        [external("w", "weights.data"), numpy_helper.from_array(np.ones(2, np.float32), "i")],
-    )
-    function = helper.make_function(
-        "local",
-        "F",
-        ["x"],
-        ["z"],
-        [
-            helper.make_node("Constant", [], ["k"], value=external("k", "fn.data")),
-            helper.make_node("Add", ["x", "k"], ["z"]),
-        ],
-        [helper.make_opsetid("", 18)],
-    )
-    model = helper.make_model(graph, functions=[function])
+    model = graph_with_every_tensor_kind()
     assert external_data_locations(model) == ["branch.data", "const.data", "fn.data", "weights.data"]
