@@ -250,115 +250,14 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], list[str]]:
-    """(metadata_props, external data locations) of an ONNX file, read from its protobuf wire format without
-    reading the tensors' bytes: every load verifies a graph this way, and parsing a paper-size graph whole (`onnx.load`)
-    costs seconds and about twice the file's size in memory. Covers the same tensors as `external_data_locations`.
-    ValueError for a file that is not a well-formed protobuf message."""
-    with open(path, "rb") as f:
-        scan = _WireScan(f, os.fstat(f.fileno()).st_size)
-        scan.message(scan.size, _MODEL, 0)
-    return scan.metadata, sorted(scan.locations)
+    """(metadata_props, external data locations) of an ONNX file in one parse by protobuf itself; external data is
+    not read. The parse reads the whole file (a paper-size fusion graph: seconds, about twice its size in memory);
+    a reader of our own that skipped the tensors would have to match how ONNX Runtime's protobuf reads every field
+    of a hostile file, or let it name files the manifest does not hash."""
+    import onnx
 
-
-# What read_header descends into, per message type: field number -> the message type of that field. Every other
-# field is skipped by its length (tensor bytes: raw_data and the typed data fields, by a seek).
-_TENSOR, _SPARSE, _ATTRIBUTE, _NODE, _GRAPH, _FUNCTION, _MODEL, _ENTRY = range(8)
-_DESCEND = {
-    _MODEL: {7: _GRAPH, 25: _FUNCTION},  # graph, functions (metadata_props: field 14, read apart)
-    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},  # node, initializer, sparse_initializer
-    _FUNCTION: {7: _NODE},
-    _NODE: {5: _ATTRIBUTE},
-    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},  # t g tensors graphs ...
-    _SPARSE: {1: _TENSOR, 2: _TENSOR},  # values, indices
-}
-_MAX_DEPTH = 100  # protobuf's own recursion limit
-_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
-
-
-class _WireScan:
-    """A protobuf wire-format reader over a file: fields by number, lengths skipped by seeking."""
-
-    def __init__(self, f, size: int):
-        self.f, self.size = f, size
-        self.metadata: dict[str, str] = {}
-        self.locations: set[str] = set()
-
-    def varint(self, end: int) -> int:
-        result = shift = 0
-        while True:
-            if self.f.tell() >= end:
-                raise ValueError("truncated varint")
-            byte = self.f.read(1)[0]
-            result |= (byte & 0x7F) << shift
-            if byte < 0x80:
-                return result
-            shift += 7
-            if shift > 63:
-                raise ValueError("varint longer than 10 bytes")
-
-    def fields(self, end: int):
-        """(field number, wire type, end of the value for a length-delimited field else None) of each field up to
-        `end`; varints are left for the caller to read, fixed-size values are skipped."""
-        while self.f.tell() < end:
-            key = self.varint(end)
-            number, wire = key >> 3, key & 7
-            if wire == 0:
-                yield number, wire, None
-            elif wire in (1, 5):  # fixed64, fixed32
-                self._skip_to(self.f.tell() + (8 if wire == 1 else 4), end)
-            elif wire == 2:
-                stop = self.varint(end)
-                stop += self.f.tell()
-                if stop > end:
-                    raise ValueError(f"field {number} runs past the end of its message")
-                yield number, wire, stop
-            else:
-                raise ValueError(f"wire type {wire} (field {number}) is not in ONNX's protobuf messages")
-
-    def _skip_to(self, position: int, end: int) -> None:
-        if position > end:
-            raise ValueError("a field runs past the end of its message")
-        self.f.seek(position)
-
-    def message(self, end: int, kind: int, depth: int) -> None:
-        if depth > _MAX_DEPTH:
-            raise ValueError(f"messages nested deeper than {_MAX_DEPTH}")
-        descend = _DESCEND.get(kind, {})
-        external, located = False, False
-        for number, wire, stop in self.fields(end):
-            if wire == 0:
-                value = self.varint(end)
-                if kind == _TENSOR and number == 14:  # data_location: the last one counts
-                    external = value == _EXTERNAL
-                continue
-            if kind == _MODEL and number == 14:  # metadata_props
-                key, value = self.entry(stop)
-                self.metadata[key] = value
-            elif kind == _TENSOR and number == 13:  # external_data
-                key, value = self.entry(stop)
-                if key == "location":
-                    # Every location counts, external or not: protobuf merges a singular tensor field written
-                    # twice, so a location may belong to a tensor whose data_location another occurrence sets.
-                    self.locations.add(value)
-                    located = True
-            elif number in descend:
-                self.message(stop, descend[number], depth + 1)
-            self._skip_to(stop, end)
-        if external and not located:
-            self.locations.add("")
-
-    def entry(self, end: int) -> tuple[str, str]:
-        """A StringStringEntryProto: (key, value)."""
-        out = {1: "", 2: ""}
-        for number, wire, stop in self.fields(end):
-            if wire == 0:
-                self.varint(end)
-            elif number in out:
-                out[number] = self.f.read(stop - self.f.tell()).decode("utf-8")
-                self._skip_to(stop, end)
-            elif stop is not None:
-                self._skip_to(stop, end)
-        return out[1], out[2]
+    proto = onnx.load(str(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}, external_data_locations(proto)
 
 
 def external_data_locations(proto) -> list[str]:
@@ -375,7 +274,10 @@ def external_data_locations(proto) -> list[str]:
             yield from node_tensors(node)
 
     def node_tensors(node):
-        for attr in node.attribute:
+        yield from attribute_tensors(node.attribute)
+
+    def attribute_tensors(attributes):
+        for attr in attributes:
             if attr.HasField("t"):
                 yield attr.t
             yield from attr.tensors
@@ -389,6 +291,9 @@ def external_data_locations(proto) -> list[str]:
         for function in proto.functions:
             for node in function.node:
                 yield from node_tensors(node)
+            # the defaults of a function's attributes: a node's `ref_attr_name` takes them, and ONNX Runtime reads
+            # their external data when it inlines the function
+            yield from attribute_tensors(function.attribute_proto)
 
     return sorted(
         {
