@@ -94,11 +94,11 @@ def test_sigterm_inside_a_broad_except_still_stops_the_command(monkeypatch, caps
         ("bench", "a rerun starts over"),
         ("synth", "nothing was written"),
         ("demo", "rerun it with --force"),
-        ("mcq", "rerun it to start again"),
+        ("mcq", "with --out, the answers so far are kept: rerun the same command to continue"),
     ],
 )
 def test_ctrl_c_says_how_this_command_goes_on(monkeypatch, capsys, command, advice):
-    """Only index and features continue when rerun as they were; train needs --resume, a benchmark starts over,
+    """index, features and mcq --out continue when rerun as they were; train needs --resume, a benchmark starts over,
     the demo refuses its non-empty folder without --force, and synth (which renames its dataset into place only when
     complete) has written nothing."""
     import argparse
