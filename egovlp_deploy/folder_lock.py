@@ -31,6 +31,23 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_in_child)
 
 
+def try_exclusive_lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on the open descriptor `fd` without waiting: False where another process
+    holds it; True once held, or where it cannot be locked at all (not POSIX, or a filesystem without flock support:
+    used unlocked)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no flock
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        # ENOLCK / EOPNOTSUPP: this filesystem cannot lock; go on unlocked
+    return True
+
+
 @contextlib.contextmanager
 def exclusive_writer(
     folder: str | os.PathLike, what: str, error: type[Exception], then: str = "run again: what it wrote is kept"
@@ -38,23 +55,19 @@ def exclusive_writer(
     """Hold the folder's lock for the block; another process holding it -> `error` at once (no waiting), saying
     what to do `then`, once that process is done."""
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no flock
+        import fcntl  # noqa: F401  (not POSIX: no flock, and no folder to open for one)
+    except ImportError:
         yield
         return
     folder = Path(folder)
     fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     _HELD.add(fd)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise error(
-                    f"{folder}: another process is writing this {what} now; wait for it to finish (then {then}), "
-                    "or give another output folder"
-                ) from None
-            # ENOLCK / EOPNOTSUPP: this filesystem cannot lock; go on unlocked
+        if not try_exclusive_lock(fd):
+            raise error(
+                f"{folder}: another process is writing this {what} now; wait for it to finish (then {then}), "
+                "or give another output folder"
+            )
         yield
     finally:
         _HELD.discard(fd)

@@ -23,7 +23,6 @@ keeps what it did.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import json
 import os
@@ -416,18 +415,13 @@ def _create_new(path: Path, header: bytes) -> None:
 def _lock(file, path: Path) -> None:
     """An exclusive lock on the open progress file for the run (released when it is closed, or the process ends);
     ValueError where another run holds it. A filesystem that cannot lock is used unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX
-        return
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise ValueError(
-                f"{path}: another `egovlp-deploy mcq` run with this --out is answering now; wait for it to finish, "
-                "or write the answers elsewhere"
-            ) from None
+    from ..folder_lock import try_exclusive_lock
+
+    if not try_exclusive_lock(file.fileno()):
+        raise ValueError(
+            f"{path}: another `egovlp-deploy mcq` run with this --out is answering now; wait for it to finish, "
+            "or write the answers elsewhere"
+        )
 
 
 def remove_progress(path: str | Path) -> None:
