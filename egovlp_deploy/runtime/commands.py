@@ -8,7 +8,6 @@ import codecs
 import contextlib
 import functools
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -382,23 +381,6 @@ def format_hits(query: str, hits, show_label: bool = True) -> str:
     return "\n".join(lines)
 
 
-def stale_hit_videos(index, hits) -> list[str]:
-    """The videos of `hits` whose file is gone or no longer the size and modification time it was indexed with:
-    their moments are the indexed file's, not what the path holds now (one stat per video)."""
-    recorded = {v["path"]: v.get("fingerprint", {}) for v in index.data["videos"]}
-    stale = []
-    for path in dict.fromkeys(h.video for h in hits):
-        fingerprint = recorded.get(path, {})
-        try:
-            st = os.stat(path)
-        except OSError:
-            stale.append(path)
-            continue
-        if (st.st_size, st.st_mtime_ns) != (fingerprint.get("size"), fingerprint.get("mtime_ns")):
-            stale.append(path)
-    return stale
-
-
 @reports_runtime_warnings
 def run_search(args) -> int:
     from .index import MomentIndex, other_export
@@ -418,7 +400,7 @@ def run_search(args) -> int:
         out[q] = hits
         if not args.json:
             print(format_hits(q, hits))
-    stale = stale_hit_videos(index, [h for hits in out.values() for h in hits])
+    stale = index.changed_since_indexed([h.video for hits in out.values() for h in hits])
     if stale:
         shown = ", ".join(printable(p) for p in stale[:3]) + (f" and {len(stale) - 3} more" if len(stale) > 3 else "")
         print(

@@ -1186,6 +1186,22 @@ class MomentIndex:
         q = np.ascontiguousarray(query, np.float32)
         return np.einsum("ij,j->i", self.embeddings, q)
 
+    def changed_since_indexed(self, paths: list[str]) -> list[str]:
+        """Those of the indexed videos at `paths` whose file is gone or no longer the size and modification time it
+        was indexed with (`_fingerprint`, one stat each): their moments are the indexed file's, not what the path
+        holds now."""
+        recorded = {v["path"]: v["fingerprint"] for v in self.data["videos"]}
+        changed = []
+        for path in dict.fromkeys(paths):
+            try:
+                now = _fingerprint(Path(path))
+            except OSError:
+                changed.append(path)
+                continue
+            if any(recorded.get(path, {}).get(k) != now[k] for k in ("size", "mtime_ns")):
+                changed.append(path)
+        return changed
+
     def hit(self, rank: int, row: int, score: float, dual: float, vtm: float | None = None) -> Hit:
         vi = self.rows[row][0]
         v = self.data["videos"][vi]
