@@ -341,7 +341,8 @@ def after_interrupt(command: str) -> str:
         "index": "finished work is kept, rerun the same command to continue",
         "features": "finished work is kept, rerun the same command to continue",
         "train": "its checkpoints are kept, rerun it with --resume to continue from the newest",
-        "export": "rerun the same command to finish it (the runtime refuses an unfinished export folder)",
+        "export": "rerun the same command to finish it: it keeps the artifacts already made and validated (the "
+        "runtime refuses an unfinished export folder)",
         "bench": "the rows measured so far are kept, marked incomplete; a rerun starts over",
         "synth": "nothing was written (the dataset is moved into place only when complete); rerun it to start again",
         "demo": "rerun it with --force to start again (its folder is not empty now)",

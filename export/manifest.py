@@ -108,7 +108,7 @@ def inside(
     return path
 
 
-def _check_file(path: Path, size: int, digest: str | None, what: str = "") -> None:
+def check_file(path: Path, size: int, digest: str | None, what: str = "") -> None:
     """Present, `size` bytes, sha256 `digest` (unless None); ArtifactError naming the file otherwise."""
     if not path.is_file():
         raise ArtifactError(f"{path}: {what}listed in the manifest but missing")
@@ -189,6 +189,10 @@ class Manifest:
         )
         if entry.format == "onnx":
             entry.external_data = external_data_entries(directory, path)
+        return self.keep(entry)
+
+    def keep(self, entry: ArtifactEntry) -> ArtifactEntry:
+        """List `entry` (its file already hashed: just made, or verified as an interrupted run recorded it)."""
         self.artifacts = [a for a in self.artifacts if a.file != entry.file] + [entry]
         return entry
 
@@ -474,7 +478,7 @@ def verify_artifact(
     directory = Path(directory)
     external = _check_entry_paths(directory, entry)
     path = directory / entry.file
-    _check_file(path, entry.bytes, entry.sha256 if check_digest else None)
+    check_file(path, entry.bytes, entry.sha256 if check_digest else None)
     if entry.format == "onnx":
         _check_onnx(directory, path, entry, external, model_config)
     elif entry.format == "program":
@@ -525,7 +529,7 @@ def _check_onnx(
                 f"{entry_key(entry)}.external_data: re-export the engines folder"
             )
     for data, rec in external:
-        _check_file(data, rec["bytes"], rec["sha256"], what=f"external data of {entry.file}: ")
+        check_file(data, rec["bytes"], rec["sha256"], what=f"external data of {entry.file}: ")
 
 
 def _check_identity(path: Path, entry: ArtifactEntry, role: str | None, precision: str | None) -> None:

@@ -28,9 +28,11 @@ from egovlp_deploy.model.factory import load_model
 from egovlp_deploy.ort_session import ort_session
 from egovlp_deploy.tokenizer import tokenizer_beside
 
+from .journal import Journal, export_identity, task_inputs_digest
 from .manifest import (
     INCOMPLETE,
     MANIFEST,
+    ArtifactEntry,
     Manifest,
     ManifestError,
     check_tokenizer_target,
@@ -39,6 +41,8 @@ from .manifest import (
     load_manifest,
     plain_name,
     remove_tokenizer,
+    sha256_file,
+    tool_versions,
 )
 from .program import PROGRAM_ROLES
 from .specs import AOTI_ROLES, FORMATS, PRECISIONS, ROLES, check_roles
@@ -154,8 +158,8 @@ class ExportResult:
 
 # -- the run -------------------------------------------------------------------------------------------------------
 class Progress:
-    def __init__(self, total: int, stream=sys.stderr, quiet: bool = False):
-        self.total, self.done, self.stream, self.quiet = total, 0, stream, quiet
+    def __init__(self, total: int, stream=None, quiet: bool = False):
+        self.total, self.done, self.stream, self.quiet = total, 0, stream, quiet  # stream None: sys.stderr then
         self.t0 = time.perf_counter()
 
     def step(self, what: str) -> None:
@@ -164,7 +168,7 @@ class Progress:
 
     def say(self, text: str) -> None:
         if not self.quiet:
-            print(f"{time.perf_counter() - self.t0:7.1f}s  {text}", file=self.stream, flush=True)
+            print(f"{time.perf_counter() - self.t0:7.1f}s  {text}", file=self.stream or sys.stderr, flush=True)
 
 
 def _verdict(check: Check) -> str:
@@ -176,18 +180,63 @@ def _verdict(check: Check) -> str:
 
 
 class _LazyRun:
-    """An ONNX graph's run whose session opens at the first call. The task checks need every role of a precision
+    """An artifact's run that `open_run()` opens at the first call. The task checks need every role of a precision
     at once; a paper-size role's session holds its graph's weights (0.2-1.1 GB fp32) and an arena of activations,
     so the export keeps the sessions of one precision open at a time, only while they run, not those of every role
-    and precision it exported from the first export on."""
+    and precision it exported from the first export on (and none for checks an interrupted run finished)."""
 
-    def __init__(self, path: Path):
-        self.path, self.run = path, None
+    def __init__(self, open_run):
+        self.open_run, self.run = open_run, None
 
     def __call__(self, inputs):
         if self.run is None:
-            self.run = _ort_run(self.path)
+            self.run = self.open_run()
         return self.run(inputs)
+
+
+class _Fp32Graph:
+    """The fp32 ONNX graph of one role, the source of its other precisions: exported at the first step that needs
+    it, or the file a finished step of an interrupted run left (`kept`, its entry, verified), so a resumed run
+    exports a role's graph again only for a step still to do."""
+
+    def __init__(self, model, role: str, path: Path, opts: ExportOptions):
+        self.model, self.role, self.path, self.opts = model, role, path, opts
+        self.kept = None  # the kept fp32 step's ArtifactEntry
+        self.made = None  # this run's OnnxExport
+
+    def make(self) -> tuple[int, float]:
+        """(opset, export seconds) of the graph at `path`, exporting it unless this run made or kept it."""
+        from . import onnx_export
+
+        if self.made is None and self.kept is None:
+            self.made = onnx_export.export_onnx(
+                self.model,
+                self.role,
+                self.path,
+                max_batch=self.opts.max_batch,
+                max_text_len=self.opts.max_text_len,
+                opset=self.opts.opset,
+                attention=self.opts.attention,
+            )
+        if self.made is not None:
+            return self.made.opset, self.made.seconds
+        return self.kept.opset, self.kept.export_seconds or 0.0
+
+
+def _identity_settings(opts: ExportOptions) -> dict:
+    """The options that shape an artifact's bytes or its verdict (journal.export_identity); those that pick which
+    artifacts to make (formats, precisions, roles, task checks) and how the run reports are left out."""
+    return {
+        "max_batch": opts.max_batch,
+        "max_text_len": opts.max_text_len,
+        "opset": opts.opset,
+        "attention": opts.attention,
+        "ort_optimize": opts.ort_optimize,
+        "torch_device": opts.torch_device,
+        "aoti_opt_level": opts.aoti_opt_level,
+        "trt_strongly_typed": opts.trt_strongly_typed,
+        "trt_refit": opts.trt_refit,
+    }
 
 
 def _ort_run(path: Path, threads: int | None = None):
@@ -220,7 +269,6 @@ def run_export(checkpoint: str, out: str | Path, opts: ExportOptions, quiet: boo
 
 def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> ExportResult:
     from . import onnx_export
-    from . import precision as prec
 
     earlier = earlier_tokenizer_files(out)
     remove_stale_temp_files(out, earlier)
@@ -258,7 +306,10 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
 
     if opts.egomcq and opts.task_checks:  # its questions and videos read before anything is written
         task_set()
-    mark_incomplete(out, earlier | coming)
+    identity = export_identity(source, onnx_export.config_digest(cfg), _identity_settings(opts), tool_versions())
+    journal = Journal.start(out, identity, earlier | coming)
+    if journal.note:
+        progress.say(journal.note)
     progress.step(
         f"loaded {source['kind']} checkpoint {source['path']} ({cfg.video.num_frames} frames, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)"
@@ -278,104 +329,15 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
         },
     )
     result = ExportResult(out, True, manifest=manifest)
-    sizes = validation_sizes(opts.max_batch, opts.max_text_len)
-
-    runs: dict[str, dict] = {p: {} for p in opts.precisions}
-
-    def record(check: Check) -> Check:
-        result.checks.append(check)
-        if not check.passed:
-            result.passed = False
-        return check
-
+    steps = _Steps(model, opts, out, manifest, progress, result, journal, task_set)
     if want_onnx:
-        for role in roles:
-            fp32_path = out / "onnx" / "fp32" / f"{role}.onnx"
-            made = onnx_export.export_onnx(
-                model,
-                role,
-                fp32_path,
-                max_batch=opts.max_batch,
-                max_text_len=opts.max_text_len,
-                opset=opts.opset,
-                attention=opts.attention,
-            )
-            for precision in opts.precisions:
-                path = out / "onnx" / precision / f"{role}.onnx"
-                t0 = time.perf_counter()
-                extra = {}
-                if precision == "fp16":
-                    extra = prec.to_fp16(fp32_path, path)
-                elif precision == "int8":
-                    extra = prec.to_int8(fp32_path, path)
-                seconds = made.seconds + time.perf_counter() - t0
-                check = record(validate_artifact(model, role, _ort_run(path), precision, sizes))
-                runs[precision][role] = _LazyRun(path)  # its session is opened again for the task checks
-                entry = manifest.add(
-                    out,
-                    path,
-                    role=role,
-                    format="onnx",
-                    precision=precision,
-                    opset=made.opset,
-                    io=io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len),
-                    export_seconds=round(seconds, 2),
-                    validation={"passed": check.passed, **check.metrics["worst"]},
-                )
-                if extra:
-                    entry.validation["graph"] = extra
-                progress.step(f"onnx {precision:<4} {role:<20} {seconds:6.1f}s  {_verdict(check)}")
-                if precision in ("fp32", "int8") and opts.ort_optimize != "never":
-                    _maybe_optimized(model, role, path, precision, made.opset, opts, cfg, out, manifest, progress)
-                else:  # an earlier or interrupted export's optimized copy (a graph's size): this manifest omits it
-                    path.with_name(f"{role}.ort.onnx").unlink(missing_ok=True)
-            if "fp32" not in opts.precisions:  # only the source of the derived precisions: not an artifact
-                fp32_path.unlink()
-        if opts.task_checks:
-            for precision in opts.precisions:
-                _task_checks(model, runs[precision], precision, task_set(), opts, manifest, progress, record)
-                runs[precision] = {}  # its sessions closed before the next precision's open
-
+        _onnx_steps(steps, roles)
     if "tensorrt" in opts.formats:
-        _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
-
+        _export_tensorrt(steps, roles)
     if "aoti" in opts.formats:
-        from .aoti import AotiLoadError, check_loads_in_child, export_aoti, load_aoti
-
-        for role in [r for r in roles if r in AOTI_ROLES]:
-            precision = "fp32" if opts.torch_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
-            path = out / "aoti" / f"{opts.torch_device.split(':')[0]}_{precision}" / f"{role}.pt2"
-            made = export_aoti(
-                model,
-                role,
-                path,
-                max_batch=opts.max_batch,
-                max_text_len=opts.max_text_len,
-                device=opts.torch_device,
-                precision=precision,
-                wrapper_opt_level=opts.aoti_opt_level,
-            )
-            if opts.torch_device != "cpu":  # a CUDA package's loader can crash or hang (check_loads_in_child)
-                try:
-                    check_loads_in_child(path)
-                except AotiLoadError as exc:
-                    result.fail(str(exc))
-                    progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  NOT LOADABLE: {exc}")
-                    continue
-            check = record(
-                validate_artifact(
-                    model,
-                    role,
-                    load_aoti(path, role, opts.torch_device),
-                    "fp32" if precision == "fp32" else "fp16",
-                    sizes,
-                )
-            )
-            _add_torch_artifact(manifest, out, path, "aoti", opts.torch_device, made, check, cfg, opts)
-            progress.step(f"aoti {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)}")
-
+        _export_aoti(steps, roles)
     if "program" in opts.formats:
-        _export_programs(model, roles, opts, out, manifest, progress, record, sizes, task_set)
+        _export_programs(steps, roles)
 
     manifest.validation["passed"] = result.passed
     manifest.validation["errors"] = result.errors
@@ -388,6 +350,215 @@ def _export(checkpoint: str, out: Path, opts: ExportOptions, quiet: bool) -> Exp
     (out / INCOMPLETE).unlink(missing_ok=True)
     progress.step(f"manifest.json, validation.json, validation.md written to {out}")
     return result
+
+
+class _Steps:
+    """What the steps of one export run share: the model and options, the folder and its manifest, the progress
+    lines, the result every check goes to, the journal of finished steps and the task questions."""
+
+    def __init__(self, model, opts, out, manifest, progress, result, journal, task_set):
+        self.model, self.opts, self.out, self.manifest = model, opts, out, manifest
+        self.progress, self.result, self.journal, self.task_set = progress, result, journal, task_set
+        self.sizes = validation_sizes(opts.max_batch, opts.max_text_len)
+
+    def record(self, check: Check) -> Check:
+        self.result.checks.append(check)
+        if not check.passed:
+            self.result.passed = False
+        return check
+
+    def kept(self, key: str, path: Path, what: str | None, **expected) -> ArtifactEntry | None:
+        """The artifact an interrupted run of this identity finished (its files verified), recorded again; `what`
+        names its progress step (None: it is no step of its own, nor validated against torch). `expected`: the
+        entry's fields as this run would write them."""
+        found = self.journal.kept_artifact(key, path, artifact_check=what is not None, **expected)
+        if found is None:
+            return None
+        entry, check = found
+        self.manifest.keep(entry)
+        if check is not None:
+            self.record(check)
+        if what is not None:
+            self.progress.step(f"{what}  kept from the unfinished export ({_verdict(check) if check else 'ok'})")
+        return entry
+
+    @functools.cached_property
+    def task_inputs(self) -> str:
+        """What the task checks run on beside the artifacts: a kept check must have run on the same."""
+        opts = self.opts
+        return task_inputs_digest(opts.egomcq, opts.video_root, opts.tokenizer, opts.max_questions)
+
+    def validated(
+        self, key: str, what: str, role: str, path: Path, run, precision: str, add, note: str = "", **extra
+    ) -> ArtifactEntry:
+        """Validate the artifact just made at `path` (`run`), record it (`add(check)` -> its manifest entry) and
+        the finished step (with `extra` values); `note` ends its progress line."""
+        check = self.record(validate_artifact(self.model, role, run, precision, self.sizes))
+        entry = add(check)
+        self.journal.finished(key, entry, check, **extra)
+        self.progress.step(f"{what} {entry.export_seconds or 0.0:6.1f}s  {_verdict(check)}{note}")
+        return entry
+
+    def task_checks(self, runs: dict, files: dict, precision: str, label: str = "") -> None:
+        """Retrieval and EgoMCQ answers of the artifacts in `runs` (`files`: their {file: sha256}) against torch
+        fp32 (`task_agreement`); `label` names the artifact kind when it is not ONNX. An interrupted run's verdict
+        is kept when it checked the same files on the same questions."""
+        name = "-".join(label.split() + [precision])  # task/fp16, task/program-cuda-fp16
+        key = f"task/{name}"
+        check = self.journal.kept_check(key, task_inputs=self.task_inputs, artifacts=files)
+        if check is not None:
+            self.record(check)
+            self.manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
+            self.progress.step(
+                f"task checks {label}{precision:<4}  kept from the unfinished export ({_verdict(check)})"
+            )
+            return
+        tasks = self.task_set()
+        check = self.record(task_agreement(self.model, runs, precision, tasks, self.opts.max_batch, name=name))
+        self.manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
+        self.journal.finished(key, check=check, task_inputs=self.task_inputs, artifacts=files)
+        self.progress.step(
+            f"task checks {label}{precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
+            f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check)
+        )
+
+
+def _onnx_steps(steps: _Steps, roles: list[str]) -> None:
+    """ONNX graphs of every role and precision (fp16/int8 derived from the fp32 graph), each validated right after
+    it is made, ORT-optimized copies where they measure faster, then the task checks per precision."""
+    from . import precision as prec
+
+    opts, out, cfg = steps.opts, steps.out, steps.model.config
+    runs: dict[str, dict] = {p: {} for p in opts.precisions}
+    checked: dict[str, dict] = {p: {} for p in opts.precisions}  # per precision, {file: sha256} of `runs`
+    for role in roles:
+        fp32 = _Fp32Graph(steps.model, role, out / "onnx" / "fp32" / f"{role}.onnx", opts)
+        for precision in opts.precisions:
+            path = out / "onnx" / precision / f"{role}.onnx"
+            key, what = f"onnx/{precision}/{role}", f"onnx {precision:<4} {role:<20}"
+            runs[precision][role] = _LazyRun(functools.partial(_ort_run, path))  # opened for the task checks
+            io = io_entry(role, cfg, precision, opts.max_batch, opts.max_text_len)
+            entry = steps.kept(
+                key, path, what, role=role, format="onnx", precision=precision, variant="", io=io, derived_from=None
+            )
+            if entry is not None and precision == "fp32":
+                fp32.kept = entry
+            if entry is None:
+                opset, source_seconds = fp32.make()
+                t0 = time.perf_counter()
+                extra = {}
+                if precision == "fp16":
+                    extra = prec.to_fp16(fp32.path, path)
+                elif precision == "int8":
+                    extra = prec.to_int8(fp32.path, path)
+                seconds = source_seconds + time.perf_counter() - t0
+
+                def add(
+                    check, precision=precision, path=path, role=role, opset=opset, seconds=seconds, extra=extra, io=io
+                ):
+                    entry = steps.manifest.add(
+                        out,
+                        path,
+                        role=role,
+                        format="onnx",
+                        precision=precision,
+                        opset=opset,
+                        io=io,
+                        export_seconds=round(seconds, 2),
+                        validation={"passed": check.passed, **check.metrics["worst"]},
+                    )
+                    if extra:
+                        entry.validation["graph"] = extra
+                    return entry
+
+                entry = steps.validated(key, what, role, path, _ort_run(path), precision, add)
+            checked[precision][entry.file] = entry.sha256
+            if precision in ("fp32", "int8") and opts.ort_optimize != "never":
+                _optimized_step(steps, f"{key}.ort", role, path, entry)
+            else:  # an earlier or interrupted export's optimized copy (a graph's size): this manifest omits it
+                path.with_name(f"{role}.ort.onnx").unlink(missing_ok=True)
+        if "fp32" not in opts.precisions and _tensorrt_source(opts) != "fp32":
+            fp32.path.unlink(missing_ok=True)  # only the source of the derived precisions: not an artifact
+    if opts.task_checks:
+        for precision in opts.precisions:
+            steps.task_checks(runs[precision], checked[precision], precision)
+            runs[precision] = {}  # its sessions closed before the next precision's open
+
+
+def _optimized_step(steps: _Steps, key: str, role: str, path: Path, source: ArtifactEntry) -> None:
+    """ORT's optimized copy of the graph at `path` (`source`: its entry), kept or dropped as measured
+    (`_maybe_optimized`); an interrupted run's decision on the same graph (by sha256) stands."""
+    opt_path = path.with_name(f"{role}.ort.onnx")
+    done = steps.journal.step_record(key)
+    if done.get("source_sha256") == source.sha256:
+        if done.get("dropped") is True:
+            opt_path.unlink(missing_ok=True)
+            return
+        expected = dict(format="onnx", variant="ort-optimized", derived_from=source.file, io=source.io)
+        if steps.kept(key, opt_path, None, role=role, precision=source.precision, **expected):
+            return
+    made = _maybe_optimized(steps, role, path, source.precision, source.opset)
+    steps.journal.finished(key, made, source_sha256=source.sha256, dropped=made is None)
+
+
+def _export_aoti(steps: _Steps, roles: list[str]) -> None:
+    from .aoti import AotiLoadError, check_loads_in_child, export_aoti, load_aoti
+
+    opts = steps.opts
+    device = opts.torch_device.split(":")[0]
+    precision = "fp32" if opts.torch_device == "cpu" else ("fp16" if "fp16" in opts.precisions else "fp32")
+    for role in [r for r in roles if r in AOTI_ROLES]:
+        path = steps.out / "aoti" / f"{device}_{precision}" / f"{role}.pt2"
+        key, what = f"aoti/{device}_{precision}/{role}", f"aoti {precision:<4} {role:<20}"
+        io = io_entry(role, steps.model.config, precision, opts.max_batch, opts.max_text_len)
+        expected = dict(role=role, format="aoti", precision=precision, device=opts.torch_device, io=io)
+        same_gpu = steps.journal.step_record(key).get("gpu") == _gpu(opts.torch_device)
+        if same_gpu and steps.kept(key, path, what, derived_from=None, **expected):
+            continue
+        made = export_aoti(
+            steps.model,
+            role,
+            path,
+            max_batch=opts.max_batch,
+            max_text_len=opts.max_text_len,
+            device=opts.torch_device,
+            precision=precision,
+            wrapper_opt_level=opts.aoti_opt_level,
+        )
+        if opts.torch_device != "cpu":  # a CUDA package's loader can crash or hang (check_loads_in_child)
+            try:
+                check_loads_in_child(path)
+            except AotiLoadError as exc:
+                steps.result.fail(str(exc))
+                steps.progress.step(f"{what} {made.seconds:6.1f}s  NOT LOADABLE: {exc}")
+                continue
+        run = load_aoti(path, role, opts.torch_device)
+        steps.validated(
+            key,
+            what,
+            role,
+            path,
+            run,
+            precision,
+            lambda check, path=path, made=made: _add_torch_artifact(
+                steps, path, "aoti", opts.torch_device, made, check
+            ),
+            gpu=_gpu(opts.torch_device),
+        )
+
+
+def _gpu(device: str) -> str | None:
+    """The GPU a CUDA artifact is built on (TensorRT engines and AOTInductor packages are built for it): its name
+    and compute capability; None for the CPU."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"{torch.cuda.get_device_name(index)} (sm_{major}{minor})"
 
 
 def _first_record_temp(path: Path) -> bool:
@@ -466,20 +637,6 @@ def remove_stale_temp_files(out: Path, tokenizer_files: set[str]) -> list[Path]:
     return removed
 
 
-def mark_incomplete(out: Path, tokenizer_files: set[str]) -> None:
-    """Record that an export into `out` runs, then retire the earlier manifest.json before any artifact of it is
-    replaced. The record lists the tokenizer files the folder may hold from this or the earlier export, so a rerun
-    may replace them."""
-    from egovlp_deploy.checkpoint import atomic_write_bytes
-
-    record = {
-        "about": "an export into this folder has not finished: run `egovlp-deploy export ... --out` into it again",
-        "tokenizer_files": sorted(tokenizer_files),
-    }
-    atomic_write_bytes(out / INCOMPLETE, json.dumps(record, indent=2).encode())
-    (out / MANIFEST).unlink(missing_ok=True)
-
-
 def _task_summary(check: Check) -> str:
     parts = []
     r = check.metrics.get("retrieval")
@@ -508,18 +665,6 @@ def _task_summary(check: Check) -> str:
     return (": " + "; ".join(parts)) if parts else ""
 
 
-def _task_checks(model, runs: dict, precision: str, tasks, opts, manifest, progress, record, label: str = "") -> None:
-    """Retrieval and EgoMCQ answers of the artifacts in `runs` against torch fp32 (`task_agreement`) on `tasks`;
-    `label` names the artifact kind when it is not ONNX."""
-    name = "-".join(label.split() + [precision])  # task/fp16, task/program-cuda-fp16
-    check = record(task_agreement(model, runs, precision, tasks, opts.max_batch, name=name))
-    manifest.validation[check.name] = {"passed": check.passed, **check.metrics}
-    progress.step(
-        f"task checks {label}{precision:<4} ({tasks.source}, {len(tasks.texts)} questions): "
-        f"{'ok' if check.passed else 'MISMATCH'}" + _task_summary(check)
-    )
-
-
 # Time a graph's run (plain and ORT-optimized, per role and precision) for at most about this long, and at least
 # 3 times after the warm-up: 7 runs of the paper-size video encoder take over a minute on a small CPU.
 ORT_TIMING_SECONDS = 10.0
@@ -534,8 +679,9 @@ def _run_ms(call) -> float:
     return _median_ms(call, repeats=repeats, warmup=0)
 
 
-def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manifest, progress) -> None:
-    """Save ORT's offline-optimized graph beside `path` where it helps (or always).
+def _maybe_optimized(steps: _Steps, role: str, path: Path, precision: str, opset: int) -> ArtifactEntry | None:
+    """Save ORT's offline-optimized graph beside `path` where it helps (or always); returns its manifest entry (None:
+    dropped).
 
     A session optimizes its graph at every load anyway (ORT_ENABLE_ALL by default), so the saved graph mainly
     saves load time; it is kept when loading it is faster and running it at batch 1 is not slower (both timed here,
@@ -544,6 +690,7 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
     from .specs import example_inputs
     from .validate import as_numpy_inputs
 
+    model, opts, cfg, out = steps.model, steps.opts, steps.model.config, steps.out
     opt_path = path.with_name(f"{role}.ort.onnx")
     ort_optimize(path, opt_path)
     inputs = as_numpy_inputs(example_inputs(model, role, 1, min(15, opts.max_text_len), seed=3), precision)
@@ -556,8 +703,9 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
         del run  # one session at a time: a paper-size graph's session holds its weights
     (load_plain, ms_plain), (load_opt, ms_opt) = measured["plain"], measured["optimized"]
     keep = opts.ort_optimize == "always" or (load_opt < load_plain and ms_opt <= ms_plain * 1.05)
+    entry = None
     if keep:
-        manifest.add(
+        entry = steps.manifest.add(
             out,
             opt_path,
             role=role,
@@ -576,16 +724,18 @@ def _maybe_optimized(model, role, path, precision, opset, opts, cfg, out, manife
         )
     else:
         opt_path.unlink()
-    progress.say(
+    steps.progress.say(
         f"      ORT-optimized {precision} {role}: load {load_opt:.0f} vs {load_plain:.0f} ms, run "
         f"{ms_opt:.2f} vs {ms_plain:.2f} ms at B=1 -> {'kept' if keep else 'dropped'}"
     )
+    return entry
 
 
-def _add_torch_artifact(manifest, out, path, format, device, made, check, cfg, opts) -> None:
+def _add_torch_artifact(steps: _Steps, path: Path, format: str, device: str, made, check) -> ArtifactEntry:
     """The manifest entry of an AOTInductor package or a program (`made`: its export record)."""
-    manifest.add(
-        out,
+    opts, cfg = steps.opts, steps.model.config
+    return steps.manifest.add(
+        steps.out,
         path,
         role=made.role,
         format=format,
@@ -610,43 +760,55 @@ def _program_steps(roles, opts) -> int:
     return n + (1 if opts.task_checks and n else 0)
 
 
-def _export_programs(model, roles, opts, out, manifest, progress, record, sizes, task_set) -> None:
+def _export_programs(steps: _Steps, roles: list[str]) -> None:
     from .program import export_program, load_program_runner
 
+    opts = steps.opts
     device = opts.torch_device.split(":")[0]
     # On CUDA `--attention custom-ops` puts the project's Triton kernels in the program as egovlp:: operators.
     attention = "triton" if device == "cuda" and opts.attention == "custom-ops" else "reference"
     for precision in _program_precisions(opts):
-        runs = {}
+        runs, checked = {}, {}
         for role in [r for r in roles if r in PROGRAM_ROLES]:
-            path = out / "program" / f"{device}_{precision}" / f"{role}.safetensors"
-            made = export_program(
-                model,
-                role,
-                path,
-                max_batch=opts.max_batch,
-                max_text_len=opts.max_text_len,
-                device=opts.torch_device,
-                precision=precision,
-                attention=attention,
-            )
-            run = runs[role] = load_program_runner(path, role, opts.torch_device)
-            check = record(validate_artifact(model, role, run, precision, sizes))
-            _add_torch_artifact(manifest, out, path, "program", device, made, check, model.config, opts)
-            progress.step(
-                f"program {precision:<4} {role:<20} {made.seconds:6.1f}s  {_verdict(check)} "
-                f"({made.dropped_weights} unused weights left out)"
-            )
+            path = steps.out / "program" / f"{device}_{precision}" / f"{role}.safetensors"
+            key, what = f"program/{device}_{precision}/{role}", f"program {precision:<4} {role:<20}"
+            runs[role] = _LazyRun(functools.partial(load_program_runner, path, role, opts.torch_device))
+            io = io_entry(role, steps.model.config, precision, opts.max_batch, opts.max_text_len)
+            expected = dict(role=role, format="program", precision=precision, device=device, io=io, derived_from=None)
+            entry = steps.kept(key, path, what, **expected)
+            if entry is None:
+                made = export_program(
+                    steps.model,
+                    role,
+                    path,
+                    max_batch=opts.max_batch,
+                    max_text_len=opts.max_text_len,
+                    device=opts.torch_device,
+                    precision=precision,
+                    attention=attention,
+                )
+                entry = steps.validated(
+                    key,
+                    what,
+                    role,
+                    path,
+                    runs[role],
+                    precision,
+                    lambda check, path=path, made=made: _add_torch_artifact(
+                        steps, path, "program", device, made, check
+                    ),
+                    note=f" ({made.dropped_weights} unused weights left out)",
+                )
+            checked[entry.file] = entry.sha256
         if opts.task_checks and runs:  # the EgoMCQ answers of these programs (fp16 on CUDA: against torch fp32)
-            label = f"program {device} "
-            _task_checks(model, runs, precision, task_set(), opts, manifest, progress, record, label=label)
+            steps.task_checks(runs, checked, precision, label=f"program {device} ")
 
 
-def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes) -> None:
+def _export_tensorrt(steps: _Steps, roles: list[str]) -> None:
     from .tensorrt import BuildOptions, TensorRTUnavailable, build_engine, run_engine
 
-    precision = "fp16" if "fp16" in opts.precisions else "fp32"
-    source = "fp16" if opts.trt_strongly_typed and precision == "fp16" else "fp32"
+    opts, out = steps.opts, steps.out
+    precision, source = _tensorrt_precision(opts), _tensorrt_source(opts)
     build = BuildOptions(
         precision=precision,
         strongly_typed=opts.trt_strongly_typed,
@@ -656,33 +818,67 @@ def _export_tensorrt(model, roles, opts, out, manifest, progress, result, sizes)
         opt_text_len=min(16, opts.max_text_len),
         timing_cache=str(out / "tensorrt" / "timing.cache"),
     )
-    for role in roles:
-        onnx_path = out / "onnx" / source / f"{role}.onnx"
-        engine = out / "tensorrt" / precision / f"{role}.engine"
-        engine.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            facts = build_engine(onnx_path, engine, role, model.config, build, progress=not progress.quiet)
-            check = validate_artifact(model, role, run_engine(engine, role), precision, sizes)
-        except TensorRTUnavailable as exc:
-            result.fail(str(exc))
-            progress.step(f"tensorrt {role}: unavailable: {exc}")
-            return
-        result.checks.append(check)
-        result.passed &= check.passed
-        entry = manifest.add(
-            out,
-            engine,
-            role=role,
-            format="tensorrt",
-            precision=precision,
-            device="cuda",
-            io=io_entry(role, model.config, "fp32", opts.max_batch, opts.max_text_len),
-            derived_from=str(onnx_path.relative_to(out)),
-            export_seconds=facts["build_seconds"],
-            validation={"passed": check.passed, **check.metrics["worst"]},
-        )
-        entry.validation["build"] = facts
-        progress.step(f"tensorrt {precision} {role} {facts['build_seconds']:.1f}s  {_verdict(check)}")
+    try:
+        for role in roles:
+            _tensorrt_step(steps, role, precision, source, build, build_engine, run_engine)
+    except TensorRTUnavailable as exc:
+        steps.result.fail(str(exc))
+        steps.progress.step(f"tensorrt: unavailable: {exc}")
+    finally:
+        if source not in opts.precisions:  # the fp32 graphs the engines are built from: no artifact of this export
+            for role in roles:
+                (out / "onnx" / source / f"{role}.onnx").unlink(missing_ok=True)
+
+
+def _tensorrt_step(steps: _Steps, role: str, precision: str, source: str, build, build_engine, run_engine) -> None:
+    """The engine of one role (kept from an interrupted run, or built and validated)."""
+    opts, out, cfg = steps.opts, steps.out, steps.model.config
+    onnx_path = out / "onnx" / source / f"{role}.onnx"
+    engine = out / "tensorrt" / precision / f"{role}.engine"
+    key, what = f"tensorrt/{precision}/{role}", f"tensorrt {precision} {role:<20}"
+    io = io_entry(role, cfg, "fp32", opts.max_batch, opts.max_text_len)
+    derived_from = str(onnx_path.relative_to(out))
+    # The graph it is built from: an engine an interrupted run built (on the same GPU) is kept when that graph is
+    # the same, or when it is an fp32 source graph the run removed (no artifact when fp32 is not asked for; the
+    # identity decides its bytes, and the engine was validated against torch).
+    source_sha256 = sha256_file(onnx_path) if onnx_path.is_file() else None
+    done = steps.journal.step_record(key)
+    same_source = source_sha256 is None or done.get("source_sha256") == source_sha256
+    expected = dict(role=role, format="tensorrt", precision=precision, device="cuda", io=io, derived_from=derived_from)
+    if done and same_source and done.get("gpu") == _gpu("cuda") and steps.kept(key, engine, what, **expected):
+        return
+    if source_sha256 is None:  # the removed fp32 source of an engine still to build
+        _Fp32Graph(steps.model, role, onnx_path, opts).make()
+        source_sha256 = sha256_file(onnx_path)
+    engine.parent.mkdir(parents=True, exist_ok=True)
+    facts = build_engine(onnx_path, engine, role, cfg, build, progress=not steps.progress.quiet)
+    check = steps.record(validate_artifact(steps.model, role, run_engine(engine, role), precision, steps.sizes))
+    entry = steps.manifest.add(
+        out,
+        engine,
+        role=role,
+        format="tensorrt",
+        precision=precision,
+        device="cuda",
+        io=io,
+        derived_from=derived_from,
+        export_seconds=facts["build_seconds"],
+        validation={"passed": check.passed, **check.metrics["worst"]},
+    )
+    entry.validation["build"] = facts
+    steps.journal.finished(key, entry, check, source_sha256=source_sha256, gpu=_gpu("cuda"))
+    steps.progress.step(f"{what} {facts['build_seconds']:.1f}s  {_verdict(check)}")
+
+
+def _tensorrt_precision(opts: ExportOptions) -> str:
+    return "fp16" if "fp16" in opts.precisions else "fp32"
+
+
+def _tensorrt_source(opts: ExportOptions) -> str | None:
+    """The ONNX precision TensorRT engines are built from (None: no engines asked for)."""
+    if "tensorrt" not in opts.formats:
+        return None
+    return "fp16" if opts.trt_strongly_typed and _tensorrt_precision(opts) == "fp16" else "fp32"
 
 
 # -- report ----------------------------------------------------------------------------------------------------------

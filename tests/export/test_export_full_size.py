@@ -174,11 +174,11 @@ def test_a_rerun_without_ort_optimize_removes_the_optimized_copy_an_interrupted_
     the paper video encoder) beside the interrupted export's record. A rerun with --ort-optimize never lists no
     optimized graph, and removes that file instead of leaving gigabytes nothing refers to."""
     from egovlp_deploy.export.manifest import INCOMPLETE, load_manifest
-    from egovlp_deploy.export.runner import ExportOptions, mark_incomplete, run_export
+    from egovlp_deploy.export.runner import ExportOptions, run_export
 
     out = tmp_path / "engines"
     out.mkdir()
-    mark_incomplete(out, set())  # what the interrupted run wrote first
+    (out / INCOMPLETE).write_text('{"tokenizer_files": []}')  # what the interrupted run wrote first
     stale = out / "onnx" / "fp32" / "text_encoder.ort.onnx"
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"an optimized graph of the interrupted run")
@@ -227,7 +227,8 @@ def test_timing_the_ort_optimized_copy_is_bounded_and_holds_one_session(tmp_path
     opts = runner.ExportOptions(roles=("text_encoder",), max_text_len=8)
     manifest = Manifest(source_checkpoint={}, model_config=model.config.to_dict(), export={})
     progress = runner.Progress(1, quiet=True)
-    runner._maybe_optimized(model, "text_encoder", src, "fp32", 18, opts, model.config, tmp_path, manifest, progress)
+    steps = runner._Steps(model, opts, tmp_path, manifest, progress, result=None, journal=None, task_set=None)
+    runner._maybe_optimized(steps, "text_encoder", src, "fp32", 18)
     assert calls.count("text_encoder.onnx") == 4 and calls.count("text_encoder.ort.onnx") == 4, calls
     assert most[0] == 1, "the plain graph's session was alive while the optimized one loaded"
 
