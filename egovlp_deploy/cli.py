@@ -347,6 +347,7 @@ def after_interrupt(command: str) -> str:
         "synth": "nothing was written (the dataset is moved into place only when complete); rerun it to start again",
         "demo": "rerun it with --force to start again (its folder is not empty now)",
         "mcq": "with --out, the answers so far are kept: rerun the same command to continue (else it starts again)",
+        "eval": "with --resume-dir, the work committed so far is kept: rerun the same command to continue",
     }
     return advice.get(command, "nothing half-written is left; rerun it to start again")
 

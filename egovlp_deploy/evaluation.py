@@ -5,10 +5,16 @@ probability), and ensemble (their sum); the questions are read by data/egomcq.py
 `metrics.egomcq_accuracy`.
 Zero-shot EK-100 multi-instance retrieval (nDCG, mAP) and Charades-Ego action recognition (mAP over the class
 prompts) on their official test files, with the dual encoder at the official evaluation frame counts.
+
+Resuming (`egovlp-deploy eval --resume-dir DIR`): given an `eval_work.EvalWork`, the evaluate_* functions hand it
+each batch's per-item outputs (EgoMCQ's choice scores, EK-100's and Charades-Ego's embeddings) to commit, and read
+back those an earlier run of the same identity committed instead of computing them again.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,18 +22,21 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 
+from .eval_work import Chunk, agree
 from .losses import sim_matrix
 from .metrics import charades_map, egomcq_accuracy, mir_scores
 from .model import EgoVLPv2
 
 if TYPE_CHECKING:
     import os
+    from collections.abc import Callable
 
     from transformers import PreTrainedTokenizerBase
 
     from .data.charades import CharadesEgoDataset
     from .data.egomcq import EgoMCQDataset
     from .data.epic import EpicMIRDataset
+    from .eval_work import EvalWork
 
 MODES = ("dual", "fusion", "ensemble")
 
@@ -51,13 +60,20 @@ def _count_loads(load_counts: dict | None, failed: int, clips: int) -> None:
         load_counts["clips"] = load_counts.get("clips", 0) + int(clips)
 
 
+COUNTS = ("load_failures", "clips")
+RESUMED_COUNTS = ("resumed_load_failures", "resumed_clips")  # the part of COUNTS that an earlier run read (EvalWork)
+
+
 def _sum_over_ranks(load_counts: dict | None, world: int) -> None:
-    """Every rank's `load_counts`, summed in place (on every rank)."""
+    """Every rank's `load_counts`, summed in place (on every rank). The RESUMED_COUNTS are set only where some rank
+    resumed an earlier run's work: a run that resumed nothing reports as one without --resume-dir."""
     if load_counts is None or world == 1:
         return
     shards = [None] * world
-    dist.all_gather_object(shards, (load_counts.get("load_failures", 0), load_counts.get("clips", 0)))
-    load_counts["load_failures"], load_counts["clips"] = (sum(column) for column in zip(*shards))
+    dist.all_gather_object(shards, tuple(load_counts.get(k, 0) for k in (*COUNTS, *RESUMED_COUNTS)))
+    for k, total in zip((*COUNTS, *RESUMED_COUNTS), (sum(column) for column in zip(*shards))):
+        if k in COUNTS or total:
+            load_counts[k] = total
 
 
 def choice_scores(text_emb: torch.Tensor, video_emb: torch.Tensor, match_prob: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -102,34 +118,51 @@ def evaluate_egomcq(
     progress: bool = False,
     predictions: dict | None = None,
     load_counts: dict | None = None,
+    work: EvalWork | None = None,
 ) -> dict[str, dict[str, float]]:
     """{'dual'|'fusion'|'ensemble': {'Inter-video': %, 'Intra-video': %}}; questions are sharded over ranks.
     A `predictions` dict receives each question's chosen clip per mode, {JSON key: {mode: choice index}}; a
     `load_counts` dict receives {'load_failures': candidate clips scored as the black clip, 'clips': candidate clips
-    read}, summed over ranks."""
+    read}, summed over ranks. With `work` (an `EvalWork`), the scores are committed there as they are made and those
+    an earlier run of the same identity committed are read back instead of computed again (`load_counts` then also
+    holds 'resumed_load_failures' and 'resumed_clips', the part of its counts that earlier run read)."""
     was_training = model.training
     model.eval()
     indices = list(range(len(dataset) if max_questions is None else min(max_questions, len(dataset))))
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
-    loader = DataLoader(
-        Subset(dataset, indices[rank::world]), batch_size=batch_size, collate_fn=_collate, num_workers=num_workers
-    )
-    if progress:
-        from tqdm import tqdm
 
-        loader = tqdm(loader, desc="EgoMCQ", leave=False)
-    local = {m: [] for m in MODES} | {"answer": [], "type": []}
-    keys: list[str] = []
-    for texts, videos, answers, types, batch_keys, failed in loader:
-        _count_loads(load_counts, failed, videos.shape[0] * videos.shape[1])
+    def step(batch) -> tuple[tuple[torch.Tensor, ...], list[str], int, int]:
+        texts, videos, answers, types, batch_keys, failed = batch
         scores = score_questions(model, tokenizer, texts, videos.to(device))
-        for m in MODES:
-            local[m].append(scores[m].cpu())
-        local["answer"].append(answers)
-        local["type"].append(types)
-        keys += batch_keys
-    local = {k: torch.cat(v) if v else torch.empty(0) for k, v in local.items()}
+        columns = (*(scores[m].cpu() for m in MODES), answers, types)
+        return columns, batch_keys, failed, videos.shape[0] * videos.shape[1]
+
+    shard = indices[rank::world]
+    names = schema = None
+    if work is not None:  # what the chunks read back must hold: the questions' keys, scores of each choice
+        names = [dataset.entries[i].key for i in shard]
+        scores = (torch.float32, (dataset.num_choices,))
+        schema = (*(scores for _ in MODES), (torch.int64, ()), (torch.int64, ()))
+        work.check()
+    columns, keys = _encode_resumable(
+        dataset,
+        shard,
+        step,
+        batch_size,
+        num_workers,
+        progress,
+        "EgoMCQ",
+        load_counts,
+        None if work is None else work.for_rank(rank, world),
+        collate_fn=_collate,
+        unit="questions",
+        names=names,
+        schema=schema,
+    )
+    fields = (*MODES, "answer", "type")
+    local = dict(zip(fields, columns)) if columns else {k: torch.empty(0) for k in fields}
+    keys = keys or []
     if world > 1:
         shards = [None] * world
         dist.all_gather_object(shards, (local, keys))
@@ -143,6 +176,76 @@ def evaluate_egomcq(
     return {m: egomcq_accuracy(local[m], local["answer"], local["type"]) for m in MODES}
 
 
+def _encode_resumable(
+    dataset,
+    indices: list[int],
+    step: Callable,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+    load_counts: dict | None,
+    work: EvalWork | None,
+    collate_fn=None,
+    unit: str = "clips",
+    names: list[str] | None = None,
+    schema: tuple | None = None,
+) -> tuple[list[torch.Tensor], list[str] | None]:
+    """`step(batch)` -> (per-item tensors (CPU), the items' names or None, clips scored black, clips read) over
+    dataset[indices] in order, batched as given; returns (each tensor concatenated over the items ([] for no item),
+    the names or None). With `work` (this rank's `EvalWork`), the batches are committed there as they are made and
+    the items an earlier run of the same identity committed are read back, not encoded again, where they fit the
+    split (`names`: the items' names, `schema`: the columns' dtypes and shapes, as `EvalWork.resume` checks them):
+    the batches after them are those an uninterrupted run makes, so at the same batch size the outputs are the same,
+    bit for bit. Under torch.distributed a rank that cannot resume makes every rank raise (`eval_work.agree`)."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    chunks: list[Chunk] = []
+    if work is not None:
+        problem = None
+        try:
+            chunks = work.resume(len(indices), unit, desc, batch_size, names, schema)
+        except (OSError, ValueError) as exc:
+            problem = str(exc)
+        agree(problem, world)
+    done = sum(chunk.count for chunk in chunks)
+    if work is not None and load_counts is not None:
+        failed, clips = sum(c.failed for c in chunks), sum(c.clips for c in chunks)
+        _count_loads(load_counts, failed, clips)
+        load_counts["resumed_load_failures"] = load_counts.get("resumed_load_failures", 0) + failed
+        load_counts["resumed_clips"] = load_counts.get("resumed_clips", 0) + clips
+    rest = Subset(dataset, indices[done:])
+    # in order; no worker is started for a split an earlier run finished
+    loader = DataLoader(rest, batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers if rest else 0)
+    if progress:
+        from tqdm import tqdm
+
+        before = -(-done // batch_size)
+        loader = tqdm(loader, desc=desc, leave=False, initial=before, total=before + len(loader))
+    try:
+        for batch in loader:
+            columns, batch_names, failed, clips = step(batch)
+            _count_loads(load_counts, failed, clips)
+            chunk = Chunk(tuple(columns), None if batch_names is None else list(batch_names), failed, clips)
+            if work is None:
+                chunks.append(chunk)  # joined once at the end
+            else:
+                work.add(chunk)  # committed every few hundred items or minute
+        if work is not None:
+            chunks = work.finish()
+    except BaseException:
+        if work is not None and work.record is not None:
+            print(
+                f"note: {desc}: {work.kept_items} of {len(indices)} {unit} are kept in {work.folder}: rerun the same "
+                "command to continue",
+                file=sys.stderr,
+            )
+        raise
+    if not chunks:
+        return [], None
+    whole = Chunk.merge(chunks)
+    return list(whole.columns), whole.names
+
+
 # -- EK-100 MIR and Charades-Ego (zero-shot, dual encoder) ---------------------------------------------------------
 EPIC_FRAMES = 16  # the official EK-100 MIR evaluation config's num_frames
 CHARADES_FRAMES = 32  # the official Charades-Ego evaluation config's num_frames
@@ -150,30 +253,38 @@ CHARADES_TEXT_LENGTH = 30  # class prompts are padded / truncated to 30 tokens, 
 
 
 def _encode_split(
-    dataset, encode, batch_size: int, num_workers: int, progress: bool, desc: str, load_counts: dict | None = None
+    dataset,
+    encode,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+    desc: str,
+    load_counts: dict | None = None,
+    work: EvalWork | None = None,
+    schema: tuple | None = None,
 ) -> list[torch.Tensor]:
     """`encode(batch)` -> a tuple of per-item tensors (CPU), over every item of `dataset`, returned whole and in
-    dataset order; `load_counts` as `evaluate_egomcq`'s (one clip per item). Under torch.distributed each rank
-    encodes every world-th item and the pieces are gathered to every
-    rank, as the official validation gathers its embeddings: the split is read W times faster, and no rank waits
-    alone at a collective while one rank reads the whole split (NCCL stops a job whose collective waits past its
-    timeout, 10 minutes by default, which the EK-100 test split read by one GPU can exceed)."""
+    dataset order; `load_counts` and `work` as `evaluate_egomcq`'s (one clip per item), `schema` the tensors'
+    dtypes and shapes after the item dimension (`eval_work.Chunk.schema`: what resumed chunks must hold). Under
+    torch.distributed each rank encodes every world-th item and the pieces are gathered to every rank, as the
+    official validation gathers its embeddings: the split is read W times faster, and no rank waits alone at a
+    collective while one rank reads the whole split (NCCL stops a job whose collective waits past its timeout, 10
+    minutes by default, which the EK-100 test split read by one GPU can exceed)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     indices = list(range(rank, len(dataset), world))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers)  # no shuffling
-    if progress:
-        from tqdm import tqdm
 
-        loader = tqdm(loader, desc=desc, leave=False)
+    def step(batch):
+        failed = batch.get("load_failed") if isinstance(batch, dict) else None
+        clips = len(batch["video"]) if isinstance(batch, dict) and "video" in batch else 0
+        return encode(batch), None, 0 if failed is None else int(failed.sum()), clips
 
-    def encode_counted(batch):
-        if load_counts is not None:
-            failed = batch.get("load_failed")
-            _count_loads(load_counts, 0 if failed is None else int(failed.sum()), len(batch["video"]))
-        return encode(batch)
-
-    parts = [torch.cat(columns) for columns in zip(*(encode_counted(batch) for batch in loader))]
+    if work is not None:
+        work.check()
+    rank_work = None if work is None else work.for_rank(rank, world)
+    parts, _ = _encode_resumable(
+        dataset, indices, step, batch_size, num_workers, progress, desc, load_counts, rank_work, schema=schema
+    )
     _sum_over_ranks(load_counts, world)
     if world == 1:
         return parts
@@ -216,6 +327,12 @@ def epic_test_dataset(
     )
 
 
+def charades_test_files(annotations: str | os.PathLike) -> dict[str, Path]:
+    """The files of the Charades-Ego test split in the official annotation directory: {'csv', 'classes'}."""
+    root = Path(annotations)
+    return {"csv": root / "CharadesEgo_v1_test_only1st.csv", "classes": root / "Charades_v1_classes.txt"}
+
+
 def charades_test_dataset(
     annotations: str | os.PathLike,
     video_root: str | os.PathLike,
@@ -224,20 +341,18 @@ def charades_test_dataset(
     num_classes: int = 157,
     strict: bool = True,
 ) -> CharadesEgoDataset:
-    """The Charades-Ego test split from the official annotation directory: CharadesEgo_v1_test_only1st.csv and
-    Charades_v1_classes.txt (the class prompts, `dataset.prompts`)."""
-    from pathlib import Path
-
+    """The Charades-Ego test split from the official annotation directory (`charades_test_files`):
+    CharadesEgo_v1_test_only1st.csv and Charades_v1_classes.txt (the class prompts, `dataset.prompts`)."""
     from .data.charades import CharadesEgoDataset
 
-    root = Path(annotations)
+    files = charades_test_files(annotations)
     return CharadesEgoDataset(
-        root / "CharadesEgo_v1_test_only1st.csv",
+        files["csv"],
         video_root,
         num_frames,
         size,
         split="test",
-        classes_path=root / "Charades_v1_classes.txt",
+        classes_path=files["classes"],
         num_classes=num_classes,
         strict=strict,
     )
@@ -253,6 +368,7 @@ def evaluate_epic_mir(
     num_workers: int = 0,
     progress: bool = False,
     load_counts: dict | None = None,
+    work: EvalWork | None = None,
 ) -> dict[str, float]:
     """Zero-shot EK-100 multi-instance retrieval: {'nDCG_V2T', 'nDCG_T2V', 'nDCG_AVG', 'mAP_V2T', 'mAP_T2V',
     'mAP_AVG'} in percent (`metrics.mir_scores`).
@@ -262,7 +378,8 @@ def evaluate_epic_mir(
     cosine matrix (texts x videos) in dataset order is scored against the relevancy matrix, each sentence by the
     caption of the first clip with its narration id. Rows skipped in lax mode leave the matrix with their relevancy
     rows; a sentence whose own clip was skipped is embedded from its sentence-CSV text, and one with no clip of
-    relevancy 1 left is not scored (`EpicMIRDataset.scored_sentences`).
+    relevancy 1 left is not scored (`EpicMIRDataset.scored_sentences`). `load_counts` and `work` as
+    `evaluate_egomcq`'s.
     """
     if dataset.relevancy is None or dataset.sentence_ids is None or dataset.scored_sentences is None:
         raise ValueError("EK-100 MIR evaluation needs the test split's sentence CSV and relevancy matrix")
@@ -278,8 +395,9 @@ def evaluate_epic_mir(
     def encode_clips(batch) -> tuple[torch.Tensor, torch.Tensor]:
         return encode_texts(batch["text"]), model.encode_video(batch["video"].to(device)).float().cpu()
 
+    schema = None if work is None else ((torch.float32, (model.config.projection_dim,)),) * 2  # the embeddings
     text_emb, video_emb = _encode_split(
-        dataset, encode_clips, batch_size, num_workers, progress, "EK-100 MIR", load_counts
+        dataset, encode_clips, batch_size, num_workers, progress, "EK-100 MIR", load_counts, work, schema
     )
     columns, items = dataset.scored_sentences, dataset.sentence_items
     own_text = [j for j, item in zip(columns, items) if item is None]  # sentences whose clip was skipped
@@ -306,12 +424,14 @@ def evaluate_charades(
     num_workers: int = 0,
     progress: bool = False,
     load_counts: dict | None = None,
+    work: EvalWork | None = None,
 ) -> dict[str, float]:
     """Zero-shot Charades-Ego action recognition: {'mAP': percent} (`metrics.charades_map` x 100).
 
     As the official validation: each class name (`prompts`, default `dataset.prompts`: Charades_v1_classes.txt from
     character 5 on) is embedded by the dual text encoder, padded / truncated to 30 tokens; each test video (the
     whole video, 'uniform' frames) by the dual video encoder; a video's class scores are the cosine similarities.
+    `load_counts` and `work` as `evaluate_egomcq`'s.
     """
     prompts = dataset.prompts if prompts is None else prompts
     if not prompts:
@@ -325,8 +445,11 @@ def evaluate_charades(
     def encode_clips(batch) -> tuple[torch.Tensor, torch.Tensor]:
         return model.encode_video(batch["video"].to(device)).float().cpu(), batch["target"]
 
+    schema = None  # the embeddings and the multi-hot targets
+    if work is not None:
+        schema = ((torch.float32, (model.config.projection_dim,)), (torch.float32, (dataset.num_classes,)))
     videos, targets = _encode_split(
-        dataset, encode_clips, batch_size, num_workers, progress, "Charades-Ego", load_counts
+        dataset, encode_clips, batch_size, num_workers, progress, "Charades-Ego", load_counts, work, schema
     )
     model.train(was_training)
     scores = sim_matrix(classes, videos).T  # (videos, classes)
@@ -363,16 +486,26 @@ def load_failure_note(name: str, dataset, load_counts: dict | None = None) -> st
     """The line that says how many clips a lax evaluation could not decode and scored as the black clip, or None
     when every clip it read was decoded. By reason, with the first error, where the clips were read in this process
     (the dataset's loader counts them); from the items' counts (`load_counts` of the evaluate_* functions) where
-    DataLoader workers read them, whose loaders' reasons stay in the workers."""
+    DataLoader workers read them, whose loaders' reasons stay in the workers. After a resumed run (`EvalWork`), the
+    counts cover the clips an earlier run read as well (`load_counts`' resumed_*), as an uninterrupted run's."""
     failures = dataset.failures
     failed = sum(failures.values())
+    counts = load_counts or {}
+    resumed, resumed_failed = counts.get("resumed_clips", 0), counts.get("resumed_load_failures", 0)
     if failed:
         reasons = ", ".join(f"{reason}: {count}" for reason, count in sorted(failures.items()))
         first = next(iter(dataset.first_errors.values()), "")
         detail, clips = f"{reasons}; first: {first}", dataset.clip_loads
-    elif load_counts and load_counts.get("load_failures"):
-        failed, clips = load_counts["load_failures"], load_counts["clips"]
-        detail = "read in DataLoader workers: --workers 0 names the reasons"
+        if resumed:  # this process read only the clips after those an earlier run committed
+            failed, clips = counts["load_failures"], counts["clips"]
+            if resumed_failed:
+                detail += f"; {resumed_failed} more in the earlier run this one resumed"
+    elif counts.get("load_failures"):
+        failed, clips = counts["load_failures"], counts["clips"]
+        if resumed_failed == failed:
+            detail = "read by the earlier run this one resumed: rerun without --resume-dir to name the reasons"
+        else:
+            detail = "read in DataLoader workers: --workers 0 names the reasons"
     else:
         return None
     return (

@@ -1,6 +1,12 @@
 """`egovlp-deploy eval`: EgoMCQ (dual, fusion, ensemble), EK-100 MIR and Charades-Ego of any model the model factory
 loads, on the official evaluation files (egovlp_deploy/evaluation.py does the work). The report's header says whether
-the model was fine-tuned on EK-100 MIR / Charades-Ego, where its checkpoint records its training (`regime`)."""
+the model was fine-tuned on EK-100 MIR / Charades-Ego, where its checkpoint records its training (`regime`).
+
+With --resume-dir DIR each benchmark's per-item outputs are committed to DIR/<benchmark>/ as they are made
+(`eval_work.EvalWork`), under an identity (`eval_work.work_identity`) of everything that decides them: a rerun of the
+same command encodes only what is missing and prints the numbers an uninterrupted run at its batch size prints; a run
+of another model, annotation file, video file, frame count, ... is refused before any work. The folders are removed
+once the report is printed."""
 
 from __future__ import annotations
 
@@ -9,10 +15,12 @@ from pathlib import Path
 
 from egovlp_deploy.arg_types import non_negative_int, positive_int
 from egovlp_deploy.checkpoint import atomic_write_bytes, check_output_file
+from egovlp_deploy.eval_work import EvalWork, work_identity
 from egovlp_deploy.evaluation import (
     CHARADES_FRAMES,
     EPIC_FRAMES,
     charades_test_dataset,
+    charades_test_files,
     epic_test_dataset,
     evaluate_charades,
     evaluate_egomcq,
@@ -112,6 +120,19 @@ def add_arguments(parser) -> None:
         "depend on it",
     )
     parser.add_argument(
+        "--resume-dir",
+        metavar="DIR",
+        help="keep the work in DIR (created if missing) so that an interrupted run (Ctrl-C, SIGTERM, out of memory, "
+        "a preempted job) resumes: each benchmark's scores / embeddings are committed to DIR/<benchmark>/ every "
+        "few hundred items or minute, and rerunning the same command encodes only what is missing and prints the "
+        "numbers of an uninterrupted run at the same --batch-size (--workers may change; another --batch-size, e.g. "
+        "after running out of memory, is taken with a note: the numbers may then differ in the last digits). A "
+        "rerun with another model, annotation file, --frames, --tokenizer, --lax, --max-questions, video folder, "
+        "video file (a new size or modification time) or device is refused before any work. The "
+        "files are removed once the report is printed; other files in DIR are never touched. Recommended for the "
+        "full sets (EgoMCQ: about 200k clips)",
+    )
+    parser.add_argument(
         "--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda or cuda:N (default: auto)"
     )
     parser.add_argument(
@@ -122,8 +143,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import json
-
     from egovlp_deploy.config import check_num_frames
     from egovlp_deploy.data.egomcq import EgoMCQDataset
     from egovlp_deploy.tokenizer import load_tokenizer
@@ -159,6 +178,40 @@ def run(args) -> int:
         note = skipped_note(name, dataset, unit) if dataset is not None else None
         if note:  # before the work: a subset's numbers must not pass for the benchmark's
             print(note, file=sys.stderr)
+    if not args.resume_dir:
+        return _evaluate(args, model, source, tokenizer, device, frames, egomcq_set, epic_set, charades_set, {})
+    from egovlp_deploy.folder_lock import exclusive_writer
+
+    root = Path(args.resume_dir)  # not a folder: refused by check_benchmark_arguments
+    created = not root.exists()
+    root.mkdir(parents=True, exist_ok=True)
+    with exclusive_writer(root, "eval work folder", ValueError, "rerun this command: what it kept is used"):
+        work = {}
+        for name, dataset, bench_frames in (
+            ("egomcq", egomcq_set, frames),
+            ("epic_mir", epic_set, epic_frames),
+            ("charades", charades_set, charades_frames),
+        ):
+            if dataset is not None:
+                work[name] = EvalWork(root, name, _work_identity(name, dataset, bench_frames, args, source, device))
+                work[name].check()  # every benchmark's, before the first one runs: another run's work is not mixed
+        code = _evaluate(args, model, source, tokenizer, device, frames, egomcq_set, epic_set, charades_set, work)
+        sys.stdout.flush()  # the report is out before the work it came from is deleted
+        for w in work.values():
+            w.remove()
+    if created:
+        try:
+            root.rmdir()  # made by this run, and empty
+        except OSError:
+            pass
+    return code
+
+
+def _evaluate(args, model, source, tokenizer, device, frames, egomcq_set, epic_set, charades_set, work) -> int:
+    """Run the benchmarks whose datasets are given and print the report; `work`: {benchmark: EvalWork}."""
+    import json
+
+    epic_frames, charades_frames = args.frames or EPIC_FRAMES, args.frames or CHARADES_FRAMES
     results, report = {}, []
     if egomcq_set is not None:
         predictions, egomcq_loads = {} if args.predictions else None, {}
@@ -173,6 +226,7 @@ def run(args) -> int:
             progress=not args.json,
             predictions=predictions,
             load_counts=egomcq_loads,
+            work=work.get("egomcq"),
         )
         if predictions is not None:
             atomic_write_bytes(args.predictions, json.dumps(predictions, indent=1).encode())
@@ -190,6 +244,7 @@ def run(args) -> int:
             args.workers,
             progress=not args.json,
             load_counts=epic_loads,
+            work=work.get("epic_mir"),
         )
         report += [
             f"EK-100 MIR ({regime(source, 'epic_mir')}) on {len(epic_set)} clips, {epic_frames} frames, dual "
@@ -208,6 +263,7 @@ def run(args) -> int:
             num_workers=args.workers,
             progress=not args.json,
             load_counts=charades_loads,
+            work=work.get("charades"),
         )
         report += [
             f"Charades-Ego ({regime(source, 'charades')}) on {len(charades_set)} videos, {args.charades_classes} "
@@ -220,6 +276,31 @@ def run(args) -> int:
     else:
         print("\n".join(report))
     return 0
+
+
+def _work_identity(benchmark: str, dataset, frames: int, args, source: dict, device) -> dict:
+    """`eval_work.work_identity` of a benchmark's work under these arguments: its annotation files, as the
+    *_test_dataset functions name them, and its own options."""
+    from egovlp_deploy.data.epic import split_files
+
+    if benchmark == "egomcq":
+        files, options = {"questions": args.egomcq}, {"max_questions": args.max_questions}
+    elif benchmark == "epic_mir":
+        files, options = split_files(args.epic_mir, "test"), {}
+    else:
+        files, options = charades_test_files(args.charades), {"classes": args.charades_classes}
+    model = source.get("sha256") or str(source.get("path"))
+    return work_identity(
+        benchmark,
+        dataset,
+        files,
+        model=model,
+        frames=frames,
+        tokenizer_dir=args.tokenizer,
+        device=device,
+        lax=args.lax,
+        **options,
+    )
 
 
 def check_benchmark_arguments(args) -> None:
@@ -235,6 +316,9 @@ def check_benchmark_arguments(args) -> None:
         check_output_file(args.predictions, "--predictions", (("--egomcq", args.egomcq), ("--model", args.model)))
     if args.charades_classes < 1:
         raise ValueError(f"--charades-classes must be positive, got {args.charades_classes}")
+    resume = getattr(args, "resume_dir", None)
+    if resume and Path(resume).exists() and not Path(resume).is_dir():  # before the model is loaded
+        raise ValueError(f"--resume-dir {resume}: exists and is not a folder")
 
 
 def _print_load_failures(name: str, dataset, load_counts: dict) -> None:
