@@ -121,11 +121,15 @@ def _engine_options(parser, required: bool = True) -> None:
 
 
 def _runtime(args, engines: str | None = None):
+    """The Runtime of a one-shot command, without the warm-up pass at each role's load: the command's first call
+    pays the same lazy allocation (a paper-size role's warm-up pass is 7-14 s on a small CPU); `index` leaves its
+    first batch out of its timings."""
     from .engines import ProviderFallbackWarning, Runtime
 
     warnings.simplefilter("always", ProviderFallbackWarning)
     return Runtime(
         engines or args.engines,
+        warmup=False,
         backend=args.backend,
         precision=args.precision,
         device=args.device,

@@ -246,3 +246,23 @@ def test_bench_index_quick(engines, tmp_path, capsys):
         row = rows[f"index --decoder {decoder}"]
         assert row["windows"] == 3 and row["peak_rss_mib"] > 0 and row["vs_decode"] > 0  # 4 s: 2 s windows, 1 s apart
     assert (out / "index.md").is_file() and (out / "index.png").stat().st_size > 1000
+
+
+def test_the_commands_run_no_warm_up_pass(engines, video_root, mcq_json, tmp_path, monkeypatch, capsys):
+    """A one-shot command's first call pays the lazy allocation a warm-up pass would: the warm-up (7-14 s per
+    paper-size role on a small CPU) bought nothing but time."""
+    from egovlp_deploy.runtime.engines import Runtime
+
+    def no_warm_up(self, role, batch=1, text_len=8):
+        raise AssertionError(f"a warm-up pass of {role}")
+
+    monkeypatch.setattr(Runtime, "example", no_warm_up)
+    idx = str(tmp_path / "idx")
+    video = str(video_root / "vid_a" / "0.mp4")
+    assert main(["index", video, "--engines", str(engines), "--out", idx, "--prefixes", "--quiet"]) == 0
+    assert main(["search", idx, "#C C opens the box", "--rerank", "2", "--top", "2", "--json"]) == 0
+    out = tmp_path / "mcq.json"
+    mcq = ["mcq", str(mcq_json), "--video-root", str(video_root), "--engines", str(engines), "--out", str(out)]
+    assert main(mcq + ["--max-questions", "1", "--json"]) == 0
+    features = ["features", video, "--engines", str(engines), "--out", str(tmp_path / "f"), "--quiet"]
+    assert main(features) == 0, capsys.readouterr().err
