@@ -440,3 +440,18 @@ def test_every_export_option_is_placed_in_or_out_of_the_identity():
 
     settings = runner._identity_settings(ExportOptions())
     assert {f.name for f in fields(ExportOptions)} - NOT_IDENTITY == set(settings)
+
+
+def test_a_program_an_interrupted_run_finished_is_kept(monkeypatch, tmp_path, capfd):
+    from egovlp_deploy.export import program
+
+    out = tmp_path / "engines"
+    opts = options(**TEXT, formats=("program",))
+    interrupted(monkeypatch, out, opts, name="write_report", call=1)
+    made = count_calls(monkeypatch, program, "export_program")
+    _, manifest, _, log = finish(monkeypatch, out, opts, capfd)
+    assert made == []
+    assert "program fp32 text_encoder" in log and log.count("kept from the unfinished export") == 1
+    assert [(a.file, a.format) for a in manifest.artifacts] == [
+        ("program/cpu_fp32/text_encoder.safetensors", "program")
+    ]
