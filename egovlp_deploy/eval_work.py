@@ -83,6 +83,7 @@ def work_identity(
     from . import __version__
     from .decoding import resolve_backend
     from .hashing import sha256_file, sha256_tree
+    from .tokenizer import TOKENIZER_SUFFIXES
 
     count = len(dataset) if max_questions is None else min(max_questions, len(dataset))
     skipped = [row for row, _ in getattr(dataset, "skipped_rows", ())]
@@ -100,7 +101,7 @@ def work_identity(
         "videos": video_fingerprint(dataset.video_root, split_videos(dataset, count)),
         "lax": bool(lax),
         "decoder": resolve_backend("auto"),
-        "tokenizer_sha256": sha256_tree(tokenizer_dir, suffixes=(".json", ".txt", ".model")),
+        "tokenizer_sha256": sha256_tree(tokenizer_dir, suffixes=TOKENIZER_SUFFIXES),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type,
     }
     if benchmark == "egomcq":

@@ -76,6 +76,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, allow_download: bool = False
 
 # A tokenizer file's size limit, here and in what an export copies: roberta-base's are under 2 MiB.
 TOKENIZER_MAX_BYTES = 64 << 20
+# The suffixes of the files a Hugging Face / demo tokenizer folder holds: what an export copies and what identifies a
+# tokenizer folder by content (an export's task checks, a resumable evaluation).
+TOKENIZER_SUFFIXES = (".json", ".txt", ".model")
 # The files of a tokenizer folder that transformers reads whole (a sentencepiece tokenizer's is NAME.model).
 _TOKENIZER_FILES = (
     "tokenizer.json",

@@ -259,8 +259,7 @@ def task_inputs_digest(egomcq, video_root, tokenizer, max_questions: int) -> str
     --video-root folder (by path: its videos are not hashed) and --max-questions; random questions come from the
     model, which the identity covers."""
     from egovlp_deploy.hashing import sha256_tree
-
-    from .manifest import TOKENIZER_SUFFIXES
+    from egovlp_deploy.tokenizer import TOKENIZER_SUFFIXES
 
     value = {
         "egomcq": sha256_tree(egomcq) if egomcq else None,

@@ -32,7 +32,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from egovlp_deploy.hashing import sha256_file
 from egovlp_deploy.jsonfile import read_json
-from egovlp_deploy.tokenizer import TOKENIZER_MAX_BYTES
+from egovlp_deploy.tokenizer import TOKENIZER_MAX_BYTES, TOKENIZER_SUFFIXES
 
 from .specs import ROLES, static_dims
 
@@ -185,7 +185,10 @@ class Manifest:
         """Record the artifact at `path` (inside `directory`): its hash and size, and for an ONNX graph the hash
         and size of each external data file it reads (the bytes a runtime loads with it)."""
         entry = ArtifactEntry(
-            file=str(Path(path).relative_to(directory)), sha256=sha256_file(path), bytes=Path(path).stat().st_size, **kw
+            file=str(Path(path).relative_to(directory)),
+            sha256=sha256_verified(path),
+            bytes=Path(path).stat().st_size,
+            **kw,
         )
         if entry.format == "onnx":
             entry.external_data = external_data_entries(directory, path)
@@ -212,10 +215,6 @@ class Manifest:
         path = Path(directory) / MANIFEST
         atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2, sort_keys=False).encode())
         return path
-
-
-# Files a Hugging Face / demo tokenizer directory holds; copied into an export so it runs anywhere.
-TOKENIZER_SUFFIXES = (".json", ".txt", ".model")
 
 
 def external_data_entries(directory: str | os.PathLike, path: str | os.PathLike) -> list[dict]:

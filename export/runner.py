@@ -28,7 +28,7 @@ from egovlp_deploy.model.factory import load_model
 from egovlp_deploy.ort_session import ort_session
 from egovlp_deploy.tokenizer import tokenizer_beside
 
-from .journal import Journal, export_identity, task_inputs_digest
+from .journal import Journal, export_identity, read_journal, task_inputs_digest
 from .manifest import (
     INCOMPLETE,
     MANIFEST,
@@ -41,7 +41,7 @@ from .manifest import (
     load_manifest,
     plain_name,
     remove_tokenizer,
-    sha256_file,
+    sha256_verified,
     tool_versions,
 )
 from .program import PROGRAM_ROLES
@@ -576,10 +576,8 @@ def earlier_tokenizer_files(out: Path) -> set[str]:
     if not out.is_dir():
         raise ValueError(f"{out}: exists and is not a folder")
     names: set[str] = set()
-    if (out / INCOMPLETE).is_file():
-        from egovlp_deploy.jsonfile import read_json
-
-        record = read_json(out / INCOMPLETE, ValueError, expect=dict)
+    record = read_journal(out)
+    if record is not None:
         files = record.get("tokenizer_files")
         if not isinstance(files, list) or not all(plain_name(f) for f in files):
             raise ValueError(f"{out / INCOMPLETE}: tokenizer_files is not a list of file names; nothing was written")
@@ -841,7 +839,7 @@ def _tensorrt_step(steps: _Steps, role: str, precision: str, source: str, build,
     # The graph it is built from: an engine an interrupted run built (on the same GPU) is kept when that graph is
     # the same, or when it is an fp32 source graph the run removed (no artifact when fp32 is not asked for; the
     # identity decides its bytes, and the engine was validated against torch).
-    source_sha256 = sha256_file(onnx_path) if onnx_path.is_file() else None
+    source_sha256 = sha256_verified(onnx_path) if onnx_path.is_file() else None  # hashed once, as the manifest did
     done = steps.journal.step_record(key)
     same_source = source_sha256 is None or done.get("source_sha256") == source_sha256
     expected = dict(role=role, format="tensorrt", precision=precision, device="cuda", io=io, derived_from=derived_from)
@@ -849,7 +847,7 @@ def _tensorrt_step(steps: _Steps, role: str, precision: str, source: str, build,
         return
     if source_sha256 is None:  # the removed fp32 source of an engine still to build
         _Fp32Graph(steps.model, role, onnx_path, opts).make()
-        source_sha256 = sha256_file(onnx_path)
+        source_sha256 = sha256_verified(onnx_path)
     engine.parent.mkdir(parents=True, exist_ok=True)
     facts = build_engine(onnx_path, engine, role, cfg, build, progress=not steps.progress.quiet)
     check = steps.record(validate_artifact(steps.model, role, run_engine(engine, role), precision, steps.sizes))
